@@ -1,0 +1,4 @@
+//! Ferry: live migration of KVM virtual machines.
+
+pub mod guest;
+pub mod vmm;

@@ -1,0 +1,339 @@
+//! The VM configuration file: TOML, parsed once into typed, validated values.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest guest Ferry maps as one flat region. Above 3 GiB the region would
+/// reach the x86 MMIO hole (LAPIC/IOAPIC), which the lab machine model keeps free.
+pub const MAX_MEMORY_MIB: u64 = 3072;
+pub const MAX_VCPUS: u32 = 16;
+pub const MAX_DISKS: usize = 4;
+/// The lab block device moves one request per exit through a bounce area of this size.
+pub const MAX_BLOCK_KIB: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyTracking {
+    #[default]
+    Bitmap,
+    Ring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    Sequential,
+    #[default]
+    Random,
+    Hotcold,
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Content {
+    Zero,
+    #[default]
+    Text,
+    Random,
+    Mixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// Buffered I/O through the host page cache.
+    #[default]
+    Writeback,
+    /// O_DIRECT, as production VMMs open images.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub dirty_tracking: DirtyTracking,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub working_set_mib: u64,
+    pub dirty_pages_per_sec: u64,
+    pub pattern: Pattern,
+    pub hot_fraction: f64,
+    pub content: Content,
+    pub verify_interval_ms: u64,
+    pub fill: bool,
+    pub disk: DiskWorkload,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            working_set_mib: 64,
+            dirty_pages_per_sec: 10_000,
+            pattern: Pattern::Random,
+            hot_fraction: 0.1,
+            content: Content::Text,
+            verify_interval_ms: 100,
+            fill: true,
+            disk: DiskWorkload::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskWorkload {
+    pub write_ops_per_sec: u64,
+    pub block_kib: u32,
+}
+
+impl Default for DiskWorkload {
+    fn default() -> Self {
+        Self {
+            write_ops_per_sec: 0,
+            block_kib: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub id: String,
+    /// Relative paths are taken from the config file's folder.
+    pub path: PathBuf,
+    pub size_mib: u64,
+    #[serde(default)]
+    pub cache: DiskCache,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+impl VmConfig {
+    /// Reads, parses and validates a config file; disk paths come back absolute.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, path, &base)
+    }
+
+    /// Parses config text; `origin` names it in errors, `base` anchors relative disk paths.
+    pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        for disk in &mut cfg.disks {
+            if disk.path.is_relative() {
+                disk.path = base.join(&disk.path);
+            }
+        }
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !valid_name {
+            return Err(format!(
+                "name {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        if self.memory_mib < 16 || self.memory_mib > MAX_MEMORY_MIB {
+            return Err(format!(
+                "memory_mib = {} is outside 16..={MAX_MEMORY_MIB}",
+                self.memory_mib
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(format!(
+                "vcpus = {} is outside 1..={MAX_VCPUS}",
+                self.vcpus
+            ));
+        }
+        let w = &self.workload;
+        if w.working_set_mib == 0 {
+            return Err("workload.working_set_mib must be at least 1".into());
+        }
+        if !(w.hot_fraction > 0.0 && w.hot_fraction < 1.0) {
+            return Err(format!(
+                "workload.hot_fraction = {} must be between 0 and 1 (exclusive)",
+                w.hot_fraction
+            ));
+        }
+        if w.verify_interval_ms == 0 {
+            return Err("workload.verify_interval_ms must be at least 1".into());
+        }
+        let bk = w.disk.block_kib;
+        if bk == 0 || bk > MAX_BLOCK_KIB || !bk.is_power_of_two() {
+            return Err(format!(
+                "workload.disk.block_kib = {bk} must be a power of two in 1..={MAX_BLOCK_KIB}"
+            ));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(format!(
+                "{} disks configured; at most {MAX_DISKS} are supported",
+                self.disks.len()
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.id.is_empty() || self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(format!("disk id {:?} is empty or not unique", d.id));
+            }
+            if d.size_mib == 0 {
+                return Err(format!("disk {:?}: size_mib must be at least 1", d.id));
+            }
+            if d.size_mib * 1024 < u64::from(bk) {
+                return Err(format!(
+                    "disk {:?}: size_mib = {} is smaller than one {bk} KiB block",
+                    d.id, d.size_mib
+                ));
+            }
+        }
+        if w.disk.write_ops_per_sec > 0 && self.disks.is_empty() {
+            return Err("workload.disk.write_ops_per_sec > 0 needs at least one [[disks]]".into());
+        }
+        // The layout check (working set plus Ferry's reserved area fits in memory) needs
+        // the guest layout; it is done there so the two never disagree.
+        crate::guest::layout::Layout::new(self)?;
+        Ok(())
+    }
+
+    /// Blocks the guest's disk workload writes on the first disk (the one it exercises).
+    pub fn workload_disk_blocks(&self) -> u64 {
+        match self.disks.first() {
+            Some(d) if self.workload.disk.write_ops_per_sec > 0 => {
+                d.size_mib * 1024 / u64::from(self.workload.disk.block_kib)
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::parse(text, Path::new("t.toml"), Path::new("/srv/vms"))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = parse(
+            r#"
+name = "lab1"
+memory_mib = 1024
+vcpus = 2
+dirty_tracking = "ring"
+[workload]
+working_set_mib = 512
+dirty_pages_per_sec = 20000
+pattern = "hotcold"
+hot_fraction = 0.1
+content = "mixed"
+verify_interval_ms = 100
+fill = true
+[workload.disk]
+write_ops_per_sec = 200
+block_kib = 4
+[[disks]]
+id = "root"
+path = "disks/lab1-root.img"
+size_mib = 256
+cache = "none"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.vcpus, 2);
+        assert_eq!(cfg.dirty_tracking, DirtyTracking::Ring);
+        assert_eq!(cfg.workload.pattern, Pattern::Hotcold);
+        assert_eq!(cfg.disks[0].path, PathBuf::from("/srv/vms/disks/lab1-root.img"));
+        assert_eq!(cfg.disks[0].cache, DiskCache::None);
+        assert_eq!(cfg.workload_disk_blocks(), 256 * 256);
+        let again = VmConfig::parse(&cfg.to_toml(), Path::new("x"), Path::new("/")).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("name = \"a\"\nmemory_mib = 64\nmemroy = 3\n").unwrap_err();
+        assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, needle) in [
+            ("name = \"a\"\nmemory_mib = 8", "memory_mib"),
+            ("name = \"a\"\nmemory_mib = 64\nvcpus = 0", "vcpus"),
+            ("name = \"a b\"\nmemory_mib = 64", "name"),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload]\nworking_set_mib = 64",
+                "working_set_mib",
+            ),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload]\npattern = \"zigzag\"",
+                "zigzag",
+            ),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload.disk]\nwrite_ops_per_sec = 5",
+                "disks",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?} gave {e}");
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! `ferry vmm`: one KVM virtual machine in its own process.
+
+pub mod blob;
+pub mod block;
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod dirty;
+pub mod machine;
+pub mod snapshot;
+pub mod state;
