@@ -1,4 +1,5 @@
 //! Ferry: live migration of KVM virtual machines.
 
+pub mod cli;
 pub mod guest;
 pub mod vmm;

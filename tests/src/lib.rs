@@ -1,1 +1,238 @@
+//! Harness for Ferry's end-to-end tests: real `ferry` processes on real KVM.
+//!
+//! Everything a test creates (processes, sockets, folders) is owned by a guard that
+//! removes it on drop, also when the test fails.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `ferry` binary under test: `$FERRY_BIN`, else the workspace's release or debug build.
+pub fn ferry_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("ferry");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no ferry binary: build it (cargo build --release -p ferry) or set FERRY_BIN");
+}
+
+/// True when KVM is usable. Under CI a missing /dev/kvm fails the test; elsewhere the
+/// test reports itself skipped.
+pub fn require_kvm() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "/dev/kvm is missing: these tests need KVM"
+    );
+    eprintln!("SKIPPED: /dev/kvm is missing");
+    false
+}
+
+/// A scratch folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let base = std::env::var_os("FERRY_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "ferry-{tag}-{}-{:x}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(&dir).expect("create test folder");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_u64() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n
+}
+
+/// Runs `ferry ARGS` to completion.
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(ferry_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry")
+}
+
+/// A `ferry vmm` process, killed on drop.
+pub struct Vmm {
+    pub child: Child,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Vmm {
+    /// Starts `ferry vmm ARGS --control SOCK` and waits until it answers `status`.
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let control = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(ferry_bin())
+            .arg("vmm")
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("spawn ferry vmm");
+        let mut vmm = Self {
+            child,
+            control,
+            log,
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = vmm.child.try_wait().expect("wait") {
+                panic!("ferry vmm exited with {status}: {}", vmm.log_text());
+            }
+            if vmm.try_status().is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "ferry vmm never answered: {}",
+                vmm.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vmm
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ctl(&self) -> &str {
+        self.control.to_str().expect("utf-8 path")
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = ferry(&["status", "--control", self.ctl(), "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status failed: {}", self.log_text()))
+    }
+
+    /// `ferry verify --json` on this VM.
+    pub fn verify(&self) -> Value {
+        let out = ferry(&["verify", "--control", self.ctl(), "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text).unwrap_or_else(|_| {
+            panic!(
+                "verify failed ({}): {} {}\nlog: {}",
+                out.status,
+                text,
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            )
+        })
+    }
+
+    /// Waits until `pred(status)` holds.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what}; last status {s}\nlog: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asks the VMM to quit and waits for the process to end.
+    pub fn quit(mut self) {
+        let _ = ferry(&["quit", "--control", self.ctl()]);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ferry vmm did not quit: {}", self.log_text());
+    }
+
+    /// Kills the process at once, as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.control);
+    }
+}
+
+pub fn u64_of(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no integer {key} in {v}"))
+}
+
+pub fn f64_of(v: &Value, key: &str) -> f64 {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no number {key} in {v}"))
+}
+
+/// Writes a VM config into `dir` and returns its path.
+pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("name = \"{name}\"\n{body}")).expect("write config");
+    path
+}

@@ -154,7 +154,11 @@ fn rdtsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// rax = share * index / parts, for splitting pages and blocks between vCPUs.
-fn share_start(a: &mut CodeAssembler, total: AsmMemoryOperand, index: AsmRegister64) -> Result<(), IcedError> {
+fn share_start(
+    a: &mut CodeAssembler,
+    total: AsmMemoryOperand,
+    index: AsmRegister64,
+) -> Result<(), IcedError> {
     a.mov(rax, total)?;
     a.mul(index)?;
     a.div(par!(vcpus))
@@ -880,9 +884,7 @@ fn check_block(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
 
 /// Host mirror of the guest's corpus window choice.
 pub fn window_offset(index: u64, generation: u64, body_len: u64, corpus_len: u64) -> u64 {
-    let h = super::abi::mix64(
-        index.wrapping_mul(WINDOW_K1) ^ generation.wrapping_mul(WINDOW_K2),
-    );
+    let h = super::abi::mix64(index.wrapping_mul(WINDOW_K1) ^ generation.wrapping_mul(WINDOW_K2));
     let windows = (corpus_len - body_len) / 8 + 1;
     (((u128::from(h) * u128::from(windows)) >> 64) as u64) * 8
 }
@@ -895,6 +897,10 @@ mod tests {
     fn program_assembles_and_fits() {
         let code = assemble().unwrap();
         assert!(!code.is_empty());
-        assert!(code.len() as u64 <= layout::CODE_MAX, "{} bytes", code.len());
+        assert!(
+            code.len() as u64 <= layout::CODE_MAX,
+            "{} bytes",
+            code.len()
+        );
     }
 }

@@ -25,7 +25,6 @@ pub const MAGIC: [u8; 8] = *b"FERRYST\0";
 /// Version of the payload encoding written by this build.
 pub const FORMAT_VERSION: u16 = 1;
 
-const MAGIC_AT: usize = 0;
 const VERSION_AT: usize = 8;
 const KIND_AT: usize = 10;
 const LEN_AT: usize = 12;
@@ -81,7 +80,7 @@ pub enum BlobError {
     #[error(
         "not a Ferry state blob (magic {found:02x?}); check that the right file or stream was given"
     )]
-    BadMagic { found: [u8; 8] },
+    BadMagic { found: Vec<u8> },
     #[error(
         "state blob format version {found} is not supported by this Ferry (it reads version {supported}); \
          restore with the Ferry release that saved it"
@@ -141,14 +140,17 @@ pub fn decode<T: DeserializeOwned>(kind: BlobKind, bytes: &[u8]) -> Result<T, Bl
         expected,
         got: bytes.len(),
     };
+    // Magic first, even on a short input: a stray file is "not a blob", not "truncated".
+    let prefix = &bytes[..bytes.len().min(MAGIC.len())];
+    if prefix != &MAGIC[..prefix.len()] {
+        return Err(BlobError::BadMagic {
+            found: prefix.to_vec(),
+        });
+    }
     let (header, rest) = bytes
         .split_first_chunk::<HEADER_LEN>()
         .ok_or(truncated((HEADER_LEN + CRC_LEN) as u64))?;
 
-    let magic = field::<8>(header, MAGIC_AT);
-    if magic != MAGIC {
-        return Err(BlobError::BadMagic { found: magic });
-    }
     let version = u16::from_le_bytes(field(header, VERSION_AT));
     if version != FORMAT_VERSION {
         return Err(BlobError::UnsupportedVersion {

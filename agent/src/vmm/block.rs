@@ -1,1 +1,288 @@
-//! placeholder
+//! The lab block device: raw image files, one request at a time per vCPU, described
+//! in the vCPU's mailbox and carried out synchronously at the port exit (so pausing
+//! the vCPUs drains all disk I/O by construction).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::config::{DiskCache, DiskConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk {id:?}: cannot create folder {path}: {source}")]
+    Folder {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {id:?}: cannot open {path}: {source}")]
+    Open {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {id:?}: {path} is in use by another VM (its lock is held)")]
+    Locked { id: String, path: PathBuf },
+    #[error("disk {id:?}: {path} is {actual} bytes but the config says {expected}")]
+    Size {
+        id: String,
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("disk {id:?}: {what} on {path}: {source}")]
+    Io {
+        id: String,
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+pub struct Disk {
+    pub id: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub direct: bool,
+    file: File,
+}
+
+/// Disk images opened for a VM; images this VM created are removed again if the VM
+/// fails to start, so a failed start leaves nothing behind.
+#[derive(Debug, Default)]
+pub struct DiskSet {
+    pub disks: Vec<Disk>,
+    created: Vec<PathBuf>,
+    committed: std::sync::atomic::AtomicBool,
+}
+
+impl DiskSet {
+    pub fn open(configs: &[DiskConfig]) -> Result<Self, DiskError> {
+        let mut set = DiskSet::default();
+        for cfg in configs {
+            let (disk, created) = Disk::open(cfg)?;
+            if created {
+                set.created.push(disk.path.clone());
+            }
+            set.disks.push(disk);
+        }
+        Ok(set)
+    }
+
+    /// The VM started: images it created are its own from now on.
+    pub fn commit(&self) {
+        self.committed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn flush_all(&self) -> Result<(), DiskError> {
+        self.disks.iter().try_for_each(Disk::flush)
+    }
+}
+
+impl Drop for DiskSet {
+    fn drop(&mut self) {
+        if !self.committed.load(std::sync::atomic::Ordering::Acquire) {
+            for path in &self.created {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+impl Disk {
+    /// Opens (creating sparse if missing) and locks an image; returns whether it was created.
+    pub fn open(cfg: &DiskConfig) -> Result<(Self, bool), DiskError> {
+        let size = cfg.size_mib << 20;
+        let id = cfg.id.clone();
+        let path = cfg.path.clone();
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.exists()
+        {
+            std::fs::create_dir_all(parent).map_err(|source| DiskError::Folder {
+                id: id.clone(),
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let existed = path.exists();
+        let direct = cfg.cache == DiskCache::None;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(&path).map_err(|source| DiskError::Open {
+            id: id.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let cleanup = |path: &Path| {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            cleanup(&path);
+            return Err(DiskError::Locked { id, path });
+        }
+        let io = |what, source| DiskError::Io {
+            id: id.clone(),
+            path: path.clone(),
+            what,
+            source,
+        };
+        if existed {
+            let actual = file.metadata().map_err(|e| io("stat", e))?.len();
+            if actual != size {
+                return Err(DiskError::Size {
+                    id,
+                    path,
+                    actual,
+                    expected: size,
+                });
+            }
+        } else if let Err(e) = file.set_len(size) {
+            cleanup(&path);
+            return Err(io("sizing the new image", e));
+        }
+        Ok((
+            Self {
+                id: cfg.id.clone(),
+                path: cfg.path.clone(),
+                size,
+                direct,
+                file,
+            },
+            !existed,
+        ))
+    }
+
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(|source| DiskError::Io {
+            id: self.id.clone(),
+            path: self.path.clone(),
+            what: "flush",
+            source,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads `len` bytes at `offset` into host memory at `buf`; returns an errno on failure.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be valid writable memory for the duration of the call.
+    pub unsafe fn read_into(&self, offset: u64, buf: *mut u8, len: usize) -> Result<(), i32> {
+        self.check(offset, len)?;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the caller guarantees buf..buf+len is writable; we stay inside it.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(libc::EIO),
+                _ => match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    e => return Err(e.unwrap_or(libc::EIO)),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes from host memory at `buf` to `offset`; returns an errno on failure.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be valid readable memory for the duration of the call.
+    pub unsafe fn write_from(&self, offset: u64, buf: *const u8, len: usize) -> Result<(), i32> {
+        self.check(offset, len)?;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the caller guarantees buf..buf+len is readable; we stay inside it.
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    buf.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(libc::EIO),
+                _ => match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    e => return Err(e.unwrap_or(libc::EIO)),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), i32> {
+        let end = offset.checked_add(len as u64).ok_or(libc::EINVAL)?;
+        if len == 0 || end > self.size {
+            return Err(libc::EINVAL);
+        }
+        // O_DIRECT needs sector-aligned offsets and lengths; refuse rather than let
+        // the kernel fail half-way.
+        if self.direct && (!offset.is_multiple_of(512) || !len.is_multiple_of(512)) {
+            return Err(libc::EINVAL);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path, name: &str) -> DiskConfig {
+        DiskConfig {
+            id: name.into(),
+            path: dir.join("sub").join(format!("{name}.img")),
+            size_mib: 1,
+            cache: DiskCache::Writeback,
+        }
+    }
+
+    #[test]
+    fn creates_sparse_locks_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("ferry-block-{}", std::process::id()));
+        let c = cfg(&dir, "a");
+        {
+            let set = DiskSet::open(std::slice::from_ref(&c)).unwrap();
+            assert_eq!(std::fs::metadata(&c.path).unwrap().len(), 1 << 20);
+            let e = Disk::open(&c).unwrap_err();
+            assert!(matches!(e, DiskError::Locked { .. }), "{e}");
+            let data = vec![7u8; 4096];
+            // SAFETY: `data` is a live 4 KiB buffer.
+            unsafe { set.disks[0].write_from(4096, data.as_ptr(), 4096) }.unwrap();
+            let mut back = vec![0u8; 4096];
+            // SAFETY: `back` is a live 4 KiB buffer.
+            unsafe { set.disks[0].read_into(4096, back.as_mut_ptr(), 4096) }.unwrap();
+            assert_eq!(back, data);
+            // SAFETY: `back` is a live 4 KiB buffer; the request is out of range.
+            let e = unsafe { set.disks[0].read_into(1 << 20, back.as_mut_ptr(), 4096) };
+            assert_eq!(e, Err(libc::EINVAL));
+        }
+        // Never committed: the image it created is gone.
+        assert!(!c.path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

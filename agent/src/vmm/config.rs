@@ -193,10 +193,7 @@ impl VmConfig {
             ));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(format!(
-                "vcpus = {} is outside 1..={MAX_VCPUS}",
-                self.vcpus
-            ));
+            return Err(format!("vcpus = {} is outside 1..={MAX_VCPUS}", self.vcpus));
         }
         let w = &self.workload;
         if w.working_set_mib == 0 {
@@ -300,7 +297,10 @@ cache = "none"
         assert_eq!(cfg.vcpus, 2);
         assert_eq!(cfg.dirty_tracking, DirtyTracking::Ring);
         assert_eq!(cfg.workload.pattern, Pattern::Hotcold);
-        assert_eq!(cfg.disks[0].path, PathBuf::from("/srv/vms/disks/lab1-root.img"));
+        assert_eq!(
+            cfg.disks[0].path,
+            PathBuf::from("/srv/vms/disks/lab1-root.img")
+        );
         assert_eq!(cfg.disks[0].cache, DiskCache::None);
         assert_eq!(cfg.workload_disk_blocks(), 256 * 256);
         let again = VmConfig::parse(&cfg.to_toml(), Path::new("x"), Path::new("/")).unwrap();

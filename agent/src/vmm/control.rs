@@ -1,1 +1,253 @@
-//! placeholder
+//! The control socket: a unix socket speaking JSON lines. Each request is one JSON
+//! object with a `cmd` field; each answer is one object with `ok` and either `result`
+//! or `error`. See docs/CONTROL.md.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::machine::Machine;
+use super::snapshot;
+
+/// Longest request line accepted; anything longer is refused, not buffered.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    // Empty braces rather than unit variants: serde ignores unknown fields on unit
+    // variants of an internally tagged enum, and a typo must not pass silently.
+    Status {},
+    Pause {},
+    Resume {},
+    Verify {
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
+    Snapshot {
+        out: PathBuf,
+    },
+    DirtySample {
+        #[serde(default)]
+        duration_ms: Option<u64>,
+    },
+    Quit {},
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {0} is in use by a running VMM")]
+    InUse(PathBuf),
+    #[error("cannot reach the VMM at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the VMM at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM at {path} sent a malformed answer: {message}")]
+    Malformed { path: PathBuf, message: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Binds the socket, replacing a stale file but never a live VMM's socket.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(listener)
+}
+
+/// Serves requests until `quit` (or `stop` is set), one thread per connection.
+pub fn serve(listener: UnixListener, machine: Arc<Machine>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let machine = machine.clone();
+                let stop = stop.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || handle_connection(stream, &machine, &stop));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn handle_connection(stream: UnixStream, machine: &Machine, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = write_half;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        let n = match (&mut reader).take(MAX_REQUEST).read_line(&mut line) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let answer = if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
+            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+        } else {
+            let quit = matches!(
+                serde_json::from_str::<Request>(line.trim()),
+                Ok(Request::Quit {})
+            );
+            let answer = dispatch(line.trim(), machine);
+            if quit {
+                stop.store(true, Ordering::Release);
+            }
+            answer
+        };
+        let mut text = answer.to_string();
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+fn dispatch(line: &str, m: &Machine) -> Value {
+    let request: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let result: Result<Value, String> = match request {
+        Request::Status {} => Ok(json!(m.status())),
+        Request::Pause {} => m
+            .pause()
+            .map(|()| json!({"state": m.state()}))
+            .map_err(|e| e.to_string()),
+        Request::Resume {} => m
+            .resume()
+            .map(|()| json!({"state": m.state()}))
+            .map_err(|e| e.to_string()),
+        Request::Verify { timeout_secs } => m
+            .verify(Duration::from_secs(timeout_secs.unwrap_or(600)))
+            .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
+        Request::Snapshot { out } => snapshot::take(m, &out)
+            .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
+        Request::DirtySample { duration_ms } => m
+            .dirty_sample(Duration::from_millis(
+                duration_ms.unwrap_or(1000).clamp(10, 60_000),
+            ))
+            .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
+        Request::Quit {} => Ok(json!({"state": "quitting"})),
+    };
+    match result {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// Sends one request and returns its `result`, or the VMM's error.
+pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
+    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let ioe = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut w = stream.try_clone().map_err(ioe)?;
+    let mut text = req.to_string();
+    text.push('\n');
+    w.write_all(text.as_bytes())
+        .map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| ControlError::Malformed {
+        path: path.to_owned(),
+        message: if line.is_empty() {
+            "connection closed".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    match v.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
+        Some(false) => Err(ControlError::Refused(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unspecified error")
+                .to_owned(),
+        )),
+        None => Err(ControlError::Malformed {
+            path: path.to_owned(),
+            message: "no `ok` field".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_unknown_fields_are_refused() {
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#),
+            Ok(Request::Status {})
+        ));
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"cmd":"snapshot","out":"/x"}"#),
+            Ok(Request::Snapshot { .. })
+        ));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err());
+    }
+}

@@ -1,1 +1,781 @@
-//! placeholder
+//! A running VM: vCPU threads, their pause/resume protocol, port exits (heartbeats,
+//! verification, integrity reports, block requests) and the figures `status` shows.
+//!
+//! Pausing: the control thread sets the target state, then kicks every vCPU thread
+//! out of KVM_RUN with a signal whose handler sets `immediate_exit`. Before parking, a
+//! vCPU thread runs KVM_RUN once more with `immediate_exit` set so KVM completes a
+//! half-done port access (an `in` whose value is not yet in the guest's register);
+//! only then is its saved state consistent. A parked thread releases its `VcpuFd`
+//! so the control thread can save or restore the vCPU's state.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::block::DiskSet;
+use super::boot::Vm;
+use super::config::VmConfig;
+use super::dirty::DirtyLog;
+use crate::guest::abi::{
+    BlockOp, Command, INTEGRITY_DISK, Mailbox, PORT_BLOCK, PORT_HEARTBEAT, PORT_INTEGRITY,
+    PORT_VERIFY_DONE,
+};
+use crate::guest::layout::Layout;
+
+/// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls does not name.
+const EXIT_DIRTY_RING_FULL: u32 = 31;
+/// Longest single park for a guest sleep request, so a bogus request cannot hang a vCPU.
+const MAX_SLEEP: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Target {
+    Run = 0,
+    Pause = 1,
+    Quit = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+    Crashed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("the guest crashed: {0}")]
+    Crashed(String),
+    #[error("the VM is paused; resume it first")]
+    Paused,
+    #[error("the guest did not finish verifying within {0:?}")]
+    VerifyTimeout(Duration),
+    #[error("vCPU threads did not stop within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("dirty log: {0}")]
+    Dirty(#[from] super::dirty::DirtyError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// What one vCPU has reported, as the VMM saw it.
+#[derive(Debug, Clone, Default)]
+struct VcpuStats {
+    mailbox: Mailbox,
+    last_heartbeat: Option<Instant>,
+    max_gap: Duration,
+    window_start: Option<(Instant, u64)>,
+    pages_per_sec: f64,
+    verify: VerifyStep,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum VerifyStep {
+    #[default]
+    Idle,
+    Requested,
+    Delivered,
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Control {
+    parked: u32,
+    exited: u32,
+    crash: Option<String>,
+}
+
+pub struct Shared {
+    target: AtomicU8,
+    /// CLOCK_MONOTONIC of the first heartbeat this process saw (0: none yet).
+    first_heartbeat_ns: AtomicU64,
+    control: Mutex<Control>,
+    cond: Condvar,
+    vcpus: Vec<Mutex<VcpuStats>>,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking vCPU thread must not take the control plane down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn target(&self) -> Target {
+        match self.target.load(Ordering::Acquire) {
+            0 => Target::Run,
+            1 => Target::Pause,
+            _ => Target::Quit,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuStatus {
+    pub heartbeats: u64,
+    pub pages_written: u64,
+    pub pages_written_per_sec: f64,
+    pub max_heartbeat_gap_ms: f64,
+    pub last_heartbeat_ms_ago: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state: RunState,
+    pub pid: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub dirty_tracking: &'static str,
+    pub uptime_ms: u64,
+    pub heartbeats: u64,
+    pub guest_pages_written: u64,
+    pub pages_written_per_sec: f64,
+    pub guest_integrity_errors: u64,
+    pub disk_integrity_errors: u64,
+    pub disk_writes: u64,
+    pub disk_reads: u64,
+    pub max_heartbeat_gap_ms: f64,
+    /// Host CLOCK_MONOTONIC (ns) of the first heartbeat this process received, so a
+    /// caller can measure start-up from its own clock.
+    pub first_heartbeat_monotonic_ns: Option<u64>,
+    /// Present when this process was restored from a snapshot.
+    pub restore: Option<RestoreTimings>,
+    pub crash: Option<String>,
+    pub per_vcpu: Vec<VcpuStatus>,
+}
+
+/// Where the time went when this process was restored from a snapshot.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RestoreTimings {
+    pub disks_ms: f64,
+    /// VM, memory mapping, vCPUs and CPUID.
+    pub vm_create_ms: f64,
+    /// vCPU, irqchip and clock state.
+    pub state_restore_ms: f64,
+    pub memory_load_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub pages_checked: u64,
+    pub memory_errors: u64,
+    pub blocks_checked: u64,
+    pub disk_errors: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtySample {
+    pub mode: &'static str,
+    pub elapsed_ms: f64,
+    pub dirty_pages: u64,
+    pub dirty_pages_in_working_set: u64,
+    pub guest_pages_written: u64,
+    /// Cost of the final harvest: reading the log, then re-arming it.
+    pub fetch_ms: f64,
+    pub clear_ms: f64,
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set while the thread
+        // holds its VcpuFd and cleared before it lets go; writing one byte is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+pub struct Machine {
+    pub cfg: VmConfig,
+    pub vm: Vm,
+    pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub dirty: Arc<DirtyLog>,
+    pub disks: Arc<DiskSet>,
+    pub shared: Arc<Shared>,
+    /// Guest TSC rate and workload seed (also in the guest's parameter block).
+    pub tsc_hz: u64,
+    pub seed: u64,
+    pub restore: Option<RestoreTimings>,
+    started: Instant,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Machine {
+    pub fn new(
+        cfg: VmConfig,
+        vm: Vm,
+        vcpus: Vec<VcpuFd>,
+        dirty: DirtyLog,
+        disks: DiskSet,
+        tsc_hz: u64,
+        seed: u64,
+    ) -> Self {
+        let n = vcpus.len();
+        Self {
+            cfg,
+            vm,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            dirty: Arc::new(dirty),
+            disks: Arc::new(disks),
+            shared: Arc::new(Shared {
+                target: AtomicU8::new(Target::Pause as u8),
+                first_heartbeat_ns: AtomicU64::new(0),
+                control: Mutex::new(Control::default()),
+                cond: Condvar::new(),
+                vcpus: (0..n).map(|_| Mutex::new(VcpuStats::default())).collect(),
+                threads: Mutex::new(Vec::new()),
+            }),
+            tsc_hz,
+            seed,
+            restore: None,
+            started: Instant::now(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts the vCPU threads, paused or running.
+    pub fn start(&self, running: bool) -> Result<(), MachineError> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(MachineError::Signal)?;
+        self.disks.commit();
+        self.shared.target.store(
+            if running { Target::Run } else { Target::Pause } as u8,
+            Ordering::Release,
+        );
+        for (index, fd) in self.vcpus.iter().enumerate() {
+            let ctx = VcpuThread {
+                index: index as u32,
+                fd: fd.clone(),
+                shared: self.shared.clone(),
+                memory: self.vm.memory.clone(),
+                dirty: self.dirty.clone(),
+                disks: self.disks.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || ctx.run())
+                .map_err(MachineError::Thread)?;
+            lock(&self.threads).push(handle);
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> RunState {
+        if lock(&self.shared.control).crash.is_some() {
+            RunState::Crashed
+        } else if self.shared.target() == Target::Run {
+            RunState::Running
+        } else {
+            RunState::Paused
+        }
+    }
+
+    /// Stops every vCPU at an instruction boundary and waits until all are parked.
+    pub fn pause(&self) -> Result<(), MachineError> {
+        self.set_target(Target::Pause);
+        let timeout = Duration::from_secs(10);
+        let all = self.vcpus.len() as u32;
+        let ctl = lock(&self.shared.control);
+        let (ctl, res) = self
+            .shared
+            .cond
+            .wait_timeout_while(ctl, timeout, |c| c.parked + c.exited < all)
+            .unwrap_or_else(|e| e.into_inner());
+        drop(ctl);
+        if res.timed_out() {
+            return Err(MachineError::PauseTimeout(timeout));
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), MachineError> {
+        if let Some(crash) = lock(&self.shared.control).crash.clone() {
+            return Err(MachineError::Crashed(crash));
+        }
+        self.set_target(Target::Run);
+        Ok(())
+    }
+
+    fn set_target(&self, target: Target) {
+        {
+            let _ctl = lock(&self.shared.control);
+            self.shared.target.store(target as u8, Ordering::Release);
+            self.shared.cond.notify_all();
+        }
+        if target != Target::Run {
+            for &t in lock(&self.shared.threads).iter() {
+                // SAFETY: `t` is a live vCPU thread of this process (threads are only
+                // joined in `shutdown`, which clears this list first).
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+        }
+    }
+
+    /// Stops the vCPU threads for good.
+    pub fn shutdown(&self) {
+        self.set_target(Target::Quit);
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+        lock(&self.shared.threads).clear();
+    }
+
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        let per_vcpu: Vec<(VcpuStatus, Mailbox)> = self
+            .shared
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = lock(s).clone();
+                // Counters come from guest memory itself, so they are current even
+                // between heartbeats and after a restore.
+                let mb = self.mailbox(i as u32).unwrap_or(s.mailbox);
+                (
+                    VcpuStatus {
+                        heartbeats: mb.heartbeats,
+                        pages_written: mb.pages_written,
+                        pages_written_per_sec: s.pages_per_sec,
+                        max_heartbeat_gap_ms: ms(s.max_gap),
+                        last_heartbeat_ms_ago: s.last_heartbeat.map(|t| ms(now - t)),
+                    },
+                    mb,
+                )
+            })
+            .collect();
+        let sum = |f: fn(&Mailbox) -> u64| per_vcpu.iter().map(|(_, m)| f(m)).sum::<u64>();
+        Status {
+            name: self.cfg.name.clone(),
+            state: self.state(),
+            pid: std::process::id(),
+            vcpus: self.cfg.vcpus,
+            memory_mib: self.cfg.memory_mib,
+            dirty_tracking: self.dirty.mode(),
+            uptime_ms: (now - self.started).as_millis() as u64,
+            heartbeats: sum(|m| m.heartbeats),
+            guest_pages_written: sum(|m| m.pages_written),
+            pages_written_per_sec: per_vcpu.iter().map(|(v, _)| v.pages_written_per_sec).sum(),
+            guest_integrity_errors: sum(|m| m.integrity_errors),
+            disk_integrity_errors: sum(|m| m.disk_integrity_errors),
+            disk_writes: sum(|m| m.disk_writes),
+            disk_reads: sum(|m| m.disk_reads),
+            max_heartbeat_gap_ms: per_vcpu
+                .iter()
+                .map(|(v, _)| v.max_heartbeat_gap_ms)
+                .fold(0.0, f64::max),
+            first_heartbeat_monotonic_ns: match self
+                .shared
+                .first_heartbeat_ns
+                .load(Ordering::Acquire)
+            {
+                0 => None,
+                ns => Some(ns),
+            },
+            restore: self.restore,
+            crash: lock(&self.shared.control).crash.clone(),
+            per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
+        }
+    }
+
+    pub fn mailbox(&self, vcpu: u32) -> Result<Mailbox, MachineError> {
+        Ok(self
+            .vm
+            .memory
+            .read_obj(GuestAddress(Layout::mailbox(vcpu)))?)
+    }
+
+    /// Has every vCPU re-check every page and disk block it wrote.
+    pub fn verify(&self, timeout: Duration) -> Result<VerifyReport, MachineError> {
+        match self.state() {
+            RunState::Paused => return Err(MachineError::Paused),
+            RunState::Crashed => {
+                let crash = lock(&self.shared.control).crash.clone().unwrap_or_default();
+                return Err(MachineError::Crashed(crash));
+            }
+            RunState::Running => {}
+        }
+        let start = Instant::now();
+        for s in &self.shared.vcpus {
+            lock(s).verify = VerifyStep::Requested;
+        }
+        let ctl = lock(&self.shared.control);
+        let all_done = || {
+            self.shared
+                .vcpus
+                .iter()
+                .all(|s| lock(s).verify == VerifyStep::Done)
+        };
+        let (ctl, _) = self
+            .shared
+            .cond
+            .wait_timeout_while(ctl, timeout, |c| c.crash.is_none() && !all_done())
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(crash) = ctl.crash.clone() {
+            return Err(MachineError::Crashed(crash));
+        }
+        drop(ctl);
+        if !all_done() {
+            for s in &self.shared.vcpus {
+                lock(s).verify = VerifyStep::Idle;
+            }
+            return Err(MachineError::VerifyTimeout(timeout));
+        }
+        let mut report = VerifyReport {
+            elapsed_ms: start.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        for s in &self.shared.vcpus {
+            let mut s = lock(s);
+            s.verify = VerifyStep::Idle;
+            let mb = &s.mailbox;
+            report.pages_checked += mb.verify_pages;
+            report.memory_errors += mb.verify_errors;
+            report.blocks_checked += mb.verify_blocks;
+            report.disk_errors += mb.verify_disk_errors;
+        }
+        Ok(report)
+    }
+
+    /// Logs dirty pages for `duration` and compares them with what the guest says it wrote.
+    pub fn dirty_sample(&self, duration: Duration) -> Result<DirtySample, MachineError> {
+        let pages = self.vm.layout.memory_bytes / 4096;
+        let mut bitmap = super::dirty::DirtyBitmap::new(pages);
+        self.dirty.start(&self.vm)?;
+        let written = |m: &Machine| -> Result<u64, MachineError> {
+            (0..m.cfg.vcpus).try_fold(0, |acc, v| Ok(acc + m.mailbox(v)?.pages_written))
+        };
+        let result = (|| {
+            self.dirty.harvest(&mut bitmap)?;
+            bitmap.clear_all();
+            let w0 = written(self)?;
+            let t0 = Instant::now();
+            std::thread::sleep(duration);
+            let t = Instant::now();
+            self.dirty.fetch(&mut bitmap)?;
+            let fetch_ms = ms(t.elapsed());
+            let t = Instant::now();
+            self.dirty.clear(0, pages)?;
+            let clear_ms = ms(t.elapsed());
+            let elapsed = t0.elapsed();
+            let w1 = written(self)?;
+            let ws_first = self.vm.layout.ws_base / 4096;
+            let in_ws = bitmap
+                .iter_set()
+                .filter(|&p| p >= ws_first && p < ws_first + self.vm.layout.ws_pages)
+                .count() as u64;
+            Ok(DirtySample {
+                mode: self.dirty.mode(),
+                elapsed_ms: ms(elapsed),
+                dirty_pages: bitmap.count(),
+                dirty_pages_in_working_set: in_ws,
+                guest_pages_written: w1 - w0,
+                fetch_ms,
+                clear_ms,
+            })
+        })();
+        self.dirty.stop(&self.vm)?;
+        result
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (what `Instant` uses, but comparable across processes).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+struct VcpuThread {
+    index: u32,
+    fd: Arc<Mutex<VcpuFd>>,
+    shared: Arc<Shared>,
+    memory: GuestMemoryMmap,
+    dirty: Arc<DirtyLog>,
+    disks: Arc<DiskSet>,
+}
+
+impl VcpuThread {
+    fn run(self) {
+        // SAFETY: pthread_self has no preconditions.
+        lock(&self.shared.threads).push(unsafe { libc::pthread_self() });
+        let mut fd = lock(&self.fd);
+        KVM_RUN.with(|c| c.set(fd.get_kvm_run()));
+        loop {
+            if self.shared.target() != Target::Run {
+                // Let KVM finish a half-done port access so the saved state is whole.
+                fd.set_kvm_immediate_exit(1);
+                let _ = fd.run();
+                fd.set_kvm_immediate_exit(0);
+                KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+                drop(fd);
+                if !self.park() {
+                    return;
+                }
+                fd = lock(&self.fd);
+                KVM_RUN.with(|c| c.set(fd.get_kvm_run()));
+                continue;
+            }
+            let outcome = match fd.run() {
+                Ok(exit) => self.handle_exit(exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    fd.set_kvm_immediate_exit(0);
+                    Ok(())
+                }
+                Err(e) => Err(format!("KVM_RUN failed: {e}")),
+            };
+            if let Err(reason) = outcome {
+                let regs = fd
+                    .get_regs()
+                    .map(|r| format!(" (rip {:#x}, rsp {:#x})", r.rip, r.rsp))
+                    .unwrap_or_default();
+                self.crash(format!("vCPU {}: {reason}{regs}", self.index));
+            }
+        }
+    }
+
+    /// Waits while paused; false when the thread must exit.
+    fn park(&self) -> bool {
+        let mut ctl = lock(&self.shared.control);
+        ctl.parked += 1;
+        self.shared.cond.notify_all();
+        loop {
+            match self.shared.target() {
+                Target::Quit => {
+                    ctl.parked -= 1;
+                    ctl.exited += 1;
+                    self.shared.cond.notify_all();
+                    return false;
+                }
+                Target::Run if ctl.crash.is_none() => {
+                    ctl.parked -= 1;
+                    return true;
+                }
+                _ => {
+                    ctl = self
+                        .shared
+                        .cond
+                        .wait(ctl)
+                        .unwrap_or_else(|e| e.into_inner())
+                }
+            }
+        }
+    }
+
+    fn crash(&self, reason: String) {
+        tracing::error!(target: "ferry::vmm", "guest crashed: {reason}");
+        let mut ctl = lock(&self.shared.control);
+        if ctl.crash.is_none() {
+            ctl.crash = Some(reason);
+        }
+        if self.shared.target() == Target::Run {
+            self.shared
+                .target
+                .store(Target::Pause as u8, Ordering::Release);
+        }
+        self.shared.cond.notify_all();
+        drop(ctl);
+        for &t in lock(&self.shared.threads).iter() {
+            // SAFETY: `t` is a live vCPU thread of this process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    fn handle_exit(&self, exit: VcpuExit<'_>) -> Result<(), String> {
+        match exit {
+            VcpuExit::IoIn(PORT_HEARTBEAT, data) => {
+                let cmd = self.heartbeat()?;
+                let bytes = (cmd as u32).to_le_bytes();
+                let n = data.len().min(4);
+                data[..n].copy_from_slice(&bytes[..n]);
+                Ok(())
+            }
+            VcpuExit::IoIn(port, data) => {
+                tracing::warn!("vCPU {} read from unknown port {port:#x}", self.index);
+                data.fill(0xff);
+                Ok(())
+            }
+            VcpuExit::IoOut(PORT_VERIFY_DONE, _) => {
+                let mb = self.mailbox()?;
+                let mut s = lock(&self.shared.vcpus[self.index as usize]);
+                s.mailbox = mb;
+                s.verify = VerifyStep::Done;
+                drop(s);
+                let _ctl = lock(&self.shared.control);
+                self.shared.cond.notify_all();
+                Ok(())
+            }
+            VcpuExit::IoOut(PORT_INTEGRITY, data) => {
+                let mb = self.mailbox()?;
+                let what = if data.first().copied() == Some(INTEGRITY_DISK as u8) {
+                    "disk block"
+                } else {
+                    "page"
+                };
+                tracing::warn!(
+                    "integrity error on vCPU {}: {what} {} expected generation {} found {} (detail {})",
+                    self.index,
+                    mb.error_index,
+                    mb.error_expected_gen,
+                    mb.error_found_gen,
+                    mb.error_detail
+                );
+                Ok(())
+            }
+            VcpuExit::IoOut(PORT_BLOCK, _) => self.block_request(),
+            VcpuExit::IoOut(port, _) => {
+                tracing::warn!("vCPU {} wrote to unknown port {port:#x}", self.index);
+                Ok(())
+            }
+            VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => self
+                .dirty
+                .on_ring_full(self.index)
+                .map_err(|e| format!("dirty ring full and could not be harvested: {e}")),
+            VcpuExit::Shutdown => Err("triple fault (shutdown exit)".into()),
+            VcpuExit::Hlt => Err("halted".into()),
+            VcpuExit::InternalError => Err("KVM internal error".into()),
+            VcpuExit::FailEntry(reason, cpu) => {
+                Err(format!("KVM entry failure {reason:#x} on host CPU {cpu}"))
+            }
+            other => Err(format!("unexpected exit {other:?}")),
+        }
+    }
+
+    fn mailbox(&self) -> Result<Mailbox, String> {
+        self.memory
+            .read_obj(GuestAddress(Layout::mailbox(self.index)))
+            .map_err(|e| format!("reading its mailbox: {e}"))
+    }
+
+    fn heartbeat(&self) -> Result<Command, String> {
+        let now = Instant::now();
+        if self.shared.first_heartbeat_ns.load(Ordering::Relaxed) == 0 {
+            let _ = self.shared.first_heartbeat_ns.compare_exchange(
+                0,
+                monotonic_ns(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+        let mb = self.mailbox()?;
+        let mut s = lock(&self.shared.vcpus[self.index as usize]);
+        if let Some(last) = s.last_heartbeat {
+            s.max_gap = s.max_gap.max(now - last);
+        }
+        s.last_heartbeat = Some(now);
+        match s.window_start {
+            Some((t, pages)) if now - t >= Duration::from_secs(1) => {
+                s.pages_per_sec =
+                    mb.pages_written.saturating_sub(pages) as f64 / (now - t).as_secs_f64();
+                s.window_start = Some((now, mb.pages_written));
+            }
+            Some(_) => {}
+            None => s.window_start = Some((now, mb.pages_written)),
+        }
+        s.mailbox = mb;
+        let cmd = if s.verify == VerifyStep::Requested {
+            s.verify = VerifyStep::Delivered;
+            Command::Verify
+        } else {
+            Command::None
+        };
+        drop(s);
+        if mb.sleep_ns > 0 && cmd == Command::None {
+            let sleep = Duration::from_nanos(mb.sleep_ns).min(MAX_SLEEP);
+            let ctl = lock(&self.shared.control);
+            let _ = self.shared.cond.wait_timeout_while(ctl, sleep, |_| {
+                self.shared.target() == Target::Run
+                    && lock(&self.shared.vcpus[self.index as usize]).verify != VerifyStep::Requested
+            });
+        }
+        Ok(cmd)
+    }
+
+    fn block_request(&self) -> Result<(), String> {
+        let mb = self.mailbox()?;
+        let status = self.do_block(&mb);
+        let addr = Layout::mailbox(self.index) + std::mem::offset_of!(Mailbox, block_status) as u64;
+        self.memory
+            .write_obj(status, GuestAddress(addr))
+            .map_err(|e| format!("writing block status: {e}"))?;
+        self.dirty.mark_dirty(addr, 8);
+        Ok(())
+    }
+
+    /// Carries out one block request; 0 or an errno for the guest.
+    fn do_block(&self, mb: &Mailbox) -> u64 {
+        let Some(disk) = self.disks.disks.get(mb.block_disk as usize) else {
+            return libc::ENODEV as u64;
+        };
+        let op = mb.block_op;
+        if op == BlockOp::Flush as u64 {
+            return match disk.flush() {
+                Ok(()) => 0,
+                Err(_) => libc::EIO as u64,
+            };
+        }
+        let Ok(len) = usize::try_from(mb.block_len) else {
+            return libc::EINVAL as u64;
+        };
+        // The buffer must lie wholly inside guest memory.
+        let host = match self.memory.get_slice(GuestAddress(mb.block_buf), len) {
+            Ok(s) => s.ptr_guard_mut().as_ptr(),
+            Err(_) => return libc::EFAULT as u64,
+        };
+        let res = if op == BlockOp::Read as u64 {
+            // SAFETY: get_slice checked that block_buf..+len is inside guest memory,
+            // which stays mapped for the VM's lifetime.
+            let r = unsafe { disk.read_into(mb.block_offset, host, len) };
+            if r.is_ok() {
+                self.dirty.mark_dirty(mb.block_buf, mb.block_len);
+            }
+            r
+        } else if op == BlockOp::Write as u64 {
+            // SAFETY: as above.
+            unsafe { disk.write_from(mb.block_offset, host, len) }
+        } else {
+            Err(libc::EINVAL)
+        };
+        match res {
+            Ok(()) => 0,
+            Err(e) => e as u64,
+        }
+    }
+}

@@ -217,8 +217,8 @@ impl VcpuState {
             .map_err(StateError::SetFpu)?;
         set_xsave(vcpu, &self.xsave)?;
         vcpu.set_xcrs(&self.xcrs).map_err(StateError::SetXcrs)?;
-        // The TSC deadline is dropped unless the LAPIC timer is already in TSC-deadline mode
-        // and is relative to the TSC, so it goes after both the other MSRs (IA32_TSC among
+        // KVM accepts a TSC deadline write and silently discards it unless the LAPIC timer is
+        // already in TSC-deadline mode (seen here), and the deadline is relative to the TSC, so it goes after both the other MSRs (IA32_TSC among
         // them) and the LAPIC.
         let (deadline, others): (Vec<MsrValue>, Vec<MsrValue>) = self
             .msrs
@@ -750,7 +750,7 @@ mod tests {
         assert_eq!(back.vcpu_events, saved.vcpu_events);
         assert_eq!(back.mp_state, saved.mp_state);
         assert_eq!(back.lapic.regs, saved.lapic.regs);
-        assert_eq!(lapic_reg(&back.lapic, APIC_LVTT) >> 17 & 3, 2);
+        assert_eq!((lapic_reg(&back.lapic, APIC_LVTT) >> 17) & 3, 2);
         for index in DISTINCTIVE_MSRS {
             assert_eq!(msr(&back, index), msr(&saved, index), "MSR {index:#x}");
         }

@@ -1,0 +1,140 @@
+//! Client commands that talk to a VMM over its control socket.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde_json::{Value, json};
+
+use crate::vmm::control::request;
+
+/// Exit code of `ferry verify` when the guest found errors.
+pub const EXIT_INTEGRITY: u8 = 3;
+
+fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or(&Value::Null)
+}
+
+fn num(v: &Value, key: &str) -> String {
+    match get(v, key) {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub fn simple(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
+    let r = request(control, &json!({ "cmd": cmd }))?;
+    if let Some(state) = r.get("state").and_then(Value::as_str) {
+        println!("{state}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(control: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let s = request(control, &json!({"cmd": "status"}))?;
+    if as_json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = [
+        ("name", get(&s, "name").as_str().unwrap_or("-").to_owned()),
+        ("state", get(&s, "state").as_str().unwrap_or("-").to_owned()),
+        ("pid", num(&s, "pid")),
+        ("vcpus", num(&s, "vcpus")),
+        ("memory", format!("{} MiB", num(&s, "memory_mib"))),
+        (
+            "dirty tracking",
+            get(&s, "dirty_tracking").as_str().unwrap_or("-").to_owned(),
+        ),
+        ("heartbeats", num(&s, "heartbeats")),
+        ("pages written", num(&s, "guest_pages_written")),
+        (
+            "pages written/s",
+            format!(
+                "{:.0}",
+                get(&s, "pages_written_per_sec").as_f64().unwrap_or(0.0)
+            ),
+        ),
+        ("integrity errors", num(&s, "guest_integrity_errors")),
+        ("disk integrity errors", num(&s, "disk_integrity_errors")),
+        (
+            "disk writes / reads",
+            format!("{} / {}", num(&s, "disk_writes"), num(&s, "disk_reads")),
+        ),
+        (
+            "max heartbeat gap",
+            format!("{} ms", num(&s, "max_heartbeat_gap_ms")),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("{k:<22} {v}");
+    }
+    if let Some(crash) = get(&s, "crash").as_str() {
+        println!("{:<22} {crash}", "crash");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(control: &Path, as_json: bool, timeout_secs: u64) -> anyhow::Result<ExitCode> {
+    let r = request(
+        control,
+        &json!({"cmd": "verify", "timeout_secs": timeout_secs}),
+    )?;
+    if as_json {
+        println!("{r}");
+    } else {
+        println!(
+            "memory: {} pages checked, {} errors\ndisk:   {} blocks checked, {} errors\n({} ms)",
+            num(&r, "pages_checked"),
+            num(&r, "memory_errors"),
+            num(&r, "blocks_checked"),
+            num(&r, "disk_errors"),
+            num(&r, "elapsed_ms"),
+        );
+    }
+    let errors = get(&r, "memory_errors").as_u64().unwrap_or(0)
+        + get(&r, "disk_errors").as_u64().unwrap_or(0);
+    Ok(if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INTEGRITY)
+    })
+}
+
+pub fn snapshot(control: &Path, out: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let out = std::path::absolute(out)?;
+    let r = request(control, &json!({"cmd": "snapshot", "out": out}))?;
+    if as_json {
+        println!("{r}");
+    } else {
+        println!(
+            "snapshot written to {} (VM paused {:.1} ms; {} MiB of memory, {} bytes of disk data)",
+            out.display(),
+            get(&r, "pause_ms").as_f64().unwrap_or(0.0),
+            get(&r, "memory_bytes").as_u64().unwrap_or(0) >> 20,
+            num(&r, "disk_bytes_copied"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn dirty_rate(control: &Path, duration_ms: u64, as_json: bool) -> anyhow::Result<ExitCode> {
+    let r = request(
+        control,
+        &json!({"cmd": "dirty-sample", "duration_ms": duration_ms}),
+    )?;
+    if as_json {
+        println!("{r}");
+    } else {
+        let secs = get(&r, "elapsed_ms").as_f64().unwrap_or(1.0) / 1e3;
+        let per_sec = |k: &str| get(&r, k).as_f64().unwrap_or(0.0) / secs.max(1e-9);
+        println!(
+            "dirty pages/s {:.0} ({:.0} in the working set), guest reported {:.0} writes/s [{}]",
+            per_sec("dirty_pages"),
+            per_sec("dirty_pages_in_working_set"),
+            per_sec("guest_pages_written"),
+            get(&r, "mode").as_str().unwrap_or("-"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

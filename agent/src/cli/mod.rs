@@ -1,0 +1,4 @@
+//! The `ferry` command line: the VMM process and the client commands.
+
+pub mod client;
+pub mod vmm;

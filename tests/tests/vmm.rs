@@ -1,0 +1,407 @@
+//! `ferry vmm` end to end: lab guests on real KVM in real processes.
+
+use std::time::Duration;
+
+use ferry_tests::{TempDir, Vmm, f64_of, ferry, require_kvm, u64_of, write_config};
+
+const PATTERNS: [&str; 4] = ["sequential", "random", "hotcold", "idle"];
+const CONTENTS: [&str; 4] = ["zero", "text", "random", "mixed"];
+
+fn workload_config(vcpus: u32, pattern: &str, content: &str) -> String {
+    format!(
+        r#"memory_mib = 64
+vcpus = {vcpus}
+[workload]
+working_set_mib = 16
+dirty_pages_per_sec = 4000
+pattern = "{pattern}"
+content = "{content}"
+verify_interval_ms = 50
+fill = true
+"#
+    )
+}
+
+/// Runs a VM until it has written past its fill and verifies it from inside.
+fn check_runs_and_verifies(dir: &TempDir, name: &str, body: &str) {
+    let cfg = write_config(dir.path(), name, body);
+    let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
+    let first = vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    let later = vm.wait_for("more heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&first, "heartbeats") + 200
+    });
+    assert_eq!(later["state"], "running", "{later}");
+    assert_eq!(u64_of(&later, "guest_integrity_errors"), 0, "{later}");
+    // 16 MiB of fill is 4096 pages.
+    assert!(u64_of(&later, "guest_pages_written") >= 4096, "{later}");
+    let report = vm.verify();
+    assert_eq!(u64_of(&report, "memory_errors"), 0, "{name}: {report}");
+    assert_eq!(u64_of(&report, "pages_checked"), 4096, "{name}: {report}");
+    let after = vm.status();
+    assert!(u64_of(&after, "heartbeats") > u64_of(&later, "heartbeats"));
+    assert!(f64_of(&after, "max_heartbeat_gap_ms") > 0.0);
+    vm.quit();
+}
+
+fn every_workload(vcpus: u32) {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("workloads");
+    for pattern in PATTERNS {
+        for content in CONTENTS {
+            let name = format!("w{vcpus}-{pattern}-{content}");
+            check_runs_and_verifies(&dir, &name, &workload_config(vcpus, pattern, content));
+        }
+    }
+}
+
+#[test]
+fn every_pattern_and_content_runs_and_verifies_1_vcpu() {
+    every_workload(1);
+}
+
+#[test]
+fn every_pattern_and_content_runs_and_verifies_2_vcpus() {
+    every_workload(2);
+}
+
+fn dirty_rate_matches_guest(mode: &str) {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("dirty");
+    let cfg = write_config(
+        dir.path(),
+        "d",
+        &format!(
+            r#"memory_mib = 128
+vcpus = 1
+dirty_tracking = "{mode}"
+[workload]
+working_set_mib = 64
+dirty_pages_per_sec = 5000
+pattern = "sequential"
+fill = false
+"#
+        ),
+    );
+    let vm = Vmm::spawn(dir.path(), "d", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("pages written", Duration::from_secs(30), |s| {
+        u64_of(s, "guest_pages_written") > 2000
+    });
+    for _ in 0..2 {
+        let out = ferry(&[
+            "dirty-rate",
+            "--control",
+            vm.ctl(),
+            "--duration-ms",
+            "1000",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let harvested = u64_of(&r, "dirty_pages_in_working_set") as f64;
+        let written = u64_of(&r, "guest_pages_written") as f64;
+        assert!(written > 4000.0, "{r}");
+        let err = (harvested - written).abs() / written;
+        assert!(
+            err <= 0.05,
+            "{mode}: harvested {harvested} vs guest {written} ({r})"
+        );
+    }
+    vm.quit();
+}
+
+#[test]
+fn dirty_bitmap_matches_guest_writes() {
+    dirty_rate_matches_guest("bitmap");
+}
+
+#[test]
+fn dirty_ring_matches_guest_writes() {
+    dirty_rate_matches_guest("ring");
+}
+
+#[test]
+fn snapshot_restore_continues_with_memory_and_disks_intact() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("snap");
+    let cfg = write_config(
+        dir.path(),
+        "s",
+        r#"memory_mib = 96
+vcpus = 2
+[workload]
+working_set_mib = 32
+dirty_pages_per_sec = 5000
+pattern = "random"
+content = "mixed"
+[workload.disk]
+write_ops_per_sec = 400
+block_kib = 4
+[[disks]]
+id = "root"
+path = "disks/s-root.img"
+size_mib = 16
+cache = "none"
+"#,
+    );
+    let vm = Vmm::spawn(dir.path(), "s", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 200 && u64_of(s, "disk_reads") > 20
+    });
+    let snap = dir.join("snap1");
+    let out = ferry(&[
+        "snapshot",
+        "--control",
+        vm.ctl(),
+        "--out",
+        snap.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snap_hb = u64_of(&report, "heartbeats");
+    let snap_pages = u64_of(&report, "guest_pages_written");
+    let snap_disk = u64_of(&report, "disk_writes");
+    // The VM keeps running and writing after the snapshot...
+    let moved_on = vm.wait_for("progress after snapshot", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > snap_disk + 200 && u64_of(s, "heartbeats") > snap_hb + 500
+    });
+    assert_eq!(u64_of(&moved_on, "disk_integrity_errors"), 0);
+    // ...then dies without warning.
+    vm.kill();
+
+    let restored = Vmm::spawn(dir.path(), "r", &["--restore", snap.to_str().unwrap()]);
+    let s0 = restored.status();
+    // Counters continue from the snapshot's values, not from the later ones.
+    assert!(u64_of(&s0, "heartbeats") >= snap_hb, "{s0}");
+    assert!(
+        u64_of(&s0, "heartbeats") < u64_of(&moved_on, "heartbeats"),
+        "{s0}"
+    );
+    assert!(u64_of(&s0, "guest_pages_written") >= snap_pages, "{s0}");
+    let s1 = restored.wait_for("guest continuing", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 500
+            && u64_of(s, "disk_writes") > u64_of(&s0, "disk_writes") + 100
+    });
+    assert!(u64_of(&s1, "guest_pages_written") > u64_of(&s0, "guest_pages_written"));
+    let v = restored.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert!(u64_of(&v, "blocks_checked") > 100, "{v}");
+    assert_eq!(u64_of(&restored.status(), "disk_integrity_errors"), 0);
+    restored.quit();
+}
+
+/// Runs `ferry vmm` expecting it to fail at once; returns its one-line error.
+fn vmm_error(dir: &TempDir, args: &[&str]) -> String {
+    let ctl = dir.join("bad.sock");
+    let mut full = vec!["vmm"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--control", ctl.to_str().unwrap()]);
+    let out = ferry(&full);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!ctl.exists(), "control socket left behind");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let last = err.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("ferry: "), "{err}");
+    last
+}
+
+#[test]
+fn bad_configs_get_one_line_errors_and_leave_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("bad");
+    let missing = dir.join("nope.toml");
+    let e = vmm_error(&dir, &["--config", missing.to_str().unwrap()]);
+    assert!(e.contains("nope.toml") && e.contains("No such file"), "{e}");
+
+    let cases = [
+        ("malformed", "memory_mib = [\n", "memory_mib"),
+        (
+            "unknown",
+            "memory_mib = 64\nmemroy_mib = 3\n",
+            "unknown field `memroy_mib`",
+        ),
+        ("huge", "memory_mib = 100000000\n", "memory_mib = 100000000"),
+        (
+            "toosmall",
+            "memory_mib = 64\n[workload]\nworking_set_mib = 63\n",
+            "does not fit",
+        ),
+        (
+            "unwritable",
+            "memory_mib = 64\n[[disks]]\nid = \"a\"\npath = \"a.img\"\nsize_mib = 1\n[[disks]]\nid = \"b\"\npath = \"/etc/hostname/b.img\"\nsize_mib = 1\n",
+            "disk \"b\"",
+        ),
+    ];
+    for (name, body, needle) in cases {
+        let cfg = write_config(dir.path(), name, body);
+        let e = vmm_error(&dir, &["--config", cfg.to_str().unwrap()]);
+        assert!(e.contains(needle), "{name}: {e}");
+    }
+    // The first disk of the failed VM was created and removed again.
+    assert!(!dir.join("a.img").exists());
+}
+
+#[test]
+fn corrupt_or_foreign_snapshots_are_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("badsnap");
+    let cfg = write_config(
+        dir.path(),
+        "c",
+        "memory_mib = 32\n[workload]\nworking_set_mib = 8\ndirty_pages_per_sec = 1000\n",
+    );
+    let vm = Vmm::spawn(dir.path(), "c", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 50
+    });
+    let snap = dir.join("snap");
+    let out = ferry(&[
+        "snapshot",
+        "--control",
+        vm.ctl(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second snapshot into the same folder is refused and changes nothing.
+    let out = ferry(&[
+        "snapshot",
+        "--control",
+        vm.ctl(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    vm.quit();
+
+    let copy = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(d.join("disks")).unwrap();
+        for f in ["manifest.json", "config.toml", "state.bin", "memory.bin"] {
+            std::fs::copy(snap.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let flip = |path: std::path::PathBuf, at: usize| {
+        let mut b = std::fs::read(&path).unwrap();
+        let i = at.min(b.len() - 1);
+        b[i] ^= 0x40;
+        std::fs::write(&path, b).unwrap();
+    };
+
+    let d = copy("mem");
+    // A byte inside the guest's code page, which is never zero.
+    flip(d.join("memory.bin"), 0x10010);
+    let e = vmm_error(&dir, &["--restore", d.to_str().unwrap()]);
+    assert!(e.contains("memory.bin is corrupted"), "{e}");
+
+    let d = copy("state");
+    flip(d.join("state.bin"), 40);
+    let e = vmm_error(&dir, &["--restore", d.to_str().unwrap()]);
+    assert!(e.contains("state.bin") && e.contains("checksum"), "{e}");
+
+    let d = copy("version");
+    let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+    std::fs::write(
+        d.join("manifest.json"),
+        m.replace("\"version\": 1", "\"version\": 99"),
+    )
+    .unwrap();
+    let e = vmm_error(&dir, &["--restore", d.to_str().unwrap()]);
+    assert!(e.contains("version 99 is not supported"), "{e}");
+
+    let e = vmm_error(&dir, &["--restore", dir.path().to_str().unwrap()]);
+    assert!(e.contains("is not a Ferry snapshot"), "{e}");
+}
+
+#[test]
+fn guest_crash_is_reported_not_hung() {
+    if !require_kvm() {
+        return;
+    }
+    // Restoring a snapshot whose vCPU points at unmapped code makes the guest fault
+    // at once; no IDT means a triple fault.
+    let dir = TempDir::new("crash");
+    let cfg = write_config(
+        dir.path(),
+        "k",
+        "memory_mib = 32\n[workload]\nworking_set_mib = 8\ndirty_pages_per_sec = 1000\n",
+    );
+    let vm = Vmm::spawn(dir.path(), "k", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 50
+    });
+    let snap = dir.join("snap");
+    let out = ferry(&[
+        "snapshot",
+        "--control",
+        vm.ctl(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    vm.quit();
+    // Zero the guest program in memory.bin: the CPU then executes zeros (add [rax], al)
+    // with rax pointing nowhere mapped... or runs off the page; either way it faults.
+    let mem = snap.join("memory.bin");
+    let mut b = std::fs::read(&mem).unwrap();
+    b[0x10000..0x20000].fill(0xff);
+    std::fs::write(&mem, &b).unwrap();
+    let manifest = snap.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["memory_crc32"] = serde_json::json!(crc32(&b));
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let vm = Vmm::spawn(dir.path(), "k2", &["--restore", snap.to_str().unwrap()]);
+    let s = vm.wait_for("crash", Duration::from_secs(30), |s| {
+        s["state"] == "crashed"
+    });
+    let why = s["crash"].as_str().unwrap_or_default();
+    assert!(why.contains("triple fault"), "{s}");
+    let out = ferry(&["verify", "--control", vm.ctl()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crashed"));
+    vm.quit();
+}
+
+/// CRC-32 (IEEE), as the snapshot manifest records it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

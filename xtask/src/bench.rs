@@ -1,0 +1,246 @@
+//! `cargo xtask bench <area>`: measures the figures an area promises and prints them
+//! (also saved as JSON under target/bench/).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use crate::util::{
+    Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, num, status, step, work_dir,
+};
+
+pub fn run(area: &str) -> Result<()> {
+    match area {
+        "vmm" => vmm(),
+        other => bail!("unknown bench area {other:?} (areas: vmm)"),
+    }
+}
+
+fn config(name: &str, memory_mib: u64, vcpus: u32, workload: &str) -> String {
+    format!("name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = {vcpus}\n[workload]\n{workload}")
+}
+
+fn start(ferry: &Path, dir: &Path, name: &str, body: &str) -> Result<Vmm> {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, body)?;
+    Vmm::spawn(
+        ferry,
+        &["--config", cfg.to_str().unwrap_or_default()],
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.log")),
+    )
+}
+
+fn wait_for(
+    ferry: &Path,
+    vm: &Vmm,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let t0 = Instant::now();
+    loop {
+        let s = status(ferry, &vm.control)?;
+        if pred(&s) {
+            return Ok(s);
+        }
+        if t0.elapsed() > timeout {
+            bail!("timed out; last status {s}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn vmm() -> Result<()> {
+    let ferry = build_ferry()?;
+    let dir = work_dir("bench-vmm")?;
+    let mut results = serde_json::Map::new();
+
+    step("process start to first heartbeat, 1 GiB guest (5 runs)");
+    let mut boots = Vec::new();
+    for i in 0..5 {
+        let body = config(
+            "boot",
+            1024,
+            1,
+            "working_set_mib = 512\ndirty_pages_per_sec = 20000\npattern = \"random\"\n",
+        );
+        let cfg = dir.join("boot.toml");
+        std::fs::write(&cfg, &body)?;
+        let t0 = monotonic_ns();
+        let mut vm = Vmm::spawn(
+            &ferry,
+            &["--config", cfg.to_str().unwrap_or_default()],
+            &dir.join(format!("boot{i}.sock")),
+            &dir.join(format!("boot{i}.log")),
+        )?;
+        vm.wait_ready(&ferry)?;
+        let s = wait_for(&ferry, &vm, Duration::from_secs(30), |s| {
+            s.get("first_heartbeat_monotonic_ns")
+                .is_some_and(|v| !v.is_null())
+        })?;
+        let ms = (num(&s, "first_heartbeat_monotonic_ns") - t0 as f64) / 1e6;
+        println!("  run {i}: {ms:.1} ms");
+        boots.push(ms);
+        vm.quit(&ferry)?;
+    }
+    let boot = median(boots.clone());
+    println!("  median {boot:.1} ms (goal <= 100 ms)");
+    results.insert(
+        "start_to_first_heartbeat_ms".into(),
+        json!({"median": boot, "runs": boots}),
+    );
+
+    step("harvesting the dirty set, 1 GiB guest, everything dirty (bitmap, manual protect)");
+    let body = config(
+        "harvest",
+        1024,
+        2,
+        "working_set_mib = 1000\ndirty_pages_per_sec = 0\npattern = \"sequential\"\nfill = false\ncontent = \"zero\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "harvest", &body)?;
+    vm.wait_ready(&ferry)?;
+    let mut per_gib = Vec::new();
+    for i in 0..3 {
+        let r: Value = serde_json::from_str(&ctl(
+            &ferry,
+            &["dirty-rate", "--duration-ms", "3000", "--json"],
+            &vm.control,
+        )?)?;
+        let gib = num(&r, "dirty_pages") * 4096.0 / (1u64 << 30) as f64;
+        let total = num(&r, "fetch_ms") + num(&r, "clear_ms");
+        println!(
+            "  run {i}: {:.0} dirty pages ({gib:.2} GiB): fetch {:.2} ms + clear {:.2} ms = {:.2} ms per GiB",
+            num(&r, "dirty_pages"),
+            num(&r, "fetch_ms"),
+            num(&r, "clear_ms"),
+            total / gib
+        );
+        per_gib.push(total / gib);
+    }
+    vm.quit(&ferry)?;
+    let harvest = median(per_gib.clone());
+    println!("  median {harvest:.2} ms per GiB (goal <= 10 ms)");
+    results.insert(
+        "harvest_ms_per_gib".into(),
+        json!({"median": harvest, "runs": per_gib}),
+    );
+
+    step("state save + restore into a fresh process (excluding guest memory), 1 GiB, 2 vCPUs");
+    let body = config(
+        "state",
+        1024,
+        2,
+        "working_set_mib = 256\ndirty_pages_per_sec = 20000\npattern = \"random\"\n",
+    );
+    let mut sums = Vec::new();
+    for i in 0..3 {
+        let mut vm = start(&ferry, &dir, "state", &body)?;
+        vm.wait_ready(&ferry)?;
+        wait_for(&ferry, &vm, Duration::from_secs(30), |s| {
+            num(s, "heartbeats") > 100.0
+        })?;
+        let snap = dir.join(format!("state-snap{i}"));
+        let r: Value = serde_json::from_str(&ctl(
+            &ferry,
+            &[
+                "snapshot",
+                "--out",
+                snap.to_str().unwrap_or_default(),
+                "--json",
+            ],
+            &vm.control,
+        )?)?;
+        vm.quit(&ferry)?;
+        let mut restored = Vmm::spawn(
+            &ferry,
+            &["--restore", snap.to_str().unwrap_or_default()],
+            &dir.join("restored.sock"),
+            &dir.join("restored.log"),
+        )?;
+        let s = restored.wait_ready(&ferry)?;
+        let rt = s.get("restore").cloned().unwrap_or(Value::Null);
+        let save = num(&r, "state_save_ms");
+        let restore = num(&rt, "vm_create_ms") + num(&rt, "state_restore_ms");
+        println!(
+            "  run {i}: save {save:.2} ms + restore {restore:.2} ms (create VM {:.2} + state {:.2}) = {:.2} ms; memory load {:.1} ms; {:.0} bytes of state",
+            num(&rt, "vm_create_ms"),
+            num(&rt, "state_restore_ms"),
+            save + restore,
+            num(&rt, "memory_load_ms"),
+            num(&r, "state_bytes"),
+        );
+        sums.push(save + restore);
+        restored.quit(&ferry)?;
+        let _ = std::fs::remove_dir_all(&snap);
+    }
+    let state = median(sums.clone());
+    println!("  median {state:.2} ms (goal <= 20 ms)");
+    results.insert(
+        "state_save_restore_ms".into(),
+        json!({"median": state, "runs": sums}),
+    );
+
+    step("guest pages written per second, unpaced, 1 GiB guest");
+    for vcpus in [1u32, 2] {
+        let body = config(
+            "unpaced",
+            1024,
+            vcpus,
+            "working_set_mib = 512\ndirty_pages_per_sec = 0\npattern = \"random\"\ncontent = \"text\"\n",
+        );
+        let mut vm = start(&ferry, &dir, "unpaced", &body)?;
+        vm.wait_ready(&ferry)?;
+        // Past the fill (131072 pages) so only steady-state writes count.
+        wait_for(&ferry, &vm, Duration::from_secs(60), |s| {
+            num(s, "guest_pages_written") > 140_000.0
+        })?;
+        let a = status(&ferry, &vm.control)?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(3));
+        let b = status(&ferry, &vm.control)?;
+        let rate = (num(&b, "guest_pages_written") - num(&a, "guest_pages_written"))
+            / t0.elapsed().as_secs_f64();
+        println!(
+            "  {vcpus} vCPU: {rate:.0} pages/s ({:.2} GB/s)",
+            rate * 4096.0 / 1e9
+        );
+        results.insert(format!("unpaced_pages_per_sec_{vcpus}vcpu"), json!(rate));
+        vm.quit(&ferry)?;
+    }
+
+    step("host CPU used by an idle guest (1 GiB, fill then idle), 5 s");
+    for vcpus in [1u32, 2] {
+        let body = config(
+            "idle",
+            1024,
+            vcpus,
+            "working_set_mib = 512\npattern = \"idle\"\ncontent = \"mixed\"\n",
+        );
+        let mut vm = start(&ferry, &dir, "idle", &body)?;
+        vm.wait_ready(&ferry)?;
+        wait_for(&ferry, &vm, Duration::from_secs(60), |s| {
+            num(s, "guest_pages_written") >= 131_072.0
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = vm.child.id();
+        let c0 = cpu_seconds(pid)?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(5));
+        let pct = (cpu_seconds(pid)? - c0) / t0.elapsed().as_secs_f64() * 100.0;
+        let s = status(&ferry, &vm.control)?;
+        println!(
+            "  {vcpus} vCPU: {pct:.1}% of a core (goal < 5%); max heartbeat gap {:.2} ms",
+            num(&s, "max_heartbeat_gap_ms")
+        );
+        results.insert(format!("idle_cpu_pct_{vcpus}vcpu"), json!(pct));
+        vm.quit(&ferry)?;
+    }
+
+    let out = crate::util::root().join("target/bench/vmm.json");
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    step(&format!("results saved to {}", out.display()));
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Installs what Ferry needs and is missing, saying what it does.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{have_command, step};
+
+/// Debian packages Ferry's tests and lab use, with a command that shows each is there.
+const PACKAGES: &[(&str, &str)] = &[
+    // `ss -K` and `ip netns` for fault and network tests.
+    ("iproute2", "ss"),
+];
+
+pub fn run() -> Result<()> {
+    step("setup: checking what Ferry needs");
+    check_kvm()?;
+    install_packages()?;
+    mount_tracefs();
+    Ok(())
+}
+
+fn check_kvm() -> Result<()> {
+    if Path::new("/dev/kvm").exists() {
+        println!("  /dev/kvm present");
+        return Ok(());
+    }
+    // Try loading the module before giving up.
+    let _ = Command::new("modprobe").arg("kvm").status();
+    if Path::new("/dev/kvm").exists() {
+        println!("  loaded the kvm module; /dev/kvm present");
+        return Ok(());
+    }
+    if std::env::var_os("CI").is_some() {
+        bail!("/dev/kvm is missing: Ferry's VMM and its tests need KVM");
+    }
+    println!("  WARNING: /dev/kvm is missing; tests that need KVM will report themselves skipped");
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have_command(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("  packages present: {}", names());
+        return Ok(());
+    }
+    println!("  installing Debian packages: {}", missing.join(" "));
+    let ok = Command::new("apt-get")
+        .arg("update")
+        .status()
+        .context("running apt-get update")?
+        .success();
+    if !ok {
+        bail!("apt-get update failed");
+    }
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?
+        .success();
+    if !ok {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn names() -> String {
+    PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Classic tracepoints need tracefs (the eBPF probes attach there).
+fn mount_tracefs() {
+    let target = "/sys/kernel/tracing";
+    let mounted = Command::new("mountpoint")
+        .args(["-q", target])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if mounted {
+        println!("  tracefs mounted at {target}");
+        return;
+    }
+    println!("  mounting tracefs at {target}");
+    let ok = Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", target])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("  WARNING: could not mount tracefs; eBPF tracepoint probes will be unavailable");
+    }
+}

@@ -1,0 +1,205 @@
+//! Shared helpers: running commands, finding the workspace, talking to `ferry`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn have_command(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the release `ferry` binary and returns its path.
+pub fn build_ferry() -> Result<PathBuf> {
+    step("building ferry (release)");
+    let mut c = cargo();
+    c.args(["build", "--release", "-p", "ferry"]);
+    run(c, "cargo build --release -p ferry")?;
+    Ok(root().join("target/release/ferry"))
+}
+
+pub fn test(extra: &[&str]) -> Result<()> {
+    step("cargo fmt --check");
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    run(c, "cargo fmt --check")?;
+    step("cargo clippy --all-targets -- -D warnings");
+    let mut c = cargo();
+    c.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(c, "cargo clippy")?;
+    let ferry = build_ferry()?;
+    step("cargo test (unit, integration, end-to-end)");
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--release"])
+        .args(extra)
+        .env("FERRY_BIN", &ferry);
+    run(c, "cargo test")
+}
+
+/// A `ferry vmm` process that is killed if still running when dropped.
+pub struct Vmm {
+    pub child: Child,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Vmm {
+    pub fn spawn(ferry: &Path, args: &[&str], control: &Path, log: &Path) -> Result<Self> {
+        let logf =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(ferry)
+            .arg("vmm")
+            .args(args)
+            .arg("--control")
+            .arg(control)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("starting ferry vmm")?;
+        Ok(Self {
+            child,
+            control: control.to_owned(),
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn wait_ready(&mut self, ferry: &Path) -> Result<Value> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "ferry vmm exited ({st}):\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if let Ok(s) = status(ferry, &self.control) {
+                return Ok(s);
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("ferry vmm did not answer within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn quit(mut self, ferry: &Path) -> Result<()> {
+        ctl(ferry, &["quit"], &self.control)?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `ferry ARGS --control SOCK` and returns its stdout.
+pub fn ctl(ferry: &Path, args: &[&str], control: &Path) -> Result<String> {
+    let out = Command::new(ferry)
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .context("running ferry")?;
+    if !out.status.success() {
+        bail!(
+            "ferry {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn status(ferry: &Path, control: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&ctl(
+        ferry,
+        &["status", "--json"],
+        control,
+    )?)?)
+}
+
+pub fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, comparable with the VMM's own timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    Ok((utime + stime) / 100.0)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// A scratch folder under target/ for lab and bench runs.
+pub fn work_dir(name: &str) -> Result<PathBuf> {
+    let dir = root().join("target").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
