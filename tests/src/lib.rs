@@ -11,10 +11,11 @@ use serde_json::Value;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the workspace's release or debug build.
 pub fn ferry_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRY_BIN") {
-        return PathBuf::from(p);
-    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        // Relative paths are taken from the workspace root, where cargo is usually run.
+        return root.join(p);
+    }
     for profile in ["release", "debug"] {
         let p = root.join("target").join(profile).join("ferry");
         if p.exists() {

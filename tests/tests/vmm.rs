@@ -233,7 +233,11 @@ fn bad_configs_get_one_line_errors_and_leave_nothing() {
     assert!(e.contains("nope.toml") && e.contains("No such file"), "{e}");
 
     let cases = [
-        ("malformed", "memory_mib = [\n", "memory_mib"),
+        (
+            "malformed",
+            "memory_mib = [\n",
+            "expected `]` (line 3, column 1)",
+        ),
         (
             "unknown",
             "memory_mib = 64\nmemroy_mib = 3\n",

@@ -81,6 +81,7 @@ pub struct VmConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Workload {
+    /// 0 (the default): half of `memory_mib`.
     pub working_set_mib: u64,
     pub dirty_pages_per_sec: u64,
     pub pattern: Pattern,
@@ -94,7 +95,7 @@ pub struct Workload {
 impl Default for Workload {
     fn default() -> Self {
         Self {
-            working_set_mib: 64,
+            working_set_mib: 0,
             dirty_pages_per_sec: 10_000,
             pattern: Pattern::Random,
             hot_fraction: 0.1,
@@ -155,11 +156,19 @@ impl VmConfig {
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Self, ConfigError> {
         let mut cfg: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
-            message: e.message().to_owned()
+            message: e.message().trim().replace('\n', "; ")
                 + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
+                    .map(|s| {
+                        let before = &text[..s.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!(" (line {line}, column {col})")
+                    })
                     .unwrap_or_default(),
         })?;
+        if cfg.workload.working_set_mib == 0 {
+            cfg.workload.working_set_mib = cfg.memory_mib / 2;
+        }
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
         for disk in &mut cfg.disks {
             if disk.path.is_relative() {
@@ -196,9 +205,6 @@ impl VmConfig {
             return Err(format!("vcpus = {} is outside 1..={MAX_VCPUS}", self.vcpus));
         }
         let w = &self.workload;
-        if w.working_set_mib == 0 {
-            return Err("workload.working_set_mib must be at least 1".into());
-        }
         if !(w.hot_fraction > 0.0 && w.hot_fraction < 1.0) {
             return Err(format!(
                 "workload.hot_fraction = {} must be between 0 and 1 (exclusive)",
