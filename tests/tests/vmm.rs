@@ -409,3 +409,34 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn guest_enters_long_mode_by_itself_through_its_32_bit_stub() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("stub");
+    let cfg = write_config(
+        dir.path(),
+        "stub",
+        "memory_mib = 64\nentry = \"stub32\"\n[workload]\nworking_set_mib = 16\ndirty_pages_per_sec = 4000\ncontent = \"mixed\"\n",
+    );
+    let vm = Vmm::spawn(dir.path(), "stub", &["--config", cfg.to_str().unwrap()]);
+    let s = vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 300 && u64_of(s, "guest_pages_written") > 4096
+    });
+    assert_eq!(s["state"], "running", "{s}");
+    let v = vm.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "pages_checked"), 4096, "{v}");
+    vm.quit();
+
+    // The stub starts only the bootstrap processor.
+    let cfg = write_config(
+        dir.path(),
+        "stub2",
+        "memory_mib = 64\nvcpus = 2\nentry = \"stub32\"\n",
+    );
+    let e = vmm_error(&dir, &["--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("set vcpus = 1"), "{e}");
+}

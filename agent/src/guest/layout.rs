@@ -5,6 +5,7 @@
 //! 0x0000_1000  GDT
 //! 0x0000_2000  GuestParams (VMM → guest, read-only)
 //! 0x0000_3000  PML4, PDPT, page directories (2 MiB pages)
+//! 0x0000_9000  32-bit entry stub (optional way in)
 //! 0x0000_a000  TSS and its I/O permission bitmap
 //! 0x0001_0000  guest program (≤ 64 KiB)
 //! 0x0002_0000  one mailbox page per vCPU
@@ -23,6 +24,11 @@ pub const GDT: u64 = 0x1000;
 /// consults the bitmap, but software-virtualised KVM (PVM) strips IOPL from the guest and
 /// emulates `in`/`out` against this bitmap, so it must grant every port.
 pub const TSS: u64 = 0xa000;
+/// The 32-bit entry stub (builds page tables, enters long mode, drops to CPL3), its
+/// 64-bit half, and the GDT pointer it loads.
+pub const STUB: u64 = 0x9000;
+pub const STUB64: u64 = 0x9400;
+pub const STUB_GDT_PTR: u64 = 0x9800;
 pub const TSS_IOMAP_OFFSET: u64 = 0x68;
 /// Limit covers the 8 KiB bitmap plus its terminating 0xff byte.
 pub const TSS_LIMIT: u64 = TSS_IOMAP_OFFSET + 8192;
@@ -50,6 +56,7 @@ pub const SEL_USER_CODE: u16 = 0x1b;
 pub const SEL_USER_DATA: u16 = 0x23;
 pub const SEL_TSS: u16 = 0x28;
 
+const _: () = assert!(PD + PD_PAGES * PAGE_SIZE <= STUB && STUB_GDT_PTR + 16 <= TSS);
 const _: () = assert!(STACKS + STACK_SIZE * MAX_VCPUS as u64 <= DISK_BUF);
 const _: () = assert!(MAILBOX + PAGE_SIZE * MAX_VCPUS as u64 <= STACKS);
 const _: () = assert!(DISK_BUF + DISK_BUF_STRIDE * MAX_VCPUS as u64 <= TEXT_CORPUS);

@@ -882,6 +882,101 @@ fn check_block(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// The 32-bit entry stub, for loaders that start a kernel in flat 32-bit protected
+/// mode with paging off (multiboot-style: QEMU's `-kernel`). Entered at
+/// [`layout::STUB`] on the bootstrap processor, it builds the identity page tables for
+/// the first 4 GiB, loads the GDT and TSS, enables long mode and drops to CPL3 at
+/// [`ENTRY`] with IOPL=3 as vCPU 0. Ring-0 code is emulated on software-virtualised
+/// KVM, so it does as little as it can.
+pub fn assemble_stub() -> Result<Stub, IcedError> {
+    const PRESENT_RW_USER: u32 = 0x7;
+    const LARGE_PAGE: u32 = 0xe7;
+    let mut a = CodeAssembler::new(32)?;
+    a.cli()?;
+    a.mov(esp, layout::Layout::stack_top(0) as u32)?;
+    a.mov(
+        dword_ptr(layout::PML4 as u32),
+        (layout::PDPT as u32) | PRESENT_RW_USER,
+    )?;
+    a.mov(dword_ptr(layout::PML4 as u32 + 4), 0)?;
+    let mut pdpt = a.create_label();
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut pdpt)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, 12)?;
+    a.add(eax, (layout::PD as u32) | PRESENT_RW_USER)?;
+    a.mov(dword_ptr(ecx * 8 + layout::PDPT as u32), eax)?;
+    a.mov(dword_ptr(ecx * 8 + (layout::PDPT as u32 + 4)), 0)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, layout::PD_PAGES as u32)?;
+    a.jb(pdpt)?;
+    let mut pd = a.create_label();
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut pd)?;
+    a.mov(eax, ecx)?;
+    a.shl(eax, 21)?;
+    a.or(eax, LARGE_PAGE)?;
+    a.mov(dword_ptr(ecx * 8 + layout::PD as u32), eax)?;
+    a.mov(eax, ecx)?;
+    a.shr(eax, 11)?;
+    a.mov(dword_ptr(ecx * 8 + (layout::PD as u32 + 4)), eax)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, (layout::PD_PAGES * 512) as u32)?;
+    a.jb(pd)?;
+    a.lgdt(dword_ptr(layout::STUB_GDT_PTR as u32))?;
+    // PAE | OSFXSR | OSXMMEXCPT, then the page tables, then EFER.LME, then paging.
+    a.mov(eax, 0x620u32)?;
+    a.mov(cr4, eax)?;
+    a.mov(eax, layout::PML4 as u32)?;
+    a.mov(cr3, eax)?;
+    a.mov(ecx, 0xc000_0080u32)?;
+    a.rdmsr()?;
+    a.or(eax, 0x100)?;
+    a.wrmsr()?;
+    a.mov(eax, 0x8001_0033u32)?;
+    a.mov(cr0, eax)?;
+    // Into the 64-bit kernel code segment.
+    a.push(u32::from(layout::SEL_KERNEL_CODE))?;
+    a.push(layout::STUB64 as u32)?;
+    a.retf()?;
+    let stub32 = a.assemble(layout::STUB)?;
+
+    let mut a = CodeAssembler::new(64)?;
+    a.mov(eax, u32::from(layout::SEL_KERNEL_DATA))?;
+    a.mov(ds, ax)?;
+    a.mov(es, ax)?;
+    a.mov(ss, ax)?;
+    a.mov(eax, u32::from(layout::SEL_TSS))?;
+    a.ltr(ax)?;
+    a.xor(edi, edi)?;
+    a.push(i32::from(layout::SEL_USER_DATA))?;
+    a.push(layout::Layout::stack_top(0) as i32)?;
+    a.push(0x3002)?;
+    a.push(i32::from(layout::SEL_USER_CODE))?;
+    a.push(ENTRY as i32)?;
+    a.iretq()?;
+    let stub64 = a.assemble(layout::STUB64)?;
+
+    let mut gdt_ptr = Vec::with_capacity(10);
+    gdt_ptr.extend_from_slice(&(7u16 * 8 - 1).to_le_bytes());
+    gdt_ptr.extend_from_slice(&layout::GDT.to_le_bytes());
+    Ok(Stub {
+        code32: stub32,
+        code64: stub64,
+        gdt_ptr,
+    })
+}
+
+/// The entry stub's pieces, each loaded at its own address.
+pub struct Stub {
+    /// At [`layout::STUB`].
+    pub code32: Vec<u8>,
+    /// At [`layout::STUB64`].
+    pub code64: Vec<u8>,
+    /// At [`layout::STUB_GDT_PTR`].
+    pub gdt_ptr: Vec<u8>,
+}
+
 /// Host mirror of the guest's corpus window choice.
 pub fn window_offset(index: u64, generation: u64, body_len: u64, corpus_len: u64) -> u64 {
     let h = super::abi::mix64(index.wrapping_mul(WINDOW_K1) ^ generation.wrapping_mul(WINDOW_K2));

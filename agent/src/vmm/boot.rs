@@ -5,7 +5,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_regi
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::config::{Content, Pattern, VmConfig};
+use super::config::{Content, Entry, Pattern, VmConfig};
 use crate::guest::abi::{
     ABI_VERSION, ContentKind, GuestParams, PAGE_HEADER, PARAMS_MAGIC, PatternKind,
 };
@@ -122,9 +122,16 @@ impl Vm {
     pub fn load_guest(&self, cfg: &VmConfig, tsc_hz: u64, seed: u64) -> Result<(), BootError> {
         let code = program::assemble()?;
         self.write(layout::CODE, &code)?;
+        let stub = program::assemble_stub()?;
+        self.write(layout::STUB, &stub.code32)?;
+        self.write(layout::STUB64, &stub.code64)?;
+        self.write(layout::STUB_GDT_PTR, &stub.gdt_ptr)?;
         self.write(layout::GDT, &gdt())?;
         self.write(layout::TSS, &tss())?;
-        self.write_page_tables()?;
+        // Entered through the stub, the guest builds its own page tables.
+        if cfg.entry == Entry::Direct {
+            self.write_page_tables()?;
+        }
         self.write(
             layout::TEXT_CORPUS,
             &corpus::text(layout::CORPUS_LEN as usize, seed),
@@ -259,6 +266,45 @@ fn tss() -> Vec<u8> {
     tss
 }
 
+/// Flat 32-bit protected mode, paging off, as a multiboot loader leaves the CPU.
+fn enter_stub32(vcpu: &VcpuFd) -> Result<(), BootError> {
+    let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    let flat = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = flat(layout::SEL_KERNEL_CODE, 0xb);
+    let data = flat(layout::SEL_KERNEL_DATA, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    // PE | ET
+    sregs.cr0 = 0x11;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: layout::STUB,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))
+}
+
 fn segment(selector: u16, code: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -293,10 +339,14 @@ pub fn set_cpuid(kvm: &Kvm, vcpu: &VcpuFd, index: u32) -> Result<(), BootError> 
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
 }
 
-/// Sets CPUID and puts a fresh vCPU at the program's entry in 64-bit mode at CPL3
-/// with IOPL=3 (so `in`/`out` work without the kernel).
-pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u32) -> Result<(), BootError> {
+/// Sets CPUID and puts a fresh vCPU at the guest's way in: the program's entry in
+/// 64-bit mode at CPL3 with IOPL=3 (so `in`/`out` work without the kernel), or the
+/// 32-bit stub in flat protected mode with paging off.
+pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u32, entry: Entry) -> Result<(), BootError> {
     set_cpuid(kvm, vcpu, index)?;
+    if entry == Entry::Stub32 {
+        return enter_stub32(vcpu);
+    }
     let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
     sregs.cs = segment(layout::SEL_USER_CODE, true);
     let data = segment(layout::SEL_USER_DATA, false);
@@ -385,7 +435,7 @@ pub(crate) mod tests {
         let mut vcpu = vm.fd.create_vcpu(0).unwrap();
         let tsc_hz = u64::from(vcpu.get_tsc_khz().unwrap()) * 1000;
         vm.load_guest(&cfg, tsc_hz, 42).unwrap();
-        setup_vcpu(&vm.kvm, &vcpu, 0).unwrap();
+        setup_vcpu(&vm.kvm, &vcpu, 0, cfg.entry).unwrap();
         let mut heartbeats = 0;
         while heartbeats < 50 {
             match vcpu.run().unwrap() {

@@ -33,6 +33,18 @@ pub enum DirtyTracking {
     Ring,
 }
 
+/// How the lab guest is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Entry {
+    /// The VMM sets up long mode and enters the workload at CPL3 directly.
+    #[default]
+    Direct,
+    /// Through the guest's own 32-bit entry stub (as a multiboot loader would start
+    /// it): it builds its page tables, enters long mode and drops to CPL3 itself.
+    Stub32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Pattern {
@@ -72,6 +84,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     #[serde(default)]
     pub dirty_tracking: DirtyTracking,
+    #[serde(default)]
+    pub entry: Entry,
     #[serde(default)]
     pub workload: Workload,
     #[serde(default)]
@@ -203,6 +217,12 @@ impl VmConfig {
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(format!("vcpus = {} is outside 1..={MAX_VCPUS}", self.vcpus));
+        }
+        if self.entry == Entry::Stub32 && self.vcpus != 1 {
+            return Err(format!(
+                "entry = \"stub32\" starts only the bootstrap processor; set vcpus = 1 (not {})",
+                self.vcpus
+            ));
         }
         let w = &self.workload;
         if !(w.hot_fraction > 0.0 && w.hot_fraction < 1.0) {

@@ -1262,7 +1262,7 @@ impl LabGuest {
             source,
         })?;
         vm.load_guest(cfg, u64::from(tsc_khz) * 1000, 42)?;
-        boot::setup_vcpu(&vm.kvm, &vcpu, 0)?;
+        boot::setup_vcpu(&vm.kvm, &vcpu, 0, cfg.entry)?;
         Ok(Self { vm, log, vcpu })
     }
 

@@ -51,7 +51,7 @@ pub fn boot(cfg: VmConfig) -> Result<Machine, LaunchError> {
     let dirty = DirtyLog::new(cfg.dirty_tracking, &vm, cfg.vcpus)?;
     let vcpus = create_vcpus(&vm, &dirty, cfg.vcpus)?;
     for (i, fd) in vcpus.iter().enumerate() {
-        boot::setup_vcpu(&vm.kvm, fd, i as u32)?;
+        boot::setup_vcpu(&vm.kvm, fd, i as u32, cfg.entry)?;
     }
     let tsc_khz = vcpus[0].get_tsc_khz().map_err(|source| BootError::Ioctl {
         what: "KVM_GET_TSC_KHZ",
