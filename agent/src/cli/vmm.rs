@@ -69,17 +69,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !STOP.load(Ordering::Acquire) {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            stop.store(true, Ordering::Release);
-        });
-    }
-    control::serve(listener, machine.clone(), stop);
+    control::serve(listener, machine.clone(), || STOP.load(Ordering::Acquire));
     machine.shutdown();
     let _ = std::fs::remove_file(control_path);
     tracing::info!("VM {} stopped", machine.cfg.name);

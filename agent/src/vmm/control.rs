@@ -3,6 +3,7 @@
 //! or `error`. See docs/CONTROL.md.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,9 +87,20 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves requests until `quit` (or `stop` is set), one thread per connection.
-pub fn serve(listener: UnixListener, machine: Arc<Machine>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Acquire) {
+/// Serves requests until `quit` (or `interrupted()` says so), one thread per connection.
+pub fn serve(listener: UnixListener, machine: Arc<Machine>, interrupted: impl Fn() -> bool) {
+    let stop = Arc::new(AtomicBool::new(false));
+    while !stop.load(Ordering::Acquire) && !interrupted() {
+        // Block until a client connects, waking now and then to notice a signal.
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes only the one pollfd we pass.
+        if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 let machine = machine.clone();
@@ -97,9 +109,7 @@ pub fn serve(listener: UnixListener, machine: Arc<Machine>, stop: Arc<AtomicBool
                     .name("control".into())
                     .spawn(move || handle_connection(stream, &machine, &stop));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
