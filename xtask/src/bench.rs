@@ -166,12 +166,14 @@ fn vmm() -> Result<()> {
         let save = num(&r, "state_save_ms");
         let restore = num(&rt, "vm_create_ms") + num(&rt, "state_restore_ms");
         println!(
-            "  run {i}: save {save:.2} ms + restore {restore:.2} ms (create VM {:.2} + state {:.2}) = {:.2} ms; memory load {:.1} ms; {:.0} bytes of state",
+            "  run {i}: save {save:.2} ms + restore {restore:.2} ms (create VM {:.2} + state {:.2}) = {:.2} ms; \
+             {:.0} bytes of state; snapshot pause {:.0} ms; memory load {:.0} ms",
             num(&rt, "vm_create_ms"),
             num(&rt, "state_restore_ms"),
             save + restore,
-            num(&rt, "memory_load_ms"),
             num(&r, "state_bytes"),
+            num(&r, "pause_ms"),
+            num(&rt, "memory_load_ms"),
         );
         sums.push(save + restore);
         restored.quit(&ferry)?;

@@ -728,7 +728,8 @@ fn sample_verify(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError>
 }
 
 /// Writes a random block of this vCPU's disk share with its next generation; every
-/// fourth write reads a random written block back and checks it.
+/// fourth write reads a block back and checks it.
+
 fn disk_op(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.set_label(&mut l.disk_op)?;
     a.call(l.rng)?;
@@ -749,13 +750,19 @@ fn disk_op(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.inc(mb!(disk_writes))?;
     a.test(mb!(disk_writes), 3)?;
     a.jnz(done)?;
+    // Read back a random block of the share; if that one was never written, the one
+    // just written.
+    a.mov(r8, r9)?;
     a.call(l.rng)?;
     a.mul(loc(Local::DCount))?;
     a.mov(rdi, rdx)?;
     a.add(rdi, loc(Local::DFirst))?;
     a.mov(rax, par!(disk_gen_table))?;
+    let mut check = a.create_label();
     a.cmp(dword_ptr(rax + rdi * 4), 0)?;
-    a.je(done)?;
+    a.jne(check)?;
+    a.mov(rdi, r8)?;
+    a.set_label(&mut check)?;
     a.call(l.check_block)?;
     a.set_label(&mut done)?;
     a.ret()?;

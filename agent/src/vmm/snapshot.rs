@@ -184,7 +184,10 @@ pub fn take(m: &Machine, out: &Path) -> Result<SnapshotReport, SnapshotError> {
     if was == RunState::Running {
         m.resume()?;
     }
+    // The copy is complete in the page cache; making it durable need not keep the
+    // guest paused.
     let result = written.and_then(|mut report| {
+        sync_files(&tmp)?;
         std::fs::rename(&tmp, out).map_err(io(out))?;
         if let Some(parent) = out.parent() {
             sync_dir(parent);
@@ -226,7 +229,6 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
         let dst_path = dir.join(&file);
         let dst = File::create(&dst_path).map_err(io(&dst_path))?;
         let (crc32, copied) = copy_sparse(&src, &disk.path, &dst, &dst_path, disk.size)?;
-        dst.sync_all().map_err(io(&dst_path))?;
         disk_bytes_copied += copied;
         disks.push(DiskEntry {
             id: disk.id.clone(),
@@ -249,7 +251,6 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
     };
     let text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     write_file(&dir.join("manifest.json"), &text)?;
-    sync_dir(dir);
     Ok(SnapshotReport {
         path: dir.to_owned(),
         pause_ms: 0.0,
@@ -275,8 +276,23 @@ fn guest_bytes(m: &Machine) -> &[u8] {
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    f.write_all(bytes).map_err(io(path))
+}
+
+/// fsyncs every file of a snapshot folder, then the folders.
+fn sync_files(dir: &Path) -> Result<(), SnapshotError> {
+    for sub in [dir.to_path_buf(), dir.join("disks")] {
+        for entry in std::fs::read_dir(&sub).map_err(io(&sub))? {
+            let path = entry.map_err(io(&sub))?.path();
+            if path.is_file() {
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&path))?;
+            }
+        }
+        sync_dir(&sub);
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) {
@@ -323,7 +339,6 @@ fn write_sparse_memory(path: &Path, memory: &[u8]) -> Result<(u32, u64), Snapsho
         written += flush(s, memory.len())?;
     }
     file.set_len(memory.len() as u64).map_err(io(path))?;
-    file.sync_all().map_err(io(path))?;
     Ok((crc.finalize(), written))
 }
 
