@@ -729,7 +729,6 @@ fn sample_verify(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError>
 
 /// Writes a random block of this vCPU's disk share with its next generation; every
 /// fourth write reads a block back and checks it.
-
 fn disk_op(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.set_label(&mut l.disk_op)?;
     a.call(l.rng)?;
