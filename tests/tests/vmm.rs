@@ -207,6 +207,33 @@ cache = "none"
     restored.quit();
 }
 
+/// A small running VM and a snapshot of it (in `dir/snap`).
+fn small_vm_with_snapshot(dir: &TempDir, name: &str) -> (Vmm, std::path::PathBuf) {
+    let cfg = write_config(
+        dir.path(),
+        name,
+        "memory_mib = 32\n[workload]\nworking_set_mib = 8\ndirty_pages_per_sec = 1000\n",
+    );
+    let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 50
+    });
+    let snap = dir.join("snap");
+    let out = ferry(&[
+        "snapshot",
+        "--control",
+        vm.ctl(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (vm, snap)
+}
+
 /// Runs `ferry vmm` expecting it to fail at once; returns its one-line error.
 fn vmm_error(dir: &TempDir, args: &[&str]) -> String {
     let ctl = dir.join("bad.sock");
@@ -270,28 +297,7 @@ fn corrupt_or_foreign_snapshots_are_refused() {
         return;
     }
     let dir = TempDir::new("badsnap");
-    let cfg = write_config(
-        dir.path(),
-        "c",
-        "memory_mib = 32\n[workload]\nworking_set_mib = 8\ndirty_pages_per_sec = 1000\n",
-    );
-    let vm = Vmm::spawn(dir.path(), "c", &["--config", cfg.to_str().unwrap()]);
-    vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 50
-    });
-    let snap = dir.join("snap");
-    let out = ferry(&[
-        "snapshot",
-        "--control",
-        vm.ctl(),
-        "--out",
-        snap.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (vm, snap) = small_vm_with_snapshot(&dir, "c");
     // A second snapshot into the same folder is refused and changes nothing.
     let out = ferry(&[
         "snapshot",
@@ -349,30 +355,12 @@ fn guest_crash_is_reported_not_hung() {
     if !require_kvm() {
         return;
     }
-    // Restoring a snapshot whose vCPU points at unmapped code makes the guest fault
-    // at once; no IDT means a triple fault.
+    // A snapshot whose guest program was overwritten with invalid opcodes faults at
+    // once on restore; with no IDT that is a triple fault.
     let dir = TempDir::new("crash");
-    let cfg = write_config(
-        dir.path(),
-        "k",
-        "memory_mib = 32\n[workload]\nworking_set_mib = 8\ndirty_pages_per_sec = 1000\n",
-    );
-    let vm = Vmm::spawn(dir.path(), "k", &["--config", cfg.to_str().unwrap()]);
-    vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 50
-    });
-    let snap = dir.join("snap");
-    let out = ferry(&[
-        "snapshot",
-        "--control",
-        vm.ctl(),
-        "--out",
-        snap.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
+    let (vm, snap) = small_vm_with_snapshot(&dir, "k");
     vm.quit();
-    // Zero the guest program in memory.bin: the CPU then executes zeros (add [rax], al)
-    // with rax pointing nowhere mapped... or runs off the page; either way it faults.
+    // Fill the guest program with 0xff (an invalid opcode) in memory.bin.
     let mem = snap.join("memory.bin");
     let mut b = std::fs::read(&mem).unwrap();
     b[0x10000..0x20000].fill(0xff);

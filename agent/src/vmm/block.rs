@@ -182,27 +182,12 @@ impl Disk {
     /// `buf..buf+len` must be valid writable memory for the duration of the call.
     pub unsafe fn read_into(&self, offset: u64, buf: *mut u8, len: usize) -> Result<(), i32> {
         self.check(offset, len)?;
-        let mut done = 0;
-        while done < len {
-            // SAFETY: the caller guarantees buf..buf+len is writable; we stay inside it.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    buf.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(libc::EIO),
-                _ => match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    e => return Err(e.unwrap_or(libc::EIO)),
-                },
-            }
-        }
-        Ok(())
+        let fd = self.file.as_raw_fd();
+        transfer(offset, len, |at, done| {
+            // SAFETY: the caller guarantees buf..buf+len is writable; `transfer` keeps
+            // `done` below `len`.
+            unsafe { libc::pread(fd, buf.add(done).cast(), len - done, at) }
+        })
     }
 
     /// Writes `len` bytes from host memory at `buf` to `offset`; returns an errno on failure.
@@ -211,27 +196,12 @@ impl Disk {
     /// `buf..buf+len` must be valid readable memory for the duration of the call.
     pub unsafe fn write_from(&self, offset: u64, buf: *const u8, len: usize) -> Result<(), i32> {
         self.check(offset, len)?;
-        let mut done = 0;
-        while done < len {
-            // SAFETY: the caller guarantees buf..buf+len is readable; we stay inside it.
-            let n = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    buf.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(libc::EIO),
-                _ => match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    e => return Err(e.unwrap_or(libc::EIO)),
-                },
-            }
-        }
-        Ok(())
+        let fd = self.file.as_raw_fd();
+        transfer(offset, len, |at, done| {
+            // SAFETY: the caller guarantees buf..buf+len is readable; `transfer` keeps
+            // `done` below `len`.
+            unsafe { libc::pwrite(fd, buf.add(done).cast(), len - done, at) }
+        })
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), i32> {
@@ -246,6 +216,28 @@ impl Disk {
         }
         Ok(())
     }
+}
+
+/// Repeats a positional read or write until `len` bytes moved: `op(file offset, bytes
+/// done so far)` returns what pread/pwrite return. Short transfers continue, EINTR
+/// retries, end of file is EIO.
+fn transfer(
+    offset: u64,
+    len: usize,
+    mut op: impl FnMut(libc::off_t, usize) -> isize,
+) -> Result<(), i32> {
+    let mut done = 0;
+    while done < len {
+        match op((offset + done as u64) as libc::off_t, done) {
+            n if n > 0 => done += n as usize,
+            0 => return Err(libc::EIO),
+            _ => match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                e => return Err(e.unwrap_or(libc::EIO)),
+            },
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
