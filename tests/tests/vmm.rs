@@ -204,6 +204,34 @@ cache = "none"
     assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
     assert!(u64_of(&v, "blocks_checked") > 100, "{v}");
     assert_eq!(u64_of(&restored.status(), "disk_integrity_errors"), 0);
+
+    // The restored VM holds its images: restoring the same snapshot over them again is
+    // refused; into another folder it works, and the snapshot is unchanged by both.
+    let e = vmm_error(&dir, &["--restore", snap.to_str().unwrap()]);
+    assert!(e.contains("in use by another VM"), "{e}");
+    let elsewhere = dir.join("second");
+    let second = Vmm::spawn(
+        dir.path(),
+        "r2",
+        &[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--disk-dir",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    assert!(elsewhere.join("root.img").exists());
+    let s2 = second.status();
+    assert!(
+        u64_of(&s2, "heartbeats") >= snap_hb && u64_of(&s2, "heartbeats") < snap_hb + 500,
+        "{s2}"
+    );
+    second.wait_for("second copy running", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > snap_disk + 100
+    });
+    let v2 = second.verify();
+    assert_eq!(u64_of(&v2, "disk_errors"), 0, "{v2}");
+    second.quit();
     restored.quit();
 }
 
