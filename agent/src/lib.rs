@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod guest;
+pub mod migration;
 pub mod vmm;

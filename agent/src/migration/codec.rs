@@ -1,0 +1,303 @@
+//! Page codecs: none, lz4 and zstd at a level. Every page batch names its codec, so a
+//! sender may change codec from one batch to the next (the policy engine will).
+//!
+//! Contexts are reused: a fresh zstd context per page is several times slower.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::guest::abi::PAGE_SIZE;
+
+const PAGE: usize = PAGE_SIZE as usize;
+pub const ZSTD_MAX_LEVEL: i32 = 19;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    None,
+    Lz4,
+    Zstd(i32),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("unknown codec {0:?}: use none, lz4 or zstd:N (N from 1 to {ZSTD_MAX_LEVEL})")]
+    Unknown(String),
+    #[error("unknown codec id {0} in a page batch")]
+    UnknownId(u8),
+    #[error("zstd level {0} is outside 1..={ZSTD_MAX_LEVEL}")]
+    Level(i32),
+    #[error("compressing a page with {codec}: {message}")]
+    Compress { codec: Codec, message: String },
+    #[error("a page compressed with {codec} does not decompress to one page: {message}")]
+    Decompress { codec: Codec, message: String },
+}
+
+impl Codec {
+    /// Wire id: the low byte of the codec field of a page batch.
+    pub fn id(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Lz4 => 1,
+            Codec::Zstd(_) => 2,
+        }
+    }
+
+    /// The codec a batch names (the level only matters to the sender).
+    pub fn from_id(id: u8) -> Result<Self, CodecError> {
+        match id {
+            0 => Ok(Codec::None),
+            1 => Ok(Codec::Lz4),
+            2 => Ok(Codec::Zstd(1)),
+            other => Err(CodecError::UnknownId(other)),
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Codec::None => f.write_str("none"),
+            Codec::Lz4 => f.write_str("lz4"),
+            Codec::Zstd(level) => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+impl FromStr for Codec {
+    type Err = CodecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Codec::None),
+            "lz4" => Ok(Codec::Lz4),
+            "zstd" => Ok(Codec::Zstd(1)),
+            _ => {
+                let level = s
+                    .strip_prefix("zstd:")
+                    .and_then(|l| l.parse::<i32>().ok())
+                    .ok_or_else(|| CodecError::Unknown(s.to_owned()))?;
+                if !(1..=ZSTD_MAX_LEVEL).contains(&level) {
+                    return Err(CodecError::Level(level));
+                }
+                Ok(Codec::Zstd(level))
+            }
+        }
+    }
+}
+
+/// Compresses pages; one per pipeline worker (it owns the reusable contexts).
+pub struct Compressor {
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+impl Default for Compressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Compressor {
+    pub fn new() -> Self {
+        Self { zstd: None }
+    }
+
+    /// Appends `page` encoded with `codec` to `out`; returns the encoded length. A page
+    /// that does not shrink is stored as is — the batch entry then says so — so a
+    /// codec never costs more than a few bytes on incompressible memory.
+    pub fn compress(
+        &mut self,
+        codec: Codec,
+        page: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Stored, CodecError> {
+        let start = out.len();
+        let encoded = match codec {
+            Codec::None => None,
+            Codec::Lz4 => {
+                out.resize(
+                    start + lz4_flex::block::get_maximum_output_size(page.len()),
+                    0,
+                );
+                let n = lz4_flex::block::compress_into(page, &mut out[start..]).map_err(|e| {
+                    CodecError::Compress {
+                        codec,
+                        message: e.to_string(),
+                    }
+                })?;
+                Some(n)
+            }
+            Codec::Zstd(level) => {
+                let ctx = match &mut self.zstd {
+                    Some((l, ctx)) if *l == level => ctx,
+                    slot => {
+                        let ctx = zstd::bulk::Compressor::new(level).map_err(|e| {
+                            CodecError::Compress {
+                                codec,
+                                message: e.to_string(),
+                            }
+                        })?;
+                        &mut slot.insert((level, ctx)).1
+                    }
+                };
+                out.resize(start + zstd::zstd_safe::compress_bound(page.len()), 0);
+                let n = ctx
+                    .compress_to_buffer(page, &mut out[start..])
+                    .map_err(|e| CodecError::Compress {
+                        codec,
+                        message: e.to_string(),
+                    })?;
+                Some(n)
+            }
+        };
+        match encoded {
+            Some(n) if n < page.len() => {
+                out.truncate(start + n);
+                Ok(Stored::Compressed(n))
+            }
+            _ => {
+                out.truncate(start);
+                out.extend_from_slice(page);
+                Ok(Stored::Raw)
+            }
+        }
+    }
+}
+
+/// How one page went into a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Raw,
+    Compressed(usize),
+}
+
+/// Decompresses pages; one per receiving worker.
+pub struct Decompressor {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Default for Decompressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decompressor {
+    pub fn new() -> Self {
+        Self { zstd: None }
+    }
+
+    /// Decodes `data` into exactly one page `out`; anything else is an error, never a
+    /// panic and never a short page.
+    pub fn decompress(
+        &mut self,
+        codec: Codec,
+        data: &[u8],
+        out: &mut [u8; PAGE],
+    ) -> Result<(), CodecError> {
+        let bad = |message: String| CodecError::Decompress { codec, message };
+        match codec {
+            Codec::None => {
+                if data.len() != PAGE {
+                    return Err(bad(format!("{} bytes", data.len())));
+                }
+                out.copy_from_slice(data);
+            }
+            Codec::Lz4 => {
+                let n =
+                    lz4_flex::block::decompress_into(data, out).map_err(|e| bad(e.to_string()))?;
+                if n != PAGE {
+                    return Err(bad(format!("{n} bytes")));
+                }
+            }
+            Codec::Zstd(_) => {
+                if self.zstd.is_none() {
+                    self.zstd =
+                        Some(zstd::bulk::Decompressor::new().map_err(|e| bad(e.to_string()))?);
+                }
+                let ctx = self.zstd.as_mut().ok_or_else(|| bad("no context".into()))?;
+                let n = ctx
+                    .decompress_to_buffer(data, &mut out[..])
+                    .map_err(|e| bad(e.to_string()))?;
+                if n != PAGE {
+                    return Err(bad(format!("{n} bytes")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::corpus;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names_parse_and_print() {
+        for (s, c) in [
+            ("none", Codec::None),
+            ("lz4", Codec::Lz4),
+            ("zstd:3", Codec::Zstd(3)),
+        ] {
+            assert_eq!(s.parse::<Codec>().unwrap(), c);
+            assert_eq!(c.to_string(), s);
+        }
+        assert_eq!("zstd".parse::<Codec>().unwrap(), Codec::Zstd(1));
+        assert_eq!("zstd:0".parse::<Codec>(), Err(CodecError::Level(0)));
+        assert!(matches!(
+            "gzip".parse::<Codec>(),
+            Err(CodecError::Unknown(_))
+        ));
+        assert_eq!(Codec::from_id(7), Err(CodecError::UnknownId(7)));
+    }
+
+    #[test]
+    fn text_compresses_random_is_stored_raw() {
+        let text = corpus::text(PAGE, 3);
+        let random = corpus::random(PAGE, 3);
+        let mut c = Compressor::new();
+        let mut d = Decompressor::new();
+        // Lab text must compress like prose: lz4 about 1.7x, zstd better than 2.2x.
+        for (codec, max) in [
+            (Codec::Lz4, PAGE * 2 / 3),
+            (Codec::Zstd(1), PAGE * 45 / 100),
+            (Codec::Zstd(3), PAGE * 45 / 100),
+        ] {
+            let mut out = Vec::new();
+            let stored = c.compress(codec, &text, &mut out).unwrap();
+            assert!(
+                matches!(stored, Stored::Compressed(n) if n < max),
+                "{codec}: {stored:?}"
+            );
+            let mut page = [0u8; PAGE];
+            d.decompress(codec, &out, &mut page).unwrap();
+            assert_eq!(&page[..], &text[..]);
+            let mut out = Vec::new();
+            assert_eq!(c.compress(codec, &random, &mut out).unwrap(), Stored::Raw);
+            assert_eq!(out, random);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_page_round_trips(seed in any::<u64>(), zeros in 0usize..PAGE, codec_id in 0u8..3) {
+            let mut page = corpus::random(PAGE, seed);
+            page[..zeros].fill(0);
+            let codec = Codec::from_id(codec_id).unwrap();
+            let mut out = Vec::new();
+            let stored = Compressor::new().compress(codec, &page, &mut out).unwrap();
+            let mut back = [0u8; PAGE];
+            let used = if stored == Stored::Raw { Codec::None } else { codec };
+            Decompressor::new().decompress(used, &out, &mut back).unwrap();
+            prop_assert_eq!(&back[..], &page[..]);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..6000), codec_id in 0u8..3) {
+            let codec = Codec::from_id(codec_id).unwrap();
+            let mut page = [0u8; PAGE];
+            let _ = Decompressor::new().decompress(codec, &data, &mut page);
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Live migration: the wire protocol and the page codecs it carries.
+
+pub mod codec;
+pub mod protocol;

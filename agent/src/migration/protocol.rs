@@ -1,0 +1,696 @@
+//! Ferry's migration wire protocol: framed, versioned, every frame checksummed.
+//! See docs/PROTOCOL.md for the byte layout.
+//!
+//! Nothing in a frame is trusted: the header's magic, kind and length are checked before
+//! the payload is read, the CRC before it is parsed, and every count, length, page number
+//! and codec id inside it before use. A frame that fails any check is an error that
+//! aborts the migration; it never panics and never writes outside guest memory.
+
+use std::io::{Read, Write};
+
+use super::codec::{Codec, CodecError};
+use crate::guest::abi::PAGE_SIZE;
+
+pub const MAGIC: [u8; 4] = *b"FRYM";
+/// The protocol version this build speaks; the handshake refuses any other.
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 16;
+/// Largest payload a frame may announce (a batch of raw pages plus its index fits).
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// Pages in one batch at most.
+pub const MAX_BATCH_PAGES: u32 = 2048;
+const ENTRY_LEN: usize = 12;
+/// Entry length flag: the page is stored raw (the codec did not shrink it).
+const RAW_FLAG: u32 = 1 << 31;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    HelloAck = 2,
+    Config = 3,
+    Pages = 4,
+    ZeroPages = 5,
+    RoundEnd = 6,
+    DeviceState = 7,
+    Complete = 8,
+    Ready = 9,
+    Commit = 10,
+    Resumed = 11,
+    Keepalive = 12,
+    Abort = 13,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Config,
+            4 => Pages,
+            5 => ZeroPages,
+            6 => RoundEnd,
+            7 => DeviceState,
+            8 => Complete,
+            9 => Ready,
+            10 => Commit,
+            11 => Resumed,
+            12 => Keepalive,
+            13 => Abort,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("not a Ferry migration stream (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    #[error(
+        "frame {kind:?} failed its checksum (CRC32 {computed:#010x}, frame says {expected:#010x})"
+    )]
+    Checksum {
+        kind: Kind,
+        expected: u32,
+        computed: u32,
+    },
+    #[error("malformed {kind:?} frame: {reason}")]
+    Malformed { kind: Kind, reason: String },
+    #[error("page {page} is outside guest memory ({pages} pages)")]
+    PageOutOfRange { page: u64, pages: u64 },
+    #[error("peer speaks protocol version {theirs}, this ferry speaks {ours}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub page_size: u32,
+}
+
+/// One decoded page of a batch: its number and its bytes as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPage<'a> {
+    pub page: u64,
+    /// Stored raw (the codec did not shrink it): `data` is the page itself.
+    pub raw: bool,
+    pub data: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck {
+        version: u16,
+    },
+    /// The VM's config (TOML) as the source runs it.
+    Config {
+        toml: String,
+    },
+    /// Pages: codec id, then (page, encoded bytes, raw?) entries.
+    Pages {
+        codec: u8,
+        pages: Vec<(u64, bool, Vec<u8>)>,
+    },
+    /// `count` zero pages from `first` on, sent as a run rather than data.
+    ZeroPages {
+        first: u64,
+        count: u64,
+    },
+    RoundEnd {
+        round: u32,
+    },
+    /// vCPU, irqchip, clock and device state (a versioned blob of its own).
+    DeviceState {
+        blob: Vec<u8>,
+    },
+    /// The source is paused and has sent everything.
+    Complete {
+        pages_sent: u64,
+    },
+    Ready,
+    Commit,
+    Resumed,
+    Keepalive,
+    Abort {
+        reason: String,
+    },
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::HelloAck { .. } => Kind::HelloAck,
+            Message::Config { .. } => Kind::Config,
+            Message::Pages { .. } => Kind::Pages,
+            Message::ZeroPages { .. } => Kind::ZeroPages,
+            Message::RoundEnd { .. } => Kind::RoundEnd,
+            Message::DeviceState { .. } => Kind::DeviceState,
+            Message::Complete { .. } => Kind::Complete,
+            Message::Ready => Kind::Ready,
+            Message::Commit => Kind::Commit,
+            Message::Resumed => Kind::Resumed,
+            Message::Keepalive => Kind::Keepalive,
+            Message::Abort { .. } => Kind::Abort,
+        }
+    }
+
+    /// The payload bytes of this message's frame.
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello(h) => {
+                out.extend_from_slice(&h.version.to_le_bytes());
+                out.extend_from_slice(&h.page_size.to_le_bytes());
+                out.extend_from_slice(&h.memory_bytes.to_le_bytes());
+                out.extend_from_slice(&h.vcpus.to_le_bytes());
+                put_str(out, &h.name);
+            }
+            Message::HelloAck { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Message::Config { toml } => put_str(out, toml),
+            Message::Pages { codec, pages } => {
+                let mut batch = PageBatchWriter::new(out, *codec);
+                for (page, raw, data) in pages {
+                    batch.push(*page, *raw, data);
+                }
+                batch.finish();
+            }
+            Message::ZeroPages { first, count } => {
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Message::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
+            Message::DeviceState { blob } => out.extend_from_slice(blob),
+            Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
+            Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
+            Message::Abort { reason } => put_str(out, reason),
+        }
+    }
+
+    /// Parses a checked frame. `guest_pages` bounds page numbers once the handshake has
+    /// told the size of guest memory.
+    pub fn decode(frame: &Frame, guest_pages: Option<u64>) -> Result<Self, ProtocolError> {
+        let kind = frame.kind;
+        let mut r = Cursor::new(kind, &frame.payload);
+        let msg = match kind {
+            Kind::Hello => Message::Hello(Hello {
+                version: r.u16()?,
+                page_size: r.u32()?,
+                memory_bytes: r.u64()?,
+                vcpus: r.u32()?,
+                name: r.string()?,
+            }),
+            Kind::HelloAck => Message::HelloAck { version: r.u16()? },
+            Kind::Config => Message::Config { toml: r.string()? },
+            Kind::Pages => {
+                let batch = PageBatch::parse(&frame.payload, guest_pages)?;
+                return Ok(Message::Pages {
+                    codec: batch.codec.id(),
+                    pages: batch
+                        .pages()
+                        .map(|p| (p.page, p.raw, p.data.to_vec()))
+                        .collect(),
+                });
+            }
+            Kind::ZeroPages => {
+                let (first, count) = (r.u64()?, r.u64()?);
+                if let Some(pages) = guest_pages {
+                    let end = first.checked_add(count).unwrap_or(u64::MAX);
+                    if count == 0 || end > pages {
+                        return Err(ProtocolError::PageOutOfRange {
+                            page: end.saturating_sub(1),
+                            pages,
+                        });
+                    }
+                }
+                Message::ZeroPages { first, count }
+            }
+            Kind::RoundEnd => Message::RoundEnd { round: r.u32()? },
+            Kind::DeviceState => {
+                return Ok(Message::DeviceState {
+                    blob: frame.payload.clone(),
+                });
+            }
+            Kind::Complete => Message::Complete {
+                pages_sent: r.u64()?,
+            },
+            Kind::Ready => Message::Ready,
+            Kind::Commit => Message::Commit,
+            Kind::Resumed => Message::Resumed,
+            Kind::Keepalive => Message::Keepalive,
+            Kind::Abort => Message::Abort {
+                reason: r.string()?,
+            },
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Bounds-checked little-endian reads from a payload.
+struct Cursor<'a> {
+    kind: Kind,
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(kind: Kind, buf: &'a [u8]) -> Self {
+        Self { kind, buf }
+    }
+
+    fn malformed(&self, reason: impl Into<String>) -> ProtocolError {
+        ProtocolError::Malformed {
+            kind: self.kind,
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(self.malformed(format!("{} bytes left, {n} needed", self.buf.len())));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("text is not UTF-8"))
+    }
+
+    fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("{} trailing bytes", self.buf.len())))
+        }
+    }
+}
+
+/// Builds a page batch payload in place: the index is written first with room for every
+/// entry, data appended after it (no second copy of the pages).
+pub struct PageBatchWriter<'a> {
+    out: &'a mut Vec<u8>,
+    start: usize,
+    entries: Vec<(u64, u32)>,
+}
+
+impl<'a> PageBatchWriter<'a> {
+    pub fn new(out: &'a mut Vec<u8>, codec: u8) -> Self {
+        let start = out.len();
+        out.extend_from_slice(&[codec, 0, 0, 0, 0, 0, 0, 0]);
+        Self {
+            out,
+            start,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, page: u64, raw: bool, data: &[u8]) {
+        let len = data.len() as u32 | if raw { RAW_FLAG } else { 0 };
+        self.entries.push((page, len));
+        self.out.extend_from_slice(data);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the count and index in front of the data.
+    pub fn finish(self) {
+        let index_at = self.start + 8;
+        let count = self.entries.len();
+        self.out[self.start + 4..index_at].copy_from_slice(&(count as u32).to_le_bytes());
+        let index: Vec<u8> = self
+            .entries
+            .iter()
+            .flat_map(|(page, len)| page.to_le_bytes().into_iter().chain(len.to_le_bytes()))
+            .collect();
+        self.out.splice(index_at..index_at, index);
+    }
+}
+
+/// A checked view of a page batch payload.
+pub struct PageBatch<'a> {
+    pub codec: Codec,
+    index: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> PageBatch<'a> {
+    pub fn parse(payload: &'a [u8], guest_pages: Option<u64>) -> Result<Self, ProtocolError> {
+        let bad = |reason: String| ProtocolError::Malformed {
+            kind: Kind::Pages,
+            reason,
+        };
+        let mut r = Cursor::new(Kind::Pages, payload);
+        let head = r.array::<8>()?;
+        let codec = Codec::from_id(head[0])?;
+        let count = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if count == 0 || count > MAX_BATCH_PAGES {
+            return Err(bad(format!(
+                "{count} pages (1..={MAX_BATCH_PAGES} allowed)"
+            )));
+        }
+        let index = r.take(count as usize * ENTRY_LEN)?;
+        let data = r.buf;
+        let mut total = 0usize;
+        for e in index.chunks_exact(ENTRY_LEN) {
+            let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            let len_raw = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
+            let (len, raw) = ((len_raw & !RAW_FLAG) as usize, len_raw & RAW_FLAG != 0);
+            if let Some(pages) = guest_pages
+                && page >= pages
+            {
+                return Err(ProtocolError::PageOutOfRange { page, pages });
+            }
+            if len == 0 || len > PAGE_SIZE as usize || (raw && len != PAGE_SIZE as usize) {
+                return Err(bad(format!("page {page} has {len} bytes")));
+            }
+            total += len;
+        }
+        if total != data.len() {
+            return Err(bad(format!(
+                "index names {total} bytes of pages, frame carries {}",
+                data.len()
+            )));
+        }
+        Ok(Self { codec, index, data })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len() / ENTRY_LEN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn pages(&self) -> impl Iterator<Item = BatchPage<'a>> + '_ {
+        let mut at = 0usize;
+        let data = self.data;
+        self.index.chunks_exact(ENTRY_LEN).map(move |e| {
+            // Lengths were checked in `parse`, so these slices are in bounds.
+            let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            let len_raw = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
+            let len = (len_raw & !RAW_FLAG) as usize;
+            let bytes = &data[at..at + len];
+            at += len;
+            BatchPage {
+                page,
+                raw: len_raw & RAW_FLAG != 0,
+                data: bytes,
+            }
+        })
+    }
+}
+
+/// A frame whose header and checksum have been verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+fn crc(header: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[..12]);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Writes one frame around `payload`.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4] = kind as u8;
+    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let sum = crc(&header, payload);
+    header[12..16].copy_from_slice(&sum.to_le_bytes());
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Encodes and writes one message.
+pub fn send(w: &mut impl Write, msg: &Message) -> Result<(), ProtocolError> {
+    let mut payload = Vec::new();
+    msg.encode_payload(&mut payload);
+    write_frame(w, msg.kind(), &payload)
+}
+
+/// Reads and checks one frame. A clean end of stream before a header is `Closed`.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Err(ProtocolError::Closed),
+            Ok(0) => {
+                return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let magic = [header[0], header[1], header[2], header[3]];
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let kind = Kind::from_u8(header[4]).ok_or(ProtocolError::UnknownKind(header[4]))?;
+    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    let computed = crc(&header, &payload);
+    if expected != computed {
+        return Err(ProtocolError::Checksum {
+            kind,
+            expected,
+            computed,
+        });
+    }
+    Ok(Frame { kind, payload })
+}
+
+/// Reads, checks and parses one message.
+pub fn recv(r: &mut impl Read, guest_pages: Option<u64>) -> Result<Message, ProtocolError> {
+    let frame = read_frame(r)?;
+    Message::decode(&frame, guest_pages)
+}
+
+/// Checks a peer's hello against ours: same protocol version and page size.
+pub fn check_hello(theirs: &Hello) -> Result<(), ProtocolError> {
+    if theirs.version != VERSION {
+        return Err(ProtocolError::Version {
+            ours: VERSION,
+            theirs: theirs.version,
+        });
+    }
+    if u64::from(theirs.page_size) != PAGE_SIZE {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Hello,
+            reason: format!(
+                "page size {} (this host uses {PAGE_SIZE})",
+                theirs.page_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(msg: &Message, pages: Option<u64>) -> Message {
+        let mut wire = Vec::new();
+        send(&mut wire, msg).unwrap();
+        recv(&mut wire.as_slice(), pages).unwrap()
+    }
+
+    fn sample_messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                version: VERSION,
+                name: "lab1".into(),
+                memory_bytes: 1 << 30,
+                vcpus: 2,
+                page_size: 4096,
+            }),
+            Message::HelloAck { version: VERSION },
+            Message::Config {
+                toml: "name = \"x\"\n".into(),
+            },
+            Message::Pages {
+                codec: 1,
+                pages: vec![(3, false, vec![1, 2, 3]), (9, true, vec![7; 4096])],
+            },
+            Message::ZeroPages {
+                first: 10,
+                count: 5,
+            },
+            Message::RoundEnd { round: 4 },
+            Message::DeviceState { blob: vec![9; 100] },
+            Message::Complete { pages_sent: 77 },
+            Message::Ready,
+            Message::Commit,
+            Message::Resumed,
+            Message::Keepalive,
+            Message::Abort {
+                reason: "cancelled".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in sample_messages() {
+            assert_eq!(round_trip(&m, Some(100)), m);
+        }
+    }
+
+    #[test]
+    fn corruption_is_named() {
+        let msg = Message::Pages {
+            codec: 0,
+            pages: vec![(1, true, vec![5; 4096])],
+        };
+        let mut wire = Vec::new();
+        send(&mut wire, &msg).unwrap();
+        let at = |i: usize| {
+            let mut w = wire.clone();
+            w[i] ^= 0x10;
+            recv(&mut w.as_slice(), Some(16)).unwrap_err()
+        };
+        assert!(matches!(at(0), ProtocolError::BadMagic(_)));
+        assert!(matches!(at(4), ProtocolError::UnknownKind(_)));
+        assert!(matches!(
+            at(HEADER_LEN + 100),
+            ProtocolError::Checksum { .. }
+        ));
+        assert!(matches!(at(13), ProtocolError::Checksum { .. }));
+        let e = recv(&mut &wire[..wire.len() - 1], Some(16)).unwrap_err();
+        assert!(matches!(e, ProtocolError::Io(_)), "{e}");
+        assert!(matches!(
+            recv(&mut &wire[..0], None),
+            Err(ProtocolError::Closed)
+        ));
+        // A page beyond guest memory is refused even with a good checksum.
+        let e = recv(&mut wire.as_slice(), Some(1)).unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::PageOutOfRange { page: 1, pages: 1 }),
+            "{e}"
+        );
+        // So is a header that announces more than the limit.
+        let mut big = wire.clone();
+        big[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(
+            recv(&mut big.as_slice(), None),
+            Err(ProtocolError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn batch_lengths_must_add_up() {
+        // A good CRC over a lying index: the index claims more bytes than are there.
+        let mut payload = Vec::new();
+        let mut b = PageBatchWriter::new(&mut payload, 1);
+        b.push(0, false, &[1, 2, 3]);
+        b.finish();
+        payload.truncate(payload.len() - 1);
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Pages, &payload).unwrap();
+        let e = recv(&mut wire.as_slice(), Some(4)).unwrap_err();
+        assert!(e.to_string().contains("index names 3 bytes"), "{e}");
+    }
+
+    #[test]
+    fn hello_checks_version_and_page_size() {
+        let mut h = Hello {
+            version: VERSION,
+            name: "a".into(),
+            memory_bytes: 4096,
+            vcpus: 1,
+            page_size: 4096,
+        };
+        check_hello(&h).unwrap();
+        h.version = VERSION + 1;
+        assert!(matches!(
+            check_hello(&h),
+            Err(ProtocolError::Version { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn batches_round_trip(pages in proptest::collection::vec((0u64..1000, 1usize..4096), 1..40)) {
+            let msg = Message::Pages {
+                codec: 2,
+                pages: pages.iter().map(|&(p, n)| (p, false, vec![(p % 251) as u8; n])).collect(),
+            };
+            prop_assert_eq!(round_trip(&msg, Some(1000)), msg);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = recv(&mut data.as_slice(), Some(64));
+        }
+
+        #[test]
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..14, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let kind = Kind::from_u8(kind).unwrap();
+            let mut wire = Vec::new();
+            write_frame(&mut wire, kind, &data).unwrap();
+            let _ = recv(&mut wire.as_slice(), Some(64));
+        }
+    }
+}
