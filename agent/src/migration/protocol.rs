@@ -229,7 +229,7 @@ impl Message {
             Kind::ZeroPages => {
                 let (first, count) = (r.u64()?, r.u64()?);
                 if let Some(pages) = guest_pages {
-                    let end = first.checked_add(count).unwrap_or(u64::MAX);
+                    let end = first.saturating_add(count);
                     if count == 0 || end > pages {
                         return Err(ProtocolError::PageOutOfRange {
                             page: end.saturating_sub(1),
