@@ -22,11 +22,19 @@ enum Command {
     /// Run one VM in this process (boot it from a config, or restore a snapshot).
     Vmm {
         /// VM config file (TOML).
-        #[arg(long, conflicts_with = "restore", required_unless_present = "restore")]
+        #[arg(
+            long,
+            conflicts_with_all = ["restore", "incoming"],
+            required_unless_present_any = ["restore", "incoming"]
+        )]
         config: Option<PathBuf>,
         /// Snapshot folder to restore from.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "incoming")]
         restore: Option<PathBuf>,
+        /// Wait for a migration on HOST:PORT; the VM (config, memory, state) comes
+        /// from the source. Disks are shared: the images must exist at the same paths.
+        #[arg(long, value_name = "HOST:PORT")]
+        incoming: Option<String>,
         /// With --restore: put the restored disk images here instead of at their
         /// original paths.
         #[arg(long, requires = "restore")]
@@ -84,6 +92,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move the running VM to a `ferry vmm --incoming` (pre-copy, shared storage).
+    Migrate {
+        #[arg(long)]
+        control: PathBuf,
+        /// Destination HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Page codec: none, lz4 or zstd:N.
+        #[arg(long, default_value = "none")]
+        compression: String,
+        /// Switch over once the predicted downtime is this short.
+        #[arg(long, default_value_t = 300)]
+        max_downtime_ms: u64,
+        /// Write the report (JSON) here; the source VMM writes it.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running migration; the VM keeps running on the source.
+    Cancel {
+        #[arg(long)]
+        control: PathBuf,
+    },
     /// Stop the VM and its process.
     Quit {
         #[arg(long)]
@@ -98,10 +131,11 @@ fn main() -> ExitCode {
             config,
             restore,
             disk_dir,
+            incoming,
             control,
             paused,
         } => cli::vmm::run(
-            cli::vmm::Source::new(config, restore, disk_dir),
+            cli::vmm::Source::new(config, restore, disk_dir, incoming),
             &control,
             paused,
         ),
@@ -109,6 +143,22 @@ fn main() -> ExitCode {
         Command::Pause { control } => cli::client::simple(&control, "pause"),
         Command::Resume { control } => cli::client::simple(&control, "resume"),
         Command::Quit { control } => cli::client::simple(&control, "quit"),
+        Command::Cancel { control } => cli::client::simple(&control, "cancel"),
+        Command::Migrate {
+            control,
+            to,
+            compression,
+            max_downtime_ms,
+            report,
+            json,
+        } => cli::client::migrate(
+            &control,
+            &to,
+            &compression,
+            max_downtime_ms,
+            report.as_deref(),
+            json,
+        ),
         Command::Verify {
             control,
             json,
@@ -124,8 +174,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            eprintln!("ferry: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out causes whose text the message
+/// already carries (most of Ferry's errors quote their cause).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', "; ")
 }

@@ -237,3 +237,35 @@ pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&path, format!("name = \"{name}\"\n{body}")).expect("write config");
     path
 }
+
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A `ferry vmm --incoming` on a free loopback port; returns it and its address.
+pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let vmm = Vmm::spawn(dir, name, &["--incoming", &addr]);
+    (vmm, addr)
+}
+
+/// Runs `ferry migrate --json` from `src` to `to`; returns its exit success and report.
+pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Value) {
+    let mut args = vec!["migrate", "--control", src.ctl(), "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    let out = ferry(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&text).unwrap_or_else(|_| {
+        panic!(
+            "migrate printed no report ({}): {text} {}\nsource log: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            src.log_text()
+        )
+    });
+    (out.status.success(), report)
+}

@@ -138,3 +138,108 @@ pub fn dirty_rate(control: &Path, duration_ms: u64, as_json: bool) -> anyhow::Re
     }
     Ok(ExitCode::SUCCESS)
 }
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
+pub fn migrate(
+    control: &Path,
+    to: &str,
+    compression: &str,
+    max_downtime_ms: u64,
+    report: Option<&Path>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let report = report.map(std::path::absolute).transpose()?;
+    request(
+        control,
+        &json!({"cmd": "migrate", "to": to, "compression": compression,
+                "max_downtime_ms": max_downtime_ms, "report": report}),
+    )?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        )
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut cancelled = false;
+    let final_report = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
+            cancelled = true;
+            let _ = request(control, &json!({"cmd": "cancel"}));
+            eprintln!("\ncancelling; the VM keeps running on the source");
+        }
+        let s = request(control, &json!({"cmd": "status"}))?;
+        let p = get(&s, "migration");
+        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
+            break r.clone();
+        }
+        if tty {
+            let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
+            let remaining = get(p, "remaining_dirty_pages").as_u64().unwrap_or(0);
+            let eta = if bw > 0.0 {
+                remaining as f64 * 4096.0 / bw
+            } else {
+                f64::NAN
+            };
+            eprint!(
+                "\r{:<10} round {:>3}  sent {:>9} pages  remaining {:>8} pages  {:>7.1} MB/s  ETA {:>5.1} s  ",
+                get(p, "phase").as_str().unwrap_or("-"),
+                num(p, "round"),
+                num(p, "pages_sent"),
+                remaining,
+                bw / 1e6,
+                eta,
+            );
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    if as_json {
+        println!("{final_report}");
+    } else {
+        for key in [
+            "outcome",
+            "error",
+            "mode",
+            "to",
+            "total_ms",
+            "downtime_ms",
+            "switchover_ms",
+            "max_heartbeat_gap_ms",
+            "rounds",
+            "pages_sent",
+            "zero_pages",
+            "bytes_on_wire",
+            "codec",
+            "compression_ratio",
+            "guest_integrity_errors",
+        ] {
+            let v = get(&final_report, key);
+            if !v.is_null() {
+                println!(
+                    "{key:<22} {}",
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                );
+            }
+        }
+    }
+    Ok(
+        if get(&final_report, "outcome").as_str() == Some("completed") {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}

@@ -1,12 +1,14 @@
 //! `ferry vmm`: the process that owns one VM.
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
+use crate::migration::destination::{self, Slot};
 use crate::vmm::config::VmConfig;
 use crate::vmm::{control, launch};
 
@@ -16,6 +18,8 @@ pub enum Source {
         dir: PathBuf,
         disk_dir: Option<PathBuf>,
     },
+    /// Wait for a migration on this TCP address.
+    Incoming(String),
 }
 
 impl Source {
@@ -23,12 +27,14 @@ impl Source {
         config: Option<PathBuf>,
         restore: Option<PathBuf>,
         disk_dir: Option<PathBuf>,
+        incoming: Option<String>,
     ) -> Self {
-        match (config, restore) {
-            (_, Some(dir)) => Source::Restore { dir, disk_dir },
-            (Some(c), None) => Source::Config(c),
-            // clap requires one of the two.
-            (None, None) => Source::Config(PathBuf::from("vm.toml")),
+        match (config, restore, incoming) {
+            (_, _, Some(addr)) => Source::Incoming(addr),
+            (_, Some(dir), None) => Source::Restore { dir, disk_dir },
+            (Some(c), None, None) => Source::Config(c),
+            // clap requires one of the three.
+            (None, None, None) => Source::Config(PathBuf::from("vm.toml")),
         }
     }
 }
@@ -41,41 +47,76 @@ extern "C" fn on_terminate(_: libc::c_int) {
 
 pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<ExitCode> {
     init_logging();
-    let machine = match &source {
-        Source::Config(path) => {
-            let cfg = VmConfig::load(path)?;
-            launch::boot(cfg)?
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let incoming_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let listener = match &source {
+        Source::Incoming(addr) => {
+            let tcp = TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for a migration on {addr}"))?;
+            let listener = control::bind(control_path)?;
+            tracing::info!(
+                pid = std::process::id(),
+                control = %control_path.display(),
+                "waiting for an incoming migration on {addr}"
+            );
+            let slot = slot.clone();
+            let error = incoming_error.clone();
+            std::thread::Builder::new()
+                .name("incoming".into())
+                .spawn(move || {
+                    if let Err(e) = destination::receive(&tcp, &slot) {
+                        tracing::error!("incoming migration failed: {e}");
+                        *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        STOP.store(true, Ordering::Release);
+                    }
+                })
+                .context("starting the incoming migration thread")?;
+            listener
         }
-        Source::Restore { dir, disk_dir } => launch::restore(dir, disk_dir.as_deref())?,
+        Source::Config(_) | Source::Restore { .. } => {
+            let machine = match &source {
+                Source::Config(path) => launch::boot(VmConfig::load(path)?)?,
+                Source::Restore { dir, disk_dir } => launch::restore(dir, disk_dir.as_deref())?,
+                Source::Incoming(_) => unreachable!("handled above"),
+            };
+            let listener = control::bind(control_path)?;
+            let machine = Arc::new(machine);
+            machine.start(!paused).context("starting the vCPUs")?;
+            tracing::info!(
+                name = %machine.cfg.name,
+                pid = std::process::id(),
+                vcpus = machine.cfg.vcpus,
+                memory_mib = machine.cfg.memory_mib,
+                control = %control_path.display(),
+                "VM {}",
+                if matches!(source, Source::Config(_)) { "started" } else { "restored" }
+            );
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine);
+            listener
+        }
     };
-    let listener = control::bind(control_path)?;
-    let machine = Arc::new(machine);
-    machine.start(!paused).context("starting the vCPUs")?;
-    tracing::info!(
-        name = %machine.cfg.name,
-        pid = std::process::id(),
-        vcpus = machine.cfg.vcpus,
-        memory_mib = machine.cfg.memory_mib,
-        control = %control_path.display(),
-        "VM {}",
-        match source {
-            Source::Config(_) => "started",
-            Source::Restore { .. } => "restored",
-        }
-    );
 
     // SIGTERM and SIGINT stop the VM cleanly, like `ferry quit`.
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
     }
-    control::serve(listener, machine.clone(), || STOP.load(Ordering::Acquire));
-    machine.shutdown();
+    control::serve(listener, slot.clone(), || STOP.load(Ordering::Acquire));
+    let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(m) = machine {
+        m.shutdown();
+        tracing::info!("VM {} stopped", m.cfg.name);
+    }
     let _ = std::fs::remove_file(control_path);
-    tracing::info!("VM {} stopped", machine.cfg.name);
+    if let Some(e) = incoming_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        anyhow::bail!("incoming migration failed: {e}");
+    }
     Ok(ExitCode::SUCCESS)
 }
-
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -1,4 +1,6 @@
 //! Live migration: the wire protocol and the page codecs it carries.
 
 pub mod codec;
+pub mod destination;
 pub mod protocol;
+pub mod source;

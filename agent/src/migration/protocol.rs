@@ -39,6 +39,7 @@ pub enum Kind {
     Resumed = 11,
     Keepalive = 12,
     Abort = 13,
+    FirstHeartbeats = 14,
 }
 
 impl Kind {
@@ -58,6 +59,7 @@ impl Kind {
             11 => Resumed,
             12 => Keepalive,
             13 => Abort,
+            14 => FirstHeartbeats,
             _ => return None,
         })
     }
@@ -149,6 +151,11 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// Destination → source after resuming: CLOCK_MONOTONIC (ns) of each vCPU's first
+    /// heartbeat there, so the source can measure downtime per vCPU.
+    FirstHeartbeats {
+        ns: Vec<u64>,
+    },
 }
 
 impl Message {
@@ -167,6 +174,7 @@ impl Message {
             Message::Resumed => Kind::Resumed,
             Message::Keepalive => Kind::Keepalive,
             Message::Abort { .. } => Kind::Abort,
+            Message::FirstHeartbeats { .. } => Kind::FirstHeartbeats,
         }
     }
 
@@ -198,6 +206,12 @@ impl Message {
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
             Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
             Message::Abort { reason } => put_str(out, reason),
+            Message::FirstHeartbeats { ns } => {
+                out.extend_from_slice(&(ns.len() as u32).to_le_bytes());
+                for v in ns {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
     }
 
@@ -255,6 +269,14 @@ impl Message {
             Kind::Abort => Message::Abort {
                 reason: r.string()?,
             },
+            Kind::FirstHeartbeats => {
+                let n = r.u32()?;
+                if n > crate::vmm::config::MAX_VCPUS {
+                    return Err(r.malformed(format!("{n} vCPUs")));
+                }
+                let ns = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                Message::FirstHeartbeats { ns }
+            }
         };
         r.finish()?;
         Ok(msg)
@@ -588,6 +610,7 @@ mod tests {
             Message::Abort {
                 reason: "cancelled".into(),
             },
+            Message::FirstHeartbeats { ns: vec![5, 6] },
         ]
     }
 
@@ -686,7 +709,7 @@ mod tests {
         }
 
         #[test]
-        fn random_payloads_with_good_crc_never_panic(kind in 1u8..14, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..15, data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).unwrap();
             let mut wire = Vec::new();
             write_frame(&mut wire, kind, &data).unwrap();

@@ -61,8 +61,24 @@ pub struct DiskSet {
 
 impl DiskSet {
     pub fn open(configs: &[DiskConfig]) -> Result<Self, DiskError> {
+        Self::open_with(configs, true)
+    }
+
+    /// Opens images that must already exist (a migration destination on shared storage).
+    pub fn open_existing(configs: &[DiskConfig]) -> Result<Self, DiskError> {
+        Self::open_with(configs, false)
+    }
+
+    fn open_with(configs: &[DiskConfig], create: bool) -> Result<Self, DiskError> {
         let mut set = DiskSet::default();
         for cfg in configs {
+            if !create && !cfg.path.exists() {
+                return Err(DiskError::Open {
+                    id: cfg.id.clone(),
+                    path: cfg.path.clone(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
             let (disk, created) = Disk::open(cfg)?;
             if created {
                 set.created.push(disk.path.clone());
@@ -80,6 +96,26 @@ impl DiskSet {
 
     pub fn flush_all(&self) -> Result<(), DiskError> {
         self.disks.iter().try_for_each(Disk::flush)
+    }
+
+    /// Hands the images' locks over (to a migration destination on shared storage), or
+    /// takes them back; the files stay open either way.
+    pub fn set_locked(&self, locked: bool) -> Result<(), DiskError> {
+        for d in &self.disks {
+            let op = if locked {
+                libc::LOCK_EX | libc::LOCK_NB
+            } else {
+                libc::LOCK_UN
+            };
+            // SAFETY: flock on a file descriptor we own.
+            if unsafe { libc::flock(d.file.as_raw_fd(), op) } != 0 {
+                return Err(DiskError::Locked {
+                    id: d.id.clone(),
+                    path: d.path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -13,8 +13,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::machine::Machine;
+use super::machine::{Machine, RunState};
 use super::snapshot;
+use crate::migration::codec::Codec;
+use crate::migration::destination::Slot;
+use crate::migration::source;
 
 /// Longest request line accepted; anything longer is refused, not buffered.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -38,6 +41,18 @@ pub enum Request {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
+    /// Start a pre-copy migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
+    Migrate {
+        to: String,
+        #[serde(default)]
+        compression: Option<String>,
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        #[serde(default)]
+        report: Option<PathBuf>,
+    },
+    /// Stop the running migration; the VM keeps running here.
+    Cancel {},
     Quit {},
 }
 
@@ -88,7 +103,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves requests until `quit` (or `interrupted()` says so), one thread per connection.
-pub fn serve(listener: UnixListener, machine: Arc<Machine>, interrupted: impl Fn() -> bool) {
+pub fn serve(listener: UnixListener, slot: Slot, interrupted: impl Fn() -> bool) {
     let stop = Arc::new(AtomicBool::new(false));
     while !stop.load(Ordering::Acquire) && !interrupted() {
         // Block until a client connects, waking now and then to notice a signal.
@@ -103,11 +118,11 @@ pub fn serve(listener: UnixListener, machine: Arc<Machine>, interrupted: impl Fn
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                let machine = machine.clone();
+                let slot = slot.clone();
                 let stop = stop.clone();
                 let _ = std::thread::Builder::new()
                     .name("control".into())
-                    .spawn(move || handle_connection(stream, &machine, &stop));
+                    .spawn(move || handle_connection(stream, &slot, &stop));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -118,7 +133,7 @@ pub fn serve(listener: UnixListener, machine: Arc<Machine>, interrupted: impl Fn
     }
 }
 
-fn handle_connection(stream: UnixStream, machine: &Machine, stop: &AtomicBool) {
+fn handle_connection(stream: UnixStream, slot: &Slot, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
     let Ok(write_half) = stream.try_clone() else {
         return;
@@ -141,7 +156,8 @@ fn handle_connection(stream: UnixStream, machine: &Machine, stop: &AtomicBool) {
                 serde_json::from_str::<Request>(line.trim()),
                 Ok(Request::Quit {})
             );
-            let answer = dispatch(line.trim(), machine);
+            let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let answer = dispatch(line.trim(), machine.as_ref());
             if quit {
                 stop.store(true, Ordering::Release);
             }
@@ -158,10 +174,20 @@ fn handle_connection(stream: UnixStream, machine: &Machine, stop: &AtomicBool) {
     }
 }
 
-fn dispatch(line: &str, m: &Machine) -> Value {
+fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
     let request: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let Some(m) = m else {
+        // A destination before its VM has arrived.
+        return match request {
+            Request::Status {} => json!({"ok": true, "result": {
+                "state": "incoming", "pid": std::process::id(),
+            }}),
+            Request::Quit {} => json!({"ok": true, "result": {"state": "quitting"}}),
+            _ => json!({"ok": false, "error": "no VM here yet: waiting for an incoming migration"}),
+        };
     };
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(m.status())),
@@ -186,12 +212,76 @@ fn dispatch(line: &str, m: &Machine) -> Value {
             ))
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
+        Request::Migrate {
+            to,
+            compression,
+            max_downtime_ms,
+            report,
+        } => start_migration(m, to, compression, max_downtime_ms, report),
+        Request::Cancel {} => {
+            let running = m
+                .migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|p| p.report.is_none());
+            if running {
+                m.migration_cancel.store(true, Ordering::Release);
+                Ok(json!({"cancelling": true}))
+            } else {
+                Err("no migration is running".into())
+            }
+        }
         Request::Quit {} => Ok(json!({"state": "quitting"})),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),
         Err(e) => json!({"ok": false, "error": e}),
     }
+}
+
+fn start_migration(
+    m: &Arc<Machine>,
+    to: String,
+    compression: Option<String>,
+    max_downtime_ms: Option<u64>,
+    report: Option<PathBuf>,
+) -> Result<Value, String> {
+    let codec: Codec = compression
+        .as_deref()
+        .unwrap_or("none")
+        .parse()
+        .map_err(|e: crate::migration::codec::CodecError| e.to_string())?;
+    let max_downtime_ms = max_downtime_ms.unwrap_or(300);
+    if max_downtime_ms == 0 {
+        return Err("max_downtime_ms must be at least 1".into());
+    }
+    {
+        let mut slot = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|p| p.report.is_none()) {
+            return Err("a migration is already running".into());
+        }
+        if m.state() != RunState::Running {
+            return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
+        }
+        // Claimed here, under the lock, so two requests cannot both start one.
+        *slot = Some(source::Progress::starting(&to, codec));
+        m.migration_cancel.store(false, Ordering::Release);
+    }
+    let params = source::Params {
+        to,
+        codec,
+        max_downtime_ms,
+        report,
+    };
+    let machine = m.clone();
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            source::run(machine, params);
+        })
+        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+    Ok(json!({"started": true}))
 }
 
 /// Sends one request and returns its `result`, or the VMM's error.

@@ -44,6 +44,18 @@ fn create_vcpus(vm: &Vm, dirty: &DirtyLog, n: u32) -> Result<Vec<kvm_ioctls::Vcp
         .collect()
 }
 
+/// A VM with its vCPUs created and CPUID set, waiting for state (restore, incoming
+/// migration).
+pub fn prepare(cfg: &VmConfig) -> Result<(Vm, DirtyLog, Vec<kvm_ioctls::VcpuFd>), LaunchError> {
+    let vm = Vm::create(cfg)?;
+    let dirty = DirtyLog::new(cfg.dirty_tracking, &vm, cfg.vcpus)?;
+    let vcpus = create_vcpus(&vm, &dirty, cfg.vcpus)?;
+    for (i, fd) in vcpus.iter().enumerate() {
+        boot::set_cpuid(&vm.kvm, fd, i as u32)?;
+    }
+    Ok((vm, dirty, vcpus))
+}
+
 /// Builds a fresh lab VM (vCPUs not started yet).
 pub fn boot(cfg: VmConfig) -> Result<Machine, LaunchError> {
     let disks = DiskSet::open(&cfg.disks)?;
@@ -74,12 +86,7 @@ pub fn restore(dir: &Path, disk_dir: Option<&Path>) -> Result<Machine, LaunchErr
     let disks = DiskSet::open(&cfg.disks)?;
     let disks_ms = ms(t);
     let t = Instant::now();
-    let vm = Vm::create(&cfg)?;
-    let dirty = DirtyLog::new(cfg.dirty_tracking, &vm, cfg.vcpus)?;
-    let vcpus = create_vcpus(&vm, &dirty, cfg.vcpus)?;
-    for (i, fd) in vcpus.iter().enumerate() {
-        boot::set_cpuid(&vm.kvm, fd, i as u32)?;
-    }
+    let (vm, dirty, vcpus) = prepare(&cfg)?;
     let vm_create_ms = ms(t);
     let t = Instant::now();
     for (fd, state) in vcpus.iter().zip(&snap.state.vcpus) {

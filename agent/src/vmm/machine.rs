@@ -48,6 +48,8 @@ pub enum RunState {
     Running,
     Paused,
     Crashed,
+    /// Handed over to a migration destination: paused for good.
+    Migrated,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,10 @@ pub enum MachineError {
     Crashed(String),
     #[error("the VM is paused; resume it first")]
     Paused,
+    #[error("the VM was migrated away; this copy must never run again")]
+    HandedOver,
+    #[error("the VM must stay paused: {0}")]
+    Held(String),
     #[error("the guest did not finish verifying within {0:?}")]
     VerifyTimeout(Duration),
     #[error("vCPU threads did not stop within {0:?}")]
@@ -75,6 +81,10 @@ pub enum MachineError {
 struct VcpuStats {
     mailbox: Mailbox,
     last_heartbeat: Option<Instant>,
+    /// CLOCK_MONOTONIC of the first and latest heartbeat in this process (0: none),
+    /// comparable across processes on one host: migration downtime is measured with it.
+    first_heartbeat_ns: u64,
+    last_heartbeat_ns: u64,
     max_gap: Duration,
     window_start: Option<(Instant, u64)>,
     pages_per_sec: f64,
@@ -153,6 +163,8 @@ pub struct Status {
     pub first_heartbeat_monotonic_ns: Option<u64>,
     /// Present when this process was restored from a snapshot.
     pub restore: Option<RestoreTimings>,
+    /// The current or last outgoing migration's progress.
+    pub migration: Option<crate::migration::source::Progress>,
     pub crash: Option<String>,
     pub per_vcpu: Vec<VcpuStatus>,
 }
@@ -218,6 +230,15 @@ pub struct Machine {
     pub tsc_hz: u64,
     pub seed: u64,
     pub restore: Option<RestoreTimings>,
+    /// Set once a migration committed the handover: this copy never runs again.
+    pub handed_over: std::sync::atomic::AtomicBool,
+    /// The current or last outgoing migration.
+    pub migration: Mutex<Option<crate::migration::source::Progress>>,
+    /// Set by `cancel`; the migration stops at its next check and the VM runs on here.
+    pub migration_cancel: std::sync::atomic::AtomicBool,
+    /// While set, `resume` is refused with this reason (a migration destination
+    /// waiting for the source's commit).
+    pub hold: Mutex<Option<String>>,
     started: Instant,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -250,6 +271,10 @@ impl Machine {
             tsc_hz,
             seed,
             restore: None,
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            migration: Mutex::new(None),
+            migration_cancel: std::sync::atomic::AtomicBool::new(false),
+            hold: Mutex::new(None),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
         }
@@ -285,6 +310,8 @@ impl Machine {
     pub fn state(&self) -> RunState {
         if lock(&self.shared.control).crash.is_some() {
             RunState::Crashed
+        } else if self.handed_over.load(Ordering::Acquire) {
+            RunState::Migrated
         } else if self.shared.target() == Target::Run {
             RunState::Running
         } else {
@@ -313,6 +340,12 @@ impl Machine {
     pub fn resume(&self) -> Result<(), MachineError> {
         if let Some(crash) = lock(&self.shared.control).crash.clone() {
             return Err(MachineError::Crashed(crash));
+        }
+        if self.handed_over.load(Ordering::Acquire) {
+            return Err(MachineError::HandedOver);
+        }
+        if let Some(reason) = lock(&self.hold).clone() {
+            return Err(MachineError::Held(reason));
         }
         self.set_target(Target::Run);
         Ok(())
@@ -396,8 +429,50 @@ impl Machine {
                 ns => Some(ns),
             },
             restore: self.restore,
+            migration: lock(&self.migration).clone(),
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
+        }
+    }
+
+    /// Per vCPU: CLOCK_MONOTONIC of its latest heartbeat in this process (0: none).
+    pub fn last_heartbeats_ns(&self) -> Vec<u64> {
+        self.shared
+            .vcpus
+            .iter()
+            .map(|s| lock(s).last_heartbeat_ns)
+            .collect()
+    }
+
+    /// Per vCPU: CLOCK_MONOTONIC of its first heartbeat in this process (0: none yet).
+    pub fn first_heartbeats_ns(&self) -> Vec<u64> {
+        self.shared
+            .vcpus
+            .iter()
+            .map(|s| lock(s).first_heartbeat_ns)
+            .collect()
+    }
+
+    /// Largest heartbeat gap of any vCPU so far.
+    pub fn max_heartbeat_gap(&self) -> Duration {
+        self.shared
+            .vcpus
+            .iter()
+            .map(|s| lock(s).max_gap)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Guest memory as bytes, for the migration data path.
+    ///
+    /// # Safety
+    /// Guest vCPUs may write this memory concurrently; callers must treat the contents
+    /// as racy (copying pages whose dirty tracking was re-armed first, as pre-copy does)
+    /// or pause the VM.
+    pub unsafe fn memory_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is memory_bytes long and lives as long as `self`.
+        unsafe {
+            std::slice::from_raw_parts(self.vm.host_base(), self.vm.layout.memory_bytes as usize)
         }
     }
 
@@ -412,6 +487,7 @@ impl Machine {
     pub fn verify(&self, timeout: Duration) -> Result<VerifyReport, MachineError> {
         match self.state() {
             RunState::Paused => return Err(MachineError::Paused),
+            RunState::Migrated => return Err(MachineError::HandedOver),
             RunState::Crashed => {
                 let crash = lock(&self.shared.control).crash.clone().unwrap_or_default();
                 return Err(MachineError::Crashed(crash));
@@ -686,10 +762,11 @@ impl VcpuThread {
 
     fn heartbeat(&self) -> Result<Command, String> {
         let now = Instant::now();
+        let now_ns = monotonic_ns();
         if self.shared.first_heartbeat_ns.load(Ordering::Relaxed) == 0 {
             let _ = self.shared.first_heartbeat_ns.compare_exchange(
                 0,
-                monotonic_ns(),
+                now_ns,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             );
@@ -700,6 +777,10 @@ impl VcpuThread {
             s.max_gap = s.max_gap.max(now - last);
         }
         s.last_heartbeat = Some(now);
+        s.last_heartbeat_ns = now_ns;
+        if s.first_heartbeat_ns == 0 {
+            s.first_heartbeat_ns = now_ns;
+        }
         match s.window_start {
             Some((t, pages)) if now - t >= Duration::from_secs(1) => {
                 s.pages_per_sec =

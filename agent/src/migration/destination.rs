@@ -1,0 +1,233 @@
+//! The receiving side of a migration: `ferry vmm --incoming`. It builds the VM from
+//! the source's config as soon as it arrives (so memory is mapped long before the
+//! switchover), writes pages straight into guest memory, restores the device state
+//! on `Complete`, opens the disks and answers `Ready`, and runs the guest only on
+//! `Commit`.
+
+use std::io::{BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::codec::{CodecError, Decompressor};
+use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
+use crate::guest::abi::PAGE_SIZE;
+use crate::vmm::blob::{self, BlobKind};
+use crate::vmm::block::DiskSet;
+use crate::vmm::config::VmConfig;
+use crate::vmm::launch;
+use crate::vmm::machine::Machine;
+use crate::vmm::snapshot::MachineState;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// The machine a destination process serves once it exists.
+pub type Slot = Arc<Mutex<Option<Arc<Machine>>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("waiting for the source: {0}")]
+    Accept(std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("the source sent {0:?} where it should not")]
+    Unexpected(Kind),
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    #[error("the source's config: {0}")]
+    Config(#[from] crate::vmm::config::ConfigError),
+    #[error("the source's config has {config} MiB of memory but its hello said {hello} bytes")]
+    MemoryMismatch { config: u64, hello: u64 },
+    #[error("building the VM: {0}")]
+    Launch(#[from] launch::LaunchError),
+    #[error("the source's device state: {0}")]
+    Blob(#[from] blob::BlobError),
+    #[error("restoring the source's device state: {0}")]
+    State(#[from] crate::vmm::state::StateError),
+    #[error("the source completed without sending its device state")]
+    NoState,
+    #[error("the device state has {got} vCPUs, the config {want}")]
+    VcpuMismatch { got: usize, want: u32 },
+    #[error("opening the shared disks: {0}")]
+    Disk(#[from] crate::vmm::block::DiskError),
+    #[error("starting the vCPUs: {0}")]
+    Machine(#[from] crate::vmm::machine::MachineError),
+}
+
+/// Receives one migration on `listener`. Returns once the guest runs here (the
+/// machine is then in `slot`), or with the reason it never will.
+pub fn receive(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
+    let (conn, peer) = listener.accept().map_err(IncomingError::Accept)?;
+    tracing::info!("incoming migration from {peer}");
+    let _ = conn.set_nodelay(true);
+    let w = conn.try_clone().map_err(ProtocolError::from)?;
+    let mut rx = Receiver {
+        r: BufReader::with_capacity(1 << 20, conn),
+        w,
+    };
+    rx.run(slot)
+}
+
+struct Receiver {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Receiver {
+    fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        protocol::send(&mut self.w, msg)?;
+        self.w.flush()?;
+        Ok(())
+    }
+
+    /// Tells the source why, then returns the error.
+    fn refuse(&mut self, e: IncomingError) -> IncomingError {
+        let _ = self.send(&Message::Abort {
+            reason: e.to_string(),
+        });
+        e
+    }
+
+    fn run(&mut self, slot: &Slot) -> Result<(), IncomingError> {
+        let hello = match protocol::recv(&mut self.r, None)? {
+            Message::Hello(h) => h,
+            other => return Err(self.refuse(IncomingError::Unexpected(other.kind()))),
+        };
+        if let Err(e) = protocol::check_hello(&hello) {
+            return Err(self.refuse(e.into()));
+        }
+        self.send(&Message::HelloAck {
+            version: protocol::VERSION,
+        })?;
+        let cfg = match protocol::recv(&mut self.r, None)? {
+            Message::Config { toml } => {
+                match VmConfig::parse(&toml, Path::new("the migration stream"), Path::new("/")) {
+                    Ok(c) => c,
+                    Err(e) => return Err(self.refuse(e.into())),
+                }
+            }
+            other => return Err(self.refuse(IncomingError::Unexpected(other.kind()))),
+        };
+        if cfg.memory_mib << 20 != hello.memory_bytes {
+            return Err(self.refuse(IncomingError::MemoryMismatch {
+                config: cfg.memory_mib,
+                hello: hello.memory_bytes,
+            }));
+        }
+        let (vm, dirty, vcpus) = match launch::prepare(&cfg) {
+            Ok(v) => v,
+            Err(e) => return Err(self.refuse(e.into())),
+        };
+        let pages = vm.layout.memory_bytes / PAGE as u64;
+        // SAFETY: the mapping is memory_bytes long, and no vCPU runs until the
+        // handover, so nothing else touches guest memory while pages land.
+        let memory = unsafe {
+            std::slice::from_raw_parts_mut(vm.host_base(), vm.layout.memory_bytes as usize)
+        };
+        let t0 = Instant::now();
+        let blob = match self.receive_memory(memory, pages) {
+            Ok(b) => b,
+            Err(e) => return Err(self.refuse(e)),
+        };
+        tracing::info!(
+            "memory received in {:?}; restoring device state",
+            t0.elapsed()
+        );
+        let state: MachineState = match blob::decode(BlobKind::MachineState, &blob) {
+            Ok(s) => s,
+            Err(e) => return Err(self.refuse(e.into())),
+        };
+        if state.vcpus.len() != cfg.vcpus as usize {
+            return Err(self.refuse(IncomingError::VcpuMismatch {
+                got: state.vcpus.len(),
+                want: cfg.vcpus,
+            }));
+        }
+        let restored = (|| -> Result<DiskSet, IncomingError> {
+            for (fd, s) in vcpus.iter().zip(&state.vcpus) {
+                s.restore(fd)?;
+            }
+            state.vm.restore(&vm.fd)?;
+            Ok(DiskSet::open_existing(&cfg.disks)?)
+        })();
+        let disks = match restored {
+            Ok(d) => d,
+            Err(e) => return Err(self.refuse(e)),
+        };
+        let dev = state.devices;
+        let machine = Arc::new(Machine::new(
+            cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed,
+        ));
+        *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some("a migration is handing this VM over; waiting for the source's commit".into());
+        machine.start(false)?;
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
+        self.send(&Message::Ready)?;
+        match protocol::recv(&mut self.r, None) {
+            Ok(Message::Commit) => {}
+            Ok(Message::Abort { reason }) => return Err(IncomingError::Aborted(reason)),
+            Ok(other) => return Err(IncomingError::Unexpected(other.kind())),
+            Err(e) => {
+                // The source may or may not have sent Commit: stay paused, never guess.
+                tracing::error!(
+                    "handover in doubt: the connection broke after Ready ({e}); this copy stays paused"
+                );
+                *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                    "handover in doubt: the connection to the source broke after Ready ({e})"
+                ));
+                return Ok(());
+            }
+        }
+        *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        machine.resume()?;
+        self.send(&Message::Resumed)?;
+        tracing::info!("migration complete: the guest runs here");
+        // Downtime is measured by the source from each vCPU's first heartbeat here.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut firsts = machine.first_heartbeats_ns();
+        while firsts.contains(&0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+            firsts = machine.first_heartbeats_ns();
+        }
+        let _ = self.send(&Message::FirstHeartbeats { ns: firsts });
+        Ok(())
+    }
+
+    /// Writes pages into guest memory until `Complete`; returns the device state.
+    fn receive_memory(&mut self, memory: &mut [u8], pages: u64) -> Result<Vec<u8>, IncomingError> {
+        let mut dec = Decompressor::new();
+        let mut state = None;
+        loop {
+            let frame = protocol::read_frame(&mut self.r)?;
+            if frame.kind == Kind::Pages {
+                let batch = PageBatch::parse(&frame.payload, Some(pages))?;
+                for p in batch.pages() {
+                    // parse() checked the page number against guest memory.
+                    let at = p.page as usize * PAGE;
+                    let dst: &mut [u8; PAGE] = (&mut memory[at..at + PAGE])
+                        .try_into()
+                        .map_err(|_| IncomingError::Unexpected(Kind::Pages))?;
+                    if p.raw {
+                        dst.copy_from_slice(p.data);
+                    } else {
+                        dec.decompress(batch.codec, p.data, dst)?;
+                    }
+                }
+                continue;
+            }
+            match Message::decode(&frame, Some(pages))? {
+                Message::ZeroPages { first, count } => {
+                    memory[first as usize * PAGE..(first + count) as usize * PAGE].fill(0);
+                }
+                Message::RoundEnd { .. } | Message::Keepalive => {}
+                Message::DeviceState { blob } => state = Some(blob),
+                Message::Complete { .. } => return state.ok_or(IncomingError::NoState),
+                Message::Abort { reason } => return Err(IncomingError::Aborted(reason)),
+                other => return Err(IncomingError::Unexpected(other.kind())),
+            }
+        }
+    }
+}

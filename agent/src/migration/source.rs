@@ -1,0 +1,572 @@
+//! The sending side of a pre-copy migration, run by the source VMM on a thread of its
+//! own: handshake, config, a full pass over memory, rounds of dirty pages until the
+//! predicted downtime fits the limit, then the two-phase switchover.
+//!
+//! Switchover: the source pauses, sends the last dirty pages, the device state and
+//! `Complete`; the destination answers `Ready`. The source records the handover and
+//! only then sends `Commit`; the destination resumes on `Commit` and answers
+//! `Resumed`. Any failure before `Commit` resumes the VM here. After `Commit` this copy
+//! never runs again: if `Resumed` does not come, the handover is "in doubt" and both
+//! copies stay paused.
+
+use std::io::{BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::codec::{Codec, Compressor, Stored};
+use super::protocol::{self, Hello, Message, PageBatchWriter, ProtocolError};
+use crate::guest::abi::PAGE_SIZE;
+use crate::vmm::dirty::DirtyBitmap;
+use crate::vmm::machine::{Machine, RunState};
+use crate::vmm::snapshot::MachineState;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Pages per batch frame.
+const BATCH: usize = 256;
+/// How long to wait for the destination's answers at switchover.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub to: String,
+    pub codec: Codec,
+    pub max_downtime_ms: u64,
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Setup,
+    Precopy,
+    Switchover,
+    Completed,
+    Failed,
+    Cancelled,
+    InDoubt,
+}
+
+/// What `ferry status` shows of a migration while it runs, and its report at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub to: String,
+    pub round: u32,
+    pub elapsed_ms: u64,
+    pub remaining_dirty_pages: u64,
+    pub dirty_pages_last_round: u64,
+    pub dirty_pages_per_sec: f64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub bytes_on_wire: u64,
+    pub bandwidth_bytes_per_sec: f64,
+    pub codec: String,
+    pub compression_ratio: f64,
+    pub report: Option<Report>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub t_ms: u64,
+    pub setting: String,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub mode: &'static str,
+    pub to: String,
+    pub total_ms: f64,
+    /// Per vCPU, last heartbeat on the source to first on the destination; the largest.
+    pub downtime_ms: Option<f64>,
+    pub max_heartbeat_gap_ms: f64,
+    /// Pause on the source to `Resumed` from the destination.
+    pub switchover_ms: Option<f64>,
+    pub rounds: u32,
+    pub bytes_on_wire: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub codec: String,
+    pub compression_ratio: f64,
+    pub guest_integrity_errors: u64,
+    pub decisions: Vec<Decision>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect to {to}: {source}")]
+    Connect { to: String, source: std::io::Error },
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("the destination sent {0} where it should not")]
+    Unexpected(&'static str),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the VM {0}")]
+    Vm(String),
+    #[error("{0}")]
+    Machine(#[from] crate::vmm::machine::MachineError),
+    #[error("saving device state: {0}")]
+    State(#[from] crate::vmm::snapshot::SnapshotError),
+    #[error("{0}")]
+    Disk(#[from] crate::vmm::block::DiskError),
+    #[error("dirty log: {0}")]
+    Dirty(#[from] crate::vmm::dirty::DirtyError),
+}
+
+/// Counters of one migration.
+struct Stats {
+    t0: Instant,
+    pages_sent: u64,
+    zero_pages: u64,
+    raw_bytes: u64,
+    bytes_on_wire: u64,
+    send_time: Duration,
+    round: u32,
+    dirty_last: u64,
+    dirty_rate: f64,
+    remaining: u64,
+}
+
+struct Sender<'a> {
+    m: &'a Machine,
+    params: &'a Params,
+    w: BufWriter<TcpStream>,
+    r: TcpStream,
+    stats: Stats,
+    compressor: Compressor,
+    batch: Vec<u8>,
+}
+
+impl Progress {
+    pub fn starting(to: &str, codec: Codec) -> Self {
+        Self {
+            phase: Phase::Setup,
+            to: to.to_owned(),
+            round: 0,
+            elapsed_ms: 0,
+            remaining_dirty_pages: 0,
+            dirty_pages_last_round: 0,
+            dirty_pages_per_sec: 0.0,
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_on_wire: 0,
+            bandwidth_bytes_per_sec: 0.0,
+            codec: codec.to_string(),
+            compression_ratio: 1.0,
+            report: None,
+        }
+    }
+}
+
+/// Runs a migration to its end and returns its report (also kept in the machine's
+/// status, and written to `params.report` if given).
+pub fn run(m: Arc<Machine>, params: Params) -> Report {
+    let t0 = Instant::now();
+    let mut progress = Progress::starting(&params.to, params.codec);
+    set_progress(&m, &progress);
+    let decisions = vec![Decision {
+        t_ms: 0,
+        setting: "codec".into(),
+        value: params.codec.to_string(),
+        reason: "set by the operator".into(),
+    }];
+    let mut switch = Switch::default();
+    let (s, result) = migrate(&m, &params, t0, &mut switch);
+    let (outcome, phase, error) = match result {
+        Ok(()) => ("completed", Phase::Completed, None),
+        Err(MigrateError::Cancelled) => ("cancelled", Phase::Cancelled, Some("cancelled".into())),
+        Err(e) if switch.committed => (
+            "failed",
+            Phase::InDoubt,
+            Some(format!(
+                "handover in doubt: the destination was told to resume but did not confirm ({e}); both copies stay paused"
+            )),
+        ),
+        Err(e) => ("failed", Phase::Failed, Some(e.to_string())),
+    };
+    if let Some(e) = &error {
+        tracing::warn!("migration to {} {outcome}: {e}", params.to);
+    }
+    let report = Report {
+        outcome,
+        error,
+        mode: "precopy",
+        to: params.to.clone(),
+        total_ms: ms(t0.elapsed()),
+        downtime_ms: switch.downtime_ms,
+        max_heartbeat_gap_ms: ms(m.max_heartbeat_gap()),
+        switchover_ms: switch.switchover_ms,
+        rounds: s.round,
+        bytes_on_wire: s.bytes_on_wire,
+        pages_sent: s.pages_sent,
+        zero_pages: s.zero_pages,
+        codec: params.codec.to_string(),
+        compression_ratio: ratio(&s),
+        guest_integrity_errors: m.status().guest_integrity_errors,
+        decisions,
+    };
+    if let Some(path) = &params.report
+        && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
+    {
+        tracing::warn!("cannot write migration report {}: {e}", path.display());
+    }
+    fill(&mut progress, &s);
+    progress.phase = phase;
+    progress.report = Some(report.clone());
+    set_progress(&m, &progress);
+    report
+}
+
+#[derive(Default)]
+struct Switch {
+    committed: bool,
+    downtime_ms: Option<f64>,
+    switchover_ms: Option<f64>,
+}
+
+fn new_stats(t0: Instant) -> Stats {
+    Stats {
+        t0,
+        pages_sent: 0,
+        zero_pages: 0,
+        raw_bytes: 0,
+        bytes_on_wire: 0,
+        send_time: Duration::ZERO,
+        round: 0,
+        dirty_last: 0,
+        dirty_rate: 0.0,
+        remaining: 0,
+    }
+}
+
+fn ratio(s: &Stats) -> f64 {
+    if s.bytes_on_wire == 0 {
+        1.0
+    } else {
+        s.raw_bytes as f64 / s.bytes_on_wire as f64
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn set_progress(m: &Machine, p: &Progress) {
+    *m.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+}
+
+fn fill(p: &mut Progress, s: &Stats) {
+    p.round = s.round;
+    p.elapsed_ms = s.t0.elapsed().as_millis() as u64;
+    p.remaining_dirty_pages = s.remaining;
+    p.dirty_pages_last_round = s.dirty_last;
+    p.dirty_pages_per_sec = s.dirty_rate;
+    p.pages_sent = s.pages_sent;
+    p.zero_pages = s.zero_pages;
+    p.bytes_on_wire = s.bytes_on_wire;
+    p.bandwidth_bytes_per_sec = bandwidth(s);
+    p.compression_ratio = ratio(s);
+}
+
+fn bandwidth(s: &Stats) -> f64 {
+    let t = s.send_time.as_secs_f64();
+    if t > 0.0 {
+        s.bytes_on_wire as f64 / t
+    } else {
+        0.0
+    }
+}
+
+/// Runs the migration; returns its counters and how it ended.
+fn migrate(
+    m: &Arc<Machine>,
+    params: &Params,
+    t0: Instant,
+    switch: &mut Switch,
+) -> (Stats, Result<(), MigrateError>) {
+    if m.state() != RunState::Running {
+        let e = MigrateError::Vm(format!("is {:?}, not running", m.state()));
+        return (new_stats(t0), Err(e));
+    }
+    let mut tx = match connect(m, params, t0) {
+        Ok(tx) => tx,
+        Err(e) => return (new_stats(t0), Err(e)),
+    };
+    let result = tx.precopy_and_switch(switch);
+    let _ = tx.m.dirty.stop(&tx.m.vm);
+    match result {
+        Ok(()) => (tx.stats, Ok(())),
+        Err(e) => {
+            if !switch.committed {
+                let _ = protocol::send(
+                    &mut tx.w,
+                    &Message::Abort {
+                        reason: e.to_string(),
+                    },
+                );
+                let _ = tx.w.flush();
+                // Before the handover the VM is ours: take the disks back and run on.
+                let _ = tx.m.disks.set_locked(true);
+                if tx.m.state() == RunState::Paused {
+                    let _ = tx.m.resume();
+                }
+            }
+            (tx.stats, Err(e))
+        }
+    }
+}
+
+fn connect<'a>(
+    m: &'a Machine,
+    params: &'a Params,
+    t0: Instant,
+) -> Result<Sender<'a>, MigrateError> {
+    let addr = params
+        .to
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| MigrateError::Resolve(params.to.clone()))?;
+    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+        MigrateError::Connect {
+            to: params.to.clone(),
+            source,
+        }
+    })?;
+    let _ = conn.set_nodelay(true);
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(ProtocolError::from)?;
+    let r = conn.try_clone().map_err(ProtocolError::from)?;
+    let mut tx = Sender {
+        m,
+        params,
+        w: BufWriter::with_capacity(1 << 20, conn),
+        r,
+        stats: new_stats(t0),
+        compressor: Compressor::new(),
+        batch: Vec::with_capacity(BATCH * (PAGE + 16) + 64),
+    };
+    tx.send(&Message::Hello(Hello {
+        version: protocol::VERSION,
+        name: m.cfg.name.clone(),
+        memory_bytes: m.vm.layout.memory_bytes,
+        vcpus: m.cfg.vcpus,
+        page_size: PAGE as u32,
+    }))?;
+    tx.w.flush().map_err(ProtocolError::from)?;
+    match protocol::recv(&mut tx.r, None)? {
+        Message::HelloAck { version } if version == protocol::VERSION => {}
+        Message::HelloAck { version } => {
+            return Err(ProtocolError::Version {
+                ours: protocol::VERSION,
+                theirs: version,
+            }
+            .into());
+        }
+        Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+        _ => return Err(MigrateError::Unexpected("something other than HelloAck")),
+    }
+    tx.send(&Message::Config {
+        toml: m.cfg.to_toml(),
+    })?;
+    Ok(tx)
+}
+
+impl Sender<'_> {
+    fn send(&mut self, msg: &Message) -> Result<(), MigrateError> {
+        let mut payload = Vec::new();
+        msg.encode_payload(&mut payload);
+        self.frame(msg.kind(), &payload)
+    }
+
+    fn frame(&mut self, kind: protocol::Kind, payload: &[u8]) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        protocol::write_frame(&mut self.w, kind, payload)?;
+        self.stats.send_time += t.elapsed();
+        self.stats.bytes_on_wire += (protocol::HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.m.migration_cancel.load(Ordering::Acquire) {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn publish(&self, phase: Phase) {
+        let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = guard.as_mut() {
+            p.phase = phase;
+            fill(p, &self.stats);
+        }
+    }
+
+    /// Sends the given pages: zero pages as runs, the rest in batches.
+    fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> Result<(), MigrateError> {
+        // SAFETY: pages are read while the guest may write them; every page sent here
+        // had its dirty tracking re-armed before this copy, so a racing write is sent
+        // again in a later round (or under the final pause).
+        let memory = unsafe { self.m.memory_slice() };
+        let codec = self.params.codec;
+        let mut zero_run: Option<(u64, u64)> = None;
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let mut writer = PageBatchWriter::new(&mut batch, codec.id());
+        let mut scratch = Vec::with_capacity(PAGE + 64);
+        for page in pages {
+            let at = page as usize * PAGE;
+            let bytes = &memory[at..at + PAGE];
+            if is_zero(bytes) {
+                zero_run = match zero_run {
+                    Some((first, n)) if first + n == page => Some((first, n + 1)),
+                    other => {
+                        if let Some((first, count)) = other {
+                            self.send(&Message::ZeroPages { first, count })?;
+                        }
+                        Some((page, 1))
+                    }
+                };
+                self.stats.zero_pages += 1;
+                continue;
+            }
+            scratch.clear();
+            let stored = self
+                .compressor
+                .compress(codec, bytes, &mut scratch)
+                .map_err(|e| MigrateError::Vm(e.to_string()))?;
+            writer.push(page, stored == Stored::Raw, &scratch);
+            self.stats.pages_sent += 1;
+            self.stats.raw_bytes += PAGE as u64;
+            if writer.len() == BATCH {
+                writer.finish();
+                self.frame(protocol::Kind::Pages, &batch)?;
+                batch.clear();
+                writer = PageBatchWriter::new(&mut batch, codec.id());
+                self.check_cancel()?;
+            }
+        }
+        if !writer.is_empty() {
+            writer.finish();
+            self.frame(protocol::Kind::Pages, &batch)?;
+        }
+        if let Some((first, count)) = zero_run {
+            self.send(&Message::ZeroPages { first, count })?;
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
+    fn precopy_and_switch(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
+        let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+        let mut dirty = DirtyBitmap::new(pages);
+        self.m.dirty.start(&self.m.vm)?;
+        self.publish(Phase::Precopy);
+        self.send_pages(0..pages)?;
+        self.send(&Message::RoundEnd { round: 0 })?;
+        let mut round_start = Instant::now();
+        loop {
+            self.check_cancel()?;
+            if self.m.state() != RunState::Running {
+                return Err(MigrateError::Vm(format!(
+                    "stopped running ({:?})",
+                    self.m.state()
+                )));
+            }
+            dirty.clear_all();
+            self.m.dirty.fetch(&mut dirty)?;
+            let count = dirty.count();
+            let took = round_start.elapsed().as_secs_f64().max(1e-6);
+            self.stats.dirty_last = count;
+            self.stats.dirty_rate = count as f64 / took;
+            self.stats.remaining = count;
+            self.stats.round += 1;
+            // Predicted downtime: the remaining dirty set at the measured rate; the
+            // device state is a few KB and adds nothing measurable.
+            let bw = bandwidth(&self.stats).max(1.0);
+            let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3);
+            let predicted_ms = wire_bytes / bw * 1e3;
+            self.publish(Phase::Precopy);
+            if predicted_ms <= self.params.max_downtime_ms as f64 {
+                return self.switchover(dirty, switch);
+            }
+            self.m.dirty.clear(0, pages)?;
+            round_start = Instant::now();
+            self.send_pages(dirty.iter_set())?;
+            let round = self.stats.round;
+            self.send(&Message::RoundEnd { round })?;
+        }
+    }
+
+    fn switchover(
+        &mut self,
+        mut dirty: DirtyBitmap,
+        switch: &mut Switch,
+    ) -> Result<(), MigrateError> {
+        self.publish(Phase::Switchover);
+        let t_pause = Instant::now();
+        self.m.pause()?;
+        let last_heartbeats = self.m.last_heartbeats_ns();
+        // Everything dirtied since the last fetch, including by devices.
+        self.m.dirty.fetch(&mut dirty)?;
+        self.stats.remaining = dirty.count();
+        self.send_pages(dirty.iter_set())?;
+        self.m.disks.flush_all()?;
+        let state = MachineState::save(self.m)?
+            .encode()
+            .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
+        self.send(&Message::DeviceState { blob: state })?;
+        // Shared storage: the destination takes the images' locks from here on.
+        self.m.disks.set_locked(false)?;
+        self.send(&Message::Complete {
+            pages_sent: self.stats.pages_sent,
+        })?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        match protocol::recv(&mut self.r, None)? {
+            Message::Ready => {}
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            _ => return Err(MigrateError::Unexpected("something other than Ready")),
+        }
+        // The handover is recorded before Commit leaves: from here on this copy must
+        // never run again, whatever happens to the connection.
+        self.m.handed_over.store(true, Ordering::Release);
+        switch.committed = true;
+        self.send(&Message::Commit)?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        match protocol::recv(&mut self.r, None)? {
+            Message::Resumed => {}
+            _ => return Err(MigrateError::Unexpected("something other than Resumed")),
+        }
+        switch.switchover_ms = Some(ms(t_pause.elapsed()));
+        if let Message::FirstHeartbeats { ns } = protocol::recv(&mut self.r, None)? {
+            switch.downtime_ms = ns
+                .iter()
+                .zip(&last_heartbeats)
+                .filter(|(first, last)| **first > 0 && **last > 0)
+                .map(|(first, last)| first.saturating_sub(*last) as f64 / 1e6)
+                .reduce(f64::max);
+        }
+        self.stats.remaining = 0;
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
+    let (pre, words, post) = unsafe { b.align_to::<u64>() };
+    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0)
+}

@@ -1,0 +1,270 @@
+//! Pre-copy migration end to end: two real `ferry vmm` processes, real TCP on
+//! loopback, real KVM; the guest proves from inside that nothing was lost.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use ferry_tests::{
+    TempDir, Vmm, f64_of, ferry, incoming, migrate, require_kvm, u64_of, write_config,
+};
+use serde_json::Value;
+
+fn config(name: &str, vcpus: u32, pattern: &str, content: &str, rate: u64) -> String {
+    format!(
+        r#"memory_mib = 96
+vcpus = {vcpus}
+[workload]
+working_set_mib = 32
+dirty_pages_per_sec = {rate}
+pattern = "{pattern}"
+content = "{content}"
+[workload.disk]
+write_ops_per_sec = 200
+[[disks]]
+id = "root"
+path = "disks/{name}.img"
+size_mib = 16
+cache = "none"
+"#
+    )
+}
+
+/// After a completed migration: the destination runs and verifies clean, the source
+/// is handed over for good. `writes`: the workload still writes pages after its fill.
+fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
+    assert_eq!(report["outcome"], "completed", "{report}");
+    assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
+    assert!(u64_of(report, "pages_sent") > 0, "{report}");
+    assert_eq!(u64_of(report, "guest_integrity_errors"), 0, "{report}");
+    let s0 = dst.status();
+    assert_eq!(s0["state"], "running", "{s0}");
+    let s1 = dst.wait_for("destination guest running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 300
+            && (!writes || u64_of(s, "guest_pages_written") > u64_of(&s0, "guest_pages_written"))
+    });
+    assert_eq!(u64_of(&s1, "guest_integrity_errors"), 0, "{s1}");
+    assert_eq!(u64_of(&s1, "disk_integrity_errors"), 0, "{s1}");
+    let v = dst.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert_eq!(src.status()["state"], "migrated");
+    let out = ferry(&["resume", "--control", src.ctl()]);
+    assert!(
+        !out.status.success(),
+        "the source resumed after the handover"
+    );
+}
+
+#[test]
+fn migrates_every_codec_and_vcpu_count_with_nothing_lost() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("mig");
+    for (vcpus, codec, pattern, content) in [
+        (1, "none", "random", "mixed"),
+        (2, "lz4", "hotcold", "text"),
+        (2, "zstd:1", "sequential", "random"),
+        (1, "zstd:3", "idle", "zero"),
+    ] {
+        let name = format!("m{vcpus}-{}", codec.replace(':', ""));
+        let cfg = write_config(
+            dir.path(),
+            &name,
+            &config(&name, vcpus, pattern, content, 5000),
+        );
+        let src = Vmm::spawn(dir.path(), &name, &["--config", cfg.to_str().unwrap()]);
+        src.wait_for("disk writes", Duration::from_secs(30), |s| {
+            u64_of(s, "disk_writes") > 100
+        });
+        let (dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
+        assert_eq!(dst.status()["state"], "incoming");
+        let (ok, report) = migrate(
+            &src,
+            &addr,
+            &["--compression", codec, "--max-downtime-ms", "50"],
+        );
+        assert!(ok, "{report}");
+        assert_eq!(report["codec"], codec);
+        if codec != "none" && content == "text" {
+            assert!(f64_of(&report, "compression_ratio") > 1.5, "{report}");
+        }
+        check_arrived(&src, &dst, &report, pattern != "idle");
+        src.quit();
+        dst.quit();
+    }
+}
+
+#[test]
+fn migrates_back_and_forth_five_times_without_drift() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("hops");
+    let cfg = write_config(dir.path(), "h", &config("h", 2, "random", "mixed", 8000));
+    let mut here = Vmm::spawn(dir.path(), "h0", &["--config", cfg.to_str().unwrap()]);
+    here.wait_for("running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    let mut last_pages = 0;
+    for hop in 1..=5 {
+        let (there, addr) = incoming(dir.path(), &format!("h{hop}"));
+        let (ok, report) = migrate(&here, &addr, &["--max-downtime-ms", "50"]);
+        assert!(ok, "hop {hop}: {report}");
+        check_arrived(&here, &there, &report, true);
+        let pages = u64_of(&there.status(), "guest_pages_written");
+        assert!(
+            pages > last_pages,
+            "hop {hop}: counters went back ({pages} <= {last_pages})"
+        );
+        last_pages = pages;
+        here.quit();
+        here = there;
+    }
+    here.quit();
+}
+
+#[test]
+fn a_failed_migration_leaves_the_vm_running_on_the_source() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("migfail");
+    let cfg = write_config(dir.path(), "f", &config("f", 1, "random", "text", 5000));
+    let src = Vmm::spawn(dir.path(), "f", &["--config", cfg.to_str().unwrap()]);
+    src.wait_for("running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+
+    // Nobody listening.
+    let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
+    let (ok, report) = migrate(&src, &addr, &[]);
+    assert!(!ok);
+    assert_eq!(report["outcome"], "failed");
+    assert!(
+        report["error"].as_str().unwrap().contains("cannot connect"),
+        "{report}"
+    );
+
+    // A peer that speaks another protocol version.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut header = [0u8; 16];
+        conn.read_exact(&mut header).unwrap();
+        let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).unwrap();
+        conn.write_all(&frame(2, &99u16.to_le_bytes())).unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+    });
+    let (ok, report) = migrate(&src, &addr, &[]);
+    assert!(!ok);
+    assert!(
+        report["error"].as_str().unwrap().contains("version 99"),
+        "{report}"
+    );
+    fake.join().unwrap();
+
+    // A destination killed in the middle of pre-copy, and a cancelled migration: a
+    // guest dirtying pages as fast as it can with a 1 ms downtime limit keeps
+    // pre-copy going until then.
+    let cfg = write_config(
+        dir.path(),
+        "busy",
+        &config("busy", 2, "random", "random", 0),
+    );
+    let busy = Vmm::spawn(dir.path(), "busy", &["--config", cfg.to_str().unwrap()]);
+    busy.wait_for("running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    for (name, expected_outcome, expected_error) in [
+        ("killed", "failed", "connection"),
+        ("cancelled", "cancelled", "cancelled"),
+    ] {
+        let (dst, addr) = incoming(dir.path(), &format!("busy-{name}"));
+        let ctl = busy.ctl().to_owned();
+        let follower = std::thread::spawn(move || {
+            let out = ferry(&[
+                "migrate",
+                "--control",
+                &ctl,
+                "--to",
+                &addr,
+                "--max-downtime-ms",
+                "1",
+                "--json",
+            ]);
+            serde_json::from_slice::<Value>(&out.stdout).expect("a report")
+        });
+        busy.wait_for("pre-copy rounds", Duration::from_secs(30), |s| {
+            s["migration"]["round"].as_u64().unwrap_or(0) >= 2
+        });
+        if name == "killed" {
+            dst.kill();
+        } else {
+            let out = ferry(&["cancel", "--control", busy.ctl()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // The destination learns of it and gives up; no VM is left there.
+            let mut dst = dst;
+            let status = dst.child.wait().unwrap();
+            assert!(!status.success());
+            assert!(dst.log_text().contains("aborted"), "{}", dst.log_text());
+        }
+        let report = follower.join().unwrap();
+        assert_eq!(report["outcome"], expected_outcome, "{report}");
+        assert!(
+            report["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains(expected_error),
+            "{report}"
+        );
+    }
+    for vm in [&src, &busy] {
+        let s0 = vm.status();
+        assert_eq!(s0["state"], "running", "{s0}");
+        vm.wait_for("still running", Duration::from_secs(30), |s| {
+            u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
+        });
+        let v = vm.verify();
+        assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+        assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    }
+    src.quit();
+    busy.quit();
+}
+
+/// A protocol frame (see docs/PROTOCOL.md), built by hand.
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"FRYM".to_vec();
+    f.extend_from_slice(&[kind, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut crc_input = f.clone();
+    crc_input.extend_from_slice(payload);
+    f.extend_from_slice(&crc32(&crc_input).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
