@@ -105,12 +105,38 @@ enum Command {
         /// Switch over once the predicted downtime is this short.
         #[arg(long, default_value_t = 300)]
         max_downtime_ms: u64,
+        /// Cap on the migration stream, megabits per second (0 = none).
+        #[arg(long, default_value_t = 0)]
+        bandwidth_mbit: u64,
+        /// Slow the vCPUs by this share of their time (0-99) while migrating.
+        #[arg(long, default_value_t = 0)]
+        throttle_pct: u32,
+        /// Give up if not done in this many seconds; the VM stays on the source.
+        #[arg(long)]
+        max_total_secs: Option<u64>,
+        /// Declare a silent peer dead after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
         /// Write the report (JSON) here; the source VMM writes it.
         #[arg(long)]
         report: Option<PathBuf>,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Change a running migration's settings.
+    SetParams {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        compression: Option<String>,
+        /// Megabits per second; 0 = no cap.
+        #[arg(long)]
+        bandwidth_mbit: Option<u64>,
+        #[arg(long)]
+        throttle_pct: Option<u32>,
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
     },
     /// Stop a running migration; the VM keeps running on the source.
     Cancel {
@@ -149,15 +175,35 @@ fn main() -> ExitCode {
             to,
             compression,
             max_downtime_ms,
+            bandwidth_mbit,
+            throttle_pct,
+            max_total_secs,
+            timeout_secs,
             report,
             json,
         } => cli::client::migrate(
             &control,
-            &to,
-            &compression,
-            max_downtime_ms,
+            serde_json::json!({
+                "cmd": "migrate", "to": to, "compression": compression,
+                "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
+                "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
+                "timeout_secs": timeout_secs,
+            }),
             report.as_deref(),
             json,
+        ),
+        Command::SetParams {
+            control,
+            compression,
+            bandwidth_mbit,
+            throttle_pct,
+            max_downtime_ms,
+        } => cli::client::set_params(
+            &control,
+            serde_json::json!({
+                "cmd": "set-params", "compression": compression, "bandwidth_mbit": bandwidth_mbit,
+                "throttle_pct": throttle_pct, "max_downtime_ms": max_downtime_ms,
+            }),
         ),
         Command::Verify {
             control,

@@ -268,3 +268,114 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn a_guest_outrunning_a_capped_link_converges_only_when_throttled() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("throttle");
+    // One vCPU writing random pages as fast as it can (about a million a second)
+    // over 64 MiB: every round dirties all of it, more than an 800 Mbit/s link moves
+    // within the 300 ms downtime limit.
+    let body = r#"memory_mib = 128
+vcpus = 1
+[workload]
+working_set_mib = 64
+dirty_pages_per_sec = 0
+pattern = "random"
+content = "random"
+"#;
+    let cfg = write_config(dir.path(), "t", body);
+    let src = Vmm::spawn(dir.path(), "t", &["--config", cfg.to_str().unwrap()]);
+    src.wait_for("running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+
+    let (dst, addr) = incoming(dir.path(), "t-dst1");
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &["--bandwidth-mbit", "800", "--max-total-secs", "4"],
+    );
+    assert!(!ok);
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not converge"),
+        "{report}"
+    );
+    assert!(u64_of(&report, "rounds") >= 2, "{report}");
+    // The cap holds: never more than 5% over it on average.
+    let rate = f64_of(&report, "bytes_on_wire") / (f64_of(&report, "total_ms") / 1e3);
+    assert!(
+        rate <= 800e6 / 8.0 * 1.05,
+        "{rate} bytes/s over an 800 Mbit/s cap: {report}"
+    );
+    assert_eq!(src.status()["state"], "running");
+    drop(dst);
+
+    // The same with the vCPU throttled from the start converges.
+    let (dst, addr) = incoming(dir.path(), "t-dst2");
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &[
+            "--bandwidth-mbit",
+            "800",
+            "--throttle-pct",
+            "99",
+            "--max-total-secs",
+            "120",
+        ],
+    );
+    assert!(ok, "{report}");
+    assert_eq!(u64_of(&report, "throttle_max_pct"), 99, "{report}");
+    // Throttling shows as heartbeat stalls.
+    assert!(f64_of(&report, "max_heartbeat_gap_ms") > 20.0, "{report}");
+    let v = dst.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    src.quit();
+
+    // Migrate on, raising the throttle live once pre-copy is seen not to converge.
+    let src = dst;
+    let (dst, addr) = incoming(dir.path(), "t-dst3");
+    let ctl = src.ctl().to_owned();
+    let follower = std::thread::spawn(move || {
+        let out = ferry(&[
+            "migrate",
+            "--control",
+            &ctl,
+            "--to",
+            &addr,
+            "--bandwidth-mbit",
+            "800",
+            "--max-total-secs",
+            "120",
+            "--json",
+        ]);
+        serde_json::from_slice::<Value>(&out.stdout).expect("a report")
+    });
+    src.wait_for("pre-copy rounds", Duration::from_secs(60), |s| {
+        s["migration"]["round"].as_u64().unwrap_or(0) >= 3
+    });
+    let out = ferry(&["set-params", "--control", src.ctl(), "--throttle-pct", "99"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = follower.join().unwrap();
+    assert_eq!(report["outcome"], "completed", "{report}");
+    let raised = report["decisions"].as_array().unwrap().iter().any(|d| {
+        d["setting"] == "throttle_pct"
+            && d["value"] == "99"
+            && d["reason"].as_str().unwrap().contains("set-params")
+    });
+    assert!(raised, "{report}");
+    let v = dst.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    src.quit();
+    dst.quit();
+}

@@ -148,19 +148,15 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
 pub fn migrate(
     control: &Path,
-    to: &str,
-    compression: &str,
-    max_downtime_ms: u64,
+    mut req: Value,
     report: Option<&Path>,
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let report = report.map(std::path::absolute).transpose()?;
-    request(
-        control,
-        &json!({"cmd": "migrate", "to": to, "compression": compression,
-                "max_downtime_ms": max_downtime_ms, "report": report}),
-    )?;
+    req["report"] = json!(report);
+    strip_nulls(&mut req);
+    request(control, &req)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -242,4 +238,18 @@ pub fn migrate(
             ExitCode::FAILURE
         },
     )
+}
+
+/// Leaves out the arguments the user did not give.
+fn strip_nulls(v: &mut Value) {
+    if let Value::Object(map) = v {
+        map.retain(|_, v| !v.is_null());
+    }
+}
+
+pub fn set_params(control: &Path, mut req: Value) -> anyhow::Result<ExitCode> {
+    strip_nulls(&mut req);
+    let r = request(control, &req)?;
+    println!("{r}");
+    Ok(ExitCode::SUCCESS)
 }

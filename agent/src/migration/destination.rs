@@ -99,6 +99,11 @@ impl Receiver {
         if let Err(e) = protocol::check_hello(&hello) {
             return Err(self.refuse(e.into()));
         }
+        // The source's keepalive promise: a silence longer than this is a dead peer.
+        let timeout = Duration::from_millis(u64::from(hello.timeout_ms.max(100)));
+        self.w
+            .set_read_timeout(Some(timeout))
+            .map_err(ProtocolError::from)?;
         self.send(&Message::HelloAck {
             version: protocol::VERSION,
         })?;

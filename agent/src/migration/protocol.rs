@@ -102,6 +102,9 @@ pub struct Hello {
     pub memory_bytes: u64,
     pub vcpus: u32,
     pub page_size: u32,
+    /// How long either side waits on a silent peer before declaring it dead; the
+    /// source sends keepalives well within it.
+    pub timeout_ms: u32,
 }
 
 /// One decoded page of a batch: its number and its bytes as sent.
@@ -186,6 +189,7 @@ impl Message {
                 out.extend_from_slice(&h.page_size.to_le_bytes());
                 out.extend_from_slice(&h.memory_bytes.to_le_bytes());
                 out.extend_from_slice(&h.vcpus.to_le_bytes());
+                out.extend_from_slice(&h.timeout_ms.to_le_bytes());
                 put_str(out, &h.name);
             }
             Message::HelloAck { version } => out.extend_from_slice(&version.to_le_bytes()),
@@ -226,6 +230,7 @@ impl Message {
                 page_size: r.u32()?,
                 memory_bytes: r.u64()?,
                 vcpus: r.u32()?,
+                timeout_ms: r.u32()?,
                 name: r.string()?,
             }),
             Kind::HelloAck => Message::HelloAck { version: r.u16()? },
@@ -587,6 +592,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 vcpus: 2,
                 page_size: 4096,
+                timeout_ms: 5000,
             }),
             Message::HelloAck { version: VERSION },
             Message::Config {
@@ -684,6 +690,7 @@ mod tests {
             memory_bytes: 4096,
             vcpus: 1,
             page_size: 4096,
+            timeout_ms: 5000,
         };
         check_hello(&h).unwrap();
         h.version = VERSION + 1;

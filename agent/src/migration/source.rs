@@ -28,15 +28,113 @@ use crate::vmm::snapshot::MachineState;
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch frame.
 const BATCH: usize = 256;
-/// How long to wait for the destination's answers at switchover.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Params {
     pub to: String,
-    pub codec: Codec,
-    pub max_downtime_ms: u64,
     pub report: Option<PathBuf>,
+    /// Give up (the VM stays here) if not done by then.
+    pub max_total: Option<Duration>,
+    /// A silent peer is declared dead after this long.
+    pub timeout: Duration,
+    pub settings: Settings,
+}
+
+/// What can change while a migration runs (`set-params`; later the policy engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub codec: Codec,
+    /// Bytes per second on the wire; None = unlimited.
+    pub bandwidth: Option<u64>,
+    /// Share of each vCPU's time taken away (0-99), as QEMU's auto-converge does.
+    pub throttle_pct: u32,
+    pub max_downtime_ms: u64,
+}
+
+/// The settings in force and every change to them, shared between the migration
+/// thread and `set-params`.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub settings: Settings,
+    pub decisions: Vec<Decision>,
+    pub throttle_max_pct: u32,
+    t0: Instant,
+}
+
+impl Live {
+    pub fn new(settings: Settings) -> Self {
+        let mut live = Self {
+            settings,
+            decisions: Vec::new(),
+            throttle_max_pct: settings.throttle_pct,
+            t0: Instant::now(),
+        };
+        for (setting, value) in live.describe(&settings) {
+            live.record(setting, value, "set by the operator (migrate)");
+        }
+        live
+    }
+
+    fn describe(&self, s: &Settings) -> [(&'static str, String); 4] {
+        [
+            ("codec", s.codec.to_string()),
+            (
+                "bandwidth_mbit",
+                s.bandwidth
+                    .map(|b| (b * 8 / 1_000_000).to_string())
+                    .unwrap_or_else(|| "unlimited".into()),
+            ),
+            ("throttle_pct", s.throttle_pct.to_string()),
+            ("max_downtime_ms", s.max_downtime_ms.to_string()),
+        ]
+    }
+
+    fn record(&mut self, setting: &str, value: String, reason: &str) {
+        self.decisions.push(Decision {
+            t_ms: self.t0.elapsed().as_millis() as u64,
+            setting: setting.into(),
+            value,
+            reason: reason.into(),
+        });
+    }
+
+    /// Applies new settings, recording each one that changed.
+    pub fn change(&mut self, new: Settings, reason: &str) {
+        let before = self.describe(&self.settings);
+        let after = self.describe(&new);
+        for ((setting, old), (_, value)) in before.into_iter().zip(after) {
+            if old != value {
+                self.record(setting, value, reason);
+            }
+        }
+        self.settings = new;
+        self.throttle_max_pct = self.throttle_max_pct.max(new.throttle_pct);
+    }
+}
+
+/// Token bucket for the bandwidth cap: at most 50 ms of burst, so any one-second
+/// window stays within a few percent of the rate.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: Option<u64>, bytes: usize) {
+        let now = Instant::now();
+        let Some(rate) = rate.map(|r| r.max(1) as f64) else {
+            self.tokens = 0.0;
+            self.last = now;
+            return;
+        };
+        let burst = rate * 0.05;
+        self.tokens = (self.tokens + (now - self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / rate));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +165,9 @@ pub struct Progress {
     pub bandwidth_bytes_per_sec: f64,
     pub codec: String,
     pub compression_ratio: f64,
+    pub throttle_pct: u32,
+    pub bandwidth_limit_bytes_per_sec: Option<u64>,
+    pub max_downtime_ms: u64,
     pub report: Option<Report>,
 }
 
@@ -96,6 +197,7 @@ pub struct Report {
     pub zero_pages: u64,
     pub codec: String,
     pub compression_ratio: f64,
+    pub throttle_max_pct: u32,
     pub guest_integrity_errors: u64,
     pub decisions: Vec<Decision>,
 }
@@ -114,6 +216,8 @@ pub enum MigrateError {
     Unexpected(&'static str),
     #[error("cancelled")]
     Cancelled,
+    #[error("did not converge within --max-total-secs ({0} s); the VM stays on the source")]
+    NotConverged(u64),
     #[error("the VM {0}")]
     Vm(String),
     #[error("{0}")]
@@ -148,10 +252,13 @@ struct Sender<'a> {
     stats: Stats,
     compressor: Compressor,
     batch: Vec<u8>,
+    bucket: Bucket,
+    /// The settings as of the last batch.
+    settings: Settings,
 }
 
 impl Progress {
-    pub fn starting(to: &str, codec: Codec) -> Self {
+    pub fn starting(to: &str, settings: &Settings) -> Self {
         Self {
             phase: Phase::Setup,
             to: to.to_owned(),
@@ -164,8 +271,11 @@ impl Progress {
             zero_pages: 0,
             bytes_on_wire: 0,
             bandwidth_bytes_per_sec: 0.0,
-            codec: codec.to_string(),
+            codec: settings.codec.to_string(),
             compression_ratio: 1.0,
+            throttle_pct: settings.throttle_pct,
+            bandwidth_limit_bytes_per_sec: settings.bandwidth,
+            max_downtime_ms: settings.max_downtime_ms,
             report: None,
         }
     }
@@ -175,14 +285,10 @@ impl Progress {
 /// status, and written to `params.report` if given).
 pub fn run(m: Arc<Machine>, params: Params) -> Report {
     let t0 = Instant::now();
-    let mut progress = Progress::starting(&params.to, params.codec);
+    let mut progress = Progress::starting(&params.to, &params.settings);
     set_progress(&m, &progress);
-    let decisions = vec![Decision {
-        t_ms: 0,
-        setting: "codec".into(),
-        value: params.codec.to_string(),
-        reason: "set by the operator".into(),
-    }];
+    *lock(&m.live) = Some(Live::new(params.settings));
+    m.set_throttle(params.settings.throttle_pct);
     let mut switch = Switch::default();
     let (s, result) = migrate(&m, &params, t0, &mut switch);
     let (outcome, phase, error) = match result {
@@ -200,6 +306,10 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     if let Some(e) = &error {
         tracing::warn!("migration to {} {outcome}: {e}", params.to);
     }
+    m.set_throttle(0);
+    let live = lock(&m.live)
+        .take()
+        .unwrap_or_else(|| Live::new(params.settings));
     let report = Report {
         outcome,
         error,
@@ -213,17 +323,18 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         bytes_on_wire: s.bytes_on_wire,
         pages_sent: s.pages_sent,
         zero_pages: s.zero_pages,
-        codec: params.codec.to_string(),
+        codec: live.settings.codec.to_string(),
         compression_ratio: ratio(&s),
+        throttle_max_pct: live.throttle_max_pct,
         guest_integrity_errors: m.status().guest_integrity_errors,
-        decisions,
+        decisions: live.decisions,
     };
     if let Some(path) = &params.report
         && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
     {
         tracing::warn!("cannot write migration report {}: {e}", path.display());
     }
-    fill(&mut progress, &s);
+    fill(&mut progress, &s, &live.settings);
     progress.phase = phase;
     progress.report = Some(report.clone());
     set_progress(&m, &progress);
@@ -264,11 +375,53 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn set_progress(m: &Machine, p: &Progress) {
-    *m.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn fill(p: &mut Progress, s: &Stats) {
+fn set_progress(m: &Machine, p: &Progress) {
+    *lock(&m.migration) = Some(p.clone());
+}
+
+/// `set-params`: changes what is given, records each change.
+pub fn set_params(
+    m: &Machine,
+    codec: Option<Codec>,
+    bandwidth: Option<Option<u64>>,
+    throttle_pct: Option<u32>,
+    max_downtime_ms: Option<u64>,
+) -> Result<Settings, String> {
+    let mut live = lock(&m.live);
+    let live = live.as_mut().ok_or("no migration is running")?;
+    let mut s = live.settings;
+    if let Some(c) = codec {
+        s.codec = c;
+    }
+    if let Some(b) = bandwidth {
+        s.bandwidth = b;
+    }
+    if let Some(t) = throttle_pct {
+        if t > 99 {
+            return Err(format!("throttle_pct = {t} is outside 0..=99"));
+        }
+        s.throttle_pct = t;
+    }
+    if let Some(d) = max_downtime_ms {
+        if d == 0 {
+            return Err("max_downtime_ms must be at least 1".into());
+        }
+        s.max_downtime_ms = d;
+    }
+    live.change(s, "set by the operator (set-params)");
+    m.set_throttle(s.throttle_pct);
+    Ok(s)
+}
+
+fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
+    p.codec = settings.codec.to_string();
+    p.throttle_pct = settings.throttle_pct;
+    p.bandwidth_limit_bytes_per_sec = settings.bandwidth;
+    p.max_downtime_ms = settings.max_downtime_ms;
     p.round = s.round;
     p.elapsed_ms = s.t0.elapsed().as_millis() as u64;
     p.remaining_dirty_pages = s.remaining;
@@ -347,7 +500,10 @@ fn connect<'a>(
         }
     })?;
     let _ = conn.set_nodelay(true);
-    conn.set_read_timeout(Some(ANSWER_TIMEOUT))
+    // A dead or silent peer shows as a read or write that times out.
+    conn.set_read_timeout(Some(params.timeout))
+        .map_err(ProtocolError::from)?;
+    conn.set_write_timeout(Some(params.timeout))
         .map_err(ProtocolError::from)?;
     let r = conn.try_clone().map_err(ProtocolError::from)?;
     let mut tx = Sender {
@@ -358,6 +514,11 @@ fn connect<'a>(
         stats: new_stats(t0),
         compressor: Compressor::new(),
         batch: Vec::with_capacity(BATCH * (PAGE + 16) + 64),
+        bucket: Bucket {
+            tokens: 0.0,
+            last: Instant::now(),
+        },
+        settings: params.settings,
     };
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
@@ -365,6 +526,7 @@ fn connect<'a>(
         memory_bytes: m.vm.layout.memory_bytes,
         vcpus: m.cfg.vcpus,
         page_size: PAGE as u32,
+        timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
     match protocol::recv(&mut tx.r, None)? {
@@ -393,26 +555,40 @@ impl Sender<'_> {
     }
 
     fn frame(&mut self, kind: protocol::Kind, payload: &[u8]) -> Result<(), MigrateError> {
+        // Time spent waiting for the cap counts: the measured bandwidth is what the
+        // stream achieves, which is what predictions need.
         let t = Instant::now();
+        self.bucket.take(
+            self.settings.bandwidth,
+            protocol::HEADER_LEN + payload.len(),
+        );
         protocol::write_frame(&mut self.w, kind, payload)?;
         self.stats.send_time += t.elapsed();
         self.stats.bytes_on_wire += (protocol::HEADER_LEN + payload.len()) as u64;
         Ok(())
     }
 
-    fn check_cancel(&self) -> Result<(), MigrateError> {
+    /// Between batches: cancelled? out of time? new settings?
+    fn check_cancel(&mut self) -> Result<(), MigrateError> {
         if self.m.migration_cancel.load(Ordering::Acquire) {
-            Err(MigrateError::Cancelled)
-        } else {
-            Ok(())
+            return Err(MigrateError::Cancelled);
         }
+        if let Some(max) = self.params.max_total
+            && self.stats.t0.elapsed() > max
+        {
+            return Err(MigrateError::NotConverged(max.as_secs()));
+        }
+        if let Some(live) = lock(&self.m.live).as_ref() {
+            self.settings = live.settings;
+        }
+        Ok(())
     }
 
     fn publish(&self, phase: Phase) {
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;
-            fill(p, &self.stats);
+            fill(p, &self.stats, &self.settings);
         }
     }
 
@@ -422,8 +598,16 @@ impl Sender<'_> {
         // had its dirty tracking re-armed before this copy, so a racing write is sent
         // again in a later round (or under the final pause).
         let memory = unsafe { self.m.memory_slice() };
-        let codec = self.params.codec;
+        self.check_cancel()?;
+        let mut codec = self.settings.codec;
         let mut zero_run: Option<(u64, u64)> = None;
+        // Under a bandwidth cap a frame must not take long enough to starve the peer's
+        // timeout: at most ~100 ms of the cap per frame.
+        let limit = |s: &Settings| {
+            s.bandwidth
+                .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH))
+        };
+        let mut batch_pages = limit(&self.settings);
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         let mut writer = PageBatchWriter::new(&mut batch, codec.id());
@@ -452,12 +636,14 @@ impl Sender<'_> {
             writer.push(page, stored == Stored::Raw, &scratch);
             self.stats.pages_sent += 1;
             self.stats.raw_bytes += PAGE as u64;
-            if writer.len() == BATCH {
+            if writer.len() >= batch_pages {
                 writer.finish();
                 self.frame(protocol::Kind::Pages, &batch)?;
                 batch.clear();
-                writer = PageBatchWriter::new(&mut batch, codec.id());
                 self.check_cancel()?;
+                codec = self.settings.codec;
+                batch_pages = limit(&self.settings);
+                writer = PageBatchWriter::new(&mut batch, codec.id());
             }
         }
         if !writer.is_empty() {
@@ -501,7 +687,7 @@ impl Sender<'_> {
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3);
             let predicted_ms = wire_bytes / bw * 1e3;
             self.publish(Phase::Precopy);
-            if predicted_ms <= self.params.max_downtime_ms as f64 {
+            if predicted_ms <= self.settings.max_downtime_ms as f64 {
                 return self.switchover(dirty, switch);
             }
             self.m.dirty.clear(0, pages)?;
@@ -520,6 +706,12 @@ impl Sender<'_> {
         self.publish(Phase::Switchover);
         let t_pause = Instant::now();
         self.m.pause()?;
+        // The guest is stopped now: the last pages go at full speed (as QEMU lifts
+        // its rate limit for the completion stage).
+        self.settings.bandwidth = None;
+        if let Some(live) = lock(&self.m.live).as_mut() {
+            live.settings.bandwidth = None;
+        }
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything dirtied since the last fetch, including by devices.
         self.m.dirty.fetch(&mut dirty)?;

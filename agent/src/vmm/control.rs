@@ -44,16 +44,52 @@ pub enum Request {
     /// Start a pre-copy migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
     Migrate {
         to: String,
+        #[serde(flatten)]
+        settings: SettingsRequest,
         #[serde(default)]
-        compression: Option<String>,
+        max_total_secs: Option<u64>,
         #[serde(default)]
-        max_downtime_ms: Option<u64>,
+        timeout_secs: Option<u64>,
         #[serde(default)]
         report: Option<PathBuf>,
+    },
+    /// Change the running migration's settings.
+    SetParams {
+        #[serde(flatten)]
+        settings: SettingsRequest,
     },
     /// Stop the running migration; the VM keeps running here.
     Cancel {},
     Quit {},
+}
+
+/// Migration settings as a request names them; absent means "unchanged" (or the
+/// default, when starting).
+#[derive(Debug, Default, Deserialize)]
+pub struct SettingsRequest {
+    #[serde(default)]
+    pub compression: Option<String>,
+    /// Megabits per second; 0 = unlimited.
+    #[serde(default)]
+    pub bandwidth_mbit: Option<u64>,
+    #[serde(default)]
+    pub throttle_pct: Option<u32>,
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+}
+
+impl SettingsRequest {
+    fn codec(&self) -> Result<Option<Codec>, String> {
+        self.compression
+            .as_deref()
+            .map(|c| c.parse::<Codec>().map_err(|e| e.to_string()))
+            .transpose()
+    }
+
+    fn bandwidth(&self) -> Option<Option<u64>> {
+        self.bandwidth_mbit
+            .map(|m| (m > 0).then_some(m.saturating_mul(1_000_000) / 8))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,10 +250,24 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             .map_err(|e| e.to_string()),
         Request::Migrate {
             to,
-            compression,
-            max_downtime_ms,
+            settings,
+            max_total_secs,
+            timeout_secs,
             report,
-        } => start_migration(m, to, compression, max_downtime_ms, report),
+        } => start_migration(m, to, &settings, max_total_secs, timeout_secs, report),
+        Request::SetParams { settings } => settings.codec().and_then(|codec| {
+            source::set_params(
+                m,
+                codec,
+                settings.bandwidth(),
+                settings.throttle_pct,
+                settings.max_downtime_ms,
+            )
+            .map(|s| {
+                json!({"codec": s.codec.to_string(), "bandwidth_bytes_per_sec": s.bandwidth,
+                       "throttle_pct": s.throttle_pct, "max_downtime_ms": s.max_downtime_ms})
+            })
+        }),
         Request::Cancel {} => {
             let running = m
                 .migration
@@ -243,18 +293,28 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
 fn start_migration(
     m: &Arc<Machine>,
     to: String,
-    compression: Option<String>,
-    max_downtime_ms: Option<u64>,
+    req: &SettingsRequest,
+    max_total_secs: Option<u64>,
+    timeout_secs: Option<u64>,
     report: Option<PathBuf>,
 ) -> Result<Value, String> {
-    let codec: Codec = compression
-        .as_deref()
-        .unwrap_or("none")
-        .parse()
-        .map_err(|e: crate::migration::codec::CodecError| e.to_string())?;
-    let max_downtime_ms = max_downtime_ms.unwrap_or(300);
-    if max_downtime_ms == 0 {
+    let settings = source::Settings {
+        codec: req.codec()?.unwrap_or(Codec::None),
+        bandwidth: req.bandwidth().flatten(),
+        throttle_pct: req.throttle_pct.unwrap_or(0),
+        max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
+    };
+    if settings.max_downtime_ms == 0 {
         return Err("max_downtime_ms must be at least 1".into());
+    }
+    if settings.throttle_pct > 99 {
+        return Err(format!(
+            "throttle_pct = {} is outside 0..=99",
+            settings.throttle_pct
+        ));
+    }
+    if matches!(max_total_secs, Some(0)) || matches!(timeout_secs, Some(0)) {
+        return Err("max_total_secs and timeout_secs must be at least 1".into());
     }
     {
         let mut slot = m.migration.lock().unwrap_or_else(|e| e.into_inner());
@@ -265,14 +325,15 @@ fn start_migration(
             return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
         }
         // Claimed here, under the lock, so two requests cannot both start one.
-        *slot = Some(source::Progress::starting(&to, codec));
+        *slot = Some(source::Progress::starting(&to, &settings));
         m.migration_cancel.store(false, Ordering::Release);
     }
     let params = source::Params {
         to,
-        codec,
-        max_downtime_ms,
         report,
+        max_total: max_total_secs.map(Duration::from_secs),
+        timeout: Duration::from_secs(timeout_secs.unwrap_or(5)),
+        settings,
     };
     let machine = m.clone();
     std::thread::Builder::new()
@@ -349,5 +410,18 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err());
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"migrate","to":"h:1","bandwidth_mbit":800}"#).unwrap();
+        match r {
+            Request::Migrate { to, settings, .. } => {
+                assert_eq!(to, "h:1");
+                assert_eq!(settings.bandwidth(), Some(Some(100_000_000)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"set-params","throttle":5}"#).is_err(),
+            "a misspelt setting must not pass silently"
+        );
     }
 }

@@ -31,6 +31,8 @@ use crate::guest::layout::Layout;
 
 /// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls does not name.
 const EXIT_DIRTY_RING_FULL: u32 = 31;
+/// Guest time between two throttle pauses.
+const THROTTLE_SLICE: Duration = Duration::from_millis(1);
 /// Longest single park for a guest sleep request, so a bogus request cannot hang a vCPU.
 const MAX_SLEEP: Duration = Duration::from_millis(10);
 
@@ -109,6 +111,8 @@ struct Control {
 
 pub struct Shared {
     target: AtomicU8,
+    /// Share of guest time taken away from every vCPU (0-99).
+    throttle_pct: std::sync::atomic::AtomicU32,
     /// CLOCK_MONOTONIC of the first heartbeat this process saw (0: none yet).
     first_heartbeat_ns: AtomicU64,
     control: Mutex<Control>,
@@ -236,6 +240,8 @@ pub struct Machine {
     pub migration: Mutex<Option<crate::migration::source::Progress>>,
     /// Set by `cancel`; the migration stops at its next check and the VM runs on here.
     pub migration_cancel: std::sync::atomic::AtomicBool,
+    /// The running migration's settings and their history (`set-params`).
+    pub live: Mutex<Option<crate::migration::source::Live>>,
     /// While set, `resume` is refused with this reason (a migration destination
     /// waiting for the source's commit).
     pub hold: Mutex<Option<String>>,
@@ -262,6 +268,7 @@ impl Machine {
             disks: Arc::new(disks),
             shared: Arc::new(Shared {
                 target: AtomicU8::new(Target::Pause as u8),
+                throttle_pct: std::sync::atomic::AtomicU32::new(0),
                 first_heartbeat_ns: AtomicU64::new(0),
                 control: Mutex::new(Control::default()),
                 cond: Condvar::new(),
@@ -274,6 +281,7 @@ impl Machine {
             handed_over: std::sync::atomic::AtomicBool::new(false),
             migration: Mutex::new(None),
             migration_cancel: std::sync::atomic::AtomicBool::new(false),
+            live: Mutex::new(None),
             hold: Mutex::new(None),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
@@ -433,6 +441,13 @@ impl Machine {
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
         }
+    }
+
+    /// Slows every vCPU to (100 - pct)% of its time, applied at once.
+    pub fn set_throttle(&self, pct: u32) {
+        self.shared
+            .throttle_pct
+            .store(pct.min(99), Ordering::Release);
     }
 
     /// Per vCPU: CLOCK_MONOTONIC of its latest heartbeat in this process (0: none).
@@ -614,6 +629,7 @@ impl VcpuThread {
         lock(&self.shared.threads).push(unsafe { libc::pthread_self() });
         let mut fd = lock(&self.fd);
         KVM_RUN.with(|c| c.set(fd.get_kvm_run()));
+        let mut guest_time = Duration::ZERO;
         loop {
             if self.shared.target() != Target::Run {
                 // Let KVM finish a half-done port access so the saved state is whole.
@@ -629,7 +645,19 @@ impl VcpuThread {
                 KVM_RUN.with(|c| c.set(fd.get_kvm_run()));
                 continue;
             }
-            let outcome = match fd.run() {
+            let entered = Instant::now();
+            let ran = fd.run();
+            guest_time += entered.elapsed();
+            // Throttling as a duty cycle: after each millisecond in the guest, sit out
+            // the share the throttle takes (QEMU's auto-converge does the same).
+            let throttle = self.shared.throttle_pct.load(Ordering::Relaxed);
+            if throttle > 0 && guest_time >= THROTTLE_SLICE {
+                self.park_for(guest_time * throttle / (100 - throttle));
+                guest_time = Duration::ZERO;
+            } else if throttle == 0 {
+                guest_time = Duration::ZERO;
+            }
+            let outcome = match ran {
                 Ok(exit) => self.handle_exit(exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     fd.set_kvm_immediate_exit(0);
