@@ -117,6 +117,9 @@ enum Command {
         /// Declare a silent peer dead after this many seconds.
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
+        /// Skip comparing the memory digests of both sides after the handover.
+        #[arg(long)]
+        no_verify: bool,
         /// Write the report (JSON) here; the source VMM writes it.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
             throttle_pct,
             max_total_secs,
             timeout_secs,
+            no_verify,
             report,
             json,
         } => cli::client::migrate(
@@ -187,7 +191,7 @@ fn main() -> ExitCode {
                 "cmd": "migrate", "to": to, "compression": compression,
                 "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
                 "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
-                "timeout_secs": timeout_secs,
+                "timeout_secs": timeout_secs, "no_verify": no_verify,
             }),
             report.as_deref(),
             json,

@@ -37,6 +37,7 @@ fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
     assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
     assert!(u64_of(report, "pages_sent") > 0, "{report}");
     assert_eq!(u64_of(report, "guest_integrity_errors"), 0, "{report}");
+    assert_eq!(report["memory_verified"], true, "{report}");
     let s0 = dst.status();
     assert_eq!(s0["state"], "running", "{s0}");
     let s1 = dst.wait_for("destination guest running", Duration::from_secs(30), |s| {

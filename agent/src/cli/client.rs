@@ -218,6 +218,8 @@ pub fn migrate(
             "bytes_on_wire",
             "codec",
             "compression_ratio",
+            "throttle_max_pct",
+            "memory_verified",
             "guest_integrity_errors",
         ] {
             let v = get(&final_report, key);

@@ -133,7 +133,9 @@ impl Receiver {
             std::slice::from_raw_parts_mut(vm.host_base(), vm.layout.memory_bytes as usize)
         };
         let t0 = Instant::now();
-        let blob = match self.receive_memory(memory, pages) {
+        // Pages never sent stay zero; the source sends every page at least once anyway.
+        let mut crcs = vec![crc32fast::hash(&[0u8; PAGE]); pages as usize];
+        let blob = match self.receive_memory(memory, pages, &mut crcs) {
             Ok(b) => b,
             Err(e) => return Err(self.refuse(e)),
         };
@@ -190,6 +192,9 @@ impl Receiver {
         machine.resume()?;
         self.send(&Message::Resumed)?;
         tracing::info!("migration complete: the guest runs here");
+        let _ = self.send(&Message::MemoryDigest {
+            digest: protocol::digest(&crcs),
+        });
         // Downtime is measured by the source from each vCPU's first heartbeat here.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut firsts = machine.first_heartbeats_ns();
@@ -202,7 +207,13 @@ impl Receiver {
     }
 
     /// Writes pages into guest memory until `Complete`; returns the device state.
-    fn receive_memory(&mut self, memory: &mut [u8], pages: u64) -> Result<Vec<u8>, IncomingError> {
+    fn receive_memory(
+        &mut self,
+        memory: &mut [u8],
+        pages: u64,
+        crcs: &mut [u32],
+    ) -> Result<Vec<u8>, IncomingError> {
+        let zero_crc = crc32fast::hash(&[0u8; PAGE]);
         let mut dec = Decompressor::new();
         let mut state = None;
         loop {
@@ -220,12 +231,14 @@ impl Receiver {
                     } else {
                         dec.decompress(batch.codec, p.data, dst)?;
                     }
+                    crcs[p.page as usize] = crc32fast::hash(dst);
                 }
                 continue;
             }
             match Message::decode(&frame, Some(pages))? {
                 Message::ZeroPages { first, count } => {
                     memory[first as usize * PAGE..(first + count) as usize * PAGE].fill(0);
+                    crcs[first as usize..(first + count) as usize].fill(zero_crc);
                 }
                 Message::RoundEnd { .. } | Message::Keepalive => {}
                 Message::DeviceState { blob } => state = Some(blob),

@@ -40,6 +40,7 @@ pub enum Kind {
     Keepalive = 12,
     Abort = 13,
     FirstHeartbeats = 14,
+    MemoryDigest = 15,
 }
 
 impl Kind {
@@ -60,6 +61,7 @@ impl Kind {
             12 => Keepalive,
             13 => Abort,
             14 => FirstHeartbeats,
+            15 => MemoryDigest,
             _ => return None,
         })
     }
@@ -159,6 +161,10 @@ pub enum Message {
     FirstHeartbeats {
         ns: Vec<u64>,
     },
+    /// Destination → source: the digest of guest memory as it landed (see [`digest`]).
+    MemoryDigest {
+        digest: u32,
+    },
 }
 
 impl Message {
@@ -178,6 +184,7 @@ impl Message {
             Message::Keepalive => Kind::Keepalive,
             Message::Abort { .. } => Kind::Abort,
             Message::FirstHeartbeats { .. } => Kind::FirstHeartbeats,
+            Message::MemoryDigest { .. } => Kind::MemoryDigest,
         }
     }
 
@@ -210,6 +217,7 @@ impl Message {
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
             Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
             Message::Abort { reason } => put_str(out, reason),
+            Message::MemoryDigest { digest } => out.extend_from_slice(&digest.to_le_bytes()),
             Message::FirstHeartbeats { ns } => {
                 out.extend_from_slice(&(ns.len() as u32).to_le_bytes());
                 for v in ns {
@@ -274,6 +282,7 @@ impl Message {
             Kind::Abort => Message::Abort {
                 reason: r.string()?,
             },
+            Kind::MemoryDigest => Message::MemoryDigest { digest: r.u32()? },
             Kind::FirstHeartbeats => {
                 let n = r.u32()?;
                 if n > crate::vmm::config::MAX_VCPUS {
@@ -553,6 +562,25 @@ pub fn recv(r: &mut impl Read, guest_pages: Option<u64>) -> Result<Message, Prot
     Message::decode(&frame, guest_pages)
 }
 
+/// Digest of guest memory: CRC32 over every page's CRC32, in page order. Per page so
+/// that a destination can keep it up to date as pages land, and the final value costs
+/// nothing at switchover.
+pub fn digest(page_crcs: &[u32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for c in page_crcs {
+        h.update(&c.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Per-page CRC32s of a memory image (the source computes these over its frozen copy).
+pub fn page_crcs(memory: &[u8]) -> Vec<u32> {
+    memory
+        .chunks(PAGE_SIZE as usize)
+        .map(crc32fast::hash)
+        .collect()
+}
+
 /// Checks a peer's hello against ours: same protocol version and page size.
 pub fn check_hello(theirs: &Hello) -> Result<(), ProtocolError> {
     if theirs.version != VERSION {
@@ -617,6 +645,9 @@ mod tests {
                 reason: "cancelled".into(),
             },
             Message::FirstHeartbeats { ns: vec![5, 6] },
+            Message::MemoryDigest {
+                digest: 0xdead_beef,
+            },
         ]
     }
 
@@ -716,7 +747,7 @@ mod tests {
         }
 
         #[test]
-        fn random_payloads_with_good_crc_never_panic(kind in 1u8..15, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..16, data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).unwrap();
             let mut wire = Vec::new();
             write_frame(&mut wire, kind, &data).unwrap();

@@ -37,6 +37,8 @@ pub struct Params {
     pub max_total: Option<Duration>,
     /// A silent peer is declared dead after this long.
     pub timeout: Duration,
+    /// Compare memory digests after the handover.
+    pub verify: bool,
     pub settings: Settings,
 }
 
@@ -198,6 +200,8 @@ pub struct Report {
     pub codec: String,
     pub compression_ratio: f64,
     pub throttle_max_pct: u32,
+    /// Source and destination memory digests agree (None: not checked).
+    pub memory_verified: Option<bool>,
     pub guest_integrity_errors: u64,
     pub decisions: Vec<Decision>,
 }
@@ -326,6 +330,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         codec: live.settings.codec.to_string(),
         compression_ratio: ratio(&s),
         throttle_max_pct: live.throttle_max_pct,
+        memory_verified: switch.memory_verified,
         guest_integrity_errors: m.status().guest_integrity_errors,
         decisions: live.decisions,
     };
@@ -344,6 +349,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
 #[derive(Default)]
 struct Switch {
     committed: bool,
+    memory_verified: Option<bool>,
     downtime_ms: Option<f64>,
     switchover_ms: Option<f64>,
 }
@@ -744,6 +750,19 @@ impl Sender<'_> {
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
         }
         switch.switchover_ms = Some(ms(t_pause.elapsed()));
+        if let Message::MemoryDigest { digest } = protocol::recv(&mut self.r, None)?
+            && self.params.verify
+        {
+            // This copy is frozen for good now: hashing it costs the guest nothing.
+            // SAFETY: the VM is paused and handed over; nothing writes its memory.
+            let ours = protocol::digest(&protocol::page_crcs(unsafe { self.m.memory_slice() }));
+            switch.memory_verified = Some(ours == digest);
+            if ours != digest {
+                tracing::error!(
+                    "memory digest mismatch after migration: source {ours:#010x}, destination {digest:#010x}"
+                );
+            }
+        }
         if let Message::FirstHeartbeats { ns } = protocol::recv(&mut self.r, None)? {
             switch.downtime_ms = ns
                 .iter()

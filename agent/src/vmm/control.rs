@@ -52,6 +52,8 @@ pub enum Request {
         timeout_secs: Option<u64>,
         #[serde(default)]
         report: Option<PathBuf>,
+        #[serde(default)]
+        no_verify: bool,
     },
     /// Change the running migration's settings.
     SetParams {
@@ -254,7 +256,16 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             max_total_secs,
             timeout_secs,
             report,
-        } => start_migration(m, to, &settings, max_total_secs, timeout_secs, report),
+            no_verify,
+        } => start_migration(
+            m,
+            to,
+            &settings,
+            max_total_secs,
+            timeout_secs,
+            report,
+            !no_verify,
+        ),
         Request::SetParams { settings } => settings.codec().and_then(|codec| {
             source::set_params(
                 m,
@@ -297,6 +308,7 @@ fn start_migration(
     max_total_secs: Option<u64>,
     timeout_secs: Option<u64>,
     report: Option<PathBuf>,
+    verify: bool,
 ) -> Result<Value, String> {
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
@@ -333,6 +345,7 @@ fn start_migration(
         report,
         max_total: max_total_secs.map(Duration::from_secs),
         timeout: Duration::from_secs(timeout_secs.unwrap_or(5)),
+        verify,
         settings,
     };
     let machine = m.clone();
