@@ -184,9 +184,11 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     });
     for (name, expected_outcome, expected_error) in [
         ("killed", "failed", "connection"),
+        ("cut", "failed", "connection"),
         ("cancelled", "cancelled", "cancelled"),
     ] {
         let (dst, addr) = incoming(dir.path(), &format!("busy-{name}"));
+        let dst_port = addr.rsplit(':').next().unwrap_or_default().to_owned();
         let ctl = busy.ctl().to_owned();
         let follower = std::thread::spawn(move || {
             let out = ferry(&[
@@ -206,6 +208,19 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         });
         if name == "killed" {
             dst.kill();
+        } else if name == "cut" {
+            // Break the TCP connection itself, as a failing network path would.
+            let port = dst_port.clone();
+            let out = std::process::Command::new("ss")
+                .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
+                .output()
+                .expect("ss (iproute2) is installed by cargo xtask setup");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            drop(dst);
         } else {
             let out = ferry(&["cancel", "--control", busy.ctl()]);
             assert!(
@@ -379,4 +394,69 @@ content = "random"
     assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
     src.quit();
     dst.quit();
+}
+
+#[test]
+fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("corrupt");
+    let cfg = write_config(dir.path(), "c", &config("c", 1, "random", "text", 5000));
+    let src = Vmm::spawn(dir.path(), "c", &["--config", cfg.to_str().unwrap()]);
+    src.wait_for("running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    let (mut dst, dst_addr) = incoming(dir.path(), "c-dst");
+    // A proxy between the two that flips one bit in the middle of the page stream.
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    let relay = std::thread::spawn(move || {
+        let (from_src, _) = proxy.accept().unwrap();
+        let to_dst = std::net::TcpStream::connect(&dst_addr).unwrap();
+        let (mut src_r, mut dst_w) = (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let (mut dst_r, mut src_w) = (to_dst, from_src);
+            let _ = std::io::copy(&mut dst_r, &mut src_w);
+            let _ = src_w.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = 0usize;
+        let flip_at = 3 << 20;
+        loop {
+            let n = match src_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (seen..seen + n).contains(&flip_at) {
+                buf[flip_at - seen] ^= 0x04;
+            }
+            seen += n;
+            if dst_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = dst_w.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    });
+    let (ok, report) = migrate(&src, &proxy_addr, &[]);
+    assert!(!ok);
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert!(
+        report["error"].as_str().unwrap().contains("checksum"),
+        "{report}"
+    );
+    let status = dst.child.wait().unwrap();
+    assert!(!status.success(), "the destination must give up");
+    assert!(dst.log_text().contains("checksum"), "{}", dst.log_text());
+    relay.join().unwrap();
+    let s0 = src.status();
+    assert_eq!(s0["state"], "running", "{s0}");
+    src.wait_for("still running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
+    });
+    let v = src.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    src.quit();
 }

@@ -464,7 +464,7 @@ fn migrate(
         Ok(tx) => tx,
         Err(e) => return (new_stats(t0), Err(e)),
     };
-    let result = tx.precopy_and_switch(switch);
+    let result = tx.precopy_and_switch(switch).map_err(|e| tx.peer_reason(e));
     let _ = tx.m.dirty.stop(&tx.m.vm);
     match result {
         Ok(()) => (tx.stats, Ok(())),
@@ -572,6 +572,22 @@ impl Sender<'_> {
         self.stats.send_time += t.elapsed();
         self.stats.bytes_on_wire += (protocol::HEADER_LEN + payload.len()) as u64;
         Ok(())
+    }
+
+    /// A stream that broke while sending often broke because the destination refused
+    /// something and said why: prefer its reason to "broken pipe".
+    fn peer_reason(&mut self, e: MigrateError) -> MigrateError {
+        if !matches!(e, MigrateError::Protocol(ProtocolError::Io(_))) {
+            return e;
+        }
+        let _ = self.r.set_read_timeout(Some(Duration::from_millis(500)));
+        loop {
+            match protocol::recv(&mut self.r, None) {
+                Ok(Message::Abort { reason }) => return MigrateError::Refused(reason),
+                Ok(_) => continue,
+                Err(_) => return e,
+            }
+        }
     }
 
     /// Between batches: cancelled? out of time? new settings?
