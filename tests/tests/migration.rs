@@ -220,7 +220,10 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            drop(dst);
+            // The destination sees the stream end and gives up by itself.
+            let mut dst = dst;
+            let status = dst.child.wait().unwrap();
+            assert!(!status.success());
         } else {
             let out = ferry(&["cancel", "--control", busy.ctl()]);
             assert!(
