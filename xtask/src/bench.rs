@@ -14,7 +14,8 @@ use crate::util::{
 pub fn run(area: &str) -> Result<()> {
     match area {
         "vmm" => vmm(),
-        other => bail!("unknown bench area {other:?} (areas: vmm)"),
+        "precopy" => precopy(),
+        other => bail!("unknown bench area {other:?} (areas: vmm, precopy)"),
     }
 }
 
@@ -243,6 +244,200 @@ fn vmm() -> Result<()> {
     }
 
     let out = crate::util::root().join("target/bench/vmm.json");
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    step(&format!("results saved to {}", out.display()));
+    Ok(())
+}
+
+/// Raw loopback TCP throughput in bytes/s: one writer, one reader, 1 MiB writes.
+fn loopback_bytes_per_sec(total: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n,
+            }
+        }
+    });
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        conn.write_all(&chunk)?;
+        sent += chunk.len();
+    }
+    drop(conn);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok(got as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Migrates `vm` to a fresh incoming VMM; returns the report and the new VMM.
+fn migrate_once(
+    ferry: &Path,
+    dir: &Path,
+    vm: &Vmm,
+    name: &str,
+    args: &[&str],
+) -> Result<(Value, Vmm)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut dst = Vmm::spawn(
+        ferry,
+        &["--incoming", &addr],
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.log")),
+    )?;
+    dst.wait_ready(ferry)?;
+    let mut full = vec!["migrate", "--to", &addr, "--json"];
+    full.extend_from_slice(args);
+    let out = std::process::Command::new(ferry)
+        .args(&full)
+        .arg("--control")
+        .arg(&vm.control)
+        .output()?;
+    let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    if report["outcome"] != "completed" {
+        bail!("migration failed: {report}");
+    }
+    Ok((report, dst))
+}
+
+fn precopy() -> Result<()> {
+    let ferry = build_ferry()?;
+    let dir = work_dir("bench-precopy")?;
+    let mut results = serde_json::Map::new();
+
+    step("raw loopback TCP stream (1 GiB, 1 MiB writes)");
+    let raw = median(
+        (0..3)
+            .map(|_| loopback_bytes_per_sec(1 << 30))
+            .collect::<Result<Vec<_>>>()?,
+    );
+    println!("  {:.2} GB/s", raw / 1e9);
+    results.insert("loopback_bytes_per_sec".into(), json!(raw));
+
+    step("idle 1 GiB guest (pattern idle, fill, content mixed, 768 MiB working set)");
+    for codec in ["none", "lz4"] {
+        let body = config(
+            "idle",
+            1024,
+            2,
+            "working_set_mib = 768\npattern = \"idle\"\ncontent = \"mixed\"\n",
+        );
+        let mut vm = start(&ferry, &dir, &format!("idle-{codec}"), &body)?;
+        vm.wait_ready(&ferry)?;
+        wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+            num(s, "guest_pages_written") >= 196_608.0
+        })?;
+        let cpu0 = cpu_seconds(vm.child.id())?;
+        let (r, dst) = migrate_once(
+            &ferry,
+            &dir,
+            &vm,
+            &format!("idle-{codec}-dst"),
+            &["--compression", codec],
+        )?;
+        let cpu = cpu_seconds(vm.child.id())? - cpu0;
+        let total_s = num(&r, "total_ms") / 1e3;
+        let logical = (num(&r, "pages_sent") + num(&r, "zero_pages")) * 4096.0;
+        let wire_rate = num(&r, "bytes_on_wire") / total_s;
+        println!(
+            "  {codec:<5} total {:.0} ms (goal <= 1000), downtime {:.1} ms, {:.2} GB/s on the wire ({:.0}% of loopback), \
+             {:.2} GB/s of guest memory, ratio {:.2}, source CPU {:.2} cores, verified {}",
+            num(&r, "total_ms"),
+            num(&r, "downtime_ms"),
+            wire_rate / 1e9,
+            wire_rate / raw * 100.0,
+            logical / total_s / 1e9,
+            num(&r, "compression_ratio"),
+            cpu / total_s,
+            r["memory_verified"],
+        );
+        results.insert(format!("idle_{codec}"), r);
+        vm.quit(&ferry)?;
+        dst.quit(&ferry)?;
+    }
+
+    step(
+        "20k pages/s at random over 512 MiB of a 1 GiB guest, --max-downtime-ms 50, 10 migrations",
+    );
+    let body = config(
+        "busy",
+        1024,
+        2,
+        "working_set_mib = 512\ndirty_pages_per_sec = 20000\npattern = \"random\"\ncontent = \"text\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "busy", &body)?;
+    vm.wait_ready(&ferry)?;
+    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+        num(s, "guest_pages_written") >= 140_000.0
+    })?;
+    let mut downtimes = Vec::new();
+    for i in 0..10 {
+        let (r, dst) = migrate_once(
+            &ferry,
+            &dir,
+            &vm,
+            &format!("busy{i}"),
+            &["--max-downtime-ms", "50"],
+        )?;
+        println!(
+            "  run {i}: downtime {:.2} ms, switchover {:.2} ms, total {:.0} ms, {} rounds, verified {}",
+            num(&r, "downtime_ms"),
+            num(&r, "switchover_ms"),
+            num(&r, "total_ms"),
+            num(&r, "rounds"),
+            r["memory_verified"],
+        );
+        downtimes.push(num(&r, "downtime_ms"));
+        vm.quit(&ferry)?;
+        vm = dst;
+    }
+    let p50 = median(downtimes.clone());
+    println!("  downtime p50 {p50:.2} ms (goal <= 10 ms)");
+    results.insert(
+        "downtime_ms_20k_random".into(),
+        json!({"p50": p50, "runs": downtimes}),
+    );
+    vm.quit(&ferry)?;
+
+    step("text pages with zstd:1: bytes on the wire against the pages' size");
+    let body = config(
+        "text",
+        1024,
+        1,
+        "working_set_mib = 512\npattern = \"idle\"\ncontent = \"text\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "text", &body)?;
+    vm.wait_ready(&ferry)?;
+    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+        num(s, "guest_pages_written") >= 131_072.0
+    })?;
+    let (r, dst) = migrate_once(&ferry, &dir, &vm, "text-dst", &["--compression", "zstd:1"])?;
+    let share = num(&r, "bytes_on_wire") / (num(&r, "pages_sent") * 4096.0) * 100.0;
+    println!(
+        "  {share:.1}% of the uncompressed pages (goal <= 45%), ratio {:.2}",
+        num(&r, "compression_ratio")
+    );
+    results.insert("zstd1_text_wire_percent".into(), json!(share));
+    vm.quit(&ferry)?;
+    dst.quit(&ferry)?;
+
+    let out = crate::util::root().join("target/bench/precopy.json");
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
     step(&format!("results saved to {}", out.display()));

@@ -1,6 +1,7 @@
 //! `cargo xtask lab`: the main job, run locally. Starts a lab VM with a visible
 //! workload, shows its live status, snapshots it, restores the snapshot in a second
-//! `ferry vmm` process and shows the guest carrying on from the snapshot's moment.
+//! `ferry vmm` process and shows the guest carrying on from the snapshot's moment,
+//! then live-migrates it to a third process over TCP and prints the report.
 
 use std::time::{Duration, Instant};
 
@@ -120,9 +121,44 @@ pub fn run() -> Result<()> {
     show("restored", &first);
     watch(&ferry, &restored, "restored", 3.0)?;
 
-    step("verify: the guest re-checks every page and disk block it wrote");
-    print!("{}", ctl(&ferry, &["verify"], &restored.control)?);
+    step("live migration (pre-copy, lz4) to a third ferry vmm over loopback TCP");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut dst = Vmm::spawn(
+        &ferry,
+        &["--incoming", &addr],
+        &dir.join("lab1-dst.sock"),
+        &dir.join("lab1-dst.log"),
+    )?;
+    dst.wait_ready(&ferry)?;
+    let report = dir.join("migration-report.json");
+    let status = std::process::Command::new(&ferry)
+        .args([
+            "migrate",
+            "--to",
+            &addr,
+            "--compression",
+            "lz4",
+            "--max-downtime-ms",
+            "50",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .arg("--control")
+        .arg(&restored.control)
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("the migration failed; see {}", report.display());
+    }
+    show("source", &status(&ferry, &restored.control)?);
+    watch(&ferry, &dst, "dest", 2.0)?;
+
+    step("verify on the destination: the guest re-checks every page and disk block it wrote");
+    print!("{}", ctl(&ferry, &["verify"], &dst.control)?);
     restored.quit(&ferry)?;
+    dst.quit(&ferry)?;
     step(&format!("lab done; logs and files in {}", dir.display()));
     Ok(())
 }
