@@ -134,7 +134,7 @@ pub fn run() -> Result<()> {
     )?;
     dst.wait_ready(&ferry)?;
     let report = dir.join("migration-report.json");
-    let status = std::process::Command::new(&ferry)
+    let migrated = std::process::Command::new(&ferry)
         .args([
             "migrate",
             "--to",
@@ -149,7 +149,7 @@ pub fn run() -> Result<()> {
         .arg("--control")
         .arg(&restored.control)
         .status()?;
-    if !status.success() {
+    if !migrated.success() {
         anyhow::bail!("the migration failed; see {}", report.display());
     }
     show("source", &status(&ferry, &restored.control)?);

@@ -16,6 +16,7 @@ use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
 use crate::vmm::block::DiskSet;
 use crate::vmm::config::VmConfig;
+use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::launch;
 use crate::vmm::machine::Machine;
 use crate::vmm::snapshot::MachineState;
@@ -214,10 +215,17 @@ impl Receiver {
         crcs: &mut [u32],
     ) -> Result<Vec<u8>, IncomingError> {
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
+        // Fresh guest memory is zero. Zero runs over pages that never received data
+        // need not be written, and touching them would cost a host page fault each.
+        let mut landed = DirtyBitmap::new(pages);
         let mut dec = Decompressor::new();
         let mut state = None;
+        let mut frame = protocol::Frame {
+            kind: Kind::Keepalive,
+            payload: Vec::new(),
+        };
         loop {
-            let frame = protocol::read_frame(&mut self.r)?;
+            frame.kind = protocol::read_frame_into(&mut self.r, &mut frame.payload)?;
             if frame.kind == Kind::Pages {
                 let batch = PageBatch::parse(&frame.payload, Some(pages))?;
                 for p in batch.pages() {
@@ -232,15 +240,22 @@ impl Receiver {
                         dec.decompress(batch.codec, p.data, dst)?;
                     }
                     crcs[p.page as usize] = crc32fast::hash(dst);
+                    landed.set(p.page);
                 }
                 continue;
             }
             match Message::decode(&frame, Some(pages))? {
                 Message::ZeroPages { first, count } => {
-                    memory[first as usize * PAGE..(first + count) as usize * PAGE].fill(0);
+                    for page in first..first + count {
+                        if landed.is_set(page) {
+                            let at = page as usize * PAGE;
+                            memory[at..at + PAGE].fill(0);
+                        }
+                    }
                     crcs[first as usize..(first + count) as usize].fill(zero_crc);
                 }
-                Message::RoundEnd { .. } | Message::Keepalive => {}
+                Message::RoundEnd { round } => self.send(&Message::RoundAck { round })?,
+                Message::Keepalive => {}
                 Message::DeviceState { blob } => state = Some(blob),
                 Message::Complete { .. } => return state.ok_or(IncomingError::NoState),
                 Message::Abort { reason } => return Err(IncomingError::Aborted(reason)),

@@ -41,6 +41,7 @@ pub enum Kind {
     Abort = 13,
     FirstHeartbeats = 14,
     MemoryDigest = 15,
+    RoundAck = 16,
 }
 
 impl Kind {
@@ -62,6 +63,7 @@ impl Kind {
             13 => Abort,
             14 => FirstHeartbeats,
             15 => MemoryDigest,
+            16 => RoundAck,
             _ => return None,
         })
     }
@@ -165,6 +167,12 @@ pub enum Message {
     MemoryDigest {
         digest: u32,
     },
+    /// Destination → source: everything up to this round's end has landed. The source
+    /// times rounds by it, so its bandwidth and downtime predictions see the whole
+    /// pipeline, not just its own socket buffer.
+    RoundAck {
+        round: u32,
+    },
 }
 
 impl Message {
@@ -185,6 +193,7 @@ impl Message {
             Message::Abort { .. } => Kind::Abort,
             Message::FirstHeartbeats { .. } => Kind::FirstHeartbeats,
             Message::MemoryDigest { .. } => Kind::MemoryDigest,
+            Message::RoundAck { .. } => Kind::RoundAck,
         }
     }
 
@@ -212,7 +221,9 @@ impl Message {
                 out.extend_from_slice(&first.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
             }
-            Message::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
+            Message::RoundEnd { round } | Message::RoundAck { round } => {
+                out.extend_from_slice(&round.to_le_bytes())
+            }
             Message::DeviceState { blob } => out.extend_from_slice(blob),
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
             Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
@@ -267,6 +278,7 @@ impl Message {
                 Message::ZeroPages { first, count }
             }
             Kind::RoundEnd => Message::RoundEnd { round: r.u32()? },
+            Kind::RoundAck => Message::RoundAck { round: r.u32()? },
             Kind::DeviceState => {
                 return Ok(Message::DeviceState {
                     blob: frame.payload.clone(),
@@ -520,6 +532,14 @@ pub fn send(w: &mut impl Write, msg: &Message) -> Result<(), ProtocolError> {
 
 /// Reads and checks one frame. A clean end of stream before a header is `Closed`.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok(Frame { kind, payload })
+}
+
+/// As [`read_frame`], into a buffer the caller reuses (the receive loop: no fresh,
+/// zeroed megabyte per frame).
+pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -542,10 +562,10 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    payload.resize(len as usize, 0);
+    r.read_exact(payload)?;
     let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-    let computed = crc(&header, &payload);
+    let computed = crc(&header, payload);
     if expected != computed {
         return Err(ProtocolError::Checksum {
             kind,
@@ -553,7 +573,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
             computed,
         });
     }
-    Ok(Frame { kind, payload })
+    Ok(kind)
 }
 
 /// Reads, checks and parses one message.
@@ -747,7 +767,7 @@ mod tests {
         }
 
         #[test]
-        fn random_payloads_with_good_crc_never_panic(kind in 1u8..16, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..17, data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).unwrap();
             let mut wire = Vec::new();
             write_frame(&mut wire, kind, &data).unwrap();

@@ -242,6 +242,10 @@ struct Stats {
     raw_bytes: u64,
     bytes_on_wire: u64,
     send_time: Duration,
+    /// Wall time of completed rounds, acknowledged end to end.
+    wall_send_time: Duration,
+    /// Bytes of completed rounds.
+    acked_bytes: u64,
     round: u32,
     dirty_last: u64,
     dirty_rate: f64,
@@ -362,6 +366,8 @@ fn new_stats(t0: Instant) -> Stats {
         raw_bytes: 0,
         bytes_on_wire: 0,
         send_time: Duration::ZERO,
+        wall_send_time: Duration::ZERO,
+        acked_bytes: 0,
         round: 0,
         dirty_last: 0,
         dirty_rate: 0.0,
@@ -440,13 +446,15 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.compression_ratio = ratio(s);
 }
 
+/// Throughput of the stream end to end: bytes of acknowledged rounds over their wall
+/// time (before the first acknowledgement, what the socket took so far).
 fn bandwidth(s: &Stats) -> f64 {
-    let t = s.send_time.as_secs_f64();
-    if t > 0.0 {
-        s.bytes_on_wire as f64 / t
+    let (bytes, t) = if s.wall_send_time > Duration::ZERO {
+        (s.acked_bytes, s.wall_send_time.as_secs_f64())
     } else {
-        0.0
-    }
+        (s.bytes_on_wire, s.send_time.as_secs_f64())
+    };
+    if t > 0.0 { bytes as f64 / t } else { 0.0 }
 }
 
 /// Runs the migration; returns its counters and how it ended.
@@ -590,6 +598,21 @@ impl Sender<'_> {
         }
     }
 
+    /// Ends a round and waits until the destination has taken all of it in; the round's
+    /// wall time then measures the whole pipeline.
+    fn end_round(&mut self, round: u32, started: Instant) -> Result<(), MigrateError> {
+        self.send(&Message::RoundEnd { round })?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        match protocol::recv(&mut self.r, None)? {
+            Message::RoundAck { round: r } if r == round => {}
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            _ => return Err(MigrateError::Unexpected("something other than RoundAck")),
+        }
+        self.stats.wall_send_time += started.elapsed();
+        self.stats.acked_bytes = self.stats.bytes_on_wire;
+        Ok(())
+    }
+
     /// Between batches: cancelled? out of time? new settings?
     fn check_cancel(&mut self) -> Result<(), MigrateError> {
         if self.m.migration_cancel.load(Ordering::Acquire) {
@@ -684,9 +707,9 @@ impl Sender<'_> {
         let mut dirty = DirtyBitmap::new(pages);
         self.m.dirty.start(&self.m.vm)?;
         self.publish(Phase::Precopy);
-        self.send_pages(0..pages)?;
-        self.send(&Message::RoundEnd { round: 0 })?;
         let mut round_start = Instant::now();
+        self.send_pages(0..pages)?;
+        self.end_round(0, round_start)?;
         loop {
             self.check_cancel()?;
             if self.m.state() != RunState::Running {
@@ -715,8 +738,7 @@ impl Sender<'_> {
             self.m.dirty.clear(0, pages)?;
             round_start = Instant::now();
             self.send_pages(dirty.iter_set())?;
-            let round = self.stats.round;
-            self.send(&Message::RoundEnd { round })?;
+            self.end_round(self.stats.round, round_start)?;
         }
     }
 
