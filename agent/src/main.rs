@@ -17,6 +17,11 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Precopy,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one VM in this process (boot it from a config, or restore a snapshot).
@@ -99,6 +104,9 @@ enum Command {
         /// Destination HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
+        /// Migration mode (pre-copy is the one there is).
+        #[arg(long, value_enum, default_value_t = Mode::Precopy)]
+        mode: Mode,
         /// Page codec: none, lz4 or zstd:N.
         #[arg(long, default_value = "none")]
         compression: String,
@@ -175,6 +183,7 @@ fn main() -> ExitCode {
         Command::Cancel { control } => cli::client::simple(&control, "cancel"),
         Command::Migrate {
             control,
+            mode: Mode::Precopy,
             to,
             compression,
             max_downtime_ms,
