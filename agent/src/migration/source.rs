@@ -710,6 +710,7 @@ impl Sender<'_> {
         let mut round_start = Instant::now();
         self.send_pages(0..pages)?;
         self.end_round(0, round_start)?;
+        let mut previous = pages;
         loop {
             self.check_cancel()?;
             if self.m.state() != RunState::Running {
@@ -732,9 +733,11 @@ impl Sender<'_> {
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3);
             let predicted_ms = wire_bytes / bw * 1e3;
             self.publish(Phase::Precopy);
-            if predicted_ms <= self.settings.max_downtime_ms as f64 {
+            let limit = self.settings.max_downtime_ms as f64;
+            if converged(predicted_ms, limit, count, previous, self.stats.round) {
                 return self.switchover(dirty, switch);
             }
+            previous = count;
             self.m.dirty.clear(0, pages)?;
             round_start = Instant::now();
             self.send_pages(dirty.iter_set())?;
@@ -814,8 +817,40 @@ impl Sender<'_> {
     }
 }
 
+/// Most rounds pre-copy makes before switching over once the downtime fits.
+const MAX_SHRINKING_ROUNDS: u32 = 30;
+
+/// The convergence test: switch over once the predicted downtime fits the limit and
+/// another round would not pay: the dirty set stopped halving (rounds have reached the
+/// guest's steady dirtying), or it is already under a tenth of the limit. While it
+/// still halves, one more short round cuts the downtime the guest will see.
+pub fn converged(predicted_ms: f64, limit_ms: f64, dirty: u64, previous: u64, round: u32) -> bool {
+    let fits = predicted_ms <= limit_ms;
+    let still_halving = dirty * 2 <= previous;
+    fits && (!still_halving || predicted_ms <= limit_ms / 10.0 || round >= MAX_SHRINKING_ROUNDS)
+}
+
 fn is_zero(b: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
     let (pre, words, post) = unsafe { b.align_to::<u64>() };
     pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converges_only_when_it_fits_and_rounds_stop_paying() {
+        // Does not fit: keep going.
+        assert!(!converged(80.0, 50.0, 1000, 100_000, 1));
+        // Fits, but the last round cut the set by 5x: one more round is cheap.
+        assert!(!converged(40.0, 50.0, 20_000, 100_000, 1));
+        // Fits and the set no longer halves: switch.
+        assert!(converged(40.0, 50.0, 900, 1000, 4));
+        // Fits by a wide margin: switch.
+        assert!(converged(4.0, 50.0, 100, 1000, 4));
+        // Still halving after many rounds: stop anyway.
+        assert!(converged(40.0, 50.0, 10, 100, MAX_SHRINKING_ROUNDS));
+    }
 }
