@@ -170,9 +170,10 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     );
     fake.join().unwrap();
 
-    // A destination killed in the middle of pre-copy, and a cancelled migration: a
-    // guest dirtying pages as fast as it can with a 1 ms downtime limit keeps
-    // pre-copy going until then.
+    // A destination killed in the middle of pre-copy, a connection cut, and a cancelled
+    // migration: a guest dirtying pages as fast as it can behind a 100 Mbit/s cap
+    // (every round takes seconds and finds everything dirty again) keeps pre-copy
+    // going until then.
     let cfg = write_config(
         dir.path(),
         "busy",
@@ -199,12 +200,14 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 &addr,
                 "--max-downtime-ms",
                 "1",
+                "--bandwidth-mbit",
+                "100",
                 "--json",
             ]);
             serde_json::from_slice::<Value>(&out.stdout).expect("a report")
         });
-        busy.wait_for("pre-copy rounds", Duration::from_secs(30), |s| {
-            s["migration"]["round"].as_u64().unwrap_or(0) >= 2
+        busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
+            s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
         });
         if name == "killed" {
             dst.kill();

@@ -733,6 +733,14 @@ impl Sender<'_> {
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3);
             let predicted_ms = wire_bytes / bw * 1e3;
             self.publish(Phase::Precopy);
+            tracing::debug!(
+                round = self.stats.round,
+                dirty = count,
+                took_ms = took * 1e3,
+                predicted_ms,
+                bandwidth = bw,
+                "pre-copy round"
+            );
             let limit = self.settings.max_downtime_ms as f64;
             if converged(predicted_ms, limit, count, previous, self.stats.round) {
                 return self.switchover(dirty, switch);
