@@ -269,3 +269,41 @@ pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Value) {
     });
     (out.status.success(), report)
 }
+
+/// Writes a config, starts `ferry vmm` on it and waits until its guest has run a while.
+pub fn boot(dir: &Path, name: &str, body: &str) -> Vmm {
+    let cfg = write_config(dir, name, body);
+    let vm = Vmm::spawn(dir, name, &["--config", cfg.to_str().expect("utf-8 path")]);
+    vm.wait_for("the guest running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    vm
+}
+
+/// The VM still runs (its heartbeats go on) and its guest finds nothing wrong.
+pub fn assert_running_and_intact(vm: &Vmm) {
+    let s0 = vm.status();
+    assert_eq!(s0["state"], "running", "{s0}");
+    vm.wait_for("the guest still running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
+    });
+    let v = vm.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+}
+
+/// CRC-32 (IEEE), as Ferry's frames and snapshot manifests use it.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

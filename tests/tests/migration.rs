@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use ferry_tests::{
-    TempDir, Vmm, f64_of, ferry, incoming, migrate, require_kvm, u64_of, write_config,
+    TempDir, Vmm, assert_running_and_intact, boot, crc32, f64_of, ferry, incoming, migrate,
+    require_kvm, u64_of, write_config,
 };
 use serde_json::Value;
 
@@ -132,11 +133,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         return;
     }
     let dir = TempDir::new("migfail");
-    let cfg = write_config(dir.path(), "f", &config("f", 1, "random", "text", 5000));
-    let src = Vmm::spawn(dir.path(), "f", &["--config", cfg.to_str().unwrap()]);
-    src.wait_for("running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
-    });
+    let src = boot(dir.path(), "f", &config("f", 1, "random", "text", 5000));
 
     // Nobody listening.
     let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
@@ -251,14 +248,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         );
     }
     for vm in [&src, &busy] {
-        let s0 = vm.status();
-        assert_eq!(s0["state"], "running", "{s0}");
-        vm.wait_for("still running", Duration::from_secs(30), |s| {
-            u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
-        });
-        let v = vm.verify();
-        assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-        assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+        assert_running_and_intact(vm);
     }
     src.quit();
     busy.quit();
@@ -274,21 +264,6 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&crc32(&crc_input).to_le_bytes());
     f.extend_from_slice(payload);
     f
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[test]
@@ -408,11 +383,7 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
         return;
     }
     let dir = TempDir::new("corrupt");
-    let cfg = write_config(dir.path(), "c", &config("c", 1, "random", "text", 5000));
-    let src = Vmm::spawn(dir.path(), "c", &["--config", cfg.to_str().unwrap()]);
-    src.wait_for("running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
-    });
+    let src = boot(dir.path(), "c", &config("c", 1, "random", "text", 5000));
     let (mut dst, dst_addr) = incoming(dir.path(), "c-dst");
     // A proxy between the two that flips one bit in the middle of the page stream.
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -456,13 +427,6 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
     assert!(!status.success(), "the destination must give up");
     assert!(dst.log_text().contains("checksum"), "{}", dst.log_text());
     relay.join().unwrap();
-    let s0 = src.status();
-    assert_eq!(s0["state"], "running", "{s0}");
-    src.wait_for("still running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
-    });
-    let v = src.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert_running_and_intact(&src);
     src.quit();
 }

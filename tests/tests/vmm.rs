@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{TempDir, Vmm, f64_of, ferry, require_kvm, u64_of, write_config};
+use ferry_tests::{TempDir, Vmm, crc32, f64_of, ferry, require_kvm, u64_of, write_config};
 
 const PATTERNS: [&str; 4] = ["sequential", "random", "hotcold", "idle"];
 const CONTENTS: [&str; 4] = ["zero", "text", "random", "mixed"];
@@ -408,22 +408,6 @@ fn guest_crash_is_reported_not_hung() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("crashed"));
     vm.quit();
-}
-
-/// CRC-32 (IEEE), as the snapshot manifest records it.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[test]
