@@ -102,8 +102,12 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// Destination HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT")]
-        to: String,
+        #[arg(long, value_name = "HOST:PORT", required_unless_present = "resolve")]
+        to: Option<String>,
+        /// Settle the last migration's handover in doubt: ask its destination what
+        /// happened and tell it whether this side committed.
+        #[arg(long)]
+        resolve: bool,
         /// Migration mode (pre-copy is the one there is).
         #[arg(long, value_enum, default_value_t = Mode::Precopy)]
         mode: Mode,
@@ -183,7 +187,13 @@ fn main() -> ExitCode {
         Command::Cancel { control } => cli::client::simple(&control, "cancel"),
         Command::Migrate {
             control,
+            resolve: true,
+            ..
+        } => cli::client::simple_json(&control, "resolve"),
+        Command::Migrate {
+            control,
             mode: Mode::Precopy,
+            resolve: false,
             to,
             compression,
             max_downtime_ms,

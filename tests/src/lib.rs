@@ -100,6 +100,11 @@ pub struct Vmm {
 impl Vmm {
     /// Starts `ferry vmm ARGS --control SOCK` and waits until it answers `status`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(dir, name, args, &[])
+    }
+
+    /// As [`Vmm::spawn`], with extra environment variables (test fault hooks).
+    pub fn spawn_with_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let control = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
@@ -108,6 +113,7 @@ impl Vmm {
             .args(args)
             .arg("--control")
             .arg(&control)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)

@@ -430,3 +430,75 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
     assert_running_and_intact(&src);
     src.quit();
 }
+
+#[test]
+fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("doubt");
+    for (fault, runs_on) in [
+        ("drop-before-commit", "source"),
+        ("drop-after-commit", "destination"),
+    ] {
+        let name = fault.replace('-', "");
+        let cfg = write_config(
+            dir.path(),
+            &name,
+            &config(&name, 2, "random", "mixed", 5000),
+        );
+        let src = Vmm::spawn_with_env(
+            dir.path(),
+            &name,
+            &["--config", cfg.to_str().unwrap()],
+            &[("FERRY_TEST_FAULT", fault)],
+        );
+        src.wait_for("running", Duration::from_secs(30), |s| {
+            u64_of(s, "heartbeats") > 200
+        });
+        let (mut dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
+        let (ok, report) = migrate(&src, &addr, &["--max-downtime-ms", "50"]);
+        assert!(!ok, "{report}");
+        let (s, d) = (src.status(), dst.status());
+        let running = [&s, &d].iter().filter(|v| v["state"] == "running").count();
+        assert!(running <= 1, "two running copies: {s} {d}");
+        if fault == "drop-before-commit" {
+            // Not committed: the source took the VM back; the destination holds its
+            // copy paused and refuses to run it.
+            assert_eq!(s["state"], "running", "{s}");
+            assert_eq!(d["state"], "paused", "{d}");
+            let out = ferry(&["resume", "--control", dst.ctl()]);
+            assert!(!out.status.success(), "the destination resumed on its own");
+        } else {
+            // Committed: the source never runs again; the destination got Commit.
+            assert!(
+                report["error"].as_str().unwrap().contains("in doubt"),
+                "{report}"
+            );
+            assert_eq!(s["state"], "migrated", "{s}");
+            assert!(!ferry(&["resume", "--control", src.ctl()]).status.success());
+        }
+        let out = ferry(&["migrate", "--control", src.ctl(), "--resolve"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resolved: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(resolved["vm_runs_on"], runs_on, "{resolved}");
+        if runs_on == "source" {
+            let status = dst.child.wait().unwrap();
+            assert!(!status.success());
+            assert!(dst.log_text().contains("discard"), "{}", dst.log_text());
+            assert_running_and_intact(&src);
+        } else {
+            let report = &src.status()["migration"]["report"];
+            assert_eq!(report["outcome"], "completed", "{report}");
+            assert_running_and_intact(&dst);
+        }
+        src.quit();
+        if runs_on == "destination" {
+            dst.quit();
+        }
+    }
+}

@@ -255,3 +255,10 @@ pub fn set_params(control: &Path, mut req: Value) -> anyhow::Result<ExitCode> {
     println!("{r}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// Sends a command and prints its result as JSON.
+pub fn simple_json(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
+    let r = request(control, &json!({ "cmd": cmd }))?;
+    println!("{r}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -64,7 +64,9 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
             std::thread::Builder::new()
                 .name("incoming".into())
                 .spawn(move || {
-                    if let Err(e) = destination::receive(&tcp, &slot) {
+                    let result = destination::receive(&tcp, &slot)
+                        .and_then(|()| destination::serve_resolve(&tcp, &slot));
+                    if let Err(e) = result {
                         tracing::error!("incoming migration failed: {e}");
                         *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                         STOP.store(true, Ordering::Release);

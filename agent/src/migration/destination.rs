@@ -56,6 +56,8 @@ pub enum IncomingError {
     Disk(#[from] crate::vmm::block::DiskError),
     #[error("starting the vCPUs: {0}")]
     Machine(#[from] crate::vmm::machine::MachineError),
+    #[error("the source kept the VM (it never committed the handover); this copy was discarded")]
+    Discarded,
 }
 
 /// Receives one migration on `listener`. Returns once the guest runs here (the
@@ -70,6 +72,47 @@ pub fn receive(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError>
         w,
     };
     rx.run(slot)
+}
+
+/// After a migration: answers the source's `Resolve` requests on the same address for
+/// as long as this process lives. A copy held in doubt resumes if the source committed
+/// and is discarded (the function returns `Discarded`) if it did not; a running copy
+/// says so.
+pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
+    loop {
+        let (conn, peer) = listener.accept().map_err(IncomingError::Accept)?;
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut w = match conn.try_clone() {
+            Ok(w) => w,
+            Err(_) => continue,
+        };
+        let mut r = conn;
+        let Ok(Message::Resolve { committed }) = protocol::recv(&mut r, None) else {
+            tracing::warn!("ignoring a connection from {peer} that is not a resolve request");
+            continue;
+        };
+        let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(m) = machine else {
+            continue;
+        };
+        let held = m.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let running = if !held {
+            true
+        } else if committed {
+            *m.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            m.resume()?;
+            tracing::info!("handover resolved: the source had committed; the guest runs here");
+            true
+        } else {
+            false
+        };
+        let _ = protocol::send(&mut w, &Message::Resolved { running });
+        let _ = w.flush();
+        if !running {
+            tracing::warn!("handover resolved: the source kept the VM; discarding this copy");
+            return Err(IncomingError::Discarded);
+        }
+    }
 }
 
 struct Receiver {
@@ -191,8 +234,15 @@ impl Receiver {
         }
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
         machine.resume()?;
-        self.send(&Message::Resumed)?;
         tracing::info!("migration complete: the guest runs here");
+        // From here on the guest is ours: a lost connection only leaves the source in
+        // doubt (it resolves with `ferry migrate --resolve`), it never stops this copy.
+        if let Err(e) = self.send(&Message::Resumed) {
+            tracing::warn!(
+                "could not confirm the handover to the source ({e}); it will be in doubt"
+            );
+            return Ok(());
+        }
         let _ = self.send(&Message::MemoryDigest {
             digest: protocol::digest(&crcs),
         });

@@ -42,6 +42,8 @@ pub enum Kind {
     FirstHeartbeats = 14,
     MemoryDigest = 15,
     RoundAck = 16,
+    Resolve = 17,
+    Resolved = 18,
 }
 
 impl Kind {
@@ -64,6 +66,8 @@ impl Kind {
             14 => FirstHeartbeats,
             15 => MemoryDigest,
             16 => RoundAck,
+            17 => Resolve,
+            18 => Resolved,
             _ => return None,
         })
     }
@@ -173,6 +177,15 @@ pub enum Message {
     RoundAck {
         round: u32,
     },
+    /// Source → destination on a new connection, to settle a handover in doubt: did the
+    /// source record the handover (and send Commit)?
+    Resolve {
+        committed: bool,
+    },
+    /// Destination's answer: whether the guest now runs there.
+    Resolved {
+        running: bool,
+    },
 }
 
 impl Message {
@@ -194,6 +207,8 @@ impl Message {
             Message::FirstHeartbeats { .. } => Kind::FirstHeartbeats,
             Message::MemoryDigest { .. } => Kind::MemoryDigest,
             Message::RoundAck { .. } => Kind::RoundAck,
+            Message::Resolve { .. } => Kind::Resolve,
+            Message::Resolved { .. } => Kind::Resolved,
         }
     }
 
@@ -229,6 +244,8 @@ impl Message {
             Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
             Message::Abort { reason } => put_str(out, reason),
             Message::MemoryDigest { digest } => out.extend_from_slice(&digest.to_le_bytes()),
+            Message::Resolve { committed } => out.push(u8::from(*committed)),
+            Message::Resolved { running } => out.push(u8::from(*running)),
             Message::FirstHeartbeats { ns } => {
                 out.extend_from_slice(&(ns.len() as u32).to_le_bytes());
                 for v in ns {
@@ -279,6 +296,10 @@ impl Message {
             }
             Kind::RoundEnd => Message::RoundEnd { round: r.u32()? },
             Kind::RoundAck => Message::RoundAck { round: r.u32()? },
+            Kind::Resolve => Message::Resolve {
+                committed: r.flag()?,
+            },
+            Kind::Resolved => Message::Resolved { running: r.flag()? },
             Kind::DeviceState => {
                 return Ok(Message::DeviceState {
                     blob: frame.payload.clone(),
@@ -345,6 +366,14 @@ impl<'a> Cursor<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
+    }
+
+    fn flag(&mut self) -> Result<bool, ProtocolError> {
+        match self.array::<1>()? {
+            [0] => Ok(false),
+            [1] => Ok(true),
+            [v] => Err(self.malformed(format!("flag byte {v}"))),
+        }
     }
 
     fn u16(&mut self) -> Result<u16, ProtocolError> {
@@ -767,7 +796,7 @@ mod tests {
         }
 
         #[test]
-        fn random_payloads_with_good_crc_never_panic(kind in 1u8..17, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..19, data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).unwrap();
             let mut wire = Vec::new();
             write_frame(&mut wire, kind, &data).unwrap();

@@ -613,6 +613,20 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Test-only fault injection (`FERRY_TEST_FAULT=<point>` in the source VMM's
+    /// environment): drops the connection at that point of the switchover, as a
+    /// network failure would, so tests can show the handover stays safe.
+    fn fault(&mut self, point: &str) -> Result<(), MigrateError> {
+        if std::env::var("FERRY_TEST_FAULT").is_ok_and(|v| v == point) {
+            tracing::warn!("test fault: dropping the connection at {point}");
+            let _ = self.r.shutdown(std::net::Shutdown::Both);
+            return Err(MigrateError::Vm(format!(
+                "lost the connection at {point} (injected fault)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Between batches: cancelled? out of time? new settings?
     fn check_cancel(&mut self) -> Result<(), MigrateError> {
         if self.m.migration_cancel.load(Ordering::Acquire) {
@@ -788,12 +802,14 @@ impl Sender<'_> {
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Ready")),
         }
+        self.fault("drop-before-commit")?;
         // The handover is recorded before Commit leaves: from here on this copy must
         // never run again, whatever happens to the connection.
         self.m.handed_over.store(true, Ordering::Release);
         switch.committed = true;
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
+        self.fault("drop-after-commit")?;
         match protocol::recv(&mut self.r, None)? {
             Message::Resumed => {}
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
@@ -842,6 +858,56 @@ fn is_zero(b: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
     let (pre, words, post) = unsafe { b.align_to::<u64>() };
     pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0)
+}
+
+/// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
+/// what it did, telling it whether this side committed. Updates the report.
+pub fn resolve(m: &Machine) -> Result<serde_json::Value, String> {
+    let to = lock(&m.migration)
+        .as_ref()
+        .map(|p| p.to.clone())
+        .ok_or("no migration to resolve")?;
+    let committed = m.handed_over.load(Ordering::Acquire);
+    let addr = to
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {to}"))?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach the destination {to}: {e}; the VM stays as it is"))?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    protocol::send(&mut conn, &Message::Resolve { committed }).map_err(|e| e.to_string())?;
+    let running = match protocol::recv(&mut conn, None).map_err(|e| e.to_string())? {
+        Message::Resolved { running } => running,
+        other => return Err(format!("the destination answered {:?}", other.kind())),
+    };
+    if running != committed {
+        // Cannot happen by construction (the destination runs only on Commit); never
+        // paper over it.
+        return Err(format!(
+            "inconsistent handover: committed here = {committed}, running there = {running}"
+        ));
+    }
+    let mut guard = lock(&m.migration);
+    if let Some(p) = guard.as_mut()
+        && let Some(r) = p.report.as_mut()
+    {
+        if committed {
+            r.outcome = "completed";
+            r.error = None;
+            p.phase = Phase::Completed;
+        } else {
+            r.error = Some(format!(
+                "{}; resolved: the destination discarded its copy, the VM runs here",
+                r.error.clone().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(serde_json::json!({
+        "committed": committed,
+        "destination_running": running,
+        "vm_runs_on": if running { "destination" } else { "source" },
+    }))
 }
 
 #[cfg(test)]

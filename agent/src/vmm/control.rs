@@ -62,6 +62,8 @@ pub enum Request {
     },
     /// Stop the running migration; the VM keeps running here.
     Cancel {},
+    /// Settle the last migration's handover in doubt with its destination.
+    Resolve {},
     Quit {},
 }
 
@@ -293,6 +295,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 Err("no migration is running".into())
             }
         }
+        Request::Resolve {} => source::resolve(m),
         Request::Quit {} => Ok(json!({"state": "quitting"})),
     };
     match result {
