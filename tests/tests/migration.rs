@@ -59,18 +59,24 @@ fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
 }
 
 #[test]
-fn migrates_every_codec_and_vcpu_count_with_nothing_lost() {
+fn migrates_every_pattern_content_codec_and_vcpu_count_with_nothing_lost() {
     if !require_kvm() {
         return;
     }
     let dir = TempDir::new("mig");
-    for (vcpus, codec, pattern, content) in [
-        (1, "none", "random", "mixed"),
-        (2, "lz4", "hotcold", "text"),
-        (2, "zstd:1", "sequential", "random"),
-        (1, "zstd:3", "idle", "zero"),
-    ] {
-        let name = format!("m{vcpus}-{}", codec.replace(':', ""));
+    // Every pattern with every content kind; codecs and vCPU counts rotate through
+    // the sixteen so each codec meets each pattern, each content kind and both counts.
+    const PATTERNS: [&str; 4] = ["sequential", "random", "hotcold", "idle"];
+    const CONTENTS: [&str; 4] = ["zero", "text", "random", "mixed"];
+    const CODECS: [&str; 3] = ["none", "lz4", "zstd:1"];
+    let cases = PATTERNS.iter().enumerate().flat_map(|(i, &p)| {
+        CONTENTS
+            .iter()
+            .enumerate()
+            .map(move |(j, &c)| (1 + ((i + j) % 2) as u32, CODECS[(i * 4 + j) % 3], p, c))
+    });
+    for (vcpus, codec, pattern, content) in cases {
+        let name = format!("m{vcpus}-{}-{pattern}-{content}", codec.replace(':', ""));
         let cfg = write_config(
             dir.path(),
             &name,
