@@ -98,6 +98,18 @@ fn migrates_every_pattern_content_codec_and_vcpu_count_with_nothing_lost() {
         if codec != "none" && content == "text" {
             assert!(f64_of(&report, "compression_ratio") > 1.5, "{report}");
         }
+        // Every codec was tried on a sample of this VM's own pages.
+        let samples = src.status()["migration"]["codec_samples"].clone();
+        let names: Vec<&str> = samples
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["codec"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["none", "lz4", "zstd:1", "zstd:3"], "{samples}");
+        if content == "text" {
+            assert!(f64_of(&samples[1], "ratio") > 1.5, "{samples}");
+        }
         check_arrived(&src, &dst, &report, pattern != "idle");
         src.quit();
         dst.quit();

@@ -165,6 +165,23 @@ pub fn migrate(
         )
     };
     let tty = std::io::stderr().is_terminal();
+    // The bar counts guest pages through the first full pass; later rounds show in
+    // its message (phase, round, what remains, bandwidth, ETA).
+    let bar = if tty {
+        let memory_pages = request(control, &json!({"cmd": "status"}))?
+            .get("memory_mib")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            * 256;
+        let bar = indicatif::ProgressBar::new(memory_pages);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {percent:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
     let mut cancelled = false;
     let final_report = loop {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -178,27 +195,31 @@ pub fn migrate(
         if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
             break r.clone();
         }
-        if tty {
+        if let Some(bar) = &bar {
             let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
-            let remaining = get(p, "remaining_dirty_pages").as_u64().unwrap_or(0);
-            let eta = if bw > 0.0 {
-                remaining as f64 * 4096.0 / bw
-            } else {
-                f64::NAN
+            let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
+                + get(p, "zero_pages").as_u64().unwrap_or(0);
+            let remaining = match get(p, "round").as_u64().unwrap_or(0) {
+                0 => bar.length().unwrap_or(0).saturating_sub(sent),
+                _ => get(p, "remaining_dirty_pages").as_u64().unwrap_or(0),
             };
-            eprint!(
-                "\r{:<10} round {:>3}  sent {:>9} pages  remaining {:>8} pages  {:>7.1} MB/s  ETA {:>5.1} s  ",
+            let eta = if bw > 0.0 {
+                format!("{:.1} s", remaining as f64 * 4096.0 / bw)
+            } else {
+                "-".into()
+            };
+            bar.set_position(sent.min(bar.length().unwrap_or(0)));
+            bar.set_message(format!(
+                "{} round {} | remaining {} pages | {:.1} MB/s | ETA {eta}",
                 get(p, "phase").as_str().unwrap_or("-"),
                 num(p, "round"),
-                num(p, "pages_sent"),
                 remaining,
                 bw / 1e6,
-                eta,
-            );
+            ));
         }
     };
-    if tty {
-        eprintln!();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     if as_json {
         println!("{final_report}");

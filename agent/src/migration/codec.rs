@@ -227,6 +227,52 @@ impl Decompressor {
     }
 }
 
+/// One codec's performance on a sample of a VM's own pages.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CodecSample {
+    pub codec: String,
+    /// Uncompressed bytes over encoded bytes (pages stored raw count as 1.0).
+    pub ratio: f64,
+    /// Uncompressed bytes per second one thread compresses.
+    pub compress_bytes_per_sec: f64,
+}
+
+/// Measures each codec on `pages` (each one page long): what the policy engine needs to
+/// judge whether compression would pay on this VM's memory.
+pub fn sample<'a>(
+    codecs: &[Codec],
+    pages: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Vec<CodecSample> {
+    let mut compressor = Compressor::new();
+    let mut out = Vec::with_capacity(PAGE + 64);
+    codecs
+        .iter()
+        .map(|&codec| {
+            let (mut raw, mut encoded) = (0usize, 0usize);
+            let t = std::time::Instant::now();
+            for page in pages.clone() {
+                out.clear();
+                let n = match compressor.compress(codec, page, &mut out) {
+                    Ok(Stored::Compressed(n)) => n,
+                    _ => page.len(),
+                };
+                raw += page.len();
+                encoded += n;
+            }
+            let secs = t.elapsed().as_secs_f64().max(1e-9);
+            CodecSample {
+                codec: codec.to_string(),
+                ratio: if encoded == 0 {
+                    1.0
+                } else {
+                    raw as f64 / encoded as f64
+                },
+                compress_bytes_per_sec: raw as f64 / secs,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +323,19 @@ mod tests {
             assert_eq!(c.compress(codec, &random, &mut out).unwrap(), Stored::Raw);
             assert_eq!(out, random);
         }
+    }
+
+    #[test]
+    fn sampling_tells_text_from_random() {
+        let text: Vec<Vec<u8>> = (0..32).map(|i| corpus::text(PAGE, i)).collect();
+        let random: Vec<Vec<u8>> = (0..32).map(|i| corpus::random(PAGE, i)).collect();
+        let codecs = [Codec::None, Codec::Lz4, Codec::Zstd(1)];
+        let t = sample(&codecs, text.iter().map(Vec::as_slice));
+        let r = sample(&codecs, random.iter().map(Vec::as_slice));
+        assert_eq!(t[0].ratio, 1.0);
+        assert!(t[1].ratio > 1.5 && t[2].ratio > 2.2, "{t:?}");
+        assert!(r.iter().all(|s| (s.ratio - 1.0).abs() < 1e-9), "{r:?}");
+        assert!(t.iter().all(|s| s.compress_bytes_per_sec > 0.0));
     }
 
     proptest! {

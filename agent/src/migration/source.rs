@@ -170,6 +170,8 @@ pub struct Progress {
     pub throttle_pct: u32,
     pub bandwidth_limit_bytes_per_sec: Option<u64>,
     pub max_downtime_ms: u64,
+    /// Each codec's ratio and speed measured on a sample of this VM's pages.
+    pub codec_samples: Vec<super::codec::CodecSample>,
     pub report: Option<Report>,
 }
 
@@ -263,6 +265,7 @@ struct Sender<'a> {
     bucket: Bucket,
     /// The settings as of the last batch.
     settings: Settings,
+    last_publish: Instant,
 }
 
 impl Progress {
@@ -284,6 +287,7 @@ impl Progress {
             throttle_pct: settings.throttle_pct,
             bandwidth_limit_bytes_per_sec: settings.bandwidth,
             max_downtime_ms: settings.max_downtime_ms,
+            codec_samples: Vec::new(),
             report: None,
         }
     }
@@ -344,6 +348,9 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         tracing::warn!("cannot write migration report {}: {e}", path.display());
     }
     fill(&mut progress, &s, &live.settings);
+    if let Some(p) = lock(&m.migration).as_ref() {
+        progress.codec_samples = p.codec_samples.clone();
+    }
     progress.phase = phase;
     progress.report = Some(report.clone());
     set_progress(&m, &progress);
@@ -533,6 +540,7 @@ fn connect<'a>(
             last: Instant::now(),
         },
         settings: params.settings,
+        last_publish: Instant::now(),
     };
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
@@ -640,10 +648,18 @@ impl Sender<'_> {
         if let Some(live) = lock(&self.m.live).as_ref() {
             self.settings = live.settings;
         }
+        // The progress feed stays fresh within long rounds too.
+        if self.last_publish.elapsed() >= Duration::from_millis(100) {
+            let phase = lock(&self.m.migration)
+                .as_ref()
+                .map_or(Phase::Precopy, |p| p.phase);
+            self.publish(phase);
+        }
         Ok(())
     }
 
-    fn publish(&self, phase: Phase) {
+    fn publish(&mut self, phase: Phase) {
+        self.last_publish = Instant::now();
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;
@@ -716,8 +732,33 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Compresses a sample of the working set's non-zero pages with every codec.
+    fn sample_codecs(&self) {
+        const SAMPLE: u64 = 256;
+        // SAFETY: a racy read of guest pages only feeds a measurement.
+        let memory = unsafe { self.m.memory_slice() };
+        let layout = &self.m.vm.layout;
+        let first = layout.ws_base / PAGE as u64;
+        let step = (layout.ws_pages / SAMPLE).max(1);
+        let pages: Vec<&[u8]> = (0..layout.ws_pages)
+            .step_by(step as usize)
+            .map(|i| {
+                let at = ((first + i) * PAGE as u64) as usize;
+                &memory[at..at + PAGE]
+            })
+            .filter(|p| !is_zero(p))
+            .take(SAMPLE as usize)
+            .collect();
+        let codecs = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3)];
+        let samples = super::codec::sample(&codecs, pages.iter().copied());
+        if let Some(p) = lock(&self.m.migration).as_mut() {
+            p.codec_samples = samples;
+        }
+    }
+
     fn precopy_and_switch(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
         let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+        self.sample_codecs();
         let mut dirty = DirtyBitmap::new(pages);
         self.m.dirty.start(&self.m.vm)?;
         self.publish(Phase::Precopy);
