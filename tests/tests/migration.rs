@@ -224,6 +224,12 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
             s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
         });
+        // While it runs, the migration alone pauses and resumes the VM.
+        for cmd in ["pause", "resume"] {
+            let out = ferry(&[cmd, "--control", busy.ctl()]);
+            assert!(!out.status.success(), "{cmd} during a migration");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("a migration is running"));
+        }
         if name == "killed" {
             dst.kill();
         } else if name == "cut" {

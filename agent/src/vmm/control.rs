@@ -229,6 +229,22 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             _ => json!({"ok": false, "error": "no VM here yet: waiting for an incoming migration"}),
         };
     };
+    let migrating = m
+        .migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.report.is_none());
+    // A migration owns pausing and resuming until it ends: a resume during its
+    // switchover could leave two running copies.
+    if migrating
+        && matches!(
+            request,
+            Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
+        )
+    {
+        return json!({"ok": false, "error": "a migration is running; wait for it or cancel it first"});
+    }
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(m.status())),
         Request::Pause {} => m
