@@ -122,11 +122,7 @@ fn migrates_back_and_forth_five_times_without_drift() {
         return;
     }
     let dir = TempDir::new("hops");
-    let cfg = write_config(dir.path(), "h", &config("h", 2, "random", "mixed", 8000));
-    let mut here = Vmm::spawn(dir.path(), "h0", &["--config", cfg.to_str().unwrap()]);
-    here.wait_for("running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
-    });
+    let mut here = boot(dir.path(), "h0", &config("h0", 2, "random", "mixed", 8000));
     let mut last_pages = 0;
     for hop in 1..=5 {
         let (there, addr) = incoming(dir.path(), &format!("h{hop}"));

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::util::{
-    Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, num, status, step, work_dir,
+    Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, num, snapshot, status, step, work_dir,
 };
 
 pub fn run(area: &str) -> Result<()> {
@@ -145,16 +145,7 @@ fn vmm() -> Result<()> {
             num(s, "heartbeats") > 100.0
         })?;
         let snap = dir.join(format!("state-snap{i}"));
-        let r: Value = serde_json::from_str(&ctl(
-            &ferry,
-            &[
-                "snapshot",
-                "--out",
-                snap.to_str().unwrap_or_default(),
-                "--json",
-            ],
-            &vm.control,
-        )?)?;
+        let r = snapshot(&ferry, &vm.control, &snap)?;
         vm.quit(&ferry)?;
         let mut restored = Vmm::spawn(
             &ferry,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::Value;
 
-use crate::util::{Vmm, build_ferry, ctl, num, status, step, work_dir};
+use crate::util::{Vmm, build_ferry, ctl, num, snapshot, status, step, work_dir};
 
 const LAB_CONFIG: &str = r#"name = "lab1"
 memory_mib = 256
@@ -83,16 +83,7 @@ pub fn run() -> Result<()> {
 
     step("snapshot (pause, copy memory, state, config and disks, resume)");
     let snap = dir.join("snapshot");
-    let report: Value = serde_json::from_str(&ctl(
-        &ferry,
-        &[
-            "snapshot",
-            "--out",
-            snap.to_str().unwrap_or_default(),
-            "--json",
-        ],
-        &vm.control,
-    )?)?;
+    let report = snapshot(&ferry, &vm.control, &snap)?;
     println!(
         "  written to {}: VM paused {:.1} ms (state saved in {:.2} ms), {:.0} MiB memory written sparse, {:.0} KiB disk data",
         snap.display(),

@@ -154,6 +154,16 @@ pub fn ctl(ferry: &Path, args: &[&str], control: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `ferry snapshot --out DIR --json` on a VM; returns the snapshot report.
+pub fn snapshot(ferry: &Path, control: &Path, out: &Path) -> Result<Value> {
+    let out = out.to_str().unwrap_or_default();
+    Ok(serde_json::from_str(&ctl(
+        ferry,
+        &["snapshot", "--out", out, "--json"],
+        control,
+    )?)?)
+}
+
 pub fn status(ferry: &Path, control: &Path) -> Result<Value> {
     Ok(serde_json::from_str(&ctl(
         ferry,
