@@ -261,7 +261,7 @@ struct Sender<'a> {
     r: TcpStream,
     stats: Stats,
     compressor: Compressor,
-    batch: Vec<u8>,
+    bufs: Buffers,
     bucket: Bucket,
     /// The settings as of the last batch.
     settings: Settings,
@@ -534,7 +534,7 @@ fn connect<'a>(
         r,
         stats: new_stats(t0),
         compressor: Compressor::new(),
-        batch: Vec::with_capacity(BATCH * (PAGE + 16) + 64),
+        bufs: Buffers::default(),
         bucket: Bucket {
             tokens: 0.0,
             last: Instant::now(),
@@ -667,69 +667,96 @@ impl Sender<'_> {
         }
     }
 
-    /// Sends the given pages: zero pages as runs, the rest in batches.
+    /// Sends the given pages: zero pages as runs, the rest in batches. With a codec,
+    /// batches are compressed on worker threads while this one writes them, in order.
     fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> Result<(), MigrateError> {
+        let m = self.m;
         // SAFETY: pages are read while the guest may write them; every page sent here
         // had its dirty tracking re-armed before this copy, so a racing write is sent
         // again in a later round (or under the final pause).
-        let memory = unsafe { self.m.memory_slice() };
+        let memory = unsafe { m.memory_slice() };
         self.check_cancel()?;
-        let mut codec = self.settings.codec;
-        let mut zero_run: Option<(u64, u64)> = None;
+        let pages: Vec<u64> = pages.collect();
         // Under a bandwidth cap a frame must not take long enough to starve the peer's
         // timeout: at most ~100 ms of the cap per frame.
-        let limit = |s: &Settings| {
-            s.bandwidth
-                .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH))
-        };
-        let mut batch_pages = limit(&self.settings);
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.clear();
-        let mut writer = PageBatchWriter::new(&mut batch, codec.id());
-        let mut scratch = Vec::with_capacity(PAGE + 64);
-        for page in pages {
-            let at = page as usize * PAGE;
-            let bytes = &memory[at..at + PAGE];
-            if is_zero(bytes) {
-                zero_run = match zero_run {
-                    Some((first, n)) if first + n == page => Some((first, n + 1)),
-                    other => {
-                        if let Some((first, count)) = other {
-                            self.send(&Message::ZeroPages { first, count })?;
+        let batch = self
+            .settings
+            .bandwidth
+            .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
+        let codec = self.settings.codec;
+        let chunks: Vec<&[u64]> = pages.chunks(batch).collect();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_WORKERS);
+        if codec == Codec::None || workers < 2 || chunks.len() < 2 {
+            let mut bufs = std::mem::take(&mut self.bufs);
+            let result = chunks.iter().try_for_each(|chunk| {
+                let encoded = encode(memory, chunk, codec, &mut self.compressor, &mut bufs)?;
+                self.write_encoded(&encoded)?;
+                bufs.spare_frames.push(encoded.frames);
+                Ok(())
+            });
+            self.bufs = bufs;
+            return result;
+        }
+        // Written frame buffers go back to the workers through this pool.
+        let pool = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<Encoded, MigrateError>)>(
+                workers * 2,
+            );
+            for _ in 0..workers {
+                let (tx, next, stop, chunks, pool) = (tx.clone(), &next, &stop, &chunks, &pool);
+                scope.spawn(move || {
+                    let mut compressor = Compressor::new();
+                    let mut bufs = Buffers::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(chunk) = chunks.get(i) else { break };
+                        if let Some(f) = lock(pool).pop() {
+                            bufs.spare_frames.push(f);
                         }
-                        Some((page, 1))
+                        let encoded = encode(memory, chunk, codec, &mut compressor, &mut bufs);
+                        if tx.send((i, encoded)).is_err() {
+                            break;
+                        }
                     }
-                };
-                self.stats.zero_pages += 1;
-                continue;
+                });
             }
-            scratch.clear();
-            let stored = self
-                .compressor
-                .compress(codec, bytes, &mut scratch)
-                .map_err(|e| MigrateError::Vm(e.to_string()))?;
-            writer.push(page, stored == Stored::Raw, &scratch);
-            self.stats.pages_sent += 1;
-            self.stats.raw_bytes += PAGE as u64;
-            if writer.len() >= batch_pages {
-                writer.finish();
-                self.frame(protocol::Kind::Pages, &batch)?;
-                batch.clear();
-                self.check_cancel()?;
-                codec = self.settings.codec;
-                batch_pages = limit(&self.settings);
-                writer = PageBatchWriter::new(&mut batch, codec.id());
-            }
-        }
-        if !writer.is_empty() {
-            writer.finish();
-            self.frame(protocol::Kind::Pages, &batch)?;
-        }
-        if let Some((first, count)) = zero_run {
-            self.send(&Message::ZeroPages { first, count })?;
-        }
-        self.batch = batch;
-        Ok(())
+            drop(tx);
+            // Reorder: frames go out in the order of the pages.
+            let mut pending = std::collections::BTreeMap::new();
+            let mut due = 0;
+            let result = (|| {
+                for (i, encoded) in rx.iter() {
+                    pending.insert(i, encoded);
+                    while let Some(encoded) = pending.remove(&due) {
+                        let encoded = encoded?;
+                        self.write_encoded(&encoded)?;
+                        lock(&pool).push(encoded.frames);
+                        due += 1;
+                    }
+                }
+                Ok(())
+            })();
+            stop.store(true, Ordering::Relaxed);
+            result
+        })
+    }
+
+    /// Writes a batch's frames, under the bandwidth cap, and counts them.
+    fn write_encoded(&mut self, e: &Encoded) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        self.bucket.take(self.settings.bandwidth, e.frames.len());
+        self.w.write_all(&e.frames).map_err(ProtocolError::from)?;
+        self.stats.send_time += t.elapsed();
+        self.stats.bytes_on_wire += e.frames.len() as u64;
+        self.stats.pages_sent += e.pages_sent;
+        self.stats.zero_pages += e.zero_pages;
+        self.stats.raw_bytes += e.pages_sent * PAGE as u64;
+        self.check_cancel()
     }
 
     /// Compresses a sample of the working set's non-zero pages with every codec.
@@ -901,6 +928,80 @@ pub fn converged(predicted_ms: f64, limit_ms: f64, dirty: u64, previous: u64, ro
     let fits = predicted_ms <= limit_ms;
     let still_halving = dirty * 2 <= previous;
     fits && (!still_halving || predicted_ms <= limit_ms / 10.0 || round >= MAX_SHRINKING_ROUNDS)
+}
+
+/// Compression threads for page batches at most.
+const MAX_WORKERS: usize = 4;
+
+/// One batch of pages, ready for the wire: its zero runs and one page-batch frame.
+struct Encoded {
+    frames: Vec<u8>,
+    pages_sent: u64,
+    zero_pages: u64,
+}
+
+/// Buffers a batch is encoded in, kept and reused: fresh megabytes per batch would
+/// cost a host page fault per 4 KiB, which is slow on this kind of host.
+#[derive(Default)]
+struct Buffers {
+    payload: Vec<u8>,
+    spare_frames: Vec<Vec<u8>>,
+}
+
+/// Encodes `pages` into complete frames (reusing `bufs`).
+fn encode(
+    memory: &[u8],
+    pages: &[u64],
+    codec: Codec,
+    compressor: &mut Compressor,
+    bufs: &mut Buffers,
+) -> Result<Encoded, MigrateError> {
+    let mut frames = bufs.spare_frames.pop().unwrap_or_default();
+    frames.clear();
+    let mut out = Encoded {
+        frames,
+        pages_sent: 0,
+        zero_pages: 0,
+    };
+    let payload = &mut bufs.payload;
+    payload.clear();
+    let mut writer = PageBatchWriter::new(payload, codec.id());
+    let mut scratch = Vec::with_capacity(PAGE + 64);
+    let mut zero_run: Option<(u64, u64)> = None;
+    let mut zero_frames = Vec::new();
+    for &page in pages {
+        let at = page as usize * PAGE;
+        let bytes = &memory[at..at + PAGE];
+        if is_zero(bytes) {
+            out.zero_pages += 1;
+            zero_run = match zero_run {
+                Some((first, n)) if first + n == page => Some((first, n + 1)),
+                other => {
+                    if let Some((first, count)) = other {
+                        protocol::send(&mut zero_frames, &Message::ZeroPages { first, count })?;
+                    }
+                    Some((page, 1))
+                }
+            };
+            continue;
+        }
+        scratch.clear();
+        let stored = compressor
+            .compress(codec, bytes, &mut scratch)
+            .map_err(|e| MigrateError::Vm(e.to_string()))?;
+        writer.push(page, stored == Stored::Raw, &scratch);
+        out.pages_sent += 1;
+    }
+    if let Some((first, count)) = zero_run {
+        protocol::send(&mut zero_frames, &Message::ZeroPages { first, count })?;
+    }
+    let has_pages = !writer.is_empty();
+    writer.finish();
+    if has_pages {
+        protocol::write_frame(&mut out.frames, protocol::Kind::Pages, payload)?;
+    }
+    out.frames.extend_from_slice(&zero_frames);
+    Ok(out)
 }
 
 fn is_zero(b: &[u8]) -> bool {
