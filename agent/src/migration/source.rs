@@ -571,22 +571,20 @@ fn connect<'a>(
 
 impl Sender<'_> {
     fn send(&mut self, msg: &Message) -> Result<(), MigrateError> {
-        let mut payload = Vec::new();
-        msg.encode_payload(&mut payload);
-        self.frame(msg.kind(), &payload)
+        let mut frame = Vec::new();
+        protocol::send(&mut frame, msg)?;
+        self.write_wire(&frame)
     }
 
-    fn frame(&mut self, kind: protocol::Kind, payload: &[u8]) -> Result<(), MigrateError> {
+    /// Every byte of the stream goes through here: the bandwidth cap and the counters.
+    fn write_wire(&mut self, frames: &[u8]) -> Result<(), MigrateError> {
         // Time spent waiting for the cap counts: the measured bandwidth is what the
         // stream achieves, which is what predictions need.
         let t = Instant::now();
-        self.bucket.take(
-            self.settings.bandwidth,
-            protocol::HEADER_LEN + payload.len(),
-        );
-        protocol::write_frame(&mut self.w, kind, payload)?;
+        self.bucket.take(self.settings.bandwidth, frames.len());
+        self.w.write_all(frames).map_err(ProtocolError::from)?;
         self.stats.send_time += t.elapsed();
-        self.stats.bytes_on_wire += (protocol::HEADER_LEN + payload.len()) as u64;
+        self.stats.bytes_on_wire += frames.len() as u64;
         Ok(())
     }
 
@@ -748,11 +746,7 @@ impl Sender<'_> {
 
     /// Writes a batch's frames, under the bandwidth cap, and counts them.
     fn write_encoded(&mut self, e: &Encoded) -> Result<(), MigrateError> {
-        let t = Instant::now();
-        self.bucket.take(self.settings.bandwidth, e.frames.len());
-        self.w.write_all(&e.frames).map_err(ProtocolError::from)?;
-        self.stats.send_time += t.elapsed();
-        self.stats.bytes_on_wire += e.frames.len() as u64;
+        self.write_wire(&e.frames)?;
         self.stats.pages_sent += e.pages_sent;
         self.stats.zero_pages += e.zero_pages;
         self.stats.raw_bytes += e.pages_sent * PAGE as u64;
