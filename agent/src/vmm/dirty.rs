@@ -32,22 +32,19 @@ use std::os::raw::c_ulong;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_EXIT_DIRTY_RING_FULL,
-    KVM_MEM_LOG_DIRTY_PAGES, KVMIO, kvm_clear_dirty_log, kvm_dirty_gfn, kvm_dirty_log,
-    kvm_enable_cap,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES, KVMIO,
+    kvm_clear_dirty_log, kvm_dirty_gfn, kvm_dirty_log, kvm_enable_cap,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress};
+use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
-use super::boot::{self, BootError, MEMORY_SLOT, Vm};
-use super::config::{ConfigError, DirtyTracking, VmConfig};
-use crate::guest::abi::{Mailbox, PAGE_SIZE, PORT_HEARTBEAT, PORT_INTEGRITY};
-use crate::guest::layout::Layout;
+use super::boot::{BootError, MEMORY_SLOT, Vm};
+use super::config::DirtyTracking;
+use crate::guest::abi::PAGE_SIZE;
 
 /// Ring entry flag: KVM filled the entry, userspace has not collected it yet.
 const DIRTY_GFN_F_DIRTY: u32 = 1;
@@ -1089,314 +1086,331 @@ fn nanos(since: Instant) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Harvest cost measurement (and the small one-vCPU lab guest runner it uses).
+// A one-vCPU lab guest runner for this module's tests, and the harvest cost measured
+// on it. The product measures harvest cost through the VMM (`dirty-sample`, used by
+// `cargo xtask bench vmm`); this is the bare-KVM view, kept with the tests.
 
-#[derive(Debug, thiserror::Error)]
-pub enum MeasureError {
-    #[error("measurement guest config: {0}")]
-    Config(#[from] ConfigError),
-    #[error("booting the measurement guest: {0}")]
-    Boot(#[from] BootError),
-    #[error("dirty log: {0}")]
-    Dirty(#[from] DirtyError),
-    #[error("{what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error("lab guest: {0}")]
-    Guest(String),
-}
+#[cfg(test)]
+mod harness {
+    use std::time::Duration;
 
-/// Harvests of a guest whose working set was entirely rewritten before each one.
-#[derive(Debug, Clone)]
-pub struct HarvestMeasurement {
-    pub mode: &'static str,
-    pub memory_mib: u64,
-    pub working_set_pages: u64,
-    /// One per round: a full pass over the working set, vCPU stopped, then a harvest
-    /// into an empty bitmap.
-    pub rounds: Vec<HarvestStats>,
-}
+    use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+    use kvm_ioctls::VcpuExit;
+    use vm_memory::{Bytes, GuestAddress};
 
-const PAGES_PER_GIB: f64 = (1u64 << 30) as f64 / PAGE_SIZE as f64;
+    use super::*;
+    use crate::guest::abi::{Mailbox, PORT_HEARTBEAT, PORT_INTEGRITY};
+    use crate::guest::layout::Layout;
+    use crate::vmm::boot;
+    use crate::vmm::config::{ConfigError, VmConfig};
 
-impl HarvestMeasurement {
-    /// Reading the log, in ms per GiB of dirty memory (mean over rounds).
-    pub fn get_ms_per_gib(&self) -> f64 {
-        self.per_gib(|s| s.fetch_ns)
+    #[derive(Debug, thiserror::Error)]
+    pub enum MeasureError {
+        #[error("measurement guest config: {0}")]
+        Config(#[from] ConfigError),
+        #[error("booting the measurement guest: {0}")]
+        Boot(#[from] BootError),
+        #[error("dirty log: {0}")]
+        Dirty(#[from] DirtyError),
+        #[error("{what} failed: {source}")]
+        Kvm {
+            what: &'static str,
+            source: kvm_ioctls::Error,
+        },
+        #[error("lab guest: {0}")]
+        Guest(String),
     }
 
-    /// Re-arming the log, in ms per GiB of dirty memory (mean over rounds).
-    pub fn clear_ms_per_gib(&self) -> f64 {
-        self.per_gib(|s| s.clear_ns)
+    /// Harvests of a guest whose working set was entirely rewritten before each one.
+    #[derive(Debug, Clone)]
+    pub struct HarvestMeasurement {
+        pub mode: &'static str,
+        pub memory_mib: u64,
+        pub working_set_pages: u64,
+        /// One per round: a full pass over the working set, vCPU stopped, then a harvest
+        /// into an empty bitmap.
+        pub rounds: Vec<HarvestStats>,
     }
 
-    fn per_gib(&self, ns: impl Fn(&HarvestStats) -> u64) -> f64 {
-        let pages: u64 = self.rounds.iter().map(|s| s.new_pages).sum();
-        let ns: u64 = self.rounds.iter().map(ns).sum();
-        if pages == 0 {
-            return 0.0;
+    const PAGES_PER_GIB: f64 = (1u64 << 30) as f64 / PAGE_SIZE as f64;
+
+    impl HarvestMeasurement {
+        /// Reading the log, in ms per GiB of dirty memory (mean over rounds).
+        pub fn get_ms_per_gib(&self) -> f64 {
+            self.per_gib(|s| s.fetch_ns)
         }
-        ns as f64 / 1e6 / pages as f64 * PAGES_PER_GIB
-    }
-}
 
-impl fmt::Display for HarvestMeasurement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {} MiB guest, {} working-set pages; get {:.2} ms/GiB, clear {:.2} ms/GiB",
-            self.mode,
-            self.memory_mib,
-            self.working_set_pages,
-            self.get_ms_per_gib(),
-            self.clear_ms_per_gib()
-        )?;
-        for (i, s) in self.rounds.iter().enumerate() {
+        /// Re-arming the log, in ms per GiB of dirty memory (mean over rounds).
+        pub fn clear_ms_per_gib(&self) -> f64 {
+            self.per_gib(|s| s.clear_ns)
+        }
+
+        pub(super) fn per_gib(&self, ns: impl Fn(&HarvestStats) -> u64) -> f64 {
+            let pages: u64 = self.rounds.iter().map(|s| s.new_pages).sum();
+            let ns: u64 = self.rounds.iter().map(ns).sum();
+            if pages == 0 {
+                return 0.0;
+            }
+            ns as f64 / 1e6 / pages as f64 * PAGES_PER_GIB
+        }
+    }
+
+    impl fmt::Display for HarvestMeasurement {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             write!(
                 f,
-                "\n  round {}: {} pages, get {:.3} ms, clear {:.3} ms, {} ring-full exits",
-                i + 1,
-                s.new_pages,
-                s.fetch_ns as f64 / 1e6,
-                s.clear_ns as f64 / 1e6,
-                s.ring_full_exits
+                "{}: {} MiB guest, {} working-set pages; get {:.2} ms/GiB, clear {:.2} ms/GiB",
+                self.mode,
+                self.memory_mib,
+                self.working_set_pages,
+                self.get_ms_per_gib(),
+                self.clear_ms_per_gib()
             )?;
+            for (i, s) in self.rounds.iter().enumerate() {
+                write!(
+                    f,
+                    "\n  round {}: {} pages, get {:.3} ms, clear {:.3} ms, {} ring-full exits",
+                    i + 1,
+                    s.new_pages,
+                    s.fetch_ns as f64 / 1e6,
+                    s.clear_ns as f64 / 1e6,
+                    s.ring_full_exits
+                )?;
+            }
+            Ok(())
         }
-        Ok(())
-    }
-}
-
-/// Measures harvest cost with every page of the working set dirty: boots the lab guest
-/// on one vCPU with an unpaced sequential workload (zero pages, filled once before
-/// logging starts, so first-touch faults stay out of the figures), starts logging, and
-/// `rounds` times lets the guest rewrite the whole working set, stops the vCPU and
-/// harvests. Costs are per GiB of dirty memory; for ring mode they include the work done
-/// at ring-full exits during the pass.
-pub fn measure_harvest(
-    mode: DirtyMode,
-    memory_mib: u64,
-    working_set_mib: u64,
-    rounds: u32,
-) -> Result<HarvestMeasurement, MeasureError> {
-    let cfg = VmConfig::parse(
-        &format!(
-            "name = \"harvest-bench\"\nmemory_mib = {memory_mib}\nvcpus = 1\n\
-             [workload]\npattern = \"sequential\"\ndirty_pages_per_sec = 0\n\
-             working_set_mib = {working_set_mib}\nfill = true\ncontent = \"zero\"\n"
-        ),
-        std::path::Path::new("measure_harvest"),
-        std::path::Path::new("/"),
-    )?;
-    let mut guest = LabGuest::boot(&cfg, |vm| DirtyLog::with_mode(mode, vm, 1))?;
-    let ws_pages = guest.vm.layout.ws_pages;
-    // A pass over the working set at first touch runs at ≥70k pages/s here.
-    let pass_timeout = Duration::from_secs(30 + ws_pages / 10_000);
-    guest.run_while(|g| g.wait_for("the fill pass", pass_timeout, |g| g.fill_done()))?;
-    guest.log.start(&guest.vm)?;
-    let mut out = DirtyBitmap::new(guest.log.pages());
-    let mut measured = Vec::new();
-    for _ in 0..rounds {
-        let w0 = guest.pages_written()?;
-        guest.run_while(|g| {
-            g.wait_for("a full pass", pass_timeout, |g| {
-                Ok(g.pages_written()? >= w0 + ws_pages)
-            })
-        })?;
-        out.clear_all();
-        measured.push(guest.log.harvest_with_stats(&mut out)?);
-    }
-    guest.log.stop(&guest.vm)?;
-    Ok(HarvestMeasurement {
-        mode: guest.log.mode(),
-        memory_mib,
-        working_set_pages: ws_pages,
-        rounds: measured,
-    })
-}
-
-/// Longest park for a guest sleep request.
-const MAX_SLEEP: Duration = Duration::from_millis(10);
-
-/// The lab guest on one vCPU with a dirty log, run in bursts on a helper thread.
-struct LabGuest {
-    vm: Vm,
-    log: DirtyLog,
-    vcpu: VcpuFd,
-}
-
-/// What a burst of running did.
-#[derive(Debug, Default, Clone, Copy)]
-struct RunReport {
-    exits: u64,
-    ring_full_exits: u64,
-}
-
-/// The view of a running guest given to the control side of [`LabGuest::run_while`].
-struct Running<'a> {
-    vm: &'a Vm,
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "measure_harvest drives the log between bursts")
-    )]
-    log: &'a DirtyLog,
-    vcpu_done: &'a AtomicBool,
-}
-
-impl LabGuest {
-    /// `make_log` sets up the dirty log for one vCPU, before the vCPU exists.
-    fn boot(
-        cfg: &VmConfig,
-        make_log: impl FnOnce(&Vm) -> Result<DirtyLog, DirtyError>,
-    ) -> Result<Self, MeasureError> {
-        let vm = Vm::create(cfg)?;
-        let log = make_log(&vm)?;
-        let vcpu = vm.fd.create_vcpu(0).map_err(|source| MeasureError::Kvm {
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
-        log.attach_vcpu(0, &vcpu)?;
-        let tsc_khz = vcpu.get_tsc_khz().map_err(|source| MeasureError::Kvm {
-            what: "KVM_GET_TSC_KHZ",
-            source,
-        })?;
-        vm.load_guest(cfg, u64::from(tsc_khz) * 1000, 42)?;
-        boot::setup_vcpu(&vm.kvm, &vcpu, 0, cfg.entry)?;
-        Ok(Self { vm, log, vcpu })
     }
 
-    fn pages_written(&self) -> Result<u64, MeasureError> {
-        mailbox_field(&self.vm, std::mem::offset_of!(Mailbox, pages_written))
-    }
-
-    /// Runs the vCPU on a helper thread while `control` runs on this one; the vCPU stops
-    /// at its next exit after `control` returns (the guest exits at least every 0.9 ms).
-    fn run_while<R>(
-        &mut self,
-        control: impl FnOnce(&Running<'_>) -> Result<R, MeasureError>,
-    ) -> Result<(R, RunReport), MeasureError> {
-        let stop = AtomicBool::new(false);
-        let vcpu_done = AtomicBool::new(false);
-        let Self { vm, log, vcpu } = self;
-        let (vm, log) = (&*vm, &*log);
-        std::thread::scope(|s| {
-            let (stop, done) = (&stop, &vcpu_done);
-            let runner = s.spawn(move || {
-                let result = run_vcpu(vm, log, vcpu, stop);
-                done.store(true, Ordering::Release);
-                result
-            });
-            let result = control(&Running {
-                vm,
-                log,
-                vcpu_done: done,
-            });
-            stop.store(true, Ordering::Release);
-            let report = runner
-                .join()
-                .map_err(|_| MeasureError::Guest("the vCPU thread panicked".into()))??;
-            Ok((result?, report))
+    /// Measures harvest cost with every page of the working set dirty: boots the lab guest
+    /// on one vCPU with an unpaced sequential workload (zero pages, filled once before
+    /// logging starts, so first-touch faults stay out of the figures), starts logging, and
+    /// `rounds` times lets the guest rewrite the whole working set, stops the vCPU and
+    /// harvests. Costs are per GiB of dirty memory; for ring mode they include the work done
+    /// at ring-full exits during the pass.
+    pub fn measure_harvest(
+        mode: DirtyMode,
+        memory_mib: u64,
+        working_set_mib: u64,
+        rounds: u32,
+    ) -> Result<HarvestMeasurement, MeasureError> {
+        let cfg = VmConfig::parse(
+            &format!(
+                "name = \"harvest-bench\"\nmemory_mib = {memory_mib}\nvcpus = 1\n\
+                 [workload]\npattern = \"sequential\"\ndirty_pages_per_sec = 0\n\
+                 working_set_mib = {working_set_mib}\nfill = true\ncontent = \"zero\"\n"
+            ),
+            std::path::Path::new("measure_harvest"),
+            std::path::Path::new("/"),
+        )?;
+        let mut guest = LabGuest::boot(&cfg, |vm| DirtyLog::with_mode(mode, vm, 1))?;
+        let ws_pages = guest.vm.layout.ws_pages;
+        // A pass over the working set at first touch runs at ≥70k pages/s here.
+        let pass_timeout = Duration::from_secs(30 + ws_pages / 10_000);
+        guest.run_while(|g| g.wait_for("the fill pass", pass_timeout, |g| g.fill_done()))?;
+        guest.log.start(&guest.vm)?;
+        let mut out = DirtyBitmap::new(guest.log.pages());
+        let mut measured = Vec::new();
+        for _ in 0..rounds {
+            let w0 = guest.pages_written()?;
+            guest.run_while(|g| {
+                g.wait_for("a full pass", pass_timeout, |g| {
+                    Ok(g.pages_written()? >= w0 + ws_pages)
+                })
+            })?;
+            out.clear_all();
+            measured.push(guest.log.harvest_with_stats(&mut out)?);
+        }
+        guest.log.stop(&guest.vm)?;
+        Ok(HarvestMeasurement {
+            mode: guest.log.mode(),
+            memory_mib,
+            working_set_pages: ws_pages,
+            rounds: measured,
         })
     }
-}
 
-impl Running<'_> {
-    fn pages_written(&self) -> Result<u64, MeasureError> {
-        mailbox_field(self.vm, std::mem::offset_of!(Mailbox, pages_written))
+    /// Longest park for a guest sleep request.
+    const MAX_SLEEP: Duration = Duration::from_millis(10);
+
+    /// The lab guest on one vCPU with a dirty log, run in bursts on a helper thread.
+    pub(super) struct LabGuest {
+        pub(super) vm: Vm,
+        pub(super) log: DirtyLog,
+        vcpu: VcpuFd,
     }
 
-    fn fill_done(&self) -> Result<bool, MeasureError> {
-        Ok(mailbox_field(self.vm, std::mem::offset_of!(Mailbox, fill_done))? != 0)
+    /// What a burst of running did.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(super) struct RunReport {
+        exits: u64,
+        pub(super) ring_full_exits: u64,
     }
 
-    /// Polls `done` every millisecond; fails if the vCPU stopped or time ran out.
-    fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&Self) -> Result<bool, MeasureError>,
-    ) -> Result<(), MeasureError> {
-        let t0 = Instant::now();
-        while !done(self)? {
-            if self.vcpu_done.load(Ordering::Acquire) {
-                return Err(MeasureError::Guest(format!(
-                    "the vCPU stopped while waiting for {what}"
-                )));
-            }
-            if t0.elapsed() > timeout {
-                return Err(MeasureError::Guest(format!(
-                    "{what} took longer than {timeout:?} ({} pages written)",
-                    self.pages_written()?
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    /// The view of a running guest given to the control side of [`LabGuest::run_while`].
+    pub(super) struct Running<'a> {
+        pub(super) vm: &'a Vm,
+        pub(super) log: &'a DirtyLog,
+        vcpu_done: &'a AtomicBool,
+    }
+
+    impl LabGuest {
+        /// `make_log` sets up the dirty log for one vCPU, before the vCPU exists.
+        pub(super) fn boot(
+            cfg: &VmConfig,
+            make_log: impl FnOnce(&Vm) -> Result<DirtyLog, DirtyError>,
+        ) -> Result<Self, MeasureError> {
+            let vm = Vm::create(cfg)?;
+            let log = make_log(&vm)?;
+            let vcpu = vm.fd.create_vcpu(0).map_err(|source| MeasureError::Kvm {
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+            log.attach_vcpu(0, &vcpu)?;
+            let tsc_khz = vcpu.get_tsc_khz().map_err(|source| MeasureError::Kvm {
+                what: "KVM_GET_TSC_KHZ",
+                source,
+            })?;
+            vm.load_guest(cfg, u64::from(tsc_khz) * 1000, 42)?;
+            boot::setup_vcpu(&vm.kvm, &vcpu, 0, cfg.entry)?;
+            Ok(Self { vm, log, vcpu })
         }
-        Ok(())
-    }
-}
 
-fn mailbox_field(vm: &Vm, offset: usize) -> Result<u64, MeasureError> {
-    let addr = GuestAddress(Layout::mailbox(0) + offset as u64);
-    vm.memory
-        .load::<u64>(addr, Ordering::Acquire)
-        .map_err(|e| MeasureError::Guest(format!("reading the mailbox at {:#x}: {e}", addr.0)))
-}
+        pub(super) fn pages_written(&self) -> Result<u64, MeasureError> {
+            mailbox_field(&self.vm, std::mem::offset_of!(Mailbox, pages_written))
+        }
 
-/// vCPU 0's loop: answers heartbeats with "no command" and sleeps as the guest asks,
-/// harvests full rings, and stops at the first exit after `stop` is set.
-fn run_vcpu(
-    vm: &Vm,
-    log: &DirtyLog,
-    vcpu: &mut VcpuFd,
-    stop: &AtomicBool,
-) -> Result<RunReport, MeasureError> {
-    let mut report = RunReport::default();
-    while !stop.load(Ordering::Acquire) {
-        let exit = match vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(source) => {
-                return Err(MeasureError::Kvm {
-                    what: "KVM_RUN",
-                    source,
+        /// Runs the vCPU on a helper thread while `control` runs on this one; the vCPU stops
+        /// at its next exit after `control` returns (the guest exits at least every 0.9 ms).
+        pub(super) fn run_while<R>(
+            &mut self,
+            control: impl FnOnce(&Running<'_>) -> Result<R, MeasureError>,
+        ) -> Result<(R, RunReport), MeasureError> {
+            let stop = AtomicBool::new(false);
+            let vcpu_done = AtomicBool::new(false);
+            let Self { vm, log, vcpu } = self;
+            let (vm, log) = (&*vm, &*log);
+            std::thread::scope(|s| {
+                let (stop, done) = (&stop, &vcpu_done);
+                let runner = s.spawn(move || {
+                    let result = run_vcpu(vm, log, vcpu, stop);
+                    done.store(true, Ordering::Release);
+                    result
                 });
+                let result = control(&Running {
+                    vm,
+                    log,
+                    vcpu_done: done,
+                });
+                stop.store(true, Ordering::Release);
+                let report = runner
+                    .join()
+                    .map_err(|_| MeasureError::Guest("the vCPU thread panicked".into()))??;
+                Ok((result?, report))
+            })
+        }
+    }
+
+    impl Running<'_> {
+        pub(super) fn pages_written(&self) -> Result<u64, MeasureError> {
+            mailbox_field(self.vm, std::mem::offset_of!(Mailbox, pages_written))
+        }
+
+        pub(super) fn fill_done(&self) -> Result<bool, MeasureError> {
+            Ok(mailbox_field(self.vm, std::mem::offset_of!(Mailbox, fill_done))? != 0)
+        }
+
+        /// Polls `done` every millisecond; fails if the vCPU stopped or time ran out.
+        pub(super) fn wait_for(
+            &self,
+            what: &str,
+            timeout: Duration,
+            done: impl Fn(&Self) -> Result<bool, MeasureError>,
+        ) -> Result<(), MeasureError> {
+            let t0 = Instant::now();
+            while !done(self)? {
+                if self.vcpu_done.load(Ordering::Acquire) {
+                    return Err(MeasureError::Guest(format!(
+                        "the vCPU stopped while waiting for {what}"
+                    )));
+                }
+                if t0.elapsed() > timeout {
+                    return Err(MeasureError::Guest(format!(
+                        "{what} took longer than {timeout:?} ({} pages written)",
+                        self.pages_written()?
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-        };
-        report.exits += 1;
-        match exit {
-            VcpuExit::IoIn(PORT_HEARTBEAT, data) => {
-                data.fill(0);
-                let sleep_ns = mailbox_field(vm, std::mem::offset_of!(Mailbox, sleep_ns))?;
-                if sleep_ns > 0 {
-                    std::thread::sleep(Duration::from_nanos(sleep_ns).min(MAX_SLEEP));
+            Ok(())
+        }
+    }
+
+    pub(super) fn mailbox_field(vm: &Vm, offset: usize) -> Result<u64, MeasureError> {
+        let addr = GuestAddress(Layout::mailbox(0) + offset as u64);
+        vm.memory
+            .load::<u64>(addr, Ordering::Acquire)
+            .map_err(|e| MeasureError::Guest(format!("reading the mailbox at {:#x}: {e}", addr.0)))
+    }
+
+    /// vCPU 0's loop: answers heartbeats with "no command" and sleeps as the guest asks,
+    /// harvests full rings, and stops at the first exit after `stop` is set.
+    pub(super) fn run_vcpu(
+        vm: &Vm,
+        log: &DirtyLog,
+        vcpu: &mut VcpuFd,
+        stop: &AtomicBool,
+    ) -> Result<RunReport, MeasureError> {
+        let mut report = RunReport::default();
+        while !stop.load(Ordering::Acquire) {
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => {
+                    return Err(MeasureError::Kvm {
+                        what: "KVM_RUN",
+                        source,
+                    });
+                }
+            };
+            report.exits += 1;
+            match exit {
+                VcpuExit::IoIn(PORT_HEARTBEAT, data) => {
+                    data.fill(0);
+                    let sleep_ns = mailbox_field(vm, std::mem::offset_of!(Mailbox, sleep_ns))?;
+                    if sleep_ns > 0 {
+                        std::thread::sleep(Duration::from_nanos(sleep_ns).min(MAX_SLEEP));
+                    }
+                }
+                VcpuExit::IoIn(_, data) => data.fill(0),
+                VcpuExit::IoOut(PORT_INTEGRITY, _) => {
+                    return Err(MeasureError::Guest(
+                        "the guest reported an integrity error".into(),
+                    ));
+                }
+                VcpuExit::IoOut(..) => {}
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    log.on_ring_full(0)?;
+                    report.ring_full_exits += 1;
+                }
+                other => {
+                    return Err(MeasureError::Guest(format!(
+                        "the vCPU stopped unexpectedly: {other:?}"
+                    )));
                 }
             }
-            VcpuExit::IoIn(_, data) => data.fill(0),
-            VcpuExit::IoOut(PORT_INTEGRITY, _) => {
-                return Err(MeasureError::Guest(
-                    "the guest reported an integrity error".into(),
-                ));
-            }
-            VcpuExit::IoOut(..) => {}
-            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
-                log.on_ring_full(0)?;
-                report.ring_full_exits += 1;
-            }
-            other => {
-                return Err(MeasureError::Guest(format!(
-                    "the vCPU stopped unexpectedly: {other:?}"
-                )));
-            }
         }
+        Ok(report)
     }
-    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::harness::*;
     use super::*;
     use crate::vmm::boot::tests::{kvm_or_skip, small_config};
+    use crate::vmm::config::VmConfig;
 
     fn ws_range(vm: &Vm) -> Range<u64> {
         let first = vm.layout.ws_base / PAGE_SIZE;
