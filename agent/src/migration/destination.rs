@@ -173,9 +173,7 @@ impl Receiver {
         let pages = vm.layout.memory_bytes / PAGE as u64;
         // SAFETY: the mapping is memory_bytes long, and no vCPU runs until the
         // handover, so nothing else touches guest memory while pages land.
-        let memory = unsafe {
-            std::slice::from_raw_parts_mut(vm.host_base(), vm.layout.memory_bytes as usize)
-        };
+        let memory = unsafe { vm.memory_mut() };
         let t0 = Instant::now();
         // Pages never sent stay zero; the source sends every page at least once anyway.
         let mut crcs = vec![crc32fast::hash(&[0u8; PAGE]); pages as usize];

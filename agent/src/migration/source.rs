@@ -23,7 +23,7 @@ use super::protocol::{self, Hello, Message, PageBatchWriter, ProtocolError};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
-use crate::vmm::snapshot::MachineState;
+use crate::vmm::snapshot::{MachineState, is_zero};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch frame.
@@ -996,12 +996,6 @@ fn encode(
     }
     out.frames.extend_from_slice(&zero_frames);
     Ok(out)
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
-    let (pre, words, post) = unsafe { b.align_to::<u64>() };
-    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0)
 }
 
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination

@@ -103,6 +103,21 @@ impl Vm {
             .unwrap_or(std::ptr::null_mut())
     }
 
+    /// Guest memory as one byte slice, for loading it whole before any vCPU runs
+    /// (restore, incoming migration).
+    ///
+    /// # Safety
+    /// No vCPU may run and no other slice of guest memory may be alive while the
+    /// returned one is used.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn memory_mut(&self) -> &mut [u8] {
+        // SAFETY: the mapping is memory_bytes long and lives as long as `self`; the
+        // caller guarantees exclusive access.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.host_base(), self.layout.memory_bytes as usize)
+        }
+    }
+
     /// (Re-)registers guest memory with the given KVM_MEM_* flags.
     pub fn set_memory_flags(&self, flags: u32) -> Result<(), BootError> {
         let region = kvm_userspace_memory_region {

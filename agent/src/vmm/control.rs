@@ -298,13 +298,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             })
         }),
         Request::Cancel {} => {
-            let running = m
-                .migration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|p| p.report.is_none());
-            if running {
+            if migrating {
                 m.migration_cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
             } else {

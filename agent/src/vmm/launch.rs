@@ -97,8 +97,7 @@ pub fn restore(dir: &Path, disk_dir: Option<&Path>) -> Result<Machine, LaunchErr
     let t = Instant::now();
     // SAFETY: the mapping is memory_bytes long and no vCPU has run yet, so nothing else
     // touches guest memory while it is loaded.
-    let memory =
-        unsafe { std::slice::from_raw_parts_mut(vm.host_base(), vm.layout.memory_bytes as usize) };
+    let memory = unsafe { vm.memory_mut() };
     snap.load_memory(memory)?;
     let memory_load_ms = ms(t);
     let dev = snap.state.devices;

@@ -217,7 +217,9 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
     write_file(&dir.join("state.bin"), &state)?;
     write_file(&dir.join("config.toml"), m.cfg.to_toml().as_bytes())?;
 
-    let memory = guest_bytes(m);
+    // SAFETY: every vCPU is parked, and the VMM itself writes guest memory only from
+    // vCPU threads at exits, so nothing changes it while it is copied.
+    let memory = unsafe { m.memory_slice() };
     let (memory_crc32, memory_bytes_written) =
         write_sparse_memory(&dir.join("memory.bin"), memory)?;
 
@@ -265,15 +267,6 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
     })
 }
 
-/// Guest memory as bytes. Only called while every vCPU is parked (snapshot) or before
-/// any runs (restore), so nothing writes it concurrently.
-fn guest_bytes(m: &Machine) -> &[u8] {
-    // SAFETY: the mapping is `memory_bytes` long, lives as long as `m`, and is not
-    // written while the vCPUs are parked (the VMM itself only writes guest memory from
-    // vCPU threads at exits).
-    unsafe { std::slice::from_raw_parts(m.vm.host_base(), m.vm.layout.memory_bytes as usize) }
-}
-
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = File::create(path).map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))
@@ -301,9 +294,11 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, words, post) = // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
-        unsafe { b.align_to::<u64>() };
+/// Whether a page (or any buffer) is all zero: zero pages are holes in a snapshot and
+/// runs on the migration wire.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to handles alignment.
+    let (pre, words, post) = unsafe { b.align_to::<u64>() };
     pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0)
 }
 
