@@ -19,6 +19,7 @@ use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::launch;
 use crate::vmm::machine::Machine;
+use crate::vmm::prefault;
 use crate::vmm::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -177,7 +178,23 @@ impl Receiver {
         let t0 = Instant::now();
         // Pages never sent stay zero; the source sends every page at least once anyway.
         let mut crcs = vec![crc32fast::hash(&[0u8; PAGE]); pages as usize];
-        let blob = match self.receive_memory(memory, pages, &mut crcs) {
+        let region = prefault::Region {
+            base: vm.host_base() as usize,
+            pages,
+        };
+        let ahead = prefault::Ahead::default();
+        let received = std::thread::scope(|s| {
+            let helper = std::thread::Builder::new()
+                .name("prefault".into())
+                .spawn_scoped(s, || prefault::run(region, &ahead));
+            if let Err(e) = helper {
+                tracing::debug!("no prefault helper ({e}); pages fault in as they land");
+            }
+            let r = self.receive_memory(memory, pages, &mut crcs, &ahead);
+            ahead.stop();
+            r
+        });
+        let blob = match received {
             Ok(b) => b,
             Err(e) => return Err(self.refuse(e)),
         };
@@ -261,6 +278,7 @@ impl Receiver {
         memory: &mut [u8],
         pages: u64,
         crcs: &mut [u32],
+        ahead: &prefault::Ahead,
     ) -> Result<Vec<u8>, IncomingError> {
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
         // Fresh guest memory is zero. Zero runs over pages that never received data
@@ -289,6 +307,7 @@ impl Receiver {
                     }
                     crcs[p.page as usize] = crc32fast::hash(dst);
                     landed.set(p.page);
+                    ahead.landed(p.page);
                 }
                 continue;
             }
@@ -302,7 +321,12 @@ impl Receiver {
                     }
                     crcs[first as usize..(first + count) as usize].fill(zero_crc);
                 }
-                Message::RoundEnd { round } => self.send(&Message::RoundAck { round })?,
+                Message::RoundEnd { round } => {
+                    // After the first full pass every page has landed or is known to be
+                    // zero: faulting in more would only spend CPU and host memory.
+                    ahead.stop();
+                    self.send(&Message::RoundAck { round })?
+                }
                 Message::Keepalive => {}
                 Message::DeviceState { blob } => state = Some(blob),
                 Message::Complete { .. } => return state.ok_or(IncomingError::NoState),

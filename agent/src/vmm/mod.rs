@@ -8,5 +8,6 @@ pub mod control;
 pub mod dirty;
 pub mod launch;
 pub mod machine;
+pub mod prefault;
 pub mod snapshot;
 pub mod state;
