@@ -20,6 +20,18 @@ struct Cli {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Mode {
     Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,20 +109,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move the running VM to a `ferry vmm --incoming` (pre-copy, shared storage).
+    /// Move the running VM to a `ferry vmm --incoming` (shared storage).
     Migrate {
         #[arg(long)]
         control: PathBuf,
         /// Destination HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT", required_unless_present = "resolve")]
+        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["resolve", "resume"])]
         to: Option<String>,
         /// Settle the last migration's handover in doubt: ask its destination what
         /// happened and tell it whether this side committed.
         #[arg(long)]
         resolve: bool,
-        /// Migration mode (pre-copy is the one there is).
+        /// Retry a post-copy whose link stayed down past its recovery window.
+        #[arg(long, conflicts_with = "resolve")]
+        resume: bool,
+        /// precopy: rounds of dirty pages, then a short pause. postcopy: the guest
+        /// moves at once and its pages follow on demand. hybrid: pre-copy until
+        /// `ferry start-postcopy`.
         #[arg(long, value_enum, default_value_t = Mode::Precopy)]
         mode: Mode,
+        /// Post-copy: keep trying to restore a broken link this long.
+        #[arg(long, default_value_t = 60)]
+        recover_secs: u64,
         /// Page codec: none, lz4 or zstd:N.
         #[arg(long, default_value = "none")]
         compression: String,
@@ -153,6 +173,11 @@ enum Command {
         #[arg(long)]
         max_downtime_ms: Option<u64>,
     },
+    /// Switch a running hybrid migration to post-copy.
+    StartPostcopy {
+        #[arg(long)]
+        control: PathBuf,
+    },
     /// Stop a running migration; the VM keeps running on the source.
     Cancel {
         #[arg(long)]
@@ -185,6 +210,7 @@ fn main() -> ExitCode {
         Command::Resume { control } => cli::client::simple(&control, "resume"),
         Command::Quit { control } => cli::client::simple(&control, "quit"),
         Command::Cancel { control } => cli::client::simple(&control, "cancel"),
+        Command::StartPostcopy { control } => cli::client::simple_json(&control, "start-postcopy"),
         Command::Migrate {
             control,
             resolve: true,
@@ -192,8 +218,15 @@ fn main() -> ExitCode {
         } => cli::client::simple_json(&control, "resolve"),
         Command::Migrate {
             control,
-            mode: Mode::Precopy,
+            resume: true,
+            ..
+        } => cli::client::simple_json(&control, "resume-migration"),
+        Command::Migrate {
+            control,
+            mode,
+            recover_secs,
             resolve: false,
+            resume: false,
             to,
             compression,
             max_downtime_ms,
@@ -211,6 +244,7 @@ fn main() -> ExitCode {
                 "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
                 "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
                 "timeout_secs": timeout_secs, "no_verify": no_verify,
+                "mode": mode.name(), "recover_secs": recover_secs,
             }),
             report.as_deref(),
             json,

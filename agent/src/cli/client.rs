@@ -199,9 +199,13 @@ pub fn migrate(
             let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
             let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
                 + get(p, "zero_pages").as_u64().unwrap_or(0);
-            let remaining = match get(p, "round").as_u64().unwrap_or(0) {
-                0 => bar.length().unwrap_or(0).saturating_sub(sent),
-                _ => get(p, "remaining_dirty_pages").as_u64().unwrap_or(0),
+            let remaining = match (
+                get(p, "postcopy_pages_left").as_u64(),
+                get(p, "round").as_u64().unwrap_or(0),
+            ) {
+                (Some(left), _) => left,
+                (None, 0) => bar.length().unwrap_or(0).saturating_sub(sent),
+                (None, _) => get(p, "remaining_dirty_pages").as_u64().unwrap_or(0),
             };
             let eta = if bw > 0.0 {
                 format!("{:.1} s", remaining as f64 * 4096.0 / bw)
@@ -242,6 +246,11 @@ pub fn migrate(
             "throttle_max_pct",
             "memory_verified",
             "guest_integrity_errors",
+            "postcopy_faults",
+            "fault_latency_p50_us",
+            "fault_latency_p99_us",
+            "vcpu_blocked_ms",
+            "recoveries",
         ] {
             let v = get(&final_report, key);
             if !v.is_null() {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::codec::{CodecError, Decompressor};
+use super::postcopy_dst;
 use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
@@ -59,6 +60,8 @@ pub enum IncomingError {
     Machine(#[from] crate::vmm::machine::MachineError),
     #[error("the source kept the VM (it never committed the handover); this copy was discarded")]
     Discarded,
+    #[error("post-copy: {0}")]
+    Postcopy(#[from] postcopy_dst::PostcopyError),
 }
 
 /// Receives one migration on `listener`. Returns once the guest runs here (the
@@ -72,7 +75,7 @@ pub fn receive(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError>
         r: BufReader::with_capacity(1 << 20, conn),
         w,
     };
-    rx.run(slot)
+    rx.run(listener, slot)
 }
 
 /// After a migration: answers the source's `Resolve` requests on the same address for
@@ -116,6 +119,13 @@ pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), Incoming
     }
 }
 
+/// What the stream delivered up to `Complete`.
+struct Received {
+    state: Vec<u8>,
+    /// Post-copy: the pages still to come once the guest runs here.
+    postcopy: Option<DirtyBitmap>,
+}
+
 struct Receiver {
     r: BufReader<TcpStream>,
     w: TcpStream,
@@ -136,7 +146,7 @@ impl Receiver {
         e
     }
 
-    fn run(&mut self, slot: &Slot) -> Result<(), IncomingError> {
+    fn run(&mut self, listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
         let hello = match protocol::recv(&mut self.r, None)? {
             Message::Hello(h) => h,
             other => return Err(self.refuse(IncomingError::Unexpected(other.kind()))),
@@ -194,7 +204,10 @@ impl Receiver {
             ahead.stop();
             r
         });
-        let blob = match received {
+        let Received {
+            state: blob,
+            postcopy,
+        } = match received {
             Ok(b) => b,
             Err(e) => return Err(self.refuse(e)),
         };
@@ -223,10 +236,34 @@ impl Receiver {
             Ok(d) => d,
             Err(e) => return Err(self.refuse(e)),
         };
+        // Post-copy: the fault channel first, then the pages still on the source become
+        // absent and userfaultfd takes over (before any vCPU can touch them).
+        let postcopy = match postcopy {
+            None => None,
+            Some(missing) => {
+                let prepared = (|| -> Result<_, IncomingError> {
+                    let fault = postcopy_dst::accept_fault_channel(
+                        listener,
+                        hello.id,
+                        Duration::from_secs(10),
+                    )?;
+                    let tracker =
+                        postcopy_dst::Tracker::prepare(region.base, pages, missing, crcs.clone())?;
+                    Ok((Arc::new(tracker), fault))
+                })();
+                match prepared {
+                    Ok(p) => Some(p),
+                    Err(e) => return Err(self.refuse(e)),
+                }
+            }
+        };
         let dev = state.devices;
         let machine = Arc::new(Machine::new(
             cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed,
         ));
+        if let Some((tracker, _)) = &postcopy {
+            *machine.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(tracker.clone());
+        }
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) =
             Some("a migration is handing this VM over; waiting for the source's commit".into());
         machine.start(false)?;
@@ -256,11 +293,33 @@ impl Receiver {
             tracing::warn!(
                 "could not confirm the handover to the source ({e}); it will be in doubt"
             );
-            return Ok(());
+            if postcopy.is_none() {
+                return Ok(());
+            }
         }
-        let _ = self.send(&Message::MemoryDigest {
-            digest: protocol::digest(&crcs),
-        });
+        let digest = match postcopy {
+            None => protocol::digest(&crcs),
+            Some((tracker, fault)) => {
+                let incoming = postcopy_dst::Incoming {
+                    tracker: tracker.clone(),
+                    machine: &machine,
+                    listener,
+                    id: hello.id,
+                    timeout,
+                    recover: Duration::from_millis(u64::from(hello.recover_ms)),
+                };
+                let conn = self.r.get_ref().try_clone().map_err(ProtocolError::from)?;
+                let r = std::mem::replace(&mut self.r, BufReader::new(conn));
+                let (r, w) =
+                    incoming.run(r, self.w.try_clone().map_err(ProtocolError::from)?, fault);
+                self.r = r;
+                self.w = w;
+                tracing::info!("post-copy complete: every page is here");
+                let _ = self.send(&Message::PostcopyDone(incoming.figures()));
+                tracker.digest()
+            }
+        };
+        let _ = self.send(&Message::MemoryDigest { digest });
         // Downtime is measured by the source from each vCPU's first heartbeat here.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut firsts = machine.first_heartbeats_ns();
@@ -279,11 +338,14 @@ impl Receiver {
         pages: u64,
         crcs: &mut [u32],
         ahead: &prefault::Ahead,
-    ) -> Result<Vec<u8>, IncomingError> {
+    ) -> Result<Received, IncomingError> {
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
         // Fresh guest memory is zero. Zero runs over pages that never received data
         // need not be written, and touching them would cost a host page fault each.
         let mut landed = DirtyBitmap::new(pages);
+        // Landed or announced as zero: what post-copy need not fetch.
+        let mut known = DirtyBitmap::new(pages);
+        let mut postcopy = None;
         let mut dec = Decompressor::new();
         let mut state = None;
         let mut frame = protocol::Frame {
@@ -307,6 +369,7 @@ impl Receiver {
                     }
                     crcs[p.page as usize] = crc32fast::hash(dst);
                     landed.set(p.page);
+                    known.set(p.page);
                     ahead.landed(p.page);
                 }
                 continue;
@@ -320,6 +383,9 @@ impl Receiver {
                         }
                     }
                     crcs[first as usize..(first + count) as usize].fill(zero_crc);
+                    for page in first..first + count {
+                        known.set(page);
+                    }
                 }
                 Message::RoundEnd { round } => {
                     // After the first full pass every page has landed or is known to be
@@ -328,8 +394,24 @@ impl Receiver {
                     self.send(&Message::RoundAck { round })?
                 }
                 Message::Keepalive => {}
+                Message::Postcopy { missing } => {
+                    ahead.stop();
+                    // What the source says is stale, and anything that never came.
+                    let mut m = DirtyBitmap::from_words(pages, &missing);
+                    for page in 0..pages {
+                        if !known.is_set(page) {
+                            m.set(page);
+                        }
+                    }
+                    postcopy = Some(m);
+                }
                 Message::DeviceState { blob } => state = Some(blob),
-                Message::Complete { .. } => return state.ok_or(IncomingError::NoState),
+                Message::Complete { .. } => {
+                    return Ok(Received {
+                        state: state.ok_or(IncomingError::NoState)?,
+                        postcopy,
+                    });
+                }
                 Message::Abort { reason } => return Err(IncomingError::Aborted(reason)),
                 other => return Err(IncomingError::Unexpected(other.kind())),
             }

@@ -2,5 +2,7 @@
 
 pub mod codec;
 pub mod destination;
+pub mod postcopy_dst;
+pub mod postcopy_src;
 pub mod protocol;
 pub mod source;

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -44,6 +44,13 @@ pub enum Kind {
     RoundAck = 16,
     Resolve = 17,
     Resolved = 18,
+    Postcopy = 19,
+    FaultChannel = 20,
+    PageRequest = 21,
+    PostcopyEnd = 22,
+    PostcopyDone = 23,
+    Recover = 24,
+    Missing = 25,
 }
 
 impl Kind {
@@ -68,6 +75,13 @@ impl Kind {
             16 => RoundAck,
             17 => Resolve,
             18 => Resolved,
+            19 => Postcopy,
+            20 => FaultChannel,
+            21 => PageRequest,
+            22 => PostcopyEnd,
+            23 => PostcopyDone,
+            24 => Recover,
+            25 => Missing,
             _ => return None,
         })
     }
@@ -113,6 +127,11 @@ pub struct Hello {
     /// How long either side waits on a silent peer before declaring it dead; the
     /// source sends keepalives well within it.
     pub timeout_ms: u32,
+    /// Names this migration, so a reconnection after a broken link (post-copy
+    /// recovery) can only continue the migration it belongs to.
+    pub id: u64,
+    /// How long both sides keep trying to restore a broken post-copy link.
+    pub recover_ms: u32,
 }
 
 /// One decoded page of a batch: its number and its bytes as sent.
@@ -186,6 +205,43 @@ pub enum Message {
     Resolved {
         running: bool,
     },
+    /// Source → destination at a post-copy switch, before the device state: the pages
+    /// the destination does not have current (a bitmap, bit per page). The guest will
+    /// run there on `Commit` and fetch these on demand while the source pushes them.
+    Postcopy {
+        missing: Vec<u64>,
+    },
+    /// First message on the post-copy fault channel, a second connection that carries
+    /// only page requests and their answers so they never queue behind the push.
+    FaultChannel {
+        id: u64,
+    },
+    /// Destination → source on the fault channel: a vCPU waits for this page.
+    PageRequest {
+        page: u64,
+    },
+    /// Source → destination: every missing page has been pushed.
+    PostcopyEnd,
+    /// Destination → source: every page is here; what post-copy cost the guest.
+    PostcopyDone(PostcopyFigures),
+    /// Source → destination on a new connection after the link broke in post-copy.
+    Recover {
+        id: u64,
+    },
+    /// Destination's answer to `Recover`: the pages it still lacks (bitmap).
+    Missing {
+        missing: Vec<u64>,
+    },
+}
+
+/// What post-copy cost the guest, measured on the destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostcopyFigures {
+    pub faults: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    /// Sum of every fault's wait: the time vCPUs (and the VMM) spent blocked.
+    pub blocked_us: u64,
 }
 
 impl Message {
@@ -209,6 +265,13 @@ impl Message {
             Message::RoundAck { .. } => Kind::RoundAck,
             Message::Resolve { .. } => Kind::Resolve,
             Message::Resolved { .. } => Kind::Resolved,
+            Message::Postcopy { .. } => Kind::Postcopy,
+            Message::FaultChannel { .. } => Kind::FaultChannel,
+            Message::PageRequest { .. } => Kind::PageRequest,
+            Message::PostcopyEnd => Kind::PostcopyEnd,
+            Message::PostcopyDone(_) => Kind::PostcopyDone,
+            Message::Recover { .. } => Kind::Recover,
+            Message::Missing { .. } => Kind::Missing,
         }
     }
 
@@ -221,6 +284,8 @@ impl Message {
                 out.extend_from_slice(&h.memory_bytes.to_le_bytes());
                 out.extend_from_slice(&h.vcpus.to_le_bytes());
                 out.extend_from_slice(&h.timeout_ms.to_le_bytes());
+                out.extend_from_slice(&h.id.to_le_bytes());
+                out.extend_from_slice(&h.recover_ms.to_le_bytes());
                 put_str(out, &h.name);
             }
             Message::HelloAck { version } => out.extend_from_slice(&version.to_le_bytes()),
@@ -241,7 +306,25 @@ impl Message {
             }
             Message::DeviceState { blob } => out.extend_from_slice(blob),
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
-            Message::Ready | Message::Commit | Message::Resumed | Message::Keepalive => {}
+            Message::Ready
+            | Message::Commit
+            | Message::Resumed
+            | Message::Keepalive
+            | Message::PostcopyEnd => {}
+            Message::Postcopy { missing } | Message::Missing { missing } => {
+                for w in missing {
+                    out.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            Message::FaultChannel { id } | Message::Recover { id } => {
+                out.extend_from_slice(&id.to_le_bytes())
+            }
+            Message::PageRequest { page } => out.extend_from_slice(&page.to_le_bytes()),
+            Message::PostcopyDone(f) => {
+                for v in [f.faults, f.latency_p50_us, f.latency_p99_us, f.blocked_us] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Message::Abort { reason } => put_str(out, reason),
             Message::MemoryDigest { digest } => out.extend_from_slice(&digest.to_le_bytes()),
             Message::Resolve { committed } => out.push(u8::from(*committed)),
@@ -267,6 +350,8 @@ impl Message {
                 memory_bytes: r.u64()?,
                 vcpus: r.u32()?,
                 timeout_ms: r.u32()?,
+                id: r.u64()?,
+                recover_ms: r.u32()?,
                 name: r.string()?,
             }),
             Kind::HelloAck => Message::HelloAck { version: r.u16()? },
@@ -300,6 +385,30 @@ impl Message {
                 committed: r.flag()?,
             },
             Kind::Resolved => Message::Resolved { running: r.flag()? },
+            Kind::Postcopy => Message::Postcopy {
+                missing: r.bitmap(guest_pages)?,
+            },
+            Kind::Missing => Message::Missing {
+                missing: r.bitmap(guest_pages)?,
+            },
+            Kind::FaultChannel => Message::FaultChannel { id: r.u64()? },
+            Kind::Recover => Message::Recover { id: r.u64()? },
+            Kind::PageRequest => {
+                let page = r.u64()?;
+                if let Some(pages) = guest_pages
+                    && page >= pages
+                {
+                    return Err(ProtocolError::PageOutOfRange { page, pages });
+                }
+                Message::PageRequest { page }
+            }
+            Kind::PostcopyEnd => Message::PostcopyEnd,
+            Kind::PostcopyDone => Message::PostcopyDone(PostcopyFigures {
+                faults: r.u64()?,
+                latency_p50_us: r.u64()?,
+                latency_p99_us: r.u64()?,
+                blocked_us: r.u64()?,
+            }),
             Kind::DeviceState => {
                 return Ok(Message::DeviceState {
                     blob: frame.payload.clone(),
@@ -386,6 +495,29 @@ impl<'a> Cursor<'a> {
 
     fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A page bitmap: one bit per guest page, in little-endian u64 words, exactly as
+    /// many words as guest memory needs (and no bit set past its end).
+    fn bitmap(&mut self, guest_pages: Option<u64>) -> Result<Vec<u64>, ProtocolError> {
+        let words = self.buf.len() / 8;
+        if let Some(pages) = guest_pages
+            && (words as u64 != pages.div_ceil(64) || !self.buf.len().is_multiple_of(8))
+        {
+            return Err(self.malformed(format!(
+                "a bitmap of {} bytes for {pages} pages",
+                self.buf.len()
+            )));
+        }
+        let bits: Vec<u64> = (0..words).map(|_| self.u64()).collect::<Result<_, _>>()?;
+        if let Some(pages) = guest_pages
+            && pages % 64 != 0
+            && let Some(last) = bits.last()
+            && last >> (pages % 64) != 0
+        {
+            return Err(self.malformed("bits set past the end of guest memory"));
+        }
+        Ok(bits)
     }
 
     fn string(&mut self) -> Result<String, ProtocolError> {
@@ -670,6 +802,8 @@ mod tests {
                 vcpus: 2,
                 page_size: 4096,
                 timeout_ms: 5000,
+                id: 42,
+                recover_ms: 60_000,
             }),
             Message::HelloAck { version: VERSION },
             Message::Config {
@@ -694,6 +828,22 @@ mod tests {
                 reason: "cancelled".into(),
             },
             Message::FirstHeartbeats { ns: vec![5, 6] },
+            Message::Postcopy {
+                missing: vec![u64::MAX, 0b1011],
+            },
+            Message::Missing {
+                missing: vec![0, 1],
+            },
+            Message::FaultChannel { id: 7 },
+            Message::Recover { id: 7 },
+            Message::PageRequest { page: 99 },
+            Message::PostcopyEnd,
+            Message::PostcopyDone(PostcopyFigures {
+                faults: 3,
+                latency_p50_us: 100,
+                latency_p99_us: 900,
+                blocked_us: 1200,
+            }),
             Message::MemoryDigest {
                 digest: 0xdead_beef,
             },
@@ -771,6 +921,8 @@ mod tests {
             vcpus: 1,
             page_size: 4096,
             timeout_ms: 5000,
+            id: 1,
+            recover_ms: 1000,
         };
         check_hello(&h).unwrap();
         h.version = VERSION + 1;

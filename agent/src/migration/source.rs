@@ -40,6 +40,44 @@ pub struct Params {
     /// Compare memory digests after the handover.
     pub verify: bool,
     pub settings: Settings,
+    pub mode: Mode,
+    /// How long a broken post-copy link is retried before waiting for `--resume`.
+    pub recover: Duration,
+}
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rounds of dirty pages until the rest fits the downtime limit.
+    Precopy,
+    /// The guest moves at once; its pages follow, on demand and in the background.
+    Postcopy,
+    /// Pre-copy, switching to post-copy when told (`start-postcopy`).
+    Hybrid,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown migration mode {other:?} (modes: precopy, postcopy, hybrid)"
+            )),
+        }
+    }
 }
 
 /// What can change while a migration runs (`set-params`; later the policy engine).
@@ -145,6 +183,10 @@ pub enum Phase {
     Setup,
     Precopy,
     Switchover,
+    /// The guest runs on the destination; its missing pages are being sent.
+    Postcopy,
+    /// Post-copy's link stayed down past the recovery window: `ferry migrate --resume`.
+    PostcopyPaused,
     Completed,
     Failed,
     Cancelled,
@@ -172,6 +214,9 @@ pub struct Progress {
     pub max_downtime_ms: u64,
     /// Each codec's ratio and speed measured on a sample of this VM's pages.
     pub codec_samples: Vec<super::codec::CodecSample>,
+    /// Post-copy: pages the destination still lacks, and link recoveries so far.
+    pub postcopy_pages_left: Option<u64>,
+    pub recoveries: u32,
     pub report: Option<Report>,
 }
 
@@ -206,6 +251,13 @@ pub struct Report {
     pub memory_verified: Option<bool>,
     pub guest_integrity_errors: u64,
     pub decisions: Vec<Decision>,
+    /// Post-copy only: faults the guest took on pages still here, how long each one
+    /// waited (p50, p99), the total time vCPUs spent waiting, and link recoveries.
+    pub postcopy_faults: Option<u64>,
+    pub fault_latency_p50_us: Option<u64>,
+    pub fault_latency_p99_us: Option<u64>,
+    pub vcpu_blocked_ms: Option<f64>,
+    pub recoveries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,38 +286,47 @@ pub enum MigrateError {
     Disk(#[from] crate::vmm::block::DiskError),
     #[error("dirty log: {0}")]
     Dirty(#[from] crate::vmm::dirty::DirtyError),
+    /// Not a failure: `start-postcopy` arrived; the pre-copy loop switches.
+    #[error("switching to post-copy")]
+    StartPostcopy,
 }
 
 /// Counters of one migration.
-struct Stats {
-    t0: Instant,
-    pages_sent: u64,
-    zero_pages: u64,
-    raw_bytes: u64,
-    bytes_on_wire: u64,
-    send_time: Duration,
+pub(super) struct Stats {
+    pub(super) t0: Instant,
+    pub(super) pages_sent: u64,
+    pub(super) zero_pages: u64,
+    pub(super) raw_bytes: u64,
+    pub(super) bytes_on_wire: u64,
+    pub(super) send_time: Duration,
     /// Wall time of completed rounds, acknowledged end to end.
-    wall_send_time: Duration,
+    pub(super) wall_send_time: Duration,
     /// Bytes of completed rounds.
-    acked_bytes: u64,
-    round: u32,
-    dirty_last: u64,
-    dirty_rate: f64,
-    remaining: u64,
+    pub(super) acked_bytes: u64,
+    pub(super) round: u32,
+    pub(super) dirty_last: u64,
+    pub(super) dirty_rate: f64,
+    pub(super) remaining: u64,
 }
 
-struct Sender<'a> {
-    m: &'a Machine,
-    params: &'a Params,
-    w: BufWriter<TcpStream>,
-    r: TcpStream,
-    stats: Stats,
-    compressor: Compressor,
-    bufs: Buffers,
+pub(super) struct Sender<'a> {
+    pub(super) m: &'a Machine,
+    pub(super) params: &'a Params,
+    pub(super) w: BufWriter<TcpStream>,
+    pub(super) r: TcpStream,
+    pub(super) stats: Stats,
+    pub(super) compressor: Compressor,
+    pub(super) bufs: Buffers,
     bucket: Bucket,
     /// The settings as of the last batch.
-    settings: Settings,
+    pub(super) settings: Settings,
     last_publish: Instant,
+    /// This migration's name on the wire (post-copy recovery checks it).
+    pub(super) id: u64,
+    /// The pages of the round being sent, and how many of them went out so far (a
+    /// switch to post-copy mid-round sends the rest on demand).
+    round_pages: Vec<u64>,
+    sent_upto: usize,
 }
 
 impl Progress {
@@ -288,6 +349,8 @@ impl Progress {
             bandwidth_limit_bytes_per_sec: settings.bandwidth,
             max_downtime_ms: settings.max_downtime_ms,
             codec_samples: Vec::new(),
+            postcopy_pages_left: None,
+            recoveries: 0,
             report: None,
         }
     }
@@ -325,7 +388,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     let report = Report {
         outcome,
         error,
-        mode: "precopy",
+        mode: params.mode.as_str(),
         to: params.to.clone(),
         total_ms: ms(t0.elapsed()),
         downtime_ms: switch.downtime_ms,
@@ -341,6 +404,11 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         memory_verified: switch.memory_verified,
         guest_integrity_errors: m.status().guest_integrity_errors,
         decisions: live.decisions,
+        postcopy_faults: switch.postcopy.map(|f| f.faults),
+        fault_latency_p50_us: switch.postcopy.map(|f| f.latency_p50_us),
+        fault_latency_p99_us: switch.postcopy.map(|f| f.latency_p99_us),
+        vcpu_blocked_ms: switch.postcopy.map(|f| f.blocked_us as f64 / 1e3),
+        recoveries: switch.recoveries,
     };
     if let Some(path) = &params.report
         && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
@@ -358,11 +426,14 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
 }
 
 #[derive(Default)]
-struct Switch {
-    committed: bool,
+pub(super) struct Switch {
+    pub(super) committed: bool,
+    /// Post-copy ran; what it cost the guest.
+    pub(super) postcopy: Option<protocol::PostcopyFigures>,
+    pub(super) recoveries: u32,
     memory_verified: Option<bool>,
     downtime_ms: Option<f64>,
-    switchover_ms: Option<f64>,
+    pub(super) switchover_ms: Option<f64>,
 }
 
 fn new_stats(t0: Instant) -> Stats {
@@ -390,11 +461,11 @@ fn ratio(s: &Stats) -> f64 {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -503,6 +574,26 @@ fn migrate(
     }
 }
 
+/// A name for one migration, unique enough to tell two apart on one destination.
+fn migration_id() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: fills the 8-byte buffer it is given.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n == 8 {
+        u64::from_le_bytes(b)
+    } else {
+        crate::vmm::machine::monotonic_ns() ^ u64::from(std::process::id()) << 32
+    }
+}
+
+/// Resolves a HOST:PORT.
+pub(super) fn address(to: &str) -> Result<std::net::SocketAddr, MigrateError> {
+    to.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| MigrateError::Resolve(to.to_owned()))
+}
+
 fn connect<'a>(
     m: &'a Machine,
     params: &'a Params,
@@ -541,6 +632,9 @@ fn connect<'a>(
         },
         settings: params.settings,
         last_publish: Instant::now(),
+        id: migration_id(),
+        round_pages: Vec::new(),
+        sent_upto: 0,
     };
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
@@ -549,6 +643,8 @@ fn connect<'a>(
         vcpus: m.cfg.vcpus,
         page_size: PAGE as u32,
         timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        id: tx.id,
+        recover_ms: params.recover.as_millis().min(u128::from(u32::MAX)) as u32,
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
     match protocol::recv(&mut tx.r, None)? {
@@ -570,14 +666,14 @@ fn connect<'a>(
 }
 
 impl Sender<'_> {
-    fn send(&mut self, msg: &Message) -> Result<(), MigrateError> {
+    pub(super) fn send(&mut self, msg: &Message) -> Result<(), MigrateError> {
         let mut frame = Vec::new();
         protocol::send(&mut frame, msg)?;
         self.write_wire(&frame)
     }
 
     /// Every byte of the stream goes through here: the bandwidth cap and the counters.
-    fn write_wire(&mut self, frames: &[u8]) -> Result<(), MigrateError> {
+    pub(super) fn write_wire(&mut self, frames: &[u8]) -> Result<(), MigrateError> {
         // Time spent waiting for the cap counts: the measured bandwidth is what the
         // stream achieves, which is what predictions need.
         let t = Instant::now();
@@ -622,7 +718,7 @@ impl Sender<'_> {
     /// Test-only fault injection (`FERRY_TEST_FAULT=<point>` in the source VMM's
     /// environment): drops the connection at that point of the switchover, as a
     /// network failure would, so tests can show the handover stays safe.
-    fn fault(&mut self, point: &str) -> Result<(), MigrateError> {
+    pub(super) fn fault(&mut self, point: &str) -> Result<(), MigrateError> {
         if std::env::var("FERRY_TEST_FAULT").is_ok_and(|v| v == point) {
             tracing::warn!("test fault: dropping the connection at {point}");
             let _ = self.r.shutdown(std::net::Shutdown::Both);
@@ -643,6 +739,9 @@ impl Sender<'_> {
         {
             return Err(MigrateError::NotConverged(max.as_secs()));
         }
+        if self.params.mode == Mode::Hybrid && self.m.postcopy_requested.load(Ordering::Acquire) {
+            return Err(MigrateError::StartPostcopy);
+        }
         if let Some(live) = lock(&self.m.live).as_ref() {
             self.settings = live.settings;
         }
@@ -656,7 +755,7 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn publish(&mut self, phase: Phase) {
+    pub(super) fn publish(&mut self, phase: Phase) {
         self.last_publish = Instant::now();
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
@@ -673,8 +772,10 @@ impl Sender<'_> {
         // had its dirty tracking re-armed before this copy, so a racing write is sent
         // again in a later round (or under the final pause).
         let memory = unsafe { m.memory_slice() };
-        self.check_cancel()?;
         let pages: Vec<u64> = pages.collect();
+        self.round_pages.clone_from(&pages);
+        self.sent_upto = 0;
+        self.check_cancel()?;
         // Under a bandwidth cap a frame must not take long enough to starve the peer's
         // timeout: at most ~100 ms of the cap per frame.
         let batch = self
@@ -747,10 +848,15 @@ impl Sender<'_> {
     /// Writes a batch's frames, under the bandwidth cap, and counts them.
     fn write_encoded(&mut self, e: &Encoded) -> Result<(), MigrateError> {
         self.write_wire(&e.frames)?;
+        self.sent_upto += (e.pages_sent + e.zero_pages) as usize;
+        self.count_pages(e);
+        self.check_cancel()
+    }
+
+    pub(super) fn count_pages(&mut self, e: &Encoded) {
         self.stats.pages_sent += e.pages_sent;
         self.stats.zero_pages += e.zero_pages;
         self.stats.raw_bytes += e.pages_sent * PAGE as u64;
-        self.check_cancel()
     }
 
     /// Compresses a sample of the working set's non-zero pages with every codec.
@@ -778,8 +884,28 @@ impl Sender<'_> {
     }
 
     fn precopy_and_switch(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
+        match self.precopy(switch) {
+            Err(MigrateError::StartPostcopy) => {
+                // What the round in flight had not sent yet comes on demand.
+                let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+                let mut need = DirtyBitmap::new(pages);
+                for &p in self.round_pages.get(self.sent_upto..).unwrap_or_default() {
+                    need.set(p);
+                }
+                self.switch_postcopy(need, true, switch)
+            }
+            other => other,
+        }
+    }
+
+    fn precopy(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
         let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
         self.sample_codecs();
+        if self.params.mode == Mode::Postcopy {
+            let mut need = DirtyBitmap::new(pages);
+            need.set_all();
+            return self.switch_postcopy(need, false, switch);
+        }
         let mut dirty = DirtyBitmap::new(pages);
         self.m.dirty.start(&self.m.vm)?;
         self.publish(Phase::Precopy);
@@ -824,7 +950,13 @@ impl Sender<'_> {
             previous = count;
             self.m.dirty.clear(0, pages)?;
             round_start = Instant::now();
-            self.send_pages(dirty.iter_set())?;
+            // A switch to post-copy during this round needs these pages too.
+            let result = self.send_pages(dirty.iter_set());
+            if matches!(result, Err(MigrateError::StartPostcopy)) {
+                // round_pages/sent_upto say which of them went; the dirty log has the rest.
+                return Err(MigrateError::StartPostcopy);
+            }
+            result?;
             self.end_round(self.stats.round, round_start)?;
         }
     }
@@ -877,6 +1009,12 @@ impl Sender<'_> {
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
         }
         switch.switchover_ms = Some(ms(t_pause.elapsed()));
+        self.measure_handover(switch, &last_heartbeats);
+        Ok(())
+    }
+
+    /// After the handover: compares memory digests and measures downtime.
+    pub(super) fn measure_handover(&mut self, switch: &mut Switch, last_heartbeats: &[u64]) {
         // The handover is complete. What follows only measures it: a lost answer leaves
         // a figure unknown (None in the report), never the outcome in doubt.
         match protocol::recv(&mut self.r, None) {
@@ -898,7 +1036,7 @@ impl Sender<'_> {
             Ok(Message::FirstHeartbeats { ns }) => {
                 switch.downtime_ms = ns
                     .iter()
-                    .zip(&last_heartbeats)
+                    .zip(last_heartbeats)
                     .filter(|(first, last)| **first > 0 && **last > 0)
                     .map(|(first, last)| first.saturating_sub(*last) as f64 / 1e6)
                     .reduce(f64::max);
@@ -907,7 +1045,6 @@ impl Sender<'_> {
             Err(e) => tracing::warn!("no heartbeat times from the destination: {e}"),
         }
         self.stats.remaining = 0;
-        Ok(())
     }
 }
 
@@ -928,22 +1065,22 @@ pub fn converged(predicted_ms: f64, limit_ms: f64, dirty: u64, previous: u64, ro
 const MAX_WORKERS: usize = 4;
 
 /// One batch of pages, ready for the wire: its zero runs and one page-batch frame.
-struct Encoded {
-    frames: Vec<u8>,
-    pages_sent: u64,
-    zero_pages: u64,
+pub(super) struct Encoded {
+    pub(super) frames: Vec<u8>,
+    pub(super) pages_sent: u64,
+    pub(super) zero_pages: u64,
 }
 
 /// Buffers a batch is encoded in, kept and reused: fresh megabytes per batch would
 /// cost a host page fault per 4 KiB, which is slow on this kind of host.
 #[derive(Default)]
-struct Buffers {
+pub(super) struct Buffers {
     payload: Vec<u8>,
-    spare_frames: Vec<Vec<u8>>,
+    pub(super) spare_frames: Vec<Vec<u8>>,
 }
 
 /// Encodes `pages` into complete frames (reusing `bufs`).
-fn encode(
+pub(super) fn encode(
     memory: &[u8],
     pages: &[u64],
     codec: Codec,

@@ -41,7 +41,7 @@ pub enum Request {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
-    /// Start a pre-copy migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
+    /// Start a migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
     Migrate {
         to: String,
         #[serde(flatten)]
@@ -54,7 +54,17 @@ pub enum Request {
         report: Option<PathBuf>,
         #[serde(default)]
         no_verify: bool,
+        /// precopy (default), postcopy or hybrid.
+        #[serde(default)]
+        mode: Option<String>,
+        /// How long a broken post-copy link is retried before giving up (default 60).
+        #[serde(default)]
+        recover_secs: Option<u64>,
     },
+    /// Switch the running hybrid migration to post-copy.
+    StartPostcopy {},
+    /// Retry a post-copy whose link stayed down past its recovery window.
+    ResumeMigration {},
     /// Change the running migration's settings.
     SetParams {
         #[serde(flatten)]
@@ -245,6 +255,21 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
     {
         return json!({"ok": false, "error": "a migration is running; wait for it or cancel it first"});
     }
+    // Incoming post-copy: memory is still arriving, and the VM's pausing belongs to it.
+    if m.postcopy_status().is_some_and(|p| p.phase != "completed")
+        && matches!(
+            request,
+            Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
+        )
+    {
+        return json!({"ok": false, "error": "post-copy is still bringing this VM's memory in; wait for it to complete"});
+    }
+    let phase = m
+        .migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|p| p.phase);
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(m.status())),
         Request::Pause {} => m
@@ -275,15 +300,36 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             timeout_secs,
             report,
             no_verify,
+            mode,
+            recover_secs,
         } => start_migration(
             m,
             to,
             &settings,
-            max_total_secs,
-            timeout_secs,
+            Limits {
+                max_total_secs,
+                timeout_secs,
+                recover_secs,
+            },
+            mode.as_deref(),
             report,
             !no_verify,
         ),
+        Request::StartPostcopy {} => match phase {
+            Some(source::Phase::Precopy) if migrating => {
+                m.postcopy_requested.store(true, Ordering::Release);
+                Ok(json!({"postcopy": "requested"}))
+            }
+            _ if migrating => Err("post-copy can only start during pre-copy".into()),
+            _ => Err("no migration is running".into()),
+        },
+        Request::ResumeMigration {} => match phase {
+            Some(source::Phase::PostcopyPaused) => {
+                m.migration_resume.store(true, Ordering::Release);
+                Ok(json!({"resuming": true}))
+            }
+            _ => Err("no post-copy is waiting for its link to come back".into()),
+        },
         Request::SetParams { settings } => settings.codec().and_then(|codec| {
             source::set_params(
                 m,
@@ -298,7 +344,14 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             })
         }),
         Request::Cancel {} => {
-            if migrating {
+            if matches!(
+                phase,
+                Some(source::Phase::Postcopy | source::Phase::PostcopyPaused)
+            ) {
+                Err("post-copy has started: the guest runs on the destination and cannot come back; \
+                     the migration can only finish"
+                    .into())
+            } else if migrating {
                 m.migration_cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
             } else {
@@ -314,15 +367,28 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
     }
 }
 
+/// A migration's time limits, in seconds, as requested.
+struct Limits {
+    max_total_secs: Option<u64>,
+    timeout_secs: Option<u64>,
+    recover_secs: Option<u64>,
+}
+
 fn start_migration(
     m: &Arc<Machine>,
     to: String,
     req: &SettingsRequest,
-    max_total_secs: Option<u64>,
-    timeout_secs: Option<u64>,
+    limits: Limits,
+    mode: Option<&str>,
     report: Option<PathBuf>,
     verify: bool,
 ) -> Result<Value, String> {
+    let Limits {
+        max_total_secs,
+        timeout_secs,
+        recover_secs,
+    } = limits;
+    let mode: source::Mode = mode.unwrap_or("precopy").parse()?;
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
         bandwidth: req.bandwidth().flatten(),
@@ -338,8 +404,11 @@ fn start_migration(
             settings.throttle_pct
         ));
     }
-    if matches!(max_total_secs, Some(0)) || matches!(timeout_secs, Some(0)) {
-        return Err("max_total_secs and timeout_secs must be at least 1".into());
+    if matches!(max_total_secs, Some(0))
+        || matches!(timeout_secs, Some(0))
+        || matches!(recover_secs, Some(0))
+    {
+        return Err("max_total_secs, timeout_secs and recover_secs must be at least 1".into());
     }
     {
         let mut slot = m.migration.lock().unwrap_or_else(|e| e.into_inner());
@@ -352,6 +421,8 @@ fn start_migration(
         // Claimed here, under the lock, so two requests cannot both start one.
         *slot = Some(source::Progress::starting(&to, &settings));
         m.migration_cancel.store(false, Ordering::Release);
+        m.postcopy_requested.store(false, Ordering::Release);
+        m.migration_resume.store(false, Ordering::Release);
     }
     let params = source::Params {
         to,
@@ -360,6 +431,8 @@ fn start_migration(
         timeout: Duration::from_secs(timeout_secs.unwrap_or(5)),
         verify,
         settings,
+        mode,
+        recover: Duration::from_secs(recover_secs.unwrap_or(60)),
     };
     let machine = m.clone();
     std::thread::Builder::new()

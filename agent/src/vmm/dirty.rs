@@ -192,6 +192,48 @@ impl DirtyBitmap {
         was == 0
     }
 
+    /// Clears a page's bit; true if it was set.
+    pub fn unset(&mut self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        let was = self.words[w] & bit;
+        self.words[w] &= !bit;
+        was != 0
+    }
+
+    /// A bitmap of `pages` pages with the bits of `words` (KVM layout) set.
+    pub fn from_words(pages: u64, words: &[u64]) -> Self {
+        let mut b = Self::new(pages);
+        b.or_assign_words(words);
+        b
+    }
+
+    /// Sets every page's bit.
+    pub fn set_all(&mut self) {
+        self.words.fill(!0);
+        self.trim_tail();
+    }
+
+    /// The first set page at or after `from`, wrapping around to the start.
+    pub fn next_set_wrapping(&self, from: u64) -> Option<u64> {
+        if self.words.is_empty() {
+            return None;
+        }
+        let from = if from >= self.pages { 0 } else { from };
+        let first = (from / 64) as usize;
+        let head = self.words[first] & (!0u64 << (from % 64));
+        if head != 0 {
+            return Some(first as u64 * 64 + u64::from(head.trailing_zeros()));
+        }
+        let n = self.words.len();
+        (1..=n)
+            .map(|k| (first + k) % n)
+            .find(|&i| self.words[i] != 0)
+            .map(|i| i as u64 * 64 + u64::from(self.words[i].trailing_zeros()))
+    }
+
     pub fn is_set(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
@@ -1409,6 +1451,25 @@ mod tests {
 
     use super::harness::*;
     use super::*;
+
+    #[test]
+    fn next_set_wraps_and_unset_clears() {
+        let mut b = DirtyBitmap::new(200);
+        assert_eq!(b.next_set_wrapping(0), None);
+        b.set(3);
+        b.set(130);
+        assert_eq!(b.next_set_wrapping(0), Some(3));
+        assert_eq!(b.next_set_wrapping(4), Some(130));
+        assert_eq!(b.next_set_wrapping(131), Some(3));
+        assert_eq!(b.next_set_wrapping(500), Some(3));
+        assert!(b.unset(3));
+        assert!(!b.unset(3));
+        assert_eq!(b.next_set_wrapping(131), Some(130));
+        b.set_all();
+        assert_eq!(b.count(), 200);
+        let c = DirtyBitmap::from_words(200, b.words());
+        assert_eq!(c.count(), 200);
+    }
     use crate::vmm::boot::tests::{kvm_or_skip, small_config};
     use crate::vmm::config::VmConfig;
 

@@ -76,6 +76,8 @@ pub enum MachineError {
     Dirty(#[from] super::dirty::DirtyError),
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("page {0} has not arrived yet (post-copy in progress)")]
+    PageMissing(u64),
 }
 
 /// What one vCPU has reported, as the VMM saw it.
@@ -169,6 +171,8 @@ pub struct Status {
     pub restore: Option<RestoreTimings>,
     /// The current or last outgoing migration's progress.
     pub migration: Option<crate::migration::source::Progress>,
+    /// An incoming post-copy (this process is its destination).
+    pub incoming_postcopy: Option<crate::migration::postcopy_dst::PostcopyStatus>,
     pub crash: Option<String>,
     pub per_vcpu: Vec<VcpuStatus>,
 }
@@ -245,6 +249,14 @@ pub struct Machine {
     /// While set, `resume` is refused with this reason (a migration destination
     /// waiting for the source's commit).
     pub hold: Mutex<Option<String>>,
+    /// Set by `start-postcopy`: a hybrid migration switches to post-copy at its next
+    /// check.
+    pub postcopy_requested: std::sync::atomic::AtomicBool,
+    /// Set by `ferry migrate --resume`: a post-copy whose link stayed down past the
+    /// recovery window tries again.
+    pub migration_resume: std::sync::atomic::AtomicBool,
+    /// An incoming post-copy still fetching pages (this is its destination).
+    pub postcopy: Mutex<Option<Arc<crate::migration::postcopy_dst::Tracker>>>,
     started: Instant,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -283,6 +295,9 @@ impl Machine {
             migration_cancel: std::sync::atomic::AtomicBool::new(false),
             live: Mutex::new(None),
             hold: Mutex::new(None),
+            postcopy_requested: std::sync::atomic::AtomicBool::new(false),
+            migration_resume: std::sync::atomic::AtomicBool::new(false),
+            postcopy: Mutex::new(None),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
         }
@@ -343,6 +358,17 @@ impl Machine {
             return Err(MachineError::PauseTimeout(timeout));
         }
         Ok(())
+    }
+
+    /// Asks every vCPU to stop without waiting for it: one blocked on a page that
+    /// post-copy cannot bring parks as soon as it gets it.
+    pub fn request_pause(&self) {
+        self.set_target(Target::Pause);
+    }
+
+    /// Post-copy still fetching pages into this process.
+    pub fn postcopy_status(&self) -> Option<crate::migration::postcopy_dst::PostcopyStatus> {
+        lock(&self.postcopy).as_ref().map(|t| t.status())
     }
 
     pub fn resume(&self) -> Result<(), MachineError> {
@@ -438,6 +464,7 @@ impl Machine {
             },
             restore: self.restore,
             migration: lock(&self.migration).clone(),
+            incoming_postcopy: self.postcopy_status(),
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
         }
@@ -492,6 +519,14 @@ impl Machine {
     }
 
     pub fn mailbox(&self, vcpu: u32) -> Result<Mailbox, MachineError> {
+        // A page still on the source would block this read until it arrives.
+        let page = Layout::mailbox(vcpu) / crate::guest::abi::PAGE_SIZE;
+        if lock(&self.postcopy)
+            .as_ref()
+            .is_some_and(|t| t.is_missing(page))
+        {
+            return Err(MachineError::PageMissing(page));
+        }
         Ok(self
             .vm
             .memory

@@ -11,3 +11,4 @@ pub mod machine;
 pub mod prefault;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;

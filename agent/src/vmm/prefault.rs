@@ -21,12 +21,14 @@ const CHUNK_PAGES: u64 = 512;
 pub struct Ahead {
     landed: AtomicU64,
     stop: AtomicBool,
+    started: AtomicBool,
 }
 
 impl Ahead {
     /// The receiver wrote `page`; the helper skips past it.
     pub fn landed(&self, page: u64) {
         self.landed.fetch_max(page, Ordering::Relaxed);
+        self.started.store(true, Ordering::Relaxed);
     }
 
     /// The stream is over (or failed): the helper stops after its current chunk.
@@ -44,10 +46,18 @@ pub struct Region {
     pub pages: u64,
 }
 
-/// Faults in `region` from the front, always starting past the highest page that
-/// has landed, until the end or until told to stop. Returns the pages it faulted
-/// in. The caller keeps the mapping alive until this returns.
+/// Once the first page has landed, faults in `region` from the front, always
+/// starting past the highest page that has landed, until the end or until told to
+/// stop. (A post-copy that sends no page up front never starts it: those pages will
+/// come through userfaultfd and must stay absent.) Returns the pages it faulted in.
+/// The caller keeps the mapping alive until this returns.
 pub fn run(region: Region, ahead: &Ahead) -> u64 {
+    while !ahead.started.load(Ordering::Relaxed) {
+        if ahead.stop.load(Ordering::Relaxed) {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let mut next = 0u64;
     let mut done = 0u64;
     while next < region.pages && !ahead.stop.load(Ordering::Relaxed) {
@@ -113,6 +123,7 @@ mod tests {
         let mut buf = Vec::new();
         let (base, _) = aligned(&mut buf, 2 * CHUNK_PAGES);
         let ahead = Ahead::default();
+        ahead.landed(0);
         ahead.stop();
         assert_eq!(
             run(

@@ -1,0 +1,594 @@
+//! The destination's half of post-copy: the guest runs here while some of its pages
+//! are still on the source. Missing pages are registered with userfaultfd; a fault
+//! thread asks the source for each page a vCPU touches, over the fault channel, while
+//! the main connection brings the rest in the background. Every page is filled in
+//! atomically (UFFDIO_COPY / ZEROPAGE), so a vCPU sees either nothing (and waits) or
+//! the whole page.
+//!
+//! A broken link pauses the transfer, not the guest: vCPUs that touch a missing page
+//! wait, the others run on. The source reconnects (`Recover`), learns which pages are
+//! still missing, and the transfer continues. If it does not come back within the
+//! recovery window, the vCPUs are stopped and the loss is reported: the guest never
+//! runs on memory it does not have.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::codec::Decompressor;
+use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError};
+use crate::guest::abi::PAGE_SIZE;
+use crate::vmm::dirty::DirtyBitmap;
+use crate::vmm::machine::Machine;
+use crate::vmm::uffd::{Filled, Uffd, UffdError};
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("{0}")]
+    Uffd(#[from] UffdError),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Codec(#[from] super::codec::CodecError),
+    #[error("discarding stale pages before post-copy: {0}")]
+    Discard(std::io::Error),
+    #[error("the source did not open the fault channel within {0:?}")]
+    NoFaultChannel(Duration),
+    #[error("the source sent {0:?} during post-copy")]
+    Unexpected(Kind),
+}
+
+/// What `ferry status` shows of an incoming post-copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyStatus {
+    /// `running`, `recovering` (link lost, waiting for the source), `lost` (the source
+    /// did not come back in time: vCPUs stopped) or `completed`.
+    pub phase: &'static str,
+    pub missing_pages: u64,
+    pub faults: u64,
+    pub recoveries: u32,
+    pub error: Option<String>,
+}
+
+struct Inner {
+    missing: DirtyBitmap,
+    remaining: u64,
+    /// CRC32 of every page as it landed (the memory digest is built from these).
+    crcs: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Faults {
+    latencies_us: Vec<u32>,
+    blocked_us: u64,
+}
+
+/// Guest memory during post-copy, shared by the receive loop, the fault thread and
+/// `ferry status`.
+pub struct Tracker {
+    uffd: Uffd,
+    base: usize,
+    pages: u64,
+    inner: Mutex<Inner>,
+    faults: Mutex<Faults>,
+    recoveries: AtomicU32,
+    phase: Mutex<(&'static str, Option<String>)>,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Tracker {
+    /// Makes every page in `missing` absent and registers all of guest memory for
+    /// missing-page faults. Call before any vCPU runs. `crcs` holds the CRCs of the
+    /// pages that landed during pre-copy.
+    pub fn prepare(
+        base: usize,
+        pages: u64,
+        missing: DirtyBitmap,
+        crcs: Vec<u32>,
+    ) -> Result<Self, PostcopyError> {
+        let uffd = Uffd::new()?;
+        // Stale copies from pre-copy (and pages the prefault helper populated) must be
+        // dropped, or a vCPU would read them without faulting.
+        let mut run: Option<(u64, u64)> = None;
+        let discard = |first: u64, count: u64| {
+            // SAFETY: the range lies inside guest memory, no vCPU runs yet, and no
+            // reference into these pages is alive.
+            let rc = unsafe {
+                libc::madvise(
+                    (base + first as usize * PAGE) as *mut libc::c_void,
+                    count as usize * PAGE,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(PostcopyError::Discard(std::io::Error::last_os_error()));
+            }
+            Ok(())
+        };
+        for page in missing.iter_set() {
+            run = match run {
+                Some((first, n)) if first + n == page => Some((first, n + 1)),
+                Some((first, n)) => {
+                    discard(first, n)?;
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some((first, n)) = run {
+            discard(first, n)?;
+        }
+        uffd.register_missing(base, pages as usize * PAGE)?;
+        let remaining = missing.count();
+        Ok(Self {
+            uffd,
+            base,
+            pages,
+            inner: Mutex::new(Inner {
+                missing,
+                remaining,
+                crcs,
+            }),
+            faults: Mutex::new(Faults::default()),
+            recoveries: AtomicU32::new(0),
+            phase: Mutex::new(("running", None)),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_missing(&self, page: u64) -> bool {
+        lock(&self.inner).missing.is_set(page)
+    }
+
+    pub fn remaining(&self) -> u64 {
+        lock(&self.inner).remaining
+    }
+
+    pub fn status(&self) -> PostcopyStatus {
+        let (phase, error) = lock(&self.phase).clone();
+        PostcopyStatus {
+            phase,
+            missing_pages: self.remaining(),
+            faults: lock(&self.faults).latencies_us.len() as u64,
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+            error,
+        }
+    }
+
+    fn set_phase(&self, phase: &'static str, error: Option<String>) {
+        *lock(&self.phase) = (phase, error);
+    }
+
+    /// Fills a missing page with `data` (one page); a page that is no longer missing
+    /// is left alone. Returns whether this call filled it.
+    fn fill(&self, page: u64, data: &[u8]) -> Result<bool, PostcopyError> {
+        let mut inner = lock(&self.inner);
+        if !inner.missing.is_set(page) {
+            return Ok(false);
+        }
+        let at = self.base + page as usize * PAGE;
+        // SAFETY: `page` is inside guest memory (checked by the frame parser) and
+        // registered; `data` is one page. The copy is atomic for the guest.
+        let filled = unsafe { self.uffd.copy(at, data) }?;
+        inner.crcs[page as usize] = crc32fast::hash(data);
+        inner.missing.unset(page);
+        inner.remaining -= 1;
+        Ok(filled == Filled::Now)
+    }
+
+    fn fill_zero(&self, page: u64, zero_crc: u32) -> Result<(), PostcopyError> {
+        let mut inner = lock(&self.inner);
+        if !inner.missing.is_set(page) {
+            return Ok(());
+        }
+        self.uffd.zero(self.base + page as usize * PAGE, PAGE)?;
+        inner.crcs[page as usize] = zero_crc;
+        inner.missing.unset(page);
+        inner.remaining -= 1;
+        Ok(())
+    }
+
+    /// Applies a Pages or ZeroPages frame; returns the pages it covered.
+    fn apply(
+        &self,
+        frame: &protocol::Frame,
+        dec: &mut Decompressor,
+        scratch: &mut [u8; PAGE],
+        covered: &mut Vec<u64>,
+    ) -> Result<(), PostcopyError> {
+        covered.clear();
+        if frame.kind == Kind::Pages {
+            let batch = PageBatch::parse(&frame.payload, Some(self.pages))?;
+            for p in batch.pages() {
+                if p.raw {
+                    self.fill(p.page, p.data)?;
+                } else {
+                    dec.decompress(batch.codec, p.data, scratch)?;
+                    self.fill(p.page, scratch)?;
+                }
+                covered.push(p.page);
+            }
+            return Ok(());
+        }
+        match Message::decode(frame, Some(self.pages))? {
+            Message::ZeroPages { first, count } => {
+                let zero_crc = crc32fast::hash(&[0u8; PAGE]);
+                for page in first..first + count {
+                    self.fill_zero(page, zero_crc)?;
+                    covered.push(page);
+                }
+                Ok(())
+            }
+            other => Err(PostcopyError::Unexpected(other.kind())),
+        }
+    }
+
+    /// A fault on a page that is not missing is on a page known to be zero that was
+    /// never touched here: it is filled locally, without asking the source.
+    fn resolve_locally(&self, page: u64) -> Result<bool, PostcopyError> {
+        let inner = lock(&self.inner);
+        if inner.missing.is_set(page) {
+            return Ok(false);
+        }
+        drop(inner);
+        self.uffd.zero(self.base + page as usize * PAGE, PAGE)?;
+        Ok(true)
+    }
+
+    fn missing_words(&self) -> Vec<u64> {
+        lock(&self.inner).missing.words().to_vec()
+    }
+
+    pub fn digest(&self) -> u32 {
+        protocol::digest(&lock(&self.inner).crcs)
+    }
+
+    fn figures(&self) -> PostcopyFigures {
+        let f = lock(&self.faults);
+        let mut l = f.latencies_us.clone();
+        l.sort_unstable();
+        let pct = |q: f64| {
+            if l.is_empty() {
+                0
+            } else {
+                u64::from(l[((l.len() - 1) as f64 * q).round() as usize])
+            }
+        };
+        PostcopyFigures {
+            faults: l.len() as u64,
+            latency_p50_us: pct(0.5),
+            latency_p99_us: pct(0.99),
+            blocked_us: f.blocked_us,
+        }
+    }
+
+    fn record_fault(&self, waited: Duration) {
+        let us = waited.as_micros().min(u128::from(u32::MAX)) as u32;
+        let mut f = lock(&self.faults);
+        f.latencies_us.push(us);
+        f.blocked_us += u64::from(us);
+    }
+}
+
+type Channel = (BufReader<TcpStream>, TcpStream);
+
+/// The fault thread: turns userfaultfd faults into page requests on the fault channel
+/// and fills pages in as the answers come. A new channel (after a recovery) arrives on
+/// `channels`; requests still unanswered are sent again on it.
+fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) {
+    let mut chan = Some(first);
+    // Page → when its first fault was read.
+    let mut pending: HashMap<u64, Instant> = HashMap::new();
+    let mut dec = Decompressor::new();
+    let mut scratch = [0u8; PAGE];
+    let mut covered = Vec::new();
+    let mut frame = protocol::Frame {
+        kind: Kind::Keepalive,
+        payload: Vec::new(),
+    };
+    let fail = |why: String| {
+        tracing::error!("post-copy fault thread: {why}");
+    };
+    while !t.stop.load(Ordering::Relaxed) {
+        if let Ok(mut c) = channels.try_recv() {
+            let resend = pending
+                .keys()
+                .try_for_each(|&page| protocol::send(&mut c.1, &Message::PageRequest { page }));
+            if resend.is_ok() {
+                chan = Some(c);
+            }
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: t.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let buffered = chan.as_ref().is_some_and(|c| !c.0.buffer().is_empty());
+        if !buffered {
+            // SAFETY: two valid pollfd entries (a negative fd is ignored by poll).
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
+        }
+        loop {
+            let addr = match t.uffd.next_fault() {
+                Ok(Some(a)) => a,
+                Ok(None) => break,
+                Err(e) => {
+                    fail(format!("reading faults: {e}"));
+                    return;
+                }
+            };
+            let page = (addr.saturating_sub(t.base) / PAGE) as u64;
+            if page >= t.pages {
+                continue;
+            }
+            let t0 = Instant::now();
+            match t.resolve_locally(page) {
+                Ok(true) => {
+                    t.record_fault(t0.elapsed());
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    fail(e.to_string());
+                    return;
+                }
+            }
+            if pending.contains_key(&page) {
+                continue;
+            }
+            pending.insert(page, t0);
+            if let Some(c) = chan.as_mut()
+                && protocol::send(&mut c.1, &Message::PageRequest { page }).is_err()
+            {
+                chan = None;
+            }
+        }
+        let readable = fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        if !(readable || buffered) {
+            continue;
+        }
+        let Some(c) = chan.as_mut() else { continue };
+        // Answers come whole and fast; read what is there.
+        loop {
+            match protocol::read_frame_into(&mut c.0, &mut frame.payload) {
+                Ok(kind) => frame.kind = kind,
+                Err(_) => {
+                    // The main connection notices too and runs the recovery.
+                    chan = None;
+                    break;
+                }
+            }
+            if let Err(e) = t.apply(&frame, &mut dec, &mut scratch, &mut covered) {
+                fail(e.to_string());
+                chan = None;
+                break;
+            }
+            for page in &covered {
+                if let Some(t0) = pending.remove(page) {
+                    t.record_fault(t0.elapsed());
+                }
+            }
+            if c.0.buffer().is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Accepts the next connection on `listener` within `wait`, or None.
+fn accept_within(listener: &TcpListener, wait: Duration) -> Option<TcpStream> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut fd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 1000) as i32;
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut fd, 1, ms) } > 0
+            && let Ok((conn, _)) = listener.accept()
+        {
+            let _ = conn.set_nodelay(true);
+            return Some(conn);
+        }
+    }
+}
+
+/// Accepts the fault channel for migration `id`.
+pub fn accept_fault_channel(
+    listener: &TcpListener,
+    id: u64,
+    wait: Duration,
+) -> Result<Channel, PostcopyError> {
+    let deadline = Instant::now() + wait;
+    while let Some(conn) =
+        accept_within(listener, deadline.saturating_duration_since(Instant::now()))
+    {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok(w) = conn.try_clone() else { continue };
+        let mut r = BufReader::with_capacity(1 << 16, conn);
+        match protocol::recv(&mut r, None) {
+            Ok(Message::FaultChannel { id: got }) if got == id => {
+                // Only read when poll says an answer is there; the timeout only bounds
+                // a frame that stops half-way.
+                return Ok((r, w));
+            }
+            _ => tracing::warn!("ignoring a connection that is not this migration's fault channel"),
+        }
+    }
+    Err(PostcopyError::NoFaultChannel(wait))
+}
+
+/// Everything the receive loop needs to run post-copy to its end.
+pub struct Incoming<'a> {
+    pub tracker: Arc<Tracker>,
+    pub machine: &'a Machine,
+    pub listener: &'a TcpListener,
+    pub id: u64,
+    pub timeout: Duration,
+    pub recover: Duration,
+}
+
+impl Incoming<'_> {
+    /// Runs post-copy until every page is here; the guest already runs. Returns the
+    /// main connection (for the closing messages).
+    pub fn run(
+        &self,
+        mut r: BufReader<TcpStream>,
+        mut w: TcpStream,
+        fault: Channel,
+    ) -> (BufReader<TcpStream>, TcpStream) {
+        let (chan_tx, chan_rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let t = &*self.tracker;
+            let spawned = std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn_scoped(s, move || serve_faults(t, fault, chan_rx));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start the post-copy fault thread: {e}");
+            }
+            let mut dec = Decompressor::new();
+            let mut scratch = [0u8; PAGE];
+            let mut covered = Vec::new();
+            let mut frame = protocol::Frame {
+                kind: Kind::Keepalive,
+                payload: Vec::new(),
+            };
+            loop {
+                let step = (|| -> Result<bool, PostcopyError> {
+                    frame.kind = protocol::read_frame_into(&mut r, &mut frame.payload)?;
+                    match frame.kind {
+                        Kind::Pages | Kind::ZeroPages => {
+                            t.apply(&frame, &mut dec, &mut scratch, &mut covered)?;
+                            Ok(false)
+                        }
+                        Kind::Keepalive => Ok(false),
+                        Kind::PostcopyEnd if t.remaining() == 0 => Ok(true),
+                        Kind::PostcopyEnd => {
+                            // Should not happen; ask again rather than leave a hole.
+                            protocol::send(
+                                &mut w,
+                                &Message::Missing {
+                                    missing: t.missing_words(),
+                                },
+                            )?;
+                            w.flush().map_err(ProtocolError::from)?;
+                            Ok(false)
+                        }
+                        other => Err(PostcopyError::Unexpected(other)),
+                    }
+                })();
+                match step {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!("post-copy link lost: {e}; waiting for the source");
+                        let (nr, nw) = self.recover(&e.to_string(), &chan_tx);
+                        r = nr;
+                        w = nw;
+                    }
+                }
+            }
+            t.stop.store(true, Ordering::Relaxed);
+        });
+        self.tracker.set_phase("completed", None);
+        (r, w)
+    }
+
+    /// Waits for the source to come back; stops the vCPUs if the recovery window
+    /// passes, and keeps waiting (`ferry migrate --resume` on the source).
+    fn recover(
+        &self,
+        why: &str,
+        channels: &mpsc::Sender<Channel>,
+    ) -> (BufReader<TcpStream>, TcpStream) {
+        let t = &self.tracker;
+        t.set_phase("recovering", Some(why.to_owned()));
+        let lost_at = Instant::now() + self.recover;
+        let mut stopped = false;
+        loop {
+            if !stopped && Instant::now() >= lost_at {
+                stopped = true;
+                let missing = t.remaining();
+                let msg = format!(
+                    "the source did not come back within {:?} after the post-copy link broke ({why}); \
+                     {missing} pages are still missing, so the vCPUs are stopped",
+                    self.recover
+                );
+                tracing::error!("{msg}");
+                t.set_phase("lost", Some(msg));
+                self.machine.request_pause();
+            }
+            let Some(conn) = accept_within(self.listener, Duration::from_millis(500)) else {
+                continue;
+            };
+            match self.reconnect(conn) {
+                Ok((r, w, fault)) => {
+                    if channels.send(fault).is_err() {
+                        tracing::error!("the post-copy fault thread is gone");
+                    }
+                    t.recoveries.fetch_add(1, Ordering::Relaxed);
+                    t.set_phase("running", None);
+                    if stopped && let Err(e) = self.machine.resume() {
+                        tracing::error!("cannot resume the vCPUs after recovery: {e}");
+                    }
+                    tracing::info!("post-copy link restored");
+                    return (r, w);
+                }
+                Err(e) => tracing::warn!("post-copy recovery attempt failed: {e}"),
+            }
+        }
+    }
+
+    fn reconnect(
+        &self,
+        conn: TcpStream,
+    ) -> Result<(BufReader<TcpStream>, TcpStream, Channel), PostcopyError> {
+        conn.set_read_timeout(Some(self.timeout))
+            .map_err(ProtocolError::from)?;
+        let mut w = conn.try_clone().map_err(ProtocolError::from)?;
+        let mut r = BufReader::with_capacity(1 << 20, conn);
+        match protocol::recv(&mut r, Some(self.tracker.pages))? {
+            Message::Recover { id } if id == self.id => {}
+            other => return Err(PostcopyError::Unexpected(other.kind())),
+        }
+        protocol::send(
+            &mut w,
+            &Message::Missing {
+                missing: self.tracker.missing_words(),
+            },
+        )?;
+        w.flush().map_err(ProtocolError::from)?;
+        let fault = accept_fault_channel(self.listener, self.id, Duration::from_secs(10))?;
+        Ok((r, w, fault))
+    }
+
+    pub fn figures(&self) -> PostcopyFigures {
+        self.tracker.figures()
+    }
+}

@@ -1,0 +1,343 @@
+//! The source's half of post-copy. The VM is paused here for good once the
+//! destination runs it; this side answers the destination's page requests on the
+//! fault channel at once, and pushes every other missing page on the main
+//! connection, starting next to the latest fault (a guest that touched a page is
+//! likely to touch its neighbours next).
+//!
+//! A broken link is not the end: this side reconnects (`Recover`) for up to the
+//! recovery window, learns from the destination which pages it still lacks, and
+//! carries on. The source keeps all of guest memory until the destination reports
+//! every page in, so nothing is lost however often the link breaks. Past the window it
+//! waits for `ferry migrate --resume`.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::codec::{Codec, Compressor};
+use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
+use super::source::{Buffers, MigrateError, Phase, Sender, Switch, address, encode, lock, ms};
+use crate::guest::abi::PAGE_SIZE;
+use crate::vmm::dirty::DirtyBitmap;
+use crate::vmm::snapshot::MachineState;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Pages per pushed batch.
+const BATCH: usize = 256;
+const NO_HINT: u64 = u64::MAX;
+
+/// Answers page requests on the fault channel until it breaks or `stop` is set.
+fn serve_requests(
+    memory: &[u8],
+    conn: TcpStream,
+    hint: &AtomicU64,
+    stop: &AtomicBool,
+    bytes: &AtomicU64,
+) {
+    let pages = (memory.len() / PAGE) as u64;
+    let Ok(w) = conn.try_clone() else { return };
+    let mut w = BufWriter::with_capacity(64 << 10, w);
+    // Short reads so `stop` is seen; requests are tiny and arrive whole.
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut r = BufReader::with_capacity(64 << 10, conn);
+    let mut compressor = Compressor::new();
+    let mut bufs = Buffers::default();
+    while !stop.load(Ordering::Relaxed) {
+        match protocol::recv(&mut r, Some(pages)) {
+            Ok(Message::PageRequest { page }) => {
+                hint.store(page, Ordering::Relaxed);
+                // Latency matters more than bytes here: no compression.
+                let Ok(e) = encode(memory, &[page], Codec::None, &mut compressor, &mut bufs) else {
+                    return;
+                };
+                if w.write_all(&e.frames).and_then(|()| w.flush()).is_err() {
+                    return;
+                }
+                bytes.fetch_add(e.frames.len() as u64, Ordering::Relaxed);
+                bufs.spare_frames.push(e.frames);
+            }
+            Err(ProtocolError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Ok(other) => {
+                tracing::warn!("post-copy fault channel: unexpected {:?}", other.kind());
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Opens the fault channel of migration `id`.
+fn open_fault_channel(to: &str, id: u64, timeout: Duration) -> Result<TcpStream, MigrateError> {
+    let addr = address(to)?;
+    let mut conn = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(5))).map_err(
+        |source| MigrateError::Connect {
+            to: to.to_owned(),
+            source,
+        },
+    )?;
+    let _ = conn.set_nodelay(true);
+    conn.set_write_timeout(Some(timeout))
+        .map_err(ProtocolError::from)?;
+    protocol::send(&mut conn, &Message::FaultChannel { id })?;
+    Ok(conn)
+}
+
+impl Sender<'_> {
+    /// Pauses the VM and hands it over with `need` (plus whatever the guest dirtied
+    /// since the last harvest, when the dirty log runs) still to send; then runs
+    /// post-copy to its end.
+    pub(super) fn switch_postcopy(
+        &mut self,
+        mut need: DirtyBitmap,
+        dirty_log_running: bool,
+        switch: &mut Switch,
+    ) -> Result<(), MigrateError> {
+        self.publish(Phase::Switchover);
+        let t_pause = Instant::now();
+        self.m.pause()?;
+        let last_heartbeats = self.m.last_heartbeats_ns();
+        if dirty_log_running {
+            let mut dirty = DirtyBitmap::new(need.pages());
+            self.m.dirty.fetch(&mut dirty)?;
+            need.or_assign_words(dirty.words());
+        }
+        self.stats.remaining = need.count();
+        self.send(&Message::Postcopy {
+            missing: need.words().to_vec(),
+        })?;
+        self.m.disks.flush_all()?;
+        let state = MachineState::save(self.m)?
+            .encode()
+            .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
+        self.send(&Message::DeviceState { blob: state })?;
+        self.m.disks.set_locked(false)?;
+        self.send(&Message::Complete {
+            pages_sent: self.stats.pages_sent,
+        })?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
+        match protocol::recv(&mut self.r, None)? {
+            Message::Ready => {}
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            _ => return Err(MigrateError::Unexpected("something other than Ready")),
+        }
+        self.fault("drop-before-commit")?;
+        self.m.handed_over.store(true, Ordering::Release);
+        switch.committed = true;
+        self.send(&Message::Commit)?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        match protocol::recv(&mut self.r, None)? {
+            Message::Resumed => {}
+            _ => return Err(MigrateError::Unexpected("something other than Resumed")),
+        }
+        switch.switchover_ms = Some(ms(t_pause.elapsed()));
+        // The bandwidth cap stays: post-copy shares the link with whatever else runs.
+        let figures = self.postcopy(need, fault, switch)?;
+        switch.postcopy = Some(figures);
+        self.measure_handover(switch, &last_heartbeats);
+        Ok(())
+    }
+
+    /// Sends every page in `need` while answering requests; survives broken links.
+    fn postcopy(
+        &mut self,
+        mut need: DirtyBitmap,
+        fault: TcpStream,
+        switch: &mut Switch,
+    ) -> Result<PostcopyFigures, MigrateError> {
+        // SAFETY: the VM is paused and handed over: nothing writes its memory again.
+        let memory = unsafe { self.m.memory_slice() };
+        let hint = AtomicU64::new(NO_HINT);
+        let fault_bytes = AtomicU64::new(0);
+        let mut fault = Some(fault);
+        std::thread::scope(|s| {
+            loop {
+                let stop = std::sync::Arc::new(AtomicBool::new(false));
+                let server = fault.take().map(|conn| {
+                    let closer = conn.try_clone().ok();
+                    let (hint, bytes, stop) = (&hint, &fault_bytes, stop.clone());
+                    let handle = std::thread::Builder::new()
+                        .name("postcopy-requests".into())
+                        .spawn_scoped(s, move || serve_requests(memory, conn, hint, &stop, bytes));
+                    (handle, closer)
+                });
+                // `Missing` after `PostcopyEnd` means push again, same channels.
+                let result = loop {
+                    match self.push(memory, &mut need, &hint) {
+                        Ok(None) => continue,
+                        other => break other,
+                    }
+                };
+                stop.store(true, Ordering::Relaxed);
+                if let Some((handle, closer)) = server {
+                    if let Some(c) = closer {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                    if let Ok(h) = handle {
+                        let _ = h.join();
+                    }
+                }
+                self.stats.bytes_on_wire += fault_bytes.swap(0, Ordering::Relaxed);
+                match result {
+                    Ok(Some(figures)) => return Ok(figures),
+                    Ok(None) => unreachable!("the push loop only ends with figures or an error"),
+                    Err(e) => {
+                        tracing::warn!("post-copy link lost: {e}; reconnecting");
+                        let (missing, conn) = self.recover(&e.to_string())?;
+                        need = missing;
+                        fault = Some(conn);
+                        switch.recoveries += 1;
+                        self.set_recoveries(switch.recoveries);
+                    }
+                }
+            }
+        })
+    }
+
+    fn set_recoveries(&self, n: u32) {
+        if let Some(p) = lock(&self.m.migration).as_mut() {
+            p.recoveries = n;
+        }
+    }
+
+    fn publish_postcopy(&mut self, phase: Phase, left: u64) {
+        self.stats.remaining = left;
+        self.publish(phase);
+        if let Some(p) = lock(&self.m.migration).as_mut() {
+            p.postcopy_pages_left = Some(left);
+        }
+    }
+
+    /// Pushes `need`, then asks whether anything is missing. `Some` when the
+    /// destination has every page; `None` when it named pages it still lacks (now in
+    /// `need`).
+    fn push(
+        &mut self,
+        memory: &[u8],
+        need: &mut DirtyBitmap,
+        hint: &AtomicU64,
+    ) -> Result<Option<PostcopyFigures>, MigrateError> {
+        let mut left = need.count();
+        let mut cursor = 0u64;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut last_publish = Instant::now();
+        self.publish_postcopy(Phase::Postcopy, left);
+        while left > 0 {
+            if let Some(live) = lock(&self.m.live).as_ref() {
+                self.settings = live.settings;
+            }
+            let h = hint.swap(NO_HINT, Ordering::Relaxed);
+            if h != NO_HINT {
+                cursor = h + 1;
+            }
+            // Under a cap, a batch stays well under the peer's timeout.
+            let size = self
+                .settings
+                .bandwidth
+                .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
+            batch.clear();
+            while batch.len() < size {
+                let Some(p) = need.next_set_wrapping(cursor) else {
+                    break;
+                };
+                need.unset(p);
+                batch.push(p);
+                cursor = p + 1;
+            }
+            left -= batch.len() as u64;
+            let codec = self.settings.codec;
+            let mut bufs = std::mem::take(&mut self.bufs);
+            let encoded = encode(memory, &batch, codec, &mut self.compressor, &mut bufs);
+            self.bufs = bufs;
+            let e = encoded?;
+            self.write_wire(&e.frames)?;
+            self.count_pages(&e);
+            self.bufs.spare_frames.push(e.frames);
+            if last_publish.elapsed() >= Duration::from_millis(100) {
+                last_publish = Instant::now();
+                self.publish_postcopy(Phase::Postcopy, left);
+            }
+        }
+        self.send(&Message::PostcopyEnd)?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        self.publish_postcopy(Phase::Postcopy, 0);
+        loop {
+            match protocol::recv(&mut self.r, Some(need.pages()))? {
+                Message::PostcopyDone(f) => return Ok(Some(f)),
+                Message::Missing { missing } => {
+                    *need = DirtyBitmap::from_words(need.pages(), &missing);
+                    return Ok(None);
+                }
+                Message::Keepalive => {}
+                _ => {
+                    return Err(MigrateError::Unexpected(
+                        "something other than PostcopyDone",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Reconnects to the destination; returns the pages it still lacks and a new
+    /// fault channel. Retries for the recovery window, then waits for `--resume`.
+    fn recover(&mut self, why: &str) -> Result<(DirtyBitmap, TcpStream), MigrateError> {
+        let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+        let _ = self.w.get_ref().shutdown(std::net::Shutdown::Both);
+        let mut deadline = Instant::now() + self.params.recover;
+        loop {
+            if Instant::now() >= deadline {
+                let left = self.stats.remaining;
+                self.publish_postcopy(Phase::PostcopyPaused, left);
+                tracing::error!(
+                    "post-copy link still down after {:?} ({why}); waiting for `ferry migrate --resume`",
+                    self.params.recover
+                );
+                while !self.m.migration_resume.swap(false, Ordering::AcqRel) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                deadline = Instant::now() + self.params.recover;
+                self.publish_postcopy(Phase::Postcopy, left);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            match self.reconnect(pages) {
+                Ok(r) => {
+                    tracing::info!("post-copy link restored");
+                    return Ok(r);
+                }
+                Err(e) => tracing::debug!("post-copy reconnect failed: {e}"),
+            }
+        }
+    }
+
+    fn reconnect(&mut self, pages: u64) -> Result<(DirtyBitmap, TcpStream), MigrateError> {
+        let addr = address(&self.params.to)?;
+        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|source| {
+            MigrateError::Connect {
+                to: self.params.to.clone(),
+                source,
+            }
+        })?;
+        let _ = conn.set_nodelay(true);
+        conn.set_read_timeout(Some(self.params.timeout))
+            .map_err(ProtocolError::from)?;
+        conn.set_write_timeout(Some(self.params.timeout))
+            .map_err(ProtocolError::from)?;
+        let mut r = conn.try_clone().map_err(ProtocolError::from)?;
+        let mut w = conn;
+        protocol::send(&mut w, &Message::Recover { id: self.id })?;
+        let missing = match protocol::recv(&mut r, Some(pages))? {
+            Message::Missing { missing } => DirtyBitmap::from_words(pages, &missing),
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            _ => return Err(MigrateError::Unexpected("something other than Missing")),
+        };
+        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
+        self.w = BufWriter::with_capacity(1 << 20, w);
+        self.r = r;
+        Ok((missing, fault))
+    }
+}
