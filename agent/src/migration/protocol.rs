@@ -867,7 +867,7 @@ mod tests {
         send(&mut wire, &msg).unwrap();
         let at = |i: usize| {
             let mut w = wire.clone();
-            w[i] ^= 0x10;
+            w[i] ^= 0x80;
             recv(&mut w.as_slice(), Some(16)).unwrap_err()
         };
         assert!(matches!(at(0), ProtocolError::BadMagic(_)));
