@@ -313,3 +313,31 @@ pub fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// After a completed migration: the destination runs and verifies clean, the source
+/// is handed over for good. `writes`: the workload still writes pages after its fill.
+pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
+    assert_eq!(report["outcome"], "completed", "{report}");
+    assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
+    assert!(u64_of(report, "pages_sent") > 0, "{report}");
+    assert_eq!(u64_of(report, "guest_integrity_errors"), 0, "{report}");
+    assert_eq!(report["memory_verified"], true, "{report}");
+    let s0 = dst.status();
+    assert_eq!(s0["state"], "running", "{s0}");
+    let s1 = dst.wait_for("destination guest running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 300
+            && (!writes || u64_of(s, "guest_pages_written") > u64_of(&s0, "guest_pages_written"))
+    });
+    assert_eq!(u64_of(&s1, "guest_integrity_errors"), 0, "{s1}");
+    assert_eq!(u64_of(&s1, "disk_integrity_errors"), 0, "{s1}");
+    let v = dst.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert_eq!(src.status()["state"], "migrated");
+    let out = ferry(&["resume", "--control", src.ctl()]);
+    assert!(
+        !out.status.success(),
+        "the source resumed after the handover"
+    );
+}
+
