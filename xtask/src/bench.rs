@@ -15,7 +15,8 @@ pub fn run(area: &str) -> Result<()> {
     match area {
         "vmm" => vmm(),
         "precopy" => precopy(),
-        other => bail!("unknown bench area {other:?} (areas: vmm, precopy)"),
+        "postcopy" => postcopy(),
+        other => bail!("unknown bench area {other:?} (areas: vmm, precopy, postcopy)"),
     }
 }
 
@@ -429,6 +430,109 @@ fn precopy() -> Result<()> {
     dst.quit(&ferry)?;
 
     let out = crate::util::root().join("target/bench/precopy.json");
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    step(&format!("results saved to {}", out.display()));
+    Ok(())
+}
+
+fn postcopy() -> Result<()> {
+    let ferry = build_ferry()?;
+    let dir = work_dir("bench-postcopy")?;
+    let mut results = serde_json::Map::new();
+    for vcpus in [1u32, 2] {
+        step(&format!(
+            "post-copy of a 1 GiB guest, {vcpus} vCPU(s), 20k pages/s at random over 512 MiB, 5 migrations"
+        ));
+        let body = config(
+            "pc",
+            1024,
+            vcpus,
+            "working_set_mib = 512\ndirty_pages_per_sec = 20000\npattern = \"random\"\ncontent = \"mixed\"\n",
+        );
+        let mut vm = start(&ferry, &dir, &format!("pc{vcpus}"), &body)?;
+        vm.wait_ready(&ferry)?;
+        wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+            num(s, "guest_pages_written") >= 140_000.0
+        })?;
+        let (mut downtimes, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..5 {
+            let (r, dst) = migrate_once(
+                &ferry,
+                &dir,
+                &vm,
+                &format!("pc{vcpus}-{i}"),
+                &["--mode", "postcopy"],
+            )?;
+            println!(
+                "  run {i}: downtime {:.2} ms, switchover {:.2} ms, total {:.0} ms, {} faults \
+                 (p50 {} us, p99 {} us), vCPUs blocked {:.1} ms, verified {}",
+                num(&r, "downtime_ms"),
+                num(&r, "switchover_ms"),
+                num(&r, "total_ms"),
+                num(&r, "postcopy_faults"),
+                num(&r, "fault_latency_p50_us"),
+                num(&r, "fault_latency_p99_us"),
+                num(&r, "vcpu_blocked_ms"),
+                r["memory_verified"],
+            );
+            if r["memory_verified"] != true {
+                bail!("memory digests differ after post-copy: {r}");
+            }
+            downtimes.push(num(&r, "downtime_ms"));
+            p50s.push(num(&r, "fault_latency_p50_us"));
+            p99s.push(num(&r, "fault_latency_p99_us"));
+            vm.quit(&ferry)?;
+            vm = dst;
+        }
+        let (d, l50, l99) = (median(downtimes.clone()), median(p50s), median(p99s));
+        println!(
+            "  downtime p50 {d:.2} ms (goal <= 5 ms); fault latency p50 {l50:.0} us, p99 {l99:.0} us (median of runs; goal p99 <= 2000 us)"
+        );
+        results.insert(
+            format!("vcpus_{vcpus}"),
+            json!({"downtime_p50_ms": d, "downtimes_ms": downtimes,
+                   "fault_latency_p50_us": l50, "fault_latency_p99_us": l99}),
+        );
+        vm.quit(&ferry)?;
+    }
+
+    step("100k pages/s over 768 MiB of a 1 GiB guest, post-copy over a 200 Mbit/s cap");
+    let body = config(
+        "fast",
+        1024,
+        1,
+        "working_set_mib = 768\ndirty_pages_per_sec = 100000\npattern = \"random\"\ncontent = \"random\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "fast", &body)?;
+    vm.wait_ready(&ferry)?;
+    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+        num(s, "guest_pages_written") >= 196_608.0
+    })?;
+    let (r, dst) = migrate_once(
+        &ferry,
+        &dir,
+        &vm,
+        "fast-dst",
+        &["--mode", "postcopy", "--bandwidth-mbit", "200"],
+    )?;
+    let link = 200e6 / 8.0;
+    let total_s = num(&r, "total_ms") / 1e3;
+    let memory_s = (1u64 << 30) as f64 / link;
+    println!(
+        "  total {total_s:.1} s = {:.2} x (memory / link) (goal <= 1.2); {:.0} MB on the wire, \
+         {} faults (p99 {} us), verified {}",
+        total_s / memory_s,
+        num(&r, "bytes_on_wire") / 1e6,
+        num(&r, "postcopy_faults"),
+        num(&r, "fault_latency_p99_us"),
+        r["memory_verified"],
+    );
+    results.insert("capped_100k".into(), r);
+    vm.quit(&ferry)?;
+    dst.quit(&ferry)?;
+
+    let out = crate::util::root().join("target/bench/postcopy.json");
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
     step(&format!("results saved to {}", out.display()));
