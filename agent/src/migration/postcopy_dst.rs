@@ -289,6 +289,7 @@ type Channel = (BufReader<TcpStream>, TcpStream);
 /// and fills pages in as the answers come. A new channel (after a recovery) arrives on
 /// `channels`; requests still unanswered are sent again on it.
 fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) {
+    raise_priority();
     let mut chan = Some(first);
     // Page → when its first fault was read.
     let mut pending: HashMap<u64, Instant> = HashMap::new();
@@ -392,6 +393,19 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
                 break;
             }
         }
+    }
+}
+
+/// A vCPU waits on every fault: the threads that serve faults should not wait for a
+/// core behind the bulk transfer. Needs CAP_SYS_NICE; without it they run as usual.
+pub(super) fn raise_priority() {
+    // SAFETY: changes this thread's nice value only.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
+    if rc != 0 {
+        tracing::debug!(
+            "fault thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -35,6 +35,7 @@ fn serve_requests(
     stop: &AtomicBool,
     bytes: &AtomicU64,
 ) {
+    super::postcopy_dst::raise_priority();
     let pages = (memory.len() / PAGE) as u64;
     let Ok(w) = conn.try_clone() else { return };
     let mut w = BufWriter::with_capacity(64 << 10, w);
