@@ -340,4 +340,3 @@ pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
         "the source resumed after the handover"
     );
 }
-

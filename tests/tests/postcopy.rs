@@ -236,7 +236,10 @@ fn killing_the_source_in_postcopy_stops_the_guest_instead_of_running_on_missing_
     let pc = &s["incoming_postcopy"];
     assert!(u64_of(pc, "missing_pages") > 0, "{s}");
     assert!(
-        pc["error"].as_str().unwrap_or("").contains("did not come back"),
+        pc["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not come back"),
         "{s}"
     );
     assert_eq!(s["state"], "paused", "{s}");

@@ -28,13 +28,7 @@ const BATCH: usize = 256;
 const NO_HINT: u64 = u64::MAX;
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
-fn serve_requests(
-    memory: &[u8],
-    conn: TcpStream,
-    hint: &AtomicU64,
-    stop: &AtomicBool,
-    bytes: &AtomicU64,
-) {
+fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &AtomicBool) {
     super::postcopy_dst::raise_priority();
     let pages = (memory.len() / PAGE) as u64;
     let Ok(w) = conn.try_clone() else { return };
@@ -47,7 +41,7 @@ fn serve_requests(
     while !stop.load(Ordering::Relaxed) {
         match protocol::recv(&mut r, Some(pages)) {
             Ok(Message::PageRequest { page }) => {
-                hint.store(page, Ordering::Relaxed);
+                shared.hint.store(page, Ordering::Relaxed);
                 // Latency matters more than bytes here: no compression.
                 let Ok(e) = encode(memory, &[page], Codec::None, &mut compressor, &mut bufs) else {
                     return;
@@ -55,7 +49,12 @@ fn serve_requests(
                 if w.write_all(&e.frames).and_then(|()| w.flush()).is_err() {
                     return;
                 }
-                bytes.fetch_add(e.frames.len() as u64, Ordering::Relaxed);
+                shared.mark(page);
+                shared
+                    .bytes
+                    .fetch_add(e.frames.len() as u64, Ordering::Relaxed);
+                shared.pages.fetch_add(e.pages_sent, Ordering::Relaxed);
+                shared.zero_pages.fetch_add(e.zero_pages, Ordering::Relaxed);
                 bufs.spare_frames.push(e.frames);
             }
             Err(ProtocolError::Io(e))
@@ -69,6 +68,49 @@ fn serve_requests(
             }
             Err(_) => return,
         }
+    }
+}
+
+/// What the fault-request server shares with the pusher: the latest request (the push
+/// continues next to it), the pages it already answered (the push skips them), and
+/// its counters.
+struct Served {
+    hint: AtomicU64,
+    answered: Vec<AtomicU64>,
+    bytes: AtomicU64,
+    pages: AtomicU64,
+    zero_pages: AtomicU64,
+}
+
+impl Served {
+    fn new(pages: u64) -> Self {
+        Self {
+            hint: AtomicU64::new(NO_HINT),
+            answered: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bytes: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self, page: u64) {
+        if let Some(w) = self.answered.get((page / 64) as usize) {
+            w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// The destination said what it lacks: that, not what was answered, is the truth
+    /// (an answer may have been lost with a broken link).
+    fn forget_answers(&self) {
+        for w in &self.answered {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn answered(&self, page: u64) -> bool {
+        self.answered
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
     }
 }
 
@@ -153,24 +195,23 @@ impl Sender<'_> {
     ) -> Result<PostcopyFigures, MigrateError> {
         // SAFETY: the VM is paused and handed over: nothing writes its memory again.
         let memory = unsafe { self.m.memory_slice() };
-        let hint = AtomicU64::new(NO_HINT);
-        let fault_bytes = AtomicU64::new(0);
+        let shared = Served::new(need.pages());
         let mut fault = Some(fault);
         std::thread::scope(|s| {
             loop {
                 let stop = std::sync::Arc::new(AtomicBool::new(false));
                 let server = fault.take().map(|conn| {
                     let closer = conn.try_clone().ok();
-                    let (hint, bytes, stop) = (&hint, &fault_bytes, stop.clone());
+                    let (shared, stop) = (&shared, stop.clone());
                     let handle = std::thread::Builder::new()
                         .name("postcopy-requests".into())
-                        .spawn_scoped(s, move || serve_requests(memory, conn, hint, &stop, bytes));
+                        .spawn_scoped(s, move || serve_requests(memory, conn, shared, &stop));
                     (handle, closer)
                 });
                 // `Missing` after `PostcopyEnd` means push again, same channels.
                 let result = loop {
-                    match self.push(memory, &mut need, &hint) {
-                        Ok(None) => continue,
+                    match self.push(memory, &mut need, &shared) {
+                        Ok(None) => shared.forget_answers(),
                         other => break other,
                     }
                 };
@@ -183,7 +224,11 @@ impl Sender<'_> {
                         let _ = h.join();
                     }
                 }
-                self.stats.bytes_on_wire += fault_bytes.swap(0, Ordering::Relaxed);
+                let pages = shared.pages.swap(0, Ordering::Relaxed);
+                self.stats.bytes_on_wire += shared.bytes.swap(0, Ordering::Relaxed);
+                self.stats.pages_sent += pages;
+                self.stats.raw_bytes += pages * PAGE as u64;
+                self.stats.zero_pages += shared.zero_pages.swap(0, Ordering::Relaxed);
                 match result {
                     Ok(Some(figures)) => return Ok(figures),
                     Ok(None) => unreachable!("the push loop only ends with figures or an error"),
@@ -191,6 +236,7 @@ impl Sender<'_> {
                         tracing::warn!("post-copy link lost: {e}; reconnecting");
                         let (missing, conn) = self.recover(&e.to_string())?;
                         need = missing;
+                        shared.forget_answers();
                         fault = Some(conn);
                         switch.recoveries += 1;
                         self.set_recoveries(switch.recoveries);
@@ -221,7 +267,7 @@ impl Sender<'_> {
         &mut self,
         memory: &[u8],
         need: &mut DirtyBitmap,
-        hint: &AtomicU64,
+        served: &Served,
     ) -> Result<Option<PostcopyFigures>, MigrateError> {
         let mut left = need.count();
         let mut cursor = 0u64;
@@ -232,7 +278,7 @@ impl Sender<'_> {
             if let Some(live) = lock(&self.m.live).as_ref() {
                 self.settings = live.settings;
             }
-            let h = hint.swap(NO_HINT, Ordering::Relaxed);
+            let h = served.hint.swap(NO_HINT, Ordering::Relaxed);
             if h != NO_HINT {
                 cursor = h + 1;
             }
@@ -247,10 +293,17 @@ impl Sender<'_> {
                     break;
                 };
                 need.unset(p);
-                batch.push(p);
+                left -= 1;
                 cursor = p + 1;
+                // Answered on the fault channel already; a page the destination
+                // still lacks after all is named by Missing at the end.
+                if !served.answered(p) {
+                    batch.push(p);
+                }
             }
-            left -= batch.len() as u64;
+            if batch.is_empty() {
+                continue;
+            }
             let codec = self.settings.codec;
             let mut bufs = std::mem::take(&mut self.bufs);
             let encoded = encode(memory, &batch, codec, &mut self.compressor, &mut bufs);
