@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::Lap;
 use super::codec::{CodecError, Decompressor};
 use super::postcopy_dst;
 use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
@@ -181,6 +182,7 @@ impl Receiver {
             Ok(v) => v,
             Err(e) => return Err(self.refuse(e.into())),
         };
+        self.send(&Message::Prepared)?;
         let pages = vm.layout.memory_bytes / PAGE as u64;
         // SAFETY: the mapping is memory_bytes long, and no vCPU runs until the
         // handover, so nothing else touches guest memory while pages land.
@@ -215,6 +217,7 @@ impl Receiver {
             "memory received in {:?}; restoring device state",
             t0.elapsed()
         );
+        let mut lap = Lap::new();
         let state: MachineState = match blob::decode(BlobKind::MachineState, &blob) {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(e.into())),
@@ -236,6 +239,7 @@ impl Receiver {
             Ok(d) => d,
             Err(e) => return Err(self.refuse(e)),
         };
+        lap.mark("device state restored, disks opened");
         // Post-copy: the fault channel first, then the pages still on the source become
         // absent and userfaultfd takes over (before any vCPU can touch them).
         let postcopy = match postcopy {
@@ -257,6 +261,7 @@ impl Receiver {
                 }
             }
         };
+        lap.mark("post-copy prepared");
         let dev = state.devices;
         let machine = Arc::new(Machine::new(
             cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed,
@@ -268,7 +273,9 @@ impl Receiver {
             Some("a migration is handing this VM over; waiting for the source's commit".into());
         machine.start(false)?;
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
+        lap.mark("vCPU threads started");
         self.send(&Message::Ready)?;
+        lap.mark("ready sent");
         match protocol::recv(&mut self.r, None) {
             Ok(Message::Commit) => {}
             Ok(Message::Abort { reason }) => return Err(IncomingError::Aborted(reason)),
@@ -285,7 +292,9 @@ impl Receiver {
             }
         }
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        lap.mark("commit received");
         machine.resume()?;
+        lap.mark("resumed");
         tracing::info!("migration complete: the guest runs here");
         // From here on the guest is ours: a lost connection only leaves the source in
         // doubt (it resolves with `ferry migrate --resolve`), it never stops this copy.

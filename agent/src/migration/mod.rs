@@ -6,3 +6,20 @@ pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod protocol;
 pub mod source;
+
+/// Times the steps of the handover (FERRY_LOG=debug shows them).
+pub(crate) struct Lap(std::time::Instant);
+
+impl Lap {
+    pub(crate) fn new() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    pub(crate) fn mark(&mut self, step: &str) {
+        tracing::debug!(
+            "handover: {step} after {:.3} ms",
+            self.0.elapsed().as_secs_f64() * 1e3
+        );
+        self.0 = std::time::Instant::now();
+    }
+}

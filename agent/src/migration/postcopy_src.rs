@@ -140,15 +140,19 @@ impl Sender<'_> {
         dirty_log_running: bool,
         switch: &mut Switch,
     ) -> Result<(), MigrateError> {
+        self.wait_prepared()?;
         self.publish(Phase::Switchover);
         let t_pause = Instant::now();
+        let mut lap = super::Lap::new();
         self.m.pause()?;
+        lap.mark("paused");
         let last_heartbeats = self.m.last_heartbeats_ns();
         if dirty_log_running {
             let mut dirty = DirtyBitmap::new(need.pages());
             self.m.dirty.fetch(&mut dirty)?;
             need.or_assign_words(dirty.words());
         }
+        lap.mark("dirty log fetched");
         self.stats.remaining = need.count();
         self.send(&Message::Postcopy {
             missing: need.words().to_vec(),
@@ -157,14 +161,17 @@ impl Sender<'_> {
         let state = MachineState::save(self.m)?
             .encode()
             .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
+        lap.mark("device state saved");
         self.send(&Message::DeviceState { blob: state })?;
         self.m.disks.set_locked(false)?;
         self.send(&Message::Complete {
             pages_sent: self.stats.pages_sent,
         })?;
         self.w.flush().map_err(ProtocolError::from)?;
+        lap.mark("complete sent");
         let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
-        match protocol::recv(&mut self.r, None)? {
+        lap.mark("fault channel open");
+        match self.recv()? {
             Message::Ready => {}
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Ready")),
@@ -174,10 +181,12 @@ impl Sender<'_> {
         switch.committed = true;
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
-        match protocol::recv(&mut self.r, None)? {
+        lap.mark("ready received, commit sent");
+        match self.recv()? {
             Message::Resumed => {}
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
         }
+        lap.mark("resumed there");
         switch.switchover_ms = Some(ms(t_pause.elapsed()));
         // The bandwidth cap stays: post-copy shares the link with whatever else runs.
         let figures = self.postcopy(need, fault, switch)?;
@@ -321,7 +330,7 @@ impl Sender<'_> {
         self.w.flush().map_err(ProtocolError::from)?;
         self.publish_postcopy(Phase::Postcopy, 0);
         loop {
-            match protocol::recv(&mut self.r, Some(need.pages()))? {
+            match self.recv()? {
                 Message::PostcopyDone(f) => return Ok(Some(f)),
                 Message::Missing { missing } => {
                     *need = DirtyBitmap::from_words(need.pages(), &missing);

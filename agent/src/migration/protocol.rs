@@ -51,6 +51,7 @@ pub enum Kind {
     PostcopyDone = 23,
     Recover = 24,
     Missing = 25,
+    Prepared = 26,
 }
 
 impl Kind {
@@ -82,6 +83,7 @@ impl Kind {
             23 => PostcopyDone,
             24 => Recover,
             25 => Missing,
+            26 => Prepared,
             _ => return None,
         })
     }
@@ -232,6 +234,9 @@ pub enum Message {
     Missing {
         missing: Vec<u64>,
     },
+    /// Destination → source: the VM is built and its memory mapped; a pause from now
+    /// on waits for nothing but the transfer.
+    Prepared,
 }
 
 /// What post-copy cost the guest, measured on the destination.
@@ -272,6 +277,7 @@ impl Message {
             Message::PostcopyDone(_) => Kind::PostcopyDone,
             Message::Recover { .. } => Kind::Recover,
             Message::Missing { .. } => Kind::Missing,
+            Message::Prepared => Kind::Prepared,
         }
     }
 
@@ -310,7 +316,8 @@ impl Message {
             | Message::Commit
             | Message::Resumed
             | Message::Keepalive
-            | Message::PostcopyEnd => {}
+            | Message::PostcopyEnd
+            | Message::Prepared => {}
             Message::Postcopy { missing } | Message::Missing { missing } => {
                 for w in missing {
                     out.extend_from_slice(&w.to_le_bytes());
@@ -403,6 +410,7 @@ impl Message {
                 Message::PageRequest { page }
             }
             Kind::PostcopyEnd => Message::PostcopyEnd,
+            Kind::Prepared => Message::Prepared,
             Kind::PostcopyDone => Message::PostcopyDone(PostcopyFigures {
                 faults: r.u64()?,
                 latency_p50_us: r.u64()?,
@@ -838,6 +846,7 @@ mod tests {
             Message::Recover { id: 7 },
             Message::PageRequest { page: 99 },
             Message::PostcopyEnd,
+            Message::Prepared,
             Message::PostcopyDone(PostcopyFigures {
                 faults: 3,
                 latency_p50_us: 100,

@@ -327,6 +327,8 @@ pub(super) struct Sender<'a> {
     /// switch to post-copy mid-round sends the rest on demand).
     round_pages: Vec<u64>,
     sent_upto: usize,
+    /// The destination has built the VM (`Prepared`): pausing no longer waits on it.
+    dst_prepared: bool,
 }
 
 impl Progress {
@@ -635,6 +637,7 @@ fn connect<'a>(
         id: migration_id(),
         round_pages: Vec::new(),
         sent_upto: 0,
+        dst_prepared: false,
     };
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
@@ -666,6 +669,32 @@ fn connect<'a>(
 }
 
 impl Sender<'_> {
+    /// The destination's next message; `Prepared` (which may come any time before the
+    /// handover) is noted on the way.
+    pub(super) fn recv(&mut self) -> Result<Message, ProtocolError> {
+        loop {
+            match protocol::recv(&mut self.r, None)? {
+                Message::Prepared => self.dst_prepared = true,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Waits until the destination has built the VM, so the pause that follows is
+    /// not spent waiting for it.
+    pub(super) fn wait_prepared(&mut self) -> Result<(), MigrateError> {
+        // The config may still sit in the send buffer.
+        self.w.flush().map_err(ProtocolError::from)?;
+        while !self.dst_prepared {
+            match protocol::recv(&mut self.r, None)? {
+                Message::Prepared => self.dst_prepared = true,
+                Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+                _ => return Err(MigrateError::Unexpected("something other than Prepared")),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn send(&mut self, msg: &Message) -> Result<(), MigrateError> {
         let mut frame = Vec::new();
         protocol::send(&mut frame, msg)?;
@@ -692,7 +721,7 @@ impl Sender<'_> {
         }
         let _ = self.r.set_read_timeout(Some(Duration::from_millis(500)));
         loop {
-            match protocol::recv(&mut self.r, None) {
+            match self.recv() {
                 Ok(Message::Abort { reason }) => return MigrateError::Refused(reason),
                 Ok(_) => continue,
                 Err(_) => return e,
@@ -705,7 +734,7 @@ impl Sender<'_> {
     fn end_round(&mut self, round: u32, started: Instant) -> Result<(), MigrateError> {
         self.send(&Message::RoundEnd { round })?;
         self.w.flush().map_err(ProtocolError::from)?;
-        match protocol::recv(&mut self.r, None)? {
+        match self.recv()? {
             Message::RoundAck { round: r } if r == round => {}
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than RoundAck")),
@@ -966,6 +995,7 @@ impl Sender<'_> {
         mut dirty: DirtyBitmap,
         switch: &mut Switch,
     ) -> Result<(), MigrateError> {
+        self.wait_prepared()?;
         self.publish(Phase::Switchover);
         let t_pause = Instant::now();
         self.m.pause()?;
@@ -991,7 +1021,7 @@ impl Sender<'_> {
             pages_sent: self.stats.pages_sent,
         })?;
         self.w.flush().map_err(ProtocolError::from)?;
-        match protocol::recv(&mut self.r, None)? {
+        match self.recv()? {
             Message::Ready => {}
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Ready")),
@@ -1004,7 +1034,7 @@ impl Sender<'_> {
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
         self.fault("drop-after-commit")?;
-        match protocol::recv(&mut self.r, None)? {
+        match self.recv()? {
             Message::Resumed => {}
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
         }
@@ -1017,7 +1047,7 @@ impl Sender<'_> {
     pub(super) fn measure_handover(&mut self, switch: &mut Switch, last_heartbeats: &[u64]) {
         // The handover is complete. What follows only measures it: a lost answer leaves
         // a figure unknown (None in the report), never the outcome in doubt.
-        match protocol::recv(&mut self.r, None) {
+        match self.recv() {
             Ok(Message::MemoryDigest { digest }) if self.params.verify => {
                 // This copy is frozen for good now: hashing it costs the guest nothing.
                 // SAFETY: the VM is paused and handed over; nothing writes its memory.
@@ -1032,7 +1062,7 @@ impl Sender<'_> {
             Ok(_) => {}
             Err(e) => tracing::warn!("no memory digest from the destination: {e}"),
         }
-        match protocol::recv(&mut self.r, None) {
+        match self.recv() {
             Ok(Message::FirstHeartbeats { ns }) => {
                 switch.downtime_ms = ns
                     .iter()
