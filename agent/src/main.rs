@@ -131,6 +131,10 @@ enum Command {
         /// Post-copy: keep trying to restore a broken link this long.
         #[arg(long, default_value_t = 60)]
         recover_secs: u64,
+        /// Post-copy: send every page once first, while the guest runs; only what it
+        /// dirties meanwhile is then fetched on demand.
+        #[arg(long)]
+        precopy_pass: bool,
         /// Page codec: none, lz4 or zstd:N.
         #[arg(long, default_value = "none")]
         compression: String,
@@ -225,6 +229,7 @@ fn main() -> ExitCode {
             control,
             mode,
             recover_secs,
+            precopy_pass,
             resolve: false,
             resume: false,
             to,
@@ -245,6 +250,7 @@ fn main() -> ExitCode {
                 "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
                 "timeout_secs": timeout_secs, "no_verify": no_verify,
                 "mode": mode.name(), "recover_secs": recover_secs,
+                "precopy_pass": precopy_pass,
             }),
             report.as_deref(),
             json,

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+
 /// The `ferry` binary under test: `$FERRY_BIN`, else the workspace's release or debug build.
 pub fn ferry_bin() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -105,10 +107,31 @@ impl Vmm {
 
     /// As [`Vmm::spawn`], with extra environment variables (test fault hooks).
     pub fn spawn_with_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_cmd(Command::new(ferry_bin()), dir, name, args, env)
+    }
+
+    /// As [`Vmm::spawn`], inside network namespace `ns`.
+    pub fn spawn_in(ns: &str, dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_cmd(
+            netns::LinkPair::command(ns, &ferry_bin()),
+            dir,
+            name,
+            args,
+            &[],
+        )
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let control = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(ferry_bin())
+        let child = cmd
             .arg("vmm")
             .args(args)
             .arg("--control")

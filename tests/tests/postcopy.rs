@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_tests::netns::{DEST_ADDR, LinkPair};
 use ferry_tests::{
-    TempDir, Vmm, check_arrived, ferry, incoming, migrate, require_kvm, u64_of, write_config,
+    TempDir, Vmm, check_arrived, ferry, free_port, incoming, migrate, require_kvm, u64_of,
+    write_config,
 };
 use serde_json::Value;
 
@@ -287,5 +289,88 @@ fn a_guest_outrunning_a_capped_link_finishes_in_postcopy_but_not_in_precopy() {
     assert!(u64_of(&report, "postcopy_faults") > 0, "{report}");
     check_arrived(&src, &dst, &report, true);
     src.quit();
+    dst.quit();
+}
+
+#[test]
+fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
+    if !require_kvm() {
+        return;
+    }
+    let link = match LinkPair::new("pcl", None) {
+        Ok(l) => l,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "network namespaces and veth are needed: {e}"
+            );
+            eprintln!("SKIPPED: network namespaces and veth are needed: {e}");
+            return;
+        }
+    };
+    let dir = TempDir::new("pc-link");
+    let cfg = write_config(dir.path(), "l", &config(2, "random", "mixed", 20_000, 48));
+    let src = Vmm::spawn_in(
+        &link.source_ns,
+        dir.path(),
+        "l",
+        &["--config", cfg.to_str().unwrap()],
+    );
+    src.wait_for("the guest running", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > 200
+    });
+    let addr = format!("{DEST_ADDR}:{}", free_port());
+    let dst = Vmm::spawn_in(&link.dest_ns, dir.path(), "l-dst", &["--incoming", &addr]);
+    let run = migrate_in_background(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "postcopy",
+            "--bandwidth-mbit",
+            "100",
+            "--timeout-secs",
+            "1",
+        ],
+    );
+    wait_phase(src.ctl(), "postcopy", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    link.set_up(false).unwrap();
+    // Well past the 1 s timeout: both sides notice and wait for the link.
+    let t0 = Instant::now();
+    while dst.status()["incoming_postcopy"]["phase"] != "recovering" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", dst.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    link.set_up(true).unwrap();
+    let (ok, report) = run.join().unwrap();
+    assert!(ok, "{report}");
+    assert!(u64_of(&report, "recoveries") >= 1, "{report}");
+    check_arrived(&src, &dst, &report, true);
+    src.quit();
+    dst.quit();
+}
+
+#[test]
+fn after_postcopy_with_a_first_pass_the_vm_moves_on_again() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("pc-chain");
+    // Mostly zero memory: pages announced as zero in the first pass stay untouched on
+    // the destination, and the next migration reads every page.
+    let src = start(&dir, "c", &config(2, "random", "mixed", 5000, 16));
+    let (mid, addr) = incoming(dir.path(), "c-mid");
+    let (ok, report) = migrate(&src, &addr, &["--mode", "postcopy", "--precopy-pass"]);
+    assert!(ok, "{report}");
+    assert!(report["postcopy_faults"].is_u64(), "{report}");
+    check_arrived(&src, &mid, &report, true);
+    let (dst, addr) = incoming(dir.path(), "c-dst");
+    let (ok, report) = migrate(&mid, &addr, &["--timeout-secs", "5"]);
+    assert!(ok, "{report}");
+    check_arrived(&mid, &dst, &report, true);
+    src.quit();
+    mid.quit();
     dst.quit();
 }

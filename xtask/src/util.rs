@@ -82,9 +82,14 @@ pub struct Vmm {
 
 impl Vmm {
     pub fn spawn(ferry: &Path, args: &[&str], control: &Path, log: &Path) -> Result<Self> {
+        Self::spawn_cmd(Command::new(ferry), args, control, log)
+    }
+
+    /// As [`Vmm::spawn`], with the command given (e.g. run in a network namespace).
+    pub fn spawn_cmd(mut cmd: Command, args: &[&str], control: &Path, log: &Path) -> Result<Self> {
         let logf =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(ferry)
+        let child = cmd
             .arg("vmm")
             .args(args)
             .arg("--control")

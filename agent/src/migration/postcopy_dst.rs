@@ -530,6 +530,17 @@ impl Incoming<'_> {
             }
             t.stop.store(true, Ordering::Relaxed);
         });
+        // Every page is here. Pages known to be zero that nobody touched are still
+        // absent: with the fault thread gone they must fault the ordinary way, or the
+        // next touch (a guest access, a later migration reading memory) would wait
+        // forever.
+        if let Err(e) = self
+            .tracker
+            .uffd
+            .unregister(self.tracker.base, self.tracker.pages as usize * PAGE)
+        {
+            tracing::error!("{e}; untouched zero pages may block whoever touches them");
+        }
         self.tracker.set_phase("completed", None);
         (r, w)
     }

@@ -43,6 +43,9 @@ pub struct Params {
     pub mode: Mode,
     /// How long a broken post-copy link is retried before waiting for `--resume`.
     pub recover: Duration,
+    /// Post-copy: send every page once first (while the guest runs), so only what it
+    /// dirties meanwhile is fetched on demand.
+    pub precopy_pass: bool,
 }
 
 /// How memory moves.
@@ -930,7 +933,7 @@ impl Sender<'_> {
     fn precopy(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
         let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
         self.sample_codecs();
-        if self.params.mode == Mode::Postcopy {
+        if self.params.mode == Mode::Postcopy && !self.params.precopy_pass {
             let mut need = DirtyBitmap::new(pages);
             need.set_all();
             return self.switch_postcopy(need, false, switch);
@@ -941,6 +944,10 @@ impl Sender<'_> {
         let mut round_start = Instant::now();
         self.send_pages(0..pages)?;
         self.end_round(0, round_start)?;
+        if self.params.mode == Mode::Postcopy {
+            // One pass done: what the guest dirtied since comes on demand.
+            return self.switch_postcopy(DirtyBitmap::new(pages), true, switch);
+        }
         let mut previous = pages;
         loop {
             self.check_cancel()?;

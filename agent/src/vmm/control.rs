@@ -60,6 +60,9 @@ pub enum Request {
         /// How long a broken post-copy link is retried before giving up (default 60).
         #[serde(default)]
         recover_secs: Option<u64>,
+        /// Post-copy: one full pre-copy pass first.
+        #[serde(default)]
+        precopy_pass: bool,
     },
     /// Switch the running hybrid migration to post-copy.
     StartPostcopy {},
@@ -302,6 +305,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             no_verify,
             mode,
             recover_secs,
+            precopy_pass,
         } => start_migration(
             m,
             to,
@@ -311,7 +315,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 timeout_secs,
                 recover_secs,
             },
-            mode.as_deref(),
+            (mode.as_deref(), precopy_pass),
             report,
             !no_verify,
         ),
@@ -379,7 +383,7 @@ fn start_migration(
     to: String,
     req: &SettingsRequest,
     limits: Limits,
-    mode: Option<&str>,
+    (mode, precopy_pass): (Option<&str>, bool),
     report: Option<PathBuf>,
     verify: bool,
 ) -> Result<Value, String> {
@@ -389,6 +393,9 @@ fn start_migration(
         recover_secs,
     } = limits;
     let mode: source::Mode = mode.unwrap_or("precopy").parse()?;
+    if precopy_pass && mode != source::Mode::Postcopy {
+        return Err("precopy_pass only applies to mode postcopy".into());
+    }
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
         bandwidth: req.bandwidth().flatten(),
@@ -433,6 +440,7 @@ fn start_migration(
         settings,
         mode,
         recover: Duration::from_secs(recover_secs.unwrap_or(60)),
+        precopy_pass,
     };
     let machine = m.clone();
     std::thread::Builder::new()

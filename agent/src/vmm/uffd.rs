@@ -23,6 +23,7 @@ const fn ior(nr: u64, size: u64) -> u64 {
 }
 const UFFDIO_API: u64 = iowr(0x3f, 24);
 const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ior(0x01, 16);
 const UFFDIO_WAKE: u64 = ior(0x02, 16);
 const UFFDIO_COPY: u64 = iowr(0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, 32);
@@ -147,6 +148,16 @@ impl Uffd {
             ioctls: 0,
         };
         self.ioctl("register", UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Missing pages in [start, start + len) no longer fault to this descriptor: a
+    /// first touch gets a zero page from the kernel again.
+    pub fn unregister(&self, start: usize, len: usize) -> Result<(), UffdError> {
+        let mut r = Range {
+            start: start as u64,
+            len: len as u64,
+        };
+        self.ioctl("unregister", UFFDIO_UNREGISTER, &mut r)
     }
 
     /// Atomically fills the missing page at `dst` with `src` and wakes its waiters.
