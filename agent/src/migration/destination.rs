@@ -198,8 +198,13 @@ impl Receiver {
         let received = std::thread::scope(|s| {
             let helper = std::thread::Builder::new()
                 .name("prefault".into())
-                .spawn_scoped(s, || prefault::run(region, &ahead));
+                .spawn_scoped(s, || {
+                    let n = prefault::run(region, &ahead);
+                    ahead.finish();
+                    n
+                });
             if let Err(e) = helper {
+                ahead.finish();
                 tracing::debug!("no prefault helper ({e}); pages fault in as they land");
             }
             let r = self.receive_memory(memory, pages, &mut crcs, &ahead);
@@ -251,9 +256,16 @@ impl Receiver {
                         hello.id,
                         Duration::from_secs(10),
                     )?;
-                    let tracker =
-                        postcopy_dst::Tracker::prepare(region.base, pages, missing, crcs.clone())?;
-                    Ok((Arc::new(tracker), fault))
+                    let tracker = Arc::new(postcopy_dst::Tracker::prepare(
+                        region.base,
+                        pages,
+                        missing,
+                        crcs.clone(),
+                    )?);
+                    // Serving faults before the guest can take one.
+                    let faults = postcopy_dst::FaultThread::start(tracker.clone(), fault)
+                        .map_err(ProtocolError::from)?;
+                    Ok((tracker, faults))
                 })();
                 match prepared {
                     Ok(p) => Some(p),
@@ -308,7 +320,7 @@ impl Receiver {
         }
         let digest = match postcopy {
             None => protocol::digest(&crcs),
-            Some((tracker, fault)) => {
+            Some((tracker, faults)) => {
                 let incoming = postcopy_dst::Incoming {
                     tracker: tracker.clone(),
                     machine: &machine,
@@ -320,7 +332,7 @@ impl Receiver {
                 let conn = self.r.get_ref().try_clone().map_err(ProtocolError::from)?;
                 let r = std::mem::replace(&mut self.r, BufReader::new(conn));
                 let (r, w) =
-                    incoming.run(r, self.w.try_clone().map_err(ProtocolError::from)?, fault);
+                    incoming.run(r, self.w.try_clone().map_err(ProtocolError::from)?, faults);
                 self.r = r;
                 self.w = w;
                 tracing::info!("post-copy complete: every page is here");
@@ -354,7 +366,7 @@ impl Receiver {
         let mut landed = DirtyBitmap::new(pages);
         // Landed or announced as zero: what post-copy need not fetch.
         let mut known = DirtyBitmap::new(pages);
-        let mut postcopy = None;
+        let mut postcopy: Option<DirtyBitmap> = None;
         let mut dec = Decompressor::new();
         let mut state = None;
         let mut frame = protocol::Frame {
@@ -380,6 +392,10 @@ impl Receiver {
                     landed.set(p.page);
                     known.set(p.page);
                     ahead.landed(p.page);
+                    // Sent again after it was declared stale: current now.
+                    if let Some(m) = postcopy.as_mut() {
+                        m.unset(p.page);
+                    }
                 }
                 continue;
             }
@@ -394,6 +410,9 @@ impl Receiver {
                     crcs[first as usize..(first + count) as usize].fill(zero_crc);
                     for page in first..first + count {
                         known.set(page);
+                        if let Some(m) = postcopy.as_mut() {
+                            m.unset(page);
+                        }
                     }
                 }
                 Message::RoundEnd { round } => {
@@ -404,18 +423,28 @@ impl Receiver {
                 }
                 Message::Keepalive => {}
                 Message::Postcopy { missing } => {
-                    ahead.stop();
-                    // What the source says is stale, and anything that never came.
-                    let mut m = DirtyBitmap::from_words(pages, &missing);
-                    for page in 0..pages {
-                        if !known.is_set(page) {
-                            m.set(page);
-                        }
-                    }
-                    postcopy = Some(m);
+                    // Pages that landed but changed since are dropped now (the source
+                    // sends these while its guest still runs, so the work stays out of
+                    // the pause); they come back on demand.
+                    ahead.stop_and_wait();
+                    let stale = DirtyBitmap::from_words(pages, &missing);
+                    let base = memory.as_mut_ptr() as usize;
+                    postcopy_dst::discard(base, stale.iter_set().filter(|&p| known.is_set(p)))?;
+                    postcopy
+                        .get_or_insert_with(|| DirtyBitmap::new(pages))
+                        .or_assign_words(stale.words());
                 }
                 Message::DeviceState { blob } => state = Some(blob),
                 Message::Complete { .. } => {
+                    if let Some(m) = postcopy.as_mut() {
+                        // And whatever never came (the prefault helper may have
+                        // populated some of it with zeroes).
+                        let never: Vec<u64> = (0..pages).filter(|&p| !known.is_set(p)).collect();
+                        postcopy_dst::discard(memory.as_mut_ptr() as usize, never.iter().copied())?;
+                        for p in never {
+                            m.set(p);
+                        }
+                    }
                     return Ok(Received {
                         state: state.ok_or(IncomingError::NoState)?,
                         postcopy,

@@ -798,7 +798,10 @@ impl Sender<'_> {
 
     /// Sends the given pages: zero pages as runs, the rest in batches. With a codec,
     /// batches are compressed on worker threads while this one writes them, in order.
-    fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> Result<(), MigrateError> {
+    pub(super) fn send_pages(
+        &mut self,
+        pages: impl Iterator<Item = u64>,
+    ) -> Result<(), MigrateError> {
         let m = self.m;
         // SAFETY: pages are read while the guest may write them; every page sent here
         // had its dirty tracking re-armed before this copy, so a racing write is sent

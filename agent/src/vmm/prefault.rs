@@ -22,6 +22,7 @@ pub struct Ahead {
     landed: AtomicU64,
     stop: AtomicBool,
     started: AtomicBool,
+    finished: AtomicBool,
 }
 
 impl Ahead {
@@ -34,6 +35,20 @@ impl Ahead {
     /// The stream is over (or failed): the helper stops after its current chunk.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// The helper has returned (or never ran).
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+    }
+
+    /// Stops the helper and waits until it no longer touches memory: pages dropped
+    /// after this stay dropped.
+    pub fn stop_and_wait(&self) {
+        self.stop();
+        while !self.finished.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
     }
 }
 
