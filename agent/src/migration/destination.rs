@@ -428,8 +428,9 @@ impl Receiver {
                     // the pause); they come back on demand.
                     ahead.stop_and_wait();
                     let stale = DirtyBitmap::from_words(pages, &missing);
-                    let base = memory.as_mut_ptr() as usize;
-                    postcopy_dst::discard(base, stale.iter_set().filter(|&p| known.is_set(p)))?;
+                    let mut landed_stale = stale.clone();
+                    landed_stale.and_assign(&known);
+                    postcopy_dst::discard(memory.as_mut_ptr() as usize, &landed_stale)?;
                     postcopy
                         .get_or_insert_with(|| DirtyBitmap::new(pages))
                         .or_assign_words(stale.words());
@@ -439,11 +440,9 @@ impl Receiver {
                     if let Some(m) = postcopy.as_mut() {
                         // And whatever never came (the prefault helper may have
                         // populated some of it with zeroes).
-                        let never: Vec<u64> = (0..pages).filter(|&p| !known.is_set(p)).collect();
-                        postcopy_dst::discard(memory.as_mut_ptr() as usize, never.iter().copied())?;
-                        for p in never {
-                            m.set(p);
-                        }
+                        let never = known.complement();
+                        postcopy_dst::discard(memory.as_mut_ptr() as usize, &never)?;
+                        m.or_assign_words(never.words());
                     }
                     return Ok(Received {
                         state: state.ok_or(IncomingError::NoState)?,

@@ -254,21 +254,18 @@ impl Tracker {
 
 type Channel = (BufReader<TcpStream>, TcpStream);
 
-/// Drops `pages` (ascending) from guest memory at `base`: the next touch finds them
-/// absent. Adjacent pages go as one range, and ranges go to the kernel a thousand at a
-/// time (`process_madvise`), which costs a fraction of one `madvise` per range.
-pub fn discard(base: usize, pages: impl Iterator<Item = u64>) -> Result<(), PostcopyError> {
-    let mut runs: Vec<libc::iovec> = Vec::new();
-    for page in pages {
-        let at = base + page as usize * PAGE;
-        match runs.last_mut() {
-            Some(r) if r.iov_base as usize + r.iov_len == at => r.iov_len += PAGE,
-            _ => runs.push(libc::iovec {
-                iov_base: at as *mut libc::c_void,
-                iov_len: PAGE,
-            }),
-        }
-    }
+/// Drops the pages set in `pages` from guest memory at `base`: the next touch finds
+/// them absent. Adjacent pages go as one range, and ranges go to the kernel a thousand
+/// at a time (`process_madvise`), which costs a fraction of one `madvise` per range.
+pub fn discard(base: usize, pages: &DirtyBitmap) -> Result<(), PostcopyError> {
+    let runs: Vec<libc::iovec> = pages
+        .runs()
+        .into_iter()
+        .map(|(first, count)| libc::iovec {
+            iov_base: (base + first as usize * PAGE) as *mut libc::c_void,
+            iov_len: count as usize * PAGE,
+        })
+        .collect();
     if runs.is_empty() {
         return Ok(());
     }

@@ -210,6 +210,44 @@ impl DirtyBitmap {
         b
     }
 
+    /// Keeps only the bits also set in `other` (same size).
+    pub fn and_assign(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= *b;
+        }
+    }
+
+    /// The pages not set here.
+    pub fn complement(&self) -> DirtyBitmap {
+        let mut c = DirtyBitmap {
+            words: self.words.iter().map(|w| !w).collect(),
+            pages: self.pages,
+        };
+        c.trim_tail();
+        c
+    }
+
+    /// The set pages as runs (first page, count), ascending; whole words at a time
+    /// where they are full.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut push = |first: u64, count: u64| match runs.last_mut() {
+            Some((f, n)) if *f + *n == first => *n += count,
+            _ => runs.push((first, count)),
+        };
+        for (i, &w) in self.words.iter().enumerate() {
+            let base = i as u64 * 64;
+            if w == !0 {
+                push(base, 64);
+            } else if w != 0 {
+                for b in (Bits { word: w, base }) {
+                    push(b, 1);
+                }
+            }
+        }
+        runs
+    }
+
     /// Sets every page's bit.
     pub fn set_all(&mut self) {
         self.words.fill(!0);
@@ -1451,6 +1489,25 @@ mod tests {
 
     use super::harness::*;
     use super::*;
+
+    #[test]
+    fn runs_complement_and_intersection() {
+        let mut b = DirtyBitmap::new(200);
+        for p in [0, 1, 2, 70, 71] {
+            b.set(p);
+        }
+        for p in 128..192 {
+            b.set(p);
+        }
+        assert_eq!(b.runs(), vec![(0, 3), (70, 2), (128, 64)]);
+        let c = b.complement();
+        assert_eq!(c.count(), 200 - 69);
+        assert_eq!(c.runs()[0], (3, 67));
+        assert_eq!(*c.runs().last().unwrap(), (192, 8));
+        let mut d = b.clone();
+        d.and_assign(&c);
+        assert_eq!(d.count(), 0);
+    }
 
     #[test]
     fn next_set_wraps_and_unset_clears() {
