@@ -440,3 +440,27 @@ fn guest_enters_long_mode_by_itself_through_its_32_bit_stub() {
     let e = vmm_error(&dir, &["--config", cfg.to_str().unwrap()]);
     assert!(e.contains("set vcpus = 1"), "{e}");
 }
+
+#[test]
+fn a_stopping_vmm_never_removes_a_newer_vmms_control_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("sock");
+    let body = "memory_mib = 32\nvcpus = 1\n[workload]\npattern = \"idle\"\n";
+    let cfg = write_config(dir.path(), "a", body);
+    let old = Vmm::spawn(dir.path(), "a", &["--config", cfg.to_str().unwrap()]);
+    // The operator clears the path and starts another VMM on it while the first runs.
+    std::fs::remove_file(old.ctl()).unwrap();
+    let cfg_b = write_config(dir.path(), "b", body);
+    // Same name: the same control socket path.
+    let new = Vmm::spawn(dir.path(), "a", &["--config", cfg_b.to_str().unwrap()]);
+    let pid = old.child.id();
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut old = old;
+    old.child.wait().unwrap();
+    let s = new.status();
+    assert_eq!(s["name"], "b", "{s}");
+    new.quit();
+}

@@ -98,6 +98,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
         }
     };
 
+    let ours = control::socket_identity(control_path);
     // SIGTERM and SIGINT stop the VM cleanly, like `ferry quit`.
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -106,10 +107,18 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     control::serve(listener, slot.clone(), || STOP.load(Ordering::Acquire));
     let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(m) = machine {
-        m.shutdown();
+        if m.postcopy_status().is_some_and(|p| p.phase != "completed") {
+            // vCPUs waiting for pages that will never come cannot be joined; they end
+            // with the process.
+            tracing::warn!("stopping with post-copy incomplete: this copy of the VM is lost");
+        } else {
+            m.shutdown();
+        }
         tracing::info!("VM {} stopped", m.cfg.name);
     }
-    let _ = std::fs::remove_file(control_path);
+    if ours.is_some() && control::socket_identity(control_path) == ours {
+        let _ = std::fs::remove_file(control_path);
+    }
     if let Some(e) = incoming_error
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -134,6 +134,13 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// Which file a socket path names (device, inode): a VMM removes its socket on exit
+/// only if the path still names the one it bound, never a newer VMM's.
+pub fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Binds the socket, replacing a stale file but never a live VMM's socket.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if path.exists() {
