@@ -177,6 +177,29 @@ enum Command {
         #[arg(long)]
         max_downtime_ms: Option<u64>,
     },
+    /// Move the running VM's disk images (or one) into another folder (datastore);
+    /// the VM's config file is rewritten to name them.
+    StorageMigrate {
+        #[arg(long)]
+        control: PathBuf,
+        /// Destination folder.
+        #[arg(long)]
+        to: PathBuf,
+        /// Only this disk (by id).
+        #[arg(long)]
+        disk: Option<String>,
+        /// background: copy, then copy again what the guest wrote; active: guest writes
+        /// also go to the copy; auto: background, active if it does not converge.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Remove the old images once the copies are verified and in use.
+        #[arg(long)]
+        remove_source: bool,
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch a running hybrid migration to post-copy.
     StartPostcopy {
         #[arg(long)]
@@ -214,6 +237,23 @@ fn main() -> ExitCode {
         Command::Resume { control } => cli::client::simple(&control, "resume"),
         Command::Quit { control } => cli::client::simple(&control, "quit"),
         Command::Cancel { control } => cli::client::simple(&control, "cancel"),
+        Command::StorageMigrate {
+            control,
+            to,
+            disk,
+            mode,
+            remove_source,
+            report,
+            json,
+        } => cli::client::storage_migrate(
+            &control,
+            serde_json::json!({
+                "cmd": "storage-migrate", "to": to, "disk": disk, "mode": mode,
+                "remove_source": remove_source,
+            }),
+            report.as_deref(),
+            json,
+        ),
         Command::StartPostcopy { control } => cli::client::simple_json(&control, "start-postcopy"),
         Command::Migrate {
             control,

@@ -1,8 +1,9 @@
 //! `cargo xtask lab`: the main job, run locally. Starts a lab VM with a visible
 //! workload, shows its live status, snapshots it, restores the snapshot in a second
 //! `ferry vmm` process and shows the guest carrying on from the snapshot's moment,
-//! then live-migrates it to a third process over TCP and prints the report, and moves
-//! it once more in post-copy over a link slower than the guest dirties memory.
+//! then live-migrates it to a third process over TCP and prints the report, moves its
+//! disk to a second datastore while it runs, and moves it once more in post-copy over
+//! a link slower than the guest dirties memory.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -157,6 +158,21 @@ pub fn run() -> Result<()> {
     step("verify on the destination: the guest re-checks every page and disk block it wrote");
     print!("{}", ctl(&ferry, &["verify"], &dst.control)?);
     restored.quit(&ferry)?;
+
+    step("storage migration: the lab VM's disk moves to a second datastore while the guest writes");
+    let ds2 = dir.join("datastore2");
+    let _ = std::fs::remove_dir_all(&ds2);
+    std::fs::create_dir_all(&ds2)?;
+    let moved = std::process::Command::new(&ferry)
+        .args(["storage-migrate", "--control"])
+        .arg(&dst.control)
+        .arg("--to")
+        .arg(&ds2)
+        .status()?;
+    if !moved.success() {
+        anyhow::bail!("the storage migration failed");
+    }
+    watch(&ferry, &dst, "dest", 1.0)?;
 
     step(
         "post-copy over a 200 Mbit/s cap: the guest dirties 80 MB/s, three times what the link \

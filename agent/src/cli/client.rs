@@ -292,3 +292,98 @@ pub fn simple_json(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
     println!("{r}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// `ferry storage-migrate`: starts the move, shows progress, prints the report.
+pub fn storage_migrate(
+    control: &Path,
+    mut req: Value,
+    report: Option<&Path>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let report = report.map(std::path::absolute).transpose()?;
+    req["report"] = json!(report);
+    if let Some(to) = req.get("to").and_then(Value::as_str) {
+        req["to"] = json!(std::path::absolute(to)?);
+    }
+    strip_nulls(&mut req);
+    request(control, &req)?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        )
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut cancelled = false;
+    let final_report = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
+            cancelled = true;
+            let _ = request(control, &json!({"cmd": "cancel"}));
+            eprintln!("\ncancelling; the VM stays on its current images");
+        }
+        let s = request(control, &json!({"cmd": "status"}))?;
+        let p = get(&s, "storage_migration");
+        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
+            break r.clone();
+        }
+        if tty {
+            eprint!(
+                "\r{} disk {} | round {} | {:.1} MiB copied | {} blocks left | mode {}    ",
+                get(p, "phase").as_str().unwrap_or("-"),
+                get(p, "disk").as_str().unwrap_or("-"),
+                num(p, "round"),
+                get(p, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
+                num(p, "remaining_blocks"),
+                get(p, "mode").as_str().unwrap_or("-"),
+            );
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    if as_json {
+        println!("{final_report}");
+    } else {
+        for key in [
+            "outcome",
+            "error",
+            "disk_mode",
+            "total_ms",
+            "switchover_ms",
+            "disk_bytes_copied",
+            "disk_rounds",
+            "disk_verified",
+            "disk_integrity_errors",
+            "guest_write_latency_added_us_p99",
+            "config_rewritten",
+        ] {
+            let v = get(&final_report, key);
+            if !v.is_null() {
+                println!(
+                    "{key:<34} {}",
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                );
+            }
+        }
+        for d in get(&final_report, "disks").as_array().into_iter().flatten() {
+            println!(
+                "disk {:<29} {} -> {}",
+                get(d, "id").as_str().unwrap_or("-"),
+                get(d, "from").as_str().unwrap_or("-"),
+                get(d, "to").as_str().unwrap_or("-")
+            );
+        }
+    }
+    Ok(
+        if get(&final_report, "outcome").as_str() == Some("completed") {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}

@@ -83,6 +83,12 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
             };
             let listener = control::bind(control_path)?;
             let machine = Arc::new(machine);
+            if let Source::Config(path) = &source {
+                *machine
+                    .config_path
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(std::path::absolute(path)?);
+            }
             machine.start(!paused).context("starting the vCPUs")?;
             tracing::info!(
                 name = %machine.cfg.name,

@@ -6,6 +6,7 @@ pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod protocol;
 pub mod source;
+pub mod storage;
 
 /// Times the steps of the handover (FERRY_LOG=debug shows them).
 pub(crate) struct Lap(std::time::Instant);

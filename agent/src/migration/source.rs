@@ -666,7 +666,7 @@ fn connect<'a>(
         _ => return Err(MigrateError::Unexpected("something other than HelloAck")),
     }
     tx.send(&Message::Config {
-        toml: m.cfg.to_toml(),
+        toml: m.current_config().to_toml(),
     })?;
     Ok(tx)
 }

@@ -44,11 +44,38 @@ pub enum DiskError {
 #[derive(Debug)]
 pub struct Disk {
     pub id: String,
-    pub path: PathBuf,
     pub size: u64,
     pub direct: bool,
+    /// The image the VM uses; a storage migration swaps it for its copy.
+    backing: std::sync::RwLock<Backing>,
+    /// A running storage migration of this disk. Guest writes take this lock, so a
+    /// copy step (which holds it while it copies a chunk) never interleaves with one.
+    job: std::sync::Mutex<Option<CopyJob>>,
+}
+
+#[derive(Debug)]
+struct Backing {
+    path: PathBuf,
     file: File,
 }
+
+/// What a storage migration needs from the guest's writes: which blocks changed
+/// since they were copied, and, in active mode, the same write on the copy.
+#[derive(Debug)]
+pub struct CopyJob {
+    /// The copy being made (None: only tracking which blocks the guest writes).
+    pub target: Option<File>,
+    /// Written since copied, in units of [`COPY_BLOCK`].
+    pub dirty: super::dirty::DirtyBitmap,
+    /// Active (write-blocking) mode: guest writes also go to the target before they
+    /// complete.
+    pub active: bool,
+    /// Active mode: time each mirrored write added, microseconds.
+    pub added_us: Vec<u32>,
+}
+
+/// Granularity of storage-migration dirty tracking and copying.
+pub const COPY_BLOCK: u64 = 64 << 10;
 
 /// Disk images opened for a VM; images this VM created are removed again if the VM
 /// fails to start, so a failed start leaves nothing behind.
@@ -81,7 +108,7 @@ impl DiskSet {
             }
             let (disk, created) = Disk::open(cfg)?;
             if created {
-                set.created.push(disk.path.clone());
+                set.created.push(cfg.path.clone());
             }
             set.disks.push(disk);
         }
@@ -107,11 +134,12 @@ impl DiskSet {
             } else {
                 libc::LOCK_UN
             };
+            let b = d.backing();
             // SAFETY: flock on a file descriptor we own.
-            if unsafe { libc::flock(d.file.as_raw_fd(), op) } != 0 {
+            if unsafe { libc::flock(b.file.as_raw_fd(), op) } != 0 {
                 return Err(DiskError::Locked {
                     id: d.id.clone(),
-                    path: d.path.clone(),
+                    path: b.path.clone(),
                 });
             }
         }
@@ -190,26 +218,53 @@ impl Disk {
         Ok((
             Self {
                 id: cfg.id.clone(),
-                path: cfg.path.clone(),
                 size,
                 direct,
-                file,
+                backing: std::sync::RwLock::new(Backing {
+                    path: cfg.path.clone(),
+                    file,
+                }),
+                job: std::sync::Mutex::new(None),
             },
             !existed,
         ))
     }
 
     pub fn flush(&self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(|source| DiskError::Io {
+        let b = self.backing();
+        b.file.sync_data().map_err(|source| DiskError::Io {
             id: self.id.clone(),
-            path: self.path.clone(),
+            path: b.path.clone(),
             what: "flush",
             source,
         })
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    fn backing(&self) -> std::sync::RwLockReadGuard<'_, Backing> {
+        self.backing.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The image the VM uses now.
+    pub fn path(&self) -> PathBuf {
+        self.backing().path.clone()
+    }
+
+    /// A second handle on the image the VM uses now (for reading a copy of it).
+    pub fn reopen_read(&self) -> std::io::Result<File> {
+        self.backing().file.try_clone()
+    }
+
+    pub fn job(&self) -> std::sync::MutexGuard<'_, Option<CopyJob>> {
+        self.job.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on the VM uses `file` at `path` (a complete, synced copy); the old
+    /// image is unlocked and closed. Call with the vCPUs paused.
+    pub fn switch_to(&self, path: PathBuf, file: File) {
+        let mut b = self.backing.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *b, Backing { path, file });
+        // SAFETY: flock on a descriptor we own, about to be closed.
+        unsafe { libc::flock(old.file.as_raw_fd(), libc::LOCK_UN) };
     }
 
     /// Reads `len` bytes at `offset` into host memory at `buf`; returns an errno on failure.
@@ -218,7 +273,8 @@ impl Disk {
     /// `buf..buf+len` must be valid writable memory for the duration of the call.
     pub unsafe fn read_into(&self, offset: u64, buf: *mut u8, len: usize) -> Result<(), i32> {
         self.check(offset, len)?;
-        let fd = self.file.as_raw_fd();
+        let b = self.backing();
+        let fd = b.file.as_raw_fd();
         transfer(offset, len, |at, done| {
             // SAFETY: the caller guarantees buf..buf+len is writable; `transfer` keeps
             // `done` below `len`.
@@ -232,12 +288,36 @@ impl Disk {
     /// `buf..buf+len` must be valid readable memory for the duration of the call.
     pub unsafe fn write_from(&self, offset: u64, buf: *const u8, len: usize) -> Result<(), i32> {
         self.check(offset, len)?;
-        let fd = self.file.as_raw_fd();
+        let mut job = self.job();
+        let b = self.backing();
+        let fd = b.file.as_raw_fd();
         transfer(offset, len, |at, done| {
             // SAFETY: the caller guarantees buf..buf+len is readable; `transfer` keeps
             // `done` below `len`.
             unsafe { libc::pwrite(fd, buf.add(done).cast(), len - done, at) }
-        })
+        })?;
+        if let Some(job) = job.as_mut() {
+            let first = offset / COPY_BLOCK;
+            let last = (offset + len as u64 - 1) / COPY_BLOCK;
+            for block in first..=last {
+                job.dirty.set(block);
+            }
+            if let (true, Some(target)) = (job.active, job.target.as_ref()) {
+                let t = std::time::Instant::now();
+                let tfd = target.as_raw_fd();
+                transfer(offset, len, |at, done| {
+                    // SAFETY: as above, on the copy.
+                    unsafe { libc::pwrite(tfd, buf.add(done).cast(), len - done, at) }
+                })?;
+                // Written to both: nothing left to copy for these blocks.
+                for block in first..=last {
+                    job.dirty.unset(block);
+                }
+                job.added_us
+                    .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), i32> {

@@ -90,6 +90,9 @@ pub struct VmConfig {
     pub workload: Workload,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Bumped each time Ferry rewrites this file (a storage migration moved a disk).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -282,6 +285,35 @@ impl VmConfig {
     pub fn to_toml(&self) -> String {
         // Serializing plain data with string keys cannot fail.
         toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Replaces the file at `path` with this config so that a crash at any moment
+    /// leaves either the old file or the new one, whole: a temporary file beside it,
+    /// synced, renamed over it, and the folder synced.
+    pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("config"),
+            std::process::id()
+        ));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(self.to_toml().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 }
 

@@ -64,6 +64,19 @@ pub enum Request {
         #[serde(default)]
         precopy_pass: bool,
     },
+    /// Move the VM's disk images (or one) into folder `to` while it runs.
+    StorageMigrate {
+        to: PathBuf,
+        #[serde(default)]
+        disk: Option<String>,
+        /// auto (default), background or active.
+        #[serde(default)]
+        mode: Option<String>,
+        #[serde(default)]
+        remove_source: bool,
+        #[serde(default)]
+        report: Option<PathBuf>,
+    },
     /// Switch the running hybrid migration to post-copy.
     StartPostcopy {},
     /// Retry a post-copy whose link stayed down past its recovery window.
@@ -280,6 +293,23 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
         .map(|p| p.phase);
+    let moving_disks = m
+        .storage
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.report.is_none());
+    if moving_disks
+        && matches!(
+            request,
+            Request::Snapshot { .. } | Request::Migrate { .. } | Request::StorageMigrate { .. }
+        )
+    {
+        return json!({"ok": false, "error": "a storage migration is running; wait for it or cancel it first"});
+    }
+    if migrating && matches!(request, Request::StorageMigrate { .. }) {
+        return json!({"ok": false, "error": "a migration is running; wait for it or cancel it first"});
+    }
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(m.status())),
         Request::Pause {} => m
@@ -326,6 +356,13 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             report,
             !no_verify,
         ),
+        Request::StorageMigrate {
+            to,
+            disk,
+            mode,
+            remove_source,
+            report,
+        } => start_storage_migration(m, to, disk, mode.as_deref(), remove_source, report),
         Request::StartPostcopy {} => match phase {
             Some(source::Phase::Precopy) if migrating => {
                 m.postcopy_requested.store(true, Ordering::Release);
@@ -362,7 +399,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 Err("post-copy has started: the guest runs on the destination and cannot come back; \
                      the migration can only finish"
                     .into())
-            } else if migrating {
+            } else if migrating || moving_disks {
                 m.migration_cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
             } else {
@@ -376,6 +413,71 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
         Ok(v) => json!({"ok": true, "result": v}),
         Err(e) => json!({"ok": false, "error": e}),
     }
+}
+
+fn start_storage_migration(
+    m: &Arc<Machine>,
+    to: PathBuf,
+    disk: Option<String>,
+    mode: Option<&str>,
+    remove_source: bool,
+    report: Option<PathBuf>,
+) -> Result<Value, String> {
+    use crate::migration::storage;
+    let mode: storage::Mode = mode.unwrap_or("auto").parse()?;
+    if !to.is_dir() {
+        return Err(format!("the destination {} is not a folder", to.display()));
+    }
+    let to = to
+        .canonicalize()
+        .map_err(|e| format!("the destination {}: {e}", to.display()))?;
+    if let Some(id) = &disk
+        && !m.disks.disks.iter().any(|d| &d.id == id)
+    {
+        return Err(format!("no disk {id:?} in this VM"));
+    }
+    if m.disks.disks.is_empty() {
+        return Err("this VM has no disks".into());
+    }
+    if !matches!(m.state(), RunState::Running | RunState::Paused) {
+        return Err(format!("the VM is {:?}", m.state()).to_lowercase());
+    }
+    {
+        let mut slot = m.storage.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|p| p.report.is_none()) {
+            return Err("a storage migration is already running".into());
+        }
+        *slot = Some(storage::Progress {
+            phase: "starting",
+            disk: String::new(),
+            bytes_copied: 0,
+            round: 0,
+            remaining_blocks: 0,
+            mode,
+            report: None,
+        });
+        m.migration_cancel.store(false, Ordering::Release);
+    }
+    let params = storage::Params {
+        to,
+        disk,
+        mode,
+        remove_source,
+        report,
+        config_path: m
+            .config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    };
+    let machine = m.clone();
+    std::thread::Builder::new()
+        .name("storage-migration".into())
+        .spawn(move || {
+            storage::run(machine, params);
+        })
+        .map_err(|e| format!("cannot start the storage migration thread: {e}"))?;
+    Ok(json!({"started": true}))
 }
 
 /// A migration's time limits, in seconds, as requested.

@@ -173,6 +173,8 @@ pub struct Status {
     pub migration: Option<crate::migration::source::Progress>,
     /// An incoming post-copy (this process is its destination).
     pub incoming_postcopy: Option<crate::migration::postcopy_dst::PostcopyStatus>,
+    /// The current or last storage migration (`report` set once it ended).
+    pub storage_migration: Option<crate::migration::storage::Progress>,
     pub crash: Option<String>,
     pub per_vcpu: Vec<VcpuStatus>,
 }
@@ -257,6 +259,10 @@ pub struct Machine {
     pub migration_resume: std::sync::atomic::AtomicBool,
     /// An incoming post-copy still fetching pages (this is its destination).
     pub postcopy: Mutex<Option<Arc<crate::migration::postcopy_dst::Tracker>>>,
+    /// The current or last storage migration.
+    pub storage: Mutex<Option<crate::migration::storage::Progress>>,
+    /// The config file this VM was started from (rewritten when its disks move).
+    pub config_path: Mutex<Option<std::path::PathBuf>>,
     started: Instant,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -298,6 +304,8 @@ impl Machine {
             postcopy_requested: std::sync::atomic::AtomicBool::new(false),
             migration_resume: std::sync::atomic::AtomicBool::new(false),
             postcopy: Mutex::new(None),
+            storage: Mutex::new(None),
+            config_path: Mutex::new(None),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
         }
@@ -358,6 +366,16 @@ impl Machine {
             return Err(MachineError::PauseTimeout(timeout));
         }
         Ok(())
+    }
+
+    /// The config as the VM runs now: disks name the images in use (a storage
+    /// migration may have moved them).
+    pub fn current_config(&self) -> VmConfig {
+        let mut cfg = self.cfg.clone();
+        for (d, c) in self.disks.disks.iter().zip(cfg.disks.iter_mut()) {
+            c.path = d.path();
+        }
+        cfg
     }
 
     /// Asks every vCPU to stop without waiting for it: one blocked on a page that
@@ -465,6 +483,7 @@ impl Machine {
             restore: self.restore,
             migration: lock(&self.migration).clone(),
             incoming_postcopy: self.postcopy_status(),
+            storage_migration: lock(&self.storage).clone(),
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
         }

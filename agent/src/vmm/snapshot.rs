@@ -215,7 +215,10 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
         })?;
     let state_save_ms = t0.elapsed().as_secs_f64() * 1e3;
     write_file(&dir.join("state.bin"), &state)?;
-    write_file(&dir.join("config.toml"), m.cfg.to_toml().as_bytes())?;
+    write_file(
+        &dir.join("config.toml"),
+        m.current_config().to_toml().as_bytes(),
+    )?;
 
     // SAFETY: every vCPU is parked, and the VMM itself writes guest memory only from
     // vCPU threads at exits, so nothing changes it while it is copied.
@@ -227,10 +230,11 @@ fn write_paused(m: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotError
     let mut disk_bytes_copied = 0;
     for disk in &m.disks.disks {
         let file = format!("disks/{}.img", disk.id);
-        let src = File::open(&disk.path).map_err(io(&disk.path))?;
+        let path = disk.path();
+        let src = File::open(&path).map_err(io(&path))?;
         let dst_path = dir.join(&file);
         let dst = File::create(&dst_path).map_err(io(&dst_path))?;
-        let (crc32, copied) = copy_sparse(&src, &disk.path, &dst, &dst_path, disk.size)?;
+        let (crc32, copied) = copy_sparse(&src, &path, &dst, &dst_path, disk.size)?;
         disk_bytes_copied += copied;
         disks.push(DiskEntry {
             id: disk.id.clone(),

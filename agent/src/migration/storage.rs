@@ -1,0 +1,593 @@
+//! Storage migration on one host: moves a running VM's disk images into another
+//! folder (datastore) while the guest keeps reading and writing them.
+//!
+//! Per disk: a bulk copy (holes stay holes), then rounds that copy again the blocks
+//! the guest wrote meanwhile (the VMM sees every guest write, so it keeps the dirty
+//! set itself), then a short pause in which the last blocks are copied, the copy is
+//! synced, the VM's config file is rewritten to name it, and the disk switches over.
+//! In active mode every guest write also goes to the copy before it completes, so
+//! the copy converges whatever the write rate. A copy step and a guest write never
+//! interleave: both hold the disk's job lock.
+//!
+//! Crash safety: until the config rename, the config names the old images, which are
+//! complete; the new config is written only once the copy is complete and synced with
+//! the VM paused, so from the rename on it names complete images too. The old image
+//! is removed (`--remove-source`) only after the copy was verified against it, block
+//! by block, and the VM runs on the copy.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk};
+use crate::vmm::dirty::DirtyBitmap;
+use crate::vmm::machine::{Machine, RunState};
+
+/// Re-copy rounds at most before the pause (or before auto mode turns active).
+const MAX_ROUNDS: u32 = 30;
+/// Blocks left to copy that the pause may take on (4 MiB).
+const PAUSE_BLOCKS: u64 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Background first; active once re-copy rounds stop shrinking (the guest writes
+    /// about as fast as the copy goes).
+    Auto,
+    Background,
+    Active,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "background" => Ok(Mode::Background),
+            "active" => Ok(Mode::Active),
+            other => Err(format!(
+                "unknown storage migration mode {other:?} (modes: auto, background, active)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub to: PathBuf,
+    /// One disk by id; all disks when None.
+    pub disk: Option<String>,
+    pub mode: Mode,
+    pub remove_source: bool,
+    pub report: Option<PathBuf>,
+    /// The VM's config file, rewritten to name the new images (None: the VM has
+    /// none, e.g. it came in by migration).
+    pub config_path: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("the destination {0} is not a folder")]
+    NotAFolder(PathBuf),
+    #[error("the destination {0} is the folder the image is already in")]
+    SameFolder(PathBuf),
+    #[error("no disk {0:?} in this VM")]
+    NoSuchDisk(String),
+    #[error("this VM has no disks")]
+    NoDisks,
+    #[error("{path} already exists; Ferry never overwrites an image")]
+    Exists { path: PathBuf },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VM {0}")]
+    Vm(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the copy of {path} differs from its source in {blocks} blocks")]
+    Mismatch { path: PathBuf, blocks: u64 },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Moved {
+    pub id: String,
+    pub from: PathBuf,
+    pub to: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub disk_mode: Mode,
+    pub total_ms: f64,
+    pub disk_bytes_copied: u64,
+    pub disk_rounds: u32,
+    /// The copy matched its source block by block (blocks the guest wrote after the
+    /// switch excepted).
+    pub disk_verified: Option<bool>,
+    pub disk_integrity_errors: u64,
+    /// Active mode: the p99 of what mirroring added to a guest write.
+    pub guest_write_latency_added_us_p99: Option<u64>,
+    /// Pause to resume.
+    pub switchover_ms: Option<f64>,
+    pub config_rewritten: Option<PathBuf>,
+    pub disks: Vec<Moved>,
+}
+
+/// What `ferry status` shows while a storage migration runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub disk: String,
+    pub bytes_copied: u64,
+    pub round: u32,
+    pub remaining_blocks: u64,
+    pub mode: Mode,
+    pub report: Option<Report>,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A page-aligned buffer of one copy block (O_DIRECT wants aligned memory).
+struct Aligned {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Aligned {
+    fn new() -> Self {
+        let buf = vec![0u8; COPY_BLOCK as usize + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        Self { buf, at }
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + len]
+    }
+}
+
+struct Copier<'a> {
+    m: &'a Machine,
+    params: &'a Params,
+    mode: Mode,
+    bytes: u64,
+    rounds: u32,
+    added_us: Vec<u32>,
+    switchover: Option<Duration>,
+    buf: Aligned,
+    other: Aligned,
+}
+
+pub fn run(m: Arc<Machine>, params: Params) -> Report {
+    let t0 = Instant::now();
+    let mut c = Copier {
+        m: &m,
+        params: &params,
+        mode: params.mode,
+        bytes: 0,
+        rounds: 0,
+        added_us: Vec::new(),
+        switchover: None,
+        buf: Aligned::new(),
+        other: Aligned::new(),
+    };
+    let mut moved = Vec::new();
+    let mut verified = None;
+    let result = c.all(&mut moved, &mut verified);
+    let mut added = c.added_us.clone();
+    added.sort_unstable();
+    let report = Report {
+        outcome: match &result {
+            Ok(()) => "completed",
+            Err(StorageError::Cancelled) => "cancelled",
+            Err(_) => "failed",
+        },
+        error: result.as_ref().err().map(|e| e.to_string()),
+        disk_mode: c.mode,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        disk_bytes_copied: c.bytes,
+        disk_rounds: c.rounds,
+        disk_verified: verified,
+        disk_integrity_errors: m.status().disk_integrity_errors,
+        guest_write_latency_added_us_p99: (!added.is_empty())
+            .then(|| u64::from(added[((added.len() - 1) as f64 * 0.99) as usize])),
+        switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
+        config_rewritten: result.is_ok().then(|| params.config_path.clone()).flatten(),
+        disks: moved,
+    };
+    if let Some(e) = &report.error {
+        tracing::warn!("storage migration {}: {e}", report.outcome);
+    }
+    if let Some(path) = &params.report
+        && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
+    {
+        tracing::warn!(
+            "cannot write storage migration report {}: {e}",
+            path.display()
+        );
+    }
+    c.publish("done", "", 0);
+    if let Some(p) = m.storage.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        p.report = Some(report.clone());
+    }
+    report
+}
+
+impl Copier<'_> {
+    fn publish(&self, phase: &'static str, disk: &str, remaining: u64) {
+        let mut g = self.m.storage.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(Progress {
+            phase,
+            disk: disk.to_owned(),
+            bytes_copied: self.bytes,
+            round: self.rounds,
+            remaining_blocks: remaining,
+            mode: self.mode,
+            report: None,
+        });
+    }
+
+    fn all(
+        &mut self,
+        moved: &mut Vec<Moved>,
+        verified: &mut Option<bool>,
+    ) -> Result<(), StorageError> {
+        let disks = &self.m.disks.disks;
+        if disks.is_empty() {
+            return Err(StorageError::NoDisks);
+        }
+        let chosen: Vec<&Disk> = match &self.params.disk {
+            Some(id) => vec![
+                disks
+                    .iter()
+                    .find(|d| &d.id == id)
+                    .ok_or_else(|| StorageError::NoSuchDisk(id.clone()))?,
+            ],
+            None => disks.iter().collect(),
+        };
+        let to = &self.params.to;
+        if !to.is_dir() {
+            return Err(StorageError::NotAFolder(to.clone()));
+        }
+        // Check every disk before touching any.
+        let mut plan = Vec::new();
+        for d in &chosen {
+            let from = d.path();
+            let name = from.file_name().map(PathBuf::from).unwrap_or_default();
+            let target = to.join(name);
+            let same = from
+                .parent()
+                .and_then(|p| p.canonicalize().ok())
+                .zip(to.canonicalize().ok())
+                .is_some_and(|(a, b)| a == b);
+            if same {
+                return Err(StorageError::SameFolder(to.clone()));
+            }
+            if target.exists() {
+                return Err(StorageError::Exists { path: target });
+            }
+            plan.push((*d, from, target));
+        }
+        let mut all_verified = true;
+        for (d, from, target) in plan {
+            self.one(d, &from, &target)?;
+            moved.push(Moved {
+                id: d.id.clone(),
+                from: from.clone(),
+                to: target.clone(),
+            });
+            let bad = self.verify(d, &from)?;
+            all_verified &= bad == 0;
+            if bad > 0 {
+                *verified = Some(false);
+                return Err(StorageError::Mismatch {
+                    path: target,
+                    blocks: bad,
+                });
+            }
+            if self.params.remove_source {
+                std::fs::remove_file(&from).map_err(io("removing the old image", &from))?;
+            }
+        }
+        *verified = Some(all_verified);
+        Ok(())
+    }
+
+    fn check_vm(&self) -> Result<(), StorageError> {
+        if self
+            .m
+            .migration_cancel
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(StorageError::Cancelled);
+        }
+        match self.m.state() {
+            RunState::Running | RunState::Paused => Ok(()),
+            s => Err(StorageError::Vm(format!("is {s:?}"))),
+        }
+    }
+
+    /// Moves one disk; on failure the copy is removed and the VM stays on the old image.
+    fn one(&mut self, d: &Disk, from: &Path, target: &Path) -> Result<(), StorageError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        if d.direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(target).map_err(io("creating", target))?;
+        let result = self.copy_and_switch(d, from, target, file);
+        if result.is_err() {
+            *d.job() = None;
+            // Only if the VM does not use it (the switch is the last step).
+            if d.path() != target {
+                let _ = std::fs::remove_file(target);
+            }
+        }
+        result
+    }
+
+    fn copy_and_switch(
+        &mut self,
+        d: &Disk,
+        from: &Path,
+        target: &Path,
+        file: File,
+    ) -> Result<(), StorageError> {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io("locking", target)(std::io::Error::last_os_error()));
+        }
+        file.set_len(d.size).map_err(io("sizing", target))?;
+        let blocks = d.size.div_ceil(COPY_BLOCK);
+        let source = d.reopen_read().map_err(io("reading", from))?;
+        // Track (or mirror) guest writes first, then look for data: a write landing in
+        // a hole after the scan is then caught either way.
+        let target_handle = file.try_clone().map_err(io("opening", target))?;
+        *d.job() = Some(CopyJob {
+            target: Some(target_handle),
+            dirty: DirtyBitmap::new(blocks),
+            active: self.mode == Mode::Active,
+            added_us: Vec::new(),
+        });
+        let mut todo = DirtyBitmap::new(blocks);
+        // Holes need no copy: the new image is sparse and reads as zero there too.
+        for b in data_blocks(&source, d.size) {
+            todo.set(b);
+        }
+        let mut previous = u64::MAX;
+        loop {
+            self.check_vm()?;
+            let n = todo.count();
+            self.publish("copying", &d.id, n);
+            for b in todo.iter_set().collect::<Vec<_>>() {
+                self.copy_block(d, &source, &file, b, self.rounds > 0)?;
+            }
+            self.rounds += 1;
+            // What the guest wrote meanwhile (and was not mirrored).
+            todo.clear_all();
+            if let Some(job) = d.job().as_mut() {
+                todo.or_assign_words(job.dirty.words());
+                job.dirty.clear_all();
+            }
+            let left = todo.count();
+            if left <= PAUSE_BLOCKS || self.rounds >= MAX_ROUNDS {
+                break;
+            }
+            if self.mode == Mode::Auto && left * 2 > previous {
+                // The guest writes about as fast as rounds copy: mirror its writes.
+                self.mode = Mode::Active;
+                if let Some(job) = d.job().as_mut() {
+                    job.active = true;
+                }
+                tracing::info!(
+                    "storage migration of {}: rounds stopped shrinking ({left} blocks); switching to active mode",
+                    d.id
+                );
+            }
+            previous = left;
+        }
+        // The pause: the last blocks, the copy synced, the config rewritten, the switch.
+        self.publish("switchover", &d.id, todo.count());
+        let t = Instant::now();
+        // Pausing drains the guest's disk I/O (it is synchronous at the vCPU's exit).
+        let was_running = self.m.state() == RunState::Running;
+        if was_running {
+            self.m
+                .pause()
+                .map_err(|e| StorageError::Vm(e.to_string()))?;
+        }
+        let result = (|| {
+            let mut job = d.job().take();
+            if let Some(j) = job.as_mut() {
+                todo.or_assign_words(j.dirty.words());
+                self.added_us.append(&mut j.added_us);
+            }
+            for b in todo.iter_set().collect::<Vec<_>>() {
+                self.copy_block_unlocked(&source, &file, d.size, b, true)?;
+            }
+            file.sync_all().map_err(io("syncing", target))?;
+            if let Some(cfg_path) = &self.params.config_path {
+                let mut cfg = self.m.current_config();
+                if let Some(c) = cfg.disks.iter_mut().find(|c| c.id == d.id) {
+                    c.path = target.to_owned();
+                }
+                cfg.generation += 1;
+                cfg.write_atomic(cfg_path)
+                    .map_err(io("rewriting the config", cfg_path))?;
+            }
+            d.switch_to(
+                target.to_owned(),
+                file.try_clone().map_err(io("opening", target))?,
+            );
+            // From the first write after the resume on, note what the guest changes,
+            // so the check against the old image skips exactly those blocks.
+            *d.job() = Some(CopyJob {
+                target: None,
+                dirty: DirtyBitmap::new(d.size.div_ceil(COPY_BLOCK)),
+                active: false,
+                added_us: Vec::new(),
+            });
+            Ok(())
+        })();
+        let resumed = if was_running { self.m.resume() } else { Ok(()) };
+        self.switchover = Some(self.switchover.unwrap_or_default() + t.elapsed());
+        result?;
+        resumed.map_err(|e| StorageError::Vm(e.to_string()))
+    }
+
+    fn copy_block(
+        &mut self,
+        d: &Disk,
+        source: &File,
+        target: &File,
+        b: u64,
+        write_zeroes: bool,
+    ) -> Result<(), StorageError> {
+        // Held across read and write: no guest write to this disk in between.
+        let mut job = d.job();
+        self.copy_block_unlocked(source, target, d.size, b, write_zeroes)?;
+        if let Some(j) = job.as_mut() {
+            j.dirty.unset(b);
+            self.added_us.append(&mut j.added_us);
+        }
+        Ok(())
+    }
+
+    fn copy_block_unlocked(
+        &mut self,
+        source: &File,
+        target: &File,
+        size: u64,
+        b: u64,
+        write_zeroes: bool,
+    ) -> Result<(), StorageError> {
+        let at = b * COPY_BLOCK;
+        let len = COPY_BLOCK.min(size - at) as usize;
+        let buf = self.buf.get(len);
+        source
+            .read_exact_at(buf, at)
+            .map_err(io("reading", Path::new("the source image")))?;
+        // Zero 4 KiB pieces stay holes, so a sparse image stays sparse: a first copy
+        // skips them (the new image reads as zero there), a re-copy punches them out.
+        const PIECE: usize = 4096;
+        let mut i = 0;
+        while i < len {
+            let zero = |j: usize| buf[j..(j + PIECE).min(len)].iter().all(|&x| x == 0);
+            let is_zero = zero(i);
+            let mut j = i + PIECE;
+            while j < len && zero(j) == is_zero {
+                j += PIECE;
+            }
+            let j = j.min(len);
+            if !is_zero {
+                target
+                    .write_all_at(&buf[i..j], at + i as u64)
+                    .map_err(io("writing", Path::new("the copy")))?;
+            } else if write_zeroes {
+                // SAFETY: fallocate on a descriptor we own, inside the file.
+                let rc = unsafe {
+                    libc::fallocate(
+                        target.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        (at + i as u64) as libc::off_t,
+                        (j - i) as libc::off_t,
+                    )
+                };
+                if rc != 0 {
+                    // No hole punching here: write the zeroes.
+                    target
+                        .write_all_at(&buf[i..j], at + i as u64)
+                        .map_err(io("writing", Path::new("the copy")))?;
+                }
+            }
+            i = j;
+        }
+        self.bytes += len as u64;
+        Ok(())
+    }
+
+    /// After the switch: every block of the copy equals the old image (now frozen),
+    /// except blocks the guest has written since, which are tracked while checking.
+    fn verify(&mut self, d: &Disk, old: &Path) -> Result<u64, StorageError> {
+        let old_file = OpenOptions::new()
+            .read(true)
+            .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
+            .open(old)
+            .map_err(io("reading", old))?;
+        let blocks = d.size.div_ceil(COPY_BLOCK);
+        let new_file = d.reopen_read().map_err(io("reading", old))?;
+        let mut bad = 0;
+        self.publish("verifying", &d.id, blocks);
+        for b in 0..blocks {
+            let at = b * COPY_BLOCK;
+            let len = COPY_BLOCK.min(d.size - at) as usize;
+            // Read the copy under the job lock, so a block is either read before a
+            // guest write or known to be written.
+            let job = d.job();
+            if job.as_ref().is_some_and(|j| j.dirty.is_set(b)) {
+                continue;
+            }
+            new_file
+                .read_exact_at(self.other.get(len), at)
+                .map_err(io("reading", old))?;
+            drop(job);
+            old_file
+                .read_exact_at(self.buf.get(len), at)
+                .map_err(io("reading", old))?;
+            if self.buf.get(len) != self.other.get(len) {
+                bad += 1;
+            }
+        }
+        *d.job() = None;
+        if bad > 0 {
+            tracing::error!("the copy of disk {} differs in {bad} blocks", d.id);
+        }
+        Ok(bad)
+    }
+}
+
+/// The copy blocks that hold data (SEEK_DATA / SEEK_HOLE); all of them if the file
+/// system cannot say.
+fn data_blocks(f: &File, size: u64) -> Vec<u64> {
+    let blocks = size.div_ceil(COPY_BLOCK);
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at: i64 = 0;
+    while (at as u64) < size {
+        // SAFETY: lseek on a descriptor we own; results are checked.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // only holes from here on
+            }
+            return (0..blocks).collect();
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size as i64 } else { hole };
+        let first = data as u64 / COPY_BLOCK;
+        let last = ((end as u64).saturating_sub(1)) / COPY_BLOCK;
+        for b in first..=last.min(blocks - 1) {
+            if out.last() != Some(&b) {
+                out.push(b);
+            }
+        }
+        at = end;
+    }
+    out
+}

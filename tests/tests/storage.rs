@@ -1,0 +1,175 @@
+//! Storage migration on one host: real image files, a real `ferry vmm` whose guest
+//! keeps writing self-checking blocks while its disks move.
+
+use std::time::Duration;
+
+use ferry_tests::{TempDir, Vmm, ferry, require_kvm, u64_of, write_config};
+use serde_json::Value;
+
+fn config(name: &str, disk_writes: u64) -> String {
+    format!(
+        r#"memory_mib = 64
+vcpus = 2
+[workload]
+working_set_mib = 16
+dirty_pages_per_sec = 2000
+pattern = "random"
+content = "mixed"
+[workload.disk]
+write_ops_per_sec = {disk_writes}
+[[disks]]
+id = "root"
+path = "ds1/{name}-root.img"
+size_mib = 32
+cache = "none"
+[[disks]]
+id = "data"
+path = "ds1/{name}-data.img"
+size_mib = 16
+"#
+    )
+}
+
+fn storage_migrate(vm: &Vmm, to: &std::path::Path, extra: &[&str]) -> (bool, Value) {
+    let mut args = vec![
+        "storage-migrate",
+        "--control",
+        vm.ctl(),
+        "--to",
+        to.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = ferry(&args);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no report: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+fn config_paths(cfg: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(cfg)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("path = "))
+        .map(|p| p.trim_matches('"').to_owned())
+        .collect()
+}
+
+fn still_running_and_intact(vm: &Vmm) {
+    let s0 = vm.status();
+    let s1 = vm.wait_for("the guest running on", Duration::from_secs(30), |s| {
+        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
+            && u64_of(s, "disk_writes") > u64_of(&s0, "disk_writes")
+    });
+    assert_eq!(u64_of(&s1, "disk_integrity_errors"), 0, "{s1}");
+    let v = vm.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert!(u64_of(&v, "blocks_checked") > 0, "{v}");
+}
+
+#[test]
+fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("storage");
+    // A slow writer in background mode, fast writers in active and auto mode.
+    for (i, (mode, writes)) in [("background", 200), ("active", 2000), ("auto", 2000)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("s{i}");
+        let cfg = write_config(dir.path(), &name, &config(&name, writes));
+        let vm = Vmm::spawn(dir.path(), &name, &["--config", cfg.to_str().unwrap()]);
+        vm.wait_for("disk writes", Duration::from_secs(30), |s| {
+            u64_of(s, "disk_writes") > 300
+        });
+        let ds2 = dir.join(format!("ds2-{name}"));
+        std::fs::create_dir_all(&ds2).unwrap();
+        let remove = i == 1;
+        let mut extra = vec!["--mode", mode];
+        if remove {
+            extra.push("--remove-source");
+        }
+        let (ok, report) = storage_migrate(&vm, &ds2, &extra);
+        assert!(ok, "{mode}: {report}");
+        assert_eq!(report["disk_verified"], true, "{report}");
+        assert_eq!(u64_of(&report, "disk_integrity_errors"), 0, "{report}");
+        assert!(u64_of(&report, "disk_bytes_copied") > 0, "{report}");
+        if mode == "active" {
+            assert!(
+                report["guest_write_latency_added_us_p99"].is_u64(),
+                "{report}"
+            );
+        }
+        // The config names the new images, by absolute path.
+        let paths = config_paths(&cfg);
+        let ds2 = ds2.canonicalize().unwrap();
+        assert_eq!(paths.len(), 2);
+        for p in &paths {
+            assert!(p.starts_with(ds2.to_str().unwrap()), "{p}");
+            assert!(std::path::Path::new(p).exists(), "{p}");
+        }
+        let old = dir.join(format!("ds1/{name}-root.img"));
+        assert_eq!(old.exists(), !remove, "{}", old.display());
+        // The guest never stopped and finds every block it wrote.
+        still_running_and_intact(&vm);
+        // And the VM starts again from the rewritten config, disks intact.
+        vm.quit();
+        let again = Vmm::spawn(
+            dir.path(),
+            &format!("{name}-again"),
+            &["--config", cfg.to_str().unwrap()],
+        );
+        still_running_and_intact(&again);
+        again.quit();
+    }
+}
+
+#[test]
+fn bad_destinations_are_refused_and_change_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("storage-bad");
+    let cfg = write_config(dir.path(), "b", &config("b", 200));
+    let vm = Vmm::spawn(dir.path(), "b", &["--config", cfg.to_str().unwrap()]);
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["storage-migrate", "--control", vm.ctl()];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{args:?} was accepted: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    };
+    let missing = dir.join("nowhere");
+    refused(&["--to", missing.to_str().unwrap()], "not a folder");
+    let ds1 = dir.join("ds1");
+    refused(&["--to", ds1.to_str().unwrap()], "already in");
+    let ds2 = dir.join("ds2");
+    std::fs::create_dir_all(&ds2).unwrap();
+    refused(
+        &["--to", ds2.to_str().unwrap(), "--disk", "nope"],
+        "no disk \"nope\"",
+    );
+    refused(
+        &["--to", ds2.to_str().unwrap(), "--mode", "fast"],
+        "unknown storage migration mode",
+    );
+    // An image of the same name already there is never overwritten.
+    std::fs::write(ds2.join("b-root.img"), b"keep me").unwrap();
+    refused(&["--to", ds2.to_str().unwrap()], "never overwrites");
+    assert_eq!(std::fs::read(ds2.join("b-root.img")).unwrap(), b"keep me");
+    assert!(!ds2.join("b-data.img").exists());
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
+    still_running_and_intact(&vm);
+    vm.quit();
+}
