@@ -13,7 +13,7 @@ commands:
   setup          install what Ferry needs that is missing (Debian packages, tracefs)
   test           setup, then fmt/clippy checks and every test (unit, integration, end-to-end)
   lab            setup, then run the lab: a live VM, its status, a snapshot, a restore
-  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy)";
+  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -119,6 +119,8 @@ pub struct Report {
     pub guest_write_latency_added_us_p99: Option<u64>,
     /// Pause to resume.
     pub switchover_ms: Option<f64>,
+    /// Copying and switching over, without the check against the old image.
+    pub copy_ms: f64,
     pub config_rewritten: Option<PathBuf>,
     pub disks: Vec<Moved>,
 }
@@ -169,6 +171,7 @@ struct Copier<'a> {
     rounds: u32,
     added_us: Vec<u32>,
     switchover: Option<Duration>,
+    copy_time: Duration,
     buf: Aligned,
     other: Aligned,
 }
@@ -183,6 +186,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         rounds: 0,
         added_us: Vec::new(),
         switchover: None,
+        copy_time: Duration::ZERO,
         buf: Aligned::new(),
         other: Aligned::new(),
     };
@@ -207,6 +211,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         guest_write_latency_added_us_p99: (!added.is_empty())
             .then(|| u64::from(added[((added.len() - 1) as f64 * 0.99) as usize])),
         switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
+        copy_ms: c.copy_time.as_secs_f64() * 1e3,
         config_rewritten: result.is_ok().then(|| params.config_path.clone()).flatten(),
         disks: moved,
     };
@@ -285,7 +290,10 @@ impl Copier<'_> {
         }
         let mut all_verified = true;
         for (d, from, target) in plan {
-            self.one(d, &from, &target)?;
+            let t = Instant::now();
+            let copied = self.one(d, &from, &target);
+            self.copy_time += t.elapsed();
+            copied?;
             moved.push(Moved {
                 id: d.id.clone(),
                 from: from.clone(),
