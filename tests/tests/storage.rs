@@ -173,3 +173,122 @@ fn bad_destinations_are_refused_and_change_nothing() {
     still_running_and_intact(&vm);
     vm.quit();
 }
+
+#[test]
+fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("storage-crash");
+    for (i, point) in [
+        "storage-copying",
+        "storage-before-config",
+        "storage-after-config",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("c{i}");
+        let cfg = write_config(dir.path(), &name, &config(&name, 500));
+        let vm = Vmm::spawn_with_env(
+            dir.path(),
+            &name,
+            &["--config", cfg.to_str().unwrap()],
+            &[("FERRY_TEST_FAULT", point)],
+        );
+        vm.wait_for("disk writes", Duration::from_secs(30), |s| {
+            u64_of(s, "disk_writes") > 300
+        });
+        let ds2 = dir.join(format!("ds2-{name}"));
+        std::fs::create_dir_all(&ds2).unwrap();
+        let out = ferry(&[
+            "storage-migrate",
+            "--control",
+            vm.ctl(),
+            "--to",
+            ds2.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(!out.status.success(), "{point}: the VMM did not crash");
+        let mut vm = vm;
+        assert!(!vm.child.wait().unwrap().success(), "{point}");
+        // The config parses and names whole images; where it names the new copy, the
+        // copy equals the old image the VM had been using up to the (paused) crash.
+        let paths = config_paths(&cfg);
+        let moved = paths.iter().any(|p| p.contains("ds2-"));
+        assert_eq!(moved, point == "storage-after-config", "{point}: {paths:?}");
+        for p in &paths {
+            // Relative paths are taken from the config's folder.
+            let len = std::fs::metadata(dir.join(p)).unwrap().len();
+            assert!(len == 32 << 20 || len == 16 << 20, "{p}: {len}");
+        }
+        if moved {
+            let new = std::fs::read(&paths[0]).unwrap();
+            let old = std::fs::read(dir.join(format!("ds1/{name}-root.img"))).unwrap();
+            assert!(
+                new == old,
+                "{point}: the copy the config names is not the image"
+            );
+        }
+        // And the VM starts again from it.
+        let again = Vmm::spawn(
+            dir.path(),
+            &format!("{name}-again"),
+            &["--config", cfg.to_str().unwrap()],
+        );
+        still_running_and_intact(&again);
+        again.quit();
+    }
+}
+
+#[test]
+fn a_full_datastore_is_a_clear_error_and_leaves_nothing_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("storage-full");
+    let full = dir.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&full)
+        .output()
+        .expect("mount (util-linux)");
+    if !mounted.status.success() {
+        let why = String::from_utf8_lossy(&mounted.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mounting a small tmpfs needs root: {why}"
+        );
+        eprintln!("SKIPPED: mounting a small tmpfs needs root: {why}");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let cfg = write_config(dir.path(), "f", &config("f", 2000));
+    let vm = Vmm::spawn(dir.path(), "f", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 2000
+    });
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    let (ok, report) = storage_migrate(&vm, &full, &[]);
+    assert!(!ok, "{report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No space left"),
+        "{report}"
+    );
+    // The partial copy is gone, the config untouched, the VM on its images.
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 0);
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
+    still_running_and_intact(&vm);
+    vm.quit();
+}

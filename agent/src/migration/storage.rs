@@ -32,6 +32,9 @@ use crate::vmm::machine::{Machine, RunState};
 const MAX_ROUNDS: u32 = 30;
 /// Blocks left to copy that the pause may take on (4 MiB).
 const PAUSE_BLOCKS: u64 = 64;
+/// Adjacent blocks copied in one step (512 KiB): large transfers for the bulk copy,
+/// while a guest write waits at most one step.
+const RUN_BLOCKS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -153,7 +156,7 @@ struct Aligned {
 
 impl Aligned {
     fn new() -> Self {
-        let buf = vec![0u8; COPY_BLOCK as usize + 4096];
+        let buf = vec![0u8; (RUN_BLOCKS * COPY_BLOCK) as usize + 4096];
         let at = buf.as_ptr().align_offset(4096);
         Self { buf, at }
     }
@@ -382,10 +385,11 @@ impl Copier<'_> {
             self.check_vm()?;
             let n = todo.count();
             self.publish("copying", &d.id, n);
-            for b in todo.iter_set().collect::<Vec<_>>() {
-                self.copy_block(d, &source, &file, b, self.rounds > 0)?;
+            for (first, count) in steps(&todo) {
+                self.copy_blocks(d, &source, &file, first, count, self.rounds > 0)?;
             }
             self.rounds += 1;
+            crash_point("storage-copying");
             // What the guest wrote meanwhile (and was not mirrored).
             todo.clear_all();
             if let Some(job) = d.job().as_mut() {
@@ -425,10 +429,11 @@ impl Copier<'_> {
                 todo.or_assign_words(j.dirty.words());
                 self.added_us.append(&mut j.added_us);
             }
-            for b in todo.iter_set().collect::<Vec<_>>() {
-                self.copy_block_unlocked(&source, &file, d.size, b, true)?;
+            for (first, count) in steps(&todo) {
+                self.copy_unlocked(&source, &file, d.size, (first, count), true)?;
             }
             file.sync_all().map_err(io("syncing", target))?;
+            crash_point("storage-before-config");
             if let Some(cfg_path) = &self.params.config_path {
                 let mut cfg = self.m.current_config();
                 if let Some(c) = cfg.disks.iter_mut().find(|c| c.id == d.id) {
@@ -438,6 +443,7 @@ impl Copier<'_> {
                 cfg.write_atomic(cfg_path)
                     .map_err(io("rewriting the config", cfg_path))?;
             }
+            crash_point("storage-after-config");
             d.switch_to(
                 target.to_owned(),
                 file.try_clone().map_err(io("opening", target))?,
@@ -458,34 +464,38 @@ impl Copier<'_> {
         resumed.map_err(|e| StorageError::Vm(e.to_string()))
     }
 
-    fn copy_block(
+    fn copy_blocks(
         &mut self,
         d: &Disk,
         source: &File,
         target: &File,
-        b: u64,
+        first: u64,
+        count: u64,
         write_zeroes: bool,
     ) -> Result<(), StorageError> {
         // Held across read and write: no guest write to this disk in between.
         let mut job = d.job();
-        self.copy_block_unlocked(source, target, d.size, b, write_zeroes)?;
+        self.copy_unlocked(source, target, d.size, (first, count), write_zeroes)?;
         if let Some(j) = job.as_mut() {
-            j.dirty.unset(b);
+            for b in first..first + count {
+                j.dirty.unset(b);
+            }
             self.added_us.append(&mut j.added_us);
         }
         Ok(())
     }
 
-    fn copy_block_unlocked(
+    /// Copies blocks `first..first + count` (at most [`RUN_BLOCKS`]).
+    fn copy_unlocked(
         &mut self,
         source: &File,
         target: &File,
         size: u64,
-        b: u64,
+        (first, count): (u64, u64),
         write_zeroes: bool,
     ) -> Result<(), StorageError> {
-        let at = b * COPY_BLOCK;
-        let len = COPY_BLOCK.min(size - at) as usize;
+        let at = first * COPY_BLOCK;
+        let len = (count * COPY_BLOCK).min(size - at) as usize;
         let buf = self.buf.get(len);
         source
             .read_exact_at(buf, at)
@@ -569,6 +579,33 @@ impl Copier<'_> {
     }
 }
 
+/// Test-only crash injection (`FERRY_TEST_FAULT=<point>` in the VMM's environment):
+/// the process dies on the spot, as in a power cut, so tests can show that the config
+/// always names complete images.
+fn crash_point(point: &str) {
+    if std::env::var("FERRY_TEST_FAULT").is_ok_and(|v| v == point) {
+        tracing::error!("test fault: crashing at {point}");
+        // SAFETY: ends the process at once, skipping every destructor, as a crash does
+        // (without leaving a core file behind).
+        unsafe { libc::_exit(137) };
+    }
+}
+
+/// The set blocks of `todo` as copy steps: runs of adjacent blocks, cut at
+/// [`RUN_BLOCKS`].
+fn steps(todo: &DirtyBitmap) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (mut first, mut count) in todo.runs() {
+        while count > 0 {
+            let n = count.min(RUN_BLOCKS);
+            out.push((first, n));
+            first += n;
+            count -= n;
+        }
+    }
+    out
+}
+
 /// The copy blocks that hold data (SEEK_DATA / SEEK_HOLE); all of them if the file
 /// system cannot say.
 fn data_blocks(f: &File, size: u64) -> Vec<u64> {
@@ -598,4 +635,34 @@ fn data_blocks(f: &File, size: u64) -> Vec<u64> {
         at = end;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_follow_runs_and_stop_at_the_run_limit() {
+        let mut todo = DirtyBitmap::new(100);
+        for b in [0, 1, 2, 10] {
+            todo.set(b);
+        }
+        for b in 20..(20 + RUN_BLOCKS * 2 + 3) {
+            todo.set(b);
+        }
+        let s = steps(&todo);
+        assert_eq!(s[0], (0, 3));
+        assert_eq!(s[1], (10, 1));
+        assert_eq!(s[2], (20, RUN_BLOCKS));
+        assert_eq!(s[3], (20 + RUN_BLOCKS, RUN_BLOCKS));
+        assert_eq!(s[4], (20 + 2 * RUN_BLOCKS, 3));
+        assert_eq!(s.len(), 5);
+    }
+
+    #[test]
+    fn modes_parse_and_unknown_ones_are_named() {
+        assert_eq!("active".parse::<Mode>(), Ok(Mode::Active));
+        let e = "fast".parse::<Mode>().unwrap_err();
+        assert!(e.contains("fast") && e.contains("background"), "{e}");
+    }
 }
