@@ -573,6 +573,7 @@ fn migrate(
                 if tx.m.state() == RunState::Paused {
                     let _ = tx.m.resume();
                 }
+                tx.close_after_abort();
             }
             (tx.stats, Err(e))
         }
@@ -679,6 +680,23 @@ impl Sender<'_> {
             match protocol::recv(&mut self.r, None)? {
                 Message::Prepared => self.dst_prepared = true,
                 other => return Ok(other),
+            }
+        }
+    }
+
+    /// Ends the stream so that the destination reads the Abort: closing a socket
+    /// with unread input (say, an unread `Prepared`) resets the connection, and a
+    /// reset can overtake the Abort. So: end our side, then read until the
+    /// destination closes (briefly).
+    fn close_after_abort(&mut self) {
+        let _ = self.w.get_ref().shutdown(std::net::Shutdown::Write);
+        let _ = self.r.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut sink = [0u8; 64 << 10];
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            match std::io::Read::read(&mut self.r, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
         }
     }
