@@ -49,9 +49,14 @@ enum Command {
         #[arg(long, conflicts_with = "incoming")]
         restore: Option<PathBuf>,
         /// Wait for a migration on HOST:PORT; the VM (config, memory, state) comes
-        /// from the source. Disks are shared: the images must exist at the same paths.
+        /// from the source. Disks are shared (the images must exist at the same
+        /// paths) unless the source sends them (--copy-storage) into --datastore.
         #[arg(long, value_name = "HOST:PORT")]
         incoming: Option<String>,
+        /// With --incoming: where disks sent along go, in DATASTORE/<vm name>/ with a
+        /// config naming them.
+        #[arg(long, requires = "incoming")]
+        datastore: Option<PathBuf>,
         /// With --restore: put the restored disk images here instead of at their
         /// original paths.
         #[arg(long, requires = "restore")]
@@ -109,7 +114,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move the running VM to a `ferry vmm --incoming` (shared storage).
+    /// Move the running VM to a `ferry vmm --incoming` (shared storage, or its disks
+    /// sent along with --copy-storage).
     Migrate {
         #[arg(long)]
         control: PathBuf,
@@ -135,6 +141,10 @@ enum Command {
         /// dirties meanwhile is then fetched on demand.
         #[arg(long)]
         precopy_pass: bool,
+        /// Send the disks along, for a destination without shared storage (started
+        /// with --datastore); pre-copy only.
+        #[arg(long)]
+        copy_storage: bool,
         /// Page codec: none, lz4 or zstd:N.
         #[arg(long, default_value = "none")]
         compression: String,
@@ -225,10 +235,11 @@ fn main() -> ExitCode {
             restore,
             disk_dir,
             incoming,
+            datastore,
             control,
             paused,
         } => cli::vmm::run(
-            cli::vmm::Source::new(config, restore, disk_dir, incoming),
+            cli::vmm::Source::new(config, restore, disk_dir, incoming, datastore),
             &control,
             paused,
         ),
@@ -270,6 +281,7 @@ fn main() -> ExitCode {
             mode,
             recover_secs,
             precopy_pass,
+            copy_storage,
             resolve: false,
             resume: false,
             to,
@@ -290,7 +302,7 @@ fn main() -> ExitCode {
                 "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
                 "timeout_secs": timeout_secs, "no_verify": no_verify,
                 "mode": mode.name(), "recover_secs": recover_secs,
-                "precopy_pass": precopy_pass,
+                "precopy_pass": precopy_pass, "copy_storage": copy_storage,
             }),
             report.as_deref(),
             json,

@@ -292,3 +292,62 @@ fn a_full_datastore_is_a_clear_error_and_leaves_nothing_behind() {
     still_running_and_intact(&vm);
     vm.quit();
 }
+
+#[test]
+fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("copy-storage");
+    let cfg = write_config(dir.path(), "cs", &config("cs", 1000));
+    let src = Vmm::spawn(dir.path(), "cs", &["--config", cfg.to_str().unwrap()]);
+    src.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 500
+    });
+    // A destination without a datastore cannot take disks: refused, nothing moves.
+    let (plain, addr) = ferry_tests::incoming(dir.path(), "cs-plain");
+    let (ok, report) = ferry_tests::migrate(&src, &addr, &["--copy-storage"]);
+    assert!(!ok, "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--datastore"),
+        "{report}"
+    );
+    drop(plain);
+    assert_eq!(src.status()["state"], "running");
+
+    let store = dir.join("dsB");
+    std::fs::create_dir_all(&store).unwrap();
+    let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
+    let dst = Vmm::spawn(
+        dir.path(),
+        "cs-dst",
+        &["--incoming", &addr, "--datastore", store.to_str().unwrap()],
+    );
+    let (ok, report) = ferry_tests::migrate(&src, &addr, &["--copy-storage"]);
+    assert!(ok, "{report}");
+    assert!(u64_of(&report, "disk_bytes_copied") > 0, "{report}");
+    // Memory verified, the guest runs there and finds every page and block it wrote
+    // (its disks are the copies now).
+    ferry_tests::check_arrived(&src, &dst, &report, true);
+    let cfg_b = store.join("cs/cs.toml");
+    let paths = config_paths(&cfg_b);
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    for p in &paths {
+        assert!(p.starts_with(store.to_str().unwrap()), "{p}");
+    }
+    // The source's images stay where they were.
+    assert!(dir.join("ds1/cs-root.img").exists());
+    src.quit();
+    // The destination's VM starts again from the config it wrote.
+    dst.quit();
+    let again = Vmm::spawn(
+        dir.path(),
+        "cs-again",
+        &["--config", cfg_b.to_str().unwrap()],
+    );
+    still_running_and_intact(&again);
+    again.quit();
+}

@@ -69,14 +69,22 @@ fn watch(ferry: &std::path::Path, vm: &Vmm, label: &str, secs: f64) -> Result<Va
 
 /// Migrates `src` to a new `ferry vmm --incoming` called `name`, showing progress and
 /// the report; returns the destination.
-fn migrate_to(ferry: &Path, dir: &Path, src: &Vmm, name: &str, args: &[&str]) -> Result<Vmm> {
+fn migrate_to(
+    ferry: &Path,
+    dir: &Path,
+    src: &Vmm,
+    (name, dst_args): (&str, &[&str]),
+    args: &[&str],
+) -> Result<Vmm> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
+    let mut all = vec!["--incoming", addr.as_str()];
+    all.extend_from_slice(dst_args);
     let mut dst = Vmm::spawn(
         ferry,
-        &["--incoming", &addr],
+        &all,
         &dir.join(format!("{name}.sock")),
         &dir.join(format!("{name}.log")),
     )?;
@@ -150,7 +158,7 @@ pub fn run() -> Result<()> {
         &ferry,
         &dir,
         &restored,
-        "lab1-dst",
+        ("lab1-dst", &[]),
         &["--compression", "lz4", "--max-downtime-ms", "50"],
     )?;
     watch(&ferry, &dst, "dest", 2.0)?;
@@ -175,6 +183,24 @@ pub fn run() -> Result<()> {
     watch(&ferry, &dst, "dest", 1.0)?;
 
     step(
+        "migration with --copy-storage: memory and disks to a datastore the source does not share",
+    );
+    let ds3 = dir.join("datastore3");
+    let _ = std::fs::remove_dir_all(&ds3);
+    std::fs::create_dir_all(&ds3)?;
+    let ds3_arg = ds3.to_string_lossy().into_owned();
+    let copied = migrate_to(
+        &ferry,
+        &dir,
+        &dst,
+        ("lab1-copied", &["--datastore", &ds3_arg]),
+        &["--copy-storage", "--max-downtime-ms", "50"],
+    )?;
+    watch(&ferry, &copied, "dest", 1.0)?;
+    dst.quit(&ferry)?;
+    let dst = copied;
+
+    step(
         "post-copy over a 200 Mbit/s cap: the guest dirties 80 MB/s, three times what the link \
          carries, so it moves first and its pages follow",
     );
@@ -182,7 +208,7 @@ pub fn run() -> Result<()> {
         &ferry,
         &dir,
         &dst,
-        "lab1-postcopy",
+        ("lab1-postcopy", &[]),
         &["--mode", "postcopy", "--bandwidth-mbit", "200"],
     )?;
     watch(&ferry, &last, "dest", 2.0)?;

@@ -251,6 +251,7 @@ pub fn migrate(
             "fault_latency_p99_us",
             "vcpu_blocked_ms",
             "recoveries",
+            "disk_bytes_copied",
         ] {
             let v = get(&final_report, key);
             if !v.is_null() {

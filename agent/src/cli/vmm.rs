@@ -18,8 +18,8 @@ pub enum Source {
         dir: PathBuf,
         disk_dir: Option<PathBuf>,
     },
-    /// Wait for a migration on this TCP address.
-    Incoming(String),
+    /// Wait for a migration on this TCP address; disks sent along go to the datastore.
+    Incoming(String, Option<PathBuf>),
 }
 
 impl Source {
@@ -28,9 +28,10 @@ impl Source {
         restore: Option<PathBuf>,
         disk_dir: Option<PathBuf>,
         incoming: Option<String>,
+        datastore: Option<PathBuf>,
     ) -> Self {
         match (config, restore, incoming) {
-            (_, _, Some(addr)) => Source::Incoming(addr),
+            (_, _, Some(addr)) => Source::Incoming(addr, datastore),
             (_, Some(dir), None) => Source::Restore { dir, disk_dir },
             (Some(c), None, None) => Source::Config(c),
             // clap requires one of the three.
@@ -50,7 +51,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     let slot: Slot = Arc::new(Mutex::new(None));
     let incoming_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let listener = match &source {
-        Source::Incoming(addr) => {
+        Source::Incoming(addr, datastore) => {
             let tcp = TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen for a migration on {addr}"))?;
             let listener = control::bind(control_path)?;
@@ -60,11 +61,12 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 "waiting for an incoming migration on {addr}"
             );
             let slot = slot.clone();
+            let datastore = datastore.clone();
             let error = incoming_error.clone();
             std::thread::Builder::new()
                 .name("incoming".into())
                 .spawn(move || {
-                    let result = destination::receive(&tcp, &slot)
+                    let result = destination::receive(&tcp, &slot, datastore.as_deref())
                         .and_then(|()| destination::serve_resolve(&tcp, &slot));
                     if let Err(e) = result {
                         tracing::error!("incoming migration failed: {e}");
@@ -79,7 +81,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
             let machine = match &source {
                 Source::Config(path) => launch::boot(VmConfig::load(path)?)?,
                 Source::Restore { dir, disk_dir } => launch::restore(dir, disk_dir.as_deref())?,
-                Source::Incoming(_) => unreachable!("handled above"),
+                Source::Incoming(..) => unreachable!("handled above"),
             };
             let listener = control::bind(control_path)?;
             let machine = Arc::new(machine);

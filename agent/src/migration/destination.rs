@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::Lap;
 use super::codec::{CodecError, Decompressor};
+use super::disk_stream::DiskStore;
 use super::postcopy_dst;
 use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
 use crate::guest::abi::PAGE_SIZE;
@@ -63,11 +64,17 @@ pub enum IncomingError {
     Discarded,
     #[error("post-copy: {0}")]
     Postcopy(#[from] postcopy_dst::PostcopyError),
+    #[error("{0}")]
+    DiskStore(#[from] super::disk_stream::DiskStoreError),
 }
 
 /// Receives one migration on `listener`. Returns once the guest runs here (the
 /// machine is then in `slot`), or with the reason it never will.
-pub fn receive(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
+pub fn receive(
+    listener: &TcpListener,
+    slot: &Slot,
+    datastore: Option<&Path>,
+) -> Result<(), IncomingError> {
     let (conn, peer) = listener.accept().map_err(IncomingError::Accept)?;
     tracing::info!("incoming migration from {peer}");
     let _ = conn.set_nodelay(true);
@@ -75,6 +82,8 @@ pub fn receive(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError>
     let mut rx = Receiver {
         r: BufReader::with_capacity(1 << 20, conn),
         w,
+        datastore: datastore.map(Path::to_owned),
+        config_path: None,
     };
     rx.run(listener, slot)
 }
@@ -123,11 +132,17 @@ pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), Incoming
 /// What the stream delivered up to `Complete`.
 struct Received {
     state: Vec<u8>,
+    /// `--copy-storage`: the disks' copies here.
+    disks: Option<DiskStore>,
     /// Post-copy: the pages still to come once the guest runs here.
     postcopy: Option<DirtyBitmap>,
 }
 
 struct Receiver {
+    /// Where disks that travel with the VM go (`--datastore`).
+    datastore: Option<std::path::PathBuf>,
+    /// The config written beside them, once the disks are complete.
+    config_path: Option<std::path::PathBuf>,
     r: BufReader<TcpStream>,
     w: TcpStream,
 }
@@ -207,13 +222,14 @@ impl Receiver {
                 ahead.finish();
                 tracing::debug!("no prefault helper ({e}); pages fault in as they land");
             }
-            let r = self.receive_memory(memory, pages, &mut crcs, &ahead);
+            let r = self.receive_memory(memory, (pages, &cfg), &mut crcs, &ahead);
             ahead.stop();
             r
         });
         let Received {
             state: blob,
             postcopy,
+            disks: store,
         } = match received {
             Ok(b) => b,
             Err(e) => return Err(self.refuse(e)),
@@ -233,11 +249,22 @@ impl Receiver {
                 want: cfg.vcpus,
             }));
         }
+        let mut cfg = cfg;
         let restored = (|| -> Result<DiskSet, IncomingError> {
             for (fd, s) in vcpus.iter().zip(&state.vcpus) {
                 s.restore(fd)?;
             }
             state.vm.restore(&vm.fd)?;
+            if let Some(store) = store {
+                // The copies are complete (the source sent the last blocks paused):
+                // sync them and write the config that names them.
+                cfg = store.finish(&cfg)?;
+                self.config_path = cfg
+                    .disks
+                    .first()
+                    .and_then(|d| d.path.parent())
+                    .map(|f| f.join(format!("{}.toml", cfg.name)));
+            }
             Ok(DiskSet::open_existing(&cfg.disks)?)
         })();
         let disks = match restored {
@@ -278,6 +305,10 @@ impl Receiver {
         let machine = Arc::new(Machine::new(
             cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed,
         ));
+        *machine
+            .config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.config_path.clone();
         if let Some((tracker, _)) = &postcopy {
             *machine.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(tracker.clone());
         }
@@ -356,10 +387,11 @@ impl Receiver {
     fn receive_memory(
         &mut self,
         memory: &mut [u8],
-        pages: u64,
+        (pages, cfg): (u64, &VmConfig),
         crcs: &mut [u32],
         ahead: &prefault::Ahead,
     ) -> Result<Received, IncomingError> {
+        let mut disks: Option<DiskStore> = None;
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
         // Fresh guest memory is zero. Zero runs over pages that never received data
         // need not be written, and touching them would cost a host page fault each.
@@ -435,6 +467,17 @@ impl Receiver {
                         .get_or_insert_with(|| DirtyBitmap::new(pages))
                         .or_assign_words(stale.words());
                 }
+                Message::Disks { disks: announced } => {
+                    disks = Some(DiskStore::create(
+                        self.datastore.as_deref(),
+                        cfg,
+                        &announced,
+                    )?);
+                }
+                Message::DiskData { disk, offset, data } => match &disks {
+                    Some(store) => store.write(disk, offset, &data)?,
+                    None => return Err(IncomingError::Unexpected(Kind::DiskData)),
+                },
                 Message::DeviceState { blob } => state = Some(blob),
                 Message::Complete { .. } => {
                     if let Some(m) = postcopy.as_mut() {
@@ -447,6 +490,7 @@ impl Receiver {
                     return Ok(Received {
                         state: state.ok_or(IncomingError::NoState)?,
                         postcopy,
+                        disks,
                     });
                 }
                 Message::Abort { reason } => return Err(IncomingError::Aborted(reason)),

@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod destination;
+pub mod disk_stream;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod protocol;

@@ -52,6 +52,8 @@ pub enum Kind {
     Recover = 24,
     Missing = 25,
     Prepared = 26,
+    Disks = 27,
+    DiskData = 28,
 }
 
 impl Kind {
@@ -84,6 +86,8 @@ impl Kind {
             24 => Recover,
             25 => Missing,
             26 => Prepared,
+            27 => Disks,
+            28 => DiskData,
             _ => return None,
         })
     }
@@ -237,6 +241,17 @@ pub enum Message {
     /// Destination → source: the VM is built and its memory mapped; a pause from now
     /// on waits for nothing but the transfer.
     Prepared,
+    /// Source → destination, after the config, when the disks travel with the VM
+    /// (`--copy-storage`): each disk's id and size in bytes.
+    Disks {
+        disks: Vec<(String, u64)>,
+    },
+    /// Source → destination: bytes of disk `disk` at `offset` (sector-aligned).
+    DiskData {
+        disk: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// What post-copy cost the guest, measured on the destination.
@@ -278,6 +293,8 @@ impl Message {
             Message::Recover { .. } => Kind::Recover,
             Message::Missing { .. } => Kind::Missing,
             Message::Prepared => Kind::Prepared,
+            Message::Disks { .. } => Kind::Disks,
+            Message::DiskData { .. } => Kind::DiskData,
         }
     }
 
@@ -327,6 +344,18 @@ impl Message {
                 out.extend_from_slice(&id.to_le_bytes())
             }
             Message::PageRequest { page } => out.extend_from_slice(&page.to_le_bytes()),
+            Message::Disks { disks } => {
+                out.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+                for (id, size) in disks {
+                    put_str(out, id);
+                    out.extend_from_slice(&size.to_le_bytes());
+                }
+            }
+            Message::DiskData { disk, offset, data } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(data);
+            }
             Message::PostcopyDone(f) => {
                 for v in [f.faults, f.latency_p50_us, f.latency_p99_us, f.blocked_us] {
                     out.extend_from_slice(&v.to_le_bytes());
@@ -411,6 +440,27 @@ impl Message {
             }
             Kind::PostcopyEnd => Message::PostcopyEnd,
             Kind::Prepared => Message::Prepared,
+            Kind::Disks => {
+                let n = r.u32()?;
+                if n > 64 {
+                    return Err(r.malformed(format!("{n} disks")));
+                }
+                let disks = (0..n)
+                    .map(|_| Ok((r.string()?, r.u64()?)))
+                    .collect::<Result<_, ProtocolError>>()?;
+                Message::Disks { disks }
+            }
+            Kind::DiskData => {
+                let (disk, offset) = (r.u32()?, r.u64()?);
+                let data = r.take(r.buf.len())?.to_vec();
+                if data.is_empty() || data.len() % 512 != 0 || offset % 512 != 0 {
+                    return Err(r.malformed(format!(
+                        "{} bytes at offset {offset} are not whole sectors",
+                        data.len()
+                    )));
+                }
+                Message::DiskData { disk, offset, data }
+            }
             Kind::PostcopyDone => Message::PostcopyDone(PostcopyFigures {
                 faults: r.u64()?,
                 latency_p50_us: r.u64()?,
@@ -847,6 +897,14 @@ mod tests {
             Message::PageRequest { page: 99 },
             Message::PostcopyEnd,
             Message::Prepared,
+            Message::Disks {
+                disks: vec![("root".into(), 1 << 30), ("data".into(), 512)],
+            },
+            Message::DiskData {
+                disk: 1,
+                offset: 4096,
+                data: vec![7; 1024],
+            },
             Message::PostcopyDone(PostcopyFigures {
                 faults: 3,
                 latency_p50_us: 100,

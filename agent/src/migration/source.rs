@@ -46,6 +46,8 @@ pub struct Params {
     /// Post-copy: send every page once first (while the guest runs), so only what it
     /// dirties meanwhile is fetched on demand.
     pub precopy_pass: bool,
+    /// Send the disks along (the destination has no shared storage).
+    pub copy_storage: bool,
 }
 
 /// How memory moves.
@@ -261,6 +263,8 @@ pub struct Report {
     pub fault_latency_p99_us: Option<u64>,
     pub vcpu_blocked_ms: Option<f64>,
     pub recoveries: u32,
+    /// `--copy-storage`: disk bytes sent.
+    pub disk_bytes_copied: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +314,8 @@ pub(super) struct Stats {
     pub(super) dirty_last: u64,
     pub(super) dirty_rate: f64,
     pub(super) remaining: u64,
+    /// Disk bytes sent (`--copy-storage`).
+    pub(super) disk_bytes: u64,
 }
 
 pub(super) struct Sender<'a> {
@@ -414,6 +420,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         fault_latency_p99_us: switch.postcopy.map(|f| f.latency_p99_us),
         vcpu_blocked_ms: switch.postcopy.map(|f| f.blocked_us as f64 / 1e3),
         recoveries: switch.recoveries,
+        disk_bytes_copied: params.copy_storage.then_some(s.disk_bytes),
     };
     if let Some(path) = &params.report
         && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
@@ -455,6 +462,7 @@ fn new_stats(t0: Instant) -> Stats {
         dirty_last: 0,
         dirty_rate: 0.0,
         remaining: 0,
+        disk_bytes: 0,
     }
 }
 
@@ -557,6 +565,7 @@ fn migrate(
     };
     let result = tx.precopy_and_switch(switch).map_err(|e| tx.peer_reason(e));
     let _ = tx.m.dirty.stop(&tx.m.vm);
+    tx.disks_stop();
     match result {
         Ok(()) => (tx.stats, Ok(())),
         Err(e) => {
@@ -963,6 +972,9 @@ impl Sender<'_> {
         self.m.dirty.start(&self.m.vm)?;
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
+        if self.params.copy_storage {
+            self.disks_start()?;
+        }
         self.send_pages(0..pages)?;
         self.end_round(0, round_start)?;
         if self.params.mode == Mode::Postcopy {
@@ -989,7 +1001,8 @@ impl Sender<'_> {
             // Predicted downtime: the remaining dirty set at the measured rate; the
             // device state is a few KB and adds nothing measurable.
             let bw = bandwidth(&self.stats).max(1.0);
-            let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3);
+            let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3)
+                + self.disks_dirty_bytes() as f64;
             let predicted_ms = wire_bytes / bw * 1e3;
             self.publish(Phase::Precopy);
             tracing::debug!(
@@ -1007,6 +1020,9 @@ impl Sender<'_> {
             previous = count;
             self.m.dirty.clear(0, pages)?;
             round_start = Instant::now();
+            if self.params.copy_storage {
+                self.disks_round(false)?;
+            }
             // A switch to post-copy during this round needs these pages too.
             let result = self.send_pages(dirty.iter_set());
             if matches!(result, Err(MigrateError::StartPostcopy)) {
@@ -1038,13 +1054,19 @@ impl Sender<'_> {
         self.m.dirty.fetch(&mut dirty)?;
         self.stats.remaining = dirty.count();
         self.send_pages(dirty.iter_set())?;
+        if self.params.copy_storage {
+            // Paused: no guest I/O; the last written blocks complete the copies.
+            self.disks_round(true)?;
+        }
         self.m.disks.flush_all()?;
         let state = MachineState::save(self.m)?
             .encode()
             .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
         self.send(&Message::DeviceState { blob: state })?;
-        // Shared storage: the destination takes the images' locks from here on.
-        self.m.disks.set_locked(false)?;
+        if !self.params.copy_storage {
+            // Shared storage: the destination takes the images' locks from here on.
+            self.m.disks.set_locked(false)?;
+        }
         self.send(&Message::Complete {
             pages_sent: self.stats.pages_sent,
         })?;

@@ -34,7 +34,7 @@ const MAX_ROUNDS: u32 = 30;
 const PAUSE_BLOCKS: u64 = 64;
 /// Adjacent blocks copied in one step (512 KiB): large transfers for the bulk copy,
 /// while a guest write waits at most one step.
-const RUN_BLOCKS: u64 = 8;
+pub(super) const RUN_BLOCKS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -149,19 +149,19 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// A page-aligned buffer of one copy block (O_DIRECT wants aligned memory).
-struct Aligned {
+pub(super) struct Aligned {
     buf: Vec<u8>,
     at: usize,
 }
 
 impl Aligned {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let buf = vec![0u8; (RUN_BLOCKS * COPY_BLOCK) as usize + 4096];
         let at = buf.as_ptr().align_offset(4096);
         Self { buf, at }
     }
 
-    fn get(&mut self, len: usize) -> &mut [u8] {
+    pub(super) fn get(&mut self, len: usize) -> &mut [u8] {
         &mut self.buf[self.at..self.at + len]
     }
 }
@@ -593,7 +593,7 @@ fn crash_point(point: &str) {
 
 /// The set blocks of `todo` as copy steps: runs of adjacent blocks, cut at
 /// [`RUN_BLOCKS`].
-fn steps(todo: &DirtyBitmap) -> Vec<(u64, u64)> {
+pub(super) fn steps(todo: &DirtyBitmap) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (mut first, mut count) in todo.runs() {
         while count > 0 {
@@ -608,7 +608,7 @@ fn steps(todo: &DirtyBitmap) -> Vec<(u64, u64)> {
 
 /// The copy blocks that hold data (SEEK_DATA / SEEK_HOLE); all of them if the file
 /// system cannot say.
-fn data_blocks(f: &File, size: u64) -> Vec<u64> {
+pub(super) fn data_blocks(f: &File, size: u64) -> Vec<u64> {
     let blocks = size.div_ceil(COPY_BLOCK);
     let fd = f.as_raw_fd();
     let mut out = Vec::new();

@@ -63,6 +63,9 @@ pub enum Request {
         /// Post-copy: one full pre-copy pass first.
         #[serde(default)]
         precopy_pass: bool,
+        /// Send the disks along (the destination has its own storage).
+        #[serde(default)]
+        copy_storage: bool,
     },
     /// Move the VM's disk images (or one) into folder `to` while it runs.
     StorageMigrate {
@@ -343,6 +346,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             mode,
             recover_secs,
             precopy_pass,
+            copy_storage,
         } => start_migration(
             m,
             to,
@@ -352,7 +356,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 timeout_secs,
                 recover_secs,
             },
-            (mode.as_deref(), precopy_pass),
+            (mode.as_deref(), precopy_pass, copy_storage),
             report,
             !no_verify,
         ),
@@ -492,7 +496,7 @@ fn start_migration(
     to: String,
     req: &SettingsRequest,
     limits: Limits,
-    (mode, precopy_pass): (Option<&str>, bool),
+    (mode, precopy_pass, copy_storage): (Option<&str>, bool, bool),
     report: Option<PathBuf>,
     verify: bool,
 ) -> Result<Value, String> {
@@ -504,6 +508,9 @@ fn start_migration(
     let mode: source::Mode = mode.unwrap_or("precopy").parse()?;
     if precopy_pass && mode != source::Mode::Postcopy {
         return Err("precopy_pass only applies to mode postcopy".into());
+    }
+    if copy_storage && mode != source::Mode::Precopy {
+        return Err("copy_storage works with mode precopy".into());
     }
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
@@ -550,6 +557,7 @@ fn start_migration(
         mode,
         recover: Duration::from_secs(recover_secs.unwrap_or(60)),
         precopy_pass,
+        copy_storage,
     };
     let machine = m.clone();
     std::thread::Builder::new()
