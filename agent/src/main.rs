@@ -210,6 +210,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check, offline, every block of the disk images a config names: whole, and no
+    /// older than the last write the VMM acknowledged (its write log). Exit status 3
+    /// if any block fails.
+    DiskCheck {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch a running hybrid migration to post-copy.
     StartPostcopy {
         #[arg(long)]
@@ -265,6 +274,7 @@ fn main() -> ExitCode {
             report.as_deref(),
             json,
         ),
+        Command::DiskCheck { config, json } => disk_check(&config, json),
         Command::StartPostcopy { control } => cli::client::simple_json(&control, "start-postcopy"),
         Command::Migrate {
             control,
@@ -356,4 +366,24 @@ fn one_line(e: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line.replace('\n', "; ")
+}
+
+fn disk_check(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let r = ferry::vmm::disk_check::check(config)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} disks: {} blocks checked ({} written, {} acknowledged writes in the logs), {} errors",
+            r.disks, r.blocks_checked, r.blocks_written, r.acknowledged_writes, r.errors
+        );
+        for p in &r.problems {
+            println!("  disk {} block {}: {}", p.disk, p.block, p.what);
+        }
+    }
+    Ok(if r.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

@@ -60,6 +60,18 @@ fn config_paths(cfg: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// `ferry disk-check` on a stopped VM's config: every block whole, none older than
+/// acknowledged, and the guest had written some.
+fn disk_check_passes(cfg: &std::path::Path) -> Value {
+    let out = ferry(&["disk-check", "--config", cfg.to_str().unwrap(), "--json"]);
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no report: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{r}");
+    assert_eq!(u64_of(&r, "errors"), 0, "{r}");
+    assert!(u64_of(&r, "acknowledged_writes") > 0, "{r}");
+    r
+}
+
 fn still_running_and_intact(vm: &Vmm) {
     let s0 = vm.status();
     let s1 = vm.wait_for("the guest running on", Duration::from_secs(30), |s| {
@@ -122,6 +134,7 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         still_running_and_intact(&vm);
         // And the VM starts again from the rewritten config, disks intact.
         vm.quit();
+        disk_check_passes(&cfg);
         let again = Vmm::spawn(
             dir.path(),
             &format!("{name}-again"),
@@ -230,6 +243,8 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
                 "{point}: the copy the config names is not the image"
             );
         }
+        // Every acknowledged write is in the images it names.
+        disk_check_passes(&cfg);
         // And the VM starts again from it.
         let again = Vmm::spawn(
             dir.path(),
@@ -350,4 +365,41 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
     );
     still_running_and_intact(&again);
     again.quit();
+}
+
+#[test]
+fn disk_check_finds_a_lost_write_and_a_torn_block() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("disk-check");
+    let cfg = write_config(dir.path(), "k", &config("k", 1000));
+    let vm = Vmm::spawn(dir.path(), "k", &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 500
+    });
+    vm.quit();
+    disk_check_passes(&cfg);
+    // The log says which blocks were acknowledged; damage two of them.
+    let image = dir.join("ds1/k-root.img");
+    let log = std::fs::read(dir.join("ds1/k-root.img.wlog")).unwrap();
+    let offsets: Vec<u64> = log
+        .chunks_exact(16)
+        .map(|r| u64::from_le_bytes(r[..8].try_into().unwrap()))
+        .collect();
+    let lost = offsets[0];
+    let torn = *offsets.iter().find(|&&o| o != lost).unwrap();
+    let mut data = std::fs::read(&image).unwrap();
+    data[lost as usize..lost as usize + 4096].fill(0);
+    data[torn as usize + 100] ^= 0xff;
+    std::fs::write(&image, &data).unwrap();
+    let out = ferry(&["disk-check", "--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u64_of(&r, "errors"), 2, "{r}");
+    let text = r["problems"].to_string();
+    assert!(
+        text.contains("never written") && text.contains("checksum"),
+        "{r}"
+    );
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk};
+use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, log_path};
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
 
@@ -313,6 +313,7 @@ impl Copier<'_> {
             }
             if self.params.remove_source {
                 std::fs::remove_file(&from).map_err(io("removing the old image", &from))?;
+                let _ = std::fs::remove_file(log_path(&from));
             }
         }
         *verified = Some(all_verified);
@@ -347,6 +348,7 @@ impl Copier<'_> {
             // Only if the VM does not use it (the switch is the last step).
             if d.path() != target {
                 let _ = std::fs::remove_file(target);
+                let _ = std::fs::remove_file(log_path(target));
             }
         }
         result
@@ -433,6 +435,14 @@ impl Copier<'_> {
                 self.copy_unlocked(&source, &file, d.size, (first, count), true)?;
             }
             file.sync_all().map_err(io("syncing", target))?;
+            // The write log goes with the image (the VM is paused: it is complete).
+            let log = if d.logs_writes() {
+                let (old_log, new_log) = (log_path(from), log_path(target));
+                std::fs::copy(&old_log, &new_log).map_err(io("copying the write log", &old_log))?;
+                Some(Disk::open_log(target).map_err(io("opening", &new_log))?)
+            } else {
+                None
+            };
             crash_point("storage-before-config");
             if let Some(cfg_path) = &self.params.config_path {
                 let mut cfg = self.m.current_config();
@@ -447,6 +457,7 @@ impl Copier<'_> {
             d.switch_to(
                 target.to_owned(),
                 file.try_clone().map_err(io("opening", target))?,
+                log,
             );
             // From the first write after the resume on, note what the guest changes,
             // so the check against the old image skips exactly those blocks.

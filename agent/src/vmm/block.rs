@@ -57,6 +57,22 @@ pub struct Disk {
 struct Backing {
     path: PathBuf,
     file: File,
+    /// `<image>.wlog`: (offset, generation) of every completed guest write.
+    log: Option<File>,
+}
+
+/// The write log beside an image.
+pub fn log_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".wlog");
+    PathBuf::from(p)
+}
+
+fn open_log(image: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log_path(image))
 }
 
 /// What a storage migration needs from the guest's writes: which blocks changed
@@ -152,6 +168,7 @@ impl Drop for DiskSet {
         if !self.committed.load(std::sync::atomic::Ordering::Acquire) {
             for path in &self.created {
                 let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(log_path(path));
             }
         }
     }
@@ -188,6 +205,7 @@ impl Disk {
         let cleanup = |path: &Path| {
             if !existed {
                 let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(log_path(path));
             }
         };
         // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -222,6 +240,11 @@ impl Disk {
                 direct,
                 backing: std::sync::RwLock::new(Backing {
                     path: cfg.path.clone(),
+                    log: if cfg.write_log {
+                        Some(open_log(&cfg.path).map_err(|e| io("opening the write log", e))?)
+                    } else {
+                        None
+                    },
                     file,
                 }),
                 job: std::sync::Mutex::new(None),
@@ -244,6 +267,16 @@ impl Disk {
         self.backing.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether guest writes are logged beside the image.
+    pub fn logs_writes(&self) -> bool {
+        self.backing().log.is_some()
+    }
+
+    /// Opens (creating) the write log of `image`.
+    pub fn open_log(image: &Path) -> std::io::Result<File> {
+        open_log(image)
+    }
+
     /// The image the VM uses now.
     pub fn path(&self) -> PathBuf {
         self.backing().path.clone()
@@ -260,9 +293,9 @@ impl Disk {
 
     /// From now on the VM uses `file` at `path` (a complete, synced copy); the old
     /// image is unlocked and closed. Call with the vCPUs paused.
-    pub fn switch_to(&self, path: PathBuf, file: File) {
+    pub fn switch_to(&self, path: PathBuf, file: File, log: Option<File>) {
         let mut b = self.backing.write().unwrap_or_else(|e| e.into_inner());
-        let old = std::mem::replace(&mut *b, Backing { path, file });
+        let old = std::mem::replace(&mut *b, Backing { path, file, log });
         // SAFETY: flock on a descriptor we own, about to be closed.
         unsafe { libc::flock(old.file.as_raw_fd(), libc::LOCK_UN) };
     }
@@ -296,6 +329,25 @@ impl Disk {
             // `done` below `len`.
             unsafe { libc::pwrite(fd, buf.add(done).cast(), len - done, at) }
         })?;
+        if let Some(log) = &b.log
+            && len >= 32
+        {
+            // SAFETY: the caller guarantees buf..buf+len is readable and len >= 32.
+            let head = unsafe { std::slice::from_raw_parts(buf, 32) };
+            let word = |i: usize| {
+                u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+            };
+            if word(0) as u32 == crate::guest::abi::BLOCK_MAGIC {
+                let mut rec = [0u8; 16];
+                rec[..8].copy_from_slice(&offset.to_le_bytes());
+                rec[8..].copy_from_slice(&word(2).to_le_bytes());
+                // One append: whole records even if the process dies mid-way.
+                use std::io::Write;
+                (&*log)
+                    .write_all(&rec)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            }
+        }
         if let Some(job) = job.as_mut() {
             let first = offset / COPY_BLOCK;
             let last = (offset + len as u64 - 1) / COPY_BLOCK;
@@ -366,6 +418,7 @@ mod tests {
             path: dir.join("sub").join(format!("{name}.img")),
             size_mib: 1,
             cache: DiskCache::Writeback,
+            write_log: true,
         }
     }
 
@@ -391,6 +444,10 @@ mod tests {
         }
         // Never committed: the image it created is gone.
         assert!(!c.path.exists());
+        assert!(
+            !log_path(&c.path).exists(),
+            "the write log goes with the image"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

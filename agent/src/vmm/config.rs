@@ -149,6 +149,16 @@ pub struct DiskConfig {
     pub size_mib: u64,
     #[serde(default)]
     pub cache: DiskCache,
+    /// Keep `<image>.wlog` beside the image: every completed guest write's block and
+    /// generation, so `ferry disk-check` can tell whether an acknowledged write is
+    /// missing. It survives a VMM crash (the records reach the kernel before the guest
+    /// is told the write is done), not a host power cut.
+    #[serde(default = "default_true")]
+    pub write_log: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_vcpus() -> u32 {

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod dirty;
+pub mod disk_check;
 pub mod launch;
 pub mod machine;
 pub mod prefault;

@@ -559,8 +559,10 @@ impl Snapshot {
                 }
                 .into());
             }
-            // Start from an empty sparse file so no block of the old image survives.
+            // Start from an empty sparse file so no block of the old image survives,
+            // and so does its write log: the image's history restarts at the snapshot.
             dst.set_len(0).map_err(io(&cfg.path))?;
+            let _ = std::fs::remove_file(super::block::log_path(&cfg.path));
             let (crc, _) = copy_sparse(&src, &src_path, &dst, &cfg.path, entry.size_bytes)?;
             if crc != entry.crc32 {
                 return Err(SnapshotError::Corrupt {
