@@ -356,8 +356,25 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
     // The source's images stay where they were.
     assert!(dir.join("ds1/cs-root.img").exists());
     src.quit();
-    // The destination's VM starts again from the config it wrote.
+    // The destination's VM starts again from the config it wrote, and its copies
+    // hold every write acknowledged on either host (the log came along).
     dst.quit();
+    let r = disk_check_passes(&cfg_b);
+    assert!(u64_of(&r, "blocks_written") > 0, "{r}");
+    let offsets = |log: std::path::PathBuf| -> std::collections::BTreeSet<u64> {
+        std::fs::read(&log)
+            .unwrap()
+            .chunks_exact(16)
+            .map(|r| u64::from_le_bytes(r[..8].try_into().unwrap()))
+            .collect()
+    };
+    let at_source = offsets(dir.join("ds1/cs-root.img.wlog"));
+    let here = offsets(store.join("cs/cs-root.img.wlog"));
+    assert!(!at_source.is_empty());
+    assert!(
+        at_source.is_subset(&here),
+        "the source's acknowledged writes did not come along"
+    );
     let again = Vmm::spawn(
         dir.path(),
         "cs-again",

@@ -478,6 +478,10 @@ impl Receiver {
                     Some(store) => store.write(disk, offset, &data)?,
                     None => return Err(IncomingError::Unexpected(Kind::DiskData)),
                 },
+                Message::DiskLog { disk, records } => match &disks {
+                    Some(store) => store.write_log(disk, &records)?,
+                    None => return Err(IncomingError::Unexpected(Kind::DiskLog)),
+                },
                 Message::DeviceState { blob } => state = Some(blob),
                 Message::Complete { .. } => {
                     if let Some(m) = postcopy.as_mut() {

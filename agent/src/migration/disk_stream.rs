@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::protocol::Message;
 use super::source::{MigrateError, Sender};
 use super::storage::{Aligned, RUN_BLOCKS, data_blocks, steps};
-use crate::vmm::block::{COPY_BLOCK, CopyJob};
+use crate::vmm::block::{COPY_BLOCK, CopyJob, log_path};
 use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
 
@@ -106,6 +106,33 @@ impl Sender<'_> {
                 })?;
                 self.stats.disk_bytes += len as u64;
             }
+        }
+        Ok(())
+    }
+
+    /// Paused: each disk's write log, compacted to the last acknowledged generation
+    /// per block, so `ferry disk-check` works on the destination's copies too.
+    pub(super) fn disks_logs(&mut self) -> Result<(), MigrateError> {
+        for (i, d) in self.m.disks.disks.iter().enumerate() {
+            if !d.logs_writes() {
+                continue;
+            }
+            let raw = std::fs::read(log_path(&d.path())).unwrap_or_default();
+            let mut last = std::collections::BTreeMap::new();
+            for rec in raw.chunks_exact(16) {
+                let offset = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
+                let generation = u64::from_le_bytes(rec[8..].try_into().unwrap_or_default());
+                let g = last.entry(offset).or_insert(0u64);
+                *g = (*g).max(generation);
+            }
+            let records = last
+                .into_iter()
+                .flat_map(|(o, g)| o.to_le_bytes().into_iter().chain(g.to_le_bytes()))
+                .collect();
+            self.send(&Message::DiskLog {
+                disk: i as u32,
+                records,
+            })?;
         }
         Ok(())
     }
@@ -224,6 +251,24 @@ impl DiskStore {
                 })?;
         }
         Ok(())
+    }
+
+    /// The source's write log for a disk: becomes the copy's log.
+    pub fn write_log(&self, disk: u32, records: &[u8]) -> Result<(), DiskStoreError> {
+        let (path, _, _) = self
+            .disks
+            .get(disk as usize)
+            .ok_or(DiskStoreError::OutOfRange {
+                disk,
+                offset: 0,
+                len: records.len(),
+            })?;
+        let log = log_path(path);
+        std::fs::write(&log, records).map_err(|source| DiskStoreError::Io {
+            what: "writing",
+            path: log,
+            source,
+        })
     }
 
     /// Syncs the images and writes `DATASTORE/<name>/<name>.toml` naming them; returns

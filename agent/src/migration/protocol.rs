@@ -54,6 +54,7 @@ pub enum Kind {
     Prepared = 26,
     Disks = 27,
     DiskData = 28,
+    DiskLog = 29,
 }
 
 impl Kind {
@@ -88,6 +89,7 @@ impl Kind {
             26 => Prepared,
             27 => Disks,
             28 => DiskData,
+            29 => DiskLog,
             _ => return None,
         })
     }
@@ -252,6 +254,12 @@ pub enum Message {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Source → destination, paused: the disk's write log, compacted to the last
+    /// acknowledged generation per block, as (offset u64, generation u64) records.
+    DiskLog {
+        disk: u32,
+        records: Vec<u8>,
+    },
 }
 
 /// What post-copy cost the guest, measured on the destination.
@@ -295,6 +303,7 @@ impl Message {
             Message::Prepared => Kind::Prepared,
             Message::Disks { .. } => Kind::Disks,
             Message::DiskData { .. } => Kind::DiskData,
+            Message::DiskLog { .. } => Kind::DiskLog,
         }
     }
 
@@ -355,6 +364,10 @@ impl Message {
                 out.extend_from_slice(&disk.to_le_bytes());
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(data);
+            }
+            Message::DiskLog { disk, records } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(records);
             }
             Message::PostcopyDone(f) => {
                 for v in [f.faults, f.latency_p50_us, f.latency_p99_us, f.blocked_us] {
@@ -460,6 +473,14 @@ impl Message {
                     )));
                 }
                 Message::DiskData { disk, offset, data }
+            }
+            Kind::DiskLog => {
+                let disk = r.u32()?;
+                let records = r.take(r.buf.len())?.to_vec();
+                if records.len() % 16 != 0 {
+                    return Err(r.malformed(format!("{} bytes of log records", records.len())));
+                }
+                Message::DiskLog { disk, records }
             }
             Kind::PostcopyDone => Message::PostcopyDone(PostcopyFigures {
                 faults: r.u64()?,
@@ -904,6 +925,10 @@ mod tests {
                 disk: 1,
                 offset: 4096,
                 data: vec![7; 1024],
+            },
+            Message::DiskLog {
+                disk: 0,
+                records: vec![1; 32],
             },
             Message::PostcopyDone(PostcopyFigures {
                 faults: 3,

@@ -1057,6 +1057,7 @@ impl Sender<'_> {
         if self.params.copy_storage {
             // Paused: no guest I/O; the last written blocks complete the copies.
             self.disks_round(true)?;
+            self.disks_logs()?;
         }
         self.m.disks.flush_all()?;
         let state = MachineState::save(self.m)?
