@@ -205,6 +205,10 @@ enum Command {
         /// Remove the old images once the copies are verified and in use.
         #[arg(long)]
         remove_source: bool,
+        /// Hold the guest's disk writes to this many MB/s while its disks move, so a
+        /// background copy can outrun them.
+        #[arg(long)]
+        throttle_writes_mbps: Option<u64>,
         #[arg(long)]
         report: Option<PathBuf>,
         #[arg(long)]
@@ -263,13 +267,14 @@ fn main() -> ExitCode {
             disk,
             mode,
             remove_source,
+            throttle_writes_mbps,
             report,
             json,
         } => cli::client::storage_migrate(
             &control,
             serde_json::json!({
                 "cmd": "storage-migrate", "to": to, "disk": disk, "mode": mode,
-                "remove_source": remove_source,
+                "remove_source": remove_source, "throttle_writes_mbps": throttle_writes_mbps,
             }),
             report.as_deref(),
             json,

@@ -109,6 +109,11 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         if remove {
             extra.push("--remove-source");
         }
+        // The fast writer in auto mode is also held back while its disks move.
+        let throttled = mode == "auto";
+        if throttled {
+            extra.extend(["--throttle-writes-mbps", "1"]);
+        }
         let (ok, report) = storage_migrate(&vm, &ds2, &extra);
         assert!(ok, "{mode}: {report}");
         assert_eq!(report["disk_verified"], true, "{report}");
@@ -120,6 +125,8 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
                 "{report}"
             );
         }
+        let delayed = report["guest_writes_delayed_ms"].as_f64().unwrap_or(0.0);
+        assert_eq!(delayed > 0.0, throttled, "{report}");
         // The config names the new images, by absolute path.
         let paths = config_paths(&cfg);
         let ds2 = ds2.canonicalize().unwrap();

@@ -359,6 +359,7 @@ pub fn storage_migrate(
             "disk_verified",
             "disk_integrity_errors",
             "guest_write_latency_added_us_p99",
+            "guest_writes_delayed_ms",
             "config_rewritten",
         ] {
             let v = get(&final_report, key);

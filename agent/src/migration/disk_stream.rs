@@ -33,6 +33,7 @@ impl Sender<'_> {
                 dirty: DirtyBitmap::new(blocks),
                 active: false,
                 added_us: Vec::new(),
+                throttle: None,
             });
             let file = d
                 .reopen_read()

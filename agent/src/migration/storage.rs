@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, log_path};
+use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, WriteThrottle, log_path};
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
 
@@ -67,6 +67,8 @@ pub struct Params {
     pub disk: Option<String>,
     pub mode: Mode,
     pub remove_source: bool,
+    /// Cap on the guest's disk writes while its disks move, bytes per second.
+    pub throttle_writes: Option<u64>,
     pub report: Option<PathBuf>,
     /// The VM's config file, rewritten to name the new images (None: the VM has
     /// none, e.g. it came in by migration).
@@ -124,6 +126,8 @@ pub struct Report {
     pub switchover_ms: Option<f64>,
     /// Copying and switching over, without the check against the old image.
     pub copy_ms: f64,
+    /// How long the write throttle held the guest's disk writes back, in total.
+    pub guest_writes_delayed_ms: f64,
     pub config_rewritten: Option<PathBuf>,
     pub disks: Vec<Moved>,
 }
@@ -175,6 +179,7 @@ struct Copier<'a> {
     added_us: Vec<u32>,
     switchover: Option<Duration>,
     copy_time: Duration,
+    throttled: Duration,
     buf: Aligned,
     other: Aligned,
 }
@@ -190,6 +195,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         added_us: Vec::new(),
         switchover: None,
         copy_time: Duration::ZERO,
+        throttled: Duration::ZERO,
         buf: Aligned::new(),
         other: Aligned::new(),
     };
@@ -215,6 +221,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
             .then(|| u64::from(added[((added.len() - 1) as f64 * 0.99) as usize])),
         switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
         copy_ms: c.copy_time.as_secs_f64() * 1e3,
+        guest_writes_delayed_ms: c.throttled.as_secs_f64() * 1e3,
         config_rewritten: result.is_ok().then(|| params.config_path.clone()).flatten(),
         disks: moved,
     };
@@ -376,6 +383,7 @@ impl Copier<'_> {
             dirty: DirtyBitmap::new(blocks),
             active: self.mode == Mode::Active,
             added_us: Vec::new(),
+            throttle: self.params.throttle_writes.map(WriteThrottle::new),
         });
         let mut todo = DirtyBitmap::new(blocks);
         // Holes need no copy: the new image is sparse and reads as zero there too.
@@ -430,6 +438,9 @@ impl Copier<'_> {
             if let Some(j) = job.as_mut() {
                 todo.or_assign_words(j.dirty.words());
                 self.added_us.append(&mut j.added_us);
+                if let Some(t) = &j.throttle {
+                    self.throttled += t.delayed;
+                }
             }
             for (first, count) in steps(&todo) {
                 self.copy_unlocked(&source, &file, d.size, (first, count), true)?;
@@ -466,6 +477,7 @@ impl Copier<'_> {
                 dirty: DirtyBitmap::new(d.size.div_ceil(COPY_BLOCK)),
                 active: false,
                 added_us: Vec::new(),
+                throttle: None,
             });
             Ok(())
         })();

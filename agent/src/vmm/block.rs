@@ -88,6 +88,46 @@ pub struct CopyJob {
     pub active: bool,
     /// Active mode: time each mirrored write added, microseconds.
     pub added_us: Vec<u32>,
+    /// Caps the guest's write throughput while the job runs (so a background copy
+    /// can outrun it); None: no cap.
+    pub throttle: Option<WriteThrottle>,
+}
+
+/// A token bucket over guest write bytes: a write that overdraws it completes late,
+/// by the time the bucket needs to refill.
+#[derive(Debug)]
+pub struct WriteThrottle {
+    pub bytes_per_sec: u64,
+    tokens: f64,
+    last: std::time::Instant,
+    /// Total delay imposed so far.
+    pub delayed: std::time::Duration,
+}
+
+impl WriteThrottle {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.max(1),
+            tokens: 0.0,
+            last: std::time::Instant::now(),
+            delayed: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Takes `bytes`; returns how long the write must wait (at most 100 ms of burst).
+    fn take(&mut self, bytes: usize) -> std::time::Duration {
+        let rate = self.bytes_per_sec as f64;
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + (now - self.last).as_secs_f64() * rate).min(rate * 0.1);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            return std::time::Duration::ZERO;
+        }
+        let wait = std::time::Duration::from_secs_f64(-self.tokens / rate);
+        self.delayed += wait;
+        wait
+    }
 }
 
 /// Granularity of storage-migration dirty tracking and copying.
@@ -348,6 +388,7 @@ impl Disk {
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
             }
         }
+        let mut wait = None;
         if let Some(job) = job.as_mut() {
             let first = offset / COPY_BLOCK;
             let last = (offset + len as u64 - 1) / COPY_BLOCK;
@@ -368,6 +409,13 @@ impl Disk {
                 job.added_us
                     .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
+            wait = job.throttle.as_mut().map(|t| t.take(len));
+        }
+        drop(b);
+        drop(job);
+        if let Some(wait) = wait {
+            // The guest's vCPU waits here, with no lock held: its write completes late.
+            std::thread::sleep(wait);
         }
         Ok(())
     }

@@ -77,6 +77,9 @@ pub enum Request {
         mode: Option<String>,
         #[serde(default)]
         remove_source: bool,
+        /// Cap on the guest's disk writes while its disks move, MB/s.
+        #[serde(default)]
+        throttle_writes_mbps: Option<u64>,
         #[serde(default)]
         report: Option<PathBuf>,
     },
@@ -365,8 +368,15 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             disk,
             mode,
             remove_source,
+            throttle_writes_mbps,
             report,
-        } => start_storage_migration(m, to, disk, mode.as_deref(), remove_source, report),
+        } => start_storage_migration(
+            m,
+            (to, disk),
+            mode.as_deref(),
+            (remove_source, throttle_writes_mbps),
+            report,
+        ),
         Request::StartPostcopy {} => match phase {
             Some(source::Phase::Precopy) if migrating => {
                 m.postcopy_requested.store(true, Ordering::Release);
@@ -421,12 +431,14 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
 
 fn start_storage_migration(
     m: &Arc<Machine>,
-    to: PathBuf,
-    disk: Option<String>,
+    (to, disk): (PathBuf, Option<String>),
     mode: Option<&str>,
-    remove_source: bool,
+    (remove_source, throttle_writes_mbps): (bool, Option<u64>),
     report: Option<PathBuf>,
 ) -> Result<Value, String> {
+    if throttle_writes_mbps == Some(0) {
+        return Err("throttle_writes_mbps must be at least 1".into());
+    }
     use crate::migration::storage;
     let mode: storage::Mode = mode.unwrap_or("auto").parse()?;
     if !to.is_dir() {
@@ -467,6 +479,7 @@ fn start_storage_migration(
         disk,
         mode,
         remove_source,
+        throttle_writes: throttle_writes_mbps.map(|m| m.saturating_mul(1_000_000)),
         report,
         config_path: m
             .config_path
