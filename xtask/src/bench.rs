@@ -695,6 +695,66 @@ fn storage() -> Result<()> {
     );
     results.insert("bulk_background".into(), r);
     vm.quit(&ferry)?;
+    let copy_rate = rate;
+
+    // Convergence: a guest writing 64 KiB blocks at about half, then about all, of
+    // the copy speed just measured.
+    for (mode, share, ds) in [("background", 0.5, "ds3"), ("active", 1.0, "ds2")] {
+        let ops = (copy_rate * share / 65536.0).round().max(1.0) as u64;
+        step(&format!(
+            "{mode} mode with the guest writing 64 KiB blocks at {:.0}% of the copy speed ({ops} writes/s asked)",
+            share * 100.0
+        ));
+        let name = format!("cv-{mode}");
+        let image = dir.join(format!("{name}.img"));
+        let body = format!(
+            "name = \"{name}\"\nmemory_mib = 64\nvcpus = 2\n[workload]\nworking_set_mib = 8\n\
+             dirty_pages_per_sec = 1000\npattern = \"random\"\n[workload.disk]\n\
+             write_ops_per_sec = {ops}\nblock_kib = 64\n[[disks]]\nid = \"root\"\n\
+             path = \"{}\"\nsize_mib = 256\ncache = \"none\"\n",
+            image.display()
+        );
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, body)?;
+        let mut vm = Vmm::spawn(
+            &ferry,
+            &["--config", cfg.to_str().unwrap_or_default()],
+            &dir.join(format!("{name}.sock")),
+            &dir.join(format!("{name}.log")),
+        )?;
+        vm.wait_ready(&ferry)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let w0 = num(&status(&ferry, &vm.control)?, "disk_writes");
+        std::thread::sleep(Duration::from_secs(1));
+        let w1 = num(&status(&ferry, &vm.control)?, "disk_writes");
+        let guest_rate = (w1 - w0) * 65536.0;
+        let out = std::process::Command::new(&ferry)
+            .args(["storage-migrate", "--json", "--mode", mode, "--to"])
+            .arg(dir.join(ds))
+            .arg("--control")
+            .arg(&vm.control)
+            .output()?;
+        let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        println!(
+            "  guest wrote {:.0} MB/s ({:.0}% of the copy speed): {} in {} rounds, switchover {:.1} ms, \
+             copy {:.0} ms, verified {}, added write latency p99 {} us",
+            guest_rate / 1e6,
+            guest_rate / copy_rate * 100.0,
+            r["outcome"],
+            r["disk_rounds"],
+            num(&r, "switchover_ms"),
+            num(&r, "copy_ms"),
+            r["disk_verified"],
+            r["guest_write_latency_added_us_p99"],
+        );
+        results.insert(
+            format!("converge_{mode}"),
+            json!({"guest_bytes_per_sec": guest_rate, "report": r}),
+        );
+        vm.quit(&ferry)?;
+    }
     let out = crate::util::root().join("target/bench/storage.json");
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
