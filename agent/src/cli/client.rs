@@ -72,6 +72,69 @@ pub fn status(control: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     if let Some(crash) = get(&s, "crash").as_str() {
         println!("{:<22} {crash}", "crash");
     }
+    let m = get(&s, "migration");
+    if !m.is_null() {
+        let line = match get(m, "report").get("outcome").and_then(Value::as_str) {
+            Some(outcome) => format!(
+                "{outcome} ({} mode, {} ms{})",
+                get(get(m, "report"), "mode").as_str().unwrap_or("-"),
+                num(get(m, "report"), "total_ms"),
+                get(get(m, "report"), "error")
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            None => format!(
+                "{} to {}, round {}, {} pages left, {:.1} MB/s",
+                get(m, "phase").as_str().unwrap_or("-"),
+                get(m, "to").as_str().unwrap_or("-"),
+                num(m, "round"),
+                get(m, "postcopy_pages_left")
+                    .as_u64()
+                    .unwrap_or(get(m, "remaining_dirty_pages").as_u64().unwrap_or(0)),
+                get(m, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0) / 1e6
+            ),
+        };
+        println!("{:<22} {line}", "migration");
+    }
+    let p = get(&s, "incoming_postcopy");
+    if !p.is_null() {
+        println!(
+            "{:<22} {}, {} pages missing, {} faults, {} recoveries{}",
+            "incoming post-copy",
+            get(p, "phase").as_str().unwrap_or("-"),
+            num(p, "missing_pages"),
+            num(p, "faults"),
+            num(p, "recoveries"),
+            get(p, "error")
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    let st = get(&s, "storage_migration");
+    if !st.is_null() {
+        let line = match get(st, "report").get("outcome").and_then(Value::as_str) {
+            Some(outcome) => format!(
+                "{outcome} ({} ms{})",
+                num(get(st, "report"), "total_ms"),
+                get(get(st, "report"), "error")
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            None => format!(
+                "{} disk {}, round {}, {:.1} MiB copied, {} blocks left, {} mode",
+                get(st, "phase").as_str().unwrap_or("-"),
+                get(st, "disk").as_str().unwrap_or("-"),
+                num(st, "round"),
+                get(st, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
+                num(st, "remaining_blocks"),
+                get(st, "mode").as_str().unwrap_or("-")
+            ),
+        };
+        println!("{:<22} {line}", "storage migration");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
