@@ -2,8 +2,9 @@
 //! workload, shows its live status, snapshots it, restores the snapshot in a second
 //! `ferry vmm` process and shows the guest carrying on from the snapshot's moment,
 //! then live-migrates it to a third process over TCP and prints the report, moves its
-//! disk to a second datastore while it runs, and moves it once more in post-copy over
-//! a link slower than the guest dirties memory.
+//! disk to a second datastore while it runs, migrates it with its disks to a third,
+//! moves it once more in post-copy over a link slower than the guest dirties memory,
+//! and checks every disk block it was told was written.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -215,6 +216,18 @@ pub fn run() -> Result<()> {
     print!("{}", ctl(&ferry, &["verify"], &last.control)?);
     dst.quit(&ferry)?;
     last.quit(&ferry)?;
+
+    step(
+        "disk-check: every block the guest was told was written is in the images its config names",
+    );
+    let checked = std::process::Command::new(&ferry)
+        .arg("disk-check")
+        .arg("--config")
+        .arg(ds3.join("lab1/lab1.toml"))
+        .status()?;
+    if !checked.success() {
+        anyhow::bail!("disk-check found errors");
+    }
     step(&format!("lab done; logs and files in {}", dir.display()));
     Ok(())
 }
