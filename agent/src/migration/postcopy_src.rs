@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::codec::{Codec, Compressor};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
-use super::source::{Buffers, MigrateError, Phase, Sender, Switch, address, encode, lock, ms};
+use super::source::{Buffers, MigrateError, Phase, Sender, Switch, address, encode, lock};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::snapshot::MachineState;
@@ -228,33 +228,6 @@ impl Sender<'_> {
         let figures = self.postcopy(need, fault, switch, (t_pause, lap))?;
         switch.postcopy = Some(figures);
         self.measure_handover(switch, &last_heartbeats);
-        Ok(())
-    }
-
-    /// Ready, Commit, Resumed: the handover proper (the request server already runs,
-    /// so the guest's first faults are answered at once).
-    fn commit(
-        &mut self,
-        switch: &mut Switch,
-        (t_pause, mut lap): (Instant, super::Lap),
-    ) -> Result<(), MigrateError> {
-        match self.recv()? {
-            Message::Ready => {}
-            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
-            _ => return Err(MigrateError::Unexpected("something other than Ready")),
-        }
-        self.fault("drop-before-commit")?;
-        self.m.handed_over.store(true, Ordering::Release);
-        switch.committed = true;
-        self.send(&Message::Commit)?;
-        self.w.flush().map_err(ProtocolError::from)?;
-        lap.mark("ready received, commit sent");
-        match self.recv()? {
-            Message::Resumed => {}
-            _ => return Err(MigrateError::Unexpected("something other than Resumed")),
-        }
-        lap.mark("resumed there");
-        switch.switchover_ms = Some(ms(t_pause.elapsed()));
         Ok(())
     }
 

@@ -1072,6 +1072,18 @@ impl Sender<'_> {
             pages_sent: self.stats.pages_sent,
         })?;
         self.w.flush().map_err(ProtocolError::from)?;
+        self.commit(switch, (t_pause, super::Lap::new()))?;
+        self.measure_handover(switch, &last_heartbeats);
+        Ok(())
+    }
+
+    /// Ready, Commit, Resumed: the handover proper, the same for pre-copy and
+    /// post-copy.
+    pub(super) fn commit(
+        &mut self,
+        switch: &mut Switch,
+        (t_pause, mut lap): (Instant, super::Lap),
+    ) -> Result<(), MigrateError> {
         match self.recv()? {
             Message::Ready => {}
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
@@ -1084,13 +1096,14 @@ impl Sender<'_> {
         switch.committed = true;
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
+        lap.mark("ready received, commit sent");
         self.fault("drop-after-commit")?;
         match self.recv()? {
             Message::Resumed => {}
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
         }
+        lap.mark("resumed there");
         switch.switchover_ms = Some(ms(t_pause.elapsed()));
-        self.measure_handover(switch, &last_heartbeats);
         Ok(())
     }
 
