@@ -208,14 +208,16 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::Release);
 }
 
-/// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
-pub fn migrate(
+/// Sends `req` (with `report` made absolute), then polls `status` until `section`
+/// holds a report, which it returns. `progress` sees the section meanwhile; Ctrl-C
+/// asks the VMM to cancel (once) and says `on_cancel`.
+fn start_and_follow(
     control: &Path,
     mut req: Value,
     report: Option<&Path>,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
+    (section, on_cancel): (&str, &str),
+    mut progress: impl FnMut(&Value),
+) -> anyhow::Result<Value> {
     let report = report.map(std::path::absolute).transpose()?;
     req["report"] = json!(report);
     strip_nulls(&mut req);
@@ -227,6 +229,57 @@ pub fn migrate(
             on_interrupt as *const () as libc::sighandler_t,
         )
     };
+    let mut cancelled = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
+            cancelled = true;
+            let _ = request(control, &json!({"cmd": "cancel"}));
+            eprintln!("\n{on_cancel}");
+        }
+        let s = request(control, &json!({"cmd": "status"}))?;
+        let p = get(&s, section);
+        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
+            return Ok(r.clone());
+        }
+        progress(p);
+    }
+}
+
+/// Prints a report as JSON or as a table of `keys` (absent ones left out); the exit
+/// status says whether it completed.
+fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
+    if as_json {
+        println!("{report}");
+    } else {
+        let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+        for key in keys {
+            let v = get(report, key);
+            if !v.is_null() {
+                println!(
+                    "{key:<width$} {}",
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                );
+            }
+        }
+    }
+    if get(report, "outcome").as_str() == Some("completed") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
+pub fn migrate(
+    control: &Path,
+    req: Value,
+    report: Option<&Path>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     // The bar counts guest pages through the first full pass; later rounds show in
     // its message (phase, round, what remains, bandwidth, ETA).
@@ -245,20 +298,16 @@ pub fn migrate(
     } else {
         None
     };
-    let mut cancelled = false;
-    let final_report = loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
-            cancelled = true;
-            let _ = request(control, &json!({"cmd": "cancel"}));
-            eprintln!("\ncancelling; the VM keeps running on the source");
-        }
-        let s = request(control, &json!({"cmd": "status"}))?;
-        let p = get(&s, "migration");
-        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
-            break r.clone();
-        }
-        if let Some(bar) = &bar {
+    let final_report = start_and_follow(
+        control,
+        req,
+        report,
+        (
+            "migration",
+            "cancelling; the VM keeps running on the source",
+        ),
+        |p| {
+            let Some(bar) = &bar else { return };
             let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
             let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
                 + get(p, "zero_pages").as_u64().unwrap_or(0);
@@ -283,15 +332,14 @@ pub fn migrate(
                 remaining,
                 bw / 1e6,
             ));
-        }
-    };
+        },
+    )?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if as_json {
-        println!("{final_report}");
-    } else {
-        for key in [
+    Ok(print_report(
+        &final_report,
+        &[
             "outcome",
             "error",
             "mode",
@@ -315,25 +363,9 @@ pub fn migrate(
             "vcpu_blocked_ms",
             "recoveries",
             "disk_bytes_copied",
-        ] {
-            let v = get(&final_report, key);
-            if !v.is_null() {
-                println!(
-                    "{key:<22} {}",
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                );
-            }
-        }
-    }
-    Ok(
-        if get(&final_report, "outcome").as_str() == Some("completed") {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+        ],
+        as_json,
+    ))
 }
 
 /// Leaves out the arguments the user did not give.
@@ -365,53 +397,38 @@ pub fn storage_migrate(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let report = report.map(std::path::absolute).transpose()?;
-    req["report"] = json!(report);
     if let Some(to) = req.get("to").and_then(Value::as_str) {
         req["to"] = json!(std::path::absolute(to)?);
     }
-    strip_nulls(&mut req);
-    request(control, &req)?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        )
-    };
     let tty = std::io::stderr().is_terminal();
-    let mut cancelled = false;
-    let final_report = loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
-            cancelled = true;
-            let _ = request(control, &json!({"cmd": "cancel"}));
-            eprintln!("\ncancelling; the VM stays on its current images");
-        }
-        let s = request(control, &json!({"cmd": "status"}))?;
-        let p = get(&s, "storage_migration");
-        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
-            break r.clone();
-        }
-        if tty {
-            eprint!(
-                "\r{} disk {} | round {} | {:.1} MiB copied | {} blocks left | mode {}    ",
-                get(p, "phase").as_str().unwrap_or("-"),
-                get(p, "disk").as_str().unwrap_or("-"),
-                num(p, "round"),
-                get(p, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
-                num(p, "remaining_blocks"),
-                get(p, "mode").as_str().unwrap_or("-"),
-            );
-        }
-    };
+    let final_report = start_and_follow(
+        control,
+        req,
+        report,
+        (
+            "storage_migration",
+            "cancelling; the VM stays on its current images",
+        ),
+        |p| {
+            if tty {
+                eprint!(
+                    "\r{} disk {} | round {} | {:.1} MiB copied | {} blocks left | mode {}    ",
+                    get(p, "phase").as_str().unwrap_or("-"),
+                    get(p, "disk").as_str().unwrap_or("-"),
+                    num(p, "round"),
+                    get(p, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
+                    num(p, "remaining_blocks"),
+                    get(p, "mode").as_str().unwrap_or("-"),
+                );
+            }
+        },
+    )?;
     if tty {
         eprintln!();
     }
-    if as_json {
-        println!("{final_report}");
-    } else {
-        for key in [
+    let code = print_report(
+        &final_report,
+        &[
             "outcome",
             "error",
             "disk_mode",
@@ -424,31 +441,18 @@ pub fn storage_migrate(
             "guest_write_latency_added_us_p99",
             "guest_writes_delayed_ms",
             "config_rewritten",
-        ] {
-            let v = get(&final_report, key);
-            if !v.is_null() {
-                println!(
-                    "{key:<34} {}",
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                );
-            }
-        }
+        ],
+        as_json,
+    );
+    if !as_json {
         for d in get(&final_report, "disks").as_array().into_iter().flatten() {
             println!(
-                "disk {:<29} {} -> {}",
+                "disk {} {} -> {}",
                 get(d, "id").as_str().unwrap_or("-"),
                 get(d, "from").as_str().unwrap_or("-"),
                 get(d, "to").as_str().unwrap_or("-")
             );
         }
     }
-    Ok(
-        if get(&final_report, "outcome").as_str() == Some("completed") {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    Ok(code)
 }
