@@ -286,17 +286,38 @@ pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
 pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Value) {
     let mut args = vec!["migrate", "--control", src.ctl(), "--to", to, "--json"];
     args.extend_from_slice(extra);
-    let out = ferry(&args);
+    report_of(&args, || format!("source log: {}", src.log_text()))
+}
+
+/// Runs a `ferry ... --json` command that prints a report; returns its exit success
+/// and the report. No report is a test failure, with `context()` in the message.
+pub fn report_of(args: &[&str], context: impl Fn() -> String) -> (bool, Value) {
+    let out = ferry(args);
     let text = String::from_utf8_lossy(&out.stdout);
     let report = serde_json::from_str(&text).unwrap_or_else(|_| {
         panic!(
-            "migrate printed no report ({}): {text} {}\nsource log: {}",
+            "{} printed no report ({}): {text} {}\n{}",
+            args[0],
             out.status,
             String::from_utf8_lossy(&out.stderr),
-            src.log_text()
+            context()
         )
     });
     (out.status.success(), report)
+}
+
+/// Breaks every TCP connection to `port` on loopback (`ss -K`), as a failing network
+/// path would.
+pub fn kill_connections_to(port: &str) {
+    let out = Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) is installed by cargo xtask setup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Writes a config, starts `ferry vmm` on it and waits until its guest has run a while.

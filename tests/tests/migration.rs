@@ -203,16 +203,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
             dst.kill();
         } else if name == "cut" {
             // Break the TCP connection itself, as a failing network path would.
-            let port = dst_port.clone();
-            let out = std::process::Command::new("ss")
-                .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-                .output()
-                .expect("ss (iproute2) is installed by cargo xtask setup");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ferry_tests::kill_connections_to(&dst_port);
             // The destination sees the stream end and gives up by itself.
             let mut dst = dst;
             let status = dst.child.wait().unwrap();

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::netns::{DEST_ADDR, LinkPair};
 use ferry_tests::{
-    TempDir, Vmm, check_arrived, ferry, free_port, incoming, migrate, require_kvm, u64_of,
-    write_config,
+    TempDir, Vmm, check_arrived, ferry, free_port, incoming, kill_connections_to, migrate,
+    report_of, require_kvm, u64_of, write_config,
 };
 use serde_json::Value;
 
@@ -51,15 +51,7 @@ fn migrate_in_background(
     std::thread::spawn(move || {
         let mut args = vec!["migrate", "--control", &ctl, "--to", &to, "--json"];
         args.extend(extra.iter().map(String::as_str));
-        let out = ferry(&args);
-        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "no report: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.success(), report)
+        report_of(&args, String::new)
     })
 }
 
@@ -77,18 +69,6 @@ fn wait_phase(ctl: &str, phase: &str, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn kill_connections_to(port: &str) {
-    let out = std::process::Command::new("ss")
-        .args(["-K", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss (iproute2) is installed by cargo xtask setup");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

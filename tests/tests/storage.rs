@@ -40,15 +40,7 @@ fn storage_migrate(vm: &Vmm, to: &std::path::Path, extra: &[&str]) -> (bool, Val
         "--json",
     ];
     args.extend_from_slice(extra);
-    let out = ferry(&args);
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "no report: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), report)
+    ferry_tests::report_of(&args, || format!("VMM log: {}", vm.log_text()))
 }
 
 fn config_paths(cfg: &std::path::Path) -> Vec<String> {
