@@ -657,14 +657,7 @@ fn storage() -> Result<()> {
                 dirty_pages_per_sec = 1000\npattern = \"random\"\n[workload.disk]\n\
                 write_ops_per_sec = 0\n[[disks]]\nid = \"root\"\npath = \"ds1/st-root.img\"\n\
                 size_mib = 512\ncache = \"none\"\n";
-    let cfg = dir.join("st.toml");
-    std::fs::write(&cfg, body)?;
-    let mut vm = Vmm::spawn(
-        &ferry,
-        &["--config", cfg.to_str().unwrap_or_default()],
-        &dir.join("st.sock"),
-        &dir.join("st.log"),
-    )?;
+    let mut vm = start(&ferry, &dir, "st", body)?;
     vm.wait_ready(&ferry)?;
     step("storage migration of the same image (guest not writing to disk), background mode");
     let run = |to: &str, mode: &str| -> Result<Value> {
@@ -714,14 +707,7 @@ fn storage() -> Result<()> {
              path = \"{}\"\nsize_mib = 256\ncache = \"none\"\n",
             image.display()
         );
-        let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, body)?;
-        let mut vm = Vmm::spawn(
-            &ferry,
-            &["--config", cfg.to_str().unwrap_or_default()],
-            &dir.join(format!("{name}.sock")),
-            &dir.join(format!("{name}.log")),
-        )?;
+        let mut vm = start(&ferry, &dir, &name, &body)?;
         vm.wait_ready(&ferry)?;
         std::thread::sleep(Duration::from_secs(2));
         let w0 = num(&status(&ferry, &vm.control)?, "disk_writes");
