@@ -145,7 +145,8 @@ enum Command {
         /// with --datastore); pre-copy only.
         #[arg(long)]
         copy_storage: bool,
-        /// Page codec: none, lz4 or zstd:N.
+        /// Codec for memory pages (and, with --copy-storage, disk blocks): none, lz4
+        /// or zstd:N.
         #[arg(long, default_value = "none")]
         compression: String,
         /// Switch over once the predicted downtime is this short.

@@ -28,7 +28,7 @@ pub enum CodecError {
     Level(i32),
     #[error("compressing a page with {codec}: {message}")]
     Compress { codec: Codec, message: String },
-    #[error("a page compressed with {codec} does not decompress to one page: {message}")]
+    #[error("data compressed with {codec} does not decompress to its length: {message}")]
     Decompress { codec: Codec, message: String },
 }
 
@@ -194,10 +194,21 @@ impl Decompressor {
         data: &[u8],
         out: &mut [u8; PAGE],
     ) -> Result<(), CodecError> {
+        self.decompress_exact(codec, data, out)
+    }
+
+    /// Decodes `data` into exactly `out.len()` bytes (a page, or a run of disk blocks).
+    pub fn decompress_exact(
+        &mut self,
+        codec: Codec,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), CodecError> {
+        let want = out.len();
         let bad = |message: String| CodecError::Decompress { codec, message };
         match codec {
             Codec::None => {
-                if data.len() != PAGE {
+                if data.len() != want {
                     return Err(bad(format!("{} bytes", data.len())));
                 }
                 out.copy_from_slice(data);
@@ -205,7 +216,7 @@ impl Decompressor {
             Codec::Lz4 => {
                 let n =
                     lz4_flex::block::decompress_into(data, out).map_err(|e| bad(e.to_string()))?;
-                if n != PAGE {
+                if n != want {
                     return Err(bad(format!("{n} bytes")));
                 }
             }
@@ -216,9 +227,9 @@ impl Decompressor {
                 }
                 let ctx = self.zstd.as_mut().ok_or_else(|| bad("no context".into()))?;
                 let n = ctx
-                    .decompress_to_buffer(data, &mut out[..])
+                    .decompress_to_buffer(data, out)
                     .map_err(|e| bad(e.to_string()))?;
-                if n != PAGE {
+                if n != want {
                     return Err(bad(format!("{n} bytes")));
                 }
             }

@@ -474,8 +474,14 @@ impl Receiver {
                         &announced,
                     )?);
                 }
-                Message::DiskData { disk, offset, data } => match &disks {
-                    Some(store) => store.write(disk, offset, &data)?,
+                Message::DiskData {
+                    disk,
+                    offset,
+                    len,
+                    encoding,
+                    data,
+                } => match &mut disks {
+                    Some(store) => store.write(disk, offset, len, encoding, &data)?,
                     None => return Err(IncomingError::Unexpected(Kind::DiskData)),
                 },
                 Message::DiskLog { disk, records } => match &disks {

@@ -8,9 +8,10 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::protocol::Message;
+use super::codec::{Codec, Decompressor, Stored};
+use super::protocol::{DISK_ZERO, Message};
 use super::source::{MigrateError, Sender};
-use super::storage::{Aligned, RUN_BLOCKS, data_blocks, steps};
+use super::storage::{Aligned, RUN_BLOCKS, data_blocks, pieces, steps, write_zeroes_at};
 use crate::vmm::block::{COPY_BLOCK, CopyJob, log_path};
 use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
@@ -100,14 +101,42 @@ impl Sender<'_> {
                         }
                     }
                 }
-                self.send(&Message::DiskData {
-                    disk: i as u32,
-                    offset: at,
-                    data: buf.get(len).to_vec(),
-                })?;
-                self.stats.disk_bytes += len as u64;
+                self.disk_chunk(i as u32, at, buf.get(len))?;
             }
         }
+        Ok(())
+    }
+
+    /// Sends disk bytes read at `at`: zero runs as their length, the rest with the
+    /// migration's current codec (stored raw where it does not shrink).
+    fn disk_chunk(&mut self, disk: u32, at: u64, bytes: &[u8]) -> Result<(), MigrateError> {
+        let codec = self.settings.codec;
+        let mut out = Vec::new();
+        for (range, is_zero) in pieces(bytes) {
+            let len = range.len() as u32;
+            let offset = at + range.start as u64;
+            let (encoding, data) = if is_zero {
+                (DISK_ZERO, Vec::new())
+            } else {
+                out.clear();
+                match self
+                    .compressor
+                    .compress(codec, &bytes[range.clone()], &mut out)
+                    .map_err(|e| MigrateError::Vm(format!("disk {disk}: {e}")))?
+                {
+                    Stored::Compressed(_) => (codec.id(), out.clone()),
+                    Stored::Raw => (Codec::None.id(), bytes[range].to_vec()),
+                }
+            };
+            self.send(&Message::DiskData {
+                disk,
+                offset,
+                len,
+                encoding,
+                data,
+            })?;
+        }
+        self.stats.disk_bytes += bytes.len() as u64;
         Ok(())
     }
 
@@ -163,6 +192,8 @@ pub enum DiskStoreError {
     },
     #[error("the source's disks do not match its config: {0}")]
     Mismatch(String),
+    #[error("disk data that does not decode: {0}")]
+    Decode(String),
     #[error("disk data outside disk {disk}: {len} bytes at {offset}")]
     OutOfRange { disk: u32, offset: u64, len: usize },
 }
@@ -173,6 +204,8 @@ pub struct DiskStore {
     folder: PathBuf,
     disks: Vec<(PathBuf, File, u64)>,
     kept: bool,
+    buf: Aligned,
+    decompressor: Decompressor,
 }
 
 impl DiskStore {
@@ -206,6 +239,8 @@ impl DiskStore {
             folder,
             disks: Vec::new(),
             kept: false,
+            buf: Aligned::new(),
+            decompressor: Decompressor::new(),
         };
         for c in &cfg.disks {
             let path = store.folder.join(format!("{}-{}.img", cfg.name, c.id));
@@ -222,36 +257,38 @@ impl DiskStore {
         Ok(store)
     }
 
-    pub fn write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), DiskStoreError> {
-        let (path, file, size) =
-            self.disks
-                .get(disk as usize)
-                .ok_or(DiskStoreError::OutOfRange {
-                    disk,
-                    offset,
-                    len: data.len(),
-                })?;
-        if offset.saturating_add(data.len() as u64) > *size {
-            return Err(DiskStoreError::OutOfRange {
-                disk,
-                offset,
-                len: data.len(),
-            });
+    /// Writes `len` bytes at `offset` of a disk, decoded from `data` as `encoding`
+    /// says (see [`Message::DiskData`]).
+    pub fn write(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        len: u32,
+        encoding: u8,
+        data: &[u8],
+    ) -> Result<(), DiskStoreError> {
+        let len = len as usize;
+        let out_of_range = DiskStoreError::OutOfRange { disk, offset, len };
+        let (path, file, size) = self.disks.get(disk as usize).ok_or(out_of_range)?;
+        if offset.saturating_add(len as u64) > *size {
+            return Err(DiskStoreError::OutOfRange { disk, offset, len });
         }
+        let io = |source| DiskStoreError::Io {
+            what: "writing",
+            path: path.clone(),
+            source,
+        };
         // O_DIRECT wants aligned memory: the frame buffer may not be.
-        let mut buf = Aligned::new();
-        for (i, chunk) in data.chunks((RUN_BLOCKS * COPY_BLOCK) as usize).enumerate() {
-            let at = offset + (i as u64) * RUN_BLOCKS * COPY_BLOCK;
-            let b = buf.get(chunk.len());
-            b.copy_from_slice(chunk);
-            file.write_all_at(b, at)
-                .map_err(|source| DiskStoreError::Io {
-                    what: "writing",
-                    path: path.clone(),
-                    source,
-                })?;
+        let buf = self.buf.get(len);
+        if encoding == DISK_ZERO {
+            buf.fill(0);
+            return write_zeroes_at(file, offset, buf).map_err(io);
         }
-        Ok(())
+        let codec = Codec::from_id(encoding).map_err(|e| DiskStoreError::Decode(e.to_string()))?;
+        self.decompressor
+            .decompress_exact(codec, data, buf)
+            .map_err(|e| DiskStoreError::Decode(e.to_string()))?;
+        file.write_all_at(buf, offset).map_err(io)
     }
 
     /// The source's write log for a disk: becomes the copy's log.
@@ -301,5 +338,48 @@ impl Drop for DiskStore {
         if !self.kept {
             let _ = std::fs::remove_dir_all(&self.folder);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::codec::Compressor;
+
+    #[test]
+    fn every_encoding_lands_as_the_bytes_it_stands_for() {
+        let dir = std::env::temp_dir().join(format!("ferry-diskstore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = VmConfig::parse(
+            "name = \"ds\"\nmemory_mib = 16\n[[disks]]\nid = \"root\"\npath = \"r.img\"\nsize_mib = 1\n",
+            Path::new("t.toml"),
+            &dir,
+        )
+        .unwrap();
+        let mut store = DiskStore::create(Some(&dir), &cfg, &[("root".into(), 1 << 20)]).unwrap();
+        let text: Vec<u8> = (0..65536u32)
+            .map(|i| b"ferry disk "[i as usize % 11])
+            .collect();
+        let mut lz4 = Vec::new();
+        let stored = Compressor::new()
+            .compress(Codec::Lz4, &text, &mut lz4)
+            .unwrap();
+        assert!(matches!(stored, Stored::Compressed(_)));
+        store.write(0, 0, 65536, Codec::Lz4.id(), &lz4).unwrap();
+        store.write(0, 65536, 4096, 0, &[9; 4096]).unwrap();
+        store.write(0, 65536, 512, DISK_ZERO, &[]).unwrap();
+        // Data that does not decode to its length, or lands past the end: refused.
+        assert!(store.write(0, 0, 4096, Codec::Lz4.id(), &lz4).is_err());
+        assert!(store.write(0, 1 << 20, 512, 0, &[1; 512]).is_err());
+        assert!(store.write(3, 0, 512, 0, &[1; 512]).is_err());
+        let image = std::fs::read(dir.join("ds/ds-root.img")).unwrap();
+        assert_eq!(&image[..65536], &text[..]);
+        assert!(image[65536..65536 + 512].iter().all(|&b| b == 0));
+        assert!(image[65536 + 512..65536 + 4096].iter().all(|&b| b == 9));
+        assert!(image[65536 + 4096..].iter().all(|&b| b == 0));
+        drop(store);
+        // Never finished: the folder is gone again.
+        assert!(!dir.join("ds").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,12 +13,16 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Pages in one batch at most.
 pub const MAX_BATCH_PAGES: u32 = 2048;
+/// Disk bytes one `DiskData` frame may stand for (decoded): one copy step.
+pub const MAX_DISK_CHUNK: u32 = 512 << 10;
+/// `DiskData` encoding: the bytes are all zero and travel as their length only.
+pub const DISK_ZERO: u8 = 0xff;
 const ENTRY_LEN: usize = 12;
 /// Entry length flag: the page is stored raw (the codec did not shrink it).
 const RAW_FLAG: u32 = 1 << 31;
@@ -248,10 +252,14 @@ pub enum Message {
     Disks {
         disks: Vec<(String, u64)>,
     },
-    /// Source → destination: bytes of disk `disk` at `offset` (sector-aligned).
+    /// Source → destination: `len` bytes of disk `disk` at `offset` (both whole
+    /// sectors), as `encoding` says: a page codec's id ([`Codec::id`]; 0 is raw), or
+    /// [`DISK_ZERO`] for zeroes (no data: the destination punches a hole).
     DiskData {
         disk: u32,
         offset: u64,
+        len: u32,
+        encoding: u8,
         data: Vec<u8>,
     },
     /// Source → destination, paused: the disk's write log, compacted to the last
@@ -360,9 +368,17 @@ impl Message {
                     out.extend_from_slice(&size.to_le_bytes());
                 }
             }
-            Message::DiskData { disk, offset, data } => {
+            Message::DiskData {
+                disk,
+                offset,
+                len,
+                encoding,
+                data,
+            } => {
                 out.extend_from_slice(&disk.to_le_bytes());
                 out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+                out.push(*encoding);
                 out.extend_from_slice(data);
             }
             Message::DiskLog { disk, records } => {
@@ -464,15 +480,38 @@ impl Message {
                 Message::Disks { disks }
             }
             Kind::DiskData => {
-                let (disk, offset) = (r.u32()?, r.u64()?);
+                let (disk, offset, len, encoding) = (r.u32()?, r.u64()?, r.u32()?, r.u8()?);
                 let data = r.take(r.buf.len())?.to_vec();
-                if data.is_empty() || data.len() % 512 != 0 || offset % 512 != 0 {
+                if len == 0
+                    || len > MAX_DISK_CHUNK
+                    || !len.is_multiple_of(512)
+                    || !offset.is_multiple_of(512)
+                {
                     return Err(r.malformed(format!(
-                        "{} bytes at offset {offset} are not whole sectors",
+                        "{len} bytes at offset {offset} are not whole sectors (or too many)"
+                    )));
+                }
+                let fits = match encoding {
+                    0 => data.len() == len as usize,
+                    DISK_ZERO => data.is_empty(),
+                    id => {
+                        Codec::from_id(id).map_err(|e| r.malformed(e.to_string()))?;
+                        !data.is_empty() && data.len() < len as usize
+                    }
+                };
+                if !fits {
+                    return Err(r.malformed(format!(
+                        "{} bytes of data for {len} disk bytes in encoding {encoding}",
                         data.len()
                     )));
                 }
-                Message::DiskData { disk, offset, data }
+                Message::DiskData {
+                    disk,
+                    offset,
+                    len,
+                    encoding,
+                    data,
+                }
             }
             Kind::DiskLog => {
                 let disk = r.u32()?;
@@ -562,6 +601,10 @@ impl<'a> Cursor<'a> {
             [1] => Ok(true),
             [v] => Err(self.malformed(format!("flag byte {v}"))),
         }
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>()?[0])
     }
 
     fn u16(&mut self) -> Result<u16, ProtocolError> {
@@ -924,7 +967,23 @@ mod tests {
             Message::DiskData {
                 disk: 1,
                 offset: 4096,
+                len: 1024,
+                encoding: 0,
                 data: vec![7; 1024],
+            },
+            Message::DiskData {
+                disk: 0,
+                offset: 512,
+                len: 65536,
+                encoding: DISK_ZERO,
+                data: Vec::new(),
+            },
+            Message::DiskData {
+                disk: 0,
+                offset: 0,
+                len: 4096,
+                encoding: Codec::Lz4.id(),
+                data: vec![1; 20],
             },
             Message::DiskLog {
                 disk: 0,
