@@ -691,8 +691,12 @@ fn storage() -> Result<()> {
     let copy_rate = rate;
 
     // Convergence: a guest writing 64 KiB blocks at about half, then about all, of
-    // the copy speed just measured.
-    for (mode, share, ds) in [("background", 0.5, "ds3"), ("active", 1.0, "ds2")] {
+    // the copy speed just measured; and auto mode choosing at full speed.
+    for (mode, share, ds) in [
+        ("background", 0.5, "ds3"),
+        ("active", 1.0, "ds2"),
+        ("auto", 1.0, "ds3"),
+    ] {
         let ops = (copy_rate * share / 65536.0).round().max(1.0) as u64;
         step(&format!(
             "{mode} mode with the guest writing 64 KiB blocks at {:.0}% of the copy speed ({ops} writes/s asked)",
@@ -735,6 +739,11 @@ fn storage() -> Result<()> {
             r["disk_verified"],
             r["guest_write_latency_added_us_p99"],
         );
+        if mode == "auto" {
+            for d in r["disks"].as_array().into_iter().flatten() {
+                println!("  auto chose {}: {}", d["mode"], d["mode_reason"]);
+            }
+        }
         results.insert(
             format!("converge_{mode}"),
             json!({"guest_bytes_per_sec": guest_rate, "report": r}),
