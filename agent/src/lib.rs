@@ -3,4 +3,5 @@
 pub mod cli;
 pub mod guest;
 pub mod migration;
+pub mod probes;
 pub mod vmm;

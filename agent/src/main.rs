@@ -114,6 +114,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A VM's live signals from the eBPF probes: dirty pages/s, working set, exits,
+    /// disk I/O. Needs root.
+    Signals {
+        /// A Ferry VM's control socket: its dirty rate is sampled (logging on for
+        /// --sample-ms of every --interval-ms).
+        #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+        control: Option<PathBuf>,
+        /// Any KVM process: the dirty rate shows only while it has dirty logging on.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Stop after this long (default: until Ctrl-C or the process ends).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        sample_ms: u64,
+        /// One JSON object averaged over the run (with every tick) at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move the running VM to a `ferry vmm --incoming` (shared storage, or its disks
     /// sent along with --copy-storage).
     Migrate {
@@ -347,6 +368,21 @@ fn main() -> ExitCode {
             duration_ms,
             json,
         } => cli::client::dirty_rate(&control, duration_ms, json),
+        Command::Signals {
+            control,
+            pid,
+            duration_secs,
+            interval_ms,
+            sample_ms,
+            json,
+        } => cli::signals::run(cli::signals::Options {
+            control,
+            pid,
+            duration_secs,
+            interval_ms,
+            sample_ms: sample_ms.min(interval_ms),
+            json,
+        }),
     };
     match result {
         Ok(code) => code,

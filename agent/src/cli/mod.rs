@@ -1,4 +1,5 @@
 //! The `ferry` command line: the VMM process and the client commands.
 
 pub mod client;
+pub mod signals;
 pub mod vmm;

@@ -969,7 +969,16 @@ impl Sender<'_> {
             return self.switch_postcopy(need, false, switch);
         }
         let mut dirty = DirtyBitmap::new(pages);
-        self.m.dirty.start(&self.m.vm)?;
+        {
+            // A dirty-rate sample in progress ends first (it sees this migration and
+            // starts no other).
+            let _sample = self
+                .m
+                .dirty_sample_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.m.dirty.start(&self.m.vm)?;
+        }
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
         if self.params.copy_storage {

@@ -78,6 +78,8 @@ pub enum MachineError {
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("page {0} has not arrived yet (post-copy in progress)")]
     PageMissing(u64),
+    #[error("a migration is running and owns the dirty log; its progress carries the dirty rate")]
+    DirtyLogInUse,
 }
 
 /// What one vCPU has reported, as the VMM saw it.
@@ -246,6 +248,9 @@ pub struct Machine {
     pub migration: Mutex<Option<crate::migration::source::Progress>>,
     /// Set by `cancel`; the migration stops at its next check and the VM runs on here.
     pub migration_cancel: std::sync::atomic::AtomicBool,
+    /// Held while a dirty-rate sample has the dirty log; a migration takes it before
+    /// turning logging on, so the two never share the log.
+    pub dirty_sample_lock: Mutex<()>,
     /// The running migration's settings and their history (`set-params`).
     pub live: Mutex<Option<crate::migration::source::Live>>,
     /// While set, `resume` is refused with this reason (a migration destination
@@ -299,6 +304,7 @@ impl Machine {
             handed_over: std::sync::atomic::AtomicBool::new(false),
             migration: Mutex::new(None),
             migration_cancel: std::sync::atomic::AtomicBool::new(false),
+            dirty_sample_lock: Mutex::new(()),
             live: Mutex::new(None),
             hold: Mutex::new(None),
             postcopy_requested: std::sync::atomic::AtomicBool::new(false),
@@ -607,6 +613,19 @@ impl Machine {
 
     /// Logs dirty pages for `duration` and compares them with what the guest says it wrote.
     pub fn dirty_sample(&self, duration: Duration) -> Result<DirtySample, MachineError> {
+        let _log = self
+            .dirty_sample_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.report.is_none())
+        {
+            return Err(MachineError::DirtyLogInUse);
+        }
         let pages = self.vm.layout.memory_bytes / 4096;
         let mut bitmap = super::dirty::DirtyBitmap::new(pages);
         self.dirty.start(&self.vm)?;
