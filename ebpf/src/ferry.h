@@ -11,7 +11,7 @@
 /* log2 latency buckets: bucket i holds [2^i, 2^(i+1)) nanoseconds. */
 #define FERRY_HIST_BUCKETS 32
 
-/* Where a dirtied page was seen. The order is the preference for the dirty rate. */
+/* Where a dirtied page was seen (the agent decides which live one to believe). */
 enum ferry_dirty_source {
 	FERRY_DIRTY_RING = 0,       /* kvm:kvm_dirty_ring_push (dirty ring mode) */
 	FERRY_DIRTY_PAGE_FAULT = 1, /* kvm:kvm_page_fault, write bit (VMX/SVM) */
@@ -49,6 +49,10 @@ struct ferry_vm_counts {
 	__u64 readonly_sptes;             /* SPTEs set without the writable bit */
 	__u64 harvests; /* KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS calls:
 	                 * the VMM has dirty logging on, so writes fault and can be seen */
+	/* The latest memslot update this CPU saw (KVM_SET_USER_MEMORY_REGION{,2}): when, and
+	 * whether it turned dirty logging on. The newest over all CPUs is the VM's state. */
+	__u64 memslot_ns;
+	__u64 memslot_logging;
 };
 
 /* The dirty-log ioctls (linux/kvm.h): _IOW(KVMIO, 0x42, 16), _IOWR(KVMIO, 0xc0, 24),
@@ -56,6 +60,10 @@ struct ferry_vm_counts {
 #define FERRY_KVM_GET_DIRTY_LOG 0x4010ae42u
 #define FERRY_KVM_CLEAR_DIRTY_LOG 0xc018aec0u
 #define FERRY_KVM_RESET_DIRTY_RINGS 0xaec7u
+/* _IOW(KVMIO, 0x46, 32) and _IOW(KVMIO, 0x49, 160); both structs hold flags at byte 4. */
+#define FERRY_KVM_SET_USER_MEMORY_REGION 0x4020ae46u
+#define FERRY_KVM_SET_USER_MEMORY_REGION2 0x40a0ae49u
+#define FERRY_KVM_MEM_LOG_DIRTY_PAGES 1u
 
 /* EXITS (per-CPU hash). */
 struct ferry_exit_key {

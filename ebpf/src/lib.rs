@@ -19,7 +19,7 @@ pub const HIST_BUCKETS: usize = 32;
 /// `Watch::ws_source` when no source feeds the working-set bitmap yet.
 pub const WS_NONE: u32 = u32::MAX;
 
-/// Where a dirtied page was seen; the order is the preference for the dirty rate.
+/// Where a dirtied page was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum DirtySource {
@@ -31,6 +31,12 @@ pub enum DirtySource {
 
 impl DirtySource {
     pub const ALL: [DirtySource; 4] = [Self::Ring, Self::PageFault, Self::Walk, Self::Spte];
+    /// Which live source a dirty rate comes from, best first: the ring sees each
+    /// page exactly once; a hardware fault where the host reports them (VMX/SVM); an
+    /// SPTE made writable where it does not (it counts each page once, first touch
+    /// included); a page-table walk (guest-virtual, and a first touch may walk twice)
+    /// last.
+    pub const PREFERENCE: [DirtySource; 4] = [Self::Ring, Self::PageFault, Self::Spte, Self::Walk];
 
     /// The tracepoint it comes from.
     pub fn tracepoint(self) -> &'static str {
@@ -75,6 +81,8 @@ pub struct VmCounts {
     pub read_walks: u64,
     pub readonly_sptes: u64,
     pub harvests: u64,
+    pub memslot_ns: u64,
+    pub memslot_logging: u64,
 }
 
 #[repr(C)]
@@ -189,6 +197,8 @@ mod tests {
             ("FERRY_KVM_GET_DIRTY_LOG", ioc(1, 0x42, 16)),
             ("FERRY_KVM_CLEAR_DIRTY_LOG", ioc(3, 0xc0, 24)),
             ("FERRY_KVM_RESET_DIRTY_RINGS", ioc(0, 0xc7, 0)),
+            ("FERRY_KVM_SET_USER_MEMORY_REGION", ioc(1, 0x46, 32)),
+            ("FERRY_KVM_SET_USER_MEMORY_REGION2", ioc(1, 0x49, 160)),
         ] {
             assert!(
                 header.contains(&format!("#define {name} {value:#x}u")),

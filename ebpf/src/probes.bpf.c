@@ -182,16 +182,28 @@ int ioctl(struct trace_event_raw_sys_enter *ctx)
 {
 	/* KVM_RUN goes through here at every exit: test the command before the lookup. */
 	__u32 cmd = (__u32)ctx->args[1];
-	if (cmd != FERRY_KVM_GET_DIRTY_LOG && cmd != FERRY_KVM_CLEAR_DIRTY_LOG &&
-	    cmd != FERRY_KVM_RESET_DIRTY_RINGS)
+	int harvest = cmd == FERRY_KVM_GET_DIRTY_LOG || cmd == FERRY_KVM_CLEAR_DIRTY_LOG ||
+		      cmd == FERRY_KVM_RESET_DIRTY_RINGS;
+	int memslot = cmd == FERRY_KVM_SET_USER_MEMORY_REGION ||
+		      cmd == FERRY_KVM_SET_USER_MEMORY_REGION2;
+	if (!harvest && !memslot)
 		return 0;
 	struct ferry_watch *w = watched();
 	if (!w)
 		return 0;
 	__u32 slot = w->slot;
 	struct ferry_vm_counts *c = bpf_map_lookup_elem(&VM_COUNTS, &slot);
-	if (c)
+	if (!c)
+		return 0;
+	if (harvest) {
 		c->harvests++;
+		return 0;
+	}
+	__u32 flags = 0;
+	if (bpf_probe_read_user(&flags, sizeof(flags), (void *)(ctx->args[2] + 4)) == 0) {
+		c->memslot_ns = bpf_ktime_get_ns();
+		c->memslot_logging = (flags & FERRY_KVM_MEM_LOG_DIRTY_PAGES) != 0;
+	}
 	return 0;
 }
 

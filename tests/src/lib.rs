@@ -41,6 +41,32 @@ pub fn require_kvm() -> bool {
     false
 }
 
+/// True when eBPF probes can load here: root, tracefs mounted, kernel BTF. Under CI a
+/// missing one fails the test, named; elsewhere the test reports itself skipped.
+pub fn require_ebpf() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let missing = if unsafe { libc::geteuid() } != 0 {
+        Some("root (eBPF programs need it)")
+    } else if !Path::new("/sys/kernel/tracing/events").is_dir() {
+        Some("tracefs at /sys/kernel/tracing (cargo xtask setup mounts it)")
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("kernel BTF (/sys/kernel/btf/vmlinux)")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(what) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{what} is missing: the eBPF probe tests need it"
+            );
+            eprintln!("SKIPPED: {what} is missing");
+            false
+        }
+    }
+}
+
 /// A scratch folder removed on drop.
 pub struct TempDir(pub PathBuf);
 

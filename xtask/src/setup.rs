@@ -7,11 +7,24 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{have_command, step};
 
-/// Debian packages Ferry's tests and lab use, with a command that shows each is there.
+/// Debian packages Ferry's build, tests and lab use, with a command (or a file, when
+/// it starts with /) that shows each is there.
 const PACKAGES: &[(&str, &str)] = &[
     // `ss -K` and `ip netns` for fault and network tests.
     ("iproute2", "ss"),
+    // The eBPF probes are C, compiled by clang against libbpf's helper headers.
+    ("clang-19", "clang-19"),
+    ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("bpftool", "bpftool"),
 ];
+
+fn present(check: &str) -> bool {
+    if check.starts_with('/') {
+        Path::new(check).exists()
+    } else {
+        have_command(check)
+    }
+}
 
 pub fn run() -> Result<()> {
     step("setup: checking what Ferry needs");
@@ -42,7 +55,7 @@ fn check_kvm() -> Result<()> {
 fn install_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| !have_command(cmd))
+        .filter(|(_, check)| !present(check))
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {

@@ -39,7 +39,9 @@ pub struct Tick {
     pub host_devices: Vec<DeviceIo>,
     /// Dirty logging was on only for this long of the tick (a sample), in ms.
     pub logging_ms: Option<f64>,
-    /// The VMM's own dirty log over the sample: distinct pages per second of logging.
+    /// The VMM's own dirty log over the sample: distinct pages, and per second of
+    /// logging.
+    pub vmm_dirty_pages: Option<u64>,
     pub vmm_dirty_pages_per_sec: Option<f64>,
     /// The guest's own count of pages it wrote, per second of the sample.
     pub guest_pages_written_per_sec: Option<f64>,
@@ -77,6 +79,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         (None, Some(p)) => p,
         (None, None) => anyhow::bail!("give --control SOCK (a Ferry VM) or --pid PID"),
     };
+    crate::probes::check_prerequisites()?;
     check_kvm_process(pid)?;
     let mut probes = Probes::load()?;
     let unavailable: Vec<(String, String)> = probes
@@ -134,6 +137,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             at_ms: t0.elapsed().as_secs_f64() * 1e3,
             host_devices: signals::devices(&devices_prev, &devices_now, s.window_secs),
             logging_ms: None,
+            vmm_dirty_pages: None,
             vmm_dirty_pages_per_sec: None,
             guest_pages_written_per_sec: None,
             migrating,
@@ -149,6 +153,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             s.working_set_pages = d.working_set_pages;
             s.dirty_events_per_sec = d.dirty_events_per_sec;
             tick.logging_ms = Some(ms);
+            tick.vmm_dirty_pages = v["dirty_pages"].as_u64();
             tick.vmm_dirty_pages_per_sec = v["dirty_pages"].as_f64().map(|n| n / secs);
             tick.guest_pages_written_per_sec = v["guest_pages_written"].as_f64().map(|n| n / secs);
             tick.signals = s;

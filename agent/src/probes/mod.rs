@@ -78,6 +78,8 @@ pub enum ProbeError {
     Map { map: &'static str, message: String },
     #[error("process {pid} does not exist")]
     NoProcess { pid: u32 },
+    #[error("cannot read /proc/{pid}/fd: {message}")]
+    Proc { pid: u32, message: String },
     #[error(
         "process {pid} ({comm}) is not a KVM VMM: it holds no KVM VM file descriptor \
          (anon_inode:kvm-vm)"
@@ -136,7 +138,13 @@ pub fn check_prerequisites() -> Result<(), ProbeError> {
 /// Whether `pid` is a KVM VMM: it holds a KVM VM file descriptor.
 pub fn check_kvm_process(pid: u32) -> Result<(), ProbeError> {
     let proc = Path::new("/proc").join(pid.to_string());
-    let fds = std::fs::read_dir(proc.join("fd")).map_err(|_| ProbeError::NoProcess { pid })?;
+    if !proc.exists() {
+        return Err(ProbeError::NoProcess { pid });
+    }
+    let fds = std::fs::read_dir(proc.join("fd")).map_err(|e| ProbeError::Proc {
+        pid,
+        message: e.to_string(),
+    })?;
     let kvm = fds.flatten().any(|fd| {
         std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:kvm-vm")
     });
@@ -287,6 +295,11 @@ impl Probes {
             counts.read_walks += v.read_walks;
             counts.readonly_sptes += v.readonly_sptes;
             counts.harvests += v.harvests;
+            // The newest memslot update of any CPU is the VM's logging state.
+            if v.memslot_ns > counts.memslot_ns {
+                counts.memslot_ns = v.memslot_ns;
+                counts.memslot_logging = v.memslot_logging;
+            }
         }
         let exits_map = PerCpuHashMap::<&MapData, ExitKey, u64>::try_from(map("EXITS")?)
             .map_err(map_err("EXITS"))?;
@@ -392,15 +405,10 @@ fn add(into: &mut IoStats, v: &IoStats) {
 }
 
 /// Which source should feed the working-set bitmap, from the events each delivered:
-/// the ring's and the SPTE's addresses are guest-physical pages, the fault's too; a
-/// page-table walk's are guest-virtual, the last resort.
+/// the one the dirty rate comes from (see [`DirtySource::PREFERENCE`]), so both
+/// count the same pages.
 pub fn working_set_source(counts: &VmCounts) -> Option<DirtySource> {
-    [
-        DirtySource::Ring,
-        DirtySource::PageFault,
-        DirtySource::Spte,
-        DirtySource::Walk,
-    ]
-    .into_iter()
-    .find(|&s| counts.dirty[s as usize] > 0)
+    DirtySource::PREFERENCE
+        .into_iter()
+        .find(|&s| counts.dirty[s as usize] > 0)
 }

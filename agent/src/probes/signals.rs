@@ -146,7 +146,10 @@ pub fn window(a: &Reading, b: &Reading, logging_secs: Option<f64>) -> Signals {
         .collect();
     let pushes = dirty[DirtySource::Ring as usize].1;
     let harvests = c(|v| v.harvests);
-    let logging = harvests > 0 || pushes > 0;
+    // Logging is on if the VMM harvested or its ring filled in the window, or its last
+    // memslot update (if the probes saw one) turned logging on.
+    let memslot_on = b.counts.memslot_ns > 0 && b.counts.memslot_logging != 0;
+    let logging = harvests > 0 || pushes > 0 || memslot_on;
 
     let mut sources_live: Vec<&'static str> = Vec::new();
     for &(s, n) in &dirty {
@@ -207,7 +210,9 @@ pub fn window(a: &Reading, b: &Reading, logging_secs: Option<f64>) -> Signals {
         sources_live.push("block:block_rq_complete");
     }
 
-    let best = dirty.iter().find(|(_, n)| *n > 0).map(|&(s, _)| s);
+    let best = DirtySource::PREFERENCE
+        .into_iter()
+        .find(|&s| dirty[s as usize].1 > 0);
     let (rate, source, note) = if !logging {
         (
             None,
@@ -306,18 +311,34 @@ mod tests {
         b.counts.dirty[DirtySource::Spte as usize] = 19_000;
         b.ws_pages = 15_000;
         let s = window(&a, &b, None);
-        assert_eq!(s.dirty_source, Some("kvmmmu:kvm_mmu_pagetable_walk"));
-        assert_eq!(s.dirty_pages_per_sec, Some(10_000.0));
+        assert_eq!(s.dirty_source, Some("kvmmmu:kvm_mmu_set_spte"));
+        assert_eq!(s.dirty_pages_per_sec, Some(9_500.0));
         assert_eq!(s.working_set_pages, Some(15_000));
         assert!(s.dirty_logging);
         // Logging on for half the window: the rate is per second of logging.
         let s = window(&a, &b, Some(1.0));
-        assert_eq!(s.dirty_pages_per_sec, Some(20_000.0));
+        assert_eq!(s.dirty_pages_per_sec, Some(19_000.0));
+        // Only walks: they give the rate.
+        b.counts.dirty[DirtySource::Spte as usize] = 0;
+        let s = window(&a, &b, None);
+        assert_eq!(s.dirty_source, Some("kvmmmu:kvm_mmu_pagetable_walk"));
         // The ring, where it delivers, wins.
         b.counts.dirty[DirtySource::Ring as usize] = 18_000;
         let s = window(&a, &b, None);
         assert_eq!(s.dirty_source, Some("kvm:kvm_dirty_ring_push"));
-        assert_eq!(s.dirty_events_per_sec.len(), 3);
+        assert_eq!(s.dirty_events_per_sec.len(), 2);
+    }
+
+    #[test]
+    fn a_memslot_update_turning_logging_on_counts_until_turned_off() {
+        let a = at(0);
+        let mut b = at(1_000_000_000);
+        b.counts.dirty[DirtySource::Walk as usize] = 500;
+        b.counts.memslot_ns = 5;
+        b.counts.memslot_logging = 1;
+        assert_eq!(window(&a, &b, None).dirty_pages_per_sec, Some(500.0));
+        b.counts.memslot_logging = 0;
+        assert_eq!(window(&a, &b, None).dirty_pages_per_sec, None);
     }
 
     #[test]
