@@ -129,8 +129,11 @@ enum Command {
         duration_secs: Option<u64>,
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
         interval_ms: u64,
-        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
-        sample_ms: u64,
+        /// A Ferry VM: dirty logging on for this long of each tick (default: all of
+        /// it). Sampling saves the guest nothing measurable: pages logging
+        /// write-protected stay so after it stops and fault on their next write anyway.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        sample_ms: Option<u64>,
         /// One JSON object averaged over the run (with every tick) at the end.
         #[arg(long)]
         json: bool,
@@ -194,6 +197,14 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Change the lab guest's page-write rate while it runs (a step, from now on).
+    SetWorkload {
+        #[arg(long)]
+        control: PathBuf,
+        /// Pages per second over all vCPUs; 0 = as fast as it can.
+        #[arg(long)]
+        dirty_pages_per_sec: u64,
     },
     /// Change a running migration's settings.
     SetParams {
@@ -344,6 +355,13 @@ fn main() -> ExitCode {
             report.as_deref(),
             json,
         ),
+        Command::SetWorkload {
+            control,
+            dirty_pages_per_sec,
+        } => cli::client::set_params(
+            &control,
+            serde_json::json!({"cmd": "set-workload", "dirty_pages_per_sec": dirty_pages_per_sec}),
+        ),
         Command::SetParams {
             control,
             compression,
@@ -380,7 +398,7 @@ fn main() -> ExitCode {
             pid,
             duration_secs,
             interval_ms,
-            sample_ms: sample_ms.min(interval_ms),
+            sample_ms: sample_ms.unwrap_or(interval_ms).min(interval_ms),
             json,
         }),
     };

@@ -17,7 +17,10 @@ pub fn run(area: &str) -> Result<()> {
         "precopy" => precopy(),
         "postcopy" => postcopy(),
         "storage" => storage(),
-        other => bail!("unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage)"),
+        "probes" => crate::bench_probes::run(),
+        other => {
+            bail!("unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage, probes)")
+        }
     }
 }
 

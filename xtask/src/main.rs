@@ -1,6 +1,7 @@
 //! `cargo xtask`: Ferry's workflows — setup, test, lab, bench.
 
 mod bench;
+mod bench_probes;
 mod lab;
 mod setup;
 mod util;

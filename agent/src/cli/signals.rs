@@ -1,11 +1,13 @@
 //! `ferry signals`: a VM's live signals from the eBPF probes.
 //!
-//! For a Ferry VM (`--control`) the VMM is asked for a sampled measurement each tick:
-//! dirty logging on for `sample_ms` of every `interval_ms` (a write to a page already
-//! mapped writable faults nowhere, so without logging no tracepoint sees it), which
-//! costs the guest a write fault per page it dirties in the sample instead of in the
-//! whole tick. While a migration runs, logging is on anyway: no sampling, and ticks of
-//! 250 ms. For any other KVM process (`--pid`) the probes only listen.
+//! For a Ferry VM (`--control`) the VMM is asked to log dirty pages each tick (a write
+//! to a page already mapped writable faults nowhere, so without logging no tracepoint
+//! sees it): by default for the whole tick, harvested at its end, which costs the guest
+//! one write fault per page it dirties per tick. Logging for only part of each tick
+//! (`sample_ms`) was measured to cost the same: the pages logging write-protected stay
+//! so after it stops and fault on their next write anyway. While a migration runs,
+//! logging is on already: no requests, and ticks of 250 ms. For any other KVM process
+//! (`--pid`) the probes only listen.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::probes::signals::{self, DeviceIo, Reading, Signals};
+use crate::probes::signals::{self, DeviceIo, Logging, Reading, Signals};
 use crate::probes::{Probes, check_kvm_process, working_set_source};
 use crate::vmm::control::request;
 
@@ -34,6 +36,8 @@ pub struct Options {
 #[derive(Debug, Clone, Serialize)]
 pub struct Tick {
     pub at_ms: f64,
+    /// Wall-clock time the tick's figures were ready, ms since the Unix epoch.
+    pub unix_ms: u64,
     #[serde(flatten)]
     pub signals: Signals,
     pub host_devices: Vec<DeviceIo>,
@@ -66,8 +70,10 @@ pub struct Summary {
     pub sources_live: Vec<&'static str>,
     /// Tracepoints this kernel could not attach to, with the reason.
     pub sources_unavailable: Vec<(String, String)>,
-    /// Host CPU the probes used over the run, in % of one core.
+    /// Host CPU the eBPF programs used over the run, in % of one core.
     pub probe_cpu_pct: f64,
+    /// CPU this reader used after loading (maps, samples, output), in % of one core.
+    pub reader_cpu_pct: f64,
     pub ticks: Vec<Tick>,
 }
 
@@ -89,6 +95,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         .collect();
     let (cost0, _) = probes.cpu_cost();
     let t0 = Instant::now();
+    let self0 = own_cpu_seconds();
     let mut prev = probes.watch(pid)?;
     let mut devices_prev = probes.devices()?;
     let mut ticks: Vec<Tick> = Vec::new();
@@ -132,9 +139,17 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         }
         let now = probes.read(pid)?;
         let devices_now = probes.devices()?;
-        let mut s = signals::window(&prev, &now, None);
+        let known = if migrating {
+            Logging::On
+        } else {
+            Logging::Unknown
+        };
+        let mut s = signals::window(&prev, &now, known);
         let mut tick = Tick {
             at_ms: t0.elapsed().as_secs_f64() * 1e3,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             host_devices: signals::devices(&devices_prev, &devices_now, s.window_secs),
             logging_ms: None,
             vmm_dirty_pages: None,
@@ -146,13 +161,14 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         if let Some((at_sample_end, v)) = &sample {
             let ms = v["elapsed_ms"].as_f64().unwrap_or(o.sample_ms as f64);
             let secs = (ms / 1e3).max(1e-3);
-            let d = signals::window(&prev, at_sample_end, Some(secs));
+            let logging = v["logging_ms"].as_f64().unwrap_or(ms) / 1e3;
+            let d = signals::window(&prev, at_sample_end, Logging::OnFor(logging.max(1e-3)));
             s.dirty_pages_per_sec = d.dirty_pages_per_sec;
             s.dirty_source = d.dirty_source;
             s.dirty_note = d.dirty_note;
             s.working_set_pages = d.working_set_pages;
             s.dirty_events_per_sec = d.dirty_events_per_sec;
-            tick.logging_ms = Some(ms);
+            tick.logging_ms = Some(logging * 1e3);
             tick.vmm_dirty_pages = v["dirty_pages"].as_u64();
             tick.vmm_dirty_pages_per_sec = v["dirty_pages"].as_f64().map(|n| n / secs);
             tick.guest_pages_written_per_sec = v["guest_pages_written"].as_f64().map(|n| n / secs);
@@ -176,13 +192,14 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     }
     let (cost1, _) = probes.cpu_cost();
     let wall = t0.elapsed().as_secs_f64();
-    let summary = summarize(
+    let mut summary = summarize(
         pid,
         wall,
         ticks,
         unavailable,
         (cost1.saturating_sub(cost0)).as_secs_f64() / wall.max(1e-9) * 100.0,
     );
+    summary.reader_cpu_pct = (own_cpu_seconds() - self0) / wall.max(1e-9) * 100.0;
     if o.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -191,7 +208,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         }
         println!(
             "averaged over {:.1} s: dirty {} pages/s [{}], working set {} pages, exits {:.0}/s, \
-             disk read {}/s write {}/s, p99 {}; probes used {:.2}% of a core",
+             disk read {}/s write {}/s, p99 {}; probes used {:.2}% of a core (reader {:.2}%)",
             summary.duration_secs,
             opt(summary.dirty_pages_per_sec, 0),
             summary.dirty_source.unwrap_or("-"),
@@ -203,6 +220,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
                 .disk_latency_p99_us
                 .map_or("-".into(), |u| format!("{u:.0} µs")),
             summary.probe_cpu_pct,
+            summary.reader_cpu_pct,
         );
         if let Some(note) = &summary.dirty_note {
             println!("dirty rate: {note}");
@@ -294,8 +312,19 @@ fn summarize(
         sources_live,
         sources_unavailable,
         probe_cpu_pct,
+        reader_cpu_pct: 0.0,
         ticks,
     }
+}
+
+/// User + system CPU seconds this process has used.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {

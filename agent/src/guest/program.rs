@@ -66,6 +66,13 @@ enum Local {
     Now,
 }
 
+/// Mailbox offsets of the page-write pacing state (start TSC, pages written since,
+/// the TSC at the latest loop): the VMM restarts the pace from "now" when it changes
+/// the rate, so a step in the rate is a step in the guest's writes.
+pub const PACE_T0: u64 = MAILBOX_LOCALS + Local::T0 as u64 * 8;
+pub const PACE_WRITTEN: u64 = MAILBOX_LOCALS + Local::Written as u64 * 8;
+pub const PACE_NOW: u64 = MAILBOX_LOCALS + Local::Now as u64 * 8;
+
 fn loc(l: Local) -> AsmMemoryOperand {
     qword_ptr(r15 + (MAILBOX_LOCALS + l as u64 * 8))
 }

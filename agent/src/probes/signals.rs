@@ -131,10 +131,19 @@ fn userspace_reason(r: u32) -> String {
     }
 }
 
-/// The signals of the window `a` → `b`. `logging_secs`, when the caller knows it, is
-/// how long dirty logging was on in the window (a sampled measurement is on for part
-/// of it): dirty rates are per second of logging.
-pub fn window(a: &Reading, b: &Reading, logging_secs: Option<f64>) -> Signals {
+/// What the caller knows of the VMM's dirty logging over a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Logging {
+    /// Nothing: the probes judge from harvests, ring pushes and memslot updates.
+    Unknown,
+    /// On throughout (a migration runs).
+    On,
+    /// On for this many seconds of the window (a sample): rates are per second of it.
+    OnFor(f64),
+}
+
+/// The signals of the window `a` → `b`.
+pub fn window(a: &Reading, b: &Reading, known: Logging) -> Signals {
     let secs = (b.at_ns.saturating_sub(a.at_ns) as f64 / 1e9).max(1e-9);
     let c = |f: fn(&VmCounts) -> u64| f(&b.counts).saturating_sub(f(&a.counts));
     let dirty: Vec<(DirtySource, u64)> = DirtySource::ALL
@@ -149,7 +158,11 @@ pub fn window(a: &Reading, b: &Reading, logging_secs: Option<f64>) -> Signals {
     // Logging is on if the VMM harvested or its ring filled in the window, or its last
     // memslot update (if the probes saw one) turned logging on.
     let memslot_on = b.counts.memslot_ns > 0 && b.counts.memslot_logging != 0;
-    let logging = harvests > 0 || pushes > 0 || memslot_on;
+    let logging = known != Logging::Unknown || harvests > 0 || pushes > 0 || memslot_on;
+    let logging_secs = match known {
+        Logging::OnFor(s) => Some(s),
+        _ => None,
+    };
 
     let mut sources_live: Vec<&'static str> = Vec::new();
     for &(s, n) in &dirty {
@@ -310,21 +323,21 @@ mod tests {
         b.counts.dirty[DirtySource::Walk as usize] = 20_000;
         b.counts.dirty[DirtySource::Spte as usize] = 19_000;
         b.ws_pages = 15_000;
-        let s = window(&a, &b, None);
+        let s = window(&a, &b, Logging::Unknown);
         assert_eq!(s.dirty_source, Some("kvmmmu:kvm_mmu_set_spte"));
         assert_eq!(s.dirty_pages_per_sec, Some(9_500.0));
         assert_eq!(s.working_set_pages, Some(15_000));
         assert!(s.dirty_logging);
         // Logging on for half the window: the rate is per second of logging.
-        let s = window(&a, &b, Some(1.0));
+        let s = window(&a, &b, Logging::OnFor(1.0));
         assert_eq!(s.dirty_pages_per_sec, Some(19_000.0));
         // Only walks: they give the rate.
         b.counts.dirty[DirtySource::Spte as usize] = 0;
-        let s = window(&a, &b, None);
+        let s = window(&a, &b, Logging::Unknown);
         assert_eq!(s.dirty_source, Some("kvmmmu:kvm_mmu_pagetable_walk"));
         // The ring, where it delivers, wins.
         b.counts.dirty[DirtySource::Ring as usize] = 18_000;
-        let s = window(&a, &b, None);
+        let s = window(&a, &b, Logging::Unknown);
         assert_eq!(s.dirty_source, Some("kvm:kvm_dirty_ring_push"));
         assert_eq!(s.dirty_events_per_sec.len(), 2);
     }
@@ -336,9 +349,12 @@ mod tests {
         b.counts.dirty[DirtySource::Walk as usize] = 500;
         b.counts.memslot_ns = 5;
         b.counts.memslot_logging = 1;
-        assert_eq!(window(&a, &b, None).dirty_pages_per_sec, Some(500.0));
+        assert_eq!(
+            window(&a, &b, Logging::Unknown).dirty_pages_per_sec,
+            Some(500.0)
+        );
         b.counts.memslot_logging = 0;
-        assert_eq!(window(&a, &b, None).dirty_pages_per_sec, None);
+        assert_eq!(window(&a, &b, Logging::Unknown).dirty_pages_per_sec, None);
     }
 
     #[test]
@@ -346,7 +362,7 @@ mod tests {
         let a = at(0);
         let mut b = at(1_000_000_000);
         b.counts.dirty[DirtySource::Walk as usize] = 500;
-        let s = window(&a, &b, None);
+        let s = window(&a, &b, Logging::Unknown);
         assert_eq!(s.dirty_pages_per_sec, None);
         assert!(s.dirty_note.unwrap().contains("logging is off"));
         assert_eq!(s.working_set_pages, None);
@@ -362,7 +378,7 @@ mod tests {
         b.io[IoOp::Write as usize].bytes = 200 * 4096;
         b.io[IoOp::Write as usize].hist[17] = 200;
         b.io[IoOp::Sync as usize].calls = 10;
-        let s = window(&a, &b, None);
+        let s = window(&a, &b, Logging::Unknown);
         assert_eq!(s.exits_per_sec, 2000.0);
         assert_eq!(s.exits_by_reason["userspace:io"], 2000.0);
         assert_eq!(s.disk_write_bytes_per_sec, 409_600.0);

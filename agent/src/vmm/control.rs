@@ -41,6 +41,10 @@ pub enum Request {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
+    /// Change the lab guest's page-write rate (pages/s, all vCPUs; 0 = unpaced).
+    SetWorkload {
+        dirty_pages_per_sec: u64,
+    },
     /// Start a migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
     Migrate {
         to: String,
@@ -332,6 +336,12 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             .map_err(|e| e.to_string()),
         Request::Snapshot { out } => snapshot::take(m, &out)
             .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
+        Request::SetWorkload {
+            dirty_pages_per_sec,
+        } => m
+            .set_dirty_rate(dirty_pages_per_sec)
+            .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
             .map_err(|e| e.to_string()),
         Request::DirtySample { duration_ms } => m
             .dirty_sample(Duration::from_millis(

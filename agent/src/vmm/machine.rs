@@ -80,6 +80,8 @@ pub enum MachineError {
     PageMissing(u64),
     #[error("a migration is running and owns the dirty log; its progress carries the dirty rate")]
     DirtyLogInUse,
+    #[error("the VM is {0}, not running")]
+    NotRunning(String),
 }
 
 /// What one vCPU has reported, as the VMM saw it.
@@ -205,6 +207,9 @@ pub struct VerifyReport {
 pub struct DirtySample {
     pub mode: &'static str,
     pub elapsed_ms: f64,
+    /// From turning logging on to turning it off: what an outside observer of write
+    /// faults (the eBPF probes) saw the log on for.
+    pub logging_ms: f64,
     pub dirty_pages: u64,
     pub dirty_pages_in_working_set: u64,
     pub guest_pages_written: u64,
@@ -611,6 +616,38 @@ impl Machine {
         Ok(report)
     }
 
+    /// Changes the guest's page-write rate (pages/s over all vCPUs; 0 = unpaced) while
+    /// it runs, from now on: a lab knob for workloads whose rate steps.
+    pub fn set_dirty_rate(&self, pages_per_sec: u64) -> Result<(), MachineError> {
+        use crate::guest::program::{PACE_NOW, PACE_T0, PACE_WRITTEN};
+        let state = self.state();
+        if state != RunState::Running {
+            return Err(MachineError::NotRunning(
+                format!("{state:?}").to_lowercase(),
+            ));
+        }
+        // Paused, the guest's pacing state holds still while it is restarted.
+        self.pause()?;
+        let per_vcpu = pages_per_sec.div_ceil(u64::from(self.cfg.vcpus));
+        let result = (|| -> Result<(), MachineError> {
+            let mem = &self.vm.memory;
+            let field = std::mem::offset_of!(crate::guest::abi::GuestParams, pages_per_sec);
+            mem.write_obj(
+                per_vcpu,
+                GuestAddress(crate::guest::layout::PARAMS + field as u64),
+            )?;
+            for v in 0..self.cfg.vcpus {
+                let mb = Layout::mailbox(v);
+                let now: u64 = mem.read_obj(GuestAddress(mb + PACE_NOW))?;
+                mem.write_obj(now, GuestAddress(mb + PACE_T0))?;
+                mem.write_obj(0u64, GuestAddress(mb + PACE_WRITTEN))?;
+            }
+            Ok(())
+        })();
+        self.resume()?;
+        result
+    }
+
     /// Logs dirty pages for `duration` and compares them with what the guest says it wrote.
     pub fn dirty_sample(&self, duration: Duration) -> Result<DirtySample, MachineError> {
         let _log = self
@@ -628,6 +665,7 @@ impl Machine {
         }
         let pages = self.vm.layout.memory_bytes / 4096;
         let mut bitmap = super::dirty::DirtyBitmap::new(pages);
+        let logging_from = Instant::now();
         self.dirty.start(&self.vm)?;
         let written = |m: &Machine| -> Result<u64, MachineError> {
             (0..m.cfg.vcpus).try_fold(0, |acc, v| Ok(acc + m.mailbox(v)?.pages_written))
@@ -654,6 +692,7 @@ impl Machine {
             Ok(DirtySample {
                 mode: self.dirty.mode(),
                 elapsed_ms: ms(elapsed),
+                logging_ms: 0.0,
                 dirty_pages: bitmap.count(),
                 dirty_pages_in_working_set: in_ws,
                 guest_pages_written: w1 - w0,
@@ -662,7 +701,10 @@ impl Machine {
             })
         })();
         self.dirty.stop(&self.vm)?;
-        result
+        result.map(|mut r| {
+            r.logging_ms = ms(logging_from.elapsed());
+            r
+        })
     }
 }
 
