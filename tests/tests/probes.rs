@@ -338,3 +338,60 @@ fn what_is_missing_is_named_with_its_fix() {
     assert!(!out.status.success() && e.contains("needs root"), "{e}");
     vm.quit();
 }
+
+#[test]
+fn a_migration_report_carries_the_guests_signals_as_they_changed() {
+    if !ready() {
+        return;
+    }
+    let dir = TempDir::new("probes-mig");
+    let src = start(
+        &dir,
+        "src",
+        &guest("bitmap", 4_000, 256, "sequential", true),
+        4_000,
+    );
+    let (_dst, addr) = ferry_tests::incoming(dir.path(), "dst");
+    // A capped link: the first pass takes a few seconds, long enough to step the
+    // guest's rate up and back down while it runs.
+    let ctl = src.ctl().to_owned();
+    let stepper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        ferry(&[
+            "set-workload",
+            "--control",
+            &ctl,
+            "--dirty-pages-per-sec",
+            "20000",
+        ]);
+        std::thread::sleep(Duration::from_millis(1500));
+        ferry(&[
+            "set-workload",
+            "--control",
+            &ctl,
+            "--dirty-pages-per-sec",
+            "2000",
+        ]);
+    });
+    let (ok, report) = ferry_tests::migrate(&src, &addr, &["--bandwidth-mbit", "600"]);
+    stepper.join().unwrap();
+    assert!(ok, "{report}");
+    assert!(report["probe_signals_error"].is_null(), "{report}");
+    let samples = report["probe_signals"].as_array().unwrap();
+    assert!(samples.len() >= 8, "{report}");
+    let rates: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s["dirty_pages_per_sec"].as_f64())
+        .collect();
+    // Before the step the rate is the guest's; during it, several times that.
+    assert!(
+        rates.iter().take(3).any(|r| within(*r, 4_000.0, 0.2)),
+        "{rates:?}"
+    );
+    assert!(rates.iter().any(|r| *r > 12_000.0), "{rates:?}");
+    let gaps: Vec<f64> = samples
+        .windows(2)
+        .map(|w| w[1]["at_ms"].as_f64().unwrap() - w[0]["at_ms"].as_f64().unwrap())
+        .collect();
+    assert!(gaps.iter().all(|g| *g < 600.0), "{gaps:?}");
+}

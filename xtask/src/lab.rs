@@ -103,6 +103,35 @@ fn migrate_to(
         anyhow::bail!("the migration failed; see {}", report.display());
     }
     show("source", &status(ferry, &src.control)?);
+    // What the probes saw of the guest while it moved (logging was on throughout).
+    let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    if let Some(e) = r["probe_signals_error"].as_str() {
+        println!("  no eBPF signals during the migration: {e}");
+    }
+    let samples = r["probe_signals"].as_array().cloned().unwrap_or_default();
+    if !samples.is_empty() {
+        println!("  the guest during the migration, from the eBPF probes (every 250 ms):");
+    }
+    // Once the guest runs on the destination (post-copy), the source sees nothing.
+    for s in samples
+        .iter()
+        .take_while(|s| num(s, "exits_per_sec") > 0.0)
+        .take(16)
+    {
+        println!(
+            "    {:>6.2}s  dirty {:>7} pages/s [{}]  working set {:>6}  exits {:>5.0}/s  disk w {:>8.0} B/s",
+            num(s, "at_ms") / 1e3,
+            s["dirty_pages_per_sec"]
+                .as_f64()
+                .map_or("-".into(), |d| format!("{d:.0}")),
+            s["dirty_source"].as_str().unwrap_or("-"),
+            s["working_set_pages"]
+                .as_u64()
+                .map_or("-".into(), |n| n.to_string()),
+            num(s, "exits_per_sec"),
+            num(s, "disk_write_bytes_per_sec"),
+        );
+    }
     Ok(dst)
 }
 
@@ -153,6 +182,20 @@ pub fn run() -> Result<()> {
     let first = restored.wait_ready(&ferry)?;
     show("restored", &first);
     watch(&ferry, &restored, "restored", 3.0)?;
+
+    step("the guest's live signals from the eBPF probes (ferry signals), beside its own figures");
+    let out = std::process::Command::new(&ferry)
+        .args(["signals", "--duration-secs", "3", "--control"])
+        .arg(&restored.control)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        println!(
+            "  the probes could not run: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    show("restored", &status(&ferry, &restored.control)?);
 
     step("live migration (pre-copy, lz4) to a third ferry vmm over loopback TCP");
     let dst = migrate_to(

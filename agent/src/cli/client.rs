@@ -281,14 +281,17 @@ pub fn migrate(
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
+    let status = request(control, &json!({"cmd": "status"}))?;
+    // The probes watch the guest while it migrates (logging is on anyway), every
+    // 250 ms; where they cannot load, the report says why.
+    let mut probes = crate::probes::follow::Follower::start(
+        get(&status, "pid").as_u64().unwrap_or(0) as u32,
+        std::time::Duration::from_millis(250),
+    );
     // The bar counts guest pages through the first full pass; later rounds show in
-    // its message (phase, round, what remains, bandwidth, ETA).
+    // its message (phase, round, what remains, bandwidth, ETA, the guest's dirty rate).
     let bar = if tty {
-        let memory_pages = request(control, &json!({"cmd": "status"}))?
-            .get("memory_mib")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-            * 256;
+        let memory_pages = get(&status, "memory_mib").as_u64().unwrap_or(0) * 256;
         let bar = indicatif::ProgressBar::new(memory_pages);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {percent:>3}% {msg}")
@@ -307,6 +310,16 @@ pub fn migrate(
             "cancelling; the VM keeps running on the source",
         ),
         |p| {
+            let running = !matches!(
+                get(p, "phase").as_str(),
+                None | Some("completed" | "failed" | "cancelled" | "postcopy" | "postcopy-paused")
+            );
+            let logging = if running {
+                crate::probes::signals::Logging::On
+            } else {
+                crate::probes::signals::Logging::Unknown
+            };
+            probes.poll(logging);
             let Some(bar) = &bar else { return };
             let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
             let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
@@ -325,8 +338,15 @@ pub fn migrate(
                 "-".into()
             };
             bar.set_position(sent.min(bar.length().unwrap_or(0)));
+            let dirty = probes
+                .timeline
+                .last()
+                .and_then(|s| s.dirty_pages_per_sec)
+                .map_or(String::new(), |d| {
+                    format!(" | guest dirties {d:.0} pages/s")
+                });
             bar.set_message(format!(
-                "{} round {} | remaining {} pages | {:.1} MB/s | ETA {eta}",
+                "{} round {} | remaining {} pages | {:.1} MB/s | ETA {eta}{dirty}",
                 get(p, "phase").as_str().unwrap_or("-"),
                 num(p, "round"),
                 remaining,
@@ -336,6 +356,22 @@ pub fn migrate(
     )?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    let mut final_report = final_report;
+    final_report["probe_signals"] = json!(probes.timeline);
+    if let Some(e) = probes.error() {
+        final_report["probe_signals_error"] = json!(e);
+    }
+    if let Some(path) = report
+        && let Err(e) = std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&final_report).unwrap_or_default(),
+        )
+    {
+        eprintln!(
+            "ferry: cannot add the probes' signals to {}: {e}",
+            path.display()
+        );
     }
     Ok(print_report(
         &final_report,

@@ -8,6 +8,7 @@
 //! tracepoint missing from this kernel is noted rather than fatal, and the data decide
 //! which source a figure comes from.
 
+pub mod follow;
 pub mod signals;
 mod workset;
 

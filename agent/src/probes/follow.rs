@@ -1,0 +1,85 @@
+//! A VM's signals at a steady pace beside something else that runs (a migration):
+//! the probes are optional there, so failing to load them is recorded, not fatal.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::signals::{self, Logging, Reading};
+use super::{Probes, check_kvm_process, working_set_source};
+
+/// One point of a VM's signals timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub at_ms: f64,
+    pub dirty_pages_per_sec: Option<f64>,
+    pub dirty_source: Option<&'static str>,
+    pub working_set_pages: Option<u64>,
+    pub exits_per_sec: f64,
+    pub disk_read_bytes_per_sec: f64,
+    pub disk_write_bytes_per_sec: f64,
+}
+
+pub struct Follower {
+    probes: Result<(Probes, u32, Reading), String>,
+    period: Duration,
+    t0: Instant,
+    last: Instant,
+    pub timeline: Vec<Sample>,
+}
+
+impl Follower {
+    /// Loads the probes and watches `pid`; on failure every poll returns nothing and
+    /// [`Follower::error`] says why.
+    pub fn start(pid: u32, period: Duration) -> Self {
+        let probes = (|| {
+            super::check_prerequisites()?;
+            check_kvm_process(pid)?;
+            let mut p = Probes::load()?;
+            let first = p.watch(pid)?;
+            Ok::<_, super::ProbeError>((p, pid, first))
+        })()
+        .map_err(|e| e.to_string());
+        let now = Instant::now();
+        Self {
+            probes,
+            period,
+            t0: now,
+            last: now,
+            timeline: Vec::new(),
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.probes.as_ref().err().map(String::as_str)
+    }
+
+    /// A new sample once `period` has passed since the last one.
+    pub fn poll(&mut self, logging: Logging) -> Option<&Sample> {
+        if self.last.elapsed() < self.period {
+            return None;
+        }
+        let (probes, pid, prev) = self.probes.as_mut().ok()?;
+        let now = probes.read(*pid).ok()?;
+        let s = signals::window(prev, &now, logging);
+        let mut delta = now.counts;
+        for (d, p) in delta.dirty.iter_mut().zip(prev.counts.dirty) {
+            *d = d.saturating_sub(p);
+        }
+        if let Some(src) = working_set_source(&delta) {
+            let _ = probes.feed_working_set(*pid, src);
+        }
+        *prev = now;
+        self.last = Instant::now();
+        self.timeline.push(Sample {
+            at_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            dirty_pages_per_sec: s.dirty_pages_per_sec,
+            dirty_source: s.dirty_source,
+            working_set_pages: s.working_set_pages,
+            exits_per_sec: s.exits_per_sec,
+            disk_read_bytes_per_sec: s.disk_read_bytes_per_sec,
+            disk_write_bytes_per_sec: s.disk_write_bytes_per_sec,
+        });
+        self.timeline.last()
+    }
+}
