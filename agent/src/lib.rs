@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod guest;
 pub mod migration;
+pub mod policy;
 pub mod probes;
 pub mod vmm;

@@ -20,8 +20,13 @@ pub struct Sample {
     pub disk_write_bytes_per_sec: f64,
 }
 
+type Loaded = Result<(Probes, u32, Reading), String>;
+
 pub struct Follower {
-    probes: Result<(Probes, u32, Reading), String>,
+    /// Loading takes a few hundred milliseconds (the verifier): it runs beside
+    /// whatever is followed, which starts at once.
+    loading: Option<std::thread::JoinHandle<Loaded>>,
+    probes: Loaded,
     period: Duration,
     t0: Instant,
     last: Instant,
@@ -32,17 +37,20 @@ impl Follower {
     /// Loads the probes and watches `pid`; on failure every poll returns nothing and
     /// [`Follower::error`] says why.
     pub fn start(pid: u32, period: Duration) -> Self {
-        let probes = (|| {
-            super::check_prerequisites()?;
-            check_kvm_process(pid)?;
-            let mut p = Probes::load()?;
-            let first = p.watch(pid)?;
-            Ok::<_, super::ProbeError>((p, pid, first))
-        })()
-        .map_err(|e| e.to_string());
+        let loading = std::thread::spawn(move || {
+            (|| {
+                super::check_prerequisites()?;
+                check_kvm_process(pid)?;
+                let mut p = Probes::load()?;
+                let first = p.watch(pid)?;
+                Ok::<_, super::ProbeError>((p, pid, first))
+            })()
+            .map_err(|e| e.to_string())
+        });
         let now = Instant::now();
         Self {
-            probes,
+            loading: Some(loading),
+            probes: Err("still loading".into()),
             period,
             t0: now,
             last: now,
@@ -50,13 +58,27 @@ impl Follower {
         }
     }
 
-    pub fn error(&self) -> Option<&str> {
+    /// Why there are no signals, once loading has ended (it waits for it).
+    pub fn error(&mut self) -> Option<&str> {
+        if let Some(h) = self.loading.take() {
+            self.probes = h
+                .join()
+                .unwrap_or_else(|_| Err("the probe loader panicked".into()));
+        }
         self.probes.as_ref().err().map(String::as_str)
     }
 
     /// A new sample once `period` has passed since the last one.
     pub fn poll(&mut self, logging: Logging) -> Option<&Sample> {
-        if self.last.elapsed() < self.period {
+        if self.loading.as_ref().is_some_and(|h| h.is_finished())
+            && let Some(h) = self.loading.take()
+        {
+            self.probes = h
+                .join()
+                .unwrap_or_else(|_| Err("the probe loader panicked".into()));
+            self.last = Instant::now();
+        }
+        if self.loading.is_some() || self.last.elapsed() < self.period {
             return None;
         }
         let (probes, pid, prev) = self.probes.as_mut().ok()?;

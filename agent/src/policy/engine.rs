@@ -1,0 +1,350 @@
+//! The adaptive engine: picks the codec the link and the CPU favour, the least
+//! throttle that makes pre-copy converge within the limits, or post-copy where that
+//! throttle would cost the guest more (and the operator allows it), and says why.
+
+use std::collections::BTreeMap;
+
+use super::model::{dirtied, postcopy, precopy, throughput};
+use super::{
+    CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
+    Stage,
+};
+use crate::migration::codec::Codec;
+
+/// No setting changes again sooner than this after it changed.
+pub const HOLD_MS: f64 = 1000.0;
+/// A codec must move this much more than the current one to replace it.
+const CODEC_GAIN: f64 = 1.10;
+const THROTTLE_STEP: u32 = 10;
+/// Above this throttle the guest loses more than post-copy's faults cost it.
+const THROTTLE_COMFORT: u32 = 50;
+
+pub struct Adaptive {
+    pins: Pins,
+    current: Settings,
+    changed_at: BTreeMap<&'static str, f64>,
+}
+
+impl Adaptive {
+    pub fn new(pins: Pins, limits: &Limits) -> Self {
+        Self {
+            current: Settings {
+                codec: pins.codec.unwrap_or(Codec::None),
+                bandwidth_mbit: limits.bandwidth_mbit,
+                throttle_pct: pins.throttle_pct.unwrap_or(0),
+                max_downtime_ms: limits.max_downtime_ms,
+                postcopy: false,
+                abort: None,
+            },
+            pins,
+            changed_at: BTreeMap::new(),
+        }
+    }
+
+    fn may_change(&self, setting: &'static str, t_ms: f64) -> bool {
+        self.changed_at
+            .get(setting)
+            .is_none_or(|&at| t_ms - at >= HOLD_MS)
+    }
+
+    fn changed(&mut self, setting: &'static str, t_ms: f64) {
+        self.changed_at.insert(setting, t_ms);
+    }
+}
+
+fn mb(bytes_per_sec: f64) -> String {
+    format!("{:.1} MB/s", bytes_per_sec / 1e6)
+}
+
+/// The region a guest dirties within, from its rate and the distinct pages it dirtied
+/// in a second (None: they are the same, it dirties all over memory).
+pub fn dirty_set_pages(rate: f64, distinct: f64, memory: f64) -> Option<f64> {
+    if rate <= 0.0 || distinct >= rate * 0.95 {
+        return None;
+    }
+    let (mut lo, mut hi) = (distinct.max(1.0), memory.max(distinct + 1.0));
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if dirtied(rate, mid, 1.0) < distinct {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
+impl Policy for Adaptive {
+    fn name(&self) -> &str {
+        "adaptive"
+    }
+
+    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision {
+        let t = obs.t_ms;
+        let mut reasons = Vec::new();
+        let cores = limits.cpu_budget_cores;
+        let cap = limits.bandwidth_mbit.map(|m| m * 1e6 / 8.0);
+        let link = match (obs.link_bytes_per_sec, cap) {
+            (Some(l), Some(c)) => Some(l.min(c)),
+            (l, c) => l.or(c),
+        };
+        self.current.bandwidth_mbit = limits.bandwidth_mbit;
+        self.current.max_downtime_ms = limits.max_downtime_ms;
+
+        // The codec: whichever moves the most page bytes over this link within the
+        // CPU budget, measured on this VM's pages.
+        let none = CodecPerf {
+            codec: Codec::None,
+            ratio: 1.0,
+            compress_bytes_per_sec: f64::INFINITY,
+        };
+        let candidates: Vec<CodecPerf> = std::iter::once(none)
+            .chain(
+                obs.codecs
+                    .iter()
+                    .copied()
+                    .filter(|c| c.codec != Codec::None),
+            )
+            .collect();
+        let perf = |codec: Codec| {
+            candidates
+                .iter()
+                .copied()
+                .find(|c| c.codec == codec)
+                .unwrap_or(none)
+        };
+        if let Some(pinned) = self.pins.codec {
+            self.current.codec = pinned;
+            reasons.push(Reason {
+                setting: "codec",
+                value: pinned.to_string(),
+                why: "pinned on the command line".into(),
+            });
+        } else if let Some(link) = link {
+            let rated: Vec<(CodecPerf, f64)> = candidates
+                .iter()
+                .map(|c| (*c, throughput(link, c, cores)))
+                .collect();
+            let (best, best_t) = rated
+                .iter()
+                .copied()
+                .fold((none, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+            let cur_t = throughput(link, &perf(self.current.codec), cores);
+            let listing = rated
+                .iter()
+                .map(|(c, v)| format!("{} {}", c.codec, mb(*v)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if best.codec != self.current.codec
+                && best_t > cur_t * CODEC_GAIN
+                && self.may_change("codec", t)
+            {
+                self.current.codec = best.codec;
+                self.changed("codec", t);
+            }
+            let chosen = perf(self.current.codec);
+            let why = if chosen.codec == Codec::None {
+                format!(
+                    "link {} with {cores} core(s) to compress: pages move fastest raw ({listing})",
+                    mb(link)
+                )
+            } else {
+                format!(
+                    "link {} is the bottleneck: {} (ratio {:.2}, {} per core) moves the most \
+                     pages ({listing})",
+                    mb(link),
+                    chosen.codec,
+                    chosen.ratio,
+                    mb(chosen.compress_bytes_per_sec)
+                )
+            };
+            reasons.push(Reason {
+                setting: "codec",
+                value: self.current.codec.to_string(),
+                why,
+            });
+        } else {
+            reasons.push(Reason {
+                setting: "codec",
+                value: self.current.codec.to_string(),
+                why: "the link is not measured yet".into(),
+            });
+        }
+        let pages_per_sec = link.map(|l| throughput(l, &perf(self.current.codec), cores));
+
+        // What the guest would dirty unthrottled, and within how much memory.
+        let memory = obs.memory_pages as f64 * PAGE;
+        let keep = 1.0 - f64::from(self.current.throttle_pct) / 100.0;
+        let natural = obs.dirty_pages_per_sec * PAGE / keep.max(0.01);
+        let set = obs
+            .working_set_pages
+            .and_then(|w| {
+                dirty_set_pages(obs.dirty_pages_per_sec, w as f64, obs.memory_pages as f64)
+            })
+            .map_or(memory, |p| p * PAGE);
+        let remaining = obs.remaining_pages as f64
+            * PAGE
+            * if obs.stage == Stage::FirstPass || obs.stage == Stage::Starting {
+                1.0 - obs.zero_fraction.clamp(0.0, 1.0)
+            } else {
+                1.0
+            };
+
+        let Some(tput) = pages_per_sec else {
+            return Decision {
+                settings: self.current.clone(),
+                prediction: Prediction {
+                    total_ms: f64::INFINITY,
+                    downtime_ms: f64::INFINITY,
+                    converges: false,
+                },
+                reasons,
+            };
+        };
+        if obs.stage == Stage::Postcopy {
+            return Decision {
+                settings: self.current.clone(),
+                prediction: shift(postcopy(remaining, tput), t),
+                reasons,
+            };
+        }
+        let limit_s = limits.max_downtime_ms / 1e3;
+        let budget_ms = limits.max_total_secs.map(|s| s * 1e3 - t);
+        let fits = |p: &Prediction| p.converges && budget_ms.is_none_or(|b| p.total_ms <= b);
+        let elapsed = obs.pass_elapsed_ms / 1e3;
+        let with = |pct: u32| {
+            precopy(
+                remaining,
+                elapsed,
+                natural * (1.0 - f64::from(pct) / 100.0),
+                set,
+                tput,
+                limit_s,
+            )
+        };
+        let max_throttle = limits.max_throttle_pct.min(99);
+        let (want, pinned) = match self.pins.throttle_pct {
+            Some(p) => (Some(p), true),
+            None => (
+                std::iter::once(0)
+                    .chain((THROTTLE_STEP..=max_throttle).step_by(THROTTLE_STEP as usize))
+                    .find(|&p| fits(&with(p))),
+                false,
+            ),
+        };
+        // Post-copy: the rest follows after the first pass (or now, if that is over).
+        let post = {
+            let first = if obs.stage == Stage::Rounds {
+                0.0
+            } else {
+                remaining / tput
+            };
+            let behind = if obs.stage == Stage::Rounds {
+                remaining + dirtied(natural, set, elapsed)
+            } else {
+                dirtied(natural, set, elapsed + first)
+            };
+            let p = postcopy(behind, tput);
+            Prediction {
+                total_ms: first * 1e3 + p.total_ms,
+                ..p
+            }
+        };
+        let rate = format!(
+            "the guest dirties {} (in {:.0} MiB) against {} of pages",
+            mb(natural),
+            set / (1 << 20) as f64,
+            mb(tput)
+        );
+        let use_postcopy = !pinned
+            && limits.allow_postcopy
+            && want.is_none_or(|p| p > THROTTLE_COMFORT)
+            && budget_ms.is_none_or(|b| post.total_ms <= b);
+        let (throttle, prediction, why) = if use_postcopy {
+            let why = match want {
+                Some(p) => format!(
+                    "{rate}: pre-copy would need a {p}% throttle; post-copy after the first \
+                     pass costs the guest less"
+                ),
+                None => format!(
+                    "{rate}: pre-copy cannot converge within the limits even at {max_throttle}% \
+                     throttle; post-copy after the first pass"
+                ),
+            };
+            (0, post, why)
+        } else {
+            match want {
+                Some(0) => (
+                    0,
+                    with(0),
+                    format!("{rate}: pre-copy converges unthrottled"),
+                ),
+                Some(p) if pinned => (p, with(p), "pinned on the command line".into()),
+                Some(p) => (
+                    p,
+                    with(p),
+                    format!("{rate}: the least throttle that converges within the limits"),
+                ),
+                None => (
+                    max_throttle,
+                    with(max_throttle),
+                    format!(
+                        "{rate}: no throttle up to {max_throttle}% converges within the limits \
+                         (and post-copy is {}); throttling as far as allowed",
+                        if limits.allow_postcopy {
+                            "too slow"
+                        } else {
+                            "not allowed"
+                        }
+                    ),
+                ),
+            }
+        };
+        // Raise at once when needed, lower only by a clear margin; never faster than
+        // once a second.
+        let cur = self.current.throttle_pct;
+        let change = throttle > cur || throttle + THROTTLE_STEP <= cur;
+        if throttle != cur && change && self.may_change("throttle_pct", t) {
+            self.current.throttle_pct = throttle;
+            self.changed("throttle_pct", t);
+        }
+        reasons.push(Reason {
+            setting: "throttle_pct",
+            value: self.current.throttle_pct.to_string(),
+            why: format!(
+                "{why}; predicted total {:.1} s, downtime {:.0} ms",
+                (t + prediction.total_ms) / 1e3,
+                prediction.downtime_ms
+            ),
+        });
+        if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
+            self.current.postcopy = true;
+            self.changed("postcopy", t);
+        }
+        reasons.push(Reason {
+            setting: "postcopy",
+            value: self.current.postcopy.to_string(),
+            why: if self.current.postcopy {
+                "switched: see throttle_pct".into()
+            } else if use_postcopy {
+                "planned once the first pass is done".into()
+            } else if limits.allow_postcopy {
+                "pre-copy fits the limits".into()
+            } else {
+                "not allowed".into()
+            },
+        });
+        Decision {
+            settings: self.current.clone(),
+            prediction: shift(prediction, t),
+            reasons,
+        }
+    }
+}
+
+fn shift(p: Prediction, t_ms: f64) -> Prediction {
+    Prediction {
+        total_ms: p.total_ms + t_ms,
+        ..p
+    }
+}

@@ -1,0 +1,141 @@
+//! The migration model the engine predicts with, and the simulator shares.
+
+use super::{CodecPerf, PAGE, Prediction};
+use crate::migration::codec::Codec;
+
+/// Fixed switchover cost beside the pages: device state, the handover, resume.
+pub const SWITCH_MS: f64 = 3.0;
+/// Pages a post-copy switchover sends while paused (the ones dirtied last).
+pub const POSTCOPY_PAUSE_PAGES: f64 = 512.0;
+/// Rounds pre-copy makes at most (the VMM's own limit).
+pub const MAX_ROUNDS: u32 = 30;
+
+/// Page bytes per second a codec moves: the link carries `ratio` times more, but no
+/// faster than the CPU budget compresses.
+pub fn throughput(link_bytes_per_sec: f64, c: &CodecPerf, cores: f64) -> f64 {
+    let cpu = if c.codec == Codec::None {
+        f64::INFINITY
+    } else {
+        c.compress_bytes_per_sec * cores.max(0.1)
+    };
+    (link_bytes_per_sec * c.ratio.max(1.0)).min(cpu)
+}
+
+/// Distinct bytes a guest dirties in `secs` at `rate` bytes/s when it keeps dirtying
+/// within `set` bytes: new pages get rarer as the set fills (random writes over it).
+pub fn dirtied(rate: f64, set: f64, secs: f64) -> f64 {
+    if set <= 0.0 || rate <= 0.0 {
+        return 0.0;
+    }
+    set * (1.0 - (-rate * secs / set).exp())
+}
+
+/// Pre-copy from now: `remaining` page bytes left in a pass that has run for
+/// `elapsed` seconds, the guest dirtying `dirty` bytes/s within `set` bytes, pages
+/// moving at `t` bytes/s, switching over once the downtime fits `limit_s`. Times in
+/// seconds from now.
+pub fn precopy(
+    remaining: f64,
+    elapsed: f64,
+    dirty: f64,
+    set: f64,
+    t: f64,
+    limit_s: f64,
+) -> Prediction {
+    let t = t.max(1.0);
+    let mut total = 0.0;
+    let mut r = remaining.max(0.0);
+    let mut previous = f64::INFINITY;
+    // The next pass is what the guest dirtied since this one began.
+    let mut since = elapsed.max(0.0);
+    for _ in 0..MAX_ROUNDS {
+        let dt = r / t;
+        total += dt;
+        let next = dirtied(dirty, set, since + dt);
+        since = 0.0;
+        let down = next / t;
+        if down <= limit_s {
+            return Prediction {
+                total_ms: (total + down) * 1e3 + SWITCH_MS,
+                downtime_ms: down * 1e3 + SWITCH_MS,
+                converges: true,
+            };
+        }
+        // Rounds that stop shrinking never will.
+        if next >= previous * 0.95 {
+            break;
+        }
+        previous = next;
+        r = next;
+    }
+    // The dirty set it settles at, if it switched over anyway.
+    let steady = dirtied(dirty, set, r / t).max(r.min(set));
+    Prediction {
+        total_ms: f64::INFINITY,
+        downtime_ms: steady / t * 1e3 + SWITCH_MS,
+        converges: false,
+    }
+}
+
+/// Post-copy from now: the guest moves at once (a short pause for the pages dirtied
+/// last), the `remaining` bytes follow at `t`.
+pub fn postcopy(remaining: f64, t: f64) -> Prediction {
+    let t = t.max(1.0);
+    let down = POSTCOPY_PAUSE_PAGES * PAGE / t * 1e3 + SWITCH_MS;
+    Prediction {
+        total_ms: remaining.max(0.0) / t * 1e3 + down,
+        downtime_ms: down,
+        converges: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn perf(codec: Codec, ratio: f64, speed: f64) -> CodecPerf {
+        CodecPerf {
+            codec,
+            ratio,
+            compress_bytes_per_sec: speed,
+        }
+    }
+
+    #[test]
+    fn compression_pays_only_while_the_cpu_keeps_up() {
+        let lz4 = perf(Codec::Lz4, 2.0, 300e6);
+        assert_eq!(throughput(100e6, &lz4, 1.0), 200e6);
+        assert_eq!(throughput(1e9, &lz4, 1.0), 300e6);
+        assert_eq!(throughput(1e9, &lz4, 2.0), 600e6);
+        assert_eq!(throughput(1e9, &perf(Codec::None, 1.0, 0.0), 1.0), 1e9);
+    }
+
+    #[test]
+    fn dirtying_saturates_at_the_set() {
+        assert!((dirtied(1e6, 1e9, 1.0) - 1e6).abs() < 1e3);
+        assert!(dirtied(1e9, 1e6, 10.0) <= 1e6);
+        assert_eq!(dirtied(0.0, 1e6, 1.0), 0.0);
+    }
+
+    #[test]
+    fn precopy_converges_below_the_link_and_not_above() {
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        let p = precopy(gib, 0.0, 20e6, gib, 100e6, 0.3);
+        assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
+        assert!(p.total_ms > 10_000.0 && p.total_ms < 15_000.0, "{p:?}");
+        let p = precopy(gib, 0.0, 200e6, gib, 100e6, 0.3);
+        assert!(!p.converges, "{p:?}");
+        // A small hot set converges whatever the rate.
+        let p = precopy(gib, 0.0, 200e6, 16e6, 100e6, 0.3);
+        assert!(p.converges, "{p:?}");
+    }
+
+    #[test]
+    fn postcopy_moves_at_once() {
+        let p = postcopy(1e9, 100e6);
+        assert!(
+            p.downtime_ms < 30.0 && (p.total_ms - 10_000.0).abs() < 100.0,
+            "{p:?}"
+        );
+    }
+}
