@@ -169,9 +169,15 @@ enum Command {
         /// with --datastore); pre-copy only.
         #[arg(long)]
         copy_storage: bool,
-        /// Codec for memory pages (and, with --copy-storage, disk blocks): none, lz4
-        /// or zstd:N.
-        #[arg(long, default_value = "none")]
+        /// Who sets compression, throttling and post-copy while it runs: adaptive
+        /// (measures and decides), static (the flags as given), or a peer preset
+        /// (qemu-default, libvirt-default, qemu-autoconverge,
+        /// libvirt-postcopy-after-precopy, kubevirt-default, cloud-hypervisor).
+        #[arg(long, default_value = "adaptive")]
+        policy: String,
+        /// Codec for memory pages (and, with --copy-storage, disk blocks): auto (the
+        /// policy decides), none, lz4 or zstd:N (pinned: the policy keeps it).
+        #[arg(long, default_value = "auto")]
         compression: String,
         /// Switch over once the predicted downtime is this short.
         #[arg(long, default_value_t = 300)]
@@ -179,9 +185,19 @@ enum Command {
         /// Cap on the migration stream, megabits per second (0 = none).
         #[arg(long, default_value_t = 0)]
         bandwidth_mbit: u64,
-        /// Slow the vCPUs by this share of their time (0-99) while migrating.
-        #[arg(long, default_value_t = 0)]
-        throttle_pct: u32,
+        /// Slow the vCPUs by this share of their time (0-99) while migrating (pinned:
+        /// the policy keeps it).
+        #[arg(long)]
+        throttle_pct: Option<u32>,
+        /// The most the policy may throttle the vCPUs.
+        #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u32).range(0..=99))]
+        max_throttle_pct: u32,
+        /// The policy may switch to post-copy (the migration runs in hybrid mode).
+        #[arg(long)]
+        allow_postcopy: bool,
+        /// Cores compression may use.
+        #[arg(long, default_value_t = 1.0)]
+        cpu_budget_cores: f64,
         /// Give up if not done in this many seconds; the VM stays on the source.
         #[arg(long)]
         max_total_secs: Option<u64>,
@@ -333,28 +349,67 @@ fn main() -> ExitCode {
             resolve: false,
             resume: false,
             to,
+            policy,
             compression,
             max_downtime_ms,
             bandwidth_mbit,
             throttle_pct,
+            max_throttle_pct,
+            allow_postcopy,
+            cpu_budget_cores,
             max_total_secs,
             timeout_secs,
             no_verify,
             report,
             json,
-        } => cli::client::migrate(
-            &control,
-            serde_json::json!({
-                "cmd": "migrate", "to": to, "compression": compression,
-                "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
-                "throttle_pct": throttle_pct, "max_total_secs": max_total_secs,
-                "timeout_secs": timeout_secs, "no_verify": no_verify,
-                "mode": mode.name(), "recover_secs": recover_secs,
-                "precopy_pass": precopy_pass, "copy_storage": copy_storage,
-            }),
-            report.as_deref(),
-            json,
-        ),
+        } => (|| {
+            let codec = match compression.as_str() {
+                "auto" => None,
+                c => Some(c.parse::<ferry::migration::codec::Codec>()?),
+            };
+            let limits = ferry::policy::Limits {
+                max_downtime_ms: max_downtime_ms as f64,
+                max_total_secs: max_total_secs.map(|s| s as f64),
+                max_throttle_pct,
+                allow_postcopy,
+                bandwidth_mbit: (bandwidth_mbit > 0).then_some(bandwidth_mbit as f64),
+                cpu_budget_cores,
+            };
+            let pins = ferry::policy::Pins {
+                codec,
+                throttle_pct,
+            };
+            let memory_pages = ferry::vmm::control::request(
+                &control,
+                &serde_json::json!({"cmd": "status"}),
+            )?["memory_mib"]
+                .as_u64()
+                .unwrap_or(0)
+                * 256;
+            let steering = cli::steer::policy(&policy, pins, &limits)?
+                .map(|p| cli::steer::Steering::new(p, limits, memory_pages));
+            // Post-copy allowed: hybrid, so the policy can switch when it decides.
+            let mode = if allow_postcopy && matches!(mode, Mode::Precopy) {
+                "hybrid"
+            } else {
+                mode.name()
+            };
+            cli::client::migrate(
+                &control,
+                serde_json::json!({
+                    "cmd": "migrate", "to": to,
+                    "compression": codec.map_or("none".to_string(), |c| c.to_string()),
+                    "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
+                    "throttle_pct": throttle_pct.unwrap_or(0), "max_total_secs": max_total_secs,
+                    "timeout_secs": timeout_secs, "no_verify": no_verify,
+                    "mode": mode, "recover_secs": recover_secs,
+                    "precopy_pass": precopy_pass, "copy_storage": copy_storage,
+                }),
+                report.as_deref(),
+                json,
+                steering,
+            )
+        })(),
         Command::SetWorkload {
             control,
             dirty_pages_per_sec,

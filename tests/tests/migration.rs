@@ -182,6 +182,8 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 &ctl,
                 "--to",
                 &addr,
+                "--policy",
+                "static",
                 "--max-downtime-ms",
                 "1",
                 "--bandwidth-mbit",
@@ -274,10 +276,19 @@ content = "random"
     });
 
     let (dst, addr) = incoming(dir.path(), "t-dst1");
+    // The static policy: what the flags say, nothing adjusted (the adaptive one
+    // would throttle on its own).
     let (ok, report) = migrate(
         &src,
         &addr,
-        &["--bandwidth-mbit", "800", "--max-total-secs", "4"],
+        &[
+            "--policy",
+            "static",
+            "--bandwidth-mbit",
+            "800",
+            "--max-total-secs",
+            "4",
+        ],
     );
     assert!(!ok);
     assert!(
@@ -330,6 +341,8 @@ content = "random"
             &ctl,
             "--to",
             &addr,
+            "--policy",
+            "static",
             "--bandwidth-mbit",
             "800",
             "--max-total-secs",

@@ -96,6 +96,8 @@ fn postcopy_and_hybrid_move_every_pattern_and_content_with_nothing_lost() {
                 &src,
                 &addr,
                 &[
+                    "--policy",
+                    "static",
                     "--mode",
                     mode,
                     "--compression",

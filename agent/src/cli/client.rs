@@ -275,13 +275,37 @@ fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
 /// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
 pub fn migrate(
     control: &Path,
-    req: Value,
+    mut req: Value,
     report: Option<&Path>,
     as_json: bool,
+    mut steering: Option<super::steer::Steering>,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let status = request(control, &json!({"cmd": "status"}))?;
+    // The policy picks the starting settings from what is known before anything moves.
+    if let Some(steer) = steering.as_mut() {
+        let d = steer.initial(
+            get(&status, "pages_written_per_sec")
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+        req["compression"] = json!(d.settings.codec.to_string());
+        req["throttle_pct"] = json!(d.settings.throttle_pct);
+        req["bandwidth_mbit"] = json!(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
+        req["max_downtime_ms"] = json!(d.settings.max_downtime_ms.round() as u64);
+        let reasons: serde_json::Map<String, Value> = d
+            .reasons
+            .iter()
+            .map(|r| {
+                (
+                    r.setting.to_string(),
+                    json!(format!("{}: {}", steer.policy_name(), r.why)),
+                )
+            })
+            .collect();
+        req["reasons"] = Value::Object(reasons);
+    }
     // The probes watch the guest while it migrates (logging is on anyway), every
     // 250 ms; where they cannot load, the report says why.
     let mut probes = crate::probes::follow::Follower::start(
@@ -320,6 +344,9 @@ pub fn migrate(
                 crate::probes::signals::Logging::Unknown
             };
             probes.poll(logging);
+            if let Some(steer) = steering.as_mut() {
+                steer.tick(control, p, probes.timeline.last());
+            }
             let Some(bar) = &bar else { return };
             let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
             let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
@@ -358,6 +385,18 @@ pub fn migrate(
         bar.finish_and_clear();
     }
     let mut final_report = final_report;
+    if let Some(steer) = &steering {
+        final_report["policy"] = json!(steer.policy_name());
+        final_report["policy_steps"] = json!(steer.steps);
+        if let Some(p) = steer.first_prediction {
+            final_report["predicted_total_ms"] =
+                json!(p.total_ms.is_finite().then_some(p.total_ms));
+            final_report["predicted_downtime_ms"] =
+                json!(p.downtime_ms.is_finite().then_some(p.downtime_ms));
+        }
+    } else {
+        final_report["policy"] = json!("static");
+    }
     final_report["probe_signals"] = json!(probes.timeline);
     if let Some(e) = probes.error() {
         final_report["probe_signals_error"] = json!(e);

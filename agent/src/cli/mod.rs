@@ -2,4 +2,5 @@
 
 pub mod client;
 pub mod signals;
+pub mod steer;
 pub mod vmm;

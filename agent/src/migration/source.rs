@@ -48,7 +48,13 @@ pub struct Params {
     pub precopy_pass: bool,
     /// Send the disks along (the destination has no shared storage).
     pub copy_storage: bool,
+    /// Why each initial setting is what it is (a policy's reasons); absent ones were
+    /// set by the operator.
+    pub reasons: Reasons,
 }
+
+/// Setting name → why it has its value.
+pub type Reasons = std::collections::BTreeMap<String, String>;
 
 /// How memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +113,7 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(settings: Settings) -> Self {
+    pub fn new(settings: Settings, reasons: &Reasons) -> Self {
         let mut live = Self {
             settings,
             decisions: Vec::new(),
@@ -115,7 +121,10 @@ impl Live {
             t0: Instant::now(),
         };
         for (setting, value) in live.describe(&settings) {
-            live.record(setting, value, "set by the operator (migrate)");
+            let why = reasons
+                .get(setting)
+                .map_or("set by the operator (migrate)", String::as_str);
+            live.record(setting, value, why);
         }
         live
     }
@@ -143,13 +152,15 @@ impl Live {
         });
     }
 
-    /// Applies new settings, recording each one that changed.
-    pub fn change(&mut self, new: Settings, reason: &str) {
+    /// Applies new settings, recording each one that changed with its reason (or
+    /// `default`).
+    pub fn change(&mut self, new: Settings, reasons: &Reasons, default: &str) {
         let before = self.describe(&self.settings);
         let after = self.describe(&new);
         for ((setting, old), (_, value)) in before.into_iter().zip(after) {
             if old != value {
-                self.record(setting, value, reason);
+                let why = reasons.get(setting).map_or(default, String::as_str);
+                self.record(setting, value, why);
             }
         }
         self.settings = new;
@@ -373,7 +384,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     let t0 = Instant::now();
     let mut progress = Progress::starting(&params.to, &params.settings);
     set_progress(&m, &progress);
-    *lock(&m.live) = Some(Live::new(params.settings));
+    *lock(&m.live) = Some(Live::new(params.settings, &params.reasons));
     m.set_throttle(params.settings.throttle_pct);
     let mut switch = Switch::default();
     let (s, result) = migrate(&m, &params, t0, &mut switch);
@@ -395,7 +406,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     m.set_throttle(0);
     let live = lock(&m.live)
         .take()
-        .unwrap_or_else(|| Live::new(params.settings));
+        .unwrap_or_else(|| Live::new(params.settings, &params.reasons));
     let report = Report {
         outcome,
         error,
@@ -493,6 +504,7 @@ pub fn set_params(
     bandwidth: Option<Option<u64>>,
     throttle_pct: Option<u32>,
     max_downtime_ms: Option<u64>,
+    reasons: &Reasons,
 ) -> Result<Settings, String> {
     let mut live = lock(&m.live);
     let live = live.as_mut().ok_or("no migration is running")?;
@@ -515,7 +527,7 @@ pub fn set_params(
         }
         s.max_downtime_ms = d;
     }
-    live.change(s, "set by the operator (set-params)");
+    live.change(s, reasons, "set by the operator (set-params)");
     m.set_throttle(s.throttle_pct);
     Ok(s)
 }

@@ -70,6 +70,9 @@ pub enum Request {
         /// Send the disks along (the destination has its own storage).
         #[serde(default)]
         copy_storage: bool,
+        /// Why, per setting (a policy's reasons), for the report's decisions.
+        #[serde(default)]
+        reasons: source::Reasons,
     },
     /// Move the VM's disk images (or one) into folder `to` while it runs.
     StorageMigrate {
@@ -95,6 +98,9 @@ pub enum Request {
     SetParams {
         #[serde(flatten)]
         settings: SettingsRequest,
+        /// Why, per setting (a policy's reasons), for the report's decisions.
+        #[serde(default)]
+        reasons: source::Reasons,
     },
     /// Stop the running migration; the VM keeps running here.
     Cancel {},
@@ -360,6 +366,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             recover_secs,
             precopy_pass,
             copy_storage,
+            reasons,
         } => start_migration(
             m,
             to,
@@ -370,8 +377,8 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 recover_secs,
             },
             (mode.as_deref(), precopy_pass, copy_storage),
-            report,
-            !no_verify,
+            (report, !no_verify),
+            reasons,
         ),
         Request::StorageMigrate {
             to,
@@ -402,13 +409,14 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             }
             _ => Err("no post-copy is waiting for its link to come back".into()),
         },
-        Request::SetParams { settings } => settings.codec().and_then(|codec| {
+        Request::SetParams { settings, reasons } => settings.codec().and_then(|codec| {
             source::set_params(
                 m,
                 codec,
                 settings.bandwidth(),
                 settings.throttle_pct,
                 settings.max_downtime_ms,
+                &reasons,
             )
             .map(|s| {
                 json!({"codec": s.codec.to_string(), "bandwidth_bytes_per_sec": s.bandwidth,
@@ -520,8 +528,8 @@ fn start_migration(
     req: &SettingsRequest,
     limits: Limits,
     (mode, precopy_pass, copy_storage): (Option<&str>, bool, bool),
-    report: Option<PathBuf>,
-    verify: bool,
+    (report, verify): (Option<PathBuf>, bool),
+    reasons: source::Reasons,
 ) -> Result<Value, String> {
     let Limits {
         max_total_secs,
@@ -581,6 +589,7 @@ fn start_migration(
         recover: Duration::from_secs(recover_secs.unwrap_or(60)),
         precopy_pass,
         copy_storage,
+        reasons,
     };
     let machine = m.clone();
     std::thread::Builder::new()

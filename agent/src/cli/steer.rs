@@ -1,0 +1,245 @@
+//! The control loop of `ferry migrate`: every tick it turns the VMM's progress and the
+//! probes' latest sample into an [`Observation`], asks the policy, and pushes what
+//! changed to the VMM (`set-params` with the reasons, `start-postcopy`, `cancel`).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::migration::codec::Codec;
+use crate::policy::{
+    CodecPerf, Decision, Limits, Observation, Policy, Prediction, Settings, Stage,
+};
+use crate::probes::follow::Sample;
+use crate::vmm::control::request;
+
+/// A change the loop made, with the policy's reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub t_ms: f64,
+    pub setting: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The policy `--policy NAME` names: `adaptive`, a peer preset, or `static` (None:
+/// the flags as given, nothing adjusted).
+pub fn policy(
+    name: &str,
+    pins: crate::policy::Pins,
+    limits: &Limits,
+) -> anyhow::Result<Option<Box<dyn Policy>>> {
+    match name {
+        "static" => Ok(None),
+        "adaptive" => Ok(Some(Box::new(crate::policy::engine::Adaptive::new(
+            pins, limits,
+        )))),
+        other => match crate::policy::presets::Preset::by_name(other) {
+            Some(p) => Ok(Some(Box::new(p))),
+            None => anyhow::bail!(
+                "unknown policy {other:?}: use adaptive, static or a preset ({})",
+                crate::policy::presets::NAMES.join(", ")
+            ),
+        },
+    }
+}
+
+pub struct Steering {
+    policy: Box<dyn Policy>,
+    limits: Limits,
+    memory_pages: u64,
+    round: u32,
+    pass_start_ms: f64,
+    applied: Settings,
+    /// The first prediction made with the link measured, and the latest.
+    pub first_prediction: Option<Prediction>,
+    pub last_prediction: Option<Prediction>,
+    pub steps: Vec<Step>,
+}
+
+fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or(&Value::Null)
+}
+
+impl Steering {
+    pub fn new(policy: Box<dyn Policy>, limits: Limits, memory_pages: u64) -> Self {
+        Self {
+            policy,
+            limits,
+            memory_pages,
+            round: 0,
+            pass_start_ms: 0.0,
+            applied: Settings::default(),
+            first_prediction: None,
+            last_prediction: None,
+            steps: Vec::new(),
+        }
+    }
+
+    pub fn policy_name(&self) -> &str {
+        self.policy.name()
+    }
+
+    /// The settings to start with, before anything is measured but what the
+    /// operator said; the reasons go into the migrate request.
+    pub fn initial(&mut self, dirty_pages_per_sec: f64) -> Decision {
+        let obs = Observation {
+            t_ms: 0.0,
+            stage: Stage::Starting,
+            memory_pages: self.memory_pages,
+            remaining_pages: self.memory_pages,
+            pass_elapsed_ms: 0.0,
+            round: 0,
+            dirty_pages_per_sec,
+            working_set_pages: None,
+            link_bytes_per_sec: None,
+            zero_fraction: 0.0,
+            codecs: Vec::new(),
+        };
+        let d = self.policy.decide(&obs, &self.limits);
+        self.applied = d.settings.clone();
+        d
+    }
+
+    fn observe(&mut self, p: &Value, sample: Option<&Sample>) -> Observation {
+        let t_ms = get(p, "elapsed_ms").as_f64().unwrap_or(0.0);
+        let round = get(p, "round").as_u64().unwrap_or(0) as u32;
+        if round != self.round {
+            self.round = round;
+            self.pass_start_ms = t_ms;
+        }
+        let sent = get(p, "pages_sent").as_u64().unwrap_or(0);
+        let zero = get(p, "zero_pages").as_u64().unwrap_or(0);
+        let stage = match get(p, "phase").as_str() {
+            Some("postcopy" | "postcopy-paused") => Stage::Postcopy,
+            _ if round == 0 => Stage::FirstPass,
+            _ => Stage::Rounds,
+        };
+        let remaining = if round == 0 {
+            self.memory_pages.saturating_sub(sent + zero)
+        } else {
+            get(p, "remaining_dirty_pages").as_u64().unwrap_or(0)
+        };
+        let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
+        let codecs = get(p, "codec_samples")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| {
+                        Some(CodecPerf {
+                            codec: c["codec"].as_str()?.parse::<Codec>().ok()?,
+                            ratio: c["ratio"].as_f64()?,
+                            compress_bytes_per_sec: c["compress_bytes_per_sec"].as_f64()?,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The probes see the guest at full resolution; the VMM's own figure is per
+        // round, the fallback.
+        let dirty = sample
+            .and_then(|s| s.dirty_pages_per_sec)
+            .unwrap_or_else(|| get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0));
+        // What the stream achieved: with a codec, wire bytes, so the link itself.
+        Observation {
+            t_ms,
+            stage,
+            memory_pages: self.memory_pages,
+            remaining_pages: remaining,
+            pass_elapsed_ms: t_ms - self.pass_start_ms,
+            round,
+            dirty_pages_per_sec: dirty,
+            working_set_pages: sample.and_then(|s| s.working_set_pages),
+            link_bytes_per_sec: (bw > 0.0).then_some(bw),
+            zero_fraction: if sent + zero > 0 {
+                zero as f64 / (sent + zero) as f64
+            } else {
+                0.0
+            },
+            codecs,
+        }
+    }
+
+    /// One tick: observe, decide, push what changed.
+    pub fn tick(&mut self, control: &Path, p: &Value, sample: Option<&Sample>) {
+        if p.is_null() || matches!(get(p, "phase").as_str(), Some("setup") | None) {
+            return;
+        }
+        let obs = self.observe(p, sample);
+        let d = self.policy.decide(&obs, &self.limits);
+        if obs.link_bytes_per_sec.is_some() && self.first_prediction.is_none() {
+            self.first_prediction = Some(d.prediction);
+        }
+        self.last_prediction = Some(d.prediction);
+        let why = |setting: &str| {
+            d.reasons
+                .iter()
+                .find(|r| r.setting == setting || r.setting == "preset")
+                .map_or(String::new(), |r| r.why.clone())
+        };
+        let mut req = json!({"cmd": "set-params"});
+        let mut reasons = serde_json::Map::new();
+        let s = &d.settings;
+        if s.codec != self.applied.codec {
+            req["compression"] = json!(s.codec.to_string());
+            reasons.insert("codec".into(), json!(why("codec")));
+        }
+        if s.throttle_pct != self.applied.throttle_pct {
+            req["throttle_pct"] = json!(s.throttle_pct);
+            reasons.insert("throttle_pct".into(), json!(why("throttle_pct")));
+        }
+        if s.bandwidth_mbit != self.applied.bandwidth_mbit {
+            req["bandwidth_mbit"] = json!(s.bandwidth_mbit.map_or(0, |m| m.round() as u64));
+            reasons.insert("bandwidth_mbit".into(), json!(why("bandwidth_mbit")));
+        }
+        if !reasons.is_empty() {
+            for (setting, reason) in &reasons {
+                self.steps.push(Step {
+                    t_ms: obs.t_ms,
+                    setting: match setting.as_str() {
+                        "codec" => "codec",
+                        "throttle_pct" => "throttle_pct",
+                        _ => "bandwidth_mbit",
+                    },
+                    value: req[if setting == "codec" {
+                        "compression"
+                    } else {
+                        setting
+                    }]
+                    .to_string(),
+                    reason: reason.as_str().unwrap_or("").to_string(),
+                });
+            }
+            req["reasons"] = Value::Object(reasons);
+            // A migration that just ended refuses: nothing to do then.
+            if request(control, &req).is_ok() {
+                self.applied.codec = s.codec;
+                self.applied.throttle_pct = s.throttle_pct;
+                self.applied.bandwidth_mbit = s.bandwidth_mbit;
+            }
+        }
+        if s.postcopy && !self.applied.postcopy {
+            self.applied.postcopy = true;
+            self.steps.push(Step {
+                t_ms: obs.t_ms,
+                setting: "postcopy",
+                value: "true".into(),
+                reason: why("postcopy"),
+            });
+            let _ = request(control, &json!({"cmd": "start-postcopy"}));
+        }
+        if let Some(abort) = &s.abort
+            && self.applied.abort.is_none()
+        {
+            self.applied.abort = Some(abort.clone());
+            self.steps.push(Step {
+                t_ms: obs.t_ms,
+                setting: "abort",
+                value: "true".into(),
+                reason: abort.clone(),
+            });
+            let _ = request(control, &json!({"cmd": "cancel"}));
+        }
+    }
+}

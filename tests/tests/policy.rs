@@ -1,0 +1,165 @@
+//! The adaptive policy steering real migrations: it reacts to what the guest does and
+//! explains itself; what the operator pinned stays.
+
+use std::time::Duration;
+
+use ferry_tests::{TempDir, Vmm, f64_of, ferry, incoming, migrate, require_kvm, u64_of};
+use serde_json::Value;
+
+fn guest(rate: u64) -> String {
+    format!(
+        "memory_mib = 320\nvcpus = 1\n[workload]\nworking_set_mib = 256\n\
+         dirty_pages_per_sec = {rate}\npattern = \"random\"\ncontent = \"random\"\n"
+    )
+}
+
+fn start(dir: &TempDir, name: &str, rate: u64) -> Vmm {
+    let cfg = ferry_tests::write_config(dir.path(), name, &guest(rate));
+    let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
+    vm.wait_for(
+        "the guest writing at its pace",
+        Duration::from_secs(30),
+        |s| f64_of(s, "pages_written_per_sec") > rate as f64 * 0.9,
+    );
+    vm
+}
+
+/// Steps the guest's rate to `rate` once the migration has run `after`.
+fn step_later(vm: &Vmm, after: Duration, rate: u64) -> std::thread::JoinHandle<()> {
+    let ctl = vm.ctl().to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        let out = ferry(&[
+            "set-workload",
+            "--control",
+            &ctl,
+            "--dirty-pages-per-sec",
+            &rate.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+}
+
+fn decisions<'a>(report: &'a Value, setting: &str) -> Vec<&'a Value> {
+    report["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["setting"] == setting)
+        .collect()
+}
+
+#[test]
+fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("policy-jump");
+    let src = start(&dir, "src", 2_000);
+    let (dst, addr) = incoming(dir.path(), "dst");
+    // 400 Mbit/s moves 12k pages/s; a second in, the guest dirties 40k/s at random
+    // over 256 MiB: pre-copy cannot converge unless the engine acts.
+    let stepper = step_later(&src, Duration::from_millis(1500), 40_000);
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &[
+            "--bandwidth-mbit",
+            "400",
+            "--max-downtime-ms",
+            "100",
+            "--max-total-secs",
+            "120",
+        ],
+    );
+    stepper.join().unwrap();
+    assert!(ok, "{report}");
+    assert_eq!(report["policy"], "adaptive", "{report}");
+    let raised: Vec<&Value> = decisions(&report, "throttle_pct")
+        .into_iter()
+        .filter(|d| d["value"].as_str().unwrap_or("0") != "0")
+        .collect();
+    assert!(!raised.is_empty(), "no throttle decision: {report}");
+    let why = raised[0]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("dirties") && why.contains("predicted"),
+        "{why}"
+    );
+    // Its first decision came after the jump, not before.
+    assert!(u64_of(raised[0], "t_ms") >= 1000, "{report}");
+    assert!(report["predicted_total_ms"].is_number(), "{report}");
+    let v = dst.verify();
+    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    src.quit();
+    dst.quit();
+}
+
+#[test]
+fn a_pinned_setting_is_kept_and_the_report_says_so() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("policy-pin");
+    let src = start(&dir, "src", 2_000);
+    let (dst, addr) = incoming(dir.path(), "dst");
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &["--compression", "lz4", "--bandwidth-mbit", "200"],
+    );
+    assert!(ok, "{report}");
+    assert_eq!(report["codec"], "lz4", "{report}");
+    let codec = decisions(&report, "codec");
+    assert_eq!(codec.len(), 1, "the codec changed: {report}");
+    assert!(
+        codec[0]["reason"].as_str().unwrap().contains("pinned"),
+        "{report}"
+    );
+    // Unpinned on the same slow link, random pages: the engine leaves them raw and
+    // says why.
+    src.quit();
+    let src = dst;
+    let (dst, addr) = incoming(dir.path(), "dst2");
+    let (ok, report) = migrate(&src, &addr, &["--bandwidth-mbit", "200"]);
+    assert!(ok, "{report}");
+    assert_eq!(report["codec"], "none", "{report}");
+    let codec = decisions(&report, "codec");
+    assert!(
+        codec
+            .iter()
+            .all(|d| d["reason"].as_str().unwrap().contains("adaptive")),
+        "{report}"
+    );
+    src.quit();
+    dst.quit();
+}
+
+#[test]
+fn an_unknown_policy_is_refused_before_anything_moves() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("policy-bad");
+    let src = start(&dir, "src", 1_000);
+    let out = ferry(&[
+        "migrate",
+        "--control",
+        src.ctl(),
+        "--to",
+        "127.0.0.1:9",
+        "--policy",
+        "fastest",
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("unknown policy") && e.contains("qemu-default"),
+        "{e}"
+    );
+    assert!(src.status()["migration"].is_null());
+    src.quit();
+}
