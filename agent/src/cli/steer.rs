@@ -136,11 +136,18 @@ impl Steering {
                     .collect()
             })
             .unwrap_or_default();
-        // The probes see the guest at full resolution; the VMM's own figure is per
-        // round, the fallback.
-        let dirty = sample
-            .and_then(|s| s.dirty_pages_per_sec)
-            .unwrap_or_else(|| get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0));
+        // In the first pass the probes see the guest at full resolution. From the
+        // first round on the VMM's own figure, distinct pages per round, is what
+        // convergence depends on; the probes then see only pages new since the last
+        // harvest, a figure that sinks as each round goes on.
+        let vmm_rate = get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0);
+        let dirty = if round == 0 {
+            sample
+                .and_then(|s| s.dirty_pages_per_sec)
+                .unwrap_or(vmm_rate)
+        } else {
+            vmm_rate
+        };
         // What the stream achieved: with a codec, wire bytes, so the link itself.
         Observation {
             t_ms,
@@ -150,7 +157,9 @@ impl Steering {
             pass_elapsed_ms: t_ms - self.pass_start_ms,
             round,
             dirty_pages_per_sec: dirty,
-            working_set_pages: sample.and_then(|s| s.working_set_pages),
+            // Per-window distinct pages under a log harvested once a round do not
+            // measure the set a guest dirties within; no guess is better than that one.
+            working_set_pages: None,
             link_bytes_per_sec: (bw > 0.0).then_some(bw),
             zero_fraction: if sent + zero > 0 {
                 zero as f64 / (sent + zero) as f64

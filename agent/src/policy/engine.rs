@@ -18,11 +18,16 @@ const CODEC_GAIN: f64 = 1.10;
 const THROTTLE_STEP: u32 = 10;
 /// Above this throttle the guest loses more than post-copy's faults cost it.
 const THROTTLE_COMFORT: u32 = 50;
+/// A lower throttle must be enough this long before the throttle drops: a guest that
+/// slows for a moment is not a guest that slowed.
+const LOWER_AFTER_MS: f64 = 3000.0;
 
 pub struct Adaptive {
     pins: Pins,
     current: Settings,
     changed_at: BTreeMap<&'static str, f64>,
+    /// Since when a lower throttle than the current one would do.
+    lower_since: Option<f64>,
 }
 
 impl Adaptive {
@@ -38,6 +43,7 @@ impl Adaptive {
             },
             pins,
             changed_at: BTreeMap::new(),
+            lower_since: None,
         }
     }
 
@@ -300,11 +306,21 @@ impl Policy for Adaptive {
                 ),
             }
         };
-        // Raise at once when needed, lower only by a clear margin; never faster than
-        // once a second.
+        // Raise at once when needed; lower only by a clear margin that held for a
+        // while; never faster than once a second.
         let cur = self.current.throttle_pct;
-        let change = throttle > cur || throttle + THROTTLE_STEP <= cur;
+        let lower = throttle + THROTTLE_STEP <= cur;
+        if lower {
+            self.lower_since.get_or_insert(t);
+        } else {
+            self.lower_since = None;
+        }
+        let held = self
+            .lower_since
+            .is_some_and(|since| t - since >= LOWER_AFTER_MS);
+        let change = throttle > cur || (lower && held);
         if throttle != cur && change && self.may_change("throttle_pct", t) {
+            self.lower_since = None;
             self.current.throttle_pct = throttle;
             self.changed("throttle_pct", t);
         }
