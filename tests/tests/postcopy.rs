@@ -246,7 +246,15 @@ fn a_guest_outrunning_a_capped_link_finishes_in_postcopy_but_not_in_precopy() {
     let dir = TempDir::new("pc-outrun");
     // 40k pages/s is 160 MB/s of dirt against a 100 Mbit/s link.
     let body = config(1, "random", "random", 40_000, 16);
-    let limits = ["--bandwidth-mbit", "100", "--max-total-secs", "6"];
+    // The static policy: the adaptive one would throttle pre-copy into converging.
+    let limits = [
+        "--policy",
+        "static",
+        "--bandwidth-mbit",
+        "100",
+        "--max-total-secs",
+        "6",
+    ];
 
     let src = start(&dir, "o", &body);
     let (dst, addr) = incoming(dir.path(), "o-dst1");
