@@ -32,6 +32,24 @@ fn start(dir: &TempDir, name: &str, body: &str, rate: u64) -> Vmm {
     vm
 }
 
+/// A lab VM writing at `rate` as [`guest`] describes, past its fill.
+fn lab_vm(
+    dir: &TempDir,
+    name: &str,
+    tracking: &str,
+    rate: u64,
+    ws_mib: u64,
+    pattern: &str,
+    fill: bool,
+) -> Vmm {
+    start(
+        dir,
+        name,
+        &guest(tracking, rate, ws_mib, pattern, fill),
+        rate,
+    )
+}
+
 /// `ferry signals --json` for a while; its summary.
 fn signals(args: &[&str]) -> Value {
     let out = ferry(&[&["signals", "--json"], args].concat());
@@ -68,12 +86,7 @@ fn dirty_rate_matches_the_guest_and_the_vmm_dirty_log() {
                     (rate * 6).div_ceil(256).max(16)
                 };
                 let name = format!("r-{tracking}-{fill}-{rate}");
-                let vm = start(
-                    &dir,
-                    &name,
-                    &guest(tracking, rate, ws_mib, "sequential", fill),
-                    rate,
-                );
+                let vm = lab_vm(&dir, &name, tracking, rate, ws_mib, "sequential", fill);
                 let s = signals(&["--control", vm.ctl(), "--duration-secs", "3"]);
                 let what = format!("{tracking}, fill {fill}, {rate} pages/s: {s}");
                 let probe = f64_of(&s, "dirty_pages_per_sec");
@@ -109,12 +122,7 @@ fn working_set_matches_the_distinct_pages_of_the_dirty_log() {
         // A hot tenth of 128 MiB takes most writes: far fewer distinct pages than
         // writes in each sample.
         let name = format!("ws-{tracking}");
-        let vm = start(
-            &dir,
-            &name,
-            &guest(tracking, 20_000, 128, "hotcold", true),
-            20_000,
-        );
+        let vm = lab_vm(&dir, &name, tracking, 20_000, 128, "hotcold", true);
         let s = signals(&["--control", vm.ctl(), "--duration-secs", "4"]);
         let mut compared = 0;
         for t in s["ticks"].as_array().unwrap() {
@@ -191,18 +199,8 @@ fn two_vms_at_once_each_get_their_own_signals() {
         return;
     }
     let dir = TempDir::new("probes-two");
-    let a = start(
-        &dir,
-        "a",
-        &guest("bitmap", 5_000, 64, "sequential", true),
-        5_000,
-    );
-    let b = start(
-        &dir,
-        "b",
-        &guest("ring", 30_000, 192, "sequential", true),
-        30_000,
-    );
+    let a = lab_vm(&dir, "a", "bitmap", 5_000, 64, "sequential", true);
+    let b = lab_vm(&dir, "b", "ring", 30_000, 192, "sequential", true);
     let run = |vm: &Vmm| {
         Command::new(ferry_bin())
             .args([
@@ -249,12 +247,7 @@ fn any_kvm_process_shows_a_dirty_rate_only_while_it_logs() {
         return;
     }
     let dir = TempDir::new("probes-pid");
-    let vm = start(
-        &dir,
-        "p",
-        &guest("bitmap", 10_000, 64, "sequential", true),
-        10_000,
-    );
+    let vm = lab_vm(&dir, "p", "bitmap", 10_000, 64, "sequential", true);
     let pid = u64_of(&vm.status(), "pid").to_string();
     // Nobody has logging on: the probes see exits but cannot see writes.
     let s = signals(&["--pid", &pid, "--duration-secs", "2"]);
@@ -303,12 +296,7 @@ fn what_is_missing_is_named_with_its_fix() {
     assert!(e.contains("does not exist"), "{e}");
 
     let dir = TempDir::new("probes-missing");
-    let vm = start(
-        &dir,
-        "m",
-        &guest("bitmap", 1_000, 16, "sequential", true),
-        1_000,
-    );
+    let vm = lab_vm(&dir, "m", "bitmap", 1_000, 16, "sequential", true);
     let pid = u64_of(&vm.status(), "pid").to_string();
     let bin = ferry_bin();
     let bin = bin.to_str().unwrap();
@@ -345,12 +333,7 @@ fn a_migration_report_carries_the_guests_signals_as_they_changed() {
         return;
     }
     let dir = TempDir::new("probes-mig");
-    let src = start(
-        &dir,
-        "src",
-        &guest("bitmap", 4_000, 256, "sequential", true),
-        4_000,
-    );
+    let src = lab_vm(&dir, "src", "bitmap", 4_000, 256, "sequential", true);
     let (_dst, addr) = ferry_tests::incoming(dir.path(), "dst");
     // A capped link: the first pass takes a few seconds, long enough to step the
     // guest's rate up and back down while it runs.
