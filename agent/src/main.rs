@@ -34,6 +34,66 @@ impl Mode {
     }
 }
 
+/// The policy and the operator's limits, shared by `migrate` and `plan`.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Who sets compression, throttling and post-copy while it runs: adaptive
+    /// (measures and decides), static (the flags as given), or a peer preset
+    /// (qemu-default, libvirt-default, qemu-autoconverge,
+    /// libvirt-postcopy-after-precopy, kubevirt-default, cloud-hypervisor).
+    #[arg(long, default_value = "adaptive")]
+    policy: String,
+    /// Codec for memory pages (and, with --copy-storage, disk blocks): auto (the
+    /// policy decides), none, lz4 or zstd:N (pinned: the policy keeps it).
+    #[arg(long, default_value = "auto")]
+    compression: String,
+    /// Switch over once the predicted downtime is this short.
+    #[arg(long, default_value_t = 300)]
+    max_downtime_ms: u64,
+    /// Cap on the migration stream, megabits per second (0 = none).
+    #[arg(long, default_value_t = 0)]
+    bandwidth_mbit: u64,
+    /// Slow the vCPUs by this share of their time (0-99) while migrating (pinned:
+    /// the policy keeps it).
+    #[arg(long)]
+    throttle_pct: Option<u32>,
+    /// The most the policy may throttle the vCPUs.
+    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u32).range(0..=99))]
+    max_throttle_pct: u32,
+    /// The policy may switch to post-copy (the migration runs in hybrid mode).
+    #[arg(long)]
+    allow_postcopy: bool,
+    /// Cores compression may use.
+    #[arg(long, default_value_t = 1.0)]
+    cpu_budget_cores: f64,
+    /// Give up if not done in this many seconds; the VM stays on the source.
+    #[arg(long)]
+    max_total_secs: Option<u64>,
+}
+
+impl PolicyArgs {
+    fn limits(&self) -> ferry::policy::Limits {
+        ferry::policy::Limits {
+            max_downtime_ms: self.max_downtime_ms as f64,
+            max_total_secs: self.max_total_secs.map(|s| s as f64),
+            max_throttle_pct: self.max_throttle_pct,
+            allow_postcopy: self.allow_postcopy,
+            bandwidth_mbit: (self.bandwidth_mbit > 0).then_some(self.bandwidth_mbit as f64),
+            cpu_budget_cores: self.cpu_budget_cores,
+        }
+    }
+
+    fn pins(&self) -> anyhow::Result<ferry::policy::Pins> {
+        Ok(ferry::policy::Pins {
+            codec: match self.compression.as_str() {
+                "auto" => None,
+                c => Some(c.parse::<ferry::migration::codec::Codec>()?),
+            },
+            throttle_pct: self.throttle_pct,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one VM in this process (boot it from a config, or restore a snapshot).
@@ -169,38 +229,8 @@ enum Command {
         /// with --datastore); pre-copy only.
         #[arg(long)]
         copy_storage: bool,
-        /// Who sets compression, throttling and post-copy while it runs: adaptive
-        /// (measures and decides), static (the flags as given), or a peer preset
-        /// (qemu-default, libvirt-default, qemu-autoconverge,
-        /// libvirt-postcopy-after-precopy, kubevirt-default, cloud-hypervisor).
-        #[arg(long, default_value = "adaptive")]
-        policy: String,
-        /// Codec for memory pages (and, with --copy-storage, disk blocks): auto (the
-        /// policy decides), none, lz4 or zstd:N (pinned: the policy keeps it).
-        #[arg(long, default_value = "auto")]
-        compression: String,
-        /// Switch over once the predicted downtime is this short.
-        #[arg(long, default_value_t = 300)]
-        max_downtime_ms: u64,
-        /// Cap on the migration stream, megabits per second (0 = none).
-        #[arg(long, default_value_t = 0)]
-        bandwidth_mbit: u64,
-        /// Slow the vCPUs by this share of their time (0-99) while migrating (pinned:
-        /// the policy keeps it).
-        #[arg(long)]
-        throttle_pct: Option<u32>,
-        /// The most the policy may throttle the vCPUs.
-        #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u32).range(0..=99))]
-        max_throttle_pct: u32,
-        /// The policy may switch to post-copy (the migration runs in hybrid mode).
-        #[arg(long)]
-        allow_postcopy: bool,
-        /// Cores compression may use.
-        #[arg(long, default_value_t = 1.0)]
-        cpu_budget_cores: f64,
-        /// Give up if not done in this many seconds; the VM stays on the source.
-        #[arg(long)]
-        max_total_secs: Option<u64>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Declare a silent peer dead after this many seconds.
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
@@ -211,6 +241,20 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
         /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the policy would do with this VM now, and why: settings, predicted total
+    /// time and downtime. Nothing moves.
+    Plan {
+        #[arg(long)]
+        control: PathBuf,
+        /// What the link to the destination carries, megabits per second (default:
+        /// --bandwidth-mbit; one of the two is needed).
+        #[arg(long)]
+        link_mbit: Option<f64>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[arg(long)]
         json: bool,
     },
@@ -350,35 +394,14 @@ fn main() -> ExitCode {
             resume: false,
             to,
             policy,
-            compression,
-            max_downtime_ms,
-            bandwidth_mbit,
-            throttle_pct,
-            max_throttle_pct,
-            allow_postcopy,
-            cpu_budget_cores,
-            max_total_secs,
             timeout_secs,
             no_verify,
             report,
             json,
         } => (|| {
-            let codec = match compression.as_str() {
-                "auto" => None,
-                c => Some(c.parse::<ferry::migration::codec::Codec>()?),
-            };
-            let limits = ferry::policy::Limits {
-                max_downtime_ms: max_downtime_ms as f64,
-                max_total_secs: max_total_secs.map(|s| s as f64),
-                max_throttle_pct,
-                allow_postcopy,
-                bandwidth_mbit: (bandwidth_mbit > 0).then_some(bandwidth_mbit as f64),
-                cpu_budget_cores,
-            };
-            let pins = ferry::policy::Pins {
-                codec,
-                throttle_pct,
-            };
+            let limits = policy.limits();
+            let pins = policy.pins()?;
+            let codec = pins.codec;
             let memory_pages = ferry::vmm::control::request(
                 &control,
                 &serde_json::json!({"cmd": "status"}),
@@ -386,10 +409,10 @@ fn main() -> ExitCode {
                 .as_u64()
                 .unwrap_or(0)
                 * 256;
-            let steering = cli::steer::policy(&policy, pins, &limits)?
+            let steering = cli::steer::policy(&policy.policy, pins, &limits)?
                 .map(|p| cli::steer::Steering::new(p, limits, memory_pages));
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
-            let mode = if allow_postcopy && matches!(mode, Mode::Precopy) {
+            let mode = if policy.allow_postcopy && matches!(mode, Mode::Precopy) {
                 "hybrid"
             } else {
                 mode.name()
@@ -399,8 +422,10 @@ fn main() -> ExitCode {
                 serde_json::json!({
                     "cmd": "migrate", "to": to,
                     "compression": codec.map_or("none".to_string(), |c| c.to_string()),
-                    "max_downtime_ms": max_downtime_ms, "bandwidth_mbit": bandwidth_mbit,
-                    "throttle_pct": throttle_pct.unwrap_or(0), "max_total_secs": max_total_secs,
+                    "max_downtime_ms": policy.max_downtime_ms,
+                    "bandwidth_mbit": policy.bandwidth_mbit,
+                    "throttle_pct": policy.throttle_pct.unwrap_or(0),
+                    "max_total_secs": policy.max_total_secs,
                     "timeout_secs": timeout_secs, "no_verify": no_verify,
                     "mode": mode, "recover_secs": recover_secs,
                     "precopy_pass": precopy_pass, "copy_storage": copy_storage,
@@ -409,6 +434,19 @@ fn main() -> ExitCode {
                 json,
                 steering,
             )
+        })(),
+        Command::Plan {
+            control,
+            link_mbit,
+            policy,
+            json,
+        } => (|| {
+            let limits = policy.limits();
+            let chosen = cli::steer::policy(&policy.policy, policy.pins()?, &limits)?;
+            let Some(chosen) = chosen else {
+                anyhow::bail!("the static policy makes no plan: it applies the flags as given");
+            };
+            cli::plan::run(&control, chosen, &limits, link_mbit, json)
         })(),
         Command::SetWorkload {
             control,

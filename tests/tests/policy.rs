@@ -164,3 +164,57 @@ fn an_unknown_policy_is_refused_before_anything_moves() {
     assert!(src.status()["migration"].is_null());
     src.quit();
 }
+
+#[test]
+fn plan_predicts_and_explains_without_moving_anything() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("policy-plan");
+    let plan = |vm: &Vmm, args: &[&str]| -> Value {
+        let out = ferry(&[&["plan", "--json", "--control", vm.ctl()], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Text pages over a slow link: compression pays.
+    let body = "memory_mib = 256\nvcpus = 1\n[workload]\nworking_set_mib = 128\n\
+                dirty_pages_per_sec = 2000\npattern = \"random\"\ncontent = \"text\"\n";
+    let cfg = ferry_tests::write_config(dir.path(), "text", body);
+    let text = Vmm::spawn(dir.path(), "text", &["--config", cfg.to_str().unwrap()]);
+    text.wait_for(
+        "the guest writing at its pace",
+        Duration::from_secs(30),
+        |s| (f64_of(s, "pages_written_per_sec") - 2000.0).abs() < 200.0,
+    );
+    let p = plan(&text, &["--link-mbit", "200"]);
+    assert_ne!(p["settings"]["codec"], "none", "{p}");
+    assert!(p["predicted_total_ms"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["converges"] == true, "{p}");
+    let reasons = p["reasons"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["setting"] == "codec" && r["why"].as_str().unwrap().contains("bottleneck")),
+        "{p}"
+    );
+    // The guest's own rate was measured.
+    let rate = f64_of(&p["observation"], "dirty_pages_per_sec");
+    assert!((rate - 2000.0).abs() < 400.0, "{p}");
+    // Nothing moved, nothing changed.
+    assert!(text.status()["migration"].is_null());
+    // Without a link speed the plan says what it needs.
+    let out = ferry(&["plan", "--control", text.ctl()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--link-mbit"));
+    text.quit();
+
+    // Random pages on the same link: nothing to gain from a codec.
+    let random = start(&dir, "random", 2_000);
+    let p = plan(&random, &["--link-mbit", "200"]);
+    assert_eq!(p["settings"]["codec"], "none", "{p}");
+    random.quit();
+}

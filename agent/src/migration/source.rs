@@ -935,23 +935,7 @@ impl Sender<'_> {
 
     /// Compresses a sample of the working set's non-zero pages with every codec.
     fn sample_codecs(&self) {
-        const SAMPLE: u64 = 256;
-        // SAFETY: a racy read of guest pages only feeds a measurement.
-        let memory = unsafe { self.m.memory_slice() };
-        let layout = &self.m.vm.layout;
-        let first = layout.ws_base / PAGE as u64;
-        let step = (layout.ws_pages / SAMPLE).max(1);
-        let pages: Vec<&[u8]> = (0..layout.ws_pages)
-            .step_by(step as usize)
-            .map(|i| {
-                let at = ((first + i) * PAGE as u64) as usize;
-                &memory[at..at + PAGE]
-            })
-            .filter(|p| !is_zero(p))
-            .take(SAMPLE as usize)
-            .collect();
-        let codecs = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3)];
-        let samples = super::codec::sample(&codecs, pages.iter().copied());
+        let (samples, _) = sample_pages(self.m);
         if let Some(p) = lock(&self.m.migration).as_mut() {
             p.codec_samples = samples;
         }
@@ -1161,6 +1145,35 @@ impl Sender<'_> {
         }
         self.stats.remaining = 0;
     }
+}
+
+/// Each codec's ratio and speed on a sample of the working set's non-zero pages, and
+/// the share of all guest pages that are zero (also sampled).
+pub fn sample_pages(m: &Machine) -> (Vec<super::codec::CodecSample>, f64) {
+    const SAMPLE: u64 = 256;
+    // SAFETY: a racy read of guest pages only feeds a measurement.
+    let memory = unsafe { m.memory_slice() };
+    let layout = &m.vm.layout;
+    let first = layout.ws_base / PAGE as u64;
+    let step = (layout.ws_pages / SAMPLE).max(1);
+    let page = |i: u64| {
+        let at = (i * PAGE as u64) as usize;
+        &memory[at..at + PAGE]
+    };
+    let pages: Vec<&[u8]> = (0..layout.ws_pages)
+        .step_by(step as usize)
+        .map(|i| page(first + i))
+        .filter(|p| !is_zero(p))
+        .take(SAMPLE as usize)
+        .collect();
+    let codecs = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3)];
+    let all = (memory.len() / PAGE) as u64;
+    let probes: Vec<u64> = (0..all).step_by((all / 4096).max(1) as usize).collect();
+    let zero = probes.iter().filter(|&&i| is_zero(page(i))).count();
+    (
+        super::codec::sample(&codecs, pages.iter().copied()),
+        zero as f64 / probes.len().max(1) as f64,
+    )
 }
 
 /// Most rounds pre-copy makes before switching over once the downtime fits.

@@ -41,6 +41,9 @@ pub enum Request {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
+    /// Each codec's ratio and speed on a sample of this VM's pages, and the share of
+    /// its memory that is zero: what a policy plans with.
+    CodecSample {},
     /// Change the lab guest's page-write rate (pages/s, all vCPUs; 0 = unpaced).
     SetWorkload {
         dirty_pages_per_sec: u64,
@@ -343,6 +346,10 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
         Request::Snapshot { out } => snapshot::take(m, &out)
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
+        Request::CodecSample {} => {
+            let (samples, zero_fraction) = source::sample_pages(m);
+            Ok(json!({"codec_samples": samples, "zero_fraction": zero_fraction}))
+        }
         Request::SetWorkload {
             dirty_pages_per_sec,
         } => m
