@@ -103,8 +103,31 @@ fn migrate_to(
         anyhow::bail!("the migration failed; see {}", report.display());
     }
     show("source", &status(ferry, &src.control)?);
-    // What the probes saw of the guest while it moved (logging was on throughout).
     let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    // What the policy decided, and why; then what it predicted against what happened.
+    println!(
+        "  decisions ({} policy):",
+        r["policy"].as_str().unwrap_or("-")
+    );
+    for d in r["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "    {:>6.2}s  {:<15} {:<10} {}",
+            num(d, "t_ms") / 1e3,
+            d["setting"].as_str().unwrap_or(""),
+            d["value"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("")
+        );
+    }
+    if let (Some(p), Some(t)) = (r["predicted_total_ms"].as_f64(), r["total_ms"].as_f64()) {
+        println!(
+            "  predicted total {:.1} s, measured {:.1} s; predicted downtime {:.0} ms, measured {:.1} ms",
+            p / 1e3,
+            t / 1e3,
+            num(&r, "predicted_downtime_ms"),
+            num(&r, "downtime_ms")
+        );
+    }
+    // What the probes saw of the guest while it moved (logging was on throughout).
     if let Some(e) = r["probe_signals_error"].as_str() {
         println!("  no eBPF signals during the migration: {e}");
     }
@@ -244,16 +267,26 @@ pub fn run() -> Result<()> {
     dst.quit(&ferry)?;
     let dst = copied;
 
+    step("the adaptive policy's plan for a 200 Mbit/s link, post-copy allowed (ferry plan)");
+    print!(
+        "{}",
+        ctl(
+            &ferry,
+            &["plan", "--bandwidth-mbit", "200", "--allow-postcopy"],
+            &dst.control
+        )?
+    );
+
     step(
-        "post-copy over a 200 Mbit/s cap: the guest dirties 80 MB/s, three times what the link \
-         carries, so it moves first and its pages follow",
+        "the same migration, adaptive: the guest dirties 80 MB/s, more than the link carries; \
+         the policy decides between throttling and post-copy while it runs",
     );
     let last = migrate_to(
         &ferry,
         &dir,
         &dst,
-        ("lab1-postcopy", &[]),
-        &["--mode", "postcopy", "--bandwidth-mbit", "200"],
+        ("lab1-adaptive", &[]),
+        &["--bandwidth-mbit", "200", "--allow-postcopy"],
     )?;
     watch(&ferry, &last, "dest", 2.0)?;
     print!("{}", ctl(&ferry, &["verify"], &last.control)?);
