@@ -52,6 +52,14 @@ pub struct Steering {
     round: u32,
     pass_start_ms: f64,
     applied: Settings,
+    /// First pass: the probes' samples so far (time, pages/s of pages new since
+    /// logging began).
+    first_pass: Vec<(f64, f64)>,
+    /// The set the guest dirties within, in pages, once the first pass showed it.
+    set_pages: Option<f64>,
+    /// The rate known before the migration started (the guest's, from the VMM), until
+    /// the probes or the rounds measure one.
+    start_rate: f64,
     /// The first prediction made with the link measured, and the latest.
     pub first_prediction: Option<Prediction>,
     pub last_prediction: Option<Prediction>,
@@ -71,6 +79,9 @@ impl Steering {
             round: 0,
             pass_start_ms: 0.0,
             applied: Settings::default(),
+            first_pass: Vec::new(),
+            set_pages: None,
+            start_rate: 0.0,
             first_prediction: None,
             last_prediction: None,
             steps: Vec::new(),
@@ -84,6 +95,7 @@ impl Steering {
     /// The settings to start with, before anything is measured but what the
     /// operator said; the reasons go into the migrate request.
     pub fn initial(&mut self, dirty_pages_per_sec: f64) -> Decision {
+        self.start_rate = dirty_pages_per_sec;
         let obs = Observation {
             t_ms: 0.0,
             stage: Stage::Starting,
@@ -136,18 +148,7 @@ impl Steering {
                     .collect()
             })
             .unwrap_or_default();
-        // In the first pass the probes see the guest at full resolution. From the
-        // first round on the VMM's own figure, distinct pages per round, is what
-        // convergence depends on; the probes then see only pages new since the last
-        // harvest, a figure that sinks as each round goes on.
-        let vmm_rate = get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0);
-        let dirty = if round == 0 {
-            sample
-                .and_then(|s| s.dirty_pages_per_sec)
-                .unwrap_or(vmm_rate)
-        } else {
-            vmm_rate
-        };
+        let (dirty, working_set) = self.dirty_rate(p, sample, round);
         // What the stream achieved: with a codec, wire bytes, so the link itself.
         Observation {
             t_ms,
@@ -157,9 +158,7 @@ impl Steering {
             pass_elapsed_ms: t_ms - self.pass_start_ms,
             round,
             dirty_pages_per_sec: dirty,
-            // Per-window distinct pages under a log harvested once a round do not
-            // measure the set a guest dirties within; no guess is better than that one.
-            working_set_pages: None,
+            working_set_pages: working_set,
             link_bytes_per_sec: (bw > 0.0).then_some(bw),
             zero_fraction: if sent + zero > 0 {
                 zero as f64 / (sent + zero) as f64
@@ -170,6 +169,53 @@ impl Steering {
         }
     }
 
+    /// The guest's dirty rate and distinct pages per second, as the engine wants them.
+    ///
+    /// The log is harvested once a round, so both the probes and the VMM see pages
+    /// new since the last harvest, a figure that sinks as a round goes on when the
+    /// guest re-dirties what it already touched. In the first pass the earliest
+    /// samples are closest to the guest's real rate, and how the count of new pages
+    /// bends shows the set it dirties within; from then on the VMM's count per round
+    /// is read back through that set to a rate.
+    fn dirty_rate(&mut self, p: &Value, sample: Option<&Sample>, round: u32) -> (f64, Option<u64>) {
+        use crate::policy::engine::dirty_set_pages_over;
+        use crate::policy::model::dirtied;
+        let memory = self.memory_pages as f64;
+        let vmm_rate = get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0);
+        if round == 0 {
+            if let Some(s) = sample
+                && let Some(r) = s.dirty_pages_per_sec
+                && self.first_pass.last().is_none_or(|&(t, _)| t < s.at_ms)
+            {
+                self.first_pass.push((s.at_ms, r));
+            }
+            let Some(&(t0, _)) = self.first_pass.first() else {
+                return (self.start_rate.max(vmm_rate), None);
+            };
+            let peak = self.first_pass.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+            let mut distinct = 0.0;
+            let mut prev = t0 - 250.0;
+            for &(t, r) in &self.first_pass {
+                distinct += r * (t - prev) / 1e3;
+                prev = t;
+            }
+            let secs = (prev - (t0 - 250.0)) / 1e3;
+            self.set_pages = dirty_set_pages_over(peak, distinct, secs, memory);
+            let ws = self.set_pages.map(|s| dirtied(peak, s, 1.0) as u64);
+            return (peak, ws);
+        }
+        let count = get(p, "dirty_pages_last_round").as_f64().unwrap_or(0.0);
+        let rate = match self.set_pages {
+            Some(set) if vmm_rate > 0.0 && count < set * 0.95 => {
+                let took = count / vmm_rate;
+                -(set / took) * (1.0 - count / set).ln()
+            }
+            _ => vmm_rate,
+        };
+        let ws = self.set_pages.map(|s| dirtied(rate, s, 1.0) as u64);
+        (rate, ws)
+    }
+
     /// One tick: observe, decide, push what changed.
     pub fn tick(&mut self, control: &Path, p: &Value, sample: Option<&Sample>) {
         if p.is_null() || matches!(get(p, "phase").as_str(), Some("setup") | None) {
@@ -177,7 +223,9 @@ impl Steering {
         }
         let obs = self.observe(p, sample);
         let d = self.policy.decide(&obs, &self.limits);
-        if obs.link_bytes_per_sec.is_some() && self.first_prediction.is_none() {
+        // The first prediction worth keeping has the link and the guest measured.
+        let measured = !self.first_pass.is_empty() || obs.round > 0;
+        if obs.link_bytes_per_sec.is_some() && measured && self.first_prediction.is_none() {
             self.first_prediction = Some(d.prediction);
         }
         self.last_prediction = Some(d.prediction);

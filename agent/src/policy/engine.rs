@@ -65,13 +65,18 @@ fn mb(bytes_per_sec: f64) -> String {
 /// The region a guest dirties within, from its rate and the distinct pages it dirtied
 /// in a second (None: they are the same, it dirties all over memory).
 pub fn dirty_set_pages(rate: f64, distinct: f64, memory: f64) -> Option<f64> {
-    if rate <= 0.0 || distinct >= rate * 0.95 {
+    dirty_set_pages_over(rate, distinct, 1.0, memory)
+}
+
+/// As [`dirty_set_pages`], from the distinct pages dirtied over `secs`.
+pub fn dirty_set_pages_over(rate: f64, distinct: f64, secs: f64, memory: f64) -> Option<f64> {
+    if rate <= 0.0 || secs <= 0.0 || distinct >= rate * secs * 0.95 {
         return None;
     }
     let (mut lo, mut hi) = (distinct.max(1.0), memory.max(distinct + 1.0));
     for _ in 0..60 {
         let mid = (lo + hi) / 2.0;
-        if dirtied(rate, mid, 1.0) < distinct {
+        if dirtied(rate, mid, secs) < distinct {
             lo = mid;
         } else {
             hi = mid;
