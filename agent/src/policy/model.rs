@@ -54,7 +54,10 @@ pub fn precopy(
         let next = dirtied(dirty, set, since + dt);
         since = 0.0;
         let down = next / t;
-        if down <= limit_s {
+        // The VMM's own rule: once the rest fits, one more round while the dirty set
+        // still halves and is not yet tiny (see `migration::source::converged`).
+        let halving = next * 2.0 <= r;
+        if down <= limit_s && (!halving || down <= limit_s / 10.0) {
             return Prediction {
                 total_ms: (total + down) * 1e3 + SWITCH_MS,
                 downtime_ms: down * 1e3 + SWITCH_MS,
