@@ -402,15 +402,8 @@ fn main() -> ExitCode {
             let limits = policy.limits();
             let pins = policy.pins()?;
             let codec = pins.codec;
-            let memory_pages = ferry::vmm::control::request(
-                &control,
-                &serde_json::json!({"cmd": "status"}),
-            )?["memory_mib"]
-                .as_u64()
-                .unwrap_or(0)
-                * 256;
             let steering = cli::steer::policy(&policy.policy, pins, &limits)?
-                .map(|p| cli::steer::Steering::new(p, limits, memory_pages));
+                .map(|p| cli::steer::Steering::new(p, limits));
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
             let mode = if policy.allow_postcopy && matches!(mode, Mode::Precopy) {
                 "hybrid"

@@ -201,31 +201,13 @@ fn two_vms_at_once_each_get_their_own_signals() {
     let dir = TempDir::new("probes-two");
     let a = lab_vm(&dir, "a", "bitmap", 5_000, 64, "sequential", true);
     let b = lab_vm(&dir, "b", "ring", 30_000, 192, "sequential", true);
-    let run = |vm: &Vmm| {
-        Command::new(ferry_bin())
-            .args([
-                "signals",
-                "--json",
-                "--duration-secs",
-                "3",
-                "--control",
-                vm.ctl(),
-            ])
-            .output()
-            .expect("run ferry signals")
-    };
-    let (oa, ob) = std::thread::scope(|sc| {
+    let run = |vm: &Vmm| signals(&["--duration-secs", "3", "--control", vm.ctl()]);
+    let (sa, sb) = std::thread::scope(|sc| {
         let ha = sc.spawn(|| run(&a));
         let hb = sc.spawn(|| run(&b));
         (ha.join().unwrap(), hb.join().unwrap())
     });
-    for (out, want, tracking) in [(oa, 5_000.0, "bitmap"), (ob, 30_000.0, "ring")] {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (s, want, tracking) in [(sa, 5_000.0, "bitmap"), (sb, 30_000.0, "ring")] {
         let probe = f64_of(&s, "dirty_pages_per_sec");
         assert!(
             within(probe, want, 0.1),

@@ -64,6 +64,13 @@ fn disk_check_passes(cfg: &std::path::Path) -> Value {
     r
 }
 
+/// Starts the VM again from `cfg` (as `name`): it runs and its disks are intact.
+fn starts_again_intact(dir: &TempDir, name: &str, cfg: &std::path::Path) {
+    let again = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
+    still_running_and_intact(&again);
+    again.quit();
+}
+
 fn still_running_and_intact(vm: &Vmm) {
     let s0 = vm.status();
     let s1 = vm.wait_for("the guest running on", Duration::from_secs(30), |s| {
@@ -145,13 +152,7 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         // And the VM starts again from the rewritten config, disks intact.
         vm.quit();
         disk_check_passes(&cfg);
-        let again = Vmm::spawn(
-            dir.path(),
-            &format!("{name}-again"),
-            &["--config", cfg.to_str().unwrap()],
-        );
-        still_running_and_intact(&again);
-        again.quit();
+        starts_again_intact(&dir, &format!("{name}-again"), &cfg);
     }
 }
 
@@ -256,13 +257,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
         // Every acknowledged write is in the images it names.
         disk_check_passes(&cfg);
         // And the VM starts again from it.
-        let again = Vmm::spawn(
-            dir.path(),
-            &format!("{name}-again"),
-            &["--config", cfg.to_str().unwrap()],
-        );
-        still_running_and_intact(&again);
-        again.quit();
+        starts_again_intact(&dir, &format!("{name}-again"), &cfg);
     }
 }
 
@@ -387,13 +382,7 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
         at_source.is_subset(&here),
         "the source's acknowledged writes did not come along"
     );
-    let again = Vmm::spawn(
-        dir.path(),
-        "cs-again",
-        &["--config", cfg_b.to_str().unwrap()],
-    );
-    still_running_and_intact(&again);
-    again.quit();
+    starts_again_intact(&dir, "cs-again", &cfg_b);
 }
 
 #[test]

@@ -24,11 +24,11 @@ pub fn run(area: &str) -> Result<()> {
     }
 }
 
-fn config(name: &str, memory_mib: u64, vcpus: u32, workload: &str) -> String {
+pub(crate) fn config(name: &str, memory_mib: u64, vcpus: u32, workload: &str) -> String {
     format!("name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = {vcpus}\n[workload]\n{workload}")
 }
 
-fn start(ferry: &Path, dir: &Path, name: &str, body: &str) -> Result<Vmm> {
+pub(crate) fn start(ferry: &Path, dir: &Path, name: &str, body: &str) -> Result<Vmm> {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, body)?;
     Vmm::spawn(
@@ -600,6 +600,18 @@ fn postcopy_series(ferry: &Path, dir: &Path, vcpus: u32, rate: u64, pass: bool) 
 
 /// Storage migration: the bulk copy against `dd` of the same image on the same file
 /// system, and what active mode adds to guest writes.
+/// `ferry storage-migrate --json` of a VM's disks into `to`; its report.
+fn storage_migrate(ferry: &Path, control: &Path, to: &Path, mode: &str) -> Result<Value> {
+    let out = std::process::Command::new(ferry)
+        .args(["storage-migrate", "--json", "--mode", mode, "--to"])
+        .arg(to)
+        .arg("--control")
+        .arg(control)
+        .output()?;
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
 fn storage() -> Result<()> {
     let ferry = build_ferry()?;
     let dir = work_dir("bench-storage")?;
@@ -663,22 +675,10 @@ fn storage() -> Result<()> {
     let mut vm = start(&ferry, &dir, "st", body)?;
     vm.wait_ready(&ferry)?;
     step("storage migration of the same image (guest not writing to disk), background mode");
-    let run = |to: &str, mode: &str| -> Result<Value> {
-        let out = std::process::Command::new(&ferry)
-            .args(["storage-migrate", "--json", "--mode", mode, "--to"])
-            .arg(dir.join(to))
-            .arg("--control")
-            .arg(&vm.control)
-            .output()?;
-        let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-            anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
-        })?;
-        if r["outcome"] != "completed" {
-            bail!("storage migration failed: {r}");
-        }
-        Ok(r)
-    };
-    let r = run("ds2", "background")?;
+    let r = storage_migrate(&ferry, &vm.control, &dir.join("ds2"), "background")?;
+    if r["outcome"] != "completed" {
+        bail!("storage migration failed: {r}");
+    }
     let rate = num(&r, "disk_bytes_copied") / (num(&r, "copy_ms") / 1e3);
     println!(
         "  copy {:.0} MB/s = {:.0}% of dd (goal >= 80%); then the block-by-block check \
@@ -721,15 +721,7 @@ fn storage() -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         let w1 = num(&status(&ferry, &vm.control)?, "disk_writes");
         let guest_rate = (w1 - w0) * 65536.0;
-        let out = std::process::Command::new(&ferry)
-            .args(["storage-migrate", "--json", "--mode", mode, "--to"])
-            .arg(dir.join(ds))
-            .arg("--control")
-            .arg(&vm.control)
-            .output()?;
-        let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-            anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
-        })?;
+        let r = storage_migrate(&ferry, &vm.control, &dir.join(ds), mode)?;
         println!(
             "  guest wrote {:.0} MB/s ({:.0}% of the copy speed): {} in {} rounds, switchover {:.1} ms, \
              copy {:.0} ms, verified {}, added write latency p99 {} us",

@@ -32,21 +32,12 @@ fn vcpu_seconds(pid: u32) -> Result<f64> {
 }
 
 fn start(ferry: &Path, dir: &Path, name: &str, rate: u64, memory_mib: u64) -> Result<Vmm> {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\n[workload]\n\
-             working_set_mib = {}\ndirty_pages_per_sec = {rate}\npattern = \"random\"\n",
-            memory_mib * 3 / 4
-        ),
-    )?;
-    let mut vm = Vmm::spawn(
-        ferry,
-        &["--config", cfg.to_str().unwrap_or_default()],
-        &dir.join(format!("{name}.sock")),
-        &dir.join(format!("{name}.log")),
-    )?;
+    let workload = format!(
+        "working_set_mib = {}\ndirty_pages_per_sec = {rate}\npattern = \"random\"\n",
+        memory_mib * 3 / 4
+    );
+    let body = crate::bench::config(name, memory_mib, 1, &workload);
+    let mut vm = crate::bench::start(ferry, dir, name, &body)?;
     vm.wait_ready(ferry)?;
     // Past the fill: writing at its pace.
     let t0 = Instant::now();

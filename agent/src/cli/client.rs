@@ -10,7 +10,7 @@ use crate::vmm::control::request;
 /// Exit code of `ferry verify` when the guest found errors.
 pub const EXIT_INTEGRITY: u8 = 3;
 
-fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
+pub(super) fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
     v.get(key).unwrap_or(&Value::Null)
 }
 
@@ -285,11 +285,7 @@ pub fn migrate(
     let status = request(control, &json!({"cmd": "status"}))?;
     // The policy picks the starting settings from what is known before anything moves.
     if let Some(steer) = steering.as_mut() {
-        let d = steer.initial(
-            get(&status, "pages_written_per_sec")
-                .as_f64()
-                .unwrap_or(0.0),
-        );
+        let d = steer.initial(&status);
         req["compression"] = json!(d.settings.codec.to_string());
         req["throttle_pct"] = json!(d.settings.throttle_pct);
         req["bandwidth_mbit"] = json!(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));

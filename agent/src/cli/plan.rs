@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::migration::codec::Codec;
-use crate::policy::{CodecPerf, Limits, Observation, Policy, Stage};
+use crate::policy::{Limits, Observation, Policy, Stage};
 use crate::vmm::control::request;
 
 pub fn run(
@@ -35,20 +34,6 @@ pub fn run(
     let distinct = sample["dirty_pages"].as_f64().unwrap_or(0.0) / secs.max(1e-3);
     let written = sample["guest_pages_written"].as_f64().unwrap_or(0.0) / secs.max(1e-3);
     let codecs = request(control, &json!({"cmd": "codec-sample"}))?;
-    let perf: Vec<CodecPerf> = codecs["codec_samples"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| {
-                    Some(CodecPerf {
-                        codec: c["codec"].as_str()?.parse::<Codec>().ok()?,
-                        ratio: c["ratio"].as_f64()?,
-                        compress_bytes_per_sec: c["compress_bytes_per_sec"].as_f64()?,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     let obs = Observation {
         t_ms: 0.0,
         stage: Stage::Starting,
@@ -60,7 +45,7 @@ pub fn run(
         working_set_pages: Some(distinct as u64),
         link_bytes_per_sec: Some(link * 1e6 / 8.0),
         zero_fraction: codecs["zero_fraction"].as_f64().unwrap_or(0.0),
-        codecs: perf,
+        codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

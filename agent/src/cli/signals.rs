@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::probes::signals::{self, DeviceIo, Logging, Reading, Signals};
-use crate::probes::{Probes, check_kvm_process, working_set_source};
+use crate::probes::{Probes, check_kvm_process};
 use crate::vmm::control::request;
 
 pub struct Options {
@@ -174,14 +174,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             tick.guest_pages_written_per_sec = v["guest_pages_written"].as_f64().map(|n| n / secs);
             tick.signals = s;
         }
-        // The working set wants page addresses: feed it from the best source seen.
-        let mut delta = now.counts;
-        for i in 0..delta.dirty.len() {
-            delta.dirty[i] = delta.dirty[i].saturating_sub(prev.counts.dirty[i]);
-        }
-        if let Some(src) = working_set_source(&delta) {
-            probes.feed_working_set(pid, src)?;
-        }
+        probes.follow_working_set(pid, &prev, &now)?;
         print_tick(&tick, tty, o.json);
         ticks.push(tick);
         prev = now;

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::client::get;
 use crate::migration::codec::Codec;
 use crate::policy::{
     CodecPerf, Decision, Limits, Observation, Policy, Prediction, Settings, Stage,
@@ -66,16 +67,31 @@ pub struct Steering {
     pub steps: Vec<Step>,
 }
 
-fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
-    v.get(key).unwrap_or(&Value::Null)
+/// Each codec's ratio and speed as the VMM reports them (`codec_samples`, in a
+/// migration's progress or the `codec-sample` answer).
+pub fn codec_perfs(samples: &Value) -> Vec<CodecPerf> {
+    samples
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    Some(CodecPerf {
+                        codec: c["codec"].as_str()?.parse::<Codec>().ok()?,
+                        ratio: c["ratio"].as_f64()?,
+                        compress_bytes_per_sec: c["compress_bytes_per_sec"].as_f64()?,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Steering {
-    pub fn new(policy: Box<dyn Policy>, limits: Limits, memory_pages: u64) -> Self {
+    pub fn new(policy: Box<dyn Policy>, limits: Limits) -> Self {
         Self {
             policy,
             limits,
-            memory_pages,
+            memory_pages: 0,
             round: 0,
             pass_start_ms: 0.0,
             applied: Settings::default(),
@@ -94,7 +110,10 @@ impl Steering {
 
     /// The settings to start with, before anything is measured but what the
     /// operator said; the reasons go into the migrate request.
-    pub fn initial(&mut self, dirty_pages_per_sec: f64) -> Decision {
+    /// `status` is the VMM's, read before the migration starts.
+    pub fn initial(&mut self, status: &Value) -> Decision {
+        self.memory_pages = get(status, "memory_mib").as_u64().unwrap_or(0) * 256;
+        let dirty_pages_per_sec = get(status, "pages_written_per_sec").as_f64().unwrap_or(0.0);
         self.start_rate = dirty_pages_per_sec;
         let obs = Observation {
             t_ms: 0.0,
@@ -134,20 +153,7 @@ impl Steering {
             get(p, "remaining_dirty_pages").as_u64().unwrap_or(0)
         };
         let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
-        let codecs = get(p, "codec_samples")
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| {
-                        Some(CodecPerf {
-                            codec: c["codec"].as_str()?.parse::<Codec>().ok()?,
-                            ratio: c["ratio"].as_f64()?,
-                            compress_bytes_per_sec: c["compress_bytes_per_sec"].as_f64()?,
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let codecs = codec_perfs(get(p, "codec_samples"));
         let (dirty, working_set) = self.dirty_rate(p, sample, round);
         // What the stream achieved: with a codec, wire bytes, so the link itself.
         Observation {

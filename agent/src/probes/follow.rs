@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::signals::{self, Logging, Reading};
-use super::{Probes, check_kvm_process, working_set_source};
+use super::{Probes, check_kvm_process};
 
 /// One point of a VM's signals timeline.
 #[derive(Debug, Clone, Serialize)]
@@ -58,25 +58,26 @@ impl Follower {
         }
     }
 
-    /// Why there are no signals, once loading has ended (it waits for it).
-    pub fn error(&mut self) -> Option<&str> {
+    /// Takes the loader's result (waiting for it if it is still at work).
+    fn finish_loading(&mut self) {
         if let Some(h) = self.loading.take() {
             self.probes = h
                 .join()
                 .unwrap_or_else(|_| Err("the probe loader panicked".into()));
+            self.last = Instant::now();
         }
+    }
+
+    /// Why there are no signals, once loading has ended (it waits for it).
+    pub fn error(&mut self) -> Option<&str> {
+        self.finish_loading();
         self.probes.as_ref().err().map(String::as_str)
     }
 
     /// A new sample once `period` has passed since the last one.
     pub fn poll(&mut self, logging: Logging) -> Option<&Sample> {
-        if self.loading.as_ref().is_some_and(|h| h.is_finished())
-            && let Some(h) = self.loading.take()
-        {
-            self.probes = h
-                .join()
-                .unwrap_or_else(|_| Err("the probe loader panicked".into()));
-            self.last = Instant::now();
+        if self.loading.as_ref().is_some_and(|h| h.is_finished()) {
+            self.finish_loading();
         }
         if self.loading.is_some() || self.last.elapsed() < self.period {
             return None;
@@ -84,13 +85,7 @@ impl Follower {
         let (probes, pid, prev) = self.probes.as_mut().ok()?;
         let now = probes.read(*pid).ok()?;
         let s = signals::window(prev, &now, logging);
-        let mut delta = now.counts;
-        for (d, p) in delta.dirty.iter_mut().zip(prev.counts.dirty) {
-            *d = d.saturating_sub(p);
-        }
-        if let Some(src) = working_set_source(&delta) {
-            let _ = probes.feed_working_set(*pid, src);
-        }
+        let _ = probes.follow_working_set(*pid, prev, &now);
         *prev = now;
         self.last = Instant::now();
         self.timeline.push(Sample {

@@ -22,6 +22,7 @@ use ferry_ebpf::{
     BlockKey, DirtySource, ExitKey, IO_OPS, IoStats, MAX_VMS, VmCounts, WS_NONE, Watch,
 };
 
+use signals::add;
 pub use signals::{DeviceIo, Reading, Signals};
 use workset::WorkingSetBitmap;
 
@@ -90,6 +91,13 @@ pub enum ProbeError {
     Full,
     #[error("process {pid} is not being watched")]
     NotWatched { pid: u32 },
+}
+
+fn missing(map: &'static str) -> ProbeError {
+    ProbeError::Map {
+        map,
+        message: "not in the object".into(),
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
@@ -258,10 +266,7 @@ impl Probes {
             slot: w.slot,
             ws_source: w.ws_source,
         };
-        let map = self.bpf.map_mut("WATCH").ok_or(ProbeError::Map {
-            map: "WATCH",
-            message: "not in the object".into(),
-        })?;
+        let map = self.bpf.map_mut("WATCH").ok_or(missing("WATCH"))?;
         let mut m =
             BpfHashMap::<&mut MapData, u32, Watch>::try_from(map).map_err(map_err("WATCH"))?;
         m.insert(pid, value, 0).map_err(map_err("WATCH"))
@@ -276,12 +281,7 @@ impl Probes {
             .ok_or(ProbeError::NotWatched { pid })?
             .slot;
         let at_ns = crate::vmm::machine::monotonic_ns();
-        let map = |name: &'static str| {
-            self.bpf.map(name).ok_or(ProbeError::Map {
-                map: name,
-                message: "not in the object".into(),
-            })
-        };
+        let map = |name: &'static str| self.bpf.map(name).ok_or(missing(name));
         let counts_map = PerCpuArray::<&MapData, VmCounts>::try_from(map("VM_COUNTS")?)
             .map_err(map_err("VM_COUNTS"))?;
         let mut counts = VmCounts::default();
@@ -350,10 +350,7 @@ impl Probes {
         &self,
         key: impl Fn(&BlockKey) -> (u32, u32),
     ) -> Result<BTreeMap<(u32, u32), IoStats>, ProbeError> {
-        let map = self.bpf.map("BLOCK").ok_or(ProbeError::Map {
-            map: "BLOCK",
-            message: "not in the object".into(),
-        })?;
+        let map = self.bpf.map("BLOCK").ok_or(missing("BLOCK"))?;
         let m = PerCpuHashMap::<&MapData, BlockKey, IoStats>::try_from(map)
             .map_err(map_err("BLOCK"))?;
         let mut out = BTreeMap::new();
@@ -384,6 +381,23 @@ impl Probes {
         Ok(())
     }
 
+    /// Feeds a VM's working-set bitmap from the source its dirty rate comes from (see
+    /// [`DirtySource::PREFERENCE`]), judged by the events each delivered between two
+    /// readings, so the rate and the working set count the same pages.
+    pub fn follow_working_set(
+        &mut self,
+        pid: u32,
+        prev: &Reading,
+        now: &Reading,
+    ) -> Result<(), ProbeError> {
+        let delivered =
+            |s: DirtySource| now.counts.dirty[s as usize] > prev.counts.dirty[s as usize];
+        match DirtySource::PREFERENCE.into_iter().find(|&s| delivered(s)) {
+            Some(source) => self.feed_working_set(pid, source),
+            None => Ok(()),
+        }
+    }
+
     /// Time the kernel spent in Ferry's programs since they loaded, and how many runs.
     pub fn cpu_cost(&self) -> (std::time::Duration, u64) {
         self.bpf
@@ -393,23 +407,4 @@ impl Probes {
                 (t + i.run_time(), n + i.run_count())
             })
     }
-}
-
-fn add(into: &mut IoStats, v: &IoStats) {
-    into.calls += v.calls;
-    into.bytes += v.bytes;
-    into.errors += v.errors;
-    into.latency_ns += v.latency_ns;
-    for (a, b) in into.hist.iter_mut().zip(v.hist.iter()) {
-        *a += b;
-    }
-}
-
-/// Which source should feed the working-set bitmap, from the events each delivered:
-/// the one the dirty rate comes from (see [`DirtySource::PREFERENCE`]), so both
-/// count the same pages.
-pub fn working_set_source(counts: &VmCounts) -> Option<DirtySource> {
-    DirtySource::PREFERENCE
-        .into_iter()
-        .find(|&s| counts.dirty[s as usize] > 0)
 }

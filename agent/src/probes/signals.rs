@@ -75,16 +75,15 @@ fn diff_stats(a: &IoStats, b: &IoStats) -> IoStats {
     d
 }
 
-fn merge(a: &IoStats, b: &IoStats) -> IoStats {
-    let mut m = *a;
-    m.calls += b.calls;
-    m.bytes += b.bytes;
-    m.errors += b.errors;
-    m.latency_ns += b.latency_ns;
-    for i in 0..HIST_BUCKETS {
-        m.hist[i] += b.hist[i];
+/// Adds `v` into `into`: counts, bytes, latency and every histogram bucket.
+pub(super) fn add(into: &mut IoStats, v: &IoStats) {
+    into.calls += v.calls;
+    into.bytes += v.bytes;
+    into.errors += v.errors;
+    into.latency_ns += v.latency_ns;
+    for (a, b) in into.hist.iter_mut().zip(v.hist.iter()) {
+        *a += b;
     }
-    m
 }
 
 /// The q-quantile (0..1) of a log2 histogram of nanoseconds, in microseconds, read
@@ -215,7 +214,8 @@ pub fn window(a: &Reading, b: &Reading, known: Logging) -> Signals {
     let exits = if kvm_exits > 0 { kvm_exits } else { user_exits };
 
     let io: Vec<IoStats> = (0..3).map(|i| diff_stats(&a.io[i], &b.io[i])).collect();
-    let rw = merge(&io[IoOp::Read as usize], &io[IoOp::Write as usize]);
+    let mut rw = io[IoOp::Read as usize];
+    add(&mut rw, &io[IoOp::Write as usize]);
     if rw.calls + io[IoOp::Sync as usize].calls > 0 {
         sources_live.push("syscalls:disk_io");
     }
