@@ -28,6 +28,8 @@ use crate::vmm::snapshot::{MachineState, is_zero};
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch frame.
 const BATCH: usize = 256;
+/// Batches sent with one set of settings (32 MiB at most).
+const GROUP_BATCHES: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -219,6 +221,8 @@ pub struct Progress {
     pub remaining_dirty_pages: u64,
     pub dirty_pages_last_round: u64,
     pub dirty_pages_per_sec: f64,
+    /// The latest round's fixed cost, milliseconds (see `Stats::round_overhead`).
+    pub round_overhead_ms: f64,
     pub pages_sent: u64,
     pub zero_pages: u64,
     pub bytes_on_wire: u64,
@@ -230,6 +234,8 @@ pub struct Progress {
     pub max_downtime_ms: u64,
     /// Each codec's ratio and speed measured on a sample of this VM's pages.
     pub codec_samples: Vec<super::codec::CodecSample>,
+    /// Share of all memory found zero by the same sampling (None: not sampled yet).
+    pub sampled_zero_fraction: Option<f64>,
     /// Post-copy: pages the destination still lacks, and link recoveries so far.
     pub postcopy_pages_left: Option<u64>,
     pub recoveries: u32,
@@ -327,6 +333,9 @@ pub(super) struct Stats {
     pub(super) remaining: u64,
     /// Disk bytes sent (`--copy-storage`).
     pub(super) disk_bytes: u64,
+    /// Between the last round's pages and the next round's: the acknowledgement,
+    /// the dirty log's harvest and re-arming. The guest dirties on meanwhile.
+    pub(super) round_overhead: Duration,
 }
 
 pub(super) struct Sender<'a> {
@@ -361,6 +370,7 @@ impl Progress {
             remaining_dirty_pages: 0,
             dirty_pages_last_round: 0,
             dirty_pages_per_sec: 0.0,
+            round_overhead_ms: 0.0,
             pages_sent: 0,
             zero_pages: 0,
             bytes_on_wire: 0,
@@ -371,6 +381,7 @@ impl Progress {
             bandwidth_limit_bytes_per_sec: settings.bandwidth,
             max_downtime_ms: settings.max_downtime_ms,
             codec_samples: Vec::new(),
+            sampled_zero_fraction: None,
             postcopy_pages_left: None,
             recoveries: 0,
             report: None,
@@ -441,6 +452,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     fill(&mut progress, &s, &live.settings);
     if let Some(p) = lock(&m.migration).as_ref() {
         progress.codec_samples = p.codec_samples.clone();
+        progress.sampled_zero_fraction = p.sampled_zero_fraction;
     }
     progress.phase = phase;
     progress.report = Some(report.clone());
@@ -472,6 +484,7 @@ fn new_stats(t0: Instant) -> Stats {
         round: 0,
         dirty_last: 0,
         dirty_rate: 0.0,
+        round_overhead: Duration::ZERO,
         remaining: 0,
         disk_bytes: 0,
     }
@@ -542,6 +555,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.remaining_dirty_pages = s.remaining;
     p.dirty_pages_last_round = s.dirty_last;
     p.dirty_pages_per_sec = s.dirty_rate;
+    p.round_overhead_ms = s.round_overhead.as_secs_f64() * 1e3;
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -850,12 +864,30 @@ impl Sender<'_> {
         self.round_pages.clone_from(&pages);
         self.sent_upto = 0;
         self.check_cancel()?;
-        // Under a bandwidth cap a frame must not take long enough to starve the peer's
-        // timeout: at most ~100 ms of the cap per frame.
-        let batch = self
-            .settings
-            .bandwidth
-            .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
+        // A pass goes in groups, each with the settings in force when it starts: a
+        // codec the policy picks mid-pass (the first pass is most of the migration)
+        // applies from the next group on.
+        let mut from = 0;
+        while from < pages.len() {
+            // Under a bandwidth cap a frame must not take long enough to starve the
+            // peer's timeout: at most ~100 ms of the cap per frame.
+            let batch = self
+                .settings
+                .bandwidth
+                .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
+            let end = (from + batch * GROUP_BATCHES).min(pages.len());
+            self.send_group(memory, &pages[from..end], batch)?;
+            from = end;
+        }
+        Ok(())
+    }
+
+    fn send_group(
+        &mut self,
+        memory: &[u8],
+        pages: &[u64],
+        batch: usize,
+    ) -> Result<(), MigrateError> {
         let codec = self.settings.codec;
         let chunks: Vec<&[u64]> = pages.chunks(batch).collect();
         let workers = std::thread::available_parallelism()
@@ -935,9 +967,10 @@ impl Sender<'_> {
 
     /// Compresses a sample of the working set's non-zero pages with every codec.
     fn sample_codecs(&self) {
-        let (samples, _) = sample_pages(self.m);
+        let (samples, zero) = sample_pages(self.m);
         if let Some(p) = lock(&self.m.migration).as_mut() {
             p.codec_samples = samples;
+            p.sampled_zero_fraction = Some(zero);
         }
     }
 
@@ -981,6 +1014,7 @@ impl Sender<'_> {
             self.disks_start()?;
         }
         self.send_pages(0..pages)?;
+        let mut sent_at = Instant::now();
         self.end_round(0, round_start)?;
         if self.params.mode == Mode::Postcopy {
             // One pass done: what the guest dirtied since comes on demand.
@@ -1020,6 +1054,9 @@ impl Sender<'_> {
             );
             let limit = self.settings.max_downtime_ms as f64;
             if converged(predicted_ms, limit, count, previous, self.stats.round) {
+                // What the guest wrote through the page cache goes out now, while it
+                // runs, not in the flush after the pause.
+                self.m.disks.flush_all()?;
                 return self.switchover(dirty, switch);
             }
             previous = count;
@@ -1028,6 +1065,7 @@ impl Sender<'_> {
             if self.params.copy_storage {
                 self.disks_round(false)?;
             }
+            self.stats.round_overhead = sent_at.elapsed();
             // A switch to post-copy during this round needs these pages too.
             let result = self.send_pages(dirty.iter_set());
             if matches!(result, Err(MigrateError::StartPostcopy)) {
@@ -1035,6 +1073,7 @@ impl Sender<'_> {
                 return Err(MigrateError::StartPostcopy);
             }
             result?;
+            sent_at = Instant::now();
             self.end_round(self.stats.round, round_start)?;
         }
     }
