@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::cli;
 
@@ -47,40 +48,55 @@ struct PolicyArgs {
     /// policy decides), none, lz4 or zstd:N (pinned: the policy keeps it).
     #[arg(long, default_value = "auto")]
     compression: String,
-    /// Switch over once the predicted downtime is this short.
-    #[arg(long, default_value_t = 300)]
-    max_downtime_ms: u64,
-    /// Cap on the migration stream, megabits per second (0 = none).
-    #[arg(long, default_value_t = 0)]
-    bandwidth_mbit: u64,
+    /// Operator limits from the `[limits]` table of this TOML file (the keys are the
+    /// limit flags' names with underscores); a flag given as well wins.
+    #[arg(long, value_name = "FILE")]
+    limits: Option<PathBuf>,
+    /// Switch over once the predicted downtime is this short [default: 300].
+    #[arg(long)]
+    max_downtime_ms: Option<f64>,
+    /// Cap on the migration stream, megabits per second (0 = none) [default: 0].
+    #[arg(long)]
+    bandwidth_mbit: Option<f64>,
     /// Slow the vCPUs by this share of their time (0-99) while migrating (pinned:
     /// the policy keeps it).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=99))]
     throttle_pct: Option<u32>,
-    /// The most the policy may throttle the vCPUs.
-    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u32).range(0..=99))]
-    max_throttle_pct: u32,
+    /// The most the policy may throttle the vCPUs [default: 99].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=99))]
+    max_throttle_pct: Option<u32>,
     /// The policy may switch to post-copy (the migration runs in hybrid mode).
     #[arg(long)]
     allow_postcopy: bool,
-    /// Cores compression may use.
-    #[arg(long, default_value_t = 1.0)]
-    cpu_budget_cores: f64,
+    /// Cores compression may use [default: 1].
+    #[arg(long)]
+    cpu_budget_cores: Option<f64>,
     /// Give up if not done in this many seconds; the VM stays on the source.
     #[arg(long)]
-    max_total_secs: Option<u64>,
+    max_total_secs: Option<f64>,
 }
 
 impl PolicyArgs {
-    fn limits(&self) -> ferry::policy::Limits {
-        ferry::policy::Limits {
-            max_downtime_ms: self.max_downtime_ms as f64,
-            max_total_secs: self.max_total_secs.map(|s| s as f64),
-            max_throttle_pct: self.max_throttle_pct,
-            allow_postcopy: self.allow_postcopy,
-            bandwidth_mbit: (self.bandwidth_mbit > 0).then_some(self.bandwidth_mbit as f64),
-            cpu_budget_cores: self.cpu_budget_cores,
+    /// The defaults, then the limits file, then the flags.
+    fn limits(&self) -> anyhow::Result<ferry::policy::Limits> {
+        use ferry::policy::{Limits, LimitsTable};
+        let mut limits = Limits::default();
+        if let Some(path) = &self.limits {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading limits file {}", path.display()))?;
+            limits = LimitsTable::parse(&text)
+                .and_then(|t| t.over(limits))
+                .with_context(|| format!("limits file {}", path.display()))?;
         }
+        let flags = LimitsTable {
+            max_downtime_ms: self.max_downtime_ms,
+            max_total_secs: self.max_total_secs,
+            max_throttle_pct: self.max_throttle_pct,
+            allow_postcopy: self.allow_postcopy.then_some(true),
+            bandwidth_mbit: self.bandwidth_mbit,
+            cpu_budget_cores: self.cpu_budget_cores,
+        };
+        Ok(flags.over(limits)?)
     }
 
     fn pins(&self) -> anyhow::Result<ferry::policy::Pins> {
@@ -399,13 +415,13 @@ fn main() -> ExitCode {
             report,
             json,
         } => (|| {
-            let limits = policy.limits();
+            let limits = policy.limits()?;
             let pins = policy.pins()?;
             let codec = pins.codec;
             let steering = cli::steer::policy(&policy.policy, pins, &limits)?
-                .map(|p| cli::steer::Steering::new(p, limits));
+                .map(|p| cli::steer::Steering::new(p, limits.clone()));
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
-            let mode = if policy.allow_postcopy && matches!(mode, Mode::Precopy) {
+            let mode = if limits.allow_postcopy && matches!(mode, Mode::Precopy) {
                 "hybrid"
             } else {
                 mode.name()
@@ -415,10 +431,10 @@ fn main() -> ExitCode {
                 serde_json::json!({
                     "cmd": "migrate", "to": to,
                     "compression": codec.map_or("none".to_string(), |c| c.to_string()),
-                    "max_downtime_ms": policy.max_downtime_ms,
-                    "bandwidth_mbit": policy.bandwidth_mbit,
+                    "max_downtime_ms": limits.max_downtime_ms.round() as u64,
+                    "bandwidth_mbit": limits.bandwidth_mbit.map_or(0, |m| m.round() as u64),
                     "throttle_pct": policy.throttle_pct.unwrap_or(0),
-                    "max_total_secs": policy.max_total_secs,
+                    "max_total_secs": limits.max_total_secs.map(|s| s.ceil() as u64),
                     "timeout_secs": timeout_secs, "no_verify": no_verify,
                     "mode": mode, "recover_secs": recover_secs,
                     "precopy_pass": precopy_pass, "copy_storage": copy_storage,
@@ -434,7 +450,7 @@ fn main() -> ExitCode {
             policy,
             json,
         } => (|| {
-            let limits = policy.limits();
+            let limits = policy.limits()?;
             let chosen = cli::steer::policy(&policy.policy, policy.pins()?, &limits)?;
             let Some(chosen) = chosen else {
                 anyhow::bail!("the static policy makes no plan: it applies the flags as given");

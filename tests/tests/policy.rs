@@ -210,6 +210,32 @@ fn plan_predicts_and_explains_without_moving_anything() {
     let out = ferry(&["plan", "--control", text.ctl()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--link-mbit"));
+    // The limits can come from a file's [limits] table; a flag given as well wins.
+    let limits = dir.join("limits.toml");
+    std::fs::write(
+        &limits,
+        "[limits]\nbandwidth_mbit = 200\nmax_downtime_ms = 40\nmax_throttle_pct = 30\n",
+    )
+    .unwrap();
+    let lim = limits.to_str().unwrap();
+    let p = plan(&text, &["--limits", lim, "--max-downtime-ms", "25"]);
+    assert_eq!(p["limits"]["bandwidth_mbit"], 200.0, "{p}");
+    assert_eq!(p["limits"]["max_throttle_pct"], 30, "{p}");
+    assert_eq!(p["limits"]["max_downtime_ms"], 25.0, "{p}");
+    // A key that is not a limit, or a value out of range, is named.
+    for (body, named) in [
+        ("[limits]\nmax_throttle = 30\n", "max_throttle"),
+        (
+            "[limits]\nmax_throttle_pct = 150\n",
+            "max_throttle_pct = 150",
+        ),
+    ] {
+        std::fs::write(&limits, body).unwrap();
+        let out = ferry(&["plan", "--control", text.ctl(), "--limits", lim]);
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(named) && e.contains("limits.toml"), "{e}");
+    }
     text.quit();
 
     // Random pages on the same link: nothing to gain from a codec.

@@ -306,7 +306,7 @@ pub fn migrate(
     // 250 ms; where they cannot load, the report says why.
     let mut probes = crate::probes::follow::Follower::start(
         get(&status, "pid").as_u64().unwrap_or(0) as u32,
-        std::time::Duration::from_millis(250),
+        std::time::Duration::from_millis(super::steer::PROBE_WINDOW_MS as u64),
     );
     // The bar counts guest pages through the first full pass; later rounds show in
     // its message (phase, round, what remains, bandwidth, ETA, the guest's dirty rate).
@@ -384,7 +384,8 @@ pub fn migrate(
     if let Some(steer) = &steering {
         final_report["policy"] = json!(steer.policy_name());
         final_report["policy_steps"] = json!(steer.steps);
-        if let Some(p) = steer.first_prediction {
+        if let Some((at_ms, p)) = steer.prediction() {
+            final_report["prediction_at_ms"] = json!(at_ms);
             final_report["predicted_total_ms"] =
                 json!(p.total_ms.is_finite().then_some(p.total_ms));
             final_report["predicted_downtime_ms"] =

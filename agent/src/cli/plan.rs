@@ -45,11 +45,13 @@ pub fn run(
         working_set_pages: Some(distinct as u64),
         link_bytes_per_sec: Some(link * 1e6 / 8.0),
         zero_fraction: codecs["zero_fraction"].as_f64().unwrap_or(0.0),
+        round_overhead_ms: 0.0,
         codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
     };
     let d = policy.decide(&obs, limits);
     let out = json!({
         "policy": policy.name(),
+        "limits": limits,
         "observation": obs,
         "settings": d.settings,
         "predicted_total_ms": d.prediction.total_ms.is_finite().then_some(d.prediction.total_ms),

@@ -15,6 +15,11 @@ use crate::policy::{
 use crate::probes::follow::Sample;
 use crate::vmm::control::request;
 
+/// How long a probe sample's window is (`ferry migrate` samples every 250 ms).
+pub const PROBE_WINDOW_MS: f64 = 250.0;
+/// Until then the stream's rate includes what filled the socket buffers.
+const PREDICT_AFTER_MS: f64 = 1000.0;
+
 /// A change the loop made, with the policy's reason.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
@@ -58,12 +63,17 @@ pub struct Steering {
     first_pass: Vec<(f64, f64)>,
     /// The set the guest dirties within, in pages, once the first pass showed it.
     set_pages: Option<f64>,
+    /// This round's highest probe rate from a window that began after the round's
+    /// harvest (0: none yet).
+    round_peak: f64,
+    /// The rate last estimated, for rounds whose count says nothing new.
+    rate: f64,
     /// The rate known before the migration started (the guest's, from the VMM), until
     /// the probes or the rounds measure one.
     start_rate: f64,
-    /// The first prediction made with the link measured, and the latest.
-    pub first_prediction: Option<Prediction>,
-    pub last_prediction: Option<Prediction>,
+    /// The first prediction made with the link measured (and when), and the latest.
+    first_prediction: Option<(f64, Prediction)>,
+    last_prediction: Option<(f64, Prediction)>,
     pub steps: Vec<Step>,
 }
 
@@ -86,6 +96,20 @@ pub fn codec_perfs(samples: &Value) -> Vec<CodecPerf> {
         .unwrap_or_default()
 }
 
+/// Share of the first pass's remaining pages that are zero: what the sample of all
+/// memory expects, less the zero pages already met (memory is not uniform: a pass
+/// that began in the busy part has met few); without a sample, the share so far.
+fn remaining_zero_fraction(sampled: Option<f64>, memory: u64, sent: u64, zero: u64) -> f64 {
+    let remaining = memory.saturating_sub(sent + zero);
+    match sampled {
+        Some(z) if remaining > 0 => {
+            ((z * memory as f64 - zero as f64) / remaining as f64).clamp(0.0, 1.0)
+        }
+        _ if sent + zero > 0 => zero as f64 / (sent + zero) as f64,
+        _ => 0.0,
+    }
+}
+
 impl Steering {
     pub fn new(policy: Box<dyn Policy>, limits: Limits) -> Self {
         Self {
@@ -97,11 +121,19 @@ impl Steering {
             applied: Settings::default(),
             first_pass: Vec::new(),
             set_pages: None,
+            round_peak: 0.0,
+            rate: 0.0,
             start_rate: 0.0,
             first_prediction: None,
             last_prediction: None,
             steps: Vec::new(),
         }
+    }
+
+    /// The prediction to hold the migration to: the first made once the link was
+    /// measured, and when it was made.
+    pub fn prediction(&self) -> Option<(f64, Prediction)> {
+        self.first_prediction.or(self.last_prediction)
     }
 
     pub fn policy_name(&self) -> &str {
@@ -126,6 +158,7 @@ impl Steering {
             working_set_pages: None,
             link_bytes_per_sec: None,
             zero_fraction: 0.0,
+            round_overhead_ms: 0.0,
             codecs: Vec::new(),
         };
         let d = self.policy.decide(&obs, &self.limits);
@@ -139,6 +172,7 @@ impl Steering {
         if round != self.round {
             self.round = round;
             self.pass_start_ms = t_ms;
+            self.round_peak = 0.0;
         }
         let sent = get(p, "pages_sent").as_u64().unwrap_or(0);
         let zero = get(p, "zero_pages").as_u64().unwrap_or(0);
@@ -166,11 +200,13 @@ impl Steering {
             dirty_pages_per_sec: dirty,
             working_set_pages: working_set,
             link_bytes_per_sec: (bw > 0.0).then_some(bw),
-            zero_fraction: if sent + zero > 0 {
-                zero as f64 / (sent + zero) as f64
-            } else {
-                0.0
-            },
+            zero_fraction: remaining_zero_fraction(
+                get(p, "sampled_zero_fraction").as_f64(),
+                self.memory_pages,
+                sent,
+                zero,
+            ),
+            round_overhead_ms: get(p, "round_overhead_ms").as_f64().unwrap_or(0.0),
             codecs,
         }
     }
@@ -208,16 +244,33 @@ impl Steering {
             let secs = (prev - (t0 - 250.0)) / 1e3;
             self.set_pages = dirty_set_pages_over(peak, distinct, secs, memory);
             let ws = self.set_pages.map(|s| dirtied(peak, s, 1.0) as u64);
+            self.rate = peak;
             return (peak, ws);
         }
+        // Right after a round's harvest every page the guest writes is new to the
+        // log, so a probe window that began then sees the guest's own rate.
+        if let Some(s) = sample
+            && let Some(r) = s.dirty_pages_per_sec
+            && s.at_ms - PROBE_WINDOW_MS >= self.pass_start_ms
+        {
+            self.round_peak = self.round_peak.max(r);
+        }
         let count = get(p, "dirty_pages_last_round").as_f64().unwrap_or(0.0);
-        let rate = match self.set_pages {
-            Some(set) if vmm_rate > 0.0 && count < set * 0.95 => {
-                let took = count / vmm_rate;
-                -(set / took) * (1.0 - count / set).ln()
+        let rate = if self.round_peak > 0.0 {
+            self.round_peak
+        } else {
+            match self.set_pages {
+                Some(set) if vmm_rate > 0.0 && count < set * 0.95 => {
+                    let took = count / vmm_rate;
+                    -(set / took) * (1.0 - count / set).ln()
+                }
+                // The whole set was dirtied: the count only bounds the rate from
+                // below, and the last estimate knows better.
+                Some(_) => vmm_rate.max(self.rate),
+                None => vmm_rate,
             }
-            _ => vmm_rate,
         };
+        self.rate = rate;
         let ws = self.set_pages.map(|s| dirtied(rate, s, 1.0) as u64);
         (rate, ws)
     }
@@ -229,12 +282,16 @@ impl Steering {
         }
         let obs = self.observe(p, sample);
         let d = self.policy.decide(&obs, &self.limits);
-        // The first prediction worth keeping has the link and the guest measured.
+        // The first prediction worth keeping has the guest measured and the link past
+        // the burst that fills the socket buffers; a migration over sooner keeps its
+        // last one.
         let measured = !self.first_pass.is_empty() || obs.round > 0;
-        if obs.link_bytes_per_sec.is_some() && measured && self.first_prediction.is_none() {
-            self.first_prediction = Some(d.prediction);
+        if obs.link_bytes_per_sec.is_some() && measured {
+            if self.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
+                self.first_prediction = Some((obs.t_ms, d.prediction));
+            }
+            self.last_prediction = Some((obs.t_ms, d.prediction));
         }
-        self.last_prediction = Some(d.prediction);
         let why = |setting: &str| {
             d.reasons
                 .iter()

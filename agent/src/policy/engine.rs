@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::model::{dirtied, postcopy, precopy, throughput};
+use super::model::{Stream, dirtied, postcopy, precopy, throughput};
 use super::{
     CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
     Stage,
@@ -28,6 +28,41 @@ pub struct Adaptive {
     changed_at: BTreeMap<&'static str, f64>,
     /// Since when a lower throttle than the current one would do.
     lower_since: Option<f64>,
+    /// How the guest answers the throttle, learnt as it runs.
+    response: Response,
+    /// When the current round began, and the one before it.
+    round_start: (u32, f64, f64),
+}
+
+/// A guest's dirty rate under a throttle: what it wants to write (`demand`, bytes/s)
+/// up to what its throttled vCPUs can (`capacity` × the share of time left). A guest
+/// that writes at a steady pace with headroom (a server under a fixed load) shrugs
+/// off a light throttle: its rate only falls once the throttle eats the headroom.
+/// Until a throttled round shows otherwise, capacity is taken as the demand (the
+/// rate falls in proportion).
+#[derive(Debug, Clone, Copy, Default)]
+struct Response {
+    demand: f64,
+    capacity: Option<f64>,
+}
+
+impl Response {
+    fn rate(&self, throttle_pct: u32) -> f64 {
+        let keep = 1.0 - f64::from(throttle_pct.min(99)) / 100.0;
+        let capacity = self.capacity.unwrap_or(self.demand).max(self.demand);
+        self.demand.min(capacity * keep)
+    }
+
+    /// A rate measured with `throttle_pct` in force for the whole measurement.
+    fn learn(&mut self, measured: f64, throttle_pct: u32) {
+        if throttle_pct == 0 {
+            self.demand = measured;
+        } else {
+            let keep = 1.0 - f64::from(throttle_pct.min(99)) / 100.0;
+            self.capacity = Some(self.capacity.unwrap_or(0.0).max(measured / keep));
+            self.demand = self.demand.max(measured);
+        }
+    }
 }
 
 impl Adaptive {
@@ -44,6 +79,8 @@ impl Adaptive {
             pins,
             changed_at: BTreeMap::new(),
             lower_since: None,
+            response: Response::default(),
+            round_start: (0, 0.0, 0.0),
         }
     }
 
@@ -83,6 +120,32 @@ pub fn dirty_set_pages_over(rate: f64, distinct: f64, secs: f64, memory: f64) ->
         }
     }
     Some(hi)
+}
+
+impl Adaptive {
+    /// Updates the guest's throttle response from an observation. The first pass's
+    /// rate comes from its earliest samples, before any throttle bit; a round's counts
+    /// as the guest's answer to the throttle only if that held since the round before
+    /// began (the rate is read from both).
+    fn learn(&mut self, obs: &Observation) {
+        let measured = obs.dirty_pages_per_sec * PAGE;
+        let start = obs.t_ms - obs.pass_elapsed_ms;
+        if obs.round != self.round_start.0 {
+            self.round_start = (obs.round, start, self.round_start.1);
+        }
+        match obs.stage {
+            Stage::Starting | Stage::FirstPass => self.response.learn(measured, 0),
+            Stage::Rounds => {
+                let since = self.changed_at.get("throttle_pct").copied();
+                if since.is_none_or(|at| at <= self.round_start.2) {
+                    self.response.learn(measured, self.current.throttle_pct);
+                } else {
+                    self.response.demand = self.response.demand.max(measured);
+                }
+            }
+            Stage::Postcopy => {}
+        }
+    }
 }
 
 impl Policy for Adaptive {
@@ -185,8 +248,8 @@ impl Policy for Adaptive {
 
         // What the guest would dirty unthrottled, and within how much memory.
         let memory = obs.memory_pages as f64 * PAGE;
-        let keep = 1.0 - f64::from(self.current.throttle_pct) / 100.0;
-        let natural = obs.dirty_pages_per_sec * PAGE / keep.max(0.01);
+        self.learn(obs);
+        let natural = self.response.demand;
         let set = obs
             .working_set_pages
             .and_then(|w| {
@@ -227,9 +290,12 @@ impl Policy for Adaptive {
             precopy(
                 remaining,
                 elapsed,
-                natural * (1.0 - f64::from(pct) / 100.0),
+                self.response.rate(pct),
                 set,
-                tput,
+                Stream {
+                    bytes_per_sec: tput,
+                    round_overhead_s: obs.round_overhead_ms.max(0.0) / 1e3,
+                },
                 limit_s,
             )
         };
@@ -267,15 +333,27 @@ impl Policy for Adaptive {
             set / (1 << 20) as f64,
             mb(tput)
         );
+        // Post-copy where pre-copy needs a heavy throttle, or any throttle and
+        // post-copy is done sooner: the guest then runs at full speed throughout.
         let use_postcopy = !pinned
             && limits.allow_postcopy
-            && want.is_none_or(|p| p > THROTTLE_COMFORT)
-            && budget_ms.is_none_or(|b| post.total_ms <= b);
+            && budget_ms.is_none_or(|b| post.total_ms <= b)
+            && match want {
+                None => true,
+                Some(0) => false,
+                Some(p) => p > THROTTLE_COMFORT || post.total_ms < with(p).total_ms,
+            };
         let (throttle, prediction, why) = if use_postcopy {
             let why = match want {
-                Some(p) => format!(
+                Some(p) if p > THROTTLE_COMFORT => format!(
                     "{rate}: pre-copy would need a {p}% throttle; post-copy after the first \
                      pass costs the guest less"
+                ),
+                Some(p) => format!(
+                    "{rate}: pre-copy would need a {p}% throttle and {:.1} s; post-copy after \
+                     the first pass is done in {:.1} s without one",
+                    with(p).total_ms / 1e3,
+                    post.total_ms / 1e3
                 ),
                 None => format!(
                     "{rate}: pre-copy cannot converge within the limits even at {max_throttle}% \

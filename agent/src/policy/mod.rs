@@ -59,6 +59,91 @@ impl Default for Limits {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    #[error("not a limits file: {0}")]
+    Parse(String),
+    #[error("{key} = {value}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The `[limits]` table of a limits file (`ferry migrate --limits FILE`) or of a bench
+/// scenario: the same keys as the flags, each optional.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsTable {
+    pub max_downtime_ms: Option<f64>,
+    pub max_total_secs: Option<f64>,
+    pub max_throttle_pct: Option<u32>,
+    pub allow_postcopy: Option<bool>,
+    /// 0: no cap.
+    pub bandwidth_mbit: Option<f64>,
+    pub cpu_budget_cores: Option<f64>,
+}
+
+impl LimitsTable {
+    /// The `[limits]` table of a TOML document (absent: nothing set).
+    pub fn parse(text: &str) -> Result<Self, LimitsError> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            #[serde(default)]
+            limits: LimitsTable,
+        }
+        toml::from_str::<Doc>(text)
+            .map(|d| d.limits)
+            .map_err(|e| LimitsError::Parse(e.to_string()))
+    }
+
+    /// `base` with every key given here put over it, each checked.
+    pub fn over(&self, mut base: Limits) -> Result<Limits, LimitsError> {
+        fn bad(key: &'static str, value: impl ToString, why: &'static str) -> LimitsError {
+            LimitsError::Invalid {
+                key,
+                value: value.to_string(),
+                why,
+            }
+        }
+        if let Some(v) = self.max_downtime_ms {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(bad("max_downtime_ms", v, "must be more than 0"));
+            }
+            base.max_downtime_ms = v;
+        }
+        if let Some(v) = self.max_total_secs {
+            if !(v >= 1.0 && v.is_finite()) {
+                return Err(bad("max_total_secs", v, "must be at least 1"));
+            }
+            base.max_total_secs = Some(v);
+        }
+        if let Some(v) = self.max_throttle_pct {
+            if v > 99 {
+                return Err(bad("max_throttle_pct", v, "must be 0 to 99"));
+            }
+            base.max_throttle_pct = v;
+        }
+        if let Some(v) = self.allow_postcopy {
+            base.allow_postcopy = v;
+        }
+        if let Some(v) = self.bandwidth_mbit {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(bad("bandwidth_mbit", v, "must be 0 (no cap) or more"));
+            }
+            base.bandwidth_mbit = (v > 0.0).then_some(v);
+        }
+        if let Some(v) = self.cpu_budget_cores {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(bad("cpu_budget_cores", v, "must be more than 0"));
+            }
+            base.cpu_budget_cores = v;
+        }
+        Ok(base)
+    }
+}
+
 /// Settings the operator fixed on the command line: the engine keeps them and works
 /// around them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -109,6 +194,9 @@ pub struct Observation {
     pub link_bytes_per_sec: Option<f64>,
     /// Share of pages that are zero (they cost nothing on the wire).
     pub zero_fraction: f64,
+    /// A round's fixed cost beyond sending its pages (acknowledgement, harvesting
+    /// the dirty log), milliseconds; 0 before one was measured.
+    pub round_overhead_ms: f64,
     pub codecs: Vec<CodecPerf>,
 }
 
@@ -167,4 +255,40 @@ pub struct Decision {
 pub trait Policy {
     fn name(&self) -> &str;
     fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limits_table_overrides_only_what_it_names() {
+        let t = LimitsTable::parse(
+            "[limits]\nmax_downtime_ms = 50\nallow_postcopy = true\nbandwidth_mbit = 0\n",
+        )
+        .unwrap();
+        let base = Limits {
+            bandwidth_mbit: Some(100.0),
+            ..Limits::default()
+        };
+        let l = t.over(base).unwrap();
+        assert_eq!(l.max_downtime_ms, 50.0);
+        assert!(l.allow_postcopy);
+        assert_eq!(l.bandwidth_mbit, None);
+        assert_eq!(l.max_throttle_pct, 99);
+        assert_eq!(LimitsTable::parse("").unwrap(), LimitsTable::default());
+    }
+
+    #[test]
+    fn bad_limits_name_the_key() {
+        let e = LimitsTable::parse("[limits]\nmax_throttle = 5\n").unwrap_err();
+        assert!(e.to_string().contains("max_throttle"), "{e}");
+        let e = LimitsTable::parse("[limits]\nmax_throttle_pct = 100\n")
+            .unwrap()
+            .over(Limits::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("max_throttle_pct = 100"), "{e}");
+        let e = LimitsTable::parse("[limits]\nmax_downtime_ms = \"fast\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_downtime_ms"), "{e}");
+    }
 }

@@ -30,26 +30,34 @@ pub fn dirtied(rate: f64, set: f64, secs: f64) -> f64 {
     set * (1.0 - (-rate * secs / set).exp())
 }
 
+/// The link and the rounds' fixed cost: pages move at `bytes_per_sec`, and each
+/// round costs `round_overhead_s` more (the guest dirties on meanwhile).
+#[derive(Debug, Clone, Copy)]
+pub struct Stream {
+    pub bytes_per_sec: f64,
+    pub round_overhead_s: f64,
+}
+
 /// Pre-copy from now: `remaining` page bytes left in a pass that has run for
-/// `elapsed` seconds, the guest dirtying `dirty` bytes/s within `set` bytes, pages
-/// moving at `t` bytes/s, switching over once the downtime fits `limit_s`. Times in
-/// seconds from now.
+/// `elapsed` seconds, the guest dirtying `dirty` bytes/s within `set` bytes, over
+/// `stream`, switching over once the downtime fits `limit_s`. Times in seconds from
+/// now.
 pub fn precopy(
     remaining: f64,
     elapsed: f64,
     dirty: f64,
     set: f64,
-    t: f64,
+    stream: Stream,
     limit_s: f64,
 ) -> Prediction {
-    let t = t.max(1.0);
+    let t = stream.bytes_per_sec.max(1.0);
     let mut total = 0.0;
     let mut r = remaining.max(0.0);
     let mut previous = f64::INFINITY;
     // The next pass is what the guest dirtied since this one began.
     let mut since = elapsed.max(0.0);
     for _ in 0..MAX_ROUNDS {
-        let dt = r / t;
+        let dt = r / t + stream.round_overhead_s;
         total += dt;
         let next = dirtied(dirty, set, since + dt);
         since = 0.0;
@@ -123,14 +131,38 @@ mod tests {
     #[test]
     fn precopy_converges_below_the_link_and_not_above() {
         let gib = 1024.0 * 1024.0 * 1024.0;
-        let p = precopy(gib, 0.0, 20e6, gib, 100e6, 0.3);
+        let link = Stream {
+            bytes_per_sec: 100e6,
+            round_overhead_s: 0.0,
+        };
+        let p = precopy(gib, 0.0, 20e6, gib, link, 0.3);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
         assert!(p.total_ms > 10_000.0 && p.total_ms < 15_000.0, "{p:?}");
-        let p = precopy(gib, 0.0, 200e6, gib, 100e6, 0.3);
+        let p = precopy(gib, 0.0, 200e6, gib, link, 0.3);
         assert!(!p.converges, "{p:?}");
         // A small hot set converges whatever the rate.
-        let p = precopy(gib, 0.0, 200e6, 16e6, 100e6, 0.3);
+        let p = precopy(gib, 0.0, 200e6, 16e6, link, 0.3);
         assert!(p.converges, "{p:?}");
+    }
+
+    #[test]
+    fn a_rounds_fixed_cost_bounds_how_small_the_last_round_gets() {
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        let free = Stream {
+            bytes_per_sec: 200e6,
+            round_overhead_s: 0.0,
+        };
+        let costly = Stream {
+            round_overhead_s: 0.05,
+            ..free
+        };
+        // 80 MB/s within 40 MB: without the cost rounds shrink to nothing; with 50 ms
+        // of it each round starts from what 50 ms of the guest dirties.
+        let a = precopy(gib / 4.0, 0.0, 80e6, 40e6, free, 0.05);
+        let b = precopy(gib / 4.0, 0.0, 80e6, 40e6, costly, 0.05);
+        assert!(a.converges && b.converges, "{a:?} {b:?}");
+        assert!(b.downtime_ms > a.downtime_ms + 10.0, "{a:?} {b:?}");
+        assert!(b.total_ms > a.total_ms, "{a:?} {b:?}");
     }
 
     #[test]

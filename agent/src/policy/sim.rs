@@ -24,6 +24,10 @@ pub struct Scenario {
     pub set_pages: u64,
     /// The guest's dirty rate (pages/s) from each time (ms) on.
     pub dirty: Vec<(f64, f64)>,
+    /// What the guest could write unthrottled, as a multiple of what it does: 1.0,
+    /// a throttle slows it in proportion; 2.0, it keeps its rate until the throttle
+    /// takes half its time.
+    pub headroom: f64,
     pub link_bytes_per_sec: f64,
     /// The codecs' true performance on this guest's pages.
     pub codecs: Vec<CodecPerf>,
@@ -138,7 +142,9 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
         let budget = limits.cpu_budget_cores;
         let perf = s.perf(settings.codec);
         let pages_per_sec = throughput(wire, &perf, budget);
-        let rate = s.rate_at(t) * PAGE * (1.0 - f64::from(settings.throttle_pct) / 100.0);
+        let wants = s.rate_at(t) * PAGE;
+        let keep = 1.0 - f64::from(settings.throttle_pct) / 100.0;
+        let rate = wants.min(wants * s.headroom.max(1.0) * keep);
         if t >= next_tick {
             let first_zero = if matches!(stage, Stage::Starting | Stage::FirstPass) {
                 s.zero_fraction.min(0.99)
@@ -158,6 +164,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 // What a migration measures: the stream's achieved rate.
                 link_bytes_per_sec: Some(wire),
                 zero_fraction: first_zero,
+                round_overhead_ms: 0.0,
                 codecs: s.codecs.clone(),
             };
             let d = policy.decide(&obs, limits);
@@ -284,6 +291,7 @@ mod tests {
             zero_fraction: 0.3,
             set_pages,
             dirty: vec![(0.0, rate)],
+            headroom: 1.0,
             link_bytes_per_sec: link,
             codecs: codecs(text),
         }
@@ -353,6 +361,30 @@ mod tests {
             ..limits
         };
         assert!(!run(&s, &mut none, &limits).within_limits);
+    }
+
+    #[test]
+    fn learns_that_a_guest_with_headroom_shrugs_off_a_light_throttle() {
+        // Paced with 2.5x headroom: a throttle under 60% does not slow it at all.
+        let mut s = scenario("paced", 40_000.0, GIB_PAGES, GBIT, false);
+        s.headroom = 2.5;
+        let limits = Limits {
+            max_downtime_ms: 300.0,
+            max_total_secs: Some(120.0),
+            ..Limits::default()
+        };
+        let o = run(&s, &mut adaptive(&limits), &limits);
+        assert!(o.within_limits, "{o:?}");
+        // Proportional slowing would have stopped near 40%; it went on once the rounds
+        // showed the guest unmoved.
+        let steps: Vec<u32> = o
+            .changes
+            .iter()
+            .filter(|c| c.setting == "throttle_pct")
+            .map(|c| c.value.parse().unwrap())
+            .collect();
+        assert!(steps.len() >= 2 && steps[0] <= 50, "{steps:?}");
+        assert!(o.max_throttle_pct >= 70, "{o:?}");
     }
 
     #[test]
@@ -505,6 +537,7 @@ mod tests {
             working_set_pages: None,
             link_bytes_per_sec: Some(MBIT200),
             zero_fraction: 0.0,
+            round_overhead_ms: 0.0,
             codecs: codecs(true),
         };
         let d = a.decide(&obs, &limits);
