@@ -1,6 +1,8 @@
 //! `cargo xtask`: Ferry's workflows — setup, test, lab, bench.
 
 mod bench;
+mod bench_policy;
+mod bench_policy_report;
 mod bench_probes;
 mod lab;
 mod setup;
@@ -14,7 +16,11 @@ commands:
   setup          install what Ferry needs that is missing (Debian packages, tracefs)
   test           setup, then fmt/clippy checks and every test (unit, integration, end-to-end)
   lab            setup, then run the lab: a live VM, its status, a snapshot, a restore
-  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage)";
+  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage, probes)
+  bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
+                 real migrations of a grid of guests and links under the adaptive
+                 policy and every peer preset; writes DIR/bench.json and bench.md
+                 (default grid xtask/scenarios/grid.toml, DIR target/bench/policy)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +34,10 @@ fn main() -> Result<()> {
         ["lab"] => {
             setup::run()?;
             lab::run()
+        }
+        ["bench", "policy", rest @ ..] => {
+            setup::run()?;
+            bench_policy::run(rest)
         }
         ["bench", area] => {
             setup::run()?;
