@@ -19,6 +19,8 @@ use crate::vmm::control::request;
 pub const PROBE_WINDOW_MS: f64 = 250.0;
 /// Until then the stream's rate includes what filled the socket buffers.
 const PREDICT_AFTER_MS: f64 = 1000.0;
+/// Bytes on the wire before the stream's rate counts as the link's.
+const LINK_MEASURED_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
 
 /// A change the loop made, with the policy's reason.
 #[derive(Debug, Clone, Serialize)]
@@ -186,7 +188,14 @@ impl Steering {
         } else {
             get(p, "remaining_dirty_pages").as_u64().unwrap_or(0)
         };
-        let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
+        // The stream's rate means little until it has carried more than the socket
+        // buffers swallow at once (or run a second).
+        let wire = get(p, "bytes_on_wire").as_f64().unwrap_or(0.0);
+        let bw = if wire >= LINK_MEASURED_BYTES || t_ms >= PREDICT_AFTER_MS {
+            get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0)
+        } else {
+            0.0
+        };
         let codecs = codec_perfs(get(p, "codec_samples"));
         let (dirty, working_set) = self.dirty_rate(p, sample, round);
         // What the stream achieved: with a codec, wire bytes, so the link itself.
@@ -361,5 +370,22 @@ impl Steering {
             });
             let _ = request(control, &json!({"cmd": "cancel"}));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remaining_zero_fraction;
+
+    #[test]
+    fn zero_pages_still_ahead_come_from_the_sample_less_those_met() {
+        // Half of 1000 pages are zero; the pass met 400 busy pages and 100 zero ones:
+        // 400 of the 500 left are zero.
+        assert!((remaining_zero_fraction(Some(0.5), 1000, 400, 100) - 0.8).abs() < 1e-9);
+        // More zero pages met than the sample expected: none assumed ahead.
+        assert_eq!(remaining_zero_fraction(Some(0.1), 1000, 0, 500), 0.0);
+        // No sample: the share so far.
+        assert!((remaining_zero_fraction(None, 1000, 300, 100) - 0.25).abs() < 1e-9);
+        assert_eq!(remaining_zero_fraction(None, 1000, 0, 0), 0.0);
     }
 }
