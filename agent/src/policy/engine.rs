@@ -424,13 +424,13 @@ impl Policy for Adaptive {
             setting: "postcopy",
             value: self.current.postcopy.to_string(),
             why: if self.current.postcopy {
-                "switched: see throttle_pct".into()
+                format!("switched: {why}")
             } else if use_postcopy {
-                "planned once the first pass is done".into()
+                format!("planned once the first pass is done: {why}")
             } else if limits.allow_postcopy {
-                "pre-copy fits the limits".into()
+                "pre-copy fits the limits".to_string()
             } else {
-                "not allowed".into()
+                "not allowed".to_string()
             },
         });
         Decision {
