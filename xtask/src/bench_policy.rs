@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 
 use crate::util::{Vmm, build_ferry, median, num, root, status, step};
 
+/// The peer presets of `agent/src/policy/presets.rs` (xtask does not link the agent:
+/// it has to build before `setup` installs the eBPF toolchain the agent needs).
 const PRESETS: &[&str] = &[
     "qemu-default",
     "libvirt-default",

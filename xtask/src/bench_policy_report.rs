@@ -15,10 +15,11 @@ fn ok(v: &Value) -> bool {
     v["outcome"] == "completed"
 }
 
-fn scenarios(rows: &[Value]) -> Vec<String> {
+/// The distinct values of `key` in the rows, in the order they first appear.
+fn distinct(rows: &[Value], key: &str) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for r in rows {
-        let n = r["scenario"].as_str().unwrap_or("").to_string();
+        let n = r[key].as_str().unwrap_or("").to_string();
         if !names.contains(&n) {
             names.push(n);
         }
@@ -26,15 +27,12 @@ fn scenarios(rows: &[Value]) -> Vec<String> {
     names
 }
 
+fn scenarios(rows: &[Value]) -> Vec<String> {
+    distinct(rows, "scenario")
+}
+
 fn policies(rows: &[Value]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for r in rows {
-        let n = r["policy"].as_str().unwrap_or("").to_string();
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
-    names
+    distinct(rows, "policy")
 }
 
 /// The best static preset that completed a scenario within its limits, by total time.

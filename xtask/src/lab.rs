@@ -109,28 +109,28 @@ fn migrate_to(
         "  decisions ({} policy):",
         r["policy"].as_str().unwrap_or("-")
     );
-    for d in r["decisions"].as_array().into_iter().flatten() {
+    let step = |d: &Value| {
         println!(
             "    {:>6.2}s  {:<15} {:<10} {}",
             num(d, "t_ms") / 1e3,
             d["setting"].as_str().unwrap_or(""),
             d["value"].as_str().unwrap_or(""),
             d["reason"].as_str().unwrap_or("")
-        );
-    }
+        )
+    };
+    r["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .for_each(step);
     // The switch to post-copy (or a preset's abort) is a step of the policy's, not a
     // parameter the VMM records.
-    for d in r["policy_steps"].as_array().into_iter().flatten() {
-        if matches!(d["setting"].as_str(), Some("postcopy" | "abort")) {
-            println!(
-                "    {:>6.2}s  {:<15} {:<10} {}",
-                num(d, "t_ms") / 1e3,
-                d["setting"].as_str().unwrap_or(""),
-                d["value"].as_str().unwrap_or(""),
-                d["reason"].as_str().unwrap_or("")
-            );
-        }
-    }
+    r["policy_steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| matches!(d["setting"].as_str(), Some("postcopy" | "abort")))
+        .for_each(step);
     if let (Some(p), Some(t)) = (r["predicted_total_ms"].as_f64(), r["total_ms"].as_f64()) {
         println!(
             "  predicted total {:.1} s, measured {:.1} s; predicted downtime {:.0} ms, measured {:.1} ms",
