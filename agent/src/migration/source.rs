@@ -333,8 +333,9 @@ pub(super) struct Stats {
     pub(super) remaining: u64,
     /// Disk bytes sent (`--copy-storage`).
     pub(super) disk_bytes: u64,
-    /// Between the last round's pages and the next round's: the acknowledgement,
-    /// the dirty log's harvest and re-arming. The guest dirties on meanwhile.
+    /// What the last round took beyond moving its bytes at the stream's rate: the
+    /// acknowledgement's round trip, the dirty log's harvest. The guest dirties on
+    /// meanwhile, so this bounds how small rounds can get.
     pub(super) round_overhead: Duration,
 }
 
@@ -1010,11 +1011,11 @@ impl Sender<'_> {
         }
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
+        let mut round_bytes = self.stats.bytes_on_wire;
         if self.params.copy_storage {
             self.disks_start()?;
         }
         self.send_pages(0..pages)?;
-        let mut sent_at = Instant::now();
         self.end_round(0, round_start)?;
         if self.params.mode == Mode::Postcopy {
             // One pass done: what the guest dirtied since comes on demand.
@@ -1033,6 +1034,9 @@ impl Sender<'_> {
             self.m.dirty.fetch(&mut dirty)?;
             let count = dirty.count();
             let took = round_start.elapsed().as_secs_f64().max(1e-6);
+            let moving =
+                (self.stats.bytes_on_wire - round_bytes) as f64 / bandwidth(&self.stats).max(1.0);
+            self.stats.round_overhead = Duration::from_secs_f64((took - moving).max(0.0));
             self.stats.dirty_last = count;
             self.stats.dirty_rate = count as f64 / took;
             self.stats.remaining = count;
@@ -1048,6 +1052,7 @@ impl Sender<'_> {
                 round = self.stats.round,
                 dirty = count,
                 took_ms = took * 1e3,
+                overhead_ms = self.stats.round_overhead.as_secs_f64() * 1e3,
                 predicted_ms,
                 bandwidth = bw,
                 "pre-copy round"
@@ -1062,10 +1067,10 @@ impl Sender<'_> {
             previous = count;
             self.m.dirty.clear(0, pages)?;
             round_start = Instant::now();
+            round_bytes = self.stats.bytes_on_wire;
             if self.params.copy_storage {
                 self.disks_round(false)?;
             }
-            self.stats.round_overhead = sent_at.elapsed();
             // A switch to post-copy during this round needs these pages too.
             let result = self.send_pages(dirty.iter_set());
             if matches!(result, Err(MigrateError::StartPostcopy)) {
@@ -1073,7 +1078,6 @@ impl Sender<'_> {
                 return Err(MigrateError::StartPostcopy);
             }
             result?;
-            sent_at = Instant::now();
             self.end_round(self.stats.round, round_start)?;
         }
     }

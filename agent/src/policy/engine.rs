@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::model::{Stream, dirtied, postcopy, precopy, throughput};
+use super::model::{ROUND_OVERHEAD_PRIOR_MS, Stream, dirtied, postcopy, precopy, throughput};
 use super::{
     CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
     Stage,
@@ -294,7 +294,11 @@ impl Policy for Adaptive {
                 set,
                 Stream {
                     bytes_per_sec: tput,
-                    round_overhead_s: obs.round_overhead_ms.max(0.0) / 1e3,
+                    round_overhead_s: if obs.round_overhead_ms > 0.0 {
+                        obs.round_overhead_ms / 1e3
+                    } else {
+                        ROUND_OVERHEAD_PRIOR_MS / 1e3
+                    },
                 },
                 limit_s,
             )
