@@ -307,38 +307,32 @@ impl Steering {
                 .find(|r| r.setting == setting || r.setting == "preset")
                 .map_or(String::new(), |r| r.why.clone())
         };
-        let mut req = json!({"cmd": "set-params"});
-        let mut reasons = serde_json::Map::new();
         let s = &d.settings;
+        // What changed: (setting, its key in set-params, the new value).
+        let mut changed: Vec<(&'static str, &'static str, Value)> = Vec::new();
+        if s.bandwidth_mbit != self.applied.bandwidth_mbit {
+            let mbit = s.bandwidth_mbit.map_or(0, |m| m.round() as u64);
+            changed.push(("bandwidth_mbit", "bandwidth_mbit", json!(mbit)));
+        }
         if s.codec != self.applied.codec {
-            req["compression"] = json!(s.codec.to_string());
-            reasons.insert("codec".into(), json!(why("codec")));
+            changed.push(("codec", "compression", json!(s.codec.to_string())));
         }
         if s.throttle_pct != self.applied.throttle_pct {
-            req["throttle_pct"] = json!(s.throttle_pct);
-            reasons.insert("throttle_pct".into(), json!(why("throttle_pct")));
+            changed.push(("throttle_pct", "throttle_pct", json!(s.throttle_pct)));
         }
-        if s.bandwidth_mbit != self.applied.bandwidth_mbit {
-            req["bandwidth_mbit"] = json!(s.bandwidth_mbit.map_or(0, |m| m.round() as u64));
-            reasons.insert("bandwidth_mbit".into(), json!(why("bandwidth_mbit")));
-        }
-        if !reasons.is_empty() {
-            for (setting, reason) in &reasons {
+        if !changed.is_empty() {
+            let mut req = json!({"cmd": "set-params"});
+            let mut reasons = serde_json::Map::new();
+            for (setting, key, value) in changed {
+                let reason = why(setting);
                 self.steps.push(Step {
                     t_ms: obs.t_ms,
-                    setting: match setting.as_str() {
-                        "codec" => "codec",
-                        "throttle_pct" => "throttle_pct",
-                        _ => "bandwidth_mbit",
-                    },
-                    value: req[if setting == "codec" {
-                        "compression"
-                    } else {
-                        setting
-                    }]
-                    .to_string(),
-                    reason: reason.as_str().unwrap_or("").to_string(),
+                    setting,
+                    value: value.to_string(),
+                    reason: reason.clone(),
                 });
+                req[key] = value;
+                reasons.insert(setting.into(), json!(reason));
             }
             req["reasons"] = Value::Object(reasons);
             // A migration that just ended refuses: nothing to do then.
