@@ -285,17 +285,7 @@ fn migrate_once(
     name: &str,
     args: &[&str],
 ) -> Result<(Value, Vmm)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut dst = Vmm::spawn(
-        ferry,
-        &["--incoming", &addr],
-        &dir.join(format!("{name}.sock")),
-        &dir.join(format!("{name}.log")),
-    )?;
-    dst.wait_ready(ferry)?;
+    let (dst, addr) = crate::util::incoming(ferry, dir, name, &[])?;
     let mut full = vec!["migrate", "--to", &addr, "--json"];
     full.extend_from_slice(args);
     let out = std::process::Command::new(ferry)

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::util::{Vmm, build_ferry, median, num, root, status, step};
+use crate::util::{
+    Vmm, build_ferry, cpu_seconds, median, num, root, stat_cpu_seconds, status, step, vcpu_tasks,
+};
 
 /// The peer presets of `agent/src/policy/presets.rs` (xtask does not link the agent:
 /// it has to build before `setup` installs the eBPF toolchain the agent needs).
@@ -388,24 +390,11 @@ impl Lab {
 /// CPU time of a VMM process that is not its vCPUs' (the guest's own work), seconds:
 /// what migrating costs on that host.
 fn migration_cpu(pid: u32) -> Result<f64> {
-    let ticks = |stat: &str| -> f64 {
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        field(11) + field(12)
-    };
-    let total = ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?);
     let mut vcpu = 0.0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?.path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.starts_with("vcpu") {
-            vcpu += ticks(&std::fs::read_to_string(task.join("stat")).unwrap_or_default());
-        }
+    for task in vcpu_tasks(pid)? {
+        vcpu += stat_cpu_seconds(&std::fs::read_to_string(task.join("stat")).unwrap_or_default());
     }
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((total - vcpu) / hz)
+    Ok(cpu_seconds(pid)? - vcpu)
 }
 
 /// CPU time of this process's waited-for children (the `ferry migrate` client).

@@ -85,8 +85,8 @@ pub fn summarize(rows: &[Value]) -> Vec<String> {
         let (ad, bd) = (f(a, "downtime_ms"), f(b, "downtime_ms"));
         let total_ratio = at.zip(bt).map(|(a, b)| a / b.max(1.0));
         let down_ok = match (ad, bd) {
-            (Some(a), Some(b)) => {
-                a <= 1.1 * b || a <= f(&scenario_row(rows, s), "max_downtime_ms").unwrap_or(0.0)
+            (Some(down), Some(best)) => {
+                down <= 1.1 * best || down <= f(a, "max_downtime_ms").unwrap_or(0.0)
             }
             _ => false,
         };
@@ -123,13 +123,6 @@ pub fn summarize(rows: &[Value]) -> Vec<String> {
         }
     }
     out
-}
-
-fn scenario_row(rows: &[Value], scenario: &str) -> Value {
-    rows.iter()
-        .find(|r| r["scenario"] == scenario)
-        .cloned()
-        .unwrap_or(Value::Null)
 }
 
 fn fmt_s(v: Option<f64>) -> String {

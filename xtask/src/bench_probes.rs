@@ -16,17 +16,13 @@ const DEFAULT_SAMPLE_MS: u64 = 1000;
 /// Host CPU time of a VMM's vCPU threads, in seconds (schedstat: nanoseconds on CPU).
 fn vcpu_seconds(pid: u32) -> Result<f64> {
     let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?.path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.starts_with("vcpu") {
-            let s = std::fs::read_to_string(task.join("schedstat"))?;
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
+    for task in crate::util::vcpu_tasks(pid)? {
+        let s = std::fs::read_to_string(task.join("schedstat"))?;
+        ns += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     }
     Ok(ns as f64 / 1e9)
 }
@@ -94,6 +90,27 @@ fn set_rate(ferry: &Path, control: &Path, rate: u64) -> Result<u64> {
 
 /// For each step (time, from, to), the first tick after it whose dirty rate crossed
 /// the midpoint: how long the signal took to show the change, in ms.
+/// Steps the guest 2k -> 30k -> 2k -> 30k -> 2k pages/s, each step `every_ms` (plus
+/// a little jitter below `jitter_ms`, so steps do not line up with ticks) after the
+/// last; returns (when, from, to) of each.
+fn step_rates(
+    ferry: &Path,
+    control: &Path,
+    every_ms: u64,
+    jitter_ms: u64,
+) -> Result<Vec<(u64, u64, u64)>> {
+    let mut steps = Vec::new();
+    let mut rate = 2_000;
+    for target in [30_000u64, 2_000, 30_000, 2_000] {
+        std::thread::sleep(Duration::from_millis(
+            every_ms + (steps.len() as u64 * 137) % jitter_ms,
+        ));
+        steps.push((set_rate(ferry, control, target)?, rate, target));
+        rate = target;
+    }
+    Ok(steps)
+}
+
 fn reactions(ticks: &[Value], steps: &[(u64, u64, u64)]) -> Vec<f64> {
     steps
         .iter()
@@ -200,15 +217,7 @@ pub fn run() -> Result<()> {
     step("time for a step in the dirty rate (2k <-> 30k pages/s) to show, default mode");
     let vm = start(&ferry, &dir, "react", 2_000, 512)?;
     let child = signals(&ferry, &vm.control, 14, DEFAULT_SAMPLE_MS).spawn()?;
-    let mut steps = Vec::new();
-    let mut rate = 2_000;
-    for target in [30_000u64, 2_000, 30_000, 2_000] {
-        std::thread::sleep(Duration::from_millis(
-            3000 + (steps.len() as u64 * 137) % 500,
-        ));
-        steps.push((set_rate(&ferry, &vm.control, target)?, rate, target));
-        rate = target;
-    }
+    let steps = step_rates(&ferry, &vm.control, 3000, 500)?;
     let s = summary(child.wait_with_output()?)?;
     let ticks = s["ticks"].as_array().cloned().unwrap_or_default();
     let idle = reactions(&ticks, &steps);
@@ -221,17 +230,7 @@ pub fn run() -> Result<()> {
 
     step("the same step during a migration (logging on throughout, 250 ms ticks)");
     let vm = start(&ferry, &dir, "react-mig", 2_000, 1024)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut dst = Vmm::spawn(
-        &ferry,
-        &["--incoming", &addr],
-        &dir.join("react-dst.sock"),
-        &dir.join("react-dst.log"),
-    )?;
-    dst.wait_ready(&ferry)?;
+    let (dst, addr) = crate::util::incoming(&ferry, &dir, "react-dst", &[])?;
     // A capped link keeps the migration going long enough to step the rate twice.
     let mut migrate = Command::new(&ferry)
         .args([
@@ -249,15 +248,7 @@ pub fn run() -> Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     let child = signals(&ferry, &vm.control, 9, DEFAULT_SAMPLE_MS).spawn()?;
-    let mut steps = Vec::new();
-    let mut rate = 2_000;
-    for target in [30_000u64, 2_000, 30_000, 2_000] {
-        std::thread::sleep(Duration::from_millis(
-            1800 + (steps.len() as u64 * 137) % 300,
-        ));
-        steps.push((set_rate(&ferry, &vm.control, target)?, rate, target));
-        rate = target;
-    }
+    let steps = step_rates(&ferry, &vm.control, 1800, 300)?;
     let s = summary(child.wait_with_output()?)?;
     let ticks = s["ticks"].as_array().cloned().unwrap_or_default();
     let migrating = ticks.iter().filter(|t| t["migrating"] == true).count();

@@ -77,19 +77,7 @@ fn migrate_to(
     (name, dst_args): (&str, &[&str]),
     args: &[&str],
 ) -> Result<Vmm> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut all = vec!["--incoming", addr.as_str()];
-    all.extend_from_slice(dst_args);
-    let mut dst = Vmm::spawn(
-        ferry,
-        &all,
-        &dir.join(format!("{name}.sock")),
-        &dir.join(format!("{name}.log")),
-    )?;
-    dst.wait_ready(ferry)?;
+    let (dst, addr) = crate::util::incoming(ferry, dir, name, dst_args)?;
     let report = dir.join(format!("{name}-report.json"));
     let migrated = std::process::Command::new(ferry)
         .args(["migrate", "--to", &addr])

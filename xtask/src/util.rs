@@ -141,6 +141,25 @@ impl Drop for Vmm {
     }
 }
 
+/// A `ferry vmm --incoming` on a free loopback port, called `name` in `dir` (with
+/// `extra` arguments), ready; and the address it listens on.
+pub fn incoming(ferry: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<(Vmm, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec!["--incoming", addr.as_str()];
+    args.extend_from_slice(extra);
+    let mut vm = Vmm::spawn(
+        ferry,
+        &args,
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.log")),
+    )?;
+    vm.wait_ready(ferry)?;
+    Ok((vm, addr))
+}
+
 /// Runs `ferry ARGS --control SOCK` and returns its stdout.
 pub fn ctl(ferry: &Path, args: &[&str], control: &Path) -> Result<String> {
     let out = Command::new(ferry)
@@ -194,12 +213,32 @@ pub fn monotonic_ns() -> u64 {
 
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    Ok(stat_cpu_seconds(&std::fs::read_to_string(format!(
+        "/proc/{pid}/stat"
+    ))?))
+}
+
+/// User + system time from a `/proc/.../stat` line (a process's or a thread's).
+pub fn stat_cpu_seconds(stat: &str) -> f64 {
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    Ok((utime + stime) / 100.0)
+    let field = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (field(11) + field(12)) / hz
+}
+
+/// The `/proc/PID/task/TID` folders of a VMM's vCPU threads (named `vcpuN`).
+pub fn vcpu_tasks(pid: u32) -> Result<Vec<PathBuf>> {
+    let mut tasks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.starts_with("vcpu") {
+            tasks.push(task);
+        }
+    }
+    Ok(tasks)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
