@@ -197,6 +197,11 @@ impl Receiver {
             Ok(v) => v,
             Err(e) => return Err(self.refuse(e.into())),
         };
+        // Now, not in the pause of a later migration of this VM.
+        let msr_lists = match crate::vmm::state::probe_vcpus(&vm.kvm, &vcpus) {
+            Ok(l) => l,
+            Err(e) => return Err(self.refuse(e.into())),
+        };
         self.send(&Message::Prepared)?;
         let pages = vm.layout.memory_bytes / PAGE as u64;
         // SAFETY: the mapping is memory_bytes long, and no vCPU runs until the
@@ -287,7 +292,9 @@ impl Receiver {
                         region.base,
                         pages,
                         missing,
-                        crcs.clone(),
+                        // Moved, not copied: a fresh megabyte costs a host page
+                        // fault per page here, in the pause.
+                        std::mem::take(&mut crcs),
                     )?);
                     // Serving faults before the guest can take one.
                     let faults = postcopy_dst::FaultThread::start(tracker.clone(), fault)
@@ -302,9 +309,9 @@ impl Receiver {
         };
         lap.mark("post-copy prepared");
         let dev = state.devices;
-        let machine = Arc::new(Machine::new(
-            cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed,
-        ));
+        let mut machine = Machine::new(cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed);
+        machine.msr_lists = msr_lists;
+        let machine = Arc::new(machine);
         *machine
             .config_path
             .lock()

@@ -10,7 +10,7 @@ use super::config::VmConfig;
 use super::dirty::{DirtyError, DirtyLog};
 use super::machine::{Machine, RestoreTimings};
 use super::snapshot::{Snapshot, SnapshotError};
-use super::state::StateError;
+use super::state::{StateError, probe_vcpus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -72,7 +72,10 @@ pub fn boot(cfg: VmConfig) -> Result<Machine, LaunchError> {
     let tsc_hz = u64::from(tsc_khz) * 1000;
     let seed = seed();
     vm.load_guest(&cfg, tsc_hz, seed)?;
-    Ok(Machine::new(cfg, vm, vcpus, dirty, disks, tsc_hz, seed))
+    let msr_lists = probe_vcpus(&vm.kvm, &vcpus)?;
+    let mut machine = Machine::new(cfg, vm, vcpus, dirty, disks, tsc_hz, seed);
+    machine.msr_lists = msr_lists;
+    Ok(machine)
 }
 
 /// Restores a snapshot into this process (vCPUs not started yet). Disk images are
@@ -101,7 +104,9 @@ pub fn restore(dir: &Path, disk_dir: Option<&Path>) -> Result<Machine, LaunchErr
     snap.load_memory(memory)?;
     let memory_load_ms = ms(t);
     let dev = snap.state.devices;
+    let msr_lists = probe_vcpus(&vm.kvm, &vcpus)?;
     let mut machine = Machine::new(cfg, vm, vcpus, dirty, disks, dev.tsc_hz, dev.seed);
+    machine.msr_lists = msr_lists;
     machine.restore = Some(RestoreTimings {
         disks_ms,
         vm_create_ms,

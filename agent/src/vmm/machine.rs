@@ -247,6 +247,10 @@ pub struct Machine {
     pub tsc_hz: u64,
     pub seed: u64,
     pub restore: Option<RestoreTimings>,
+    /// Per vCPU, the MSRs KVM reads for it, probed before the VM runs: probing takes
+    /// an ioctl per candidate MSR, too slow for the pause of a migration. Empty: probed
+    /// at each save.
+    pub msr_lists: Vec<Vec<u32>>,
     /// Set once a migration committed the handover: this copy never runs again.
     pub handed_over: std::sync::atomic::AtomicBool,
     /// The current or last outgoing migration.
@@ -306,6 +310,7 @@ impl Machine {
             tsc_hz,
             seed,
             restore: None,
+            msr_lists: Vec::new(),
             handed_over: std::sync::atomic::AtomicBool::new(false),
             migration: Mutex::new(None),
             migration_cancel: std::sync::atomic::AtomicBool::new(false),

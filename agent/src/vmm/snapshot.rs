@@ -143,10 +143,13 @@ impl MachineState {
     pub fn save(m: &Machine) -> Result<Self, SnapshotError> {
         let vm = VmState::save(&m.vm.fd, false)?;
         let mut vcpus = Vec::with_capacity(m.vcpus.len());
-        for fd in &m.vcpus {
+        for (i, fd) in m.vcpus.iter().enumerate() {
             let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
-            let msrs = super::state::probe_msrs(&m.vm.kvm, &fd)?;
-            vcpus.push(VcpuState::save(&fd, &msrs)?);
+            let vcpu = match m.msr_lists.get(i) {
+                Some(msrs) => VcpuState::save(&fd, msrs)?,
+                None => VcpuState::save(&fd, &super::state::probe_msrs(&m.vm.kvm, &fd)?)?,
+            };
+            vcpus.push(vcpu);
         }
         Ok(Self {
             vm,

@@ -386,6 +386,11 @@ pub fn probe_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
     Ok(readable)
 }
 
+/// [`probe_msrs`] for each vCPU of a VM that has not run yet.
+pub fn probe_vcpus(kvm: &Kvm, vcpus: &[VcpuFd]) -> Result<Vec<Vec<u32>>, StateError> {
+    vcpus.iter().map(|fd| probe_msrs(kvm, fd)).collect()
+}
+
 /// [`probe_msrs`] on a throwaway vCPU with the host's full supported CPUID, once per process.
 /// A VMM that hides CPUID features may need [`probe_msrs`] on its own vCPU instead.
 pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
