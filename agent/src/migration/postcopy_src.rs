@@ -16,8 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::codec::{Codec, Compressor};
+use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
-use super::source::{Buffers, MigrateError, Phase, Sender, Switch, address, encode, lock};
+use super::source::{
+    Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, lock,
+};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::snapshot::MachineState;
@@ -26,11 +29,14 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per pushed batch.
 const BATCH: usize = 256;
 const NO_HINT: u64 = u64::MAX;
-/// At most this many pages dirtied just before a post-copy pause are sent during it
-/// (2 MiB: about a millisecond on a fast link) rather than fetched on demand.
+/// Discard rounds stop once a round finds at most this many pages dirty: the pause
+/// then has few enough left to send or drop.
 const HOT_PAGES_MAX: u64 = 512;
-/// Rounds of dropping stale pages on the destination before a post-copy pause.
+/// Rounds of dropping stale pages on the destination before a post-copy pause: at
+/// least two, so pages written in both are known to be hot.
 const DISCARD_ROUNDS: u32 = 4;
+/// The shortest such round after the first.
+const DISCARD_ROUND_MIN: Duration = Duration::from_millis(25);
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
 fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &AtomicBool) {
@@ -148,20 +154,31 @@ impl Sender<'_> {
         // The request that brought us here is served; nothing may switch twice.
         self.m.postcopy_requested.store(false, Ordering::Release);
         let pages = need.pages();
+        let mut hot = HotPages::new(pages);
         if dirty_log_running {
             // While the guest still runs here: tell the destination what is stale so
             // far, and wait until it has dropped those pages, so the pause only has
             // to deal with what the guest dirties from now on. Dropping is far faster
             // than sending, so a few such rounds shrink what is left to a handful of
-            // hot pages, which the pause then sends outright.
-            let mut stale = need.clone();
-            for _ in 0..DISCARD_ROUNDS {
+            // hot pages, which are held back for the pause.
+            let mut never_sent = Some(need.clone());
+            let mut round_start = Instant::now();
+            for round in 0..DISCARD_ROUNDS {
+                // A round long enough for the guest to come back to what it keeps
+                // rewriting, so that shows up as hot.
+                if round > 0 {
+                    std::thread::sleep(DISCARD_ROUND_MIN.saturating_sub(round_start.elapsed()));
+                }
+                round_start = Instant::now();
                 let mut dirty = DirtyBitmap::new(pages);
                 self.m.dirty.fetch(&mut dirty)?;
                 self.m.dirty.clear(0, pages)?;
                 let fresh = dirty.count();
-                stale.or_assign_words(dirty.words());
                 need.or_assign_words(dirty.words());
+                let mut stale = hot.round(&dirty);
+                if let Some(n) = never_sent.take() {
+                    stale.or_assign_words(n.words());
+                }
                 self.send(&Message::Postcopy {
                     missing: stale.words().to_vec(),
                 })?;
@@ -172,13 +189,15 @@ impl Sender<'_> {
                     Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
                     _ => return Err(MigrateError::Unexpected("something other than RoundAck")),
                 }
-                if fresh <= HOT_PAGES_MAX {
+                if round > 0 && fresh <= HOT_PAGES_MAX {
                     break;
                 }
-                stale.clear_all();
             }
         }
         self.wait_prepared()?;
+        // Connecting costs a round trip or two: not in the pause. The destination
+        // takes the connection once the handover reaches it.
+        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
         self.publish(Phase::Switchover);
         let t_pause = Instant::now();
         let mut lap = super::Lap::new();
@@ -186,27 +205,35 @@ impl Sender<'_> {
         lap.mark("paused");
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything in `need` if nothing was sent yet; else what the guest dirtied
-        // since the list above.
+        // since the last round, and the pages held back from it.
         let mut late = DirtyBitmap::new(pages);
         if dirty_log_running {
             self.m.dirty.fetch(&mut late)?;
+            need.or_assign_words(late.words());
         } else {
             late.or_assign_words(need.words());
         }
         lap.mark("dirty log fetched");
-        if dirty_log_running && late.count() <= HOT_PAGES_MAX {
-            // Written in the last moments before the pause: the pages the guest will
-            // touch first (its stack, its hottest data). Sent now, they cost well under
-            // a millisecond here instead of a fault each right after the resume.
+        // The pages the guest was writing up to the pause are the ones it touches
+        // first after the resume: sent now, they cost microseconds each instead of a
+        // fault each. The rest the destination drops, and fetches on demand.
+        let budget = if dirty_log_running {
+            pause_budget(bandwidth(&self.stats))
+        } else {
+            0
+        };
+        let (send, rest) = pause_split(hot.held(), &late, budget);
+        if !send.is_empty() {
             self.settings.bandwidth = None;
-            self.send_pages(late.iter_set())?;
-            for p in late.iter_set() {
+            self.send_pages(send.iter().copied())?;
+            lap.mark("pages queued");
+            for &p in &send {
                 need.unset(p);
             }
-        } else {
-            need.or_assign_words(late.words());
+        }
+        if rest.count() > 0 || !dirty_log_running {
             self.send(&Message::Postcopy {
-                missing: late.words().to_vec(),
+                missing: rest.words().to_vec(),
             })?;
         }
         self.stats.remaining = need.count();
@@ -222,8 +249,6 @@ impl Sender<'_> {
         })?;
         self.w.flush().map_err(ProtocolError::from)?;
         lap.mark("complete sent");
-        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
-        lap.mark("fault channel open");
         // The bandwidth cap stays: post-copy shares the link with whatever else runs.
         let figures = self.postcopy(need, fault, switch, (t_pause, lap))?;
         switch.postcopy = Some(figures);
@@ -326,6 +351,7 @@ impl Sender<'_> {
         let mut cursor = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
         let mut last_publish = Instant::now();
+        let _background = super::postcopy_dst::Background::enter();
         self.publish_postcopy(Phase::Postcopy, left);
         while left > 0 {
             if let Some(live) = lock(&self.m.live).as_ref() {

@@ -566,7 +566,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
 
 /// Throughput of the stream end to end: bytes of acknowledged rounds over their wall
 /// time (before the first acknowledgement, what the socket took so far).
-fn bandwidth(s: &Stats) -> f64 {
+pub(super) fn bandwidth(s: &Stats) -> f64 {
     let (bytes, t) = if s.wall_send_time > Duration::ZERO {
         (s.acked_bytes, s.wall_send_time.as_secs_f64())
     } else {

@@ -217,6 +217,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clears the bits set in `other` (same size).
+    pub fn and_not_assign(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
     /// The pages not set here.
     pub fn complement(&self) -> DirtyBitmap {
         let mut c = DirtyBitmap {
