@@ -7,7 +7,6 @@ mod hot_pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod protocol;
-mod readahead;
 pub mod source;
 pub mod storage;
 

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use super::codec::{Codec, Compressor};
 use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
-use super::readahead::{Readahead, WINDOW_PAGES};
 use super::source::{
     Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, lock,
 };
@@ -34,10 +33,9 @@ const NO_HINT: u64 = u64::MAX;
 /// then has few enough left to send or drop.
 const HOT_PAGES_MAX: u64 = 512;
 /// Rounds of dropping stale pages on the destination before a post-copy pause: at
-/// least two, so pages written in both are known to be hot; then one short last
-/// round.
+/// least two, so pages written in both are known to be hot.
 const DISCARD_ROUNDS: u32 = 4;
-/// The shortest such round after the first (the last excepted).
+/// The shortest such round after the first.
 const DISCARD_ROUND_MIN: Duration = Duration::from_millis(25);
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
@@ -51,45 +49,24 @@ fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &Atomic
     let mut r = BufReader::with_capacity(64 << 10, conn);
     let mut compressor = Compressor::new();
     let mut bufs = Buffers::default();
-    let mut readahead = Readahead::default();
-    let mut around = Vec::with_capacity(WINDOW_PAGES as usize);
-    // Latency matters more than bytes here: no compression.
-    let mut answer = |pages: &[u64], w: &mut BufWriter<TcpStream>| -> bool {
-        let Ok(e) = encode(memory, pages, Codec::None, &mut compressor, &mut bufs) else {
-            return false;
-        };
-        if w.write_all(&e.frames).and_then(|()| w.flush()).is_err() {
-            return false;
-        }
-        for &p in pages {
-            shared.mark(p);
-        }
-        shared
-            .bytes
-            .fetch_add(e.frames.len() as u64, Ordering::Relaxed);
-        shared.pages.fetch_add(e.pages_sent, Ordering::Relaxed);
-        shared.zero_pages.fetch_add(e.zero_pages, Ordering::Relaxed);
-        bufs.spare_frames.push(e.frames);
-        true
-    };
     while !stop.load(Ordering::Relaxed) {
         match protocol::recv(&mut r, Some(pages)) {
             Ok(Message::PageRequest { page }) => {
                 shared.hint.store(page, Ordering::Relaxed);
-                if !answer(&[page], &mut w) {
+                // Latency matters more than bytes here: no compression.
+                let Ok(e) = encode(memory, &[page], Codec::None, &mut compressor, &mut bufs) else {
+                    return;
+                };
+                if w.write_all(&e.frames).and_then(|()| w.flush()).is_err() {
                     return;
                 }
-                // The page asked for is on its way; its neighbours follow when faults
-                // cluster, unless already answered or never needed.
-                if let Some(window) = readahead.fault(page) {
-                    around.clear();
-                    around.extend(
-                        window.filter(|&p| p < pages && shared.wanted(p) && !shared.answered(p)),
-                    );
-                    if !around.is_empty() && !answer(&around, &mut w) {
-                        return;
-                    }
-                }
+                shared.mark(page);
+                shared
+                    .bytes
+                    .fetch_add(e.frames.len() as u64, Ordering::Relaxed);
+                shared.pages.fetch_add(e.pages_sent, Ordering::Relaxed);
+                shared.zero_pages.fetch_add(e.zero_pages, Ordering::Relaxed);
+                bufs.spare_frames.push(e.frames);
             }
             Err(ProtocolError::Io(e))
                 if matches!(
@@ -110,8 +87,6 @@ fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &Atomic
 /// its counters.
 struct Served {
     hint: AtomicU64,
-    /// The pages the destination lacked when post-copy began.
-    need: DirtyBitmap,
     answered: Vec<AtomicU64>,
     bytes: AtomicU64,
     pages: AtomicU64,
@@ -119,11 +94,9 @@ struct Served {
 }
 
 impl Served {
-    fn new(need: &DirtyBitmap) -> Self {
-        let pages = need.pages();
+    fn new(pages: u64) -> Self {
         Self {
             hint: AtomicU64::new(NO_HINT),
-            need: need.clone(),
             answered: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             bytes: AtomicU64::new(0),
             pages: AtomicU64::new(0),
@@ -143,10 +116,6 @@ impl Served {
         for w in &self.answered {
             w.store(0, Ordering::Relaxed);
         }
-    }
-
-    fn wanted(&self, page: u64) -> bool {
-        self.need.is_set(page)
     }
 
     fn answered(&self, page: u64) -> bool {
@@ -194,11 +163,10 @@ impl Sender<'_> {
             // hot pages, which are held back for the pause.
             let mut never_sent = Some(need.clone());
             let mut round_start = Instant::now();
-            let mut last = false;
-            for round in 0..=DISCARD_ROUNDS {
+            for round in 0..DISCARD_ROUNDS {
                 // A round long enough for the guest to come back to what it keeps
-                // rewriting, so that shows up as hot; the last one as short as can be.
-                if round > 0 && !last {
+                // rewriting, so that shows up as hot.
+                if round > 0 {
                     std::thread::sleep(DISCARD_ROUND_MIN.saturating_sub(round_start.elapsed()));
                 }
                 round_start = Instant::now();
@@ -207,11 +175,7 @@ impl Sender<'_> {
                 self.m.dirty.clear(0, pages)?;
                 let fresh = dirty.count();
                 need.or_assign_words(dirty.words());
-                let mut stale = if last {
-                    hot.last_round(&dirty)
-                } else {
-                    hot.round(&dirty)
-                };
+                let mut stale = hot.round(&dirty);
                 if let Some(n) = never_sent.take() {
                     stale.or_assign_words(n.words());
                 }
@@ -225,10 +189,9 @@ impl Sender<'_> {
                     Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
                     _ => return Err(MigrateError::Unexpected("something other than RoundAck")),
                 }
-                if last {
+                if round > 0 && fresh <= HOT_PAGES_MAX {
                     break;
                 }
-                last = round + 1 == DISCARD_ROUNDS || (round > 0 && fresh <= HOT_PAGES_MAX);
             }
         }
         self.wait_prepared()?;
@@ -259,7 +222,7 @@ impl Sender<'_> {
         } else {
             0
         };
-        let (send, rest) = pause_split(&hot, &late, budget);
+        let (send, rest) = pause_split(hot.held(), &late, budget);
         if !send.is_empty() {
             self.settings.bandwidth = None;
             self.send_pages(send.iter().copied())?;
@@ -303,7 +266,7 @@ impl Sender<'_> {
     ) -> Result<PostcopyFigures, MigrateError> {
         // SAFETY: the VM is paused and handed over: nothing writes its memory again.
         let memory = unsafe { self.m.memory_slice() };
-        let shared = Served::new(&need);
+        let shared = Served::new(need.pages());
         let mut fault = Some(fault);
         let mut handover = Some(handover);
         std::thread::scope(|s| {
