@@ -57,7 +57,7 @@ impl HotPages {
 /// How many pages the pause may send at `bytes_per_sec` on the wire (counted raw:
 /// the pages a guest keeps rewriting seldom compress much); the floor when the link
 /// is not measured yet.
-pub(super) fn pause_budget(bytes_per_sec: f64) -> u64 {
+pub(crate) fn pause_budget(bytes_per_sec: f64) -> u64 {
     if bytes_per_sec.is_nan() || bytes_per_sec <= 0.0 {
         return PAUSE_PAGES_MIN;
     }

@@ -3,7 +3,7 @@
 pub mod codec;
 pub mod destination;
 pub mod disk_stream;
-mod hot_pages;
+pub(crate) mod hot_pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod protocol;

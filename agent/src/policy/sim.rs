@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::model::{POSTCOPY_PAUSE_PAGES, SWITCH_MS, dirtied, throughput};
+use super::model::{SWITCH_MS, dirtied, postcopy_pause_ms, throughput};
 use super::{CodecPerf, Limits, Observation, PAGE, Policy, Settings, Stage};
 use crate::migration::codec::Codec;
 
@@ -195,7 +195,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             }
             if settings.postcopy {
                 // The guest moves now; what is left follows at the stream's pace.
-                let down = POSTCOPY_PAUSE_PAGES * PAGE / pages_per_sec.max(1.0) * 1e3 + SWITCH_MS;
+                let down = postcopy_pause_ms(pages_per_sec);
                 let rest = left + dirty;
                 out.postcopy = true;
                 out.completed = true;
