@@ -403,7 +403,10 @@ impl Sender<'_> {
         let mut batch = Vec::with_capacity(BATCH);
         let mut last_publish = Instant::now();
         let _background = super::postcopy_dst::Background::enter();
-        let _paced = Paced::below(self.w.get_ref(), bandwidth(&self.stats));
+        // Only a rate measured over acknowledged rounds says what the link carries (a
+        // post-copy from the start has none: its push goes unpaced).
+        let measured = (self.stats.wall_send_time > Duration::ZERO).then(|| bandwidth(&self.stats));
+        let _paced = measured.and_then(|bw| Paced::below(self.w.get_ref(), bw));
         self.publish_postcopy(Phase::Postcopy, left);
         while left > 0 {
             if let Some(live) = lock(&self.m.live).as_ref() {
