@@ -28,6 +28,10 @@ use crate::vmm::snapshot::MachineState;
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per pushed batch.
 const BATCH: usize = 256;
+/// After the resume the push waits for a pause this long in the guest's faults...
+const PUSH_QUIET: Duration = Duration::from_millis(2);
+/// ...or this long at most.
+const PUSH_HOLD_MAX: Duration = Duration::from_millis(50);
 /// The background push's share of the link's measured rate: the rest keeps the
 /// bottleneck's queue empty for fault answers.
 const PUSH_PACE: f64 = 0.9;
@@ -55,6 +59,7 @@ fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &Atomic
     while !stop.load(Ordering::Relaxed) {
         match protocol::recv(&mut r, Some(pages)) {
             Ok(Message::PageRequest { page }) => {
+                shared.requested();
                 shared.hint.store(page, Ordering::Relaxed);
                 // Latency matters more than bytes here: no compression.
                 let Ok(e) = encode(memory, &[page], Codec::None, &mut compressor, &mut bufs) else {
@@ -89,6 +94,9 @@ fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &Atomic
 /// continues next to it), the pages it already answered (the push skips them), and
 /// its counters.
 struct Served {
+    /// When the server started, and the latest request since then (microseconds).
+    since: Instant,
+    last_request_us: AtomicU64,
     hint: AtomicU64,
     answered: Vec<AtomicU64>,
     bytes: AtomicU64,
@@ -99,11 +107,39 @@ struct Served {
 impl Served {
     fn new(pages: u64) -> Self {
         Self {
+            since: Instant::now(),
+            last_request_us: AtomicU64::new(0),
             hint: AtomicU64::new(NO_HINT),
             answered: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             bytes: AtomicU64::new(0),
             pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+        }
+    }
+
+    fn requested(&self) {
+        let us = self.since.elapsed().as_micros().max(1) as u64;
+        self.last_request_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Right after the resume the guest faults on page after page before it is back
+    /// at work; the push would put its bytes (and its CPU) in front of each answer.
+    /// So it waits until the faults pause for a moment, or for at most
+    /// [`PUSH_HOLD_MAX`] while they keep coming.
+    fn hold_push(&self) {
+        let start = Instant::now();
+        while start.elapsed() < PUSH_HOLD_MAX {
+            let last = self.last_request_us.load(Ordering::Relaxed);
+            let now = self.since.elapsed().as_micros() as u64;
+            let quiet_since = if last == 0 {
+                start.duration_since(self.since).as_micros() as u64
+            } else {
+                last
+            };
+            if now.saturating_sub(quiet_since) >= PUSH_QUIET.as_micros() as u64 {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -336,7 +372,15 @@ impl Sender<'_> {
                 // `Missing` after `PostcopyEnd` means push again, same channels.
                 let result = match handover.take().map(|h| self.commit(switch, h)) {
                     Some(Err(e)) => Err((e, false)),
-                    _ => loop {
+                    Some(Ok(())) => {
+                        shared.hold_push();
+                        Ok(())
+                    }
+                    None => Ok(()),
+                };
+                let result = match result {
+                    Err(e) => Err(e),
+                    Ok(()) => loop {
                         match self.push(memory, &mut need, &shared) {
                             Ok(None) => shared.forget_answers(),
                             Ok(Some(f)) => break Ok(f),
