@@ -190,7 +190,13 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 "100",
                 "--json",
             ]);
-            serde_json::from_slice::<Value>(&out.stdout).expect("a report")
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "no report ({e}); ferry migrate exited {} with: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
         });
         busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
             s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
