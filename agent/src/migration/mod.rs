@@ -6,6 +6,7 @@ pub mod disk_stream;
 pub(crate) mod hot_pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
+mod priority;
 pub mod protocol;
 pub mod source;
 pub mod storage;

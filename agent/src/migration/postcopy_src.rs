@@ -47,7 +47,7 @@ const DISCARD_ROUND_MIN: Duration = Duration::from_millis(25);
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
 fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &AtomicBool) {
-    super::postcopy_dst::raise_priority();
+    super::priority::raise_priority();
     let pages = (memory.len() / PAGE) as u64;
     let Ok(w) = conn.try_clone() else { return };
     let mut w = BufWriter::with_capacity(64 << 10, w);
@@ -446,7 +446,7 @@ impl Sender<'_> {
         let mut cursor = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
         let mut last_publish = Instant::now();
-        let _background = super::postcopy_dst::Background::enter();
+        let _background = super::priority::Background::enter();
         // Only a rate measured over acknowledged rounds says what the link carries (a
         // post-copy from the start has none: its push goes unpaced).
         let measured = (self.stats.wall_send_time > Duration::ZERO).then(|| bandwidth(&self.stats));

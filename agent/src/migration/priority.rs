@@ -1,0 +1,59 @@
+//! Thread priorities during post-copy, on both sides: the threads that answer faults
+//! go first, the bulk transfer last, so a vCPU waiting for a page waits for nothing
+//! else.
+
+/// Real-time priority of the threads that serve faults: above every ordinary thread,
+/// low among real-time ones.
+const FAULT_RT_PRIORITY: libc::c_int = 10;
+/// Nice value of the background push and its receiver during post-copy.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+/// A vCPU waits on every fault: the threads that serve faults must not wait for a
+/// core behind the bulk transfer. A real-time priority wakes them at once (they block
+/// on the socket between requests, so they cannot hog a core); without
+/// CAP_SYS_NICE they try a raised nice value, and without that they run as usual.
+pub(super) fn raise_priority() {
+    let param = libc::sched_param {
+        sched_priority: FAULT_RT_PRIORITY,
+    };
+    // SAFETY: changes the calling thread's scheduling policy only.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    // SAFETY: changes this thread's nice value only.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
+    if rc != 0 {
+        tracing::debug!(
+            "fault thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The bulk of post-copy (the background push, and receiving it) yields to the guest's
+/// vCPUs for as long as this lives: right after the resume, a vCPU that waited for a
+/// page otherwise waits again for a core.
+pub(super) struct Background {
+    nice: libc::c_int,
+}
+
+impl Background {
+    pub(super) fn enter() -> Self {
+        // SAFETY: reads this thread's id and nice value only.
+        let (tid, nice) = unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            (tid, libc::getpriority(libc::PRIO_PROCESS, tid))
+        };
+        // SAFETY: as above.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE.max(nice)) };
+        Self { nice }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's nice value (raising it back needs
+        // CAP_SYS_NICE; without it the thread stays at the lower priority).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, self.nice) };
+    }
+}
