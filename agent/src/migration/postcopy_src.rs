@@ -19,7 +19,7 @@ use super::codec::{Codec, Compressor};
 use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
 use super::source::{
-    Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, lock,
+    Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, link_rate, lock,
 };
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
@@ -447,10 +447,9 @@ impl Sender<'_> {
         let mut batch = Vec::with_capacity(BATCH);
         let mut last_publish = Instant::now();
         let _background = super::priority::Background::enter();
-        // Only a rate measured over acknowledged rounds says what the link carries (a
-        // post-copy from the start has none: its push goes unpaced).
-        let measured = (self.stats.wall_send_time > Duration::ZERO).then(|| bandwidth(&self.stats));
-        let _paced = measured.and_then(|bw| Paced::below(self.w.get_ref(), bw));
+        // Only acknowledged rounds say what the link carries (a post-copy from the
+        // start has none: its push goes unpaced).
+        let _paced = link_rate(&self.stats).and_then(|bw| Paced::below(self.w.get_ref(), bw));
         self.publish_postcopy(Phase::Postcopy, left);
         while left > 0 {
             if let Some(live) = lock(&self.m.live).as_ref() {

@@ -567,12 +567,21 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
 /// Throughput of the stream end to end: bytes of acknowledged rounds over their wall
 /// time (before the first acknowledgement, what the socket took so far).
 pub(super) fn bandwidth(s: &Stats) -> f64 {
-    let (bytes, t) = if s.wall_send_time > Duration::ZERO {
-        (s.acked_bytes, s.wall_send_time.as_secs_f64())
-    } else {
-        (s.bytes_on_wire, s.send_time.as_secs_f64())
-    };
-    if t > 0.0 { bytes as f64 / t } else { 0.0 }
+    link_rate(s).unwrap_or_else(|| {
+        let t = s.send_time.as_secs_f64();
+        if t > 0.0 {
+            s.bytes_on_wire as f64 / t
+        } else {
+            0.0
+        }
+    })
+}
+
+/// What the link carries, once acknowledged rounds have measured it: bytes of those
+/// rounds over their wall time. None before the first acknowledgement.
+pub(super) fn link_rate(s: &Stats) -> Option<f64> {
+    (s.wall_send_time > Duration::ZERO)
+        .then(|| s.acked_bytes as f64 / s.wall_send_time.as_secs_f64())
 }
 
 /// Runs the migration; returns its counters and how it ended.
