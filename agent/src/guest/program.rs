@@ -40,7 +40,8 @@ const WINDOW_K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
 pub const MIX_SALT: u64 = 0x6d69_7865_6421_0001;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-/// Pages written per loop iteration at most, so heartbeats stay on time.
+/// Pages written per loop iteration at most, so disk writes and verification keep
+/// their turn.
 const BATCH: u64 = 16;
 
 // Guest-private variables in the mailbox page.
@@ -303,6 +304,10 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     a.set_label(&mut batch)?;
     a.call(l.next_index)?;
     a.call(l.write_page)?;
+    // After every page, not every batch: a page that stalls (a post-copy fault) then
+    // delays the heartbeat by its own wait, not by the rest of the batch's too, so a
+    // stall shows as a heartbeat gap rather than as downtime.
+    a.call(l.maybe_heartbeat)?;
     a.dec(r12)?;
     a.jnz(batch)?;
     a.mov(ebp, 1)?;
