@@ -1,8 +1,8 @@
 //! The receiving side of a migration: `ferry vmm --incoming`. It builds the VM from
 //! the source's config as soon as it arrives (so memory is mapped long before the
 //! switchover), writes pages straight into guest memory, restores the device state
-//! on `Complete`, opens the disks and answers `Ready`, and runs the guest only on
-//! `Commit`.
+//! as soon as it arrives, opens the disks on `Complete` and answers `Ready`, and runs
+//! the guest only on `Commit`.
 
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,14 +10,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
+
 use super::Lap;
 use super::codec::{CodecError, Decompressor};
 use super::disk_stream::DiskStore;
 use super::postcopy_dst;
+use super::priority;
 use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
 use crate::vmm::block::DiskSet;
+use crate::vmm::boot::Vm;
 use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::launch;
@@ -130,12 +134,36 @@ pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), Incoming
 }
 
 /// What the stream delivered up to `Complete`.
+/// Decodes the source's device state and writes it into this VM's vCPUs and VM.
+fn restore_state(
+    blob: &[u8],
+    cfg: &VmConfig,
+    vm: &Vm,
+    vcpus: &[VcpuFd],
+) -> Result<MachineState, IncomingError> {
+    let state: MachineState = blob::decode(BlobKind::MachineState, blob)?;
+    if state.vcpus.len() != cfg.vcpus as usize {
+        return Err(IncomingError::VcpuMismatch {
+            got: state.vcpus.len(),
+            want: cfg.vcpus,
+        });
+    }
+    for (fd, s) in vcpus.iter().zip(&state.vcpus) {
+        s.restore(fd)?;
+    }
+    state.vm.restore(&vm.fd)?;
+    Ok(state)
+}
+
 struct Received {
-    state: Vec<u8>,
+    /// Already written into the vCPUs and the VM.
+    state: MachineState,
     /// `--copy-storage`: the disks' copies here.
     disks: Option<DiskStore>,
     /// Post-copy: the pages still to come once the guest runs here.
     postcopy: Option<DirtyBitmap>,
+    /// Held from the source's `Pausing` until the guest runs here.
+    urgent: Option<priority::Urgent>,
 }
 
 struct Receiver {
@@ -227,39 +255,23 @@ impl Receiver {
                 ahead.finish();
                 tracing::debug!("no prefault helper ({e}); pages fault in as they land");
             }
-            let r = self.receive_memory(memory, (pages, &cfg), &mut crcs, &ahead);
+            let r = self.receive_memory(memory, (pages, &cfg), &mut crcs, &ahead, (&vm, &vcpus));
             ahead.stop();
             r
         });
         let Received {
-            state: blob,
+            state,
             postcopy,
             disks: store,
+            urgent,
         } = match received {
             Ok(b) => b,
             Err(e) => return Err(self.refuse(e)),
         };
-        tracing::info!(
-            "memory received in {:?}; restoring device state",
-            t0.elapsed()
-        );
+        tracing::info!("memory received in {:?}; opening disks", t0.elapsed());
         let mut lap = Lap::new();
-        let state: MachineState = match blob::decode(BlobKind::MachineState, &blob) {
-            Ok(s) => s,
-            Err(e) => return Err(self.refuse(e.into())),
-        };
-        if state.vcpus.len() != cfg.vcpus as usize {
-            return Err(self.refuse(IncomingError::VcpuMismatch {
-                got: state.vcpus.len(),
-                want: cfg.vcpus,
-            }));
-        }
         let mut cfg = cfg;
-        let restored = (|| -> Result<DiskSet, IncomingError> {
-            for (fd, s) in vcpus.iter().zip(&state.vcpus) {
-                s.restore(fd)?;
-            }
-            state.vm.restore(&vm.fd)?;
+        let opened = (|| -> Result<DiskSet, IncomingError> {
             if let Some(store) = store {
                 // The copies are complete (the source sent the last blocks paused):
                 // sync them and write the config that names them.
@@ -272,11 +284,11 @@ impl Receiver {
             }
             Ok(DiskSet::open_existing(&cfg.disks)?)
         })();
-        let disks = match restored {
+        let disks = match opened {
             Ok(d) => d,
             Err(e) => return Err(self.refuse(e)),
         };
-        lap.mark("device state restored, disks opened");
+        lap.mark("disks opened");
         // Post-copy: the fault channel first, then the pages still on the source become
         // absent and userfaultfd takes over (before any vCPU can touch them).
         let postcopy = match postcopy {
@@ -345,6 +357,7 @@ impl Receiver {
         lap.mark("commit received");
         machine.resume()?;
         lap.mark("resumed");
+        drop(urgent);
         tracing::info!("migration complete: the guest runs here");
         // From here on the guest is ours: a lost connection only leaves the source in
         // doubt (it resolves with `ferry migrate --resolve`), it never stops this copy.
@@ -397,6 +410,7 @@ impl Receiver {
         (pages, cfg): (u64, &VmConfig),
         crcs: &mut [u32],
         ahead: &prefault::Ahead,
+        (vm, vcpus): (&Vm, &[VcpuFd]),
     ) -> Result<Received, IncomingError> {
         let mut disks: Option<DiskStore> = None;
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
@@ -405,9 +419,12 @@ impl Receiver {
         let mut landed = DirtyBitmap::new(pages);
         // Landed or announced as zero: what post-copy need not fetch.
         let mut known = DirtyBitmap::new(pages);
+        // Dropped, and nothing landed since: absent from memory already.
+        let mut absent = DirtyBitmap::new(pages);
         let mut postcopy: Option<DirtyBitmap> = None;
         let mut dec = Decompressor::new();
         let mut state = None;
+        let mut urgent = None;
         let mut frame = protocol::Frame {
             kind: Kind::Keepalive,
             payload: Vec::new(),
@@ -430,6 +447,7 @@ impl Receiver {
                     crcs[p.page as usize] = crc32fast::hash(dst);
                     landed.set(p.page);
                     known.set(p.page);
+                    absent.unset(p.page);
                     ahead.landed(p.page);
                     // Sent again after it was declared stale: current now.
                     if let Some(m) = postcopy.as_mut() {
@@ -444,6 +462,7 @@ impl Receiver {
                         if landed.is_set(page) {
                             let at = page as usize * PAGE;
                             memory[at..at + PAGE].fill(0);
+                            absent.unset(page);
                         }
                     }
                     crcs[first as usize..(first + count) as usize].fill(zero_crc);
@@ -461,15 +480,21 @@ impl Receiver {
                     self.send(&Message::RoundAck { round })?
                 }
                 Message::Keepalive => {}
+                Message::Pausing => {
+                    urgent.get_or_insert_with(priority::Urgent::enter);
+                }
                 Message::Postcopy { missing } => {
                     // Pages that landed but changed since are dropped now (the source
                     // sends these while its guest still runs, so the work stays out of
                     // the pause); they come back on demand.
+                    // Pages that never landed are dropped too: the prefault helper
+                    // (stopped for good now) may have populated them.
                     ahead.stop_and_wait();
                     let stale = DirtyBitmap::from_words(pages, &missing);
-                    let mut landed_stale = stale.clone();
-                    landed_stale.and_assign(&known);
-                    postcopy_dst::discard(memory.as_mut_ptr() as usize, &landed_stale)?;
+                    let mut drop = stale.clone();
+                    drop.and_not_assign(&absent);
+                    postcopy_dst::discard(memory.as_mut_ptr() as usize, &drop)?;
+                    absent.or_assign_words(drop.words());
                     postcopy
                         .get_or_insert_with(|| DirtyBitmap::new(pages))
                         .or_assign_words(stale.words());
@@ -495,19 +520,28 @@ impl Receiver {
                     Some(store) => store.write_log(disk, &records)?,
                     None => return Err(IncomingError::Unexpected(Kind::DiskLog)),
                 },
-                Message::DeviceState { blob } => state = Some(blob),
+                // Restored at once, while the pages sent after it are still coming:
+                // restoring writes no guest memory, and it is then out of the pause.
+                Message::DeviceState { blob } => {
+                    let t = Instant::now();
+                    state = Some(restore_state(&blob, cfg, vm, vcpus)?);
+                    tracing::debug!("device state restored in {:?}", t.elapsed());
+                }
                 Message::Complete { .. } => {
                     if let Some(m) = postcopy.as_mut() {
                         // And whatever never came (the prefault helper may have
                         // populated some of it with zeroes).
                         let never = known.complement();
-                        postcopy_dst::discard(memory.as_mut_ptr() as usize, &never)?;
+                        let mut drop = never.clone();
+                        drop.and_not_assign(&absent);
+                        postcopy_dst::discard(memory.as_mut_ptr() as usize, &drop)?;
                         m.or_assign_words(never.words());
                     }
                     return Ok(Received {
                         state: state.ok_or(IncomingError::NoState)?,
                         postcopy,
                         disks,
+                        urgent,
                     });
                 }
                 Message::Abort { reason } => return Err(IncomingError::Aborted(reason)),

@@ -10,6 +10,7 @@ mod priority;
 pub mod protocol;
 pub mod source;
 pub mod storage;
+mod vcpu_pages;
 
 /// Times the steps of the handover (FERRY_LOG=debug shows them).
 pub(crate) struct Lap(std::time::Instant);

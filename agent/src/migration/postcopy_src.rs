@@ -44,6 +44,13 @@ const HOT_PAGES_MAX: u64 = 512;
 const DISCARD_ROUNDS: u32 = 4;
 /// The shortest such round after the first.
 const DISCARD_ROUND_MIN: Duration = Duration::from_millis(25);
+/// Pages the pause sends between flushes.
+const PAUSE_FLUSH_PAGES: usize = 32;
+/// Back-to-back rounds right before the pause, at most.
+const TIGHT_ROUNDS: u32 = 2;
+/// They stop once a round finds this few pages dirty: dropping that many in the pause
+/// takes about 0.2 ms.
+const LATE_PAGES_MAX: u64 = 128;
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
 fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &AtomicBool) {
@@ -257,35 +264,54 @@ impl Sender<'_> {
                     std::thread::sleep(DISCARD_ROUND_MIN.saturating_sub(round_start.elapsed()));
                 }
                 round_start = Instant::now();
-                let mut dirty = DirtyBitmap::new(pages);
-                self.m.dirty.fetch(&mut dirty)?;
-                self.m.dirty.clear(0, pages)?;
-                let fresh = dirty.count();
-                need.or_assign_words(dirty.words());
-                let mut stale = hot.round(&dirty);
-                if let Some(n) = never_sent.take() {
-                    stale.or_assign_words(n.words());
-                }
-                self.send(&Message::Postcopy {
-                    missing: stale.words().to_vec(),
+                let fresh = self.discard_round(&mut need, |dirty| {
+                    let mut stale = hot.round(dirty);
+                    if let Some(n) = never_sent.take() {
+                        stale.or_assign_words(n.words());
+                        stale.and_not_assign(hot.held());
+                    }
+                    stale
                 })?;
-                self.send(&Message::RoundEnd { round: u32::MAX })?;
-                self.w.flush().map_err(ProtocolError::from)?;
-                match self.recv()? {
-                    Message::RoundAck { round: u32::MAX } => {}
-                    Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
-                    _ => return Err(MigrateError::Unexpected("something other than RoundAck")),
-                }
                 if round > 0 && fresh <= HOT_PAGES_MAX {
                     break;
                 }
             }
         }
         self.wait_prepared()?;
+        if !dirty_log_running {
+            // Nothing was sent: all of memory is missing there. Said (and acknowledged)
+            // now, the destination's bookkeeping for it stays out of the pause; the
+            // pages the pause sends are current when they land.
+            self.drop_there(&need)?;
+        }
         // Connecting costs a round trip or two: not in the pause. The destination
         // takes the connection once the handover reaches it.
         let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
+        if dirty_log_running {
+            // What the guest dirtied during the last round is stale too, hundreds of
+            // pages at a high rate, and dropping them in the pause would cost it. Short
+            // rounds right before the pause leave only what the guest dirties in one
+            // round trip; the held pages stay held. Few: each takes CPU time the guest
+            // would rather have (on a shared host, its heartbeats show it).
+            let mut previous = u64::MAX;
+            for _ in 0..TIGHT_ROUNDS {
+                let fresh = self.discard_round(&mut need, |dirty| {
+                    let mut stale = dirty.clone();
+                    stale.and_not_assign(hot.held());
+                    stale
+                })?;
+                if fresh <= LATE_PAGES_MAX || fresh >= previous {
+                    break;
+                }
+                previous = fresh;
+            }
+        }
         self.publish(Phase::Switchover);
+        // Both ends of the handover run first from here (see `priority::Urgent`); the
+        // destination's receiver is told now, while the pause itself takes its time.
+        self.send(&Message::Pausing)?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        let urgent = super::priority::Urgent::enter();
         let t_pause = Instant::now();
         let mut lap = super::Lap::new();
         self.m.pause()?;
@@ -301,35 +327,74 @@ impl Sender<'_> {
             late.or_assign_words(need.words());
         }
         lap.mark("dirty log fetched");
-        // The pages the guest was writing up to the pause are the ones it touches
-        // first after the resume: sent now, they cost microseconds each instead of a
-        // fault each. The rest the destination drops, and fetches on demand.
+        // The device state first: the destination restores it while the pages below
+        // are still on their way, instead of after them.
+        self.m.disks.flush_all()?;
+        let saved = MachineState::save(self.m)?;
+        // What each vCPU touches first when it runs again (its code, stack, page
+        // tables...): if stale there, sent below ahead of everything else, else every
+        // one of them is a fault in a row before the guest does anything.
+        let m = self.m;
+        // SAFETY: the VM is paused: nothing writes its memory.
+        let memory = unsafe { m.memory_slice() };
+        let mut first = Vec::new();
+        for v in &saved.vcpus {
+            for p in super::vcpu_pages::pages(&v.regs, &v.sregs, memory) {
+                if need.is_set(p) && !first.contains(&p) {
+                    first.push(p);
+                }
+            }
+        }
+        let state = saved
+            .encode()
+            .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
+        self.send(&Message::DeviceState { blob: state })?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        lap.mark("device state sent");
+        // Then a few of the pages the guest kept rewriting up to the pause, hottest
+        // first: sent now they cost microseconds each instead of a fault each. The
+        // rest the destination drops, and fetches on demand.
         let budget = if dirty_log_running {
             pause_budget(bandwidth(&self.stats))
         } else {
             0
         };
-        let (send, rest) = pause_split(hot.held(), &late, budget);
+        let (hot_send, mut rest) = pause_split(&hot, &late, budget);
+        for &p in &first {
+            rest.unset(p);
+        }
+        let send: Vec<u64> = first
+            .iter()
+            .copied()
+            .chain(hot_send.into_iter().filter(|p| !first.contains(p)))
+            .collect();
         if !send.is_empty() {
-            self.settings.bandwidth = None;
-            self.send_pages(send.iter().copied())?;
-            lap.mark("pages queued");
+            // Uncapped in the pause (it is downtime), capped again after it.
+            let cap = self.settings.bandwidth.take();
+            // Flushed a few at a time: the destination lands them while the rest are
+            // encoded, instead of all of them afterwards.
+            for chunk in send.chunks(PAUSE_FLUSH_PAGES) {
+                self.send_pages(chunk.iter().copied())?;
+                self.w.flush().map_err(ProtocolError::from)?;
+            }
+            self.settings.bandwidth = cap;
+            lap.mark(&format!(
+                "{} pages queued ({} held, {} dirtied since the last round, budget {budget})",
+                send.len(),
+                hot.held().count(),
+                late.count()
+            ));
             for &p in &send {
                 need.unset(p);
             }
         }
-        if rest.count() > 0 || !dirty_log_running {
+        // Without a pass the destination was told before the pause.
+        if dirty_log_running && rest.count() > 0 {
             self.send(&Message::Postcopy {
                 missing: rest.words().to_vec(),
             })?;
         }
         self.stats.remaining = need.count();
-        self.m.disks.flush_all()?;
-        let state = MachineState::save(self.m)?
-            .encode()
-            .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
-        lap.mark("device state saved");
-        self.send(&Message::DeviceState { blob: state })?;
         self.m.disks.set_locked(false)?;
         self.send(&Message::Complete {
             pages_sent: self.stats.pages_sent,
@@ -337,10 +402,43 @@ impl Sender<'_> {
         self.w.flush().map_err(ProtocolError::from)?;
         lap.mark("complete sent");
         // The bandwidth cap stays: post-copy shares the link with whatever else runs.
-        let figures = self.postcopy(need, fault, switch, (t_pause, lap))?;
+        let figures = self.postcopy(need, fault, switch, (t_pause, lap, urgent))?;
         switch.postcopy = Some(figures);
         self.measure_handover(switch, &last_heartbeats);
         Ok(())
+    }
+
+    /// One round of dropping stale pages on the destination while the guest runs: the
+    /// pages dirtied since the last round join `need`, `pick` chooses which of them
+    /// to drop now, and the round ends when the destination has dropped them. Returns
+    /// how many pages were dirty.
+    fn discard_round(
+        &mut self,
+        need: &mut DirtyBitmap,
+        pick: impl FnOnce(&DirtyBitmap) -> DirtyBitmap,
+    ) -> Result<u64, MigrateError> {
+        let pages = need.pages();
+        let mut dirty = DirtyBitmap::new(pages);
+        self.m.dirty.fetch(&mut dirty)?;
+        self.m.dirty.clear(0, pages)?;
+        need.or_assign_words(dirty.words());
+        self.drop_there(&pick(&dirty))?;
+        Ok(dirty.count())
+    }
+
+    /// Has the destination drop `stale` (or note it missing, where nothing landed)
+    /// and waits until it has.
+    fn drop_there(&mut self, stale: &DirtyBitmap) -> Result<(), MigrateError> {
+        self.send(&Message::Postcopy {
+            missing: stale.words().to_vec(),
+        })?;
+        self.send(&Message::RoundEnd { round: u32::MAX })?;
+        self.w.flush().map_err(ProtocolError::from)?;
+        match self.recv()? {
+            Message::RoundAck { round: u32::MAX } => Ok(()),
+            Message::Abort { reason } => Err(MigrateError::Refused(reason)),
+            _ => Err(MigrateError::Unexpected("something other than RoundAck")),
+        }
     }
 
     /// Sends every page in `need` while answering requests; survives broken links.
@@ -349,7 +447,7 @@ impl Sender<'_> {
         mut need: DirtyBitmap,
         fault: TcpStream,
         switch: &mut Switch,
-        handover: (Instant, super::Lap),
+        handover: (Instant, super::Lap, super::priority::Urgent),
     ) -> Result<PostcopyFigures, MigrateError> {
         // SAFETY: the VM is paused and handed over: nothing writes its memory again.
         let memory = unsafe { self.m.memory_slice() };
@@ -370,7 +468,10 @@ impl Sender<'_> {
                 // The handover first (no recovery before it completes: a failure there is
                 // a pre-copy failure or a handover in doubt); then the push, where
                 // `Missing` after `PostcopyEnd` means push again, same channels.
-                let result = match handover.take().map(|h| self.commit(switch, h)) {
+                let result = match handover
+                    .take()
+                    .map(|(t, lap, _urgent)| self.commit(switch, (t, lap)))
+                {
                     Some(Err(e)) => Err((e, false)),
                     Some(Ok(())) => {
                         shared.hold_push();

@@ -1,6 +1,6 @@
 //! Thread priorities during post-copy, on both sides: the threads that answer faults
 //! go first, the bulk transfer last, so a vCPU waiting for a page waits for nothing
-//! else.
+//! else; and the threads that carry the handover run first while it lasts.
 
 /// Real-time priority of the threads that serve faults: above every ordinary thread,
 /// low among real-time ones.
@@ -55,5 +55,40 @@ impl Drop for Background {
         // SAFETY: restores this thread's nice value (raising it back needs
         // CAP_SYS_NICE; without it the thread stays at the lower priority).
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, self.nice) };
+    }
+}
+
+/// The threads that carry a post-copy handover run at the fault threads' real-time
+/// priority for as long as this lives: every microsecond of the pause is downtime.
+/// Ordinary wakeups over loopback are "sync": the woken reader is queued on the
+/// writer's core, behind a writer that keeps writing, while the other core idles
+/// (measured: up to a millisecond per message). A real-time thread is woken on a core
+/// where it runs at once. Both threads mostly wait on their sockets, so they cannot
+/// hog a core; without CAP_SYS_NICE nothing changes.
+pub(super) struct Urgent {
+    raised: bool,
+}
+
+impl Urgent {
+    pub(super) fn enter() -> Self {
+        let param = libc::sched_param {
+            sched_priority: FAULT_RT_PRIORITY,
+        };
+        // Reset on fork: threads started meanwhile (the destination's vCPUs) must
+        // not inherit the real-time policy.
+        let policy = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
+        // SAFETY: changes the calling thread's scheduling policy only.
+        let raised = unsafe { libc::sched_setscheduler(0, policy, &param) } == 0;
+        Self { raised }
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if self.raised {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: puts the calling thread back to the ordinary policy.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -59,6 +59,7 @@ pub enum Kind {
     Disks = 27,
     DiskData = 28,
     DiskLog = 29,
+    Pausing = 30,
 }
 
 impl Kind {
@@ -94,6 +95,7 @@ impl Kind {
             27 => Disks,
             28 => DiskData,
             29 => DiskLog,
+            30 => Pausing,
             _ => return None,
         })
     }
@@ -247,6 +249,8 @@ pub enum Message {
     /// Destination → source: the VM is built and its memory mapped; a pause from now
     /// on waits for nothing but the transfer.
     Prepared,
+    /// Source → destination, post-copy: the pause begins now, and the handover follows.
+    Pausing,
     /// Source → destination, after the config, when the disks travel with the VM
     /// (`--copy-storage`): each disk's id and size in bytes.
     Disks {
@@ -309,6 +313,7 @@ impl Message {
             Message::Recover { .. } => Kind::Recover,
             Message::Missing { .. } => Kind::Missing,
             Message::Prepared => Kind::Prepared,
+            Message::Pausing => Kind::Pausing,
             Message::Disks { .. } => Kind::Disks,
             Message::DiskData { .. } => Kind::DiskData,
             Message::DiskLog { .. } => Kind::DiskLog,
@@ -351,7 +356,8 @@ impl Message {
             | Message::Resumed
             | Message::Keepalive
             | Message::PostcopyEnd
-            | Message::Prepared => {}
+            | Message::Prepared
+            | Message::Pausing => {}
             Message::Postcopy { missing } | Message::Missing { missing } => {
                 for w in missing {
                     out.extend_from_slice(&w.to_le_bytes());
@@ -469,6 +475,7 @@ impl Message {
             }
             Kind::PostcopyEnd => Message::PostcopyEnd,
             Kind::Prepared => Message::Prepared,
+            Kind::Pausing => Message::Pausing,
             Kind::Disks => {
                 let n = r.u32()?;
                 if n > 64 {
@@ -961,6 +968,7 @@ mod tests {
             Message::PageRequest { page: 99 },
             Message::PostcopyEnd,
             Message::Prepared,
+            Message::Pausing,
             Message::Disks {
                 disks: vec![("root".into(), 1 << 30), ("data".into(), 512)],
             },
