@@ -435,7 +435,12 @@ fn postcopy() -> Result<()> {
     let dir = work_dir("bench-postcopy")?;
     let mut results = serde_json::Map::new();
     for vcpus in [1u32, 2] {
-        for (rate, pass) in [(20_000u64, false), (20_000, true), (100_000, true)] {
+        for (rate, pass) in [
+            (20_000u64, false),
+            (100_000, false),
+            (20_000, true),
+            (100_000, true),
+        ] {
             let how = if pass {
                 "after one pre-copy pass"
             } else {
