@@ -133,7 +133,6 @@ pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), Incoming
     }
 }
 
-/// What the stream delivered up to `Complete`.
 /// Decodes the source's device state and writes it into this VM's vCPUs and VM.
 fn restore_state(
     blob: &[u8],
@@ -148,13 +147,11 @@ fn restore_state(
             want: cfg.vcpus,
         });
     }
-    for (fd, s) in vcpus.iter().zip(&state.vcpus) {
-        s.restore(fd)?;
-    }
-    state.vm.restore(&vm.fd)?;
+    state.restore(&vm.fd, vcpus)?;
     Ok(state)
 }
 
+/// What the stream delivered up to `Complete`.
 struct Received {
     /// Already written into the vCPUs and the VM.
     state: MachineState,

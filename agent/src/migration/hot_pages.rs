@@ -44,8 +44,8 @@ impl HotPages {
     }
 
     /// Takes one round's dirty pages; returns those to drop on the destination now.
-    /// A page written in this round and in the one before (or held since) is held; a
-    /// held page the guest left alone this round has cooled down and is dropped.
+    /// A page written in this round and in the one before is held; a held page the
+    /// guest left alone this round has cooled down and is dropped.
     ///
     /// The first round holds all it finds, so the second drops only what cooled
     /// down in between. Otherwise the hottest pages would be dropped once before
@@ -59,10 +59,9 @@ impl HotPages {
             self.streaks = dirty.iter_set().map(|p| (p, 1)).collect();
             return DirtyBitmap::new(dirty.pages());
         }
-        let mut recent = self.previous.clone();
-        recent.or_assign_words(self.held.words());
+        // Held pages were all written in the previous round (held ⊆ previous).
         let mut hot = dirty.clone();
-        hot.and_assign(&recent);
+        hot.and_assign(&self.previous);
         let mut drop = dirty.clone();
         drop.or_assign_words(self.held.words());
         drop.and_not_assign(&hot);

@@ -13,11 +13,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// on the socket between requests, so they cannot hog a core); without
 /// CAP_SYS_NICE they try a raised nice value, and without that they run as usual.
 pub(super) fn raise_priority() {
-    let param = libc::sched_param {
-        sched_priority: FAULT_RT_PRIORITY,
-    };
-    // SAFETY: changes the calling thread's scheduling policy only.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+    if real_time(libc::SCHED_FIFO) {
         return;
     }
     // SAFETY: changes this thread's nice value only.
@@ -28,6 +24,16 @@ pub(super) fn raise_priority() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Puts the calling thread under `policy` at [`FAULT_RT_PRIORITY`]; false if refused
+/// (no CAP_SYS_NICE).
+fn real_time(policy: libc::c_int) -> bool {
+    let param = libc::sched_param {
+        sched_priority: FAULT_RT_PRIORITY,
+    };
+    // SAFETY: changes the calling thread's scheduling policy only.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
 }
 
 /// The bulk of post-copy (the background push, and receiving it) yields to the guest's
@@ -71,15 +77,11 @@ pub(super) struct Urgent {
 
 impl Urgent {
     pub(super) fn enter() -> Self {
-        let param = libc::sched_param {
-            sched_priority: FAULT_RT_PRIORITY,
-        };
         // Reset on fork: threads started meanwhile (the destination's vCPUs) must
         // not inherit the real-time policy.
-        let policy = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
-        // SAFETY: changes the calling thread's scheduling policy only.
-        let raised = unsafe { libc::sched_setscheduler(0, policy, &param) } == 0;
-        Self { raised }
+        Self {
+            raised: real_time(libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK),
+        }
     }
 }
 

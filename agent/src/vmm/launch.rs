@@ -92,10 +92,7 @@ pub fn restore(dir: &Path, disk_dir: Option<&Path>) -> Result<Machine, LaunchErr
     let (vm, dirty, vcpus) = prepare(&cfg)?;
     let vm_create_ms = ms(t);
     let t = Instant::now();
-    for (fd, state) in vcpus.iter().zip(&snap.state.vcpus) {
-        state.restore(fd)?;
-    }
-    snap.state.vm.restore(&vm.fd)?;
+    snap.state.restore(&vm.fd, &vcpus)?;
     let state_restore_ms = ms(t);
     let t = Instant::now();
     // SAFETY: the mapping is memory_bytes long and no vCPU has run yet, so nothing else

@@ -164,6 +164,18 @@ impl MachineState {
     pub fn encode(&self) -> Result<Vec<u8>, blob::BlobError> {
         blob::encode(BlobKind::MachineState, self)
     }
+
+    /// Writes the state into a fresh VM's vCPUs (one state each, in order) and the VM.
+    pub fn restore(
+        &self,
+        vm: &kvm_ioctls::VmFd,
+        vcpus: &[kvm_ioctls::VcpuFd],
+    ) -> Result<(), StateError> {
+        for (fd, state) in vcpus.iter().zip(&self.vcpus) {
+            state.restore(fd)?;
+        }
+        self.vm.restore(vm)
+    }
 }
 
 /// Pauses the VM, writes a complete snapshot into `out`, and resumes it if it was running.
