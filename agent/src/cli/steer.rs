@@ -63,6 +63,11 @@ pub struct Steering {
     /// First pass: the probes' samples so far (time, pages/s of pages new since
     /// logging began).
     first_pass: Vec<(f64, f64)>,
+    /// The VMM's first-pass windows measured the guest.
+    windows_seen: bool,
+    /// The first pass's estimates of a round's fixed cost so far (sum, count): each
+    /// is one reading of a jittery round trip.
+    overhead_estimates: (f64, u32),
     /// The set the guest dirties within, in pages, once the first pass showed it.
     set_pages: Option<f64>,
     /// This round's highest probe rate from a window that began after the round's
@@ -112,6 +117,21 @@ fn remaining_zero_fraction(sampled: Option<f64>, memory: u64, sent: u64, zero: u
     }
 }
 
+/// A round's fixed cost: as the rounds measured it, or, until one after the first
+/// pass has (the first pass's own is lost in its length), what its parts cost in the
+/// first pass: the link's round trip under load (the closing acknowledgement waits
+/// for it) and a harvest of the dirty log. 0: unknown.
+fn round_overhead_ms(p: &Value) -> f64 {
+    let measured = get(p, "round_overhead_ms").as_f64().unwrap_or(0.0);
+    if get(p, "round").as_u64().unwrap_or(0) >= 2 {
+        return measured;
+    }
+    match get(p, "link_rtt_ms").as_f64() {
+        Some(rtt) => rtt + get(p, "dirty_windows")["rearm_ms"].as_f64().unwrap_or(0.0),
+        None => measured,
+    }
+}
+
 impl Steering {
     pub fn new(policy: Box<dyn Policy>, limits: Limits) -> Self {
         Self {
@@ -122,6 +142,8 @@ impl Steering {
             pass_start_ms: 0.0,
             applied: Settings::default(),
             first_pass: Vec::new(),
+            windows_seen: false,
+            overhead_estimates: (0.0, 0),
             set_pages: None,
             round_peak: 0.0,
             rate: 0.0,
@@ -215,9 +237,21 @@ impl Steering {
                 sent,
                 zero,
             ),
-            round_overhead_ms: get(p, "round_overhead_ms").as_f64().unwrap_or(0.0),
+            round_overhead_ms: self.round_overhead_ms(p),
             codecs,
         }
+    }
+
+    /// A round's fixed cost, the first pass's readings averaged.
+    fn round_overhead_ms(&mut self, p: &Value) -> f64 {
+        let v = round_overhead_ms(p);
+        if get(p, "round").as_u64().unwrap_or(0) >= 2 || v <= 0.0 {
+            return v;
+        }
+        let (sum, n) = &mut self.overhead_estimates;
+        *sum += v;
+        *n += 1;
+        *sum / f64::from(*n)
     }
 
     /// The guest's dirty rate and distinct pages per second, as the engine wants them.
@@ -229,10 +263,28 @@ impl Steering {
     /// bends shows the set it dirties within; from then on the VMM's count per round
     /// is read back through that set to a rate.
     fn dirty_rate(&mut self, p: &Value, sample: Option<&Sample>, round: u32) -> (f64, Option<u64>) {
-        use crate::policy::engine::dirty_set_pages_over;
+        use crate::policy::engine::{dirty_set_pages_over, fit_dirtying};
         use crate::policy::model::dirtied;
         let memory = self.memory_pages as f64;
         let vmm_rate = get(p, "dirty_pages_per_sec").as_f64().unwrap_or(0.0);
+        // The VMM's windows, each from a freshly armed log, see what the probes (whose
+        // windows start anywhere in the pass) cannot: the rate over a short span.
+        let windows = get(p, "dirty_windows");
+        if round == 0
+            && let Some(n) = windows["windows"].as_u64().filter(|&n| n > 0)
+        {
+            let f = |k: &str| windows[k].as_f64().unwrap_or(0.0);
+            let short = (f("window_ms") / 1e3, f("pages_per_window"));
+            let (rate, set) = if n >= 2 {
+                fit_dirtying(short, (f("since_ms") / 1e3, f("distinct_pages")), memory)
+            } else {
+                (short.1 / short.0.max(1e-3), None)
+            };
+            self.set_pages = set;
+            self.rate = rate;
+            self.windows_seen = true;
+            return (rate, set.map(|s| dirtied(rate, s, 1.0) as u64));
+        }
         if round == 0 {
             if let Some(s) = sample
                 && let Some(r) = s.dirty_pages_per_sec
@@ -294,7 +346,7 @@ impl Steering {
         // The first prediction worth keeping has the guest measured and the link past
         // the burst that fills the socket buffers; a migration over sooner keeps its
         // last one.
-        let measured = !self.first_pass.is_empty() || obs.round > 0;
+        let measured = !self.first_pass.is_empty() || self.windows_seen || obs.round > 0;
         if obs.link_bytes_per_sec.is_some() && measured {
             if self.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
                 self.first_prediction = Some((obs.t_ms, d.prediction));
@@ -370,6 +422,19 @@ impl Steering {
 #[cfg(test)]
 mod tests {
     use super::remaining_zero_fraction;
+
+    #[test]
+    fn a_rounds_cost_is_measured_or_built_from_the_first_pass() {
+        use serde_json::json;
+        let first = json!({"round": 0, "round_overhead_ms": 0.0, "link_rtt_ms": 2.5,
+                           "dirty_windows": {"rearm_ms": 1.0}});
+        assert_eq!(super::round_overhead_ms(&first), 3.5);
+        let after_pass = json!({"round": 1, "round_overhead_ms": 0.03, "link_rtt_ms": 2.5});
+        assert_eq!(super::round_overhead_ms(&after_pass), 2.5);
+        let measured = json!({"round": 2, "round_overhead_ms": 6.0, "link_rtt_ms": 2.5});
+        assert_eq!(super::round_overhead_ms(&measured), 6.0);
+        assert_eq!(super::round_overhead_ms(&json!({"round": 0})), 0.0);
+    }
 
     #[test]
     fn zero_pages_still_ahead_come_from_the_sample_less_those_met() {

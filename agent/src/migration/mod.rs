@@ -2,8 +2,10 @@
 
 pub mod codec;
 pub mod destination;
+pub mod dirty_windows;
 pub mod disk_stream;
 pub(crate) mod hot_pages;
+mod link;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 mod priority;

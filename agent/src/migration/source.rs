@@ -27,7 +27,7 @@ use crate::vmm::snapshot::{MachineState, is_zero};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch frame.
-const BATCH: usize = 256;
+pub(crate) const BATCH: usize = 256;
 /// Batches sent with one set of settings (32 MiB at most).
 const GROUP_BATCHES: usize = 32;
 
@@ -239,6 +239,11 @@ pub struct Progress {
     /// Post-copy: pages the destination still lacks, and link recoveries so far.
     pub postcopy_pages_left: Option<u64>,
     pub recoveries: u32,
+    /// The link's round trip as TCP measures it, queues included; None before data
+    /// went.
+    pub link_rtt_ms: Option<f64>,
+    /// The first pass's short-window dirty rates (see `dirty_windows`).
+    pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
     pub report: Option<Report>,
 }
 
@@ -337,6 +342,9 @@ pub(super) struct Stats {
     /// acknowledgement's round trip, the dirty log's harvest. The guest dirties on
     /// meanwhile, so this bounds how small rounds can get.
     pub(super) round_overhead: Duration,
+    /// What the kernel says of the connection (see `link::measure`); None until it
+    /// has carried something.
+    pub(super) tcp: Option<super::link::Measured>,
 }
 
 pub(super) struct Sender<'a> {
@@ -385,6 +393,8 @@ impl Progress {
             sampled_zero_fraction: None,
             postcopy_pages_left: None,
             recoveries: 0,
+            link_rtt_ms: None,
+            dirty_windows: None,
             report: None,
         }
     }
@@ -488,6 +498,7 @@ fn new_stats(t0: Instant) -> Stats {
         round_overhead: Duration::ZERO,
         remaining: 0,
         disk_bytes: 0,
+        tcp: None,
     }
 }
 
@@ -557,6 +568,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.dirty_pages_last_round = s.dirty_last;
     p.dirty_pages_per_sec = s.dirty_rate;
     p.round_overhead_ms = s.round_overhead.as_secs_f64() * 1e3;
+    p.link_rtt_ms = s.tcp.map(|t| t.rtt_ms);
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -565,16 +577,19 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
 }
 
 /// Throughput of the stream end to end: bytes of acknowledged rounds over their wall
-/// time (before the first acknowledgement, what the socket took so far).
+/// time; before the first acknowledgement, what the kernel says the connection
+/// delivered while busy, or else what the socket took so far.
 pub(super) fn bandwidth(s: &Stats) -> f64 {
-    link_rate(s).unwrap_or_else(|| {
-        let t = s.send_time.as_secs_f64();
-        if t > 0.0 {
-            s.bytes_on_wire as f64 / t
-        } else {
-            0.0
-        }
-    })
+    link_rate(s)
+        .or(s.tcp.map(|t| t.delivery_rate))
+        .unwrap_or_else(|| {
+            let t = s.send_time.as_secs_f64();
+            if t > 0.0 {
+                s.bytes_on_wire as f64 / t
+            } else {
+                0.0
+            }
+        })
 }
 
 /// What the link carries, once acknowledged rounds have measured it: bytes of those
@@ -852,6 +867,9 @@ impl Sender<'_> {
 
     pub(super) fn publish(&mut self, phase: Phase) {
         self.last_publish = Instant::now();
+        if let Some(m) = super::link::measure(self.w.get_ref()) {
+            self.stats.tcp = Some(m);
+        }
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;
@@ -1024,7 +1042,8 @@ impl Sender<'_> {
         if self.params.copy_storage {
             self.disks_start()?;
         }
-        self.send_pages(0..pages)?;
+        let m = self.m;
+        super::dirty_windows::during(m, || self.send_pages(0..pages))?;
         self.end_round(0, round_start)?;
         if self.params.mode == Mode::Postcopy {
             // One pass done: what the guest dirtied since comes on demand.
@@ -1099,7 +1118,9 @@ impl Sender<'_> {
         self.wait_prepared()?;
         self.publish(Phase::Switchover);
         let t_pause = Instant::now();
+        let mut lap = super::Lap::new();
         self.m.pause()?;
+        lap.mark("paused");
         // The guest is stopped now: the last pages go at full speed (as QEMU lifts
         // its rate limit for the completion stage).
         self.settings.bandwidth = None;
@@ -1111,12 +1132,15 @@ impl Sender<'_> {
         self.m.dirty.fetch(&mut dirty)?;
         self.stats.remaining = dirty.count();
         self.send_pages(dirty.iter_set())?;
+        lap.mark(&format!("{} pages sent", self.stats.remaining));
         if self.params.copy_storage {
             // Paused: no guest I/O; the last written blocks complete the copies.
             self.disks_round(true)?;
+            lap.mark("last disk blocks sent");
             self.disks_logs()?;
         }
         self.m.disks.flush_all()?;
+        lap.mark("disks flushed");
         let state = MachineState::save(self.m)?
             .encode()
             .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
@@ -1129,7 +1153,8 @@ impl Sender<'_> {
             pages_sent: self.stats.pages_sent,
         })?;
         self.w.flush().map_err(ProtocolError::from)?;
-        self.commit(switch, (t_pause, super::Lap::new()))?;
+        lap.mark("device state and complete sent");
+        self.commit(switch, (t_pause, lap))?;
         self.measure_handover(switch, &last_heartbeats);
         Ok(())
     }

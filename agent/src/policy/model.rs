@@ -12,6 +12,15 @@ pub const ROUND_OVERHEAD_PRIOR_MS: f64 = 3.0;
 /// Rounds pre-copy makes at most (the VMM's own limit).
 pub const MAX_ROUNDS: u32 = 30;
 
+/// A round's start waits for its first batch of pages to be compressed before the
+/// link carries anything (the workers then keep ahead of it): seconds.
+pub fn pipeline_fill_s(c: &CodecPerf) -> f64 {
+    if c.codec == Codec::None || c.compress_bytes_per_sec <= 0.0 {
+        return 0.0;
+    }
+    crate::migration::source::BATCH as f64 * PAGE / c.compress_bytes_per_sec
+}
+
 /// Page bytes per second a codec moves: the link carries `ratio` times more, but no
 /// faster than the CPU budget compresses.
 pub fn throughput(link_bytes_per_sec: f64, c: &CodecPerf, cores: f64) -> f64 {
@@ -38,6 +47,9 @@ pub fn dirtied(rate: f64, set: f64, secs: f64) -> f64 {
 pub struct Stream {
     pub bytes_per_sec: f64,
     pub round_overhead_s: f64,
+    /// The pause's pages wait for their first batch's compression too
+    /// ([`pipeline_fill_s`]).
+    pub pause_fill_s: f64,
 }
 
 /// Pre-copy from now: `remaining` page bytes left in a pass that has run for
@@ -68,9 +80,10 @@ pub fn precopy(
         // still halves and is not yet tiny (see `migration::source::converged`).
         let halving = next * 2.0 <= r;
         if down <= limit_s && (!halving || down <= limit_s / 10.0) {
+            let pause = down + stream.pause_fill_s;
             return Prediction {
-                total_ms: (total + down) * 1e3 + SWITCH_MS,
-                downtime_ms: down * 1e3 + SWITCH_MS,
+                total_ms: (total + pause) * 1e3 + SWITCH_MS,
+                downtime_ms: pause * 1e3 + SWITCH_MS,
                 converges: true,
             };
         }
@@ -85,7 +98,7 @@ pub fn precopy(
     let steady = dirtied(dirty, set, r / t).max(r.min(set));
     Prediction {
         total_ms: f64::INFINITY,
-        downtime_ms: steady / t * 1e3 + SWITCH_MS,
+        downtime_ms: (steady / t + stream.pause_fill_s) * 1e3 + SWITCH_MS,
         converges: false,
     }
 }
@@ -140,6 +153,14 @@ mod tests {
     }
 
     #[test]
+    fn a_codec_delays_each_rounds_start_by_one_batch() {
+        assert_eq!(pipeline_fill_s(&perf(Codec::None, 1.0, 0.0)), 0.0);
+        // 1 MiB at 250 MB/s.
+        let lz4 = pipeline_fill_s(&perf(Codec::Lz4, 1.7, 250e6));
+        assert!((lz4 - 0.0042).abs() < 1e-4, "{lz4}");
+    }
+
+    #[test]
     fn dirtying_saturates_at_the_set() {
         assert!((dirtied(1e6, 1e9, 1.0) - 1e6).abs() < 1e3);
         assert!(dirtied(1e9, 1e6, 10.0) <= 1e6);
@@ -152,6 +173,7 @@ mod tests {
         let link = Stream {
             bytes_per_sec: 100e6,
             round_overhead_s: 0.0,
+            pause_fill_s: 0.0,
         };
         let p = precopy(gib, 0.0, 20e6, gib, link, 0.3);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
@@ -169,6 +191,7 @@ mod tests {
         let free = Stream {
             bytes_per_sec: 200e6,
             round_overhead_s: 0.0,
+            pause_fill_s: 0.0,
         };
         let costly = Stream {
             round_overhead_s: 0.05,

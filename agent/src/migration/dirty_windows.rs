@@ -1,0 +1,97 @@
+//! The guest's dirty rate over short windows, measured while the first pass runs.
+//!
+//! The dirty log shows pages new since its last harvest, and the first pass harvests
+//! only at its end: a guest that keeps rewriting a hot set looks slower the longer the
+//! pass runs, and its rate seen late in the pass says little about the short rounds at
+//! the end of pre-copy, which set the downtime. So for the pass's first second the log
+//! is re-armed every [`WINDOW`]: each window shows what the guest dirties in that long
+//! (a round that long), and the windows together what it dirties over longer. Re-armed
+//! pages stay owed (see [`crate::vmm::dirty::DirtyLog::rearm`]), so nothing changes in
+//! what is sent. The cost: the guest takes one more write fault per page it rewrites,
+//! per window, for that second.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::vmm::dirty::{DirtyBitmap, DirtyError};
+use crate::vmm::machine::Machine;
+
+pub const WINDOW: Duration = Duration::from_millis(250);
+/// Windows per first pass at most: enough for the policy's first prediction (made
+/// once a second has passed), few enough that the extra faults stay a blip.
+pub const WINDOWS: u32 = 4;
+
+/// What the windows showed so far (in a migration's progress).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DirtyWindows {
+    pub windows: u32,
+    /// Their mean length, and the pages dirtied in one on average.
+    pub window_ms: f64,
+    pub pages_per_window: f64,
+    /// From logging's start to the last window's end, and the distinct pages dirtied
+    /// meanwhile.
+    pub since_ms: f64,
+    pub distinct_pages: u64,
+    /// What re-arming the log took on average: a round's harvest costs about as much.
+    pub rearm_ms: f64,
+}
+
+/// Runs `pass` (the first pass) while a thread measures windows into the migration's
+/// progress; a dirty log that failed to re-arm fails the pass (the log can no longer
+/// be trusted to know what is owed).
+pub(super) fn during<T, E: From<DirtyError>>(
+    m: &Machine,
+    pass: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let (stop, stopped) = channel::<()>();
+    std::thread::scope(|s| {
+        let sampler = std::thread::Builder::new()
+            .name("dirty-windows".into())
+            .spawn_scoped(s, || sample(m, stopped));
+        let result = pass();
+        drop(stop);
+        let sampled = match sampler {
+            Ok(h) => h.join().unwrap_or(Ok(())),
+            // No thread, no windows: the policy falls back on other signals.
+            Err(_) => Ok(()),
+        };
+        let value = result?;
+        sampled?;
+        Ok(value)
+    })
+}
+
+fn sample(m: &Machine, stop: Receiver<()>) -> Result<(), DirtyError> {
+    let pages = m.vm.layout.memory_bytes / crate::guest::abi::PAGE_SIZE;
+    let mut window = DirtyBitmap::new(pages);
+    let mut all = DirtyBitmap::new(pages);
+    let start = Instant::now();
+    let mut w = DirtyWindows::default();
+    let mut dirtied = 0u64;
+    let mut rearm = std::time::Duration::ZERO;
+    while w.windows < WINDOWS {
+        match stop.recv_timeout(WINDOW) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => break,
+        }
+        let t = Instant::now();
+        let n = m.dirty.rearm(&mut window)?;
+        let now = Instant::now();
+        rearm += now - t;
+        w.windows += 1;
+        dirtied += n;
+        w.pages_per_window = dirtied as f64 / f64::from(w.windows);
+        w.since_ms = (now - start).as_secs_f64() * 1e3;
+        w.window_ms = w.since_ms / f64::from(w.windows);
+        all.or_assign_words(window.words());
+        w.distinct_pages = all.count();
+        w.rearm_ms = rearm.as_secs_f64() * 1e3 / f64::from(w.windows);
+        let mut guard = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = guard.as_mut() {
+            p.dirty_windows = Some(w.clone());
+        }
+    }
+    Ok(())
+}

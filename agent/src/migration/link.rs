@@ -1,0 +1,81 @@
+//! What the kernel's TCP knows about the migration link.
+//!
+//! Bytes written over the time spent writing overstates the link while the sender is
+//! at times busy elsewhere (compressing, harvesting): the socket drains meanwhile and
+//! the next writes find room. The kernel counts what the peer acknowledged and how
+//! long the connection had data in flight; their ratio is what the link (or the peer)
+//! carries while it is kept busy, whoever else is slow.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+/// What the kernel measured on a connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    /// Bytes the peer acknowledged over seconds the connection had data in flight,
+    /// since it opened.
+    pub delivery_rate: f64,
+    /// Smoothed round trip of data to its acknowledgement, queues on the way
+    /// included: what a round's closing acknowledgement waits for beyond its bytes.
+    pub rtt_ms: f64,
+}
+
+/// None where the kernel does not report busy time (before Linux 4.10) or nothing was
+/// in flight yet.
+pub fn measure(stream: &TcpStream) -> Option<Measured> {
+    // SAFETY: tcp_info is plain old data; zeroes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    let busy_end = std::mem::offset_of!(libc::tcp_info, tcpi_busy_time) + 8;
+    if rc != 0 || (len as usize) < busy_end || info.tcpi_busy_time == 0 {
+        return None;
+    }
+    Some(Measured {
+        delivery_rate: info.tcpi_bytes_acked as f64 / (info.tcpi_busy_time as f64 / 1e6),
+        rtt_ms: f64::from(info.tcpi_rtt) / 1e3,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_busy_connection_reports_what_it_delivered() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        });
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(super::measure(&s), None, "nothing sent yet");
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..64 {
+            s.write_all(&chunk).unwrap();
+        }
+        let m = super::measure(&s).expect("the kernel reports TCP_INFO busy time");
+        assert!(m.delivery_rate > 1e6, "{m:?} over loopback");
+        assert!(m.rtt_ms > 0.0 && m.rtt_ms < 1000.0, "{m:?} over loopback");
+        drop(s);
+        assert_eq!(reader.join().unwrap(), 64 << 20);
+    }
+}
