@@ -47,6 +47,7 @@ pub fn run(
         zero_fraction: codecs["zero_fraction"].as_f64().unwrap_or(0.0),
         round_overhead_ms: 0.0,
         codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
+        disk_dirty_bytes_per_sec: None,
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

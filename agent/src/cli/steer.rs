@@ -184,6 +184,7 @@ impl Steering {
             zero_fraction: 0.0,
             round_overhead_ms: 0.0,
             codecs: Vec::new(),
+            disk_dirty_bytes_per_sec: None,
         };
         let d = self.policy.decide(&obs, &self.limits);
         self.applied = d.settings.clone();
@@ -239,6 +240,7 @@ impl Steering {
             ),
             round_overhead_ms: self.round_overhead_ms(p),
             codecs,
+            disk_dirty_bytes_per_sec: get(p, "disk_dirty_bytes_per_sec").as_f64(),
         }
     }
 

@@ -46,7 +46,20 @@ impl Sender<'_> {
             }
             todo.push(set);
         }
+        self.stats.disk_round_at = Some(std::time::Instant::now());
         self.disks_send(todo)
+    }
+
+    /// The guest's disk dirty rate from what it dirtied since the dirty sets were
+    /// last taken (once that is long enough to say).
+    pub(super) fn measure_disk_dirtying(&mut self) {
+        let Some(at) = self.stats.disk_round_at else {
+            return;
+        };
+        let secs = at.elapsed().as_secs_f64();
+        if secs >= 0.1 {
+            self.stats.disk_dirty_rate = Some(self.disks_dirty_bytes() as f64 / secs);
+        }
     }
 
     /// Blocks written since they were last sent, summed over the disks.
@@ -77,6 +90,8 @@ impl Sender<'_> {
             }
             todo.push(set);
         }
+        self.measure_disk_dirtying();
+        self.stats.disk_round_at = Some(std::time::Instant::now());
         self.disks_send(todo)
     }
 
@@ -209,6 +224,10 @@ pub struct DiskStore {
     decompressor: Decompressor,
     /// Bytes written since writeback was last started.
     unsynced: u64,
+    /// The config naming the copies, written and synced under a temporary name at
+    /// the start, so the pause only renames it (None: staging failed; written whole
+    /// at the end).
+    staged: Option<(PathBuf, VmConfig)>,
 }
 
 /// Writeback starts every this many bytes, so the sync at the switchover (when the
@@ -249,6 +268,7 @@ impl DiskStore {
             buf: Aligned::new(),
             decompressor: Decompressor::new(),
             unsynced: 0,
+            staged: None,
         };
         for c in &cfg.disks {
             let path = store.folder.join(format!("{}-{}.img", cfg.name, c.id));
@@ -262,7 +282,34 @@ impl DiskStore {
                 .map_err(io("sizing", &path))?;
             store.disks.push((path, file, c.size_mib << 20));
         }
+        let final_cfg = store.final_config(cfg);
+        let staged = store.folder.join(format!(".{}.toml.staged", cfg.name));
+        let written = (|| {
+            use std::io::Write;
+            let mut f = File::create(&staged)?;
+            f.write_all(final_cfg.to_toml().as_bytes())?;
+            f.sync_all()
+        })();
+        match written {
+            Ok(()) => store.staged = Some((staged, final_cfg)),
+            Err(e) => {
+                tracing::warn!(
+                    "staging {}: {e}; it is written at the end",
+                    staged.display()
+                );
+                let _ = std::fs::remove_file(&staged);
+            }
+        }
         Ok(store)
+    }
+
+    /// `cfg` naming the copies.
+    fn final_config(&self, cfg: &VmConfig) -> VmConfig {
+        let mut cfg = cfg.clone();
+        for ((path, _, _), c) in self.disks.iter().zip(cfg.disks.iter_mut()) {
+            c.path = path.clone();
+        }
+        cfg
     }
 
     /// Writes `len` bytes at `offset` of a disk, decoded from `data` as `encoding`
@@ -330,22 +377,30 @@ impl DiskStore {
     /// Syncs the images and writes `DATASTORE/<name>/<name>.toml` naming them; returns
     /// the config the VM now runs with.
     pub fn finish(mut self, cfg: &VmConfig) -> Result<VmConfig, DiskStoreError> {
-        let mut cfg = cfg.clone();
-        for ((path, file, _), c) in self.disks.iter().zip(cfg.disks.iter_mut()) {
+        for (path, file, _) in &self.disks {
             file.sync_all().map_err(|source| DiskStoreError::Io {
                 what: "syncing",
                 path: path.clone(),
                 source,
             })?;
-            c.path = path.clone();
         }
+        let cfg = self.final_config(cfg);
         let config = self.folder.join(format!("{}.toml", cfg.name));
-        cfg.write_atomic(&config)
-            .map_err(|source| DiskStoreError::Io {
-                what: "writing",
-                path: config.clone(),
-                source,
-            })?;
+        let io = |source| DiskStoreError::Io {
+            what: "writing",
+            path: config.clone(),
+            source,
+        };
+        match self.staged.take() {
+            // Only now, with the copies synced, may a config name them.
+            Some((staged, same)) if same == cfg => {
+                std::fs::rename(&staged, &config).map_err(io)?;
+                File::open(&self.folder)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
+            _ => cfg.write_atomic(&config).map_err(io)?,
+        }
         self.kept = true;
         Ok(cfg)
     }

@@ -242,6 +242,9 @@ pub struct Progress {
     /// The link's round trip as TCP measures it, queues included; None before data
     /// went.
     pub link_rtt_ms: Option<f64>,
+    /// `--copy-storage`: disk bytes the guest dirties per second (None: no disks
+    /// travel, or not measured yet).
+    pub disk_dirty_bytes_per_sec: Option<f64>,
     /// The first pass's short-window dirty rates (see `dirty_windows`).
     pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
     pub report: Option<Report>,
@@ -345,6 +348,10 @@ pub(super) struct Stats {
     /// What the kernel says of the connection (see `link::measure`); None until it
     /// has carried something.
     pub(super) tcp: Option<super::link::Measured>,
+    /// `--copy-storage`: when the disks' dirty sets were last taken, and the rate the
+    /// guest dirtied disk bytes at, from what it dirtied since then.
+    pub(super) disk_round_at: Option<Instant>,
+    pub(super) disk_dirty_rate: Option<f64>,
 }
 
 pub(super) struct Sender<'a> {
@@ -394,6 +401,7 @@ impl Progress {
             postcopy_pages_left: None,
             recoveries: 0,
             link_rtt_ms: None,
+            disk_dirty_bytes_per_sec: None,
             dirty_windows: None,
             report: None,
         }
@@ -499,6 +507,8 @@ fn new_stats(t0: Instant) -> Stats {
         remaining: 0,
         disk_bytes: 0,
         tcp: None,
+        disk_round_at: None,
+        disk_dirty_rate: None,
     }
 }
 
@@ -569,6 +579,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.dirty_pages_per_sec = s.dirty_rate;
     p.round_overhead_ms = s.round_overhead.as_secs_f64() * 1e3;
     p.link_rtt_ms = s.tcp.map(|t| t.rtt_ms);
+    p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -870,6 +881,7 @@ impl Sender<'_> {
         if let Some(m) = super::link::measure(self.w.get_ref()) {
             self.stats.tcp = Some(m);
         }
+        self.measure_disk_dirtying();
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;
@@ -1088,8 +1100,11 @@ impl Sender<'_> {
             let limit = self.settings.max_downtime_ms as f64;
             if converged(predicted_ms, limit, count, previous, self.stats.round) {
                 // What the guest wrote through the page cache goes out now, while it
-                // runs, not in the flush after the pause.
-                self.m.disks.flush_all()?;
+                // runs, not in the flush after the pause (disks that travel need none:
+                // see `switchover`).
+                if !self.params.copy_storage {
+                    self.m.disks.flush_all()?;
+                }
                 return self.switchover(dirty, switch);
             }
             previous = count;
@@ -1139,8 +1154,14 @@ impl Sender<'_> {
             lap.mark("last disk blocks sent");
             self.disks_logs()?;
         }
-        self.m.disks.flush_all()?;
-        lap.mark("disks flushed");
+        // Shared storage: the destination reads these images next. Disks that travel
+        // need no flush here: from the handover the destination's copies (which it
+        // syncs before it resumes) are the disks, and a failed migration runs on here
+        // through the same page cache.
+        if !self.params.copy_storage {
+            self.m.disks.flush_all()?;
+            lap.mark("disks flushed");
+        }
         let state = MachineState::save(self.m)?
             .encode()
             .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;

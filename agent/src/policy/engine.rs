@@ -345,6 +345,7 @@ impl Policy for Adaptive {
                     bytes_per_sec: tput,
                     round_overhead_s,
                     pause_fill_s: fill_s,
+                    disk_bytes_per_sec: obs.disk_dirty_bytes_per_sec,
                 },
                 limit_s,
             )

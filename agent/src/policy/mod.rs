@@ -198,6 +198,9 @@ pub struct Observation {
     /// the dirty log), milliseconds; 0 before one was measured.
     pub round_overhead_ms: f64,
     pub codecs: Vec<CodecPerf>,
+    /// Disks travelling with the memory (`--copy-storage`): bytes of them the guest
+    /// dirties per second. None: the disks stay where they are.
+    pub disk_dirty_bytes_per_sec: Option<f64>,
 }
 
 /// What the settings in force are.

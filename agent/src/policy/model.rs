@@ -9,6 +9,12 @@ pub const SWITCH_MS: f64 = 3.0;
 /// until the migration has measured its own: 1–5 ms measured on loopback and over a
 /// 1 Gbit/s shaped link. It sets how small rounds get, hence the downtime.
 pub const ROUND_OVERHEAD_PRIOR_MS: f64 = 3.0;
+/// Disks that travel: before it resumes, the destination writes out the last disk
+/// blocks, syncs its copies and puts the config naming them in place. From the
+/// source's last byte to the destination's `Ready`, 5–19 ms measured on loopback
+/// (ext4 on a virtio disk, the guest writing 64 MB/s), against under 1 ms without
+/// disks.
+pub const DISK_SYNC_MS: f64 = 12.0;
 /// Rounds pre-copy makes at most (the VMM's own limit).
 pub const MAX_ROUNDS: u32 = 30;
 
@@ -50,6 +56,9 @@ pub struct Stream {
     /// The pause's pages wait for their first batch's compression too
     /// ([`pipeline_fill_s`]).
     pub pause_fill_s: f64,
+    /// Disks that travel: disk bytes the guest dirties per second, which each round
+    /// (and the pause) sends beside the pages. None: no disks travel.
+    pub disk_bytes_per_sec: Option<f64>,
 }
 
 /// Pre-copy from now: `remaining` page bytes left in a pass that has run for
@@ -73,14 +82,15 @@ pub fn precopy(
     for _ in 0..MAX_ROUNDS {
         let dt = r / t + stream.round_overhead_s;
         total += dt;
-        let next = dirtied(dirty, set, since + dt);
+        let next = dirtied(dirty, set, since + dt)
+            + stream.disk_bytes_per_sec.unwrap_or(0.0) * (since + dt);
         since = 0.0;
         let down = next / t;
         // The VMM's own rule: once the rest fits, one more round while the dirty set
         // still halves and is not yet tiny (see `migration::source::converged`).
         let halving = next * 2.0 <= r;
         if down <= limit_s && (!halving || down <= limit_s / 10.0) {
-            let pause = down + stream.pause_fill_s;
+            let pause = down + stream.pause_fill_s + disk_sync_s(&stream);
             return Prediction {
                 total_ms: (total + pause) * 1e3 + SWITCH_MS,
                 downtime_ms: pause * 1e3 + SWITCH_MS,
@@ -98,8 +108,16 @@ pub fn precopy(
     let steady = dirtied(dirty, set, r / t).max(r.min(set));
     Prediction {
         total_ms: f64::INFINITY,
-        downtime_ms: (steady / t + stream.pause_fill_s) * 1e3 + SWITCH_MS,
+        downtime_ms: (steady / t + stream.pause_fill_s + disk_sync_s(&stream)) * 1e3 + SWITCH_MS,
         converges: false,
+    }
+}
+
+fn disk_sync_s(stream: &Stream) -> f64 {
+    if stream.disk_bytes_per_sec.is_some() {
+        DISK_SYNC_MS / 1e3
+    } else {
+        0.0
     }
 }
 
@@ -174,6 +192,7 @@ mod tests {
             bytes_per_sec: 100e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
+            disk_bytes_per_sec: None,
         };
         let p = precopy(gib, 0.0, 20e6, gib, link, 0.3);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
@@ -192,6 +211,7 @@ mod tests {
             bytes_per_sec: 200e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
+            disk_bytes_per_sec: None,
         };
         let costly = Stream {
             round_overhead_s: 0.05,
@@ -203,6 +223,29 @@ mod tests {
         let b = precopy(gib / 4.0, 0.0, 80e6, 40e6, costly, 0.05);
         assert!(a.converges && b.converges, "{a:?} {b:?}");
         assert!(b.downtime_ms > a.downtime_ms + 10.0, "{a:?} {b:?}");
+        assert!(b.total_ms > a.total_ms, "{a:?} {b:?}");
+    }
+
+    #[test]
+    fn travelling_disks_add_their_writes_to_rounds_and_their_sync_to_the_pause() {
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        let memory_only = Stream {
+            bytes_per_sec: 500e6,
+            round_overhead_s: 0.002,
+            pause_fill_s: 0.0,
+            disk_bytes_per_sec: None,
+        };
+        let with_disks = Stream {
+            disk_bytes_per_sec: Some(64e6),
+            ..memory_only
+        };
+        let a = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, memory_only, 0.1);
+        let b = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, with_disks, 0.1);
+        assert!(a.converges && b.converges, "{a:?} {b:?}");
+        assert!(
+            b.downtime_ms > a.downtime_ms && b.downtime_ms >= DISK_SYNC_MS + SWITCH_MS,
+            "{a:?} {b:?}"
+        );
         assert!(b.total_ms > a.total_ms, "{a:?} {b:?}");
     }
 

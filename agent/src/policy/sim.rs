@@ -166,6 +166,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 zero_fraction: first_zero,
                 round_overhead_ms: 0.0,
                 codecs: s.codecs.clone(),
+                disk_dirty_bytes_per_sec: None,
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
@@ -539,6 +540,7 @@ mod tests {
             zero_fraction: 0.0,
             round_overhead_ms: 0.0,
             codecs: codecs(true),
+            disk_dirty_bytes_per_sec: None,
         };
         let d = a.decide(&obs, &limits);
         assert_eq!(d.settings.codec, Codec::Lz4);
