@@ -374,6 +374,13 @@ impl Steering {
         if s.throttle_pct != self.applied.throttle_pct {
             changed.push(("throttle_pct", "throttle_pct", json!(s.throttle_pct)));
         }
+        if s.disk_write_limit_mbps != self.applied.disk_write_limit_mbps {
+            changed.push((
+                "disk_write_limit_mbps",
+                "disk_write_limit_mbps",
+                json!(s.disk_write_limit_mbps.unwrap_or(0.0)),
+            ));
+        }
         if !changed.is_empty() {
             let mut req = json!({"cmd": "set-params"});
             let mut reasons = serde_json::Map::new();
@@ -394,6 +401,7 @@ impl Steering {
                 self.applied.codec = s.codec;
                 self.applied.throttle_pct = s.throttle_pct;
                 self.applied.bandwidth_mbit = s.bandwidth_mbit;
+                self.applied.disk_write_limit_mbps = s.disk_write_limit_mbps;
             }
         }
         if s.postcopy && !self.applied.postcopy {

@@ -13,7 +13,7 @@ use super::codec::{Codec, Decompressor, Stored};
 use super::protocol::{DISK_ZERO, Message};
 use super::source::{MigrateError, Sender};
 use super::storage::{Aligned, RUN_BLOCKS, data_blocks, pieces, steps, write_zeroes_at};
-use crate::vmm::block::{COPY_BLOCK, CopyJob, log_path};
+use crate::vmm::block::{COPY_BLOCK, CopyJob, WriteThrottle, log_path};
 use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
 
@@ -35,7 +35,7 @@ impl Sender<'_> {
                 dirty: DirtyBitmap::new(blocks),
                 active: false,
                 added_us: Vec::new(),
-                throttle: None,
+                throttle: self.settings.disk_write_limit.map(WriteThrottle::new),
             });
             let file = d
                 .reopen_read()

@@ -102,6 +102,9 @@ pub struct Settings {
     /// Share of each vCPU's time taken away (0-99), as QEMU's auto-converge does.
     pub throttle_pct: u32,
     pub max_downtime_ms: u64,
+    /// Disks that travel: a cap on the guest's disk writes, bytes per second (None:
+    /// none), so the disks' rounds shrink when its writes would outrun the link.
+    pub disk_write_limit: Option<u64>,
 }
 
 /// The settings in force and every change to them, shared between the migration
@@ -131,7 +134,7 @@ impl Live {
         live
     }
 
-    fn describe(&self, s: &Settings) -> [(&'static str, String); 4] {
+    fn describe(&self, s: &Settings) -> [(&'static str, String); 5] {
         [
             ("codec", s.codec.to_string()),
             (
@@ -142,6 +145,12 @@ impl Live {
             ),
             ("throttle_pct", s.throttle_pct.to_string()),
             ("max_downtime_ms", s.max_downtime_ms.to_string()),
+            (
+                "disk_write_limit_mbps",
+                s.disk_write_limit
+                    .map(|b| format!("{:.1}", b as f64 / 1e6))
+                    .unwrap_or_else(|| "unlimited".into()),
+            ),
         ]
     }
 
@@ -539,6 +548,7 @@ pub fn set_params(
     bandwidth: Option<Option<u64>>,
     throttle_pct: Option<u32>,
     max_downtime_ms: Option<u64>,
+    disk_write_limit: Option<Option<u64>>,
     reasons: &Reasons,
 ) -> Result<Settings, String> {
     let mut live = lock(&m.live);
@@ -561,6 +571,11 @@ pub fn set_params(
             return Err("max_downtime_ms must be at least 1".into());
         }
         s.max_downtime_ms = d;
+    }
+    if let Some(l) = disk_write_limit {
+        s.disk_write_limit = l;
+        // Only disks being copied (`--copy-storage`) have a job to hold the cap.
+        m.disks.limit_writes(l);
     }
     live.change(s, reasons, "set by the operator (set-params)");
     m.set_throttle(s.throttle_pct);

@@ -23,6 +23,9 @@ const THROTTLE_COMFORT: u32 = 50;
 /// A lower throttle must be enough this long before the throttle drops: a guest that
 /// slows for a moment is not a guest that slowed.
 const LOWER_AFTER_MS: f64 = 3000.0;
+/// Caps on a guest's disk writes the engine tries, as shares of the stream, mildest
+/// first: each round then re-sends at most that share of itself in disk blocks.
+const DISK_SHARES: [f64; 3] = [0.5, 0.25, 0.1];
 
 pub struct Adaptive {
     pins: Pins,
@@ -34,6 +37,9 @@ pub struct Adaptive {
     response: Response,
     /// When the current round began, and the one before it.
     round_start: (u32, f64, f64),
+    /// Disks that travel: the most disk bytes per second the guest dirtied with no
+    /// cap in force (under a cap, the cap is what shows).
+    disk_demand: f64,
 }
 
 /// A guest's dirty rate under a throttle: what it wants to write (`demand`, bytes/s)
@@ -76,6 +82,7 @@ impl Adaptive {
                 throttle_pct: pins.throttle_pct.unwrap_or(0),
                 max_downtime_ms: limits.max_downtime_ms,
                 postcopy: false,
+                disk_write_limit_mbps: None,
                 abort: None,
             },
             pins,
@@ -83,6 +90,7 @@ impl Adaptive {
             lower_since: None,
             response: Response::default(),
             round_start: (0, 0.0, 0.0),
+            disk_demand: 0.0,
         }
     }
 
@@ -335,31 +343,70 @@ impl Policy for Adaptive {
         } else {
             0.0
         };
-        let with = |pct: u32| {
+        // Disks that travel: what the guest would dirty of them uncapped.
+        let disk_demand = obs.disk_dirty_bytes_per_sec.map(|r| {
+            if self.current.disk_write_limit_mbps.is_none() {
+                self.disk_demand = self.disk_demand.max(r);
+            }
+            self.disk_demand.max(r)
+        });
+        let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
+        let with_disk = |pct: u32, disk_cap: Option<f64>| {
             precopy(
                 remaining,
                 elapsed,
-                self.response.rate(pct),
+                response.rate(pct),
                 set,
                 Stream {
                     bytes_per_sec: tput,
                     round_overhead_s,
                     pause_fill_s: fill_s,
-                    disk_bytes_per_sec: obs.disk_dirty_bytes_per_sec,
+                    disk_bytes_per_sec: disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c))),
                 },
                 limit_s,
             )
         };
         let max_throttle = limits.max_throttle_pct.min(99);
-        let (want, pinned) = match self.pins.throttle_pct {
-            Some(p) => (Some(p), true),
-            None => (
-                std::iter::once(0)
-                    .chain((THROTTLE_STEP..=max_throttle).step_by(THROTTLE_STEP as usize))
-                    .find(|&p| fits(&with(p))),
-                false,
-            ),
+        let least_throttle = |disk_cap: Option<f64>| match pinned_throttle {
+            Some(p) => Some(p),
+            None => std::iter::once(0)
+                .chain((THROTTLE_STEP..=max_throttle).step_by(THROTTLE_STEP as usize))
+                .find(|&p| fits(&with_disk(p, disk_cap))),
         };
+        // The disks' cap: none if the memory converges with a comfortable throttle
+        // beside them, else the mildest that lets it (a held-back disk write costs the
+        // guest less than a throttled vCPU); never looser than one in force.
+        let held = self.current.disk_write_limit_mbps.map(|m| m * 1e6);
+        let disk_cap = match disk_demand {
+            None => None,
+            Some(demand) => {
+                let candidates: Vec<Option<f64>> =
+                    std::iter::once(held)
+                        .chain(DISK_SHARES.iter().map(|s| Some(s * tput)).filter(|c| {
+                            c.is_some_and(|c| c < demand && held.is_none_or(|h| c < h))
+                        }))
+                        .collect();
+                let comfortable =
+                    |cap: &Option<f64>| least_throttle(*cap).is_some_and(|p| p <= THROTTLE_COMFORT);
+                candidates
+                    .iter()
+                    .copied()
+                    .find(comfortable)
+                    .or_else(|| candidates.last().copied())
+                    .flatten()
+            }
+        };
+        let disk_cap = if disk_cap.map(|c| c / 1e6) != self.current.disk_write_limit_mbps
+            && self.may_change("disk_write_limit", t)
+        {
+            self.current.disk_write_limit_mbps = disk_cap.map(|c| c / 1e6);
+            self.changed("disk_write_limit", t);
+            disk_cap
+        } else {
+            held
+        };
+        let with = |pct: u32| with_disk(pct, disk_cap);
+        let (want, pinned) = (least_throttle(disk_cap), pinned_throttle.is_some());
         // Post-copy: the rest follows after the first pass (or now, if that is over).
         let post = {
             let first = if obs.stage == Stage::Rounds {
@@ -467,6 +514,35 @@ impl Policy for Adaptive {
                 prediction.downtime_ms
             ),
         });
+        if let Some(demand) = disk_demand {
+            let (value, why) = match self.current.disk_write_limit_mbps {
+                None => (
+                    "unlimited".to_string(),
+                    format!(
+                        "the guest dirties {} of its disks beside {} of pages: the rounds carry \
+                         its disk writes with the memory",
+                        mb(demand),
+                        mb(tput)
+                    ),
+                ),
+                Some(cap) => (
+                    format!("{cap:.1}"),
+                    format!(
+                        "the guest dirties {} of its disks against {} of pages: rounds would not \
+                         shrink under them; holding its disk writes to {cap:.1} MB/s ({:.0}% of \
+                         the stream) lets pre-copy converge",
+                        mb(demand),
+                        mb(tput),
+                        cap * 1e6 / tput * 100.0
+                    ),
+                ),
+            };
+            reasons.push(Reason {
+                setting: "disk_write_limit_mbps",
+                value,
+                why,
+            });
+        }
         if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
             self.current.postcopy = true;
             self.changed("postcopy", t);
@@ -519,6 +595,74 @@ mod tests {
         }
         // The short span alone would have said 16k pages/s.
         assert!(rate > 18_000.0, "{rate}");
+    }
+
+    fn rounds(disk: Option<f64>) -> Observation {
+        Observation {
+            t_ms: 5_000.0,
+            stage: Stage::Rounds,
+            memory_pages: 65_536,
+            remaining_pages: 2_000,
+            pass_elapsed_ms: 20.0,
+            round: 3,
+            dirty_pages_per_sec: 2_000.0,
+            working_set_pages: None,
+            link_bytes_per_sec: Some(100e6),
+            zero_fraction: 0.0,
+            round_overhead_ms: 2.0,
+            codecs: Vec::new(),
+            disk_dirty_bytes_per_sec: disk,
+        }
+    }
+
+    fn disk_reason(d: &Decision) -> Option<&Reason> {
+        d.reasons
+            .iter()
+            .find(|r| r.setting == "disk_write_limit_mbps")
+    }
+
+    #[test]
+    fn disk_writes_the_link_carries_are_left_alone() {
+        let limits = Limits {
+            max_downtime_ms: 100.0,
+            max_total_secs: Some(60.0),
+            ..Limits::default()
+        };
+        let mut e = Adaptive::new(Pins::default(), &limits);
+        let d = e.decide(&rounds(Some(10e6)), &limits);
+        assert_eq!(d.settings.disk_write_limit_mbps, None);
+        assert!(d.prediction.converges, "{d:?}");
+        let r = disk_reason(&d).expect("a reason for the disks");
+        assert!(r.why.contains("carry"), "{r:?}");
+        // No disks travel: nothing said about them.
+        let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(None), &limits);
+        assert!(disk_reason(&d).is_none(), "{d:?}");
+    }
+
+    #[test]
+    fn disk_writes_beyond_the_link_are_held_back_until_pre_copy_converges() {
+        let limits = Limits {
+            max_downtime_ms: 100.0,
+            max_total_secs: Some(60.0),
+            max_throttle_pct: 30,
+            ..Limits::default()
+        };
+        let mut e = Adaptive::new(Pins::default(), &limits);
+        let d = e.decide(&rounds(Some(150e6)), &limits);
+        let cap = d
+            .settings
+            .disk_write_limit_mbps
+            .expect("a cap on disk writes");
+        assert!(cap < 100.0, "{cap} MB/s against a 100 MB/s link");
+        assert!(d.prediction.converges, "{d:?}");
+        let r = disk_reason(&d).unwrap();
+        assert!(r.why.contains("holding"), "{r:?}");
+        // Under the cap the measured rate is the cap: the engine does not take that as
+        // the guest slowing down and keeps it.
+        let mut later = rounds(Some(cap * 1e6));
+        later.t_ms += 2_000.0;
+        let d = e.decide(&later, &limits);
+        assert_eq!(d.settings.disk_write_limit_mbps, Some(cap));
     }
 
     #[test]

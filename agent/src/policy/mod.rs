@@ -213,6 +213,8 @@ pub struct Settings {
     pub max_downtime_ms: f64,
     /// Switch to post-copy now.
     pub postcopy: bool,
+    /// Disks that travel: a cap on the guest's disk writes, MB/s (None: none).
+    pub disk_write_limit_mbps: Option<f64>,
     /// Give up (a preset's timeout): the VM stays on the source.
     pub abort: Option<String>,
 }
@@ -225,6 +227,7 @@ impl Default for Settings {
             throttle_pct: 0,
             max_downtime_ms: 300.0,
             postcopy: false,
+            disk_write_limit_mbps: None,
             abort: None,
         }
     }

@@ -58,6 +58,7 @@ impl Preset {
             throttle_pct: 0,
             max_downtime_ms: QEMU_DOWNTIME_MS,
             postcopy: false,
+            disk_write_limit_mbps: None,
             abort: None,
         };
         let (name, kind, settings) = match name {

@@ -177,6 +177,24 @@ impl DiskSet {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// Caps (or frees) the guest's writes to every disk being copied, keeping what a
+    /// cap already delayed.
+    pub fn limit_writes(&self, bytes_per_sec: Option<u64>) {
+        for d in &self.disks {
+            if let Some(job) = d.job().as_mut() {
+                let delayed = job
+                    .throttle
+                    .as_ref()
+                    .map_or(std::time::Duration::ZERO, |t| t.delayed);
+                job.throttle = bytes_per_sec.map(|b| {
+                    let mut t = WriteThrottle::new(b);
+                    t.delayed = delayed;
+                    t
+                });
+            }
+        }
+    }
+
     pub fn flush_all(&self) -> Result<(), DiskError> {
         self.disks.iter().try_for_each(Disk::flush)
     }

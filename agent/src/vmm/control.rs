@@ -125,6 +125,9 @@ pub struct SettingsRequest {
     pub throttle_pct: Option<u32>,
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
+    /// Disks that travel: a cap on the guest's disk writes, MB/s; 0 = none.
+    #[serde(default)]
+    pub disk_write_limit_mbps: Option<f64>,
 }
 
 impl SettingsRequest {
@@ -133,6 +136,16 @@ impl SettingsRequest {
             .as_deref()
             .map(|c| c.parse::<Codec>().map_err(|e| e.to_string()))
             .transpose()
+    }
+
+    fn disk_write_limit(&self) -> Result<Option<Option<u64>>, String> {
+        match self.disk_write_limit_mbps {
+            Some(m) if !(m >= 0.0 && m.is_finite()) => Err(format!(
+                "disk_write_limit_mbps = {m}: must be 0 (none) or more"
+            )),
+            Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
+            None => Ok(None),
+        }
     }
 
     fn bandwidth(&self) -> Option<Option<u64>> {
@@ -423,6 +436,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                 settings.bandwidth(),
                 settings.throttle_pct,
                 settings.max_downtime_ms,
+                settings.disk_write_limit()?,
                 &reasons,
             )
             .map(|s| {
@@ -555,6 +569,7 @@ fn start_migration(
         bandwidth: req.bandwidth().flatten(),
         throttle_pct: req.throttle_pct.unwrap_or(0),
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
+        disk_write_limit: req.disk_write_limit()?.flatten(),
     };
     if settings.max_downtime_ms == 0 {
         return Err("max_downtime_ms must be at least 1".into());
@@ -686,5 +701,24 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"cmd":"set-params","throttle":5}"#).is_err(),
             "a misspelt setting must not pass silently"
         );
+    }
+
+    #[test]
+    fn a_disk_write_limit_is_megabytes_per_second_and_zero_lifts_it() {
+        let limit = |json: &str| match serde_json::from_str::<Request>(json).unwrap() {
+            Request::SetParams { settings, .. } => settings.disk_write_limit(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            limit(r#"{"cmd":"set-params","disk_write_limit_mbps":6.5}"#),
+            Ok(Some(Some(6_500_000)))
+        );
+        assert_eq!(
+            limit(r#"{"cmd":"set-params","disk_write_limit_mbps":0}"#),
+            Ok(Some(None))
+        );
+        assert_eq!(limit(r#"{"cmd":"set-params"}"#), Ok(None));
+        let e = limit(r#"{"cmd":"set-params","disk_write_limit_mbps":-1}"#).unwrap_err();
+        assert!(e.contains("disk_write_limit_mbps"), "{e}");
     }
 }
