@@ -62,6 +62,10 @@ struct PolicyArgs {
     /// the policy keeps it).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=99))]
     throttle_pct: Option<u32>,
+    /// With --copy-storage: hold the guest's disk writes to this many MB/s while its
+    /// disks travel (pinned: the policy keeps it; 0 = never hold them back).
+    #[arg(long)]
+    disk_write_limit_mbps: Option<f64>,
     /// The most the policy may throttle the vCPUs [default: 99].
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=99))]
     max_throttle_pct: Option<u32>,
@@ -106,6 +110,12 @@ impl PolicyArgs {
                 c => Some(c.parse::<ferry::migration::codec::Codec>()?),
             },
             throttle_pct: self.throttle_pct,
+            disk_write_limit_mbps: match self.disk_write_limit_mbps {
+                Some(m) if !(m >= 0.0 && m.is_finite()) => {
+                    anyhow::bail!("--disk-write-limit-mbps {m}: must be 0 (none) or more")
+                }
+                m => m,
+            },
         })
     }
 }
@@ -295,6 +305,10 @@ enum Command {
         throttle_pct: Option<u32>,
         #[arg(long)]
         max_downtime_ms: Option<u64>,
+        /// Hold the guest's disk writes to this many MB/s while its disks travel (0 =
+        /// lift the cap).
+        #[arg(long)]
+        disk_write_limit_mbps: Option<f64>,
     },
     /// Move the running VM's disk images (or one) into another folder (datastore);
     /// the VM's config file is rewritten to name them.
@@ -434,6 +448,7 @@ fn main() -> ExitCode {
                     "max_downtime_ms": limits.max_downtime_ms.round() as u64,
                     "bandwidth_mbit": limits.bandwidth_mbit.map_or(0, |m| m.round() as u64),
                     "throttle_pct": policy.throttle_pct.unwrap_or(0),
+                    "disk_write_limit_mbps": policy.disk_write_limit_mbps,
                     "max_total_secs": limits.max_total_secs.map(|s| s.ceil() as u64),
                     "timeout_secs": timeout_secs, "no_verify": no_verify,
                     "mode": mode, "recover_secs": recover_secs,
@@ -470,11 +485,13 @@ fn main() -> ExitCode {
             bandwidth_mbit,
             throttle_pct,
             max_downtime_ms,
+            disk_write_limit_mbps,
         } => cli::client::set_params(
             &control,
             serde_json::json!({
                 "cmd": "set-params", "compression": compression, "bandwidth_mbit": bandwidth_mbit,
                 "throttle_pct": throttle_pct, "max_downtime_ms": max_downtime_ms,
+                "disk_write_limit_mbps": disk_write_limit_mbps,
             }),
         ),
         Command::Verify {

@@ -100,6 +100,62 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
 }
 
 #[test]
+fn disk_writes_the_link_cannot_carry_are_held_back_and_the_disks_arrive_whole() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("policy-disk");
+    // 64 MB/s of incompressible disk writes (1000 a second, 64 KiB each, at random
+    // over 512 MiB) against a 200 Mbit/s cap: the disks' rounds cannot shrink unless
+    // the engine holds the writes back.
+    let cfg = ferry_tests::write_config(
+        dir.path(),
+        "dh",
+        "memory_mib = 128\nvcpus = 1\n[workload]\nworking_set_mib = 32\n\
+         dirty_pages_per_sec = 1000\npattern = \"random\"\ncontent = \"random\"\n\
+         [workload.disk]\nwrite_ops_per_sec = 1000\nblock_kib = 64\n\
+         [[disks]]\nid = \"data\"\npath = \"ds1/dh-data.img\"\nsize_mib = 512\n",
+    );
+    let src = Vmm::spawn(dir.path(), "dh", &["--config", cfg.to_str().unwrap()]);
+    src.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 1000
+    });
+    let store = dir.join("dsB");
+    std::fs::create_dir_all(&store).unwrap();
+    let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
+    let dst = Vmm::spawn(
+        dir.path(),
+        "dh-dst",
+        &["--incoming", &addr, "--datastore", store.to_str().unwrap()],
+    );
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &[
+            "--copy-storage",
+            "--bandwidth-mbit",
+            "200",
+            "--max-total-secs",
+            "60",
+        ],
+    );
+    assert!(ok, "{report}");
+    let held: Vec<&Value> = decisions(&report, "disk_write_limit_mbps")
+        .into_iter()
+        .filter(|d| d["value"] != "unlimited")
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "the disk writes were never held back: {report}"
+    );
+    let why = held[0]["reason"].as_str().unwrap();
+    assert!(why.contains("holding"), "{why}");
+    ferry_tests::check_arrived(&src, &dst, &report, true);
+    src.quit();
+    dst.quit();
+}
+
+#[test]
 fn a_pinned_setting_is_kept_and_the_report_says_so() {
     if !require_kvm() {
         return;

@@ -48,6 +48,8 @@ pub fn run(
         round_overhead_ms: 0.0,
         codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
         disk_dirty_bytes_per_sec: None,
+        disk_pending_bytes: 0.0,
+        disk_compression_ratio: None,
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

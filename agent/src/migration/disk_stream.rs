@@ -47,7 +47,7 @@ impl Sender<'_> {
             todo.push(set);
         }
         self.stats.disk_round_at = Some(std::time::Instant::now());
-        self.disks_send(todo)
+        self.disks_send(todo, true)
     }
 
     /// The guest's disk dirty rate from what it dirtied since the dirty sets were
@@ -92,10 +92,14 @@ impl Sender<'_> {
         }
         self.measure_disk_dirtying();
         self.stats.disk_round_at = Some(std::time::Instant::now());
-        self.disks_send(todo)
+        self.disks_send(todo, !last)
     }
 
-    fn disks_send(&mut self, todo: Vec<DirtyBitmap>) -> Result<(), MigrateError> {
+    /// Sends the blocks of `todo`; `running`: between them, as between page batches,
+    /// a cancel, the time limit and new settings are heeded and progress published
+    /// (a first copy of a large disk over a slow link takes a while).
+    fn disks_send(&mut self, todo: Vec<DirtyBitmap>, running: bool) -> Result<(), MigrateError> {
+        self.stats.disk_pending = todo.iter().map(|s| s.count() * COPY_BLOCK).sum();
         let mut buf = Aligned::new();
         for (i, set) in todo.iter().enumerate() {
             let d = &self.m.disks.disks[i];
@@ -118,6 +122,10 @@ impl Sender<'_> {
                     }
                 }
                 self.disk_chunk(i as u32, at, buf.get(len))?;
+                self.stats.disk_pending = self.stats.disk_pending.saturating_sub(len as u64);
+                if running {
+                    self.check_cancel()?;
+                }
             }
         }
         Ok(())
@@ -127,6 +135,7 @@ impl Sender<'_> {
     /// migration's current codec (stored raw where it does not shrink).
     fn disk_chunk(&mut self, disk: u32, at: u64, bytes: &[u8]) -> Result<(), MigrateError> {
         let codec = self.settings.codec;
+        let wire_before = self.stats.bytes_on_wire;
         let mut out = Vec::new();
         for (range, is_zero) in pieces(bytes) {
             let len = range.len() as u32;
@@ -153,6 +162,13 @@ impl Sender<'_> {
             })?;
         }
         self.stats.disk_bytes += bytes.len() as u64;
+        let wire = self.stats.bytes_on_wire - wire_before;
+        self.stats.disk_wire_bytes += wire;
+        // The recent ratio, weighted by bytes: the codec may have just changed.
+        let r = bytes.len() as f64 / wire.max(1) as f64;
+        let w = (bytes.len() as f64 / DISK_RATIO_SPAN).min(1.0);
+        let recent = self.stats.disk_ratio_recent.get_or_insert(r);
+        *recent += (r - *recent) * w;
         Ok(())
     }
 
@@ -229,6 +245,9 @@ pub struct DiskStore {
     /// at the end).
     staged: Option<(PathBuf, VmConfig)>,
 }
+
+/// Disk bytes the recent disk compression ratio spans (about).
+const DISK_RATIO_SPAN: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// Writeback starts every this many bytes, so the sync at the switchover (when the
 /// guest is paused) finds little left to write.

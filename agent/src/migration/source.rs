@@ -254,6 +254,10 @@ pub struct Progress {
     /// `--copy-storage`: disk bytes the guest dirties per second (None: no disks
     /// travel, or not measured yet).
     pub disk_dirty_bytes_per_sec: Option<f64>,
+    /// `--copy-storage`: disk bytes of the current disk pass still to send.
+    pub disk_bytes_pending: Option<u64>,
+    /// `--copy-storage`: disk bytes sent over the wire bytes they took, lately.
+    pub disk_compression_ratio: Option<f64>,
     /// The first pass's short-window dirty rates (see `dirty_windows`).
     pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
     pub report: Option<Report>,
@@ -361,6 +365,13 @@ pub(super) struct Stats {
     /// guest dirtied disk bytes at, from what it dirtied since then.
     pub(super) disk_round_at: Option<Instant>,
     pub(super) disk_dirty_rate: Option<f64>,
+    /// Disk bytes of the current disk pass not sent yet.
+    pub(super) disk_pending: u64,
+    /// What the disk bytes sent took on the wire (disk blocks compress unlike pages:
+    /// larger runs, zero runs elided).
+    pub(super) disk_wire_bytes: u64,
+    /// The same over the last few MiB sent, for predictions under the codec in force.
+    pub(super) disk_ratio_recent: Option<f64>,
 }
 
 pub(super) struct Sender<'a> {
@@ -411,6 +422,8 @@ impl Progress {
             recoveries: 0,
             link_rtt_ms: None,
             disk_dirty_bytes_per_sec: None,
+            disk_bytes_pending: None,
+            disk_compression_ratio: None,
             dirty_windows: None,
             report: None,
         }
@@ -518,14 +531,24 @@ fn new_stats(t0: Instant) -> Stats {
         tcp: None,
         disk_round_at: None,
         disk_dirty_rate: None,
+        disk_pending: 0,
+        disk_wire_bytes: 0,
+        disk_ratio_recent: None,
     }
 }
 
+/// Disk bytes sent over their wire bytes lately (None before any went).
+fn disk_ratio(s: &Stats) -> Option<f64> {
+    s.disk_ratio_recent
+}
+
+/// Page bytes sent over the wire bytes they took (disk blocks apart).
 fn ratio(s: &Stats) -> f64 {
-    if s.bytes_on_wire == 0 {
+    let wire = s.bytes_on_wire.saturating_sub(s.disk_wire_bytes);
+    if wire == 0 {
         1.0
     } else {
-        s.raw_bytes as f64 / s.bytes_on_wire as f64
+        s.raw_bytes as f64 / wire as f64
     }
 }
 
@@ -595,6 +618,8 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.round_overhead_ms = s.round_overhead.as_secs_f64() * 1e3;
     p.link_rtt_ms = s.tcp.map(|t| t.rtt_ms);
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
+    p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
+    p.disk_compression_ratio = disk_ratio(s);
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -866,7 +891,7 @@ impl Sender<'_> {
     }
 
     /// Between batches: cancelled? out of time? new settings?
-    fn check_cancel(&mut self) -> Result<(), MigrateError> {
+    pub(super) fn check_cancel(&mut self) -> Result<(), MigrateError> {
         if self.m.migration_cancel.load(Ordering::Acquire) {
             return Err(MigrateError::Cancelled);
         }
@@ -1066,11 +1091,15 @@ impl Sender<'_> {
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
         let mut round_bytes = self.stats.bytes_on_wire;
-        if self.params.copy_storage {
-            self.disks_start()?;
-        }
         let m = self.m;
-        super::dirty_windows::during(m, || self.send_pages(0..pages))?;
+        // The windows run from the disks' first copy on: the guest dirties memory
+        // meanwhile too.
+        super::dirty_windows::during(m, || {
+            if self.params.copy_storage {
+                self.disks_start()?;
+            }
+            self.send_pages(0..pages)
+        })?;
         self.end_round(0, round_start)?;
         if self.params.mode == Mode::Postcopy {
             // One pass done: what the guest dirtied since comes on demand.
@@ -1099,8 +1128,9 @@ impl Sender<'_> {
             // Predicted downtime: the remaining dirty set at the measured rate; the
             // device state is a few KB and adds nothing measurable.
             let bw = bandwidth(&self.stats).max(1.0);
+            let disk_ratio = disk_ratio(&self.stats).unwrap_or(ratio(&self.stats));
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3)
-                + self.disks_dirty_bytes() as f64;
+                + self.disks_dirty_bytes() as f64 / disk_ratio.max(1e-3);
             let predicted_ms = wire_bytes / bw * 1e3;
             self.publish(Phase::Precopy);
             tracing::debug!(

@@ -82,7 +82,7 @@ impl Adaptive {
                 throttle_pct: pins.throttle_pct.unwrap_or(0),
                 max_downtime_ms: limits.max_downtime_ms,
                 postcopy: false,
-                disk_write_limit_mbps: None,
+                disk_write_limit_mbps: pins.disk_write_limit_mbps.filter(|&m| m > 0.0),
                 abort: None,
             },
             pins,
@@ -301,13 +301,19 @@ impl Policy for Adaptive {
                 dirty_set_pages(obs.dirty_pages_per_sec, w as f64, obs.memory_pages as f64)
             })
             .map_or(memory, |p| p * PAGE);
+        // Disk bytes as the page bytes that take as long on the wire: they compress
+        // unlike pages.
+        let disk_scale = obs.disk_compression_ratio.map_or(1.0, |r| {
+            perf(self.current.codec).ratio.max(1.0) / r.max(1e-3)
+        });
         let remaining = obs.remaining_pages as f64
             * PAGE
             * if obs.stage == Stage::FirstPass || obs.stage == Stage::Starting {
                 1.0 - obs.zero_fraction.clamp(0.0, 1.0)
             } else {
                 1.0
-            };
+            }
+            + obs.disk_pending_bytes * disk_scale;
 
         let Some(tput) = pages_per_sec else {
             return Decision {
@@ -361,7 +367,8 @@ impl Policy for Adaptive {
                     bytes_per_sec: tput,
                     round_overhead_s,
                     pause_fill_s: fill_s,
-                    disk_bytes_per_sec: disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c))),
+                    disk_bytes_per_sec: disk_demand
+                        .map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale),
                 },
                 limit_s,
             )
@@ -377,15 +384,21 @@ impl Policy for Adaptive {
         // beside them, else the mildest that lets it (a held-back disk write costs the
         // guest less than a throttled vCPU); never looser than one in force.
         let held = self.current.disk_write_limit_mbps.map(|m| m * 1e6);
-        let disk_cap = match disk_demand {
-            None => None,
-            Some(demand) => {
-                let candidates: Vec<Option<f64>> =
-                    std::iter::once(held)
-                        .chain(DISK_SHARES.iter().map(|s| Some(s * tput)).filter(|c| {
-                            c.is_some_and(|c| c < demand && held.is_none_or(|h| c < h))
-                        }))
-                        .collect();
+        let pinned_disk = self.pins.disk_write_limit_mbps;
+        let disk_cap = match (disk_demand, pinned_disk) {
+            (_, Some(m)) => (m > 0.0).then_some(m * 1e6),
+            (None, None) => None,
+            (Some(demand), None) => {
+                let candidates: Vec<Option<f64>> = std::iter::once(held)
+                    .chain(
+                        DISK_SHARES
+                            .iter()
+                            .map(|s| Some(s * tput / disk_scale))
+                            .filter(|c| {
+                                c.is_some_and(|c| c < demand && held.is_none_or(|h| c < h))
+                            }),
+                    )
+                    .collect();
                 let comfortable =
                     |cap: &Option<f64>| least_throttle(*cap).is_some_and(|p| p <= THROTTLE_COMFORT);
                 candidates
@@ -516,6 +529,12 @@ impl Policy for Adaptive {
         });
         if let Some(demand) = disk_demand {
             let (value, why) = match self.current.disk_write_limit_mbps {
+                _ if pinned_disk.is_some() => (
+                    self.current
+                        .disk_write_limit_mbps
+                        .map_or("unlimited".into(), |c| format!("{c:.1}")),
+                    "pinned on the command line".to_string(),
+                ),
                 None => (
                     "unlimited".to_string(),
                     format!(
@@ -533,7 +552,7 @@ impl Policy for Adaptive {
                          the stream) lets pre-copy converge",
                         mb(demand),
                         mb(tput),
-                        cap * 1e6 / tput * 100.0
+                        cap * 1e6 * disk_scale / tput * 100.0
                     ),
                 ),
             };
@@ -612,6 +631,8 @@ mod tests {
             round_overhead_ms: 2.0,
             codecs: Vec::new(),
             disk_dirty_bytes_per_sec: disk,
+            disk_pending_bytes: 0.0,
+            disk_compression_ratio: None,
         }
     }
 
@@ -663,6 +684,25 @@ mod tests {
         later.t_ms += 2_000.0;
         let d = e.decide(&later, &limits);
         assert_eq!(d.settings.disk_write_limit_mbps, Some(cap));
+    }
+
+    #[test]
+    fn a_pinned_disk_write_limit_is_kept_and_said_so() {
+        let limits = Limits {
+            max_downtime_ms: 100.0,
+            max_total_secs: Some(60.0),
+            ..Limits::default()
+        };
+        for (pin, expect) in [(0.0, None), (40.0, Some(40.0))] {
+            let pins = Pins {
+                disk_write_limit_mbps: Some(pin),
+                ..Pins::default()
+            };
+            let mut e = Adaptive::new(pins, &limits);
+            let d = e.decide(&rounds(Some(150e6)), &limits);
+            assert_eq!(d.settings.disk_write_limit_mbps, expect, "{d:?}");
+            assert!(disk_reason(&d).unwrap().why.contains("pinned"), "{d:?}");
+        }
     }
 
     #[test]

@@ -151,6 +151,8 @@ pub struct Pins {
     #[serde(serialize_with = "display_opt")]
     pub codec: Option<Codec>,
     pub throttle_pct: Option<u32>,
+    /// A cap on the guest's disk writes, MB/s; Some(0.0): none, ever.
+    pub disk_write_limit_mbps: Option<f64>,
 }
 
 fn display_opt<S: serde::Serializer>(c: &Option<Codec>, s: S) -> Result<S::Ok, S::Error> {
@@ -201,6 +203,10 @@ pub struct Observation {
     /// Disks travelling with the memory (`--copy-storage`): bytes of them the guest
     /// dirties per second. None: the disks stay where they are.
     pub disk_dirty_bytes_per_sec: Option<f64>,
+    /// Disk bytes this pass still has to send (their first copy, or a round's).
+    pub disk_pending_bytes: f64,
+    /// Disk bytes over the wire bytes they take (None: not measured; as pages).
+    pub disk_compression_ratio: Option<f64>,
 }
 
 /// What the settings in force are.

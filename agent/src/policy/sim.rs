@@ -167,6 +167,8 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 round_overhead_ms: 0.0,
                 codecs: s.codecs.clone(),
                 disk_dirty_bytes_per_sec: None,
+                disk_pending_bytes: 0.0,
+                disk_compression_ratio: None,
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
@@ -520,7 +522,7 @@ mod tests {
         let mut a = Adaptive::new(
             Pins {
                 codec: Some(Codec::Lz4),
-                throttle_pct: None,
+                ..Pins::default()
             },
             &limits,
         );
@@ -541,6 +543,8 @@ mod tests {
             round_overhead_ms: 0.0,
             codecs: codecs(true),
             disk_dirty_bytes_per_sec: None,
+            disk_pending_bytes: 0.0,
+            disk_compression_ratio: None,
         };
         let d = a.decide(&obs, &limits);
         assert_eq!(d.settings.codec, Codec::Lz4);
