@@ -3,8 +3,10 @@
 //! Bytes written over the time spent writing overstates the link while the sender is
 //! at times busy elsewhere (compressing, harvesting): the socket drains meanwhile and
 //! the next writes find room. The kernel counts what the peer acknowledged and how
-//! long the connection had data in flight; their ratio is what the link (or the peer)
-//! carries while it is kept busy, whoever else is slow.
+//! long the connection had data in flight, and of that how long the peer's window
+//! or our own send buffer held it back; acknowledged bytes over the rest is what the
+//! link carries while it is kept busy. A peer too slow to read (a destination writing
+//! disk blocks into its images) is not a slow link: compressing would not help it.
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -12,13 +14,16 @@ use std::os::fd::AsRawFd;
 /// What the kernel measured on a connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Measured {
-    /// Bytes the peer acknowledged over seconds the connection had data in flight,
-    /// since it opened.
-    pub delivery_rate: f64,
+    /// Bytes the peer acknowledged over the seconds the link itself was the limit,
+    /// since the connection opened; None until that was long enough to tell.
+    pub delivery_rate: Option<f64>,
     /// Smoothed round trip of data to its acknowledgement, queues on the way
     /// included: what a round's closing acknowledgement waits for beyond its bytes.
     pub rtt_ms: f64,
 }
+
+/// Link-limited time before a delivery rate counts, microseconds.
+const LINK_EVIDENCE_US: u64 = 20_000;
 
 /// None where the kernel does not report busy time (before Linux 4.10) or nothing was
 /// in flight yet.
@@ -36,12 +41,17 @@ pub fn measure(stream: &TcpStream) -> Option<Measured> {
             &mut len,
         )
     };
-    let busy_end = std::mem::offset_of!(libc::tcp_info, tcpi_busy_time) + 8;
-    if rc != 0 || (len as usize) < busy_end || info.tcpi_busy_time == 0 {
+    let limited_end = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
+    if rc != 0 || (len as usize) < limited_end || info.tcpi_busy_time == 0 {
         return None;
     }
+    let link_us = info
+        .tcpi_busy_time
+        .saturating_sub(info.tcpi_rwnd_limited)
+        .saturating_sub(info.tcpi_sndbuf_limited);
     Some(Measured {
-        delivery_rate: info.tcpi_bytes_acked as f64 / (info.tcpi_busy_time as f64 / 1e6),
+        delivery_rate: (link_us >= LINK_EVIDENCE_US)
+            .then(|| info.tcpi_bytes_acked as f64 / (link_us as f64 / 1e6)),
         rtt_ms: f64::from(info.tcpi_rtt) / 1e3,
     })
 }
@@ -73,7 +83,9 @@ mod tests {
             s.write_all(&chunk).unwrap();
         }
         let m = super::measure(&s).expect("the kernel reports TCP_INFO busy time");
-        assert!(m.delivery_rate > 1e6, "{m:?} over loopback");
+        if let Some(rate) = m.delivery_rate {
+            assert!(rate > 1e6, "{m:?} over loopback");
+        }
         assert!(m.rtt_ms > 0.0 && m.rtt_ms < 1000.0, "{m:?} over loopback");
         drop(s);
         assert_eq!(reader.join().unwrap(), 64 << 20);

@@ -632,7 +632,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
 /// delivered while busy, or else what the socket took so far.
 pub(super) fn bandwidth(s: &Stats) -> f64 {
     link_rate(s)
-        .or(s.tcp.map(|t| t.delivery_rate))
+        .or(s.tcp.and_then(|t| t.delivery_rate))
         .unwrap_or_else(|| {
             let t = s.send_time.as_secs_f64();
             if t > 0.0 {

@@ -36,17 +36,13 @@ const PAUSE_BLOCKS: u64 = 64;
 /// while a guest write waits at most one step.
 pub(super) const RUN_BLOCKS: u64 = 8;
 const _: () = assert!(RUN_BLOCKS * COPY_BLOCK == super::protocol::MAX_DISK_CHUNK as u64);
-/// Auto mode mirrors guest writes once they outpace this share of the copy. Each
-/// background round leaves about (write rate / copy rate) of the one before, so at
-/// one half it converges in a few rounds; `cargo xtask bench storage` measured
-/// background converging up to about 50 % and stalling well before 100 %.
-const AUTO_ACTIVE_RATIO: f64 = 0.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// Background first; active once a round measures the guest writing distinct
-    /// blocks faster than [`AUTO_ACTIVE_RATIO`] of the copy speed.
+    /// Background first; the policy turns it active once a round measures the guest
+    /// writing distinct blocks too fast for background rounds to converge
+    /// ([`crate::policy::disk::mirror_mode`]).
     Auto,
     Background,
     Active,
@@ -436,7 +432,7 @@ impl Copier<'_> {
                 let secs = round_start.elapsed().as_secs_f64().max(1e-6);
                 let copy = (self.bytes - bytes_before) as f64 / secs;
                 let write = (left * COPY_BLOCK) as f64 / secs;
-                let (active, reason) = auto_mode(write, copy);
+                let (active, reason) = crate::policy::disk::mirror_mode(write, copy);
                 if active {
                     self.mode = Mode::Active;
                     if let Some(job) = d.job().as_mut() {
@@ -619,26 +615,6 @@ fn crash_point(point: &str) {
     }
 }
 
-/// Auto mode's choice after a round: mirror guest writes (active) when they outpace
-/// [`AUTO_ACTIVE_RATIO`] of the copy; with the reason, in figures.
-fn auto_mode(write_bytes_per_sec: f64, copy_bytes_per_sec: f64) -> (bool, String) {
-    let mb = |b: f64| b / 1e6;
-    let share = write_bytes_per_sec / copy_bytes_per_sec.max(1.0);
-    let active = share > AUTO_ACTIVE_RATIO;
-    let reason = format!(
-        "guest writes {:.1} MB/s of distinct blocks, the copy runs at {:.1} MB/s ({:.0} %): {}",
-        mb(write_bytes_per_sec),
-        mb(copy_bytes_per_sec),
-        share * 100.0,
-        if active {
-            "background rounds would barely shrink; mirroring writes (active)"
-        } else {
-            "background re-copy rounds converge"
-        }
-    );
-    (active, reason)
-}
-
 /// Splits disk bytes into alternating runs of 4 KiB pieces that are all zero and
 /// pieces that are not: zero runs are elided (holes, or a length on the wire).
 pub(super) fn pieces(buf: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> + '_ {
@@ -729,20 +705,6 @@ pub(super) fn data_blocks(f: &File, size: u64) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn auto_mode_compares_write_and_copy_rates() {
-        let (active, why) = auto_mode(30e6, 100e6);
-        assert!(!active, "{why}");
-        assert!(
-            why.contains("30.0 MB/s") && why.contains("100.0 MB/s"),
-            "{why}"
-        );
-        assert!(auto_mode(60e6, 100e6).0);
-        // A round that copied nothing (all written during it) mirrors.
-        assert!(auto_mode(1e6, 0.0).0);
-        assert!(!auto_mode(0.0, 0.0).0);
-    }
 
     #[test]
     fn pieces_alternate_between_zero_and_data() {

@@ -24,8 +24,9 @@ const THROTTLE_COMFORT: u32 = 50;
 /// slows for a moment is not a guest that slowed.
 const LOWER_AFTER_MS: f64 = 3000.0;
 /// Caps on a guest's disk writes the engine tries, as shares of the stream, mildest
-/// first: each round then re-sends at most that share of itself in disk blocks.
-const DISK_SHARES: [f64; 3] = [0.5, 0.25, 0.1];
+/// first: each round then re-sends at most that share of itself in disk blocks (the
+/// mildest is where background copy rounds still converge).
+const DISK_SHARES: [f64; 3] = [super::disk::BACKGROUND_SHARE, 0.25, 0.1];
 
 pub struct Adaptive {
     pins: Pins,

@@ -7,6 +7,7 @@
 //! simulator ([`sim`]) and a recorded trace. Static peer presets ([`presets`]) implement
 //! the same [`Policy`] trait, so they run against the same simulator and benchmark.
 
+pub mod disk;
 pub mod engine;
 pub mod model;
 pub mod presets;
