@@ -126,6 +126,10 @@ impl Live {
             t0: Instant::now(),
         };
         for (setting, value) in live.describe(&settings) {
+            // Most migrations have no disks travelling: no cap is no news there.
+            if setting == "disk_write_limit_mbps" && settings.disk_write_limit.is_none() {
+                continue;
+            }
             let why = reasons
                 .get(setting)
                 .map_or("set by the operator (migrate)", String::as_str);
