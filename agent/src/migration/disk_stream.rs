@@ -35,7 +35,13 @@ impl Sender<'_> {
                 dirty: DirtyBitmap::new(blocks),
                 active: false,
                 added_us: Vec::new(),
-                throttle: self.settings.disk_write_limit.map(WriteThrottle::new),
+                // The live settings: a cap set since this thread last looked counts.
+                throttle: super::source::lock(&self.m.live)
+                    .as_ref()
+                    .map_or(self.settings.disk_write_limit, |l| {
+                        l.settings.disk_write_limit
+                    })
+                    .map(WriteThrottle::new),
             });
             let file = d
                 .reopen_read()
@@ -75,6 +81,8 @@ impl Sender<'_> {
     /// Sends what the guest wrote since the last call (or, with the VM paused, the
     /// last of it; `last` also ends the noting).
     pub(super) fn disks_round(&mut self, last: bool) -> Result<(), MigrateError> {
+        // Before the dirty sets are taken: they are what was dirtied since the last.
+        self.measure_disk_dirtying();
         let mut todo = Vec::new();
         for d in &self.m.disks.disks {
             let mut job = d.job();
@@ -90,7 +98,6 @@ impl Sender<'_> {
             }
             todo.push(set);
         }
-        self.measure_disk_dirtying();
         self.stats.disk_round_at = Some(std::time::Instant::now());
         self.disks_send(todo, !last)
     }
@@ -164,11 +171,13 @@ impl Sender<'_> {
         self.stats.disk_bytes += bytes.len() as u64;
         let wire = self.stats.bytes_on_wire - wire_before;
         self.stats.disk_wire_bytes += wire;
-        // The recent ratio, weighted by bytes: the codec may have just changed.
-        let r = bytes.len() as f64 / wire.max(1) as f64;
-        let w = (bytes.len() as f64 / DISK_RATIO_SPAN).min(1.0);
-        let recent = self.stats.disk_ratio_recent.get_or_insert(r);
-        *recent += (r - *recent) * w;
+        // Recent bytes and their wire bytes, older ones fading: the codec may have
+        // just changed. (Sums, not an average of ratios, which one zero run would
+        // send sky-high.)
+        let keep = (-(bytes.len() as f64) / DISK_RATIO_SPAN).exp();
+        let (raw, wired) = &mut self.stats.disk_recent;
+        *raw = *raw * keep + bytes.len() as f64;
+        *wired = *wired * keep + wire as f64;
         Ok(())
     }
 

@@ -3,10 +3,11 @@
 //! Bytes written over the time spent writing overstates the link while the sender is
 //! at times busy elsewhere (compressing, harvesting): the socket drains meanwhile and
 //! the next writes find room. The kernel counts what the peer acknowledged and how
-//! long the connection had data in flight, and of that how long the peer's window
-//! or our own send buffer held it back; acknowledged bytes over the rest is what the
-//! link carries while it is kept busy. A peer too slow to read (a destination writing
-//! disk blocks into its images) is not a slow link: compressing would not help it.
+//! long the connection had data in flight: their ratio is what the link carries while
+//! kept busy. Unless the peer's window (or our own send buffer) held the data back
+//! most of that time: a peer too slow to read (a destination writing disk blocks into
+//! its images) is not a slow link, and compressing would not help it; then no rate is
+//! given.
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -14,15 +15,16 @@ use std::os::fd::AsRawFd;
 /// What the kernel measured on a connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Measured {
-    /// Bytes the peer acknowledged over the seconds the link itself was the limit,
-    /// since the connection opened; None until that was long enough to tell.
+    /// Bytes the peer acknowledged over the seconds data was in flight, since the
+    /// connection opened; None until that was long enough to tell, or while the peer
+    /// (not the link) was most of the limit.
     pub delivery_rate: Option<f64>,
     /// Smoothed round trip of data to its acknowledgement, queues on the way
     /// included: what a round's closing acknowledgement waits for beyond its bytes.
     pub rtt_ms: f64,
 }
 
-/// Link-limited time before a delivery rate counts, microseconds.
+/// Time in flight before a delivery rate counts, microseconds.
 const LINK_EVIDENCE_US: u64 = 20_000;
 
 /// None where the kernel does not report busy time (before Linux 4.10) or nothing was
@@ -45,13 +47,13 @@ pub fn measure(stream: &TcpStream) -> Option<Measured> {
     if rc != 0 || (len as usize) < limited_end || info.tcpi_busy_time == 0 {
         return None;
     }
-    let link_us = info
-        .tcpi_busy_time
-        .saturating_sub(info.tcpi_rwnd_limited)
-        .saturating_sub(info.tcpi_sndbuf_limited);
+    let busy = info.tcpi_busy_time;
+    let held_back = info
+        .tcpi_rwnd_limited
+        .saturating_add(info.tcpi_sndbuf_limited);
     Some(Measured {
-        delivery_rate: (link_us >= LINK_EVIDENCE_US)
-            .then(|| info.tcpi_bytes_acked as f64 / (link_us as f64 / 1e6)),
+        delivery_rate: (busy >= LINK_EVIDENCE_US && held_back <= busy / 2)
+            .then(|| info.tcpi_bytes_acked as f64 / (busy as f64 / 1e6)),
         rtt_ms: f64::from(info.tcpi_rtt) / 1e3,
     })
 }

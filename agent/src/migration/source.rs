@@ -374,8 +374,9 @@ pub(super) struct Stats {
     /// What the disk bytes sent took on the wire (disk blocks compress unlike pages:
     /// larger runs, zero runs elided).
     pub(super) disk_wire_bytes: u64,
-    /// The same over the last few MiB sent, for predictions under the codec in force.
-    pub(super) disk_ratio_recent: Option<f64>,
+    /// Disk bytes and their wire bytes over the last few MiB sent (older ones
+    /// fading), for predictions under the codec in force.
+    pub(super) disk_recent: (f64, f64),
 }
 
 pub(super) struct Sender<'a> {
@@ -537,13 +538,14 @@ fn new_stats(t0: Instant) -> Stats {
         disk_dirty_rate: None,
         disk_pending: 0,
         disk_wire_bytes: 0,
-        disk_ratio_recent: None,
+        disk_recent: (0.0, 0.0),
     }
 }
 
 /// Disk bytes sent over their wire bytes lately (None before any went).
 fn disk_ratio(s: &Stats) -> Option<f64> {
-    s.disk_ratio_recent
+    let (raw, wire) = s.disk_recent;
+    (wire > 0.0).then(|| raw / wire)
 }
 
 /// Page bytes sent over the wire bytes they took (disk blocks apart).

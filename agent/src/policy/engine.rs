@@ -27,6 +27,9 @@ const LOWER_AFTER_MS: f64 = 3000.0;
 /// first: each round then re-sends at most that share of itself in disk blocks (the
 /// mildest is where background copy rounds still converge).
 const DISK_SHARES: [f64; 3] = [super::disk::BACKGROUND_SHARE, 0.25, 0.1];
+/// The tightest cap on disk writes, bytes per second (the VMM's floor): below it a
+/// guest write would stall its vCPU for long.
+const MIN_DISK_CAP: f64 = crate::vmm::control::MIN_DISK_WRITE_LIMIT_MBPS * 1e6;
 
 pub struct Adaptive {
     pins: Pins,
@@ -394,14 +397,17 @@ impl Policy for Adaptive {
                     .chain(
                         DISK_SHARES
                             .iter()
-                            .map(|s| Some(s * tput / disk_scale))
+                            .map(|s| Some((s * tput / disk_scale).max(MIN_DISK_CAP)))
                             .filter(|c| {
                                 c.is_some_and(|c| c < demand && held.is_none_or(|h| c < h))
                             }),
                     )
                     .collect();
-                let comfortable =
-                    |cap: &Option<f64>| least_throttle(*cap).is_some_and(|p| p <= THROTTLE_COMFORT);
+                // With the throttle pinned, a cap must make pre-copy fit under it.
+                let comfortable = |cap: &Option<f64>| match pinned_throttle {
+                    Some(p) => fits(&with_disk(p, *cap)),
+                    None => least_throttle(*cap).is_some_and(|p| p <= THROTTLE_COMFORT),
+                };
                 candidates
                     .iter()
                     .copied()
@@ -685,6 +691,23 @@ mod tests {
         later.t_ms += 2_000.0;
         let d = e.decide(&later, &limits);
         assert_eq!(d.settings.disk_write_limit_mbps, Some(cap));
+    }
+
+    #[test]
+    fn with_the_throttle_pinned_the_disk_cap_still_makes_pre_copy_fit() {
+        let limits = Limits {
+            max_downtime_ms: 100.0,
+            max_total_secs: Some(60.0),
+            ..Limits::default()
+        };
+        let pins = Pins {
+            throttle_pct: Some(0),
+            ..Pins::default()
+        };
+        let d = Adaptive::new(pins, &limits).decide(&rounds(Some(150e6)), &limits);
+        assert!(d.settings.disk_write_limit_mbps.is_some(), "{d:?}");
+        assert_eq!(d.settings.throttle_pct, 0, "{d:?}");
+        assert!(d.prediction.converges, "{d:?}");
     }
 
     #[test]

@@ -410,8 +410,9 @@ impl Disk {
         if let Some(job) = job.as_mut() {
             let first = offset / COPY_BLOCK;
             let last = (offset + len as u64 - 1) / COPY_BLOCK;
+            let mut fresh = 0u64;
             for block in first..=last {
-                job.dirty.set(block);
+                fresh += u64::from(job.dirty.set(block));
             }
             if let (true, Some(target)) = (job.active, job.target.as_ref()) {
                 let t = std::time::Instant::now();
@@ -427,7 +428,15 @@ impl Disk {
                 job.added_us
                     .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
-            wait = job.throttle.as_mut().map(|t| t.take(len));
+            // A storage migration caps the guest's write bytes (the operator's
+            // figure); a migration with its disks caps what the next round must
+            // carry: blocks newly dirtied, whatever the writes' size.
+            let charge = if job.target.is_some() {
+                len
+            } else {
+                (fresh * COPY_BLOCK) as usize
+            };
+            wait = job.throttle.as_mut().map(|t| t.take(charge));
         }
         drop(b);
         drop(job);

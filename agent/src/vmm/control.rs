@@ -112,6 +112,9 @@ pub enum Request {
     Quit {},
 }
 
+/// The lowest cap on a guest's disk writes, MB/s: a 64 KiB write waits 64 ms at it.
+pub const MIN_DISK_WRITE_LIMIT_MBPS: f64 = 1.0;
+
 /// Migration settings as a request names them; absent means "unchanged" (or the
 /// default, when starting).
 #[derive(Debug, Default, Deserialize)]
@@ -140,9 +143,12 @@ impl SettingsRequest {
 
     fn disk_write_limit(&self) -> Result<Option<Option<u64>>, String> {
         match self.disk_write_limit_mbps {
-            Some(m) if !(m >= 0.0 && m.is_finite()) => Err(format!(
-                "disk_write_limit_mbps = {m}: must be 0 (none) or more"
-            )),
+            Some(m) if !(m == 0.0 || (m >= MIN_DISK_WRITE_LIMIT_MBPS && m.is_finite())) => {
+                Err(format!(
+                    "disk_write_limit_mbps = {m}: must be 0 (none) or at least \
+                     {MIN_DISK_WRITE_LIMIT_MBPS} (MB/s; a guest write waits its share of it)"
+                ))
+            }
             Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
             None => Ok(None),
         }
@@ -564,6 +570,9 @@ fn start_migration(
     if copy_storage && mode != source::Mode::Precopy {
         return Err("copy_storage works with mode precopy".into());
     }
+    if !copy_storage && req.disk_write_limit()?.flatten().is_some() {
+        return Err("disk_write_limit_mbps applies to disks that travel (copy_storage)".into());
+    }
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
         bandwidth: req.bandwidth().flatten(),
@@ -720,5 +729,7 @@ mod tests {
         assert_eq!(limit(r#"{"cmd":"set-params"}"#), Ok(None));
         let e = limit(r#"{"cmd":"set-params","disk_write_limit_mbps":-1}"#).unwrap_err();
         assert!(e.contains("disk_write_limit_mbps"), "{e}");
+        // Below the floor a guest write would stall its vCPU.
+        assert!(limit(r#"{"cmd":"set-params","disk_write_limit_mbps":0.001}"#).is_err());
     }
 }
