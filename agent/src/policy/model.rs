@@ -54,7 +54,7 @@ pub struct Stream {
     pub bytes_per_sec: f64,
     pub round_overhead_s: f64,
     /// The pause's pages wait for their first batch's compression too
-    /// ([`pipeline_fill_s`]).
+    /// ([`pipeline_fill_s`]; a pause with less than a batch waits for what it has).
     pub pause_fill_s: f64,
     /// Disks that travel: disk bytes the guest dirties per second, which each round
     /// (and the pause) sends beside the pages. None: no disks travel.
@@ -90,7 +90,7 @@ pub fn precopy(
         // still halves and is not yet tiny (see `migration::source::converged`).
         let halving = next * 2.0 <= r;
         if down <= limit_s && (!halving || down <= limit_s / 10.0) {
-            let pause = down + stream.pause_fill_s + disk_sync_s(&stream);
+            let pause = down + pause_fill_s(&stream, next) + disk_sync_s(&stream);
             return Prediction {
                 total_ms: (total + pause) * 1e3 + SWITCH_MS,
                 downtime_ms: pause * 1e3 + SWITCH_MS,
@@ -108,9 +108,16 @@ pub fn precopy(
     let steady = dirtied(dirty, set, r / t).max(r.min(set));
     Prediction {
         total_ms: f64::INFINITY,
-        downtime_ms: (steady / t + stream.pause_fill_s + disk_sync_s(&stream)) * 1e3 + SWITCH_MS,
+        downtime_ms: (steady / t + pause_fill_s(&stream, steady) + disk_sync_s(&stream)) * 1e3
+            + SWITCH_MS,
         converges: false,
     }
+}
+
+/// The pause's wait for its first compressed batch, `bytes` to send in it.
+fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
+    let batch = crate::migration::source::BATCH as f64 * PAGE;
+    stream.pause_fill_s * (bytes / batch).clamp(0.0, 1.0)
 }
 
 fn disk_sync_s(stream: &Stream) -> f64 {
