@@ -1052,6 +1052,25 @@ impl Sender<'_> {
     }
 
     /// Compresses a sample of the working set's non-zero pages with every codec.
+    /// How long one core takes to compress `bytes` with the codec in force, as the
+    /// codec sample measured it (0 for raw pages or before a sample).
+    fn compress_secs(&self, bytes: f64) -> f64 {
+        if self.settings.codec == Codec::None {
+            return 0.0;
+        }
+        let name = self.settings.codec.to_string();
+        lock(&self.m.migration)
+            .as_ref()
+            .and_then(|p| {
+                p.codec_samples
+                    .iter()
+                    .find(|c| c.codec == name)
+                    .map(|c| c.compress_bytes_per_sec)
+            })
+            .filter(|&s| s > 0.0)
+            .map_or(0.0, |s| bytes / s)
+    }
+
     fn sample_codecs(&self) {
         let (samples, zero) = sample_pages(self.m);
         if let Some(p) = lock(&self.m.migration).as_mut() {
@@ -1137,7 +1156,10 @@ impl Sender<'_> {
             let disk_ratio = disk_ratio(&self.stats).unwrap_or(ratio(&self.stats));
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3)
                 + self.disks_dirty_bytes() as f64 / disk_ratio.max(1e-3);
-            let predicted_ms = wire_bytes / bw * 1e3;
+            // A codec slower than the link makes the pause wait on the CPU instead
+            // (one core: the vCPUs are stopped, but the policy budgets one).
+            let compress_ms = self.compress_secs(count as f64 * PAGE as f64) * 1e3;
+            let predicted_ms = (wire_bytes / bw * 1e3).max(compress_ms);
             self.publish(Phase::Precopy);
             tracing::debug!(
                 round = self.stats.round,
