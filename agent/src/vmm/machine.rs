@@ -637,15 +637,18 @@ impl Machine {
         let result = (|| -> Result<(), MachineError> {
             let mem = &self.vm.memory;
             let field = std::mem::offset_of!(crate::guest::abi::GuestParams, pages_per_sec);
-            mem.write_obj(
-                per_vcpu,
-                GuestAddress(crate::guest::layout::PARAMS + field as u64),
-            )?;
+            let at = crate::guest::layout::PARAMS + field as u64;
+            mem.write_obj(per_vcpu, GuestAddress(at))?;
+            // KVM's dirty log never sees the VMM's own writes: a migration in
+            // progress must hear of them, or the destination keeps the old values.
+            self.dirty.mark_dirty(at, 8);
             for v in 0..self.cfg.vcpus {
                 let mb = Layout::mailbox(v);
                 let now: u64 = mem.read_obj(GuestAddress(mb + PACE_NOW))?;
                 mem.write_obj(now, GuestAddress(mb + PACE_T0))?;
                 mem.write_obj(0u64, GuestAddress(mb + PACE_WRITTEN))?;
+                self.dirty.mark_dirty(mb + PACE_T0, 8);
+                self.dirty.mark_dirty(mb + PACE_WRITTEN, 8);
             }
             Ok(())
         })();
