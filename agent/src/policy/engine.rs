@@ -643,6 +643,15 @@ mod tests {
         }
     }
 
+    /// The limits the `rounds` observations are judged against.
+    fn rounds_limits() -> Limits {
+        Limits {
+            max_downtime_ms: 100.0,
+            max_total_secs: Some(60.0),
+            ..Limits::default()
+        }
+    }
+
     fn disk_reason(d: &Decision) -> Option<&Reason> {
         d.reasons
             .iter()
@@ -651,11 +660,7 @@ mod tests {
 
     #[test]
     fn disk_writes_the_link_carries_are_left_alone() {
-        let limits = Limits {
-            max_downtime_ms: 100.0,
-            max_total_secs: Some(60.0),
-            ..Limits::default()
-        };
+        let limits = rounds_limits();
         let mut e = Adaptive::new(Pins::default(), &limits);
         let d = e.decide(&rounds(Some(10e6)), &limits);
         assert_eq!(d.settings.disk_write_limit_mbps, None);
@@ -670,10 +675,8 @@ mod tests {
     #[test]
     fn disk_writes_beyond_the_link_are_held_back_until_pre_copy_converges() {
         let limits = Limits {
-            max_downtime_ms: 100.0,
-            max_total_secs: Some(60.0),
             max_throttle_pct: 30,
-            ..Limits::default()
+            ..rounds_limits()
         };
         let mut e = Adaptive::new(Pins::default(), &limits);
         let d = e.decide(&rounds(Some(150e6)), &limits);
@@ -695,11 +698,7 @@ mod tests {
 
     #[test]
     fn with_the_throttle_pinned_the_disk_cap_still_makes_pre_copy_fit() {
-        let limits = Limits {
-            max_downtime_ms: 100.0,
-            max_total_secs: Some(60.0),
-            ..Limits::default()
-        };
+        let limits = rounds_limits();
         let pins = Pins {
             throttle_pct: Some(0),
             ..Pins::default()
@@ -712,11 +711,7 @@ mod tests {
 
     #[test]
     fn a_pinned_disk_write_limit_is_kept_and_said_so() {
-        let limits = Limits {
-            max_downtime_ms: 100.0,
-            max_total_secs: Some(60.0),
-            ..Limits::default()
-        };
+        let limits = rounds_limits();
         for (pin, expect) in [(0.0, None), (40.0, Some(40.0))] {
             let pins = Pins {
                 disk_write_limit_mbps: Some(pin),
