@@ -54,7 +54,7 @@ pub struct Stream {
     pub bytes_per_sec: f64,
     pub round_overhead_s: f64,
     /// The pause's pages wait for their first batch's compression too
-    /// ([`pipeline_fill_s`]; a pause with less than a batch waits for what it has).
+    /// ([`pipeline_fill_s`], scaled to the pause's first batch).
     pub pause_fill_s: f64,
     /// Disks that travel: disk bytes the guest dirties per second, which each round
     /// (and the pause) sends beside the pages. None: no disks travel.
@@ -114,10 +114,12 @@ pub fn precopy(
     }
 }
 
-/// The pause's wait for its first compressed batch, `bytes` to send in it.
+/// The pause's wait for its first compressed batch, `bytes` to send in it (a small
+/// send goes in smaller batches: [`batch_pages`](crate::migration::source::batch_pages)).
 fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
-    let batch = crate::migration::source::BATCH as f64 * PAGE;
-    stream.pause_fill_s * (bytes / batch).clamp(0.0, 1.0)
+    use crate::migration::source::{BATCH, batch_pages};
+    let first = batch_pages((bytes / PAGE).ceil() as usize, BATCH);
+    stream.pause_fill_s * (first.min((bytes / PAGE).ceil() as usize) as f64 / BATCH as f64)
 }
 
 fn disk_sync_s(stream: &Stream) -> f64 {
