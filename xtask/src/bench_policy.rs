@@ -387,6 +387,11 @@ impl Lab {
                 bail!("{policy}: after a failed migration the source is not running: {st}");
             }
         }
+        // The next run starts on a quiet host: this one's deleted datastore and
+        // written pages reach the storage now, not under the next policy's run.
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        std::thread::sleep(Duration::from_millis(300));
         Ok(Run::judge(s, report, cpu * 1e3))
     }
 }

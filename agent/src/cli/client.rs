@@ -390,6 +390,9 @@ pub fn migrate(
                 json!(p.total_ms.is_finite().then_some(p.total_ms));
             final_report["predicted_downtime_ms"] =
                 json!(p.downtime_ms.is_finite().then_some(p.downtime_ms));
+            if let Some(basis) = steer.prediction_basis() {
+                final_report["prediction_basis"] = json!(basis);
+            }
         }
     } else {
         final_report["policy"] = json!("static");

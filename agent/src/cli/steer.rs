@@ -80,6 +80,8 @@ pub struct Steering {
     start_rate: f64,
     /// The first prediction made with the link measured (and when), and the latest.
     first_prediction: Option<(f64, Prediction)>,
+    /// What the first prediction rested on: the report shows it beside the figures.
+    first_basis: Option<Observation>,
     last_prediction: Option<(f64, Prediction)>,
     pub steps: Vec<Step>,
 }
@@ -149,6 +151,7 @@ impl Steering {
             rate: 0.0,
             start_rate: 0.0,
             first_prediction: None,
+            first_basis: None,
             last_prediction: None,
             steps: Vec::new(),
         }
@@ -158,6 +161,12 @@ impl Steering {
     /// measured, and when it was made.
     pub fn prediction(&self) -> Option<(f64, Prediction)> {
         self.first_prediction.or(self.last_prediction)
+    }
+
+    /// The observation the first prediction was made from (None: the migration
+    /// ended before one was).
+    pub fn prediction_basis(&self) -> Option<&Observation> {
+        self.first_basis.as_ref()
     }
 
     pub fn policy_name(&self) -> &str {
@@ -356,6 +365,7 @@ impl Steering {
         if obs.link_bytes_per_sec.is_some() && measured {
             if self.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
                 self.first_prediction = Some((obs.t_ms, d.prediction));
+                self.first_basis = Some(obs.clone());
             }
             self.last_prediction = Some((obs.t_ms, d.prediction));
         }
