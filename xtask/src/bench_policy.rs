@@ -442,8 +442,10 @@ fn fill_disks(dir: &Path, vm: &toml::Table) -> Result<()> {
     Ok(())
 }
 
-/// One MiB of disk contents: random bytes, or words drawn at random (which compress
-/// about as prose does).
+/// One MiB of disk contents: random bytes, or text: seven words in ten common ones,
+/// the rest made of random syllables, which compresses as the guest's own text does
+/// (zstd:3 about 2.6x, lz4 1.6x; a few common words alone would compress 14x and
+/// mislead every figure measured on the disks' first copy).
 fn fill_block(block: &mut [u8], state: &mut u64, random: bool) {
     const WORDS: &[&str] = &[
         "the",
@@ -481,6 +483,8 @@ fn fill_block(block: &mut [u8], state: &mut u64, random: bool) {
         "round",
         "block",
     ];
+    const CONSONANTS: &[u8] = b"bcdfghjklmnprstv";
+    const VOWELS: &[u8] = b"aeiou";
     let mut next = || {
         // xorshift64*: fast, and plenty for filler.
         *state ^= *state >> 12;
@@ -495,16 +499,30 @@ fn fill_block(block: &mut [u8], state: &mut u64, random: bool) {
         }
         return;
     }
+    let mut word = Vec::with_capacity(16);
     let mut at = 0;
+    let mut count = 0u32;
     while at < block.len() {
-        let w = WORDS[(next() % WORDS.len() as u64) as usize].as_bytes();
-        for &b in w.iter().chain(b" ") {
-            if at == block.len() {
-                break;
+        word.clear();
+        let r = next();
+        if r % 10 < 7 {
+            word.extend_from_slice(WORDS[((r >> 8) % WORDS.len() as u64) as usize].as_bytes());
+        } else {
+            for _ in 0..=(r >> 8) % 3 {
+                let s = next();
+                word.push(CONSONANTS[(s % CONSONANTS.len() as u64) as usize]);
+                word.push(VOWELS[((s >> 8) % VOWELS.len() as u64) as usize]);
             }
-            block[at] = b;
-            at += 1;
         }
+        count += 1;
+        word.extend_from_slice(if count.is_multiple_of(12) {
+            b". "
+        } else {
+            b" "
+        });
+        let n = word.len().min(block.len() - at);
+        block[at..at + n].copy_from_slice(&word[..n]);
+        at += n;
     }
 }
 
