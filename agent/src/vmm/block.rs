@@ -51,6 +51,9 @@ pub struct Disk {
     /// A running storage migration of this disk. Guest writes take this lock, so a
     /// copy step (which holds it while it copies a chunk) never interleaves with one.
     job: std::sync::Mutex<Option<CopyJob>>,
+    /// Bumped whenever the write cap changes: a write the old cap is holding back
+    /// completes at once (a pause must not wait out a cap it is about to lift).
+    limit_epoch: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -181,6 +184,8 @@ impl DiskSet {
     /// cap already delayed.
     pub fn limit_writes(&self, bytes_per_sec: Option<u64>) {
         for d in &self.disks {
+            d.limit_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             if let Some(job) = d.job().as_mut() {
                 let delayed = job
                     .throttle
@@ -306,6 +311,7 @@ impl Disk {
                     file,
                 }),
                 job: std::sync::Mutex::new(None),
+                limit_epoch: std::sync::atomic::AtomicU64::new(0),
             },
             !existed,
         ))
@@ -441,8 +447,19 @@ impl Disk {
         drop(b);
         drop(job);
         if let Some(wait) = wait {
-            // The guest's vCPU waits here, with no lock held: its write completes late.
-            std::thread::sleep(wait);
+            // The guest's vCPU waits here, with no lock held: its write completes late,
+            // or as soon as the cap changes.
+            let epoch = self.limit_epoch.load(std::sync::atomic::Ordering::Acquire);
+            let until = std::time::Instant::now() + wait;
+            loop {
+                let now = std::time::Instant::now();
+                if now >= until
+                    || self.limit_epoch.load(std::sync::atomic::Ordering::Acquire) != epoch
+                {
+                    break;
+                }
+                std::thread::sleep((until - now).min(std::time::Duration::from_millis(1)));
+            }
         }
         Ok(())
     }
