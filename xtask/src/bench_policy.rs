@@ -444,8 +444,9 @@ fn fill_disks(dir: &Path, vm: &toml::Table) -> Result<()> {
 
 /// One MiB of disk contents: random bytes, or text: seven words in ten common ones,
 /// the rest made of random syllables, which compresses as the guest's own text does
-/// (zstd:3 about 2.6x, lz4 1.6x; a few common words alone would compress 14x and
-/// mislead every figure measured on the disks' first copy).
+/// (zstd:3 about 2.6x, lz4 1.6x; a few common words alone compress several times
+/// more and would set the ratio the disks' first copy measures). The words are not
+/// the guest's corpus (`agent/src/guest/corpus.rs`): xtask does not link the agent.
 fn fill_block(block: &mut [u8], state: &mut u64, random: bool) {
     const WORDS: &[&str] = &[
         "the",

@@ -1063,7 +1063,6 @@ impl Sender<'_> {
         self.stats.raw_bytes += e.pages_sent * PAGE as u64;
     }
 
-    /// Compresses a sample of the working set's non-zero pages with every codec.
     /// How long one core takes to compress `bytes` with the codec in force, as the
     /// codec sample measured it (0 for raw pages or before a sample).
     fn compress_secs(&self, bytes: f64) -> f64 {
@@ -1083,6 +1082,7 @@ impl Sender<'_> {
             .map_or(0.0, |s| bytes / s)
     }
 
+    /// Compresses a sample of the working set's non-zero pages with every codec.
     fn sample_codecs(&self) {
         let (samples, zero) = sample_pages(self.m);
         if let Some(p) = lock(&self.m.migration).as_mut() {
@@ -1219,9 +1219,9 @@ impl Sender<'_> {
         self.publish(Phase::Switchover);
         // A guest write the disk cap is holding back would hold the pause as long
         // (64 KiB at 2.4 MB/s is 27 ms): the guest stops now, and whatever it writes
-        // until then goes with the last blocks anyway.
-        let disk_cap = self.params.copy_storage && self.settings.disk_write_limit.is_some();
-        if disk_cap {
+        // until then goes with the last blocks anyway. (Whatever the cap in force:
+        // `set-params` may have set one since this thread last looked.)
+        if self.params.copy_storage {
             self.m.disks.limit_writes(None);
         }
         let t_pause = Instant::now();
@@ -1231,14 +1231,10 @@ impl Sender<'_> {
         // The guest is stopped now: the last pages go at full speed (as QEMU lifts
         // its rate limit for the completion stage), its disks are uncapped.
         self.settings.bandwidth = None;
-        if disk_cap {
-            self.settings.disk_write_limit = None;
-        }
+        self.settings.disk_write_limit = None;
         if let Some(live) = lock(&self.m.live).as_mut() {
             live.settings.bandwidth = None;
-            if disk_cap {
-                live.settings.disk_write_limit = None;
-            }
+            live.settings.disk_write_limit = None;
         }
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything dirtied since the last fetch, including by devices.

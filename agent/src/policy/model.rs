@@ -131,11 +131,7 @@ pub fn precopy(
             expect_down += stop * (pause * 1e3 + SWITCH_MS);
             going -= stop;
             if going < 1e-3 {
-                return Prediction {
-                    total_ms: expect_total / (1.0 - going),
-                    downtime_ms: expect_down / (1.0 - going),
-                    converges: true,
-                };
+                break;
             }
         }
         // Rounds that stop shrinking never will.
@@ -146,7 +142,8 @@ pub fn precopy(
         r = next;
     }
     if going < 1.0 {
-        // It switched over on some paths; those that ran on are cut off here.
+        // It switched over on some paths (those still running, if any, are cut off
+        // here).
         return Prediction {
             total_ms: expect_total / (1.0 - going),
             downtime_ms: expect_down / (1.0 - going),
@@ -167,8 +164,9 @@ pub fn precopy(
 /// send goes in smaller batches: [`batch_pages`](crate::migration::source::batch_pages)).
 fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
     use crate::migration::source::{BATCH, batch_pages};
-    let first = batch_pages((bytes / PAGE).ceil() as usize, BATCH);
-    stream.pause_fill_s * (first.min((bytes / PAGE).ceil() as usize) as f64 / BATCH as f64)
+    let pages = (bytes / PAGE).ceil() as usize;
+    let first = batch_pages(pages, BATCH).min(pages);
+    stream.pause_fill_s * first as f64 / BATCH as f64
 }
 
 fn disk_sync_s(stream: &Stream) -> f64 {

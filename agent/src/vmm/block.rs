@@ -51,9 +51,10 @@ pub struct Disk {
     /// A running storage migration of this disk. Guest writes take this lock, so a
     /// copy step (which holds it while it copies a chunk) never interleaves with one.
     job: std::sync::Mutex<Option<CopyJob>>,
-    /// Bumped whenever the write cap changes: a write the old cap is holding back
-    /// completes at once (a pause must not wait out a cap it is about to lift).
-    limit_epoch: std::sync::atomic::AtomicU64,
+    /// Bumped, and its waiters woken, whenever the write cap changes: a write the old
+    /// cap is holding back completes at once (a pause must not wait out a cap it is
+    /// about to lift).
+    limit_changed: (std::sync::Mutex<u64>, std::sync::Condvar),
 }
 
 #[derive(Debug)]
@@ -184,8 +185,9 @@ impl DiskSet {
     /// cap already delayed.
     pub fn limit_writes(&self, bytes_per_sec: Option<u64>) {
         for d in &self.disks {
-            d.limit_epoch
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let (epoch, changed) = &d.limit_changed;
+            *epoch.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            changed.notify_all();
             if let Some(job) = d.job().as_mut() {
                 let delayed = job
                     .throttle
@@ -311,7 +313,7 @@ impl Disk {
                     file,
                 }),
                 job: std::sync::Mutex::new(None),
-                limit_epoch: std::sync::atomic::AtomicU64::new(0),
+                limit_changed: Default::default(),
             },
             !existed,
         ))
@@ -449,17 +451,11 @@ impl Disk {
         if let Some(wait) = wait {
             // The guest's vCPU waits here, with no lock held: its write completes late,
             // or as soon as the cap changes.
-            let epoch = self.limit_epoch.load(std::sync::atomic::Ordering::Acquire);
-            let until = std::time::Instant::now() + wait;
-            loop {
-                let now = std::time::Instant::now();
-                if now >= until
-                    || self.limit_epoch.load(std::sync::atomic::Ordering::Acquire) != epoch
-                {
-                    break;
-                }
-                std::thread::sleep((until - now).min(std::time::Duration::from_millis(1)));
-            }
+            let (epoch, changed) = &self.limit_changed;
+            let guard = epoch.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = *guard;
+            // Poisoning only means another waiter panicked; the wait is over either way.
+            let _ = changed.wait_timeout_while(guard, wait, |e| *e == seen);
         }
         Ok(())
     }
@@ -540,6 +536,46 @@ mod tests {
             !log_path(&c.path).exists(),
             "the write log goes with the image"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_write_the_cap_holds_completes_when_the_cap_is_lifted() {
+        let dir = std::env::temp_dir().join(format!("ferry-block-cap-{}", std::process::id()));
+        let c = cfg(&dir, "a");
+        let set = DiskSet::open(std::slice::from_ref(&c)).unwrap();
+        let d = &set.disks[0];
+        *d.job() = Some(CopyJob {
+            target: None,
+            dirty: super::super::dirty::DirtyBitmap::new(16),
+            active: false,
+            added_us: Vec::new(),
+            // One byte a second: the write would wait most of a day.
+            throttle: Some(WriteThrottle::new(1)),
+        });
+        let data = vec![7u8; 4096];
+        std::thread::scope(|scope| {
+            // SAFETY: `data` is a live 4 KiB buffer for the whole scope.
+            let writer = scope.spawn(|| unsafe { d.write_from(0, data.as_ptr(), 4096) });
+            // Held back: the cap charged it a delay.
+            while d
+                .job()
+                .as_ref()
+                .and_then(|j| j.throttle.as_ref())
+                .map(|t| t.delayed)
+                == Some(std::time::Duration::ZERO)
+            {
+                std::thread::yield_now();
+            }
+            // Lifting the cap lets it complete (again until it has, in case the lift
+            // came between its charge and its wait).
+            while !writer.is_finished() {
+                set.limit_writes(None);
+                std::thread::yield_now();
+            }
+            assert_eq!(writer.join().unwrap(), Ok(()));
+        });
+        drop(set);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
