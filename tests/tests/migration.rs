@@ -198,8 +198,10 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 )
             })
         });
+        // This migration's progress, not the last one's (which stays in the status).
         busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
-            s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
+            s["migration"]["phase"] == "precopy"
+                && s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
         });
         // While it runs, the migration alone pauses and resumes the VM.
         for cmd in ["pause", "resume"] {
