@@ -686,11 +686,17 @@ pub fn run(args: &[&str]) -> Result<()> {
             }
         }
         // Round robin over the policies, so that a slow spell of this shared host falls
-        // on every policy's runs alike rather than on whichever ran through it.
+        // on every policy's runs alike rather than on whichever ran through it; each
+        // round starts one policy later, so that no policy always runs first after the
+        // warm-up or always follows the same one (a preset that rewrites the disk for
+        // 30 s leaves a different disk behind than one that finishes in 5).
         let mut runs: Vec<Vec<Run>> = o.policies.iter().map(|_| Vec::new()).collect();
         let runnable = |p: &str| p != "libvirt-postcopy-after-precopy" || s.allow_postcopy;
+        let n = o.policies.len();
         for i in 0..s.repeats {
-            for (policy, runs) in o.policies.iter().zip(runs.iter_mut()) {
+            for k in 0..n {
+                let at = (k + i as usize) % n;
+                let (policy, runs) = (&o.policies[at], &mut runs[at]);
                 // A row is completed only if every run is: one miss decides it.
                 if !runnable(policy) || runs.iter().any(|r| !r.ok()) {
                     continue;
