@@ -50,6 +50,7 @@ pub fn run(
         disk_dirty_bytes_per_sec: None,
         disk_pending_bytes: 0.0,
         disk_compression_ratio: None,
+        disk_written_compression_ratio: None,
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

@@ -196,6 +196,7 @@ impl Steering {
             disk_dirty_bytes_per_sec: None,
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
         };
         let d = self.policy.decide(&obs, &self.limits);
         self.applied = d.settings.clone();
@@ -254,6 +255,7 @@ impl Steering {
             disk_dirty_bytes_per_sec: get(p, "disk_dirty_bytes_per_sec").as_f64(),
             disk_pending_bytes: get(p, "disk_bytes_pending").as_f64().unwrap_or(0.0),
             disk_compression_ratio: get(p, "disk_compression_ratio").as_f64(),
+            disk_written_compression_ratio: get(p, "disk_written_compression_ratio").as_f64(),
         }
     }
 

@@ -53,7 +53,7 @@ impl Sender<'_> {
             todo.push(set);
         }
         self.stats.disk_round_at = Some(std::time::Instant::now());
-        self.disks_send(todo, true)
+        self.disks_send(todo, true, false)
     }
 
     /// The guest's disk dirty rate from what it dirtied since the dirty sets were
@@ -99,13 +99,19 @@ impl Sender<'_> {
             todo.push(set);
         }
         self.stats.disk_round_at = Some(std::time::Instant::now());
-        self.disks_send(todo, !last)
+        self.disks_send(todo, !last, true)
     }
 
     /// Sends the blocks of `todo`; `running`: between them, as between page batches,
     /// a cancel, the time limit and new settings are heeded and progress published
-    /// (a first copy of a large disk over a slow link takes a while).
-    fn disks_send(&mut self, todo: Vec<DirtyBitmap>, running: bool) -> Result<(), MigrateError> {
+    /// (a first copy of a large disk over a slow link takes a while); `written`: blocks
+    /// the guest wrote since their first copy.
+    fn disks_send(
+        &mut self,
+        todo: Vec<DirtyBitmap>,
+        running: bool,
+        written: bool,
+    ) -> Result<(), MigrateError> {
         self.stats.disk_pending = todo.iter().map(|s| s.count() * COPY_BLOCK).sum();
         let mut buf = Aligned::new();
         for (i, set) in todo.iter().enumerate() {
@@ -128,7 +134,7 @@ impl Sender<'_> {
                         }
                     }
                 }
-                self.disk_chunk(i as u32, at, buf.get(len))?;
+                self.disk_chunk(i as u32, at, buf.get(len), written)?;
                 self.stats.disk_pending = self.stats.disk_pending.saturating_sub(len as u64);
                 if running {
                     self.check_cancel()?;
@@ -140,7 +146,13 @@ impl Sender<'_> {
 
     /// Sends disk bytes read at `at`: zero runs as their length, the rest with the
     /// migration's current codec (stored raw where it does not shrink).
-    fn disk_chunk(&mut self, disk: u32, at: u64, bytes: &[u8]) -> Result<(), MigrateError> {
+    fn disk_chunk(
+        &mut self,
+        disk: u32,
+        at: u64,
+        bytes: &[u8],
+        written: bool,
+    ) -> Result<(), MigrateError> {
         let codec = self.settings.codec;
         let wire_before = self.stats.bytes_on_wire;
         let mut out = Vec::new();
@@ -178,6 +190,14 @@ impl Sender<'_> {
         let (raw, wired) = &mut self.stats.disk_recent;
         *raw = *raw * keep + bytes.len() as f64;
         *wired = *wired * keep + wire as f64;
+        if written {
+            // Apart: the first copy's long runs of similar blocks compress far better
+            // than the scattered ones a round re-sends (with zstd:3, 14.8 against 3.3
+            // measured on a lab disk the guest had rewritten whole).
+            let (raw, wired) = &mut self.stats.disk_written;
+            *raw = *raw * keep + bytes.len() as f64;
+            *wired = *wired * keep + wire as f64;
+        }
         Ok(())
     }
 

@@ -273,6 +273,9 @@ pub struct Progress {
     pub disk_bytes_pending: Option<u64>,
     /// `--copy-storage`: disk bytes sent over the wire bytes they took, lately.
     pub disk_compression_ratio: Option<f64>,
+    /// `--copy-storage`: the same for the blocks the guest wrote since their first
+    /// copy, which go scattered and compress less than the first copy's long runs.
+    pub disk_written_compression_ratio: Option<f64>,
     /// The first pass's short-window dirty rates (see `dirty_windows`).
     pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
     pub report: Option<Report>,
@@ -388,6 +391,9 @@ pub(super) struct Stats {
     /// Disk bytes and their wire bytes over the last few MiB sent (older ones
     /// fading), for predictions under the codec in force.
     pub(super) disk_recent: (f64, f64),
+    /// The same for the blocks re-sent because the guest wrote them: those of the
+    /// rounds and of the pause.
+    pub(super) disk_written: (f64, f64),
 }
 
 pub(super) struct Sender<'a> {
@@ -440,6 +446,7 @@ impl Progress {
             disk_dirty_bytes_per_sec: None,
             disk_bytes_pending: None,
             disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
             dirty_windows: None,
             report: None,
         }
@@ -550,12 +557,20 @@ fn new_stats(t0: Instant) -> Stats {
         disk_pending: 0,
         disk_wire_bytes: 0,
         disk_recent: (0.0, 0.0),
+        disk_written: (0.0, 0.0),
     }
 }
 
 /// Disk bytes sent over their wire bytes lately (None before any went).
 fn disk_ratio(s: &Stats) -> Option<f64> {
     let (raw, wire) = s.disk_recent;
+    (wire > 0.0).then(|| raw / wire)
+}
+
+/// The guest's written blocks' bytes over their wire bytes lately (None before a
+/// round sent any).
+fn disk_written_ratio(s: &Stats) -> Option<f64> {
+    let (raw, wire) = s.disk_written;
     (wire > 0.0).then(|| raw / wire)
 }
 
@@ -637,6 +652,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
     p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
     p.disk_compression_ratio = disk_ratio(s);
+    p.disk_written_compression_ratio = disk_written_ratio(s);
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -1165,7 +1181,10 @@ impl Sender<'_> {
             // Predicted downtime: the remaining dirty set at the measured rate; the
             // device state is a few KB and adds nothing measurable.
             let bw = bandwidth(&self.stats).max(1.0);
-            let disk_ratio = disk_ratio(&self.stats).unwrap_or(ratio(&self.stats));
+            // The blocks left are ones the guest wrote: scattered, they compress
+            // unlike the first copy's long runs (until a round measured them, as
+            // pages do).
+            let disk_ratio = disk_written_ratio(&self.stats).unwrap_or(ratio(&self.stats));
             let wire_bytes = count as f64 * PAGE as f64 / ratio(&self.stats).max(1e-3)
                 + self.disks_dirty_bytes() as f64 / disk_ratio.max(1e-3);
             // A codec slower than the link makes the pause wait on the CPU instead
@@ -1180,6 +1199,7 @@ impl Sender<'_> {
                 overhead_ms = self.stats.round_overhead.as_secs_f64() * 1e3,
                 predicted_ms,
                 bandwidth = bw,
+                disk_ratio,
                 "pre-copy round"
             );
             let limit = self.settings.max_downtime_ms as f64;
@@ -1217,15 +1237,33 @@ impl Sender<'_> {
     ) -> Result<(), MigrateError> {
         self.wait_prepared()?;
         self.publish(Phase::Switchover);
-        // A guest write the disk cap is holding back would hold the pause as long
-        // (64 KiB at 2.4 MB/s is 27 ms): the guest stops now, and whatever it writes
-        // until then goes with the last blocks anyway. (Whatever the cap in force:
-        // `set-params` may have set one since this thread last looked.)
-        if self.params.copy_storage {
-            self.m.disks.limit_writes(None);
-        }
+        let before = crate::vmm::machine::monotonic_ns();
+        let quiet = self
+            .m
+            .last_heartbeats_ns()
+            .iter()
+            .filter(|&&h| h > 0)
+            .map(|&h| before.saturating_sub(h))
+            .max()
+            .unwrap_or(0);
+        // The guest's downtime runs from its last heartbeat: a vCPU held in a capped
+        // disk write before the pause is part of it.
+        tracing::debug!(
+            "handover: the guest's last heartbeat came {:.3} ms before the pause",
+            quiet as f64 / 1e6
+        );
         let t_pause = Instant::now();
         let mut lap = super::Lap::new();
+        if self.params.copy_storage {
+            // A guest write the disk cap is holding back would hold the pause as long
+            // (64 KiB at 2.4 MB/s is 27 ms). The vCPUs are told to stop first, then the
+            // cap goes: the held write completes at once and its vCPU parks rather
+            // than run on uncapped (a guest behind its own pace would burst, and the
+            // pause would carry the burst). Whatever the cap in force: `set-params`
+            // may have set one since this thread last looked.
+            self.m.request_pause();
+            self.m.disks.limit_writes(None);
+        }
         self.m.pause()?;
         lap.mark("paused");
         // The guest is stopped now: the last pages go at full speed (as QEMU lifts

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::disk::held_write_s;
 use super::model::{
     ROUND_OVERHEAD_PRIOR_MS, Stream, dirtied, pipeline_fill_s, postcopy, precopy, throughput,
 };
@@ -12,6 +13,7 @@ use super::{
     Stage,
 };
 use crate::migration::codec::Codec;
+use crate::vmm::block::COPY_BLOCK;
 
 /// No setting changes again sooner than this after it changed.
 pub const HOLD_MS: f64 = 1000.0;
@@ -306,18 +308,25 @@ impl Policy for Adaptive {
             })
             .map_or(memory, |p| p * PAGE);
         // Disk bytes as the page bytes that take as long on the wire: they compress
-        // unlike pages.
-        let disk_scale = obs.disk_compression_ratio.map_or(1.0, |r| {
-            perf(self.current.codec).ratio.max(1.0) / r.max(1e-3)
-        });
+        // unlike pages, and the blocks the guest writes (what the rounds and the
+        // pause carry) unlike the first copy's long runs.
+        let page_ratio = perf(self.current.codec).ratio.max(1.0);
+        let scale = |r: Option<f64>| r.map_or(1.0, |r| page_ratio / r.max(1e-3));
+        let disk_scale = scale(obs.disk_written_compression_ratio);
+        let first_pass = matches!(obs.stage, Stage::FirstPass | Stage::Starting);
         let remaining = obs.remaining_pages as f64
             * PAGE
-            * if obs.stage == Stage::FirstPass || obs.stage == Stage::Starting {
+            * if first_pass {
                 1.0 - obs.zero_fraction.clamp(0.0, 1.0)
             } else {
                 1.0
             }
-            + obs.disk_pending_bytes * disk_scale;
+            + obs.disk_pending_bytes
+                * if first_pass {
+                    scale(obs.disk_compression_ratio)
+                } else {
+                    disk_scale
+                };
 
         let Some(tput) = pages_per_sec else {
             return Decision {
@@ -373,6 +382,10 @@ impl Policy for Adaptive {
                     pause_fill_s: fill_s,
                     disk_bytes_per_sec: disk_demand
                         .map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale),
+                    held_write_s: match (disk_cap, disk_demand) {
+                        (Some(c), Some(d)) => held_write_s(COPY_BLOCK as f64, c, d),
+                        _ => 0.0,
+                    },
                 },
                 limit_s,
             )
@@ -640,6 +653,7 @@ mod tests {
             disk_dirty_bytes_per_sec: disk,
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
         }
     }
 

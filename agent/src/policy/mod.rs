@@ -208,6 +208,9 @@ pub struct Observation {
     pub disk_pending_bytes: f64,
     /// Disk bytes over the wire bytes they take (None: not measured; as pages).
     pub disk_compression_ratio: Option<f64>,
+    /// The same for blocks the guest wrote since their first copy, which the rounds
+    /// and the pause send (None: none sent yet; as pages).
+    pub disk_written_compression_ratio: Option<f64>,
 }
 
 /// What the settings in force are.

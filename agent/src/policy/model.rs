@@ -59,6 +59,10 @@ pub struct Stream {
     /// Disks that travel: disk bytes the guest dirties per second, which each round
     /// (and the pause) sends beside the pages. None: no disks travel.
     pub disk_bytes_per_sec: Option<f64>,
+    /// How long the guest has, on average, already been held in a capped disk write
+    /// when the pause comes: its downtime counts from its last step, not from the
+    /// pause ([`held_write_s`](super::disk::held_write_s)).
+    pub held_write_s: f64,
 }
 
 /// Half the band of the dirty set's round-to-round ratio in which the model cannot
@@ -125,7 +129,8 @@ pub fn precopy(
             } else {
                 p_another_round(next, r)
             };
-            let pause = down + pause_fill_s(&stream, next) + disk_sync_s(&stream);
+            let pause =
+                down + pause_fill_s(&stream, next) + disk_sync_s(&stream) + stream.held_write_s;
             let stop = going * fits * (1.0 - another);
             expect_total += stop * ((total + pause) * 1e3 + SWITCH_MS);
             expect_down += stop * (pause * 1e3 + SWITCH_MS);
@@ -154,7 +159,11 @@ pub fn precopy(
     let steady = dirtied(dirty, set, r / t).max(r.min(set));
     Prediction {
         total_ms: f64::INFINITY,
-        downtime_ms: (steady / t + pause_fill_s(&stream, steady) + disk_sync_s(&stream)) * 1e3
+        downtime_ms: (steady / t
+            + pause_fill_s(&stream, steady)
+            + disk_sync_s(&stream)
+            + stream.held_write_s)
+            * 1e3
             + SWITCH_MS,
         converges: false,
     }
@@ -252,6 +261,7 @@ mod tests {
             round_overhead_s: 0.005,
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
+            held_write_s: 0.0,
         };
         let downs: Vec<f64> = (0..=60)
             .map(|i| {
@@ -285,6 +295,7 @@ mod tests {
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
+            held_write_s: 0.0,
         };
         let p = precopy(gib, 0.0, 20e6, gib, link, 0.3);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
@@ -304,6 +315,7 @@ mod tests {
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
+            held_write_s: 0.0,
         };
         let costly = Stream {
             round_overhead_s: 0.05,
@@ -326,6 +338,7 @@ mod tests {
             round_overhead_s: 0.002,
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
+            held_write_s: 0.0,
         };
         let with_disks = Stream {
             disk_bytes_per_sec: Some(64e6),

@@ -169,6 +169,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 disk_dirty_bytes_per_sec: None,
                 disk_pending_bytes: 0.0,
                 disk_compression_ratio: None,
+                disk_written_compression_ratio: None,
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
@@ -545,6 +546,7 @@ mod tests {
             disk_dirty_bytes_per_sec: None,
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
         };
         let d = a.decide(&obs, &limits);
         assert_eq!(d.settings.codec, Codec::Lz4);

@@ -185,9 +185,6 @@ impl DiskSet {
     /// cap already delayed.
     pub fn limit_writes(&self, bytes_per_sec: Option<u64>) {
         for d in &self.disks {
-            let (epoch, changed) = &d.limit_changed;
-            *epoch.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-            changed.notify_all();
             if let Some(job) = d.job().as_mut() {
                 let delayed = job
                     .throttle
@@ -199,6 +196,11 @@ impl DiskSet {
                     t
                 });
             }
+            // After the new cap is in place: a write that drew its wait from the old
+            // one saw the epoch before this (see `write_from`) and stops waiting.
+            let (epoch, changed) = &d.limit_changed;
+            *epoch.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            changed.notify_all();
         }
     }
 
@@ -444,16 +446,24 @@ impl Disk {
             } else {
                 (fresh * COPY_BLOCK) as usize
             };
-            wait = job.throttle.as_mut().map(|t| t.take(charge));
+            // The cap's epoch is read with the wait it sets, under the job lock a change
+            // of cap takes too: a change after this point ends the wait.
+            wait = job.throttle.as_mut().map(|t| {
+                let seen = *self
+                    .limit_changed
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                (t.take(charge), seen)
+            });
         }
         drop(b);
         drop(job);
-        if let Some(wait) = wait {
+        if let Some((wait, seen)) = wait {
             // The guest's vCPU waits here, with no lock held: its write completes late,
             // or as soon as the cap changes.
             let (epoch, changed) = &self.limit_changed;
             let guard = epoch.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = *guard;
             // Poisoning only means another waiter panicked; the wait is over either way.
             let _ = changed.wait_timeout_while(guard, wait, |e| *e == seen);
         }
