@@ -390,6 +390,10 @@ impl Steering {
         if s.throttle_pct != self.applied.throttle_pct {
             changed.push(("throttle_pct", "throttle_pct", json!(s.throttle_pct)));
         }
+        let target = |s: &Settings| s.max_downtime_ms.floor().max(1.0) as u64;
+        if target(s) != target(&self.applied) {
+            changed.push(("max_downtime_ms", "max_downtime_ms", json!(target(s))));
+        }
         if s.disk_write_limit_mbps != self.applied.disk_write_limit_mbps {
             changed.push((
                 "disk_write_limit_mbps",
@@ -418,6 +422,7 @@ impl Steering {
                 self.applied.throttle_pct = s.throttle_pct;
                 self.applied.bandwidth_mbit = s.bandwidth_mbit;
                 self.applied.disk_write_limit_mbps = s.disk_write_limit_mbps;
+                self.applied.max_downtime_ms = s.max_downtime_ms;
             }
         }
         if s.postcopy && !self.applied.postcopy {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use super::disk::held_write_s;
 use super::model::{
-    ROUND_OVERHEAD_PRIOR_MS, Stream, dirtied, pipeline_fill_s, postcopy, precopy, throughput,
+    ROUND_OVERHEAD_PRIOR_MS, SWITCH_MS, Stream, dirtied, disk_sync_s, pipeline_fill_s, postcopy,
+    precopy, switchover_target_s, throughput,
 };
 use super::{
     CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
@@ -214,7 +215,6 @@ impl Policy for Adaptive {
             (l, c) => l.or(c),
         };
         self.current.bandwidth_mbit = limits.bandwidth_mbit;
-        self.current.max_downtime_ms = limits.max_downtime_ms;
 
         // The codec: whichever moves the most page bytes over this link within the
         // CPU budget, measured on this VM's pages.
@@ -370,24 +370,26 @@ impl Policy for Adaptive {
             self.disk_demand.max(r)
         });
         let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
+        let stream = |disk_cap: Option<f64>| Stream {
+            bytes_per_sec: tput,
+            round_overhead_s,
+            pause_fill_s: fill_s,
+            disk_bytes_per_sec: disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale),
+            held_write_s: match (disk_cap, disk_demand) {
+                (Some(c), Some(d)) => held_write_s(COPY_BLOCK as f64, c, d),
+                _ => 0.0,
+            },
+        };
+        // The VMM switches over by its own test, against the target handed to it.
         let with_disk = |pct: u32, disk_cap: Option<f64>| {
+            let s = stream(disk_cap);
             precopy(
                 remaining,
                 elapsed,
                 response.rate(pct),
                 set,
-                Stream {
-                    bytes_per_sec: tput,
-                    round_overhead_s,
-                    pause_fill_s: fill_s,
-                    disk_bytes_per_sec: disk_demand
-                        .map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale),
-                    held_write_s: match (disk_cap, disk_demand) {
-                        (Some(c), Some(d)) => held_write_s(COPY_BLOCK as f64, c, d),
-                        _ => 0.0,
-                    },
-                },
-                limit_s,
+                s,
+                switchover_target_s(limit_s, &s),
             )
         };
         let max_throttle = limits.max_throttle_pct.min(99);
@@ -439,6 +441,37 @@ impl Policy for Adaptive {
             held
         };
         let with = |pct: u32| with_disk(pct, disk_cap);
+        // The switchover moment: once the VMM estimates the pause's bytes under a target
+        // that leaves room in the limit for what else the pause costs (a peer compares
+        // its estimate with the limit itself, and overruns it by those costs).
+        let chosen = stream(disk_cap);
+        let target_ms = (switchover_target_s(limit_s, &chosen) * 1e3)
+            .floor()
+            .max(1.0);
+        self.current.max_downtime_ms = target_ms;
+        let mut besides = vec![format!("{SWITCH_MS:.0} ms for the handover")];
+        if chosen.disk_bytes_per_sec.is_some() {
+            besides.push(format!(
+                "{:.0} ms for the destination to sync its disks",
+                disk_sync_s(&chosen) * 1e3
+            ));
+        }
+        if chosen.held_write_s > 0.0 {
+            besides.push(format!(
+                "{:.0} ms a capped disk write holds the guest before it, on average",
+                chosen.held_write_s * 1e3
+            ));
+        }
+        reasons.push(Reason {
+            setting: "max_downtime_ms",
+            value: format!("{target_ms:.0}"),
+            why: format!(
+                "switch over once the last bytes take {target_ms:.0} ms on the wire: the {:.0} \
+                 ms limit less {}",
+                limits.max_downtime_ms,
+                besides.join(", ")
+            ),
+        });
         let (want, pinned) = (least_throttle(disk_cap), pinned_throttle.is_some());
         // Post-copy: the rest follows after the first pass (or now, if that is over).
         let post = {
@@ -708,6 +741,42 @@ mod tests {
         later.t_ms += 2_000.0;
         let d = e.decide(&later, &limits);
         assert_eq!(d.settings.disk_write_limit_mbps, Some(cap));
+    }
+
+    #[test]
+    fn the_switchover_target_leaves_the_limit_room_for_the_rest_of_the_pause() {
+        let limits = rounds_limits();
+        let target = |d: &Decision| {
+            let r = d.reasons.iter().find(|r| r.setting == "max_downtime_ms");
+            (d.settings.max_downtime_ms, r.map(|r| r.why.clone()))
+        };
+        // Memory only: the handover comes off the 100 ms.
+        let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(None), &limits);
+        let (ms, why) = target(&d);
+        assert_eq!(ms, 100.0 - SWITCH_MS, "{why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("handover")),
+            "{why:?}"
+        );
+        // Disks travel: their sync too; held back, a held write as well.
+        let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(Some(10e6)), &limits);
+        let (carried, why) = target(&d);
+        assert!(carried < ms, "{carried} {why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("sync")),
+            "{why:?}"
+        );
+        let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(Some(150e6)), &limits);
+        let (held, why) = target(&d);
+        assert!(d.settings.disk_write_limit_mbps.is_some(), "{d:?}");
+        assert!(held < carried && held >= 50.0, "{held} {why:?}");
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("holds the guest")),
+            "{why:?}"
+        );
+        // The prediction is of the whole downtime, within the limit.
+        assert!(d.prediction.downtime_ms <= limits.max_downtime_ms, "{d:?}");
     }
 
     #[test]

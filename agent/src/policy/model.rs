@@ -178,7 +178,18 @@ fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
     stream.pause_fill_s * first as f64 / BATCH as f64
 }
 
-fn disk_sync_s(stream: &Stream) -> f64 {
+/// The target the VMM's convergence test holds its estimate of the pause's bytes to
+/// (`max_downtime_ms` in its settings), seconds. The operator's `limit_s` covers the
+/// guest's whole downtime, so what the pause costs beside those bytes comes off it:
+/// the handover, the destination's disk sync, a capped write already holding the
+/// guest. Never below half the limit: those costs are estimates, and a target near
+/// zero would keep pre-copy going for nothing.
+pub fn switchover_target_s(limit_s: f64, stream: &Stream) -> f64 {
+    let fixed = SWITCH_MS / 1e3 + disk_sync_s(stream) + stream.held_write_s;
+    (limit_s - fixed).max(limit_s / 2.0)
+}
+
+pub fn disk_sync_s(stream: &Stream) -> f64 {
     if stream.disk_bytes_per_sec.is_some() {
         DISK_SYNC_MS / 1e3
     } else {
