@@ -83,6 +83,7 @@ pub struct Steering {
     /// What the first prediction rested on: the report shows it beside the figures.
     first_basis: Option<Observation>,
     last_prediction: Option<(f64, Prediction)>,
+    last_basis: Option<Observation>,
     pub steps: Vec<Step>,
 }
 
@@ -153,6 +154,7 @@ impl Steering {
             first_prediction: None,
             first_basis: None,
             last_prediction: None,
+            last_basis: None,
             steps: Vec::new(),
         }
     }
@@ -163,10 +165,10 @@ impl Steering {
         self.first_prediction.or(self.last_prediction)
     }
 
-    /// The observation the first prediction was made from (None: the migration
-    /// ended before one was).
+    /// The observation [`prediction`](Self::prediction) was made from (None: the
+    /// migration ended before one was).
     pub fn prediction_basis(&self) -> Option<&Observation> {
-        self.first_basis.as_ref()
+        self.first_basis.as_ref().or(self.last_basis.as_ref())
     }
 
     pub fn policy_name(&self) -> &str {
@@ -370,6 +372,9 @@ impl Steering {
                 self.first_basis = Some(obs.clone());
             }
             self.last_prediction = Some((obs.t_ms, d.prediction));
+            if self.first_prediction.is_none() {
+                self.last_basis = Some(obs.clone());
+            }
         }
         let why = |setting: &str| {
             d.reasons

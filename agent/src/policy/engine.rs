@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::disk::held_write_s;
 use super::model::{
-    ROUND_OVERHEAD_PRIOR_MS, SWITCH_MS, Stream, dirtied, disk_sync_s, pipeline_fill_s, postcopy,
-    precopy, switchover_target_s, throughput,
+    ROUND_OVERHEAD_PRIOR_MS, SWITCH_MS, Stream, dirtied, disk_sync_s, pause_costs_s,
+    pipeline_fill_s, postcopy, precopy, switchover_target_s, throughput,
 };
 use super::{
     CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
@@ -460,6 +460,16 @@ impl Policy for Adaptive {
             besides.push(format!(
                 "{:.0} ms a capped disk write holds the guest before it, on average",
                 chosen.held_write_s * 1e3
+            ));
+        }
+        let fill_ms = (pause_costs_s(limit_s, &chosen)
+            - SWITCH_MS / 1e3
+            - disk_sync_s(&chosen)
+            - chosen.held_write_s)
+            * 1e3;
+        if fill_ms >= 0.5 {
+            besides.push(format!(
+                "{fill_ms:.0} ms to compress the first batch of the last pages"
             ));
         }
         reasons.push(Reason {

@@ -182,11 +182,20 @@ fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
 /// (`max_downtime_ms` in its settings), seconds. The operator's `limit_s` covers the
 /// guest's whole downtime, so what the pause costs beside those bytes comes off it:
 /// the handover, the destination's disk sync, a capped write already holding the
-/// guest. Never below half the limit: those costs are estimates, and a target near
+/// guest, the wait for the first compressed batch (of a pause about the limit's
+/// size). Never below half the limit: those costs are estimates, and a target near
 /// zero would keep pre-copy going for nothing.
 pub fn switchover_target_s(limit_s: f64, stream: &Stream) -> f64 {
-    let fixed = SWITCH_MS / 1e3 + disk_sync_s(stream) + stream.held_write_s;
-    (limit_s - fixed).max(limit_s / 2.0)
+    (limit_s - pause_costs_s(limit_s, stream)).max(limit_s / 2.0)
+}
+
+/// What a pause of about `limit_s` costs beside its bytes, seconds (see
+/// [`switchover_target_s`]).
+pub fn pause_costs_s(limit_s: f64, stream: &Stream) -> f64 {
+    SWITCH_MS / 1e3
+        + disk_sync_s(stream)
+        + stream.held_write_s
+        + pause_fill_s(stream, limit_s * stream.bytes_per_sec)
 }
 
 pub fn disk_sync_s(stream: &Stream) -> f64 {
