@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::disk::held_write_s;
 use super::model::{
-    ROUND_OVERHEAD_PRIOR_MS, SWITCH_MS, Stream, dirtied, disk_sync_s, pause_costs_s,
-    pipeline_fill_s, postcopy, precopy, switchover_target_s, throughput,
+    PauseCosts, ROUND_OVERHEAD_PRIOR_MS, Stream, dirtied, pipeline_fill_s, postcopy, precopy,
+    switchover_target_s, throughput,
 };
 use super::{
     CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
@@ -449,27 +449,24 @@ impl Policy for Adaptive {
             .floor()
             .max(1.0);
         self.current.max_downtime_ms = target_ms;
-        let mut besides = vec![format!("{SWITCH_MS:.0} ms for the handover")];
-        if chosen.disk_bytes_per_sec.is_some() {
+        let costs = PauseCosts::of(limit_s, &chosen);
+        let mut besides = vec![format!("{:.0} ms for the handover", costs.handover_s * 1e3)];
+        if costs.disk_sync_s > 0.0 {
             besides.push(format!(
                 "{:.0} ms for the destination to sync its disks",
-                disk_sync_s(&chosen) * 1e3
+                costs.disk_sync_s * 1e3
             ));
         }
-        if chosen.held_write_s > 0.0 {
+        if costs.held_write_s > 0.0 {
             besides.push(format!(
                 "{:.0} ms a capped disk write holds the guest before it, on average",
-                chosen.held_write_s * 1e3
+                costs.held_write_s * 1e3
             ));
         }
-        let fill_ms = (pause_costs_s(limit_s, &chosen)
-            - SWITCH_MS / 1e3
-            - disk_sync_s(&chosen)
-            - chosen.held_write_s)
-            * 1e3;
-        if fill_ms >= 0.5 {
+        if costs.fill_s * 1e3 >= 0.5 {
             besides.push(format!(
-                "{fill_ms:.0} ms to compress the first batch of the last pages"
+                "{:.0} ms to compress the first batch of the last pages",
+                costs.fill_s * 1e3
             ));
         }
         reasons.push(Reason {
@@ -659,6 +656,7 @@ fn shift(p: Prediction, t_ms: f64) -> Prediction {
 
 #[cfg(test)]
 mod tests {
+    use super::super::model::SWITCH_MS;
     use super::*;
 
     #[test]

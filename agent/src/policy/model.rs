@@ -186,19 +186,36 @@ fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
 /// size). Never below half the limit: those costs are estimates, and a target near
 /// zero would keep pre-copy going for nothing.
 pub fn switchover_target_s(limit_s: f64, stream: &Stream) -> f64 {
-    (limit_s - pause_costs_s(limit_s, stream)).max(limit_s / 2.0)
+    (limit_s - PauseCosts::of(limit_s, stream).total_s()).max(limit_s / 2.0)
 }
 
-/// What a pause of about `limit_s` costs beside its bytes, seconds (see
+/// What a pause of about `limit_s` costs beside its bytes, part by part, seconds (see
 /// [`switchover_target_s`]).
-pub fn pause_costs_s(limit_s: f64, stream: &Stream) -> f64 {
-    SWITCH_MS / 1e3
-        + disk_sync_s(stream)
-        + stream.held_write_s
-        + pause_fill_s(stream, limit_s * stream.bytes_per_sec)
+#[derive(Debug, Clone, Copy)]
+pub struct PauseCosts {
+    pub handover_s: f64,
+    pub disk_sync_s: f64,
+    pub held_write_s: f64,
+    /// The wait for the first compressed batch.
+    pub fill_s: f64,
 }
 
-pub fn disk_sync_s(stream: &Stream) -> f64 {
+impl PauseCosts {
+    pub fn of(limit_s: f64, stream: &Stream) -> Self {
+        Self {
+            handover_s: SWITCH_MS / 1e3,
+            disk_sync_s: disk_sync_s(stream),
+            held_write_s: stream.held_write_s,
+            fill_s: pause_fill_s(stream, limit_s * stream.bytes_per_sec),
+        }
+    }
+
+    pub fn total_s(&self) -> f64 {
+        self.handover_s + self.disk_sync_s + self.held_write_s + self.fill_s
+    }
+}
+
+fn disk_sync_s(stream: &Stream) -> f64 {
     if stream.disk_bytes_per_sec.is_some() {
         DISK_SYNC_MS / 1e3
     } else {
