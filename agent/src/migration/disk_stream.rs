@@ -183,20 +183,14 @@ impl Sender<'_> {
         self.stats.disk_bytes += bytes.len() as u64;
         let wire = self.stats.bytes_on_wire - wire_before;
         self.stats.disk_wire_bytes += wire;
-        // Recent bytes and their wire bytes, older ones fading: the codec may have
-        // just changed. (Sums, not an average of ratios, which one zero run would
-        // send sky-high.)
         let keep = (-(bytes.len() as f64) / DISK_RATIO_SPAN).exp();
-        let (raw, wired) = &mut self.stats.disk_recent;
-        *raw = *raw * keep + bytes.len() as f64;
-        *wired = *wired * keep + wire as f64;
+        let (raw, wire) = (bytes.len() as f64, wire as f64);
+        self.stats.disk_recent.add(raw, wire, keep);
         if written {
             // Apart: the first copy's long runs of similar blocks compress far better
             // than the scattered ones a round re-sends (with zstd:3, 14.8 against 3.3
             // measured on a lab disk the guest had rewritten whole).
-            let (raw, wired) = &mut self.stats.disk_written;
-            *raw = *raw * keep + bytes.len() as f64;
-            *wired = *wired * keep + wire as f64;
+            self.stats.disk_written.add(raw, wire, keep);
         }
         Ok(())
     }

@@ -388,12 +388,33 @@ pub(super) struct Stats {
     /// What the disk bytes sent took on the wire (disk blocks compress unlike pages:
     /// larger runs, zero runs elided).
     pub(super) disk_wire_bytes: u64,
-    /// Disk bytes and their wire bytes over the last few MiB sent (older ones
-    /// fading), for predictions under the codec in force.
-    pub(super) disk_recent: (f64, f64),
+    /// Disk bytes and their wire bytes over the last few MiB sent, for predictions
+    /// under the codec in force.
+    pub(super) disk_recent: Recent,
     /// The same for the blocks re-sent because the guest wrote them: those of the
     /// rounds and of the pause.
-    pub(super) disk_written: (f64, f64),
+    pub(super) disk_written: Recent,
+}
+
+/// Bytes and the wire bytes they took, older ones fading: the codec may have just
+/// changed. (Sums, not an average of ratios, which one zero run would send sky-high.)
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Recent {
+    raw: f64,
+    wire: f64,
+}
+
+impl Recent {
+    /// Adds `raw` bytes that took `wire`, after fading what was there by `keep`.
+    pub(super) fn add(&mut self, raw: f64, wire: f64, keep: f64) {
+        self.raw = self.raw * keep + raw;
+        self.wire = self.wire * keep + wire;
+    }
+
+    /// Bytes over wire bytes (None before any went).
+    fn ratio(&self) -> Option<f64> {
+        (self.wire > 0.0).then(|| self.raw / self.wire)
+    }
 }
 
 pub(super) struct Sender<'a> {
@@ -556,22 +577,20 @@ fn new_stats(t0: Instant) -> Stats {
         disk_dirty_rate: None,
         disk_pending: 0,
         disk_wire_bytes: 0,
-        disk_recent: (0.0, 0.0),
-        disk_written: (0.0, 0.0),
+        disk_recent: Recent::default(),
+        disk_written: Recent::default(),
     }
 }
 
 /// Disk bytes sent over their wire bytes lately (None before any went).
 fn disk_ratio(s: &Stats) -> Option<f64> {
-    let (raw, wire) = s.disk_recent;
-    (wire > 0.0).then(|| raw / wire)
+    s.disk_recent.ratio()
 }
 
 /// The guest's written blocks' bytes over their wire bytes lately (None before a
 /// round sent any).
 fn disk_written_ratio(s: &Stats) -> Option<f64> {
-    let (raw, wire) = s.disk_written;
-    (wire > 0.0).then(|| raw / wire)
+    s.disk_written.ratio()
 }
 
 /// Page bytes sent over the wire bytes they took (disk blocks apart).
