@@ -290,6 +290,7 @@ pub fn migrate(
         req["throttle_pct"] = json!(d.settings.throttle_pct);
         req["bandwidth_mbit"] = json!(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
         req["max_downtime_ms"] = json!(d.settings.max_downtime_ms.round() as u64);
+        req["switchover"] = json!(steer.switchover_rule().as_str());
         let reasons: serde_json::Map<String, Value> = d
             .reasons
             .iter()

@@ -175,6 +175,11 @@ impl Steering {
         self.policy.name()
     }
 
+    /// How the VMM is to judge the switchover moment for this policy.
+    pub fn switchover_rule(&self) -> crate::policy::SwitchoverRule {
+        self.policy.switchover_rule()
+    }
+
     /// The settings to start with, before anything is measured but what the
     /// operator said; the reasons go into the migrate request.
     /// `status` is the VMM's, read before the migration starts.

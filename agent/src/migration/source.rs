@@ -116,6 +116,42 @@ pub struct Settings {
     /// Disks that travel: a cap on the guest's disk writes, bytes per second (None:
     /// none), so the disks' rounds shrink when its writes would outrun the link.
     pub disk_write_limit: Option<u64>,
+    /// How the switchover moment is judged once the pause fits `max_downtime_ms`.
+    pub switchover: Switchover,
+}
+
+/// When pre-copy switches over, once its estimate of the pause fits the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Switchover {
+    /// One more round while the dirty set still halves and the pause is not yet
+    /// tiny: a short round then cuts the downtime the guest sees.
+    #[default]
+    Halving,
+    /// As soon as it fits, as QEMU, libvirt and Cloud Hypervisor do (a peer preset
+    /// asks for this, so that it behaves as its peer).
+    WhenFits,
+}
+
+impl std::str::FromStr for Switchover {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "halving" => Ok(Self::Halving),
+            "when-fits" => Ok(Self::WhenFits),
+            other => Err(format!(
+                "switchover {other:?}: \"halving\" (the default) or \"when-fits\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Switchover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Halving => "halving",
+            Self::WhenFits => "when-fits",
+        })
+    }
 }
 
 /// The settings in force and every change to them, shared between the migration
@@ -137,8 +173,11 @@ impl Live {
             t0: Instant::now(),
         };
         for (setting, value) in live.describe(&settings) {
-            // Most migrations have no disks travelling: no cap is no news there.
-            if setting == "disk_write_limit_mbps" && settings.disk_write_limit.is_none() {
+            // Most migrations have no disks travelling (no cap is no news there) and
+            // switch over by the VMM's own rule.
+            if (setting == "disk_write_limit_mbps" && settings.disk_write_limit.is_none())
+                || (setting == "switchover" && settings.switchover == Switchover::Halving)
+            {
                 continue;
             }
             let why = reasons
@@ -149,7 +188,7 @@ impl Live {
         live
     }
 
-    fn describe(&self, s: &Settings) -> [(&'static str, String); 5] {
+    fn describe(&self, s: &Settings) -> [(&'static str, String); 6] {
         [
             ("codec", s.codec.to_string()),
             (
@@ -166,6 +205,7 @@ impl Live {
                     .map(|b| format!("{:.1}", b as f64 / 1e6))
                     .unwrap_or_else(|| "unlimited".into()),
             ),
+            ("switchover", s.switchover.to_string()),
         ]
     }
 
@@ -615,16 +655,31 @@ fn set_progress(m: &Machine, p: &Progress) {
     *lock(&m.migration) = Some(p.clone());
 }
 
+/// What a `set-params` changes: each `Some` is a new value.
+#[derive(Debug, Default)]
+pub struct SettingsChange {
+    pub codec: Option<Codec>,
+    pub bandwidth: Option<Option<u64>>,
+    pub throttle_pct: Option<u32>,
+    pub max_downtime_ms: Option<u64>,
+    pub disk_write_limit: Option<Option<u64>>,
+    pub switchover: Option<Switchover>,
+}
+
 /// `set-params`: changes what is given, records each change.
 pub fn set_params(
     m: &Machine,
-    codec: Option<Codec>,
-    bandwidth: Option<Option<u64>>,
-    throttle_pct: Option<u32>,
-    max_downtime_ms: Option<u64>,
-    disk_write_limit: Option<Option<u64>>,
+    change: SettingsChange,
     reasons: &Reasons,
 ) -> Result<Settings, String> {
+    let SettingsChange {
+        codec,
+        bandwidth,
+        throttle_pct,
+        max_downtime_ms,
+        disk_write_limit,
+        switchover,
+    } = change;
     let mut live = lock(&m.live);
     let live = live.as_mut().ok_or("no migration is running")?;
     let mut s = live.settings;
@@ -645,6 +700,9 @@ pub fn set_params(
             return Err("max_downtime_ms must be at least 1".into());
         }
         s.max_downtime_ms = d;
+    }
+    if let Some(rule) = switchover {
+        s.switchover = rule;
     }
     if let Some(l) = disk_write_limit {
         s.disk_write_limit = l;
@@ -1222,7 +1280,13 @@ impl Sender<'_> {
                 "pre-copy round"
             );
             let limit = self.settings.max_downtime_ms as f64;
-            if converged(predicted_ms, limit, count, previous, self.stats.round) {
+            if converged(
+                predicted_ms,
+                limit,
+                (count, previous),
+                self.stats.round,
+                self.settings.switchover,
+            ) {
                 // What the guest wrote through the page cache goes out now, while it
                 // runs, not in the flush after the pause (disks that travel need none:
                 // see `switchover`).
@@ -1432,10 +1496,21 @@ const MAX_SHRINKING_ROUNDS: u32 = 30;
 /// another round would not pay: the dirty set stopped halving (rounds have reached the
 /// guest's steady dirtying), or it is already under a tenth of the limit. While it
 /// still halves, one more short round cuts the downtime the guest will see.
-pub fn converged(predicted_ms: f64, limit_ms: f64, dirty: u64, previous: u64, round: u32) -> bool {
+/// `dirty` is this round's dirty set and `previous` the last one's (pages); a peer's
+/// rule ([`Switchover::WhenFits`]) switches as soon as the pause fits.
+pub fn converged(
+    predicted_ms: f64,
+    limit_ms: f64,
+    (dirty, previous): (u64, u64),
+    round: u32,
+    rule: Switchover,
+) -> bool {
     let fits = predicted_ms <= limit_ms;
     let still_halving = dirty * 2 <= previous;
-    fits && (!still_halving || predicted_ms <= limit_ms / 10.0 || round >= MAX_SHRINKING_ROUNDS)
+    fits && (rule == Switchover::WhenFits
+        || !still_halving
+        || predicted_ms <= limit_ms / 10.0
+        || round >= MAX_SHRINKING_ROUNDS)
 }
 
 /// Compression threads for page batches at most.
@@ -1568,16 +1643,29 @@ mod tests {
 
     #[test]
     fn converges_only_when_it_fits_and_rounds_stop_paying() {
+        let ferry = Switchover::Halving;
         // Does not fit: keep going.
-        assert!(!converged(80.0, 50.0, 1000, 100_000, 1));
+        assert!(!converged(80.0, 50.0, (1000, 100_000), 1, ferry));
         // Fits, but the last round cut the set by 5x: one more round is cheap.
-        assert!(!converged(40.0, 50.0, 20_000, 100_000, 1));
+        assert!(!converged(40.0, 50.0, (20_000, 100_000), 1, ferry));
         // Fits and the set no longer halves: switch.
-        assert!(converged(40.0, 50.0, 900, 1000, 4));
+        assert!(converged(40.0, 50.0, (900, 1000), 4, ferry));
         // Fits by a wide margin: switch.
-        assert!(converged(4.0, 50.0, 100, 1000, 4));
+        assert!(converged(4.0, 50.0, (100, 1000), 4, ferry));
         // Still halving after many rounds: stop anyway.
-        assert!(converged(40.0, 50.0, 10, 100, MAX_SHRINKING_ROUNDS));
+        assert!(converged(
+            40.0,
+            50.0,
+            (10, 100),
+            MAX_SHRINKING_ROUNDS,
+            ferry
+        ));
+        // A peer's rule: as soon as it fits, halving or not; never before.
+        let peer = Switchover::WhenFits;
+        assert!(converged(40.0, 50.0, (20_000, 100_000), 1, peer));
+        assert!(!converged(80.0, 50.0, (1000, 100_000), 1, peer));
+        assert_eq!("when-fits".parse::<Switchover>(), Ok(peer));
+        assert!("sometimes".parse::<Switchover>().is_err());
     }
 
     #[test]

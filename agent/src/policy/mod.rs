@@ -267,10 +267,35 @@ pub struct Decision {
     pub reasons: Vec<Reason>,
 }
 
+/// When pre-copy switches over, once the estimated pause fits the downtime target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwitchoverRule {
+    /// Ferry's: one more round while the dirty set still halves and the pause is not
+    /// yet tiny (a short round then cuts the downtime the guest sees).
+    Halving,
+    /// QEMU's, libvirt's, KubeVirt's and Cloud Hypervisor's: as soon as it fits.
+    WhenFits,
+}
+
+impl SwitchoverRule {
+    /// The name the VMM's `migrate` request takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Halving => "halving",
+            Self::WhenFits => "when-fits",
+        }
+    }
+}
+
 /// Something that chooses a migration's settings, tick by tick.
 pub trait Policy {
     fn name(&self) -> &str;
     fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision;
+    /// How the VMM is to judge the switchover moment for this policy.
+    fn switchover_rule(&self) -> SwitchoverRule {
+        SwitchoverRule::Halving
+    }
 }
 
 #[cfg(test)]

@@ -228,7 +228,8 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             let paused = throughput(s.link_bytes_per_sec, &perf, budget);
             let down = dirty / paused * 1e3 + SWITCH_MS;
             // The VMM's rule: one more round while the dirty set still halves.
-            let halving = dirty * 2.0 <= round_size;
+            let halving = dirty * 2.0 <= round_size
+                && policy.switchover_rule() == super::SwitchoverRule::Halving;
             let limit = settings.max_downtime_ms;
             if down <= limit + SWITCH_MS && (!halving || down - SWITCH_MS <= limit / 10.0) {
                 out.completed = true;

@@ -131,6 +131,10 @@ pub struct SettingsRequest {
     /// Disks that travel: a cap on the guest's disk writes, MB/s; 0 = none.
     #[serde(default)]
     pub disk_write_limit_mbps: Option<f64>,
+    /// When pre-copy switches over once the pause fits: `halving` (default) or
+    /// `when-fits` (as QEMU and Cloud Hypervisor do).
+    #[serde(default)]
+    pub switchover: Option<String>,
 }
 
 impl SettingsRequest {
@@ -152,6 +156,10 @@ impl SettingsRequest {
             Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
             None => Ok(None),
         }
+    }
+
+    fn switchover(&self) -> Result<Option<source::Switchover>, String> {
+        self.switchover.as_deref().map(str::parse).transpose()
     }
 
     fn bandwidth(&self) -> Option<Option<u64>> {
@@ -438,11 +446,14 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
         Request::SetParams { settings, reasons } => settings.codec().and_then(|codec| {
             source::set_params(
                 m,
-                codec,
-                settings.bandwidth(),
-                settings.throttle_pct,
-                settings.max_downtime_ms,
-                settings.disk_write_limit()?,
+                source::SettingsChange {
+                    codec,
+                    bandwidth: settings.bandwidth(),
+                    throttle_pct: settings.throttle_pct,
+                    max_downtime_ms: settings.max_downtime_ms,
+                    disk_write_limit: settings.disk_write_limit()?,
+                    switchover: settings.switchover()?,
+                },
                 &reasons,
             )
             .map(|s| {
@@ -579,6 +590,7 @@ fn start_migration(
         throttle_pct: req.throttle_pct.unwrap_or(0),
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
         disk_write_limit: req.disk_write_limit()?.flatten(),
+        switchover: req.switchover()?.unwrap_or_default(),
     };
     if settings.max_downtime_ms == 0 {
         return Err("max_downtime_ms must be at least 1".into());
