@@ -22,8 +22,17 @@ const PRESETS: &[&str] = &[
     "qemu-autoconverge",
     "libvirt-postcopy-after-precopy",
     "kubevirt-default",
+    "kubevirt-dynamic-downtime",
     "cloud-hypervisor",
 ];
+
+/// A preset that, under a scenario's limits, is configured exactly as another and is
+/// not run apart: KubeVirt's downtime ramp starts at 150 ms, so a limit at or below it
+/// leaves the ramp nowhere to go (`Preset::same_as` in `agent/src/policy/presets.rs`).
+fn same_as(policy: &str, max_downtime_ms: f64) -> Option<&'static str> {
+    (policy == "kubevirt-dynamic-downtime" && max_downtime_ms <= 150.0)
+        .then_some("kubevirt-default")
+}
 
 /// Unmeasured migrations before a scenario that copies its disks (see where it is used).
 const WARM_UP_HOPS: u32 = 2;
@@ -418,6 +427,10 @@ fn fill_disks(dir: &Path, vm: &toml::Table) -> Result<()> {
             continue;
         };
         let path = dir.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
         step(&format!(
             "writing the {mib} MiB disk {} whole ({})",
             path.display(),
@@ -547,6 +560,51 @@ fn children_cpu() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// What a run's policy did, as the VMM recorded it: each setting it applied, in order
+/// (times and reasons left out: two presets whose runs apply the same settings in the
+/// same order behaved identically, whatever their names).
+fn behaviour(report: &Value) -> Vec<String> {
+    let mut v: Vec<String> = report["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| format!("{}={}", d["setting"], d["value"]))
+        .collect();
+    v.push(format!("mode={}", report["mode"]));
+    v
+}
+
+/// Marks the preset rows of one scenario whose runs behaved identically
+/// (`behaved_as`: the other presets whose every run applied the same settings).
+fn mark_identical(rows: &mut [Value], runs: &[Vec<Run>], running: &[&str]) {
+    use std::collections::BTreeSet;
+    let sig = |at: usize| -> BTreeSet<Vec<String>> {
+        runs[at].iter().map(|r| behaviour(&r.report)).collect()
+    };
+    for row in rows.iter_mut() {
+        let Some(policy) = row["policy"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let Some(at) = running.iter().position(|p| *p == policy) else {
+            continue;
+        };
+        if policy == "adaptive" || runs[at].is_empty() {
+            continue;
+        }
+        let same: Vec<&str> = running
+            .iter()
+            .enumerate()
+            .filter(|&(j, p)| {
+                j != at && *p != "adaptive" && !runs[j].is_empty() && sig(j) == sig(at)
+            })
+            .map(|(_, p)| *p)
+            .collect();
+        if !same.is_empty() {
+            row["behaved_as"] = json!(same);
+        }
+    }
+}
+
 /// One migration's figures and whether it kept the scenario's limits.
 struct Run {
     outcome: String,
@@ -640,7 +698,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     let work = crate::util::work_dir("bench-policy")?;
     let mut rows = Vec::new();
     let started = Instant::now();
-    for s in &scenarios {
+    for (si, s) in scenarios.iter().enumerate() {
         step(&format!(
             "{}: link {}, {} run(s) per policy{}; limits: downtime {} ms, total {} s, \
              post-copy {}",
@@ -670,35 +728,51 @@ pub fn run(args: &[&str]) -> Result<()> {
                 toml::Value::Table(s.limits.clone()),
             )]))?,
         )?;
+        // Who runs here: a preset whose peer cannot move this guest within the limits
+        // at all (post-copy forbidden) is "n/a", and one configured exactly as another
+        // is that other's row, not a result of its own.
+        let na = |p: &str| p == "libvirt-postcopy-after-precopy" && !s.allow_postcopy;
+        let twin = |p: &str| same_as(p, s.max_downtime_ms);
+        let running: Vec<&str> = o
+            .policies
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !na(p) && twin(p).is_none_or(|t| !o.policies.iter().any(|q| q == t)))
+            .collect();
+        let n = running.len();
         let mut lab = Lab::start(&ferry, &dir, s)?;
         lab.settle(s)?;
         if s.copy_storage {
             // The first copies land on blocks the host's storage has never backed, which
             // this lab's thin disk writes at a fifth of the speed of blocks it has (2.6 s
             // vs 0.5 s for 512 MiB): two hops, before the copies start reusing freed
-            // space. Not measured, so no policy is charged with the lab's own warm-up.
+            // space. Not measured, so no policy is charged with the lab's own warm-up;
+            // they go to the policies in turn (scenario by scenario), so no policy is
+            // always the one that warms the lab up.
             for i in 1..=WARM_UP_HOPS {
-                let r = lab.migrate(s, "adaptive", &limits_file)?;
+                let policy = running[(si + i as usize) % n];
+                let r = lab.migrate(s, policy, &limits_file)?;
                 println!(
-                    "  warm-up hop {i}/{WARM_UP_HOPS} (not measured): total {:.0} ms",
+                    "  warm-up hop {i}/{WARM_UP_HOPS} under {policy} (not measured): {}, total \
+                     {:.0} ms",
+                    r.outcome,
                     num(&r.report, "total_ms")
                 );
             }
         }
         // Round robin over the policies, so that a slow spell of this shared host falls
         // on every policy's runs alike rather than on whichever ran through it; each
-        // round starts one policy later, so that no policy always runs first after the
-        // warm-up or always follows the same one (a preset that rewrites the disk for
-        // 30 s leaves a different disk behind than one that finishes in 5).
-        let mut runs: Vec<Vec<Run>> = o.policies.iter().map(|_| Vec::new()).collect();
-        let runnable = |p: &str| p != "libvirt-postcopy-after-precopy" || s.allow_postcopy;
-        let n = o.policies.len();
+        // round, the first included, starts one policy later than the one before (and
+        // each scenario one later than the last), so that no policy always runs first
+        // or always follows the same one (a preset that rewrites the disk for 30 s
+        // leaves a different disk behind than one that finishes in 5).
+        let mut runs: Vec<Vec<Run>> = running.iter().map(|_| Vec::new()).collect();
         for i in 0..s.repeats {
             for k in 0..n {
-                let at = (k + i as usize) % n;
-                let (policy, runs) = (&o.policies[at], &mut runs[at]);
+                let at = (k + i as usize + si) % n;
+                let (policy, runs) = (running[at], &mut runs[at]);
                 // A row is completed only if every run is: one miss decides it.
-                if !runnable(policy) || runs.iter().any(|r| !r.ok()) {
+                if runs.iter().any(|r| !r.ok()) {
                     continue;
                 }
                 let r = lab.migrate(s, policy, &limits_file)?;
@@ -727,18 +801,37 @@ pub fn run(args: &[&str]) -> Result<()> {
                 runs.push(r);
             }
         }
-        for (policy, runs) in o.policies.iter().zip(&runs) {
-            if !runnable(policy) {
-                println!("  {policy:<31} not run: post-copy is outside this scenario's limits");
-                rows.push(json!({
+        let mut mine: Vec<Value> = Vec::new();
+        for policy in &o.policies {
+            let row = if na(policy) {
+                println!("  {policy:<31} n/a: post-copy is outside this scenario's limits");
+                json!({
                     "scenario": s.name, "link": s.link, "policy": policy, "runs": 0,
-                    "outcome": "over limits: post-copy not allowed",
+                    "outcome": "n/a: post-copy not allowed", "na": true,
                     "max_downtime_ms": s.max_downtime_ms, "max_total_secs": s.max_total_secs,
-                }));
+                })
+            } else if let Some(at) = running.iter().position(|p| p == policy) {
+                row(s, policy, &runs[at])
             } else {
-                rows.push(row(s, policy, runs));
+                continue;
+            };
+            mine.push(row);
+        }
+        // Twins copy the row of the preset they are configured as.
+        for policy in &o.policies {
+            if let Some(t) = twin(policy).filter(|_| !running.contains(&policy.as_str()))
+                && let Some(of) = mine.iter().find(|r| r["policy"] == t).cloned()
+            {
+                println!("  {policy:<31} configured as {t} here: its row is {t}'s");
+                let mut r = of;
+                r["policy"] = json!(policy);
+                r["same_as"] = json!(t);
+                r["runs"] = json!(0);
+                mine.push(r);
             }
         }
+        mark_identical(&mut mine, &runs, &running);
+        rows.extend(mine);
         lab.vm.quit(&ferry)?;
     }
     let summary = crate::bench_policy_report::summarize(&rows);

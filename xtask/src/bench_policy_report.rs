@@ -35,10 +35,16 @@ fn policies(rows: &[Value]) -> Vec<String> {
     distinct(rows, "policy")
 }
 
-/// The best static preset that completed a scenario within its limits, by total time.
+/// The best preset that completed a scenario within its limits, by total time (a
+/// preset configured as another here is that other's row, and is not counted twice).
 fn best_static<'a>(rows: &'a [Value], scenario: &str) -> Option<&'a Value> {
     rows.iter()
-        .filter(|r| r["scenario"] == scenario && r["policy"] != "adaptive" && ok(r))
+        .filter(|r| {
+            r["scenario"] == scenario
+                && r["policy"] != "adaptive"
+                && ok(r)
+                && r["same_as"].is_null()
+        })
         .min_by(|a, b| {
             f(a, "total_ms")
                 .unwrap_or(f64::INFINITY)
@@ -60,18 +66,47 @@ pub fn summarize(rows: &[Value]) -> Vec<String> {
             verdict(done == adaptive.len())
         ));
     }
+    let mut whole_grid = Vec::new();
     for p in policies(rows).iter().filter(|p| *p != "adaptive") {
         let mine: Vec<&Value> = rows.iter().filter(|r| &r["policy"] == p).collect();
         let done = mine.iter().filter(|r| ok(r)).count();
+        let na = mine.iter().filter(|r| r["na"] == true).count();
+        if done == mine.len() && done == names.len() {
+            whole_grid.push(p.clone());
+        }
         out.push(format!(
-            "{p}: {done} of {} within limits{}",
+            "{p}: {done} of {} within limits{}{}",
             mine.len(),
+            if na > 0 {
+                format!(" ({na} n/a: post-copy not allowed)")
+            } else {
+                String::new()
+            },
             if done == mine.len() && done == names.len() {
                 " (completes the whole grid)"
             } else {
                 ""
             }
         ));
+    }
+    if rows.iter().any(|r| r["policy"] != "adaptive") {
+        out.push(format!(
+            "no single preset completes every scenario: {}",
+            if whole_grid.is_empty() {
+                "met".to_string()
+            } else {
+                format!("NOT met ({})", whole_grid.join(", "))
+            }
+        ));
+    }
+    for s in &names {
+        let groups = identical_groups(rows, s);
+        if !groups.is_empty() {
+            out.push(format!(
+                "{s}: presets that behaved identically: {}",
+                groups.join("; ")
+            ));
+        }
     }
     for s in &names {
         let Some(a) = adaptive.iter().find(|r| &r["scenario"] == s) else {
@@ -125,6 +160,40 @@ pub fn summarize(rows: &[Value]) -> Vec<String> {
     out
 }
 
+/// Groups of presets that behaved identically in a scenario (the rows' `behaved_as`
+/// and `same_as`), each as "a = b = c".
+fn identical_groups(rows: &[Value], scenario: &str) -> Vec<String> {
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    for r in rows.iter().filter(|r| r["scenario"] == scenario) {
+        let name = r["policy"].as_str().unwrap_or("").to_string();
+        let mut group: Vec<String> = r["behaved_as"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once(&r["same_as"]))
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        group.push(name);
+        group.sort();
+        group.dedup();
+        match groups
+            .iter_mut()
+            .find(|g| g.iter().any(|n| group.contains(n)))
+        {
+            Some(g) => {
+                g.extend(group);
+                g.sort();
+                g.dedup();
+            }
+            None => groups.push(group),
+        }
+    }
+    groups.iter().map(|g| g.join(" = ")).collect()
+}
+
 fn fmt_s(v: Option<f64>) -> String {
     v.map_or("-".into(), |ms| format!("{:.1} s", ms / 1e3))
 }
@@ -161,15 +230,29 @@ pub fn write_markdown(dir: &Path, rows: &[Value], summary: &[String]) -> Result<
         );
         md.push_str(
             "| policy | outcome | runs | total | downtime ms | MB on wire | CPU ms | throttle % | \
-             codec | predicted total | predicted downtime ms |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n",
+             codec | predicted total | predicted downtime ms | behaved as |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in rows.iter().filter(|r| r["scenario"] == s.as_str()) {
+            let same: Vec<&str> = r["behaved_as"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(std::iter::once(&r["same_as"]))
+                .filter_map(Value::as_str)
+                .collect();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r["policy"].as_str().unwrap_or(""),
-                r["outcome"].as_str().unwrap_or(""),
+                match (r["na"] == true, r["same_as"].as_str()) {
+                    (true, _) => "n/a (post-copy not allowed)".to_string(),
+                    (false, Some(t)) => format!(
+                        "configured as {t} here: {}",
+                        r["outcome"].as_str().unwrap_or("")
+                    ),
+                    _ => r["outcome"].as_str().unwrap_or("").to_string(),
+                },
                 r["runs"],
                 fmt_s(f(r, "total_ms")),
                 fmt_ms(f(r, "downtime_ms")),
@@ -179,6 +262,11 @@ pub fn write_markdown(dir: &Path, rows: &[Value], summary: &[String]) -> Result<
                 r["codec"].as_str().unwrap_or("-"),
                 fmt_s(f(r, "predicted_total_ms")),
                 fmt_ms(f(r, "predicted_downtime_ms")),
+                if same.is_empty() {
+                    "-".to_string()
+                } else {
+                    same.join(", ")
+                },
             );
         }
         md.push('\n');
@@ -300,7 +388,59 @@ mod tests {
             ),
             "{s}"
         );
+        assert!(
+            s.contains("no single preset completes every scenario: NOT met (libvirt-default)"),
+            "{s}"
+        );
         let svg = svg(&rows, "total_ms", "total", |v| format!("{v}"));
         assert!(svg.contains("#bbbbbb") && svg.contains("#2a9d8f") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn n_a_twins_and_identical_presets_are_said_so_and_not_counted_as_results() {
+        let mut rows = vec![
+            r("a", "adaptive", "completed", 1000.0, 4.0),
+            r("a", "qemu-default", "completed", 900.0, 3.0),
+            r("a", "libvirt-default", "completed", 950.0, 3.0),
+            r("a", "cloud-hypervisor", "completed", 960.0, 3.0),
+            r(
+                "a",
+                "kubevirt-default",
+                "over limits: downtime",
+                900.0,
+                90.0,
+            ),
+            json!({"scenario": "a", "policy": "libvirt-postcopy-after-precopy", "runs": 0,
+                   "outcome": "n/a: post-copy not allowed", "na": true}),
+        ];
+        rows[2]["behaved_as"] = json!(["cloud-hypervisor"]);
+        rows[3]["behaved_as"] = json!(["libvirt-default"]);
+        let mut twin = rows[4].clone();
+        twin["policy"] = json!("kubevirt-dynamic-downtime");
+        twin["same_as"] = json!("kubevirt-default");
+        rows.push(twin);
+        let s = summarize(&rows).join("\n");
+        assert!(
+            s.contains("libvirt-postcopy-after-precopy: 0 of 1 within limits (1 n/a"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "a: presets that behaved identically: cloud-hypervisor = libvirt-default; \
+                 kubevirt-default = kubevirt-dynamic-downtime"
+            ),
+            "{s}"
+        );
+        let dir = std::env::temp_dir().join(format!("ferry-bench-md-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_markdown(&dir, &rows, &[]).unwrap();
+        let md = std::fs::read_to_string(dir.join("bench.md")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(md.contains("| n/a (post-copy not allowed) |"), "{md}");
+        assert!(
+            md.contains("configured as kubevirt-default here: over limits"),
+            "{md}"
+        );
+        assert!(md.contains("| libvirt-default |"), "{md}");
     }
 }
