@@ -11,6 +11,14 @@ use crate::util::{
     Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, num, snapshot, status, step, work_dir,
 };
 
+/// The storage migration's copy step in bytes: `RUN_BLOCKS * COPY_BLOCK` (8 blocks of
+/// 64 KiB) in agent/src/migration/storage.rs, equal to `MAX_DISK_CHUNK` in
+/// agent/src/migration/protocol.rs. The bulk copy reads and writes a run of adjacent
+/// blocks this large at a time, so the `dd` it is compared with uses it as its block
+/// size. (xtask does not link the agent: it has to build before `setup` installs the
+/// eBPF toolchain the agent needs.)
+const STORAGE_COPY_STEP: u64 = 512 << 10;
+
 pub fn run(area: &str) -> Result<()> {
     match area {
         "vmm" => vmm(),
@@ -593,8 +601,6 @@ fn postcopy_series(ferry: &Path, dir: &Path, vcpus: u32, rate: u64, pass: bool) 
               "fault_latency_p50_us": l50, "fault_latency_p99_us": l99}))
 }
 
-/// Storage migration: the bulk copy against `dd` of the same image on the same file
-/// system, and what active mode adds to guest writes.
 /// `ferry storage-migrate --json` of a VM's disks into `to`; its report.
 fn storage_migrate(ferry: &Path, control: &Path, to: &Path, mode: &str) -> Result<Value> {
     let out = std::process::Command::new(ferry)
@@ -607,6 +613,8 @@ fn storage_migrate(ferry: &Path, control: &Path, to: &Path, mode: &str) -> Resul
         .map_err(|e| anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Storage migration: the bulk copy against `dd` of the same image on the same file
+/// system, and what active mode adds to guest writes.
 fn storage() -> Result<()> {
     let ferry = build_ferry()?;
     let dir = work_dir("bench-storage")?;
@@ -634,7 +642,10 @@ fn storage() -> Result<()> {
         f.into_inner()?.sync_all()?;
     }
 
-    step("dd of the image, 512 KiB blocks (a copy step), O_DIRECT both ways (3 runs)");
+    step(&format!(
+        "dd of the image, {} KiB blocks (the copy's step), O_DIRECT both ways (3 runs)",
+        STORAGE_COPY_STEP >> 10
+    ));
     let mut dd = Vec::new();
     for i in 0..3 {
         let out = dir.join(format!("dd/copy{i}.img"));
@@ -645,13 +656,8 @@ fn storage() -> Result<()> {
         let st = std::process::Command::new("dd")
             .arg(format!("if={}", image.display()))
             .arg(format!("of={}", out.display()))
-            .args([
-                "bs=64K",
-                "iflag=direct",
-                "oflag=direct",
-                "conv=fsync",
-                "status=none",
-            ])
+            .arg(format!("bs={STORAGE_COPY_STEP}"))
+            .args(["iflag=direct", "oflag=direct", "conv=fsync", "status=none"])
             .status()?;
         if !st.success() {
             bail!("dd failed");
@@ -662,6 +668,7 @@ fn storage() -> Result<()> {
     let dd = median(dd);
     println!("  {:.0} MB/s", dd / 1e6);
     results.insert("dd_bytes_per_sec".into(), json!(dd));
+    results.insert("dd_block_bytes".into(), json!(STORAGE_COPY_STEP));
 
     let body = "name = \"st\"\nmemory_mib = 64\nvcpus = 1\n[workload]\nworking_set_mib = 8\n\
                 dirty_pages_per_sec = 1000\npattern = \"random\"\n[workload.disk]\n\
