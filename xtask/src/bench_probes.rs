@@ -13,6 +13,10 @@ use crate::util::{Vmm, build_ferry, ctl, median, num, status, step, work_dir};
 /// `ferry signals`' default: logging for the whole 1000 ms tick.
 const DEFAULT_SAMPLE_MS: u64 = 1000;
 
+/// Length of each window of the cost measurement (off: nothing measuring; on: as many
+/// whole ticks of `ferry signals`), in seconds.
+const WINDOW_SECS: u64 = 4;
+
 /// Host CPU time of a VMM's vCPU threads, in seconds (schedstat: nanoseconds on CPU).
 fn vcpu_seconds(pid: u32) -> Result<f64> {
     let mut ns = 0u64;
@@ -53,15 +57,113 @@ fn start(ferry: &Path, dir: &Path, name: &str, rate: u64, memory_mib: u64) -> Re
     Ok(vm)
 }
 
-fn signals(ferry: &Path, control: &Path, secs: u64, sample_ms: u64) -> Command {
+/// `ferry signals` on a VM for `secs` seconds after its probes are attached; with
+/// `json`, one summary at the end, else a line per tick and a summary line.
+fn signals(ferry: &Path, control: &Path, secs: u64, sample_ms: u64, json: bool) -> Command {
     let mut c = Command::new(ferry);
-    c.args(["signals", "--json", "--duration-secs", &secs.to_string()])
+    c.arg("signals")
+        .args(json.then_some("--json"))
+        .args(["--duration-secs", &secs.to_string()])
         .args(["--sample-ms", &sample_ms.to_string()])
         .arg("--control")
         .arg(control)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
+}
+
+/// What the guest had done by a moment: its vCPU threads' CPU time and its own count
+/// of pages written.
+struct Mark {
+    at: Instant,
+    vcpu_secs: f64,
+    pages: f64,
+}
+
+impl Mark {
+    fn take(ferry: &Path, vm: &Vmm) -> Result<Self> {
+        Ok(Self {
+            at: Instant::now(),
+            vcpu_secs: vcpu_seconds(vm.child.id())?,
+            pages: num(&status(ferry, &vm.control)?, "guest_pages_written"),
+        })
+    }
+
+    /// From `self` to `later`: the vCPUs' use in % of a core, and pages written per
+    /// second.
+    fn rates(&self, later: &Mark) -> (f64, f64) {
+        let wall = (later.at - self.at).as_secs_f64().max(1e-9);
+        (
+            (later.vcpu_secs - self.vcpu_secs) / wall * 100.0,
+            (later.pages - self.pages) / wall,
+        )
+    }
+}
+
+/// The guest with `ferry signals` measuring it: marks at its first tick and at its
+/// summary, so the window holds `ticks` whole ticks with the eBPF programs attached
+/// and none of their loading. Also the programs' and the reader's CPU, in % of a
+/// core, and how long after its start the first tick showed, in ms.
+struct Measured {
+    start: Mark,
+    end: Mark,
+    probe_cpu_pct: f64,
+    reader_cpu_pct: f64,
+    first_tick_ms: f64,
+}
+
+fn measured(ferry: &Path, vm: &Vmm, ticks: u64, sample_ms: u64) -> Result<Measured> {
+    use std::io::{BufRead, Read};
+    // Without --json, `ferry signals` prints a line at the end of each tick: the first
+    // once the programs are loaded and attached and one tick (logging on) has run; the
+    // summary line right after the last tick, before the programs are detached. One
+    // tick more than the window, as the first only opens it.
+    let spawned = Instant::now();
+    let mut child = signals(ferry, &vm.control, ticks + 1, sample_ms, false).spawn()?;
+    let stdout = child.stdout.take().context("ferry signals' stdout")?;
+    let mut stderr = child.stderr.take().context("ferry signals' stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (mut start, mut first_tick_ms, mut end) = (None, 0.0, None);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading ferry signals' output")?;
+        if line.starts_with("averaged over") {
+            end = Some((Mark::take(ferry, vm)?, line));
+        } else if start.is_none() && !line.trim().is_empty() {
+            first_tick_ms = spawned.elapsed().as_secs_f64() * 1e3;
+            start = Some(Mark::take(ferry, vm)?);
+        }
+    }
+    let exit = child.wait()?;
+    let errors = errors.join().unwrap_or_default();
+    let (Some(start), Some((end, line))) = (start, end) else {
+        bail!(
+            "ferry signals ({exit}) printed no tick or no summary: {}",
+            errors.trim()
+        );
+    };
+    let pct = |after: &str| -> Option<f64> {
+        line.split(after)
+            .nth(1)?
+            .split('%')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (Some(probe_cpu_pct), Some(reader_cpu_pct)) = (pct("probes used "), pct("(reader ")) else {
+        bail!("ferry signals' summary gives no probe and reader CPU: {line}");
+    };
+    Ok(Measured {
+        start,
+        end,
+        probe_cpu_pct,
+        reader_cpu_pct,
+        first_tick_ms,
+    })
 }
 
 fn summary(out: std::process::Output) -> Result<Value> {
@@ -134,6 +236,7 @@ pub fn run() -> Result<()> {
     let mut results = serde_json::Map::new();
 
     let mut cost = Vec::new();
+    let mut first_ticks = Vec::new();
     for (mode, sample_ms) in [
         (
             "the default measurement (logging on, harvested every 1000 ms)",
@@ -152,40 +255,25 @@ pub fn run() -> Result<()> {
         for rate in [1_000u64, 10_000, 50_000, 0] {
             let name = format!("cost-{rate}");
             let vm = start(&ferry, &dir, &name, rate, 512)?;
-            let pid = vm.child.id();
-            let secs = 4u64;
-            let (mut off, mut on, mut w_off, mut w_on, mut probe_pct, mut reader_pct) = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
+            let (mut off, mut on, mut w_off, mut w_on) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut probe_pct, mut reader_pct) = (Vec::new(), Vec::new());
             for _ in 0..2 {
                 // Off: nothing measuring.
-                let (c0, p0, t) = (
-                    vcpu_seconds(pid)?,
-                    num(&status(&ferry, &vm.control)?, "guest_pages_written"),
-                    Instant::now(),
-                );
-                std::thread::sleep(Duration::from_secs(secs));
-                let wall = t.elapsed().as_secs_f64();
-                off.push((vcpu_seconds(pid)? - c0) / wall * 100.0);
-                w_off.push((num(&status(&ferry, &vm.control)?, "guest_pages_written") - p0) / wall);
-                // On: `ferry signals` for as long.
-                let (c0, p0, t) = (
-                    vcpu_seconds(pid)?,
-                    num(&status(&ferry, &vm.control)?, "guest_pages_written"),
-                    Instant::now(),
-                );
-                let s = summary(signals(&ferry, &vm.control, secs, sample_ms).output()?)?;
-                let wall = t.elapsed().as_secs_f64();
-                on.push((vcpu_seconds(pid)? - c0) / wall * 100.0);
-                w_on.push((num(&status(&ferry, &vm.control)?, "guest_pages_written") - p0) / wall);
+                let start = Mark::take(&ferry, &vm)?;
+                std::thread::sleep(Duration::from_secs(WINDOW_SECS));
+                let (cpu, pages) = start.rates(&Mark::take(&ferry, &vm)?);
+                off.push(cpu);
+                w_off.push(pages);
+                // On: as many seconds of `ferry signals` ticks, its loading left out.
+                let m = measured(&ferry, &vm, WINDOW_SECS, sample_ms)?;
+                let (cpu, pages) = m.start.rates(&m.end);
+                on.push(cpu);
+                w_on.push(pages);
+                first_ticks.push(m.first_tick_ms);
                 // Kernel time in the programs, and the reader's own CPU once loaded.
-                probe_pct.push(num(&s, "probe_cpu_pct"));
-                reader_pct.push(num(&s, "reader_cpu_pct"));
+                probe_pct.push(m.probe_cpu_pct);
+                reader_pct.push(m.reader_cpu_pct);
             }
             let (off, on) = (median(off), median(on));
             let (w_off, w_on) = (median(w_off), median(w_on));
@@ -212,11 +300,18 @@ pub fn run() -> Result<()> {
     println!(
         "  (goal: added cost <= 3% of a vCPU at <= 10k pages/s; probes <= 2% of a core at 50k)"
     );
+    let first_tick = median(first_ticks.clone());
+    println!(
+        "  (\"on\": {WINDOW_SECS} whole ticks with the programs attached, from the first \
+         tick, which ferry signals printed {first_tick:.0} ms after it started (median: \
+         loading, attaching and one 1000 ms tick), to its summary)"
+    );
     results.insert("cost".into(), Value::Array(cost));
+    results.insert("first_tick_ms".into(), json!(first_ticks));
 
     step("time for a step in the dirty rate (2k <-> 30k pages/s) to show, default mode");
     let vm = start(&ferry, &dir, "react", 2_000, 512)?;
-    let child = signals(&ferry, &vm.control, 14, DEFAULT_SAMPLE_MS).spawn()?;
+    let child = signals(&ferry, &vm.control, 14, DEFAULT_SAMPLE_MS, true).spawn()?;
     let steps = step_rates(&ferry, &vm.control, 3000, 500)?;
     let s = summary(child.wait_with_output()?)?;
     let ticks = s["ticks"].as_array().cloned().unwrap_or_default();
@@ -247,7 +342,7 @@ pub fn run() -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let child = signals(&ferry, &vm.control, 9, DEFAULT_SAMPLE_MS).spawn()?;
+    let child = signals(&ferry, &vm.control, 9, DEFAULT_SAMPLE_MS, true).spawn()?;
     let steps = step_rates(&ferry, &vm.control, 1800, 300)?;
     let s = summary(child.wait_with_output()?)?;
     let ticks = s["ticks"].as_array().cloned().unwrap_or_default();
