@@ -44,6 +44,7 @@ pub fn run(
         dirty_pages_per_sec: written.max(distinct),
         working_set_pages: Some(distinct as u64),
         link_bytes_per_sec: Some(link * 1e6 / 8.0),
+        peer_limited: false,
         zero_fraction: codecs["zero_fraction"].as_f64().unwrap_or(0.0),
         round_overhead_ms: 0.0,
         codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
@@ -51,6 +52,7 @@ pub fn run(
         disk_pending_bytes: 0.0,
         disk_compression_ratio: None,
         disk_written_compression_ratio: None,
+        pause_basis: Default::default(),
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

@@ -197,6 +197,7 @@ impl Steering {
             dirty_pages_per_sec,
             working_set_pages: None,
             link_bytes_per_sec: None,
+            peer_limited: false,
             zero_fraction: 0.0,
             round_overhead_ms: 0.0,
             codecs: Vec::new(),
@@ -204,6 +205,7 @@ impl Steering {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            pause_basis: Default::default(),
         };
         let d = self.policy.decide(&obs, &self.limits);
         self.applied = d.settings.clone();
@@ -251,6 +253,7 @@ impl Steering {
             dirty_pages_per_sec: dirty,
             working_set_pages: working_set,
             link_bytes_per_sec: (bw > 0.0).then_some(bw),
+            peer_limited: get(p, "peer_limited").as_bool().unwrap_or(false),
             zero_fraction: remaining_zero_fraction(
                 get(p, "sampled_zero_fraction").as_f64(),
                 self.memory_pages,
@@ -263,6 +266,10 @@ impl Steering {
             disk_pending_bytes: get(p, "disk_bytes_pending").as_f64().unwrap_or(0.0),
             disk_compression_ratio: get(p, "disk_compression_ratio").as_f64(),
             disk_written_compression_ratio: get(p, "disk_written_compression_ratio").as_f64(),
+            pause_basis: crate::policy::model::PauseBasis {
+                idle_rtt_ms: get(p, "idle_rtt_ms").as_f64(),
+                dst_disk_sync_ms: get(p, "dst_disk_sync_ms").as_f64(),
+            },
         }
     }
 

@@ -474,7 +474,13 @@ impl Receiver {
                     // After the first full pass every page has landed or is known to be
                     // zero: faulting in more would only spend CPU and host memory.
                     ahead.stop();
+                    if let Some(us) = disks.as_ref().and_then(DiskStore::round_ended) {
+                        self.send(&Message::DiskSynced { us })?;
+                    }
                     self.send(&Message::RoundAck { round })?
+                }
+                Message::Ping { seq } => {
+                    self.send(&Message::Pong { seq })?;
                 }
                 Message::Keepalive => {}
                 Message::Pausing => {

@@ -267,6 +267,50 @@ pub struct DiskStore {
     /// the start, so the pause only renames it (None: staging failed; written whole
     /// at the end).
     staged: Option<(PathBuf, VmConfig)>,
+    /// The copies' sync at each round's end, timed.
+    sync: RoundSync,
+}
+
+/// Syncs the copies in the background when a round ends and times it. The pause's
+/// own sync covers what the last round's writes cover (the blocks the guest wrote
+/// during one round), so the latest of these is that sync's cost measured on this
+/// host's storage, not assumed; and the pause then finds less to write.
+#[derive(Default)]
+struct RoundSync {
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Microseconds the last completed sync took (0: none yet).
+    last_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RoundSync {
+    /// Starts a sync of `files` unless one is still running.
+    fn start(&self, files: Vec<File>) {
+        use std::sync::atomic::Ordering;
+        if files.is_empty() || self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (busy, last) = (self.busy.clone(), self.last_us.clone());
+        let spawned = std::thread::Builder::new()
+            .name("disk-sync".into())
+            .spawn(move || {
+                let t = std::time::Instant::now();
+                // A failure shows at the final sync, which is the one that counts.
+                let ok = files.iter().all(|f| f.sync_data().is_ok());
+                if ok {
+                    let us = t.elapsed().as_micros().clamp(1, u128::from(u32::MAX));
+                    last.store(us as u64, Ordering::Release);
+                }
+                busy.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+
+    fn last_us(&self) -> Option<u32> {
+        let us = self.last_us.load(std::sync::atomic::Ordering::Acquire);
+        (us > 0).then(|| us.min(u64::from(u32::MAX)) as u32)
+    }
 }
 
 /// Disk bytes the recent disk compression ratio spans (about).
@@ -311,6 +355,7 @@ impl DiskStore {
             decompressor: Decompressor::new(),
             unsynced: 0,
             staged: None,
+            sync: RoundSync::default(),
         };
         for c in &cfg.disks {
             let path = store.folder.join(format!("{}-{}.img", cfg.name, c.id));
@@ -396,6 +441,18 @@ impl DiskStore {
             unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
         }
         Ok(())
+    }
+
+    /// A round has ended: syncs the copies in the background (timed), and returns
+    /// how long the last completed sync took, microseconds (None: none has yet).
+    pub fn round_ended(&self) -> Option<u32> {
+        let files = self
+            .disks
+            .iter()
+            .filter_map(|(_, f, _)| f.try_clone().ok())
+            .collect();
+        self.sync.start(files);
+        self.sync.last_us()
     }
 
     /// The source's write log for a disk: becomes the copy's log.

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -60,6 +60,9 @@ pub enum Kind {
     DiskData = 28,
     DiskLog = 29,
     Pausing = 30,
+    Ping = 31,
+    Pong = 32,
+    DiskSynced = 33,
 }
 
 impl Kind {
@@ -96,6 +99,9 @@ impl Kind {
             28 => DiskData,
             29 => DiskLog,
             30 => Pausing,
+            31 => Ping,
+            32 => Pong,
+            33 => DiskSynced,
             _ => return None,
         })
     }
@@ -272,6 +278,21 @@ pub enum Message {
         disk: u32,
         records: Vec<u8>,
     },
+    /// Source → destination, between rounds: answer at once. The round trip on an
+    /// idle stream is what each exchange of the handover costs beside its work.
+    Ping {
+        seq: u32,
+    },
+    /// Destination → source: the answer to `Ping { seq }`.
+    Pong {
+        seq: u32,
+    },
+    /// Destination → source, before a `RoundAck` (disks travelling): how long its last
+    /// sync of the copies took, microseconds (what the pause's sync will cost, measured
+    /// on its own storage).
+    DiskSynced {
+        us: u32,
+    },
 }
 
 /// What post-copy cost the guest, measured on the destination.
@@ -317,6 +338,9 @@ impl Message {
             Message::Disks { .. } => Kind::Disks,
             Message::DiskData { .. } => Kind::DiskData,
             Message::DiskLog { .. } => Kind::DiskLog,
+            Message::Ping { .. } => Kind::Ping,
+            Message::Pong { .. } => Kind::Pong,
+            Message::DiskSynced { .. } => Kind::DiskSynced,
         }
     }
 
@@ -346,9 +370,11 @@ impl Message {
                 out.extend_from_slice(&first.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
             }
-            Message::RoundEnd { round } | Message::RoundAck { round } => {
-                out.extend_from_slice(&round.to_le_bytes())
-            }
+            Message::RoundEnd { round }
+            | Message::RoundAck { round }
+            | Message::Ping { seq: round }
+            | Message::Pong { seq: round }
+            | Message::DiskSynced { us: round } => out.extend_from_slice(&round.to_le_bytes()),
             Message::DeviceState { blob } => out.extend_from_slice(blob),
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
             Message::Ready
@@ -476,6 +502,9 @@ impl Message {
             Kind::PostcopyEnd => Message::PostcopyEnd,
             Kind::Prepared => Message::Prepared,
             Kind::Pausing => Message::Pausing,
+            Kind::Ping => Message::Ping { seq: r.u32()? },
+            Kind::Pong => Message::Pong { seq: r.u32()? },
+            Kind::DiskSynced => Message::DiskSynced { us: r.u32()? },
             Kind::Disks => {
                 let n = r.u32()?;
                 if n > 64 {
@@ -969,6 +998,9 @@ mod tests {
             Message::PostcopyEnd,
             Message::Prepared,
             Message::Pausing,
+            Message::Ping { seq: 3 },
+            Message::Pong { seq: 3 },
+            Message::DiskSynced { us: 12_345 },
             Message::Disks {
                 disks: vec![("root".into(), 1 << 30), ("data".into(), 512)],
             },

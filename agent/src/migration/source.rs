@@ -287,6 +287,12 @@ pub struct Progress {
     pub dirty_pages_per_sec: f64,
     /// The latest round's fixed cost, milliseconds (see `Stats::round_overhead`).
     pub round_overhead_ms: f64,
+    /// The stream's round trip with nothing queued, measured after the first pass
+    /// (None: not yet).
+    pub idle_rtt_ms: Option<f64>,
+    /// `--copy-storage`: the destination's last sync of its copies at a round's end,
+    /// milliseconds (None: not measured yet).
+    pub dst_disk_sync_ms: Option<f64>,
     pub pages_sent: u64,
     pub zero_pages: u64,
     pub bytes_on_wire: u64,
@@ -306,6 +312,9 @@ pub struct Progress {
     /// The link's round trip as TCP measures it, queues included; None before data
     /// went.
     pub link_rtt_ms: Option<f64>,
+    /// TCP says the destination's receive window held the stream back most of the
+    /// time: the destination, not the link, is its bottleneck.
+    pub peer_limited: bool,
     /// `--copy-storage`: disk bytes the guest dirties per second (None: no disks
     /// travel, or not measured yet).
     pub disk_dirty_bytes_per_sec: Option<f64>,
@@ -434,6 +443,12 @@ pub(super) struct Stats {
     /// The same for the blocks re-sent because the guest wrote them: those of the
     /// rounds and of the pause.
     pub(super) disk_written: Recent,
+    /// The stream's round trip with nothing queued (`Ping` after the first pass):
+    /// what each exchange of the handover costs beside its work.
+    pub(super) idle_rtt: Option<Duration>,
+    /// `--copy-storage`: how long the destination's last sync of its copies at a
+    /// round's end took (what the pause's sync will cost there).
+    pub(super) dst_disk_sync: Option<Duration>,
 }
 
 /// Bytes and the wire bytes they took, older ones fading: the codec may have just
@@ -490,6 +505,8 @@ impl Progress {
             dirty_pages_last_round: 0,
             dirty_pages_per_sec: 0.0,
             round_overhead_ms: 0.0,
+            idle_rtt_ms: None,
+            dst_disk_sync_ms: None,
             pages_sent: 0,
             zero_pages: 0,
             bytes_on_wire: 0,
@@ -504,6 +521,7 @@ impl Progress {
             postcopy_pages_left: None,
             recoveries: 0,
             link_rtt_ms: None,
+            peer_limited: false,
             disk_dirty_bytes_per_sec: None,
             disk_bytes_pending: None,
             disk_compression_ratio: None,
@@ -604,6 +622,8 @@ fn new_stats(t0: Instant) -> Stats {
         raw_bytes: 0,
         bytes_on_wire: 0,
         send_time: Duration::ZERO,
+        idle_rtt: None,
+        dst_disk_sync: None,
         wall_send_time: Duration::ZERO,
         acked_bytes: 0,
         round: 0,
@@ -726,6 +746,9 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.dirty_pages_per_sec = s.dirty_rate;
     p.round_overhead_ms = s.round_overhead.as_secs_f64() * 1e3;
     p.link_rtt_ms = s.tcp.map(|t| t.rtt_ms);
+    p.peer_limited = s.tcp.is_some_and(|t| t.peer_limited);
+    p.idle_rtt_ms = s.idle_rtt.map(|d| d.as_secs_f64() * 1e3);
+    p.dst_disk_sync_ms = s.dst_disk_sync.map(|d| d.as_secs_f64() * 1e3);
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
     p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
     p.disk_compression_ratio = disk_ratio(s);
@@ -900,6 +923,9 @@ impl Sender<'_> {
         loop {
             match protocol::recv(&mut self.r, None)? {
                 Message::Prepared => self.dst_prepared = true,
+                Message::DiskSynced { us } => {
+                    self.stats.dst_disk_sync = Some(Duration::from_micros(u64::from(us)))
+                }
                 other => return Ok(other),
             }
         }
@@ -983,6 +1009,25 @@ impl Sender<'_> {
         }
         self.stats.wall_send_time += started.elapsed();
         self.stats.acked_bytes = self.stats.bytes_on_wire;
+        Ok(())
+    }
+
+    /// The stream's round trip with nothing queued: right after a round's
+    /// acknowledgement, the least of a few pings.
+    fn measure_idle_rtt(&mut self) -> Result<(), MigrateError> {
+        const PINGS: u32 = 3;
+        for seq in 0..PINGS {
+            let t = Instant::now();
+            self.send(&Message::Ping { seq })?;
+            self.w.flush().map_err(ProtocolError::from)?;
+            match self.recv()? {
+                Message::Pong { seq: s } if s == seq => {}
+                Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+                _ => return Err(MigrateError::Unexpected("something other than Pong")),
+            }
+            let rtt = t.elapsed();
+            self.stats.idle_rtt = Some(self.stats.idle_rtt.map_or(rtt, |r| r.min(rtt)));
+        }
         Ok(())
     }
 
@@ -1231,6 +1276,7 @@ impl Sender<'_> {
             self.send_pages(0..pages)
         })?;
         self.end_round(0, round_start)?;
+        self.measure_idle_rtt()?;
         if self.params.mode == Mode::Postcopy {
             // One pass done: what the guest dirtied since comes on demand.
             return self.switch_postcopy(DirtyBitmap::new(pages), true, switch);

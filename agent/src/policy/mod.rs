@@ -195,6 +195,10 @@ pub struct Observation {
     pub working_set_pages: Option<u64>,
     /// Bytes per second the stream achieved; None before it was measured.
     pub link_bytes_per_sec: Option<f64>,
+    /// The destination takes the stream in slower than the link carries it (its
+    /// receive window held the data back most of the time): compressing moves no
+    /// more, it only adds work on both sides.
+    pub peer_limited: bool,
     /// Share of pages that are zero (they cost nothing on the wire).
     pub zero_fraction: f64,
     /// A round's fixed cost beyond sending its pages (acknowledgement, harvesting
@@ -211,6 +215,8 @@ pub struct Observation {
     /// The same for blocks the guest wrote since their first copy, which the rounds
     /// and the pause send (None: none sent yet; as pages).
     pub disk_written_compression_ratio: Option<f64>,
+    /// What the pause costs beside its bytes, as measured so far on these hosts.
+    pub pause_basis: model::PauseBasis,
 }
 
 /// What the settings in force are.

@@ -3,8 +3,13 @@
 use super::{CodecPerf, PAGE, Prediction};
 use crate::migration::codec::Codec;
 
-/// Fixed switchover cost beside the pages: device state, the handover, resume.
+/// The handover's own work beside its round trips (saving, sending and restoring the
+/// device state, resuming the vCPUs): 3 ms measured on loopback, where a round trip
+/// is 0.05–0.1 ms. A prior: what the stream's round trips add is measured
+/// ([`PauseBasis`]).
 pub const SWITCH_MS: f64 = 3.0;
+/// Round trips on the handover's path: `Complete` out, `Ready` back, `Commit` out.
+const HANDOVER_ROUND_TRIPS: f64 = 1.5;
 /// A pre-copy round's cost beyond its bytes (acknowledgement, dirty-log harvest)
 /// until the migration has measured its own: 1–5 ms measured on loopback and over a
 /// 1 Gbit/s shaped link. It sets how small rounds get, hence the downtime.
@@ -13,7 +18,8 @@ pub const ROUND_OVERHEAD_PRIOR_MS: f64 = 3.0;
 /// blocks, syncs its copies and puts the config naming them in place. From the
 /// source's last byte to the destination's `Ready`, 5–19 ms measured on loopback
 /// (ext4 on a virtio disk, the guest writing 64 MB/s), against under 1 ms without
-/// disks.
+/// disks. A prior, until the destination has timed a sync of its own copies at a
+/// round's end ([`PauseBasis`]).
 pub const DISK_SYNC_MS: f64 = 12.0;
 /// Rounds pre-copy makes at most (the VMM's own limit).
 pub const MAX_ROUNDS: u32 = 30;
@@ -47,10 +53,53 @@ pub fn dirtied(rate: f64, set: f64, secs: f64) -> f64 {
     set * (1.0 - (-rate * secs / set).exp())
 }
 
+/// What a pause costs beside its bytes, as measured on the hosts involved where it
+/// has been (None: not yet; the prior then).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct PauseBasis {
+    /// The stream's round trip with nothing queued, milliseconds.
+    pub idle_rtt_ms: Option<f64>,
+    /// How long the destination's last sync of its disk copies took, milliseconds.
+    pub dst_disk_sync_ms: Option<f64>,
+}
+
+impl PauseBasis {
+    /// The handover: its work (a prior) and its round trips (measured), seconds.
+    pub fn handover_s(&self) -> f64 {
+        (SWITCH_MS + HANDOVER_ROUND_TRIPS * self.idle_rtt_ms.unwrap_or(0.0)) / 1e3
+    }
+
+    /// The destination's sync of its disks in the pause, seconds.
+    pub fn disk_sync_s(&self) -> f64 {
+        self.dst_disk_sync_ms.unwrap_or(DISK_SYNC_MS) / 1e3
+    }
+
+    /// After a post-copy resume, the first faults: a round trip each and the
+    /// handler's work.
+    pub fn postcopy_resume_s(&self) -> f64 {
+        (POSTCOPY_RESUME_MS + self.idle_rtt_ms.unwrap_or(0.0)) / 1e3
+    }
+
+    /// Which costs are measured and which are priors, for a reason or a report.
+    pub fn describe(&self) -> String {
+        let part = |name: &str, v: Option<f64>, prior: f64| match v {
+            Some(ms) => format!("{name} {ms:.2} ms measured"),
+            None => format!("{name} not measured ({prior} ms prior)"),
+        };
+        format!(
+            "{}, {}",
+            part("idle round trip", self.idle_rtt_ms, 0.0),
+            part("destination disk sync", self.dst_disk_sync_ms, DISK_SYNC_MS)
+        )
+    }
+}
+
 /// The link and the rounds' fixed cost: pages move at `bytes_per_sec`, and each
 /// round costs `round_overhead_s` more (the guest dirties on meanwhile).
 #[derive(Debug, Clone, Copy)]
 pub struct Stream {
+    /// What the pause costs beside its bytes, measured or assumed.
+    pub basis: PauseBasis,
     pub bytes_per_sec: f64,
     pub round_overhead_s: f64,
     /// The pause's pages wait for their first batch's compression too
@@ -132,8 +181,9 @@ pub fn precopy(
             let pause =
                 down + pause_fill_s(&stream, next) + disk_sync_s(&stream) + stream.held_write_s;
             let stop = going * fits * (1.0 - another);
-            expect_total += stop * ((total + pause) * 1e3 + SWITCH_MS);
-            expect_down += stop * (pause * 1e3 + SWITCH_MS);
+            let handover = stream.basis.handover_s();
+            expect_total += stop * (total + pause + handover) * 1e3;
+            expect_down += stop * (pause + handover) * 1e3;
             going -= stop;
             if going < 1e-3 {
                 break;
@@ -162,9 +212,9 @@ pub fn precopy(
         downtime_ms: (steady / t
             + pause_fill_s(&stream, steady)
             + disk_sync_s(&stream)
-            + stream.held_write_s)
-            * 1e3
-            + SWITCH_MS,
+            + stream.held_write_s
+            + stream.basis.handover_s())
+            * 1e3,
         converges: false,
     }
 }
@@ -203,7 +253,7 @@ pub struct PauseCosts {
 impl PauseCosts {
     pub fn of(limit_s: f64, stream: &Stream) -> Self {
         Self {
-            handover_s: SWITCH_MS / 1e3,
+            handover_s: stream.basis.handover_s(),
             disk_sync_s: disk_sync_s(stream),
             held_write_s: stream.held_write_s,
             fill_s: pause_fill_s(stream, limit_s * stream.bytes_per_sec),
@@ -217,7 +267,7 @@ impl PauseCosts {
 
 fn disk_sync_s(stream: &Stream) -> f64 {
     if stream.disk_bytes_per_sec.is_some() {
-        DISK_SYNC_MS / 1e3
+        stream.basis.disk_sync_s()
     } else {
         0.0
     }
@@ -225,25 +275,25 @@ fn disk_sync_s(stream: &Stream) -> f64 {
 
 /// After a post-copy resume the guest is back at work once its first steps have
 /// their pages: those its registers point at come in the pause, so what is left is a
-/// fault or so, each a round trip (0.3–1.5 ms measured on loopback, 1 and 2 vCPUs
-/// writing at random).
+/// fault or so, each a round trip and the handler's work (0.3–1.5 ms measured on
+/// loopback, 1 and 2 vCPUs writing at random). The work is a prior; the round trip
+/// is measured ([`PauseBasis`]).
 pub const POSTCOPY_RESUME_MS: f64 = 1.0;
 
 /// A post-copy switchover's downtime at `t` page bytes per second: the hot pages the
-/// VMM sends while paused (as many as fit its budget of link time), the fixed cost,
+/// VMM sends while paused (as many as fit its budget of link time), the handover,
 /// and the first faults after the resume.
-pub fn postcopy_pause_ms(t: f64) -> f64 {
+pub fn postcopy_pause_ms(t: f64, basis: &PauseBasis) -> f64 {
     let t = t.max(1.0);
     crate::migration::hot_pages::pause_budget(t) as f64 * PAGE / t * 1e3
-        + SWITCH_MS
-        + POSTCOPY_RESUME_MS
+        + (basis.handover_s() + basis.postcopy_resume_s()) * 1e3
 }
 
 /// Post-copy from now: the guest moves at once (a short pause for the pages dirtied
 /// last), the `remaining` bytes follow at `t`.
-pub fn postcopy(remaining: f64, t: f64) -> Prediction {
+pub fn postcopy(remaining: f64, t: f64, basis: &PauseBasis) -> Prediction {
     let t = t.max(1.0);
-    let down = postcopy_pause_ms(t);
+    let down = postcopy_pause_ms(t, basis);
     Prediction {
         total_ms: remaining.max(0.0) / t * 1e3 + down,
         downtime_ms: down,
@@ -294,6 +344,7 @@ mod tests {
         // VMM stop a round earlier, at twice the downtime. The prediction moves with it
         // smoothly rather than doubling between two neighbouring rates.
         let link = Stream {
+            basis: PauseBasis::default(),
             bytes_per_sec: 100e6,
             round_overhead_s: 0.005,
             pause_fill_s: 0.0,
@@ -328,6 +379,7 @@ mod tests {
     fn precopy_converges_below_the_link_and_not_above() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let link = Stream {
+            basis: PauseBasis::default(),
             bytes_per_sec: 100e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
@@ -348,6 +400,7 @@ mod tests {
     fn a_rounds_fixed_cost_bounds_how_small_the_last_round_gets() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let free = Stream {
+            basis: PauseBasis::default(),
             bytes_per_sec: 200e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
@@ -371,6 +424,7 @@ mod tests {
     fn travelling_disks_add_their_writes_to_rounds_and_their_sync_to_the_pause() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let memory_only = Stream {
+            basis: PauseBasis::default(),
             bytes_per_sec: 500e6,
             round_overhead_s: 0.002,
             pause_fill_s: 0.0,
@@ -393,7 +447,7 @@ mod tests {
 
     #[test]
     fn postcopy_moves_at_once() {
-        let p = postcopy(1e9, 100e6);
+        let p = postcopy(1e9, 100e6, &PauseBasis::default());
         assert!(
             p.downtime_ms < 30.0 && (p.total_ms - 10_000.0).abs() < 100.0,
             "{p:?}"
@@ -403,16 +457,61 @@ mod tests {
     #[test]
     fn a_postcopy_downtime_is_its_hot_pages_budget_the_fixed_cost_and_the_first_faults() {
         // 1 Gbit/s: the VMM's floor of hot pages (32) takes about 1 ms.
-        let gbit = postcopy_pause_ms(125e6);
+        let gbit = postcopy_pause_ms(125e6, &PauseBasis::default());
         assert!(
             (gbit - SWITCH_MS - POSTCOPY_RESUME_MS - 1.05).abs() < 0.1,
             "{gbit}"
         );
         // 100 Mbit/s: the same pages take ten times longer.
-        let slow = postcopy_pause_ms(12.5e6);
+        let slow = postcopy_pause_ms(12.5e6, &PauseBasis::default());
         assert!(slow > gbit + 3.0, "{slow}");
         // 10 GB/s: its ceiling of pages is quicker than the budget.
-        let fast = postcopy_pause_ms(10e9);
+        let fast = postcopy_pause_ms(10e9, &PauseBasis::default());
         assert!(fast < SWITCH_MS + POSTCOPY_RESUME_MS + 1.0, "{fast}");
+    }
+
+    #[test]
+    fn measured_pause_costs_replace_the_priors() {
+        let prior = PauseBasis::default();
+        assert_eq!(prior.handover_s(), SWITCH_MS / 1e3);
+        assert_eq!(prior.disk_sync_s(), DISK_SYNC_MS / 1e3);
+        // A remote destination on slow storage: 2 ms round trips, 40 ms syncs.
+        let slow = PauseBasis {
+            idle_rtt_ms: Some(2.0),
+            dst_disk_sync_ms: Some(40.0),
+        };
+        assert!((slow.handover_s() - 0.006).abs() < 1e-9);
+        assert!((slow.disk_sync_s() - 0.040).abs() < 1e-9);
+        assert!((slow.postcopy_resume_s() - 0.003).abs() < 1e-9);
+        let stream = Stream {
+            basis: slow,
+            bytes_per_sec: 100e6,
+            round_overhead_s: 0.002,
+            pause_fill_s: 0.0,
+            disk_bytes_per_sec: Some(10e6),
+            held_write_s: 0.0,
+        };
+        let assumed = Stream {
+            basis: prior,
+            ..stream
+        };
+        // The switchover target leaves the measured costs room: 28 ms more sync and
+        // 3 ms of round trips.
+        let (a, b) = (
+            switchover_target_s(0.2, &assumed),
+            switchover_target_s(0.2, &stream),
+        );
+        assert!((a - b - 0.031).abs() < 1e-9, "{a} {b}");
+        // And the predicted downtime carries them.
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        let pa = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, assumed, a);
+        let pb = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, stream, b);
+        assert!(pa.converges && pb.converges, "{pa:?} {pb:?}");
+        assert!(pb.downtime_ms > pa.downtime_ms, "{pa:?} {pb:?}");
+        assert!(
+            slow.describe()
+                .contains("destination disk sync 40.00 ms measured")
+        );
+        assert!(prior.describe().contains("not measured (12 ms prior)"));
     }
 }

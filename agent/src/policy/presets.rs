@@ -394,6 +394,7 @@ mod tests {
             dirty_pages_per_sec,
             working_set_pages: None,
             link_bytes_per_sec: Some(link),
+            peer_limited: false,
             zero_fraction: 0.0,
             round_overhead_ms: 0.0,
             codecs: Vec::new(),
@@ -401,6 +402,7 @@ mod tests {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            pause_basis: Default::default(),
         }
     }
 

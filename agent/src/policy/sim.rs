@@ -163,6 +163,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 working_set_pages: Some((dirtied(rate, set, 1.0) / PAGE) as u64),
                 // What a migration measures: the stream's achieved rate.
                 link_bytes_per_sec: Some(wire),
+                peer_limited: false,
                 zero_fraction: first_zero,
                 round_overhead_ms: 0.0,
                 codecs: s.codecs.clone(),
@@ -170,6 +171,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 disk_pending_bytes: 0.0,
                 disk_compression_ratio: None,
                 disk_written_compression_ratio: None,
+                pause_basis: Default::default(),
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
@@ -199,7 +201,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             }
             if settings.postcopy {
                 // The guest moves now; what is left follows at the stream's pace.
-                let down = postcopy_pause_ms(pages_per_sec);
+                let down = postcopy_pause_ms(pages_per_sec, &super::model::PauseBasis::default());
                 let rest = left + dirty;
                 out.postcopy = true;
                 out.completed = true;
@@ -541,6 +543,7 @@ mod tests {
             dirty_pages_per_sec: 1_000.0,
             working_set_pages: None,
             link_bytes_per_sec: Some(MBIT200),
+            peer_limited: false,
             zero_fraction: 0.0,
             round_overhead_ms: 0.0,
             codecs: codecs(true),
@@ -548,6 +551,7 @@ mod tests {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            pause_basis: Default::default(),
         };
         let d = a.decide(&obs, &limits);
         assert_eq!(d.settings.codec, Codec::Lz4);
