@@ -22,6 +22,9 @@ pub struct Measured {
     /// Smoothed round trip of data to its acknowledgement, queues on the way
     /// included: what a round's closing acknowledgement waits for beyond its bytes.
     pub rtt_ms: f64,
+    /// The peer's receive window held the data back most of the time the connection
+    /// was busy: the destination takes the stream in slower than the link carries it.
+    pub peer_limited: bool,
 }
 
 /// Time in flight before a delivery rate counts, microseconds.
@@ -55,6 +58,7 @@ pub fn measure(stream: &TcpStream) -> Option<Measured> {
         delivery_rate: (busy >= LINK_EVIDENCE_US && held_back <= busy / 2)
             .then(|| info.tcpi_bytes_acked as f64 / (busy as f64 / 1e6)),
         rtt_ms: f64::from(info.tcpi_rtt) / 1e3,
+        peer_limited: busy >= LINK_EVIDENCE_US && info.tcpi_rwnd_limited > busy / 2,
     })
 }
 

@@ -245,6 +245,21 @@ impl Policy for Adaptive {
                 value: pinned.to_string(),
                 why: "pinned on the command line".into(),
             });
+        } else if obs.peer_limited && link.is_some() {
+            // The destination, not the link, sets the pace (a datastore slower than
+            // the link, say): it writes as many raw bytes whatever the codec.
+            if self.current.codec != Codec::None && self.may_change("codec", t) {
+                self.current.codec = Codec::None;
+                self.changed("codec", t);
+            }
+            reasons.push(Reason {
+                setting: "codec",
+                value: self.current.codec.to_string(),
+                why: "the destination takes the stream in slower than the link carries it \
+                      (TCP: its receive window held the data back most of the time): \
+                      compressing would move no more"
+                    .into(),
+            });
         } else if let Some(link) = link {
             let rated: Vec<(CodecPerf, f64)> = candidates
                 .iter()
@@ -342,7 +357,7 @@ impl Policy for Adaptive {
         if obs.stage == Stage::Postcopy {
             return Decision {
                 settings: self.current.clone(),
-                prediction: shift(postcopy(remaining, tput), t),
+                prediction: shift(postcopy(remaining, tput, &obs.pause_basis), t),
                 reasons,
             };
         }
@@ -371,6 +386,7 @@ impl Policy for Adaptive {
         });
         let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
         let stream = |disk_cap: Option<f64>| Stream {
+            basis: obs.pause_basis,
             bytes_per_sec: tput,
             round_overhead_s,
             pause_fill_s: fill_s,
@@ -450,11 +466,17 @@ impl Policy for Adaptive {
             .max(1.0);
         self.current.max_downtime_ms = target_ms;
         let costs = PauseCosts::of(limit_s, &chosen);
-        let mut besides = vec![format!("{:.0} ms for the handover", costs.handover_s * 1e3)];
+        let how = |measured: bool| if measured { "measured" } else { "prior" };
+        let mut besides = vec![format!(
+            "{:.0} ms for the handover ({} round trip)",
+            costs.handover_s * 1e3,
+            how(obs.pause_basis.idle_rtt_ms.is_some())
+        )];
         if costs.disk_sync_s > 0.0 {
             besides.push(format!(
-                "{:.0} ms for the destination to sync its disks",
-                costs.disk_sync_s * 1e3
+                "{:.0} ms for the destination to sync its disks ({})",
+                costs.disk_sync_s * 1e3,
+                how(obs.pause_basis.dst_disk_sync_ms.is_some())
             ));
         }
         if costs.held_write_s > 0.0 {
@@ -492,7 +514,7 @@ impl Policy for Adaptive {
             } else {
                 dirtied(natural, set, elapsed + first)
             };
-            let p = postcopy(behind, tput);
+            let p = postcopy(behind, tput, &obs.pause_basis);
             Prediction {
                 total_ms: first * 1e3 + p.total_ms,
                 ..p
@@ -688,6 +710,7 @@ mod tests {
             dirty_pages_per_sec: 2_000.0,
             working_set_pages: None,
             link_bytes_per_sec: Some(100e6),
+            peer_limited: false,
             zero_fraction: 0.0,
             round_overhead_ms: 2.0,
             codecs: Vec::new(),
@@ -695,6 +718,7 @@ mod tests {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            pause_basis: Default::default(),
         }
     }
 
@@ -711,6 +735,32 @@ mod tests {
         d.reasons
             .iter()
             .find(|r| r.setting == "disk_write_limit_mbps")
+    }
+
+    #[test]
+    fn a_destination_slower_than_the_link_gets_no_codec() {
+        let limits = rounds_limits();
+        let text = |mut o: Observation| {
+            o.link_bytes_per_sec = Some(20e6);
+            o.codecs = vec![CodecPerf {
+                codec: Codec::Zstd(1),
+                ratio: 2.7,
+                compress_bytes_per_sec: 200e6,
+            }];
+            o
+        };
+        // A slow link and compressible pages: zstd.
+        let mut e = Adaptive::new(Pins::default(), &limits);
+        let d = e.decide(&text(rounds(Some(5e6))), &limits);
+        assert_eq!(d.settings.codec, Codec::Zstd(1), "{d:?}");
+        // The same stream held back by the destination's window: no codec, and why.
+        let mut slow_peer = text(rounds(Some(5e6)));
+        slow_peer.peer_limited = true;
+        slow_peer.t_ms += HOLD_MS;
+        let d = e.decide(&slow_peer, &limits);
+        assert_eq!(d.settings.codec, Codec::None, "{d:?}");
+        let why = &d.reasons.iter().find(|r| r.setting == "codec").unwrap().why;
+        assert!(why.contains("receive window"), "{why}");
     }
 
     #[test]
