@@ -50,6 +50,9 @@ struct Scenario {
     max_total_secs: f64,
     allow_postcopy: bool,
     vm: toml::Table,
+    /// A destination datastore on a deliberately slower device: its writes (the
+    /// destination VMM's direct I/O) throttled to this many MB/s.
+    dst_write_mbps: Option<u32>,
 }
 
 fn parse_link(s: &str) -> Result<Option<u32>> {
@@ -97,7 +100,16 @@ fn parse_scenarios(text: &str, origin: &Path) -> Result<Vec<Scenario>> {
         }
         let ctx = |what: &str| format!("scenario {name}: {what}");
         for key in t.keys() {
-            if !["name", "link", "repeats", "copy_storage", "limits", "vm"].contains(&key.as_str())
+            if ![
+                "name",
+                "link",
+                "repeats",
+                "copy_storage",
+                "limits",
+                "vm",
+                "dst_write_mbps",
+            ]
+            .contains(&key.as_str())
             {
                 bail!(ctx(&format!("unknown key {key:?}")));
             }
@@ -142,6 +154,20 @@ fn parse_scenarios(text: &str, origin: &Path) -> Result<Vec<Scenario>> {
         if !(max_downtime_ms > 0.0 && max_total_secs >= 1.0) {
             bail!(ctx("limits: max_downtime_ms > 0 and max_total_secs >= 1"));
         }
+        let dst_write_mbps = match t.get("dst_write_mbps") {
+            None => None,
+            Some(v) => Some(
+                v.as_integer()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .with_context(|| ctx("dst_write_mbps is 1 to 10000 (MB/s)"))?
+                    as u32,
+            ),
+        };
+        if dst_write_mbps.is_some() && !copy_storage {
+            bail!(ctx(
+                "dst_write_mbps slows the destination's datastore: it needs copy_storage = true"
+            ));
+        }
         let allow_postcopy = match limits.get("allow_postcopy") {
             None => false,
             Some(v) => v
@@ -158,6 +184,7 @@ fn parse_scenarios(text: &str, origin: &Path) -> Result<Vec<Scenario>> {
             allow_postcopy,
             limits,
             vm,
+            dst_write_mbps,
             name,
         });
     }
@@ -229,6 +256,8 @@ struct Lab {
     vm: Vmm,
     /// Which side the VM runs on now.
     at: usize,
+    /// A slower device the destinations' datastores live on (see `SlowStore`).
+    slow: Option<SlowStore>,
     /// With --copy-storage, the datastore the VM's disks are in now (None: the
     /// scenario's own folder).
     datastore: Option<PathBuf>,
@@ -301,6 +330,10 @@ impl Lab {
             port: 47100,
             vm,
             at: 0,
+            slow: match s.dst_write_mbps {
+                Some(mbps) => Some(SlowStore::new(dir, mbps, &s.vm)?),
+                None => None,
+            },
             datastore: None,
             hops: 0,
         })
@@ -342,9 +375,10 @@ impl Lab {
         let addr = format!("{}:{}", self.sides[to].host, self.port);
         self.hops += 1;
         let name = format!("{}-{}", s.name, self.hops);
+        let base = self.slow.as_ref().map_or(&self.dir, |slow| &slow.mount);
         let datastore = s
             .copy_storage
-            .then(|| self.dir.join(format!("ds-{}", self.hops)));
+            .then(|| base.join(format!("ds-{}", self.hops)));
         let mut args = vec!["--incoming".to_string(), addr.clone()];
         if let Some(ds) = &datastore {
             std::fs::create_dir_all(ds)?;
@@ -353,6 +387,9 @@ impl Lab {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let dst = spawn_on(&self.ferry, &self.dir, &self.sides[to], &args, &name)?;
+        if let Some(slow) = &self.slow {
+            slow.enter(dst.child.id())?;
+        }
         let (src_pid, dst_pid) = (self.vm.child.id(), dst.child.id());
         let cpu0 = migration_cpu(src_pid)? + migration_cpu(dst_pid)?;
         let client0 = children_cpu();
@@ -381,6 +418,11 @@ impl Lab {
             }
             let old = std::mem::replace(&mut self.vm, dst);
             old.quit(&self.ferry)?;
+            // Only a migration's destination writes slowly: the guest's own disk
+            // writes, now from this VMM, keep the scenario's pace.
+            if let Some(slow) = &self.slow {
+                slow.leave(self.vm.child.id())?;
+            }
             self.at = to;
             if let Some(ds) = std::mem::replace(&mut self.datastore, datastore) {
                 let _ = std::fs::remove_dir_all(ds);
@@ -402,6 +444,120 @@ impl Lab {
         unsafe { libc::sync() };
         std::thread::sleep(Duration::from_millis(300));
         Ok(Run::judge(s, report, cpu * 1e3))
+    }
+}
+
+/// A destination datastore on a slower device: an ext4 file system on a loop device
+/// whose writes the block cgroup (v1 `blkio.throttle.write_bps_device`) holds to a
+/// rate, for the processes put in its group. The throttle holds for direct I/O, so
+/// the scenario's disks use `cache = "none"` (the destination writes its copies as
+/// the config says). Unmounted, detached and removed on drop.
+struct SlowStore {
+    mount: PathBuf,
+    loop_dev: String,
+    cgroup: PathBuf,
+}
+
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+impl SlowStore {
+    fn new(dir: &Path, mbps: u32, vm: &toml::Table) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let disks = vm.get("disks").and_then(toml::Value::as_array);
+        let direct = disks
+            .into_iter()
+            .flatten()
+            .all(|d| d.get("cache").and_then(toml::Value::as_str) == Some("none"));
+        if !direct {
+            bail!(
+                "dst_write_mbps throttles direct I/O only: give every disk of the scenario \
+                 cache = \"none\""
+            );
+        }
+        if !Path::new(BLKIO)
+            .join("blkio.throttle.write_bps_device")
+            .exists()
+        {
+            bail!(
+                "a slower datastore needs the cgroup v1 blkio controller ({BLKIO}) with \
+                 write throttling"
+            );
+        }
+        // Room for two copies of every disk at once (the hop's and the last one's).
+        let disk_mib: i64 = disks
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.get("size_mib").and_then(toml::Value::as_integer))
+            .sum();
+        let image = dir.join("slow-datastore.img");
+        std::fs::File::create(&image)?.set_len(((disk_mib * 3 + 256) as u64) << 20)?;
+        let out = |mut c: Command, what: &str| -> Result<String> {
+            let o = c.output().with_context(|| format!("running {what}"))?;
+            if !o.status.success() {
+                bail!("{what}: {}", String::from_utf8_lossy(&o.stderr).trim());
+            }
+            Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let mut c = Command::new("mkfs.ext4");
+        c.args(["-q", "-F"]).arg(&image);
+        out(c, "mkfs.ext4")?;
+        let mut c = Command::new("losetup");
+        c.args(["--find", "--show"]).arg(&image);
+        let loop_dev = out(c, "losetup")?;
+        let mount = dir.join("slow-datastore");
+        let cgroup = Path::new(BLKIO).join(format!("ferry-bench-{}", std::process::id()));
+        // From here on Drop undoes what was done.
+        let store = Self {
+            mount,
+            loop_dev,
+            cgroup,
+        };
+        std::fs::create_dir_all(&store.mount)?;
+        let mut c = Command::new("mount");
+        c.arg(&store.loop_dev).arg(&store.mount);
+        out(c, "mount")?;
+        std::fs::create_dir_all(&store.cgroup)
+            .with_context(|| format!("creating {}", store.cgroup.display()))?;
+        let rdev = std::fs::metadata(&store.loop_dev)?.rdev();
+        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        std::fs::write(
+            store.cgroup.join("blkio.throttle.write_bps_device"),
+            format!("{major}:{minor} {}", u64::from(mbps) * 1_000_000),
+        )
+        .context("setting the write throttle")?;
+        step(&format!(
+            "destination datastores on {} ({}), writes throttled to {mbps} MB/s",
+            store.loop_dev,
+            store.mount.display()
+        ));
+        Ok(store)
+    }
+
+    /// Puts a process (all its threads, and those it starts) under the throttle.
+    fn enter(&self, pid: u32) -> Result<()> {
+        std::fs::write(self.cgroup.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", self.cgroup.display()))
+    }
+
+    /// Takes a process out from under the throttle.
+    fn leave(&self, pid: u32) -> Result<()> {
+        std::fs::write(Path::new(BLKIO).join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} out of {}", self.cgroup.display()))
+    }
+}
+
+impl Drop for SlowStore {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = std::fs::write(Path::new(BLKIO).join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
     }
 }
 
