@@ -186,7 +186,17 @@ impl Adaptive {
             self.round_start = (obs.round, start, self.round_start.1);
         }
         match obs.stage {
-            Stage::Starting | Stage::FirstPass => self.response.learn(measured, 0),
+            Stage::Starting => self.response.learn(measured, 0),
+            // A throttle set before the pass began (the first decision) is in every
+            // sample of it: the rate is the guest's answer to it, not its demand.
+            Stage::FirstPass => {
+                let since = self.changed_at.get("throttle_pct").copied();
+                if since.is_none_or(|at| at <= 0.0) {
+                    self.response.learn(measured, self.current.throttle_pct);
+                } else {
+                    self.response.demand = self.response.demand.max(measured);
+                }
+            }
             Stage::Rounds => {
                 let since = self.changed_at.get("throttle_pct").copied();
                 if since.is_none_or(|at| at <= self.round_start.2) {
@@ -406,13 +416,16 @@ impl Policy for Adaptive {
                 set,
                 s,
                 switchover_target_s(limit_s, &s),
+                first_pass.then_some(memory),
             )
         };
         let max_throttle = limits.max_throttle_pct.min(99);
         let least_throttle = |disk_cap: Option<f64>| match pinned_throttle {
             Some(p) => Some(p),
+            // In steps, and the most allowed last (99 % is not a step of 10).
             None => std::iter::once(0)
                 .chain((THROTTLE_STEP..=max_throttle).step_by(THROTTLE_STEP as usize))
+                .chain(std::iter::once(max_throttle))
                 .find(|&p| fits(&with_disk(p, disk_cap))),
         };
         // The disks' cap: none if the memory converges with a comfortable throttle
@@ -735,6 +748,52 @@ mod tests {
         d.reasons
             .iter()
             .find(|r| r.setting == "disk_write_limit_mbps")
+    }
+
+    #[test]
+    fn a_first_pass_under_a_throttle_measures_the_answer_to_it_not_the_demand() {
+        // A guest writing 160 MB/s within 16 MiB over a 100 Mbit/s cap, post-copy not
+        // allowed: throttled from the start, its first pass shows 1.7 MB/s.
+        let limits = Limits {
+            max_downtime_ms: 300.0,
+            max_total_secs: Some(60.0),
+            bandwidth_mbit: Some(100.0),
+            ..Limits::default()
+        };
+        let mut e = Adaptive::new(Pins::default(), &limits);
+        let mut o = rounds(None);
+        o.stage = Stage::Starting;
+        o.t_ms = 0.0;
+        o.memory_pages = 24_576;
+        o.remaining_pages = 24_576;
+        o.dirty_pages_per_sec = 40_000.0;
+        o.link_bytes_per_sec = None;
+        let start = e.decide(&o, &limits);
+        assert_eq!(start.settings.throttle_pct, 99, "{start:?}");
+        o.stage = Stage::FirstPass;
+        o.t_ms = 1_000.0;
+        o.pass_elapsed_ms = 1_000.0;
+        o.round = 0;
+        o.remaining_pages = 20_480;
+        o.zero_fraction = 0.95;
+        o.dirty_pages_per_sec = 410.0;
+        o.working_set_pages = Some(374);
+        o.link_bytes_per_sec = Some(12.5e6);
+        let d = e.decide(&o, &limits);
+        // It keeps the throttle, and says what the guest would dirty without it.
+        assert_eq!(d.settings.throttle_pct, 99, "{d:?}");
+        let why = &d
+            .reasons
+            .iter()
+            .find(|r| r.setting == "throttle_pct")
+            .unwrap()
+            .why;
+        assert!(why.contains("163.8 MB/s"), "{why}");
+        assert!(!why.contains("unthrottled"), "{why}");
+        assert!(
+            d.prediction.converges && d.prediction.downtime_ms < 50.0,
+            "{d:?}"
+        );
     }
 
     #[test]

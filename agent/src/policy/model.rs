@@ -144,7 +144,9 @@ fn p_fits(down: f64, limit: f64) -> f64 {
 /// `stream`, switching over once the downtime fits `limit_s`. Times in seconds from
 /// now. Where the VMM's choice of one more round is a toss-up, the figures are the
 /// expectation over both outcomes, so a prediction does not jump between them on
-/// noise in its inputs.
+/// noise in its inputs. `first_pass_of`: the memory's size in bytes while the first
+/// pass runs, which is what the VMM's halving test holds the first round's dirty set
+/// against (None: a round runs, and that test looks at the round's own size).
 pub fn precopy(
     remaining: f64,
     elapsed: f64,
@@ -152,10 +154,13 @@ pub fn precopy(
     set: f64,
     stream: Stream,
     limit_s: f64,
+    first_pass_of: Option<f64>,
 ) -> Prediction {
     let t = stream.bytes_per_sec.max(1.0);
     let mut total = 0.0;
     let mut r = remaining.max(0.0);
+    // The size the next round's dirty set is judged against for halving.
+    let mut halving_base = first_pass_of.unwrap_or(r).max(r);
     let mut previous = f64::INFINITY;
     // The next pass is what the guest dirtied since this one began.
     let mut since = elapsed.max(0.0);
@@ -176,7 +181,7 @@ pub fn precopy(
             let another = if down <= limit_s / 10.0 {
                 0.0
             } else {
-                p_another_round(next, r)
+                p_another_round(next, halving_base)
             };
             let pause =
                 down + pause_fill_s(&stream, next) + disk_sync_s(&stream) + stream.held_write_s;
@@ -195,6 +200,7 @@ pub fn precopy(
         }
         previous = next;
         r = next;
+        halving_base = next;
     }
     if going < 1.0 {
         // It switched over on some paths (those still running, if any, are cut off
@@ -354,7 +360,7 @@ mod tests {
         let downs: Vec<f64> = (0..=60)
             .map(|i| {
                 let rate = 30e6 + f64::from(i) * 0.5e6;
-                let p = precopy(256e6, 0.0, rate, 1e9, link, 0.05);
+                let p = precopy(256e6, 0.0, rate, 1e9, link, 0.05, None);
                 assert!(p.converges, "{rate}: {p:?}");
                 p.downtime_ms
             })
@@ -386,13 +392,13 @@ mod tests {
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
         };
-        let p = precopy(gib, 0.0, 20e6, gib, link, 0.3);
+        let p = precopy(gib, 0.0, 20e6, gib, link, 0.3, None);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
         assert!(p.total_ms > 10_000.0 && p.total_ms < 15_000.0, "{p:?}");
-        let p = precopy(gib, 0.0, 200e6, gib, link, 0.3);
+        let p = precopy(gib, 0.0, 200e6, gib, link, 0.3, None);
         assert!(!p.converges, "{p:?}");
         // A small hot set converges whatever the rate.
-        let p = precopy(gib, 0.0, 200e6, 16e6, link, 0.3);
+        let p = precopy(gib, 0.0, 200e6, 16e6, link, 0.3, None);
         assert!(p.converges, "{p:?}");
     }
 
@@ -413,8 +419,8 @@ mod tests {
         };
         // 80 MB/s within 40 MB: without the cost rounds shrink to nothing; with 50 ms
         // of it each round starts from what 50 ms of the guest dirties.
-        let a = precopy(gib / 4.0, 0.0, 80e6, 40e6, free, 0.05);
-        let b = precopy(gib / 4.0, 0.0, 80e6, 40e6, costly, 0.05);
+        let a = precopy(gib / 4.0, 0.0, 80e6, 40e6, free, 0.05, None);
+        let b = precopy(gib / 4.0, 0.0, 80e6, 40e6, costly, 0.05, None);
         assert!(a.converges && b.converges, "{a:?} {b:?}");
         assert!(b.downtime_ms > a.downtime_ms + 10.0, "{a:?} {b:?}");
         assert!(b.total_ms > a.total_ms, "{a:?} {b:?}");
@@ -435,8 +441,8 @@ mod tests {
             disk_bytes_per_sec: Some(64e6),
             ..memory_only
         };
-        let a = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, memory_only, 0.1);
-        let b = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, with_disks, 0.1);
+        let a = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, memory_only, 0.1, None);
+        let b = precopy(gib / 4.0, 0.0, 8e6, gib / 8.0, with_disks, 0.1, None);
         assert!(a.converges && b.converges, "{a:?} {b:?}");
         assert!(
             b.downtime_ms > a.downtime_ms && b.downtime_ms >= DISK_SYNC_MS + SWITCH_MS,
@@ -504,8 +510,8 @@ mod tests {
         assert!((a - b - 0.031).abs() < 1e-9, "{a} {b}");
         // And the predicted downtime carries them.
         let gib = 1024.0 * 1024.0 * 1024.0;
-        let pa = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, assumed, a);
-        let pb = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, stream, b);
+        let pa = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, assumed, a, None);
+        let pb = precopy(gib / 8.0, 0.0, 8e6, gib / 16.0, stream, b, None);
         assert!(pa.converges && pb.converges, "{pa:?} {pb:?}");
         assert!(pb.downtime_ms > pa.downtime_ms, "{pa:?} {pb:?}");
         assert!(
@@ -513,5 +519,28 @@ mod tests {
                 .contains("destination disk sync 40.00 ms measured")
         );
         assert!(prior.describe().contains("not measured (12 ms prior)"));
+    }
+
+    #[test]
+    fn after_the_first_pass_the_vmm_judges_halving_against_all_of_memory() {
+        // 4 MB left of a 100 MB memory's first pass; the guest dirties 1.7 MB/s within
+        // 8 MB. The first round's 2 MB is half of what the pass had left, a toss-up
+        // by that measure, but a fiftieth of memory, which is what the VMM compares it
+        // with: it surely runs another, shorter round.
+        let link = Stream {
+            basis: PauseBasis::default(),
+            bytes_per_sec: 12.5e6,
+            round_overhead_s: 0.001,
+            pause_fill_s: 0.0,
+            disk_bytes_per_sec: None,
+            held_write_s: 0.0,
+        };
+        let by_rest = precopy(4e6, 1.0, 1.7e6, 8.4e6, link, 0.296, None);
+        let by_memory = precopy(4e6, 1.0, 1.7e6, 8.4e6, link, 0.296, Some(100e6));
+        assert!(by_rest.converges && by_memory.converges);
+        assert!(
+            by_memory.downtime_ms < 0.5 * by_rest.downtime_ms,
+            "{by_memory:?} {by_rest:?}"
+        );
     }
 }
