@@ -188,11 +188,18 @@ impl Adaptive {
         match obs.stage {
             Stage::Starting => self.response.learn(measured, 0),
             // A throttle set before the pass began (the first decision) is in every
-            // sample of it: the rate is the guest's answer to it, not its demand.
+            // sample of it: the rate is the guest's answer to it, not its demand. The
+            // latest sample speaks for the pass (the earliest may still catch the
+            // guest before the throttle bit, and at 99 % a sample's error counts a
+            // hundredfold in what the guest could do).
             Stage::FirstPass => {
                 let since = self.changed_at.get("throttle_pct").copied();
+                let pct = self.current.throttle_pct;
                 if since.is_none_or(|at| at <= 0.0) {
-                    self.response.learn(measured, self.current.throttle_pct);
+                    if pct > 0 {
+                        self.response.capacity = None;
+                    }
+                    self.response.learn(measured, pct);
                 } else {
                     self.response.demand = self.response.demand.max(measured);
                 }
