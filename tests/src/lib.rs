@@ -27,44 +27,193 @@ pub fn ferry_bin() -> PathBuf {
     panic!("no ferry binary: build it (cargo build --release -p ferry) or set FERRY_BIN");
 }
 
-/// True when KVM is usable. Under CI a missing /dev/kvm fails the test; elsewhere the
-/// test reports itself skipped.
-pub fn require_kvm() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
+/// A facility the end-to-end tests need is missing. The test fails, naming it and how to
+/// get it, unless `FERRY_ALLOW_SKIP=1`: then the skip is appended to the file
+/// `$FERRY_SKIP_LOG` (as `<test binary>::<test name>: <facility>`, which `cargo xtask
+/// test` lists at the end of its run) and this returns false for the test to return.
+/// A test that passes because it did not run must never look like one that ran.
+pub fn missing(facility: &str, fix: &str) -> bool {
+    let allowed = std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1");
     assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/kvm is missing: these tests need KVM"
+        allowed,
+        "this test needs {facility}, which is missing here: {fix}. (FERRY_ALLOW_SKIP=1 \
+         skips such tests instead, and cargo xtask test lists them.)"
     );
-    eprintln!("SKIPPED: /dev/kvm is missing");
+    let line = format!("{}: {facility}", test_id());
+    eprintln!("SKIPPED {line}, which is missing here ({fix})");
+    if let Some(log) = std::env::var_os("FERRY_SKIP_LOG") {
+        use std::io::Write;
+        // One write per line with O_APPEND: lines from tests running at once stay whole.
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = written {
+            panic!(
+                "cannot record the skip of {line} in {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    }
     false
 }
 
-/// True when eBPF probes can load here: root, tracefs mounted, kernel BTF. Under CI a
-/// missing one fails the test, named; elsewhere the test reports itself skipped.
-pub fn require_ebpf() -> bool {
+/// `<test binary>::<test name>` of the running test: libtest names each test's thread
+/// after the test, and cargo names the binary `<target>-<hash>`.
+fn test_id() -> String {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|stem| match stem.rsplit_once('-') {
+            Some((target, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+                target.to_owned()
+            }
+            _ => stem,
+        })
+        .unwrap_or_else(|| "?".into());
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed thread>")
+        .to_owned();
+    format!("{binary}::{test}")
+}
+
+/// True when KVM is usable here; otherwise see [`missing`].
+pub fn require_kvm() -> bool {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return missing(
+            "KVM (/dev/kvm)",
+            &format!(
+                "opening /dev/kvm read-write failed ({e}); load the kvm module (modprobe \
+                 kvm_intel or kvm_amd; cargo xtask setup tries modprobe kvm) on a host with \
+                 hardware or nested virtualisation, and run as root or in group kvm"
+            ),
+        );
+    }
+    true
+}
+
+/// True when the tests run as root; otherwise see [`missing`].
+pub fn require_root(why: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    let missing = if unsafe { libc::geteuid() } != 0 {
-        Some("root (eBPF programs need it)")
-    } else if !Path::new("/sys/kernel/tracing/events").is_dir() {
-        Some("tracefs at /sys/kernel/tracing (cargo xtask setup mounts it)")
-    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        Some("kernel BTF (/sys/kernel/btf/vmlinux)")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(what) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{what} is missing: the eBPF probe tests need it"
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    missing(
+        "root",
+        &format!("{why}: run the tests as root (sudo -E cargo xtask test)"),
+    )
+}
+
+/// True when eBPF probes can load here: root, tracefs mounted, kernel BTF; otherwise
+/// see [`missing`], which names the first one missing.
+pub fn require_ebpf() -> bool {
+    if !require_root("loading eBPF programs needs it") {
+        return false;
+    }
+    if !Path::new("/sys/kernel/tracing/events").is_dir() {
+        return missing(
+            "tracefs at /sys/kernel/tracing",
+            "cargo xtask setup mounts tracefs (mount -t tracefs tracefs /sys/kernel/tracing)",
+        );
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return missing(
+            "kernel BTF (/sys/kernel/btf/vmlinux)",
+            "the eBPF probes are CO-RE and need a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        );
+    }
+    true
+}
+
+/// Two network namespaces joined by a veth pair (shaped to `rate_mbit` when given), or,
+/// when that cannot be made here, [`missing`] naming what failed and `None`.
+pub fn require_link(tag: &str, rate_mbit: Option<u32>) -> Option<netns::LinkPair> {
+    if !require_root("network namespaces need CAP_NET_ADMIN") {
+        return None;
+    }
+    match netns::LinkPair::new(tag, rate_mbit) {
+        Ok(link) => Some(link),
+        Err(e) => {
+            let facility = if rate_mbit.is_some() {
+                "network namespaces, veth and tc tbf"
+            } else {
+                "network namespaces and veth"
+            };
+            missing(
+                facility,
+                &format!(
+                    "{e}; cargo xtask setup installs iproute2 (ip, tc); the kernel needs \
+                     CONFIG_NET_NS, CONFIG_VETH and, for shaped links, CONFIG_NET_SCH_TBF"
+                ),
             );
-            eprintln!("SKIPPED: {what} is missing");
-            false
+            None
         }
     }
+}
+
+/// Serializes the tests that must have the host's CPUs to themselves: those that run a
+/// guest at full speed (unpaced, or paced far past what a link carries) and those
+/// whose premise depends on the host's speed ("the guest out-runs the link", a round
+/// count, a throttle the policy must decide on, a post-copy runaway). libtest runs
+/// tests of one binary on several threads at once; two such tests on a 2-core machine
+/// starve each other, and a guest that was meant to out-run its link then falls behind
+/// it and the migration converges. Each such test holds this guard for its whole run.
+///
+/// A lock inside the process is enough: cargo runs the test binaries one after another,
+/// so only tests of the same binary can overlap. Tests that do not take it still run
+/// beside a guarded one, which is why the guarded ones also check their premise from
+/// the migration's report (see [`assert_outruns`]).
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisons it; the next one still runs alone.
+    HOST.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How many times faster than its link a guest must dirty memory (or disk) for a test
+/// whose premise is "the guest out-runs the link": far enough that a guest slowed by a
+/// busy host still out-runs it, so the outcome does not hang on the host's speed.
+pub const OUTRUN_FACTOR: f64 = 10.0;
+
+/// Pages per second the guest wrote between two of its VMM's statuses, from its own
+/// counter (`guest_pages_written`) over the VMM's clock (`uptime_ms`).
+pub fn guest_write_rate(before: &Value, after: &Value) -> f64 {
+    let pages =
+        u64_of(after, "guest_pages_written").saturating_sub(u64_of(before, "guest_pages_written"));
+    let ms = u64_of(after, "uptime_ms").saturating_sub(u64_of(before, "uptime_ms"));
+    assert!(
+        ms > 0,
+        "no time between the statuses to measure the guest over: {before} {after}"
+    );
+    pages as f64 * 1e3 / ms as f64
+}
+
+/// Fails the test, before its outcome is looked at, unless the guest dirtied
+/// `bytes_per_sec` (measured, during `when`) at least [`OUTRUN_FACTOR`] times what a
+/// `link_mbit` link carries. When it did not, the host was too busy for the guest to
+/// keep its pace (or is slower than the test assumes) and the outcome would not say what
+/// the test claims: the message says so, with the numbers.
+pub fn assert_outruns(what: &str, when: &str, bytes_per_sec: f64, link_mbit: f64) {
+    let link = link_mbit * 1e6 / 8.0;
+    let times = bytes_per_sec / link;
+    assert!(
+        times >= OUTRUN_FACTOR,
+        "premise did not hold: {what} at {:.1} MB/s {when}, {times:.1}x the {link_mbit} Mbit/s \
+         link ({:.1} MB/s); this test needs {OUTRUN_FACTOR}x. The host was contended (or is \
+         slower than assumed), so the outcome would not mean what the test says",
+        bytes_per_sec / 1e6,
+        link / 1e6
+    );
+    eprintln!(
+        "premise: {what} at {:.1} MB/s {when}, {times:.1}x the {link_mbit} Mbit/s link",
+        bytes_per_sec / 1e6
+    );
 }
 
 /// A scratch folder removed on drop.
@@ -388,7 +537,9 @@ pub fn crc32(data: &[u8]) -> u32 {
 /// is handed over for good. `writes`: the workload still writes pages after its fill.
 pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
     assert_eq!(report["outcome"], "completed", "{report}");
-    assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
+    // A measured pause: the guest stopped on one side and went on on the other.
+    let downtime = f64_of(report, "downtime_ms");
+    assert!(downtime.is_finite() && downtime > 0.0, "{report}");
     assert!(u64_of(report, "pages_sent") > 0, "{report}");
     assert_eq!(u64_of(report, "guest_integrity_errors"), 0, "{report}");
     assert_eq!(report["memory_verified"], true, "{report}");

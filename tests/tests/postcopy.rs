@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_tests::netns::{DEST_ADDR, LinkPair};
+use ferry_tests::netns::DEST_ADDR;
 use ferry_tests::{
     TempDir, Vmm, check_arrived, ferry, free_port, incoming, kill_connections_to, migrate,
-    report_of, require_kvm, u64_of, write_config,
+    report_of, require_kvm, require_link, u64_of, write_config,
 };
 use serde_json::Value;
 
@@ -288,16 +288,8 @@ fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
     if !require_kvm() {
         return;
     }
-    let link = match LinkPair::new("pcl", None) {
-        Ok(l) => l,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "network namespaces and veth are needed: {e}"
-            );
-            eprintln!("SKIPPED: network namespaces and veth are needed: {e}");
-            return;
-        }
+    let Some(link) = require_link("pcl", None) else {
+        return;
     };
     let dir = TempDir::new("pc-link");
     let cfg = write_config(dir.path(), "l", &config(2, "random", "mixed", 20_000, 48));

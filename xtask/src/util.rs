@@ -66,11 +66,55 @@ pub fn test(extra: &[&str]) -> Result<()> {
     run(c, "cargo clippy")?;
     let ferry = build_ferry()?;
     step("cargo test (unit, integration, end-to-end)");
+    let skip_log = fresh_skip_log()?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--release"])
         .args(extra)
-        .env("FERRY_BIN", &ferry);
-    run(c, "cargo test")
+        .env("FERRY_BIN", &ferry)
+        .env("FERRY_SKIP_LOG", &skip_log);
+    let tested = run(c, "cargo test");
+    // Listed whether the tests passed or not: a skipped test passed without running.
+    let skipped = report_skips(&skip_log)?;
+    tested?;
+    if skipped > 0 && !skips_allowed() {
+        bail!(
+            "{skipped} test(s) skipped although FERRY_ALLOW_SKIP=1 is not set: a test that \
+             does not run must fail instead"
+        );
+    }
+    Ok(())
+}
+
+/// Whether tests may skip when a facility they need is missing (`FERRY_ALLOW_SKIP=1`,
+/// read by the tests' harness); otherwise they fail, naming it.
+fn skips_allowed() -> bool {
+    std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1")
+}
+
+/// An empty `target/test-skips.log`, which the tests' harness appends a line to for
+/// each test that skipped (`<test binary>::<test name>: <facility>`).
+fn fresh_skip_log() -> Result<PathBuf> {
+    let dir = root().join("target");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join("test-skips.log");
+    std::fs::write(&log, "").with_context(|| format!("emptying {}", log.display()))?;
+    Ok(log)
+}
+
+/// Prints every test that skipped, or that none did; returns how many.
+fn report_skips(log: &Path) -> Result<usize> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        println!("skipped tests: none");
+    } else {
+        println!("skipped tests ({}):", lines.len());
+        for line in &lines {
+            println!("  {line}");
+        }
+    }
+    Ok(lines.len())
 }
 
 /// A `ferry vmm` process that is killed if still running when dropped.
