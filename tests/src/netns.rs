@@ -4,10 +4,15 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The source side's and the destination side's addresses on the link.
-pub const SOURCE_ADDR: &str = "10.77.0.1";
-pub const DEST_ADDR: &str = "10.77.0.2";
+/// The source side's and the destination side's addresses on the link: from
+/// 198.18.0.0/15, the range RFC 2544 sets aside for benchmarking, which no real network
+/// routes, so nothing a test sends can reach anyone else's hosts.
+pub const SOURCE_ADDR: &str = "198.18.0.1";
+pub const DEST_ADDR: &str = "198.18.0.2";
+/// The link's prefix length: a /24 inside 198.18.0.0/15.
+pub const PREFIX_LEN: u8 = 24;
 
 pub struct LinkPair {
     pub source_ns: String,
@@ -35,11 +40,17 @@ impl LinkPair {
     /// Creates the namespaces and the link; `rate_mbit` shapes both directions.
     /// Needs root (CAP_NET_ADMIN), veth and, when shaping, sch_tbf.
     pub fn new(tag: &str, rate_mbit: Option<u32>) -> Result<Self, String> {
-        let id = format!("{}{}", tag, std::process::id() % 100_000);
+        // Unique per pair: tests of one binary run at once and may each make one,
+        // and test binaries and benchmarks run side by side (each has its own pid).
+        static PAIRS: AtomicU32 = AtomicU32::new(0);
+        let n = PAIRS.fetch_add(1, Ordering::Relaxed) % 10_000;
+        let pid = std::process::id();
         let pair = Self {
-            source_ns: format!("ferry-{id}-s"),
-            dest_ns: format!("ferry-{id}-d"),
-            veth: format!("fv{}", std::process::id() % 100_000),
+            source_ns: format!("ferry-{tag}-{pid}-{n}-s"),
+            dest_ns: format!("ferry-{tag}-{pid}-{n}-d"),
+            // An interface name holds 15 bytes: "fv" and a pid (7 digits at most, as
+            // pid_max allows) and "-" and 4 digits, and the peer's "p".
+            veth: format!("fv{pid}-{n}"),
         };
         let (s, d, v) = (&pair.source_ns, &pair.dest_ns, &pair.veth);
         let peer = format!("{v}p");
@@ -53,7 +64,7 @@ impl LinkPair {
             s,
             "addr",
             "add",
-            &format!("{SOURCE_ADDR}/24"),
+            &format!("{SOURCE_ADDR}/{PREFIX_LEN}"),
             "dev",
             v,
         ])?;
@@ -62,7 +73,7 @@ impl LinkPair {
             d,
             "addr",
             "add",
-            &format!("{DEST_ADDR}/24"),
+            &format!("{DEST_ADDR}/{PREFIX_LEN}"),
             "dev",
             &peer,
         ])?;
@@ -114,5 +125,28 @@ impl Drop for LinkPair {
         // Deleting a namespace deletes its end of the veth, and with it the pair.
         let _ = ip(&["netns", "del", &self.source_ns]);
         let _ = ip(&["netns", "del", &self.dest_ns]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Tests of one binary run at once: two pairs made at the same moment in one
+    /// process get names of their own, within what an interface name may hold.
+    #[test]
+    fn two_pairs_in_one_process_do_not_collide() {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| crate::require_link("nt", Some(100)));
+            let b = s.spawn(|| crate::require_link("nt", Some(100)));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let (Some(a), Some(b)) = (a, b) else {
+            return;
+        };
+        assert_ne!(a.source_ns, b.source_ns);
+        assert_ne!(a.dest_ns, b.dest_ns);
+        assert_ne!(a.veth, b.veth);
+        for pair in [&a, &b] {
+            assert!(pair.veth.len() < 15, "{} and its peer's p", pair.veth);
+        }
     }
 }
