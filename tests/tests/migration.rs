@@ -6,10 +6,13 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use ferry_tests::{
-    TempDir, Vmm, assert_running_and_intact, boot, check_arrived, crc32, f64_of, ferry, incoming,
-    migrate, require_kvm, u64_of, write_config,
+    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, crc32, exclusive,
+    f64_of, ferry, guest_write_rate, incoming, migrate, require_kvm, u64_of, write_config,
 };
 use serde_json::Value;
+
+/// Bytes in a guest page.
+const PAGE: f64 = 4096.0;
 
 fn config(name: &str, vcpus: u32, pattern: &str, content: &str, rate: u64) -> String {
     format!(
@@ -119,6 +122,8 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     if !require_kvm() {
         return;
     }
+    // Its busy guest runs unpaced and must out-run a capped link.
+    let _host = exclusive();
     let dir = TempDir::new("migfail");
     let src = boot(dir.path(), "f", &config("f", 1, "random", "text", 5000));
 
@@ -175,6 +180,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         let (dst, addr) = incoming(dir.path(), &format!("busy-{name}"));
         let dst_port = addr.rsplit(':').next().unwrap_or_default().to_owned();
         let ctl = busy.ctl().to_owned();
+        let before = busy.status();
         let follower = std::thread::spawn(move || {
             let out = ferry(&[
                 "migrate",
@@ -199,10 +205,17 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
             })
         });
         // This migration's progress, not the last one's (which stays in the status).
-        busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
+        let under_way = busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
             s["migration"]["phase"] == "precopy"
                 && s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
         });
+        // Pre-copy goes on until the fault only while the guest out-runs the link.
+        assert_outruns(
+            "the busy guest dirtied memory",
+            &format!("in pre-copy before the {name} destination"),
+            guest_write_rate(&before, &under_way) * PAGE,
+            100.0,
+        );
         // While it runs, the migration alone pauses and resumes the VM.
         for cmd in ["pause", "resume"] {
             let out = ferry(&[cmd, "--control", busy.ctl()]);
@@ -265,10 +278,12 @@ fn a_guest_outrunning_a_capped_link_converges_only_when_throttled() {
     if !require_kvm() {
         return;
     }
+    // An unpaced guest whose premise is out-running the link.
+    let _host = exclusive();
     let dir = TempDir::new("throttle");
-    // One vCPU writing random pages as fast as it can (about a million a second)
-    // over 64 MiB: every round dirties all of it, more than an 800 Mbit/s link moves
-    // within the 300 ms downtime limit.
+    // One vCPU writing random pages as fast as it can (about a million a second, 4 GB/s,
+    // while its pages are logged: some 40x the link) over 64 MiB: every round dirties
+    // all of it, more than an 800 Mbit/s link moves within the 300 ms downtime limit.
     let body = r#"memory_mib = 128
 vcpus = 1
 [workload]
@@ -286,6 +301,7 @@ content = "random"
     let (dst, addr) = incoming(dir.path(), "t-dst1");
     // The static policy: what the flags say, nothing adjusted (the adaptive one
     // would throttle on its own).
+    let before = src.status();
     let (ok, report) = migrate(
         &src,
         &addr,
@@ -298,7 +314,16 @@ content = "random"
             "4",
         ],
     );
-    assert!(!ok);
+    assert_outruns(
+        "the guest dirtied memory",
+        "during the unthrottled migration",
+        guest_write_rate(&before, &src.status()) * PAGE,
+        800.0,
+    );
+    assert!(
+        !ok,
+        "converged although the guest out-ran the link: {report}"
+    );
     assert!(
         report["error"]
             .as_str()
@@ -342,6 +367,7 @@ content = "random"
     let src = dst;
     let (dst, addr) = incoming(dir.path(), "t-dst3");
     let ctl = src.ctl().to_owned();
+    let before = src.status();
     let follower = std::thread::spawn(move || {
         let out = ferry(&[
             "migrate",
@@ -359,9 +385,22 @@ content = "random"
         ]);
         serde_json::from_slice::<Value>(&out.stdout).expect("a report")
     });
-    src.wait_for("pre-copy rounds", Duration::from_secs(60), |s| {
-        s["migration"]["round"].as_u64().unwrap_or(0) >= 3
+    let rounds = src.wait_for("pre-copy rounds", Duration::from_secs(60), |s| {
+        // (This VMM has not migrated before: no earlier migration's phase shows.)
+        let m = &s["migration"];
+        m["phase"] == "precopy" && m["round"].as_u64().unwrap_or(0) >= 3
+            || m["phase"] == "completed"
+            || m["phase"] == "failed"
     });
+    // Three rounds without converging mean something only while the guest out-runs
+    // the link.
+    assert_outruns(
+        "the guest dirtied memory",
+        "in its first three rounds",
+        guest_write_rate(&before, &rounds) * PAGE,
+        800.0,
+    );
+    assert_eq!(rounds["migration"]["phase"], "precopy", "{rounds}");
     let out = ferry(&["set-params", "--control", src.ctl(), "--throttle-pct", "99"]);
     assert!(
         out.status.success(),
