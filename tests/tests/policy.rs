@@ -3,18 +3,28 @@
 
 use std::time::Duration;
 
-use ferry_tests::{TempDir, Vmm, f64_of, ferry, incoming, migrate, require_kvm, u64_of};
+use ferry_tests::{
+    TempDir, Vmm, assert_outruns, exclusive, f64_of, ferry, guest_write_rate, incoming, migrate,
+    require_kvm, u64_of,
+};
 use serde_json::Value;
 
-fn guest(rate: u64) -> String {
+/// Bytes in a guest page.
+const PAGE: f64 = 4096.0;
+
+/// `ferry migrate`'s downtime limit when none is given.
+const DEFAULT_MAX_DOWNTIME_MS: f64 = 300.0;
+
+fn guest(rate: u64, ws_mib: u64) -> String {
     format!(
-        "memory_mib = 320\nvcpus = 1\n[workload]\nworking_set_mib = 256\n\
-         dirty_pages_per_sec = {rate}\npattern = \"random\"\ncontent = \"random\"\n"
+        "memory_mib = {}\nvcpus = 1\n[workload]\nworking_set_mib = {ws_mib}\n\
+         dirty_pages_per_sec = {rate}\npattern = \"random\"\ncontent = \"random\"\n",
+        ws_mib + 64
     )
 }
 
-fn start(dir: &TempDir, name: &str, rate: u64) -> Vmm {
-    let cfg = ferry_tests::write_config(dir.path(), name, &guest(rate));
+fn start(dir: &TempDir, name: &str, rate: u64, ws_mib: u64) -> Vmm {
+    let cfg = ferry_tests::write_config(dir.path(), name, &guest(rate, ws_mib));
     let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
     // Past its fill (unpaced, a million pages a second): writing at its pace.
     vm.wait_for(
@@ -25,10 +35,30 @@ fn start(dir: &TempDir, name: &str, rate: u64) -> Vmm {
     vm
 }
 
-/// Steps the guest's rate to `rate` once the migration has run `after`.
-fn step_later(vm: &Vmm, after: Duration, rate: u64) -> std::thread::JoinHandle<()> {
+/// What the guest did after [`step_later`] stepped its rate.
+struct Stepped {
+    /// The migration's clock when the new rate was set.
+    at_ms: u64,
+    /// The guest's page writes per second at the new rate, before any throttle.
+    pages_per_sec: f64,
+    /// Over how long that was measured.
+    over_ms: u64,
+}
+
+/// Steps the guest's rate to `rate` once the migration has run `after`, and measures
+/// the rate the guest then writes at for up to 1.5 s, until a throttle is first set.
+fn step_later(vm: &Vmm, after: Duration, rate: u64) -> std::thread::JoinHandle<Stepped> {
     let ctl = vm.ctl().to_owned();
     std::thread::spawn(move || {
+        let status = || -> Value {
+            let out = ferry(&["status", "--control", &ctl, "--json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
         std::thread::sleep(after);
         let out = ferry(&[
             "set-workload",
@@ -42,6 +72,31 @@ fn step_later(vm: &Vmm, after: Duration, rate: u64) -> std::thread::JoinHandle<(
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let at_ms = u64_of(&status()["migration"], "elapsed_ms");
+        // The guest takes up its new pace within a few heartbeats.
+        std::thread::sleep(Duration::from_millis(200));
+        let first = status();
+        let mut last = first.clone();
+        for _ in 0..15 {
+            std::thread::sleep(Duration::from_millis(100));
+            let s = status();
+            if s["migration"]["phase"] != "precopy" || u64_of(&s["migration"], "throttle_pct") != 0
+            {
+                break;
+            }
+            last = s;
+        }
+        let over_ms = u64_of(&last, "uptime_ms") - u64_of(&first, "uptime_ms");
+        assert!(
+            over_ms >= 300,
+            "the guest was throttled within {over_ms} ms of taking up its new rate: too soon \
+             to measure it ({last})"
+        );
+        Stepped {
+            at_ms,
+            pages_per_sec: guest_write_rate(&first, &last),
+            over_ms,
+        }
     })
 }
 
@@ -59,25 +114,38 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
     if !require_kvm() {
         return;
     }
+    // Its premise, a guest out-running the link, needs the host's CPUs.
+    let _host = exclusive();
     let dir = TempDir::new("policy-jump");
-    let src = start(&dir, "src", 2_000);
+    let src = start(&dir, "src", 1_000, 64);
     let (dst, addr) = incoming(dir.path(), "dst");
-    // 400 Mbit/s moves 12k pages/s; a second in, the guest dirties 40k/s at random
-    // over 256 MiB: pre-copy cannot converge unless the engine acts.
-    let stepper = step_later(&src, Duration::from_millis(1500), 40_000);
+    // 100 Mbit/s moves 3k pages/s; 1.5 s in, during the first pass, the guest goes
+    // from 1k to 60k pages/s (246 MB/s, 20x the link) at random over 64 MiB: pre-copy
+    // cannot converge unless the engine acts.
+    let (link_mbit, max_downtime_ms) = (100.0, 100.0);
+    let stepper = step_later(&src, Duration::from_millis(1500), 60_000);
     let (ok, report) = migrate(
         &src,
         &addr,
         &[
             "--bandwidth-mbit",
-            "400",
+            &link_mbit.to_string(),
             "--max-downtime-ms",
-            "100",
+            &max_downtime_ms.to_string(),
             "--max-total-secs",
             "120",
         ],
     );
-    stepper.join().unwrap();
+    let stepped = stepper.join().unwrap();
+    assert_outruns(
+        "the guest dirtied memory",
+        &format!(
+            "after its jump ({:.0} pages/s over {} ms, unthrottled)",
+            stepped.pages_per_sec, stepped.over_ms
+        ),
+        stepped.pages_per_sec * PAGE,
+        link_mbit,
+    );
     assert!(ok, "{report}");
     assert_eq!(report["policy"], "adaptive", "{report}");
     let raised: Vec<&Value> = decisions(&report, "throttle_pct")
@@ -91,8 +159,37 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
         "{why}"
     );
     // Its first decision came after the jump, not before.
-    assert!(u64_of(raised[0], "t_ms") >= 1000, "{report}");
-    assert!(report["predicted_total_ms"].is_number(), "{report}");
+    assert!(
+        u64_of(raised[0], "t_ms") >= stepped.at_ms,
+        "throttled before the jump at {} ms: {report}",
+        stepped.at_ms
+    );
+    // The pause kept to the limit, and so did what the engine predicted of it.
+    let downtime = f64_of(&report, "downtime_ms");
+    assert!(
+        downtime > 0.0 && downtime <= max_downtime_ms,
+        "downtime {downtime} ms against a {max_downtime_ms} ms limit: {report}"
+    );
+    let predicted_total = f64_of(&report, "predicted_total_ms");
+    assert!(
+        predicted_total.is_finite() && predicted_total > 0.0,
+        "{report}"
+    );
+    let predicted_downtime = f64_of(&report, "predicted_downtime_ms");
+    assert!(
+        predicted_downtime > 0.0 && predicted_downtime <= max_downtime_ms,
+        "predicted downtime {predicted_downtime} ms against a {max_downtime_ms} ms limit: \
+         {report}"
+    );
+    eprintln!(
+        "throttled to {}% at {} ms (jump at {} ms); downtime {downtime:.1} ms, predicted \
+         {predicted_downtime:.1} ms; total {:.1} s, predicted {:.1} s",
+        raised[0]["value"].as_str().unwrap_or("?"),
+        u64_of(raised[0], "t_ms"),
+        stepped.at_ms,
+        f64_of(&report, "total_ms") / 1e3,
+        predicted_total / 1e3
+    );
     let v = dst.verify();
     assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
     src.quit();
@@ -104,22 +201,33 @@ fn disk_writes_the_link_cannot_carry_are_held_back_and_the_disks_arrive_whole() 
     if !require_kvm() {
         return;
     }
+    // Its premise, disk writes out-running the link, needs the host to keep up.
+    let _host = exclusive();
     let dir = TempDir::new("policy-disk");
-    // 64 MB/s of incompressible disk writes (1000 a second, 64 KiB each, at random
-    // over 512 MiB) against a 200 Mbit/s cap: the disks' rounds cannot shrink unless
-    // the engine holds the writes back.
+    // 197 MB/s of incompressible disk writes (3000 a second, 64 KiB each, at random
+    // over 64 MiB) against a 100 Mbit/s cap, 16x what it carries: the disks' rounds
+    // cannot shrink unless the engine holds the writes back.
+    let (link_mbit, block) = (100.0, 64.0 * 1024.0);
     let cfg = ferry_tests::write_config(
         dir.path(),
         "dh",
         "memory_mib = 128\nvcpus = 1\n[workload]\nworking_set_mib = 32\n\
          dirty_pages_per_sec = 1000\npattern = \"random\"\ncontent = \"random\"\n\
-         [workload.disk]\nwrite_ops_per_sec = 1000\nblock_kib = 64\n\
-         [[disks]]\nid = \"data\"\npath = \"ds1/dh-data.img\"\nsize_mib = 512\n",
+         [workload.disk]\nwrite_ops_per_sec = 3000\nblock_kib = 64\n\
+         [[disks]]\nid = \"data\"\npath = \"ds1/dh-data.img\"\nsize_mib = 64\n",
     );
     let src = Vmm::spawn(dir.path(), "dh", &["--config", cfg.to_str().unwrap()]);
     src.wait_for("disk writes", Duration::from_secs(30), |s| {
         u64_of(s, "disk_writes") > 1000
     });
+    // The guest's own write rate just before the migration: the engine holds it back
+    // once the migration runs, so it is measured here.
+    let before = src.status();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = src.status();
+    let writes_per_sec = (u64_of(&after, "disk_writes") - u64_of(&before, "disk_writes")) as f64
+        * 1e3
+        / (u64_of(&after, "uptime_ms") - u64_of(&before, "uptime_ms")) as f64;
     let store = dir.join("dsB");
     std::fs::create_dir_all(&store).unwrap();
     let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
@@ -134,10 +242,16 @@ fn disk_writes_the_link_cannot_carry_are_held_back_and_the_disks_arrive_whole() 
         &[
             "--copy-storage",
             "--bandwidth-mbit",
-            "200",
+            &link_mbit.to_string(),
             "--max-total-secs",
-            "60",
+            "90",
         ],
+    );
+    assert_outruns(
+        "the guest wrote its disk",
+        &format!("({writes_per_sec:.0} writes/s of 64 KiB) before the migration"),
+        writes_per_sec * block,
+        link_mbit,
     );
     assert!(ok, "{report}");
     let held: Vec<&Value> = decisions(&report, "disk_write_limit_mbps")
@@ -150,9 +264,29 @@ fn disk_writes_the_link_cannot_carry_are_held_back_and_the_disks_arrive_whole() 
     );
     let why = held[0]["reason"].as_str().unwrap();
     assert!(why.contains("holding"), "{why}");
+    // Held to a share of the link, below what the guest wrote.
+    let cap_mbps: f64 = held[0]["value"].as_str().unwrap().parse().unwrap();
+    assert!(
+        cap_mbps > 0.0 && cap_mbps * 1e6 < link_mbit * 1e6 / 8.0,
+        "held to {cap_mbps} MB/s on a {link_mbit} Mbit/s link: {report}"
+    );
+    let downtime = f64_of(&report, "downtime_ms");
+    assert!(
+        downtime <= DEFAULT_MAX_DOWNTIME_MS,
+        "downtime {downtime} ms against the {DEFAULT_MAX_DOWNTIME_MS} ms limit: {report}"
+    );
     ferry_tests::check_arrived(&src, &dst, &report, true);
     src.quit();
     dst.quit();
+}
+
+/// The measured downtime kept to the limit `ferry migrate` has when none is given.
+fn assert_within_default_downtime(report: &Value) {
+    let downtime = f64_of(report, "downtime_ms");
+    assert!(
+        downtime > 0.0 && downtime <= DEFAULT_MAX_DOWNTIME_MS,
+        "downtime {downtime} ms against the {DEFAULT_MAX_DOWNTIME_MS} ms limit: {report}"
+    );
 }
 
 #[test]
@@ -161,7 +295,7 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
         return;
     }
     let dir = TempDir::new("policy-pin");
-    let src = start(&dir, "src", 2_000);
+    let src = start(&dir, "src", 2_000, 256);
     let (dst, addr) = incoming(dir.path(), "dst");
     let (ok, report) = migrate(
         &src,
@@ -169,6 +303,7 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
         &["--compression", "lz4", "--bandwidth-mbit", "200"],
     );
     assert!(ok, "{report}");
+    assert_within_default_downtime(&report);
     assert_eq!(report["codec"], "lz4", "{report}");
     let codec = decisions(&report, "codec");
     assert_eq!(codec.len(), 1, "the codec changed: {report}");
@@ -183,8 +318,10 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
     let (dst, addr) = incoming(dir.path(), "dst2");
     let (ok, report) = migrate(&src, &addr, &["--bandwidth-mbit", "200"]);
     assert!(ok, "{report}");
+    assert_within_default_downtime(&report);
     assert_eq!(report["codec"], "none", "{report}");
     let codec = decisions(&report, "codec");
+    assert!(!codec.is_empty(), "no codec decision: {report}");
     assert!(
         codec
             .iter()
@@ -201,7 +338,7 @@ fn an_unknown_policy_is_refused_before_anything_moves() {
         return;
     }
     let dir = TempDir::new("policy-bad");
-    let src = start(&dir, "src", 1_000);
+    let src = start(&dir, "src", 1_000, 256);
     let out = ferry(&[
         "migrate",
         "--control",
@@ -248,8 +385,16 @@ fn plan_predicts_and_explains_without_moving_anything() {
     );
     let p = plan(&text, &["--link-mbit", "200"]);
     assert_ne!(p["settings"]["codec"], "none", "{p}");
-    assert!(p["predicted_total_ms"].as_f64().unwrap() > 0.0, "{p}");
     assert!(p["converges"] == true, "{p}");
+    let total = f64_of(&p, "predicted_total_ms");
+    assert!(total.is_finite() && total > 0.0, "{p}");
+    // It converges: within the default downtime limit.
+    let downtime = f64_of(&p, "predicted_downtime_ms");
+    assert!(downtime > 0.0 && downtime <= DEFAULT_MAX_DOWNTIME_MS, "{p}");
+    assert_eq!(
+        p["limits"]["max_downtime_ms"], DEFAULT_MAX_DOWNTIME_MS,
+        "{p}"
+    );
     let reasons = p["reasons"].as_array().unwrap();
     assert!(
         reasons
@@ -295,7 +440,7 @@ fn plan_predicts_and_explains_without_moving_anything() {
     text.quit();
 
     // Random pages on the same link: nothing to gain from a codec.
-    let random = start(&dir, "random", 2_000);
+    let random = start(&dir, "random", 2_000, 256);
     let p = plan(&random, &["--link-mbit", "200"]);
     assert_eq!(p["settings"]["codec"], "none", "{p}");
     random.quit();
