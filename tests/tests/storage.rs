@@ -130,7 +130,9 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
             // Held to 1 Mbit/s, the guest writes far slower than the copy: auto
             // measures that, stays in background mode and says why.
             assert_eq!(report["disk_mode"], "background", "{report}");
-            for d in report["disks"].as_array().unwrap() {
+            let disks = report["disks"].as_array().unwrap();
+            assert_eq!(disks.len(), 2, "{report}");
+            for d in disks {
                 let why = d["mode_reason"].as_str().unwrap_or("");
                 assert!(why.contains("MB/s") && why.contains("converge"), "{report}");
             }
@@ -239,6 +241,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
         // The config parses and names whole images; where it names the new copy, the
         // copy equals the old image the VM had been using up to the (paused) crash.
         let paths = config_paths(&cfg);
+        assert_eq!(paths.len(), 2, "{point}: {paths:?}");
         let moved = paths.iter().any(|p| p.contains("ds2-"));
         assert_eq!(moved, point == "storage-after-config", "{point}: {paths:?}");
         for p in &paths {
