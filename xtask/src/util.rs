@@ -301,3 +301,21 @@ pub fn work_dir(name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_skip_recorded_is_counted_and_blank_lines_are_not() {
+        let log = std::env::temp_dir().join(format!("ferry-skips-{}.log", std::process::id()));
+        std::fs::write(
+            &log,
+            "probes::a: KVM (/dev/kvm)\n\nstorage::b: tmpfs mounts\n",
+        )
+        .unwrap();
+        let counted = report_skips(&log);
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(counted.unwrap(), 2);
+    }
+}
