@@ -167,8 +167,9 @@ pub fn require_link(tag: &str, rate_mbit: Option<u32>) -> Option<netns::LinkPair
 ///
 /// A lock inside the process is enough: cargo runs the test binaries one after another,
 /// so only tests of the same binary can overlap. Tests that do not take it still run
-/// beside a guarded one, which is why the guarded ones also check their premise from
-/// the migration's report (see [`assert_outruns`]).
+/// beside a guarded one (and other work may share the host), which is why the tests
+/// resting on a guest out-running its link also measure that premise from the guest's
+/// own counters before looking at the outcome (see [`assert_outruns`]).
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
     // A test that failed while holding it poisons it; the next one still runs alone.
