@@ -41,7 +41,8 @@ struct PolicyArgs {
     /// Who sets compression, throttling and post-copy while it runs: adaptive
     /// (measures and decides), static (the flags as given), or a peer preset
     /// (qemu-default, libvirt-default, qemu-autoconverge,
-    /// libvirt-postcopy-after-precopy, kubevirt-default, cloud-hypervisor).
+    /// libvirt-postcopy-after-precopy, libvirt-copy-storage-sync, kubevirt-default,
+    /// kubevirt-dynamic-downtime, cloud-hypervisor).
     #[arg(long, default_value = "adaptive")]
     policy: String,
     /// Codec for memory pages (and, with --copy-storage, disk blocks): auto (the
@@ -66,6 +67,11 @@ struct PolicyArgs {
     /// disks travel (pinned: the policy keeps it; 0 = never hold them back).
     #[arg(long)]
     disk_write_limit_mbps: Option<f64>,
+    /// With --copy-storage: background (each pre-copy round sends the blocks written
+    /// since the last) or active (each guest write also goes to the destination
+    /// before it completes, pacing the guest's writes to the link; pinned).
+    #[arg(long, value_parser = ["background", "active"])]
+    disk_mirror: Option<String>,
     /// The most the policy may throttle the vCPUs [default: 99].
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=99))]
     max_throttle_pct: Option<u32>,
@@ -116,6 +122,12 @@ impl PolicyArgs {
                 }
                 m => m,
             },
+            disk_mirror: self
+                .disk_mirror
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
         })
     }
 }
@@ -309,6 +321,10 @@ enum Command {
         /// lift the cap).
         #[arg(long)]
         disk_write_limit_mbps: Option<f64>,
+        /// Disks that travel: background or active (each guest write also goes to
+        /// the destination before it completes).
+        #[arg(long, value_parser = ["background", "active"])]
+        disk_mirror: Option<String>,
     },
     /// Move the running VM's disk images (or one) into another folder (datastore);
     /// the VM's config file is rewritten to name them.
@@ -449,6 +465,7 @@ fn main() -> ExitCode {
                     "bandwidth_mbit": limits.bandwidth_mbit.map_or(0, |m| m.round() as u64),
                     "throttle_pct": policy.throttle_pct.unwrap_or(0),
                     "disk_write_limit_mbps": policy.disk_write_limit_mbps,
+                    "disk_mirror": policy.disk_mirror,
                     "max_total_secs": limits.max_total_secs.map(|s| s.ceil() as u64),
                     "timeout_secs": timeout_secs, "no_verify": no_verify,
                     "mode": mode, "recover_secs": recover_secs,
@@ -486,12 +503,13 @@ fn main() -> ExitCode {
             throttle_pct,
             max_downtime_ms,
             disk_write_limit_mbps,
+            disk_mirror,
         } => cli::client::set_params(
             &control,
             serde_json::json!({
                 "cmd": "set-params", "compression": compression, "bandwidth_mbit": bandwidth_mbit,
                 "throttle_pct": throttle_pct, "max_downtime_ms": max_downtime_ms,
-                "disk_write_limit_mbps": disk_write_limit_mbps,
+                "disk_write_limit_mbps": disk_write_limit_mbps, "disk_mirror": disk_mirror,
             }),
         ),
         Command::Verify {

@@ -429,3 +429,110 @@ fn disk_check_finds_a_lost_write_and_a_torn_block() {
         "{r}"
     );
 }
+
+#[test]
+fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disks_arrive_whole() {
+    if !require_kvm() {
+        return;
+    }
+    let link_mbit = 100;
+    let Some(link) = ferry_tests::require_link("mir", Some(link_mbit)) else {
+        return;
+    };
+    // Its premise, disk writes out-running the link, needs the host to keep up.
+    let _host = ferry_tests::exclusive();
+    let dir = TempDir::new("mirror");
+    // 197 MB/s of incompressible disk writes (3000 a second, 64 KiB each, at random
+    // over 64 MiB) against a 100 Mbit/s link, 16x what it carries: rounds of written
+    // blocks could never shrink, and nothing caps the writes here but the mirror.
+    let block = 64.0 * 1024.0;
+    let cfg = write_config(
+        dir.path(),
+        "mi",
+        "memory_mib = 128\nvcpus = 1\n[workload]\nworking_set_mib = 16\n\
+         dirty_pages_per_sec = 200\npattern = \"random\"\ncontent = \"random\"\n\
+         [workload.disk]\nwrite_ops_per_sec = 3000\nblock_kib = 64\n\
+         [[disks]]\nid = \"data\"\npath = \"ds1/mi-data.img\"\nsize_mib = 64\n",
+    );
+    let src = Vmm::spawn_in(
+        &link.source_ns,
+        dir.path(),
+        "mi",
+        &["--config", cfg.to_str().unwrap()],
+    );
+    src.wait_for("disk writes", Duration::from_secs(30), |s| {
+        u64_of(s, "disk_writes") > 1000
+    });
+    let before = src.status();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = src.status();
+    let writes_per_sec = (u64_of(&after, "disk_writes") - u64_of(&before, "disk_writes")) as f64
+        * 1e3
+        / (u64_of(&after, "uptime_ms") - u64_of(&before, "uptime_ms")) as f64;
+    let store = dir.join("dsB");
+    std::fs::create_dir_all(&store).unwrap();
+    let addr = format!(
+        "{}:{}",
+        ferry_tests::netns::DEST_ADDR,
+        ferry_tests::free_port()
+    );
+    let dst = Vmm::spawn_in(
+        &link.dest_ns,
+        dir.path(),
+        "mi-dst",
+        &["--incoming", &addr, "--datastore", store.to_str().unwrap()],
+    );
+    let (ok, report) = ferry_tests::migrate(
+        &src,
+        &addr,
+        &[
+            "--copy-storage",
+            "--policy",
+            "static",
+            "--disk-mirror",
+            "active",
+            "--max-total-secs",
+            "120",
+        ],
+    );
+    ferry_tests::assert_outruns(
+        "the guest wrote its disk",
+        &format!("({writes_per_sec:.0} writes/s of 64 KiB) before the migration"),
+        writes_per_sec * block,
+        link_mbit as f64,
+    );
+    assert!(ok, "{report}");
+    let mirror: Vec<&Value> = report["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["setting"] == "disk_mirror")
+        .collect();
+    assert!(
+        mirror.len() == 1 && mirror[0]["value"] == "active",
+        "the mirror was not on from the start: {report}"
+    );
+    let mirrored = u64_of(&report, "disk_bytes_mirrored");
+    assert!(mirrored > 0, "no guest write was mirrored: {report}");
+    // The link paced the guest: what it wrote while its disks travelled is what the
+    // link carried (the socket buffers' worth beyond it), not the 16x it wanted.
+    let secs = ferry_tests::f64_of(&report, "total_ms") / 1e3;
+    let link_bytes = f64::from(link_mbit) * 1e6 / 8.0;
+    assert!(
+        (mirrored as f64) < link_bytes * secs + (8 << 20) as f64,
+        "{mirrored} bytes mirrored in {secs:.1} s, more than a {link_mbit} Mbit/s link \
+         carries: {report}"
+    );
+    eprintln!(
+        "{:.1} MB mirrored in {secs:.1} s ({:.1} MB/s on a {:.1} MB/s link); downtime {:.1} ms",
+        mirrored as f64 / 1e6,
+        mirrored as f64 / 1e6 / secs,
+        link_bytes / 1e6,
+        ferry_tests::f64_of(&report, "downtime_ms")
+    );
+    // Every block the guest acknowledged is on the destination's copy, whichever of the
+    // first copy and a mirrored write reached it last.
+    ferry_tests::check_arrived(&src, &dst, &report, true);
+    src.quit();
+    dst.quit();
+}

@@ -21,17 +21,22 @@ const PRESETS: &[&str] = &[
     "libvirt-default",
     "qemu-autoconverge",
     "libvirt-postcopy-after-precopy",
+    "libvirt-copy-storage-sync",
     "kubevirt-default",
     "kubevirt-dynamic-downtime",
     "cloud-hypervisor",
 ];
 
 /// A preset that, under a scenario's limits, is configured exactly as another and is
-/// not run apart: KubeVirt's downtime ramp starts at 150 ms, so a limit at or below it
-/// leaves the ramp nowhere to go (`Preset::same_as` in `agent/src/policy/presets.rs`).
-fn same_as(policy: &str, max_downtime_ms: f64) -> Option<&'static str> {
-    (policy == "kubevirt-dynamic-downtime" && max_downtime_ms <= 150.0)
-        .then_some("kubevirt-default")
+/// not run apart (`Preset::same_as` in `agent/src/policy/presets.rs`): KubeVirt's
+/// downtime ramp starts at 150 ms, so a limit at or below it leaves the ramp nowhere to
+/// go; libvirt's synchronous disk writes need disks that travel.
+fn same_as(policy: &str, max_downtime_ms: f64, copy_storage: bool) -> Option<&'static str> {
+    match policy {
+        "kubevirt-dynamic-downtime" if max_downtime_ms <= 150.0 => Some("kubevirt-default"),
+        "libvirt-copy-storage-sync" if !copy_storage => Some("libvirt-default"),
+        _ => None,
+    }
 }
 
 /// Unmeasured migrations before a scenario that copies its disks (see where it is used).
@@ -888,7 +893,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         // at all (post-copy forbidden) is "n/a", and one configured exactly as another
         // is that other's row, not a result of its own.
         let na = |p: &str| p == "libvirt-postcopy-after-precopy" && !s.allow_postcopy;
-        let twin = |p: &str| same_as(p, s.max_downtime_ms);
+        let twin = |p: &str| same_as(p, s.max_downtime_ms, s.copy_storage);
         let running: Vec<&str> = o
             .policies
             .iter()

@@ -291,6 +291,10 @@ pub fn migrate(
         req["bandwidth_mbit"] = json!(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
         req["max_downtime_ms"] = json!(d.settings.max_downtime_ms.round() as u64);
         req["switchover"] = json!(steer.switchover_rule().as_str());
+        // Only disks that travel have a mirror to set.
+        if req["copy_storage"] == json!(true) {
+            req["disk_mirror"] = json!(d.settings.disk_mirror.to_string());
+        }
         let reasons: serde_json::Map<String, Value> = d
             .reasons
             .iter()

@@ -418,6 +418,13 @@ impl Steering {
                 json!(s.disk_write_limit_mbps.unwrap_or(0.0)),
             ));
         }
+        if s.disk_mirror != self.applied.disk_mirror {
+            changed.push((
+                "disk_mirror",
+                "disk_mirror",
+                json!(s.disk_mirror.to_string()),
+            ));
+        }
         if !changed.is_empty() {
             let mut req = json!({"cmd": "set-params"});
             let mut reasons = serde_json::Map::new();
@@ -439,6 +446,7 @@ impl Steering {
                 self.applied.throttle_pct = s.throttle_pct;
                 self.applied.bandwidth_mbit = s.bandwidth_mbit;
                 self.applied.disk_write_limit_mbps = s.disk_write_limit_mbps;
+                self.applied.disk_mirror = s.disk_mirror;
                 self.applied.max_downtime_ms = s.max_downtime_ms;
             }
         }

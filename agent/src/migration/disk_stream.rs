@@ -9,13 +9,92 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
 use super::codec::{Codec, Decompressor, Stored};
-use super::protocol::{DISK_ZERO, Message};
+use super::protocol::{self, DISK_ZERO, MAX_DISK_CHUNK, Message};
 use super::source::{MigrateError, Sender};
 use super::storage::{Aligned, RUN_BLOCKS, data_blocks, pieces, steps, write_zeroes_at};
-use crate::vmm::block::{COPY_BLOCK, CopyJob, WriteThrottle, log_path};
+use super::wire::Wire;
+use crate::vmm::block::{COPY_BLOCK, CopyJob, Mirror, WriteThrottle, log_path};
 use crate::vmm::config::VmConfig;
 use crate::vmm::dirty::DirtyBitmap;
+
+/// How the disks that travel keep up with the guest's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskMirror {
+    /// With each pre-copy round, the blocks written since the last one.
+    #[default]
+    Background,
+    /// Each guest write also goes to the destination before it completes (libvirt's
+    /// `--copy-storage-synchronous-writes`, QEMU's write-blocking mirror): the disks
+    /// converge because the link paces the guest's writes.
+    Active,
+}
+
+impl std::str::FromStr for DiskMirror {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "background" => Ok(Self::Background),
+            "active" => Ok(Self::Active),
+            other => Err(format!(
+                "disk_mirror {other:?}: \"background\" (the default) or \"active\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Background => "background",
+            Self::Active => "active",
+        })
+    }
+}
+
+/// A disk's copy at the destination, fed the guest's writes on the migration stream
+/// itself (so they keep their order with the rounds' copies of the same blocks).
+#[derive(Debug)]
+struct NetMirror {
+    disk: u32,
+    wire: Wire,
+    /// Guest bytes mirrored, summed over the disks.
+    bytes: Arc<AtomicU64>,
+}
+
+impl Mirror for NetMirror {
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut frames = Vec::with_capacity(data.len() + 256);
+        for (n, part) in data.chunks(MAX_DISK_CHUNK as usize).enumerate() {
+            let at = offset + (n * MAX_DISK_CHUNK as usize) as u64;
+            // Raw: compressing on the guest's vCPU thread would slow its writes more
+            // than the link does.
+            for (range, is_zero) in pieces(part) {
+                let msg = Message::DiskData {
+                    disk: self.disk,
+                    offset: at + range.start as u64,
+                    len: range.len() as u32,
+                    encoding: if is_zero { DISK_ZERO } else { Codec::None.id() },
+                    data: if is_zero {
+                        Vec::new()
+                    } else {
+                        part[range].to_vec()
+                    },
+                };
+                protocol::send(&mut frames, &msg).map_err(std::io::Error::other)?;
+            }
+        }
+        self.wire.send_now(&frames)?;
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
 
 impl Sender<'_> {
     /// Announces the disks, starts noting guest writes, and sends every block that
@@ -26,22 +105,25 @@ impl Sender<'_> {
             disks: disks.iter().map(|d| (d.id.clone(), d.size)).collect(),
         })?;
         let mut todo = Vec::new();
-        for d in disks {
+        // The live settings: a change made since this thread last looked counts.
+        let settings = super::source::lock(&self.m.live)
+            .as_ref()
+            .map_or(self.settings, |l| l.settings);
+        for (i, d) in disks.iter().enumerate() {
             let blocks = d.size.div_ceil(COPY_BLOCK);
             // Noting writes first, then looking for data: a write into a hole during
             // the scan is caught either way.
             *d.job() = Some(CopyJob {
                 target: None,
                 dirty: DirtyBitmap::new(blocks),
-                active: false,
+                active: settings.disk_mirror == DiskMirror::Active,
                 added_us: Vec::new(),
-                // The live settings: a cap set since this thread last looked counts.
-                throttle: super::source::lock(&self.m.live)
-                    .as_ref()
-                    .map_or(self.settings.disk_write_limit, |l| {
-                        l.settings.disk_write_limit
-                    })
-                    .map(WriteThrottle::new),
+                throttle: settings.disk_write_limit.map(WriteThrottle::new),
+                mirror: Some(Arc::new(NetMirror {
+                    disk: i as u32,
+                    wire: self.w.clone(),
+                    bytes: self.stats.disk_mirrored.clone(),
+                })),
             });
             let file = d
                 .reopen_read()
@@ -122,19 +204,26 @@ impl Sender<'_> {
             for (first, count) in steps(set) {
                 let at = first * COPY_BLOCK;
                 let len = (count.min(RUN_BLOCKS) * COPY_BLOCK).min(d.size - at) as usize;
-                {
-                    // Read under the job lock: a guest write lands before this read
-                    // (and is in it) or after (and is noted for the next round).
-                    let mut job = d.job();
-                    file.read_exact_at(buf.get(len), at)
-                        .map_err(|e| MigrateError::Vm(format!("reading disk {}: {e}", d.id)))?;
-                    if let Some(j) = job.as_mut() {
-                        for b in first..first + count {
-                            j.dirty.unset(b);
-                        }
+                // Read under the job lock: a guest write lands before this read
+                // (and is in it) or after (and is noted for the next round).
+                let mut job = d.job();
+                file.read_exact_at(buf.get(len), at)
+                    .map_err(|e| MigrateError::Vm(format!("reading disk {}: {e}", d.id)))?;
+                if let Some(j) = job.as_mut() {
+                    for b in first..first + count {
+                        j.dirty.unset(b);
                     }
                 }
-                self.disk_chunk(i as u32, at, buf.get(len), written)?;
+                // A mirrored write after this read must reach the stream after these
+                // bytes, not before (it would be overwritten by older data): with the
+                // mirror on, guest writes wait until the chunk is on its way.
+                if !job.as_ref().is_some_and(|j| j.active) {
+                    drop(job);
+                    self.disk_chunk(i as u32, at, buf.get(len), written)?;
+                } else {
+                    self.disk_chunk(i as u32, at, buf.get(len), written)?;
+                    drop(job);
+                }
                 self.stats.disk_pending = self.stats.disk_pending.saturating_sub(len as u64);
                 if running {
                     self.check_cancel()?;

@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod source;
 pub mod storage;
 mod vcpu_pages;
+pub mod wire;
 
 /// Times the steps of the handover (FERRY_LOG=debug shows them).
 pub(crate) struct Lap(std::time::Instant);

@@ -668,7 +668,7 @@ impl Sender<'_> {
             _ => return Err(MigrateError::Unexpected("something other than Missing")),
         };
         let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
-        self.w = BufWriter::with_capacity(1 << 20, w);
+        self.w = super::wire::Wire::new(w).map_err(ProtocolError::from)?;
         self.r = r;
         Ok((missing, fault))
     }

@@ -9,7 +9,7 @@
 //! never runs again: if `Resumed` does not come, the handover is "in doubt" and both
 //! copies stay paused.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::codec::{Codec, Compressor, Stored};
+use super::disk_stream::DiskMirror;
 use super::protocol::{self, Hello, Message, PageBatchWriter, ProtocolError};
+use super::wire::Wire;
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
@@ -118,6 +120,8 @@ pub struct Settings {
     pub disk_write_limit: Option<u64>,
     /// How the switchover moment is judged once the pause fits `max_downtime_ms`.
     pub switchover: Switchover,
+    /// Disks that travel: rounds only, or each guest write mirrored as well.
+    pub disk_mirror: DiskMirror,
 }
 
 /// When pre-copy switches over, once its estimate of the pause fits the target.
@@ -177,6 +181,7 @@ impl Live {
             // switch over by the VMM's own rule.
             if (setting == "disk_write_limit_mbps" && settings.disk_write_limit.is_none())
                 || (setting == "switchover" && settings.switchover == Switchover::Halving)
+                || (setting == "disk_mirror" && settings.disk_mirror == DiskMirror::Background)
             {
                 continue;
             }
@@ -188,7 +193,7 @@ impl Live {
         live
     }
 
-    fn describe(&self, s: &Settings) -> [(&'static str, String); 6] {
+    fn describe(&self, s: &Settings) -> [(&'static str, String); 7] {
         [
             ("codec", s.codec.to_string()),
             (
@@ -206,6 +211,7 @@ impl Live {
                     .unwrap_or_else(|| "unlimited".into()),
             ),
             ("switchover", s.switchover.to_string()),
+            ("disk_mirror", s.disk_mirror.to_string()),
         ]
     }
 
@@ -370,6 +376,9 @@ pub struct Report {
     pub recoveries: u32,
     /// `--copy-storage`: disk bytes sent.
     pub disk_bytes_copied: Option<u64>,
+    /// `--copy-storage`: of those, guest writes the active mirror sent as they
+    /// happened.
+    pub disk_bytes_mirrored: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -421,6 +430,9 @@ pub(super) struct Stats {
     pub(super) remaining: u64,
     /// Disk bytes sent (`--copy-storage`).
     pub(super) disk_bytes: u64,
+    /// Guest write bytes the active disk mirror sent as the guest wrote them (the
+    /// guest's vCPUs count them here).
+    pub(super) disk_mirrored: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// What the last round took beyond moving its bytes at the stream's rate: the
     /// acknowledgement's round trip, the dirty log's harvest. The guest dirties on
     /// meanwhile, so this bounds how small rounds can get.
@@ -475,7 +487,7 @@ impl Recent {
 pub(super) struct Sender<'a> {
     pub(super) m: &'a Machine,
     pub(super) params: &'a Params,
-    pub(super) w: BufWriter<TcpStream>,
+    pub(super) w: Wire,
     pub(super) r: TcpStream,
     pub(super) stats: Stats,
     pub(super) compressor: Compressor,
@@ -585,7 +597,12 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         fault_latency_p99_us: switch.postcopy.map(|f| f.latency_p99_us),
         vcpu_blocked_ms: switch.postcopy.map(|f| f.blocked_us as f64 / 1e3),
         recoveries: switch.recoveries,
-        disk_bytes_copied: params.copy_storage.then_some(s.disk_bytes),
+        disk_bytes_copied: params
+            .copy_storage
+            .then(|| s.disk_bytes + s.disk_mirrored.load(std::sync::atomic::Ordering::Relaxed)),
+        disk_bytes_mirrored: params
+            .copy_storage
+            .then(|| s.disk_mirrored.load(std::sync::atomic::Ordering::Relaxed)),
     };
     if let Some(path) = &params.report
         && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
@@ -632,6 +649,7 @@ fn new_stats(t0: Instant) -> Stats {
         round_overhead: Duration::ZERO,
         remaining: 0,
         disk_bytes: 0,
+        disk_mirrored: Default::default(),
         tcp: None,
         disk_round_at: None,
         disk_dirty_rate: None,
@@ -684,6 +702,7 @@ pub struct SettingsChange {
     pub max_downtime_ms: Option<u64>,
     pub disk_write_limit: Option<Option<u64>>,
     pub switchover: Option<Switchover>,
+    pub disk_mirror: Option<DiskMirror>,
 }
 
 /// `set-params`: changes what is given, records each change.
@@ -699,6 +718,7 @@ pub fn set_params(
         max_downtime_ms,
         disk_write_limit,
         switchover,
+        disk_mirror,
     } = change;
     let mut live = lock(&m.live);
     let live = live.as_mut().ok_or("no migration is running")?;
@@ -728,6 +748,10 @@ pub fn set_params(
         s.disk_write_limit = l;
         // Only disks being copied (`--copy-storage`) have a job to hold the cap.
         m.disks.limit_writes(l);
+    }
+    if let Some(mirror) = disk_mirror {
+        s.disk_mirror = mirror;
+        m.disks.mirror_writes(mirror == DiskMirror::Active);
     }
     live.change(s, reasons, "set by the operator (set-params)");
     m.set_throttle(s.throttle_pct);
@@ -805,12 +829,9 @@ fn migrate(
         Ok(()) => (tx.stats, Ok(())),
         Err(e) => {
             if !switch.committed {
-                let _ = protocol::send(
-                    &mut tx.w,
-                    &Message::Abort {
-                        reason: e.to_string(),
-                    },
-                );
+                let _ = tx.send(&Message::Abort {
+                    reason: e.to_string(),
+                });
                 let _ = tx.w.flush();
                 // Before the handover the VM is ours: take the disks back and run on.
                 let _ = tx.m.disks.set_locked(true);
@@ -871,7 +892,7 @@ fn connect<'a>(
     let mut tx = Sender {
         m,
         params,
-        w: BufWriter::with_capacity(1 << 20, conn),
+        w: Wire::new(conn).map_err(ProtocolError::from)?,
         r,
         stats: new_stats(t0),
         compressor: Compressor::new(),
@@ -977,7 +998,8 @@ impl Sender<'_> {
         self.bucket.take(self.settings.bandwidth, frames.len());
         self.w.write_all(frames).map_err(ProtocolError::from)?;
         self.stats.send_time += t.elapsed();
-        self.stats.bytes_on_wire += frames.len() as u64;
+        // With the guest's disk writes mirrored, its vCPUs write on the stream too.
+        self.stats.bytes_on_wire += frames.len() as u64 + self.w.take_others();
         Ok(())
     }
 

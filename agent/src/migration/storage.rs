@@ -405,6 +405,7 @@ impl Copier<'_> {
             active: self.mode == Mode::Active,
             added_us: Vec::new(),
             throttle: self.params.throttle_writes.map(WriteThrottle::new),
+            mirror: None,
         });
         let mut todo = DirtyBitmap::new(blocks);
         // Holes need no copy: the new image is sparse and reads as zero there too.
@@ -501,6 +502,7 @@ impl Copier<'_> {
                 active: false,
                 added_us: Vec::new(),
                 throttle: None,
+                mirror: None,
             });
             Ok(())
         })();

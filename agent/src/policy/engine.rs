@@ -90,6 +90,7 @@ impl Adaptive {
                 max_downtime_ms: limits.max_downtime_ms,
                 postcopy: false,
                 disk_write_limit_mbps: pins.disk_write_limit_mbps.filter(|&m| m > 0.0),
+                disk_mirror: pins.disk_mirror.unwrap_or_default(),
                 abort: None,
             },
             pins,
@@ -663,6 +664,13 @@ impl Policy for Adaptive {
                 value,
                 why,
             });
+            if let Some(mirror) = self.pins.disk_mirror {
+                reasons.push(Reason {
+                    setting: "disk_mirror",
+                    value: mirror.to_string(),
+                    why: "pinned on the command line".into(),
+                });
+            }
         }
         if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
             self.current.postcopy = true;

@@ -16,6 +16,7 @@ pub mod sim;
 use serde::Serialize;
 
 use crate::migration::codec::Codec;
+use crate::migration::disk_stream::DiskMirror;
 
 pub const PAGE: f64 = 4096.0;
 
@@ -154,6 +155,8 @@ pub struct Pins {
     pub throttle_pct: Option<u32>,
     /// A cap on the guest's disk writes, MB/s; Some(0.0): none, ever.
     pub disk_write_limit_mbps: Option<f64>,
+    /// How disks that travel keep up with the guest's writes.
+    pub disk_mirror: Option<DiskMirror>,
 }
 
 fn display_opt<S: serde::Serializer>(c: &Option<Codec>, s: S) -> Result<S::Ok, S::Error> {
@@ -231,6 +234,8 @@ pub struct Settings {
     pub postcopy: bool,
     /// Disks that travel: a cap on the guest's disk writes, MB/s (None: none).
     pub disk_write_limit_mbps: Option<f64>,
+    /// Disks that travel: rounds only, or each guest write mirrored as it happens.
+    pub disk_mirror: DiskMirror,
     /// Give up (a preset's timeout): the VM stays on the source.
     pub abort: Option<String>,
 }
@@ -244,6 +249,7 @@ impl Default for Settings {
             max_downtime_ms: 300.0,
             postcopy: false,
             disk_write_limit_mbps: None,
+            disk_mirror: DiskMirror::Background,
             abort: None,
         }
     }

@@ -28,6 +28,14 @@
 //! * `libvirt-postcopy-after-precopy`: the same with `virsh migrate --postcopy
 //!   --postcopy-after-precopy`: post-copy starts once the first pre-copy pass is over
 //!   (`qemuMigrationSrcWaitForCompletion` / `VIR_MIGRATE_POSTCOPY_AFTER_PRECOPY`).
+//! * `libvirt-copy-storage-sync`: libvirt 8.0+ `virsh migrate --copy-storage-all
+//!   --copy-storage-synchronous-writes` (`VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES`):
+//!   `src/qemu/qemu_migration.c`, `qemuMigrationSrcNBDStorageCopyOne` starts each
+//!   disk's `blockdev-mirror` with `copy-mode=write-blocking` (QEMU `block/mirror.c`,
+//!   `MIRROR_COPY_MODE_WRITE_BLOCKING`): once the mirror runs, a guest write completes
+//!   only when the destination has it too, so the disk copy converges by pacing the
+//!   guest's writes to the link. Otherwise as `libvirt-default`. Without disks that
+//!   travel it is `libvirt-default`.
 //! * `kubevirt-default`: KubeVirt 1.8, `pkg/virt-launcher/virtwrap/live-migration-source.go`
 //!   and `MigrationConfiguration` defaults: `bandwidthPerMigration` unset (unlimited),
 //!   `completionTimeoutPerGiB` 150 s, `progressTimeout` 150 s, `allowPostCopy` and
@@ -47,15 +55,12 @@
 //!   estimated downtime fits, and at the timeout switches over whatever is left. The
 //!   operator's `timeout_s` is a tenth short of the management layer's give-up time,
 //!   so that the forced switchover can still finish inside it.
-//!
-//! The `libvirt --copy-storage-synchronous-writes` peer (an active disk mirror over the
-//! network) has no preset: Ferry's `--copy-storage` has no active mirror over the
-//! network for it to run on.
 
 use super::{
     Decision, Limits, Observation, PAGE, Policy, Prediction, Reason, Settings, Stage,
     SwitchoverRule,
 };
+use crate::migration::disk_stream::DiskMirror;
 
 /// QEMU's `MAX_THROTTLE` (128 MiB/s), in Mbit/s.
 const QEMU_MAX_BANDWIDTH_MBIT: f64 = (128u64 << 20) as f64 * 8.0 / 1e6;
@@ -88,6 +93,8 @@ enum Kind {
     },
     AutoConverge,
     PostcopyAfterPrecopy,
+    /// libvirt with its disks mirrored write-blocking.
+    CopyStorageSync,
     Kubevirt {
         dynamic_downtime: bool,
     },
@@ -119,6 +126,7 @@ pub const NAMES: &[&str] = &[
     "libvirt-default",
     "qemu-autoconverge",
     "libvirt-postcopy-after-precopy",
+    "libvirt-copy-storage-sync",
     "kubevirt-default",
     "kubevirt-dynamic-downtime",
     "cloud-hypervisor",
@@ -143,6 +151,7 @@ impl Preset {
             "libvirt-postcopy-after-precopy" => {
                 ("libvirt-postcopy-after-precopy", Kind::PostcopyAfterPrecopy)
             }
+            "libvirt-copy-storage-sync" => ("libvirt-copy-storage-sync", Kind::CopyStorageSync),
             "kubevirt-default" => (
                 "kubevirt-default",
                 Kind::Kubevirt {
@@ -176,13 +185,19 @@ impl Preset {
         NAMES.iter().filter_map(|n| Self::by_name(n)).collect()
     }
 
-    /// Whether this preset, under `limits`, is configured exactly as another one is
-    /// and so must behave as it does: KubeVirt's downtime ramp with a limit at or
-    /// below its starting point is `kubevirt-default`.
-    pub fn same_as(name: &str, limits: &Limits) -> Option<&'static str> {
-        (name == "kubevirt-dynamic-downtime"
-            && limits.max_downtime_ms <= KUBEVIRT_TUNING_INITIAL_MS)
-            .then_some("kubevirt-default")
+    /// Whether this preset, under `limits` (and with disks travelling or not), is
+    /// configured exactly as another one is and so must behave as it does: KubeVirt's
+    /// downtime ramp with a limit at or below its starting point is
+    /// `kubevirt-default`; libvirt's synchronous disk writes with no disks to copy
+    /// are `libvirt-default`.
+    pub fn same_as(name: &str, limits: &Limits, disks_travel: bool) -> Option<&'static str> {
+        match name {
+            "kubevirt-dynamic-downtime" if limits.max_downtime_ms <= KUBEVIRT_TUNING_INITIAL_MS => {
+                Some("kubevirt-default")
+            }
+            "libvirt-copy-storage-sync" if !disks_travel => Some("libvirt-default"),
+            _ => None,
+        }
     }
 
     /// QEMU's auto-converge at a dirty-log sync: one more period judged, and a
@@ -313,6 +328,18 @@ impl Policy for Preset {
             Kind::Fixed { bandwidth_mbit } => {
                 if settings.bandwidth_mbit.is_none() {
                     settings.bandwidth_mbit = bandwidth_mbit;
+                }
+            }
+            Kind::CopyStorageSync => {
+                settings.disk_mirror = DiskMirror::Active;
+                if obs.disk_dirty_bytes_per_sec.is_some() {
+                    why(
+                        "disk_mirror",
+                        "active".into(),
+                        "--copy-storage-synchronous-writes: each guest write reaches the \
+                         destination before it completes"
+                            .into(),
+                    );
                 }
             }
             Kind::AutoConverge => {
@@ -519,10 +546,13 @@ mod tests {
             assert_eq!(a.max_downtime_ms, 100.0);
         }
         assert_eq!(
-            Preset::same_as("kubevirt-dynamic-downtime", &low),
+            Preset::same_as("kubevirt-dynamic-downtime", &low, true),
             Some("kubevirt-default")
         );
-        assert_eq!(Preset::same_as("kubevirt-dynamic-downtime", &lim), None);
+        assert_eq!(
+            Preset::same_as("kubevirt-dynamic-downtime", &lim, true),
+            None
+        );
     }
 
     #[test]
@@ -536,5 +566,32 @@ mod tests {
         let d = p.decide(&obs(27_000.0, 6, 1e5, 1e8), &lim);
         assert_eq!(d.settings.max_downtime_ms, FORCE_DOWNTIME_MS);
         assert!(d.reasons.iter().any(|r| r.why.contains("force")));
+    }
+
+    #[test]
+    fn libvirt_copy_storage_sync_mirrors_every_write_and_is_libvirt_default_without_disks() {
+        let lim = limits(100.0, 60.0);
+        let mut sync = Preset::by_name("libvirt-copy-storage-sync").unwrap();
+        let mut plain = Preset::by_name("libvirt-default").unwrap();
+        let mut o = obs(1_000.0, 1, 1e4, 1e8);
+        o.disk_dirty_bytes_per_sec = Some(5e7);
+        let (a, b) = (sync.decide(&o, &lim), plain.decide(&o, &lim));
+        assert_eq!(a.settings.disk_mirror, DiskMirror::Active);
+        assert_eq!(b.settings.disk_mirror, DiskMirror::Background);
+        assert!(a.reasons.iter().any(|r| r.setting == "disk_mirror"));
+        // Everything else is libvirt's.
+        let same = Settings {
+            disk_mirror: DiskMirror::Background,
+            ..a.settings.clone()
+        };
+        assert_eq!(same, b.settings);
+        assert_eq!(
+            Preset::same_as("libvirt-copy-storage-sync", &lim, false),
+            Some("libvirt-default")
+        );
+        assert_eq!(
+            Preset::same_as("libvirt-copy-storage-sync", &lim, true),
+            None
+        );
     }
 }

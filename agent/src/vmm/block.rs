@@ -95,6 +95,16 @@ pub struct CopyJob {
     /// Caps the guest's write throughput while the job runs (so a background copy
     /// can outrun it); None: no cap.
     pub throttle: Option<WriteThrottle>,
+    /// A copy on another host (`--copy-storage`): in active mode a guest write is
+    /// sent there before it completes. None: no such copy.
+    pub mirror: Option<std::sync::Arc<dyn Mirror>>,
+}
+
+/// A disk's copy elsewhere that takes a guest write as it happens (an active mirror
+/// over the migration stream).
+pub trait Mirror: std::fmt::Debug + Send + Sync {
+    /// Sends `data`, written at `offset`; returns once the copy's side has taken it.
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
 /// A token bucket over guest write bytes: a write that overdraws it completes late,
@@ -201,6 +211,18 @@ impl DiskSet {
             let (epoch, changed) = &d.limit_changed;
             *epoch.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             changed.notify_all();
+        }
+    }
+
+    /// Turns the active mirror of every disk being copied over the network on or
+    /// off: on, each guest write goes to the copy before it completes.
+    pub fn mirror_writes(&self, active: bool) {
+        for d in &self.disks {
+            if let Some(job) = d.job().as_mut()
+                && job.mirror.is_some()
+            {
+                job.active = active;
+            }
         }
     }
 
@@ -424,19 +446,41 @@ impl Disk {
             for block in first..=last {
                 fresh += u64::from(job.dirty.set(block));
             }
-            if let (true, Some(target)) = (job.active, job.target.as_ref()) {
+            if job.active {
                 let t = std::time::Instant::now();
-                let tfd = target.as_raw_fd();
-                transfer(offset, len, |at, done| {
-                    // SAFETY: as above, on the copy.
-                    unsafe { libc::pwrite(tfd, buf.add(done).cast(), len - done, at) }
-                })?;
-                // Written to both: nothing left to copy for these blocks.
-                for block in first..=last {
-                    job.dirty.unset(block);
+                let mirrored = if let Some(target) = job.target.as_ref() {
+                    let tfd = target.as_raw_fd();
+                    transfer(offset, len, |at, done| {
+                        // SAFETY: as above, on the copy.
+                        unsafe { libc::pwrite(tfd, buf.add(done).cast(), len - done, at) }
+                    })?;
+                    true
+                } else if let Some(mirror) = job.mirror.clone() {
+                    // SAFETY: the caller guarantees buf..buf+len is readable.
+                    let data = unsafe { std::slice::from_raw_parts(buf, len) };
+                    match mirror.write(offset, data) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            // The guest's write stands on this host; the blocks stay
+                            // noted, so the migration sends them (or fails on its own
+                            // broken stream). Mirroring stops for this disk.
+                            tracing::warn!("disk {}: mirroring a write failed: {e}", self.id);
+                            job.active = false;
+                            job.mirror = None;
+                            false
+                        }
+                    }
+                } else {
+                    false
+                };
+                if mirrored {
+                    // Written to both: nothing left to copy for these blocks.
+                    for block in first..=last {
+                        job.dirty.unset(block);
+                    }
+                    job.added_us
+                        .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 }
-                job.added_us
-                    .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
             // A storage migration caps the guest's write bytes (the operator's
             // figure); a migration with its disks caps what the next round must
@@ -562,6 +606,7 @@ mod tests {
             added_us: Vec::new(),
             // One byte a second: the write would wait most of a day.
             throttle: Some(WriteThrottle::new(1)),
+            mirror: None,
         });
         let data = vec![7u8; 4096];
         std::thread::scope(|scope| {
@@ -582,6 +627,71 @@ mod tests {
             set.limit_writes(None);
             assert_eq!(writer.join().unwrap(), Ok(()));
         });
+        drop(set);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Records what it is sent, or fails every write.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        fail: bool,
+        got: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+    }
+
+    impl Mirror for Recorder {
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            if self.fail {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.got.lock().unwrap().push((offset, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_active_mirror_takes_each_write_and_a_failed_one_leaves_the_blocks_noted() {
+        let dir = std::env::temp_dir().join(format!("ferry-block-mirror-{}", std::process::id()));
+        let c = cfg(&dir, "a");
+        let set = DiskSet::open(std::slice::from_ref(&c)).unwrap();
+        let d = &set.disks[0];
+        let job = |mirror: std::sync::Arc<Recorder>| CopyJob {
+            target: None,
+            dirty: super::super::dirty::DirtyBitmap::new(16),
+            active: false,
+            added_us: Vec::new(),
+            throttle: None,
+            mirror: Some(mirror),
+        };
+        let data = vec![7u8; 4096];
+        let ok = std::sync::Arc::new(Recorder::default());
+        *d.job() = Some(job(ok.clone()));
+        // Background until turned on: the write is only noted.
+        // SAFETY: `data` is a live 4 KiB buffer.
+        unsafe { d.write_from(0, data.as_ptr(), 4096) }.unwrap();
+        assert!(ok.got.lock().unwrap().is_empty());
+        assert_eq!(d.job().as_ref().unwrap().dirty.count(), 1);
+        set.mirror_writes(true);
+        // SAFETY: as above.
+        unsafe { d.write_from(COPY_BLOCK, data.as_ptr(), 4096) }.unwrap();
+        assert_eq!(*ok.got.lock().unwrap(), vec![(COPY_BLOCK, data.clone())]);
+        // The mirrored block needs no copy; the earlier one still does.
+        assert_eq!(d.job().as_ref().unwrap().dirty.count(), 1);
+
+        let broken = std::sync::Arc::new(Recorder {
+            fail: true,
+            ..Recorder::default()
+        });
+        *d.job() = Some(job(broken));
+        set.mirror_writes(true);
+        // The guest's write still succeeds on this host.
+        // SAFETY: as above.
+        unsafe { d.write_from(2 * COPY_BLOCK, data.as_ptr(), 4096) }.unwrap();
+        {
+            let j = d.job();
+            let j = j.as_ref().unwrap();
+            assert_eq!(j.dirty.count(), 1, "the block must still be sent");
+            assert!(!j.active && j.mirror.is_none(), "mirroring stops");
+        }
         drop(set);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -17,6 +17,7 @@ use super::machine::{Machine, RunState};
 use super::snapshot;
 use crate::migration::codec::Codec;
 use crate::migration::destination::Slot;
+use crate::migration::disk_stream::DiskMirror;
 use crate::migration::source;
 
 /// Longest request line accepted; anything longer is refused, not buffered.
@@ -135,6 +136,10 @@ pub struct SettingsRequest {
     /// `when-fits` (as QEMU and Cloud Hypervisor do).
     #[serde(default)]
     pub switchover: Option<String>,
+    /// Disks that travel: `background` (the default: rounds) or `active` (each guest
+    /// write also goes to the destination before it completes).
+    #[serde(default)]
+    pub disk_mirror: Option<String>,
 }
 
 impl SettingsRequest {
@@ -160,6 +165,10 @@ impl SettingsRequest {
 
     fn switchover(&self) -> Result<Option<source::Switchover>, String> {
         self.switchover.as_deref().map(str::parse).transpose()
+    }
+
+    fn disk_mirror(&self) -> Result<Option<DiskMirror>, String> {
+        self.disk_mirror.as_deref().map(str::parse).transpose()
     }
 
     fn bandwidth(&self) -> Option<Option<u64>> {
@@ -453,6 +462,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
                     max_downtime_ms: settings.max_downtime_ms,
                     disk_write_limit: settings.disk_write_limit()?,
                     switchover: settings.switchover()?,
+                    disk_mirror: settings.disk_mirror()?,
                 },
                 &reasons,
             )
@@ -584,6 +594,9 @@ fn start_migration(
     if !copy_storage && req.disk_write_limit()?.flatten().is_some() {
         return Err("disk_write_limit_mbps applies to disks that travel (copy_storage)".into());
     }
+    if !copy_storage && req.disk_mirror()? == Some(DiskMirror::Active) {
+        return Err("disk_mirror = \"active\" applies to disks that travel (copy_storage)".into());
+    }
     let settings = source::Settings {
         codec: req.codec()?.unwrap_or(Codec::None),
         bandwidth: req.bandwidth().flatten(),
@@ -591,6 +604,7 @@ fn start_migration(
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
         disk_write_limit: req.disk_write_limit()?.flatten(),
         switchover: req.switchover()?.unwrap_or_default(),
+        disk_mirror: req.disk_mirror()?.unwrap_or_default(),
     };
     if settings.max_downtime_ms == 0 {
         return Err("max_downtime_ms must be at least 1".into());
