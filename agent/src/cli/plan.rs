@@ -52,6 +52,8 @@ pub fn run(
         disk_pending_bytes: 0.0,
         disk_compression_ratio: None,
         disk_written_compression_ratio: None,
+        disk_copy_bytes_per_sec: None,
+        disk_write_bytes_per_sec: None,
         pause_basis: Default::default(),
     };
     let d = policy.decide(&obs, limits);

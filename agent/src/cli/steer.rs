@@ -205,6 +205,8 @@ impl Steering {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
             pause_basis: Default::default(),
         };
         let d = self.policy.decide(&obs, &self.limits);
@@ -266,6 +268,8 @@ impl Steering {
             disk_pending_bytes: get(p, "disk_bytes_pending").as_f64().unwrap_or(0.0),
             disk_compression_ratio: get(p, "disk_compression_ratio").as_f64(),
             disk_written_compression_ratio: get(p, "disk_written_compression_ratio").as_f64(),
+            disk_copy_bytes_per_sec: get(p, "disk_copy_bytes_per_sec").as_f64(),
+            disk_write_bytes_per_sec: get(p, "disk_write_bytes_per_sec").as_f64(),
             pause_basis: crate::policy::model::PauseBasis {
                 idle_rtt_ms: get(p, "idle_rtt_ms").as_f64(),
                 dst_disk_sync_ms: get(p, "dst_disk_sync_ms").as_f64(),
@@ -377,7 +381,16 @@ impl Steering {
         // The first prediction worth keeping has the guest measured and the link past
         // the burst that fills the socket buffers; a migration over sooner keeps its
         // last one.
-        let measured = !self.first_pass.is_empty() || self.windows_seen || obs.round > 0;
+        // With disks travelling, a destination slower to write them than the link
+        // carries holds the stream back during their first copy (and while it drains
+        // what its socket buffers took): the stream's rate is then the datastore's,
+        // not the one the memory will move at, and a prediction waits until the
+        // memory's pages move unhindered (or the first pass is over).
+        let disks_holding = obs.peer_limited
+            && obs.stage == Stage::FirstPass
+            && obs.disk_dirty_bytes_per_sec.is_some();
+        let measured =
+            (!self.first_pass.is_empty() || self.windows_seen || obs.round > 0) && !disks_holding;
         if obs.link_bytes_per_sec.is_some() && measured {
             if self.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
                 self.first_prediction = Some((obs.t_ms, d.prediction));

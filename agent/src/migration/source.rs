@@ -331,6 +331,13 @@ pub struct Progress {
     /// `--copy-storage`: the same for the blocks the guest wrote since their first
     /// copy, which go scattered and compress less than the first copy's long runs.
     pub disk_written_compression_ratio: Option<f64>,
+    /// `--copy-storage`: disk bytes per second the disks' first copy moved end to end
+    /// (the destination's writes included: a slow datastore shows here); None until
+    /// it is done.
+    pub disk_copy_bytes_per_sec: Option<f64>,
+    /// `--copy-storage`: every disk byte the guest writes per second, rewrites of a
+    /// block included (what an active mirror carries).
+    pub disk_write_bytes_per_sec: Option<f64>,
     /// The first pass's short-window dirty rates (see `dirty_windows`).
     pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
     pub report: Option<Report>,
@@ -446,6 +453,15 @@ pub(super) struct Stats {
     pub(super) disk_dirty_rate: Option<f64>,
     /// Disk bytes of the current disk pass not sent yet.
     pub(super) disk_pending: u64,
+    /// Disk bytes per second of the disks' first copy, once done.
+    pub(super) disk_copy_rate: Option<f64>,
+    /// Every disk byte the guest writes per second, rewrites included (what an active
+    /// mirror carries), over the same span as `disk_dirty_rate`.
+    pub(super) disk_write_rate: Option<f64>,
+    /// The disks' first copy: its wire bytes, time spent writing them, and wall time.
+    /// The stream's rate for pages leaves it out: a destination writing its disk
+    /// copies slower than the link carries holds that phase back, not the pages'.
+    pub(super) disk_copy: (u64, Duration, Duration),
     /// What the disk bytes sent took on the wire (disk blocks compress unlike pages:
     /// larger runs, zero runs elided).
     pub(super) disk_wire_bytes: u64,
@@ -504,6 +520,8 @@ pub(super) struct Sender<'a> {
     sent_upto: usize,
     /// The destination has built the VM (`Prepared`): pausing no longer waits on it.
     dst_prepared: bool,
+    /// The kernel's view of the connection, over a recent window.
+    meter: super::link::Meter,
 }
 
 impl Progress {
@@ -538,6 +556,8 @@ impl Progress {
             disk_bytes_pending: None,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
             dirty_windows: None,
             report: None,
         }
@@ -650,6 +670,9 @@ fn new_stats(t0: Instant) -> Stats {
         remaining: 0,
         disk_bytes: 0,
         disk_mirrored: Default::default(),
+        disk_copy_rate: None,
+        disk_write_rate: None,
+        disk_copy: (0, Duration::ZERO, Duration::ZERO),
         tcp: None,
         disk_round_at: None,
         disk_dirty_rate: None,
@@ -777,6 +800,8 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
     p.disk_compression_ratio = disk_ratio(s);
     p.disk_written_compression_ratio = disk_written_ratio(s);
+    p.disk_copy_bytes_per_sec = s.disk_copy_rate;
+    p.disk_write_bytes_per_sec = s.disk_write_rate;
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
@@ -791,20 +816,30 @@ pub(super) fn bandwidth(s: &Stats) -> f64 {
     link_rate(s)
         .or(s.tcp.and_then(|t| t.delivery_rate))
         .unwrap_or_else(|| {
-            let t = s.send_time.as_secs_f64();
-            if t > 0.0 {
-                s.bytes_on_wire as f64 / t
-            } else {
-                0.0
-            }
+            let (bytes, t) = without_disk_copy(s.bytes_on_wire, s.send_time, s.disk_copy.1, s);
+            if t > 0.0 { bytes / t } else { 0.0 }
         })
 }
 
 /// What the link carries, once acknowledged rounds have measured it: bytes of those
 /// rounds over their wall time. None before the first acknowledgement.
 pub(super) fn link_rate(s: &Stats) -> Option<f64> {
-    (s.wall_send_time > Duration::ZERO)
-        .then(|| s.acked_bytes as f64 / s.wall_send_time.as_secs_f64())
+    (s.wall_send_time > Duration::ZERO).then(|| {
+        let (bytes, t) = without_disk_copy(s.acked_bytes, s.wall_send_time, s.disk_copy.2, s);
+        bytes / t
+    })
+}
+
+/// `bytes` over `time` without the disks' first copy (its bytes, and `copy_time` of
+/// it), unless too little is left to say anything: then with it.
+fn without_disk_copy(bytes: u64, time: Duration, copy_time: Duration, s: &Stats) -> (f64, f64) {
+    let left = time.saturating_sub(copy_time);
+    let left_bytes = bytes.saturating_sub(s.disk_copy.0);
+    if s.disk_copy.0 > 0 && left >= Duration::from_millis(50) && left_bytes > 0 {
+        (left_bytes as f64, left.as_secs_f64())
+    } else {
+        (bytes as f64, time.as_secs_f64())
+    }
 }
 
 /// Runs the migration; returns its counters and how it ended.
@@ -907,6 +942,7 @@ fn connect<'a>(
         round_pages: Vec::new(),
         sent_upto: 0,
         dst_prepared: false,
+        meter: Default::default(),
     };
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
@@ -1095,7 +1131,7 @@ impl Sender<'_> {
 
     pub(super) fn publish(&mut self, phase: Phase) {
         self.last_publish = Instant::now();
-        if let Some(m) = super::link::measure(self.w.get_ref()) {
+        if let Some(m) = self.meter.read(self.w.get_ref()) {
             self.stats.tcp = Some(m);
         }
         self.measure_disk_dirtying();

@@ -406,6 +406,7 @@ impl Copier<'_> {
             added_us: Vec::new(),
             throttle: self.params.throttle_writes.map(WriteThrottle::new),
             mirror: None,
+            written: 0,
         });
         let mut todo = DirtyBitmap::new(blocks);
         // Holes need no copy: the new image is sparse and reads as zero there too.
@@ -503,6 +504,7 @@ impl Copier<'_> {
                 added_us: Vec::new(),
                 throttle: None,
                 mirror: None,
+                written: 0,
             });
             Ok(())
         })();

@@ -14,6 +14,7 @@ use super::{
     Stage,
 };
 use crate::migration::codec::Codec;
+use crate::migration::disk_stream::DiskMirror;
 use crate::vmm::block::COPY_BLOCK;
 
 /// No setting changes again sooner than this after it changed.
@@ -32,6 +33,10 @@ const LOWER_AFTER_MS: f64 = 3000.0;
 const DISK_SHARES: [f64; 3] = [super::disk::BACKGROUND_SHARE, 0.25, 0.1];
 /// The tightest cap on disk writes, bytes per second (the VMM's floor): below it a
 /// guest write would stall its vCPU for long.
+/// The share of the disks' path an active mirror may take of the guest's writes (see
+/// where it is used): as [`super::disk::BACKGROUND_SHARE`], the line between a copy
+/// that keeps up beside the memory and one that does not.
+const MIRROR_SHARE: f64 = super::disk::BACKGROUND_SHARE;
 const MIN_DISK_CAP: f64 = crate::vmm::control::MIN_DISK_WRITE_LIMIT_MBPS * 1e6;
 
 pub struct Adaptive {
@@ -47,6 +52,9 @@ pub struct Adaptive {
     /// Disks that travel: the most disk bytes per second the guest dirtied with no
     /// cap in force (under a cap, the cap is what shows).
     disk_demand: f64,
+    /// The most disk bytes per second the guest wrote with neither a cap nor the
+    /// mirror holding it back.
+    write_demand: f64,
 }
 
 /// A guest's dirty rate under a throttle: what it wants to write (`demand`, bytes/s)
@@ -99,6 +107,7 @@ impl Adaptive {
             response: Response::default(),
             round_start: (0, 0.0, 0.0),
             disk_demand: 0.0,
+            write_demand: 0.0,
         }
     }
 
@@ -345,7 +354,15 @@ impl Policy for Adaptive {
         // pause carry) unlike the first copy's long runs.
         let page_ratio = perf(self.current.codec).ratio.max(1.0);
         let scale = |r: Option<f64>| r.map_or(1.0, |r| page_ratio / r.max(1e-3));
-        let disk_scale = scale(obs.disk_written_compression_ratio);
+        // Where the disks' first copy went slower than the stream moves pages (the
+        // destination's datastore writes slower than the link carries, and holds the
+        // stream back meanwhile), disk bytes cost their time at that rate.
+        let disk_scale = match (pages_per_sec, obs.disk_copy_bytes_per_sec) {
+            (Some(tput), Some(r)) if r > 0.0 => {
+                scale(obs.disk_written_compression_ratio).max(tput / r)
+            }
+            _ => scale(obs.disk_written_compression_ratio),
+        };
         let first_pass = matches!(obs.stage, Stage::FirstPass | Stage::Starting);
         let remaining = obs.remaining_pages as f64
             * PAGE
@@ -402,15 +419,62 @@ impl Policy for Adaptive {
             }
             self.disk_demand.max(r)
         });
+        // Disks that travel: mirror the guest's writes (active) while all of them,
+        // rewrites included, take at most MIRROR_SHARE of what the disks' path carries
+        // (the link, or a destination datastore slower than it): each write then goes
+        // once and at once, and no round (nor the pause) carries disk blocks again.
+        // Beyond that share the mirror would pace the guest to the link; rounds
+        // coalesce rewrites instead, and a cap holds back what they cannot carry.
+        let disk_path = tput / disk_scale;
+        // What the guest would write unhindered: a cap or the mirror itself holds the
+        // measured rate down, so the most seen without either, and never less than
+        // the distinct bytes it dirties (every one of them is a write).
+        let free = self.current.disk_write_limit_mbps.is_none()
+            && self.current.disk_mirror == DiskMirror::Background;
+        let writes = obs.disk_write_bytes_per_sec.map(|w| {
+            if free {
+                self.write_demand = self.write_demand.max(w);
+            }
+            self.write_demand.max(w).max(disk_demand.unwrap_or(0.0))
+        });
+        let wanted = match (self.pins.disk_mirror, writes) {
+            (Some(m), _) => m,
+            (None, Some(w)) if disk_demand.is_some() => {
+                if w <= MIRROR_SHARE * disk_path {
+                    DiskMirror::Active
+                } else {
+                    DiskMirror::Background
+                }
+            }
+            _ => self.current.disk_mirror,
+        };
+        if wanted != self.current.disk_mirror && self.may_change("disk_mirror", t) {
+            self.current.disk_mirror = wanted;
+            self.changed("disk_mirror", t);
+        }
+        let mirroring = disk_demand.is_some() && self.current.disk_mirror == DiskMirror::Active;
+        // The mirror's writes share the stream with the pages.
+        let mirrored = if mirroring {
+            writes.unwrap_or(0.0) * disk_scale
+        } else {
+            0.0
+        };
+        let page_tput = (tput - mirrored).max(tput * 0.1);
         let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
         let stream = |disk_cap: Option<f64>| Stream {
             basis: obs.pause_basis,
-            bytes_per_sec: tput,
+            bytes_per_sec: page_tput,
             round_overhead_s,
             pause_fill_s: fill_s,
-            disk_bytes_per_sec: disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale),
+            // Mirrored, nothing of the disks waits for a round; the destination's sync
+            // in the pause stays.
+            disk_bytes_per_sec: if mirroring {
+                Some(0.0)
+            } else {
+                disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale)
+            },
             held_write_s: match (disk_cap, disk_demand) {
-                (Some(c), Some(d)) => held_write_s(COPY_BLOCK as f64, c, d),
+                (Some(c), Some(d)) if !mirroring => held_write_s(COPY_BLOCK as f64, c, d),
                 _ => 0.0,
             },
         };
@@ -444,6 +508,7 @@ impl Policy for Adaptive {
         let disk_cap = match (disk_demand, pinned_disk) {
             (_, Some(m)) => (m > 0.0).then_some(m * 1e6),
             (None, None) => None,
+            (Some(_), None) if mirroring => None,
             (Some(demand), None) => {
                 let candidates: Vec<Option<f64>> = std::iter::once(held)
                     .chain(
@@ -664,13 +729,35 @@ impl Policy for Adaptive {
                 value,
                 why,
             });
-            if let Some(mirror) = self.pins.disk_mirror {
-                reasons.push(Reason {
-                    setting: "disk_mirror",
-                    value: mirror.to_string(),
-                    why: "pinned on the command line".into(),
-                });
-            }
+            let why = match (self.pins.disk_mirror, writes) {
+                (Some(_), _) => "pinned on the command line".to_string(),
+                (None, Some(w)) => format!(
+                    "the guest writes {} of its disks, rewrites included, against {} its disks' \
+                     path carries (the link{}): {}",
+                    mb(w),
+                    mb(disk_path),
+                    if obs
+                        .disk_copy_bytes_per_sec
+                        .is_some_and(|r| r <= disk_path * 1.001)
+                    {
+                        " or the destination's datastore, as their first copy measured"
+                    } else {
+                        ""
+                    },
+                    if self.current.disk_mirror == DiskMirror::Active {
+                        "mirroring each write costs the guest little and leaves no disk \
+                         blocks for the rounds"
+                    } else {
+                        "mirroring would pace the guest to the link; rounds carry its writes"
+                    }
+                ),
+                (None, None) => "the guest's disk writes are not measured yet".to_string(),
+            };
+            reasons.push(Reason {
+                setting: "disk_mirror",
+                value: self.current.disk_mirror.to_string(),
+                why,
+            });
         }
         if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
             self.current.postcopy = true;
@@ -746,6 +833,8 @@ mod tests {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
             pause_basis: Default::default(),
         }
     }

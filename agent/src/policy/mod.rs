@@ -218,6 +218,13 @@ pub struct Observation {
     /// The same for blocks the guest wrote since their first copy, which the rounds
     /// and the pause send (None: none sent yet; as pages).
     pub disk_written_compression_ratio: Option<f64>,
+    /// Disk bytes per second the disks' first copy moved end to end, the
+    /// destination's writes included (None: not done yet). Where the destination's
+    /// datastore is slower than the link, disk bytes go at this rate, not the link's.
+    pub disk_copy_bytes_per_sec: Option<f64>,
+    /// Every disk byte the guest writes per second, rewrites of a block included:
+    /// what an active mirror would carry (None: not measured, or no disks travel).
+    pub disk_write_bytes_per_sec: Option<f64>,
     /// What the pause costs beside its bytes, as measured so far on these hosts.
     pub pause_basis: model::PauseBasis,
 }

@@ -429,6 +429,8 @@ mod tests {
             disk_pending_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
             pause_basis: Default::default(),
         }
     }

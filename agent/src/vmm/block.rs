@@ -98,6 +98,9 @@ pub struct CopyJob {
     /// A copy on another host (`--copy-storage`): in active mode a guest write is
     /// sent there before it completes. None: no such copy.
     pub mirror: Option<std::sync::Arc<dyn Mirror>>,
+    /// Bytes the guest wrote while the job ran, every write counted (rewrites of a
+    /// block too, unlike `dirty`): what an active mirror would carry.
+    pub written: u64,
 }
 
 /// A disk's copy elsewhere that takes a guest write as it happens (an active mirror
@@ -440,6 +443,7 @@ impl Disk {
         }
         let mut wait = None;
         if let Some(job) = job.as_mut() {
+            job.written += len as u64;
             let first = offset / COPY_BLOCK;
             let last = (offset + len as u64 - 1) / COPY_BLOCK;
             let mut fresh = 0u64;
@@ -607,6 +611,7 @@ mod tests {
             // One byte a second: the write would wait most of a day.
             throttle: Some(WriteThrottle::new(1)),
             mirror: None,
+            written: 0,
         });
         let data = vec![7u8; 4096];
         std::thread::scope(|scope| {
@@ -661,6 +666,7 @@ mod tests {
             added_us: Vec::new(),
             throttle: None,
             mirror: Some(mirror),
+            written: 0,
         };
         let data = vec![7u8; 4096];
         let ok = std::sync::Arc::new(Recorder::default());
