@@ -1042,4 +1042,75 @@ mod tests {
         let (_, set) = fit_dirtying((0.25, 5_000.0), (1.0, 18_000.0), 30_000.0);
         assert_eq!(set, Some(30_000.0));
     }
+
+    #[test]
+    fn disk_writes_that_fit_half_the_disks_path_are_mirrored_and_others_are_not() {
+        let limits = rounds_limits();
+        let mirror = |d: &Decision| {
+            let r = d.reasons.iter().find(|r| r.setting == "disk_mirror");
+            (d.settings.disk_mirror, r.map(|r| r.why.clone()))
+        };
+        // 20 MB/s of writes (10 distinct) beside a 100 MB/s link: mirrored, no cap.
+        let mut o = rounds(Some(10e6));
+        o.disk_write_bytes_per_sec = Some(20e6);
+        let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
+        let (m, why) = mirror(&d);
+        assert_eq!(m, DiskMirror::Active, "{why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("20.0 MB/s")),
+            "{why:?}"
+        );
+        assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
+        // The same writes into a datastore whose first copy went at 30 MB/s: they
+        // would take most of it, so the rounds carry them.
+        o.disk_copy_bytes_per_sec = Some(30e6);
+        let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
+        let (m, why) = mirror(&d);
+        assert_eq!(m, DiskMirror::Background, "{why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("datastore")),
+            "{why:?}"
+        );
+        // Distinct writes alone beyond half the link: never mirrored, whatever the
+        // measured write rate (a cap may be holding it down).
+        let mut o = rounds(Some(150e6));
+        o.disk_write_bytes_per_sec = Some(5e6);
+        let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
+        assert_eq!(mirror(&d).0, DiskMirror::Background, "{d:?}");
+        // Pinned stays pinned.
+        let pins = Pins {
+            disk_mirror: Some(DiskMirror::Background),
+            ..Pins::default()
+        };
+        let mut o = rounds(Some(1e6));
+        o.disk_write_bytes_per_sec = Some(1e6);
+        let d = Adaptive::new(pins, &limits).decide(&o, &limits);
+        let (m, why) = mirror(&d);
+        assert_eq!(m, DiskMirror::Background);
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("pinned")),
+            "{why:?}"
+        );
+    }
+
+    #[test]
+    fn a_slow_datastore_makes_disk_bytes_cost_their_time_at_its_rate() {
+        let limits = rounds_limits();
+        let pins = Pins {
+            disk_mirror: Some(DiskMirror::Background),
+            disk_write_limit_mbps: Some(0.0),
+            ..Pins::default()
+        };
+        let mut o = rounds(Some(10e6));
+        o.disk_pending_bytes = 200e6;
+        let fast = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
+        o.disk_copy_bytes_per_sec = Some(20e6);
+        let slow = Adaptive::new(pins, &limits).decide(&o, &limits);
+        // The guest rewrites 10 MB/s of that disk while it copies, so into a
+        // 20 MB/s datastore the copy gains only 10 MB/s net: 200 MB take about
+        // 20 s rather than the 2 s the link alone would need.
+        let longer = slow.prediction.total_ms - fast.prediction.total_ms;
+        assert!((15_000.0..25_000.0).contains(&longer), "{fast:?} {slow:?}");
+        assert!(slow.prediction.converges, "{slow:?}");
+    }
 }
