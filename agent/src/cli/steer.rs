@@ -272,7 +272,8 @@ impl Steering {
             disk_write_bytes_per_sec: get(p, "disk_write_bytes_per_sec").as_f64(),
             pause_basis: crate::policy::model::PauseBasis {
                 idle_rtt_ms: get(p, "idle_rtt_ms").as_f64(),
-                dst_disk_sync_ms: get(p, "dst_disk_sync_ms").as_f64(),
+                dst_flush_ms: get(p, "dst_flush_ms").as_f64(),
+                dst_write_bytes_per_sec: get(p, "dst_write_bytes_per_sec").as_f64(),
             },
         }
     }

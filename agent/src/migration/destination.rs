@@ -503,11 +503,14 @@ impl Receiver {
                         .or_assign_words(stale.words());
                 }
                 Message::Disks { disks: announced } => {
-                    disks = Some(DiskStore::create(
-                        self.datastore.as_deref(),
-                        cfg,
-                        &announced,
-                    )?);
+                    let store = DiskStore::create(self.datastore.as_deref(), cfg, &announced)?;
+                    let t = store.timing();
+                    disks = Some(store);
+                    self.send(&Message::DisksReady {
+                        flush_us: t.flush_us,
+                        write_us: t.write_us,
+                        bytes: t.bytes,
+                    })?;
                 }
                 Message::DiskData {
                     disk,

@@ -109,6 +109,24 @@ impl Sender<'_> {
         self.send(&Message::Disks {
             disks: disks.iter().map(|d| (d.id.clone(), d.size)).collect(),
         })?;
+        // The destination creates its copies and times its datastore first: what the
+        // pause's sync will cost there, known before the copy begins.
+        self.w.flush().map_err(protocol::ProtocolError::from)?;
+        match self.recv()? {
+            Message::DisksReady {
+                flush_us,
+                write_us,
+                bytes,
+            } => {
+                self.stats.dst_datastore = Some(DatastoreTiming {
+                    flush_us,
+                    write_us,
+                    bytes,
+                })
+            }
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            _ => return Err(MigrateError::Unexpected("something other than DisksReady")),
+        }
         let mut todo = Vec::new();
         // The live settings: a change made since this thread last looked counts.
         let settings = super::source::lock(&self.m.live)
@@ -390,6 +408,30 @@ pub struct DiskStore {
     staged: Option<(PathBuf, VmConfig)>,
     /// The copies' sync at each round's end, timed.
     sync: RoundSync,
+    /// The datastore timed at creation (see [`DatastoreTiming`]).
+    timing: DatastoreTiming,
+}
+
+/// What this datastore took, measured when the copies were created: to write and sync
+/// [`PROBE_BYTES`] of zeros into the first copy (with the copy's own caching), and to
+/// sync it again with nothing new to write. The pause's sync costs about the second
+/// plus the pause's disk bytes at the rate the first shows (what the rounds wrote
+/// before, each round's end has synced): measured on this storage, not assumed,
+/// before the first byte of the copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatastoreTiming {
+    pub flush_us: u32,
+    pub write_us: u32,
+    pub bytes: u32,
+}
+
+/// Zeros written to time the datastore: enough to see its write rate past a flush's
+/// fixed cost, little enough to cost a slow device (40 MB/s) a tenth of a second. The
+/// copy overwrites them (or they stand for a hole: zeros either way).
+const PROBE_BYTES: u64 = 4 << 20;
+
+fn micros(d: std::time::Duration) -> u32 {
+    d.as_micros().clamp(1, u128::from(u32::MAX)) as u32
 }
 
 /// Syncs the copies in the background when a round ends and times it. The pause's
@@ -438,8 +480,9 @@ impl RoundSync {
 const DISK_RATIO_SPAN: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// Writeback starts every this many bytes, so the sync at the switchover (when the
-/// guest is paused) finds little left to write.
-const WRITEBACK_EVERY: u64 = 16 << 20;
+/// guest is paused) finds little left to write: at most this much beside the pause's
+/// own blocks, even when the pause follows the disks' first copy at once.
+const WRITEBACK_EVERY: u64 = 4 << 20;
 
 impl DiskStore {
     /// Creates the VM's folder and one sparse image per disk of the config.
@@ -477,6 +520,7 @@ impl DiskStore {
             unsynced: 0,
             staged: None,
             sync: RoundSync::default(),
+            timing: DatastoreTiming::default(),
         };
         for c in &cfg.disks {
             let path = store.folder.join(format!("{}-{}.img", cfg.name, c.id));
@@ -508,7 +552,43 @@ impl DiskStore {
                 let _ = std::fs::remove_file(&staged);
             }
         }
+        store.time_writes()?;
         Ok(store)
+    }
+
+    /// Writes and syncs [`PROBE_BYTES`] of zeros at the start of the first copy, timed.
+    fn time_writes(&mut self) -> Result<(), DiskStoreError> {
+        let Some((path, file, size)) = self.disks.first() else {
+            return Ok(());
+        };
+        let bytes = PROBE_BYTES.min(*size);
+        let io = |source| DiskStoreError::Io {
+            what: "timing writes to",
+            path: path.clone(),
+            source,
+        };
+        let chunk = RUN_BLOCKS * COPY_BLOCK;
+        let buf = self.buf.get(chunk as usize);
+        buf.fill(0);
+        let t = std::time::Instant::now();
+        let mut at = 0;
+        while at < bytes {
+            let n = chunk.min(bytes - at) as usize;
+            file.write_all_at(&buf[..n], at).map_err(io)?;
+            at += n as u64;
+        }
+        file.sync_data().map_err(io)?;
+        self.timing.write_us = micros(t.elapsed());
+        self.timing.bytes = bytes as u32;
+        let t = std::time::Instant::now();
+        file.sync_data().map_err(io)?;
+        self.timing.flush_us = micros(t.elapsed());
+        Ok(())
+    }
+
+    /// The datastore as timed when the copies were created.
+    pub fn timing(&self) -> DatastoreTiming {
+        self.timing
     }
 
     /// `cfg` naming the copies.

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -63,6 +63,7 @@ pub enum Kind {
     Ping = 31,
     Pong = 32,
     DiskSynced = 33,
+    DisksReady = 34,
 }
 
 impl Kind {
@@ -102,6 +103,7 @@ impl Kind {
             31 => Ping,
             32 => Pong,
             33 => DiskSynced,
+            34 => DisksReady,
             _ => return None,
         })
     }
@@ -293,6 +295,16 @@ pub enum Message {
     DiskSynced {
         us: u32,
     },
+    /// Destination → source, the answer to `Disks`: the copies exist, and what its
+    /// datastore took to write and sync `bytes` of zeros into the first copy
+    /// (`write_us`) and then to sync it with nothing new (`flush_us`), microseconds:
+    /// what the pause's sync costs, measured on its own storage before the copy
+    /// begins.
+    DisksReady {
+        flush_us: u32,
+        write_us: u32,
+        bytes: u32,
+    },
 }
 
 /// What post-copy cost the guest, measured on the destination.
@@ -341,6 +353,7 @@ impl Message {
             Message::Ping { .. } => Kind::Ping,
             Message::Pong { .. } => Kind::Pong,
             Message::DiskSynced { .. } => Kind::DiskSynced,
+            Message::DisksReady { .. } => Kind::DisksReady,
         }
     }
 
@@ -375,6 +388,15 @@ impl Message {
             | Message::Ping { seq: round }
             | Message::Pong { seq: round }
             | Message::DiskSynced { us: round } => out.extend_from_slice(&round.to_le_bytes()),
+            Message::DisksReady {
+                flush_us,
+                write_us,
+                bytes,
+            } => {
+                for v in [flush_us, write_us, bytes] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Message::DeviceState { blob } => out.extend_from_slice(blob),
             Message::Complete { pages_sent } => out.extend_from_slice(&pages_sent.to_le_bytes()),
             Message::Ready
@@ -505,6 +527,11 @@ impl Message {
             Kind::Ping => Message::Ping { seq: r.u32()? },
             Kind::Pong => Message::Pong { seq: r.u32()? },
             Kind::DiskSynced => Message::DiskSynced { us: r.u32()? },
+            Kind::DisksReady => Message::DisksReady {
+                flush_us: r.u32()?,
+                write_us: r.u32()?,
+                bytes: r.u32()?,
+            },
             Kind::Disks => {
                 let n = r.u32()?;
                 if n > 64 {
@@ -1001,6 +1028,11 @@ mod tests {
             Message::Ping { seq: 3 },
             Message::Pong { seq: 3 },
             Message::DiskSynced { us: 12_345 },
+            Message::DisksReady {
+                flush_us: 900,
+                write_us: 12_000,
+                bytes: 4 << 20,
+            },
             Message::Disks {
                 disks: vec![("root".into(), 1 << 30), ("data".into(), 512)],
             },

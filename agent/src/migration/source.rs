@@ -293,12 +293,17 @@ pub struct Progress {
     pub dirty_pages_per_sec: f64,
     /// The latest round's fixed cost, milliseconds (see `Stats::round_overhead`).
     pub round_overhead_ms: f64,
-    /// The stream's round trip with nothing queued, measured after the first pass
-    /// (None: not yet).
+    /// The stream's round trip with nothing queued, measured before the first pass
+    /// and after it (the least; None: not yet).
     pub idle_rtt_ms: Option<f64>,
     /// `--copy-storage`: the destination's last sync of its copies at a round's end,
     /// milliseconds (None: not measured yet).
     pub dst_disk_sync_ms: Option<f64>,
+    /// `--copy-storage`: the destination's datastore, timed when it created the
+    /// copies: a sync with nothing new to write, milliseconds, and the rate it wrote
+    /// and synced a few MiB at, bytes/s (None: not timed).
+    pub dst_flush_ms: Option<f64>,
+    pub dst_write_bytes_per_sec: Option<f64>,
     pub pages_sent: u64,
     pub zero_pages: u64,
     pub bytes_on_wire: u64,
@@ -475,8 +480,10 @@ pub(super) struct Stats {
     /// what each exchange of the handover costs beside its work.
     pub(super) idle_rtt: Option<Duration>,
     /// `--copy-storage`: how long the destination's last sync of its copies at a
-    /// round's end took (what the pause's sync will cost there).
+    /// round's end took.
     pub(super) dst_disk_sync: Option<Duration>,
+    /// `--copy-storage`: the destination's datastore as it timed it (`DisksReady`).
+    pub(super) dst_datastore: Option<super::disk_stream::DatastoreTiming>,
 }
 
 /// Bytes and the wire bytes they took, older ones fading: the codec may have just
@@ -537,6 +544,8 @@ impl Progress {
             round_overhead_ms: 0.0,
             idle_rtt_ms: None,
             dst_disk_sync_ms: None,
+            dst_flush_ms: None,
+            dst_write_bytes_per_sec: None,
             pages_sent: 0,
             zero_pages: 0,
             bytes_on_wire: 0,
@@ -661,6 +670,7 @@ fn new_stats(t0: Instant) -> Stats {
         send_time: Duration::ZERO,
         idle_rtt: None,
         dst_disk_sync: None,
+        dst_datastore: None,
         wall_send_time: Duration::ZERO,
         acked_bytes: 0,
         round: 0,
@@ -796,6 +806,15 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     p.peer_limited = s.tcp.is_some_and(|t| t.peer_limited);
     p.idle_rtt_ms = s.idle_rtt.map(|d| d.as_secs_f64() * 1e3);
     p.dst_disk_sync_ms = s.dst_disk_sync.map(|d| d.as_secs_f64() * 1e3);
+    p.dst_flush_ms = s
+        .dst_datastore
+        .filter(|t| t.flush_us > 0)
+        .map(|t| f64::from(t.flush_us) / 1e3);
+    // The write's own time: a sync's fixed cost is counted apart.
+    p.dst_write_bytes_per_sec = s.dst_datastore.filter(|t| t.bytes > 0).map(|t| {
+        let us = f64::from(t.write_us.saturating_sub(t.flush_us).max(1));
+        f64::from(t.bytes) / (us / 1e6)
+    });
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
     p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
     p.disk_compression_ratio = disk_ratio(s);
@@ -1305,6 +1324,10 @@ impl Sender<'_> {
     fn precopy(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
         let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
         self.sample_codecs();
+        // Measured at once, so the policy's first prediction has the handover's round
+        // trip from these hosts (the first ping may wait for the destination to build
+        // the VM: the least of them counts).
+        self.measure_idle_rtt()?;
         if self.params.mode == Mode::Postcopy && !self.params.precopy_pass {
             let mut need = DirtyBitmap::new(pages);
             need.set_all();

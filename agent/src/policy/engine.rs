@@ -562,7 +562,7 @@ impl Policy for Adaptive {
             besides.push(format!(
                 "{:.0} ms for the destination to sync its disks ({})",
                 costs.disk_sync_s * 1e3,
-                how(obs.pause_basis.dst_disk_sync_ms.is_some())
+                how(obs.pause_basis.disk_sync_measured())
             ));
         }
         if costs.held_write_s > 0.0 {
