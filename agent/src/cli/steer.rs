@@ -84,6 +84,12 @@ pub struct Steering {
     first_basis: Option<Observation>,
     last_prediction: Option<(f64, Prediction)>,
     last_basis: Option<Observation>,
+    /// The first pass's latest link rate from a stream the destination did not hold
+    /// back (the memory it sends before the disks' first copy).
+    unhindered_link: Option<f64>,
+    /// The destination holds the disks' first copy back and the link's own rate or
+    /// the copy's is not known yet: no prediction is worth keeping.
+    held_unmeasured: bool,
     pub steps: Vec<Step>,
 }
 
@@ -148,6 +154,8 @@ impl Steering {
             windows_seen: false,
             overhead_estimates: (0.0, 0),
             set_pages: None,
+            unhindered_link: None,
+            held_unmeasured: false,
             round_peak: 0.0,
             rate: 0.0,
             start_rate: 0.0,
@@ -242,6 +250,27 @@ impl Steering {
         } else {
             0.0
         };
+        let peer_limited = get(p, "peer_limited").as_bool().unwrap_or(false);
+        let disk_copy = get(p, "disk_copy_bytes_per_sec").as_f64();
+        let disks_travel = get(p, "disk_dirty_bytes_per_sec").as_f64().is_some();
+        // A destination slower to write the disks than the link carries them holds the
+        // stream back during their first copy (and while it drains what its socket
+        // buffers took): the stream's rate is then the datastore's, not the one the
+        // memory moves at. The link is then the rate the memory showed before the
+        // copy began, and the copy goes at its own measured rate.
+        let held = round == 0 && peer_limited && disks_travel;
+        let link = if held {
+            self.unhindered_link
+        } else {
+            if round == 0 && !peer_limited && bw > 0.0 {
+                self.unhindered_link = Some(bw);
+            }
+            (bw > 0.0).then_some(bw)
+        };
+        // The copy's rate: measured as it goes, or until then what the destination
+        // timed its datastore at (the engine takes that).
+        let datastore = get(p, "dst_write_bytes_per_sec").as_f64();
+        self.held_unmeasured = held && (link.is_none() || disk_copy.or(datastore).is_none());
         let codecs = codec_perfs(get(p, "codec_samples"));
         let (dirty, working_set) = self.dirty_rate(p, sample, round);
         // What the stream achieved: with a codec, wire bytes, so the link itself.
@@ -254,8 +283,8 @@ impl Steering {
             round,
             dirty_pages_per_sec: dirty,
             working_set_pages: working_set,
-            link_bytes_per_sec: (bw > 0.0).then_some(bw),
-            peer_limited: get(p, "peer_limited").as_bool().unwrap_or(false),
+            link_bytes_per_sec: link,
+            peer_limited,
             zero_fraction: remaining_zero_fraction(
                 get(p, "sampled_zero_fraction").as_f64(),
                 self.memory_pages,
@@ -268,7 +297,7 @@ impl Steering {
             disk_pending_bytes: get(p, "disk_bytes_pending").as_f64().unwrap_or(0.0),
             disk_compression_ratio: get(p, "disk_compression_ratio").as_f64(),
             disk_written_compression_ratio: get(p, "disk_written_compression_ratio").as_f64(),
-            disk_copy_bytes_per_sec: get(p, "disk_copy_bytes_per_sec").as_f64(),
+            disk_copy_bytes_per_sec: disk_copy,
             disk_write_bytes_per_sec: get(p, "disk_write_bytes_per_sec").as_f64(),
             pause_basis: crate::policy::model::PauseBasis {
                 idle_rtt_ms: get(p, "idle_rtt_ms").as_f64(),
@@ -382,16 +411,11 @@ impl Steering {
         // The first prediction worth keeping has the guest measured and the link past
         // the burst that fills the socket buffers; a migration over sooner keeps its
         // last one.
-        // With disks travelling, a destination slower to write them than the link
-        // carries holds the stream back during their first copy (and while it drains
-        // what its socket buffers took): the stream's rate is then the datastore's,
-        // not the one the memory will move at, and a prediction waits until the
-        // memory's pages move unhindered (or the first pass is over).
-        let disks_holding = obs.peer_limited
-            && obs.stage == Stage::FirstPass
-            && obs.disk_dirty_bytes_per_sec.is_some();
-        let measured =
-            (!self.first_pass.is_empty() || self.windows_seen || obs.round > 0) && !disks_holding;
+        // With disks travelling and a destination slower to write them than the link
+        // carries, a prediction waits until both the link's rate and the copy's are
+        // known (see `observe`), or the first pass is over.
+        let measured = (!self.first_pass.is_empty() || self.windows_seen || obs.round > 0)
+            && !self.held_unmeasured;
         if obs.link_bytes_per_sec.is_some() && measured {
             if self.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
                 self.first_prediction = Some((obs.t_ms, d.prediction));

@@ -161,6 +161,7 @@ impl Sender<'_> {
         let started = std::time::Instant::now();
         let (wire0, send0) = (self.stats.bytes_on_wire, self.stats.send_time);
         self.stats.disk_round_at = Some(started);
+        self.copy_mark = None;
         self.disks_send(todo, true, false)?;
         // The first copy's rate end to end: where the destination writes its copies
         // slower than the link carries them, it holds the stream back, and disk bytes
@@ -177,6 +178,25 @@ impl Sender<'_> {
             self.stats.disk_copy_rate = Some(self.stats.disk_bytes as f64 / secs);
         }
         Ok(())
+    }
+
+    /// While the disks' first copy runs: its rate since the socket buffers' burst (the
+    /// first [`MEASURED_COPY_BYTES`]), once two seconds say it (the buffers keep
+    /// growing for a while), so a datastore slower than the link shows before the
+    /// copy ends (which replaces it with the whole copy's).
+    fn first_copy_rate_so_far(&mut self) {
+        let now = std::time::Instant::now();
+        let bytes = self.stats.disk_bytes;
+        match self.copy_mark {
+            None if bytes >= MEASURED_COPY_BYTES => self.copy_mark = Some((now, bytes)),
+            Some((at, from)) => {
+                let secs = (now - at).as_secs_f64();
+                if secs >= 2.0 {
+                    self.stats.disk_copy_rate = Some((bytes - from) as f64 / secs);
+                }
+            }
+            None => {}
+        }
     }
 
     /// The guest's disk dirty rate from what it dirtied since the dirty sets were
@@ -275,6 +295,9 @@ impl Sender<'_> {
                     drop(job);
                 }
                 self.stats.disk_pending = self.stats.disk_pending.saturating_sub(len as u64);
+                if running && !written {
+                    self.first_copy_rate_so_far();
+                }
                 if running {
                     self.check_cancel()?;
                 }
@@ -414,7 +437,7 @@ pub struct DiskStore {
 
 /// What this datastore took, measured when the copies were created: to write and sync
 /// [`PROBE_BYTES`] of zeros into the first copy (with the copy's own caching), and to
-/// sync it again with nothing new to write. The pause's sync costs about the second
+/// rewrite one block and sync the file whole. The pause's sync costs about the second
 /// plus the pause's disk bytes at the rate the first shows (what the rounds wrote
 /// before, each round's end has synced): measured on this storage, not assumed,
 /// before the first byte of the copy.
@@ -429,6 +452,9 @@ pub struct DatastoreTiming {
 /// fixed cost, little enough to cost a slow device (40 MB/s) a tenth of a second. The
 /// copy overwrites them (or they stand for a hole: zeros either way).
 const PROBE_BYTES: u64 = 4 << 20;
+/// The block the flush probes rewrite (a sector multiple, for direct I/O).
+const PROBE_BLOCK: usize = 4096;
+const FLUSH_PROBES: usize = 3;
 
 fn micros(d: std::time::Duration) -> u32 {
     d.as_micros().clamp(1, u128::from(u32::MAX)) as u32
@@ -580,9 +606,18 @@ impl DiskStore {
         file.sync_data().map_err(io)?;
         self.timing.write_us = micros(t.elapsed());
         self.timing.bytes = bytes as u32;
-        let t = std::time::Instant::now();
-        file.sync_data().map_err(io)?;
-        self.timing.flush_us = micros(t.elapsed());
+        // The pause's sync in small: a block rewritten and the file synced whole (its
+        // times changed: a journal commit). A throttled device answers a small write
+        // at its next slice, so the middle of a few.
+        let mut flushes = [0u32; FLUSH_PROBES];
+        for f in &mut flushes {
+            let t = std::time::Instant::now();
+            file.write_all_at(&buf[..PROBE_BLOCK], 0).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            *f = micros(t.elapsed());
+        }
+        flushes.sort_unstable();
+        self.timing.flush_us = flushes[FLUSH_PROBES / 2];
         Ok(())
     }
 
@@ -640,6 +675,11 @@ impl DiskStore {
             // Start writeback without waiting; failures show at the final sync.
             // SAFETY: sync_file_range on a file descriptor we own.
             unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            // And commit what the copy has allocated so far (direct I/O leaves no data
+            // behind, but the blocks it filled in a sparse copy wait for a journal
+            // commit): otherwise the sync at the first pass's end commits the whole
+            // copy's, and a pause soon after waits on it.
+            self.sync_in_background();
         }
         Ok(())
     }
@@ -647,13 +687,18 @@ impl DiskStore {
     /// A round has ended: syncs the copies in the background (timed), and returns
     /// how long the last completed sync took, microseconds (None: none has yet).
     pub fn round_ended(&self) -> Option<u32> {
+        self.sync_in_background();
+        self.sync.last_us()
+    }
+
+    /// Syncs the copies on a background thread, timed (unless one is running).
+    fn sync_in_background(&self) {
         let files = self
             .disks
             .iter()
             .filter_map(|(_, f, _)| f.try_clone().ok())
             .collect();
         self.sync.start(files);
-        self.sync.last_us()
     }
 
     /// The source's write log for a disk: becomes the copy's log.

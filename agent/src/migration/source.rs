@@ -300,7 +300,7 @@ pub struct Progress {
     /// milliseconds (None: not measured yet).
     pub dst_disk_sync_ms: Option<f64>,
     /// `--copy-storage`: the destination's datastore, timed when it created the
-    /// copies: a sync with nothing new to write, milliseconds, and the rate it wrote
+    /// copies: a one-block rewrite synced whole, milliseconds, and the rate it wrote
     /// and synced a few MiB at, bytes/s (None: not timed).
     pub dst_flush_ms: Option<f64>,
     pub dst_write_bytes_per_sec: Option<f64>,
@@ -525,6 +525,9 @@ pub(super) struct Sender<'a> {
     /// switch to post-copy mid-round sends the rest on demand).
     round_pages: Vec<u64>,
     sent_upto: usize,
+    /// The disks' first copy: when, and at how many disk bytes, its rate began to be
+    /// measured (see `first_copy_rate_so_far`).
+    pub(super) copy_mark: Option<(Instant, u64)>,
     /// The destination has built the VM (`Prepared`): pausing no longer waits on it.
     dst_prepared: bool,
     /// The kernel's view of the connection, over a recent window.
@@ -812,7 +815,12 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
         .map(|t| f64::from(t.flush_us) / 1e3);
     // The write's own time: a sync's fixed cost is counted apart.
     p.dst_write_bytes_per_sec = s.dst_datastore.filter(|t| t.bytes > 0).map(|t| {
-        let us = f64::from(t.write_us.saturating_sub(t.flush_us).max(1));
+        let us = f64::from(
+            t.write_us
+                .saturating_sub(t.flush_us)
+                .max(t.write_us / 2)
+                .max(1),
+        );
         f64::from(t.bytes) / (us / 1e6)
     });
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
@@ -960,6 +968,7 @@ fn connect<'a>(
         id: migration_id(),
         round_pages: Vec::new(),
         sent_upto: 0,
+        copy_mark: None,
         dst_prepared: false,
         meter: Default::default(),
     };
@@ -1163,6 +1172,23 @@ impl Sender<'_> {
 
     /// Sends the given pages: zero pages as runs, the rest in batches. With a codec,
     /// batches are compressed on worker threads while this one writes them, in order.
+    /// Sends pages of `range` in order for about `secs`; returns the first not sent.
+    fn send_pages_for(
+        &mut self,
+        range: std::ops::Range<u64>,
+        secs: Duration,
+    ) -> Result<u64, MigrateError> {
+        const CHUNK: u64 = 2048;
+        let started = Instant::now();
+        let mut at = range.start;
+        while at < range.end && started.elapsed() < secs {
+            let end = (at + CHUNK).min(range.end);
+            self.send_pages(at..end)?;
+            at = end;
+        }
+        Ok(at)
+    }
+
     pub(super) fn send_pages(
         &mut self,
         pages: impl Iterator<Item = u64>,
@@ -1351,10 +1377,19 @@ impl Sender<'_> {
         // The windows run from the disks' first copy on: the guest dirties memory
         // meanwhile too.
         super::dirty_windows::during(m, || {
+            let mut from = 0;
             if self.params.copy_storage {
+                // Memory first, for a moment: the link's own rate is measured before a
+                // destination slower to write the disks than the link carries them
+                // holds the stream back for the disks' whole first copy (the order
+                // costs nothing: the same bytes go either way).
+                from = self.send_pages_for(0..pages, LINK_FIRST)?;
+                // A switch to post-copy during the disks' copy needs the rest.
+                self.round_pages = (from..pages).collect();
+                self.sent_upto = 0;
                 self.disks_start()?;
             }
-            self.send_pages(0..pages)
+            self.send_pages(from..pages)
         })?;
         self.end_round(0, round_start)?;
         self.measure_idle_rtt()?;
@@ -1639,6 +1674,11 @@ pub fn converged(
         || predicted_ms <= limit_ms / 10.0
         || round >= MAX_SHRINKING_ROUNDS)
 }
+
+/// With disks travelling, how long the first pass sends memory before the disks'
+/// first copy: long enough for the link's rate to be read from TCP (a quarter to half
+/// a second of busy time) and reach the policy.
+const LINK_FIRST: Duration = Duration::from_millis(600);
 
 /// Compression threads for page batches at most.
 const MAX_WORKERS: usize = 4;

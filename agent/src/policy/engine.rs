@@ -357,12 +357,26 @@ impl Policy for Adaptive {
         // Where the disks' first copy went slower than the stream moves pages (the
         // destination's datastore writes slower than the link carries, and holds the
         // stream back meanwhile), disk bytes cost their time at that rate.
-        let disk_scale = match (pages_per_sec, obs.disk_copy_bytes_per_sec) {
-            (Some(tput), Some(r)) if r > 0.0 => {
-                scale(obs.disk_written_compression_ratio).max(tput / r)
-            }
-            _ => scale(obs.disk_written_compression_ratio),
+        // Until the copy's own rate is measured, a destination holding the first
+        // pass back writes at the rate it timed its datastore at, less what the
+        // mirror writes there meanwhile.
+        let copy_rate = obs.disk_copy_bytes_per_sec.or_else(|| {
+            let held = obs.peer_limited && matches!(obs.stage, Stage::FirstPass);
+            let mirror = if self.current.disk_mirror == DiskMirror::Active {
+                obs.disk_write_bytes_per_sec.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            obs.pause_basis
+                .dst_write_bytes_per_sec
+                .filter(|_| held)
+                .map(|w| (w - mirror).max(w * 0.1))
+        });
+        let copy_scale = match (pages_per_sec, copy_rate) {
+            (Some(tput), Some(r)) if r > 0.0 => tput / r,
+            _ => 0.0,
         };
+        let disk_scale = scale(obs.disk_written_compression_ratio).max(copy_scale);
         let first_pass = matches!(obs.stage, Stage::FirstPass | Stage::Starting);
         let remaining = obs.remaining_pages as f64
             * PAGE
@@ -373,7 +387,7 @@ impl Policy for Adaptive {
             }
             + obs.disk_pending_bytes
                 * if first_pass {
-                    scale(obs.disk_compression_ratio)
+                    scale(obs.disk_compression_ratio).max(copy_scale)
                 } else {
                     disk_scale
                 };
@@ -453,9 +467,11 @@ impl Policy for Adaptive {
             self.changed("disk_mirror", t);
         }
         let mirroring = disk_demand.is_some() && self.current.disk_mirror == DiskMirror::Active;
-        // The mirror's writes share the stream with the pages.
+        // The mirror's writes share the link with the pages. (A datastore slower than
+        // the link takes them beside the disks' first copy, whose measured rate
+        // already counts them; the pages never wait on it.)
         let mirrored = if mirroring {
-            writes.unwrap_or(0.0) * disk_scale
+            writes.unwrap_or(0.0) * scale(obs.disk_written_compression_ratio)
         } else {
             0.0
         };
@@ -1112,5 +1128,38 @@ mod tests {
         let longer = slow.prediction.total_ms - fast.prediction.total_ms;
         assert!((15_000.0..25_000.0).contains(&longer), "{fast:?} {slow:?}");
         assert!(slow.prediction.converges, "{slow:?}");
+    }
+
+    #[test]
+    fn a_datastore_holding_the_first_pass_back_costs_the_disks_at_its_timed_rate() {
+        let limits = rounds_limits();
+        let pins = Pins {
+            disk_mirror: Some(DiskMirror::Background),
+            ..Pins::default()
+        };
+        // The first pass: memory sent, 200 MB of disks to go over a 100 MB/s link.
+        let mut o = rounds(Some(1e6));
+        o.stage = Stage::FirstPass;
+        o.round = 0;
+        o.t_ms = 1_000.0;
+        o.pass_elapsed_ms = 1_000.0;
+        o.remaining_pages = 0;
+        o.disk_pending_bytes = 200e6;
+        let unheld = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
+        // The destination timed its datastore at 20 MB/s and holds the stream back:
+        // the copy takes about 10 s rather than 2.
+        o.peer_limited = true;
+        o.pause_basis.dst_write_bytes_per_sec = Some(20e6);
+        let held = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
+        let longer = held.prediction.total_ms - unheld.prediction.total_ms;
+        assert!((6_000.0..10_000.0).contains(&longer), "{unheld:?} {held:?}");
+        // Not held back, the timed rate says nothing of the copy (the page cache takes
+        // the writes).
+        o.peer_limited = false;
+        let fast_path = Adaptive::new(pins, &limits).decide(&o, &limits);
+        assert!(
+            (fast_path.prediction.total_ms - unheld.prediction.total_ms).abs() < 1.0,
+            "{unheld:?} {fast_path:?}"
+        );
     }
 }

@@ -60,7 +60,7 @@ pub struct PauseBasis {
     /// The stream's round trip with nothing queued, milliseconds.
     pub idle_rtt_ms: Option<f64>,
     /// The destination's datastore, timed as it created the disk copies: a sync's
-    /// fixed cost (one with nothing new to write), milliseconds,
+    /// fixed cost (one block rewritten and the file synced whole), milliseconds,
     pub dst_flush_ms: Option<f64>,
     /// and the rate it writes and syncs data at, bytes/s.
     pub dst_write_bytes_per_sec: Option<f64>,
