@@ -486,8 +486,7 @@ impl RoundSync {
                 // A failure shows at the final sync, which is the one that counts.
                 let ok = files.iter().all(|f| f.sync_data().is_ok());
                 if ok {
-                    let us = t.elapsed().as_micros().clamp(1, u128::from(u32::MAX));
-                    last.store(us as u64, Ordering::Release);
+                    last.store(u64::from(micros(t.elapsed())), Ordering::Release);
                 }
                 busy.store(false, Ordering::Release);
             });

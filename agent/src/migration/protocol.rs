@@ -297,9 +297,9 @@ pub enum Message {
     },
     /// Destination → source, the answer to `Disks`: the copies exist, and what its
     /// datastore took to write and sync `bytes` of zeros into the first copy
-    /// (`write_us`) and then to sync it with nothing new (`flush_us`), microseconds:
-    /// what the pause's sync costs, measured on its own storage before the copy
-    /// begins.
+    /// (`write_us`) and to rewrite one block and sync the file whole (`flush_us`, the
+    /// median of three), microseconds: what the pause's sync costs, measured on its
+    /// own storage before the copy begins.
     DisksReady {
         flush_us: u32,
         write_us: u32,

@@ -1170,8 +1170,6 @@ impl Sender<'_> {
         }
     }
 
-    /// Sends the given pages: zero pages as runs, the rest in batches. With a codec,
-    /// batches are compressed on worker threads while this one writes them, in order.
     /// Sends pages of `range` in order for about `secs`; returns the first not sent.
     fn send_pages_for(
         &mut self,
@@ -1189,6 +1187,8 @@ impl Sender<'_> {
         Ok(at)
     }
 
+    /// Sends the given pages: zero pages as runs, the rest in batches. With a codec,
+    /// batches are compressed on worker threads while this one writes them, in order.
     pub(super) fn send_pages(
         &mut self,
         pages: impl Iterator<Item = u64>,

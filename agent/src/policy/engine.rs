@@ -1066,16 +1066,16 @@ mod tests {
             let r = d.reasons.iter().find(|r| r.setting == "disk_mirror");
             (d.settings.disk_mirror, r.map(|r| r.why.clone()))
         };
+        let says = |why: &Option<String>, what: &str| {
+            assert!(why.as_deref().is_some_and(|w| w.contains(what)), "{why:?}");
+        };
         // 20 MB/s of writes (10 distinct) beside a 100 MB/s link: mirrored, no cap.
         let mut o = rounds(Some(10e6));
         o.disk_write_bytes_per_sec = Some(20e6);
         let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
         let (m, why) = mirror(&d);
         assert_eq!(m, DiskMirror::Active, "{why:?}");
-        assert!(
-            why.as_deref().is_some_and(|w| w.contains("20.0 MB/s")),
-            "{why:?}"
-        );
+        says(&why, "20.0 MB/s");
         assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
         // The same writes into a datastore whose first copy went at 30 MB/s: they
         // would take most of it, so the rounds carry them.
@@ -1083,10 +1083,7 @@ mod tests {
         let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
         let (m, why) = mirror(&d);
         assert_eq!(m, DiskMirror::Background, "{why:?}");
-        assert!(
-            why.as_deref().is_some_and(|w| w.contains("datastore")),
-            "{why:?}"
-        );
+        says(&why, "datastore");
         // Distinct writes alone beyond half the link: never mirrored, whatever the
         // measured write rate (a cap may be holding it down).
         let mut o = rounds(Some(150e6));
@@ -1103,10 +1100,7 @@ mod tests {
         let d = Adaptive::new(pins, &limits).decide(&o, &limits);
         let (m, why) = mirror(&d);
         assert_eq!(m, DiskMirror::Background);
-        assert!(
-            why.as_deref().is_some_and(|w| w.contains("pinned")),
-            "{why:?}"
-        );
+        says(&why, "pinned");
     }
 
     #[test]

@@ -77,15 +77,23 @@ impl PauseBasis {
     /// datastore writes them. (What the rounds wrote before, the destination syncs
     /// as each ends, while the guest still runs.)
     pub fn disk_sync_s(&self, bytes: f64) -> f64 {
-        match (self.dst_flush_ms, self.dst_write_bytes_per_sec) {
-            (Some(flush), Some(rate)) if rate > 0.0 => flush / 1e3 + bytes.max(0.0) / rate,
-            _ => DISK_SYNC_MS / 1e3,
+        match self.datastore() {
+            Some((flush, rate)) => flush / 1e3 + bytes.max(0.0) / rate,
+            None => DISK_SYNC_MS / 1e3,
         }
     }
 
     /// Whether the disk sync is measured rather than the prior.
     pub fn disk_sync_measured(&self) -> bool {
-        self.dst_flush_ms.is_some() && self.dst_write_bytes_per_sec.is_some_and(|r| r > 0.0)
+        self.datastore().is_some()
+    }
+
+    /// The destination's datastore as timed: the flush, ms, and the write rate, bytes/s.
+    fn datastore(&self) -> Option<(f64, f64)> {
+        match (self.dst_flush_ms, self.dst_write_bytes_per_sec) {
+            (Some(flush), Some(rate)) if rate > 0.0 => Some((flush, rate)),
+            _ => None,
+        }
     }
 
     /// After a post-copy resume, the first faults: a round trip each and the
@@ -100,12 +108,12 @@ impl PauseBasis {
             Some(ms) => format!("{name} {ms:.2} ms measured"),
             None => format!("{name} not measured ({prior} ms prior)"),
         };
-        let disks = match (self.dst_flush_ms, self.dst_write_bytes_per_sec) {
-            (Some(flush), Some(rate)) if rate > 0.0 => format!(
+        let disks = match self.datastore() {
+            Some((flush, rate)) => format!(
                 "destination disk sync {flush:.2} ms + the pause's disk bytes at {:.1} MB/s measured",
                 rate / 1e6
             ),
-            _ => format!("destination disk sync not measured ({DISK_SYNC_MS} ms prior)"),
+            None => format!("destination disk sync not measured ({DISK_SYNC_MS} ms prior)"),
         };
         format!(
             "{}, {disks}",
