@@ -520,6 +520,7 @@ pub fn storage_migrate(
             "disk_integrity_errors",
             "guest_write_latency_added_us_p99",
             "guest_writes_delayed_ms",
+            "guest_bytes_written",
             "config_rewritten",
         ],
         as_json,

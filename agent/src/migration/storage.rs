@@ -133,6 +133,8 @@ pub struct Report {
     pub copy_ms: f64,
     /// How long the write throttle held the guest's disk writes back, in total.
     pub guest_writes_delayed_ms: f64,
+    /// Bytes the guest wrote to its disks while they moved (each write counted).
+    pub guest_bytes_written: u64,
     pub config_rewritten: Option<PathBuf>,
     pub disks: Vec<Moved>,
 }
@@ -185,6 +187,7 @@ struct Copier<'a> {
     switchover: Option<Duration>,
     copy_time: Duration,
     throttled: Duration,
+    guest_written: u64,
     buf: Aligned,
     other: Aligned,
     /// Auto mode's latest decision, for the report.
@@ -203,6 +206,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         switchover: None,
         copy_time: Duration::ZERO,
         throttled: Duration::ZERO,
+        guest_written: 0,
         buf: Aligned::new(),
         mode_reason: None,
         other: Aligned::new(),
@@ -237,6 +241,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
         switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
         copy_ms: c.copy_time.as_secs_f64() * 1e3,
         guest_writes_delayed_ms: c.throttled.as_secs_f64() * 1e3,
+        guest_bytes_written: c.guest_written,
         config_rewritten: result.is_ok().then(|| params.config_path.clone()).flatten(),
         disks: moved,
     };
@@ -463,6 +468,7 @@ impl Copier<'_> {
             if let Some(j) = job.as_mut() {
                 todo.or_assign_words(j.dirty.words());
                 self.added_us.append(&mut j.added_us);
+                self.guest_written += j.written;
                 if let Some(t) = &j.throttle {
                     self.throttled += t.delayed;
                 }
