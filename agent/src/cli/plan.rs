@@ -50,6 +50,7 @@ pub fn run(
         codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
         disk_dirty_bytes_per_sec: None,
         disk_pending_bytes: 0.0,
+        disk_bytes: 0.0,
         disk_compression_ratio: None,
         disk_written_compression_ratio: None,
         disk_copy_bytes_per_sec: None,

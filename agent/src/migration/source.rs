@@ -331,6 +331,8 @@ pub struct Progress {
     pub disk_dirty_bytes_per_sec: Option<f64>,
     /// `--copy-storage`: disk bytes of the current disk pass still to send.
     pub disk_bytes_pending: Option<u64>,
+    /// `--copy-storage`: the travelling disks' size, summed.
+    pub disk_bytes_total: Option<u64>,
     /// `--copy-storage`: disk bytes sent over the wire bytes they took, lately.
     pub disk_compression_ratio: Option<f64>,
     /// `--copy-storage`: the same for the blocks the guest wrote since their first
@@ -458,6 +460,8 @@ pub(super) struct Stats {
     pub(super) disk_dirty_rate: Option<f64>,
     /// Disk bytes of the current disk pass not sent yet.
     pub(super) disk_pending: u64,
+    /// The travelling disks' size, summed.
+    pub(super) disk_size: u64,
     /// Disk bytes per second of the disks' first copy, once done.
     pub(super) disk_copy_rate: Option<f64>,
     /// Every disk byte the guest writes per second, rewrites included (what an active
@@ -476,6 +480,10 @@ pub(super) struct Stats {
     /// The same for the blocks re-sent because the guest wrote them: those of the
     /// rounds and of the pause.
     pub(super) disk_written: Recent,
+    /// Until a round has re-sent any: a sample of the blocks the guest wrote, each
+    /// compressed as a round would send it, under the codec it was taken with (and
+    /// when), so the rounds' disk bytes are not costed as pages.
+    pub(super) disk_written_sample: Option<(Codec, Instant, f64)>,
     /// The stream's round trip with nothing queued (`Ping` after the first pass):
     /// what each exchange of the handover costs beside its work.
     pub(super) idle_rtt: Option<Duration>,
@@ -502,7 +510,7 @@ impl Recent {
     }
 
     /// Bytes over wire bytes (None before any went).
-    fn ratio(&self) -> Option<f64> {
+    pub(super) fn ratio(&self) -> Option<f64> {
         (self.wire > 0.0).then(|| self.raw / self.wire)
     }
 }
@@ -566,6 +574,7 @@ impl Progress {
             peer_limited: false,
             disk_dirty_bytes_per_sec: None,
             disk_bytes_pending: None,
+            disk_bytes_total: None,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
@@ -690,6 +699,8 @@ fn new_stats(t0: Instant) -> Stats {
         disk_round_at: None,
         disk_dirty_rate: None,
         disk_pending: 0,
+        disk_size: 0,
+        disk_written_sample: None,
         disk_wire_bytes: 0,
         disk_recent: Recent::default(),
         disk_written: Recent::default(),
@@ -704,7 +715,9 @@ fn disk_ratio(s: &Stats) -> Option<f64> {
 /// The guest's written blocks' bytes over their wire bytes lately (None before a
 /// round sent any).
 fn disk_written_ratio(s: &Stats) -> Option<f64> {
-    s.disk_written.ratio()
+    s.disk_written
+        .ratio()
+        .or(s.disk_written_sample.map(|(_, _, r)| r))
 }
 
 /// Page bytes sent over the wire bytes they took (disk blocks apart).
@@ -825,6 +838,7 @@ fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
     });
     p.disk_dirty_bytes_per_sec = s.disk_dirty_rate;
     p.disk_bytes_pending = s.disk_round_at.map(|_| s.disk_pending);
+    p.disk_bytes_total = s.disk_round_at.map(|_| s.disk_size);
     p.disk_compression_ratio = disk_ratio(s);
     p.disk_written_compression_ratio = disk_written_ratio(s);
     p.disk_copy_bytes_per_sec = s.disk_copy_rate;

@@ -477,6 +477,23 @@ impl Policy for Adaptive {
         };
         let page_tput = (tput - mirrored).max(tput * 0.1);
         let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
+        // A guest writing at random dirties ever more blocks it already dirtied: what
+        // a round carries of the disks saturates at their size.
+        let disk_set = if obs.disk_bytes > 0.0 {
+            obs.disk_bytes * disk_scale
+        } else {
+            f64::INFINITY
+        };
+        // In the first pass the disks' first copy takes along the writes that land
+        // ahead of it: over the time it still runs, on average half the share of the
+        // disks it has yet to reach.
+        let disk_absorbed_s = if first_pass && obs.disk_bytes > 0.0 {
+            let copy_s =
+                obs.disk_pending_bytes * scale(obs.disk_compression_ratio).max(copy_scale) / tput;
+            copy_s * (obs.disk_pending_bytes / obs.disk_bytes).min(1.0) / 2.0
+        } else {
+            0.0
+        };
         let stream = |disk_cap: Option<f64>| Stream {
             basis: obs.pause_basis,
             bytes_per_sec: page_tput,
@@ -493,6 +510,8 @@ impl Policy for Adaptive {
                 (Some(c), Some(d)) if !mirroring => held_write_s(COPY_BLOCK as f64, c, d),
                 _ => 0.0,
             },
+            disk_set,
+            disk_absorbed_s,
         };
         // The VMM switches over by its own test, against the target handed to it.
         let with_disk = |pct: u32, disk_cap: Option<f64>| {
@@ -516,9 +535,10 @@ impl Policy for Adaptive {
                 .chain(std::iter::once(max_throttle))
                 .find(|&p| fits(&with_disk(p, disk_cap))),
         };
-        // The disks' cap: none if the memory converges with a comfortable throttle
-        // beside them, else the mildest that lets it (a held-back disk write costs the
-        // guest less than a throttled vCPU); never looser than one in force.
+        // The disks' cap: none if pre-copy converges unthrottled beside them, else the
+        // mildest that lets it (a held-back disk write costs the guest less than a
+        // throttled vCPU), else the mildest that needs only a comfortable throttle;
+        // never looser than one in force.
         let held = self.current.disk_write_limit_mbps.map(|m| m * 1e6);
         let pinned_disk = self.pins.disk_write_limit_mbps;
         let disk_cap = match (disk_demand, pinned_disk) {
@@ -526,7 +546,13 @@ impl Policy for Adaptive {
             (None, None) => None,
             (Some(_), None) if mirroring => None,
             (Some(demand), None) => {
+                // Uncapped, disk writes past the background share of the stream leave
+                // rounds that barely shrink: pre-copy may still converge on paper, but
+                // slowly, and a small error in any estimate turns it into one that
+                // does not (a background storage copy shows the same line).
+                let share = demand * disk_scale / tput;
                 let candidates: Vec<Option<f64>> = std::iter::once(held)
+                    .filter(|h| h.is_some() || share <= super::disk::BACKGROUND_SHARE)
                     .chain(
                         DISK_SHARES
                             .iter()
@@ -537,14 +563,17 @@ impl Policy for Adaptive {
                     )
                     .collect();
                 // With the throttle pinned, a cap must make pre-copy fit under it.
-                let comfortable = |cap: &Option<f64>| match pinned_throttle {
-                    Some(p) => fits(&with_disk(p, *cap)),
-                    None => least_throttle(*cap).is_some_and(|p| p <= THROTTLE_COMFORT),
+                let within = |most: u32| {
+                    move |cap: &Option<f64>| match pinned_throttle {
+                        Some(p) => fits(&with_disk(p, *cap)),
+                        None => least_throttle(*cap).is_some_and(|p| p <= most),
+                    }
                 };
-                candidates
-                    .iter()
-                    .copied()
-                    .find(comfortable)
+                let first = |test: &dyn Fn(&Option<f64>) -> bool| {
+                    candidates.iter().copied().find(|c| test(c))
+                };
+                first(&within(0))
+                    .or_else(|| first(&within(THROTTLE_COMFORT)))
                     .or_else(|| candidates.last().copied())
                     .flatten()
             }
@@ -731,11 +760,12 @@ impl Policy for Adaptive {
                 Some(cap) => (
                     format!("{cap:.1}"),
                     format!(
-                        "the guest dirties {} of its disks against {} of pages: rounds would not \
-                         shrink under them; holding its disk writes to {cap:.1} MB/s ({:.0}% of \
-                         the stream) lets pre-copy converge",
+                        "the guest dirties {} of its disks, which would take {:.0}% of the \
+                         stream: rounds would shrink slowly or not at all under them; holding \
+                         its disk writes to {cap:.1} MB/s ({:.0}% of the stream) lets pre-copy \
+                         converge",
                         mb(demand),
-                        mb(tput),
+                        demand * disk_scale / tput * 100.0,
                         cap * 1e6 * disk_scale / tput * 100.0
                     ),
                 ),
@@ -847,6 +877,7 @@ mod tests {
             codecs: Vec::new(),
             disk_dirty_bytes_per_sec: disk,
             disk_pending_bytes: 0.0,
+            disk_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
@@ -1101,6 +1132,29 @@ mod tests {
         let (m, why) = mirror(&d);
         assert_eq!(m, DiskMirror::Background);
         says(&why, "pinned");
+    }
+
+    #[test]
+    fn disk_writes_past_half_the_stream_are_capped_even_where_saturation_would_converge() {
+        let limits = rounds_limits();
+        let pins = Pins {
+            disk_mirror: Some(DiskMirror::Background),
+            ..Pins::default()
+        };
+        // 70 MB/s of distinct writes to a 512 MiB disk beside a 100 MB/s link: on
+        // paper the rounds shrink (the writes land ever more on blocks already
+        // dirtied), but slowly. The engine holds the writes to half the stream.
+        let mut o = rounds(Some(70e6));
+        o.disk_bytes = 512.0 * 1024.0 * 1024.0;
+        let d = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
+        let cap = d.settings.disk_write_limit_mbps;
+        assert!(cap.is_some_and(|c| (49.0..51.0).contains(&c)), "{d:?}");
+        let why = &disk_reason(&d).unwrap().why;
+        assert!(why.contains("70% of the stream"), "{why}");
+        // 40 MB/s fit within the half: no cap.
+        let o = rounds(Some(40e6));
+        let d = Adaptive::new(pins, &limits).decide(&o, &limits);
+        assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
     }
 
     #[test]

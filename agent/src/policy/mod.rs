@@ -213,6 +213,8 @@ pub struct Observation {
     pub disk_dirty_bytes_per_sec: Option<f64>,
     /// Disk bytes this pass still has to send (their first copy, or a round's).
     pub disk_pending_bytes: f64,
+    /// The travelling disks' size, summed (0: unknown).
+    pub disk_bytes: f64,
     /// Disk bytes over the wire bytes they take (None: not measured; as pages).
     pub disk_compression_ratio: Option<f64>,
     /// The same for blocks the guest wrote since their first copy, which the rounds

@@ -140,6 +140,24 @@ pub struct Stream {
     /// when the pause comes: its downtime counts from its last step, not from the
     /// pause ([`held_write_s`](super::disk::held_write_s)).
     pub held_write_s: f64,
+    /// Disks that travel: their size, in the units of `disk_bytes_per_sec` (a guest
+    /// writing at random lands more and more on blocks it already dirtied, so what a
+    /// round carries saturates there); infinite where unknown.
+    pub disk_set: f64,
+    /// In the first pass: how many seconds of the guest's disk writes up to its end
+    /// the disks' first copy takes along (a write to a block the copy has not reached
+    /// yet goes with the copy, not with the next round).
+    pub disk_absorbed_s: f64,
+}
+
+/// Disk bytes (in the stream's units) the guest dirties in `secs`.
+fn disk_dirtied(stream: &Stream, secs: f64) -> f64 {
+    let rate = stream.disk_bytes_per_sec.unwrap_or(0.0);
+    if stream.disk_set.is_finite() {
+        dirtied(rate, stream.disk_set, secs)
+    } else {
+        rate * secs.max(0.0)
+    }
 }
 
 /// Half the band of the dirty set's round-to-round ratio in which the model cannot
@@ -192,15 +210,17 @@ pub fn precopy(
     let mut previous = f64::INFINITY;
     // The next pass is what the guest dirtied since this one began.
     let mut since = elapsed.max(0.0);
+    let mut absorbed = stream.disk_absorbed_s;
     // The chance the migration is still in pre-copy, and the expected figures of the
     // switchovers it may already have made.
     let (mut going, mut expect_total, mut expect_down) = (1.0, 0.0, 0.0);
     for _ in 0..MAX_ROUNDS {
         let dt = r / t + stream.round_overhead_s;
         total += dt;
-        let disk_next = stream.disk_bytes_per_sec.unwrap_or(0.0) * (since + dt);
+        let disk_next = disk_dirtied(&stream, since + dt - absorbed);
         let next = dirtied(dirty, set, since + dt) + disk_next;
         since = 0.0;
+        absorbed = 0.0;
         let down = next / t;
         let fits = p_fits(down, limit_s);
         if fits > 0.0 {
@@ -247,7 +267,7 @@ pub fn precopy(
         total_ms: f64::INFINITY,
         downtime_ms: (steady / t
             + pause_fill_s(&stream, steady)
-            + disk_sync_s(&stream, stream.disk_bytes_per_sec.unwrap_or(0.0) * r / t)
+            + disk_sync_s(&stream, disk_dirtied(&stream, r / t))
             + stream.held_write_s
             + stream.basis.handover_s())
             * 1e3,
@@ -292,7 +312,7 @@ impl PauseCosts {
             handover_s: stream.basis.handover_s(),
             // The disk blocks of a pause that long: about what the guest dirties in a
             // round as long as it.
-            disk_sync_s: disk_sync_s(stream, stream.disk_bytes_per_sec.unwrap_or(0.0) * limit_s),
+            disk_sync_s: disk_sync_s(stream, disk_dirtied(stream, limit_s)),
             held_write_s: stream.held_write_s,
             fill_s: pause_fill_s(stream, limit_s * stream.bytes_per_sec),
         }
@@ -388,6 +408,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let downs: Vec<f64> = (0..=60)
             .map(|i| {
@@ -423,6 +445,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let p = precopy(gib, 0.0, 20e6, gib, link, 0.3, None);
         assert!(p.converges && p.downtime_ms <= 303.0, "{p:?}");
@@ -444,6 +468,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let costly = Stream {
             round_overhead_s: 0.05,
@@ -459,6 +485,44 @@ mod tests {
     }
 
     #[test]
+    fn random_disk_writes_saturate_at_the_disks_and_the_first_copy_takes_some_along() {
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        let linear = Stream {
+            basis: PauseBasis::default(),
+            bytes_per_sec: 100e6,
+            round_overhead_s: 0.002,
+            pause_fill_s: 0.0,
+            disk_bytes_per_sec: Some(45e6),
+            held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
+        };
+        // 1 GiB first pass, 10 s: 450 MB of writes land on a 512 MB disk, but they
+        // dirty only about 300 MB of it.
+        let saturated = Stream {
+            disk_set: 512e6,
+            ..linear
+        };
+        // And the first copy, still to run for 4 s across the whole disk, takes along
+        // what lands ahead of it: 2 s of the writes.
+        let absorbed = Stream {
+            disk_absorbed_s: 2.0,
+            ..saturated
+        };
+        let run = |s: Stream| precopy(gib, 0.0, 1e6, 64e6, s, 0.3, Some(gib));
+        let (a, b, c) = (run(linear), run(saturated), run(absorbed));
+        assert!(
+            a.converges && b.converges && c.converges,
+            "{a:?} {b:?} {c:?}"
+        );
+        assert!(b.total_ms < a.total_ms - 1000.0, "{a:?} {b:?}");
+        assert!(c.total_ms < b.total_ms - 300.0, "{b:?} {c:?}");
+        // Rounds never carry more of the disks than they hold.
+        assert!(disk_dirtied(&saturated, 1e6) <= 512e6);
+        assert_eq!(disk_dirtied(&linear, 2.0), 90e6);
+    }
+
+    #[test]
     fn travelling_disks_add_their_writes_to_rounds_and_their_sync_to_the_pause() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let memory_only = Stream {
@@ -468,6 +532,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let with_disks = Stream {
             disk_bytes_per_sec: Some(64e6),
@@ -532,6 +598,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: Some(10e6),
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let assumed = Stream {
             basis: prior,
@@ -576,6 +644,8 @@ mod tests {
             pause_fill_s: 0.0,
             disk_bytes_per_sec: None,
             held_write_s: 0.0,
+            disk_set: f64::INFINITY,
+            disk_absorbed_s: 0.0,
         };
         let by_rest = precopy(4e6, 1.0, 1.7e6, 8.4e6, link, 0.296, None);
         let by_memory = precopy(4e6, 1.0, 1.7e6, 8.4e6, link, 0.296, Some(100e6));

@@ -427,6 +427,7 @@ mod tests {
             codecs: Vec::new(),
             disk_dirty_bytes_per_sec: None,
             disk_pending_bytes: 0.0,
+            disk_bytes: 0.0,
             disk_compression_ratio: None,
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
