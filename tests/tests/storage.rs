@@ -124,14 +124,21 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
                 "{report}"
             );
         }
-        // The throttle's bucket starts empty, so any write the guest makes while its
-        // disks move waits. Whether it makes one in a copy this short is up to the
-        // host's scheduler, so the report says what the guest wrote.
+        // Only the throttle delays a write, and under it the guest writes no faster
+        // than its 1 MB/s (the disks move one after the other, each bucket starts
+        // empty, and each of the two vCPUs may overdraw one by a 4 KiB write).
+        // Unheld it asks for 8 MB/s; whether a copy this short sees many of those
+        // writes is up to the host's scheduler, so no lower bound.
         let delayed = report["guest_writes_delayed_ms"].as_f64().unwrap_or(0.0);
-        let wrote = u64_of(&report, "guest_bytes_written") > 0;
-        assert_eq!(delayed > 0.0, throttled && wrote, "{report}");
+        if !throttled {
+            assert_eq!(delayed, 0.0, "{report}");
+        } else {
+            let secs = report["total_ms"].as_f64().unwrap() / 1e3;
+            let wrote = u64_of(&report, "guest_bytes_written") as f64;
+            assert!(wrote <= 1e6 * secs + 4.0 * 4096.0, "{report}");
+        }
         if mode == "auto" {
-            // Held to 1 Mbit/s, the guest writes far slower than the copy: auto
+            // Held to 1 MB/s, the guest writes far slower than the copy: auto
             // measures that, stays in background mode and says why.
             assert_eq!(report["disk_mode"], "background", "{report}");
             let disks = report["disks"].as_array().unwrap();

@@ -27,8 +27,9 @@ use crate::vmm::dirty::DirtyBitmap;
 /// A first copy shorter than this says little of its rate: the socket buffers take a
 /// few megabytes at once.
 const MEASURED_COPY_BYTES: u64 = 32 << 20;
-/// Blocks the written-block sample encodes, and how often it is taken again (the
-/// guest's data changes as it writes): 512 KiB, a few ms of one core under zstd.
+/// Blocks the written-block sample encodes (over all disks, about), and how often it
+/// is taken again (the guest's data changes as it writes): 512 KiB, a few ms of one
+/// core under zstd.
 const WRITTEN_SAMPLE_BLOCKS: u64 = 8;
 const WRITTEN_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// A `DiskData` payload's fields before its data (disk, offset, length, encoding).
@@ -233,10 +234,6 @@ impl Sender<'_> {
                 .sum();
             self.stats.disk_write_rate = Some(written as f64 / secs);
         }
-        if let Err(e) = self.sample_written() {
-            // An estimate only: the copy itself reports a disk it cannot read.
-            tracing::debug!("sampling the guest's written disk blocks: {e}");
-        }
     }
 
     /// Blocks written since they were last sent, summed over the disks.
@@ -366,9 +363,11 @@ impl Sender<'_> {
     /// would send them under the codec in force, once a second or on a codec change.
     /// A round's disk bytes are otherwise costed at the first copy's ratio (long
     /// runs, far better) or the pages' (another kind of data).
-    fn sample_written(&mut self) -> Result<(), MigrateError> {
+    pub(super) fn sample_written(&mut self) -> Result<(), MigrateError> {
         let codec = self.settings.codec;
-        if self.stats.disk_written.ratio().is_some()
+        // (No disks travel, or their copy has not begun.)
+        if self.stats.disk_round_at.is_none()
+            || self.stats.disk_written.ratio().is_some()
             || self
                 .stats
                 .disk_written_sample
@@ -376,20 +375,33 @@ impl Sender<'_> {
         {
             return Ok(());
         }
+        // Tried once a second whatever comes of it: a disk that cannot be read is
+        // the copy's to report, not this estimate's to retry.
+        let previous = self.stats.disk_written_sample.and_then(|(.., r)| r);
+        self.stats.disk_written_sample = Some((codec, std::time::Instant::now(), previous));
+        // The blocks: the sample's share of each disk by what the guest dirtied there,
+        // each the first dirty block from an evenly spaced point on (a walk over the
+        // words, not over every dirty block, with the guest's writes waiting on the
+        // lock).
+        let dirty: Vec<u64> = (self.m.disks.disks.iter())
+            .map(|d| d.job().as_ref().map_or(0, |j| j.dirty.count()))
+            .collect();
+        let all: u64 = dirty.iter().sum();
+        if all == 0 {
+            return Ok(());
+        }
         let (mut raw, mut wire) = (0usize, 0usize);
         let mut buf = Aligned::new();
         for (i, d) in self.m.disks.disks.iter().enumerate() {
-            let blocks: Vec<u64> = match d.job().as_ref() {
-                Some(j) if j.dirty.count() > 0 => {
-                    let stride = (j.dirty.count() / WRITTEN_SAMPLE_BLOCKS).max(1) as usize;
-                    j.dirty
-                        .iter_set()
-                        .step_by(stride)
-                        .take(WRITTEN_SAMPLE_BLOCKS as usize)
-                        .collect()
-                }
+            let n = (WRITTEN_SAMPLE_BLOCKS * dirty[i]).div_ceil(all);
+            let mut blocks: Vec<u64> = match d.job().as_ref() {
+                Some(j) if n > 0 => (0..n)
+                    .filter_map(|k| j.dirty.next_set_wrapping(k * j.dirty.pages() / n))
+                    .collect(),
                 _ => continue,
             };
+            blocks.sort_unstable();
+            blocks.dedup();
             let file = d
                 .reopen_read()
                 .map_err(|e| MigrateError::Vm(format!("disk {}: {e}", d.id)))?;
@@ -407,8 +419,11 @@ impl Sender<'_> {
             }
         }
         if wire > 0 {
-            self.stats.disk_written_sample =
-                Some((codec, std::time::Instant::now(), raw as f64 / wire as f64));
+            self.stats.disk_written_sample = Some((
+                codec,
+                std::time::Instant::now(),
+                Some(raw as f64 / wire as f64),
+            ));
         }
         Ok(())
     }

@@ -480,10 +480,11 @@ pub(super) struct Stats {
     /// The same for the blocks re-sent because the guest wrote them: those of the
     /// rounds and of the pause.
     pub(super) disk_written: Recent,
-    /// Until a round has re-sent any: a sample of the blocks the guest wrote, each
-    /// compressed as a round would send it, under the codec it was taken with (and
-    /// when), so the rounds' disk bytes are not costed as pages.
-    pub(super) disk_written_sample: Option<(Codec, Instant, f64)>,
+    /// Until a round has re-sent any: the ratio of a sample of the blocks the guest
+    /// wrote, each encoded as a round would send it, under the codec it was taken
+    /// with, and when it was last tried (so the rounds' disk bytes are not costed as
+    /// pages).
+    pub(super) disk_written_sample: Option<(Codec, Instant, Option<f64>)>,
     /// The stream's round trip with nothing queued (`Ping` after the first pass):
     /// what each exchange of the handover costs beside its work.
     pub(super) idle_rtt: Option<Duration>,
@@ -717,7 +718,7 @@ fn disk_ratio(s: &Stats) -> Option<f64> {
 fn disk_written_ratio(s: &Stats) -> Option<f64> {
     s.disk_written
         .ratio()
-        .or(s.disk_written_sample.map(|(_, _, r)| r))
+        .or(s.disk_written_sample.and_then(|(.., r)| r))
 }
 
 /// Page bytes sent over the wire bytes they took (disk blocks apart).
@@ -1177,6 +1178,13 @@ impl Sender<'_> {
             self.stats.tcp = Some(m);
         }
         self.measure_disk_dirtying();
+        // Not in the pause: the guest waits on every millisecond of it.
+        if phase == Phase::Precopy
+            && let Err(e) = self.sample_written()
+        {
+            // An estimate only: the copy itself reports a disk it cannot read.
+            tracing::debug!("sampling the guest's written disk blocks: {e}");
+        }
         let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;

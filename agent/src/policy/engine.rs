@@ -549,8 +549,11 @@ impl Policy for Adaptive {
                 // Uncapped, disk writes past the background share of the stream leave
                 // rounds that barely shrink: pre-copy may still converge on paper, but
                 // slowly, and a small error in any estimate turns it into one that
-                // does not (a background storage copy shows the same line).
-                let share = demand * disk_scale / tput;
+                // does not (a background storage copy shows the same line). Judged on
+                // the rate now, not the most seen: a burst must not cap the guest for
+                // the rest of the migration (a cap, once set, is never loosened).
+                let now = obs.disk_dirty_bytes_per_sec.unwrap_or(demand);
+                let share = now * disk_scale / tput;
                 let candidates: Vec<Option<f64>> = std::iter::once(held)
                     .filter(|h| h.is_some() || share <= super::disk::BACKGROUND_SHARE)
                     .chain(
@@ -757,18 +760,32 @@ impl Policy for Adaptive {
                         mb(tput)
                     ),
                 ),
-                Some(cap) => (
-                    format!("{cap:.1}"),
-                    format!(
-                        "the guest dirties {} of its disks, which would take {:.0}% of the \
-                         stream: rounds would shrink slowly or not at all under them; holding \
-                         its disk writes to {cap:.1} MB/s ({:.0}% of the stream) lets pre-copy \
-                         converge",
-                        mb(demand),
-                        demand * disk_scale / tput * 100.0,
-                        cap * 1e6 * disk_scale / tput * 100.0
-                    ),
-                ),
+                Some(cap) => {
+                    let share = demand * disk_scale / tput;
+                    let held_share = cap * 1e6 * disk_scale / tput * 100.0;
+                    (
+                        format!("{cap:.1}"),
+                        if share > super::disk::BACKGROUND_SHARE {
+                            format!(
+                                "the guest dirties {} of its disks, which would take {:.0}% of \
+                                 the stream: rounds would shrink slowly or not at all under \
+                                 them; holding its disk writes to {cap:.1} MB/s ({held_share:.0}% \
+                                 of the stream) lets pre-copy converge",
+                                mb(demand),
+                                share * 100.0,
+                            )
+                        } else {
+                            format!(
+                                "the guest dirties {} of its disks, {:.0}% of the stream: \
+                                 holding its disk writes to {cap:.1} MB/s ({held_share:.0}% of \
+                                 the stream) lets pre-copy converge without throttling its \
+                                 vCPUs (a held-back disk write costs the guest less)",
+                                mb(demand),
+                                share * 100.0,
+                            )
+                        },
+                    )
+                }
             };
             reasons.push(Reason {
                 setting: "disk_write_limit_mbps",
@@ -1135,17 +1152,16 @@ mod tests {
     }
 
     #[test]
-    fn disk_writes_past_half_the_stream_are_capped_even_where_saturation_would_converge() {
+    fn disk_writes_past_half_the_stream_are_capped_even_where_rounds_would_converge() {
         let limits = rounds_limits();
         let pins = Pins {
             disk_mirror: Some(DiskMirror::Background),
             ..Pins::default()
         };
-        // 70 MB/s of distinct writes to a 512 MiB disk beside a 100 MB/s link: on
-        // paper the rounds shrink (the writes land ever more on blocks already
-        // dirtied), but slowly. The engine holds the writes to half the stream.
-        let mut o = rounds(Some(70e6));
-        o.disk_bytes = 512.0 * 1024.0 * 1024.0;
+        // 70 MB/s of distinct writes beside a 100 MB/s link: on paper the rounds
+        // shrink (by about a fifth each), but slowly. The engine holds the writes to
+        // half the stream.
+        let o = rounds(Some(70e6));
         let d = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
         let cap = d.settings.disk_write_limit_mbps;
         assert!(cap.is_some_and(|c| (49.0..51.0).contains(&c)), "{d:?}");

@@ -153,10 +153,11 @@ pub struct Stream {
 /// Disk bytes (in the stream's units) the guest dirties in `secs`.
 fn disk_dirtied(stream: &Stream, secs: f64) -> f64 {
     let rate = stream.disk_bytes_per_sec.unwrap_or(0.0);
+    let secs = secs.max(0.0);
     if stream.disk_set.is_finite() {
         dirtied(rate, stream.disk_set, secs)
     } else {
-        rate * secs.max(0.0)
+        rate * secs
     }
 }
 
