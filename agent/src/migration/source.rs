@@ -713,8 +713,8 @@ fn disk_ratio(s: &Stats) -> Option<f64> {
     s.disk_recent.ratio()
 }
 
-/// The guest's written blocks' bytes over their wire bytes lately (None before a
-/// round sent any).
+/// The guest's written blocks' bytes over their wire bytes lately; before a round
+/// sent any, the sample's (None before either).
 fn disk_written_ratio(s: &Stats) -> Option<f64> {
     s.disk_written
         .ratio()

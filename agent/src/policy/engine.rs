@@ -378,6 +378,13 @@ impl Policy for Adaptive {
         };
         let disk_scale = scale(obs.disk_written_compression_ratio).max(copy_scale);
         let first_pass = matches!(obs.stage, Stage::FirstPass | Stage::Starting);
+        // The disk bytes this pass still sends, as page bytes on the wire.
+        let disk_pending = obs.disk_pending_bytes
+            * if first_pass {
+                scale(obs.disk_compression_ratio).max(copy_scale)
+            } else {
+                disk_scale
+            };
         let remaining = obs.remaining_pages as f64
             * PAGE
             * if first_pass {
@@ -385,12 +392,7 @@ impl Policy for Adaptive {
             } else {
                 1.0
             }
-            + obs.disk_pending_bytes
-                * if first_pass {
-                    scale(obs.disk_compression_ratio).max(copy_scale)
-                } else {
-                    disk_scale
-                };
+            + disk_pending;
 
         let Some(tput) = pages_per_sec else {
             return Decision {
@@ -488,9 +490,7 @@ impl Policy for Adaptive {
         // ahead of it: over the time it still runs, on average half the share of the
         // disks it has yet to reach.
         let disk_absorbed_s = if first_pass && obs.disk_bytes > 0.0 {
-            let copy_s =
-                obs.disk_pending_bytes * scale(obs.disk_compression_ratio).max(copy_scale) / tput;
-            copy_s * (obs.disk_pending_bytes / obs.disk_bytes).min(1.0) / 2.0
+            disk_pending / tput * (obs.disk_pending_bytes / obs.disk_bytes).min(1.0) / 2.0
         } else {
             0.0
         };
@@ -572,11 +572,9 @@ impl Policy for Adaptive {
                         None => least_throttle(*cap).is_some_and(|p| p <= most),
                     }
                 };
-                let first = |test: &dyn Fn(&Option<f64>) -> bool| {
-                    candidates.iter().copied().find(|c| test(c))
-                };
-                first(&within(0))
-                    .or_else(|| first(&within(THROTTLE_COMFORT)))
+                [0, THROTTLE_COMFORT]
+                    .into_iter()
+                    .find_map(|most| candidates.iter().copied().find(within(most)))
                     .or_else(|| candidates.last().copied())
                     .flatten()
             }
