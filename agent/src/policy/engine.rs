@@ -31,12 +31,21 @@ const LOWER_AFTER_MS: f64 = 3000.0;
 /// first: each round then re-sends at most that share of itself in disk blocks (the
 /// mildest is where background copy rounds still converge).
 const DISK_SHARES: [f64; 3] = [super::disk::BACKGROUND_SHARE, 0.25, 0.1];
-/// The tightest cap on disk writes, bytes per second (the VMM's floor): below it a
-/// guest write would stall its vCPU for long.
 /// The share of the disks' path an active mirror may take of the guest's writes (see
 /// where it is used): as [`super::disk::BACKGROUND_SHARE`], the line between a copy
 /// that keeps up beside the memory and one that does not.
 const MIRROR_SHARE: f64 = super::disk::BACKGROUND_SHARE;
+/// How much sooner the model must finish with each disk write mirrored than with
+/// rounds before the mirror is chosen (as [`CODEC_GAIN`] for a codec): a guest write
+/// mirrored is one send of its own, a cost the model does not count.
+const MIRROR_GAIN: f64 = 1.10;
+/// And by at least this much, milliseconds: near the end, when a few tens of
+/// milliseconds remain, turning the mirror on costs more than it saves (it flushes the
+/// stream at every guest write from then on), and 10 % of so little is within the
+/// model's error.
+const MIRROR_SAVING_MS: f64 = 100.0;
+/// The tightest cap on disk writes, bytes per second (the VMM's floor): below it a
+/// guest write would stall its vCPU for long.
 const MIN_DISK_CAP: f64 = crate::vmm::control::MIN_DISK_WRITE_LIMIT_MBPS * 1e6;
 
 pub struct Adaptive {
@@ -435,13 +444,6 @@ impl Policy for Adaptive {
             }
             self.disk_demand.max(r)
         });
-        // Disks that travel: mirror the guest's writes (active) while all of them,
-        // rewrites included, take at most MIRROR_SHARE of what the disks' path carries
-        // (the link, or a destination datastore slower than it): each write then goes
-        // once and at once, and no round (nor the pause) carries disk blocks again.
-        // Beyond that share the mirror would pace the guest to the link; rounds
-        // coalesce rewrites instead, and a cap holds back what they cannot carry.
-        let disk_path = tput / disk_scale;
         // What the guest would write unhindered: a cap or the mirror itself holds the
         // measured rate down, so the most seen without either, and never less than
         // the distinct bytes it dirties (every one of them is a write).
@@ -453,31 +455,6 @@ impl Policy for Adaptive {
             }
             self.write_demand.max(w).max(disk_demand.unwrap_or(0.0))
         });
-        let wanted = match (self.pins.disk_mirror, writes) {
-            (Some(m), _) => m,
-            (None, Some(w)) if disk_demand.is_some() => {
-                if w <= MIRROR_SHARE * disk_path {
-                    DiskMirror::Active
-                } else {
-                    DiskMirror::Background
-                }
-            }
-            _ => self.current.disk_mirror,
-        };
-        if wanted != self.current.disk_mirror && self.may_change("disk_mirror", t) {
-            self.current.disk_mirror = wanted;
-            self.changed("disk_mirror", t);
-        }
-        let mirroring = disk_demand.is_some() && self.current.disk_mirror == DiskMirror::Active;
-        // The mirror's writes share the link with the pages. (A datastore slower than
-        // the link takes them beside the disks' first copy, whose measured rate
-        // already counts them; the pages never wait on it.)
-        let mirrored = if mirroring {
-            writes.unwrap_or(0.0) * scale(obs.disk_written_compression_ratio)
-        } else {
-            0.0
-        };
-        let page_tput = (tput - mirrored).max(tput * 0.1);
         let (response, pinned_throttle) = (self.response, self.pins.throttle_pct);
         // A guest writing at random dirties ever more blocks it already dirtied: what
         // a round carries of the disks saturates at their size.
@@ -494,28 +471,37 @@ impl Policy for Adaptive {
         } else {
             0.0
         };
-        let stream = |disk_cap: Option<f64>| Stream {
-            basis: obs.pause_basis,
-            bytes_per_sec: page_tput,
-            round_overhead_s,
-            pause_fill_s: fill_s,
-            // Mirrored, nothing of the disks waits for a round; the destination's sync
-            // in the pause stays.
-            disk_bytes_per_sec: if mirroring {
-                Some(0.0)
+        let stream = |disk_cap: Option<f64>, mirroring: bool| {
+            // The mirror's writes share the link with the pages. (A datastore slower
+            // than the link takes them beside the disks' first copy, whose measured
+            // rate already counts them; the pages never wait on it.)
+            let mirrored = if mirroring {
+                writes.unwrap_or(0.0) * scale(obs.disk_written_compression_ratio)
             } else {
-                disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale)
-            },
-            held_write_s: match (disk_cap, disk_demand) {
-                (Some(c), Some(d)) if !mirroring => held_write_s(COPY_BLOCK as f64, c, d),
-                _ => 0.0,
-            },
-            disk_set,
-            disk_absorbed_s,
+                0.0
+            };
+            Stream {
+                basis: obs.pause_basis,
+                bytes_per_sec: (tput - mirrored).max(tput * 0.1),
+                round_overhead_s,
+                pause_fill_s: fill_s,
+                // Mirrored, nothing of the disks waits for a round; the destination's
+                // sync in the pause stays.
+                disk_bytes_per_sec: if mirroring {
+                    Some(0.0)
+                } else {
+                    disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale)
+                },
+                held_write_s: match (disk_cap, disk_demand) {
+                    (Some(c), Some(d)) if !mirroring => held_write_s(COPY_BLOCK as f64, c, d),
+                    _ => 0.0,
+                },
+                disk_set,
+                disk_absorbed_s,
+            }
         };
         // The VMM switches over by its own test, against the target handed to it.
-        let with_disk = |pct: u32, disk_cap: Option<f64>| {
-            let s = stream(disk_cap);
+        let precopy_with = |pct: u32, s: Stream| {
             precopy(
                 remaining,
                 elapsed,
@@ -526,6 +512,46 @@ impl Policy for Adaptive {
                 first_pass.then_some(memory),
             )
         };
+        // Disks that travel: re-send the blocks the guest wrote in rounds
+        // (background), or mirror each write (active) where the rounds would not fit
+        // the limits or the mirror finishes clearly sooner (by enough to pay for the
+        // switch), both unthrottled and uncapped. The mirror sends every write at
+        // once, rewrites included, from the guest's own vCPU thread, one write a send:
+        // on a CPU-bound host that costs more than the model sees, so a near tie goes
+        // to the rounds, which coalesce rewrites and batch what they send. Writes past MIRROR_SHARE of what the
+        // disks' path carries (the link, or a destination datastore slower than it)
+        // are never mirrored: the guest would be paced to the link.
+        let disk_path = tput / disk_scale;
+        let mut against = None;
+        let wanted = match (self.pins.disk_mirror, writes) {
+            (Some(m), _) => m,
+            (None, Some(w)) if disk_demand.is_some() => {
+                if w <= MIRROR_SHARE * disk_path {
+                    let mirror = precopy_with(0, stream(None, true));
+                    let rounds = precopy_with(0, stream(None, false));
+                    against = Some((mirror.total_ms, rounds.total_ms, fits(&rounds)));
+                    if fits(&mirror)
+                        && (!fits(&rounds)
+                            || (mirror.total_ms * MIRROR_GAIN < rounds.total_ms
+                                && rounds.total_ms - mirror.total_ms >= MIRROR_SAVING_MS))
+                    {
+                        DiskMirror::Active
+                    } else {
+                        DiskMirror::Background
+                    }
+                } else {
+                    DiskMirror::Background
+                }
+            }
+            _ => self.current.disk_mirror,
+        };
+        if wanted != self.current.disk_mirror && self.may_change("disk_mirror", t) {
+            self.current.disk_mirror = wanted;
+            self.changed("disk_mirror", t);
+        }
+        let mirroring = disk_demand.is_some() && self.current.disk_mirror == DiskMirror::Active;
+        let with_disk =
+            |pct: u32, disk_cap: Option<f64>| precopy_with(pct, stream(disk_cap, mirroring));
         let max_throttle = limits.max_throttle_pct.min(99);
         let least_throttle = |disk_cap: Option<f64>| match pinned_throttle {
             Some(p) => Some(p),
@@ -592,7 +618,7 @@ impl Policy for Adaptive {
         // The switchover moment: once the VMM estimates the pause's bytes under a target
         // that leaves room in the limit for what else the pause costs (a peer compares
         // its estimate with the limit itself, and overruns it by those costs).
-        let chosen = stream(disk_cap);
+        let chosen = stream(disk_cap, mirroring);
         let target_ms = (switchover_target_s(limit_s, &chosen) * 1e3)
             .floor()
             .max(1.0);
@@ -805,11 +831,27 @@ impl Policy for Adaptive {
                     } else {
                         ""
                     },
-                    if self.current.disk_mirror == DiskMirror::Active {
-                        "mirroring each write costs the guest little and leaves no disk \
-                         blocks for the rounds"
-                    } else {
-                        "mirroring would pace the guest to the link; rounds carry its writes"
+                    match (against, self.current.disk_mirror) {
+                        (Some((m, _, false)), DiskMirror::Active) => format!(
+                            "rounds would not switch over within the limits; mirroring each \
+                             write leaves no disk blocks for them or the pause, done in {:.2} s",
+                            m / 1e3
+                        ),
+                        (Some((m, r, true)), DiskMirror::Active) => format!(
+                            "mirroring each write leaves no disk blocks for the rounds or the \
+                             pause, done in {:.2} s against {:.2} s with rounds",
+                            m / 1e3,
+                            r / 1e3
+                        ),
+                        (Some((m, r, _)), DiskMirror::Background) => format!(
+                            "rounds carry its writes, done in {:.2} s against {:.2} s with \
+                             each write mirrored",
+                            r / 1e3,
+                            m / 1e3
+                        ),
+                        (None, _) => "mirroring would pace the guest to the link; rounds \
+                                      carry its writes"
+                            .to_string(),
                     }
                 ),
                 (None, None) => "the guest's disk writes are not measured yet".to_string(),
@@ -1106,7 +1148,7 @@ mod tests {
     }
 
     #[test]
-    fn disk_writes_that_fit_half_the_disks_path_are_mirrored_and_others_are_not() {
+    fn disk_writes_are_mirrored_where_rounds_would_not_fit_and_never_past_half_the_path() {
         let limits = rounds_limits();
         let mirror = |d: &Decision| {
             let r = d.reasons.iter().find(|r| r.setting == "disk_mirror");
@@ -1115,18 +1157,36 @@ mod tests {
         let says = |why: &Option<String>, what: &str| {
             assert!(why.as_deref().is_some_and(|w| w.contains(what)), "{why:?}");
         };
-        // 20 MB/s of writes (10 distinct) beside a 100 MB/s link: mirrored, no cap.
+        // 20 MB/s of writes (10 distinct) beside a 100 MB/s link: the rounds converge
+        // within the limits as soon as the mirror would, and coalesce the rewrites.
         let mut o = rounds(Some(10e6));
         o.disk_write_bytes_per_sec = Some(20e6);
         let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
         let (m, why) = mirror(&d);
-        assert_eq!(m, DiskMirror::Active, "{why:?}");
+        assert_eq!(m, DiskMirror::Background, "{why:?}");
         says(&why, "20.0 MB/s");
+        says(&why, "rounds carry its writes, done in");
         assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
+        // 45 MB/s of distinct writes under a 20 ms downtime limit, 210 ms before the
+        // migration must end: rounds would take 230 ms (more of them, the last one's
+        // disk blocks in the pause), the mirror 200.
+        let tight = Limits {
+            max_downtime_ms: 20.0,
+            max_total_secs: Some(5.21),
+            ..rounds_limits()
+        };
+        let mut o = rounds(Some(45e6));
+        o.disk_write_bytes_per_sec = Some(45e6);
+        let d = Adaptive::new(Pins::default(), &tight).decide(&o, &tight);
+        let (m, why) = mirror(&d);
+        assert_eq!(m, DiskMirror::Active, "{why:?}");
+        says(&why, "rounds would not switch over within the limits");
+        assert!(d.prediction.converges, "{d:?}");
+        assert!(d.prediction.downtime_ms <= tight.max_downtime_ms, "{d:?}");
         // The same writes into a datastore whose first copy went at 30 MB/s: they
         // would take most of it, so the rounds carry them.
         o.disk_copy_bytes_per_sec = Some(30e6);
-        let d = Adaptive::new(Pins::default(), &limits).decide(&o, &limits);
+        let d = Adaptive::new(Pins::default(), &tight).decide(&o, &tight);
         let (m, why) = mirror(&d);
         assert_eq!(m, DiskMirror::Background, "{why:?}");
         says(&why, "datastore");
