@@ -518,9 +518,10 @@ impl Policy for Adaptive {
         // switch), both unthrottled and uncapped. The mirror sends every write at
         // once, rewrites included, from the guest's own vCPU thread, one write a send:
         // on a CPU-bound host that costs more than the model sees, so a near tie goes
-        // to the rounds, which coalesce rewrites and batch what they send. Writes past MIRROR_SHARE of what the
-        // disks' path carries (the link, or a destination datastore slower than it)
-        // are never mirrored: the guest would be paced to the link.
+        // to the rounds, which coalesce rewrites and batch what they send. Writes past
+        // MIRROR_SHARE of what the disks' path carries (the link, or a destination
+        // datastore slower than it) are never mirrored: the guest would be paced to
+        // the link.
         let disk_path = tput / disk_scale;
         let mut against = None;
         let wanted = match (self.pins.disk_mirror, writes) {
