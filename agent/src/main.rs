@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry::cli;
+use ferry::{cli, migration};
 
 #[derive(Parser)]
 #[command(
@@ -147,14 +147,21 @@ enum Command {
         #[arg(long, conflicts_with = "incoming")]
         restore: Option<PathBuf>,
         /// Wait for a migration on HOST:PORT; the VM (config, memory, state) comes
-        /// from the source. Disks are shared (the images must exist at the same
-        /// paths) unless the source sends them (--copy-storage) into --datastore.
+        /// from the source. Its disks travel as file names: the images of those
+        /// names in a --shared-dir (shared storage), or copies the source sends
+        /// (--copy-storage) into --datastore. The port serves one migration at a time
+        /// and keeps listening past bad connections and failed migrations.
         #[arg(long, value_name = "HOST:PORT")]
         incoming: Option<String>,
         /// With --incoming: where disks sent along go, in DATASTORE/<vm name>/ with a
         /// config naming them.
         #[arg(long, requires = "incoming")]
         datastore: Option<PathBuf>,
+        /// With --incoming: a folder of shared storage where the migrated VM's disk
+        /// images are found by file name (repeatable). Symlinks out of it and
+        /// anything but regular files are refused.
+        #[arg(long, value_name = "DIR", requires = "incoming")]
+        shared_dir: Vec<PathBuf>,
         /// With --restore: put the restored disk images here instead of at their
         /// original paths.
         #[arg(long, requires = "restore")]
@@ -242,8 +249,12 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
         /// Destination HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["resolve", "resume"])]
+        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["resolve", "resume", "attach"])]
         to: Option<String>,
+        /// Follow (and steer, with --policy) the migration already under way, as a
+        /// `ferry migrate` that went away did; if it has ended, show its report.
+        #[arg(long, conflicts_with_all = ["to", "resolve", "resume"])]
+        attach: bool,
         /// Settle the last migration's handover in doubt: ask its destination what
         /// happened and tell it whether this side committed.
         #[arg(long)]
@@ -376,6 +387,10 @@ enum Command {
     Quit {
         #[arg(long)]
         control: PathBuf,
+        /// Stop the VM even while a migration moves it (refused otherwise: the VM
+        /// would run nowhere if the destination does not have it yet).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -388,17 +403,30 @@ fn main() -> ExitCode {
             disk_dir,
             incoming,
             datastore,
+            shared_dir,
             control,
             paused,
         } => cli::vmm::run(
-            cli::vmm::Source::new(config, restore, disk_dir, incoming, datastore),
+            cli::vmm::Source::new(
+                config,
+                restore,
+                disk_dir,
+                incoming,
+                migration::door::Placement {
+                    datastore,
+                    shared: shared_dir,
+                },
+            ),
             &control,
             paused,
         ),
         Command::Status { control, json } => cli::client::status(&control, json),
         Command::Pause { control } => cli::client::simple(&control, "pause"),
         Command::Resume { control } => cli::client::simple(&control, "resume"),
-        Command::Quit { control } => cli::client::simple(&control, "quit"),
+        Command::Quit { control, force } => cli::client::request_and_print(
+            &control,
+            &serde_json::json!({"cmd": "quit", "force": force}),
+        ),
         Command::Cancel { control } => cli::client::simple(&control, "cancel"),
         Command::StorageMigrate {
             control,
@@ -439,6 +467,7 @@ fn main() -> ExitCode {
             resolve: false,
             resume: false,
             to,
+            attach,
             policy,
             timeout_secs,
             no_verify,
@@ -473,7 +502,7 @@ fn main() -> ExitCode {
                 }),
                 report.as_deref(),
                 json,
-                steering,
+                (steering, attach),
             )
         })(),
         Command::Plan {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod netns;
+pub mod wire;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the workspace's release or debug build.
 pub fn ferry_bin() -> PathBuf {
@@ -452,9 +453,21 @@ pub fn free_port() -> u16 {
 }
 
 /// A `ferry vmm --incoming` on a free loopback port; returns it and its address.
+/// Shared disks are found in `dir/disks`, where the tests' configs keep them.
 pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let vmm = Vmm::spawn(dir, name, &["--incoming", &addr]);
+    let shared = dir.join("disks");
+    std::fs::create_dir_all(&shared).expect("create the shared disk folder");
+    let vmm = Vmm::spawn(
+        dir,
+        name,
+        &[
+            "--incoming",
+            &addr,
+            "--shared-dir",
+            shared.to_str().unwrap(),
+        ],
+    );
     (vmm, addr)
 }
 

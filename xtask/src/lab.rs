@@ -222,11 +222,13 @@ pub fn run() -> Result<()> {
     show("restored", &status(&ferry, &restored.control)?);
 
     step("live migration (pre-copy, lz4) to a third ferry vmm over loopback TCP");
+    // Shared storage: the destination finds the disk by name in the folder it is given.
+    let disks = dir.join("disks").to_string_lossy().into_owned();
     let dst = migrate_to(
         &ferry,
         &dir,
         &restored,
-        ("lab1-dst", &[]),
+        ("lab1-dst", &["--shared-dir", &disks]),
         &["--compression", "lz4", "--max-downtime-ms", "50"],
     )?;
     watch(&ferry, &dst, "dest", 2.0)?;
@@ -268,6 +270,8 @@ pub fn run() -> Result<()> {
     dst.quit(&ferry)?;
     let dst = copied;
 
+    // The copies and their config are in DATASTORE/<vm name>/.
+    let copies = ds3.join("lab1").to_string_lossy().into_owned();
     step("the adaptive policy's plan for a 200 Mbit/s link, post-copy allowed (ferry plan)");
     print!(
         "{}",
@@ -286,7 +290,7 @@ pub fn run() -> Result<()> {
         &ferry,
         &dir,
         &dst,
-        ("lab1-adaptive", &[]),
+        ("lab1-adaptive", &["--shared-dir", &copies]),
         &["--bandwidth-mbit", "200", "--allow-postcopy"],
     )?;
     watch(&ferry, &last, "dest", 2.0)?;

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
-use crate::migration::destination::{self, Slot};
+use crate::migration::destination::Slot;
+use crate::migration::door::{Door, Placement};
 use crate::vmm::config::VmConfig;
 use crate::vmm::{control, launch};
 
@@ -18,8 +19,8 @@ pub enum Source {
         dir: PathBuf,
         disk_dir: Option<PathBuf>,
     },
-    /// Wait for a migration on this TCP address; disks sent along go to the datastore.
-    Incoming(String, Option<PathBuf>),
+    /// Wait for a migration on this TCP address; its disks go where `Placement` says.
+    Incoming(String, Placement),
 }
 
 impl Source {
@@ -28,10 +29,10 @@ impl Source {
         restore: Option<PathBuf>,
         disk_dir: Option<PathBuf>,
         incoming: Option<String>,
-        datastore: Option<PathBuf>,
+        place: Placement,
     ) -> Self {
         match (config, restore, incoming) {
-            (_, _, Some(addr)) => Source::Incoming(addr, datastore),
+            (_, _, Some(addr)) => Source::Incoming(addr, place),
             (_, Some(dir), None) => Source::Restore { dir, disk_dir },
             (Some(c), None, None) => Source::Config(c),
             // clap requires one of the three.
@@ -49,9 +50,14 @@ extern "C" fn on_terminate(_: libc::c_int) {
 pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<ExitCode> {
     init_logging();
     let slot: Slot = Arc::new(Mutex::new(None));
-    let incoming_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut door = None;
     let listener = match &source {
-        Source::Incoming(addr, datastore) => {
+        Source::Incoming(addr, place) => {
+            for dir in place.shared.iter().chain(&place.datastore) {
+                if !dir.is_dir() {
+                    anyhow::bail!("{} is not a folder", dir.display());
+                }
+            }
             let tcp = TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen for a migration on {addr}"))?;
             let listener = control::bind(control_path)?;
@@ -60,21 +66,12 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 control = %control_path.display(),
                 "waiting for an incoming migration on {addr}"
             );
-            let slot = slot.clone();
-            let datastore = datastore.clone();
-            let error = incoming_error.clone();
+            let d = Door::new(slot.clone(), place.clone());
+            door = Some(d.clone());
             std::thread::Builder::new()
-                .name("incoming".into())
-                .spawn(move || {
-                    let result = destination::receive(&tcp, &slot, datastore.as_deref())
-                        .and_then(|()| destination::serve_resolve(&tcp, &slot));
-                    if let Err(e) = result {
-                        tracing::error!("incoming migration failed: {e}");
-                        *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                        STOP.store(true, Ordering::Release);
-                    }
-                })
-                .context("starting the incoming migration thread")?;
+                .name("incoming-port".into())
+                .spawn(move || d.serve(tcp))
+                .context("starting the incoming port's thread")?;
             listener
         }
         Source::Config(_) | Source::Restore { .. } => {
@@ -112,7 +109,9 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
     }
-    control::serve(listener, slot.clone(), || STOP.load(Ordering::Acquire));
+    control::serve(listener, slot.clone(), door, || {
+        STOP.load(Ordering::Acquire)
+    });
     let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(m) = machine {
         if m.postcopy_status().is_some_and(|p| p.phase != "completed") {
@@ -126,13 +125,6 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     }
     if ours.is_some() && control::socket_identity(control_path) == ours {
         let _ = std::fs::remove_file(control_path);
-    }
-    if let Some(e) = incoming_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        anyhow::bail!("incoming migration failed: {e}");
     }
     Ok(ExitCode::SUCCESS)
 }

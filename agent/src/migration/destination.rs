@@ -5,9 +5,9 @@
 //! the guest only on `Commit`.
 
 use std::io::{BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
@@ -15,9 +15,10 @@ use kvm_ioctls::VcpuFd;
 use super::Lap;
 use super::codec::{CodecError, Decompressor};
 use super::disk_stream::DiskStore;
+use super::door::{Placement, Routed};
 use super::postcopy_dst;
 use super::priority;
-use super::protocol::{self, Kind, Message, PageBatch, ProtocolError};
+use super::protocol::{self, Hello, Kind, Message, PageBatch, ProtocolError, Session};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
 use crate::vmm::block::DiskSet;
@@ -36,8 +37,8 @@ pub type Slot = Arc<Mutex<Option<Arc<Machine>>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
-    #[error("waiting for the source: {0}")]
-    Accept(std::io::Error),
+    #[error("disk {id:?}: {why}")]
+    DiskPlace { id: String, why: String },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("{0}")]
@@ -64,73 +65,116 @@ pub enum IncomingError {
     Disk(#[from] crate::vmm::block::DiskError),
     #[error("starting the vCPUs: {0}")]
     Machine(#[from] crate::vmm::machine::MachineError),
-    #[error("the source kept the VM (it never committed the handover); this copy was discarded")]
-    Discarded,
     #[error("post-copy: {0}")]
     Postcopy(#[from] postcopy_dst::PostcopyError),
     #[error("{0}")]
     DiskStore(#[from] super::disk_stream::DiskStoreError),
 }
 
-/// Receives one migration on `listener`. Returns once the guest runs here (the
-/// machine is then in `slot`), or with the reason it never will.
+/// Receives the migration whose `Hello` came on `conn`; its later connections (the
+/// post-copy fault channel, recoveries) arrive on `routed`. Returns once the guest
+/// runs here (the machine is then in `slot`) or waits here for its source's word (a
+/// handover in doubt), or with the reason it never will; on an error nothing of
+/// the migration is left but what is in `slot`, which the caller discards.
 pub fn receive(
-    listener: &TcpListener,
+    conn: TcpStream,
+    hello: Hello,
+    session: Session,
+    routed: &mpsc::Receiver<Routed>,
     slot: &Slot,
-    datastore: Option<&Path>,
+    place: &Placement,
 ) -> Result<(), IncomingError> {
-    let (conn, peer) = listener.accept().map_err(IncomingError::Accept)?;
-    tracing::info!("incoming migration from {peer}");
-    let _ = conn.set_nodelay(true);
     let w = conn.try_clone().map_err(ProtocolError::from)?;
     let mut rx = Receiver {
         r: BufReader::with_capacity(1 << 20, conn),
         w,
-        datastore: datastore.map(Path::to_owned),
+        place,
         config_path: None,
+        last_sent: Instant::now(),
+        answer_every: Duration::from_millis(u64::from(hello.timeout_ms.max(100)) / 4),
     };
-    rx.run(listener, slot)
+    rx.run(hello, session, routed, slot)
 }
 
-/// After a migration: answers the source's `Resolve` requests on the same address for
-/// as long as this process lives. A copy held in doubt resumes if the source committed
-/// and is discarded (the function returns `Discarded`) if it did not; a running copy
-/// says so.
-pub fn serve_resolve(listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
-    loop {
-        let (conn, peer) = listener.accept().map_err(IncomingError::Accept)?;
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut w = match conn.try_clone() {
-            Ok(w) => w,
-            Err(_) => continue,
-        };
-        let mut r = conn;
-        let Ok(Message::Resolve { committed }) = protocol::recv(&mut r, None) else {
-            tracing::warn!("ignoring a connection from {peer} that is not a resolve request");
-            continue;
-        };
-        let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(m) = machine else {
-            continue;
-        };
-        let held = m.hold.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        let running = if !held {
-            true
-        } else if committed {
-            *m.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            m.resume()?;
-            tracing::info!("handover resolved: the source had committed; the guest runs here");
-            true
-        } else {
-            false
-        };
-        let _ = protocol::send(&mut w, &Message::Resolved { running });
-        let _ = w.flush();
-        if !running {
-            tracing::warn!("handover resolved: the source kept the VM; discarding this copy");
-            return Err(IncomingError::Discarded);
+/// Where each disk of `cfg` lives on this host's shared storage: the image of the
+/// name the source sent in one of the `shared` folders, a regular file inside it
+/// (a symlink may point elsewhere in the folder, never out of it).
+fn shared_disks(cfg: &VmConfig, shared: &[PathBuf]) -> Result<Vec<PathBuf>, IncomingError> {
+    cfg.disks
+        .iter()
+        .map(|d| {
+            let name = d.path.to_string_lossy();
+            for dir in shared {
+                let candidate = dir.join(&d.path);
+                if std::fs::symlink_metadata(&candidate).is_err() {
+                    continue;
+                }
+                let bad = |why: String| IncomingError::DiskPlace {
+                    id: d.id.clone(),
+                    why,
+                };
+                let (Ok(real), Ok(folder)) = (candidate.canonicalize(), dir.canonicalize()) else {
+                    return Err(bad(format!("{} does not resolve", candidate.display())));
+                };
+                if !real.starts_with(&folder) {
+                    return Err(bad(format!(
+                        "{} leads out of {} (to {})",
+                        candidate.display(),
+                        folder.display(),
+                        real.display()
+                    )));
+                }
+                if !std::fs::metadata(&real).is_ok_and(|m| m.file_type().is_file()) {
+                    return Err(bad(format!(
+                        "{} is not a regular file (a device or a folder?)",
+                        real.display()
+                    )));
+                }
+                return Ok(real);
+            }
+            Err(IncomingError::DiskPlace {
+                id: d.id.clone(),
+                why: if shared.is_empty() {
+                    format!(
+                        "image {name:?} is on shared storage, and this destination was given \
+                         no --shared-dir to find it in (or --datastore for a copy)"
+                    )
+                } else {
+                    format!(
+                        "no image {name:?} in {}",
+                        shared
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+            })
+        })
+        .collect()
+}
+
+/// Disk paths from the wire are names: one plain file name each, which this side
+/// places itself.
+fn check_wire_names(cfg: &VmConfig) -> Result<(), IncomingError> {
+    for d in &cfg.disks {
+        let mut parts = d.path.components();
+        let plain = matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        );
+        if !plain {
+            return Err(IncomingError::DiskPlace {
+                id: d.id.clone(),
+                why: format!(
+                    "the source named its image {:?}: disks travel as plain file names \
+                     (no folders, no \"..\", not absolute)",
+                    d.path
+                ),
+            });
         }
     }
+    Ok(())
 }
 
 /// Decodes the source's device state and writes it into this VM's vCPUs and VM.
@@ -163,19 +207,33 @@ struct Received {
     urgent: Option<priority::Urgent>,
 }
 
-struct Receiver {
-    /// Where disks that travel with the VM go (`--datastore`).
-    datastore: Option<std::path::PathBuf>,
+struct Receiver<'a> {
+    /// Where the disks go.
+    place: &'a Placement,
     /// The config written beside them, once the disks are complete.
     config_path: Option<std::path::PathBuf>,
     r: BufReader<TcpStream>,
     w: TcpStream,
+    /// When this side last sent anything, and how often it must while the stream
+    /// flows (a quarter of the source's timeout): the source takes a longer silence
+    /// for a dead destination.
+    last_sent: Instant,
+    answer_every: Duration,
 }
 
-impl Receiver {
+impl Receiver<'_> {
     fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
         protocol::send(&mut self.w, msg)?;
         self.w.flush()?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Tells the source this side is alive, if it has not heard so for a while.
+    fn keep_alive(&mut self) -> Result<(), ProtocolError> {
+        if self.last_sent.elapsed() >= self.answer_every {
+            self.send(&Message::Keepalive)?;
+        }
         Ok(())
     }
 
@@ -187,11 +245,13 @@ impl Receiver {
         e
     }
 
-    fn run(&mut self, listener: &TcpListener, slot: &Slot) -> Result<(), IncomingError> {
-        let hello = match protocol::recv(&mut self.r, None)? {
-            Message::Hello(h) => h,
-            other => return Err(self.refuse(IncomingError::Unexpected(other.kind()))),
-        };
+    fn run(
+        &mut self,
+        hello: Hello,
+        session: Session,
+        routed: &mpsc::Receiver<Routed>,
+        slot: &Slot,
+    ) -> Result<(), IncomingError> {
         if let Err(e) = protocol::check_hello(&hello) {
             return Err(self.refuse(e.into()));
         }
@@ -202,15 +262,28 @@ impl Receiver {
             .map_err(ProtocolError::from)?;
         self.send(&Message::HelloAck {
             version: protocol::VERSION,
+            secret: session.secret,
         })?;
         let cfg = match protocol::recv(&mut self.r, None)? {
             Message::Config { toml } => {
-                match VmConfig::parse(&toml, Path::new("the migration stream"), Path::new("/")) {
+                match VmConfig::parse_unresolved(&toml, Path::new("the migration stream"))
+                    .map_err(IncomingError::from)
+                    .and_then(|c| check_wire_names(&c).map(|()| c))
+                {
                     Ok(c) => c,
-                    Err(e) => return Err(self.refuse(e.into())),
+                    Err(e) => return Err(self.refuse(e)),
                 }
             }
             other => return Err(self.refuse(IncomingError::Unexpected(other.kind()))),
+        };
+        // Shared storage: found now, so a source that cannot succeed hears it before
+        // any page moves (disks that travel are placed when they are announced).
+        let shared = match (
+            shared_disks(&cfg, &self.place.shared),
+            &self.place.datastore,
+        ) {
+            (Err(e), None) => return Err(self.refuse(e)),
+            (r, _) => r,
         };
         if cfg.memory_mib << 20 != hello.memory_bytes {
             return Err(self.refuse(IncomingError::MemoryMismatch {
@@ -278,6 +351,10 @@ impl Receiver {
                     .first()
                     .and_then(|d| d.path.parent())
                     .map(|f| f.join(format!("{}.toml", cfg.name)));
+            } else {
+                for (d, path) in cfg.disks.iter_mut().zip(shared?) {
+                    d.path = path;
+                }
             }
             Ok(DiskSet::open_existing(&cfg.disks)?)
         })();
@@ -292,11 +369,8 @@ impl Receiver {
             None => None,
             Some(missing) => {
                 let prepared = (|| -> Result<_, IncomingError> {
-                    let fault = postcopy_dst::accept_fault_channel(
-                        listener,
-                        hello.id,
-                        Duration::from_secs(10),
-                    )?;
+                    let fault =
+                        postcopy_dst::wait_fault_channel(routed, session, Duration::from_secs(10))?;
                     let tracker = Arc::new(postcopy_dst::Tracker::prepare(
                         region.base,
                         pages,
@@ -372,8 +446,8 @@ impl Receiver {
                 let incoming = postcopy_dst::Incoming {
                     tracker: tracker.clone(),
                     machine: &machine,
-                    listener,
-                    id: hello.id,
+                    routed,
+                    session,
                     timeout,
                     recover: Duration::from_millis(u64::from(hello.recover_ms)),
                 };
@@ -427,6 +501,7 @@ impl Receiver {
             payload: Vec::new(),
         };
         loop {
+            self.keep_alive()?;
             frame.kind = protocol::read_frame_into(&mut self.r, &mut frame.payload)?;
             if frame.kind == Kind::Pages {
                 let batch = PageBatch::parse(&frame.payload, Some(pages))?;
@@ -503,7 +578,8 @@ impl Receiver {
                         .or_assign_words(stale.words());
                 }
                 Message::Disks { disks: announced } => {
-                    let store = DiskStore::create(self.datastore.as_deref(), cfg, &announced)?;
+                    let store =
+                        DiskStore::create(self.place.datastore.as_deref(), cfg, &announced)?;
                     let t = store.timing();
                     disks = Some(store);
                     self.send(&Message::DisksReady {

@@ -97,9 +97,16 @@ impl Meter {
     }
 }
 
-/// None where the kernel does not report busy time (before Linux 4.10) or nothing was
-/// in flight yet.
-fn counters(stream: &TcpStream) -> Option<Counters> {
+/// How long since the peer last sent data on `stream` (None: the kernel does not
+/// say).
+pub fn silent_for(stream: &TcpStream) -> Option<std::time::Duration> {
+    let info = tcp_info(stream)?;
+    Some(std::time::Duration::from_millis(u64::from(
+        info.tcpi_last_data_recv,
+    )))
+}
+
+fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; zeroes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -114,7 +121,14 @@ fn counters(stream: &TcpStream) -> Option<Counters> {
         )
     };
     let limited_end = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
-    if rc != 0 || (len as usize) < limited_end || info.tcpi_busy_time == 0 {
+    (rc == 0 && (len as usize) >= limited_end).then_some(info)
+}
+
+/// None where the kernel does not report busy time (before Linux 4.10) or nothing was
+/// in flight yet.
+fn counters(stream: &TcpStream) -> Option<Counters> {
+    let info = tcp_info(stream)?;
+    if info.tcpi_busy_time == 0 {
         return None;
     }
     Some(Counters {

@@ -4,6 +4,7 @@ pub mod codec;
 pub mod destination;
 pub mod dirty_windows;
 pub mod disk_stream;
+pub mod door;
 pub(crate) mod hot_pages;
 mod link;
 pub mod postcopy_dst;
@@ -13,6 +14,7 @@ pub mod protocol;
 pub mod source;
 pub mod storage;
 mod vcpu_pages;
+mod watchdog;
 pub mod wire;
 
 /// Times the steps of the handover (FERRY_LOG=debug shows them).

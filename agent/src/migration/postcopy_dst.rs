@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::codec::Decompressor;
+use super::door::Routed;
 use super::priority;
-use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError};
+use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError, Session};
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::Machine;
@@ -419,53 +420,30 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
     }
 }
 
-/// Accepts the next connection on `listener` within `wait`, or None.
-fn accept_within(listener: &TcpListener, wait: Duration) -> Option<TcpStream> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        let mut fd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, 1000) as i32;
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut fd, 1, ms) } > 0
-            && let Ok((conn, _)) = listener.accept()
-        {
-            let _ = conn.set_nodelay(true);
-            return Some(conn);
-        }
-    }
-}
-
-/// Accepts the fault channel for migration `id`.
-pub fn accept_fault_channel(
-    listener: &TcpListener,
-    id: u64,
+/// Waits up to `wait` for the fault channel of migration `session` (the incoming
+/// port routes it here).
+pub fn wait_fault_channel(
+    routed: &mpsc::Receiver<Routed>,
+    session: Session,
     wait: Duration,
 ) -> Result<Channel, PostcopyError> {
     let deadline = Instant::now() + wait;
-    while let Some(conn) =
-        accept_within(listener, deadline.saturating_duration_since(Instant::now()))
-    {
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let Ok(w) = conn.try_clone() else { continue };
-        let mut r = BufReader::with_capacity(1 << 16, conn);
-        match protocol::recv(&mut r, None) {
-            Ok(Message::FaultChannel { id: got }) if got == id => {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Routed { first, conn }) = routed.recv_timeout(left) else {
+            return Err(PostcopyError::NoFaultChannel(wait));
+        };
+        match first {
+            Message::FaultChannel { session: got } if got == session => {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(w) = conn.try_clone() else { continue };
                 // Only read when poll says an answer is there; the timeout only bounds
                 // a frame that stops half-way.
-                return Ok((r, w));
+                return Ok((BufReader::with_capacity(1 << 16, conn), w));
             }
             _ => tracing::warn!("ignoring a connection that is not this migration's fault channel"),
         }
     }
-    Err(PostcopyError::NoFaultChannel(wait))
 }
 
 /// The fault thread, started before the guest may run so its first fault is served
@@ -504,8 +482,8 @@ impl Drop for FaultThread {
 pub struct Incoming<'a> {
     pub tracker: Arc<Tracker>,
     pub machine: &'a Machine,
-    pub listener: &'a TcpListener,
-    pub id: u64,
+    pub routed: &'a mpsc::Receiver<Routed>,
+    pub session: Session,
     pub timeout: Duration,
     pub recover: Duration,
 }
@@ -606,8 +584,16 @@ impl Incoming<'_> {
                 t.set_phase("lost", Some(msg));
                 self.machine.request_pause();
             }
-            let Some(conn) = accept_within(self.listener, Duration::from_millis(500)) else {
-                continue;
+            let conn = match self.routed.recv_timeout(Duration::from_millis(500)) {
+                Ok(Routed {
+                    first: Message::Recover { session },
+                    conn,
+                }) if session == self.session => conn,
+                Ok(_) => {
+                    tracing::warn!("ignoring a connection that is not this migration's recovery");
+                    continue;
+                }
+                Err(_) => continue,
             };
             match self.reconnect(conn) {
                 Ok((r, w, fault)) => {
@@ -634,11 +620,7 @@ impl Incoming<'_> {
         conn.set_read_timeout(Some(self.timeout))
             .map_err(ProtocolError::from)?;
         let mut w = conn.try_clone().map_err(ProtocolError::from)?;
-        let mut r = BufReader::with_capacity(1 << 20, conn);
-        match protocol::recv(&mut r, Some(self.tracker.pages))? {
-            Message::Recover { id } if id == self.id => {}
-            other => return Err(PostcopyError::Unexpected(other.kind())),
-        }
+        let r = BufReader::with_capacity(1 << 20, conn);
         protocol::send(
             &mut w,
             &Message::Missing {
@@ -646,7 +628,7 @@ impl Incoming<'_> {
             },
         )?;
         w.flush().map_err(ProtocolError::from)?;
-        let fault = accept_fault_channel(self.listener, self.id, Duration::from_secs(10))?;
+        let fault = wait_fault_channel(self.routed, self.session, Duration::from_secs(10))?;
         Ok((r, w, fault))
     }
 

@@ -219,8 +219,12 @@ fn set_pacing(conn: &TcpStream, bytes_per_sec: u64) -> bool {
     rc == 0
 }
 
-/// Opens the fault channel of migration `id`.
-fn open_fault_channel(to: &str, id: u64, timeout: Duration) -> Result<TcpStream, MigrateError> {
+/// Opens the fault channel of migration `session`.
+fn open_fault_channel(
+    to: &str,
+    session: protocol::Session,
+    timeout: Duration,
+) -> Result<TcpStream, MigrateError> {
     let addr = address(to)?;
     let mut conn = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(5))).map_err(
         |source| MigrateError::Connect {
@@ -231,7 +235,7 @@ fn open_fault_channel(to: &str, id: u64, timeout: Duration) -> Result<TcpStream,
     let _ = conn.set_nodelay(true);
     conn.set_write_timeout(Some(timeout))
         .map_err(ProtocolError::from)?;
-    protocol::send(&mut conn, &Message::FaultChannel { id })?;
+    protocol::send(&mut conn, &Message::FaultChannel { session })?;
     Ok(conn)
 }
 
@@ -286,7 +290,7 @@ impl Sender<'_> {
         }
         // Connecting costs a round trip or two: not in the pause. The destination
         // takes the connection once the handover reaches it.
-        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
+        let fault = open_fault_channel(&self.params.to, self.session, self.params.timeout)?;
         if dirty_log_running {
             // What the guest dirtied during the last round is stale too, hundreds of
             // pages at a high rate, and dropping them in the pause would cost it. Short
@@ -661,13 +665,18 @@ impl Sender<'_> {
             .map_err(ProtocolError::from)?;
         let mut r = conn.try_clone().map_err(ProtocolError::from)?;
         let mut w = conn;
-        protocol::send(&mut w, &Message::Recover { id: self.id })?;
+        protocol::send(
+            &mut w,
+            &Message::Recover {
+                session: self.session,
+            },
+        )?;
         let missing = match protocol::recv(&mut r, Some(pages))? {
             Message::Missing { missing } => DirtyBitmap::from_words(pages, &missing),
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Missing")),
         };
-        let fault = open_fault_channel(&self.params.to, self.id, self.params.timeout)?;
+        let fault = open_fault_channel(&self.params.to, self.session, self.params.timeout)?;
         self.w = super::wire::Wire::new(w).map_err(ProtocolError::from)?;
         self.r = r;
         Ok((missing, fault))

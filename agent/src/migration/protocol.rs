@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -119,8 +119,8 @@ pub enum ProtocolError {
     BadMagic([u8; 4]),
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
-    TooLarge(u32),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(u32, u32),
     #[error(
         "frame {kind:?} failed its checksum (CRC32 {computed:#010x}, frame says {expected:#010x})"
     )]
@@ -156,6 +156,39 @@ pub struct Hello {
     pub recover_ms: u32,
 }
 
+/// Names one migration between its two ends: the source's `id` (in its `Hello`) and
+/// the destination's random `secret` (in its `HelloAck`). Every later connection of
+/// the same migration (the post-copy fault channel, a recovery, a `Resolve` of a
+/// handover in doubt) carries both, so a third party that did not see the handshake
+/// cannot join or settle it. It is no defence against a party that can read the
+/// stream: that needs the stream encrypted and the peers authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Session {
+    pub id: u64,
+    pub secret: u128,
+}
+
+impl Session {
+    /// A fresh secret for migration `id` (from the kernel's random source).
+    pub fn new(id: u64) -> std::io::Result<Self> {
+        let mut b = [0u8; 16];
+        // SAFETY: getrandom writes at most the 16 bytes of the buffer it is given.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n != b.len() as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            id,
+            secret: u128::from_le_bytes(b),
+        })
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.secret.to_le_bytes());
+    }
+}
+
 /// One decoded page of a batch: its number and its bytes as sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPage<'a> {
@@ -170,6 +203,8 @@ pub enum Message {
     Hello(Hello),
     HelloAck {
         version: u16,
+        /// The destination's half of the [`Session`].
+        secret: u128,
     },
     /// The VM's config (TOML) as the source runs it.
     Config {
@@ -221,6 +256,7 @@ pub enum Message {
     /// Source → destination on a new connection, to settle a handover in doubt: did the
     /// source record the handover (and send Commit)?
     Resolve {
+        session: Session,
         committed: bool,
     },
     /// Destination's answer: whether the guest now runs there.
@@ -236,7 +272,7 @@ pub enum Message {
     /// First message on the post-copy fault channel, a second connection that carries
     /// only page requests and their answers so they never queue behind the push.
     FaultChannel {
-        id: u64,
+        session: Session,
     },
     /// Destination → source on the fault channel: a vCPU waits for this page.
     PageRequest {
@@ -248,7 +284,7 @@ pub enum Message {
     PostcopyDone(PostcopyFigures),
     /// Source → destination on a new connection after the link broke in post-copy.
     Recover {
-        id: u64,
+        session: Session,
     },
     /// Destination's answer to `Recover`: the pages it still lacks (bitmap).
     Missing {
@@ -370,7 +406,10 @@ impl Message {
                 out.extend_from_slice(&h.recover_ms.to_le_bytes());
                 put_str(out, &h.name);
             }
-            Message::HelloAck { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Message::HelloAck { version, secret } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&secret.to_le_bytes());
+            }
             Message::Config { toml } => put_str(out, toml),
             Message::Pages { codec, pages } => {
                 let mut batch = PageBatchWriter::new(out, *codec);
@@ -411,9 +450,7 @@ impl Message {
                     out.extend_from_slice(&w.to_le_bytes());
                 }
             }
-            Message::FaultChannel { id } | Message::Recover { id } => {
-                out.extend_from_slice(&id.to_le_bytes())
-            }
+            Message::FaultChannel { session } | Message::Recover { session } => session.put(out),
             Message::PageRequest { page } => out.extend_from_slice(&page.to_le_bytes()),
             Message::Disks { disks } => {
                 out.extend_from_slice(&(disks.len() as u32).to_le_bytes());
@@ -446,7 +483,10 @@ impl Message {
             }
             Message::Abort { reason } => put_str(out, reason),
             Message::MemoryDigest { digest } => out.extend_from_slice(&digest.to_le_bytes()),
-            Message::Resolve { committed } => out.push(u8::from(*committed)),
+            Message::Resolve { session, committed } => {
+                session.put(out);
+                out.push(u8::from(*committed));
+            }
             Message::Resolved { running } => out.push(u8::from(*running)),
             Message::FirstHeartbeats { ns } => {
                 out.extend_from_slice(&(ns.len() as u32).to_le_bytes());
@@ -462,6 +502,27 @@ impl Message {
     pub fn decode(frame: &Frame, guest_pages: Option<u64>) -> Result<Self, ProtocolError> {
         let kind = frame.kind;
         let mut r = Cursor::new(kind, &frame.payload);
+        // A peer of another version may lay out its handshake differently: its
+        // version is read first, and is all that is read, so the refusal names it.
+        if matches!(kind, Kind::Hello | Kind::HelloAck) {
+            let version = r.u16()?;
+            if version != VERSION {
+                return Ok(match kind {
+                    Kind::Hello => Message::Hello(Hello {
+                        version,
+                        name: String::new(),
+                        memory_bytes: 0,
+                        vcpus: 0,
+                        page_size: 0,
+                        timeout_ms: 0,
+                        id: 0,
+                        recover_ms: 0,
+                    }),
+                    _ => Message::HelloAck { version, secret: 0 },
+                });
+            }
+            r = Cursor::new(kind, &frame.payload);
+        }
         let msg = match kind {
             Kind::Hello => Message::Hello(Hello {
                 version: r.u16()?,
@@ -473,7 +534,10 @@ impl Message {
                 recover_ms: r.u32()?,
                 name: r.string()?,
             }),
-            Kind::HelloAck => Message::HelloAck { version: r.u16()? },
+            Kind::HelloAck => Message::HelloAck {
+                version: r.u16()?,
+                secret: r.u128()?,
+            },
             Kind::Config => Message::Config { toml: r.string()? },
             Kind::Pages => {
                 let batch = PageBatch::parse(&frame.payload, guest_pages)?;
@@ -501,6 +565,7 @@ impl Message {
             Kind::RoundEnd => Message::RoundEnd { round: r.u32()? },
             Kind::RoundAck => Message::RoundAck { round: r.u32()? },
             Kind::Resolve => Message::Resolve {
+                session: r.session()?,
                 committed: r.flag()?,
             },
             Kind::Resolved => Message::Resolved { running: r.flag()? },
@@ -510,8 +575,12 @@ impl Message {
             Kind::Missing => Message::Missing {
                 missing: r.bitmap(guest_pages)?,
             },
-            Kind::FaultChannel => Message::FaultChannel { id: r.u64()? },
-            Kind::Recover => Message::Recover { id: r.u64()? },
+            Kind::FaultChannel => Message::FaultChannel {
+                session: r.session()?,
+            },
+            Kind::Recover => Message::Recover {
+                session: r.session()?,
+            },
             Kind::PageRequest => {
                 let page = r.u64()?;
                 if let Some(pages) = guest_pages
@@ -680,6 +749,17 @@ impl<'a> Cursor<'a> {
 
     fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn u128(&mut self) -> Result<u128, ProtocolError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+
+    fn session(&mut self) -> Result<Session, ProtocolError> {
+        Ok(Session {
+            id: self.u64()?,
+            secret: self.u128()?,
+        })
     }
 
     /// A page bitmap: one bit per guest page, in little-endian u64 words, exactly as
@@ -886,6 +966,17 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
 /// As [`read_frame`], into a buffer the caller reuses (the receive loop: no fresh,
 /// zeroed megabyte per frame).
 pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
+    read_frame_within(r, payload, MAX_PAYLOAD)
+}
+
+/// As [`read_frame_into`], refusing a payload over `max` bytes before reading it. A
+/// connection's first frame is small; a stranger must not make the destination
+/// allocate a full frame for it.
+pub fn read_frame_within(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+    max: u32,
+) -> Result<Kind, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -905,8 +996,8 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
     }
     let kind = Kind::from_u8(header[4]).ok_or(ProtocolError::UnknownKind(header[4]))?;
     let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(len));
+    if len > max {
+        return Err(ProtocolError::TooLarge(len, max));
     }
     payload.resize(len as usize, 0);
     r.read_exact(payload)?;
@@ -978,6 +1069,11 @@ mod tests {
         recv(&mut wire.as_slice(), pages).unwrap()
     }
 
+    const SESSION: Session = Session {
+        id: 7,
+        secret: u128::MAX - 5,
+    };
+
     fn sample_messages() -> Vec<Message> {
         vec![
             Message::Hello(Hello {
@@ -990,7 +1086,10 @@ mod tests {
                 id: 42,
                 recover_ms: 60_000,
             }),
-            Message::HelloAck { version: VERSION },
+            Message::HelloAck {
+                version: VERSION,
+                secret: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+            },
             Message::Config {
                 toml: "name = \"x\"\n".into(),
             },
@@ -1019,8 +1118,13 @@ mod tests {
             Message::Missing {
                 missing: vec![0, 1],
             },
-            Message::FaultChannel { id: 7 },
-            Message::Recover { id: 7 },
+            Message::FaultChannel { session: SESSION },
+            Message::Recover { session: SESSION },
+            Message::Resolve {
+                session: SESSION,
+                committed: true,
+            },
+            Message::Resolved { running: false },
             Message::PageRequest { page: 99 },
             Message::PostcopyEnd,
             Message::Prepared,
@@ -1117,7 +1221,7 @@ mod tests {
         big[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert!(matches!(
             recv(&mut big.as_slice(), None),
-            Err(ProtocolError::TooLarge(_))
+            Err(ProtocolError::TooLarge(..))
         ));
     }
 
@@ -1170,8 +1274,29 @@ mod tests {
             let _ = recv(&mut data.as_slice(), Some(64));
         }
 
+        /// Whatever a header announces, a reader with a limit never holds more than
+        /// the limit: a stranger's first frame costs the destination at most that.
         #[test]
-        fn random_payloads_with_good_crc_never_panic(kind in 1u8..19, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn a_first_frame_never_allocates_past_its_limit(
+            kind in any::<u8>(),
+            len in any::<u32>(),
+            rest in proptest::collection::vec(any::<u8>(), 0..8192),
+        ) {
+            let mut wire = MAGIC.to_vec();
+            wire.extend_from_slice(&[kind, 0, 0, 0]);
+            wire.extend_from_slice(&len.to_le_bytes());
+            wire.extend_from_slice(&rest);
+            let mut payload = Vec::new();
+            let r = read_frame_within(&mut wire.as_slice(), &mut payload, 4096);
+            prop_assert!(payload.capacity() <= 4096);
+            if len > 4096 && rest.len() >= 4 {
+                let too_large = matches!(r, Err(ProtocolError::TooLarge(..) | ProtocolError::UnknownKind(_)));
+                prop_assert!(too_large);
+            }
+        }
+
+        #[test]
+        fn random_payloads_with_good_crc_never_panic(kind in 1u8..=34, data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).unwrap();
             let mut wire = Vec::new();
             write_frame(&mut wire, kind, &data).unwrap();

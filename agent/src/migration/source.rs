@@ -347,6 +347,9 @@ pub struct Progress {
     pub disk_write_bytes_per_sec: Option<f64>,
     /// The first pass's short-window dirty rates (see `dirty_windows`).
     pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
+    /// The handshake's names for this migration (a `Resolve` needs them).
+    #[serde(skip)]
+    pub session: Option<protocol::Session>,
     pub report: Option<Report>,
 }
 
@@ -421,9 +424,32 @@ pub enum MigrateError {
     Disk(#[from] crate::vmm::block::DiskError),
     #[error("dirty log: {0}")]
     Dirty(#[from] crate::vmm::dirty::DirtyError),
+    /// Pre-copy: the destination, which answers at least every quarter of the
+    /// timeout while the stream flows, said nothing for longer than the timeout.
+    #[error("the destination said nothing for over {:.1} s", .0.as_secs_f64())]
+    Silent(Duration),
     /// Not a failure: `start-postcopy` arrived; the pre-copy loop switches.
     #[error("switching to post-copy")]
     StartPostcopy,
+}
+
+impl MigrateError {
+    /// The peer stayed silent for this long (a read or a write timed out after
+    /// `timeout`, or the watch gave up on it).
+    fn silence(&self, timeout: Duration) -> Option<Duration> {
+        match self {
+            MigrateError::Silent(d) => Some(*d),
+            MigrateError::Protocol(ProtocolError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Some(timeout)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Counters of one migration.
@@ -528,8 +554,11 @@ pub(super) struct Sender<'a> {
     /// The settings as of the last batch.
     pub(super) settings: Settings,
     last_publish: Instant,
-    /// This migration's name on the wire (post-copy recovery checks it).
-    pub(super) id: u64,
+    /// Gives up on a destination that stops answering in pre-copy.
+    pub(super) watchdog: super::watchdog::Watchdog,
+    /// This migration's name on the wire: its id, and the destination's secret once
+    /// its `HelloAck` came (every later connection of the migration carries both).
+    pub(super) session: protocol::Session,
     /// The pages of the round being sent, and how many of them went out so far (a
     /// switch to post-copy mid-round sends the rest on demand).
     round_pages: Vec<u64>,
@@ -581,6 +610,7 @@ impl Progress {
             disk_copy_bytes_per_sec: None,
             disk_write_bytes_per_sec: None,
             dirty_windows: None,
+            session: None,
             report: None,
         }
     }
@@ -588,14 +618,15 @@ impl Progress {
 
 /// Runs a migration to its end and returns its report (also kept in the machine's
 /// status, and written to `params.report` if given).
-pub fn run(m: Arc<Machine>, params: Params) -> Report {
+/// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
+pub fn run(m: Arc<Machine>, params: Params, conn: TcpStream) -> Report {
     let t0 = Instant::now();
     let mut progress = Progress::starting(&params.to, &params.settings);
     set_progress(&m, &progress);
     *lock(&m.live) = Some(Live::new(params.settings, &params.reasons));
     m.set_throttle(params.settings.throttle_pct);
     let mut switch = Switch::default();
-    let (s, result) = migrate(&m, &params, t0, &mut switch);
+    let (s, result) = migrate(&m, (&params, conn), t0, &mut switch);
     let (outcome, phase, error) = match result {
         Ok(()) => ("completed", Phase::Completed, None),
         Err(MigrateError::Cancelled) => ("cancelled", Phase::Cancelled, Some("cancelled".into())),
@@ -604,6 +635,20 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
             Phase::InDoubt,
             Some(format!(
                 "handover in doubt: the destination was told to resume but did not confirm ({e}); both copies stay paused"
+            )),
+        ),
+        Err(e) if e.silence(params.timeout).is_some() => (
+            "failed",
+            Phase::Failed,
+            Some(format!(
+                "the destination did not answer within {:.1} s (the peer timeout, \
+                 --timeout-secs{})",
+                e.silence(params.timeout).unwrap_or_default().as_secs_f64(),
+                if matches!(e, MigrateError::Silent(_)) && params.settings.bandwidth.is_some() {
+                    ", and the time a frame takes under the bandwidth cap"
+                } else {
+                    ""
+                }
             )),
         ),
         Err(e) => ("failed", Phase::Failed, Some(e.to_string())),
@@ -655,6 +700,7 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     if let Some(p) = lock(&m.migration).as_ref() {
         progress.codec_samples = p.codec_samples.clone();
         progress.sampled_zero_fraction = p.sampled_zero_fraction;
+        progress.session = p.session;
     }
     progress.phase = phase;
     progress.report = Some(report.clone());
@@ -887,7 +933,7 @@ fn without_disk_copy(bytes: u64, time: Duration, copy_time: Duration, s: &Stats)
 /// Runs the migration; returns its counters and how it ended.
 fn migrate(
     m: &Arc<Machine>,
-    params: &Params,
+    (params, conn): (&Params, TcpStream),
     t0: Instant,
     switch: &mut Switch,
 ) -> (Stats, Result<(), MigrateError>) {
@@ -895,11 +941,17 @@ fn migrate(
         let e = MigrateError::Vm(format!("is {:?}, not running", m.state()));
         return (new_stats(t0), Err(e));
     }
-    let mut tx = match connect(m, params, t0) {
+    let mut tx = match connect(m, params, t0, conn) {
         Ok(tx) => tx,
         Err(e) => return (new_stats(t0), Err(e)),
     };
-    let result = tx.precopy_and_switch(switch).map_err(|e| tx.peer_reason(e));
+    let result = tx.precopy_and_switch(switch).map_err(|e| {
+        if let Some(limit) = tx.watchdog.fired() {
+            MigrateError::Silent(limit)
+        } else {
+            tx.peer_reason(e)
+        }
+    });
     let _ = tx.m.dirty.stop(&tx.m.vm);
     tx.disks_stop();
     match result {
@@ -942,23 +994,24 @@ pub(super) fn address(to: &str) -> Result<std::net::SocketAddr, MigrateError> {
         .ok_or_else(|| MigrateError::Resolve(to.to_owned()))
 }
 
+/// Resolves `to` and connects to it: done before a migration is said to start, so a
+/// destination that cannot be reached is an answer, not a report later.
+pub fn dial(to: &str) -> Result<TcpStream, MigrateError> {
+    let addr = address(to)?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+        MigrateError::Connect {
+            to: to.to_owned(),
+            source,
+        }
+    })
+}
+
 fn connect<'a>(
     m: &'a Machine,
     params: &'a Params,
     t0: Instant,
+    conn: TcpStream,
 ) -> Result<Sender<'a>, MigrateError> {
-    let addr = params
-        .to
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| MigrateError::Resolve(params.to.clone()))?;
-    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
-        MigrateError::Connect {
-            to: params.to.clone(),
-            source,
-        }
-    })?;
     let _ = conn.set_nodelay(true);
     // A dead or silent peer shows as a read or write that times out.
     conn.set_read_timeout(Some(params.timeout))
@@ -966,6 +1019,7 @@ fn connect<'a>(
     conn.set_write_timeout(Some(params.timeout))
         .map_err(ProtocolError::from)?;
     let r = conn.try_clone().map_err(ProtocolError::from)?;
+    let watchdog = super::watchdog::Watchdog::start(conn.try_clone().map_err(ProtocolError::from)?);
     let mut tx = Sender {
         m,
         params,
@@ -980,7 +1034,11 @@ fn connect<'a>(
         },
         settings: params.settings,
         last_publish: Instant::now(),
-        id: migration_id(),
+        watchdog,
+        session: protocol::Session {
+            id: migration_id(),
+            secret: 0,
+        },
         round_pages: Vec::new(),
         sent_upto: 0,
         copy_mark: None,
@@ -994,13 +1052,18 @@ fn connect<'a>(
         vcpus: m.cfg.vcpus,
         page_size: PAGE as u32,
         timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-        id: tx.id,
+        id: tx.session.id,
         recover_ms: params.recover.as_millis().min(u128::from(u32::MAX)) as u32,
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
     match protocol::recv(&mut tx.r, None)? {
-        Message::HelloAck { version } if version == protocol::VERSION => {}
-        Message::HelloAck { version } => {
+        Message::HelloAck { version, secret } if version == protocol::VERSION => {
+            tx.session.secret = secret;
+            if let Some(p) = lock(&m.migration).as_mut() {
+                p.session = Some(tx.session);
+            }
+        }
+        Message::HelloAck { version, .. } => {
             return Err(ProtocolError::Version {
                 ours: protocol::VERSION,
                 theirs: version,
@@ -1010,8 +1073,13 @@ fn connect<'a>(
         Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
         _ => return Err(MigrateError::Unexpected("something other than HelloAck")),
     }
+    // Disks travel as names: where they live there is the destination's to say.
+    let mut cfg = m.current_config();
+    for d in &mut cfg.disks {
+        d.path = d.path.file_name().map(PathBuf::from).unwrap_or_default();
+    }
     tx.send(&Message::Config {
-        toml: m.current_config().to_toml(),
+        toml: cfg.to_toml(),
     })?;
     Ok(tx)
 }
@@ -1023,6 +1091,7 @@ impl Sender<'_> {
         loop {
             match protocol::recv(&mut self.r, None)? {
                 Message::Prepared => self.dst_prepared = true,
+                Message::Keepalive => {}
                 Message::DiskSynced { us } => {
                     self.stats.dst_disk_sync = Some(Duration::from_micros(u64::from(us)))
                 }
@@ -1056,6 +1125,7 @@ impl Sender<'_> {
         while !self.dst_prepared {
             match protocol::recv(&mut self.r, None)? {
                 Message::Prepared => self.dst_prepared = true,
+                Message::Keepalive => {}
                 Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
                 _ => return Err(MigrateError::Unexpected("something other than Prepared")),
             }
@@ -1159,6 +1229,16 @@ impl Sender<'_> {
         if self.params.mode == Mode::Hybrid && self.m.postcopy_requested.load(Ordering::Acquire) {
             return Err(MigrateError::StartPostcopy);
         }
+        // A destination that stopped (a hung host, a SIGSTOP) is found out by its
+        // silence (see `watchdog`). It answers between frames: under a bandwidth cap
+        // a frame may take a while to arrive whole.
+        let precopy = lock(&self.m.migration)
+            .as_ref()
+            .is_some_and(|p| p.phase == Phase::Precopy);
+        let frame_time = self.settings.bandwidth.map_or(Duration::ZERO, |b| {
+            Duration::from_secs_f64(f64::from(protocol::MAX_PAYLOAD) / b.max(1) as f64)
+        });
+        self.watchdog.set(precopy, self.params.timeout + frame_time);
         if let Some(live) = lock(&self.m.live).as_ref() {
             self.settings = live.settings;
         }
@@ -1779,10 +1859,13 @@ pub(super) fn encode(
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
 /// what it did, telling it whether this side committed. Updates the report.
 pub fn resolve(m: &Machine) -> Result<serde_json::Value, String> {
-    let to = lock(&m.migration)
+    let (to, session) = lock(&m.migration)
         .as_ref()
-        .map(|p| p.to.clone())
+        .map(|p| (p.to.clone(), p.session))
         .ok_or("no migration to resolve")?;
+    // Without the destination's secret there is nothing it would answer to.
+    let session =
+        session.ok_or("the last migration never completed its handshake: nothing to resolve")?;
     let committed = m.handed_over.load(Ordering::Acquire);
     let addr = to
         .to_socket_addrs()
@@ -1792,7 +1875,8 @@ pub fn resolve(m: &Machine) -> Result<serde_json::Value, String> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("cannot reach the destination {to}: {e}; the VM stays as it is"))?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    protocol::send(&mut conn, &Message::Resolve { committed }).map_err(|e| e.to_string())?;
+    protocol::send(&mut conn, &Message::Resolve { session, committed })
+        .map_err(|e| e.to_string())?;
     let running = match protocol::recv(&mut conn, None).map_err(|e| e.to_string())? {
         Message::Resolved { running } => running,
         other => return Err(format!("the destination answered {:?}", other.kind())),

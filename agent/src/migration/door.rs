@@ -1,0 +1,323 @@
+//! The incoming port of `ferry vmm --incoming`: one listener for everything a
+//! migration opens (its stream, the post-copy fault channel, recoveries, a `Resolve`
+//! of a handover in doubt), and for whoever else connects.
+//!
+//! Each connection gets a thread of its own for its first frame, which must come
+//! within [`HELLO_WAIT`] and be small; that frame routes it. A `Hello` claims the one
+//! migration this process receives at a time; every later connection of that
+//! migration must name its [`Session`] (the source's id and this side's secret).
+//! Anything else is logged, counted and closed, and leaves nothing behind: a
+//! migration that fails before the guest runs here is torn down whole and the port
+//! waits for the next. Only a real migration ends the waiting.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::destination::{self, Slot};
+use super::protocol::{self, Message, ProtocolError, Session};
+
+/// How long a new connection may take to send its first frame: the source's default
+/// keepalive (`--timeout-secs`). A silent stranger holds a thread this long, never
+/// the port.
+pub const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// A connection's first frame at most (a `Hello` names a VM; the rest are smaller).
+const FIRST_FRAME_MAX: u32 = 4096;
+/// Connections waiting to send their first frame at most; more are closed at once.
+const MAX_WAITING: usize = 64;
+
+/// Where the disks of an incoming VM go: its own copies under `datastore` (they
+/// travel with it), or the images of the same names in `shared` (shared storage).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub datastore: Option<PathBuf>,
+    pub shared: Vec<PathBuf>,
+}
+
+/// A later connection of the migration being received, with its first message.
+pub struct Routed {
+    pub first: Message,
+    pub conn: TcpStream,
+}
+
+/// What `ferry status` shows of the port while no VM runs here.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    /// Connections closed without a migration: not the protocol, too slow to say
+    /// hello, the wrong session, too many waiting.
+    pub rejected_connections: u64,
+    /// Migrations that began and failed before the guest ran here.
+    pub failed_migrations: u64,
+    /// Why the last of either was refused.
+    pub last_rejection: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Receiving,
+    /// The guest runs here, or waits here for its source's word (in doubt).
+    Arrived(Session),
+}
+
+pub struct Door {
+    slot: Slot,
+    place: Placement,
+    phase: Mutex<Phase>,
+    /// The migration being received: its session, and where its later connections go.
+    route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
+    waiting: AtomicUsize,
+    counters: Mutex<Counters>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts a connection as waiting for its first frame while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads from a connection until a deadline, however the bytes trickle in.
+struct Until<'a> {
+    conn: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        (&mut &*self.conn).read(buf)
+    }
+}
+
+impl Door {
+    pub fn new(slot: Slot, place: Placement) -> Arc<Self> {
+        Arc::new(Self {
+            slot,
+            place,
+            phase: Mutex::new(Phase::Waiting),
+            route: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
+            counters: Mutex::new(Counters::default()),
+        })
+    }
+
+    pub fn counters(&self) -> Counters {
+        lock(&self.counters).clone()
+    }
+
+    /// Accepts connections for as long as the process lives.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener) {
+        loop {
+            let (conn, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: back off rather than spin.
+                    tracing::warn!("accepting on the incoming port: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.reject(
+                    peer,
+                    &format!("{MAX_WAITING} connections are already waiting to say hello"),
+                );
+                continue;
+            }
+            let door = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("incoming".into())
+                .spawn(move || door.handle(conn, peer));
+            if let Err(e) = spawned {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.reject(peer, &format!("no thread for it: {e}"));
+            }
+        }
+    }
+
+    fn reject(&self, peer: SocketAddr, why: &str) {
+        tracing::warn!("incoming port: closed a connection from {peer}: {why}");
+        let mut c = lock(&self.counters);
+        c.rejected_connections += 1;
+        c.last_rejection = Some(format!("{peer}: {why}"));
+    }
+
+    fn handle(self: Arc<Self>, conn: TcpStream, peer: SocketAddr) {
+        let waiting = Waiting(&self.waiting);
+        let first = (|| -> Result<Message, ProtocolError> {
+            let mut r = Until {
+                conn: &conn,
+                deadline: Instant::now() + HELLO_WAIT,
+            };
+            let mut payload = Vec::new();
+            let kind = protocol::read_frame_within(&mut r, &mut payload, FIRST_FRAME_MAX)?;
+            Message::decode(&protocol::Frame { kind, payload }, None)
+        })();
+        drop(waiting);
+        let first = match first {
+            Ok(m) => m,
+            Err(ProtocolError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return self.reject(
+                    peer,
+                    &format!("it said nothing within {} s", HELLO_WAIT.as_secs()),
+                );
+            }
+            Err(e) => return self.reject(peer, &e.to_string()),
+        };
+        let _ = conn.set_read_timeout(None);
+        let _ = conn.set_nodelay(true);
+        match first {
+            Message::Hello(hello) => self.receive(conn, peer, hello),
+            Message::FaultChannel { session } | Message::Recover { session } => {
+                let route = lock(&self.route)
+                    .as_ref()
+                    .filter(|(s, _)| *s == session)
+                    .map(|(_, tx)| tx.clone());
+                match route {
+                    Some(tx) => {
+                        if tx.send(Routed { first, conn }).is_err() {
+                            self.reject(peer, "its migration has ended");
+                        }
+                    }
+                    None => self.reject(peer, "it names no migration under way here"),
+                }
+            }
+            Message::Resolve { session, committed } => self.resolve(conn, peer, session, committed),
+            other => self.reject(
+                peer,
+                &format!("it began with {:?}, not Hello", other.kind()),
+            ),
+        }
+    }
+
+    /// Tells a source why it is turned away, then counts it.
+    fn turn_away(&self, mut conn: TcpStream, peer: SocketAddr, why: String) {
+        let _ = protocol::send(
+            &mut conn,
+            &Message::Abort {
+                reason: why.clone(),
+            },
+        );
+        self.reject(peer, &why);
+    }
+
+    fn receive(&self, conn: TcpStream, peer: SocketAddr, hello: protocol::Hello) {
+        {
+            let mut phase = lock(&self.phase);
+            match *phase {
+                Phase::Waiting => *phase = Phase::Receiving,
+                Phase::Receiving => {
+                    return self.turn_away(
+                        conn,
+                        peer,
+                        "busy: another migration is arriving here".into(),
+                    );
+                }
+                Phase::Arrived(_) => {
+                    return self.turn_away(
+                        conn,
+                        peer,
+                        "busy: a migrated VM already runs in this process".into(),
+                    );
+                }
+            }
+        }
+        let session = match Session::new(hello.id) {
+            Ok(s) => s,
+            Err(e) => {
+                *lock(&self.phase) = Phase::Waiting;
+                return self.turn_away(conn, peer, format!("no random secret: {e}"));
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.route) = Some((session, tx));
+        tracing::info!("incoming migration of {:?} from {peer}", hello.name);
+        let result = destination::receive(conn, hello, session, &rx, &self.slot, &self.place);
+        *lock(&self.route) = None;
+        match result {
+            Ok(()) => *lock(&self.phase) = Phase::Arrived(session),
+            Err(e) => {
+                tracing::error!("incoming migration from {peer} failed: {e}; waiting for another");
+                self.discard();
+                let mut c = lock(&self.counters);
+                c.failed_migrations += 1;
+                c.last_rejection = Some(format!("{peer}: {e}"));
+            }
+        }
+    }
+
+    /// Stops and drops whatever a failed or discarded migration left here.
+    fn discard(&self) {
+        let machine = lock(&self.slot).take();
+        if let Some(m) = machine {
+            m.shutdown();
+        }
+        *lock(&self.phase) = Phase::Waiting;
+    }
+
+    /// A source settles a handover in doubt: did it commit? Only the migration's own
+    /// source can say (it names the session).
+    fn resolve(&self, mut conn: TcpStream, peer: SocketAddr, session: Session, committed: bool) {
+        if *lock(&self.phase) != Phase::Arrived(session) {
+            return self.turn_away(
+                conn,
+                peer,
+                "no handover of that migration to resolve here".into(),
+            );
+        }
+        let Some(m) = lock(&self.slot).clone() else {
+            return self.turn_away(conn, peer, "no VM here".into());
+        };
+        let held = lock(&m.hold).is_some();
+        let running = if !held {
+            true
+        } else if committed {
+            *lock(&m.hold) = None;
+            match m.resume() {
+                Ok(()) => {
+                    tracing::info!(
+                        "handover resolved: the source had committed; the guest runs here"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::error!("handover resolved as committed, but resuming failed: {e}");
+                    return self.turn_away(conn, peer, format!("resuming the guest: {e}"));
+                }
+            }
+        } else {
+            false
+        };
+        let _ = protocol::send(&mut conn, &Message::Resolved { running });
+        if !running {
+            tracing::warn!(
+                "handover resolved: the source kept the VM; this copy is discarded and the \
+                 port waits for another migration"
+            );
+            drop(m);
+            self.discard();
+        }
+    }
+}
