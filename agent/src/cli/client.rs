@@ -23,7 +23,12 @@ fn num(v: &Value, key: &str) -> String {
 }
 
 pub fn simple(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
-    let r = request(control, &json!({ "cmd": cmd }))?;
+    request_and_print(control, &json!({ "cmd": cmd }))
+}
+
+/// Sends `req` and prints the state it answers with, if any.
+pub fn request_and_print(control: &Path, req: &Value) -> anyhow::Result<ExitCode> {
+    let r = request(control, req)?;
     if let Some(state) = r.get("state").and_then(Value::as_str) {
         println!("{state}");
     }
@@ -211,17 +216,21 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// Sends `req` (with `report` made absolute), then polls `status` until `section`
 /// holds a report, which it returns. `progress` sees the section meanwhile; Ctrl-C
 /// asks the VMM to cancel (once) and says `on_cancel`.
+/// Starts what `req` asks (None: follows what already runs) and follows it to its
+/// report.
 fn start_and_follow(
     control: &Path,
-    mut req: Value,
+    req: Option<Value>,
     report: Option<&Path>,
     (section, on_cancel): (&str, &str),
     mut progress: impl FnMut(&Value),
 ) -> anyhow::Result<Value> {
-    let report = report.map(std::path::absolute).transpose()?;
-    req["report"] = json!(report);
-    strip_nulls(&mut req);
-    request(control, &req)?;
+    if let Some(mut req) = req {
+        let report = report.map(std::path::absolute).transpose()?;
+        req["report"] = json!(report);
+        strip_nulls(&mut req);
+        request(control, &req)?;
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -278,13 +287,29 @@ pub fn migrate(
     mut req: Value,
     report: Option<&Path>,
     as_json: bool,
-    mut steering: Option<super::steer::Steering>,
+    (mut steering, attach): (Option<super::steer::Steering>, bool),
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let status = request(control, &json!({"cmd": "status"}))?;
-    // The policy picks the starting settings from what is known before anything moves.
-    if let Some(steer) = steering.as_mut() {
+    if attach {
+        // A migration whose client went away runs on with its last settings (its
+        // limits still hold); this picks it up again, or shows how it ended.
+        let m = get(&status, "migration");
+        if m.is_null() {
+            anyhow::bail!("no migration to attach to: this VM has not migrated");
+        }
+        if !get(m, "report").is_null() {
+            eprintln!("ferry: the migration has already ended; its report:");
+            return Ok(print_report(get(m, "report"), REPORT_KEYS, as_json));
+        }
+        if let Some(steer) = steering.as_mut() {
+            steer.initial(&status);
+            steer.adopt(m);
+        }
+    } else if let Some(steer) = steering.as_mut() {
+        // The policy picks the starting settings from what is known before anything
+        // moves.
         let d = steer.initial(&status);
         req["compression"] = json!(d.settings.codec.to_string());
         req["throttle_pct"] = json!(d.settings.throttle_pct);
@@ -328,7 +353,7 @@ pub fn migrate(
     };
     let final_report = start_and_follow(
         control,
-        req,
+        (!attach).then_some(req),
         report,
         (
             "migration",
@@ -417,36 +442,35 @@ pub fn migrate(
             path.display()
         );
     }
-    Ok(print_report(
-        &final_report,
-        &[
-            "outcome",
-            "error",
-            "mode",
-            "to",
-            "total_ms",
-            "downtime_ms",
-            "switchover_ms",
-            "max_heartbeat_gap_ms",
-            "rounds",
-            "pages_sent",
-            "zero_pages",
-            "bytes_on_wire",
-            "codec",
-            "compression_ratio",
-            "throttle_max_pct",
-            "memory_verified",
-            "guest_integrity_errors",
-            "postcopy_faults",
-            "fault_latency_p50_us",
-            "fault_latency_p99_us",
-            "vcpu_blocked_ms",
-            "recoveries",
-            "disk_bytes_copied",
-        ],
-        as_json,
-    ))
+    Ok(print_report(&final_report, REPORT_KEYS, as_json))
 }
+
+/// What a migration's report shows as a table.
+const REPORT_KEYS: &[&str] = &[
+    "outcome",
+    "error",
+    "mode",
+    "to",
+    "total_ms",
+    "downtime_ms",
+    "switchover_ms",
+    "max_heartbeat_gap_ms",
+    "rounds",
+    "pages_sent",
+    "zero_pages",
+    "bytes_on_wire",
+    "codec",
+    "compression_ratio",
+    "throttle_max_pct",
+    "memory_verified",
+    "guest_integrity_errors",
+    "postcopy_faults",
+    "fault_latency_p50_us",
+    "fault_latency_p99_us",
+    "vcpu_blocked_ms",
+    "recoveries",
+    "disk_bytes_copied",
+];
 
 /// Leaves out the arguments the user did not give.
 fn strip_nulls(v: &mut Value) {
@@ -483,7 +507,7 @@ pub fn storage_migrate(
     let tty = std::io::stderr().is_terminal();
     let final_report = start_and_follow(
         control,
-        req,
+        Some(req),
         report,
         (
             "storage_migration",

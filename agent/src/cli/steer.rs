@@ -403,6 +403,23 @@ impl Steering {
         (rate, ws)
     }
 
+    /// Attaching to a migration under way: what it runs with now is what is applied
+    /// (`progress` is its entry in the VMM's status).
+    pub fn adopt(&mut self, progress: &Value) {
+        if let Some(c) = get(progress, "codec").as_str().and_then(|c| c.parse().ok()) {
+            self.applied.codec = c;
+        }
+        if let Some(t) = get(progress, "throttle_pct").as_u64() {
+            self.applied.throttle_pct = t.min(99) as u32;
+        }
+        self.applied.bandwidth_mbit = get(progress, "bandwidth_limit_bytes_per_sec")
+            .as_f64()
+            .map(|b| b * 8.0 / 1e6);
+        if let Some(d) = get(progress, "max_downtime_ms").as_f64() {
+            self.applied.max_downtime_ms = d;
+        }
+    }
+
     /// One tick: observe, decide, push what changed.
     pub fn tick(&mut self, control: &Path, p: &Value, sample: Option<&Sample>) {
         if p.is_null() || matches!(get(p, "phase").as_str(), Some("setup") | None) {

@@ -13,15 +13,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::machine::{Machine, RunState};
+use super::machine::{DIRTY_SAMPLE_MS, Machine, RunState};
 use super::snapshot;
 use crate::migration::codec::Codec;
 use crate::migration::destination::Slot;
 use crate::migration::disk_stream::DiskMirror;
+use crate::migration::door::Door;
 use crate::migration::source;
 
-/// Longest request line accepted; anything longer is refused, not buffered.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest request line accepted; anything longer is refused whole, not buffered.
+pub const MAX_REQUEST: u64 = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
@@ -110,7 +111,12 @@ pub enum Request {
     Cancel {},
     /// Settle the last migration's handover in doubt with its destination.
     Resolve {},
-    Quit {},
+    /// Stop the VM and the process. Refused while a migration moves the VM unless
+    /// `force` (the VM then runs nowhere if the destination does not have it yet).
+    Quit {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// The lowest cap on a guest's disk writes, MB/s: a 64 KiB write waits 64 ms at it.
@@ -231,7 +237,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves requests until `quit` (or `interrupted()` says so), one thread per connection.
-pub fn serve(listener: UnixListener, slot: Slot, interrupted: impl Fn() -> bool) {
+/// `door`: the incoming port of a destination, whose counters `status` shows while no
+/// VM is here.
+pub fn serve(
+    listener: UnixListener,
+    slot: Slot,
+    door: Option<Arc<Door>>,
+    interrupted: impl Fn() -> bool,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     while !stop.load(Ordering::Acquire) && !interrupted() {
         // Block until a client connects, waking now and then to notice a signal.
@@ -248,9 +261,10 @@ pub fn serve(listener: UnixListener, slot: Slot, interrupted: impl Fn() -> bool)
             Ok((stream, _)) => {
                 let slot = slot.clone();
                 let stop = stop.clone();
+                let door = door.clone();
                 let _ = std::thread::Builder::new()
                     .name("control".into())
-                    .spawn(move || handle_connection(stream, &slot, &stop));
+                    .spawn(move || handle_connection(stream, &slot, door.as_deref(), &stop));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -261,35 +275,95 @@ pub fn serve(listener: UnixListener, slot: Slot, interrupted: impl Fn() -> bool)
     }
 }
 
-fn handle_connection(stream: UnixStream, slot: &Slot, stop: &AtomicBool) {
+/// One request line as read off the socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    Request(String),
+    /// Longer than [`MAX_REQUEST`]: `n` bytes, discarded up to and with its newline.
+    TooLong(u64),
+    NotUtf8,
+}
+
+/// Reads the next request line; None at the end of the stream. An oversized line is
+/// discarded whole (never cut into pieces that would each run), and at most
+/// `MAX_REQUEST + 1` bytes are ever buffered.
+pub fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<Line>> {
+    buf.clear();
+    let n = r.by_ref().take(MAX_REQUEST + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && n as u64 > MAX_REQUEST {
+        let mut skipped = n as u64;
+        loop {
+            let available = r.fill_buf()?;
+            if available.is_empty() {
+                break;
+            }
+            match available.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    r.consume(i + 1);
+                    skipped += i as u64 + 1;
+                    break;
+                }
+                None => {
+                    let n = available.len();
+                    r.consume(n);
+                    skipped += n as u64;
+                }
+            }
+        }
+        buf.clear();
+        return Ok(Some(Line::TooLong(skipped)));
+    }
+    Ok(Some(match std::str::from_utf8(buf) {
+        Ok(text) => Line::Request(text.trim().to_owned()),
+        Err(_) => Line::NotUtf8,
+    }))
+}
+
+/// The peer of a control connection hung up (an answer would go nowhere).
+fn hung_up(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only the one pollfd we pass; it does not block.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+fn handle_connection(stream: UnixStream, slot: &Slot, door: Option<&Door>, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
     let mut writer = write_half;
+    let Ok(peer) = stream.try_clone() else {
+        return;
+    };
+    let gone = || hung_up(&peer);
     let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
     loop {
-        let mut line = String::new();
-        let n = match (&mut reader).take(MAX_REQUEST).read_line(&mut line) {
-            Ok(n) => n,
-            Err(_) => return,
+        let line = match read_line(&mut reader, &mut buf) {
+            Ok(Some(l)) => l,
+            Ok(None) | Err(_) => return,
         };
-        if n == 0 {
-            return;
-        }
-        let answer = if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
-        } else {
-            let quit = matches!(
-                serde_json::from_str::<Request>(line.trim()),
-                Ok(Request::Quit {})
-            );
-            let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let answer = dispatch(line.trim(), machine.as_ref());
-            if quit {
-                stop.store(true, Ordering::Release);
+        let answer = match line {
+            Line::TooLong(n) => json!({"ok": false, "error": format!(
+                "request of {n} bytes is longer than the {MAX_REQUEST}-byte limit; it was discarded whole"
+            )}),
+            Line::NotUtf8 => json!({"ok": false, "error": "request is not valid UTF-8"}),
+            Line::Request(text) => {
+                let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let (answer, quit) = dispatch(&text, machine.as_ref(), door, &gone);
+                if quit {
+                    stop.store(true, Ordering::Release);
+                }
+                answer
             }
-            answer
         };
         let mut text = answer.to_string();
         text.push('\n');
@@ -302,21 +376,54 @@ fn handle_connection(stream: UnixStream, slot: &Slot, stop: &AtomicBool) {
     }
 }
 
-fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
+/// Answers one request; true when the process is to stop.
+fn dispatch(
+    line: &str,
+    m: Option<&Arc<Machine>>,
+    door: Option<&Door>,
+    client_gone: &dyn Fn() -> bool,
+) -> (Value, bool) {
     let request: Request = match serde_json::from_str(line) {
         Ok(r) => r,
-        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+        Err(e) => {
+            return (
+                json!({"ok": false, "error": format!("bad request: {e}")}),
+                false,
+            );
+        }
     };
     let Some(m) = m else {
         // A destination before its VM has arrived.
         return match request {
-            Request::Status {} => json!({"ok": true, "result": {
-                "state": "incoming", "pid": std::process::id(),
-            }}),
-            Request::Quit {} => json!({"ok": true, "result": {"state": "quitting"}}),
-            _ => json!({"ok": false, "error": "no VM here yet: waiting for an incoming migration"}),
+            Request::Status {} => (
+                json!({"ok": true, "result": {
+                    "state": "incoming", "pid": std::process::id(),
+                    "incoming": door.map(Door::counters),
+                }}),
+                false,
+            ),
+            Request::Quit { .. } => (json!({"ok": true, "result": {"state": "quitting"}}), true),
+            _ => (
+                json!({"ok": false, "error": "no VM here yet: waiting for an incoming migration"}),
+                false,
+            ),
         };
     };
+    let result = dispatch_to(request, m, client_gone);
+    let quit = matches!(result, Ok((_, true)));
+    let answer = match result {
+        Ok((v, _)) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    (answer, quit)
+}
+
+/// A request to this VM: its result, and whether the process is to stop.
+fn dispatch_to(
+    request: Request,
+    m: &Arc<Machine>,
+    client_gone: &dyn Fn() -> bool,
+) -> Result<(Value, bool), String> {
     let migrating = m
         .migration
         .lock()
@@ -331,7 +438,7 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
         )
     {
-        return json!({"ok": false, "error": "a migration is running; wait for it or cancel it first"});
+        return Err("a migration is running; wait for it or cancel it first".into());
     }
     // Incoming post-copy: memory is still arriving, and the VM's pausing belongs to it.
     if m.postcopy_status().is_some_and(|p| p.phase != "completed")
@@ -340,7 +447,9 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
         )
     {
-        return json!({"ok": false, "error": "post-copy is still bringing this VM's memory in; wait for it to complete"});
+        return Err(
+            "post-copy is still bringing this VM's memory in; wait for it to complete".into(),
+        );
     }
     let phase = m
         .migration
@@ -360,10 +469,13 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             Request::Snapshot { .. } | Request::Migrate { .. } | Request::StorageMigrate { .. }
         )
     {
-        return json!({"ok": false, "error": "a storage migration is running; wait for it or cancel it first"});
+        return Err("a storage migration is running; wait for it or cancel it first".into());
     }
     if migrating && matches!(request, Request::StorageMigrate { .. }) {
-        return json!({"ok": false, "error": "a migration is running; wait for it or cancel it first"});
+        return Err("a migration is running; wait for it or cancel it first".into());
+    }
+    if let Request::Quit { force } = request {
+        return quit(m, force, migrating || moving_disks, phase).map(|v| (v, true));
     }
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(m.status())),
@@ -379,6 +491,9 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             .verify(Duration::from_secs(timeout_secs.unwrap_or(600)))
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
+        Request::Snapshot { out } if out.as_os_str().is_empty() => {
+            Err("snapshot: `out` is empty; name the folder to write the snapshot into".into())
+        }
         Request::Snapshot { out } => snapshot::take(m, &out)
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
@@ -388,16 +503,25 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
         }
         Request::SetWorkload {
             dirty_pages_per_sec,
-        } => m
-            .set_dirty_rate(dirty_pages_per_sec)
-            .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
-            .map_err(|e| e.to_string()),
-        Request::DirtySample { duration_ms } => m
-            .dirty_sample(Duration::from_millis(
-                duration_ms.unwrap_or(1000).clamp(10, 60_000),
-            ))
-            .map(|r| json!(r))
-            .map_err(|e| e.to_string()),
+        } => crate::vmm::config::check_dirty_rate(dirty_pages_per_sec).and_then(|()| {
+            m.set_dirty_rate(dirty_pages_per_sec)
+                .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
+                .map_err(|e| e.to_string())
+        }),
+        Request::DirtySample { duration_ms } => {
+            let ms = duration_ms.unwrap_or(1000);
+            if DIRTY_SAMPLE_MS.contains(&ms) {
+                m.dirty_sample(Duration::from_millis(ms), client_gone)
+                    .map(|r| json!(r))
+                    .map_err(|e| e.to_string())
+            } else {
+                Err(format!(
+                    "duration_ms = {ms} is outside {}..={}",
+                    DIRTY_SAMPLE_MS.start(),
+                    DIRTY_SAMPLE_MS.end()
+                ))
+            }
+        }
         Request::Migrate {
             to,
             settings,
@@ -482,17 +606,47 @@ fn dispatch(line: &str, m: Option<&Arc<Machine>>) -> Value {
             } else if migrating || moving_disks {
                 m.migration_cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
+            } else if m.dirty_sample_lock.try_lock().is_err() {
+                m.dirty_sample_end.store(true, Ordering::Release);
+                Ok(json!({"cancelling": true, "what": "dirty-sample"}))
             } else {
-                Err("no migration is running".into())
+                Err("no migration or dirty-rate sample is running".into())
             }
         }
         Request::Resolve {} => source::resolve(m),
-        Request::Quit {} => Ok(json!({"state": "quitting"})),
+        Request::Quit { .. } => unreachable!("answered above"),
     };
-    match result {
-        Ok(v) => json!({"ok": true, "result": v}),
-        Err(e) => json!({"ok": false, "error": e}),
+    result.map(|v| (v, false))
+}
+
+/// `quit`: refused while a migration moves the VM (stopping it then could leave it
+/// running nowhere), unless forced.
+fn quit(
+    m: &Machine,
+    force: bool,
+    moving: bool,
+    phase: Option<source::Phase>,
+) -> Result<Value, String> {
+    if moving && !force {
+        let how = if matches!(
+            phase,
+            Some(source::Phase::Postcopy | source::Phase::PostcopyPaused)
+        ) {
+            "post-copy has started, so the guest already runs on the destination: wait for \
+             the migration to finish"
+        } else {
+            "cancel it first (`ferry cancel`; the VM keeps running here), then quit"
+        };
+        return Err(format!(
+            "a migration is moving this VM; quitting now would stop it before the destination \
+             has it: {how}. `ferry quit --force` stops it anyway"
+        ));
     }
+    if moving {
+        tracing::warn!("quit --force during a migration: the migration is abandoned");
+        m.migration_cancel.store(true, Ordering::Release);
+    }
+    Ok(json!({"state": "quitting"}))
 }
 
 fn start_storage_migration(
@@ -621,6 +775,12 @@ fn start_migration(
     {
         return Err("max_total_secs, timeout_secs and recover_secs must be at least 1".into());
     }
+    if m.state() != RunState::Running {
+        return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
+    }
+    // Reached before "started" is said: a destination that cannot be reached is an
+    // answer now, not a failed report later.
+    let conn = source::dial(&to).map_err(|e| e.to_string())?;
     {
         let mut slot = m.migration.lock().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
@@ -634,6 +794,8 @@ fn start_migration(
         m.migration_cancel.store(false, Ordering::Release);
         m.postcopy_requested.store(false, Ordering::Release);
         m.migration_resume.store(false, Ordering::Release);
+        // A dirty-rate sample holding the log ends now rather than delay this.
+        m.dirty_sample_end.store(true, Ordering::Release);
     }
     let params = source::Params {
         to,
@@ -652,7 +814,7 @@ fn start_migration(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            source::run(machine, params);
+            source::run(machine, params, conn);
         })
         .map_err(|e| format!("cannot start the migration thread: {e}"))?;
     Ok(json!({"started": true}))
@@ -709,6 +871,73 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn lines(input: &[u8]) -> Vec<Line> {
+        let mut r = std::io::BufReader::with_capacity(1024, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(l) = read_line(&mut r, &mut buf).unwrap() {
+            assert!(
+                buf.capacity() <= 2 * (MAX_REQUEST as usize + 1),
+                "{}",
+                buf.capacity()
+            );
+            out.push(l);
+        }
+        out
+    }
+
+    #[test]
+    fn an_oversized_line_is_one_refusal_and_none_of_it_runs() {
+        let mut smuggled = br#"{"cmd":"status","x":""#.to_vec();
+        smuggled.resize(128 << 10, b'A');
+        smuggled.extend_from_slice(b"{\"cmd\":\"pause\"}\n{\"cmd\":\"status\"}\n");
+        let got = lines(&smuggled);
+        assert_eq!(
+            got,
+            vec![
+                Line::TooLong((128 << 10) + 16),
+                Line::Request(r#"{"cmd":"status"}"#.into())
+            ]
+        );
+        assert_eq!(
+            lines(b"\xff\xfe\n{}\n"),
+            vec![Line::NotUtf8, Line::Request("{}".into())]
+        );
+        // Exactly at the limit is still a request.
+        let mut edge = vec![b' '; MAX_REQUEST as usize];
+        edge.push(b'\n');
+        assert_eq!(lines(&edge), vec![Line::Request(String::new())]);
+    }
+
+    proptest! {
+        /// Arbitrary bytes: no panic, bounded memory, and one answer per line (the
+        /// newlines outside oversized lines, plus an unterminated tail).
+        #[test]
+        fn arbitrary_bytes_give_one_line_per_newline(
+            chunks in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..200),
+                    (1usize..3).prop_map(|n| vec![b'x'; n * MAX_REQUEST as usize]),
+                ],
+                0..6,
+            )
+        ) {
+            let input: Vec<u8> = chunks.concat();
+            let got = lines(&input);
+            let newlines = input.iter().filter(|&&b| b == b'\n').count();
+            let tail = usize::from(!input.is_empty() && input.last() != Some(&b'\n'));
+            prop_assert!(got.len() <= newlines + tail);
+            for l in &got {
+                if let Line::Request(text) = l {
+                    prop_assert!(text.len() as u64 <= MAX_REQUEST);
+                    // Whatever parses or not, answering never panics.
+                    let _ = serde_json::from_str::<Request>(text);
+                }
+            }
+        }
+    }
 
     #[test]
     fn requests_parse_and_unknown_fields_are_refused() {

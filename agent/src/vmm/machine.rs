@@ -179,6 +179,8 @@ pub struct Status {
     pub incoming_postcopy: Option<crate::migration::postcopy_dst::PostcopyStatus>,
     /// The current or last storage migration (`report` set once it ended).
     pub storage_migration: Option<crate::migration::storage::Progress>,
+    /// A `dirty-sample` holds the dirty log now.
+    pub dirty_sample_running: bool,
     pub crash: Option<String>,
     pub per_vcpu: Vec<VcpuStatus>,
 }
@@ -216,7 +218,12 @@ pub struct DirtySample {
     /// Cost of the final harvest: reading the log, then re-arming it.
     pub fetch_ms: f64,
     pub clear_ms: f64,
+    /// Why it ended before its duration (None: it ran its whole duration).
+    pub ended_early: Option<&'static str>,
 }
+
+/// The shortest and longest dirty-rate sample, milliseconds.
+pub const DIRTY_SAMPLE_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -260,6 +267,9 @@ pub struct Machine {
     /// Held while a dirty-rate sample has the dirty log; a migration takes it before
     /// turning logging on, so the two never share the log.
     pub dirty_sample_lock: Mutex<()>,
+    /// Ends a running dirty-rate sample at its next check (`cancel`, a migration's
+    /// start).
+    pub dirty_sample_end: std::sync::atomic::AtomicBool,
     /// The running migration's settings and their history (`set-params`).
     pub live: Mutex<Option<crate::migration::source::Live>>,
     /// While set, `resume` is refused with this reason (a migration destination
@@ -315,6 +325,7 @@ impl Machine {
             migration: Mutex::new(None),
             migration_cancel: std::sync::atomic::AtomicBool::new(false),
             dirty_sample_lock: Mutex::new(()),
+            dirty_sample_end: std::sync::atomic::AtomicBool::new(false),
             live: Mutex::new(None),
             hold: Mutex::new(None),
             postcopy_requested: std::sync::atomic::AtomicBool::new(false),
@@ -500,6 +511,7 @@ impl Machine {
             migration: lock(&self.migration).clone(),
             incoming_postcopy: self.postcopy_status(),
             storage_migration: lock(&self.storage).clone(),
+            dirty_sample_running: self.dirty_sample_lock.try_lock().is_err(),
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
         }
@@ -657,11 +669,21 @@ impl Machine {
     }
 
     /// Logs dirty pages for `duration` and compares them with what the guest says it wrote.
-    pub fn dirty_sample(&self, duration: Duration) -> Result<DirtySample, MachineError> {
+    /// Logs dirty pages for `duration` (or until `client_gone()` says nobody waits for
+    /// the answer any more, `cancel` or a migration's start) and counts them.
+    pub fn dirty_sample(
+        &self,
+        duration: Duration,
+        client_gone: &dyn Fn() -> bool,
+    ) -> Result<DirtySample, MachineError> {
         let _log = self
             .dirty_sample_lock
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Cleared before the check below: a migration that starts after the check sets
+        // it again, and this sample ends at once.
+        self.dirty_sample_end
+            .store(false, std::sync::atomic::Ordering::Release);
         if self
             .migration
             .lock()
@@ -683,7 +705,21 @@ impl Machine {
             bitmap.clear_all();
             let w0 = written(self)?;
             let t0 = Instant::now();
-            std::thread::sleep(duration);
+            let mut ended_early = None;
+            while let Some(left) = duration.checked_sub(t0.elapsed()).filter(|l| !l.is_zero()) {
+                if self
+                    .dirty_sample_end
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    ended_early = Some("cancelled, or a migration started");
+                    break;
+                }
+                if client_gone() {
+                    ended_early = Some("its client went away");
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(20)));
+            }
             let t = Instant::now();
             self.dirty.fetch(&mut bitmap)?;
             let fetch_ms = ms(t.elapsed());
@@ -706,6 +742,7 @@ impl Machine {
                 guest_pages_written: w1 - w0,
                 fetch_ms,
                 clear_ms,
+                ended_early,
             })
         })();
         self.dirty.stop(&self.vm)?;
