@@ -281,9 +281,18 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     let mut batch = a.create_label();
     a.jmp(batch)?;
     a.set_label(&mut paced)?;
-    // due = (now - t0) * rate / tsc_hz
+    // due = (now - t0) * rate / tsc_hz. A quotient past 64 bits would fault the div
+    // (#DE, a triple fault here): with a rate that high, start the pace over from now.
     a.sub(rax, loc(Local::T0))?;
     a.mul(rcx)?;
+    let mut fits = a.create_label();
+    a.cmp(rdx, par!(tsc_hz))?;
+    a.jb(fits)?;
+    a.mov(rax, loc(Local::Now))?;
+    a.mov(loc(Local::T0), rax)?;
+    a.mov(loc(Local::Written), 0)?;
+    a.jmp(disk)?;
+    a.set_label(&mut fits)?;
     a.div(par!(tsc_hz))?;
     a.mov(r12, rax)?;
     a.sub(r12, loc(Local::Written))?;
@@ -322,6 +331,14 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     a.mov(rax, loc(Local::Now))?;
     a.sub(rax, loc(Local::DT0))?;
     a.mul(rcx)?;
+    let mut dfits = a.create_label();
+    a.cmp(rdx, par!(tsc_hz))?;
+    a.jb(dfits)?;
+    a.mov(rax, loc(Local::Now))?;
+    a.mov(loc(Local::DT0), rax)?;
+    a.mov(loc(Local::DDone), 0)?;
+    a.jmp(verify)?;
+    a.set_label(&mut dfits)?;
     a.div(par!(tsc_hz))?;
     a.mov(rdx, rax)?;
     a.sub(rdx, loc(Local::DDone))?;

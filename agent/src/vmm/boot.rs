@@ -229,7 +229,7 @@ pub fn guest_params(cfg: &VmConfig, layout: &Layout, tsc_hz: u64, seed: u64) -> 
         fill: u64::from(w.fill),
         heartbeat_tsc: tsc_hz * HEARTBEAT_US / 1_000_000,
         heartbeat_ns: HEARTBEAT_US * 1000,
-        verify_interval_tsc: tsc_hz / 1000 * w.verify_interval_ms,
+        verify_interval_tsc: (tsc_hz / 1000).saturating_mul(w.verify_interval_ms),
         verify_sample: VERIFY_SAMPLE,
         text_corpus: layout::TEXT_CORPUS,
         random_corpus: layout::RANDOM_CORPUS,

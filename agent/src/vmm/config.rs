@@ -11,6 +11,38 @@ pub const MAX_VCPUS: u32 = 16;
 pub const MAX_DISKS: usize = 4;
 /// The lab block device moves one request per exit through a bounce area of this size.
 pub const MAX_BLOCK_KIB: u32 = 64;
+/// The largest disk image: 16 TiB (its byte count and block numbers stay far from
+/// 64-bit overflow).
+pub const MAX_DISK_MIB: u64 = 16 << 20;
+/// The lab guest's page-write rate at most, over all vCPUs: well past what one vCPU
+/// can write (about a million pages/s on fast hardware), so any real load fits.
+pub const MAX_DIRTY_PAGES_PER_SEC: u64 = 100_000_000;
+/// The lab guest's disk writes per second at most, over all vCPUs (each is an exit
+/// to the VMM and a host write; no host does a million of them per second).
+pub const MAX_DISK_WRITE_OPS_PER_SEC: u64 = 1_000_000;
+/// The guest's re-check of what it wrote runs at least once an hour.
+pub const MAX_VERIFY_INTERVAL_MS: u64 = 3_600_000;
+
+/// Checks a page-write rate wherever one enters (a config, `set-workload`).
+pub fn check_dirty_rate(pages_per_sec: u64) -> Result<(), String> {
+    if pages_per_sec > MAX_DIRTY_PAGES_PER_SEC {
+        return Err(format!(
+            "dirty_pages_per_sec = {pages_per_sec} is over the {MAX_DIRTY_PAGES_PER_SEC} the \
+             lab guest can be asked for (0 = as fast as it can)"
+        ));
+    }
+    Ok(())
+}
+
+/// A name that is safe as a file name part: a VM's name, a disk's id.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -181,6 +213,19 @@ impl VmConfig {
 
     /// Parses config text; `origin` names it in errors, `base` anchors relative disk paths.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg = Self::parse_unresolved(text, origin)?;
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        for disk in &mut cfg.disks {
+            if disk.path.is_relative() {
+                disk.path = base.join(&disk.path);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// As [`parse`](Self::parse), with disk paths left as written (a config from the
+    /// migration stream, whose disk paths are names the receiver places itself).
+    pub fn parse_unresolved(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let mut cfg: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.message().trim().replace('\n', "; ")
@@ -196,12 +241,6 @@ impl VmConfig {
         if cfg.workload.working_set_mib == 0 {
             cfg.workload.working_set_mib = cfg.memory_mib / 2;
         }
-        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
-        for disk in &mut cfg.disks {
-            if disk.path.is_relative() {
-                disk.path = base.join(&disk.path);
-            }
-        }
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: origin.to_owned(),
             message,
@@ -210,15 +249,10 @@ impl VmConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let valid_name = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-        if !valid_name {
+        if !valid_name(&self.name) {
             return Err(format!(
-                "name {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                "name {:?} must be 1-64 characters of letters, digits, '-', '_' or '.' \
+                 (and not \".\" or \"..\")",
                 self.name
             ));
         }
@@ -244,8 +278,18 @@ impl VmConfig {
                 w.hot_fraction
             ));
         }
-        if w.verify_interval_ms == 0 {
-            return Err("workload.verify_interval_ms must be at least 1".into());
+        if w.verify_interval_ms == 0 || w.verify_interval_ms > MAX_VERIFY_INTERVAL_MS {
+            return Err(format!(
+                "workload.verify_interval_ms = {} is outside 1..={MAX_VERIFY_INTERVAL_MS}",
+                w.verify_interval_ms
+            ));
+        }
+        check_dirty_rate(w.dirty_pages_per_sec).map_err(|e| format!("workload.{e}"))?;
+        if w.disk.write_ops_per_sec > MAX_DISK_WRITE_OPS_PER_SEC {
+            return Err(format!(
+                "workload.disk.write_ops_per_sec = {} is over {MAX_DISK_WRITE_OPS_PER_SEC}",
+                w.disk.write_ops_per_sec
+            ));
         }
         let bk = w.disk.block_kib;
         if bk == 0 || bk > MAX_BLOCK_KIB || !bk.is_power_of_two() {
@@ -260,11 +304,20 @@ impl VmConfig {
             ));
         }
         for (i, d) in self.disks.iter().enumerate() {
-            if d.id.is_empty() || self.disks[..i].iter().any(|o| o.id == d.id) {
-                return Err(format!("disk id {:?} is empty or not unique", d.id));
+            if !valid_name(&d.id) {
+                return Err(format!(
+                    "disk id {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    d.id
+                ));
             }
-            if d.size_mib == 0 {
-                return Err(format!("disk {:?}: size_mib must be at least 1", d.id));
+            if self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(format!("disk id {:?} is not unique", d.id));
+            }
+            if d.size_mib == 0 || d.size_mib > MAX_DISK_MIB {
+                return Err(format!(
+                    "disk {:?}: size_mib = {} is outside 1..={MAX_DISK_MIB} (16 TiB)",
+                    d.id, d.size_mib
+                ));
             }
             if d.size_mib * 1024 < u64::from(bk) {
                 return Err(format!(
@@ -398,6 +451,31 @@ cache = "none"
             (
                 "name = \"a\"\nmemory_mib = 64\n[workload.disk]\nwrite_ops_per_sec = 5",
                 "disks",
+            ),
+            // Numbers that wrapped or overflowed the guest's arithmetic, refused where
+            // they enter and named with their bound.
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload]\ndirty_pages_per_sec = 9223372036854775807",
+                "workload.dirty_pages_per_sec = 9223372036854775807 is over the 100000000",
+            ),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload]\nverify_interval_ms = 9223372036854775807",
+                "verify_interval_ms = 9223372036854775807 is outside 1..=3600000",
+            ),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[workload.disk]\nwrite_ops_per_sec = 4294967296\n\
+                 [[disks]]\nid = \"r\"\npath = \"r.img\"\nsize_mib = 1",
+                "write_ops_per_sec = 4294967296 is over 1000000",
+            ),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[[disks]]\nid = \"r\"\npath = \"r.img\"\n\
+                 size_mib = 18014398509481984",
+                "size_mib = 18014398509481984 is outside 1..=16777216",
+            ),
+            ("name = \"..\"\nmemory_mib = 64", "name \"..\""),
+            (
+                "name = \"a\"\nmemory_mib = 64\n[[disks]]\nid = \"../x\"\npath = \"r.img\"\nsize_mib = 1",
+                "disk id \"../x\"",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();
