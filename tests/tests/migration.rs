@@ -5,8 +5,9 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
+use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
-    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, crc32, exclusive,
+    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, exclusive,
     f64_of, ferry, guest_write_rate, incoming, migrate, require_kvm, u64_of, write_config,
 };
 use serde_json::Value;
@@ -127,15 +128,13 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     let dir = TempDir::new("migfail");
     let src = boot(dir.path(), "f", &config("f", 1, "random", "text", 5000));
 
-    // Nobody listening.
+    // Nobody listening: the answer says so before anything starts.
     let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
-    let (ok, report) = migrate(&src, &addr, &[]);
-    assert!(!ok);
-    assert_eq!(report["outcome"], "failed");
-    assert!(
-        report["error"].as_str().unwrap().contains("cannot connect"),
-        "{report}"
-    );
+    let out = ferry(&["migrate", "--control", src.ctl(), "--to", &addr, "--json"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect"), "{err}");
+    assert!(src.status()["migration"].is_null(), "{}", src.status());
 
     // A peer that speaks another protocol version.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -147,7 +146,8 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
         let mut payload = vec![0u8; len];
         conn.read_exact(&mut payload).unwrap();
-        conn.write_all(&frame(2, &99u16.to_le_bytes())).unwrap();
+        conn.write_all(&wire::frame(2, &99u16.to_le_bytes()))
+            .unwrap();
         let mut rest = Vec::new();
         let _ = conn.read_to_end(&mut rest);
     });
@@ -227,10 +227,12 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         } else if name == "cut" {
             // Break the TCP connection itself, as a failing network path would.
             ferry_tests::kill_connections_to(&dst_port);
-            // The destination sees the stream end and gives up by itself.
-            let mut dst = dst;
-            let status = dst.child.wait().unwrap();
-            assert!(!status.success());
+            // The destination sees the stream end, drops what it had and waits for
+            // another migration.
+            let s = dst.wait_for("the failure noted", Duration::from_secs(30), |s| {
+                s["incoming"]["failed_migrations"] == 1
+            });
+            assert_eq!(s["state"], "incoming", "{s}");
         } else {
             let out = ferry(&["cancel", "--control", busy.ctl()]);
             assert!(
@@ -238,10 +240,11 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            // The destination learns of it and gives up; no VM is left there.
-            let mut dst = dst;
-            let status = dst.child.wait().unwrap();
-            assert!(!status.success());
+            // The destination learns of it; no VM is left there, and it waits on.
+            let s = dst.wait_for("the abort noted", Duration::from_secs(30), |s| {
+                s["incoming"]["failed_migrations"] == 1
+            });
+            assert_eq!(s["state"], "incoming", "{s}");
             assert!(dst.log_text().contains("aborted"), "{}", dst.log_text());
         }
         let report = follower.join().unwrap();
@@ -259,18 +262,6 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     }
     src.quit();
     busy.quit();
-}
-
-/// A protocol frame (see docs/PROTOCOL.md), built by hand.
-fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = b"FRYM".to_vec();
-    f.extend_from_slice(&[kind, 0, 0, 0]);
-    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    let mut crc_input = f.clone();
-    crc_input.extend_from_slice(payload);
-    f.extend_from_slice(&crc32(&crc_input).to_le_bytes());
-    f.extend_from_slice(payload);
-    f
 }
 
 #[test]
@@ -428,7 +419,7 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
     }
     let dir = TempDir::new("corrupt");
     let src = boot(dir.path(), "c", &config("c", 1, "random", "text", 5000));
-    let (mut dst, dst_addr) = incoming(dir.path(), "c-dst");
+    let (dst, dst_addr) = incoming(dir.path(), "c-dst");
     // A proxy between the two that flips one bit in the middle of the page stream.
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_addr = proxy.local_addr().unwrap().to_string();
@@ -467,12 +458,16 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
         report["error"].as_str().unwrap().contains("checksum"),
         "{report}"
     );
-    let status = dst.child.wait().unwrap();
-    assert!(!status.success(), "the destination must give up");
+    // The destination gives that migration up, drops what it built and waits on.
+    let s = dst.wait_for("the failure noted", Duration::from_secs(30), |s| {
+        s["incoming"]["failed_migrations"] == 1
+    });
+    assert_eq!(s["state"], "incoming", "{s}");
     assert!(dst.log_text().contains("checksum"), "{}", dst.log_text());
     relay.join().unwrap();
     assert_running_and_intact(&src);
     src.quit();
+    dst.quit();
 }
 
 #[test]
@@ -500,7 +495,7 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
         src.wait_for("running", Duration::from_secs(30), |s| {
             u64_of(s, "heartbeats") > 200
         });
-        let (mut dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
+        let (dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
         let (ok, report) = migrate(&src, &addr, &["--max-downtime-ms", "50"]);
         assert!(!ok, "{report}");
         let (s, d) = (src.status(), dst.status());
@@ -522,6 +517,17 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             assert_eq!(s["state"], "migrated", "{s}");
             assert!(!ferry(&["resume", "--control", src.ctl()]).status.success());
         }
+        // A stranger's word settles nothing: without the session's secret from the
+        // handshake, a Resolve is refused and the copy stays as it is (before, its
+        // "committed" resumed a second copy, its "not committed" threw the only one
+        // away).
+        for committed in [true, false] {
+            let mut stranger = Peer::connect(&addr);
+            stranger.send(wire::RESOLVE, &wire::resolve(1, 0, committed));
+            let reason = stranger.abort_reason().unwrap_or_default();
+            assert!(reason.contains("no handover of that migration"), "{reason}");
+            assert_eq!(dst.status()["state"], d["state"], "{}", dst.status());
+        }
         let out = ferry(&["migrate", "--control", src.ctl(), "--resolve"]);
         assert!(
             out.status.success(),
@@ -531,8 +537,11 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
         let resolved: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(resolved["vm_runs_on"], runs_on, "{resolved}");
         if runs_on == "source" {
-            let status = dst.child.wait().unwrap();
-            assert!(!status.success());
+            // The destination dropped its copy and waits for another migration.
+            let s = dst.wait_for("the copy discarded", Duration::from_secs(30), |s| {
+                s["state"] == "incoming"
+            });
+            assert!(s["incoming"].is_object(), "{s}");
             assert!(dst.log_text().contains("discard"), "{}", dst.log_text());
             assert_running_and_intact(&src);
         } else {
@@ -541,8 +550,6 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             assert_running_and_intact(&dst);
         }
         src.quit();
-        if runs_on == "destination" {
-            dst.quit();
-        }
+        dst.quit();
     }
 }
