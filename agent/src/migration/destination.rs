@@ -141,7 +141,8 @@ fn shared_disks(cfg: &VmConfig, shared: &[PathBuf]) -> Result<Vec<PathBuf>, Inco
                     )
                 } else {
                     format!(
-                        "no image {name:?} in {}",
+                        "no image {name:?} in {} (disks sent along with --copy-storage need \
+                         --datastore DIR here)",
                         shared
                             .iter()
                             .map(|p| p.display().to_string())
