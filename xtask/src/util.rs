@@ -44,7 +44,15 @@ pub fn build_ferry() -> Result<PathBuf> {
     let mut c = cargo();
     c.args(["build", "--release", "-p", "ferry"]);
     run(c, "cargo build --release -p ferry")?;
-    Ok(root().join("target/release/ferry"))
+    Ok(target_dir().join("release/ferry"))
+}
+
+/// Where cargo builds: `$CARGO_TARGET_DIR` (relative to the workspace) or `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root().join(dir),
+        _ => root().join("target"),
+    }
 }
 
 pub fn test(extra: &[&str]) -> Result<()> {
