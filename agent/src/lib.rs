@@ -1,6 +1,8 @@
 //! Ferry: live migration of KVM virtual machines.
 
 pub mod cli;
+pub mod clock;
+pub mod control;
 pub mod guest;
 pub mod migration;
 pub mod policy;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::{cli, migration};
+use ferry_api::Mode;
 
 #[derive(Parser)]
 #[command(
@@ -16,23 +17,6 @@ use ferry::{cli, migration};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Mode {
-    Precopy,
-    Postcopy,
-    Hybrid,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Precopy => "precopy",
-            Mode::Postcopy => "postcopy",
-            Mode::Hybrid => "hybrid",
-        }
-    }
 }
 
 /// The policy and the operator's limits, shared by `migrate` and `plan`.
@@ -265,7 +249,7 @@ enum Command {
         /// precopy: rounds of dirty pages, then a short pause. postcopy: the guest
         /// moves at once and its pages follow on demand. hybrid: pre-copy until
         /// `ferry start-postcopy`.
-        #[arg(long, value_enum, default_value_t = Mode::Precopy)]
+        #[arg(long, default_value_t = Mode::Precopy)]
         mode: Mode,
         /// Post-copy: keep trying to restore a broken link this long.
         #[arg(long, default_value_t = 60)]
@@ -480,10 +464,10 @@ fn main() -> ExitCode {
             let steering = cli::steer::policy(&policy.policy, pins, &limits)?
                 .map(|p| cli::steer::Steering::new(p, limits.clone()));
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
-            let mode = if limits.allow_postcopy && matches!(mode, Mode::Precopy) {
-                "hybrid"
+            let mode = if limits.allow_postcopy && mode == Mode::Precopy {
+                Mode::Hybrid
             } else {
-                mode.name()
+                mode
             };
             cli::client::migrate(
                 &control,

@@ -160,7 +160,7 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
     );
     // Its first decision came after the jump, not before.
     assert!(
-        u64_of(raised[0], "t_ms") >= stepped.at_ms,
+        f64_of(raised[0], "t_ms") >= stepped.at_ms as f64,
         "throttled before the jump at {} ms: {report}",
         stepped.at_ms
     );
@@ -185,7 +185,7 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
         "throttled to {}% at {} ms (jump at {} ms); downtime {downtime:.1} ms, predicted \
          {predicted_downtime:.1} ms; total {:.1} s, predicted {:.1} s",
         raised[0]["value"].as_str().unwrap_or("?"),
-        u64_of(raised[0], "t_ms"),
+        f64_of(raised[0], "t_ms"),
         stepped.at_ms,
         f64_of(&report, "total_ms") / 1e3,
         predicted_total / 1e3

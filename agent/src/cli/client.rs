@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::vmm::control::request;
+use crate::control::request;
 
 /// Exit code of `ferry verify` when the guest found errors.
 pub const EXIT_INTEGRITY: u8 = 3;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
+use crate::control::request;
 use crate::policy::{Limits, Observation, Policy, Stage};
-use crate::vmm::control::request;
 
 pub fn run(
     control: &Path,
@@ -55,7 +55,7 @@ pub fn run(
         disk_written_compression_ratio: None,
         disk_copy_bytes_per_sec: None,
         disk_write_bytes_per_sec: None,
-        pause_basis: Default::default(),
+        pause_basis: crate::policy::model::PauseBasis::prior(crate::migration::MECHANICS),
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

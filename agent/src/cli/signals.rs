@@ -18,9 +18,9 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::control::request;
 use crate::probes::signals::{self, DeviceIo, Logging, Reading, Signals};
 use crate::probes::{Probes, check_kvm_process};
-use crate::vmm::control::request;
 
 pub struct Options {
     pub control: Option<PathBuf>,

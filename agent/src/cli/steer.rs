@@ -8,12 +8,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::client::get;
-use crate::migration::codec::Codec;
+use crate::control::request;
 use crate::policy::{
-    CodecPerf, Decision, Limits, Observation, Policy, Prediction, Settings, Stage,
+    Codec, CodecPerf, Decision, Limits, Observation, Policy, Prediction, Settings, Stage,
 };
 use crate::probes::follow::Sample;
-use crate::vmm::control::request;
 
 /// How long a probe sample's window is (`ferry migrate` samples every 250 ms).
 pub const PROBE_WINDOW_MS: f64 = 250.0;
@@ -184,7 +183,7 @@ impl Steering {
     }
 
     /// How the VMM is to judge the switchover moment for this policy.
-    pub fn switchover_rule(&self) -> crate::policy::SwitchoverRule {
+    pub fn switchover_rule(&self) -> crate::policy::Switchover {
         self.policy.switchover_rule()
     }
 
@@ -216,7 +215,7 @@ impl Steering {
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
             disk_write_bytes_per_sec: None,
-            pause_basis: Default::default(),
+            pause_basis: crate::policy::model::PauseBasis::prior(crate::migration::MECHANICS),
         };
         let d = self.policy.decide(&obs, &self.limits);
         self.applied = d.settings.clone();
@@ -302,6 +301,7 @@ impl Steering {
             disk_copy_bytes_per_sec: disk_copy,
             disk_write_bytes_per_sec: get(p, "disk_write_bytes_per_sec").as_f64(),
             pause_basis: crate::policy::model::PauseBasis {
+                mechanics: crate::migration::MECHANICS,
                 idle_rtt_ms: get(p, "idle_rtt_ms").as_f64(),
                 dst_flush_ms: get(p, "dst_flush_ms").as_f64(),
                 dst_write_bytes_per_sec: get(p, "dst_write_bytes_per_sec").as_f64(),

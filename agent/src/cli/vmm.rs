@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
+use crate::control;
 use crate::migration::destination::Slot;
 use crate::migration::door::{Door, Placement};
+use crate::migration::migratable::Migratable;
 use crate::vmm::config::VmConfig;
-use crate::vmm::{control, launch};
+use crate::vmm::launch;
 
 pub enum Source {
     Config(PathBuf),
@@ -98,7 +100,8 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 "VM {}",
                 if matches!(source, Source::Config(_)) { "started" } else { "restored" }
             );
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Arc::new(Migratable::new(machine)));
             listener
         }
     };
@@ -112,9 +115,10 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     control::serve(listener, slot.clone(), door, || {
         STOP.load(Ordering::Acquire)
     });
-    let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(m) = machine {
-        if m.postcopy_status().is_some_and(|p| p.phase != "completed") {
+    let served = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(vm) = served {
+        let m = &vm.machine;
+        if vm.receiving_postcopy() {
             // vCPUs waiting for pages that will never come cannot be joined; they end
             // with the process.
             tracing::warn!("stopping with post-copy incomplete: this copy of the VM is lost");

@@ -17,7 +17,9 @@
 //! ```
 
 use super::abi::PAGE_SIZE;
-use crate::vmm::config::{MAX_VCPUS, VmConfig};
+
+/// vCPUs the layout has room for: a mailbox, a stack and a disk buffer each.
+pub const MAX_VCPUS: u32 = 16;
 
 pub const GDT: u64 = 0x1000;
 /// 64-bit TSS followed by an all-zero I/O permission bitmap. With IOPL=3 a CPU never
@@ -72,11 +74,12 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(cfg: &VmConfig) -> Result<Self, String> {
-        let memory_bytes = cfg.memory_mib << 20;
-        let ws_pages = (cfg.workload.working_set_mib << 20) / PAGE_SIZE;
+    /// The layout of a guest of `memory_mib` whose workload writes `working_set_mib`
+    /// and `disk_blocks` blocks of its first disk.
+    pub fn new(memory_mib: u64, working_set_mib: u64, disk_blocks: u64) -> Result<Self, String> {
+        let memory_bytes = memory_mib << 20;
+        let ws_pages = (working_set_mib << 20) / PAGE_SIZE;
         let disk_gen_table = align_up(GEN_TABLE + ws_pages * 4, PAGE_SIZE);
-        let disk_blocks = cfg.workload_disk_blocks();
         let tables_end = disk_gen_table + disk_blocks * 4;
         let ws_base = align_up(tables_end, 2 << 20);
         let ws_end = ws_base + ws_pages * PAGE_SIZE;
@@ -85,8 +88,8 @@ impl Layout {
                 "workload.working_set_mib = {} does not fit in memory_mib = {}: Ferry's lab \
                  guest reserves {} MiB for its code, tables and disk buffers; raise memory_mib \
                  to at least {}",
-                cfg.workload.working_set_mib,
-                cfg.memory_mib,
+                working_set_mib,
+                memory_mib,
                 ws_base >> 20,
                 ws_end.div_ceil(1 << 20)
             ));

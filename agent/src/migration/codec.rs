@@ -3,85 +3,39 @@
 //!
 //! Contexts are reused: a fresh zstd context per page is several times slower.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::guest::abi::PAGE_SIZE;
+pub use ferry_api::codec::{Codec, CodecParseError, ZSTD_MAX_LEVEL};
 
 const PAGE: usize = PAGE_SIZE as usize;
-pub const ZSTD_MAX_LEVEL: i32 = 19;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Codec {
-    None,
-    Lz4,
-    Zstd(i32),
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
-    #[error("unknown codec {0:?}: use none, lz4 or zstd:N (N from 1 to {ZSTD_MAX_LEVEL})")]
-    Unknown(String),
+    #[error(transparent)]
+    Parse(#[from] CodecParseError),
     #[error("unknown codec id {0} in a page batch")]
     UnknownId(u8),
-    #[error("zstd level {0} is outside 1..={ZSTD_MAX_LEVEL}")]
-    Level(i32),
     #[error("compressing a page with {codec}: {message}")]
     Compress { codec: Codec, message: String },
     #[error("data compressed with {codec} does not decompress to its length: {message}")]
     Decompress { codec: Codec, message: String },
 }
 
-impl Codec {
-    /// Wire id: the low byte of the codec field of a page batch.
-    pub fn id(self) -> u8 {
-        match self {
-            Codec::None => 0,
-            Codec::Lz4 => 1,
-            Codec::Zstd(_) => 2,
-        }
-    }
-
-    /// The codec a batch names (the level only matters to the sender).
-    pub fn from_id(id: u8) -> Result<Self, CodecError> {
-        match id {
-            0 => Ok(Codec::None),
-            1 => Ok(Codec::Lz4),
-            2 => Ok(Codec::Zstd(1)),
-            other => Err(CodecError::UnknownId(other)),
-        }
+/// Wire id: the low byte of the codec field of a page batch.
+pub fn wire_id(codec: Codec) -> u8 {
+    match codec {
+        Codec::None => 0,
+        Codec::Lz4 => 1,
+        Codec::Zstd(_) => 2,
     }
 }
 
-impl fmt::Display for Codec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Codec::None => f.write_str("none"),
-            Codec::Lz4 => f.write_str("lz4"),
-            Codec::Zstd(level) => write!(f, "zstd:{level}"),
-        }
-    }
-}
-
-impl FromStr for Codec {
-    type Err = CodecError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Codec::None),
-            "lz4" => Ok(Codec::Lz4),
-            "zstd" => Ok(Codec::Zstd(1)),
-            _ => {
-                let level = s
-                    .strip_prefix("zstd:")
-                    .and_then(|l| l.parse::<i32>().ok())
-                    .ok_or_else(|| CodecError::Unknown(s.to_owned()))?;
-                if !(1..=ZSTD_MAX_LEVEL).contains(&level) {
-                    return Err(CodecError::Level(level));
-                }
-                Ok(Codec::Zstd(level))
-            }
-        }
+/// The codec a batch names (the level only matters to the sender).
+pub fn from_wire_id(id: u8) -> Result<Codec, CodecError> {
+    match id {
+        0 => Ok(Codec::None),
+        1 => Ok(Codec::Lz4),
+        2 => Ok(Codec::Zstd(1)),
+        other => Err(CodecError::UnknownId(other)),
     }
 }
 
@@ -238,15 +192,7 @@ impl Decompressor {
     }
 }
 
-/// One codec's performance on a sample of a VM's own pages.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CodecSample {
-    pub codec: String,
-    /// Uncompressed bytes over encoded bytes (pages stored raw count as 1.0).
-    pub ratio: f64,
-    /// Uncompressed bytes per second one thread compresses.
-    pub compress_bytes_per_sec: f64,
-}
+pub use ferry_api::CodecSample;
 
 /// Measures each codec on `pages` (each one page long): what the policy engine needs to
 /// judge whether compression would pay on this VM's memory.
@@ -272,7 +218,7 @@ pub fn sample<'a>(
             }
             let secs = t.elapsed().as_secs_f64().max(1e-9);
             CodecSample {
-                codec: codec.to_string(),
+                codec,
                 ratio: if encoded == 0 {
                     1.0
                 } else {
@@ -291,22 +237,12 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn names_parse_and_print() {
-        for (s, c) in [
-            ("none", Codec::None),
-            ("lz4", Codec::Lz4),
-            ("zstd:3", Codec::Zstd(3)),
-        ] {
-            assert_eq!(s.parse::<Codec>().unwrap(), c);
-            assert_eq!(c.to_string(), s);
+    fn wire_ids_round_trip_and_unknown_ids_are_refused() {
+        for c in [Codec::None, Codec::Lz4, Codec::Zstd(1)] {
+            assert_eq!(from_wire_id(wire_id(c)), Ok(c));
         }
-        assert_eq!("zstd".parse::<Codec>().unwrap(), Codec::Zstd(1));
-        assert_eq!("zstd:0".parse::<Codec>(), Err(CodecError::Level(0)));
-        assert!(matches!(
-            "gzip".parse::<Codec>(),
-            Err(CodecError::Unknown(_))
-        ));
-        assert_eq!(Codec::from_id(7), Err(CodecError::UnknownId(7)));
+        assert_eq!(wire_id(Codec::Zstd(9)), wire_id(Codec::Zstd(1)));
+        assert_eq!(from_wire_id(7), Err(CodecError::UnknownId(7)));
     }
 
     #[test]
@@ -354,7 +290,7 @@ mod tests {
         fn any_page_round_trips(seed in any::<u64>(), zeros in 0usize..PAGE, codec_id in 0u8..3) {
             let mut page = corpus::random(PAGE, seed);
             page[..zeros].fill(0);
-            let codec = Codec::from_id(codec_id).unwrap();
+            let codec = from_wire_id(codec_id).unwrap();
             let mut out = Vec::new();
             let stored = Compressor::new().compress(codec, &page, &mut out).unwrap();
             let mut back = [0u8; PAGE];
@@ -365,7 +301,7 @@ mod tests {
 
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..6000), codec_id in 0u8..3) {
-            let codec = Codec::from_id(codec_id).unwrap();
+            let codec = from_wire_id(codec_id).unwrap();
             let mut page = [0u8; PAGE];
             let _ = Decompressor::new().decompress(codec, &data, &mut page);
         }

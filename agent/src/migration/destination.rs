@@ -16,9 +16,11 @@ use super::Lap;
 use super::codec::{CodecError, Decompressor};
 use super::disk_stream::DiskStore;
 use super::door::{Placement, Routed};
+use super::migratable::Migratable;
 use super::postcopy_dst;
 use super::priority;
 use super::protocol::{self, Hello, Kind, Message, PageBatch, ProtocolError, Session};
+use super::source::lock;
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
 use crate::vmm::block::DiskSet;
@@ -32,8 +34,8 @@ use crate::vmm::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// The machine a destination process serves once it exists.
-pub type Slot = Arc<Mutex<Option<Arc<Machine>>>>;
+/// The VM a process serves once it exists (a destination's arrives by migration).
+pub type Slot = Arc<Mutex<Option<Arc<Migratable>>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
@@ -400,13 +402,15 @@ impl Receiver<'_> {
             .config_path
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = self.config_path.clone();
+        let served = Arc::new(Migratable::new(machine.clone()));
         if let Some((tracker, _)) = &postcopy {
-            *machine.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(tracker.clone());
+            *lock(&served.incoming) = Some(tracker.clone());
+            *lock(&machine.absent) = Some(tracker.clone());
         }
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) =
             Some("a migration is handing this VM over; waiting for the source's commit".into());
         machine.start(false)?;
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
+        *lock(slot) = Some(served);
         lap.mark("vCPU threads started");
         self.send(&Message::Ready)?;
         lap.mark("ready sent");

@@ -13,43 +13,28 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
+use super::migratable::Migratable;
 use crate::vmm::dirty::{DirtyBitmap, DirtyError};
-use crate::vmm::machine::Machine;
 
 pub const WINDOW: Duration = Duration::from_millis(250);
 /// Windows per first pass at most: enough for the policy's first prediction (made
 /// once a second has passed), few enough that the extra faults stay a blip.
 pub const WINDOWS: u32 = 4;
 
-/// What the windows showed so far (in a migration's progress).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct DirtyWindows {
-    pub windows: u32,
-    /// Their mean length, and the pages dirtied in one on average.
-    pub window_ms: f64,
-    pub pages_per_window: f64,
-    /// From logging's start to the last window's end, and the distinct pages dirtied
-    /// meanwhile.
-    pub since_ms: f64,
-    pub distinct_pages: u64,
-    /// What re-arming the log took on average: a round's harvest costs about as much.
-    pub rearm_ms: f64,
-}
+pub use ferry_api::DirtyWindows;
 
 /// Runs `pass` (the first pass) while a thread measures windows into the migration's
 /// progress; a dirty log that failed to re-arm fails the pass (the log can no longer
 /// be trusted to know what is owed).
 pub(super) fn during<T, E: From<DirtyError>>(
-    m: &Machine,
+    vm: &Migratable,
     pass: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
     let (stop, stopped) = channel::<()>();
     std::thread::scope(|s| {
         let sampler = std::thread::Builder::new()
             .name("dirty-windows".into())
-            .spawn_scoped(s, || sample(m, stopped));
+            .spawn_scoped(s, || sample(vm, stopped));
         let result = pass();
         drop(stop);
         let sampled = match sampler {
@@ -63,7 +48,8 @@ pub(super) fn during<T, E: From<DirtyError>>(
     })
 }
 
-fn sample(m: &Machine, stop: Receiver<()>) -> Result<(), DirtyError> {
+fn sample(vm: &Migratable, stop: Receiver<()>) -> Result<(), DirtyError> {
+    let m = &vm.machine;
     let pages = m.vm.layout.memory_bytes / crate::guest::abi::PAGE_SIZE;
     let mut window = DirtyBitmap::new(pages);
     let mut all = DirtyBitmap::new(pages);
@@ -88,7 +74,7 @@ fn sample(m: &Machine, stop: Receiver<()>) -> Result<(), DirtyError> {
         all.or_assign_words(window.words());
         w.distinct_pages = all.count();
         w.rearm_ms = rearm.as_secs_f64() * 1e3 / f64::from(w.windows);
-        let mut guard = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = vm.progress.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.dirty_windows = Some(w.clone());
         }

@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
-
 use super::codec::{Codec, Decompressor, Stored};
 use super::protocol::{self, DISK_ZERO, MAX_DISK_CHUNK, Message};
 use super::source::{MigrateError, Sender};
@@ -44,40 +42,7 @@ struct Piece {
     data: Vec<u8>,
 }
 
-/// How the disks that travel keep up with the guest's writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskMirror {
-    /// With each pre-copy round, the blocks written since the last one.
-    #[default]
-    Background,
-    /// Each guest write also goes to the destination before it completes (libvirt's
-    /// `--copy-storage-synchronous-writes`, QEMU's write-blocking mirror): the disks
-    /// converge because the link paces the guest's writes.
-    Active,
-}
-
-impl std::str::FromStr for DiskMirror {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "background" => Ok(Self::Background),
-            "active" => Ok(Self::Active),
-            other => Err(format!(
-                "disk_mirror {other:?}: \"background\" (the default) or \"active\""
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for DiskMirror {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Background => "background",
-            Self::Active => "active",
-        })
-    }
-}
+pub use ferry_api::DiskMirror;
 
 /// A disk's copy at the destination, fed the guest's writes on the migration stream
 /// itself (so they keep their order with the rounds' copies of the same blocks).
@@ -101,7 +66,11 @@ impl Mirror for NetMirror {
                     disk: self.disk,
                     offset: at + range.start as u64,
                     len: range.len() as u32,
-                    encoding: if is_zero { DISK_ZERO } else { Codec::None.id() },
+                    encoding: if is_zero {
+                        DISK_ZERO
+                    } else {
+                        super::codec::wire_id(Codec::None)
+                    },
                     data: if is_zero {
                         Vec::new()
                     } else {
@@ -146,7 +115,7 @@ impl Sender<'_> {
         self.stats.disk_size = disks.iter().map(|d| d.size).sum();
         let mut todo = Vec::new();
         // The live settings: a change made since this thread last looked counts.
-        let settings = super::source::lock(&self.m.live)
+        let settings = super::source::lock(&self.vm.live)
             .as_ref()
             .map_or(self.settings, |l| l.settings);
         for (i, d) in disks.iter().enumerate() {
@@ -344,8 +313,8 @@ impl Sender<'_> {
                     .compress(codec, &bytes[range.clone()], &mut out)
                     .map_err(|e| MigrateError::Vm(format!("disk {disk}: {e}")))?
                 {
-                    Stored::Compressed(_) => (codec.id(), out.clone()),
-                    Stored::Raw => (Codec::None.id(), bytes[range].to_vec()),
+                    Stored::Compressed(_) => (super::codec::wire_id(codec), out.clone()),
+                    Stored::Raw => (super::codec::wire_id(Codec::None), bytes[range].to_vec()),
                 }
             };
             encoded.push(Piece {
@@ -766,8 +735,8 @@ impl DiskStore {
             buf.fill(0);
             write_zeroes_at(file, offset, buf).map_err(io)?;
         } else {
-            let codec =
-                Codec::from_id(encoding).map_err(|e| DiskStoreError::Decode(e.to_string()))?;
+            let codec = super::codec::from_wire_id(encoding)
+                .map_err(|e| DiskStoreError::Decode(e.to_string()))?;
             self.decompressor
                 .decompress_exact(codec, data, buf)
                 .map_err(|e| DiskStoreError::Decode(e.to_string()))?;
@@ -887,11 +856,17 @@ mod tests {
             .compress(Codec::Lz4, &text, &mut lz4)
             .unwrap();
         assert!(matches!(stored, Stored::Compressed(_)));
-        store.write(0, 0, 65536, Codec::Lz4.id(), &lz4).unwrap();
+        store
+            .write(0, 0, 65536, super::super::codec::wire_id(Codec::Lz4), &lz4)
+            .unwrap();
         store.write(0, 65536, 4096, 0, &[9; 4096]).unwrap();
         store.write(0, 65536, 512, DISK_ZERO, &[]).unwrap();
         // Data that does not decode to its length, or lands past the end: refused.
-        assert!(store.write(0, 0, 4096, Codec::Lz4.id(), &lz4).is_err());
+        assert!(
+            store
+                .write(0, 0, 4096, super::super::codec::wire_id(Codec::Lz4), &lz4)
+                .is_err()
+        );
         assert!(store.write(0, 1 << 20, 512, 0, &[1; 512]).is_err());
         assert!(store.write(3, 0, 512, 0, &[1; 512]).is_err());
         let image = std::fs::read(dir.join("ds/ds-root.img")).unwrap();

@@ -17,8 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::destination::{self, Slot};
 use super::protocol::{self, Message, ProtocolError, Session};
 
@@ -45,17 +43,7 @@ pub struct Routed {
     pub conn: TcpStream,
 }
 
-/// What `ferry status` shows of the port while no VM runs here.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Counters {
-    /// Connections closed without a migration: not the protocol, too slow to say
-    /// hello, the wrong session, too many waiting.
-    pub rejected_connections: u64,
-    /// Migrations that began and failed before the guest ran here.
-    pub failed_migrations: u64,
-    /// Why the last of either was refused.
-    pub last_rejection: Option<String>,
-}
+pub use ferry_api::PortCounters;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -72,7 +60,7 @@ pub struct Door {
     /// The migration being received: its session, and where its later connections go.
     route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
     waiting: AtomicUsize,
-    counters: Mutex<Counters>,
+    counters: Mutex<PortCounters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,11 +101,11 @@ impl Door {
             phase: Mutex::new(Phase::Waiting),
             route: Mutex::new(None),
             waiting: AtomicUsize::new(0),
-            counters: Mutex::new(Counters::default()),
+            counters: Mutex::new(PortCounters::default()),
         })
     }
 
-    pub fn counters(&self) -> Counters {
+    pub fn counters(&self) -> PortCounters {
         lock(&self.counters).clone()
     }
 
@@ -270,9 +258,9 @@ impl Door {
 
     /// Stops and drops whatever a failed or discarded migration left here.
     fn discard(&self) {
-        let machine = lock(&self.slot).take();
-        if let Some(m) = machine {
-            m.shutdown();
+        let served = lock(&self.slot).take();
+        if let Some(vm) = served {
+            vm.machine.shutdown();
         }
         *lock(&self.phase) = Phase::Waiting;
     }
@@ -287,9 +275,10 @@ impl Door {
                 "no handover of that migration to resolve here".into(),
             );
         }
-        let Some(m) = lock(&self.slot).clone() else {
+        let Some(vm) = lock(&self.slot).clone() else {
             return self.turn_away(conn, peer, "no VM here".into());
         };
+        let m = &vm.machine;
         let held = lock(&m.hold).is_some();
         let running = if !held {
             true
@@ -316,7 +305,7 @@ impl Door {
                 "handover resolved: the source kept the VM; this copy is discarded and the \
                  port waits for another migration"
             );
-            drop(m);
+            drop(vm);
             self.discard();
         }
     }

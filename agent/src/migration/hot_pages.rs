@@ -83,12 +83,8 @@ impl HotPages {
 /// How many pages the pause may send at `bytes_per_sec` on the wire (counted raw:
 /// the pages a guest keeps rewriting seldom compress much); the floor when the link
 /// is not measured yet.
-pub(crate) fn pause_budget(bytes_per_sec: f64) -> u64 {
-    if bytes_per_sec.is_nan() || bytes_per_sec <= 0.0 {
-        return PAUSE_PAGES_MIN;
-    }
-    let pages = bytes_per_sec * PAUSE_SEND_SECS / crate::guest::abi::PAGE_SIZE as f64;
-    (pages as u64).clamp(PAUSE_PAGES_MIN, PAUSE_PAGES_MAX)
+pub(super) fn pause_budget(bytes_per_sec: f64) -> u64 {
+    super::MECHANICS.postcopy_pause_pages(bytes_per_sec)
 }
 
 /// Splits the pages stale at the pause (`held`, and `late`: dirtied since the last

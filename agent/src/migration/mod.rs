@@ -5,8 +5,9 @@ pub mod destination;
 pub mod dirty_windows;
 pub mod disk_stream;
 pub mod door;
-pub(crate) mod hot_pages;
+mod hot_pages;
 mod link;
+pub mod migratable;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 mod priority;
@@ -16,6 +17,21 @@ pub mod storage;
 mod vcpu_pages;
 mod watchdog;
 pub mod wire;
+
+/// How this VMM moves a VM, in the terms a policy models it with (a driver hands
+/// these to its policy; nothing in `policy/` knows them otherwise).
+pub const MECHANICS: ferry_api::Mechanics = ferry_api::Mechanics {
+    page_bytes: crate::guest::abi::PAGE_SIZE,
+    batch_pages: source::BATCH as u32,
+    min_split_batches: source::MIN_SPLIT as u32,
+    min_batch_pages: source::MIN_BATCH as u32,
+    max_rounds: source::MAX_SHRINKING_ROUNDS,
+    disk_block_bytes: crate::vmm::block::COPY_BLOCK,
+    min_disk_write_limit_mbps: crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS,
+    postcopy_pause_send_secs: hot_pages::PAUSE_SEND_SECS,
+    postcopy_pause_pages_min: hot_pages::PAUSE_PAGES_MIN,
+    postcopy_pause_pages_max: hot_pages::PAUSE_PAGES_MAX,
+};
 
 /// Times the steps of the handover (FERRY_LOG=debug shows them).
 pub(crate) struct Lap(std::time::Instant);

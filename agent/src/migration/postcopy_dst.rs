@@ -20,8 +20,6 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::codec::Decompressor;
 use super::door::Routed;
 use super::priority;
@@ -49,17 +47,7 @@ pub enum PostcopyError {
     Unexpected(Kind),
 }
 
-/// What `ferry status` shows of an incoming post-copy.
-#[derive(Debug, Clone, Serialize)]
-pub struct PostcopyStatus {
-    /// `running`, `recovering` (link lost, waiting for the source), `lost` (the source
-    /// did not come back in time: vCPUs stopped) or `completed`.
-    pub phase: &'static str,
-    pub missing_pages: u64,
-    pub faults: u64,
-    pub recoveries: u32,
-    pub error: Option<String>,
-}
+pub use ferry_api::{PostcopyPhase, PostcopyStatus};
 
 struct Inner {
     missing: DirtyBitmap,
@@ -83,12 +71,18 @@ pub struct Tracker {
     inner: Mutex<Inner>,
     faults: Mutex<Faults>,
     recoveries: AtomicU32,
-    phase: Mutex<(&'static str, Option<String>)>,
+    phase: Mutex<(PostcopyPhase, Option<String>)>,
     stop: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl crate::vmm::machine::AbsentPages for Tracker {
+    fn is_missing(&self, page: u64) -> bool {
+        Tracker::is_missing(self, page)
+    }
 }
 
 impl Tracker {
@@ -115,7 +109,7 @@ impl Tracker {
             }),
             faults: Mutex::new(Faults::default()),
             recoveries: AtomicU32::new(0),
-            phase: Mutex::new(("running", None)),
+            phase: Mutex::new((PostcopyPhase::Running, None)),
             stop: AtomicBool::new(false),
         })
     }
@@ -139,7 +133,7 @@ impl Tracker {
         }
     }
 
-    fn set_phase(&self, phase: &'static str, error: Option<String>) {
+    fn set_phase(&self, phase: PostcopyPhase, error: Option<String>) {
         *lock(&self.phase) = (phase, error);
     }
 
@@ -556,7 +550,7 @@ impl Incoming<'_> {
         {
             tracing::error!("{e}; untouched zero pages may block whoever touches them");
         }
-        self.tracker.set_phase("completed", None);
+        self.tracker.set_phase(PostcopyPhase::Completed, None);
         (r, w)
     }
 
@@ -568,7 +562,7 @@ impl Incoming<'_> {
         channels: &mpsc::Sender<Channel>,
     ) -> (BufReader<TcpStream>, TcpStream) {
         let t = &self.tracker;
-        t.set_phase("recovering", Some(why.to_owned()));
+        t.set_phase(PostcopyPhase::Recovering, Some(why.to_owned()));
         let lost_at = Instant::now() + self.recover;
         let mut stopped = false;
         loop {
@@ -581,7 +575,7 @@ impl Incoming<'_> {
                     self.recover
                 );
                 tracing::error!("{msg}");
-                t.set_phase("lost", Some(msg));
+                t.set_phase(PostcopyPhase::Lost, Some(msg));
                 self.machine.request_pause();
             }
             let conn = match self.routed.recv_timeout(Duration::from_millis(500)) {
@@ -601,7 +595,7 @@ impl Incoming<'_> {
                         tracing::error!("the post-copy fault thread is gone");
                     }
                     t.recoveries.fetch_add(1, Ordering::Relaxed);
-                    t.set_phase("running", None);
+                    t.set_phase(PostcopyPhase::Running, None);
                     if stopped && let Err(e) = self.machine.resume() {
                         tracing::error!("cannot resume the vCPUs after recovery: {e}");
                     }

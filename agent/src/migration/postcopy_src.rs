@@ -19,15 +19,14 @@ use super::codec::{Codec, Compressor};
 use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
 use super::source::{
-    Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, link_rate, lock,
+    BATCH, Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, link_rate,
+    lock,
 };
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
-/// Pages per pushed batch.
-const BATCH: usize = 256;
 /// After the resume the push waits for a pause this long in the guest's faults...
 const PUSH_QUIET: Duration = Duration::from_millis(2);
 /// ...or this long at most.
@@ -250,7 +249,7 @@ impl Sender<'_> {
         switch: &mut Switch,
     ) -> Result<(), MigrateError> {
         // The request that brought us here is served; nothing may switch twice.
-        self.m.postcopy_requested.store(false, Ordering::Release);
+        self.vm.postcopy_requested.store(false, Ordering::Release);
         let pages = need.pages();
         let mut hot = HotPages::new(pages);
         if dirty_log_running {
@@ -525,7 +524,7 @@ impl Sender<'_> {
     }
 
     fn set_recoveries(&self, n: u32) {
-        if let Some(p) = lock(&self.m.migration).as_mut() {
+        if let Some(p) = lock(&self.vm.progress).as_mut() {
             p.recoveries = n;
         }
     }
@@ -533,7 +532,7 @@ impl Sender<'_> {
     fn publish_postcopy(&mut self, phase: Phase, left: u64) {
         self.stats.remaining = left;
         self.publish(phase);
-        if let Some(p) = lock(&self.m.migration).as_mut() {
+        if let Some(p) = lock(&self.vm.progress).as_mut() {
             p.postcopy_pages_left = Some(left);
         }
     }
@@ -557,7 +556,7 @@ impl Sender<'_> {
         let _paced = link_rate(&self.stats).and_then(|bw| Paced::below(self.w.get_ref(), bw));
         self.publish_postcopy(Phase::Postcopy, left);
         while left > 0 {
-            if let Some(live) = lock(&self.m.live).as_ref() {
+            if let Some(live) = lock(&self.vm.live).as_ref() {
                 self.settings = live.settings;
             }
             let h = served.hint.swap(NO_HINT, Ordering::Relaxed);
@@ -633,7 +632,7 @@ impl Sender<'_> {
                     "post-copy link still down after {:?} ({why}); waiting for `ferry migrate --resume`",
                     self.params.recover
                 );
-                while !self.m.migration_resume.swap(false, Ordering::AcqRel) {
+                while !self.vm.resume.swap(false, Ordering::AcqRel) {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 deadline = Instant::now() + self.params.recover;

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 
-use super::codec::{Codec, CodecError};
+use super::codec::{self, Codec, CodecError};
 use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
@@ -301,7 +301,7 @@ pub enum Message {
         disks: Vec<(String, u64)>,
     },
     /// Source → destination: `len` bytes of disk `disk` at `offset` (both whole
-    /// sectors), as `encoding` says: a page codec's id ([`Codec::id`]; 0 is raw), or
+    /// sectors), as `encoding` says: a page codec's id ([`codec::wire_id`]; 0 is raw), or
     /// [`DISK_ZERO`] for zeroes (no data: the destination punches a hole).
     DiskData {
         disk: u32,
@@ -542,7 +542,7 @@ impl Message {
             Kind::Pages => {
                 let batch = PageBatch::parse(&frame.payload, guest_pages)?;
                 return Ok(Message::Pages {
-                    codec: batch.codec.id(),
+                    codec: codec::wire_id(batch.codec),
                     pages: batch
                         .pages()
                         .map(|p| (p.page, p.raw, p.data.to_vec()))
@@ -627,7 +627,7 @@ impl Message {
                     0 => data.len() == len as usize,
                     DISK_ZERO => data.is_empty(),
                     id => {
-                        Codec::from_id(id).map_err(|e| r.malformed(e.to_string()))?;
+                        codec::from_wire_id(id).map_err(|e| r.malformed(e.to_string()))?;
                         !data.is_empty() && data.len() < len as usize
                     }
                 };
@@ -862,7 +862,7 @@ impl<'a> PageBatch<'a> {
         };
         let mut r = Cursor::new(Kind::Pages, payload);
         let head = r.array::<8>()?;
-        let codec = Codec::from_id(head[0])?;
+        let codec = codec::from_wire_id(head[0])?;
         let count = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if count == 0 || count > MAX_BATCH_PAGES {
             return Err(bad(format!(
@@ -1158,7 +1158,7 @@ mod tests {
                 disk: 0,
                 offset: 0,
                 len: 4096,
-                encoding: Codec::Lz4.id(),
+                encoding: codec::wire_id(Codec::Lz4),
                 data: vec![1; 20],
             },
             Message::DiskLog {

@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::codec::{Codec, Compressor, Stored};
 use super::disk_stream::DiskMirror;
+use super::migratable::Migratable;
 use super::protocol::{self, Hello, Message, PageBatchWriter, ProtocolError};
 use super::wire::Wire;
 use crate::guest::abi::PAGE_SIZE;
@@ -29,19 +28,19 @@ use crate::vmm::snapshot::{MachineState, is_zero};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch frame.
-pub(crate) const BATCH: usize = 256;
+pub(super) const BATCH: usize = 256;
 /// Batches sent with one set of settings (32 MiB at most).
 const GROUP_BATCHES: usize = 32;
 /// A send of few pages (the last rounds, the pause) is cut into at least this many
 /// batches, each of at least `MIN_BATCH` pages: the link starts on the first while the
 /// workers compress the rest. In one batch, the link would wait for all of it: 10 ms
 /// of zstd:3 for 256 pages, a third of a pause on a 200 Mbit/s link.
-const MIN_SPLIT: usize = 4;
-const MIN_BATCH: usize = 32;
+pub(super) const MIN_SPLIT: usize = 4;
+pub(super) const MIN_BATCH: usize = 32;
 
 /// Pages per batch for a send of `pages` pages when a batch may hold `cap`.
-pub(crate) fn batch_pages(pages: usize, cap: usize) -> usize {
-    pages.div_ceil(MIN_SPLIT).max(MIN_BATCH).min(cap).max(1)
+fn batch_pages(pages: usize, cap: usize) -> usize {
+    super::MECHANICS.batch_for(pages, cap)
 }
 
 #[derive(Debug, Clone)]
@@ -71,40 +70,7 @@ pub struct Params {
 /// Setting name → why it has its value.
 pub type Reasons = std::collections::BTreeMap<String, String>;
 
-/// How memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Rounds of dirty pages until the rest fits the downtime limit.
-    Precopy,
-    /// The guest moves at once; its pages follow, on demand and in the background.
-    Postcopy,
-    /// Pre-copy, switching to post-copy when told (`start-postcopy`).
-    Hybrid,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Precopy => "precopy",
-            Mode::Postcopy => "postcopy",
-            Mode::Hybrid => "hybrid",
-        }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            "hybrid" => Ok(Mode::Hybrid),
-            other => Err(format!(
-                "unknown migration mode {other:?} (modes: precopy, postcopy, hybrid)"
-            )),
-        }
-    }
-}
+pub use ferry_api::{Mode, Switchover};
 
 /// What can change while a migration runs (`set-params`; later the policy engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,40 +88,6 @@ pub struct Settings {
     pub switchover: Switchover,
     /// Disks that travel: rounds only, or each guest write mirrored as well.
     pub disk_mirror: DiskMirror,
-}
-
-/// When pre-copy switches over, once its estimate of the pause fits the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Switchover {
-    /// One more round while the dirty set still halves and the pause is not yet
-    /// tiny: a short round then cuts the downtime the guest sees.
-    #[default]
-    Halving,
-    /// As soon as it fits, as QEMU, libvirt and Cloud Hypervisor do (a peer preset
-    /// asks for this, so that it behaves as its peer).
-    WhenFits,
-}
-
-impl std::str::FromStr for Switchover {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "halving" => Ok(Self::Halving),
-            "when-fits" => Ok(Self::WhenFits),
-            other => Err(format!(
-                "switchover {other:?}: \"halving\" (the default) or \"when-fits\""
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Switchover {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Halving => "halving",
-            Self::WhenFits => "when-fits",
-        })
-    }
 }
 
 /// The settings in force and every change to them, shared between the migration
@@ -217,7 +149,7 @@ impl Live {
 
     fn record(&mut self, setting: &str, value: String, reason: &str) {
         self.decisions.push(Decision {
-            t_ms: self.t0.elapsed().as_millis() as u64,
+            t_ms: self.t0.elapsed().as_millis() as f64,
             setting: setting.into(),
             value,
             reason: reason.into(),
@@ -265,138 +197,7 @@ impl Bucket {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Setup,
-    Precopy,
-    Switchover,
-    /// The guest runs on the destination; its missing pages are being sent.
-    Postcopy,
-    /// Post-copy's link stayed down past the recovery window: `ferry migrate --resume`.
-    PostcopyPaused,
-    Completed,
-    Failed,
-    Cancelled,
-    InDoubt,
-}
-
-/// What `ferry status` shows of a migration while it runs, and its report at the end.
-#[derive(Debug, Clone, Serialize)]
-pub struct Progress {
-    pub phase: Phase,
-    pub to: String,
-    pub round: u32,
-    pub elapsed_ms: u64,
-    pub remaining_dirty_pages: u64,
-    pub dirty_pages_last_round: u64,
-    pub dirty_pages_per_sec: f64,
-    /// The latest round's fixed cost, milliseconds (see `Stats::round_overhead`).
-    pub round_overhead_ms: f64,
-    /// The stream's round trip with nothing queued, measured before the first pass
-    /// and after it (the least; None: not yet).
-    pub idle_rtt_ms: Option<f64>,
-    /// `--copy-storage`: the destination's last sync of its copies at a round's end,
-    /// milliseconds (None: not measured yet).
-    pub dst_disk_sync_ms: Option<f64>,
-    /// `--copy-storage`: the destination's datastore, timed when it created the
-    /// copies: a one-block rewrite synced whole, milliseconds, and the rate it wrote
-    /// and synced a few MiB at, bytes/s (None: not timed).
-    pub dst_flush_ms: Option<f64>,
-    pub dst_write_bytes_per_sec: Option<f64>,
-    pub pages_sent: u64,
-    pub zero_pages: u64,
-    pub bytes_on_wire: u64,
-    pub bandwidth_bytes_per_sec: f64,
-    pub codec: String,
-    pub compression_ratio: f64,
-    pub throttle_pct: u32,
-    pub bandwidth_limit_bytes_per_sec: Option<u64>,
-    pub max_downtime_ms: u64,
-    /// Each codec's ratio and speed measured on a sample of this VM's pages.
-    pub codec_samples: Vec<super::codec::CodecSample>,
-    /// Share of all memory found zero by the same sampling (None: not sampled yet).
-    pub sampled_zero_fraction: Option<f64>,
-    /// Post-copy: pages the destination still lacks, and link recoveries so far.
-    pub postcopy_pages_left: Option<u64>,
-    pub recoveries: u32,
-    /// The link's round trip as TCP measures it, queues included; None before data
-    /// went.
-    pub link_rtt_ms: Option<f64>,
-    /// TCP says the destination's receive window held the stream back most of the
-    /// time: the destination, not the link, is its bottleneck.
-    pub peer_limited: bool,
-    /// `--copy-storage`: disk bytes the guest dirties per second (None: no disks
-    /// travel, or not measured yet).
-    pub disk_dirty_bytes_per_sec: Option<f64>,
-    /// `--copy-storage`: disk bytes of the current disk pass still to send.
-    pub disk_bytes_pending: Option<u64>,
-    /// `--copy-storage`: the travelling disks' size, summed.
-    pub disk_bytes_total: Option<u64>,
-    /// `--copy-storage`: disk bytes sent over the wire bytes they took, lately.
-    pub disk_compression_ratio: Option<f64>,
-    /// `--copy-storage`: the same for the blocks the guest wrote since their first
-    /// copy, which go scattered and compress less than the first copy's long runs.
-    pub disk_written_compression_ratio: Option<f64>,
-    /// `--copy-storage`: disk bytes per second the disks' first copy moved end to end
-    /// (the destination's writes included: a slow datastore shows here); None until
-    /// it is done.
-    pub disk_copy_bytes_per_sec: Option<f64>,
-    /// `--copy-storage`: every disk byte the guest writes per second, rewrites of a
-    /// block included (what an active mirror carries).
-    pub disk_write_bytes_per_sec: Option<f64>,
-    /// The first pass's short-window dirty rates (see `dirty_windows`).
-    pub dirty_windows: Option<super::dirty_windows::DirtyWindows>,
-    /// The handshake's names for this migration (a `Resolve` needs them).
-    #[serde(skip)]
-    pub session: Option<protocol::Session>,
-    pub report: Option<Report>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Decision {
-    pub t_ms: u64,
-    pub setting: String,
-    pub value: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub outcome: &'static str,
-    pub error: Option<String>,
-    pub mode: &'static str,
-    pub to: String,
-    pub total_ms: f64,
-    /// Per vCPU, last heartbeat on the source to first on the destination; the largest.
-    pub downtime_ms: Option<f64>,
-    pub max_heartbeat_gap_ms: f64,
-    /// Pause on the source to `Resumed` from the destination.
-    pub switchover_ms: Option<f64>,
-    pub rounds: u32,
-    pub bytes_on_wire: u64,
-    pub pages_sent: u64,
-    pub zero_pages: u64,
-    pub codec: String,
-    pub compression_ratio: f64,
-    pub throttle_max_pct: u32,
-    /// Source and destination memory digests agree (None: not checked).
-    pub memory_verified: Option<bool>,
-    pub guest_integrity_errors: u64,
-    pub decisions: Vec<Decision>,
-    /// Post-copy only: faults the guest took on pages still here, how long each one
-    /// waited (p50, p99), the total time vCPUs spent waiting, and link recoveries.
-    pub postcopy_faults: Option<u64>,
-    pub fault_latency_p50_us: Option<u64>,
-    pub fault_latency_p99_us: Option<u64>,
-    pub vcpu_blocked_ms: Option<f64>,
-    pub recoveries: u32,
-    /// `--copy-storage`: disk bytes sent.
-    pub disk_bytes_copied: Option<u64>,
-    /// `--copy-storage`: of those, guest writes the active mirror sent as they
-    /// happened.
-    pub disk_bytes_mirrored: Option<u64>,
-}
+pub use ferry_api::{Decision, MigrationProgress, MigrationReport, Outcome, Phase, ReportCore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -543,6 +344,8 @@ impl Recent {
 }
 
 pub(super) struct Sender<'a> {
+    /// The VM moved, and the state of its migration.
+    pub(super) vm: &'a Migratable,
     pub(super) m: &'a Machine,
     pub(super) params: &'a Params,
     pub(super) w: Wire,
@@ -572,73 +375,76 @@ pub(super) struct Sender<'a> {
     meter: super::link::Meter,
 }
 
-impl Progress {
-    pub fn starting(to: &str, settings: &Settings) -> Self {
-        Self {
-            phase: Phase::Setup,
-            to: to.to_owned(),
-            round: 0,
-            elapsed_ms: 0,
-            remaining_dirty_pages: 0,
-            dirty_pages_last_round: 0,
-            dirty_pages_per_sec: 0.0,
-            round_overhead_ms: 0.0,
-            idle_rtt_ms: None,
-            dst_disk_sync_ms: None,
-            dst_flush_ms: None,
-            dst_write_bytes_per_sec: None,
-            pages_sent: 0,
-            zero_pages: 0,
-            bytes_on_wire: 0,
-            bandwidth_bytes_per_sec: 0.0,
-            codec: settings.codec.to_string(),
-            compression_ratio: 1.0,
-            throttle_pct: settings.throttle_pct,
-            bandwidth_limit_bytes_per_sec: settings.bandwidth,
-            max_downtime_ms: settings.max_downtime_ms,
-            codec_samples: Vec::new(),
-            sampled_zero_fraction: None,
-            postcopy_pages_left: None,
-            recoveries: 0,
-            link_rtt_ms: None,
-            peer_limited: false,
-            disk_dirty_bytes_per_sec: None,
-            disk_bytes_pending: None,
-            disk_bytes_total: None,
-            disk_compression_ratio: None,
-            disk_written_compression_ratio: None,
-            disk_copy_bytes_per_sec: None,
-            disk_write_bytes_per_sec: None,
-            dirty_windows: None,
-            session: None,
-            report: None,
-        }
+/// A migration's progress before anything moved.
+pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
+    MigrationProgress {
+        phase: Phase::Setup,
+        to: to.to_owned(),
+        round: 0,
+        elapsed_ms: 0,
+        remaining_dirty_pages: 0,
+        dirty_pages_last_round: 0,
+        dirty_pages_per_sec: 0.0,
+        round_overhead_ms: 0.0,
+        idle_rtt_ms: None,
+        dst_disk_sync_ms: None,
+        dst_flush_ms: None,
+        dst_write_bytes_per_sec: None,
+        pages_sent: 0,
+        zero_pages: 0,
+        bytes_on_wire: 0,
+        bandwidth_bytes_per_sec: 0.0,
+        codec: settings.codec,
+        compression_ratio: 1.0,
+        throttle_pct: settings.throttle_pct,
+        bandwidth_limit_bytes_per_sec: settings.bandwidth,
+        max_downtime_ms: settings.max_downtime_ms,
+        codec_samples: Vec::new(),
+        sampled_zero_fraction: None,
+        postcopy_pages_left: None,
+        recoveries: 0,
+        link_rtt_ms: None,
+        peer_limited: false,
+        disk_dirty_bytes_per_sec: None,
+        disk_bytes_pending: None,
+        disk_bytes_total: None,
+        disk_compression_ratio: None,
+        disk_written_compression_ratio: None,
+        disk_copy_bytes_per_sec: None,
+        disk_write_bytes_per_sec: None,
+        dirty_windows: None,
+        report: None,
     }
 }
 
 /// Runs a migration to its end and returns its report (also kept in the machine's
 /// status, and written to `params.report` if given).
 /// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
-pub fn run(m: Arc<Machine>, params: Params, conn: TcpStream) -> Report {
+pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationReport {
+    let m = &vm.machine;
     let t0 = Instant::now();
-    let mut progress = Progress::starting(&params.to, &params.settings);
-    set_progress(&m, &progress);
-    *lock(&m.live) = Some(Live::new(params.settings, &params.reasons));
+    let mut progress = starting(&params.to, &params.settings);
+    set_progress(&vm, &progress);
+    *lock(&vm.live) = Some(Live::new(params.settings, &params.reasons));
     m.set_throttle(params.settings.throttle_pct);
     let mut switch = Switch::default();
-    let (s, result) = migrate(&m, (&params, conn), t0, &mut switch);
+    let (s, result) = migrate(&vm, (&params, conn), t0, &mut switch);
     let (outcome, phase, error) = match result {
-        Ok(()) => ("completed", Phase::Completed, None),
-        Err(MigrateError::Cancelled) => ("cancelled", Phase::Cancelled, Some("cancelled".into())),
+        Ok(()) => (Outcome::Completed, Phase::Completed, None),
+        Err(MigrateError::Cancelled) => (
+            Outcome::Cancelled,
+            Phase::Cancelled,
+            Some("cancelled".into()),
+        ),
         Err(e) if switch.committed => (
-            "failed",
+            Outcome::Failed,
             Phase::InDoubt,
             Some(format!(
                 "handover in doubt: the destination was told to resume but did not confirm ({e}); both copies stay paused"
             )),
         ),
         Err(e) if e.silence(params.timeout).is_some() => (
-            "failed",
+            Outcome::Failed,
             Phase::Failed,
             Some(format!(
                 "the destination did not answer within {:.1} s (the peer timeout, \
@@ -651,29 +457,31 @@ pub fn run(m: Arc<Machine>, params: Params, conn: TcpStream) -> Report {
                 }
             )),
         ),
-        Err(e) => ("failed", Phase::Failed, Some(e.to_string())),
+        Err(e) => (Outcome::Failed, Phase::Failed, Some(e.to_string())),
     };
     if let Some(e) = &error {
         tracing::warn!("migration to {} {outcome}: {e}", params.to);
     }
     m.set_throttle(0);
-    let live = lock(&m.live)
+    let live = lock(&vm.live)
         .take()
         .unwrap_or_else(|| Live::new(params.settings, &params.reasons));
-    let report = Report {
-        outcome,
-        error,
-        mode: params.mode.as_str(),
+    let report = MigrationReport {
+        core: ReportCore {
+            outcome,
+            error,
+            total_ms: ms(t0.elapsed()),
+            switchover_ms: switch.switchover_ms,
+        },
+        mode: params.mode,
         to: params.to.clone(),
-        total_ms: ms(t0.elapsed()),
         downtime_ms: switch.downtime_ms,
         max_heartbeat_gap_ms: ms(m.max_heartbeat_gap()),
-        switchover_ms: switch.switchover_ms,
         rounds: s.round,
         bytes_on_wire: s.bytes_on_wire,
         pages_sent: s.pages_sent,
         zero_pages: s.zero_pages,
-        codec: live.settings.codec.to_string(),
+        codec: live.settings.codec,
         compression_ratio: ratio(&s),
         throttle_max_pct: live.throttle_max_pct,
         memory_verified: switch.memory_verified,
@@ -697,14 +505,13 @@ pub fn run(m: Arc<Machine>, params: Params, conn: TcpStream) -> Report {
         tracing::warn!("cannot write migration report {}: {e}", path.display());
     }
     fill(&mut progress, &s, &live.settings);
-    if let Some(p) = lock(&m.migration).as_ref() {
+    if let Some(p) = lock(&vm.progress).as_ref() {
         progress.codec_samples = p.codec_samples.clone();
         progress.sampled_zero_fraction = p.sampled_zero_fraction;
-        progress.session = p.session;
     }
     progress.phase = phase;
     progress.report = Some(report.clone());
-    set_progress(&m, &progress);
+    set_progress(&vm, &progress);
     report
 }
 
@@ -785,8 +592,8 @@ pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn set_progress(m: &Machine, p: &Progress) {
-    *lock(&m.migration) = Some(p.clone());
+fn set_progress(vm: &Migratable, p: &MigrationProgress) {
+    *lock(&vm.progress) = Some(p.clone());
 }
 
 /// What a `set-params` changes: each `Some` is a new value.
@@ -803,7 +610,7 @@ pub struct SettingsChange {
 
 /// `set-params`: changes what is given, records each change.
 pub fn set_params(
-    m: &Machine,
+    vm: &Migratable,
     change: SettingsChange,
     reasons: &Reasons,
 ) -> Result<Settings, String> {
@@ -816,7 +623,8 @@ pub fn set_params(
         switchover,
         disk_mirror,
     } = change;
-    let mut live = lock(&m.live);
+    let m = &vm.machine;
+    let mut live = lock(&vm.live);
     let live = live.as_mut().ok_or("no migration is running")?;
     let mut s = live.settings;
     if let Some(c) = codec {
@@ -854,8 +662,8 @@ pub fn set_params(
     Ok(s)
 }
 
-fn fill(p: &mut Progress, s: &Stats, settings: &Settings) {
-    p.codec = settings.codec.to_string();
+fn fill(p: &mut MigrationProgress, s: &Stats, settings: &Settings) {
+    p.codec = settings.codec;
     p.throttle_pct = settings.throttle_pct;
     p.bandwidth_limit_bytes_per_sec = settings.bandwidth;
     p.max_downtime_ms = settings.max_downtime_ms;
@@ -932,16 +740,17 @@ fn without_disk_copy(bytes: u64, time: Duration, copy_time: Duration, s: &Stats)
 
 /// Runs the migration; returns its counters and how it ended.
 fn migrate(
-    m: &Arc<Machine>,
+    vm: &Migratable,
     (params, conn): (&Params, TcpStream),
     t0: Instant,
     switch: &mut Switch,
 ) -> (Stats, Result<(), MigrateError>) {
+    let m = &vm.machine;
     if m.state() != RunState::Running {
         let e = MigrateError::Vm(format!("is {:?}, not running", m.state()));
         return (new_stats(t0), Err(e));
     }
-    let mut tx = match connect(m, params, t0, conn) {
+    let mut tx = match connect(vm, params, t0, conn) {
         Ok(tx) => tx,
         Err(e) => return (new_stats(t0), Err(e)),
     };
@@ -982,7 +791,7 @@ fn migration_id() -> u64 {
     if n == 8 {
         u64::from_le_bytes(b)
     } else {
-        crate::vmm::machine::monotonic_ns() ^ u64::from(std::process::id()) << 32
+        crate::clock::monotonic_ns() ^ u64::from(std::process::id()) << 32
     }
 }
 
@@ -1007,11 +816,12 @@ pub fn dial(to: &str) -> Result<TcpStream, MigrateError> {
 }
 
 fn connect<'a>(
-    m: &'a Machine,
+    vm: &'a Migratable,
     params: &'a Params,
     t0: Instant,
     conn: TcpStream,
 ) -> Result<Sender<'a>, MigrateError> {
+    let m: &Machine = &vm.machine;
     let _ = conn.set_nodelay(true);
     // A dead or silent peer shows as a read or write that times out.
     conn.set_read_timeout(Some(params.timeout))
@@ -1021,6 +831,7 @@ fn connect<'a>(
     let r = conn.try_clone().map_err(ProtocolError::from)?;
     let watchdog = super::watchdog::Watchdog::start(conn.try_clone().map_err(ProtocolError::from)?);
     let mut tx = Sender {
+        vm,
         m,
         params,
         w: Wire::new(conn).map_err(ProtocolError::from)?,
@@ -1059,9 +870,7 @@ fn connect<'a>(
     match protocol::recv(&mut tx.r, None)? {
         Message::HelloAck { version, secret } if version == protocol::VERSION => {
             tx.session.secret = secret;
-            if let Some(p) = lock(&m.migration).as_mut() {
-                p.session = Some(tx.session);
-            }
+            *lock(&vm.session) = Some(tx.session);
         }
         Message::HelloAck { version, .. } => {
             return Err(ProtocolError::Version {
@@ -1218,7 +1027,7 @@ impl Sender<'_> {
 
     /// Between batches: cancelled? out of time? new settings?
     pub(super) fn check_cancel(&mut self) -> Result<(), MigrateError> {
-        if self.m.migration_cancel.load(Ordering::Acquire) {
+        if self.vm.cancel.load(Ordering::Acquire) {
             return Err(MigrateError::Cancelled);
         }
         if let Some(max) = self.params.max_total
@@ -1226,25 +1035,25 @@ impl Sender<'_> {
         {
             return Err(MigrateError::NotConverged(max.as_secs()));
         }
-        if self.params.mode == Mode::Hybrid && self.m.postcopy_requested.load(Ordering::Acquire) {
+        if self.params.mode == Mode::Hybrid && self.vm.postcopy_requested.load(Ordering::Acquire) {
             return Err(MigrateError::StartPostcopy);
         }
         // A destination that stopped (a hung host, a SIGSTOP) is found out by its
         // silence (see `watchdog`). It answers between frames: under a bandwidth cap
         // a frame may take a while to arrive whole.
-        let precopy = lock(&self.m.migration)
+        let precopy = lock(&self.vm.progress)
             .as_ref()
             .is_some_and(|p| p.phase == Phase::Precopy);
         let frame_time = self.settings.bandwidth.map_or(Duration::ZERO, |b| {
             Duration::from_secs_f64(f64::from(protocol::MAX_PAYLOAD) / b.max(1) as f64)
         });
         self.watchdog.set(precopy, self.params.timeout + frame_time);
-        if let Some(live) = lock(&self.m.live).as_ref() {
+        if let Some(live) = lock(&self.vm.live).as_ref() {
             self.settings = live.settings;
         }
         // The progress feed stays fresh within long rounds too.
         if self.last_publish.elapsed() >= Duration::from_millis(100) {
-            let phase = lock(&self.m.migration)
+            let phase = lock(&self.vm.progress)
                 .as_ref()
                 .map_or(Phase::Precopy, |p| p.phase);
             self.publish(phase);
@@ -1265,7 +1074,7 @@ impl Sender<'_> {
             // An estimate only: the copy itself reports a disk it cannot read.
             tracing::debug!("sampling the guest's written disk blocks: {e}");
         }
-        let mut guard = self.m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.vm.progress.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = guard.as_mut() {
             p.phase = phase;
             fill(p, &self.stats, &self.settings);
@@ -1412,13 +1221,13 @@ impl Sender<'_> {
         if self.settings.codec == Codec::None {
             return 0.0;
         }
-        let name = self.settings.codec.to_string();
-        lock(&self.m.migration)
+        let codec = self.settings.codec;
+        lock(&self.vm.progress)
             .as_ref()
             .and_then(|p| {
                 p.codec_samples
                     .iter()
-                    .find(|c| c.codec == name)
+                    .find(|c| c.codec == codec)
                     .map(|c| c.compress_bytes_per_sec)
             })
             .filter(|&s| s > 0.0)
@@ -1428,7 +1237,7 @@ impl Sender<'_> {
     /// Compresses a sample of the working set's non-zero pages with every codec.
     fn sample_codecs(&self) {
         let (samples, zero) = sample_pages(self.m);
-        if let Some(p) = lock(&self.m.migration).as_mut() {
+        if let Some(p) = lock(&self.vm.progress).as_mut() {
             p.codec_samples = samples;
             p.sampled_zero_fraction = Some(zero);
         }
@@ -1475,10 +1284,9 @@ impl Sender<'_> {
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
         let mut round_bytes = self.stats.bytes_on_wire;
-        let m = self.m;
         // The windows run from the disks' first copy on: the guest dirties memory
         // meanwhile too.
-        super::dirty_windows::during(m, || {
+        super::dirty_windows::during(self.vm, || {
             let mut from = 0;
             if self.params.copy_storage {
                 // Memory first, for a moment: the link's own rate is measured before a
@@ -1584,7 +1392,7 @@ impl Sender<'_> {
     ) -> Result<(), MigrateError> {
         self.wait_prepared()?;
         self.publish(Phase::Switchover);
-        let before = crate::vmm::machine::monotonic_ns();
+        let before = crate::clock::monotonic_ns();
         let quiet = self
             .m
             .last_heartbeats_ns()
@@ -1617,7 +1425,7 @@ impl Sender<'_> {
         // its rate limit for the completion stage), its disks are uncapped.
         self.settings.bandwidth = None;
         self.settings.disk_write_limit = None;
-        if let Some(live) = lock(&self.m.live).as_mut() {
+        if let Some(live) = lock(&self.vm.live).as_mut() {
             live.settings.bandwidth = None;
             live.settings.disk_write_limit = None;
         }
@@ -1754,7 +1562,7 @@ pub fn sample_pages(m: &Machine) -> (Vec<super::codec::CodecSample>, f64) {
 }
 
 /// Most rounds pre-copy makes before switching over once the downtime fits.
-const MAX_SHRINKING_ROUNDS: u32 = 30;
+pub(super) const MAX_SHRINKING_ROUNDS: u32 = 30;
 
 /// The convergence test: switch over once the predicted downtime fits the limit and
 /// another round would not pay: the dirty set stopped halving (rounds have reached the
@@ -1817,7 +1625,7 @@ pub(super) fn encode(
     };
     let payload = &mut bufs.payload;
     payload.clear();
-    let mut writer = PageBatchWriter::new(payload, codec.id());
+    let mut writer = PageBatchWriter::new(payload, super::codec::wire_id(codec));
     let mut scratch = Vec::with_capacity(PAGE + 64);
     let mut zero_run: Option<(u64, u64)> = None;
     let mut zero_frames = Vec::new();
@@ -1858,11 +1666,13 @@ pub(super) fn encode(
 
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
 /// what it did, telling it whether this side committed. Updates the report.
-pub fn resolve(m: &Machine) -> Result<serde_json::Value, String> {
-    let (to, session) = lock(&m.migration)
+pub fn resolve(vm: &Migratable) -> Result<serde_json::Value, String> {
+    let m = &vm.machine;
+    let to = lock(&vm.progress)
         .as_ref()
-        .map(|p| (p.to.clone(), p.session))
+        .map(|p| p.to.clone())
         .ok_or("no migration to resolve")?;
+    let session = *lock(&vm.session);
     // Without the destination's secret there is nothing it would answer to.
     let session =
         session.ok_or("the last migration never completed its handshake: nothing to resolve")?;
@@ -1888,18 +1698,18 @@ pub fn resolve(m: &Machine) -> Result<serde_json::Value, String> {
             "inconsistent handover: committed here = {committed}, running there = {running}"
         ));
     }
-    let mut guard = lock(&m.migration);
+    let mut guard = lock(&vm.progress);
     if let Some(p) = guard.as_mut()
         && let Some(r) = p.report.as_mut()
     {
         if committed {
-            r.outcome = "completed";
-            r.error = None;
+            r.core.outcome = Outcome::Completed;
+            r.core.error = None;
             p.phase = Phase::Completed;
         } else {
-            r.error = Some(format!(
+            r.core.error = Some(format!(
                 "{}; resolved: the destination discarded its copy, the VM runs here",
-                r.error.clone().unwrap_or_default()
+                r.core.error.clone().unwrap_or_default()
             ));
         }
     }

@@ -22,8 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
+use super::migratable::Migratable;
 use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, WriteThrottle, log_path};
 use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
@@ -37,37 +36,16 @@ const PAUSE_BLOCKS: u64 = 64;
 pub(super) const RUN_BLOCKS: u64 = 8;
 const _: () = assert!(RUN_BLOCKS * COPY_BLOCK == super::protocol::MAX_DISK_CHUNK as u64);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Background first; the policy turns it active once a round measures the guest
-    /// writing distinct blocks too fast for background rounds to converge
-    /// ([`crate::policy::disk::mirror_mode`]).
-    Auto,
-    Background,
-    Active,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Mode::Auto),
-            "background" => Ok(Mode::Background),
-            "active" => Ok(Mode::Active),
-            other => Err(format!(
-                "unknown storage migration mode {other:?} (modes: auto, background, active)"
-            )),
-        }
-    }
-}
+pub use ferry_api::{
+    MovedDisk, Outcome, ReportCore, StorageMode, StoragePhase, StorageProgress, StorageReport,
+};
 
 #[derive(Debug, Clone)]
 pub struct Params {
     pub to: PathBuf,
     /// One disk by id; all disks when None.
     pub disk: Option<String>,
-    pub mode: Mode,
+    pub mode: StorageMode,
     pub remove_source: bool,
     /// Cap on the guest's disk writes while its disks move, bytes per second.
     pub throttle_writes: Option<u64>,
@@ -103,54 +81,6 @@ pub enum StorageError {
     Mismatch { path: PathBuf, blocks: u64 },
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Moved {
-    pub id: String,
-    pub from: PathBuf,
-    pub to: PathBuf,
-    /// The mode this disk's copy ended in, and (auto mode) why.
-    pub mode: Mode,
-    pub mode_reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub outcome: &'static str,
-    pub error: Option<String>,
-    pub disk_mode: Mode,
-    pub total_ms: f64,
-    pub disk_bytes_copied: u64,
-    pub disk_rounds: u32,
-    /// The copy matched its source block by block (blocks the guest wrote after the
-    /// switch excepted).
-    pub disk_verified: Option<bool>,
-    pub disk_integrity_errors: u64,
-    /// Active mode: the p99 of what mirroring added to a guest write.
-    pub guest_write_latency_added_us_p99: Option<u64>,
-    /// Pause to resume.
-    pub switchover_ms: Option<f64>,
-    /// Copying and switching over, without the check against the old image.
-    pub copy_ms: f64,
-    /// How long the write throttle held the guest's disk writes back, in total.
-    pub guest_writes_delayed_ms: f64,
-    /// Bytes the guest wrote to its disks while they moved (each write counted).
-    pub guest_bytes_written: u64,
-    pub config_rewritten: Option<PathBuf>,
-    pub disks: Vec<Moved>,
-}
-
-/// What `ferry status` shows while a storage migration runs.
-#[derive(Debug, Clone, Serialize)]
-pub struct Progress {
-    pub phase: &'static str,
-    pub disk: String,
-    pub bytes_copied: u64,
-    pub round: u32,
-    pub remaining_blocks: u64,
-    pub mode: Mode,
-    pub report: Option<Report>,
-}
-
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
     move |source| StorageError::Io {
         what,
@@ -178,9 +108,10 @@ impl Aligned {
 }
 
 struct Copier<'a> {
+    vm: &'a Migratable,
     m: &'a Machine,
     params: &'a Params,
-    mode: Mode,
+    mode: StorageMode,
     bytes: u64,
     rounds: u32,
     added_us: Vec<u32>,
@@ -194,10 +125,12 @@ struct Copier<'a> {
     mode_reason: Option<String>,
 }
 
-pub fn run(m: Arc<Machine>, params: Params) -> Report {
+pub fn run(vm: Arc<Migratable>, params: Params) -> StorageReport {
+    let m = &vm.machine;
     let t0 = Instant::now();
     let mut c = Copier {
-        m: &m,
+        vm: &vm,
+        m,
         params: &params,
         mode: params.mode,
         bytes: 0,
@@ -216,37 +149,39 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
     let result = c.all(&mut moved, &mut verified);
     let mut added = c.added_us.clone();
     added.sort_unstable();
-    let report = Report {
-        outcome: match &result {
-            Ok(()) => "completed",
-            Err(StorageError::Cancelled) => "cancelled",
-            Err(_) => "failed",
+    let report = StorageReport {
+        core: ReportCore {
+            outcome: match &result {
+                Ok(()) => Outcome::Completed,
+                Err(StorageError::Cancelled) => Outcome::Cancelled,
+                Err(_) => Outcome::Failed,
+            },
+            error: result.as_ref().err().map(|e| e.to_string()),
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
         },
-        error: result.as_ref().err().map(|e| e.to_string()),
         // The mode used: under auto, active if any disk needed it.
-        disk_mode: if moved.iter().any(|d| d.mode == Mode::Active) {
-            Mode::Active
-        } else if params.mode == Mode::Auto && !moved.is_empty() {
-            Mode::Background
+        disk_mode: if moved.iter().any(|d| d.mode == StorageMode::Active) {
+            StorageMode::Active
+        } else if params.mode == StorageMode::Auto && !moved.is_empty() {
+            StorageMode::Background
         } else {
             params.mode
         },
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
         disk_bytes_copied: c.bytes,
         disk_rounds: c.rounds,
         disk_verified: verified,
         disk_integrity_errors: m.status().disk_integrity_errors,
         guest_write_latency_added_us_p99: (!added.is_empty())
             .then(|| u64::from(added[((added.len() - 1) as f64 * 0.99) as usize])),
-        switchover_ms: c.switchover.map(|d| d.as_secs_f64() * 1e3),
         copy_ms: c.copy_time.as_secs_f64() * 1e3,
         guest_writes_delayed_ms: c.throttled.as_secs_f64() * 1e3,
         guest_bytes_written: c.guest_written,
         config_rewritten: result.is_ok().then(|| params.config_path.clone()).flatten(),
         disks: moved,
     };
-    if let Some(e) = &report.error {
-        tracing::warn!("storage migration {}: {e}", report.outcome);
+    if let Some(e) = &report.core.error {
+        tracing::warn!("storage migration {}: {e}", report.core.outcome);
     }
     if let Some(path) = &params.report
         && let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap_or_default())
@@ -256,17 +191,22 @@ pub fn run(m: Arc<Machine>, params: Params) -> Report {
             path.display()
         );
     }
-    c.publish("done", "", 0);
-    if let Some(p) = m.storage.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    c.publish(StoragePhase::Done, "", 0);
+    if let Some(p) = vm
+        .storage
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
         p.report = Some(report.clone());
     }
     report
 }
 
 impl Copier<'_> {
-    fn publish(&self, phase: &'static str, disk: &str, remaining: u64) {
-        let mut g = self.m.storage.lock().unwrap_or_else(|e| e.into_inner());
-        *g = Some(Progress {
+    fn publish(&self, phase: StoragePhase, disk: &str, remaining: u64) {
+        let mut g = self.vm.storage.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(StorageProgress {
             phase,
             disk: disk.to_owned(),
             bytes_copied: self.bytes,
@@ -279,7 +219,7 @@ impl Copier<'_> {
 
     fn all(
         &mut self,
-        moved: &mut Vec<Moved>,
+        moved: &mut Vec<MovedDisk>,
         verified: &mut Option<bool>,
     ) -> Result<(), StorageError> {
         let disks = &self.m.disks.disks;
@@ -324,7 +264,7 @@ impl Copier<'_> {
             let copied = self.one(d, &from, &target);
             self.copy_time += t.elapsed();
             copied?;
-            moved.push(Moved {
+            moved.push(MovedDisk {
                 id: d.id.clone(),
                 from: from.clone(),
                 to: target.clone(),
@@ -350,11 +290,7 @@ impl Copier<'_> {
     }
 
     fn check_vm(&self) -> Result<(), StorageError> {
-        if self
-            .m
-            .migration_cancel
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if self.vm.cancel.load(std::sync::atomic::Ordering::Acquire) {
             return Err(StorageError::Cancelled);
         }
         match self.m.state() {
@@ -371,9 +307,9 @@ impl Copier<'_> {
             opts.custom_flags(libc::O_DIRECT);
         }
         let file = opts.open(target).map_err(io("creating", target))?;
-        if self.params.mode == Mode::Auto {
+        if self.params.mode == StorageMode::Auto {
             // Each disk is judged on its own writes.
-            self.mode = Mode::Background;
+            self.mode = StorageMode::Background;
         }
         let result = self.copy_and_switch(d, from, target, file);
         if result.is_err() {
@@ -407,7 +343,7 @@ impl Copier<'_> {
         *d.job() = Some(CopyJob {
             target: Some(target_handle),
             dirty: DirtyBitmap::new(blocks),
-            active: self.mode == Mode::Active,
+            active: self.mode == StorageMode::Active,
             added_us: Vec::new(),
             throttle: self.params.throttle_writes.map(WriteThrottle::new),
             mirror: None,
@@ -421,7 +357,7 @@ impl Copier<'_> {
         loop {
             self.check_vm()?;
             let n = todo.count();
-            self.publish("copying", &d.id, n);
+            self.publish(StoragePhase::Copying, &d.id, n);
             let (round_start, bytes_before) = (Instant::now(), self.bytes);
             for (first, count) in steps(&todo) {
                 self.copy_blocks(d, &source, &file, first, count, self.rounds > 0)?;
@@ -435,13 +371,13 @@ impl Copier<'_> {
                 job.dirty.clear_all();
             }
             let left = todo.count();
-            if self.params.mode == Mode::Auto && self.mode == Mode::Background {
+            if self.params.mode == StorageMode::Auto && self.mode == StorageMode::Background {
                 let secs = round_start.elapsed().as_secs_f64().max(1e-6);
                 let copy = (self.bytes - bytes_before) as f64 / secs;
                 let write = (left * COPY_BLOCK) as f64 / secs;
                 let (active, reason) = crate::policy::disk::mirror_mode(write, copy);
                 if active {
-                    self.mode = Mode::Active;
+                    self.mode = StorageMode::Active;
                     if let Some(job) = d.job().as_mut() {
                         job.active = true;
                     }
@@ -454,7 +390,7 @@ impl Copier<'_> {
             }
         }
         // The pause: the last blocks, the copy synced, the config rewritten, the switch.
-        self.publish("switchover", &d.id, todo.count());
+        self.publish(StoragePhase::Switchover, &d.id, todo.count());
         let t = Instant::now();
         // Pausing drains the guest's disk I/O (it is synchronous at the vCPU's exit).
         let was_running = self.m.state() == RunState::Running;
@@ -584,7 +520,7 @@ impl Copier<'_> {
         let blocks = d.size.div_ceil(COPY_BLOCK);
         let new_file = d.reopen_read().map_err(io("reading", old))?;
         let mut bad = 0;
-        self.publish("verifying", &d.id, blocks);
+        self.publish(StoragePhase::Verifying, &d.id, blocks);
         for b in 0..blocks {
             let at = b * COPY_BLOCK;
             let len = COPY_BLOCK.min(d.size - at) as usize;
@@ -755,8 +691,8 @@ mod tests {
 
     #[test]
     fn modes_parse_and_unknown_ones_are_named() {
-        assert_eq!("active".parse::<Mode>(), Ok(Mode::Active));
-        let e = "fast".parse::<Mode>().unwrap_err();
+        assert_eq!("active".parse::<StorageMode>(), Ok(StorageMode::Active));
+        let e = "fast".parse::<StorageMode>().unwrap_err().to_string();
         assert!(e.contains("fast") && e.contains("background"), "{e}");
     }
 }

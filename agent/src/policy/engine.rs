@@ -10,12 +10,9 @@ use super::model::{
     switchover_target_s, throughput,
 };
 use super::{
-    CodecPerf, Decision, Limits, Observation, PAGE, Pins, Policy, Prediction, Reason, Settings,
-    Stage,
+    Codec, CodecPerf, Decision, DiskMirror, Limits, Observation, PAGE, Pins, Policy, Prediction,
+    Reason, Settings, Stage,
 };
-use crate::migration::codec::Codec;
-use crate::migration::disk_stream::DiskMirror;
-use crate::vmm::block::COPY_BLOCK;
 
 /// No setting changes again sooner than this after it changed.
 pub const HOLD_MS: f64 = 1000.0;
@@ -44,9 +41,6 @@ const MIRROR_GAIN: f64 = 1.10;
 /// stream at every guest write from then on), and 10 % of so little is within the
 /// model's error.
 const MIRROR_SAVING_MS: f64 = 100.0;
-/// The tightest cap on disk writes, bytes per second (the VMM's floor): below it a
-/// guest write would stall its vCPU for long.
-const MIN_DISK_CAP: f64 = crate::vmm::control::MIN_DISK_WRITE_LIMIT_MBPS * 1e6;
 
 pub struct Adaptive {
     pins: Pins,
@@ -427,7 +421,8 @@ impl Policy for Adaptive {
         let elapsed = obs.pass_elapsed_ms / 1e3;
         // A cost the rounds measured includes the codec's; one built from the first
         // pass does not.
-        let fill_s = pipeline_fill_s(&perf(self.current.codec));
+        let mechanics = obs.pause_basis.mechanics;
+        let fill_s = pipeline_fill_s(&perf(self.current.codec), &mechanics);
         let round_overhead_s = if obs.round_overhead_ms > 0.0 {
             obs.round_overhead_ms / 1e3
         } else {
@@ -493,7 +488,9 @@ impl Policy for Adaptive {
                     disk_demand.map(|d| disk_cap.map_or(d, |c| d.min(c)) * disk_scale)
                 },
                 held_write_s: match (disk_cap, disk_demand) {
-                    (Some(c), Some(d)) if !mirroring => held_write_s(COPY_BLOCK as f64, c, d),
+                    (Some(c), Some(d)) if !mirroring => {
+                        held_write_s(mechanics.disk_block_bytes as f64, c, d)
+                    }
                     _ => 0.0,
                 },
                 disk_set,
@@ -581,12 +578,15 @@ impl Policy for Adaptive {
                 // the rest of the migration (a cap, once set, is never loosened).
                 let now = obs.disk_dirty_bytes_per_sec.unwrap_or(demand);
                 let share = now * disk_scale / tput;
+                // The backend's tightest cap: below it a guest write would stall its
+                // vCPU for long.
+                let floor = mechanics.min_disk_write_limit_mbps * 1e6;
                 let candidates: Vec<Option<f64>> = std::iter::once(held)
                     .filter(|h| h.is_some() || share <= super::disk::BACKGROUND_SHARE)
                     .chain(
                         DISK_SHARES
                             .iter()
-                            .map(|s| Some((s * tput / disk_scale).max(MIN_DISK_CAP)))
+                            .map(|s| Some((s * tput / disk_scale).max(floor)))
                             .filter(|c| {
                                 c.is_some_and(|c| c < demand && held.is_none_or(|h| c < h))
                             }),
@@ -940,7 +940,9 @@ mod tests {
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
             disk_write_bytes_per_sec: None,
-            pause_basis: Default::default(),
+            pause_basis: crate::policy::model::PauseBasis::prior(
+                crate::policy::fixture::mechanics(),
+            ),
         }
     }
 

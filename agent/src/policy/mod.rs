@@ -15,24 +15,18 @@ pub mod sim;
 
 use serde::Serialize;
 
-use crate::migration::codec::Codec;
-use crate::migration::disk_stream::DiskMirror;
+pub use ferry_api::{Codec, DiskMirror, Mechanics, Switchover};
 
 pub const PAGE: f64 = 4096.0;
 
 /// A codec's measured performance on this VM's own pages.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CodecPerf {
-    #[serde(serialize_with = "display")]
     pub codec: Codec,
     /// Page bytes over wire bytes.
     pub ratio: f64,
     /// Page bytes one core compresses per second.
     pub compress_bytes_per_sec: f64,
-}
-
-fn display<S: serde::Serializer>(c: &Codec, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(c)
 }
 
 /// What the operator allows (`ferry migrate` flags, or `[limits]` in a scenario).
@@ -150,20 +144,12 @@ impl LimitsTable {
 /// around them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Pins {
-    #[serde(serialize_with = "display_opt")]
     pub codec: Option<Codec>,
     pub throttle_pct: Option<u32>,
     /// A cap on the guest's disk writes, MB/s; Some(0.0): none, ever.
     pub disk_write_limit_mbps: Option<f64>,
     /// How disks that travel keep up with the guest's writes.
     pub disk_mirror: Option<DiskMirror>,
-}
-
-fn display_opt<S: serde::Serializer>(c: &Option<Codec>, s: S) -> Result<S::Ok, S::Error> {
-    match c {
-        Some(c) => s.collect_str(c),
-        None => s.serialize_none(),
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -234,7 +220,6 @@ pub struct Observation {
 /// What the settings in force are.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
-    #[serde(serialize_with = "display")]
     pub codec: Codec,
     pub bandwidth_mbit: Option<f64>,
     pub throttle_pct: u32,
@@ -288,34 +273,33 @@ pub struct Decision {
     pub reasons: Vec<Reason>,
 }
 
-/// When pre-copy switches over, once the estimated pause fits the downtime target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SwitchoverRule {
-    /// Ferry's: one more round while the dirty set still halves and the pause is not
-    /// yet tiny (a short round then cuts the downtime the guest sees).
-    Halving,
-    /// QEMU's, libvirt's, KubeVirt's and Cloud Hypervisor's: as soon as it fits.
-    WhenFits,
-}
-
-impl SwitchoverRule {
-    /// The name the VMM's `migrate` request takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Halving => "halving",
-            Self::WhenFits => "when-fits",
-        }
-    }
-}
-
 /// Something that chooses a migration's settings, tick by tick.
 pub trait Policy {
     fn name(&self) -> &str;
     fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision;
     /// How the VMM is to judge the switchover moment for this policy.
-    fn switchover_rule(&self) -> SwitchoverRule {
-        SwitchoverRule::Halving
+    fn switchover_rule(&self) -> Switchover {
+        Switchover::Halving
+    }
+}
+
+/// The tests' backend: one with Ferry's VMM's mechanics (a live migration gets them
+/// from the backend it drives).
+#[cfg(test)]
+pub(crate) mod fixture {
+    pub fn mechanics() -> super::Mechanics {
+        super::Mechanics {
+            page_bytes: 4096,
+            batch_pages: 256,
+            min_split_batches: 4,
+            min_batch_pages: 32,
+            max_rounds: 30,
+            disk_block_bytes: 64 << 10,
+            min_disk_write_limit_mbps: 1.0,
+            postcopy_pause_send_secs: 0.5e-3,
+            postcopy_pause_pages_min: 32,
+            postcopy_pause_pages_max: 1024,
+        }
     }
 }
 

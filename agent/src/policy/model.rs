@@ -1,7 +1,6 @@
 //! The migration model the engine predicts with, and the simulator shares.
 
-use super::{CodecPerf, PAGE, Prediction};
-use crate::migration::codec::Codec;
+use super::{Codec, CodecPerf, Mechanics, PAGE, Prediction};
 
 /// The handover's own work beside its round trips (saving, sending and restoring the
 /// device state, resuming the vCPUs): 3 ms measured on loopback, where a round trip
@@ -21,16 +20,14 @@ pub const ROUND_OVERHEAD_PRIOR_MS: f64 = 3.0;
 /// disks. A prior, until the destination has timed its datastore, which it does when
 /// it creates the copies ([`PauseBasis`]).
 pub const DISK_SYNC_MS: f64 = 12.0;
-/// Rounds pre-copy makes at most (the VMM's own limit).
-pub const MAX_ROUNDS: u32 = 30;
 
 /// A round's start waits for its first batch of pages to be compressed before the
 /// link carries anything (the workers then keep ahead of it): seconds.
-pub fn pipeline_fill_s(c: &CodecPerf) -> f64 {
+pub fn pipeline_fill_s(c: &CodecPerf, m: &Mechanics) -> f64 {
     if c.codec == Codec::None || c.compress_bytes_per_sec <= 0.0 {
         return 0.0;
     }
-    crate::migration::source::BATCH as f64 * PAGE / c.compress_bytes_per_sec
+    f64::from(m.batch_pages) * PAGE / c.compress_bytes_per_sec
 }
 
 /// Page bytes per second a codec moves: the link carries `ratio` times more, but no
@@ -53,10 +50,12 @@ pub fn dirtied(rate: f64, set: f64, secs: f64) -> f64 {
     set * (1.0 - (-rate * secs / set).exp())
 }
 
-/// What a pause costs beside its bytes, as measured on the hosts involved where it
-/// has been (None: not yet; the prior then).
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+/// What a pause costs beside its bytes: the backend's mechanics (as it reports them),
+/// and what was measured on the hosts involved where it has been (None: not yet; the
+/// prior then).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PauseBasis {
+    pub mechanics: Mechanics,
     /// The stream's round trip with nothing queued, milliseconds.
     pub idle_rtt_ms: Option<f64>,
     /// The destination's datastore, timed as it created the disk copies: a sync's
@@ -67,6 +66,16 @@ pub struct PauseBasis {
 }
 
 impl PauseBasis {
+    /// Nothing measured yet: the priors.
+    pub fn prior(mechanics: Mechanics) -> Self {
+        Self {
+            mechanics,
+            idle_rtt_ms: None,
+            dst_flush_ms: None,
+            dst_write_bytes_per_sec: None,
+        }
+    }
+
     /// The handover: its work (a prior) and its round trips (measured), seconds.
     pub fn handover_s(&self) -> f64 {
         (SWITCH_MS + HANDOVER_ROUND_TRIPS * self.idle_rtt_ms.unwrap_or(0.0)) / 1e3
@@ -215,7 +224,8 @@ pub fn precopy(
     // The chance the migration is still in pre-copy, and the expected figures of the
     // switchovers it may already have made.
     let (mut going, mut expect_total, mut expect_down) = (1.0, 0.0, 0.0);
-    for _ in 0..MAX_ROUNDS {
+    // The backend's own limit on rounds.
+    for _ in 0..stream.basis.mechanics.max_rounds {
         let dt = r / t + stream.round_overhead_s;
         total += dt;
         let disk_next = disk_dirtied(&stream, since + dt - absorbed);
@@ -277,12 +287,13 @@ pub fn precopy(
 }
 
 /// The pause's wait for its first compressed batch, `bytes` to send in it (a small
-/// send goes in smaller batches: [`batch_pages`](crate::migration::source::batch_pages)).
+/// send goes in smaller batches: [`Mechanics::batch_for`]).
 fn pause_fill_s(stream: &Stream, bytes: f64) -> f64 {
-    use crate::migration::source::{BATCH, batch_pages};
+    let m = &stream.basis.mechanics;
+    let batch = m.batch_pages as usize;
     let pages = (bytes / PAGE).ceil() as usize;
-    let first = batch_pages(pages, BATCH).min(pages);
-    stream.pause_fill_s * first as f64 / BATCH as f64
+    let first = m.batch_for(pages, batch).min(pages);
+    stream.pause_fill_s * first as f64 / batch as f64
 }
 
 /// The target the VMM's convergence test holds its estimate of the pause's bytes to
@@ -344,7 +355,7 @@ pub const POSTCOPY_RESUME_MS: f64 = 1.0;
 /// and the first faults after the resume.
 pub fn postcopy_pause_ms(t: f64, basis: &PauseBasis) -> f64 {
     let t = t.max(1.0);
-    crate::migration::hot_pages::pause_budget(t) as f64 * PAGE / t * 1e3
+    basis.mechanics.postcopy_pause_pages(t) as f64 * PAGE / t * 1e3
         + (basis.handover_s() + basis.postcopy_resume_s()) * 1e3
 }
 
@@ -362,6 +373,7 @@ pub fn postcopy(remaining: f64, t: f64, basis: &PauseBasis) -> Prediction {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixture::mechanics;
     use super::*;
 
     fn perf(codec: Codec, ratio: f64, speed: f64) -> CodecPerf {
@@ -383,9 +395,12 @@ mod tests {
 
     #[test]
     fn a_codec_delays_each_rounds_start_by_one_batch() {
-        assert_eq!(pipeline_fill_s(&perf(Codec::None, 1.0, 0.0)), 0.0);
+        assert_eq!(
+            pipeline_fill_s(&perf(Codec::None, 1.0, 0.0), &mechanics()),
+            0.0
+        );
         // 1 MiB at 250 MB/s.
-        let lz4 = pipeline_fill_s(&perf(Codec::Lz4, 1.7, 250e6));
+        let lz4 = pipeline_fill_s(&perf(Codec::Lz4, 1.7, 250e6), &mechanics());
         assert!((lz4 - 0.0042).abs() < 1e-4, "{lz4}");
     }
 
@@ -403,7 +418,7 @@ mod tests {
         // VMM stop a round earlier, at twice the downtime. The prediction moves with it
         // smoothly rather than doubling between two neighbouring rates.
         let link = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 100e6,
             round_overhead_s: 0.005,
             pause_fill_s: 0.0,
@@ -440,7 +455,7 @@ mod tests {
     fn precopy_converges_below_the_link_and_not_above() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let link = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 100e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
@@ -463,7 +478,7 @@ mod tests {
     fn a_rounds_fixed_cost_bounds_how_small_the_last_round_gets() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let free = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 200e6,
             round_overhead_s: 0.0,
             pause_fill_s: 0.0,
@@ -489,7 +504,7 @@ mod tests {
     fn random_disk_writes_saturate_at_the_disks_and_the_first_copy_takes_some_along() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let linear = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 100e6,
             round_overhead_s: 0.002,
             pause_fill_s: 0.0,
@@ -527,7 +542,7 @@ mod tests {
     fn travelling_disks_add_their_writes_to_rounds_and_their_sync_to_the_pause() {
         let gib = 1024.0 * 1024.0 * 1024.0;
         let memory_only = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 500e6,
             round_overhead_s: 0.002,
             pause_fill_s: 0.0,
@@ -552,7 +567,7 @@ mod tests {
 
     #[test]
     fn postcopy_moves_at_once() {
-        let p = postcopy(1e9, 100e6, &PauseBasis::default());
+        let p = postcopy(1e9, 100e6, &PauseBasis::prior(mechanics()));
         assert!(
             p.downtime_ms < 30.0 && (p.total_ms - 10_000.0).abs() < 100.0,
             "{p:?}"
@@ -562,27 +577,28 @@ mod tests {
     #[test]
     fn a_postcopy_downtime_is_its_hot_pages_budget_the_fixed_cost_and_the_first_faults() {
         // 1 Gbit/s: the VMM's floor of hot pages (32) takes about 1 ms.
-        let gbit = postcopy_pause_ms(125e6, &PauseBasis::default());
+        let gbit = postcopy_pause_ms(125e6, &PauseBasis::prior(mechanics()));
         assert!(
             (gbit - SWITCH_MS - POSTCOPY_RESUME_MS - 1.05).abs() < 0.1,
             "{gbit}"
         );
         // 100 Mbit/s: the same pages take ten times longer.
-        let slow = postcopy_pause_ms(12.5e6, &PauseBasis::default());
+        let slow = postcopy_pause_ms(12.5e6, &PauseBasis::prior(mechanics()));
         assert!(slow > gbit + 3.0, "{slow}");
         // 10 GB/s: its ceiling of pages is quicker than the budget.
-        let fast = postcopy_pause_ms(10e9, &PauseBasis::default());
+        let fast = postcopy_pause_ms(10e9, &PauseBasis::prior(mechanics()));
         assert!(fast < SWITCH_MS + POSTCOPY_RESUME_MS + 1.0, "{fast}");
     }
 
     #[test]
     fn measured_pause_costs_replace_the_priors() {
-        let prior = PauseBasis::default();
+        let prior = PauseBasis::prior(mechanics());
         assert_eq!(prior.handover_s(), SWITCH_MS / 1e3);
         assert_eq!(prior.disk_sync_s(1e6), DISK_SYNC_MS / 1e3);
         // A remote destination on slow storage: 2 ms round trips, a 10 ms flush and
         // 10 MB/s of writes.
         let slow = PauseBasis {
+            mechanics: mechanics(),
             idle_rtt_ms: Some(2.0),
             dst_flush_ms: Some(10.0),
             dst_write_bytes_per_sec: Some(10e6),
@@ -639,7 +655,7 @@ mod tests {
         // by that measure, but a fiftieth of memory, which is what the VMM compares it
         // with: it surely runs another, shorter round.
         let link = Stream {
-            basis: PauseBasis::default(),
+            basis: PauseBasis::prior(mechanics()),
             bytes_per_sec: 12.5e6,
             round_overhead_s: 0.001,
             pause_fill_s: 0.0,

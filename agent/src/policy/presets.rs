@@ -5,7 +5,7 @@
 //! Every preset takes the operator's downtime limit wherever its peer has that knob,
 //! and the migration gives up at the operator's `max_total_secs` (the VMM's deadline)
 //! as a management layer would. Each switches over the way its peer does: as soon as
-//! the estimated pause fits the limit ([`SwitchoverRule::WhenFits`]), without the extra
+//! the estimated pause fits the limit ([`Switchover::WhenFits`]), without the extra
 //! round Ferry's own VMM makes while the dirty set still halves. Where a peer has no
 //! knob the operator could set, its default stays, and the preset says so.
 //!
@@ -57,10 +57,9 @@
 //!   so that the forced switchover can still finish inside it.
 
 use super::{
-    Decision, Limits, Observation, PAGE, Policy, Prediction, Reason, Settings, Stage,
-    SwitchoverRule,
+    Decision, DiskMirror, Limits, Observation, PAGE, Policy, Prediction, Reason, Settings, Stage,
+    Switchover,
 };
-use crate::migration::disk_stream::DiskMirror;
 
 /// QEMU's `MAX_THROTTLE` (128 MiB/s), in Mbit/s.
 const QEMU_MAX_BANDWIDTH_MBIT: f64 = (128u64 << 20) as f64 * 8.0 / 1e6;
@@ -297,8 +296,8 @@ impl Policy for Preset {
         self.name
     }
 
-    fn switchover_rule(&self) -> SwitchoverRule {
-        SwitchoverRule::WhenFits
+    fn switchover_rule(&self) -> Switchover {
+        Switchover::WhenFits
     }
 
     /// A preset takes from the operator what its peer has a knob for (the downtime
@@ -432,7 +431,9 @@ mod tests {
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
             disk_write_bytes_per_sec: None,
-            pause_basis: Default::default(),
+            pause_basis: crate::policy::model::PauseBasis::prior(
+                crate::policy::fixture::mechanics(),
+            ),
         }
     }
 
@@ -449,7 +450,7 @@ mod tests {
         for mut p in Preset::all() {
             let d = p.decide(&obs(0.0, 0, 0.0, 1e8), &limits(50.0, 60.0));
             assert_eq!(d.settings.max_downtime_ms, 50.0, "{}", p.name);
-            assert_eq!(p.switchover_rule(), SwitchoverRule::WhenFits, "{}", p.name);
+            assert_eq!(p.switchover_rule(), Switchover::WhenFits, "{}", p.name);
         }
         // An operator's bandwidth cap is kept by every preset; QEMU's own default
         // applies only without one.

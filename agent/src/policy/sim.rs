@@ -4,9 +4,9 @@
 
 use serde::Serialize;
 
+use super::model::PauseBasis;
 use super::model::{SWITCH_MS, dirtied, postcopy_pause_ms, throughput};
-use super::{CodecPerf, Limits, Observation, PAGE, Policy, Settings, Stage};
-use crate::migration::codec::Codec;
+use super::{Codec, CodecPerf, Limits, Mechanics, Observation, PAGE, Policy, Settings, Stage};
 
 const STEP_MS: f64 = 10.0;
 const TICK_MS: f64 = 250.0;
@@ -31,6 +31,8 @@ pub struct Scenario {
     pub link_bytes_per_sec: f64,
     /// The codecs' true performance on this guest's pages.
     pub codecs: Vec<CodecPerf>,
+    /// The backend simulated.
+    pub mechanics: Mechanics,
 }
 
 impl Scenario {
@@ -174,7 +176,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 disk_written_compression_ratio: None,
                 disk_copy_bytes_per_sec: None,
                 disk_write_bytes_per_sec: None,
-                pause_basis: Default::default(),
+                pause_basis: PauseBasis::prior(s.mechanics),
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
@@ -204,7 +206,7 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             }
             if settings.postcopy {
                 // The guest moves now; what is left follows at the stream's pace.
-                let down = postcopy_pause_ms(pages_per_sec, &super::model::PauseBasis::default());
+                let down = postcopy_pause_ms(pages_per_sec, &PauseBasis::prior(s.mechanics));
                 let rest = left + dirty;
                 out.postcopy = true;
                 out.completed = true;
@@ -233,8 +235,8 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             let paused = throughput(s.link_bytes_per_sec, &perf, budget);
             let down = dirty / paused * 1e3 + SWITCH_MS;
             // The VMM's rule: one more round while the dirty set still halves.
-            let halving = dirty * 2.0 <= round_size
-                && policy.switchover_rule() == super::SwitchoverRule::Halving;
+            let halving =
+                dirty * 2.0 <= round_size && policy.switchover_rule() == super::Switchover::Halving;
             let limit = settings.max_downtime_ms;
             if down <= limit + SWITCH_MS && (!halving || down - SWITCH_MS <= limit / 10.0) {
                 out.completed = true;
@@ -304,6 +306,7 @@ mod tests {
             headroom: 1.0,
             link_bytes_per_sec: link,
             codecs: codecs(text),
+            mechanics: super::super::fixture::mechanics(),
         }
     }
 
@@ -557,7 +560,7 @@ mod tests {
             disk_written_compression_ratio: None,
             disk_copy_bytes_per_sec: None,
             disk_write_bytes_per_sec: None,
-            pause_basis: Default::default(),
+            pause_basis: PauseBasis::prior(super::super::fixture::mechanics()),
         };
         let d = a.decide(&obs, &limits);
         assert_eq!(d.settings.codec, Codec::Lz4);

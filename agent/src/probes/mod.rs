@@ -280,7 +280,7 @@ impl Probes {
             .get(&pid)
             .ok_or(ProbeError::NotWatched { pid })?
             .slot;
-        let at_ns = crate::vmm::machine::monotonic_ns();
+        let at_ns = crate::clock::monotonic_ns();
         let map = |name: &'static str| self.bpf.map(name).ok_or(missing(name));
         let counts_map = PerCpuArray::<&MapData, VmCounts>::try_from(map("VM_COUNTS")?)
             .map_err(map_err("VM_COUNTS"))?;

@@ -64,7 +64,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn create(cfg: &VmConfig) -> Result<Self, BootError> {
-        let layout = Layout::new(cfg).map_err(BootError::Layout)?;
+        let layout = cfg.layout().map_err(BootError::Layout)?;
         if let Some(available) = host_available_mib()
             && cfg.memory_mib > available
         {

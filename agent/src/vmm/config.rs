@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// Largest guest Ferry maps as one flat region. Above 3 GiB the region would
 /// reach the x86 MMIO hole (LAPIC/IOAPIC), which the lab machine model keeps free.
 pub const MAX_MEMORY_MIB: u64 = 3072;
-pub const MAX_VCPUS: u32 = 16;
+pub use crate::guest::layout::MAX_VCPUS;
 pub const MAX_DISKS: usize = 4;
 /// The lab block device moves one request per exit through a bounce area of this size.
 pub const MAX_BLOCK_KIB: u32 = 64;
@@ -331,8 +331,17 @@ impl VmConfig {
         }
         // The layout check (working set plus Ferry's reserved area fits in memory) needs
         // the guest layout; it is done there so the two never disagree.
-        crate::guest::layout::Layout::new(self)?;
+        self.layout()?;
         Ok(())
+    }
+
+    /// Where everything lives in the lab guest's memory.
+    pub fn layout(&self) -> Result<crate::guest::layout::Layout, String> {
+        crate::guest::layout::Layout::new(
+            self.memory_mib,
+            self.workload.working_set_mib,
+            self.workload_disk_blocks(),
+        )
     }
 
     /// Blocks the guest's disk workload writes on the first disk (the one it exercises).

@@ -14,15 +14,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use ferry_api::{
+    DirtySample, MachineStatus, RestoreTimings, RunState, VcpuStatus, VerifyReport,
+};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::block::DiskSet;
 use super::boot::Vm;
 use super::config::VmConfig;
 use super::dirty::DirtyLog;
+use crate::clock::monotonic_ns;
 use crate::guest::abi::{
     BlockOp, Command, INTEGRITY_DISK, Mailbox, PORT_BLOCK, PORT_HEARTBEAT, PORT_INTEGRITY,
     PORT_VERIFY_DONE,
@@ -42,16 +45,6 @@ enum Target {
     Run = 0,
     Pause = 1,
     Quit = 2,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    Running,
-    Paused,
-    Crashed,
-    /// Handed over to a migration destination: paused for good.
-    Migrated,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,86 +135,6 @@ impl Shared {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct VcpuStatus {
-    pub heartbeats: u64,
-    pub pages_written: u64,
-    pub pages_written_per_sec: f64,
-    pub max_heartbeat_gap_ms: f64,
-    pub last_heartbeat_ms_ago: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub name: String,
-    pub state: RunState,
-    pub pid: u32,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub dirty_tracking: &'static str,
-    pub uptime_ms: u64,
-    pub heartbeats: u64,
-    pub guest_pages_written: u64,
-    pub pages_written_per_sec: f64,
-    pub guest_integrity_errors: u64,
-    pub disk_integrity_errors: u64,
-    pub disk_writes: u64,
-    pub disk_reads: u64,
-    pub max_heartbeat_gap_ms: f64,
-    /// Host CLOCK_MONOTONIC (ns) of the first heartbeat this process received, so a
-    /// caller can measure start-up from its own clock.
-    pub first_heartbeat_monotonic_ns: Option<u64>,
-    /// Present when this process was restored from a snapshot.
-    pub restore: Option<RestoreTimings>,
-    /// The current or last outgoing migration's progress.
-    pub migration: Option<crate::migration::source::Progress>,
-    /// An incoming post-copy (this process is its destination).
-    pub incoming_postcopy: Option<crate::migration::postcopy_dst::PostcopyStatus>,
-    /// The current or last storage migration (`report` set once it ended).
-    pub storage_migration: Option<crate::migration::storage::Progress>,
-    /// A `dirty-sample` holds the dirty log now.
-    pub dirty_sample_running: bool,
-    pub crash: Option<String>,
-    pub per_vcpu: Vec<VcpuStatus>,
-}
-
-/// Where the time went when this process was restored from a snapshot.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct RestoreTimings {
-    pub disks_ms: f64,
-    /// VM, memory mapping, vCPUs and CPUID.
-    pub vm_create_ms: f64,
-    /// vCPU, irqchip and clock state.
-    pub state_restore_ms: f64,
-    pub memory_load_ms: f64,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct VerifyReport {
-    pub pages_checked: u64,
-    pub memory_errors: u64,
-    pub blocks_checked: u64,
-    pub disk_errors: u64,
-    pub elapsed_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DirtySample {
-    pub mode: &'static str,
-    pub elapsed_ms: f64,
-    /// From turning logging on to turning it off: what an outside observer of write
-    /// faults (the eBPF probes) saw the log on for.
-    pub logging_ms: f64,
-    pub dirty_pages: u64,
-    pub dirty_pages_in_working_set: u64,
-    pub guest_pages_written: u64,
-    /// Cost of the final harvest: reading the log, then re-arming it.
-    pub fetch_ms: f64,
-    pub clear_ms: f64,
-    /// Why it ended before its duration (None: it ran its whole duration).
-    pub ended_early: Option<&'static str>,
-}
-
 /// The shortest and longest dirty-rate sample, milliseconds.
 pub const DIRTY_SAMPLE_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
@@ -243,6 +156,11 @@ fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// Pages a VM does not hold yet, as whatever brings them in knows them.
+pub trait AbsentPages: Send + Sync {
+    fn is_missing(&self, page: u64) -> bool;
+}
+
 pub struct Machine {
     pub cfg: VmConfig,
     pub vm: Vm,
@@ -260,31 +178,18 @@ pub struct Machine {
     pub msr_lists: Vec<Vec<u32>>,
     /// Set once a migration committed the handover: this copy never runs again.
     pub handed_over: std::sync::atomic::AtomicBool,
-    /// The current or last outgoing migration.
-    pub migration: Mutex<Option<crate::migration::source::Progress>>,
-    /// Set by `cancel`; the migration stops at its next check and the VM runs on here.
-    pub migration_cancel: std::sync::atomic::AtomicBool,
     /// Held while a dirty-rate sample has the dirty log; a migration takes it before
     /// turning logging on, so the two never share the log.
     pub dirty_sample_lock: Mutex<()>,
     /// Ends a running dirty-rate sample at its next check (`cancel`, a migration's
     /// start).
     pub dirty_sample_end: std::sync::atomic::AtomicBool,
-    /// The running migration's settings and their history (`set-params`).
-    pub live: Mutex<Option<crate::migration::source::Live>>,
     /// While set, `resume` is refused with this reason (a migration destination
     /// waiting for the source's commit).
     pub hold: Mutex<Option<String>>,
-    /// Set by `start-postcopy`: a hybrid migration switches to post-copy at its next
-    /// check.
-    pub postcopy_requested: std::sync::atomic::AtomicBool,
-    /// Set by `ferry migrate --resume`: a post-copy whose link stayed down past the
-    /// recovery window tries again.
-    pub migration_resume: std::sync::atomic::AtomicBool,
-    /// An incoming post-copy still fetching pages (this is its destination).
-    pub postcopy: Mutex<Option<Arc<crate::migration::postcopy_dst::Tracker>>>,
-    /// The current or last storage migration.
-    pub storage: Mutex<Option<crate::migration::storage::Progress>>,
+    /// Pages not in this process yet (an incoming post-copy brings them): reading
+    /// one would block until it arrives.
+    pub absent: Mutex<Option<Arc<dyn AbsentPages>>>,
     /// The config file this VM was started from (rewritten when its disks move).
     pub config_path: Mutex<Option<std::path::PathBuf>>,
     started: Instant,
@@ -322,16 +227,10 @@ impl Machine {
             restore: None,
             msr_lists: Vec::new(),
             handed_over: std::sync::atomic::AtomicBool::new(false),
-            migration: Mutex::new(None),
-            migration_cancel: std::sync::atomic::AtomicBool::new(false),
             dirty_sample_lock: Mutex::new(()),
             dirty_sample_end: std::sync::atomic::AtomicBool::new(false),
-            live: Mutex::new(None),
             hold: Mutex::new(None),
-            postcopy_requested: std::sync::atomic::AtomicBool::new(false),
-            migration_resume: std::sync::atomic::AtomicBool::new(false),
-            postcopy: Mutex::new(None),
-            storage: Mutex::new(None),
+            absent: Mutex::new(None),
             config_path: Mutex::new(None),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
@@ -411,11 +310,6 @@ impl Machine {
         self.set_target(Target::Pause);
     }
 
-    /// Post-copy still fetching pages into this process.
-    pub fn postcopy_status(&self) -> Option<crate::migration::postcopy_dst::PostcopyStatus> {
-        lock(&self.postcopy).as_ref().map(|t| t.status())
-    }
-
     pub fn resume(&self) -> Result<(), MachineError> {
         if let Some(crash) = lock(&self.shared.control).crash.clone() {
             return Err(MachineError::Crashed(crash));
@@ -455,7 +349,7 @@ impl Machine {
         lock(&self.shared.threads).clear();
     }
 
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> MachineStatus {
         let now = Instant::now();
         let per_vcpu: Vec<(VcpuStatus, Mailbox)> = self
             .shared
@@ -480,13 +374,13 @@ impl Machine {
             })
             .collect();
         let sum = |f: fn(&Mailbox) -> u64| per_vcpu.iter().map(|(_, m)| f(m)).sum::<u64>();
-        Status {
+        MachineStatus {
             name: self.cfg.name.clone(),
             state: self.state(),
             pid: std::process::id(),
             vcpus: self.cfg.vcpus,
             memory_mib: self.cfg.memory_mib,
-            dirty_tracking: self.dirty.mode(),
+            dirty_tracking: self.dirty.mode().to_owned(),
             uptime_ms: (now - self.started).as_millis() as u64,
             heartbeats: sum(|m| m.heartbeats),
             guest_pages_written: sum(|m| m.pages_written),
@@ -508,9 +402,6 @@ impl Machine {
                 ns => Some(ns),
             },
             restore: self.restore,
-            migration: lock(&self.migration).clone(),
-            incoming_postcopy: self.postcopy_status(),
-            storage_migration: lock(&self.storage).clone(),
             dirty_sample_running: self.dirty_sample_lock.try_lock().is_err(),
             crash: lock(&self.shared.control).crash.clone(),
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
@@ -568,9 +459,9 @@ impl Machine {
     pub fn mailbox(&self, vcpu: u32) -> Result<Mailbox, MachineError> {
         // A page still on the source would block this read until it arrives.
         let page = Layout::mailbox(vcpu) / crate::guest::abi::PAGE_SIZE;
-        if lock(&self.postcopy)
+        if lock(&self.absent)
             .as_ref()
-            .is_some_and(|t| t.is_missing(page))
+            .is_some_and(|a| a.is_missing(page))
         {
             return Err(MachineError::PageMissing(page));
         }
@@ -671,10 +562,12 @@ impl Machine {
     /// Logs dirty pages for `duration` and compares them with what the guest says it wrote.
     /// Logs dirty pages for `duration` (or until `client_gone()` says nobody waits for
     /// the answer any more, `cancel` or a migration's start) and counts them.
+    /// `log_in_use()` says whether something else (a migration) owns the dirty log.
     pub fn dirty_sample(
         &self,
         duration: Duration,
         client_gone: &dyn Fn() -> bool,
+        log_in_use: &dyn Fn() -> bool,
     ) -> Result<DirtySample, MachineError> {
         let _log = self
             .dirty_sample_lock
@@ -684,13 +577,7 @@ impl Machine {
         // it again, and this sample ends at once.
         self.dirty_sample_end
             .store(false, std::sync::atomic::Ordering::Release);
-        if self
-            .migration
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|p| p.report.is_none())
-        {
+        if log_in_use() {
             return Err(MachineError::DirtyLogInUse);
         }
         let pages = self.vm.layout.memory_bytes / 4096;
@@ -734,7 +621,7 @@ impl Machine {
                 .filter(|&p| p >= ws_first && p < ws_first + self.vm.layout.ws_pages)
                 .count() as u64;
             Ok(DirtySample {
-                mode: self.dirty.mode(),
+                mode: self.dirty.mode().to_owned(),
                 elapsed_ms: ms(elapsed),
                 logging_ms: 0.0,
                 dirty_pages: bitmap.count(),
@@ -742,7 +629,7 @@ impl Machine {
                 guest_pages_written: w1 - w0,
                 fetch_ms,
                 clear_ms,
-                ended_early,
+                ended_early: ended_early.map(str::to_owned),
             })
         })();
         self.dirty.stop(&self.vm)?;
@@ -757,17 +644,6 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (what `Instant` uses, but comparable across processes).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes only into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn ms(d: Duration) -> f64 {

@@ -4,7 +4,6 @@ pub mod blob;
 pub mod block;
 pub mod boot;
 pub mod config;
-pub mod control;
 pub mod dirty;
 pub mod disk_check;
 pub mod launch;

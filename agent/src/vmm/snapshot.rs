@@ -122,21 +122,7 @@ pub struct DiskEntry {
     pub crc32: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotReport {
-    pub path: PathBuf,
-    pub pause_ms: f64,
-    pub memory_bytes: u64,
-    pub memory_bytes_written: u64,
-    pub disk_bytes_copied: u64,
-    pub state_bytes: u64,
-    /// Time to read the VM's CPU, irqchip and clock state while paused.
-    pub state_save_ms: f64,
-    /// The guest's own counters at the snapshot's moment.
-    pub heartbeats: u64,
-    pub guest_pages_written: u64,
-    pub disk_writes: u64,
-}
+pub use ferry_api::SnapshotReport;
 
 impl MachineState {
     /// Reads the state of a paused machine.

@@ -13,13 +13,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::machine::{DIRTY_SAMPLE_MS, Machine, RunState};
-use super::snapshot;
 use crate::migration::codec::Codec;
 use crate::migration::destination::Slot;
 use crate::migration::disk_stream::DiskMirror;
 use crate::migration::door::Door;
+use crate::migration::migratable::Migratable;
 use crate::migration::source;
+use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
+use crate::vmm::machine::{DIRTY_SAMPLE_MS, RunState};
+use crate::vmm::snapshot;
 
 /// Longest request line accepted; anything longer is refused whole, not buffered.
 pub const MAX_REQUEST: u64 = 64 * 1024;
@@ -119,9 +121,6 @@ pub enum Request {
     },
 }
 
-/// The lowest cap on a guest's disk writes, MB/s: a 64 KiB write waits 64 ms at it.
-pub const MIN_DISK_WRITE_LIMIT_MBPS: f64 = 1.0;
-
 /// Migration settings as a request names them; absent means "unchanged" (or the
 /// default, when starting).
 #[derive(Debug, Default, Deserialize)]
@@ -170,11 +169,17 @@ impl SettingsRequest {
     }
 
     fn switchover(&self) -> Result<Option<source::Switchover>, String> {
-        self.switchover.as_deref().map(str::parse).transpose()
+        self.switchover
+            .as_deref()
+            .map(|s| s.parse().map_err(|e: ferry_api::ParseError| e.to_string()))
+            .transpose()
     }
 
     fn disk_mirror(&self) -> Result<Option<DiskMirror>, String> {
-        self.disk_mirror.as_deref().map(str::parse).transpose()
+        self.disk_mirror
+            .as_deref()
+            .map(|s| s.parse().map_err(|e: ferry_api::ParseError| e.to_string()))
+            .transpose()
     }
 
     fn bandwidth(&self) -> Option<Option<u64>> {
@@ -379,7 +384,7 @@ fn handle_connection(stream: UnixStream, slot: &Slot, door: Option<&Door>, stop:
 /// Answers one request; true when the process is to stop.
 fn dispatch(
     line: &str,
-    m: Option<&Arc<Machine>>,
+    vm: Option<&Arc<Migratable>>,
     door: Option<&Door>,
     client_gone: &dyn Fn() -> bool,
 ) -> (Value, bool) {
@@ -392,13 +397,14 @@ fn dispatch(
             );
         }
     };
-    let Some(m) = m else {
+    let Some(vm) = vm else {
         // A destination before its VM has arrived.
         return match request {
             Request::Status {} => (
-                json!({"ok": true, "result": {
-                    "state": "incoming", "pid": std::process::id(),
-                    "incoming": door.map(Door::counters),
+                json!({"ok": true, "result": ferry_api::IncomingStatus {
+                    state: "incoming".into(),
+                    pid: std::process::id(),
+                    incoming: door.map(Door::counters),
                 }}),
                 false,
             ),
@@ -409,7 +415,7 @@ fn dispatch(
             ),
         };
     };
-    let result = dispatch_to(request, m, client_gone);
+    let result = dispatch_to(request, vm, client_gone);
     let quit = matches!(result, Ok((_, true)));
     let answer = match result {
         Ok((v, _)) => json!({"ok": true, "result": v}),
@@ -421,15 +427,11 @@ fn dispatch(
 /// A request to this VM: its result, and whether the process is to stop.
 fn dispatch_to(
     request: Request,
-    m: &Arc<Machine>,
+    vm: &Arc<Migratable>,
     client_gone: &dyn Fn() -> bool,
 ) -> Result<(Value, bool), String> {
-    let migrating = m
-        .migration
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|p| p.report.is_none());
+    let m = &vm.machine;
+    let migrating = vm.migrating();
     // A migration owns pausing and resuming until it ends: a resume during its
     // switchover could leave two running copies.
     if migrating
@@ -441,7 +443,7 @@ fn dispatch_to(
         return Err("a migration is running; wait for it or cancel it first".into());
     }
     // Incoming post-copy: memory is still arriving, and the VM's pausing belongs to it.
-    if m.postcopy_status().is_some_and(|p| p.phase != "completed")
+    if vm.receiving_postcopy()
         && matches!(
             request,
             Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
@@ -451,18 +453,8 @@ fn dispatch_to(
             "post-copy is still bringing this VM's memory in; wait for it to complete".into(),
         );
     }
-    let phase = m
-        .migration
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(|p| p.phase);
-    let moving_disks = m
-        .storage
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|p| p.report.is_none());
+    let phase = lock(&vm.progress).as_ref().map(|p| p.phase);
+    let moving_disks = vm.moving_disks();
     if moving_disks
         && matches!(
             request,
@@ -475,10 +467,10 @@ fn dispatch_to(
         return Err("a migration is running; wait for it or cancel it first".into());
     }
     if let Request::Quit { force } = request {
-        return quit(m, force, migrating || moving_disks, phase).map(|v| (v, true));
+        return quit(vm, force, migrating || moving_disks, phase).map(|v| (v, true));
     }
     let result: Result<Value, String> = match request {
-        Request::Status {} => Ok(json!(m.status())),
+        Request::Status {} => Ok(json!(vm.status())),
         Request::Pause {} => m
             .pause()
             .map(|()| json!({"state": m.state()}))
@@ -511,7 +503,7 @@ fn dispatch_to(
         Request::DirtySample { duration_ms } => {
             let ms = duration_ms.unwrap_or(1000);
             if DIRTY_SAMPLE_MS.contains(&ms) {
-                m.dirty_sample(Duration::from_millis(ms), client_gone)
+                m.dirty_sample(Duration::from_millis(ms), client_gone, &|| vm.migrating())
                     .map(|r| json!(r))
                     .map_err(|e| e.to_string())
             } else {
@@ -535,7 +527,7 @@ fn dispatch_to(
             copy_storage,
             reasons,
         } => start_migration(
-            m,
+            vm,
             to,
             &settings,
             Limits {
@@ -555,7 +547,7 @@ fn dispatch_to(
             throttle_writes_mbps,
             report,
         } => start_storage_migration(
-            m,
+            vm,
             (to, disk),
             mode.as_deref(),
             (remove_source, throttle_writes_mbps),
@@ -563,7 +555,7 @@ fn dispatch_to(
         ),
         Request::StartPostcopy {} => match phase {
             Some(source::Phase::Precopy) if migrating => {
-                m.postcopy_requested.store(true, Ordering::Release);
+                vm.postcopy_requested.store(true, Ordering::Release);
                 Ok(json!({"postcopy": "requested"}))
             }
             _ if migrating => Err("post-copy can only start during pre-copy".into()),
@@ -571,14 +563,14 @@ fn dispatch_to(
         },
         Request::ResumeMigration {} => match phase {
             Some(source::Phase::PostcopyPaused) => {
-                m.migration_resume.store(true, Ordering::Release);
+                vm.resume.store(true, Ordering::Release);
                 Ok(json!({"resuming": true}))
             }
             _ => Err("no post-copy is waiting for its link to come back".into()),
         },
         Request::SetParams { settings, reasons } => settings.codec().and_then(|codec| {
             source::set_params(
-                m,
+                vm,
                 source::SettingsChange {
                     codec,
                     bandwidth: settings.bandwidth(),
@@ -604,7 +596,7 @@ fn dispatch_to(
                      the migration can only finish"
                     .into())
             } else if migrating || moving_disks {
-                m.migration_cancel.store(true, Ordering::Release);
+                vm.cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
             } else if m.dirty_sample_lock.try_lock().is_err() {
                 m.dirty_sample_end.store(true, Ordering::Release);
@@ -613,7 +605,7 @@ fn dispatch_to(
                 Err("no migration or dirty-rate sample is running".into())
             }
         }
-        Request::Resolve {} => source::resolve(m),
+        Request::Resolve {} => source::resolve(vm),
         Request::Quit { .. } => unreachable!("answered above"),
     };
     result.map(|v| (v, false))
@@ -622,7 +614,7 @@ fn dispatch_to(
 /// `quit`: refused while a migration moves the VM (stopping it then could leave it
 /// running nowhere), unless forced.
 fn quit(
-    m: &Machine,
+    vm: &Migratable,
     force: bool,
     moving: bool,
     phase: Option<source::Phase>,
@@ -644,23 +636,27 @@ fn quit(
     }
     if moving {
         tracing::warn!("quit --force during a migration: the migration is abandoned");
-        m.migration_cancel.store(true, Ordering::Release);
+        vm.cancel.store(true, Ordering::Release);
     }
     Ok(json!({"state": "quitting"}))
 }
 
 fn start_storage_migration(
-    m: &Arc<Machine>,
+    vm: &Arc<Migratable>,
     (to, disk): (PathBuf, Option<String>),
     mode: Option<&str>,
     (remove_source, throttle_writes_mbps): (bool, Option<u64>),
     report: Option<PathBuf>,
 ) -> Result<Value, String> {
+    let m = &vm.machine;
     if throttle_writes_mbps == Some(0) {
         return Err("throttle_writes_mbps must be at least 1".into());
     }
     use crate::migration::storage;
-    let mode: storage::Mode = mode.unwrap_or("auto").parse()?;
+    let mode: storage::StorageMode = mode
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: ferry_api::ParseError| e.to_string())?;
     if !to.is_dir() {
         return Err(format!("the destination {} is not a folder", to.display()));
     }
@@ -679,12 +675,12 @@ fn start_storage_migration(
         return Err(format!("the VM is {:?}", m.state()).to_lowercase());
     }
     {
-        let mut slot = m.storage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&vm.storage);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
             return Err("a storage migration is already running".into());
         }
-        *slot = Some(storage::Progress {
-            phase: "starting",
+        *slot = Some(storage::StorageProgress {
+            phase: storage::StoragePhase::Starting,
             disk: String::new(),
             bytes_copied: 0,
             round: 0,
@@ -692,7 +688,7 @@ fn start_storage_migration(
             mode,
             report: None,
         });
-        m.migration_cancel.store(false, Ordering::Release);
+        vm.cancel.store(false, Ordering::Release);
     }
     let params = storage::Params {
         to,
@@ -707,11 +703,11 @@ fn start_storage_migration(
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
     };
-    let machine = m.clone();
+    let vm = vm.clone();
     std::thread::Builder::new()
         .name("storage-migration".into())
         .spawn(move || {
-            storage::run(machine, params);
+            storage::run(vm, params);
         })
         .map_err(|e| format!("cannot start the storage migration thread: {e}"))?;
     Ok(json!({"started": true}))
@@ -725,7 +721,7 @@ struct Limits {
 }
 
 fn start_migration(
-    m: &Arc<Machine>,
+    vm: &Arc<Migratable>,
     to: String,
     req: &SettingsRequest,
     limits: Limits,
@@ -733,12 +729,16 @@ fn start_migration(
     (report, verify): (Option<PathBuf>, bool),
     reasons: source::Reasons,
 ) -> Result<Value, String> {
+    let m = &vm.machine;
     let Limits {
         max_total_secs,
         timeout_secs,
         recover_secs,
     } = limits;
-    let mode: source::Mode = mode.unwrap_or("precopy").parse()?;
+    let mode: source::Mode = mode
+        .unwrap_or("precopy")
+        .parse()
+        .map_err(|e: ferry_api::ParseError| e.to_string())?;
     if precopy_pass && mode != source::Mode::Postcopy {
         return Err("precopy_pass only applies to mode postcopy".into());
     }
@@ -782,7 +782,7 @@ fn start_migration(
     // answer now, not a failed report later.
     let conn = source::dial(&to).map_err(|e| e.to_string())?;
     {
-        let mut slot = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&vm.progress);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
             return Err("a migration is already running".into());
         }
@@ -790,10 +790,10 @@ fn start_migration(
             return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
         }
         // Claimed here, under the lock, so two requests cannot both start one.
-        *slot = Some(source::Progress::starting(&to, &settings));
-        m.migration_cancel.store(false, Ordering::Release);
-        m.postcopy_requested.store(false, Ordering::Release);
-        m.migration_resume.store(false, Ordering::Release);
+        *slot = Some(source::starting(&to, &settings));
+        vm.cancel.store(false, Ordering::Release);
+        vm.postcopy_requested.store(false, Ordering::Release);
+        vm.resume.store(false, Ordering::Release);
         // A dirty-rate sample holding the log ends now rather than delay this.
         m.dirty_sample_end.store(true, Ordering::Release);
     }
@@ -810,11 +810,11 @@ fn start_migration(
         copy_storage,
         reasons,
     };
-    let machine = m.clone();
+    let vm = vm.clone();
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            source::run(machine, params, conn);
+            source::run(vm, params, conn);
         })
         .map_err(|e| format!("cannot start the migration thread: {e}"))?;
     Ok(json!({"started": true}))
@@ -866,6 +866,10 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
             message: "no `ok` field".into(),
         }),
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

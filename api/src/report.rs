@@ -1,0 +1,205 @@
+//! What an operation leaves behind: its report, and the decisions that shaped it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Codec, Mode};
+
+/// How an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What every report starts with: how it ended, why not (if so), how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportCore {
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub total_ms: f64,
+    /// The guest's pause for the handover: pause to resume, milliseconds.
+    pub switchover_ms: Option<f64>,
+}
+
+/// A setting that was set or changed, when (since the operation began), to what,
+/// and why: the one record the VMM, the driver and the simulator all keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub t_ms: f64,
+    pub setting: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// A live migration's report, as the VMM that sent the VM writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    #[serde(flatten)]
+    pub core: ReportCore,
+    pub mode: Mode,
+    pub to: String,
+    /// Per vCPU, last heartbeat on the source to first on the destination; the largest.
+    pub downtime_ms: Option<f64>,
+    pub max_heartbeat_gap_ms: f64,
+    pub rounds: u32,
+    pub bytes_on_wire: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub codec: Codec,
+    pub compression_ratio: f64,
+    pub throttle_max_pct: u32,
+    /// Source and destination memory digests agree (None: not checked).
+    pub memory_verified: Option<bool>,
+    pub guest_integrity_errors: u64,
+    pub decisions: Vec<Decision>,
+    /// Post-copy only: faults the guest took on pages still on the source, how long
+    /// each waited (p50, p99), the vCPUs' total wait, and link recoveries.
+    pub postcopy_faults: Option<u64>,
+    pub fault_latency_p50_us: Option<u64>,
+    pub fault_latency_p99_us: Option<u64>,
+    pub vcpu_blocked_ms: Option<f64>,
+    pub recoveries: u32,
+    /// Disks that travelled: bytes sent,
+    pub disk_bytes_copied: Option<u64>,
+    /// and of those, guest writes the active mirror sent as they happened.
+    pub disk_bytes_mirrored: Option<u64>,
+}
+
+/// How a storage migration copies a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageMode {
+    /// Background first, active once a round shows the guest writing distinct blocks
+    /// too fast for background rounds to converge.
+    #[default]
+    Auto,
+    Background,
+    Active,
+}
+
+impl StorageMode {
+    pub const ALL: &'static [StorageMode] = &[
+        StorageMode::Auto,
+        StorageMode::Background,
+        StorageMode::Active,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::Auto => "auto",
+            StorageMode::Background => "background",
+            StorageMode::Active => "active",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StorageMode {
+    type Err = crate::ParseError;
+    fn from_str(s: &str) -> Result<Self, crate::ParseError> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                crate::ParseError(format!(
+                    "unknown storage migration mode {s:?} (one of: auto, background, active)"
+                ))
+            })
+    }
+}
+
+/// One disk a storage migration moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MovedDisk {
+    pub id: String,
+    pub from: PathBuf,
+    pub to: PathBuf,
+    /// The mode this disk's copy ended in, and (auto mode) why.
+    pub mode: StorageMode,
+    pub mode_reason: Option<String>,
+}
+
+/// A storage migration's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageReport {
+    #[serde(flatten)]
+    pub core: ReportCore,
+    pub disk_mode: StorageMode,
+    pub disk_bytes_copied: u64,
+    pub disk_rounds: u32,
+    /// The copy matched its source block by block (blocks the guest wrote after the
+    /// switch excepted).
+    pub disk_verified: Option<bool>,
+    pub disk_integrity_errors: u64,
+    /// Active mode: the p99 of what mirroring added to a guest write.
+    pub guest_write_latency_added_us_p99: Option<u64>,
+    /// Copying and switching over, without the check against the old image.
+    pub copy_ms: f64,
+    /// How long the write throttle held the guest's disk writes back, in total.
+    pub guest_writes_delayed_ms: f64,
+    /// Bytes the guest wrote to its disks while they moved (each write counted).
+    pub guest_bytes_written: u64,
+    pub config_rewritten: Option<PathBuf>,
+    pub disks: Vec<MovedDisk>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_keeps_its_core_at_the_top_level() {
+        let r = StorageReport {
+            core: ReportCore {
+                outcome: Outcome::Completed,
+                error: None,
+                total_ms: 12.5,
+                switchover_ms: Some(1.0),
+            },
+            disk_mode: StorageMode::Active,
+            disk_bytes_copied: 1,
+            disk_rounds: 2,
+            disk_verified: Some(true),
+            disk_integrity_errors: 0,
+            guest_write_latency_added_us_p99: None,
+            copy_ms: 3.0,
+            guest_writes_delayed_ms: 0.0,
+            guest_bytes_written: 0,
+            config_rewritten: None,
+            disks: Vec::new(),
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["outcome"], "completed");
+        assert_eq!(v["total_ms"], 12.5);
+        assert_eq!(v["disk_mode"], "active");
+        let back: StorageReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        assert!("sideways".parse::<StorageMode>().is_err());
+    }
+}
