@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::migration::codec::Codec;
@@ -18,7 +17,7 @@ use crate::migration::destination::Slot;
 use crate::migration::disk_stream::DiskMirror;
 use crate::migration::door::Door;
 use crate::migration::migratable::Migratable;
-use crate::migration::source;
+use crate::migration::{source, storage};
 use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
 use crate::vmm::machine::{DIRTY_SAMPLE_MS, RunState};
 use crate::vmm::snapshot;
@@ -26,166 +25,26 @@ use crate::vmm::snapshot;
 /// Longest request line accepted; anything longer is refused whole, not buffered.
 pub const MAX_REQUEST: u64 = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    // Empty braces rather than unit variants: serde ignores unknown fields on unit
-    // variants of an internally tagged enum, and a typo must not pass silently.
-    Status {},
-    Pause {},
-    Resume {},
-    Verify {
-        #[serde(default)]
-        timeout_secs: Option<u64>,
-    },
-    Snapshot {
-        out: PathBuf,
-    },
-    DirtySample {
-        #[serde(default)]
-        duration_ms: Option<u64>,
-    },
-    /// Each codec's ratio and speed on a sample of this VM's pages, and the share of
-    /// its memory that is zero: what a policy plans with.
-    CodecSample {},
-    /// Change the lab guest's page-write rate (pages/s, all vCPUs; 0 = unpaced).
-    SetWorkload {
-        dirty_pages_per_sec: u64,
-    },
-    /// Start a migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
-    Migrate {
-        to: String,
-        #[serde(flatten)]
-        settings: SettingsRequest,
-        #[serde(default)]
-        max_total_secs: Option<u64>,
-        #[serde(default)]
-        timeout_secs: Option<u64>,
-        #[serde(default)]
-        report: Option<PathBuf>,
-        #[serde(default)]
-        no_verify: bool,
-        /// precopy (default), postcopy or hybrid.
-        #[serde(default)]
-        mode: Option<String>,
-        /// How long a broken post-copy link is retried before giving up (default 60).
-        #[serde(default)]
-        recover_secs: Option<u64>,
-        /// Post-copy: one full pre-copy pass first.
-        #[serde(default)]
-        precopy_pass: bool,
-        /// Send the disks along (the destination has its own storage).
-        #[serde(default)]
-        copy_storage: bool,
-        /// Why, per setting (a policy's reasons), for the report's decisions.
-        #[serde(default)]
-        reasons: source::Reasons,
-    },
-    /// Move the VM's disk images (or one) into folder `to` while it runs.
-    StorageMigrate {
-        to: PathBuf,
-        #[serde(default)]
-        disk: Option<String>,
-        /// auto (default), background or active.
-        #[serde(default)]
-        mode: Option<String>,
-        #[serde(default)]
-        remove_source: bool,
-        /// Cap on the guest's disk writes while its disks move, MB/s.
-        #[serde(default)]
-        throttle_writes_mbps: Option<u64>,
-        #[serde(default)]
-        report: Option<PathBuf>,
-    },
-    /// Switch the running hybrid migration to post-copy.
-    StartPostcopy {},
-    /// Retry a post-copy whose link stayed down past its recovery window.
-    ResumeMigration {},
-    /// Change the running migration's settings.
-    SetParams {
-        #[serde(flatten)]
-        settings: SettingsRequest,
-        /// Why, per setting (a policy's reasons), for the report's decisions.
-        #[serde(default)]
-        reasons: source::Reasons,
-    },
-    /// Stop the running migration; the VM keeps running here.
-    Cancel {},
-    /// Settle the last migration's handover in doubt with its destination.
-    Resolve {},
-    /// Stop the VM and the process. Refused while a migration moves the VM unless
-    /// `force` (the VM then runs nowhere if the destination does not have it yet).
-    Quit {
-        #[serde(default)]
-        force: bool,
-    },
-}
+pub use ferry_api::{Migrate, Request, SettingsChange};
 
-/// Migration settings as a request names them; absent means "unchanged" (or the
-/// default, when starting).
-#[derive(Debug, Default, Deserialize)]
-pub struct SettingsRequest {
-    #[serde(default)]
-    pub compression: Option<String>,
-    /// Megabits per second; 0 = unlimited.
-    #[serde(default)]
-    pub bandwidth_mbit: Option<u64>,
-    #[serde(default)]
-    pub throttle_pct: Option<u32>,
-    #[serde(default)]
-    pub max_downtime_ms: Option<u64>,
-    /// Disks that travel: a cap on the guest's disk writes, MB/s; 0 = none.
-    #[serde(default)]
-    pub disk_write_limit_mbps: Option<f64>,
-    /// When pre-copy switches over once the pause fits: `halving` (default) or
-    /// `when-fits` (as QEMU and Cloud Hypervisor do).
-    #[serde(default)]
-    pub switchover: Option<String>,
-    /// Disks that travel: `background` (the default: rounds) or `active` (each guest
-    /// write also goes to the destination before it completes).
-    #[serde(default)]
-    pub disk_mirror: Option<String>,
-}
-
-impl SettingsRequest {
-    fn codec(&self) -> Result<Option<Codec>, String> {
-        self.compression
-            .as_deref()
-            .map(|c| c.parse::<Codec>().map_err(|e| e.to_string()))
-            .transpose()
-    }
-
-    fn disk_write_limit(&self) -> Result<Option<Option<u64>>, String> {
-        match self.disk_write_limit_mbps {
-            Some(m) if !(m == 0.0 || (m >= MIN_DISK_WRITE_LIMIT_MBPS && m.is_finite())) => {
-                Err(format!(
-                    "disk_write_limit_mbps = {m}: must be 0 (none) or at least \
-                     {MIN_DISK_WRITE_LIMIT_MBPS} (MB/s; a guest write waits its share of it)"
-                ))
-            }
-            Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
-            None => Ok(None),
+/// `disk_write_limit_mbps` as the VMM holds it: bytes/s, None for none; checked.
+fn disk_write_limit(s: &SettingsChange) -> Result<Option<Option<u64>>, String> {
+    match s.disk_write_limit_mbps {
+        Some(m) if !(m == 0.0 || (m >= MIN_DISK_WRITE_LIMIT_MBPS && m.is_finite())) => {
+            Err(format!(
+                "disk_write_limit_mbps = {m}: must be 0 (none) or at least \
+                 {MIN_DISK_WRITE_LIMIT_MBPS} (MB/s; a guest write waits its share of it)"
+            ))
         }
+        Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
+        None => Ok(None),
     }
+}
 
-    fn switchover(&self) -> Result<Option<source::Switchover>, String> {
-        self.switchover
-            .as_deref()
-            .map(|s| s.parse().map_err(|e: ferry_api::ParseError| e.to_string()))
-            .transpose()
-    }
-
-    fn disk_mirror(&self) -> Result<Option<DiskMirror>, String> {
-        self.disk_mirror
-            .as_deref()
-            .map(|s| s.parse().map_err(|e: ferry_api::ParseError| e.to_string()))
-            .transpose()
-    }
-
-    fn bandwidth(&self) -> Option<Option<u64>> {
-        self.bandwidth_mbit
-            .map(|m| (m > 0).then_some(m.saturating_mul(1_000_000) / 8))
-    }
+/// `bandwidth_mbit` as the VMM holds it: bytes/s, None for unlimited.
+fn bandwidth(s: &SettingsChange) -> Option<Option<u64>> {
+    s.bandwidth_mbit
+        .map(|m| (m > 0).then_some(m.saturating_mul(1_000_000) / 8))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,20 +56,6 @@ pub enum ControlError {
     },
     #[error("control socket {0} is in use by a running VMM")]
     InUse(PathBuf),
-    #[error("cannot reach the VMM at {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("talking to the VMM at {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the VMM at {path} sent a malformed answer: {message}")]
-    Malformed { path: PathBuf, message: String },
-    #[error("{0}")]
-    Refused(String),
 }
 
 /// Which file a socket path names (device, inode): a VMM removes its socket on exit
@@ -471,6 +316,7 @@ fn dispatch_to(
     }
     let result: Result<Value, String> = match request {
         Request::Status {} => Ok(json!(vm.status())),
+        Request::Mechanics {} => Ok(json!(crate::migration::MECHANICS)),
         Request::Pause {} => m
             .pause()
             .map(|()| json!({"state": m.state()}))
@@ -514,31 +360,7 @@ fn dispatch_to(
                 ))
             }
         }
-        Request::Migrate {
-            to,
-            settings,
-            max_total_secs,
-            timeout_secs,
-            report,
-            no_verify,
-            mode,
-            recover_secs,
-            precopy_pass,
-            copy_storage,
-            reasons,
-        } => start_migration(
-            vm,
-            to,
-            &settings,
-            Limits {
-                max_total_secs,
-                timeout_secs,
-                recover_secs,
-            },
-            (mode.as_deref(), precopy_pass, copy_storage),
-            (report, !no_verify),
-            reasons,
-        ),
+        Request::Migrate(req) => start_migration(vm, req),
         Request::StorageMigrate {
             to,
             disk,
@@ -549,7 +371,7 @@ fn dispatch_to(
         } => start_storage_migration(
             vm,
             (to, disk),
-            mode.as_deref(),
+            mode.unwrap_or_default(),
             (remove_source, throttle_writes_mbps),
             report,
         ),
@@ -568,17 +390,17 @@ fn dispatch_to(
             }
             _ => Err("no post-copy is waiting for its link to come back".into()),
         },
-        Request::SetParams { settings, reasons } => settings.codec().and_then(|codec| {
+        Request::SetParams { settings, reasons } => disk_write_limit(&settings).and_then(|limit| {
             source::set_params(
                 vm,
                 source::SettingsChange {
-                    codec,
-                    bandwidth: settings.bandwidth(),
+                    codec: settings.compression,
+                    bandwidth: bandwidth(&settings),
                     throttle_pct: settings.throttle_pct,
                     max_downtime_ms: settings.max_downtime_ms,
-                    disk_write_limit: settings.disk_write_limit()?,
-                    switchover: settings.switchover()?,
-                    disk_mirror: settings.disk_mirror()?,
+                    disk_write_limit: limit,
+                    switchover: settings.switchover,
+                    disk_mirror: settings.disk_mirror,
                 },
                 &reasons,
             )
@@ -644,7 +466,7 @@ fn quit(
 fn start_storage_migration(
     vm: &Arc<Migratable>,
     (to, disk): (PathBuf, Option<String>),
-    mode: Option<&str>,
+    mode: storage::StorageMode,
     (remove_source, throttle_writes_mbps): (bool, Option<u64>),
     report: Option<PathBuf>,
 ) -> Result<Value, String> {
@@ -652,11 +474,6 @@ fn start_storage_migration(
     if throttle_writes_mbps == Some(0) {
         return Err("throttle_writes_mbps must be at least 1".into());
     }
-    use crate::migration::storage;
-    let mode: storage::StorageMode = mode
-        .unwrap_or("auto")
-        .parse()
-        .map_err(|e: ferry_api::ParseError| e.to_string())?;
     if !to.is_dir() {
         return Err(format!("the destination {} is not a folder", to.display()));
     }
@@ -713,52 +530,43 @@ fn start_storage_migration(
     Ok(json!({"started": true}))
 }
 
-/// A migration's time limits, in seconds, as requested.
-struct Limits {
-    max_total_secs: Option<u64>,
-    timeout_secs: Option<u64>,
-    recover_secs: Option<u64>,
-}
-
-fn start_migration(
-    vm: &Arc<Migratable>,
-    to: String,
-    req: &SettingsRequest,
-    limits: Limits,
-    (mode, precopy_pass, copy_storage): (Option<&str>, bool, bool),
-    (report, verify): (Option<PathBuf>, bool),
-    reasons: source::Reasons,
-) -> Result<Value, String> {
+fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, String> {
     let m = &vm.machine;
-    let Limits {
+    let Migrate {
+        to,
+        settings: req,
         max_total_secs,
         timeout_secs,
+        report,
+        no_verify,
+        mode,
         recover_secs,
-    } = limits;
-    let mode: source::Mode = mode
-        .unwrap_or("precopy")
-        .parse()
-        .map_err(|e: ferry_api::ParseError| e.to_string())?;
+        precopy_pass,
+        copy_storage,
+        reasons,
+    } = req;
+    let verify = !no_verify;
+    let mode = mode.unwrap_or_default();
     if precopy_pass && mode != source::Mode::Postcopy {
         return Err("precopy_pass only applies to mode postcopy".into());
     }
     if copy_storage && mode != source::Mode::Precopy {
         return Err("copy_storage works with mode precopy".into());
     }
-    if !copy_storage && req.disk_write_limit()?.flatten().is_some() {
+    if !copy_storage && disk_write_limit(&req)?.flatten().is_some() {
         return Err("disk_write_limit_mbps applies to disks that travel (copy_storage)".into());
     }
-    if !copy_storage && req.disk_mirror()? == Some(DiskMirror::Active) {
+    if !copy_storage && req.disk_mirror == Some(DiskMirror::Active) {
         return Err("disk_mirror = \"active\" applies to disks that travel (copy_storage)".into());
     }
     let settings = source::Settings {
-        codec: req.codec()?.unwrap_or(Codec::None),
-        bandwidth: req.bandwidth().flatten(),
+        codec: req.compression.unwrap_or(Codec::None),
+        bandwidth: bandwidth(&req).flatten(),
         throttle_pct: req.throttle_pct.unwrap_or(0),
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
-        disk_write_limit: req.disk_write_limit()?.flatten(),
-        switchover: req.switchover()?.unwrap_or_default(),
-        disk_mirror: req.disk_mirror()?.unwrap_or_default(),
+        disk_write_limit: disk_write_limit(&req)?.flatten(),
+        switchover: req.switchover.unwrap_or_default(),
+        disk_mirror: req.disk_mirror.unwrap_or_default(),
     };
     if settings.max_downtime_ms == 0 {
         return Err("max_downtime_ms must be at least 1".into());
@@ -818,54 +626,6 @@ fn start_migration(
         })
         .map_err(|e| format!("cannot start the migration thread: {e}"))?;
     Ok(json!({"started": true}))
-}
-
-/// Sends one request and returns its `result`, or the VMM's error.
-pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
-    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
-    let ioe = |source| ControlError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut w = stream.try_clone().map_err(ioe)?;
-    let mut text = req.to_string();
-    text.push('\n');
-    w.write_all(text.as_bytes())
-        .map_err(|source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| ControlError::Malformed {
-        path: path.to_owned(),
-        message: if line.is_empty() {
-            "connection closed".into()
-        } else {
-            e.to_string()
-        },
-    })?;
-    match v.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
-        Some(false) => Err(ControlError::Refused(
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("unspecified error")
-                .to_owned(),
-        )),
-        None => Err(ControlError::Malformed {
-            path: path.to_owned(),
-            message: "no `ok` field".into(),
-        }),
-    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -959,9 +719,9 @@ mod tests {
         let r: Request =
             serde_json::from_str(r#"{"cmd":"migrate","to":"h:1","bandwidth_mbit":800}"#).unwrap();
         match r {
-            Request::Migrate { to, settings, .. } => {
-                assert_eq!(to, "h:1");
-                assert_eq!(settings.bandwidth(), Some(Some(100_000_000)));
+            Request::Migrate(m) => {
+                assert_eq!(m.to, "h:1");
+                assert_eq!(bandwidth(&m.settings), Some(Some(100_000_000)));
             }
             other => panic!("{other:?}"),
         }
@@ -974,7 +734,7 @@ mod tests {
     #[test]
     fn a_disk_write_limit_is_megabytes_per_second_and_zero_lifts_it() {
         let limit = |json: &str| match serde_json::from_str::<Request>(json).unwrap() {
-            Request::SetParams { settings, .. } => settings.disk_write_limit(),
+            Request::SetParams { settings, .. } => disk_write_limit(&settings),
             other => panic!("{other:?}"),
         };
         assert_eq!(

@@ -1,8 +1,10 @@
 //! Ferry: live migration of KVM virtual machines.
 
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod control;
+pub mod driver;
 pub mod guest;
 pub mod migration;
 pub mod policy;

@@ -97,7 +97,7 @@ impl PolicyArgs {
         Ok(ferry::policy::Pins {
             codec: match self.compression.as_str() {
                 "auto" => None,
-                c => Some(c.parse::<ferry::migration::codec::Codec>()?),
+                c => Some(c.parse::<ferry_api::Codec>()?),
             },
             throttle_pct: self.throttle_pct,
             disk_write_limit_mbps: match self.disk_write_limit_mbps {
@@ -106,13 +106,12 @@ impl PolicyArgs {
                 }
                 m => m,
             },
-            disk_mirror: self
-                .disk_mirror
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
+            disk_mirror: self.disk_mirror()?,
         })
+    }
+
+    fn disk_mirror(&self) -> anyhow::Result<Option<ferry_api::DiskMirror>> {
+        Ok(self.disk_mirror.as_deref().map(str::parse).transpose()?)
     }
 }
 
@@ -461,32 +460,41 @@ fn main() -> ExitCode {
             let limits = policy.limits()?;
             let pins = policy.pins()?;
             let codec = pins.codec;
-            let steering = cli::steer::policy(&policy.policy, pins, &limits)?
-                .map(|p| cli::steer::Steering::new(p, limits.clone()));
+            let chosen = ferry::policy::by_name(&policy.policy, pins, &limits)
+                .map_err(anyhow::Error::msg)?;
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
             let mode = if limits.allow_postcopy && mode == Mode::Precopy {
                 Mode::Hybrid
             } else {
                 mode
             };
-            cli::client::migrate(
+            let req = ferry_api::Migrate {
+                to: to.unwrap_or_default(),
+                settings: ferry_api::SettingsChange {
+                    compression: Some(codec.unwrap_or_default()),
+                    max_downtime_ms: Some(limits.max_downtime_ms.round() as u64),
+                    bandwidth_mbit: Some(limits.bandwidth_mbit.map_or(0, |m| m.round() as u64)),
+                    throttle_pct: Some(policy.throttle_pct.unwrap_or(0)),
+                    disk_write_limit_mbps: policy.disk_write_limit_mbps,
+                    disk_mirror: policy.disk_mirror()?,
+                    switchover: None,
+                },
+                max_total_secs: limits.max_total_secs.map(|s| s.ceil() as u64),
+                timeout_secs: Some(timeout_secs),
+                report: None,
+                no_verify,
+                mode: Some(mode),
+                recover_secs: Some(recover_secs),
+                precopy_pass,
+                copy_storage,
+                reasons: Default::default(),
+            };
+            cli::migrate::run(
                 &control,
-                serde_json::json!({
-                    "cmd": "migrate", "to": to,
-                    "compression": codec.map_or("none".to_string(), |c| c.to_string()),
-                    "max_downtime_ms": limits.max_downtime_ms.round() as u64,
-                    "bandwidth_mbit": limits.bandwidth_mbit.map_or(0, |m| m.round() as u64),
-                    "throttle_pct": policy.throttle_pct.unwrap_or(0),
-                    "disk_write_limit_mbps": policy.disk_write_limit_mbps,
-                    "disk_mirror": policy.disk_mirror,
-                    "max_total_secs": limits.max_total_secs.map(|s| s.ceil() as u64),
-                    "timeout_secs": timeout_secs, "no_verify": no_verify,
-                    "mode": mode, "recover_secs": recover_secs,
-                    "precopy_pass": precopy_pass, "copy_storage": copy_storage,
-                }),
+                (!attach).then_some(req),
                 report.as_deref(),
                 json,
-                (steering, attach),
+                (chosen, limits),
             )
         })(),
         Command::Plan {
@@ -496,7 +504,8 @@ fn main() -> ExitCode {
             json,
         } => (|| {
             let limits = policy.limits()?;
-            let chosen = cli::steer::policy(&policy.policy, policy.pins()?, &limits)?;
+            let chosen = ferry::policy::by_name(&policy.policy, policy.pins()?, &limits)
+                .map_err(anyhow::Error::msg)?;
             let Some(chosen) = chosen else {
                 anyhow::bail!("the static policy makes no plan: it applies the flags as given");
             };

@@ -7,22 +7,24 @@
 //! travels typed from there.
 
 pub mod codec;
+pub mod error;
 pub mod mechanics;
 pub mod progress;
 pub mod report;
+pub mod request;
 pub mod settings;
 pub mod status;
 
 pub use codec::{Codec, CodecParseError, ZSTD_MAX_LEVEL};
+pub use error::ErrorKind;
 pub use mechanics::Mechanics;
 pub use progress::{
     CodecSample, DirtyWindows, MigrationProgress, Phase, PostcopyPhase, PostcopyStatus,
     StoragePhase, StorageProgress,
 };
-pub use report::{
-    Decision, MigrationReport, MovedDisk, Outcome, ReportCore, StorageMode, StorageReport,
-};
-pub use settings::{DiskMirror, Mode, ParseError, Switchover};
+pub use report::{Decision, MigrationReport, MovedDisk, Outcome, ReportCore, StorageReport};
+pub use request::{Migrate, Reasons, Request, Resolution, SettingsChange, SettingsNow};
+pub use settings::{DiskMirror, Mode, ParseError, StorageMode, Switchover};
 pub use status::{
     CodecSamples, DirtySample, IncomingStatus, MachineStatus, PortCounters, RestoreTimings,
     RunState, SnapshotReport, Status, VcpuStatus, VerifyReport, VmStatus,

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Codec;
-use crate::report::{MigrationReport, StorageMode, StorageReport};
+use crate::StorageMode;
+use crate::report::{MigrationReport, StorageReport};
 
 /// Where a live migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

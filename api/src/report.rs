@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Codec, Mode};
+use crate::{Codec, Mode, StorageMode};
 
 /// How an operation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,55 +83,6 @@ pub struct MigrationReport {
     pub disk_bytes_copied: Option<u64>,
     /// and of those, guest writes the active mirror sent as they happened.
     pub disk_bytes_mirrored: Option<u64>,
-}
-
-/// How a storage migration copies a disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StorageMode {
-    /// Background first, active once a round shows the guest writing distinct blocks
-    /// too fast for background rounds to converge.
-    #[default]
-    Auto,
-    Background,
-    Active,
-}
-
-impl StorageMode {
-    pub const ALL: &'static [StorageMode] = &[
-        StorageMode::Auto,
-        StorageMode::Background,
-        StorageMode::Active,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StorageMode::Auto => "auto",
-            StorageMode::Background => "background",
-            StorageMode::Active => "active",
-        }
-    }
-}
-
-impl std::fmt::Display for StorageMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for StorageMode {
-    type Err = crate::ParseError;
-    fn from_str(s: &str) -> Result<Self, crate::ParseError> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| {
-                crate::ParseError(format!(
-                    "unknown storage migration mode {s:?} (one of: auto, background, active)"
-                ))
-            })
-    }
 }
 
 /// One disk a storage migration moved.

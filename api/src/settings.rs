@@ -29,6 +29,21 @@ macro_rules! named {
             }
         }
 
+        // The text spelling on the wire too, so a bad value is refused with the
+        // message that names the choices.
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
         impl FromStr for $ty {
             type Err = ParseError;
             fn from_str(s: &str) -> Result<Self, ParseError> {
@@ -46,8 +61,7 @@ macro_rules! named {
 }
 
 /// How memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
     /// Rounds of dirty pages until the rest fits the downtime limit.
     #[default]
@@ -68,8 +82,7 @@ named!(
 );
 
 /// When pre-copy switches over, once the estimated pause fits the downtime target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Switchover {
     /// Ferry's: one more round while the dirty set still halves and the pause is not
     /// yet tiny (a short round then cuts the downtime the guest sees).
@@ -85,8 +98,7 @@ named!(
 );
 
 /// How disks that travel with the memory keep up with the guest's writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DiskMirror {
     /// With each pre-copy round, the blocks written since the last one.
     #[default]
@@ -100,6 +112,22 @@ named!(
     DiskMirror,
     "disk mirror",
     [Background = "background", Active = "active"]
+);
+
+/// How a storage migration copies a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StorageMode {
+    /// Background first, active once a round shows the guest writing distinct blocks
+    /// too fast for background rounds to converge.
+    #[default]
+    Auto,
+    Background,
+    Active,
+}
+named!(
+    StorageMode,
+    "storage migration mode",
+    [Auto = "auto", Background = "background", Active = "active"]
 );
 
 #[cfg(test)]
@@ -119,6 +147,13 @@ mod tests {
         for d in DiskMirror::ALL {
             assert_eq!(serde_json::to_string(d).unwrap(), format!("\"{d}\""));
         }
+        let e = serde_json::from_str::<StorageMode>("\"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("unknown storage migration mode \"fast\" (one of: auto"),
+            "{e}"
+        );
         let e = "sideways".parse::<Mode>().unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::control::request;
+use crate::client::request;
 
 /// Exit code of `ferry verify` when the guest found errors.
 pub const EXIT_INTEGRITY: u8 = 3;
@@ -257,7 +257,7 @@ fn start_and_follow(
 
 /// Prints a report as JSON or as a table of `keys` (absent ones left out); the exit
 /// status says whether it completed.
-fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
+pub(super) fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
     if as_json {
         println!("{report}");
     } else {
@@ -281,172 +281,8 @@ fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
     }
 }
 
-/// Starts a migration, follows it until it ends (Ctrl-C cancels it) and prints the report.
-pub fn migrate(
-    control: &Path,
-    mut req: Value,
-    report: Option<&Path>,
-    as_json: bool,
-    (mut steering, attach): (Option<super::steer::Steering>, bool),
-) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let status = request(control, &json!({"cmd": "status"}))?;
-    if attach {
-        // A migration whose client went away runs on with its last settings (its
-        // limits still hold); this picks it up again, or shows how it ended.
-        let m = get(&status, "migration");
-        if m.is_null() {
-            anyhow::bail!("no migration to attach to: this VM has not migrated");
-        }
-        if !get(m, "report").is_null() {
-            eprintln!("ferry: the migration has already ended; its report:");
-            return Ok(print_report(get(m, "report"), REPORT_KEYS, as_json));
-        }
-        if let Some(steer) = steering.as_mut() {
-            steer.initial(&status);
-            steer.adopt(m);
-        }
-    } else if let Some(steer) = steering.as_mut() {
-        // The policy picks the starting settings from what is known before anything
-        // moves.
-        let d = steer.initial(&status);
-        req["compression"] = json!(d.settings.codec.to_string());
-        req["throttle_pct"] = json!(d.settings.throttle_pct);
-        req["bandwidth_mbit"] = json!(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
-        req["max_downtime_ms"] = json!(d.settings.max_downtime_ms.round() as u64);
-        req["switchover"] = json!(steer.switchover_rule().as_str());
-        // Only disks that travel have a mirror to set.
-        if req["copy_storage"] == json!(true) {
-            req["disk_mirror"] = json!(d.settings.disk_mirror.to_string());
-        }
-        let reasons: serde_json::Map<String, Value> = d
-            .reasons
-            .iter()
-            .map(|r| {
-                (
-                    r.setting.to_string(),
-                    json!(format!("{}: {}", steer.policy_name(), r.why)),
-                )
-            })
-            .collect();
-        req["reasons"] = Value::Object(reasons);
-    }
-    // The probes watch the guest while it migrates (logging is on anyway), every
-    // 250 ms; where they cannot load, the report says why.
-    let mut probes = crate::probes::follow::Follower::start(
-        get(&status, "pid").as_u64().unwrap_or(0) as u32,
-        std::time::Duration::from_millis(super::steer::PROBE_WINDOW_MS as u64),
-    );
-    // The bar counts guest pages through the first full pass; later rounds show in
-    // its message (phase, round, what remains, bandwidth, ETA, the guest's dirty rate).
-    let bar = if tty {
-        let memory_pages = get(&status, "memory_mib").as_u64().unwrap_or(0) * 256;
-        let bar = indicatif::ProgressBar::new(memory_pages);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {percent:>3}% {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let final_report = start_and_follow(
-        control,
-        (!attach).then_some(req),
-        report,
-        (
-            "migration",
-            "cancelling; the VM keeps running on the source",
-        ),
-        |p| {
-            let running = !matches!(
-                get(p, "phase").as_str(),
-                None | Some("completed" | "failed" | "cancelled" | "postcopy" | "postcopy-paused")
-            );
-            let logging = if running {
-                crate::probes::signals::Logging::On
-            } else {
-                crate::probes::signals::Logging::Unknown
-            };
-            probes.poll(logging);
-            if let Some(steer) = steering.as_mut() {
-                steer.tick(control, p, probes.timeline.last());
-            }
-            let Some(bar) = &bar else { return };
-            let bw = get(p, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0);
-            let sent = get(p, "pages_sent").as_u64().unwrap_or(0)
-                + get(p, "zero_pages").as_u64().unwrap_or(0);
-            let remaining = match (
-                get(p, "postcopy_pages_left").as_u64(),
-                get(p, "round").as_u64().unwrap_or(0),
-            ) {
-                (Some(left), _) => left,
-                (None, 0) => bar.length().unwrap_or(0).saturating_sub(sent),
-                (None, _) => get(p, "remaining_dirty_pages").as_u64().unwrap_or(0),
-            };
-            let eta = if bw > 0.0 {
-                format!("{:.1} s", remaining as f64 * 4096.0 / bw)
-            } else {
-                "-".into()
-            };
-            bar.set_position(sent.min(bar.length().unwrap_or(0)));
-            let dirty = probes
-                .timeline
-                .last()
-                .and_then(|s| s.dirty_pages_per_sec)
-                .map_or(String::new(), |d| {
-                    format!(" | guest dirties {d:.0} pages/s")
-                });
-            bar.set_message(format!(
-                "{} round {} | remaining {} pages | {:.1} MB/s | ETA {eta}{dirty}",
-                get(p, "phase").as_str().unwrap_or("-"),
-                num(p, "round"),
-                remaining,
-                bw / 1e6,
-            ));
-        },
-    )?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let mut final_report = final_report;
-    if let Some(steer) = &steering {
-        final_report["policy"] = json!(steer.policy_name());
-        final_report["policy_steps"] = json!(steer.steps);
-        if let Some((at_ms, p)) = steer.prediction() {
-            final_report["prediction_at_ms"] = json!(at_ms);
-            final_report["predicted_total_ms"] =
-                json!(p.total_ms.is_finite().then_some(p.total_ms));
-            final_report["predicted_downtime_ms"] =
-                json!(p.downtime_ms.is_finite().then_some(p.downtime_ms));
-            if let Some(basis) = steer.prediction_basis() {
-                final_report["prediction_basis"] = json!(basis);
-            }
-        }
-    } else {
-        final_report["policy"] = json!("static");
-    }
-    final_report["probe_signals"] = json!(probes.timeline);
-    if let Some(e) = probes.error() {
-        final_report["probe_signals_error"] = json!(e);
-    }
-    if let Some(path) = report
-        && let Err(e) = std::fs::write(
-            path,
-            serde_json::to_vec_pretty(&final_report).unwrap_or_default(),
-        )
-    {
-        eprintln!(
-            "ferry: cannot add the probes' signals to {}: {e}",
-            path.display()
-        );
-    }
-    Ok(print_report(&final_report, REPORT_KEYS, as_json))
-}
-
 /// What a migration's report shows as a table.
-const REPORT_KEYS: &[&str] = &[
+pub(super) const REPORT_KEYS: &[&str] = &[
     "outcome",
     "error",
     "mode",

@@ -6,7 +6,13 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::control::request;
+use ferry_api::{CodecSamples, DirtySample, Request};
+
+use crate::client::call;
+use crate::driver::Backend;
+use crate::driver::ferry_vmm::FerryVmm;
+use crate::driver::observe::codec_perfs;
+use crate::policy::model::PauseBasis;
 use crate::policy::{Limits, Observation, Policy, Stage};
 
 pub fn run(
@@ -22,32 +28,35 @@ pub fn run(
              destination carries) or --bandwidth-mbit (the cap the migration will use)"
         )
     })?;
-    let status = request(control, &json!({"cmd": "status"}))?;
-    let memory_pages = status["memory_mib"].as_u64().unwrap_or(0) * 256;
+    let mut vmm = FerryVmm::new(control);
+    let vm = vmm.vm()?;
+    let mechanics = vmm.mechanics()?;
     // A second of the VMM's own dirty log: distinct pages against the guest's writes
     // tell how fast it dirties and within how much.
-    let sample = request(
+    let sample: DirtySample = call(
         control,
-        &json!({"cmd": "dirty-sample", "duration_ms": 1000}),
+        &Request::DirtySample {
+            duration_ms: Some(1000),
+        },
     )?;
-    let secs = sample["elapsed_ms"].as_f64().unwrap_or(1000.0) / 1e3;
-    let distinct = sample["dirty_pages"].as_f64().unwrap_or(0.0) / secs.max(1e-3);
-    let written = sample["guest_pages_written"].as_f64().unwrap_or(0.0) / secs.max(1e-3);
-    let codecs = request(control, &json!({"cmd": "codec-sample"}))?;
+    let secs = sample.elapsed_ms / 1e3;
+    let distinct = sample.dirty_pages as f64 / secs.max(1e-3);
+    let written = sample.guest_pages_written as f64 / secs.max(1e-3);
+    let codecs: CodecSamples = call(control, &Request::CodecSample {})?;
     let obs = Observation {
         t_ms: 0.0,
         stage: Stage::Starting,
-        memory_pages,
-        remaining_pages: memory_pages,
+        memory_pages: vm.memory_pages,
+        remaining_pages: vm.memory_pages,
         pass_elapsed_ms: 0.0,
         round: 0,
         dirty_pages_per_sec: written.max(distinct),
         working_set_pages: Some(distinct as u64),
         link_bytes_per_sec: Some(link * 1e6 / 8.0),
         peer_limited: false,
-        zero_fraction: codecs["zero_fraction"].as_f64().unwrap_or(0.0),
+        zero_fraction: codecs.zero_fraction,
         round_overhead_ms: 0.0,
-        codecs: super::steer::codec_perfs(&codecs["codec_samples"]),
+        codecs: codec_perfs(&codecs.codec_samples),
         disk_dirty_bytes_per_sec: None,
         disk_pending_bytes: 0.0,
         disk_bytes: 0.0,
@@ -55,7 +64,7 @@ pub fn run(
         disk_written_compression_ratio: None,
         disk_copy_bytes_per_sec: None,
         disk_write_bytes_per_sec: None,
-        pause_basis: crate::policy::model::PauseBasis::prior(crate::migration::MECHANICS),
+        pause_basis: PauseBasis::prior(mechanics),
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

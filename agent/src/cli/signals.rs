@@ -18,7 +18,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::control::request;
+use crate::client::request;
 use crate::probes::signals::{self, DeviceIo, Logging, Reading, Signals};
 use crate::probes::{Probes, check_kvm_process};
 

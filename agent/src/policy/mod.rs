@@ -283,6 +283,22 @@ pub trait Policy {
     }
 }
 
+/// The policy `name` names: `adaptive`, a peer preset, or `static` (None: the
+/// settings as given, nothing adjusted).
+pub fn by_name(name: &str, pins: Pins, limits: &Limits) -> Result<Option<Box<dyn Policy>>, String> {
+    match name {
+        "static" => Ok(None),
+        "adaptive" => Ok(Some(Box::new(engine::Adaptive::new(pins, limits)))),
+        other => match presets::Preset::by_name(other) {
+            Some(p) => Ok(Some(Box::new(p))),
+            None => Err(format!(
+                "unknown policy {other:?}: use adaptive, static or a preset ({})",
+                presets::NAMES.join(", ")
+            )),
+        },
+    }
+}
+
 /// The tests' backend: one with Ferry's VMM's mechanics (a live migration gets them
 /// from the backend it drives).
 #[cfg(test)]

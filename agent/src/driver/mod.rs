@@ -1,0 +1,503 @@
+//! The migration driver: runs one migration end to end against a [`Backend`] — start
+//! it (or attach to one under way), observe it every tick, ask the policy, apply what
+//! changed with its reason, switch to post-copy or give up when the policy says so,
+//! honour a cancel and the deadline, and produce the report. Whatever it does it
+//! publishes as an [`Event`]: the CLI's progress bar subscribes, and so will metrics
+//! and traces. Everything it reads and sends is a type of the API crate.
+
+pub mod backend;
+pub mod events;
+pub mod ferry_vmm;
+pub mod observe;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_api::{
+    Decision, ErrorKind, Migrate, MigrationProgress, MigrationReport, Phase, Reasons,
+    SettingsChange,
+};
+use serde::Serialize;
+
+pub use backend::{Backend, BackendError, VmFacts};
+pub use events::Event;
+use observe::{Observer, PREDICT_AFTER_MS};
+
+use crate::policy::{Limits, Observation, Policy, Prediction, Settings};
+use crate::probes::follow::{Follower, Sample};
+use crate::probes::signals::Logging;
+
+/// How often the driver looks at the migration.
+const TICK: Duration = Duration::from_millis(100);
+/// A backend that has not ended a migration this long after its deadline (and a tenth
+/// of the deadline more) is told to: Ferry's VMM ends it itself at the deadline, a
+/// backend without a deadline of its own (QEMU) relies on this.
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// A new migration; the policy (if any) overrides its settings before it starts.
+    New(Migrate),
+    /// The migration already under way (its client went away): follow it again.
+    Attach,
+}
+
+/// The prediction the migration is held to, and what it rested on.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictionRecord {
+    pub prediction_at_ms: f64,
+    pub predicted_total_ms: Option<f64>,
+    pub predicted_downtime_ms: Option<f64>,
+    pub prediction_basis: Option<Observation>,
+}
+
+/// The backend's report, and what the driver adds to it: the policy, each change it
+/// made and why, its prediction, and what the probes saw of the guest meanwhile.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriverReport {
+    #[serde(flatten)]
+    pub migration: MigrationReport,
+    pub policy: String,
+    /// Changes the policy made while it ran (none under `static`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_steps: Option<Vec<Decision>>,
+    #[serde(flatten)]
+    pub prediction: Option<PredictionRecord>,
+    pub probe_signals: Vec<Sample>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_signals_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("no migration to attach to: this VM has not migrated")]
+    NothingToAttach,
+    #[error("the migration disappeared from the backend while it ran")]
+    Vanished,
+}
+
+impl DriverError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DriverError::Backend(e) => e.kind,
+            DriverError::NothingToAttach => ErrorKind::NotFound,
+            DriverError::Vanished => ErrorKind::Failed,
+        }
+    }
+}
+
+/// The policy's side of a run: what it chose, what was applied, what it predicted.
+struct Steer {
+    policy: Box<dyn Policy>,
+    observer: Observer,
+    applied: Settings,
+    first_prediction: Option<(f64, Prediction, Observation)>,
+    last_prediction: Option<(f64, Prediction)>,
+    last_basis: Option<Observation>,
+    steps: Vec<Decision>,
+}
+
+/// Something that hears of each [`Event`] as it happens.
+pub type Subscriber<'a> = Box<dyn FnMut(&Event) + 'a>;
+
+pub struct Driver<'a> {
+    policy: Option<Box<dyn Policy>>,
+    limits: Limits,
+    probes: Option<Duration>,
+    cancel: Option<&'a AtomicBool>,
+    tick: Duration,
+    subscribers: Vec<Subscriber<'a>>,
+}
+
+impl<'a> Driver<'a> {
+    /// A driver that runs `policy` (None: the settings as given, nothing adjusted)
+    /// within `limits`.
+    pub fn new(policy: Option<Box<dyn Policy>>, limits: Limits) -> Self {
+        Self {
+            policy,
+            limits,
+            probes: None,
+            cancel: None,
+            tick: TICK,
+            subscribers: Vec::new(),
+        }
+    }
+
+    /// Watch the guest with the eBPF probes, one sample per `window`.
+    pub fn with_probes(mut self, window: Duration) -> Self {
+        self.probes = Some(window);
+        self
+    }
+
+    /// Cancel the migration once `flag` is set (a Ctrl-C, an API request).
+    pub fn cancel_on(mut self, flag: &'a AtomicBool) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// Look at the migration this often (default 100 ms).
+    pub fn every(mut self, tick: Duration) -> Self {
+        self.tick = tick;
+        self
+    }
+
+    pub fn subscribe(&mut self, f: impl FnMut(&Event) + 'a) {
+        self.subscribers.push(Box::new(f));
+    }
+
+    fn emit(&mut self, e: &Event) {
+        for s in &mut self.subscribers {
+            s(e);
+        }
+    }
+
+    /// Runs the migration to its end and returns its report.
+    pub fn run(
+        mut self,
+        backend: &mut dyn Backend,
+        start: Start,
+    ) -> Result<DriverReport, DriverError> {
+        let vm = backend.vm()?;
+        let mechanics = backend.mechanics()?;
+        let observer = Observer::new(vm.memory_pages, vm.dirty_pages_per_sec, mechanics);
+        let mut steer = self.policy.take().map(|policy| Steer {
+            policy,
+            observer,
+            applied: Settings::default(),
+            first_prediction: None,
+            last_prediction: None,
+            last_basis: None,
+            steps: Vec::new(),
+        });
+        let policy_name = steer
+            .as_ref()
+            .map_or("static".to_owned(), |s| s.policy.name().to_owned());
+        match start {
+            Start::New(mut req) => {
+                if let Some(s) = steer.as_mut() {
+                    self.initial(s, &mut req);
+                }
+                backend.start(&req)?;
+                self.emit(&Event::Started {
+                    policy: policy_name.clone(),
+                    memory_pages: vm.memory_pages,
+                    attached: false,
+                });
+            }
+            Start::Attach => {
+                let p = backend.observe()?.ok_or(DriverError::NothingToAttach)?;
+                if let Some(report) = p.report {
+                    // Over already: its report is all there is to give.
+                    return Ok(DriverReport {
+                        migration: report,
+                        policy: policy_name,
+                        policy_steps: None,
+                        prediction: None,
+                        probe_signals: Vec::new(),
+                        probe_signals_error: None,
+                    });
+                }
+                if let Some(s) = steer.as_mut() {
+                    s.applied = s
+                        .policy
+                        .decide(&s.observer.before_start(), &self.limits)
+                        .settings;
+                    adopt(&mut s.applied, &p);
+                }
+                self.emit(&Event::Started {
+                    policy: policy_name.clone(),
+                    memory_pages: vm.memory_pages,
+                    attached: true,
+                });
+            }
+        }
+        // The probes watch the guest while it migrates (logging is on anyway); where
+        // they cannot load, the report says why.
+        let mut probes = match (self.probes, vm.pid) {
+            (Some(window), Some(pid)) => Some(Follower::start(pid, window)),
+            _ => None,
+        };
+        let deadline = self
+            .limits
+            .max_total_secs
+            .map(|s| Instant::now() + Duration::from_secs_f64(s * 1.1) + DEADLINE_GRACE);
+        let mut cancelled = false;
+        let mut phase: Option<Phase> = None;
+        let mut round = 0;
+        let report = loop {
+            std::thread::sleep(self.tick);
+            let asked = self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire));
+            let late = deadline.is_some_and(|d| Instant::now() > d)
+                && !phase.is_some_and(Phase::is_postcopy);
+            if (asked || late) && !cancelled {
+                cancelled = true;
+                // A migration that just ended refuses; its report follows.
+                let _ = backend.cancel();
+                self.emit(&Event::Cancelling {
+                    why: if asked {
+                        "cancelled by the operator".into()
+                    } else {
+                        "past the deadline (max_total_secs)".into()
+                    },
+                });
+            }
+            let p = backend.observe()?.ok_or(DriverError::Vanished)?;
+            if phase != Some(p.phase) {
+                if let Some(old) = phase {
+                    self.emit(&Event::PhaseEnded {
+                        phase: old,
+                        t_ms: p.elapsed_ms,
+                    });
+                }
+                phase = Some(p.phase);
+                self.emit(&Event::PhaseStarted {
+                    phase: p.phase,
+                    t_ms: p.elapsed_ms,
+                });
+            }
+            if let Some(report) = &p.report {
+                break report.clone();
+            }
+            if p.round != round {
+                round = p.round;
+                self.emit(&Event::Round {
+                    round,
+                    remaining_pages: p.remaining_dirty_pages,
+                    t_ms: p.elapsed_ms,
+                });
+            }
+            let running = !matches!(
+                p.phase,
+                Phase::Completed
+                    | Phase::Failed
+                    | Phase::Cancelled
+                    | Phase::Postcopy
+                    | Phase::PostcopyPaused
+            );
+            let sample = probes.as_mut().and_then(|f| {
+                f.poll(if running {
+                    Logging::On
+                } else {
+                    Logging::Unknown
+                })
+                .cloned()
+            });
+            if let Some(s) = steer.as_mut()
+                && p.phase != Phase::Setup
+            {
+                self.tick(s, backend, &p, sample.as_ref());
+            }
+            self.emit(&Event::Progress {
+                progress: Box::new(p),
+                sample,
+            });
+        };
+        let (probe_signals, probe_signals_error) = match probes.as_mut() {
+            Some(f) => (
+                std::mem::take(&mut f.timeline),
+                f.error().map(str::to_owned),
+            ),
+            None => (Vec::new(), None),
+        };
+        let report = DriverReport {
+            migration: report,
+            policy: policy_name,
+            prediction: steer.as_ref().and_then(Steer::prediction),
+            policy_steps: steer.map(|s| s.steps),
+            probe_signals,
+            probe_signals_error,
+        };
+        self.emit(&Event::Outcome(Box::new(report.clone())));
+        Ok(report)
+    }
+
+    /// The settings to start with, from what is known before anything moves; the
+    /// reasons go with the request.
+    fn initial(&mut self, s: &mut Steer, req: &mut Migrate) {
+        let d = s.policy.decide(&s.observer.before_start(), &self.limits);
+        s.applied = d.settings.clone();
+        let set = &mut req.settings;
+        set.compression = Some(d.settings.codec);
+        set.throttle_pct = Some(d.settings.throttle_pct);
+        set.bandwidth_mbit = Some(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
+        set.max_downtime_ms = Some(d.settings.max_downtime_ms.round() as u64);
+        set.switchover = Some(s.policy.switchover_rule());
+        // Only disks that travel have a mirror to set.
+        if req.copy_storage {
+            set.disk_mirror = Some(d.settings.disk_mirror);
+        }
+        req.reasons = d
+            .reasons
+            .iter()
+            .map(|r| {
+                (
+                    r.setting.to_string(),
+                    format!("{}: {}", s.policy.name(), r.why),
+                )
+            })
+            .collect();
+    }
+
+    /// One tick of the policy: observe, decide, apply what changed.
+    fn tick(
+        &mut self,
+        s: &mut Steer,
+        backend: &mut dyn Backend,
+        p: &MigrationProgress,
+        sample: Option<&Sample>,
+    ) {
+        let obs = s.observer.observe(p, sample);
+        let d = s.policy.decide(&obs, &self.limits);
+        // The first prediction worth keeping has the guest measured and the link past
+        // the burst that fills the socket buffers; a migration over sooner keeps its
+        // last one. With disks travelling and a destination slower to write them than
+        // the link carries, a prediction waits until both the link's rate and the
+        // copy's are known, or the first pass is over.
+        if obs.link_bytes_per_sec.is_some() && s.observer.measured(&obs) {
+            if s.first_prediction.is_none() && obs.t_ms >= PREDICT_AFTER_MS {
+                s.first_prediction = Some((obs.t_ms, d.prediction, obs.clone()));
+                self.emit(&Event::Prediction {
+                    t_ms: obs.t_ms,
+                    prediction: d.prediction,
+                });
+            }
+            s.last_prediction = Some((obs.t_ms, d.prediction));
+            if s.first_prediction.is_none() {
+                s.last_basis = Some(obs.clone());
+            }
+        }
+        let why = |setting: &str| {
+            d.reasons
+                .iter()
+                .find(|r| r.setting == setting || r.setting == "preset")
+                .map_or(String::new(), |r| r.why.clone())
+        };
+        let new = &d.settings;
+        let old = &s.applied;
+        let mut change = SettingsChange::default();
+        // (setting, its value as the record shows it)
+        let mut changed: Vec<(&'static str, String)> = Vec::new();
+        if new.bandwidth_mbit != old.bandwidth_mbit {
+            let mbit = new.bandwidth_mbit.map_or(0, |m| m.round() as u64);
+            change.bandwidth_mbit = Some(mbit);
+            changed.push(("bandwidth_mbit", mbit.to_string()));
+        }
+        if new.codec != old.codec {
+            change.compression = Some(new.codec);
+            changed.push(("codec", format!("\"{}\"", new.codec)));
+        }
+        if new.throttle_pct != old.throttle_pct {
+            change.throttle_pct = Some(new.throttle_pct);
+            changed.push(("throttle_pct", new.throttle_pct.to_string()));
+        }
+        let target = |s: &Settings| s.max_downtime_ms.floor().max(1.0) as u64;
+        if target(new) != target(old) {
+            change.max_downtime_ms = Some(target(new));
+            changed.push(("max_downtime_ms", target(new).to_string()));
+        }
+        if new.disk_write_limit_mbps != old.disk_write_limit_mbps {
+            let limit = new.disk_write_limit_mbps.unwrap_or(0.0);
+            change.disk_write_limit_mbps = Some(limit);
+            changed.push(("disk_write_limit_mbps", json_number(limit)));
+        }
+        if new.disk_mirror != old.disk_mirror {
+            change.disk_mirror = Some(new.disk_mirror);
+            changed.push(("disk_mirror", format!("\"{}\"", new.disk_mirror)));
+        }
+        if !changed.is_empty() {
+            let mut reasons = Reasons::new();
+            for (setting, value) in changed {
+                let reason = why(setting);
+                let step = Decision {
+                    t_ms: obs.t_ms,
+                    setting: setting.into(),
+                    value,
+                    reason: reason.clone(),
+                };
+                self.emit(&Event::Decision(step.clone()));
+                s.steps.push(step);
+                reasons.insert(setting.into(), reason);
+            }
+            // A migration that just ended refuses: nothing to do then.
+            if backend.apply(&change, &reasons).is_ok() {
+                let a = &mut s.applied;
+                a.codec = new.codec;
+                a.throttle_pct = new.throttle_pct;
+                a.bandwidth_mbit = new.bandwidth_mbit;
+                a.disk_write_limit_mbps = new.disk_write_limit_mbps;
+                a.disk_mirror = new.disk_mirror;
+                a.max_downtime_ms = new.max_downtime_ms;
+            }
+        }
+        if new.postcopy && !s.applied.postcopy {
+            s.applied.postcopy = true;
+            let step = Decision {
+                t_ms: obs.t_ms,
+                setting: "postcopy".into(),
+                value: "true".into(),
+                reason: why("postcopy"),
+            };
+            self.emit(&Event::Decision(step.clone()));
+            s.steps.push(step);
+            let _ = backend.start_postcopy();
+        }
+        if let Some(abort) = &new.abort
+            && s.applied.abort.is_none()
+        {
+            s.applied.abort = Some(abort.clone());
+            let step = Decision {
+                t_ms: obs.t_ms,
+                setting: "abort".into(),
+                value: "true".into(),
+                reason: abort.clone(),
+            };
+            self.emit(&Event::Decision(step.clone()));
+            s.steps.push(step);
+            let _ = backend.cancel();
+        }
+    }
+}
+
+impl Steer {
+    /// The prediction to hold the migration to: the first made once the link was
+    /// measured, else the last one made.
+    fn prediction(&self) -> Option<PredictionRecord> {
+        let (at_ms, p, basis) = match &self.first_prediction {
+            Some((t, p, basis)) => (*t, *p, Some(basis.clone())),
+            None => {
+                let (t, p) = self.last_prediction?;
+                (t, p, self.last_basis.clone())
+            }
+        };
+        Some(PredictionRecord {
+            prediction_at_ms: at_ms,
+            predicted_total_ms: p.total_ms.is_finite().then_some(p.total_ms),
+            predicted_downtime_ms: p.downtime_ms.is_finite().then_some(p.downtime_ms),
+            prediction_basis: basis,
+        })
+    }
+}
+
+/// Attaching to a migration under way: what it runs with now is what is applied.
+fn adopt(applied: &mut Settings, p: &MigrationProgress) {
+    applied.codec = p.codec;
+    applied.throttle_pct = p.throttle_pct.min(99);
+    applied.bandwidth_mbit = p
+        .bandwidth_limit_bytes_per_sec
+        .map(|b| b as f64 * 8.0 / 1e6);
+    applied.max_downtime_ms = p.max_downtime_ms as f64;
+}
+
+/// A number as JSON writes it (the record keeps values as their JSON text).
+fn json_number(v: f64) -> String {
+    serde_json::Number::from_f64(v).map_or_else(|| "null".into(), |n| n.to_string())
+}
+
+#[cfg(test)]
+mod tests;

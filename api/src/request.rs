@@ -1,0 +1,199 @@
+//! What a client asks of a VMM over its control socket: one JSON object per line, its
+//! `cmd` naming the request (see docs/CONTROL.md).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::StorageMode;
+use crate::{Codec, DiskMirror, Mode, Switchover};
+
+/// Setting name → why it has its value (a policy's reasons, for the report).
+pub type Reasons = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    // Empty braces rather than unit variants: serde ignores unknown fields on unit
+    // variants of an internally tagged enum, and a typo must not pass silently.
+    Status {},
+    /// How this VMM moves a VM, as a policy needs to know it.
+    Mechanics {},
+    Pause {},
+    Resume {},
+    Verify {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
+    Snapshot {
+        out: PathBuf,
+    },
+    DirtySample {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
+    /// Each codec's ratio and speed on a sample of this VM's pages, and the share of
+    /// its memory that is zero: what a policy plans with.
+    CodecSample {},
+    /// Change the lab guest's page-write rate (pages/s, all vCPUs; 0 = unpaced).
+    SetWorkload {
+        dirty_pages_per_sec: u64,
+    },
+    /// Start a migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
+    Migrate(Migrate),
+    /// Move the VM's disk images (or one) into folder `to` while it runs.
+    StorageMigrate {
+        to: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<StorageMode>,
+        #[serde(default)]
+        remove_source: bool,
+        /// Cap on the guest's disk writes while its disks move, MB/s.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        throttle_writes_mbps: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<PathBuf>,
+    },
+    /// Switch the running hybrid migration to post-copy.
+    StartPostcopy {},
+    /// Retry a post-copy whose link stayed down past its recovery window.
+    ResumeMigration {},
+    /// Change the running migration's settings.
+    SetParams {
+        #[serde(flatten)]
+        settings: SettingsChange,
+        /// Why, per setting, for the report's decisions.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        reasons: Reasons,
+    },
+    /// Stop the running migration; the VM keeps running here.
+    Cancel {},
+    /// Settle the last migration's handover in doubt with its destination.
+    Resolve {},
+    /// Stop the VM and the process. Refused while a migration moves the VM unless
+    /// `force` (the VM then runs nowhere if the destination does not have it yet).
+    Quit {
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+/// `migrate`: where to, how, and the settings to start with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Migrate {
+    pub to: String,
+    #[serde(flatten)]
+    pub settings: SettingsChange,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_total_secs: Option<u64>,
+    /// A silent peer is declared dead after this long (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<PathBuf>,
+    #[serde(default)]
+    pub no_verify: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// How long a broken post-copy link is retried before giving up (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover_secs: Option<u64>,
+    /// Post-copy: one full pre-copy pass first.
+    #[serde(default)]
+    pub precopy_pass: bool,
+    /// Send the disks along (the destination has its own storage).
+    #[serde(default)]
+    pub copy_storage: bool,
+    /// Why, per setting, for the report's decisions (absent: set by the operator).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: Reasons,
+}
+
+/// Migration settings as a request names them; absent means "unchanged" (or the
+/// default, when starting).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Codec>,
+    /// Megabits per second; 0 = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_pct: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Disks that travel: a cap on the guest's disk writes, MB/s; 0 = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_write_limit_mbps: Option<f64>,
+    /// When pre-copy switches over once the pause fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<Switchover>,
+    /// Disks that travel: rounds only, or each guest write mirrored as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mirror: Option<DiskMirror>,
+}
+
+impl SettingsChange {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// `set-params`' answer: the settings now in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingsNow {
+    pub codec: Codec,
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    pub throttle_pct: u32,
+    pub max_downtime_ms: u64,
+}
+
+/// `resolve`'s answer: what the destination did with a handover in doubt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// This side had committed the handover.
+    pub committed: bool,
+    pub destination_running: bool,
+    /// `destination` or `source`.
+    pub vm_runs_on: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_as_the_socket_spells_them() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"migrate","to":"h:1","compression":"zstd:3","mode":"hybrid",
+                "switchover":"when-fits","reasons":{"codec":"it pays"}}"#,
+        )
+        .unwrap();
+        let Request::Migrate(m) = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(m.settings.compression, Some(Codec::Zstd(3)));
+        assert_eq!(m.mode, Some(Mode::Hybrid));
+        assert_eq!(m.settings.switchover, Some(Switchover::WhenFits));
+        let back: Request = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let e = serde_json::from_str::<Request>(r#"{"cmd":"set-params","compression":"gzip"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown codec"), "{e}");
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
+        // A misspelt setting must not pass silently, in a migrate or a set-params.
+        for bad in [
+            r#"{"cmd":"migrate","to":"h:1","throttle":5}"#,
+            r#"{"cmd":"set-params","throttle":5}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        let q: Request = serde_json::from_str(r#"{"cmd":"quit"}"#).unwrap();
+        assert_eq!(q, Request::Quit { force: false });
+    }
+}
