@@ -19,12 +19,13 @@ use crate::migration::door::Door;
 use crate::migration::migratable::Migratable;
 use crate::migration::{source, storage};
 use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
-use crate::vmm::machine::{DIRTY_SAMPLE_MS, RunState};
+use crate::vmm::machine::{DIRTY_SAMPLE_MS, MachineError, RunState};
 use crate::vmm::snapshot;
 
 /// Longest request line accepted; anything longer is refused whole, not buffered.
 pub const MAX_REQUEST: u64 = 64 * 1024;
 
+use ferry_api::ErrorKind;
 pub use ferry_api::{Migrate, Request, SettingsChange};
 
 /// `disk_write_limit_mbps` as the VMM holds it: bytes/s, None for none; checked.
@@ -38,6 +39,66 @@ fn disk_write_limit(s: &SettingsChange) -> Result<Option<Option<u64>>, String> {
         }
         Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
         None => Ok(None),
+    }
+}
+
+/// Why a request was not done: the one line the client shows, and which kind of no
+/// (a front end maps the kind, never the words).
+#[derive(Debug)]
+struct Refusal {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Refusal {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn answer(&self) -> Value {
+        json!({"ok": false, "error": self.message, "kind": self.kind})
+    }
+}
+
+/// Anything not classified where it arose was tried and failed.
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Self::new(ErrorKind::Failed, message)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorKind::InvalidRequest, message)
+}
+
+fn busy(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorKind::Busy, message)
+}
+
+fn conflict(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorKind::Conflict, message)
+}
+
+fn not_found(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorKind::NotFound, message)
+}
+
+/// A machine that cannot do it now says why; the kind says whether waiting helps.
+impl From<MachineError> for Refusal {
+    fn from(e: MachineError) -> Self {
+        let kind = match &e {
+            MachineError::Crashed(_)
+            | MachineError::Paused
+            | MachineError::HandedOver
+            | MachineError::Held(_)
+            | MachineError::NotRunning(_) => ErrorKind::Conflict,
+            MachineError::DirtyLogInUse | MachineError::PageMissing(_) => ErrorKind::Busy,
+            _ => ErrorKind::Failed,
+        };
+        Self::new(kind, e.to_string())
     }
 }
 
@@ -202,10 +263,11 @@ fn handle_connection(stream: UnixStream, slot: &Slot, door: Option<&Door>, stop:
             Ok(None) | Err(_) => return,
         };
         let answer = match line {
-            Line::TooLong(n) => json!({"ok": false, "error": format!(
+            Line::TooLong(n) => invalid(format!(
                 "request of {n} bytes is longer than the {MAX_REQUEST}-byte limit; it was discarded whole"
-            )}),
-            Line::NotUtf8 => json!({"ok": false, "error": "request is not valid UTF-8"}),
+            ))
+            .answer(),
+            Line::NotUtf8 => invalid("request is not valid UTF-8").answer(),
             Line::Request(text) => {
                 let machine = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let (answer, quit) = dispatch(&text, machine.as_ref(), door, &gone);
@@ -236,10 +298,7 @@ fn dispatch(
     let request: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
-            return (
-                json!({"ok": false, "error": format!("bad request: {e}")}),
-                false,
-            );
+            return (invalid(format!("bad request: {e}")).answer(), false);
         }
     };
     let Some(vm) = vm else {
@@ -255,7 +314,11 @@ fn dispatch(
             ),
             Request::Quit { .. } => (json!({"ok": true, "result": {"state": "quitting"}}), true),
             _ => (
-                json!({"ok": false, "error": "no VM here yet: waiting for an incoming migration"}),
+                Refusal::new(
+                    ErrorKind::Unavailable,
+                    "no VM here yet: waiting for an incoming migration",
+                )
+                .answer(),
                 false,
             ),
         };
@@ -264,7 +327,7 @@ fn dispatch(
     let quit = matches!(result, Ok((_, true)));
     let answer = match result {
         Ok((v, _)) => json!({"ok": true, "result": v}),
-        Err(e) => json!({"ok": false, "error": e}),
+        Err(e) => e.answer(),
     };
     (answer, quit)
 }
@@ -274,7 +337,7 @@ fn dispatch_to(
     request: Request,
     vm: &Arc<Migratable>,
     client_gone: &dyn Fn() -> bool,
-) -> Result<(Value, bool), String> {
+) -> Result<(Value, bool), Refusal> {
     let m = &vm.machine;
     let migrating = vm.migrating();
     // A migration owns pausing and resuming until it ends: a resume during its
@@ -285,7 +348,9 @@ fn dispatch_to(
             Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
         )
     {
-        return Err("a migration is running; wait for it or cancel it first".into());
+        return Err(busy(
+            "a migration is running; wait for it or cancel it first",
+        ));
     }
     // Incoming post-copy: memory is still arriving, and the VM's pausing belongs to it.
     if vm.receiving_postcopy()
@@ -294,9 +359,9 @@ fn dispatch_to(
             Request::Pause {} | Request::Resume {} | Request::Snapshot { .. }
         )
     {
-        return Err(
-            "post-copy is still bringing this VM's memory in; wait for it to complete".into(),
-        );
+        return Err(busy(
+            "post-copy is still bringing this VM's memory in; wait for it to complete",
+        ));
     }
     let phase = lock(&vm.progress).as_ref().map(|p| p.phase);
     let moving_disks = vm.moving_disks();
@@ -306,58 +371,64 @@ fn dispatch_to(
             Request::Snapshot { .. } | Request::Migrate { .. } | Request::StorageMigrate { .. }
         )
     {
-        return Err("a storage migration is running; wait for it or cancel it first".into());
+        return Err(busy(
+            "a storage migration is running; wait for it or cancel it first",
+        ));
     }
     if migrating && matches!(request, Request::StorageMigrate { .. }) {
-        return Err("a migration is running; wait for it or cancel it first".into());
+        return Err(busy(
+            "a migration is running; wait for it or cancel it first",
+        ));
     }
     if let Request::Quit { force } = request {
         return quit(vm, force, migrating || moving_disks, phase).map(|v| (v, true));
     }
-    let result: Result<Value, String> = match request {
+    let result: Result<Value, Refusal> = match request {
         Request::Status {} => Ok(json!(vm.status())),
         Request::Mechanics {} => Ok(json!(crate::migration::MECHANICS)),
         Request::Pause {} => m
             .pause()
             .map(|()| json!({"state": m.state()}))
-            .map_err(|e| e.to_string()),
+            .map_err(Refusal::from),
         Request::Resume {} => m
             .resume()
             .map(|()| json!({"state": m.state()}))
-            .map_err(|e| e.to_string()),
+            .map_err(Refusal::from),
         Request::Verify { timeout_secs } => m
             .verify(Duration::from_secs(timeout_secs.unwrap_or(600)))
             .map(|r| json!(r))
-            .map_err(|e| e.to_string()),
-        Request::Snapshot { out } if out.as_os_str().is_empty() => {
-            Err("snapshot: `out` is empty; name the folder to write the snapshot into".into())
-        }
+            .map_err(Refusal::from),
+        Request::Snapshot { out } if out.as_os_str().is_empty() => Err(invalid(
+            "snapshot: `out` is empty; name the folder to write the snapshot into",
+        )),
         Request::Snapshot { out } => snapshot::take(m, &out)
             .map(|r| json!(r))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| Refusal::from(e.to_string())),
         Request::CodecSample {} => {
             let (samples, zero_fraction) = source::sample_pages(m);
             Ok(json!({"codec_samples": samples, "zero_fraction": zero_fraction}))
         }
         Request::SetWorkload {
             dirty_pages_per_sec,
-        } => crate::vmm::config::check_dirty_rate(dirty_pages_per_sec).and_then(|()| {
-            m.set_dirty_rate(dirty_pages_per_sec)
-                .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
-                .map_err(|e| e.to_string())
-        }),
+        } => crate::vmm::config::check_dirty_rate(dirty_pages_per_sec)
+            .map_err(invalid)
+            .and_then(|()| {
+                m.set_dirty_rate(dirty_pages_per_sec)
+                    .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
+                    .map_err(Refusal::from)
+            }),
         Request::DirtySample { duration_ms } => {
             let ms = duration_ms.unwrap_or(1000);
             if DIRTY_SAMPLE_MS.contains(&ms) {
                 m.dirty_sample(Duration::from_millis(ms), client_gone, &|| vm.migrating())
                     .map(|r| json!(r))
-                    .map_err(|e| e.to_string())
+                    .map_err(Refusal::from)
             } else {
-                Err(format!(
+                Err(invalid(format!(
                     "duration_ms = {ms} is outside {}..={}",
                     DIRTY_SAMPLE_MS.start(),
                     DIRTY_SAMPLE_MS.end()
-                ))
+                )))
             }
         }
         Request::Migrate(req) => start_migration(vm, req),
@@ -380,43 +451,56 @@ fn dispatch_to(
                 vm.postcopy_requested.store(true, Ordering::Release);
                 Ok(json!({"postcopy": "requested"}))
             }
-            _ if migrating => Err("post-copy can only start during pre-copy".into()),
-            _ => Err("no migration is running".into()),
+            _ if migrating => Err(conflict("post-copy can only start during pre-copy")),
+            _ => Err(not_found("no migration is running")),
         },
         Request::ResumeMigration {} => match phase {
             Some(source::Phase::PostcopyPaused) => {
                 vm.resume.store(true, Ordering::Release);
                 Ok(json!({"resuming": true}))
             }
-            _ => Err("no post-copy is waiting for its link to come back".into()),
+            _ => Err(not_found(
+                "no post-copy is waiting for its link to come back",
+            )),
         },
-        Request::SetParams { settings, reasons } => disk_write_limit(&settings).and_then(|limit| {
-            source::set_params(
-                vm,
-                source::SettingsChange {
-                    codec: settings.compression,
-                    bandwidth: bandwidth(&settings),
-                    throttle_pct: settings.throttle_pct,
-                    max_downtime_ms: settings.max_downtime_ms,
-                    disk_write_limit: limit,
-                    switchover: settings.switchover,
-                    disk_mirror: settings.disk_mirror,
-                },
-                &reasons,
-            )
-            .map(|s| {
-                json!({"codec": s.codec.to_string(), "bandwidth_bytes_per_sec": s.bandwidth,
-                       "throttle_pct": s.throttle_pct, "max_downtime_ms": s.max_downtime_ms})
-            })
-        }),
+        Request::SetParams { settings, reasons } => disk_write_limit(&settings)
+            .map_err(invalid)
+            .and_then(|limit| {
+                source::set_params(
+                    vm,
+                    source::SettingsChange {
+                        codec: settings.compression,
+                        bandwidth: bandwidth(&settings),
+                        throttle_pct: settings.throttle_pct,
+                        max_downtime_ms: settings.max_downtime_ms,
+                        disk_write_limit: limit,
+                        switchover: settings.switchover,
+                        disk_mirror: settings.disk_mirror,
+                    },
+                    &reasons,
+                )
+                .map(|s| {
+                    json!(ferry_api::SettingsNow {
+                        codec: s.codec,
+                        bandwidth_bytes_per_sec: s.bandwidth,
+                        throttle_pct: s.throttle_pct,
+                        max_downtime_ms: s.max_downtime_ms,
+                    })
+                })
+                .map_err(|e| match e {
+                    source::SetParamsError::NotRunning => not_found(e.to_string()),
+                    source::SetParamsError::Invalid(m) => invalid(m),
+                })
+            }),
         Request::Cancel {} => {
             if matches!(
                 phase,
                 Some(source::Phase::Postcopy | source::Phase::PostcopyPaused)
             ) {
-                Err("post-copy has started: the guest runs on the destination and cannot come back; \
-                     the migration can only finish"
-                    .into())
+                Err(conflict(
+                    "post-copy has started: the guest runs on the destination and cannot come \
+                     back; the migration can only finish",
+                ))
             } else if migrating || moving_disks {
                 vm.cancel.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true}))
@@ -424,10 +508,13 @@ fn dispatch_to(
                 m.dirty_sample_end.store(true, Ordering::Release);
                 Ok(json!({"cancelling": true, "what": "dirty-sample"}))
             } else {
-                Err("no migration or dirty-rate sample is running".into())
+                Err(not_found("no migration or dirty-rate sample is running"))
             }
         }
-        Request::Resolve {} => source::resolve(vm),
+        Request::Resolve {} if lock(&vm.progress).is_none() => {
+            Err(not_found("no migration to resolve"))
+        }
+        Request::Resolve {} => source::resolve(vm).map(|r| json!(r)).map_err(Refusal::from),
         Request::Quit { .. } => unreachable!("answered above"),
     };
     result.map(|v| (v, false))
@@ -440,7 +527,7 @@ fn quit(
     force: bool,
     moving: bool,
     phase: Option<source::Phase>,
-) -> Result<Value, String> {
+) -> Result<Value, Refusal> {
     if moving && !force {
         let how = if matches!(
             phase,
@@ -451,10 +538,10 @@ fn quit(
         } else {
             "cancel it first (`ferry cancel`; the VM keeps running here), then quit"
         };
-        return Err(format!(
+        return Err(busy(format!(
             "a migration is moving this VM; quitting now would stop it before the destination \
              has it: {how}. `ferry quit --force` stops it anyway"
-        ));
+        )));
     }
     if moving {
         tracing::warn!("quit --force during a migration: the migration is abandoned");
@@ -469,32 +556,37 @@ fn start_storage_migration(
     mode: storage::StorageMode,
     (remove_source, throttle_writes_mbps): (bool, Option<u64>),
     report: Option<PathBuf>,
-) -> Result<Value, String> {
+) -> Result<Value, Refusal> {
     let m = &vm.machine;
     if throttle_writes_mbps == Some(0) {
-        return Err("throttle_writes_mbps must be at least 1".into());
+        return Err(invalid("throttle_writes_mbps must be at least 1"));
     }
     if !to.is_dir() {
-        return Err(format!("the destination {} is not a folder", to.display()));
+        return Err(invalid(format!(
+            "the destination {} is not a folder",
+            to.display()
+        )));
     }
     let to = to
         .canonicalize()
-        .map_err(|e| format!("the destination {}: {e}", to.display()))?;
+        .map_err(|e| invalid(format!("the destination {}: {e}", to.display())))?;
     if let Some(id) = &disk
         && !m.disks.disks.iter().any(|d| &d.id == id)
     {
-        return Err(format!("no disk {id:?} in this VM"));
+        return Err(not_found(format!("no disk {id:?} in this VM")));
     }
     if m.disks.disks.is_empty() {
-        return Err("this VM has no disks".into());
+        return Err(not_found("this VM has no disks"));
     }
     if !matches!(m.state(), RunState::Running | RunState::Paused) {
-        return Err(format!("the VM is {:?}", m.state()).to_lowercase());
+        return Err(conflict(
+            format!("the VM is {:?}", m.state()).to_lowercase(),
+        ));
     }
     {
         let mut slot = lock(&vm.storage);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
-            return Err("a storage migration is already running".into());
+            return Err(busy("a storage migration is already running"));
         }
         *slot = Some(storage::StorageProgress {
             phase: storage::StoragePhase::Starting,
@@ -526,11 +618,11 @@ fn start_storage_migration(
         .spawn(move || {
             storage::run(vm, params);
         })
-        .map_err(|e| format!("cannot start the storage migration thread: {e}"))?;
+        .map_err(|e| Refusal::from(format!("cannot start the storage migration thread: {e}")))?;
     Ok(json!({"started": true}))
 }
 
-fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, String> {
+fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal> {
     let m = &vm.machine;
     let Migrate {
         to,
@@ -548,54 +640,65 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, String> 
     let verify = !no_verify;
     let mode = mode.unwrap_or_default();
     if precopy_pass && mode != source::Mode::Postcopy {
-        return Err("precopy_pass only applies to mode postcopy".into());
+        return Err(invalid("precopy_pass only applies to mode postcopy"));
     }
     if copy_storage && mode != source::Mode::Precopy {
-        return Err("copy_storage works with mode precopy".into());
+        return Err(invalid("copy_storage works with mode precopy"));
     }
-    if !copy_storage && disk_write_limit(&req)?.flatten().is_some() {
-        return Err("disk_write_limit_mbps applies to disks that travel (copy_storage)".into());
+    if !copy_storage && disk_write_limit(&req).map_err(invalid)?.flatten().is_some() {
+        return Err(invalid(
+            "disk_write_limit_mbps applies to disks that travel (copy_storage)",
+        ));
     }
     if !copy_storage && req.disk_mirror == Some(DiskMirror::Active) {
-        return Err("disk_mirror = \"active\" applies to disks that travel (copy_storage)".into());
+        return Err(invalid(
+            "disk_mirror = \"active\" applies to disks that travel (copy_storage)",
+        ));
     }
     let settings = source::Settings {
         codec: req.compression.unwrap_or(Codec::None),
         bandwidth: bandwidth(&req).flatten(),
         throttle_pct: req.throttle_pct.unwrap_or(0),
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
-        disk_write_limit: disk_write_limit(&req)?.flatten(),
+        disk_write_limit: disk_write_limit(&req).map_err(invalid)?.flatten(),
         switchover: req.switchover.unwrap_or_default(),
         disk_mirror: req.disk_mirror.unwrap_or_default(),
     };
     if settings.max_downtime_ms == 0 {
-        return Err("max_downtime_ms must be at least 1".into());
+        return Err(invalid("max_downtime_ms must be at least 1"));
     }
     if settings.throttle_pct > 99 {
-        return Err(format!(
+        return Err(invalid(format!(
             "throttle_pct = {} is outside 0..=99",
             settings.throttle_pct
-        ));
+        )));
     }
     if matches!(max_total_secs, Some(0))
         || matches!(timeout_secs, Some(0))
         || matches!(recover_secs, Some(0))
     {
-        return Err("max_total_secs, timeout_secs and recover_secs must be at least 1".into());
+        return Err(invalid(
+            "max_total_secs, timeout_secs and recover_secs must be at least 1",
+        ));
     }
     if m.state() != RunState::Running {
-        return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
+        return Err(conflict(
+            format!("the VM is {:?}, not running", m.state()).to_lowercase(),
+        ));
     }
     // Reached before "started" is said: a destination that cannot be reached is an
     // answer now, not a failed report later.
-    let conn = source::dial(&to).map_err(|e| e.to_string())?;
+    let conn =
+        source::dial(&to).map_err(|e| Refusal::new(ErrorKind::Unavailable, e.to_string()))?;
     {
         let mut slot = lock(&vm.progress);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
-            return Err("a migration is already running".into());
+            return Err(busy("a migration is already running"));
         }
         if m.state() != RunState::Running {
-            return Err(format!("the VM is {:?}, not running", m.state()).to_lowercase());
+            return Err(conflict(
+                format!("the VM is {:?}, not running", m.state()).to_lowercase(),
+            ));
         }
         // Claimed here, under the lock, so two requests cannot both start one.
         *slot = Some(source::starting(&to, &settings));
@@ -624,7 +727,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, String> 
         .spawn(move || {
             source::run(vm, params, conn);
         })
-        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        .map_err(|e| Refusal::from(format!("cannot start the migration thread: {e}")))?;
     Ok(json!({"started": true}))
 }
 
@@ -701,6 +804,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_refusal_says_its_kind() {
+        let gone = || false;
+        let (a, quit) = dispatch("{not json", None, None, &gone);
+        assert_eq!(a["ok"], false);
+        assert_eq!(a["kind"], "invalid-request", "{a}");
+        assert!(!quit);
+        let (a, _) = dispatch(r#"{"cmd":"pause"}"#, None, None, &gone);
+        assert_eq!(a["kind"], "unavailable", "{a}");
+        assert_eq!(ErrorKind::Unavailable.http_status(), 503);
+        let m: Refusal = MachineError::Paused.into();
+        assert_eq!(m.kind, ErrorKind::Conflict);
+        assert_eq!(Refusal::from("x".to_string()).kind, ErrorKind::Failed);
     }
 
     #[test]

@@ -608,12 +608,20 @@ pub struct SettingsChange {
     pub disk_mirror: Option<DiskMirror>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SetParamsError {
+    #[error("no migration is running")]
+    NotRunning,
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// `set-params`: changes what is given, records each change.
 pub fn set_params(
     vm: &Migratable,
     change: SettingsChange,
     reasons: &Reasons,
-) -> Result<Settings, String> {
+) -> Result<Settings, SetParamsError> {
     let SettingsChange {
         codec,
         bandwidth,
@@ -625,7 +633,7 @@ pub fn set_params(
     } = change;
     let m = &vm.machine;
     let mut live = lock(&vm.live);
-    let live = live.as_mut().ok_or("no migration is running")?;
+    let live = live.as_mut().ok_or(SetParamsError::NotRunning)?;
     let mut s = live.settings;
     if let Some(c) = codec {
         s.codec = c;
@@ -635,13 +643,17 @@ pub fn set_params(
     }
     if let Some(t) = throttle_pct {
         if t > 99 {
-            return Err(format!("throttle_pct = {t} is outside 0..=99"));
+            return Err(SetParamsError::Invalid(format!(
+                "throttle_pct = {t} is outside 0..=99"
+            )));
         }
         s.throttle_pct = t;
     }
     if let Some(d) = max_downtime_ms {
         if d == 0 {
-            return Err("max_downtime_ms must be at least 1".into());
+            return Err(SetParamsError::Invalid(
+                "max_downtime_ms must be at least 1".into(),
+            ));
         }
         s.max_downtime_ms = d;
     }
@@ -1666,7 +1678,7 @@ pub(super) fn encode(
 
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
 /// what it did, telling it whether this side committed. Updates the report.
-pub fn resolve(vm: &Migratable) -> Result<serde_json::Value, String> {
+pub fn resolve(vm: &Migratable) -> Result<ferry_api::Resolution, String> {
     let m = &vm.machine;
     let to = lock(&vm.progress)
         .as_ref()
@@ -1713,11 +1725,11 @@ pub fn resolve(vm: &Migratable) -> Result<serde_json::Value, String> {
             ));
         }
     }
-    Ok(serde_json::json!({
-        "committed": committed,
-        "destination_running": running,
-        "vm_runs_on": if running { "destination" } else { "source" },
-    }))
+    Ok(ferry_api::Resolution {
+        committed,
+        destination_running: running,
+        vm_runs_on: if running { "destination" } else { "source" }.into(),
+    })
 }
 
 #[cfg(test)]
