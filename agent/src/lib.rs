@@ -1,5 +1,6 @@
 //! Ferry: live migration of KVM virtual machines.
 
+pub mod bitmap;
 pub mod cli;
 pub mod client;
 pub mod clock;

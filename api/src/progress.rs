@@ -140,6 +140,49 @@ pub struct MigrationProgress {
 }
 
 impl MigrationProgress {
+    /// A migration to `to` before anything moved: nothing counted, nothing measured,
+    /// no codec, no cap, the default 300 ms downtime target.
+    pub fn setup(to: &str) -> Self {
+        Self {
+            phase: Phase::Setup,
+            to: to.to_owned(),
+            round: 0,
+            elapsed_ms: 0,
+            remaining_dirty_pages: 0,
+            dirty_pages_last_round: 0,
+            dirty_pages_per_sec: 0.0,
+            round_overhead_ms: 0.0,
+            idle_rtt_ms: None,
+            dst_disk_sync_ms: None,
+            dst_flush_ms: None,
+            dst_write_bytes_per_sec: None,
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_on_wire: 0,
+            bandwidth_bytes_per_sec: 0.0,
+            codec: Codec::None,
+            compression_ratio: 1.0,
+            throttle_pct: 0,
+            bandwidth_limit_bytes_per_sec: None,
+            max_downtime_ms: 300,
+            codec_samples: Vec::new(),
+            sampled_zero_fraction: None,
+            postcopy_pages_left: None,
+            recoveries: 0,
+            link_rtt_ms: None,
+            peer_limited: false,
+            disk_dirty_bytes_per_sec: None,
+            disk_bytes_pending: None,
+            disk_bytes_total: None,
+            disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
+            dirty_windows: None,
+            report: None,
+        }
+    }
+
     /// Still running: no report yet.
     pub fn running(&self) -> bool {
         self.report.is_none()

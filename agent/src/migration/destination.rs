@@ -21,12 +21,12 @@ use super::postcopy_dst;
 use super::priority;
 use super::protocol::{self, Hello, Kind, Message, PageBatch, ProtocolError, Session};
 use super::source::lock;
+use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
 use crate::vmm::blob::{self, BlobKind};
 use crate::vmm::block::DiskSet;
 use crate::vmm::boot::Vm;
 use crate::vmm::config::VmConfig;
-use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::launch;
 use crate::vmm::machine::Machine;
 use crate::vmm::prefault;
@@ -205,7 +205,7 @@ struct Received {
     /// `--copy-storage`: the disks' copies here.
     disks: Option<DiskStore>,
     /// Post-copy: the pages still to come once the guest runs here.
-    postcopy: Option<DirtyBitmap>,
+    postcopy: Option<Bitmap>,
     /// Held from the source's `Pausing` until the guest runs here.
     urgent: Option<priority::Urgent>,
 }
@@ -492,12 +492,12 @@ impl Receiver<'_> {
         let zero_crc = crc32fast::hash(&[0u8; PAGE]);
         // Fresh guest memory is zero. Zero runs over pages that never received data
         // need not be written, and touching them would cost a host page fault each.
-        let mut landed = DirtyBitmap::new(pages);
+        let mut landed = Bitmap::new(pages);
         // Landed or announced as zero: what post-copy need not fetch.
-        let mut known = DirtyBitmap::new(pages);
+        let mut known = Bitmap::new(pages);
         // Dropped, and nothing landed since: absent from memory already.
-        let mut absent = DirtyBitmap::new(pages);
-        let mut postcopy: Option<DirtyBitmap> = None;
+        let mut absent = Bitmap::new(pages);
+        let mut postcopy: Option<Bitmap> = None;
         let mut dec = Decompressor::new();
         let mut state = None;
         let mut urgent = None;
@@ -573,13 +573,13 @@ impl Receiver<'_> {
                     // Pages that never landed are dropped too: the prefault helper
                     // (stopped for good now) may have populated them.
                     ahead.stop_and_wait();
-                    let stale = DirtyBitmap::from_words(pages, &missing);
+                    let stale = Bitmap::from_words(pages, &missing);
                     let mut drop = stale.clone();
                     drop.and_not_assign(&absent);
                     postcopy_dst::discard(memory.as_mut_ptr() as usize, &drop)?;
                     absent.or_assign_words(drop.words());
                     postcopy
-                        .get_or_insert_with(|| DirtyBitmap::new(pages))
+                        .get_or_insert_with(|| Bitmap::new(pages))
                         .or_assign_words(stale.words());
                 }
                 Message::Disks { disks: announced } => {

@@ -14,7 +14,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use super::migratable::Migratable;
-use crate::vmm::dirty::{DirtyBitmap, DirtyError};
+use crate::bitmap::Bitmap;
+use crate::vmm::dirty::DirtyError;
 
 pub const WINDOW: Duration = Duration::from_millis(250);
 /// Windows per first pass at most: enough for the policy's first prediction (made
@@ -51,8 +52,8 @@ pub(super) fn during<T, E: From<DirtyError>>(
 fn sample(vm: &Migratable, stop: Receiver<()>) -> Result<(), DirtyError> {
     let m = &vm.machine;
     let pages = m.vm.layout.memory_bytes / crate::guest::abi::PAGE_SIZE;
-    let mut window = DirtyBitmap::new(pages);
-    let mut all = DirtyBitmap::new(pages);
+    let mut window = Bitmap::new(pages);
+    let mut all = Bitmap::new(pages);
     let start = Instant::now();
     let mut w = DirtyWindows::default();
     let mut dirtied = 0u64;

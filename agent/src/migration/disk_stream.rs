@@ -18,9 +18,9 @@ use super::protocol::{self, DISK_ZERO, MAX_DISK_CHUNK, Message};
 use super::source::{MigrateError, Sender};
 use super::storage::{Aligned, RUN_BLOCKS, data_blocks, pieces, steps, write_zeroes_at};
 use super::wire::Wire;
+use crate::bitmap::Bitmap;
 use crate::vmm::block::{COPY_BLOCK, CopyJob, Mirror, WriteThrottle, log_path};
 use crate::vmm::config::VmConfig;
-use crate::vmm::dirty::DirtyBitmap;
 
 /// A first copy shorter than this says little of its rate: the socket buffers take a
 /// few megabytes at once.
@@ -124,7 +124,7 @@ impl Sender<'_> {
             // the scan is caught either way.
             *d.job() = Some(CopyJob {
                 target: None,
-                dirty: DirtyBitmap::new(blocks),
+                dirty: Bitmap::new(blocks),
                 active: settings.disk_mirror == DiskMirror::Active,
                 added_us: Vec::new(),
                 throttle: settings.disk_write_limit.map(WriteThrottle::new),
@@ -138,7 +138,7 @@ impl Sender<'_> {
             let file = d
                 .reopen_read()
                 .map_err(|e| MigrateError::Vm(format!("disk {}: {e}", d.id)))?;
-            let mut set = DirtyBitmap::new(blocks);
+            let mut set = Bitmap::new(blocks);
             for b in data_blocks(&file, d.size) {
                 set.set(b);
             }
@@ -227,9 +227,9 @@ impl Sender<'_> {
                 Some(j) => {
                     j.written = 0;
                     let blocks = j.dirty.pages();
-                    std::mem::replace(&mut j.dirty, DirtyBitmap::new(blocks))
+                    std::mem::replace(&mut j.dirty, Bitmap::new(blocks))
                 }
-                None => DirtyBitmap::new(d.size.div_ceil(COPY_BLOCK)),
+                None => Bitmap::new(d.size.div_ceil(COPY_BLOCK)),
             };
             if last {
                 *job = None;
@@ -246,7 +246,7 @@ impl Sender<'_> {
     /// the guest wrote since their first copy.
     fn disks_send(
         &mut self,
-        todo: Vec<DirtyBitmap>,
+        todo: Vec<Bitmap>,
         running: bool,
         written: bool,
     ) -> Result<(), MigrateError> {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use crate::vmm::dirty::DirtyBitmap;
+use crate::bitmap::Bitmap;
 
 /// Link time the pause may spend on pages the guest is about to touch: each saves a
 /// fault of about a round trip plus the page's own transfer after the resume, but
@@ -27,8 +27,8 @@ pub(super) const PAUSE_PAGES_MAX: u64 = 1024;
 /// The discard rounds' memory: what the previous round found dirty, what is held, and
 /// for how many rounds in a row each held page has been written.
 pub(super) struct HotPages {
-    previous: DirtyBitmap,
-    held: DirtyBitmap,
+    previous: Bitmap,
+    held: Bitmap,
     streaks: HashMap<u64, u32>,
     rounds: u32,
 }
@@ -36,8 +36,8 @@ pub(super) struct HotPages {
 impl HotPages {
     pub(super) fn new(pages: u64) -> Self {
         Self {
-            previous: DirtyBitmap::new(pages),
-            held: DirtyBitmap::new(pages),
+            previous: Bitmap::new(pages),
+            held: Bitmap::new(pages),
             streaks: HashMap::new(),
             rounds: 0,
         }
@@ -51,13 +51,13 @@ impl HotPages {
     /// down in between. Otherwise the hottest pages would be dropped once before
     /// anything is known to be hot, and on the destination a page landing where one
     /// was dropped costs a fresh host page, which in the pause adds up.
-    pub(super) fn round(&mut self, dirty: &DirtyBitmap) -> DirtyBitmap {
+    pub(super) fn round(&mut self, dirty: &Bitmap) -> Bitmap {
         self.rounds += 1;
         if self.rounds == 1 {
             self.held.or_assign_words(dirty.words());
             self.previous.clone_from(dirty);
             self.streaks = dirty.iter_set().map(|p| (p, 1)).collect();
-            return DirtyBitmap::new(dirty.pages());
+            return Bitmap::new(dirty.pages());
         }
         // Held pages were all written in the previous round (held ⊆ previous).
         let mut hot = dirty.clone();
@@ -75,7 +75,7 @@ impl HotPages {
     }
 
     /// Stale on the destination but not dropped: sent in the pause, or dropped then.
-    pub(super) fn held(&self) -> &DirtyBitmap {
+    pub(super) fn held(&self) -> &Bitmap {
         &self.held
     }
 }
@@ -92,11 +92,7 @@ pub(super) fn pause_budget(bytes_per_sec: f64) -> u64 {
 /// destination drops. Hottest: written in the most rounds in a row (tables and stacks
 /// the guest writes all the time come before pages it happened to write twice), and
 /// among equals, dirtied again since the last round.
-pub(super) fn pause_split(
-    hot: &HotPages,
-    late: &DirtyBitmap,
-    budget: u64,
-) -> (Vec<u64>, DirtyBitmap) {
+pub(super) fn pause_split(hot: &HotPages, late: &Bitmap, budget: u64) -> (Vec<u64>, Bitmap) {
     let mut rest = hot.held.clone();
     rest.or_assign_words(late.words());
     if budget == 0 {
@@ -124,15 +120,15 @@ pub(super) fn pause_split(
 mod tests {
     use super::*;
 
-    fn bitmap(pages: &[u64]) -> DirtyBitmap {
-        let mut b = DirtyBitmap::new(256);
+    fn bitmap(pages: &[u64]) -> Bitmap {
+        let mut b = Bitmap::new(256);
         for &p in pages {
             b.set(p);
         }
         b
     }
 
-    fn set(b: &DirtyBitmap) -> Vec<u64> {
+    fn set(b: &Bitmap) -> Vec<u64> {
         b.iter_set().collect()
     }
 
@@ -156,8 +152,8 @@ mod tests {
         // still held at the end: none is left stale and unaccounted for.
         let rounds = [vec![5, 6, 7], vec![6, 7, 8], vec![7, 8], vec![1, 8]];
         let mut h = HotPages::new(256);
-        let mut accounted = DirtyBitmap::new(256);
-        let mut dirtied = DirtyBitmap::new(256);
+        let mut accounted = Bitmap::new(256);
+        let mut dirtied = Bitmap::new(256);
         for r in &rounds {
             let d = bitmap(r);
             dirtied.or_assign_words(d.words());

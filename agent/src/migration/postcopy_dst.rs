@@ -24,8 +24,8 @@ use super::codec::Decompressor;
 use super::door::Routed;
 use super::priority;
 use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError, Session};
+use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
-use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::Machine;
 use crate::vmm::uffd::{Filled, Uffd, UffdError};
 
@@ -50,7 +50,7 @@ pub enum PostcopyError {
 pub use ferry_api::{PostcopyPhase, PostcopyStatus};
 
 struct Inner {
-    missing: DirtyBitmap,
+    missing: Bitmap,
     remaining: u64,
     /// CRC32 of every page as it landed (the memory digest is built from these).
     crcs: Vec<u32>,
@@ -92,7 +92,7 @@ impl Tracker {
     pub fn prepare(
         base: usize,
         pages: u64,
-        missing: DirtyBitmap,
+        missing: Bitmap,
         crcs: Vec<u32>,
     ) -> Result<Self, PostcopyError> {
         let uffd = Uffd::new()?;
@@ -253,7 +253,7 @@ type Channel = (BufReader<TcpStream>, TcpStream);
 /// Drops the pages set in `pages` from guest memory at `base`: the next touch finds
 /// them absent. Adjacent pages go as one range, and ranges go to the kernel a thousand
 /// at a time (`process_madvise`), which costs a fraction of one `madvise` per range.
-pub fn discard(base: usize, pages: &DirtyBitmap) -> Result<(), PostcopyError> {
+pub fn discard(base: usize, pages: &Bitmap) -> Result<(), PostcopyError> {
     let runs: Vec<libc::iovec> = pages
         .runs()
         .into_iter()

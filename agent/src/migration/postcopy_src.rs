@@ -22,8 +22,8 @@ use super::source::{
     BATCH, Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, link_rate,
     lock,
 };
+use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
-use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -244,7 +244,7 @@ impl Sender<'_> {
     /// post-copy to its end.
     pub(super) fn switch_postcopy(
         &mut self,
-        mut need: DirtyBitmap,
+        mut need: Bitmap,
         dirty_log_running: bool,
         switch: &mut Switch,
     ) -> Result<(), MigrateError> {
@@ -322,7 +322,7 @@ impl Sender<'_> {
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything in `need` if nothing was sent yet; else what the guest dirtied
         // since the last round, and the pages held back from it.
-        let mut late = DirtyBitmap::new(pages);
+        let mut late = Bitmap::new(pages);
         if dirty_log_running {
             self.m.dirty.fetch(&mut late)?;
             need.or_assign_words(late.words());
@@ -417,11 +417,11 @@ impl Sender<'_> {
     /// how many pages were dirty.
     fn discard_round(
         &mut self,
-        need: &mut DirtyBitmap,
-        pick: impl FnOnce(&DirtyBitmap) -> DirtyBitmap,
+        need: &mut Bitmap,
+        pick: impl FnOnce(&Bitmap) -> Bitmap,
     ) -> Result<u64, MigrateError> {
         let pages = need.pages();
-        let mut dirty = DirtyBitmap::new(pages);
+        let mut dirty = Bitmap::new(pages);
         self.m.dirty.fetch(&mut dirty)?;
         self.m.dirty.clear(0, pages)?;
         need.or_assign_words(dirty.words());
@@ -431,7 +431,7 @@ impl Sender<'_> {
 
     /// Has the destination drop `stale` (or note it missing, where nothing landed)
     /// and waits until it has.
-    fn drop_there(&mut self, stale: &DirtyBitmap) -> Result<(), MigrateError> {
+    fn drop_there(&mut self, stale: &Bitmap) -> Result<(), MigrateError> {
         self.send(&Message::Postcopy {
             missing: stale.words().to_vec(),
         })?;
@@ -447,7 +447,7 @@ impl Sender<'_> {
     /// Sends every page in `need` while answering requests; survives broken links.
     fn postcopy(
         &mut self,
-        mut need: DirtyBitmap,
+        mut need: Bitmap,
         fault: TcpStream,
         switch: &mut Switch,
         handover: (Instant, super::Lap, super::priority::Urgent),
@@ -543,7 +543,7 @@ impl Sender<'_> {
     fn push(
         &mut self,
         memory: &[u8],
-        need: &mut DirtyBitmap,
+        need: &mut Bitmap,
         served: &Served,
     ) -> Result<Option<PostcopyFigures>, MigrateError> {
         let mut left = need.count();
@@ -605,7 +605,7 @@ impl Sender<'_> {
             match self.recv()? {
                 Message::PostcopyDone(f) => return Ok(Some(f)),
                 Message::Missing { missing } => {
-                    *need = DirtyBitmap::from_words(need.pages(), &missing);
+                    *need = Bitmap::from_words(need.pages(), &missing);
                     return Ok(None);
                 }
                 Message::Keepalive => {}
@@ -620,7 +620,7 @@ impl Sender<'_> {
 
     /// Reconnects to the destination; returns the pages it still lacks and a new
     /// fault channel. Retries for the recovery window, then waits for `--resume`.
-    fn recover(&mut self, why: &str) -> Result<(DirtyBitmap, TcpStream), MigrateError> {
+    fn recover(&mut self, why: &str) -> Result<(Bitmap, TcpStream), MigrateError> {
         let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
         let _ = self.w.get_ref().shutdown(std::net::Shutdown::Both);
         let mut deadline = Instant::now() + self.params.recover;
@@ -649,7 +649,7 @@ impl Sender<'_> {
         }
     }
 
-    fn reconnect(&mut self, pages: u64) -> Result<(DirtyBitmap, TcpStream), MigrateError> {
+    fn reconnect(&mut self, pages: u64) -> Result<(Bitmap, TcpStream), MigrateError> {
         let addr = address(&self.params.to)?;
         let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|source| {
             MigrateError::Connect {
@@ -671,7 +671,7 @@ impl Sender<'_> {
             },
         )?;
         let missing = match protocol::recv(&mut r, Some(pages))? {
-            Message::Missing { missing } => DirtyBitmap::from_words(pages, &missing),
+            Message::Missing { missing } => Bitmap::from_words(pages, &missing),
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Missing")),
         };

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::migratable::Migratable;
+use crate::bitmap::Bitmap;
 use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, WriteThrottle, log_path};
-use crate::vmm::dirty::DirtyBitmap;
 use crate::vmm::machine::{Machine, RunState};
 
 /// Re-copy rounds at most before the pause (or before auto mode turns active).
@@ -342,14 +342,14 @@ impl Copier<'_> {
         let target_handle = file.try_clone().map_err(io("opening", target))?;
         *d.job() = Some(CopyJob {
             target: Some(target_handle),
-            dirty: DirtyBitmap::new(blocks),
+            dirty: Bitmap::new(blocks),
             active: self.mode == StorageMode::Active,
             added_us: Vec::new(),
             throttle: self.params.throttle_writes.map(WriteThrottle::new),
             mirror: None,
             written: 0,
         });
-        let mut todo = DirtyBitmap::new(blocks);
+        let mut todo = Bitmap::new(blocks);
         // Holes need no copy: the new image is sparse and reads as zero there too.
         for b in data_blocks(&source, d.size) {
             todo.set(b);
@@ -441,7 +441,7 @@ impl Copier<'_> {
             // so the check against the old image skips exactly those blocks.
             *d.job() = Some(CopyJob {
                 target: None,
-                dirty: DirtyBitmap::new(d.size.div_ceil(COPY_BLOCK)),
+                dirty: Bitmap::new(d.size.div_ceil(COPY_BLOCK)),
                 active: false,
                 added_us: Vec::new(),
                 throttle: None,
@@ -604,7 +604,7 @@ pub(super) fn write_zeroes_at(target: &File, at: u64, zeroes: &[u8]) -> std::io:
 
 /// The set blocks of `todo` as copy steps: runs of adjacent blocks, cut at
 /// [`RUN_BLOCKS`].
-pub(super) fn steps(todo: &DirtyBitmap) -> Vec<(u64, u64)> {
+pub(super) fn steps(todo: &Bitmap) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (mut first, mut count) in todo.runs() {
         while count > 0 {
@@ -673,7 +673,7 @@ mod tests {
 
     #[test]
     fn steps_follow_runs_and_stop_at_the_run_limit() {
-        let mut todo = DirtyBitmap::new(100);
+        let mut todo = Bitmap::new(100);
         for b in [0, 1, 2, 10] {
             todo.set(b);
         }

@@ -86,7 +86,7 @@ pub struct CopyJob {
     /// The copy being made (None: only tracking which blocks the guest writes).
     pub target: Option<File>,
     /// Written since copied, in units of [`COPY_BLOCK`].
-    pub dirty: super::dirty::DirtyBitmap,
+    pub dirty: crate::bitmap::Bitmap,
     /// Active (write-blocking) mode: guest writes also go to the target before they
     /// complete.
     pub active: bool,
@@ -608,7 +608,7 @@ mod tests {
         let d = &set.disks[0];
         *d.job() = Some(CopyJob {
             target: None,
-            dirty: super::super::dirty::DirtyBitmap::new(16),
+            dirty: crate::bitmap::Bitmap::new(16),
             active: false,
             added_us: Vec::new(),
             // One byte a second: the write would wait most of a day.
@@ -664,7 +664,7 @@ mod tests {
         let d = &set.disks[0];
         let job = |mirror: std::sync::Arc<Recorder>| CopyJob {
             target: None,
-            dirty: super::super::dirty::DirtyBitmap::new(16),
+            dirty: crate::bitmap::Bitmap::new(16),
             active: false,
             added_us: Vec::new(),
             throttle: None,

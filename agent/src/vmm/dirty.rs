@@ -26,7 +26,6 @@
 
 use std::fmt;
 use std::io;
-use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::raw::c_ulong;
 use std::ptr::NonNull;
@@ -44,6 +43,7 @@ use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 use super::boot::{BootError, MEMORY_SLOT, Vm};
 use super::config::DirtyTracking;
+use crate::bitmap::{Bitmap, word_mask};
 use crate::guest::abi::PAGE_SIZE;
 
 /// Ring entry flag: KVM filled the entry, userspace has not collected it yet.
@@ -161,252 +161,6 @@ pub enum DirtyError {
     },
 }
 
-/// One bit per guest page.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtyBitmap {
-    words: Vec<u64>,
-    pages: u64,
-}
-
-impl DirtyBitmap {
-    pub fn new(pages: u64) -> Self {
-        Self {
-            words: vec![0; pages.div_ceil(64) as usize],
-            pages,
-        }
-    }
-
-    /// How many pages the bitmap covers.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-
-    /// Sets a page's bit; true if it was clear. Pages past the end are ignored.
-    pub fn set(&mut self, page: u64) -> bool {
-        if page >= self.pages {
-            return false;
-        }
-        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-        let was = self.words[w] & bit;
-        self.words[w] |= bit;
-        was == 0
-    }
-
-    /// Clears a page's bit; true if it was set.
-    pub fn unset(&mut self, page: u64) -> bool {
-        if page >= self.pages {
-            return false;
-        }
-        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-        let was = self.words[w] & bit;
-        self.words[w] &= !bit;
-        was != 0
-    }
-
-    /// A bitmap of `pages` pages with the bits of `words` (KVM layout) set.
-    pub fn from_words(pages: u64, words: &[u64]) -> Self {
-        let mut b = Self::new(pages);
-        b.or_assign_words(words);
-        b
-    }
-
-    /// Keeps only the bits also set in `other` (same size).
-    pub fn and_assign(&mut self, other: &DirtyBitmap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a &= *b;
-        }
-    }
-
-    /// Clears the bits set in `other` (same size).
-    pub fn and_not_assign(&mut self, other: &DirtyBitmap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a &= !*b;
-        }
-    }
-
-    /// The pages not set here.
-    pub fn complement(&self) -> DirtyBitmap {
-        let mut c = DirtyBitmap {
-            words: self.words.iter().map(|w| !w).collect(),
-            pages: self.pages,
-        };
-        c.trim_tail();
-        c
-    }
-
-    /// The set pages as runs (first page, count), ascending; whole words at a time
-    /// where they are full.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut push = |first: u64, count: u64| match runs.last_mut() {
-            Some((f, n)) if *f + *n == first => *n += count,
-            _ => runs.push((first, count)),
-        };
-        for (i, &w) in self.words.iter().enumerate() {
-            let base = i as u64 * 64;
-            if w == !0 {
-                push(base, 64);
-            } else if w != 0 {
-                for b in (Bits { word: w, base }) {
-                    push(b, 1);
-                }
-            }
-        }
-        runs
-    }
-
-    /// Sets every page's bit.
-    pub fn set_all(&mut self) {
-        self.words.fill(!0);
-        self.trim_tail();
-    }
-
-    /// The first set page at or after `from`, wrapping around to the start.
-    pub fn next_set_wrapping(&self, from: u64) -> Option<u64> {
-        if self.words.is_empty() {
-            return None;
-        }
-        let from = if from >= self.pages { 0 } else { from };
-        let first = (from / 64) as usize;
-        let head = self.words[first] & (!0u64 << (from % 64));
-        if head != 0 {
-            return Some(first as u64 * 64 + u64::from(head.trailing_zeros()));
-        }
-        let n = self.words.len();
-        (1..=n)
-            .map(|k| (first + k) % n)
-            .find(|&i| self.words[i] != 0)
-            .map(|i| i as u64 * 64 + u64::from(self.words[i].trailing_zeros()))
-    }
-
-    pub fn is_set(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Set pages among `range` (clipped to the bitmap).
-    pub fn count_in(&self, range: Range<u64>) -> u64 {
-        let end = range.end.min(self.pages);
-        if range.start >= end {
-            return 0;
-        }
-        let (w0, w1) = ((range.start / 64) as usize, end.div_ceil(64) as usize);
-        self.words[w0..w1]
-            .iter()
-            .enumerate()
-            .map(|(k, &w)| {
-                let lo = (w0 + k) as u64 * 64;
-                u64::from((w & word_mask(lo, range.start, end)).count_ones())
-            })
-            .sum()
-    }
-
-    pub fn clear_all(&mut self) {
-        self.words.fill(0);
-    }
-
-    /// The set pages, in ascending order.
-    pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| **w != 0)
-            .flat_map(|(i, &w)| Bits {
-                word: w,
-                base: i as u64 * 64,
-            })
-    }
-
-    /// ORs KVM-layout bitmap words (bit `p % 64` of word `p / 64` is page `p`) into this
-    /// bitmap; returns how many bits went from clear to set. Words or bits past the end
-    /// are ignored.
-    pub fn or_assign_words(&mut self, words: &[u64]) -> u64 {
-        let mut new = 0;
-        for (dst, &src) in self.words.iter_mut().zip(words) {
-            let fresh = src & !*dst;
-            if fresh != 0 {
-                *dst |= fresh;
-                new += u64::from(fresh.count_ones());
-            }
-        }
-        new - self.trim_tail()
-    }
-
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    /// ORs one word in; returns the bits newly set.
-    fn or_word(&mut self, index: usize, bits: u64) -> u64 {
-        let mask = if index + 1 == self.words.len() {
-            self.tail_mask()
-        } else {
-            !0
-        };
-        let Some(dst) = self.words.get_mut(index) else {
-            return 0;
-        };
-        let fresh = bits & mask & !*dst;
-        *dst |= fresh;
-        u64::from(fresh.count_ones())
-    }
-
-    fn tail_mask(&self) -> u64 {
-        match self.pages % 64 {
-            0 => !0,
-            n => (1 << n) - 1,
-        }
-    }
-
-    /// Clears bits past the last page; returns how many were set.
-    fn trim_tail(&mut self) -> u64 {
-        let mask = self.tail_mask();
-        match self.words.last_mut() {
-            Some(last) if *last & !mask != 0 => {
-                let extra = u64::from((*last & !mask).count_ones());
-                *last &= mask;
-                extra
-            }
-            _ => 0,
-        }
-    }
-}
-
-/// The bits of the word starting at page `lo` that fall inside `first..end`.
-fn word_mask(lo: u64, first: u64, end: u64) -> u64 {
-    let mut mask = !0u64;
-    if first > lo {
-        if first - lo >= 64 {
-            return 0;
-        }
-        mask &= !0u64 << (first - lo);
-    }
-    if end < lo + 64 {
-        mask &= (1u64 << end.saturating_sub(lo)) - 1;
-    }
-    mask
-}
-
-struct Bits {
-    word: u64,
-    base: u64,
-}
-
-impl Iterator for Bits {
-    type Item = u64;
-    fn next(&mut self) -> Option<u64> {
-        if self.word == 0 {
-            return None;
-        }
-        let bit = self.word.trailing_zeros();
-        self.word &= self.word - 1;
-        Some(self.base + u64::from(bit))
-    }
-}
-
 /// What one harvest cost and found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HarvestStats {
@@ -490,7 +244,7 @@ struct BitmapLog {
 struct RingLog {
     rings: Vec<Option<RingMap>>,
     /// Pages collected at ring-full exits, returned by the next harvest.
-    pending: DirtyBitmap,
+    pending: Bitmap,
     full_exits: u64,
     full_fetch_ns: u64,
     full_clear_ns: u64,
@@ -598,7 +352,7 @@ impl DirtyLog {
         let backend = match mode {
             DirtyMode::Ring => Backend::Ring(RingLog {
                 rings: (0..vcpus).map(|_| None).collect(),
-                pending: DirtyBitmap::new(pages),
+                pending: Bitmap::new(pages),
                 full_exits: 0,
                 full_fetch_ns: 0,
                 full_clear_ns: 0,
@@ -639,7 +393,7 @@ impl DirtyLog {
         (self.mode == DirtyMode::Ring).then_some(self.ring_bytes)
     }
 
-    /// Guest pages tracked (the size a [`DirtyBitmap`] for harvests must have).
+    /// Guest pages tracked (the size a [`Bitmap`] for harvests must have).
     pub fn pages(&self) -> u64 {
         self.pages
     }
@@ -727,7 +481,7 @@ impl DirtyLog {
 
     /// ORs every page dirtied since the last harvest into `out`, re-arms tracking for
     /// them and returns how many bits of `out` went from clear to set.
-    pub fn harvest(&self, out: &mut DirtyBitmap) -> Result<u64, DirtyError> {
+    pub fn harvest(&self, out: &mut Bitmap) -> Result<u64, DirtyError> {
         self.harvest_with_stats(out).map(|s| s.new_pages)
     }
 
@@ -735,7 +489,7 @@ impl DirtyLog {
     ///
     /// On an error the log cannot be trusted any more (a page may have been re-armed
     /// without being reported): the caller must fall back to sending all memory.
-    pub fn harvest_with_stats(&self, out: &mut DirtyBitmap) -> Result<HarvestStats, DirtyError> {
+    pub fn harvest_with_stats(&self, out: &mut Bitmap) -> Result<HarvestStats, DirtyError> {
         let mut stats = self.harvest_kvm(out, false)?;
         stats.new_pages += self.take_marked(out);
         Ok(stats)
@@ -746,7 +500,7 @@ impl DirtyLog {
     /// parks it with the VMM-marked pages, so the next harvest or fetch still reports
     /// it. `window` gets the pages dirtied since the last harvest (or re-arm); returns
     /// how many.
-    pub fn rearm(&self, window: &mut DirtyBitmap) -> Result<u64, DirtyError> {
+    pub fn rearm(&self, window: &mut Bitmap) -> Result<u64, DirtyError> {
         window.clear_all();
         Ok(self.harvest_kvm(window, true)?.new_pages)
     }
@@ -754,7 +508,7 @@ impl DirtyLog {
     /// The kernel's part of a harvest: ORs what KVM logged into `out` and re-arms it;
     /// with `park`, also into the marked pages before the log's lock is let go (a
     /// concurrent fetch sees each page in one place or the other).
-    fn harvest_kvm(&self, out: &mut DirtyBitmap, park: bool) -> Result<HarvestStats, DirtyError> {
+    fn harvest_kvm(&self, out: &mut Bitmap, park: bool) -> Result<HarvestStats, DirtyError> {
         self.check_bitmap(out)?;
         let mut inner = self.lock();
         if !inner.active {
@@ -815,7 +569,7 @@ impl DirtyLog {
     /// later, just before its pages are copied. Pages stay in the log until cleared, so a
     /// second fetch reports them again. In ring and plain bitmap mode this is
     /// [`DirtyLog::harvest`].
-    pub fn fetch(&self, out: &mut DirtyBitmap) -> Result<u64, DirtyError> {
+    pub fn fetch(&self, out: &mut Bitmap) -> Result<u64, DirtyError> {
         if self.mode != DirtyMode::BitmapManualProtect {
             return self.harvest(out);
         }
@@ -913,7 +667,7 @@ impl DirtyLog {
         self.marked_any.store(true, Ordering::Release);
     }
 
-    fn take_marked(&self, out: &mut DirtyBitmap) -> u64 {
+    fn take_marked(&self, out: &mut Bitmap) -> u64 {
         if !self.marked_any.swap(false, Ordering::AcqRel) {
             return 0;
         }
@@ -944,7 +698,7 @@ impl DirtyLog {
         }
     }
 
-    fn check_bitmap(&self, out: &DirtyBitmap) -> Result<(), DirtyError> {
+    fn check_bitmap(&self, out: &Bitmap) -> Result<(), DirtyError> {
         if out.pages() == self.pages {
             Ok(())
         } else {
@@ -1322,7 +1076,7 @@ mod harness {
         let pass_timeout = Duration::from_secs(30 + ws_pages / 10_000);
         guest.run_while(|g| g.wait_for("the fill pass", pass_timeout, |g| g.fill_done()))?;
         guest.log.start(&guest.vm)?;
-        let mut out = DirtyBitmap::new(guest.log.pages());
+        let mut out = Bitmap::new(guest.log.pages());
         let mut measured = Vec::new();
         for _ in 0..rounds {
             let w0 = guest.pages_written()?;
@@ -1519,48 +1273,12 @@ mod harness {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
     use std::time::Duration;
 
     use super::harness::*;
     use super::*;
 
-    #[test]
-    fn runs_complement_and_intersection() {
-        let mut b = DirtyBitmap::new(200);
-        for p in [0, 1, 2, 70, 71] {
-            b.set(p);
-        }
-        for p in 128..192 {
-            b.set(p);
-        }
-        assert_eq!(b.runs(), vec![(0, 3), (70, 2), (128, 64)]);
-        let c = b.complement();
-        assert_eq!(c.count(), 200 - 69);
-        assert_eq!(c.runs()[0], (3, 67));
-        assert_eq!(*c.runs().last().unwrap(), (192, 8));
-        let mut d = b.clone();
-        d.and_assign(&c);
-        assert_eq!(d.count(), 0);
-    }
-
-    #[test]
-    fn next_set_wraps_and_unset_clears() {
-        let mut b = DirtyBitmap::new(200);
-        assert_eq!(b.next_set_wrapping(0), None);
-        b.set(3);
-        b.set(130);
-        assert_eq!(b.next_set_wrapping(0), Some(3));
-        assert_eq!(b.next_set_wrapping(4), Some(130));
-        assert_eq!(b.next_set_wrapping(131), Some(3));
-        assert_eq!(b.next_set_wrapping(500), Some(3));
-        assert!(b.unset(3));
-        assert!(!b.unset(3));
-        assert_eq!(b.next_set_wrapping(131), Some(130));
-        b.set_all();
-        assert_eq!(b.count(), 200);
-        let c = DirtyBitmap::from_words(200, b.words());
-        assert_eq!(c.count(), 200);
-    }
     use crate::vmm::boot::tests::{kvm_or_skip, small_config};
     use crate::vmm::config::VmConfig;
 
@@ -1608,7 +1326,7 @@ mod tests {
                 let mut rounds = Vec::new();
                 for interval in [1000, 500] {
                     std::thread::sleep(Duration::from_millis(interval));
-                    let mut out = DirtyBitmap::new(r.log.pages());
+                    let mut out = Bitmap::new(r.log.pages());
                     let before = r.pages_written()?;
                     let stats = r.log.harvest_with_stats(&mut out)?;
                     let after = r.pages_written()?;
@@ -1694,11 +1412,11 @@ mod tests {
             })
         })
         .unwrap();
-        let mut first = DirtyBitmap::new(g.log.pages());
+        let mut first = Bitmap::new(g.log.pages());
         let n = g.log.harvest(&mut first).unwrap();
         assert_eq!(n, first.count());
         assert!(first.count_in(ws_range(&g.vm)) >= 500, "{n} pages");
-        let mut second = DirtyBitmap::new(g.log.pages());
+        let mut second = Bitmap::new(g.log.pages());
         assert_eq!(g.log.harvest(&mut second).unwrap(), 0);
         assert_eq!(second.count(), 0);
         // Also with the first bitmap: nothing new, nothing lost.
@@ -1731,7 +1449,7 @@ mod tests {
         let vcpu = vm.fd.create_vcpu(0).unwrap();
         log.attach_vcpu(0, &vcpu).unwrap();
         let pages = log.pages();
-        let mut out = DirtyBitmap::new(pages);
+        let mut out = Bitmap::new(pages);
 
         log.mark_dirty(0x5000, 4096); // logging off: dropped
         log.start(&vm).unwrap();
@@ -1791,13 +1509,13 @@ mod tests {
                 for _ in 0..2 {
                     std::thread::sleep(Duration::from_millis(300));
                     let w = r.pages_written()?;
-                    let mut window = DirtyBitmap::new(r.log.pages());
+                    let mut window = Bitmap::new(r.log.pages());
                     let n = r.log.rearm(&mut window)?;
                     assert_eq!(n, window.count());
                     windows.push((window, w));
                 }
                 std::thread::sleep(Duration::from_millis(100));
-                let mut all = DirtyBitmap::new(r.log.pages());
+                let mut all = Bitmap::new(r.log.pages());
                 r.log.harvest(&mut all)?;
                 let written = r.pages_written()? - w0;
                 r.log.stop(r.vm)?;
@@ -1906,10 +1624,10 @@ mod tests {
         two_passes(&mut g);
 
         // Fetch does not re-arm: a second fetch sees the same pages.
-        let mut fetched = DirtyBitmap::new(g.log.pages());
+        let mut fetched = Bitmap::new(g.log.pages());
         g.log.fetch(&mut fetched).unwrap();
         assert_eq!(fetched.count_in(ws.clone()), ws_pages);
-        let mut again = DirtyBitmap::new(g.log.pages());
+        let mut again = Bitmap::new(g.log.pages());
         g.log.fetch(&mut again).unwrap();
         assert_eq!(again, fetched);
 
@@ -1918,7 +1636,7 @@ mod tests {
         let unaligned = ws.start + 600..ws.start + 630;
         g.log.clear(aligned.start, 512).unwrap();
         g.log.clear(unaligned.start, 30).unwrap();
-        let mut after = DirtyBitmap::new(g.log.pages());
+        let mut after = Bitmap::new(g.log.pages());
         g.log.fetch(&mut after).unwrap();
         for p in 0..g.log.pages() {
             let cleared = aligned.contains(&p) || unaligned.contains(&p);
@@ -1929,7 +1647,7 @@ mod tests {
         // The cleared pages were write-protected again: the guest's next writes to them
         // are logged.
         two_passes(&mut g);
-        let mut rearmed = DirtyBitmap::new(g.log.pages());
+        let mut rearmed = Bitmap::new(g.log.pages());
         g.log.fetch(&mut rearmed).unwrap();
         assert_eq!(rearmed.count_in(ws.clone()), ws_pages);
 
@@ -1938,7 +1656,7 @@ mod tests {
             g.log.clear(g.log.pages() - 10, 11),
             Err(DirtyError::ClearRange { .. })
         ));
-        let mut out = DirtyBitmap::new(g.log.pages());
+        let mut out = Bitmap::new(g.log.pages());
         assert!(g.log.harvest(&mut out).unwrap() >= ws_pages);
         out.clear_all();
         assert_eq!(g.log.harvest(&mut out).unwrap(), 0);
@@ -1962,36 +1680,6 @@ mod tests {
                 assert!(s.new_pages >= m.working_set_pages, "{m}");
             }
         }
-    }
-
-    #[test]
-    fn bitmap_basics() {
-        let mut b = DirtyBitmap::new(130);
-        assert_eq!(b.words().len(), 3);
-        assert!(b.set(0) && b.set(64) && b.set(129));
-        assert!(!b.set(129));
-        assert!(!b.set(130), "past the end is ignored");
-        assert!(b.is_set(64) && !b.is_set(65) && !b.is_set(1000));
-        assert_eq!(b.count(), 3);
-        assert_eq!(b.iter_set().collect::<Vec<_>>(), vec![0, 64, 129]);
-        assert_eq!(b.count_in(1..130), 2);
-        assert_eq!(b.count_in(64..65), 1);
-        assert_eq!(b.count_in(200..300), 0);
-        // Bits past page 129 in the input are dropped and not counted.
-        assert_eq!(b.or_assign_words(&[0b11, 0, !0]), 1 + 1);
-        assert_eq!(b.count(), 5);
-        assert_eq!(b.words()[2], 0b11);
-        b.clear_all();
-        assert_eq!(b.count(), 0);
-    }
-
-    #[test]
-    fn word_masks() {
-        assert_eq!(word_mask(0, 0, 64), !0);
-        assert_eq!(word_mask(0, 3, 64), !0 << 3);
-        assert_eq!(word_mask(64, 3, 66), 0b11);
-        assert_eq!(word_mask(64, 70, 72), 0b1100_0000);
-        assert_eq!(word_mask(0, 70, 72), 0);
     }
 
     /// Ring parsing against an anonymous mapping laid out like KVM's ring.

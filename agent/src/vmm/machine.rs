@@ -581,7 +581,7 @@ impl Machine {
             return Err(MachineError::DirtyLogInUse);
         }
         let pages = self.vm.layout.memory_bytes / 4096;
-        let mut bitmap = super::dirty::DirtyBitmap::new(pages);
+        let mut bitmap = crate::bitmap::Bitmap::new(pages);
         let logging_from = Instant::now();
         self.dirty.start(&self.vm)?;
         let written = |m: &Machine| -> Result<u64, MachineError> {
