@@ -355,7 +355,19 @@ impl Vmm {
         if !out.status.success() {
             return None;
         }
-        serde_json::from_slice(&out.stdout).ok()
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        // Every status a test reads is also held to the API's types: what the VMM
+        // says is what a front end built on ferry-api can read.
+        typed::<ferry_api::Status>("status", &v);
+        Some(v)
+    }
+
+    /// `status` of a VM, through the API's types.
+    pub fn vm_status(&self) -> ferry_api::VmStatus {
+        match typed::<ferry_api::Status>("status", &self.status()) {
+            ferry_api::Status::Vm(s) => *s,
+            ferry_api::Status::Incoming(i) => panic!("no VM here yet: {i:?}"),
+        }
     }
 
     pub fn status(&self) -> Value {
@@ -367,7 +379,7 @@ impl Vmm {
     pub fn verify(&self) -> Value {
         let out = ferry(&["verify", "--control", self.ctl(), "--json"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(&text).unwrap_or_else(|_| {
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
             panic!(
                 "verify failed ({}): {} {}\nlog: {}",
                 out.status,
@@ -375,7 +387,9 @@ impl Vmm {
                 String::from_utf8_lossy(&out.stderr),
                 self.log_text()
             )
-        })
+        });
+        typed::<ferry_api::VerifyReport>("verify", &v);
+        v
     }
 
     /// Waits until `pred(status)` holds.
@@ -423,6 +437,12 @@ impl Drop for Vmm {
         }
         let _ = std::fs::remove_file(&self.control);
     }
+}
+
+/// `v` read as the API type `T`; a mismatch is a test failure naming `what`.
+pub fn typed<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> T {
+    serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{what} does not match the ferry-api types: {e}\n{v}"))
 }
 
 pub fn u64_of(v: &Value, key: &str) -> u64 {
@@ -483,7 +503,7 @@ pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Value) {
 pub fn report_of(args: &[&str], context: impl Fn() -> String) -> (bool, Value) {
     let out = ferry(args);
     let text = String::from_utf8_lossy(&out.stdout);
-    let report = serde_json::from_str(&text).unwrap_or_else(|_| {
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
         panic!(
             "{} printed no report ({}): {text} {}\n{}",
             args[0],
@@ -492,6 +512,16 @@ pub fn report_of(args: &[&str], context: impl Fn() -> String) -> (bool, Value) {
             context()
         )
     });
+    // A report is held to the API's types too.
+    match args[0] {
+        "migrate" => {
+            typed::<ferry_api::MigrationReport>("the migration report", &report);
+        }
+        "storage-migrate" => {
+            typed::<ferry_api::StorageReport>("the storage migration report", &report);
+        }
+        _ => {}
+    }
     (out.status.success(), report)
 }
 

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ferry_api::{MigrationReport, Outcome, Phase, PortCounters, RunState, Status, VmStatus};
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
     TempDir, Vmm, assert_running_and_intact, boot, check_arrived, exclusive, ferry, incoming,
-    migrate, require_kvm, u64_of,
+    migrate, require_kvm, typed, u64_of,
 };
 use serde_json::{Value, json};
 
@@ -33,16 +34,19 @@ fn start(dir: &TempDir, name: &str, disk: bool) -> Vmm {
     boot(dir.path(), name, &guest(disk).replace("{NAME}", name))
 }
 
-fn wait_counted(dst: &Vmm, rejected: u64, failed: u64) -> Value {
+fn wait_counted(dst: &Vmm, rejected: u64, failed: u64) -> PortCounters {
+    let counters = |s: &Value| match typed::<Status>("status", s) {
+        Status::Incoming(i) => i.incoming.unwrap_or_default(),
+        Status::Vm(v) => panic!("a VM arrived: {v:?}"),
+    };
     let s = dst.wait_for("the port's counters", Duration::from_secs(30), |s| {
-        u64_of(&s["incoming"], "rejected_connections") >= rejected
-            && u64_of(&s["incoming"], "failed_migrations") >= failed
+        let c = counters(s);
+        c.rejected_connections >= rejected && c.failed_migrations >= failed
     });
-    let c = &s["incoming"];
-    assert_eq!(u64_of(c, "rejected_connections"), rejected, "{s}");
-    assert_eq!(u64_of(c, "failed_migrations"), failed, "{s}");
-    assert_eq!(s["state"], "incoming", "{s}");
-    s
+    let c = counters(&s);
+    assert_eq!(c.rejected_connections, rejected, "{s}");
+    assert_eq!(c.failed_migrations, failed, "{s}");
+    c
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -238,13 +242,13 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
     }
     // Five strangers never got past their first frame; four migrations began and
     // were refused.
-    let s = wait_counted(&dst, 5, 4);
+    let c = wait_counted(&dst, 5, 4);
     assert!(
-        s["incoming"]["last_rejection"]
-            .as_str()
+        c.last_rejection
+            .as_deref()
             .unwrap_or("")
             .contains("outside guest memory"),
-        "{s}"
+        "{c:?}"
     );
     // Nothing is left of them: no descriptor, no VM.
     let fds = (0..100)
@@ -383,7 +387,7 @@ fn the_control_socket_answers_each_line_once_and_bounds_every_number() {
     // A destination that cannot be reached is an answer, not a migration started.
     let e = control(&vm, json!({"cmd": "migrate", "to": "nonsense"}));
     assert!(error_of(&e).contains("cannot resolve nonsense"), "{e}");
-    assert!(vm.status()["migration"].is_null(), "{}", vm.status());
+    assert!(vm.vm_status().migration.is_none(), "{}", vm.status());
     assert_running_and_intact(&vm);
     vm.quit();
 }
@@ -407,7 +411,7 @@ fn the_guest_survives_the_highest_rate_it_can_be_given() {
     vm.wait_for("the guest writing", Duration::from_secs(30), |s| {
         u64_of(s, "guest_pages_written") > u64_of(&s0, "guest_pages_written") + 100_000
     });
-    assert!(vm.status()["crash"].is_null(), "{}", vm.status());
+    assert!(vm.vm_status().machine.crash.is_none(), "{}", vm.status());
     assert_running_and_intact(&vm);
     vm.quit();
 }
@@ -486,17 +490,20 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
         .spawn()
         .unwrap();
     src.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
-        s["migration"]["phase"] == "precopy"
+        typed::<VmStatus>("status", s)
+            .migration
+            .is_some_and(|m| m.phase == Phase::Precopy)
     });
     // Quitting now would leave the VM nowhere: refused, saying how to cancel.
     let out = ferry(&["quit", "--control", src.ctl()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancel it first"));
-    assert_eq!(src.status()["state"], "running");
+    assert_eq!(src.vm_status().machine.state, RunState::Running);
     // The client dies; the migration goes on with its last settings.
     client.kill().unwrap();
     client.wait().unwrap();
-    assert_eq!(src.status()["migration"]["report"], Value::Null);
+    let m = src.vm_status().migration.expect("the migration goes on");
+    assert!(m.report.is_none(), "{m:?}");
     // And a new client picks it up to the end.
     let (ok, report) = ferry_tests::report_of(
         &["migrate", "--control", src.ctl(), "--attach", "--json"],
@@ -507,8 +514,8 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
     // Attaching after the end shows how it ended.
     let again = ferry(&["migrate", "--control", src.ctl(), "--attach", "--json"]);
     assert!(again.status.success());
-    let r: Value = serde_json::from_slice(&again.stdout).unwrap();
-    assert_eq!(r["outcome"], "completed", "{r}");
+    let r: MigrationReport = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(r.core.outcome, Outcome::Completed, "{r:?}");
     src.quit();
     dst.quit();
 }
