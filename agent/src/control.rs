@@ -688,8 +688,10 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal>
     }
     // Reached before "started" is said: a destination that cannot be reached is an
     // answer now, not a failed report later.
-    let conn =
-        source::dial(&to).map_err(|e| Refusal::new(ErrorKind::Unavailable, e.to_string()))?;
+    let conn = source::dial(&to).map_err(|e| match e {
+        source::MigrateError::Resolve(_) => invalid(e.to_string()),
+        _ => Refusal::new(ErrorKind::Unavailable, e.to_string()),
+    })?;
     {
         let mut slot = lock(&vm.progress);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
@@ -705,6 +707,8 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal>
         vm.cancel.store(false, Ordering::Release);
         vm.postcopy_requested.store(false, Ordering::Release);
         vm.resume.store(false, Ordering::Release);
+        // A new migration's handshake names it; the last one's names go.
+        *lock(&vm.session) = None;
         // A dirty-rate sample holding the log ends now rather than delay this.
         m.dirty_sample_end.store(true, Ordering::Release);
     }

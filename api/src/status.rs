@@ -109,8 +109,10 @@ pub struct PortCounters {
     pub last_rejection: Option<String>,
 }
 
-/// `status` of a destination before its VM has arrived.
+/// `status` of a destination before its VM has arrived. (Strict, so that a VM's status
+/// that does not read as [`VmStatus`] is an error, not a destination.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IncomingStatus {
     /// Always `incoming`.
     pub state: String,
@@ -205,5 +207,9 @@ mod tests {
             unreachable!()
         };
         assert_eq!(i.incoming.unwrap().rejected_connections, 2);
+        // A VM's status that does not read as one is refused, not taken for a
+        // waiting destination.
+        let broken = r#"{"state":"running","pid":7,"name":"x","vcpus":"two"}"#;
+        assert!(serde_json::from_str::<Status>(broken).is_err());
     }
 }

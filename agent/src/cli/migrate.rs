@@ -39,13 +39,6 @@ pub fn run(
         }
         None => Start::Attach,
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        )
-    };
     let tty = std::io::stderr().is_terminal();
     let started = Cell::new(false);
     // The bar counts guest pages through the first full pass; later rounds show in
@@ -57,6 +50,15 @@ pub fn run(
     driver.subscribe(|e| match e {
         Event::Started { memory_pages, .. } => {
             started.set(true);
+            // From here Ctrl-C cancels the migration (the VM stays here); before it,
+            // it ends this client before anything started.
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe {
+                libc::signal(
+                    libc::SIGINT,
+                    on_interrupt as *const () as libc::sighandler_t,
+                )
+            };
             if tty {
                 let b = indicatif::ProgressBar::new(*memory_pages);
                 b.set_style(
@@ -117,12 +119,13 @@ pub fn run(
         }
         Err(e) => return Err(e.into()),
     };
-    let value = serde_json::to_value(&r)?;
     if !started.get() {
         // Attached to one that had already ended: its report as the VMM wrote it.
         eprintln!("ferry: the migration has already ended; its report:");
+        let value = serde_json::to_value(&r.migration)?;
         return Ok(print_report(&value, REPORT_KEYS, as_json));
     }
+    let value = serde_json::to_value(&r)?;
     // The VMM wrote its report there; this one adds the policy's record and what the
     // probes saw.
     if let Some(path) = &report

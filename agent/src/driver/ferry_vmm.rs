@@ -30,7 +30,7 @@ impl FerryVmm {
         match self.call::<Status>(&Request::Status {})? {
             Status::Vm(s) => Ok(s),
             Status::Incoming(_) => Err(BackendError::new(
-                ErrorKind::Conflict,
+                ErrorKind::Unavailable,
                 "no VM here yet: the VMM waits for an incoming migration",
             )),
         }

@@ -29,10 +29,9 @@ use crate::probes::signals::Logging;
 
 /// How often the driver looks at the migration.
 const TICK: Duration = Duration::from_millis(100);
-/// A backend that has not ended a migration this long after its deadline (and a tenth
-/// of the deadline more) is told to: Ferry's VMM ends it itself at the deadline, a
-/// backend without a deadline of its own (QEMU) relies on this.
-const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+/// Looks at a backend that fail in a row before the driver gives up on it (a VMM
+/// busy in a pause may answer late once or twice).
+const OBSERVE_MISSES: u32 = 20;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -49,6 +48,7 @@ pub struct PredictionRecord {
     pub prediction_at_ms: f64,
     pub predicted_total_ms: Option<f64>,
     pub predicted_downtime_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction_basis: Option<Observation>,
 }
 
@@ -108,6 +108,7 @@ pub struct Driver<'a> {
     limits: Limits,
     probes: Option<Duration>,
     cancel: Option<&'a AtomicBool>,
+    deadline: Option<Duration>,
     tick: Duration,
     subscribers: Vec<Subscriber<'a>>,
 }
@@ -121,6 +122,7 @@ impl<'a> Driver<'a> {
             limits,
             probes: None,
             cancel: None,
+            deadline: None,
             tick: TICK,
             subscribers: Vec::new(),
         }
@@ -135,6 +137,13 @@ impl<'a> Driver<'a> {
     /// Cancel the migration once `flag` is set (a Ctrl-C, an API request).
     pub fn cancel_on(mut self, flag: &'a AtomicBool) -> Self {
         self.cancel = Some(flag);
+        self
+    }
+
+    /// Cancel a migration still short of post-copy `after` this long: for a backend
+    /// without a deadline of its own (Ferry's VMM keeps `max_total_secs` itself).
+    pub fn with_deadline(mut self, after: Duration) -> Self {
+        self.deadline = Some(after);
         self
     }
 
@@ -175,6 +184,13 @@ impl<'a> Driver<'a> {
         let policy_name = steer
             .as_ref()
             .map_or("static".to_owned(), |s| s.policy.name().to_owned());
+        // The probes watch the guest from before it starts to move (loading them
+        // takes a few hundred milliseconds, beside whatever runs); where they cannot
+        // load, the report says why.
+        let mut probes = match (self.probes, vm.pid) {
+            (Some(window), Some(pid)) => Some(Follower::start(pid, window)),
+            _ => None,
+        };
         match start {
             Start::New(mut req) => {
                 if let Some(s) = steer.as_mut() {
@@ -214,17 +230,9 @@ impl<'a> Driver<'a> {
                 });
             }
         }
-        // The probes watch the guest while it migrates (logging is on anyway); where
-        // they cannot load, the report says why.
-        let mut probes = match (self.probes, vm.pid) {
-            (Some(window), Some(pid)) => Some(Follower::start(pid, window)),
-            _ => None,
-        };
-        let deadline = self
-            .limits
-            .max_total_secs
-            .map(|s| Instant::now() + Duration::from_secs_f64(s * 1.1) + DEADLINE_GRACE);
+        let deadline = self.deadline.map(|d| Instant::now() + d);
         let mut cancelled = false;
+        let mut misses = 0;
         let mut phase: Option<Phase> = None;
         let mut round = 0;
         let report = loop {
@@ -243,11 +251,19 @@ impl<'a> Driver<'a> {
                     why: if asked {
                         "cancelled by the operator".into()
                     } else {
-                        "past the deadline (max_total_secs)".into()
+                        "past the deadline".into()
                     },
                 });
             }
-            let p = backend.observe()?.ok_or(DriverError::Vanished)?;
+            let p = match backend.observe() {
+                Ok(p) => p.ok_or(DriverError::Vanished)?,
+                Err(_) if misses < OBSERVE_MISSES => {
+                    misses += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            misses = 0;
             if phase != Some(p.phase) {
                 if let Some(old) = phase {
                     self.emit(&Event::PhaseEnded {
@@ -280,13 +296,14 @@ impl<'a> Driver<'a> {
                     | Phase::Postcopy
                     | Phase::PostcopyPaused
             );
+            // The latest sample, whether this tick took one or not.
             let sample = probes.as_mut().and_then(|f| {
                 f.poll(if running {
                     Logging::On
                 } else {
                     Logging::Unknown
-                })
-                .cloned()
+                });
+                f.timeline.last().cloned()
             });
             if let Some(s) = steer.as_mut()
                 && p.phase != Phase::Setup

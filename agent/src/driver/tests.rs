@@ -300,3 +300,15 @@ fn attaching_needs_a_migration_and_one_that_ended_gives_its_report() {
         .unwrap();
     assert_eq!(again.migration.core.outcome, Outcome::Completed);
 }
+
+#[test]
+fn a_backend_past_the_drivers_deadline_is_told_to_stop() {
+    let log = Rc::new(RefCell::new(Log::default()));
+    let r = Driver::new(None, Limits::default())
+        .every(Duration::from_millis(1))
+        .with_deadline(Duration::ZERO)
+        .run(&mut Fake::new(log.clone()), Start::New(migrate()))
+        .unwrap();
+    assert!(log.borrow().cancelled);
+    assert_eq!(r.migration.core.outcome, Outcome::Cancelled);
+}
