@@ -431,7 +431,7 @@ fn dispatch_to(
                 )))
             }
         }
-        Request::Migrate(req) => start_migration(vm, req),
+        Request::Migrate(req) => start_migration(vm, req).map_err(Refusal::from),
         Request::StorageMigrate {
             to,
             disk,
@@ -445,7 +445,8 @@ fn dispatch_to(
             mode.unwrap_or_default(),
             (remove_source, throttle_writes_mbps),
             report,
-        ),
+        )
+        .map_err(Refusal::from),
         Request::StartPostcopy {} => match phase {
             Some(source::Phase::Precopy) if migrating => {
                 vm.postcopy_requested.store(true, Ordering::Release);
@@ -550,43 +551,80 @@ fn quit(
     Ok(json!({"state": "quitting"}))
 }
 
+/// Why `storage-migrate` did not start one.
+#[derive(Debug, thiserror::Error)]
+enum StorageStartError {
+    #[error("throttle_writes_mbps must be at least 1")]
+    ZeroThrottle,
+    #[error("the destination {} is not a folder", .0.display())]
+    NotAFolder(PathBuf),
+    #[error("the destination {}: {source}", .path.display())]
+    Destination {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no disk {0:?} in this VM")]
+    NoSuchDisk(String),
+    #[error("this VM has no disks")]
+    NoDisks,
+    #[error("the vm is {0}")]
+    State(RunState),
+    #[error("a storage migration is already running")]
+    AlreadyRunning,
+    #[error("cannot start the storage migration thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl From<StorageStartError> for Refusal {
+    fn from(e: StorageStartError) -> Self {
+        let kind = match &e {
+            StorageStartError::ZeroThrottle
+            | StorageStartError::NotAFolder(_)
+            | StorageStartError::Destination { .. } => ErrorKind::InvalidRequest,
+            StorageStartError::NoSuchDisk(_) | StorageStartError::NoDisks => ErrorKind::NotFound,
+            StorageStartError::State(_) => ErrorKind::Conflict,
+            StorageStartError::AlreadyRunning => ErrorKind::Busy,
+            StorageStartError::Thread(_) => ErrorKind::Failed,
+        };
+        Refusal::new(kind, e.to_string())
+    }
+}
+
 fn start_storage_migration(
     vm: &Arc<Migratable>,
     (to, disk): (PathBuf, Option<String>),
     mode: storage::StorageMode,
     (remove_source, throttle_writes_mbps): (bool, Option<u64>),
     report: Option<PathBuf>,
-) -> Result<Value, Refusal> {
+) -> Result<Value, StorageStartError> {
     let m = &vm.machine;
     if throttle_writes_mbps == Some(0) {
-        return Err(invalid("throttle_writes_mbps must be at least 1"));
+        return Err(StorageStartError::ZeroThrottle);
     }
     if !to.is_dir() {
-        return Err(invalid(format!(
-            "the destination {} is not a folder",
-            to.display()
-        )));
+        return Err(StorageStartError::NotAFolder(to));
     }
     let to = to
         .canonicalize()
-        .map_err(|e| invalid(format!("the destination {}: {e}", to.display())))?;
+        .map_err(|source| StorageStartError::Destination {
+            path: to.clone(),
+            source,
+        })?;
     if let Some(id) = &disk
         && !m.disks.disks.iter().any(|d| &d.id == id)
     {
-        return Err(not_found(format!("no disk {id:?} in this VM")));
+        return Err(StorageStartError::NoSuchDisk(id.clone()));
     }
     if m.disks.disks.is_empty() {
-        return Err(not_found("this VM has no disks"));
+        return Err(StorageStartError::NoDisks);
     }
     if !matches!(m.state(), RunState::Running | RunState::Paused) {
-        return Err(conflict(
-            format!("the VM is {:?}", m.state()).to_lowercase(),
-        ));
+        return Err(StorageStartError::State(m.state()));
     }
     {
         let mut slot = lock(&vm.storage);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
-            return Err(busy("a storage migration is already running"));
+            return Err(StorageStartError::AlreadyRunning);
         }
         *slot = Some(storage::StorageProgress {
             phase: storage::StoragePhase::Starting,
@@ -618,11 +656,60 @@ fn start_storage_migration(
         .spawn(move || {
             storage::run(vm, params);
         })
-        .map_err(|e| Refusal::from(format!("cannot start the storage migration thread: {e}")))?;
+        .map_err(StorageStartError::Thread)?;
     Ok(json!({"started": true}))
 }
 
-fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal> {
+/// Why `migrate` did not start one.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("precopy_pass only applies to mode postcopy")]
+    PrecopyPassNeedsPostcopy,
+    #[error("copy_storage works with mode precopy")]
+    CopyStorageNeedsPrecopy,
+    #[error("disk_write_limit_mbps applies to disks that travel (copy_storage)")]
+    DiskLimitNeedsCopyStorage,
+    #[error("disk_mirror = \"active\" applies to disks that travel (copy_storage)")]
+    ActiveMirrorNeedsCopyStorage,
+    #[error("{0}")]
+    DiskWriteLimit(String),
+    #[error("max_downtime_ms must be at least 1")]
+    ZeroDowntime,
+    #[error("throttle_pct = {0} is outside 0..=99")]
+    Throttle(u32),
+    #[error("max_total_secs, timeout_secs and recover_secs must be at least 1")]
+    ZeroTime,
+    #[error("the vm is {0}, not running")]
+    NotRunning(RunState),
+    #[error("{0}")]
+    Unresolvable(source::MigrateError),
+    #[error("{0}")]
+    Unreachable(source::MigrateError),
+    #[error("a migration is already running")]
+    AlreadyRunning,
+    #[error("cannot start the migration thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl StartError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StartError::NotRunning(_) => ErrorKind::Conflict,
+            StartError::Unreachable(_) => ErrorKind::Unavailable,
+            StartError::AlreadyRunning => ErrorKind::Busy,
+            StartError::Thread(_) => ErrorKind::Failed,
+            _ => ErrorKind::InvalidRequest,
+        }
+    }
+}
+
+impl From<StartError> for Refusal {
+    fn from(e: StartError) -> Self {
+        Refusal::new(e.kind(), e.to_string())
+    }
+}
+
+fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartError> {
     let m = &vm.machine;
     let Migrate {
         to,
@@ -640,67 +727,55 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal>
     let verify = !no_verify;
     let mode = mode.unwrap_or_default();
     if precopy_pass && mode != source::Mode::Postcopy {
-        return Err(invalid("precopy_pass only applies to mode postcopy"));
+        return Err(StartError::PrecopyPassNeedsPostcopy);
     }
     if copy_storage && mode != source::Mode::Precopy {
-        return Err(invalid("copy_storage works with mode precopy"));
+        return Err(StartError::CopyStorageNeedsPrecopy);
     }
-    if !copy_storage && disk_write_limit(&req).map_err(invalid)?.flatten().is_some() {
-        return Err(invalid(
-            "disk_write_limit_mbps applies to disks that travel (copy_storage)",
-        ));
+    let limit = disk_write_limit(&req).map_err(StartError::DiskWriteLimit)?;
+    if !copy_storage && limit.flatten().is_some() {
+        return Err(StartError::DiskLimitNeedsCopyStorage);
     }
     if !copy_storage && req.disk_mirror == Some(DiskMirror::Active) {
-        return Err(invalid(
-            "disk_mirror = \"active\" applies to disks that travel (copy_storage)",
-        ));
+        return Err(StartError::ActiveMirrorNeedsCopyStorage);
     }
     let settings = source::Settings {
         codec: req.compression.unwrap_or(Codec::None),
         bandwidth: bandwidth(&req).flatten(),
         throttle_pct: req.throttle_pct.unwrap_or(0),
         max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
-        disk_write_limit: disk_write_limit(&req).map_err(invalid)?.flatten(),
+        disk_write_limit: limit.flatten(),
         switchover: req.switchover.unwrap_or_default(),
         disk_mirror: req.disk_mirror.unwrap_or_default(),
     };
     if settings.max_downtime_ms == 0 {
-        return Err(invalid("max_downtime_ms must be at least 1"));
+        return Err(StartError::ZeroDowntime);
     }
     if settings.throttle_pct > 99 {
-        return Err(invalid(format!(
-            "throttle_pct = {} is outside 0..=99",
-            settings.throttle_pct
-        )));
+        return Err(StartError::Throttle(settings.throttle_pct));
     }
     if matches!(max_total_secs, Some(0))
         || matches!(timeout_secs, Some(0))
         || matches!(recover_secs, Some(0))
     {
-        return Err(invalid(
-            "max_total_secs, timeout_secs and recover_secs must be at least 1",
-        ));
+        return Err(StartError::ZeroTime);
     }
     if m.state() != RunState::Running {
-        return Err(conflict(
-            format!("the VM is {:?}, not running", m.state()).to_lowercase(),
-        ));
+        return Err(StartError::NotRunning(m.state()));
     }
     // Reached before "started" is said: a destination that cannot be reached is an
     // answer now, not a failed report later.
     let conn = source::dial(&to).map_err(|e| match e {
-        source::MigrateError::Resolve(_) => invalid(e.to_string()),
-        _ => Refusal::new(ErrorKind::Unavailable, e.to_string()),
+        source::MigrateError::Resolve(_) => StartError::Unresolvable(e),
+        _ => StartError::Unreachable(e),
     })?;
     {
         let mut slot = lock(&vm.progress);
         if slot.as_ref().is_some_and(|p| p.report.is_none()) {
-            return Err(busy("a migration is already running"));
+            return Err(StartError::AlreadyRunning);
         }
         if m.state() != RunState::Running {
-            return Err(conflict(
-                format!("the VM is {:?}, not running", m.state()).to_lowercase(),
-            ));
+            return Err(StartError::NotRunning(m.state()));
         }
         // Claimed here, under the lock, so two requests cannot both start one.
         *slot = Some(source::starting(&to, &settings));
@@ -731,7 +806,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, Refusal>
         .spawn(move || {
             source::run(vm, params, conn);
         })
-        .map_err(|e| Refusal::from(format!("cannot start the migration thread: {e}")))?;
+        .map_err(StartError::Thread)?;
     Ok(json!({"started": true}))
 }
 
@@ -823,6 +898,29 @@ mod tests {
         let m: Refusal = MachineError::Paused.into();
         assert_eq!(m.kind, ErrorKind::Conflict);
         assert_eq!(Refusal::from("x".to_string()).kind, ErrorKind::Failed);
+        // Each operation's errors carry their kind with them.
+        let r: Refusal = StartError::AlreadyRunning.into();
+        assert_eq!(
+            (r.kind, r.message.as_str()),
+            (ErrorKind::Busy, "a migration is already running")
+        );
+        let r: Refusal = StartError::NotRunning(RunState::Paused).into();
+        assert_eq!(
+            (r.kind, r.message.as_str()),
+            (ErrorKind::Conflict, "the vm is paused, not running")
+        );
+        assert_eq!(
+            Refusal::from(StartError::ZeroTime).kind,
+            ErrorKind::InvalidRequest
+        );
+        assert_eq!(
+            Refusal::from(StorageStartError::NoDisks).kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            Refusal::from(StorageStartError::State(RunState::Crashed)).message,
+            "the vm is crashed"
+        );
     }
 
     #[test]
