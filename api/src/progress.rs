@@ -201,6 +201,17 @@ pub enum PostcopyPhase {
     Completed,
 }
 
+impl std::fmt::Display for PostcopyPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PostcopyPhase::Running => "running",
+            PostcopyPhase::Recovering => "recovering",
+            PostcopyPhase::Lost => "lost",
+            PostcopyPhase::Completed => "completed",
+        })
+    }
+}
+
 /// An incoming post-copy, on its destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PostcopyStatus {
@@ -222,6 +233,18 @@ pub enum StoragePhase {
     Done,
 }
 
+impl std::fmt::Display for StoragePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoragePhase::Starting => "starting",
+            StoragePhase::Copying => "copying",
+            StoragePhase::Switchover => "switchover",
+            StoragePhase::Verifying => "verifying",
+            StoragePhase::Done => "done",
+        })
+    }
+}
+
 /// A storage migration while it runs, and its report at the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StorageProgress {
@@ -232,4 +255,44 @@ pub struct StorageProgress {
     pub remaining_blocks: u64,
     pub mode: StorageMode,
     pub report: Option<StorageReport>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_phase_says_in_text_what_it_says_on_the_wire() {
+        let wire = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for p in [
+            Phase::Setup,
+            Phase::Precopy,
+            Phase::Switchover,
+            Phase::Postcopy,
+            Phase::PostcopyPaused,
+            Phase::Completed,
+            Phase::Failed,
+            Phase::Cancelled,
+            Phase::InDoubt,
+        ] {
+            assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
+        }
+        for p in [
+            PostcopyPhase::Running,
+            PostcopyPhase::Recovering,
+            PostcopyPhase::Lost,
+            PostcopyPhase::Completed,
+        ] {
+            assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
+        }
+        for p in [
+            StoragePhase::Starting,
+            StoragePhase::Copying,
+            StoragePhase::Switchover,
+            StoragePhase::Verifying,
+            StoragePhase::Done,
+        ] {
+            assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
+        }
+    }
 }

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::client::request;
+use ferry_api::{Request, Status};
+
+use crate::client::{call, request};
 
 /// Exit code of `ferry verify` when the guest found errors.
 pub const EXIT_INTEGRITY: u8 = 3;
@@ -36,106 +38,105 @@ pub fn request_and_print(control: &Path, req: &Value) -> anyhow::Result<ExitCode
 }
 
 pub fn status(control: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let s = request(control, &json!({"cmd": "status"}))?;
     if as_json {
-        println!("{s}");
+        println!("{}", request(control, &json!({"cmd": "status"}))?);
         return Ok(ExitCode::SUCCESS);
     }
+    let s = match call::<Status>(control, &Request::Status {})? {
+        Status::Vm(s) => s,
+        Status::Incoming(i) => {
+            println!("{:<22} {}", "state", i.state);
+            println!("{:<22} {}", "pid", i.pid);
+            if let Some(c) = i.incoming {
+                println!(
+                    "{:<22} {} rejected connections, {} failed migrations{}",
+                    "incoming port",
+                    c.rejected_connections,
+                    c.failed_migrations,
+                    c.last_rejection
+                        .map(|e| format!(" (last: {e})"))
+                        .unwrap_or_default()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let m = &s.machine;
     let rows = [
-        ("name", get(&s, "name").as_str().unwrap_or("-").to_owned()),
-        ("state", get(&s, "state").as_str().unwrap_or("-").to_owned()),
-        ("pid", num(&s, "pid")),
-        ("vcpus", num(&s, "vcpus")),
-        ("memory", format!("{} MiB", num(&s, "memory_mib"))),
-        (
-            "dirty tracking",
-            get(&s, "dirty_tracking").as_str().unwrap_or("-").to_owned(),
-        ),
-        ("heartbeats", num(&s, "heartbeats")),
-        ("pages written", num(&s, "guest_pages_written")),
-        (
-            "pages written/s",
-            format!(
-                "{:.0}",
-                get(&s, "pages_written_per_sec").as_f64().unwrap_or(0.0)
-            ),
-        ),
-        ("integrity errors", num(&s, "guest_integrity_errors")),
-        ("disk integrity errors", num(&s, "disk_integrity_errors")),
+        ("name", m.name.clone()),
+        ("state", m.state.to_string()),
+        ("pid", m.pid.to_string()),
+        ("vcpus", m.vcpus.to_string()),
+        ("memory", format!("{} MiB", m.memory_mib)),
+        ("dirty tracking", m.dirty_tracking.clone()),
+        ("heartbeats", m.heartbeats.to_string()),
+        ("pages written", m.guest_pages_written.to_string()),
+        ("pages written/s", format!("{:.0}", m.pages_written_per_sec)),
+        ("integrity errors", m.guest_integrity_errors.to_string()),
+        ("disk integrity errors", m.disk_integrity_errors.to_string()),
         (
             "disk writes / reads",
-            format!("{} / {}", num(&s, "disk_writes"), num(&s, "disk_reads")),
+            format!("{} / {}", m.disk_writes, m.disk_reads),
         ),
         (
             "max heartbeat gap",
-            format!("{} ms", num(&s, "max_heartbeat_gap_ms")),
+            format!("{} ms", m.max_heartbeat_gap_ms),
         ),
     ];
     for (k, v) in rows {
         println!("{k:<22} {v}");
     }
-    if let Some(crash) = get(&s, "crash").as_str() {
+    if let Some(crash) = &m.crash {
         println!("{:<22} {crash}", "crash");
     }
-    let m = get(&s, "migration");
-    if !m.is_null() {
-        let line = match get(m, "report").get("outcome").and_then(Value::as_str) {
-            Some(outcome) => format!(
-                "{outcome} ({} mode, {} ms{})",
-                get(get(m, "report"), "mode").as_str().unwrap_or("-"),
-                num(get(m, "report"), "total_ms"),
-                get(get(m, "report"), "error")
-                    .as_str()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
+    let error = |e: &Option<String>| e.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+    if let Some(mig) = &s.migration {
+        let line = match &mig.report {
+            Some(r) => format!(
+                "{} ({} mode, {} ms{})",
+                r.core.outcome,
+                r.mode,
+                r.core.total_ms,
+                error(&r.core.error)
             ),
             None => format!(
                 "{} to {}, round {}, {} pages left, {:.1} MB/s",
-                get(m, "phase").as_str().unwrap_or("-"),
-                get(m, "to").as_str().unwrap_or("-"),
-                num(m, "round"),
-                get(m, "postcopy_pages_left")
-                    .as_u64()
-                    .unwrap_or(get(m, "remaining_dirty_pages").as_u64().unwrap_or(0)),
-                get(m, "bandwidth_bytes_per_sec").as_f64().unwrap_or(0.0) / 1e6
+                mig.phase,
+                mig.to,
+                mig.round,
+                mig.postcopy_pages_left.unwrap_or(mig.remaining_dirty_pages),
+                mig.bandwidth_bytes_per_sec / 1e6
             ),
         };
         println!("{:<22} {line}", "migration");
     }
-    let p = get(&s, "incoming_postcopy");
-    if !p.is_null() {
+    if let Some(p) = &s.incoming_postcopy {
         println!(
             "{:<22} {}, {} pages missing, {} faults, {} recoveries{}",
             "incoming post-copy",
-            get(p, "phase").as_str().unwrap_or("-"),
-            num(p, "missing_pages"),
-            num(p, "faults"),
-            num(p, "recoveries"),
-            get(p, "error")
-                .as_str()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            p.phase,
+            p.missing_pages,
+            p.faults,
+            p.recoveries,
+            error(&p.error)
         );
     }
-    let st = get(&s, "storage_migration");
-    if !st.is_null() {
-        let line = match get(st, "report").get("outcome").and_then(Value::as_str) {
-            Some(outcome) => format!(
-                "{outcome} ({} ms{})",
-                num(get(st, "report"), "total_ms"),
-                get(get(st, "report"), "error")
-                    .as_str()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
+    if let Some(st) = &s.storage_migration {
+        let line = match &st.report {
+            Some(r) => format!(
+                "{} ({} ms{})",
+                r.core.outcome,
+                r.core.total_ms,
+                error(&r.core.error)
             ),
             None => format!(
                 "{} disk {}, round {}, {:.1} MiB copied, {} blocks left, {} mode",
-                get(st, "phase").as_str().unwrap_or("-"),
-                get(st, "disk").as_str().unwrap_or("-"),
-                num(st, "round"),
-                get(st, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
-                num(st, "remaining_blocks"),
-                get(st, "mode").as_str().unwrap_or("-")
+                st.phase,
+                st.disk,
+                st.round,
+                st.bytes_copied as f64 / 1048576.0,
+                st.remaining_blocks,
+                st.mode
             ),
         };
         println!("{:<22} {line}", "storage migration");
