@@ -18,6 +18,7 @@ use crate::migration::disk_stream::DiskMirror;
 use crate::migration::door::Door;
 use crate::migration::migratable::Migratable;
 use crate::migration::{source, storage};
+use crate::sync::lock;
 use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
 use crate::vmm::machine::{DIRTY_SAMPLE_MS, MachineError, RunState};
 use crate::vmm::snapshot;
@@ -808,10 +809,6 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         })
         .map_err(StartError::Thread)?;
     Ok(json!({"started": true}))
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

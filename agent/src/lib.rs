@@ -10,4 +10,5 @@ pub mod guest;
 pub mod migration;
 pub mod policy;
 pub mod probes;
+pub mod sync;
 pub mod vmm;

@@ -115,7 +115,7 @@ impl Sender<'_> {
         self.stats.disk_size = disks.iter().map(|d| d.size).sum();
         let mut todo = Vec::new();
         // The live settings: a change made since this thread last looked counts.
-        let settings = super::source::lock(&self.vm.live)
+        let settings = crate::sync::lock(&self.vm.live)
             .as_ref()
             .map_or(self.settings, |l| l.settings);
         for (i, d) in disks.iter().enumerate() {

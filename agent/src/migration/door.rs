@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::destination::{self, Slot};
 use super::protocol::{self, Message, ProtocolError, Session};
+use crate::sync::lock;
 
 /// How long a new connection may take to send its first frame: the source's default
 /// keepalive (`--timeout-secs`). A silent stranger holds a thread this long, never
@@ -61,10 +62,6 @@ pub struct Door {
     route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
     waiting: AtomicUsize,
     counters: Mutex<PortCounters>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Counts a connection as waiting for its first frame while it lives.

@@ -10,6 +10,7 @@ use ferry_api::{MigrationProgress, PostcopyPhase, PostcopyStatus, StorageProgres
 
 use super::postcopy_dst::Tracker;
 use super::source;
+use crate::sync::lock;
 use crate::vmm::machine::Machine;
 
 pub struct Migratable {
@@ -52,7 +53,7 @@ impl Migratable {
 
     /// Post-copy still fetching pages into this process.
     pub fn postcopy_status(&self) -> Option<PostcopyStatus> {
-        source::lock(&self.incoming).as_ref().map(|t| t.status())
+        lock(&self.incoming).as_ref().map(|t| t.status())
     }
 
     /// Post-copy is still bringing memory in: the VM's pausing is its, and stopping
@@ -64,14 +65,14 @@ impl Migratable {
 
     /// An outgoing migration is running (it has no report yet).
     pub fn migrating(&self) -> bool {
-        source::lock(&self.progress)
+        lock(&self.progress)
             .as_ref()
             .is_some_and(|p| p.report.is_none())
     }
 
     /// A storage migration is running.
     pub fn moving_disks(&self) -> bool {
-        source::lock(&self.storage)
+        lock(&self.storage)
             .as_ref()
             .is_some_and(|p| p.report.is_none())
     }
@@ -79,9 +80,9 @@ impl Migratable {
     pub fn status(&self) -> VmStatus {
         VmStatus {
             machine: self.machine.status(),
-            migration: source::lock(&self.progress).clone(),
+            migration: lock(&self.progress).clone(),
             incoming_postcopy: self.postcopy_status(),
-            storage_migration: source::lock(&self.storage).clone(),
+            storage_migration: lock(&self.storage).clone(),
         }
     }
 }

@@ -26,6 +26,7 @@ use super::priority;
 use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError, Session};
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
+use crate::sync::lock;
 use crate::vmm::machine::Machine;
 use crate::vmm::uffd::{Filled, Uffd, UffdError};
 
@@ -73,10 +74,6 @@ pub struct Tracker {
     recoveries: AtomicU32,
     phase: Mutex<(PostcopyPhase, Option<String>)>,
     stop: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl crate::vmm::machine::AbsentPages for Tracker {

@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use crate::guest::abi::{
     PORT_VERIFY_DONE,
 };
 use crate::guest::layout::Layout;
+use crate::sync::lock;
 
 /// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls does not name.
 const EXIT_DIRTY_RING_FULL: u32 = 31;
@@ -118,11 +119,6 @@ pub struct Shared {
     cond: Condvar,
     vcpus: Vec<Mutex<VcpuStats>>,
     threads: Mutex<Vec<libc::pthread_t>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking vCPU thread must not take the control plane down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

@@ -291,9 +291,7 @@ pub(super) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(super) use crate::sync::lock;
 
 fn set_progress(vm: &Migratable, p: &MigrationProgress) {
     *lock(&vm.progress) = Some(p.clone());
