@@ -6,6 +6,56 @@
 //! `FromStr`, for flags and reports), so a value is parsed once, where it enters, and
 //! travels typed from there.
 
+/// Text and serde spellings from one table, so the two can never disagree.
+macro_rules! named {
+    ($ty:ident, $what:literal, [$($variant:ident = $name:literal),+ $(,)?]) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        // The text spelling on the wire too, so a bad value is refused with the
+        // message that names the choices.
+        impl ::serde::Serialize for $ty {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> ::serde::Deserialize<'de> for $ty {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <String as ::serde::Deserialize>::deserialize(d)?;
+                text.parse().map_err(::serde::de::Error::custom)
+            }
+        }
+
+        impl ::std::str::FromStr for $ty {
+            type Err = $crate::ParseError;
+            fn from_str(s: &str) -> Result<Self, $crate::ParseError> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err($crate::ParseError(format!(
+                        concat!("unknown ", $what, " {:?} (one of: {})"),
+                        other,
+                        [$($name),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
 pub mod codec;
 pub mod error;
 pub mod mechanics;

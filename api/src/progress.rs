@@ -7,8 +7,7 @@ use crate::StorageMode;
 use crate::report::{MigrationReport, StorageReport};
 
 /// Where a live migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
     Setup,
     Precopy,
@@ -23,30 +22,26 @@ pub enum Phase {
     InDoubt,
 }
 
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Setup => "setup",
-            Phase::Precopy => "precopy",
-            Phase::Switchover => "switchover",
-            Phase::Postcopy => "postcopy",
-            Phase::PostcopyPaused => "postcopy-paused",
-            Phase::Completed => "completed",
-            Phase::Failed => "failed",
-            Phase::Cancelled => "cancelled",
-            Phase::InDoubt => "in-doubt",
-        }
-    }
+named!(
+    Phase,
+    "migration phase",
+    [
+        Setup = "setup",
+        Precopy = "precopy",
+        Switchover = "switchover",
+        Postcopy = "postcopy",
+        PostcopyPaused = "postcopy-paused",
+        Completed = "completed",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        InDoubt = "in-doubt",
+    ]
+);
 
+impl Phase {
     /// The guest already runs on the destination: there is no way back.
     pub fn is_postcopy(self) -> bool {
         matches!(self, Phase::Postcopy | Phase::PostcopyPaused)
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -190,8 +185,7 @@ impl MigrationProgress {
 }
 
 /// Where an incoming post-copy is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PostcopyPhase {
     Running,
     /// The link was lost; waiting for the source to come back.
@@ -200,17 +194,16 @@ pub enum PostcopyPhase {
     Lost,
     Completed,
 }
-
-impl std::fmt::Display for PostcopyPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PostcopyPhase::Running => "running",
-            PostcopyPhase::Recovering => "recovering",
-            PostcopyPhase::Lost => "lost",
-            PostcopyPhase::Completed => "completed",
-        })
-    }
-}
+named!(
+    PostcopyPhase,
+    "post-copy phase",
+    [
+        Running = "running",
+        Recovering = "recovering",
+        Lost = "lost",
+        Completed = "completed"
+    ]
+);
 
 /// An incoming post-copy, on its destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,8 +216,7 @@ pub struct PostcopyStatus {
 }
 
 /// Where a storage migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoragePhase {
     Starting,
     Copying,
@@ -232,18 +224,17 @@ pub enum StoragePhase {
     Verifying,
     Done,
 }
-
-impl std::fmt::Display for StoragePhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            StoragePhase::Starting => "starting",
-            StoragePhase::Copying => "copying",
-            StoragePhase::Switchover => "switchover",
-            StoragePhase::Verifying => "verifying",
-            StoragePhase::Done => "done",
-        })
-    }
-}
+named!(
+    StoragePhase,
+    "storage migration phase",
+    [
+        Starting = "starting",
+        Copying = "copying",
+        Switchover = "switchover",
+        Verifying = "verifying",
+        Done = "done",
+    ]
+);
 
 /// A storage migration while it runs, and its report at the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,35 +255,17 @@ mod tests {
     #[test]
     fn each_phase_says_in_text_what_it_says_on_the_wire() {
         let wire = |v: serde_json::Value| v.as_str().unwrap().to_owned();
-        for p in [
-            Phase::Setup,
-            Phase::Precopy,
-            Phase::Switchover,
-            Phase::Postcopy,
-            Phase::PostcopyPaused,
-            Phase::Completed,
-            Phase::Failed,
-            Phase::Cancelled,
-            Phase::InDoubt,
-        ] {
+        for p in Phase::ALL {
+            assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
+            assert_eq!(p.as_str().parse::<Phase>(), Ok(*p));
+        }
+        for p in PostcopyPhase::ALL {
             assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
         }
-        for p in [
-            PostcopyPhase::Running,
-            PostcopyPhase::Recovering,
-            PostcopyPhase::Lost,
-            PostcopyPhase::Completed,
-        ] {
+        for p in StoragePhase::ALL {
             assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
         }
-        for p in [
-            StoragePhase::Starting,
-            StoragePhase::Copying,
-            StoragePhase::Switchover,
-            StoragePhase::Verifying,
-            StoragePhase::Done,
-        ] {
-            assert_eq!(p.to_string(), wire(serde_json::to_value(p).unwrap()));
-        }
+        assert_eq!(serde_json::to_value(Phase::InDoubt).unwrap(), "in-doubt");
+        assert!(serde_json::from_str::<Phase>("\"sideways\"").is_err());
     }
 }

@@ -7,29 +7,21 @@ use serde::{Deserialize, Serialize};
 use crate::{Codec, Mode, StorageMode};
 
 /// How an operation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     Completed,
     Failed,
     Cancelled,
 }
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Completed => "completed",
-            Outcome::Failed => "failed",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+named!(
+    Outcome,
+    "outcome",
+    [
+        Completed = "completed",
+        Failed = "failed",
+        Cancelled = "cancelled"
+    ]
+);
 
 /// What every report starts with: how it ended, why not (if so), how long it took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

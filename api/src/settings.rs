@@ -1,64 +1,9 @@
 //! How a migration moves: its mode, its switchover rule, how travelling disks keep up.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 /// A value that does not name one of a setting's choices; the message lists them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ParseError(pub String);
-
-/// Text and serde spellings from one table, so the two can never disagree.
-macro_rules! named {
-    ($ty:ident, $what:literal, [$($variant:ident = $name:literal),+ $(,)?]) => {
-        impl $ty {
-            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name),+
-                }
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        // The text spelling on the wire too, so a bad value is refused with the
-        // message that names the choices.
-        impl Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let text = String::deserialize(d)?;
-                text.parse().map_err(serde::de::Error::custom)
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = ParseError;
-            fn from_str(s: &str) -> Result<Self, ParseError> {
-                match s {
-                    $($name => Ok($ty::$variant),)+
-                    other => Err(ParseError(format!(
-                        concat!("unknown ", $what, " {:?} (one of: {})"),
-                        other,
-                        [$($name),+].join(", ")
-                    ))),
-                }
-            }
-        }
-    };
-}
 
 /// How memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -7,8 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::progress::{CodecSample, MigrationProgress, PostcopyStatus, StorageProgress};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunState {
     Running,
     Paused,
@@ -16,23 +15,16 @@ pub enum RunState {
     /// Handed over to a migration destination: paused for good.
     Migrated,
 }
-
-impl RunState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-            RunState::Crashed => "crashed",
-            RunState::Migrated => "migrated",
-        }
-    }
-}
-
-impl std::fmt::Display for RunState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+named!(
+    RunState,
+    "run state",
+    [
+        Running = "running",
+        Paused = "paused",
+        Crashed = "crashed",
+        Migrated = "migrated"
+    ]
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VcpuStatus {
