@@ -12,8 +12,7 @@ use crate::client::call;
 use crate::driver::Backend;
 use crate::driver::ferry_vmm::FerryVmm;
 use crate::driver::observe::codec_perfs;
-use crate::policy::model::PauseBasis;
-use crate::policy::{Limits, Observation, Policy, Stage};
+use crate::policy::{Limits, Observation, Policy};
 
 pub fn run(
     control: &Path,
@@ -44,27 +43,12 @@ pub fn run(
     let written = sample.guest_pages_written as f64 / secs.max(1e-3);
     let codecs: CodecSamples = call(control, &Request::CodecSample {})?;
     let obs = Observation {
-        t_ms: 0.0,
-        stage: Stage::Starting,
-        memory_pages: vm.memory_pages,
-        remaining_pages: vm.memory_pages,
-        pass_elapsed_ms: 0.0,
-        round: 0,
         dirty_pages_per_sec: written.max(distinct),
         working_set_pages: Some(distinct as u64),
         link_bytes_per_sec: Some(link * 1e6 / 8.0),
-        peer_limited: false,
         zero_fraction: codecs.zero_fraction,
-        round_overhead_ms: 0.0,
         codecs: codec_perfs(&codecs.codec_samples),
-        disk_dirty_bytes_per_sec: None,
-        disk_pending_bytes: 0.0,
-        disk_bytes: 0.0,
-        disk_compression_ratio: None,
-        disk_written_compression_ratio: None,
-        disk_copy_bytes_per_sec: None,
-        disk_write_bytes_per_sec: None,
-        pause_basis: PauseBasis::prior(mechanics),
+        ..Observation::before_start(vm.memory_pages, 0.0, mechanics)
     };
     let d = policy.decide(&obs, limits);
     let out = json!({

@@ -187,12 +187,14 @@ impl<'a> Driver<'a> {
         // The probes watch the guest from before it starts to move (loading them
         // takes a few hundred milliseconds, beside whatever runs); where they cannot
         // load, the report says why.
-        let mut probes = match (self.probes, vm.pid) {
+        let load_probes = |window: Option<Duration>| match (window, vm.pid) {
             (Some(window), Some(pid)) => Some(Follower::start(pid, window)),
             _ => None,
         };
+        let mut probes;
         match start {
             Start::New(mut req) => {
+                probes = load_probes(self.probes);
                 if let Some(s) = steer.as_mut() {
                     self.initial(s, &mut req);
                 }
@@ -216,6 +218,7 @@ impl<'a> Driver<'a> {
                         probe_signals_error: None,
                     });
                 }
+                probes = load_probes(self.probes);
                 if let Some(s) = steer.as_mut() {
                     s.applied = s
                         .policy
@@ -421,7 +424,11 @@ impl<'a> Driver<'a> {
         if new.disk_write_limit_mbps != old.disk_write_limit_mbps {
             let limit = new.disk_write_limit_mbps.unwrap_or(0.0);
             change.disk_write_limit_mbps = Some(limit);
-            changed.push(("disk_write_limit_mbps", json_number(limit)));
+            // The record keeps a value as its JSON text.
+            changed.push((
+                "disk_write_limit_mbps",
+                serde_json::Value::from(limit).to_string(),
+            ));
         }
         if new.disk_mirror != old.disk_mirror {
             change.disk_mirror = Some(new.disk_mirror);
@@ -509,11 +516,6 @@ fn adopt(applied: &mut Settings, p: &MigrationProgress) {
         .bandwidth_limit_bytes_per_sec
         .map(|b| b as f64 * 8.0 / 1e6);
     applied.max_downtime_ms = p.max_downtime_ms as f64;
-}
-
-/// A number as JSON writes it (the record keeps values as their JSON text).
-fn json_number(v: f64) -> String {
-    serde_json::Number::from_f64(v).map_or_else(|| "null".into(), |n| n.to_string())
 }
 
 #[cfg(test)]

@@ -111,29 +111,7 @@ impl Observer {
 
     /// Before anything moves: what the operator and the backend said.
     pub fn before_start(&self) -> Observation {
-        Observation {
-            t_ms: 0.0,
-            stage: Stage::Starting,
-            memory_pages: self.memory_pages,
-            remaining_pages: self.memory_pages,
-            pass_elapsed_ms: 0.0,
-            round: 0,
-            dirty_pages_per_sec: self.start_rate,
-            working_set_pages: None,
-            link_bytes_per_sec: None,
-            peer_limited: false,
-            zero_fraction: 0.0,
-            round_overhead_ms: 0.0,
-            codecs: Vec::new(),
-            disk_dirty_bytes_per_sec: None,
-            disk_pending_bytes: 0.0,
-            disk_bytes: 0.0,
-            disk_compression_ratio: None,
-            disk_written_compression_ratio: None,
-            disk_copy_bytes_per_sec: None,
-            disk_write_bytes_per_sec: None,
-            pause_basis: PauseBasis::prior(self.mechanics),
-        }
+        Observation::before_start(self.memory_pages, self.start_rate, self.mechanics)
     }
 
     /// The guest and the link have been measured enough for a prediction to count.

@@ -217,6 +217,36 @@ pub struct Observation {
     pub pause_basis: model::PauseBasis,
 }
 
+impl Observation {
+    /// Before anything moves: a VM of `memory_pages` whose guest dirties
+    /// `dirty_pages_per_sec`, nothing else measured, on a backend with `mechanics`.
+    pub fn before_start(memory_pages: u64, dirty_pages_per_sec: f64, mechanics: Mechanics) -> Self {
+        Self {
+            t_ms: 0.0,
+            stage: Stage::Starting,
+            memory_pages,
+            remaining_pages: memory_pages,
+            pass_elapsed_ms: 0.0,
+            round: 0,
+            dirty_pages_per_sec,
+            working_set_pages: None,
+            link_bytes_per_sec: None,
+            peer_limited: false,
+            zero_fraction: 0.0,
+            round_overhead_ms: 0.0,
+            codecs: Vec::new(),
+            disk_dirty_bytes_per_sec: None,
+            disk_pending_bytes: 0.0,
+            disk_bytes: 0.0,
+            disk_compression_ratio: None,
+            disk_written_compression_ratio: None,
+            disk_copy_bytes_per_sec: None,
+            disk_write_bytes_per_sec: None,
+            pause_basis: model::PauseBasis::prior(mechanics),
+        }
+    }
+}
+
 /// What the settings in force are.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
