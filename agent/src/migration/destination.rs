@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuFd;
 
 use super::Lap;
-use super::codec::{CodecError, Decompressor};
+use super::codec::CodecError;
 use super::disk_stream::DiskStore;
 use super::door::{Placement, Routed};
 use super::migratable::Migratable;
+use super::page_receiver::{PageReceiver, PageSink};
 use super::postcopy_dst;
 use super::priority;
-use super::protocol::{self, Hello, Kind, Message, PageBatch, ProtocolError, Session};
+use super::protocol::{self, Hello, Kind, Message, ProtocolError, Session};
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
 use crate::sync::lock;
@@ -489,16 +490,17 @@ impl Receiver<'_> {
         (vm, vcpus): (&Vm, &[VcpuFd]),
     ) -> Result<Received, IncomingError> {
         let mut disks: Option<DiskStore> = None;
-        let zero_crc = crc32fast::hash(&[0u8; PAGE]);
-        // Fresh guest memory is zero. Zero runs over pages that never received data
-        // need not be written, and touching them would cost a host page fault each.
-        let mut landed = Bitmap::new(pages);
-        // Landed or announced as zero: what post-copy need not fetch.
-        let mut known = Bitmap::new(pages);
-        // Dropped, and nothing landed since: absent from memory already.
-        let mut absent = Bitmap::new(pages);
-        let mut postcopy: Option<Bitmap> = None;
-        let mut dec = Decompressor::new();
+        let mut land = Landing {
+            memory,
+            crcs,
+            ahead,
+            zero_crc: crc32fast::hash(&[0u8; PAGE]),
+            landed: Bitmap::new(pages),
+            known: Bitmap::new(pages),
+            absent: Bitmap::new(pages),
+            postcopy: None,
+        };
+        let mut receiver = PageReceiver::new(pages);
         let mut state = None;
         let mut urgent = None;
         let mut frame = protocol::Frame {
@@ -508,48 +510,10 @@ impl Receiver<'_> {
         loop {
             self.keep_alive()?;
             frame.kind = protocol::read_frame_into(&mut self.r, &mut frame.payload)?;
-            if frame.kind == Kind::Pages {
-                let batch = PageBatch::parse(&frame.payload, Some(pages))?;
-                for p in batch.pages() {
-                    // parse() checked the page number against guest memory.
-                    let at = p.page as usize * PAGE;
-                    let dst: &mut [u8; PAGE] = (&mut memory[at..at + PAGE])
-                        .try_into()
-                        .map_err(|_| IncomingError::Unexpected(Kind::Pages))?;
-                    if p.raw {
-                        dst.copy_from_slice(p.data);
-                    } else {
-                        dec.decompress(batch.codec, p.data, dst)?;
-                    }
-                    crcs[p.page as usize] = crc32fast::hash(dst);
-                    landed.set(p.page);
-                    known.set(p.page);
-                    absent.unset(p.page);
-                    ahead.landed(p.page);
-                    // Sent again after it was declared stale: current now.
-                    if let Some(m) = postcopy.as_mut() {
-                        m.unset(p.page);
-                    }
-                }
+            if receiver.apply(&frame, &mut land)? {
                 continue;
             }
             match Message::decode(&frame, Some(pages))? {
-                Message::ZeroPages { first, count } => {
-                    for page in first..first + count {
-                        if landed.is_set(page) {
-                            let at = page as usize * PAGE;
-                            memory[at..at + PAGE].fill(0);
-                            absent.unset(page);
-                        }
-                    }
-                    crcs[first as usize..(first + count) as usize].fill(zero_crc);
-                    for page in first..first + count {
-                        known.set(page);
-                        if let Some(m) = postcopy.as_mut() {
-                            m.unset(page);
-                        }
-                    }
-                }
                 Message::RoundEnd { round } => {
                     // After the first full pass every page has landed or is known to be
                     // zero: faulting in more would only spend CPU and host memory.
@@ -573,14 +537,7 @@ impl Receiver<'_> {
                     // Pages that never landed are dropped too: the prefault helper
                     // (stopped for good now) may have populated them.
                     ahead.stop_and_wait();
-                    let stale = Bitmap::from_words(pages, &missing);
-                    let mut drop = stale.clone();
-                    drop.and_not_assign(&absent);
-                    postcopy_dst::discard(memory.as_mut_ptr() as usize, &drop)?;
-                    absent.or_assign_words(drop.words());
-                    postcopy
-                        .get_or_insert_with(|| Bitmap::new(pages))
-                        .or_assign_words(stale.words());
+                    land.stale(&Bitmap::from_words(pages, &missing))?;
                 }
                 Message::Disks { disks: announced } => {
                     let store =
@@ -615,18 +572,9 @@ impl Receiver<'_> {
                     tracing::debug!("device state restored in {:?}", t.elapsed());
                 }
                 Message::Complete { .. } => {
-                    if let Some(m) = postcopy.as_mut() {
-                        // And whatever never came (the prefault helper may have
-                        // populated some of it with zeroes).
-                        let never = known.complement();
-                        let mut drop = never.clone();
-                        drop.and_not_assign(&absent);
-                        postcopy_dst::discard(memory.as_mut_ptr() as usize, &drop)?;
-                        m.or_assign_words(never.words());
-                    }
                     return Ok(Received {
                         state: state.ok_or(IncomingError::NoState)?,
-                        postcopy,
+                        postcopy: land.missing()?,
                         disks,
                         urgent,
                     });
@@ -635,5 +583,102 @@ impl Receiver<'_> {
                 other => return Err(IncomingError::Unexpected(other.kind())),
             }
         }
+    }
+}
+
+/// Pre-copy's page sink: guest memory no vCPU runs on yet, and what the destination
+/// must know about each page should post-copy follow.
+struct Landing<'a> {
+    memory: &'a mut [u8],
+    crcs: &'a mut [u32],
+    ahead: &'a prefault::Ahead,
+    zero_crc: u32,
+    /// Pages that received data. Fresh guest memory is zero: zero runs over pages that
+    /// never received data need not be written, and touching them would cost a host
+    /// page fault each.
+    landed: Bitmap,
+    /// Landed or announced as zero: what post-copy need not fetch.
+    known: Bitmap,
+    /// Dropped, and nothing landed since: absent from memory already.
+    absent: Bitmap,
+    /// Once post-copy is announced: the pages it must fetch.
+    postcopy: Option<Bitmap>,
+}
+
+impl Landing<'_> {
+    /// Pages that changed on the source after they landed (announced while its guest
+    /// still runs, so the work stays out of the pause): dropped now, fetched on demand.
+    /// Pages that never landed are dropped too: the prefault helper (stopped for good
+    /// by now) may have populated them.
+    fn stale(&mut self, stale: &Bitmap) -> Result<(), IncomingError> {
+        let mut drop = stale.clone();
+        drop.and_not_assign(&self.absent);
+        postcopy_dst::discard(self.memory.as_mut_ptr() as usize, &drop)?;
+        self.absent.or_assign_words(drop.words());
+        let pages = self.known.pages();
+        self.postcopy
+            .get_or_insert_with(|| Bitmap::new(pages))
+            .or_assign_words(stale.words());
+        Ok(())
+    }
+
+    /// At `Complete`: the pages post-copy must fetch, if it follows — the stale ones
+    /// and whatever never came (the prefault helper may have populated some of it with
+    /// zeroes).
+    fn missing(&mut self) -> Result<Option<Bitmap>, IncomingError> {
+        let Some(mut m) = self.postcopy.take() else {
+            return Ok(None);
+        };
+        let never = self.known.complement();
+        let mut drop = never.clone();
+        drop.and_not_assign(&self.absent);
+        postcopy_dst::discard(self.memory.as_mut_ptr() as usize, &drop)?;
+        m.or_assign_words(never.words());
+        Ok(Some(m))
+    }
+
+    fn mark(&mut self, page: u64) {
+        self.known.set(page);
+        // Sent again after it was declared stale: current now.
+        if let Some(m) = self.postcopy.as_mut() {
+            m.unset(page);
+        }
+    }
+}
+
+impl PageSink for Landing<'_> {
+    type Error = IncomingError;
+
+    fn direct(&mut self, page: u64) -> Option<&mut [u8; PAGE]> {
+        let at = page as usize * PAGE;
+        self.memory.get_mut(at..at + PAGE)?.try_into().ok()
+    }
+
+    fn wrote(&mut self, page: u64) -> Result<(), IncomingError> {
+        let at = page as usize * PAGE;
+        self.crcs[page as usize] = crc32fast::hash(&self.memory[at..at + PAGE]);
+        self.landed.set(page);
+        self.absent.unset(page);
+        self.ahead.landed(page);
+        self.mark(page);
+        Ok(())
+    }
+
+    /// Only reached if `direct` found no such page, which the frame parser rules out.
+    fn fill(&mut self, _page: u64, _data: &[u8]) -> Result<(), IncomingError> {
+        Err(IncomingError::Unexpected(Kind::Pages))
+    }
+
+    fn zeros(&mut self, first: u64, count: u64) -> Result<(), IncomingError> {
+        for page in first..first + count {
+            if self.landed.is_set(page) {
+                let at = page as usize * PAGE;
+                self.memory[at..at + PAGE].fill(0);
+                self.absent.unset(page);
+            }
+            self.mark(page);
+        }
+        self.crcs[first as usize..(first + count) as usize].fill(self.zero_crc);
+        Ok(())
     }
 }

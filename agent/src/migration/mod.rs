@@ -8,6 +8,7 @@ pub mod door;
 mod hot_pages;
 mod link;
 pub mod migratable;
+mod page_receiver;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 mod priority;

@@ -20,10 +20,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::codec::Decompressor;
 use super::door::Routed;
+use super::page_receiver::{PageReceiver, PageSink};
 use super::priority;
-use super::protocol::{self, Kind, Message, PageBatch, PostcopyFigures, ProtocolError, Session};
+use super::protocol::{self, Kind, Message, PostcopyFigures, ProtocolError, Session};
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
 use crate::sync::lock;
@@ -163,41 +163,6 @@ impl Tracker {
         Ok(())
     }
 
-    /// Applies a Pages or ZeroPages frame; returns the pages it covered.
-    fn apply(
-        &self,
-        frame: &protocol::Frame,
-        dec: &mut Decompressor,
-        scratch: &mut [u8; PAGE],
-        covered: &mut Vec<u64>,
-    ) -> Result<(), PostcopyError> {
-        covered.clear();
-        if frame.kind == Kind::Pages {
-            let batch = PageBatch::parse(&frame.payload, Some(self.pages))?;
-            for p in batch.pages() {
-                if p.raw {
-                    self.fill(p.page, p.data)?;
-                } else {
-                    dec.decompress(batch.codec, p.data, scratch)?;
-                    self.fill(p.page, scratch)?;
-                }
-                covered.push(p.page);
-            }
-            return Ok(());
-        }
-        match Message::decode(frame, Some(self.pages))? {
-            Message::ZeroPages { first, count } => {
-                let zero_crc = crc32fast::hash(&[0u8; PAGE]);
-                for page in first..first + count {
-                    self.fill_zero(page, zero_crc)?;
-                    covered.push(page);
-                }
-                Ok(())
-            }
-            other => Err(PostcopyError::Unexpected(other.kind())),
-        }
-    }
-
     /// A fault on a page that is not missing is on a page known to be zero that was
     /// never touched here: it is filled locally, without asking the source.
     fn resolve_locally(&self, page: u64) -> Result<bool, PostcopyError> {
@@ -242,6 +207,52 @@ impl Tracker {
         let mut f = lock(&self.faults);
         f.latencies_us.push(us);
         f.blocked_us += u64::from(us);
+    }
+}
+
+/// Post-copy's page sink: a running guest's memory, where a page appears whole and
+/// at once, and only if it is still missing. Records the pages a frame covered (the
+/// fault thread matches them to the faults it waits on).
+struct Filling<'a> {
+    tracker: &'a Tracker,
+    covered: &'a mut Vec<u64>,
+    zero_crc: u32,
+}
+
+impl<'a> Filling<'a> {
+    fn new(tracker: &'a Tracker, covered: &'a mut Vec<u64>) -> Self {
+        covered.clear();
+        Self {
+            tracker,
+            covered,
+            zero_crc: crc32fast::hash(&[0u8; PAGE]),
+        }
+    }
+}
+
+impl PageSink for Filling<'_> {
+    type Error = PostcopyError;
+
+    fn direct(&mut self, _page: u64) -> Option<&mut [u8; PAGE]> {
+        None
+    }
+
+    fn wrote(&mut self, _page: u64) -> Result<(), PostcopyError> {
+        Err(PostcopyError::Unexpected(Kind::Pages))
+    }
+
+    fn fill(&mut self, page: u64, data: &[u8]) -> Result<(), PostcopyError> {
+        self.tracker.fill(page, data)?;
+        self.covered.push(page);
+        Ok(())
+    }
+
+    fn zeros(&mut self, first: u64, count: u64) -> Result<(), PostcopyError> {
+        for page in first..first + count {
+            self.tracker.fill_zero(page, self.zero_crc)?;
+            self.covered.push(page);
+        }
+        Ok(())
     }
 }
 
@@ -308,8 +319,7 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
     let mut chan = Some(first);
     // Page → when its first fault was read.
     let mut pending: HashMap<u64, Instant> = HashMap::new();
-    let mut dec = Decompressor::new();
-    let mut scratch = [0u8; PAGE];
+    let mut receiver = PageReceiver::new(t.pages);
     let mut covered = Vec::new();
     let mut frame = protocol::Frame {
         kind: Kind::Keepalive,
@@ -394,10 +404,18 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
                     break;
                 }
             }
-            if let Err(e) = t.apply(&frame, &mut dec, &mut scratch, &mut covered) {
-                fail(e.to_string());
-                chan = None;
-                break;
+            match receiver.apply(&frame, &mut Filling::new(t, &mut covered)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    fail(PostcopyError::Unexpected(frame.kind).to_string());
+                    chan = None;
+                    break;
+                }
+                Err(e) => {
+                    fail(e.to_string());
+                    chan = None;
+                    break;
+                }
             }
             for page in &covered {
                 if let Some(t0) = pending.remove(page) {
@@ -492,8 +510,7 @@ impl Incoming<'_> {
         {
             let _background = priority::Background::enter();
             let t = &*self.tracker;
-            let mut dec = Decompressor::new();
-            let mut scratch = [0u8; PAGE];
+            let mut receiver = PageReceiver::new(t.pages);
             let mut covered = Vec::new();
             let mut frame = protocol::Frame {
                 kind: Kind::Keepalive,
@@ -502,11 +519,10 @@ impl Incoming<'_> {
             loop {
                 let step = (|| -> Result<bool, PostcopyError> {
                     frame.kind = protocol::read_frame_into(&mut r, &mut frame.payload)?;
+                    if receiver.apply(&frame, &mut Filling::new(t, &mut covered))? {
+                        return Ok(false);
+                    }
                     match frame.kind {
-                        Kind::Pages | Kind::ZeroPages => {
-                            t.apply(&frame, &mut dec, &mut scratch, &mut covered)?;
-                            Ok(false)
-                        }
                         Kind::Keepalive => Ok(false),
                         Kind::PostcopyEnd if t.remaining() == 0 => Ok(true),
                         Kind::PostcopyEnd => {
