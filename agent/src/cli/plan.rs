@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use ferry_api::{CodecSamples, DirtySample, Request};
 
@@ -12,7 +12,7 @@ use crate::client::call;
 use crate::driver::Backend;
 use crate::driver::ferry_vmm::FerryVmm;
 use crate::driver::observe::codec_perfs;
-use crate::policy::{Limits, Observation, Policy};
+use crate::policy::{Decision, Limits, Observation, Policy, Settings};
 
 pub fn run(
     control: &Path,
@@ -51,55 +51,59 @@ pub fn run(
         ..Observation::before_start(vm.memory_pages, 0.0, mechanics)
     };
     let d = policy.decide(&obs, limits);
-    let out = json!({
-        "policy": policy.name(),
-        "limits": limits,
-        "observation": obs,
-        "settings": d.settings,
-        "predicted_total_ms": d.prediction.total_ms.is_finite().then_some(d.prediction.total_ms),
-        "predicted_downtime_ms": d.prediction.downtime_ms.is_finite().then_some(d.prediction.downtime_ms),
-        "converges": d.prediction.converges,
-        "reasons": d.reasons,
-    });
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let plan = Plan {
+        policy: policy.name(),
+        limits,
+        observation: &obs,
+        settings: &d.settings,
+        predicted_total_ms: finite(d.prediction.total_ms),
+        predicted_downtime_ms: finite(d.prediction.downtime_ms),
+        converges: d.prediction.converges,
+        reasons: &d.reasons,
+    };
     if as_json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(&plan)?);
     } else {
-        print_plan(&out);
+        print_plan(&plan);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_plan(p: &Value) {
-    let o = &p["observation"];
+/// What `ferry plan` prints, and its `--json` form.
+#[derive(Serialize)]
+struct Plan<'a> {
+    policy: &'a str,
+    limits: &'a Limits,
+    observation: &'a Observation,
+    settings: &'a Settings,
+    /// None: no prediction (the policy does not converge within the limits).
+    predicted_total_ms: Option<f64>,
+    predicted_downtime_ms: Option<f64>,
+    converges: bool,
+    reasons: &'a [Decision],
+}
+
+fn print_plan(p: &Plan) {
+    let o = p.observation;
     println!(
         "guest: {} MiB, dirtying {:.0} pages/s ({:.0} distinct in a second), {:.0}% zero; link {:.0} Mbit/s",
-        o["memory_pages"].as_f64().unwrap_or(0.0) / 256.0,
-        o["dirty_pages_per_sec"].as_f64().unwrap_or(0.0),
-        o["working_set_pages"].as_f64().unwrap_or(0.0),
-        o["zero_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-        o["link_bytes_per_sec"].as_f64().unwrap_or(0.0) * 8.0 / 1e6,
+        o.memory_pages / 256,
+        o.dirty_pages_per_sec,
+        o.working_set_pages.unwrap_or(0),
+        o.zero_fraction * 100.0,
+        o.link_bytes_per_sec.unwrap_or(0.0) * 8.0 / 1e6,
     );
-    let s = &p["settings"];
+    let s = p.settings;
     println!(
         "plan ({}): codec {}, throttle {}%, post-copy {}",
-        p["policy"].as_str().unwrap_or("-"),
-        s["codec"].as_str().unwrap_or("-"),
-        s["throttle_pct"],
-        s["postcopy"],
+        p.policy, s.codec, s.throttle_pct, s.postcopy,
     );
-    match (
-        p["predicted_total_ms"].as_f64(),
-        p["predicted_downtime_ms"].as_f64(),
-    ) {
+    match (p.predicted_total_ms, p.predicted_downtime_ms) {
         (Some(t), Some(d)) => println!("predicted: total {:.1} s, downtime {d:.0} ms", t / 1e3),
         _ => println!("predicted: does not converge within the limits"),
     }
-    for r in p["reasons"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<13} {:<8} {}",
-            r["setting"].as_str().unwrap_or(""),
-            r["value"].as_str().unwrap_or(""),
-            r["why"].as_str().unwrap_or("")
-        );
+    for r in p.reasons {
+        println!("  {:<13} {:<8} {}", r.setting, r.value, r.reason);
     }
 }

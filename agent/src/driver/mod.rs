@@ -358,7 +358,7 @@ impl<'a> Driver<'a> {
             .map(|r| {
                 (
                     r.setting.to_string(),
-                    format!("{}: {}", s.policy.name(), r.why),
+                    format!("{}: {}", s.policy.name(), r.reason),
                 )
             })
             .collect();
@@ -396,7 +396,7 @@ impl<'a> Driver<'a> {
             d.reasons
                 .iter()
                 .find(|r| r.setting == setting || r.setting == "preset")
-                .map_or(String::new(), |r| r.why.clone())
+                .map_or(String::new(), |r| r.reason.clone())
         };
         let new = &d.settings;
         let old = &s.applied;

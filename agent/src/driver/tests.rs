@@ -7,7 +7,7 @@ use std::rc::Rc;
 use ferry_api::{Codec, MigrationReport, Outcome, ReportCore};
 
 use super::*;
-use crate::policy::{Decision as PolicyDecision, Reason, Stage};
+use crate::policy::{Choice, Decision, Stage};
 
 #[derive(Default)]
 struct Log {
@@ -156,7 +156,7 @@ impl Policy for Scripted {
         "scripted"
     }
 
-    fn decide(&mut self, obs: &Observation, _: &Limits) -> PolicyDecision {
+    fn decide(&mut self, obs: &Observation, _: &Limits) -> Choice {
         let mut settings = Settings {
             codec: if obs.round >= 2 {
                 Codec::Zstd(1)
@@ -167,7 +167,7 @@ impl Policy for Scripted {
         };
         settings.postcopy = obs.round >= 3 && obs.stage == Stage::Rounds;
         let (codec, postcopy) = (settings.codec, settings.postcopy);
-        PolicyDecision {
+        Choice {
             settings,
             prediction: Prediction {
                 total_ms: 1500.0,
@@ -175,15 +175,17 @@ impl Policy for Scripted {
                 converges: true,
             },
             reasons: vec![
-                Reason {
-                    setting: "codec",
+                Decision {
+                    t_ms: obs.t_ms,
+                    setting: "codec".into(),
                     value: codec.to_string(),
-                    why: format!("round {}", obs.round),
+                    reason: format!("round {}", obs.round),
                 },
-                Reason {
-                    setting: "postcopy",
+                Decision {
+                    t_ms: obs.t_ms,
+                    setting: "postcopy".into(),
                     value: postcopy.to_string(),
-                    why: "the script says so".into(),
+                    reason: "the script says so".into(),
                 },
             ],
         }

@@ -10,8 +10,8 @@ use super::model::{
     switchover_target_s, throughput,
 };
 use super::{
-    Codec, CodecPerf, Decision, DiskMirror, Limits, Observation, PAGE, Pins, Policy, Prediction,
-    Reason, Settings, Stage,
+    Choice, Codec, CodecPerf, Decision, DiskMirror, Limits, Observation, PAGE, Pins, Policy,
+    Prediction, Settings, Stage,
 };
 
 /// No setting changes again sooner than this after it changed.
@@ -235,7 +235,7 @@ impl Policy for Adaptive {
         "adaptive"
     }
 
-    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision {
+    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Choice {
         let t = obs.t_ms;
         let mut reasons = Vec::new();
         let cores = limits.cpu_budget_cores;
@@ -270,10 +270,11 @@ impl Policy for Adaptive {
         };
         if let Some(pinned) = self.pins.codec {
             self.current.codec = pinned;
-            reasons.push(Reason {
-                setting: "codec",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "codec".into(),
                 value: pinned.to_string(),
-                why: "pinned on the command line".into(),
+                reason: "pinned on the command line".into(),
             });
         } else if obs.peer_limited && link.is_some() {
             // The destination, not the link, sets the pace (a datastore slower than
@@ -282,10 +283,11 @@ impl Policy for Adaptive {
                 self.current.codec = Codec::None;
                 self.changed("codec", t);
             }
-            reasons.push(Reason {
-                setting: "codec",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "codec".into(),
                 value: self.current.codec.to_string(),
-                why: "the destination takes the stream in slower than the link carries it \
+                reason: "the destination takes the stream in slower than the link carries it \
                       (TCP: its receive window held the data back most of the time): \
                       compressing would move no more"
                     .into(),
@@ -328,16 +330,18 @@ impl Policy for Adaptive {
                     mb(chosen.compress_bytes_per_sec)
                 )
             };
-            reasons.push(Reason {
-                setting: "codec",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "codec".into(),
                 value: self.current.codec.to_string(),
-                why,
+                reason: why,
             });
         } else {
-            reasons.push(Reason {
-                setting: "codec",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "codec".into(),
                 value: self.current.codec.to_string(),
-                why: "the link is not measured yet".into(),
+                reason: "the link is not measured yet".into(),
             });
         }
         let pages_per_sec = link.map(|l| throughput(l, &perf(self.current.codec), cores));
@@ -398,7 +402,7 @@ impl Policy for Adaptive {
             + disk_pending;
 
         let Some(tput) = pages_per_sec else {
-            return Decision {
+            return Choice {
                 settings: self.current.clone(),
                 prediction: Prediction {
                     total_ms: f64::INFINITY,
@@ -409,7 +413,7 @@ impl Policy for Adaptive {
             };
         };
         if obs.stage == Stage::Postcopy {
-            return Decision {
+            return Choice {
                 settings: self.current.clone(),
                 prediction: shift(postcopy(remaining, tput, &obs.pause_basis), t),
                 reasons,
@@ -650,10 +654,11 @@ impl Policy for Adaptive {
                 costs.fill_s * 1e3
             ));
         }
-        reasons.push(Reason {
-            setting: "max_downtime_ms",
+        reasons.push(Decision {
+            t_ms: obs.t_ms,
+            setting: "max_downtime_ms".into(),
             value: format!("{target_ms:.0}"),
-            why: format!(
+            reason: format!(
                 "switch over once the last bytes take {target_ms:.0} ms on the wire: the {:.0} \
                  ms limit less {}",
                 limits.max_downtime_ms,
@@ -759,10 +764,11 @@ impl Policy for Adaptive {
             self.current.throttle_pct = throttle;
             self.changed("throttle_pct", t);
         }
-        reasons.push(Reason {
-            setting: "throttle_pct",
+        reasons.push(Decision {
+            t_ms: obs.t_ms,
+            setting: "throttle_pct".into(),
             value: self.current.throttle_pct.to_string(),
-            why: format!(
+            reason: format!(
                 "{why}; predicted total {:.1} s, downtime {:.0} ms",
                 (t + prediction.total_ms) / 1e3,
                 prediction.downtime_ms
@@ -812,10 +818,11 @@ impl Policy for Adaptive {
                     )
                 }
             };
-            reasons.push(Reason {
-                setting: "disk_write_limit_mbps",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "disk_write_limit_mbps".into(),
                 value,
-                why,
+                reason: why,
             });
             let why = match (self.pins.disk_mirror, writes) {
                 (Some(_), _) => "pinned on the command line".to_string(),
@@ -857,20 +864,22 @@ impl Policy for Adaptive {
                 ),
                 (None, None) => "the guest's disk writes are not measured yet".to_string(),
             };
-            reasons.push(Reason {
-                setting: "disk_mirror",
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: "disk_mirror".into(),
                 value: self.current.disk_mirror.to_string(),
-                why,
+                reason: why,
             });
         }
         if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
             self.current.postcopy = true;
             self.changed("postcopy", t);
         }
-        reasons.push(Reason {
-            setting: "postcopy",
+        reasons.push(Decision {
+            t_ms: obs.t_ms,
+            setting: "postcopy".into(),
             value: self.current.postcopy.to_string(),
-            why: if self.current.postcopy {
+            reason: if self.current.postcopy {
                 format!("switched: {why}")
             } else if use_postcopy {
                 format!("planned once the first pass is done: {why}")
@@ -880,7 +889,7 @@ impl Policy for Adaptive {
                 "not allowed".to_string()
             },
         });
-        Decision {
+        Choice {
             settings: self.current.clone(),
             prediction: shift(prediction, t),
             reasons,
@@ -955,7 +964,7 @@ mod tests {
         }
     }
 
-    fn disk_reason(d: &Decision) -> Option<&Reason> {
+    fn disk_reason(d: &Choice) -> Option<&Decision> {
         d.reasons
             .iter()
             .find(|r| r.setting == "disk_write_limit_mbps")
@@ -998,7 +1007,7 @@ mod tests {
             .iter()
             .find(|r| r.setting == "throttle_pct")
             .unwrap()
-            .why;
+            .reason;
         assert!(why.contains("163.8 MB/s"), "{why}");
         assert!(!why.contains("unthrottled"), "{why}");
         assert!(
@@ -1029,7 +1038,12 @@ mod tests {
         slow_peer.t_ms += HOLD_MS;
         let d = e.decide(&slow_peer, &limits);
         assert_eq!(d.settings.codec, Codec::None, "{d:?}");
-        let why = &d.reasons.iter().find(|r| r.setting == "codec").unwrap().why;
+        let why = &d
+            .reasons
+            .iter()
+            .find(|r| r.setting == "codec")
+            .unwrap()
+            .reason;
         assert!(why.contains("receive window"), "{why}");
     }
 
@@ -1041,7 +1055,7 @@ mod tests {
         assert_eq!(d.settings.disk_write_limit_mbps, None);
         assert!(d.prediction.converges, "{d:?}");
         let r = disk_reason(&d).expect("a reason for the disks");
-        assert!(r.why.contains("carry"), "{r:?}");
+        assert!(r.reason.contains("carry"), "{r:?}");
         // No disks travel: nothing said about them.
         let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(None), &limits);
         assert!(disk_reason(&d).is_none(), "{d:?}");
@@ -1062,7 +1076,7 @@ mod tests {
         assert!(cap < 100.0, "{cap} MB/s against a 100 MB/s link");
         assert!(d.prediction.converges, "{d:?}");
         let r = disk_reason(&d).unwrap();
-        assert!(r.why.contains("holding"), "{r:?}");
+        assert!(r.reason.contains("holding"), "{r:?}");
         // Under the cap the measured rate is the cap: the engine does not take that as
         // the guest slowing down and keeps it.
         let mut later = rounds(Some(cap * 1e6));
@@ -1074,9 +1088,9 @@ mod tests {
     #[test]
     fn the_switchover_target_leaves_the_limit_room_for_the_rest_of_the_pause() {
         let limits = rounds_limits();
-        let target = |d: &Decision| {
+        let target = |d: &Choice| {
             let r = d.reasons.iter().find(|r| r.setting == "max_downtime_ms");
-            (d.settings.max_downtime_ms, r.map(|r| r.why.clone()))
+            (d.settings.max_downtime_ms, r.map(|r| r.reason.clone()))
         };
         // Memory only: the handover comes off the 100 ms.
         let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(None), &limits);
@@ -1131,7 +1145,7 @@ mod tests {
             let mut e = Adaptive::new(pins, &limits);
             let d = e.decide(&rounds(Some(150e6)), &limits);
             assert_eq!(d.settings.disk_write_limit_mbps, expect, "{d:?}");
-            assert!(disk_reason(&d).unwrap().why.contains("pinned"), "{d:?}");
+            assert!(disk_reason(&d).unwrap().reason.contains("pinned"), "{d:?}");
         }
     }
 
@@ -1153,9 +1167,9 @@ mod tests {
     #[test]
     fn disk_writes_are_mirrored_where_rounds_would_not_fit_and_never_past_half_the_path() {
         let limits = rounds_limits();
-        let mirror = |d: &Decision| {
+        let mirror = |d: &Choice| {
             let r = d.reasons.iter().find(|r| r.setting == "disk_mirror");
-            (d.settings.disk_mirror, r.map(|r| r.why.clone()))
+            (d.settings.disk_mirror, r.map(|r| r.reason.clone()))
         };
         let says = |why: &Option<String>, what: &str| {
             assert!(why.as_deref().is_some_and(|w| w.contains(what)), "{why:?}");
@@ -1226,7 +1240,7 @@ mod tests {
         let d = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
         let cap = d.settings.disk_write_limit_mbps;
         assert!(cap.is_some_and(|c| (49.0..51.0).contains(&c)), "{d:?}");
-        let why = &disk_reason(&d).unwrap().why;
+        let why = &disk_reason(&d).unwrap().reason;
         assert!(why.contains("70% of the stream"), "{why}");
         // 40 MB/s fit within the half: no cap.
         let o = rounds(Some(40e6));

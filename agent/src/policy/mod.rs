@@ -15,7 +15,7 @@ pub mod sim;
 
 use serde::Serialize;
 
-pub use ferry_api::{Codec, DiskMirror, Mechanics, Switchover};
+pub use ferry_api::{Codec, Decision, DiskMirror, Mechanics, Switchover};
 
 pub const PAGE: f64 = 4096.0;
 
@@ -288,25 +288,19 @@ pub struct Prediction {
     pub converges: bool,
 }
 
-/// One setting's value and why.
+/// What a policy chose on one tick: the settings, what it predicts of them, and a
+/// record per setting of its value and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Reason {
-    pub setting: &'static str,
-    pub value: String,
-    pub why: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
+pub struct Choice {
     pub settings: Settings,
     pub prediction: Prediction,
-    pub reasons: Vec<Reason>,
+    pub reasons: Vec<Decision>,
 }
 
 /// Something that chooses a migration's settings, tick by tick.
 pub trait Policy {
     fn name(&self) -> &str;
-    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision;
+    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Choice;
     /// How the VMM is to judge the switchover moment for this policy.
     fn switchover_rule(&self) -> Switchover {
         Switchover::Halving

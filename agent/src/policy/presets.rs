@@ -57,7 +57,7 @@
 //!   so that the forced switchover can still finish inside it.
 
 use super::{
-    Decision, DiskMirror, Limits, Observation, PAGE, Policy, Prediction, Reason, Settings, Stage,
+    Choice, Decision, DiskMirror, Limits, Observation, PAGE, Policy, Prediction, Settings, Stage,
     Switchover,
 };
 
@@ -302,25 +302,27 @@ impl Policy for Preset {
 
     /// A preset takes from the operator what its peer has a knob for (the downtime
     /// limit, a bandwidth cap, the time given) and decides the rest as its peer does.
-    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Decision {
+    fn decide(&mut self, obs: &Observation, limits: &Limits) -> Choice {
         let mut settings = Settings {
             max_downtime_ms: limits.max_downtime_ms,
             bandwidth_mbit: limits.bandwidth_mbit,
             ..Settings::default()
         };
-        let mut reasons = vec![Reason {
-            setting: "preset",
+        let mut reasons = vec![Decision {
+            t_ms: obs.t_ms,
+            setting: "preset".into(),
             value: self.name.to_string(),
-            why: format!(
+            reason: format!(
                 "{}: the operator's downtime limit, as the peer is configured",
                 self.name
             ),
         }];
         let mut why = |setting: &'static str, value: String, why: String| {
-            reasons.push(Reason {
-                setting,
+            reasons.push(Decision {
+                t_ms: obs.t_ms,
+                setting: setting.into(),
                 value,
-                why,
+                reason: why,
             })
         };
         match self.kind {
@@ -388,7 +390,7 @@ impl Policy for Preset {
             }
         }
         self.last_round = obs.round;
-        Decision {
+        Choice {
             settings,
             prediction: Prediction {
                 total_ms: f64::NAN,
@@ -569,7 +571,7 @@ mod tests {
         assert_eq!(d.settings.bandwidth_mbit, None);
         let d = p.decide(&obs(27_000.0, 6, 1e5, 1e8), &lim);
         assert_eq!(d.settings.max_downtime_ms, FORCE_DOWNTIME_MS);
-        assert!(d.reasons.iter().any(|r| r.why.contains("force")));
+        assert!(d.reasons.iter().any(|r| r.reason.contains("force")));
     }
 
     #[test]

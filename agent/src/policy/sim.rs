@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use super::model::PauseBasis;
 use super::model::{SWITCH_MS, dirtied, postcopy_pause_ms, throughput};
-use super::{Codec, CodecPerf, Limits, Mechanics, Observation, PAGE, Policy, Settings, Stage};
+use super::{
+    Codec, CodecPerf, Decision, Limits, Mechanics, Observation, PAGE, Policy, Settings, Stage,
+};
 
 const STEP_MS: f64 = 10.0;
 const TICK_MS: f64 = 250.0;
@@ -57,15 +59,6 @@ impl Scenario {
     }
 }
 
-/// A setting that changed, when, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Change {
-    pub t_ms: f64,
-    pub setting: &'static str,
-    pub value: String,
-    pub why: String,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub policy: String,
@@ -85,7 +78,7 @@ pub struct Outcome {
     pub predicted_total_ms: f64,
     pub predicted_downtime_ms: f64,
     pub error: Option<String>,
-    pub changes: Vec<Change>,
+    pub changes: Vec<Decision>,
 }
 
 fn changes(old: &Settings, new: &Settings) -> Vec<(&'static str, String)> {
@@ -189,12 +182,12 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                     .reasons
                     .iter()
                     .find(|r| r.setting == setting)
-                    .map_or(String::new(), |r| r.why.clone());
-                out.changes.push(Change {
+                    .map_or(String::new(), |r| r.reason.clone());
+                out.changes.push(Decision {
                     t_ms: t,
-                    setting,
+                    setting: setting.into(),
                     value,
-                    why,
+                    reason: why,
                 });
             }
             settings = d.settings;
@@ -339,7 +332,7 @@ mod tests {
             .find(|c| c.setting == "codec")
             .expect("a codec");
         assert_eq!(codec.value, "zstd:1", "{o:?}");
-        assert!(codec.why.contains("bottleneck"), "{}", codec.why);
+        assert!(codec.reason.contains("bottleneck"), "{}", codec.reason);
         // The same link with random pages: nothing to gain.
         let s = scenario("slow-random", 1_000.0, GIB_PAGES, MBIT200, false);
         let o = run(&s, &mut adaptive(&limits), &limits);
@@ -363,9 +356,9 @@ mod tests {
             .find(|c| c.setting == "throttle_pct")
             .unwrap();
         assert!(
-            t.why.contains("dirties") && t.why.contains("predicted"),
+            t.reason.contains("dirties") && t.reason.contains("predicted"),
             "{}",
-            t.why
+            t.reason
         );
         // Unthrottled, the same guest never converges.
         let mut none = Preset::by_name("libvirt-default").unwrap();
@@ -537,7 +530,7 @@ mod tests {
             &limits,
         );
         let o = run(&s, &mut a, &limits);
-        let set: Vec<&Change> = o.changes.iter().filter(|c| c.setting == "codec").collect();
+        let set: Vec<&Decision> = o.changes.iter().filter(|c| c.setting == "codec").collect();
         assert!(set.len() == 1 && set[0].value == "lz4", "{set:?}");
         let obs = Observation {
             t_ms: 0.0,
@@ -567,7 +560,7 @@ mod tests {
         assert!(
             d.reasons
                 .iter()
-                .any(|r| r.setting == "codec" && r.why.contains("pinned"))
+                .any(|r| r.setting == "codec" && r.reason.contains("pinned"))
         );
     }
 }
