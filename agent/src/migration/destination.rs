@@ -67,7 +67,9 @@ pub enum IncomingError {
     #[error("opening the shared disks: {0}")]
     Disk(#[from] crate::vmm::block::DiskError),
     #[error("starting the vCPUs: {0}")]
-    Machine(#[from] crate::vmm::machine::MachineError),
+    VcpuStart(#[from] crate::vmm::machine::VcpuStartError),
+    #[error("{0}")]
+    Resume(#[from] crate::vmm::machine::ResumeError),
     #[error("post-copy: {0}")]
     Postcopy(#[from] postcopy_dst::PostcopyError),
     #[error("{0}")]

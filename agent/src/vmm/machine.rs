@@ -48,34 +48,77 @@ enum Target {
     Quit = 2,
 }
 
+/// Why the vCPU threads did not start.
 #[derive(Debug, thiserror::Error)]
-pub enum MachineError {
-    #[error("the guest crashed: {0}")]
-    Crashed(String),
-    #[error("the VM is paused; resume it first")]
-    Paused,
-    #[error("the VM was migrated away; this copy must never run again")]
-    HandedOver,
-    #[error("the VM must stay paused: {0}")]
-    Held(String),
-    #[error("the guest did not finish verifying within {0:?}")]
-    VerifyTimeout(Duration),
-    #[error("vCPU threads did not stop within {0:?}")]
-    PauseTimeout(Duration),
+pub enum VcpuStartError {
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
-    #[error("dirty log: {0}")]
-    Dirty(#[from] super::dirty::DirtyError),
-    #[error("guest memory: {0}")]
-    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Why `pause` did not stop every vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("vCPU threads did not stop within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why `resume` did not let the guest run.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("the guest crashed: {0}")]
+    Crashed(String),
+    #[error("the VM was migrated away; this copy must never run again")]
+    HandedOver,
+    #[error("the VM must stay paused: {0}")]
+    Held(String),
+}
+
+/// Why a vCPU's mailbox could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MailboxError {
     #[error("page {0} has not arrived yet (post-copy in progress)")]
     PageMissing(u64),
-    #[error("a migration is running and owns the dirty log; its progress carries the dirty rate")]
-    DirtyLogInUse,
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Why `verify` has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the VM is paused; resume it first")]
+    Paused,
+    #[error("the VM was migrated away; this copy must never run again")]
+    HandedOver,
+    #[error("the guest crashed: {0}")]
+    Crashed(String),
+    #[error("the guest did not finish verifying within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why `set-workload` did not change the guest's rate.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
     #[error("the VM is {0}, not running")]
-    NotRunning(String),
+    NotRunning(RunState),
+    #[error("{0}")]
+    Pause(#[from] PauseError),
+    #[error("{0}")]
+    Resume(#[from] ResumeError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Why `dirty-sample` has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtySampleError {
+    #[error("a migration is running and owns the dirty log; its progress carries the dirty rate")]
+    LogInUse,
+    #[error("dirty log: {0}")]
+    Dirty(#[from] super::dirty::DirtyError),
+    #[error("{0}")]
+    Mailbox(#[from] MailboxError),
 }
 
 /// What one vCPU has reported, as the VMM saw it.
@@ -234,9 +277,9 @@ impl Machine {
     }
 
     /// Starts the vCPU threads, paused or running.
-    pub fn start(&self, running: bool) -> Result<(), MachineError> {
+    pub fn start(&self, running: bool) -> Result<(), VcpuStartError> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-            .map_err(MachineError::Signal)?;
+            .map_err(VcpuStartError::Signal)?;
         self.disks.commit();
         self.shared.target.store(
             if running { Target::Run } else { Target::Pause } as u8,
@@ -254,7 +297,7 @@ impl Machine {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || ctx.run())
-                .map_err(MachineError::Thread)?;
+                .map_err(VcpuStartError::Thread)?;
             lock(&self.threads).push(handle);
         }
         Ok(())
@@ -273,7 +316,7 @@ impl Machine {
     }
 
     /// Stops every vCPU at an instruction boundary and waits until all are parked.
-    pub fn pause(&self) -> Result<(), MachineError> {
+    pub fn pause(&self) -> Result<(), PauseError> {
         self.set_target(Target::Pause);
         let timeout = Duration::from_secs(10);
         let all = self.vcpus.len() as u32;
@@ -285,7 +328,7 @@ impl Machine {
             .unwrap_or_else(|e| e.into_inner());
         drop(ctl);
         if res.timed_out() {
-            return Err(MachineError::PauseTimeout(timeout));
+            return Err(PauseError::Timeout(timeout));
         }
         Ok(())
     }
@@ -306,15 +349,15 @@ impl Machine {
         self.set_target(Target::Pause);
     }
 
-    pub fn resume(&self) -> Result<(), MachineError> {
+    pub fn resume(&self) -> Result<(), ResumeError> {
         if let Some(crash) = lock(&self.shared.control).crash.clone() {
-            return Err(MachineError::Crashed(crash));
+            return Err(ResumeError::Crashed(crash));
         }
         if self.handed_over.load(Ordering::Acquire) {
-            return Err(MachineError::HandedOver);
+            return Err(ResumeError::HandedOver);
         }
         if let Some(reason) = lock(&self.hold).clone() {
-            return Err(MachineError::Held(reason));
+            return Err(ResumeError::Held(reason));
         }
         self.set_target(Target::Run);
         Ok(())
@@ -452,14 +495,14 @@ impl Machine {
         }
     }
 
-    pub fn mailbox(&self, vcpu: u32) -> Result<Mailbox, MachineError> {
+    pub fn mailbox(&self, vcpu: u32) -> Result<Mailbox, MailboxError> {
         // A page still on the source would block this read until it arrives.
         let page = Layout::mailbox(vcpu) / crate::guest::abi::PAGE_SIZE;
         if lock(&self.absent)
             .as_ref()
             .is_some_and(|a| a.is_missing(page))
         {
-            return Err(MachineError::PageMissing(page));
+            return Err(MailboxError::PageMissing(page));
         }
         Ok(self
             .vm
@@ -468,13 +511,13 @@ impl Machine {
     }
 
     /// Has every vCPU re-check every page and disk block it wrote.
-    pub fn verify(&self, timeout: Duration) -> Result<VerifyReport, MachineError> {
+    pub fn verify(&self, timeout: Duration) -> Result<VerifyReport, VerifyError> {
         match self.state() {
-            RunState::Paused => return Err(MachineError::Paused),
-            RunState::Migrated => return Err(MachineError::HandedOver),
+            RunState::Paused => return Err(VerifyError::Paused),
+            RunState::Migrated => return Err(VerifyError::HandedOver),
             RunState::Crashed => {
                 let crash = lock(&self.shared.control).crash.clone().unwrap_or_default();
-                return Err(MachineError::Crashed(crash));
+                return Err(VerifyError::Crashed(crash));
             }
             RunState::Running => {}
         }
@@ -495,14 +538,14 @@ impl Machine {
             .wait_timeout_while(ctl, timeout, |c| c.crash.is_none() && !all_done())
             .unwrap_or_else(|e| e.into_inner());
         if let Some(crash) = ctl.crash.clone() {
-            return Err(MachineError::Crashed(crash));
+            return Err(VerifyError::Crashed(crash));
         }
         drop(ctl);
         if !all_done() {
             for s in &self.shared.vcpus {
                 lock(s).verify = VerifyStep::Idle;
             }
-            return Err(MachineError::VerifyTimeout(timeout));
+            return Err(VerifyError::Timeout(timeout));
         }
         let mut report = VerifyReport {
             elapsed_ms: start.elapsed().as_millis() as u64,
@@ -522,18 +565,16 @@ impl Machine {
 
     /// Changes the guest's page-write rate (pages/s over all vCPUs; 0 = unpaced) while
     /// it runs, from now on: a lab knob for workloads whose rate steps.
-    pub fn set_dirty_rate(&self, pages_per_sec: u64) -> Result<(), MachineError> {
+    pub fn set_dirty_rate(&self, pages_per_sec: u64) -> Result<(), WorkloadError> {
         use crate::guest::program::{PACE_NOW, PACE_T0, PACE_WRITTEN};
         let state = self.state();
         if state != RunState::Running {
-            return Err(MachineError::NotRunning(
-                format!("{state:?}").to_lowercase(),
-            ));
+            return Err(WorkloadError::NotRunning(state));
         }
         // Paused, the guest's pacing state holds still while it is restarted.
         self.pause()?;
         let per_vcpu = pages_per_sec.div_ceil(u64::from(self.cfg.vcpus));
-        let result = (|| -> Result<(), MachineError> {
+        let result = (|| -> Result<(), WorkloadError> {
             let mem = &self.vm.memory;
             let field = std::mem::offset_of!(crate::guest::abi::GuestParams, pages_per_sec);
             let at = crate::guest::layout::PARAMS + field as u64;
@@ -564,7 +605,7 @@ impl Machine {
         duration: Duration,
         client_gone: &dyn Fn() -> bool,
         log_in_use: &dyn Fn() -> bool,
-    ) -> Result<DirtySample, MachineError> {
+    ) -> Result<DirtySample, DirtySampleError> {
         let _log = self
             .dirty_sample_lock
             .lock()
@@ -574,13 +615,13 @@ impl Machine {
         self.dirty_sample_end
             .store(false, std::sync::atomic::Ordering::Release);
         if log_in_use() {
-            return Err(MachineError::DirtyLogInUse);
+            return Err(DirtySampleError::LogInUse);
         }
         let pages = self.vm.layout.memory_bytes / 4096;
         let mut bitmap = crate::bitmap::Bitmap::new(pages);
         let logging_from = Instant::now();
         self.dirty.start(&self.vm)?;
-        let written = |m: &Machine| -> Result<u64, MachineError> {
+        let written = |m: &Machine| -> Result<u64, MailboxError> {
             (0..m.cfg.vcpus).try_fold(0, |acc, v| Ok(acc + m.mailbox(v)?.pages_written))
         };
         let result = (|| {

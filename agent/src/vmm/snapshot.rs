@@ -67,7 +67,9 @@ pub enum SnapshotError {
     #[error("saving VM state: {0}")]
     State(#[from] StateError),
     #[error("{0}")]
-    Machine(#[from] super::machine::MachineError),
+    Pause(#[from] super::machine::PauseError),
+    #[error("{0}")]
+    Resume(#[from] super::machine::ResumeError),
     #[error("disk {0:?} of the snapshot is missing from its config")]
     UnknownDisk(String),
     #[error("{0}")]

@@ -41,7 +41,7 @@ pub(super) use encode::{Buffers, encode};
 pub use live::{Live, Reasons, SetParamsError, Settings, SettingsChange, set_params};
 pub(super) use precopy::MAX_SHRINKING_ROUNDS;
 pub use precopy::converged;
-pub use resolve::resolve;
+pub use resolve::{ResolveError, resolve};
 pub(super) use stats::{Stats, bandwidth, link_rate};
 pub(super) use switchover::Switch;
 pub(super) use transport::address;
@@ -111,7 +111,7 @@ pub enum MigrateError {
     #[error("the VM {0}")]
     Vm(String),
     #[error("{0}")]
-    Machine(#[from] crate::vmm::machine::MachineError),
+    Pause(#[from] crate::vmm::machine::PauseError),
     #[error("saving device state: {0}")]
     State(#[from] crate::vmm::snapshot::SnapshotError),
     #[error("{0}")]

@@ -2,35 +2,49 @@
 
 use super::*;
 
+/// Why a handover in doubt stays in doubt.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("no migration to resolve")]
+    NoMigration,
+    #[error("the last migration never completed its handshake: nothing to resolve")]
+    NoSession,
+    #[error("{0}")]
+    Address(MigrateError),
+    #[error("cannot reach the destination {to}: {source}; the VM stays as it is")]
+    Unreachable { to: String, source: std::io::Error },
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the destination answered {0:?}")]
+    Unexpected(protocol::Kind),
+    /// Cannot happen by construction (the destination runs only on Commit); never
+    /// papered over.
+    #[error("inconsistent handover: committed here = {committed}, running there = {running}")]
+    Inconsistent { committed: bool, running: bool },
+}
+
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
 /// what it did, telling it whether this side committed. Updates the report.
-pub fn resolve(vm: &Migratable) -> Result<ferry_api::Resolution, String> {
+pub fn resolve(vm: &Migratable) -> Result<ferry_api::Resolution, ResolveError> {
     let m = &vm.machine;
     let to = lock(&vm.progress)
         .as_ref()
         .map(|p| p.to.clone())
-        .ok_or("no migration to resolve")?;
-    let session = *lock(&vm.session);
+        .ok_or(ResolveError::NoMigration)?;
     // Without the destination's secret there is nothing it would answer to.
-    let session =
-        session.ok_or("the last migration never completed its handshake: nothing to resolve")?;
+    let session = (*lock(&vm.session)).ok_or(ResolveError::NoSession)?;
     let committed = m.handed_over.load(Ordering::Acquire);
-    let addr = address(&to).map_err(|e| e.to_string())?;
+    let addr = address(&to).map_err(ResolveError::Address)?;
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("cannot reach the destination {to}: {e}; the VM stays as it is"))?;
+        .map_err(|source| ResolveError::Unreachable { to, source })?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    protocol::send(&mut conn, &Message::Resolve { session, committed })
-        .map_err(|e| e.to_string())?;
-    let running = match protocol::recv(&mut conn, None).map_err(|e| e.to_string())? {
+    protocol::send(&mut conn, &Message::Resolve { session, committed })?;
+    let running = match protocol::recv(&mut conn, None)? {
         Message::Resolved { running } => running,
-        other => return Err(format!("the destination answered {:?}", other.kind())),
+        other => return Err(ResolveError::Unexpected(other.kind())),
     };
     if running != committed {
-        // Cannot happen by construction (the destination runs only on Commit); never
-        // paper over it.
-        return Err(format!(
-            "inconsistent handover: committed here = {committed}, running there = {running}"
-        ));
+        return Err(ResolveError::Inconsistent { committed, running });
     }
     let mut guard = lock(&vm.progress);
     if let Some(p) = guard.as_mut()
