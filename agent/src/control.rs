@@ -20,13 +20,19 @@ use crate::migration::migratable::Migratable;
 use crate::migration::{source, storage};
 use crate::sync::lock;
 use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
-use crate::vmm::machine::{DIRTY_SAMPLE_MS, MachineError, RunState};
+use crate::vmm::machine::{
+    DIRTY_SAMPLE_MS, DirtySampleError, MailboxError, PauseError, ResumeError, RunState,
+    VerifyError, WorkloadError,
+};
 use crate::vmm::snapshot;
 
 /// Longest request line accepted; anything longer is refused whole, not buffered.
 pub const MAX_REQUEST: u64 = 64 * 1024;
 
-use ferry_api::ErrorKind;
+use ferry_api::{
+    Answer, Cancelling, CodecSamples, ErrorKind, PostcopyRequested, Resuming, Started, StateNow,
+    WorkloadSet,
+};
 pub use ferry_api::{Migrate, Request, SettingsChange};
 
 /// `disk_write_limit_mbps` as the VMM holds it: bytes/s, None for none; checked.
@@ -60,7 +66,7 @@ impl Refusal {
     }
 
     fn answer(&self) -> Value {
-        json!({"ok": false, "error": self.message, "kind": self.kind})
+        json!(Answer::<()>::refused(self.message.clone(), self.kind))
     }
 }
 
@@ -87,19 +93,98 @@ fn not_found(message: impl Into<String>) -> Refusal {
     Refusal::new(ErrorKind::NotFound, message)
 }
 
-/// A machine that cannot do it now says why; the kind says whether waiting helps.
-impl From<MachineError> for Refusal {
-    fn from(e: MachineError) -> Self {
-        let kind = match &e {
-            MachineError::Crashed(_)
-            | MachineError::Paused
-            | MachineError::HandedOver
-            | MachineError::Held(_)
-            | MachineError::NotRunning(_) => ErrorKind::Conflict,
-            MachineError::DirtyLogInUse | MachineError::PageMissing(_) => ErrorKind::Busy,
+/// An operation's error, and which kind of no it is for a front end: each operation
+/// has its own enum, and says here whether waiting, asking otherwise or nothing helps.
+trait Kinded: std::fmt::Display {
+    fn kind(&self) -> ErrorKind;
+}
+
+impl<E: Kinded> From<E> for Refusal {
+    fn from(e: E) -> Self {
+        Refusal::new(e.kind(), e.to_string())
+    }
+}
+
+impl Kinded for PauseError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PauseError::Timeout(_) => ErrorKind::Failed,
+        }
+    }
+}
+
+impl Kinded for ResumeError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ResumeError::Crashed(_) | ResumeError::HandedOver | ResumeError::Held(_) => {
+                ErrorKind::Conflict
+            }
+        }
+    }
+}
+
+impl Kinded for VerifyError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            VerifyError::Paused | VerifyError::HandedOver | VerifyError::Crashed(_) => {
+                ErrorKind::Conflict
+            }
+            VerifyError::Timeout(_) => ErrorKind::Failed,
+        }
+    }
+}
+
+impl Kinded for WorkloadError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            WorkloadError::NotRunning(_) => ErrorKind::Conflict,
+            WorkloadError::Pause(e) => e.kind(),
+            WorkloadError::Resume(e) => e.kind(),
+            WorkloadError::Memory(_) => ErrorKind::Failed,
+        }
+    }
+}
+
+impl Kinded for DirtySampleError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DirtySampleError::LogInUse
+            | DirtySampleError::Mailbox(MailboxError::PageMissing(_)) => ErrorKind::Busy,
+            DirtySampleError::Dirty(_) | DirtySampleError::Mailbox(MailboxError::Memory(_)) => {
+                ErrorKind::Failed
+            }
+        }
+    }
+}
+
+impl Kinded for snapshot::SnapshotError {
+    fn kind(&self) -> ErrorKind {
+        use snapshot::SnapshotError as E;
+        match self {
+            E::Exists(_) => ErrorKind::Conflict,
+            E::Crashed | E::Resume(_) => ErrorKind::Conflict,
             _ => ErrorKind::Failed,
-        };
-        Self::new(kind, e.to_string())
+        }
+    }
+}
+
+impl Kinded for source::SetParamsError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            source::SetParamsError::NotRunning => ErrorKind::NotFound,
+            source::SetParamsError::Invalid(_) => ErrorKind::InvalidRequest,
+        }
+    }
+}
+
+impl Kinded for source::ResolveError {
+    fn kind(&self) -> ErrorKind {
+        use source::ResolveError as E;
+        match self {
+            E::NoMigration | E::NoSession => ErrorKind::NotFound,
+            E::Address(_) | E::Unreachable { .. } => ErrorKind::Unavailable,
+            E::Protocol(_) | E::Unexpected(_) | E::Inconsistent { .. } => ErrorKind::Failed,
+        }
     }
 }
 
@@ -289,6 +374,13 @@ fn handle_connection(stream: UnixStream, slot: &Slot, door: Option<&Door>, stop:
     }
 }
 
+/// What `quit` answers.
+fn quitting() -> StateNow {
+    StateNow {
+        state: "quitting".into(),
+    }
+}
+
 /// Answers one request; true when the process is to stop.
 fn dispatch(
     line: &str,
@@ -306,14 +398,14 @@ fn dispatch(
         // A destination before its VM has arrived.
         return match request {
             Request::Status {} => (
-                json!({"ok": true, "result": ferry_api::IncomingStatus {
+                json!(Answer::ok(ferry_api::IncomingStatus {
                     state: "incoming".into(),
                     pid: std::process::id(),
                     incoming: door.map(Door::counters),
-                }}),
+                })),
                 false,
             ),
-            Request::Quit { .. } => (json!({"ok": true, "result": {"state": "quitting"}}), true),
+            Request::Quit { .. } => (json!(Answer::ok(quitting())), true),
             _ => (
                 Refusal::new(
                     ErrorKind::Unavailable,
@@ -327,7 +419,7 @@ fn dispatch(
     let result = dispatch_to(request, vm, client_gone);
     let quit = matches!(result, Ok((_, true)));
     let answer = match result {
-        Ok((v, _)) => json!({"ok": true, "result": v}),
+        Ok((v, _)) => json!(Answer::ok(v)),
         Err(e) => e.answer(),
     };
     (answer, quit)
@@ -389,11 +481,19 @@ fn dispatch_to(
         Request::Mechanics {} => Ok(json!(crate::migration::MECHANICS)),
         Request::Pause {} => m
             .pause()
-            .map(|()| json!({"state": m.state()}))
+            .map(|()| {
+                json!(StateNow {
+                    state: m.state().to_string(),
+                })
+            })
             .map_err(Refusal::from),
         Request::Resume {} => m
             .resume()
-            .map(|()| json!({"state": m.state()}))
+            .map(|()| {
+                json!(StateNow {
+                    state: m.state().to_string(),
+                })
+            })
             .map_err(Refusal::from),
         Request::Verify { timeout_secs } => m
             .verify(Duration::from_secs(timeout_secs.unwrap_or(600)))
@@ -404,10 +504,13 @@ fn dispatch_to(
         )),
         Request::Snapshot { out } => snapshot::take(m, &out)
             .map(|r| json!(r))
-            .map_err(|e| Refusal::from(e.to_string())),
+            .map_err(Refusal::from),
         Request::CodecSample {} => {
             let (samples, zero_fraction) = source::sample_pages(m);
-            Ok(json!({"codec_samples": samples, "zero_fraction": zero_fraction}))
+            Ok(json!(CodecSamples {
+                codec_samples: samples,
+                zero_fraction,
+            }))
         }
         Request::SetWorkload {
             dirty_pages_per_sec,
@@ -415,7 +518,11 @@ fn dispatch_to(
             .map_err(invalid)
             .and_then(|()| {
                 m.set_dirty_rate(dirty_pages_per_sec)
-                    .map(|()| json!({"dirty_pages_per_sec": dirty_pages_per_sec}))
+                    .map(|()| {
+                        json!(WorkloadSet {
+                            dirty_pages_per_sec
+                        })
+                    })
                     .map_err(Refusal::from)
             }),
         Request::DirtySample { duration_ms } => {
@@ -451,7 +558,9 @@ fn dispatch_to(
         Request::StartPostcopy {} => match phase {
             Some(source::Phase::Precopy) if migrating => {
                 vm.postcopy_requested.store(true, Ordering::Release);
-                Ok(json!({"postcopy": "requested"}))
+                Ok(json!(PostcopyRequested {
+                    postcopy: "requested".into(),
+                }))
             }
             _ if migrating => Err(conflict("post-copy can only start during pre-copy")),
             _ => Err(not_found("no migration is running")),
@@ -459,7 +568,7 @@ fn dispatch_to(
         Request::ResumeMigration {} => match phase {
             Some(source::Phase::PostcopyPaused) => {
                 vm.resume.store(true, Ordering::Release);
-                Ok(json!({"resuming": true}))
+                Ok(json!(Resuming { resuming: true }))
             }
             _ => Err(not_found(
                 "no post-copy is waiting for its link to come back",
@@ -489,10 +598,7 @@ fn dispatch_to(
                         max_downtime_ms: s.max_downtime_ms,
                     })
                 })
-                .map_err(|e| match e {
-                    source::SetParamsError::NotRunning => not_found(e.to_string()),
-                    source::SetParamsError::Invalid(m) => invalid(m),
-                })
+                .map_err(Refusal::from)
             }),
         Request::Cancel {} => {
             if matches!(
@@ -505,10 +611,16 @@ fn dispatch_to(
                 ))
             } else if migrating || moving_disks {
                 vm.cancel.store(true, Ordering::Release);
-                Ok(json!({"cancelling": true}))
+                Ok(json!(Cancelling {
+                    cancelling: true,
+                    what: None,
+                }))
             } else if m.dirty_sample_lock.try_lock().is_err() {
                 m.dirty_sample_end.store(true, Ordering::Release);
-                Ok(json!({"cancelling": true, "what": "dirty-sample"}))
+                Ok(json!(Cancelling {
+                    cancelling: true,
+                    what: Some("dirty-sample".into()),
+                }))
             } else {
                 Err(not_found("no migration or dirty-rate sample is running"))
             }
@@ -549,7 +661,7 @@ fn quit(
         tracing::warn!("quit --force during a migration: the migration is abandoned");
         vm.cancel.store(true, Ordering::Release);
     }
-    Ok(json!({"state": "quitting"}))
+    Ok(json!(quitting()))
 }
 
 /// Why `storage-migrate` did not start one.
@@ -576,9 +688,9 @@ enum StorageStartError {
     Thread(std::io::Error),
 }
 
-impl From<StorageStartError> for Refusal {
-    fn from(e: StorageStartError) -> Self {
-        let kind = match &e {
+impl Kinded for StorageStartError {
+    fn kind(&self) -> ErrorKind {
+        match self {
             StorageStartError::ZeroThrottle
             | StorageStartError::NotAFolder(_)
             | StorageStartError::Destination { .. } => ErrorKind::InvalidRequest,
@@ -586,8 +698,7 @@ impl From<StorageStartError> for Refusal {
             StorageStartError::State(_) => ErrorKind::Conflict,
             StorageStartError::AlreadyRunning => ErrorKind::Busy,
             StorageStartError::Thread(_) => ErrorKind::Failed,
-        };
-        Refusal::new(kind, e.to_string())
+        }
     }
 }
 
@@ -658,7 +769,7 @@ fn start_storage_migration(
             storage::run(vm, params);
         })
         .map_err(StorageStartError::Thread)?;
-    Ok(json!({"started": true}))
+    Ok(json!(Started { started: true }))
 }
 
 /// Why `migrate` did not start one.
@@ -692,7 +803,7 @@ enum StartError {
     Thread(std::io::Error),
 }
 
-impl StartError {
+impl Kinded for StartError {
     fn kind(&self) -> ErrorKind {
         match self {
             StartError::NotRunning(_) => ErrorKind::Conflict,
@@ -701,12 +812,6 @@ impl StartError {
             StartError::Thread(_) => ErrorKind::Failed,
             _ => ErrorKind::InvalidRequest,
         }
-    }
-}
-
-impl From<StartError> for Refusal {
-    fn from(e: StartError) -> Self {
-        Refusal::new(e.kind(), e.to_string())
     }
 }
 
@@ -808,7 +913,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
             source::run(vm, params, conn);
         })
         .map_err(StartError::Thread)?;
-    Ok(json!({"started": true}))
+    Ok(json!(Started { started: true }))
 }
 
 #[cfg(test)]
@@ -892,8 +997,19 @@ mod tests {
         let (a, _) = dispatch(r#"{"cmd":"pause"}"#, None, None, &gone);
         assert_eq!(a["kind"], "unavailable", "{a}");
         assert_eq!(ErrorKind::Unavailable.http_status(), 503);
-        let m: Refusal = MachineError::Paused.into();
-        assert_eq!(m.kind, ErrorKind::Conflict);
+        let m: Refusal = VerifyError::Paused.into();
+        assert_eq!(
+            (m.kind, m.message.as_str()),
+            (ErrorKind::Conflict, "the VM is paused; resume it first")
+        );
+        assert_eq!(
+            Refusal::from(DirtySampleError::LogInUse).kind,
+            ErrorKind::Busy
+        );
+        assert_eq!(
+            Refusal::from(source::ResolveError::NoMigration).kind,
+            ErrorKind::NotFound
+        );
         assert_eq!(Refusal::from("x".to_string()).kind, ErrorKind::Failed);
         // Each operation's errors carry their kind with them.
         let r: Refusal = StartError::AlreadyRunning.into();

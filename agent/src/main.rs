@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::{cli, migration};
-use ferry_api::Mode;
+use ferry_api::{Codec, DiskMirror, Mode, Request, StorageMode};
 
 #[derive(Parser)]
 #[command(
@@ -302,8 +302,9 @@ enum Command {
     SetParams {
         #[arg(long)]
         control: PathBuf,
+        /// none, lz4 or zstd:N.
         #[arg(long)]
-        compression: Option<String>,
+        compression: Option<Codec>,
         /// Megabits per second; 0 = no cap.
         #[arg(long)]
         bandwidth_mbit: Option<u64>,
@@ -317,8 +318,8 @@ enum Command {
         disk_write_limit_mbps: Option<f64>,
         /// Disks that travel: background or active (each guest write also goes to
         /// the destination before it completes).
-        #[arg(long, value_parser = ["background", "active"])]
-        disk_mirror: Option<String>,
+        #[arg(long)]
+        disk_mirror: Option<DiskMirror>,
     },
     /// Move the running VM's disk images (or one) into another folder (datastore);
     /// the VM's config file is rewritten to name them.
@@ -334,7 +335,7 @@ enum Command {
         /// background: copy, then copy again what the guest wrote; active: guest writes
         /// also go to the copy; auto: background, active if it does not converge.
         #[arg(long, default_value = "auto")]
-        mode: String,
+        mode: StorageMode,
         /// Remove the old images once the copies are verified and in use.
         #[arg(long)]
         remove_source: bool,
@@ -404,13 +405,14 @@ fn main() -> ExitCode {
             paused,
         ),
         Command::Status { control, json } => cli::client::status(&control, json),
-        Command::Pause { control } => cli::client::simple(&control, "pause"),
-        Command::Resume { control } => cli::client::simple(&control, "resume"),
-        Command::Quit { control, force } => cli::client::request_and_print(
-            &control,
-            &serde_json::json!({"cmd": "quit", "force": force}),
-        ),
-        Command::Cancel { control } => cli::client::simple(&control, "cancel"),
+        Command::Pause { control } => cli::client::change_state(&control, &Request::Pause {}),
+        Command::Resume { control } => cli::client::change_state(&control, &Request::Resume {}),
+        Command::Quit { control, force } => {
+            cli::client::change_state(&control, &Request::Quit { force })
+        }
+        Command::Cancel { control } => {
+            cli::client::print_answer::<ferry_api::Cancelling>(&control, &Request::Cancel {})
+        }
         Command::StorageMigrate {
             control,
             to,
@@ -422,25 +424,32 @@ fn main() -> ExitCode {
             json,
         } => cli::client::storage_migrate(
             &control,
-            serde_json::json!({
-                "cmd": "storage-migrate", "to": to, "disk": disk, "mode": mode,
-                "remove_source": remove_source, "throttle_writes_mbps": throttle_writes_mbps,
-            }),
-            report.as_deref(),
+            Request::StorageMigrate {
+                to,
+                disk,
+                mode: Some(mode),
+                remove_source,
+                throttle_writes_mbps,
+                report,
+            },
             json,
         ),
         Command::DiskCheck { config, json } => disk_check(&config, json),
-        Command::StartPostcopy { control } => cli::client::simple_json(&control, "start-postcopy"),
+        Command::StartPostcopy { control } => cli::client::print_answer::<
+            ferry_api::PostcopyRequested,
+        >(&control, &Request::StartPostcopy {}),
         Command::Migrate {
             control,
             resolve: true,
             ..
-        } => cli::client::simple_json(&control, "resolve"),
+        } => cli::client::print_answer::<ferry_api::Resolution>(&control, &Request::Resolve {}),
         Command::Migrate {
             control,
             resume: true,
             ..
-        } => cli::client::simple_json(&control, "resume-migration"),
+        } => {
+            cli::client::print_answer::<ferry_api::Resuming>(&control, &Request::ResumeMigration {})
+        }
         Command::Migrate {
             control,
             mode,
@@ -514,9 +523,11 @@ fn main() -> ExitCode {
         Command::SetWorkload {
             control,
             dirty_pages_per_sec,
-        } => cli::client::set_params(
+        } => cli::client::print_answer::<ferry_api::WorkloadSet>(
             &control,
-            serde_json::json!({"cmd": "set-workload", "dirty_pages_per_sec": dirty_pages_per_sec}),
+            &Request::SetWorkload {
+                dirty_pages_per_sec,
+            },
         ),
         Command::SetParams {
             control,
@@ -526,13 +537,20 @@ fn main() -> ExitCode {
             max_downtime_ms,
             disk_write_limit_mbps,
             disk_mirror,
-        } => cli::client::set_params(
+        } => cli::client::print_answer::<ferry_api::SettingsNow>(
             &control,
-            serde_json::json!({
-                "cmd": "set-params", "compression": compression, "bandwidth_mbit": bandwidth_mbit,
-                "throttle_pct": throttle_pct, "max_downtime_ms": max_downtime_ms,
-                "disk_write_limit_mbps": disk_write_limit_mbps, "disk_mirror": disk_mirror,
-            }),
+            &Request::SetParams {
+                settings: ferry_api::SettingsChange {
+                    compression,
+                    bandwidth_mbit,
+                    throttle_pct,
+                    max_downtime_ms,
+                    disk_write_limit_mbps,
+                    disk_mirror,
+                    switchover: None,
+                },
+                reasons: Default::default(),
+            },
         ),
         Command::Verify {
             control,

@@ -56,6 +56,7 @@ macro_rules! named {
     };
 }
 
+pub mod answer;
 pub mod codec;
 pub mod error;
 pub mod mechanics;
@@ -65,6 +66,7 @@ pub mod request;
 pub mod settings;
 pub mod status;
 
+pub use answer::{Answer, Cancelling, PostcopyRequested, Resuming, Started, StateNow, WorkloadSet};
 pub use codec::{Codec, CodecParseError, ZSTD_MAX_LEVEL};
 pub use error::ErrorKind;
 pub use mechanics::Mechanics;
@@ -72,7 +74,10 @@ pub use progress::{
     CodecSample, DirtyWindows, MigrationProgress, Phase, PostcopyPhase, PostcopyStatus,
     StoragePhase, StorageProgress,
 };
-pub use report::{Decision, MigrationReport, MovedDisk, Outcome, ReportCore, StorageReport};
+pub use report::{
+    Decision, DriverReport, MigrationReport, MovedDisk, Outcome, PredictionRecord, ProbeSample,
+    ReportCore, StorageReport,
+};
 pub use request::{Migrate, Reasons, Request, Resolution, SettingsChange, SettingsNow};
 pub use settings::{DiskMirror, Mode, ParseError, StorageMode, Switchover};
 pub use status::{

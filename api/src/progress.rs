@@ -43,6 +43,11 @@ impl Phase {
     pub fn is_postcopy(self) -> bool {
         matches!(self, Phase::Postcopy | Phase::PostcopyPaused)
     }
+
+    /// The migration is over: completed, failed or cancelled.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
+    }
 }
 
 /// A codec's ratio and speed, measured on a sample of the VM's own pages.

@@ -77,6 +77,55 @@ pub struct MigrationReport {
     pub disk_bytes_mirrored: Option<u64>,
 }
 
+/// One point of what the eBPF probes saw of the guest while it migrated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSample {
+    /// Since the driver started following the VM.
+    pub at_ms: f64,
+    /// None when nothing could see the guest's writes.
+    pub dirty_pages_per_sec: Option<f64>,
+    /// The tracepoint the dirty rate came from.
+    pub dirty_source: Option<String>,
+    pub working_set_pages: Option<u64>,
+    pub exits_per_sec: f64,
+    pub disk_read_bytes_per_sec: f64,
+    pub disk_write_bytes_per_sec: f64,
+}
+
+/// The prediction a driven migration is held to, and what it rested on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRecord {
+    /// Since the migration began.
+    pub prediction_at_ms: f64,
+    /// None: the policy did not expect the migration to finish within its limits.
+    pub predicted_total_ms: Option<f64>,
+    pub predicted_downtime_ms: Option<f64>,
+    /// The policy's observation the prediction came from, in the policy's own terms
+    /// (as `ferry plan --json` shows it under `observation`): a record for people and
+    /// for comparing policies, not a contract of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_basis: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A migration a driver ran (`ferry migrate`): the backend's report, and what the
+/// driver adds to it — the policy, each change it made and why, its prediction, and
+/// what the probes saw of the guest meanwhile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriverReport {
+    #[serde(flatten)]
+    pub migration: MigrationReport,
+    pub policy: String,
+    /// Changes the policy made while it ran (none under `static`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_steps: Option<Vec<Decision>>,
+    #[serde(flatten)]
+    pub prediction: Option<PredictionRecord>,
+    pub probe_signals: Vec<ProbeSample>,
+    /// Why the probes could not follow the guest (None: they did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_signals_error: Option<String>,
+}
+
 /// One disk a storage migration moved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MovedDisk {

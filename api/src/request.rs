@@ -81,6 +81,31 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Its `cmd`, as the wire spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status {} => "status",
+            Request::Mechanics {} => "mechanics",
+            Request::Pause {} => "pause",
+            Request::Resume {} => "resume",
+            Request::Verify { .. } => "verify",
+            Request::Snapshot { .. } => "snapshot",
+            Request::DirtySample { .. } => "dirty-sample",
+            Request::CodecSample {} => "codec-sample",
+            Request::SetWorkload { .. } => "set-workload",
+            Request::Migrate(_) => "migrate",
+            Request::StorageMigrate { .. } => "storage-migrate",
+            Request::StartPostcopy {} => "start-postcopy",
+            Request::ResumeMigration {} => "resume-migration",
+            Request::SetParams { .. } => "set-params",
+            Request::Cancel {} => "cancel",
+            Request::Resolve {} => "resolve",
+            Request::Quit { .. } => "quit",
+        }
+    }
+}
+
 /// `migrate`: where to, how, and the settings to start with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,48 +1,47 @@
-//! Client commands that talk to a VMM over its control socket.
+//! Client commands that talk to a VMM over its control socket, typed end to end: a
+//! request of the API crate out, its answer type back.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use ferry_api::{Request, Status};
+use ferry_api::{
+    DirtySample, MigrationReport, Outcome, Request, SnapshotReport, Started, StateNow, Status,
+    StorageProgress, StorageReport, VerifyReport,
+};
 
-use crate::client::{call, request};
+use crate::client::call;
 
 /// Exit code of `ferry verify` when the guest found errors.
 pub const EXIT_INTEGRITY: u8 = 3;
 
-pub(super) fn get<'a>(v: &'a Value, key: &str) -> &'a Value {
-    v.get(key).unwrap_or(&Value::Null)
+/// `pause`, `resume`, `quit`: sends it and prints the state it answers with.
+pub fn change_state(control: &Path, req: &Request) -> anyhow::Result<ExitCode> {
+    let r: StateNow = call(control, req)?;
+    println!("{}", r.state);
+    Ok(ExitCode::SUCCESS)
 }
 
-fn num(v: &Value, key: &str) -> String {
-    match get(v, key) {
-        Value::Number(n) => n.to_string(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-pub fn simple(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
-    request_and_print(control, &json!({ "cmd": cmd }))
-}
-
-/// Sends `req` and prints the state it answers with, if any.
-pub fn request_and_print(control: &Path, req: &Value) -> anyhow::Result<ExitCode> {
-    let r = request(control, req)?;
-    if let Some(state) = r.get("state").and_then(Value::as_str) {
-        println!("{state}");
-    }
+/// Sends `req` and prints its answer, read as `T`, as JSON.
+pub fn print_answer<T: Serialize + DeserializeOwned>(
+    control: &Path,
+    req: &Request,
+) -> anyhow::Result<ExitCode> {
+    let r: T = call(control, req)?;
+    println!("{}", serde_json::to_string(&r)?);
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn status(control: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let s: Status = call(control, &Request::Status {})?;
     if as_json {
-        println!("{}", request(control, &json!({"cmd": "status"}))?);
+        println!("{}", serde_json::to_string(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let s = match call::<Status>(control, &Request::Status {})? {
+    let s = match s {
         Status::Vm(s) => s,
         Status::Incoming(i) => {
             println!("{:<22} {}", "state", i.state);
@@ -145,25 +144,21 @@ pub fn status(control: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub fn verify(control: &Path, as_json: bool, timeout_secs: u64) -> anyhow::Result<ExitCode> {
-    let r = request(
+    let r: VerifyReport = call(
         control,
-        &json!({"cmd": "verify", "timeout_secs": timeout_secs}),
+        &Request::Verify {
+            timeout_secs: Some(timeout_secs),
+        },
     )?;
     if as_json {
-        println!("{r}");
+        println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
             "memory: {} pages checked, {} errors\ndisk:   {} blocks checked, {} errors\n({} ms)",
-            num(&r, "pages_checked"),
-            num(&r, "memory_errors"),
-            num(&r, "blocks_checked"),
-            num(&r, "disk_errors"),
-            num(&r, "elapsed_ms"),
+            r.pages_checked, r.memory_errors, r.blocks_checked, r.disk_errors, r.elapsed_ms,
         );
     }
-    let errors = get(&r, "memory_errors").as_u64().unwrap_or(0)
-        + get(&r, "disk_errors").as_u64().unwrap_or(0);
-    Ok(if errors == 0 {
+    Ok(if r.memory_errors + r.disk_errors == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_INTEGRITY)
@@ -172,66 +167,168 @@ pub fn verify(control: &Path, as_json: bool, timeout_secs: u64) -> anyhow::Resul
 
 pub fn snapshot(control: &Path, out: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let out = std::path::absolute(out)?;
-    let r = request(control, &json!({"cmd": "snapshot", "out": out}))?;
+    let r: SnapshotReport = call(control, &Request::Snapshot { out: out.clone() })?;
     if as_json {
-        println!("{r}");
+        println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
             "snapshot written to {} (VM paused {:.1} ms; {} MiB of memory, {} bytes of disk data)",
             out.display(),
-            get(&r, "pause_ms").as_f64().unwrap_or(0.0),
-            get(&r, "memory_bytes").as_u64().unwrap_or(0) >> 20,
-            num(&r, "disk_bytes_copied"),
+            r.pause_ms,
+            r.memory_bytes >> 20,
+            r.disk_bytes_copied,
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn dirty_rate(control: &Path, duration_ms: u64, as_json: bool) -> anyhow::Result<ExitCode> {
-    let r = request(
+    let r: DirtySample = call(
         control,
-        &json!({"cmd": "dirty-sample", "duration_ms": duration_ms}),
+        &Request::DirtySample {
+            duration_ms: Some(duration_ms),
+        },
     )?;
     if as_json {
-        println!("{r}");
+        println!("{}", serde_json::to_string(&r)?);
     } else {
-        let secs = get(&r, "elapsed_ms").as_f64().unwrap_or(1.0) / 1e3;
-        let per_sec = |k: &str| get(&r, k).as_f64().unwrap_or(0.0) / secs.max(1e-9);
+        let secs = (r.elapsed_ms / 1e3).max(1e-9);
         println!(
             "dirty pages/s {:.0} ({:.0} in the working set), guest reported {:.0} writes/s [{}]",
-            per_sec("dirty_pages"),
-            per_sec("dirty_pages_in_working_set"),
-            per_sec("guest_pages_written"),
-            get(&r, "mode").as_str().unwrap_or("-"),
+            r.dirty_pages as f64 / secs,
+            r.dirty_pages_in_working_set as f64 / secs,
+            r.guest_pages_written as f64 / secs,
+            r.mode,
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::Release);
+    INTERRUPTED.store(true, Ordering::Release);
 }
 
-/// Sends `req` (with `report` made absolute), then polls `status` until `section`
-/// holds a report, which it returns. `progress` sees the section meanwhile; Ctrl-C
-/// asks the VMM to cancel (once) and says `on_cancel`.
-/// Starts what `req` asks (None: follows what already runs) and follows it to its
-/// report.
-fn start_and_follow(
-    control: &Path,
-    req: Option<Value>,
-    report: Option<&Path>,
-    (section, on_cancel): (&str, &str),
-    mut progress: impl FnMut(&Value),
-) -> anyhow::Result<Value> {
-    if let Some(mut req) = req {
-        let report = report.map(std::path::absolute).transpose()?;
-        req["report"] = json!(report);
-        strip_nulls(&mut req);
-        request(control, &req)?;
+/// A report's table: its rows in order, each a key and its value as JSON shows it
+/// (None: absent, left out).
+pub(super) trait Table: Serialize {
+    fn rows(&self) -> Vec<(&'static str, Option<String>)>;
+    fn outcome(&self) -> Outcome;
+}
+
+/// `v` as the table shows it: text as it is, anything else as its JSON; None for null.
+fn cell<T: Serialize>(v: &T) -> Option<String> {
+    match serde_json::to_value(v).ok()? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s),
+        other => Some(other.to_string()),
     }
+}
+
+impl Table for MigrationReport {
+    fn rows(&self) -> Vec<(&'static str, Option<String>)> {
+        let c = &self.core;
+        vec![
+            ("outcome", cell(&c.outcome)),
+            ("error", cell(&c.error)),
+            ("mode", cell(&self.mode)),
+            ("to", cell(&self.to)),
+            ("total_ms", cell(&c.total_ms)),
+            ("downtime_ms", cell(&self.downtime_ms)),
+            ("switchover_ms", cell(&c.switchover_ms)),
+            ("max_heartbeat_gap_ms", cell(&self.max_heartbeat_gap_ms)),
+            ("rounds", cell(&self.rounds)),
+            ("pages_sent", cell(&self.pages_sent)),
+            ("zero_pages", cell(&self.zero_pages)),
+            ("bytes_on_wire", cell(&self.bytes_on_wire)),
+            ("codec", cell(&self.codec)),
+            ("compression_ratio", cell(&self.compression_ratio)),
+            ("throttle_max_pct", cell(&self.throttle_max_pct)),
+            ("memory_verified", cell(&self.memory_verified)),
+            ("guest_integrity_errors", cell(&self.guest_integrity_errors)),
+            ("postcopy_faults", cell(&self.postcopy_faults)),
+            ("fault_latency_p50_us", cell(&self.fault_latency_p50_us)),
+            ("fault_latency_p99_us", cell(&self.fault_latency_p99_us)),
+            ("vcpu_blocked_ms", cell(&self.vcpu_blocked_ms)),
+            ("recoveries", cell(&self.recoveries)),
+            ("disk_bytes_copied", cell(&self.disk_bytes_copied)),
+        ]
+    }
+
+    fn outcome(&self) -> Outcome {
+        self.core.outcome
+    }
+}
+
+impl Table for StorageReport {
+    fn rows(&self) -> Vec<(&'static str, Option<String>)> {
+        let c = &self.core;
+        vec![
+            ("outcome", cell(&c.outcome)),
+            ("error", cell(&c.error)),
+            ("disk_mode", cell(&self.disk_mode)),
+            ("total_ms", cell(&c.total_ms)),
+            ("switchover_ms", cell(&c.switchover_ms)),
+            ("disk_bytes_copied", cell(&self.disk_bytes_copied)),
+            ("disk_rounds", cell(&self.disk_rounds)),
+            ("disk_verified", cell(&self.disk_verified)),
+            ("disk_integrity_errors", cell(&self.disk_integrity_errors)),
+            (
+                "guest_write_latency_added_us_p99",
+                cell(&self.guest_write_latency_added_us_p99),
+            ),
+            (
+                "guest_writes_delayed_ms",
+                cell(&self.guest_writes_delayed_ms),
+            ),
+            ("guest_bytes_written", cell(&self.guest_bytes_written)),
+            ("config_rewritten", cell(&self.config_rewritten)),
+        ]
+    }
+
+    fn outcome(&self) -> Outcome {
+        self.core.outcome
+    }
+}
+
+/// Prints `full` as JSON, or `table` as rows (absent ones left out); the exit status
+/// says whether it completed.
+pub(super) fn print_report(full: &impl Serialize, table: &impl Table, as_json: bool) -> ExitCode {
+    if as_json {
+        match serde_json::to_string(full) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("ferry: the report does not serialize: {e}"),
+        }
+    } else {
+        let rows = table.rows();
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (key, value) in rows {
+            if let Some(v) = value {
+                println!("{key:<width$} {v}");
+            }
+        }
+    }
+    if table.outcome() == Outcome::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `ferry storage-migrate`: starts the move (`req`), shows progress, Ctrl-C cancels
+/// it (the VM stays on its current images), prints the report.
+pub fn storage_migrate(
+    control: &Path,
+    mut req: Request,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if let Request::StorageMigrate { to, report, .. } = &mut req {
+        *to = std::path::absolute(&*to)?;
+        *report = report.as_deref().map(std::path::absolute).transpose()?;
+    }
+    let _: Started = call(control, &req)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -239,161 +336,44 @@ fn start_and_follow(
             on_interrupt as *const () as libc::sighandler_t,
         )
     };
-    let mut cancelled = false;
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) && !cancelled {
-            cancelled = true;
-            let _ = request(control, &json!({"cmd": "cancel"}));
-            eprintln!("\n{on_cancel}");
-        }
-        let s = request(control, &json!({"cmd": "status"}))?;
-        let p = get(&s, section);
-        if let Some(r) = p.get("report").filter(|r| !r.is_null()) {
-            return Ok(r.clone());
-        }
-        progress(p);
-    }
-}
-
-/// Prints a report as JSON or as a table of `keys` (absent ones left out); the exit
-/// status says whether it completed.
-pub(super) fn print_report(report: &Value, keys: &[&str], as_json: bool) -> ExitCode {
-    if as_json {
-        println!("{report}");
-    } else {
-        let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
-        for key in keys {
-            let v = get(report, key);
-            if !v.is_null() {
-                println!(
-                    "{key:<width$} {}",
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                );
-            }
-        }
-    }
-    if get(report, "outcome").as_str() == Some("completed") {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-/// What a migration's report shows as a table.
-pub(super) const REPORT_KEYS: &[&str] = &[
-    "outcome",
-    "error",
-    "mode",
-    "to",
-    "total_ms",
-    "downtime_ms",
-    "switchover_ms",
-    "max_heartbeat_gap_ms",
-    "rounds",
-    "pages_sent",
-    "zero_pages",
-    "bytes_on_wire",
-    "codec",
-    "compression_ratio",
-    "throttle_max_pct",
-    "memory_verified",
-    "guest_integrity_errors",
-    "postcopy_faults",
-    "fault_latency_p50_us",
-    "fault_latency_p99_us",
-    "vcpu_blocked_ms",
-    "recoveries",
-    "disk_bytes_copied",
-];
-
-/// Leaves out the arguments the user did not give.
-fn strip_nulls(v: &mut Value) {
-    if let Value::Object(map) = v {
-        map.retain(|_, v| !v.is_null());
-    }
-}
-
-pub fn set_params(control: &Path, mut req: Value) -> anyhow::Result<ExitCode> {
-    strip_nulls(&mut req);
-    let r = request(control, &req)?;
-    println!("{r}");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Sends a command and prints its result as JSON.
-pub fn simple_json(control: &Path, cmd: &str) -> anyhow::Result<ExitCode> {
-    let r = request(control, &json!({ "cmd": cmd }))?;
-    println!("{r}");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `ferry storage-migrate`: starts the move, shows progress, prints the report.
-pub fn storage_migrate(
-    control: &Path,
-    mut req: Value,
-    report: Option<&Path>,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
-    if let Some(to) = req.get("to").and_then(Value::as_str) {
-        req["to"] = json!(std::path::absolute(to)?);
-    }
     let tty = std::io::stderr().is_terminal();
-    let final_report = start_and_follow(
-        control,
-        Some(req),
-        report,
-        (
-            "storage_migration",
-            "cancelling; the VM stays on its current images",
-        ),
-        |p| {
-            if tty {
-                eprint!(
-                    "\r{} disk {} | round {} | {:.1} MiB copied | {} blocks left | mode {}    ",
-                    get(p, "phase").as_str().unwrap_or("-"),
-                    get(p, "disk").as_str().unwrap_or("-"),
-                    num(p, "round"),
-                    get(p, "bytes_copied").as_f64().unwrap_or(0.0) / 1048576.0,
-                    num(p, "remaining_blocks"),
-                    get(p, "mode").as_str().unwrap_or("-"),
-                );
-            }
-        },
-    )?;
+    let mut cancelled = false;
+    let report = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if INTERRUPTED.load(Ordering::Acquire) && !cancelled {
+            cancelled = true;
+            let _ = call::<serde::de::IgnoredAny>(control, &Request::Cancel {});
+            eprintln!("\ncancelling; the VM stays on its current images");
+        }
+        let p: Option<StorageProgress> = match call(control, &Request::Status {})? {
+            Status::Vm(s) => s.storage_migration,
+            Status::Incoming(_) => None,
+        };
+        let Some(p) = p else {
+            anyhow::bail!("the VMM shows no storage migration");
+        };
+        if let Some(r) = p.report {
+            break r;
+        }
+        if tty {
+            eprint!(
+                "\r{} disk {} | round {} | {:.1} MiB copied | {} blocks left | mode {}    ",
+                p.phase,
+                p.disk,
+                p.round,
+                p.bytes_copied as f64 / 1048576.0,
+                p.remaining_blocks,
+                p.mode,
+            );
+        }
+    };
     if tty {
         eprintln!();
     }
-    let code = print_report(
-        &final_report,
-        &[
-            "outcome",
-            "error",
-            "disk_mode",
-            "total_ms",
-            "switchover_ms",
-            "disk_bytes_copied",
-            "disk_rounds",
-            "disk_verified",
-            "disk_integrity_errors",
-            "guest_write_latency_added_us_p99",
-            "guest_writes_delayed_ms",
-            "guest_bytes_written",
-            "config_rewritten",
-        ],
-        as_json,
-    );
+    let code = print_report(&report, &report, as_json);
     if !as_json {
-        for d in get(&final_report, "disks").as_array().into_iter().flatten() {
-            println!(
-                "disk {} {} -> {}",
-                get(d, "id").as_str().unwrap_or("-"),
-                get(d, "from").as_str().unwrap_or("-"),
-                get(d, "to").as_str().unwrap_or("-")
-            );
+        for d in &report.disks {
+            println!("disk {} {} -> {}", d.id, d.from.display(), d.to.display());
         }
     }
     Ok(code)

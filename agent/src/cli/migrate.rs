@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry_api::Migrate;
 
-use super::client::{REPORT_KEYS, print_report};
+use super::client::print_report;
 use crate::driver::ferry_vmm::FerryVmm;
 use crate::driver::observe::PROBE_WINDOW_MS;
 use crate::driver::{Driver, DriverError, Event, Start};
@@ -122,10 +122,8 @@ pub fn run(
     if !started.get() {
         // Attached to one that had already ended: its report as the VMM wrote it.
         eprintln!("ferry: the migration has already ended; its report:");
-        let value = serde_json::to_value(&r.migration)?;
-        return Ok(print_report(&value, REPORT_KEYS, as_json));
+        return Ok(print_report(&r.migration, &r.migration, as_json));
     }
-    let value = serde_json::to_value(&r)?;
     // The VMM wrote its report there; this one adds the policy's record and what the
     // probes saw.
     if let Some(path) = &report
@@ -136,5 +134,5 @@ pub fn run(
             path.display()
         );
     }
-    Ok(print_report(&value, REPORT_KEYS, as_json))
+    Ok(print_report(&r, &r.migration, as_json))
 }

@@ -14,11 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use ferry_api::{DirtySample, ErrorKind, Request, Status};
 use serde::Serialize;
-use serde_json::{Value, json};
 
-use crate::client::request;
+use crate::client::{ClientError, call};
 use crate::probes::signals::{self, DeviceIo, Logging, Reading, Signals};
 use crate::probes::{Probes, check_kvm_process};
 
@@ -79,9 +78,10 @@ pub struct Summary {
 
 pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     let pid = match (&o.control, o.pid) {
-        (Some(c), _) => request(c, &json!({"cmd": "status"}))?["pid"]
-            .as_u64()
-            .context("the VMM's status names no pid")? as u32,
+        (Some(c), _) => match call::<Status>(c, &Request::Status {})? {
+            Status::Vm(s) => s.machine.pid,
+            Status::Incoming(i) => i.pid,
+        },
         (None, Some(p)) => p,
         (None, None) => anyhow::bail!("give --control SOCK (a Ferry VM) or --pid PID"),
     };
@@ -103,8 +103,8 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     let stop = o.duration_secs.map(|s| t0 + Duration::from_secs(s));
     let control = o.control.as_deref();
     if let Some(c) = control
-        && let Ok(s) = request(c, &json!({"cmd": "status"}))
-        && s["dirty_tracking"] == "ring"
+        && let Ok(Status::Vm(s)) = call::<Status>(c, &Request::Status {})
+        && s.machine.dirty_tracking == "ring"
     {
         probes.feed_working_set(pid, ferry_ebpf::DirtySource::Ring)?;
     }
@@ -120,17 +120,23 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             Duration::from_millis(o.interval_ms)
         };
         // A sample: logging on for sample_ms, the VMM's and the guest's counts beside.
-        let mut sample: Option<(Reading, Value)> = None;
+        let mut sample: Option<(Reading, DirtySample)> = None;
         if let Some(c) = control
             && !migrating
         {
-            let r = request(
+            let r = call::<DirtySample>(
                 c,
-                &json!({"cmd": "dirty-sample", "duration_ms": o.sample_ms}),
+                &Request::DirtySample {
+                    duration_ms: Some(o.sample_ms),
+                },
             );
             match r {
                 Ok(v) => sample = Some((probes.read(pid)?, v)),
-                Err(e) if e.to_string().contains("owns the dirty log") => {}
+                // A migration started meanwhile and owns the dirty log.
+                Err(ClientError::Refused {
+                    kind: Some(ErrorKind::Busy),
+                    ..
+                }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -159,9 +165,8 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             signals: s.clone(),
         };
         if let Some((at_sample_end, v)) = &sample {
-            let ms = v["elapsed_ms"].as_f64().unwrap_or(o.sample_ms as f64);
-            let secs = (ms / 1e3).max(1e-3);
-            let logging = v["logging_ms"].as_f64().unwrap_or(ms) / 1e3;
+            let secs = (v.elapsed_ms / 1e3).max(1e-3);
+            let logging = v.logging_ms / 1e3;
             let d = signals::window(&prev, at_sample_end, Logging::OnFor(logging.max(1e-3)));
             s.dirty_pages_per_sec = d.dirty_pages_per_sec;
             s.dirty_source = d.dirty_source;
@@ -169,9 +174,9 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
             s.working_set_pages = d.working_set_pages;
             s.dirty_events_per_sec = d.dirty_events_per_sec;
             tick.logging_ms = Some(logging * 1e3);
-            tick.vmm_dirty_pages = v["dirty_pages"].as_u64();
-            tick.vmm_dirty_pages_per_sec = v["dirty_pages"].as_f64().map(|n| n / secs);
-            tick.guest_pages_written_per_sec = v["guest_pages_written"].as_f64().map(|n| n / secs);
+            tick.vmm_dirty_pages = Some(v.dirty_pages);
+            tick.vmm_dirty_pages_per_sec = Some(v.dirty_pages as f64 / secs);
+            tick.guest_pages_written_per_sec = Some(v.guest_pages_written as f64 / secs);
             tick.signals = s;
         }
         probes.follow_working_set(pid, &prev, &now)?;
@@ -223,14 +228,12 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
 }
 
 fn migration_running(control: &Path) -> bool {
-    request(control, &json!({"cmd": "status"})).is_ok_and(|s| {
-        s["migration"].is_object()
-            && s["migration"]["report"].is_null()
-            && !matches!(
-                s["migration"]["phase"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-    })
+    match call::<Status>(control, &Request::Status {}) {
+        Ok(Status::Vm(s)) => s
+            .migration
+            .is_some_and(|m| m.report.is_none() && !m.phase.is_terminal()),
+        _ => false,
+    }
 }
 
 fn mean(xs: impl Iterator<Item = Option<f64>>) -> Option<f64> {

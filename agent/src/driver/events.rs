@@ -1,10 +1,8 @@
 //! What a running migration tells its subscribers: a progress bar, metrics, traces.
 
-use ferry_api::{Decision, MigrationProgress, Phase};
+use ferry_api::{Decision, DriverReport, MigrationProgress, Phase, ProbeSample};
 
-use super::DriverReport;
 use crate::policy::Prediction;
-use crate::probes::follow::Sample;
 
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -31,7 +29,7 @@ pub enum Event {
     /// Every tick: the backend's progress and the probes' latest sample.
     Progress {
         progress: Box<MigrationProgress>,
-        sample: Option<Sample>,
+        sample: Option<ProbeSample>,
     },
     /// The policy changed a setting, and why.
     Decision(Decision),

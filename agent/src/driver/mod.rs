@@ -13,18 +13,18 @@ pub mod observe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub use ferry_api::DriverReport;
 use ferry_api::{
-    Decision, ErrorKind, Migrate, MigrationProgress, MigrationReport, Phase, Reasons,
+    Decision, ErrorKind, Migrate, MigrationProgress, Phase, PredictionRecord, ProbeSample, Reasons,
     SettingsChange,
 };
-use serde::Serialize;
 
 pub use backend::{Backend, BackendError, VmFacts};
 pub use events::Event;
 use observe::{Observer, PREDICT_AFTER_MS};
 
 use crate::policy::{Limits, Observation, Policy, Prediction, Settings};
-use crate::probes::follow::{Follower, Sample};
+use crate::probes::follow::Follower;
 use crate::probes::signals::Logging;
 
 /// How often the driver looks at the migration.
@@ -40,33 +40,6 @@ pub enum Start {
     New(Migrate),
     /// The migration already under way (its client went away): follow it again.
     Attach,
-}
-
-/// The prediction the migration is held to, and what it rested on.
-#[derive(Debug, Clone, Serialize)]
-pub struct PredictionRecord {
-    pub prediction_at_ms: f64,
-    pub predicted_total_ms: Option<f64>,
-    pub predicted_downtime_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prediction_basis: Option<Observation>,
-}
-
-/// The backend's report, and what the driver adds to it: the policy, each change it
-/// made and why, its prediction, and what the probes saw of the guest meanwhile.
-#[derive(Debug, Clone, Serialize)]
-pub struct DriverReport {
-    #[serde(flatten)]
-    pub migration: MigrationReport,
-    pub policy: String,
-    /// Changes the policy made while it ran (none under `static`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy_steps: Option<Vec<Decision>>,
-    #[serde(flatten)]
-    pub prediction: Option<PredictionRecord>,
-    pub probe_signals: Vec<Sample>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub probe_signals_error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,7 +343,7 @@ impl<'a> Driver<'a> {
         s: &mut Steer,
         backend: &mut dyn Backend,
         p: &MigrationProgress,
-        sample: Option<&Sample>,
+        sample: Option<&ProbeSample>,
     ) {
         let obs = s.observer.observe(p, sample);
         let d = s.policy.decide(&obs, &self.limits);
@@ -503,7 +476,11 @@ impl Steer {
             prediction_at_ms: at_ms,
             predicted_total_ms: p.total_ms.is_finite().then_some(p.total_ms),
             predicted_downtime_ms: p.downtime_ms.is_finite().then_some(p.downtime_ms),
-            prediction_basis: basis,
+            // The basis is the policy's own record; the report keeps it as written.
+            prediction_basis: basis.and_then(|o| match serde_json::to_value(o) {
+                Ok(serde_json::Value::Object(m)) => Some(m),
+                _ => None,
+            }),
         })
     }
 }

@@ -4,11 +4,10 @@
 //! dirties within, a round's fixed cost, the link's own rate while a slow datastore
 //! holds the stream back).
 
-use ferry_api::{CodecSample, Mechanics, MigrationProgress};
+use ferry_api::{CodecSample, Mechanics, MigrationProgress, ProbeSample};
 
 use crate::policy::model::PauseBasis;
 use crate::policy::{CodecPerf, Observation, Stage};
-use crate::probes::follow::Sample;
 
 /// How long a probe sample's window is (the driver samples every 250 ms).
 pub const PROBE_WINDOW_MS: f64 = 250.0;
@@ -119,7 +118,7 @@ impl Observer {
         (!self.first_pass.is_empty() || self.windows_seen || obs.round > 0) && !self.held_unmeasured
     }
 
-    pub fn observe(&mut self, p: &MigrationProgress, sample: Option<&Sample>) -> Observation {
+    pub fn observe(&mut self, p: &MigrationProgress, sample: Option<&ProbeSample>) -> Observation {
         let t_ms = p.elapsed_ms as f64;
         let round = p.round;
         if round != self.round {
@@ -224,7 +223,11 @@ impl Observer {
     /// samples are closest to the guest's real rate, and how the count of new pages
     /// bends shows the set it dirties within; from then on the backend's count per
     /// round is read back through that set to a rate.
-    fn dirty_rate(&mut self, p: &MigrationProgress, sample: Option<&Sample>) -> (f64, Option<u64>) {
+    fn dirty_rate(
+        &mut self,
+        p: &MigrationProgress,
+        sample: Option<&ProbeSample>,
+    ) -> (f64, Option<u64>) {
         use crate::policy::engine::{dirty_set_pages_over, fit_dirtying};
         use crate::policy::model::dirtied;
         let round = p.round;

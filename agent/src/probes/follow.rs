@@ -3,22 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use ferry_api::ProbeSample;
 
 use super::signals::{self, Logging, Reading};
 use super::{Probes, check_kvm_process};
-
-/// One point of a VM's signals timeline.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sample {
-    pub at_ms: f64,
-    pub dirty_pages_per_sec: Option<f64>,
-    pub dirty_source: Option<&'static str>,
-    pub working_set_pages: Option<u64>,
-    pub exits_per_sec: f64,
-    pub disk_read_bytes_per_sec: f64,
-    pub disk_write_bytes_per_sec: f64,
-}
 
 type Loaded = Result<(Probes, u32, Reading), String>;
 
@@ -30,7 +18,7 @@ pub struct Follower {
     period: Duration,
     t0: Instant,
     last: Instant,
-    pub timeline: Vec<Sample>,
+    pub timeline: Vec<ProbeSample>,
 }
 
 impl Follower {
@@ -75,7 +63,7 @@ impl Follower {
     }
 
     /// A new sample once `period` has passed since the last one.
-    pub fn poll(&mut self, logging: Logging) -> Option<&Sample> {
+    pub fn poll(&mut self, logging: Logging) -> Option<&ProbeSample> {
         if self.loading.as_ref().is_some_and(|h| h.is_finished()) {
             self.finish_loading();
         }
@@ -88,10 +76,10 @@ impl Follower {
         let _ = probes.follow_working_set(*pid, prev, &now);
         *prev = now;
         self.last = Instant::now();
-        self.timeline.push(Sample {
+        self.timeline.push(ProbeSample {
             at_ms: self.t0.elapsed().as_secs_f64() * 1e3,
             dirty_pages_per_sec: s.dirty_pages_per_sec,
-            dirty_source: s.dirty_source,
+            dirty_source: s.dirty_source.map(str::to_owned),
             working_set_pages: s.working_set_pages,
             exits_per_sec: s.exits_per_sec,
             disk_read_bytes_per_sec: s.disk_read_bytes_per_sec,

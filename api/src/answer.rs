@@ -1,0 +1,115 @@
+//! What a VMM answers on its control socket: one JSON object per line, `ok` saying
+//! which of `result` or `error` (with its `kind`) it carries; and the small results of
+//! requests that only acknowledge (the larger ones are in `status` and `report`).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorKind;
+
+/// One answer line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer<T> {
+    pub ok: bool,
+    // No `default`: serde would ask `T: Default` of it; a missing Option is None anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
+}
+
+impl<T> Answer<T> {
+    pub fn ok(result: T) -> Self {
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+            kind: None,
+        }
+    }
+
+    pub fn refused(error: impl Into<String>, kind: ErrorKind) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+            kind: Some(kind),
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Answer<T> {
+    /// The result, or the refusal as (message, kind).
+    pub fn into_result(self) -> Result<Option<T>, (String, Option<ErrorKind>)> {
+        if self.ok {
+            Ok(self.result)
+        } else {
+            Err((
+                self.error.unwrap_or_else(|| "unspecified error".into()),
+                self.kind,
+            ))
+        }
+    }
+}
+
+/// `pause`, `resume`, `quit`: the VM's state afterwards (`quitting` for `quit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateNow {
+    pub state: String,
+}
+
+/// `migrate`, `storage-migrate`: it started (the destination is resolved and
+/// connected); progress and the report follow in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub started: bool,
+}
+
+/// `set-workload`: the guest's page-write rate from now on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSet {
+    pub dirty_pages_per_sec: u64,
+}
+
+/// `start-postcopy`: the switch is asked for; it happens at the send loop's next turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyRequested {
+    /// Always `requested`.
+    pub postcopy: String,
+}
+
+/// `resume-migration`: a post-copy whose link stayed down is being retried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resuming {
+    pub resuming: bool,
+}
+
+/// `cancel`: what is being stopped (a migration, or a `dirty-sample`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancelling {
+    pub cancelling: bool,
+    /// `dirty-sample` when that is what stops; absent for a migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_reads_back_as_its_result_or_its_refusal() {
+        let line = serde_json::to_string(&Answer::ok(Started { started: true })).unwrap();
+        assert_eq!(line, r#"{"ok":true,"result":{"started":true}}"#);
+        let a: Answer<Started> = serde_json::from_str(&line).unwrap();
+        assert_eq!(a.into_result(), Ok(Some(Started { started: true })));
+        let no: Answer<Started> =
+            serde_json::from_str(r#"{"ok":false,"error":"busy","kind":"busy"}"#).unwrap();
+        assert_eq!(
+            no.into_result(),
+            Err(("busy".to_string(), Some(ErrorKind::Busy)))
+        );
+    }
+}
