@@ -3,10 +3,14 @@
 //! Everything a test creates (processes, sockets, folders) is owned by a guard that
 //! removes it on drop, also when the test fails.
 
+use std::fmt;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_api::{MigrationReport, Outcome, PortCounters, RunState, Status, VerifyReport, VmStatus};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod netns;
@@ -185,10 +189,10 @@ pub const OUTRUN_FACTOR: f64 = 10.0;
 
 /// Pages per second the guest wrote between two of its VMM's statuses, from its own
 /// counter (`guest_pages_written`) over the VMM's clock (`uptime_ms`).
-pub fn guest_write_rate(before: &Value, after: &Value) -> f64 {
-    let pages =
-        u64_of(after, "guest_pages_written").saturating_sub(u64_of(before, "guest_pages_written"));
-    let ms = u64_of(after, "uptime_ms").saturating_sub(u64_of(before, "uptime_ms"));
+pub fn guest_write_rate(before: &Printed<VmStatus>, after: &Printed<VmStatus>) -> f64 {
+    let (b, a) = (&before.machine, &after.machine);
+    let pages = a.guest_pages_written.saturating_sub(b.guest_pages_written);
+    let ms = a.uptime_ms.saturating_sub(b.uptime_ms);
     assert!(
         ms > 0,
         "no time between the statuses to measure the guest over: {before} {after}"
@@ -350,33 +354,24 @@ impl Vmm {
         self.control.to_str().expect("utf-8 path")
     }
 
-    pub fn try_status(&self) -> Option<Value> {
-        let out = ferry(&["status", "--control", self.ctl(), "--json"]);
-        if !out.status.success() {
-            return None;
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        // Every status a test reads is also held to the API's types: what the VMM
-        // says is what a front end built on ferry-api can read.
-        typed::<ferry_api::Status>("status", &v);
-        Some(v)
+    /// `status`, or None when the VMM does not answer.
+    pub fn try_status(&self) -> Option<Printed<Status>> {
+        status_at(self.ctl())
     }
 
-    /// `status` of a VM, through the API's types.
-    pub fn vm_status(&self) -> ferry_api::VmStatus {
-        match typed::<ferry_api::Status>("status", &self.status()) {
-            ferry_api::Status::Vm(s) => *s,
-            ferry_api::Status::Incoming(i) => panic!("no VM here yet: {i:?}"),
-        }
-    }
-
-    pub fn status(&self) -> Value {
+    /// `status`: a VM, or a destination still waiting for one.
+    pub fn status(&self) -> Printed<Status> {
         self.try_status()
             .unwrap_or_else(|| panic!("status failed: {}", self.log_text()))
     }
 
+    /// `status` of a VM; a destination still waiting for one fails the test.
+    pub fn vm_status(&self) -> Printed<VmStatus> {
+        vm_of(self.status())
+    }
+
     /// `ferry verify --json` on this VM.
-    pub fn verify(&self) -> Value {
+    pub fn verify(&self) -> Printed<VerifyReport> {
         let out = ferry(&["verify", "--control", self.ctl(), "--json"]);
         let text = String::from_utf8_lossy(&out.stdout);
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
@@ -388,12 +383,28 @@ impl Vmm {
                 self.log_text()
             )
         });
-        typed::<ferry_api::VerifyReport>("verify", &v);
-        v
+        Printed::new("verify", v)
     }
 
-    /// Waits until `pred(status)` holds.
-    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    /// Waits until `pred(status)` holds of this VM's status.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&VmStatus) -> bool,
+    ) -> Printed<VmStatus> {
+        vm_of(self.wait_for_status(what, timeout, |s| {
+            pred(s.vm().unwrap_or_else(|| panic!("no VM here yet: {s:?}")))
+        }))
+    }
+
+    /// Waits until `pred(status)` holds, of a VM or of a destination waiting for one.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Printed<Status> {
         let t0 = Instant::now();
         loop {
             let s = self.status();
@@ -440,9 +451,77 @@ impl Drop for Vmm {
 }
 
 /// `v` read as the API type `T`; a mismatch is a test failure naming `what`.
-pub fn typed<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> T {
+pub fn typed<T: DeserializeOwned>(what: &str, v: &Value) -> T {
     serde_json::from_value(v.clone())
         .unwrap_or_else(|e| panic!("{what} does not match the ferry-api types: {e}\n{v}"))
+}
+
+/// What `ferry` printed, read through the API type `T` (its fields by deref), with the
+/// JSON as it was: `{}` shows that, and `raw` holds the keys no API type has.
+#[derive(Debug, Clone)]
+pub struct Printed<T> {
+    pub typed: T,
+    pub raw: Value,
+}
+
+impl<T: DeserializeOwned> Printed<T> {
+    /// `raw` read as `T`; a mismatch is a test failure naming `what`.
+    pub fn new(what: &str, raw: Value) -> Self {
+        Self {
+            typed: typed(what, &raw),
+            raw,
+        }
+    }
+}
+
+impl<T> Deref for Printed<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.typed
+    }
+}
+
+impl<T> fmt::Display for Printed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.raw.fmt(f)
+    }
+}
+
+/// `ferry status --json` on the VMM at `control`, or None when it does not answer.
+pub fn status_at(control: &str) -> Option<Printed<Status>> {
+    let out = ferry(&["status", "--control", control, "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(Printed::new("status", v))
+}
+
+/// The state a status names: a VM's run state, or a waiting destination's (`incoming`).
+pub fn state_of(s: &Status) -> &str {
+    match s {
+        Status::Vm(vm) => vm.machine.state.as_str(),
+        Status::Incoming(i) => &i.state,
+    }
+}
+
+/// A waiting destination's port counters (None: a VM is here, or it keeps none).
+pub fn port_counters(s: &Status) -> Option<&PortCounters> {
+    match s {
+        Status::Incoming(i) => i.incoming.as_ref(),
+        Status::Vm(_) => None,
+    }
+}
+
+/// A VM's status; a destination still waiting for one fails the test.
+pub fn vm_of(s: Printed<Status>) -> Printed<VmStatus> {
+    match s.typed {
+        Status::Vm(vm) => Printed {
+            typed: *vm,
+            raw: s.raw,
+        },
+        Status::Incoming(i) => panic!("no VM here yet: {i:?}"),
+    }
 }
 
 pub fn u64_of(v: &Value, key: &str) -> u64 {
@@ -492,15 +571,19 @@ pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
 }
 
 /// Runs `ferry migrate --json` from `src` to `to`; returns its exit success and report.
-pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Value) {
+pub fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> (bool, Printed<MigrationReport>) {
     let mut args = vec!["migrate", "--control", src.ctl(), "--to", to, "--json"];
     args.extend_from_slice(extra);
     report_of(&args, || format!("source log: {}", src.log_text()))
 }
 
 /// Runs a `ferry ... --json` command that prints a report; returns its exit success
-/// and the report. No report is a test failure, with `context()` in the message.
-pub fn report_of(args: &[&str], context: impl Fn() -> String) -> (bool, Value) {
+/// and the report, read as `T`. No report, or one that does not read as `T`, is a
+/// test failure, with `context()` in the message.
+pub fn report_of<T: DeserializeOwned>(
+    args: &[&str],
+    context: impl Fn() -> String,
+) -> (bool, Printed<T>) {
     let out = ferry(args);
     let text = String::from_utf8_lossy(&out.stdout);
     let report: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
@@ -512,17 +595,10 @@ pub fn report_of(args: &[&str], context: impl Fn() -> String) -> (bool, Value) {
             context()
         )
     });
-    // A report is held to the API's types too.
-    match args[0] {
-        "migrate" => {
-            typed::<ferry_api::MigrationReport>("the migration report", &report);
-        }
-        "storage-migrate" => {
-            typed::<ferry_api::StorageReport>("the storage migration report", &report);
-        }
-        _ => {}
-    }
-    (out.status.success(), report)
+    (
+        out.status.success(),
+        Printed::new(&format!("the {} report", args[0]), report),
+    )
 }
 
 /// Breaks every TCP connection to `port` on loopback (`ss -K`), as a failing network
@@ -544,21 +620,21 @@ pub fn boot(dir: &Path, name: &str, body: &str) -> Vmm {
     let cfg = write_config(dir, name, body);
     let vm = Vmm::spawn(dir, name, &["--config", cfg.to_str().expect("utf-8 path")]);
     vm.wait_for("the guest running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
     vm
 }
 
 /// The VM still runs (its heartbeats go on) and its guest finds nothing wrong.
 pub fn assert_running_and_intact(vm: &Vmm) {
-    let s0 = vm.status();
-    assert_eq!(s0["state"], "running", "{s0}");
+    let s0 = vm.vm_status();
+    assert_eq!(s0.machine.state, RunState::Running, "{s0}");
     vm.wait_for("the guest still running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
+        s.machine.heartbeats > s0.machine.heartbeats + 200
     });
     let v = vm.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
+    assert_eq!(v.memory_errors, 0, "{v}");
+    assert_eq!(v.disk_errors, 0, "{v}");
 }
 
 /// CRC-32 (IEEE), as Ferry's frames and snapshot manifests use it.
@@ -579,26 +655,28 @@ pub fn crc32(data: &[u8]) -> u32 {
 
 /// After a completed migration: the destination runs and verifies clean, the source
 /// is handed over for good. `writes`: the workload still writes pages after its fill.
-pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Value, writes: bool) {
-    assert_eq!(report["outcome"], "completed", "{report}");
+pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Printed<MigrationReport>, writes: bool) {
+    assert_eq!(report.core.outcome, Outcome::Completed, "{report}");
     // A measured pause: the guest stopped on one side and went on on the other.
-    let downtime = f64_of(report, "downtime_ms");
-    assert!(downtime.is_finite() && downtime > 0.0, "{report}");
-    assert!(u64_of(report, "pages_sent") > 0, "{report}");
-    assert_eq!(u64_of(report, "guest_integrity_errors"), 0, "{report}");
-    assert_eq!(report["memory_verified"], true, "{report}");
-    let s0 = dst.status();
-    assert_eq!(s0["state"], "running", "{s0}");
+    assert!(
+        report.downtime_ms.is_some_and(|d| d.is_finite() && d > 0.0),
+        "{report}"
+    );
+    assert!(report.pages_sent > 0, "{report}");
+    assert_eq!(report.guest_integrity_errors, 0, "{report}");
+    assert_eq!(report.memory_verified, Some(true), "{report}");
+    let s0 = dst.vm_status();
+    assert_eq!(s0.machine.state, RunState::Running, "{s0}");
     let s1 = dst.wait_for("destination guest running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 300
-            && (!writes || u64_of(s, "guest_pages_written") > u64_of(&s0, "guest_pages_written"))
+        s.machine.heartbeats > s0.machine.heartbeats + 300
+            && (!writes || s.machine.guest_pages_written > s0.machine.guest_pages_written)
     });
-    assert_eq!(u64_of(&s1, "guest_integrity_errors"), 0, "{s1}");
-    assert_eq!(u64_of(&s1, "disk_integrity_errors"), 0, "{s1}");
+    assert_eq!(s1.machine.guest_integrity_errors, 0, "{s1}");
+    assert_eq!(s1.machine.disk_integrity_errors, 0, "{s1}");
     let v = dst.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
-    assert_eq!(src.status()["state"], "migrated");
+    assert_eq!(v.memory_errors, 0, "{v}");
+    assert_eq!(v.disk_errors, 0, "{v}");
+    assert_eq!(src.vm_status().machine.state, RunState::Migrated);
     let out = ferry(&["resume", "--control", src.ctl()]);
     assert!(
         !out.status.success(),

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferry_api::{MigrationReport, Outcome, Phase, PortCounters, RunState, Status, VmStatus};
+use ferry_api::{MigrationReport, Outcome, Phase, PortCounters, RunState, Status};
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
     TempDir, Vmm, assert_running_and_intact, boot, check_arrived, exclusive, ferry, incoming,
-    migrate, require_kvm, typed, u64_of,
+    migrate, require_kvm,
 };
 use serde_json::{Value, json};
 
@@ -35,11 +35,11 @@ fn start(dir: &TempDir, name: &str, disk: bool) -> Vmm {
 }
 
 fn wait_counted(dst: &Vmm, rejected: u64, failed: u64) -> PortCounters {
-    let counters = |s: &Value| match typed::<Status>("status", s) {
-        Status::Incoming(i) => i.incoming.unwrap_or_default(),
+    let counters = |s: &Status| match s {
+        Status::Incoming(i) => i.incoming.clone().unwrap_or_default(),
         Status::Vm(v) => panic!("a VM arrived: {v:?}"),
     };
-    let s = dst.wait_for("the port's counters", Duration::from_secs(30), |s| {
+    let s = dst.wait_for_status("the port's counters", Duration::from_secs(30), |s| {
         let c = counters(s);
         c.rejected_connections >= rejected && c.failed_migrations >= failed
     });
@@ -406,10 +406,10 @@ fn the_guest_survives_the_highest_rate_it_can_be_given() {
         json!({"cmd": "set-workload", "dirty_pages_per_sec": 100_000_000u64}),
     );
     assert_eq!(ok["ok"], true, "{ok}");
-    let s0 = vm.status();
+    let s0 = vm.vm_status();
     // Long enough for the old pacing arithmetic to have faulted many times over.
     vm.wait_for("the guest writing", Duration::from_secs(30), |s| {
-        u64_of(s, "guest_pages_written") > u64_of(&s0, "guest_pages_written") + 100_000
+        s.machine.guest_pages_written > s0.machine.guest_pages_written + 100_000
     });
     assert!(vm.vm_status().machine.crash.is_none(), "{}", vm.status());
     assert_running_and_intact(&vm);
@@ -428,7 +428,7 @@ fn a_dirty_sample_ends_with_its_client_with_cancel_and_with_a_migration() {
         c.write_all(b"{\"cmd\":\"dirty-sample\",\"duration_ms\":60000}\n")
             .unwrap();
         vm.wait_for("the sample running", Duration::from_secs(30), |s| {
-            s["dirty_sample_running"] == true
+            s.machine.dirty_sample_running
         });
         c
     };
@@ -454,7 +454,7 @@ fn a_dirty_sample_ends_with_its_client_with_cancel_and_with_a_migration() {
     let c = sample();
     drop(c);
     vm.wait_for("the sample ended", Duration::from_secs(30), |s| {
-        s["dirty_sample_running"] == false
+        !s.machine.dirty_sample_running
     });
     // A migration's start ends it, and the migration goes ahead.
     let c = sample();
@@ -490,8 +490,8 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
         .spawn()
         .unwrap();
     src.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
-        typed::<VmStatus>("status", s)
-            .migration
+        s.migration
+            .as_ref()
             .is_some_and(|m| m.phase == Phase::Precopy)
     });
     // Quitting now would leave the VM nowhere: refused, saying how to cancel.
@@ -502,10 +502,14 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
     // The client dies; the migration goes on with its last settings.
     client.kill().unwrap();
     client.wait().unwrap();
-    let m = src.vm_status().migration.expect("the migration goes on");
+    let m = src
+        .vm_status()
+        .typed
+        .migration
+        .expect("the migration goes on");
     assert!(m.report.is_none(), "{m:?}");
     // And a new client picks it up to the end.
-    let (ok, report) = ferry_tests::report_of(
+    let (ok, report) = ferry_tests::report_of::<MigrationReport>(
         &["migrate", "--control", src.ctl(), "--attach", "--json"],
         || src.log_text(),
     );
@@ -539,7 +543,7 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
         let to = addr.clone();
         let timeout = timeout.to_owned();
         let follower = std::thread::spawn(move || {
-            ferry_tests::report_of(
+            ferry_tests::report_of::<MigrationReport>(
                 &[
                     "migrate",
                     "--control",
@@ -558,7 +562,9 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
             )
         });
         src.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
-            s["migration"]["phase"] == "precopy" && u64_of(&s["migration"], "pages_sent") > 500
+            s.migration
+                .as_ref()
+                .is_some_and(|m| m.phase == Phase::Precopy && m.pages_sent > 500)
         });
         signal(&dst, libc::SIGSTOP);
         let t0 = std::time::Instant::now();
@@ -566,7 +572,9 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
             Some(d) => std::thread::sleep(d),
             None => {
                 src.wait_for("the source giving up", Duration::from_secs(120), |s| {
-                    s["migration"]["phase"] == "failed"
+                    s.migration
+                        .as_ref()
+                        .is_some_and(|m| m.phase == Phase::Failed)
                 });
                 eprintln!(
                     "the source gave up {:?} after the destination stopped",
@@ -582,7 +590,7 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
     let src = start(&dir, "long", false);
     let (ok, report) = run(&src, "2", None);
     assert!(!ok, "{report}");
-    let e = report["error"].as_str().unwrap_or("");
+    let e = report.core.error.as_deref().unwrap_or("");
     assert!(e.contains("did not answer within"), "{report}");
     assert_running_and_intact(&src);
     src.quit();

@@ -5,12 +5,13 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
+use ferry_api::{MigrationReport, Outcome, Phase, Resolution, RunState};
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
-    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, exclusive,
-    f64_of, ferry, guest_write_rate, incoming, migrate, require_kvm, u64_of, write_config,
+    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, exclusive, ferry,
+    guest_write_rate, incoming, migrate, port_counters, report_of, require_kvm, state_of,
+    write_config,
 };
-use serde_json::Value;
 
 /// Bytes in a guest page.
 const PAGE: f64 = 4096.0;
@@ -61,31 +62,31 @@ fn migrates_every_pattern_content_codec_and_vcpu_count_with_nothing_lost() {
         );
         let src = Vmm::spawn(dir.path(), &name, &["--config", cfg.to_str().unwrap()]);
         src.wait_for("disk writes", Duration::from_secs(30), |s| {
-            u64_of(s, "disk_writes") > 100
+            s.machine.disk_writes > 100
         });
         let (dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
-        assert_eq!(dst.status()["state"], "incoming");
+        assert_eq!(state_of(&dst.status()), "incoming");
         let (ok, report) = migrate(
             &src,
             &addr,
             &["--compression", codec, "--max-downtime-ms", "50"],
         );
         assert!(ok, "{report}");
-        assert_eq!(report["codec"], codec);
+        assert_eq!(report.codec.to_string(), codec);
         if codec != "none" && content == "text" {
-            assert!(f64_of(&report, "compression_ratio") > 1.5, "{report}");
+            assert!(report.compression_ratio > 1.5, "{report}");
         }
         // Every codec was tried on a sample of this VM's own pages.
-        let samples = src.status()["migration"]["codec_samples"].clone();
-        let names: Vec<&str> = samples
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["codec"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["none", "lz4", "zstd:1", "zstd:3"], "{samples}");
+        let samples = src
+            .vm_status()
+            .typed
+            .migration
+            .expect("the migration's progress")
+            .codec_samples;
+        let names: Vec<String> = samples.iter().map(|s| s.codec.to_string()).collect();
+        assert_eq!(names, ["none", "lz4", "zstd:1", "zstd:3"], "{samples:?}");
         if content == "text" {
-            assert!(f64_of(&samples[1], "ratio") > 1.5, "{samples}");
+            assert!(samples[1].ratio > 1.5, "{samples:?}");
         }
         check_arrived(&src, &dst, &report, pattern != "idle");
         src.quit();
@@ -106,7 +107,7 @@ fn migrates_back_and_forth_five_times_without_drift() {
         let (ok, report) = migrate(&here, &addr, &["--max-downtime-ms", "50"]);
         assert!(ok, "hop {hop}: {report}");
         check_arrived(&here, &there, &report, true);
-        let pages = u64_of(&there.status(), "guest_pages_written");
+        let pages = there.vm_status().machine.guest_pages_written;
         assert!(
             pages > last_pages,
             "hop {hop}: counters went back ({pages} <= {last_pages})"
@@ -134,7 +135,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect"), "{err}");
-    assert!(src.status()["migration"].is_null(), "{}", src.status());
+    assert!(src.vm_status().migration.is_none(), "{}", src.status());
 
     // A peer that speaks another protocol version.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -154,7 +155,12 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     let (ok, report) = migrate(&src, &addr, &[]);
     assert!(!ok);
     assert!(
-        report["error"].as_str().unwrap().contains("version 99"),
+        report
+            .core
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("version 99"),
         "{report}"
     );
     fake.join().unwrap();
@@ -170,44 +176,42 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     );
     let busy = Vmm::spawn(dir.path(), "busy", &["--config", cfg.to_str().unwrap()]);
     busy.wait_for("running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
     for (name, expected_outcome, expected_error) in [
-        ("killed", "failed", "connection"),
-        ("cut", "failed", "connection"),
-        ("cancelled", "cancelled", "cancelled"),
+        ("killed", Outcome::Failed, "connection"),
+        ("cut", Outcome::Failed, "connection"),
+        ("cancelled", Outcome::Cancelled, "cancelled"),
     ] {
         let (dst, addr) = incoming(dir.path(), &format!("busy-{name}"));
         let dst_port = addr.rsplit(':').next().unwrap_or_default().to_owned();
         let ctl = busy.ctl().to_owned();
-        let before = busy.status();
+        let before = busy.vm_status();
         let follower = std::thread::spawn(move || {
-            let out = ferry(&[
-                "migrate",
-                "--control",
-                &ctl,
-                "--to",
-                &addr,
-                "--policy",
-                "static",
-                "--max-downtime-ms",
-                "1",
-                "--bandwidth-mbit",
-                "100",
-                "--json",
-            ]);
-            serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
-                panic!(
-                    "no report ({e}); ferry migrate exited {} with: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })
+            report_of::<MigrationReport>(
+                &[
+                    "migrate",
+                    "--control",
+                    &ctl,
+                    "--to",
+                    &addr,
+                    "--policy",
+                    "static",
+                    "--max-downtime-ms",
+                    "1",
+                    "--bandwidth-mbit",
+                    "100",
+                    "--json",
+                ],
+                String::new,
+            )
+            .1
         });
         // This migration's progress, not the last one's (which stays in the status).
         let under_way = busy.wait_for("pre-copy under way", Duration::from_secs(30), |s| {
-            s["migration"]["phase"] == "precopy"
-                && s["migration"]["pages_sent"].as_u64().unwrap_or(0) > 2000
+            s.migration
+                .as_ref()
+                .is_some_and(|m| m.phase == Phase::Precopy && m.pages_sent > 2000)
         });
         // Pre-copy goes on until the fault only while the guest out-runs the link.
         assert_outruns(
@@ -229,10 +233,10 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
             ferry_tests::kill_connections_to(&dst_port);
             // The destination sees the stream end, drops what it had and waits for
             // another migration.
-            let s = dst.wait_for("the failure noted", Duration::from_secs(30), |s| {
-                s["incoming"]["failed_migrations"] == 1
+            let s = dst.wait_for_status("the failure noted", Duration::from_secs(30), |s| {
+                port_counters(s).is_some_and(|c| c.failed_migrations == 1)
             });
-            assert_eq!(s["state"], "incoming", "{s}");
+            assert_eq!(state_of(&s), "incoming", "{s}");
         } else {
             let out = ferry(&["cancel", "--control", busy.ctl()]);
             assert!(
@@ -241,17 +245,19 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 String::from_utf8_lossy(&out.stderr)
             );
             // The destination learns of it; no VM is left there, and it waits on.
-            let s = dst.wait_for("the abort noted", Duration::from_secs(30), |s| {
-                s["incoming"]["failed_migrations"] == 1
+            let s = dst.wait_for_status("the abort noted", Duration::from_secs(30), |s| {
+                port_counters(s).is_some_and(|c| c.failed_migrations == 1)
             });
-            assert_eq!(s["state"], "incoming", "{s}");
+            assert_eq!(state_of(&s), "incoming", "{s}");
             assert!(dst.log_text().contains("aborted"), "{}", dst.log_text());
         }
         let report = follower.join().unwrap();
-        assert_eq!(report["outcome"], expected_outcome, "{report}");
+        assert_eq!(report.core.outcome, expected_outcome, "{report}");
         assert!(
-            report["error"]
-                .as_str()
+            report
+                .core
+                .error
+                .as_deref()
                 .unwrap_or("")
                 .contains(expected_error),
             "{report}"
@@ -286,13 +292,13 @@ content = "random"
     let cfg = write_config(dir.path(), "t", body);
     let src = Vmm::spawn(dir.path(), "t", &["--config", cfg.to_str().unwrap()]);
     src.wait_for("running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
 
     let (dst, addr) = incoming(dir.path(), "t-dst1");
     // The static policy: what the flags say, nothing adjusted (the adaptive one
     // would throttle on its own).
-    let before = src.status();
+    let before = src.vm_status();
     let (ok, report) = migrate(
         &src,
         &addr,
@@ -308,7 +314,7 @@ content = "random"
     assert_outruns(
         "the guest dirtied memory",
         "during the unthrottled migration",
-        guest_write_rate(&before, &src.status()) * PAGE,
+        guest_write_rate(&before, &src.vm_status()) * PAGE,
         800.0,
     );
     assert!(
@@ -316,20 +322,22 @@ content = "random"
         "converged although the guest out-ran the link: {report}"
     );
     assert!(
-        report["error"]
-            .as_str()
-            .unwrap()
+        report
+            .core
+            .error
+            .as_deref()
+            .unwrap_or("")
             .contains("did not converge"),
         "{report}"
     );
-    assert!(u64_of(&report, "rounds") >= 2, "{report}");
+    assert!(report.rounds >= 2, "{report}");
     // The cap holds: never more than 5% over it on average.
-    let rate = f64_of(&report, "bytes_on_wire") / (f64_of(&report, "total_ms") / 1e3);
+    let rate = report.bytes_on_wire as f64 / (report.core.total_ms / 1e3);
     assert!(
         rate <= 800e6 / 8.0 * 1.05,
         "{rate} bytes/s over an 800 Mbit/s cap: {report}"
     );
-    assert_eq!(src.status()["state"], "running");
+    assert_eq!(src.vm_status().machine.state, RunState::Running);
     drop(dst);
 
     // The same with the vCPU throttled from the start converges.
@@ -347,41 +355,44 @@ content = "random"
         ],
     );
     assert!(ok, "{report}");
-    assert_eq!(u64_of(&report, "throttle_max_pct"), 99, "{report}");
+    assert_eq!(report.throttle_max_pct, 99, "{report}");
     // Throttling shows as heartbeat stalls.
-    assert!(f64_of(&report, "max_heartbeat_gap_ms") > 20.0, "{report}");
+    assert!(report.max_heartbeat_gap_ms > 20.0, "{report}");
     let v = dst.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(v.memory_errors, 0, "{v}");
     src.quit();
 
     // Migrate on, raising the throttle live once pre-copy is seen not to converge.
     let src = dst;
     let (dst, addr) = incoming(dir.path(), "t-dst3");
     let ctl = src.ctl().to_owned();
-    let before = src.status();
+    let before = src.vm_status();
     let follower = std::thread::spawn(move || {
-        let out = ferry(&[
-            "migrate",
-            "--control",
-            &ctl,
-            "--to",
-            &addr,
-            "--policy",
-            "static",
-            "--bandwidth-mbit",
-            "800",
-            "--max-total-secs",
-            "120",
-            "--json",
-        ]);
-        serde_json::from_slice::<Value>(&out.stdout).expect("a report")
+        report_of::<MigrationReport>(
+            &[
+                "migrate",
+                "--control",
+                &ctl,
+                "--to",
+                &addr,
+                "--policy",
+                "static",
+                "--bandwidth-mbit",
+                "800",
+                "--max-total-secs",
+                "120",
+                "--json",
+            ],
+            String::new,
+        )
+        .1
     });
     let rounds = src.wait_for("pre-copy rounds", Duration::from_secs(60), |s| {
         // (This VMM has not migrated before: no earlier migration's phase shows.)
-        let m = &s["migration"];
-        m["phase"] == "precopy" && m["round"].as_u64().unwrap_or(0) >= 3
-            || m["phase"] == "completed"
-            || m["phase"] == "failed"
+        s.migration.as_ref().is_some_and(|m| {
+            m.phase == Phase::Precopy && m.round >= 3
+                || matches!(m.phase, Phase::Completed | Phase::Failed)
+        })
     });
     // Three rounds without converging mean something only while the guest out-runs
     // the link.
@@ -391,7 +402,11 @@ content = "random"
         guest_write_rate(&before, &rounds) * PAGE,
         800.0,
     );
-    assert_eq!(rounds["migration"]["phase"], "precopy", "{rounds}");
+    assert_eq!(
+        rounds.migration.as_ref().map(|m| m.phase),
+        Some(Phase::Precopy),
+        "{rounds}"
+    );
     let out = ferry(&["set-params", "--control", src.ctl(), "--throttle-pct", "99"]);
     assert!(
         out.status.success(),
@@ -399,15 +414,16 @@ content = "random"
         String::from_utf8_lossy(&out.stderr)
     );
     let report = follower.join().unwrap();
-    assert_eq!(report["outcome"], "completed", "{report}");
-    let raised = report["decisions"].as_array().unwrap().iter().any(|d| {
+    assert_eq!(report.core.outcome, Outcome::Completed, "{report}");
+    // The decision list is read as JSON: its format is changing.
+    let raised = report.raw["decisions"].as_array().unwrap().iter().any(|d| {
         d["setting"] == "throttle_pct"
             && d["value"] == "99"
             && d["reason"].as_str().unwrap().contains("set-params")
     });
     assert!(raised, "{report}");
     let v = dst.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
+    assert_eq!(v.memory_errors, 0, "{v}");
     src.quit();
     dst.quit();
 }
@@ -453,16 +469,21 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
     });
     let (ok, report) = migrate(&src, &proxy_addr, &[]);
     assert!(!ok);
-    assert_eq!(report["outcome"], "failed", "{report}");
+    assert_eq!(report.core.outcome, Outcome::Failed, "{report}");
     assert!(
-        report["error"].as_str().unwrap().contains("checksum"),
+        report
+            .core
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("checksum"),
         "{report}"
     );
     // The destination gives that migration up, drops what it built and waits on.
-    let s = dst.wait_for("the failure noted", Duration::from_secs(30), |s| {
-        s["incoming"]["failed_migrations"] == 1
+    let s = dst.wait_for_status("the failure noted", Duration::from_secs(30), |s| {
+        port_counters(s).is_some_and(|c| c.failed_migrations == 1)
     });
-    assert_eq!(s["state"], "incoming", "{s}");
+    assert_eq!(state_of(&s), "incoming", "{s}");
     assert!(dst.log_text().contains("checksum"), "{}", dst.log_text());
     relay.join().unwrap();
     assert_running_and_intact(&src);
@@ -493,28 +514,33 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             &[("FERRY_TEST_FAULT", fault)],
         );
         src.wait_for("running", Duration::from_secs(30), |s| {
-            u64_of(s, "heartbeats") > 200
+            s.machine.heartbeats > 200
         });
         let (dst, addr) = incoming(dir.path(), &format!("{name}-dst"));
         let (ok, report) = migrate(&src, &addr, &["--max-downtime-ms", "50"]);
         assert!(!ok, "{report}");
         let (s, d) = (src.status(), dst.status());
-        let running = [&s, &d].iter().filter(|v| v["state"] == "running").count();
+        let running = [&s, &d].iter().filter(|v| state_of(v) == "running").count();
         assert!(running <= 1, "two running copies: {s} {d}");
         if fault == "drop-before-commit" {
             // Not committed: the source took the VM back; the destination holds its
             // copy paused and refuses to run it.
-            assert_eq!(s["state"], "running", "{s}");
-            assert_eq!(d["state"], "paused", "{d}");
+            assert_eq!(state_of(&s), "running", "{s}");
+            assert_eq!(state_of(&d), "paused", "{d}");
             let out = ferry(&["resume", "--control", dst.ctl()]);
             assert!(!out.status.success(), "the destination resumed on its own");
         } else {
             // Committed: the source never runs again; the destination got Commit.
             assert!(
-                report["error"].as_str().unwrap().contains("in doubt"),
+                report
+                    .core
+                    .error
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("in doubt"),
                 "{report}"
             );
-            assert_eq!(s["state"], "migrated", "{s}");
+            assert_eq!(state_of(&s), "migrated", "{s}");
             assert!(!ferry(&["resume", "--control", src.ctl()]).status.success());
         }
         // A stranger's word settles nothing: without the session's secret from the
@@ -526,7 +552,7 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             stranger.send(wire::RESOLVE, &wire::resolve(1, 0, committed));
             let reason = stranger.abort_reason().unwrap_or_default();
             assert!(reason.contains("no handover of that migration"), "{reason}");
-            assert_eq!(dst.status()["state"], d["state"], "{}", dst.status());
+            assert_eq!(state_of(&dst.status()), state_of(&d), "{}", dst.status());
         }
         let out = ferry(&["migrate", "--control", src.ctl(), "--resolve"]);
         assert!(
@@ -534,19 +560,24 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let resolved: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(resolved["vm_runs_on"], runs_on, "{resolved}");
+        let resolved: Resolution = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(resolved.vm_runs_on, runs_on, "{resolved:?}");
         if runs_on == "source" {
             // The destination dropped its copy and waits for another migration.
-            let s = dst.wait_for("the copy discarded", Duration::from_secs(30), |s| {
-                s["state"] == "incoming"
+            let s = dst.wait_for_status("the copy discarded", Duration::from_secs(30), |s| {
+                state_of(s) == "incoming"
             });
-            assert!(s["incoming"].is_object(), "{s}");
+            assert!(port_counters(&s).is_some(), "{s}");
             assert!(dst.log_text().contains("discard"), "{}", dst.log_text());
             assert_running_and_intact(&src);
         } else {
-            let report = &src.status()["migration"]["report"];
-            assert_eq!(report["outcome"], "completed", "{report}");
+            let s = src.vm_status();
+            let report = s.migration.as_ref().and_then(|m| m.report.as_ref());
+            assert_eq!(
+                report.map(|r| r.core.outcome),
+                Some(Outcome::Completed),
+                "{s}"
+            );
             assert_running_and_intact(&dst);
         }
         src.quit();

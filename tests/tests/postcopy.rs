@@ -4,13 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_api::{MigrationProgress, MigrationReport, Phase, PostcopyPhase, RunState};
 use ferry_tests::netns::DEST_ADDR;
 use ferry_tests::{
-    TempDir, Vmm, assert_outruns, check_arrived, exclusive, ferry, free_port, guest_write_rate,
-    incoming, kill_connections_to, migrate, report_of, require_kvm, require_link, u64_of,
-    write_config,
+    Printed, TempDir, Vmm, assert_outruns, check_arrived, exclusive, ferry, free_port,
+    guest_write_rate, incoming, kill_connections_to, migrate, report_of, require_kvm, require_link,
+    status_at, write_config,
 };
-use serde_json::Value;
 
 fn config(vcpus: u32, pattern: &str, content: &str, rate: u64, ws_mib: u64) -> String {
     format!(
@@ -29,15 +29,15 @@ fn start(dir: &TempDir, name: &str, body: &str) -> Vmm {
     let cfg = write_config(dir.path(), name, body);
     let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("the guest running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
     vm
 }
 
-/// The source's migration progress, straight from its control socket.
-fn progress(ctl: &str) -> Value {
-    let out = ferry(&["status", "--control", ctl, "--json"]);
-    serde_json::from_slice::<Value>(&out.stdout).unwrap_or_default()["migration"].clone()
+/// The source's migration progress, straight from its control socket (None: no
+/// migration, or no answer).
+fn progress(ctl: &str) -> Option<MigrationProgress> {
+    status_at(ctl)?.typed.vm()?.migration.clone()
 }
 
 /// Runs a migration on a thread (it blocks until the report) while the caller acts.
@@ -45,7 +45,7 @@ fn migrate_in_background(
     src: &Vmm,
     to: &str,
     extra: &[&str],
-) -> std::thread::JoinHandle<(bool, Value)> {
+) -> std::thread::JoinHandle<(bool, Printed<MigrationReport>)> {
     let ctl = src.ctl().to_owned();
     let to = to.to_owned();
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -57,16 +57,16 @@ fn migrate_in_background(
 }
 
 /// Polls the source until its migration is in `phase`.
-fn wait_phase(ctl: &str, phase: &str, timeout: Duration) {
+fn wait_phase(ctl: &str, phase: Phase, timeout: Duration) {
     let t0 = Instant::now();
     loop {
         let p = progress(ctl);
-        if p["phase"] == phase {
+        if p.as_ref().is_some_and(|p| p.phase == phase) {
             return;
         }
         assert!(
             t0.elapsed() < timeout,
-            "migration never reached {phase}: {p}"
+            "migration never reached {phase}: {p:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -116,16 +116,20 @@ fn postcopy_and_hybrid_move_every_pattern_and_content_with_nothing_lost() {
                 let t0 = Instant::now();
                 loop {
                     let p = progress(&ctl);
-                    let ready = if mid_pass {
-                        p["pages_sent"].as_u64().unwrap_or(0) > 1000
-                    } else {
-                        p["round"].as_u64().unwrap_or(0) >= 1
-                    };
-                    let started = p["phase"].is_string();
-                    if ready || started && p["phase"] != "precopy" && p["phase"] != "setup" {
+                    let ready = p.as_ref().is_some_and(|p| {
+                        if mid_pass {
+                            p.pages_sent > 1000
+                        } else {
+                            p.round >= 1
+                        }
+                    });
+                    let past_precopy = p
+                        .as_ref()
+                        .is_some_and(|p| !matches!(p.phase, Phase::Precopy | Phase::Setup));
+                    if ready || past_precopy {
                         break;
                     }
-                    assert!(t0.elapsed() < Duration::from_secs(30), "{p}");
+                    assert!(t0.elapsed() < Duration::from_secs(30), "{p:?}");
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 let out = ferry(&["start-postcopy", "--control", &ctl]);
@@ -140,14 +144,17 @@ fn postcopy_and_hybrid_move_every_pattern_and_content_with_nothing_lost() {
             }
             let (ok, report) = run.join().unwrap();
             assert!(ok, "{name}: {report}");
-            assert_eq!(report["mode"], mode);
+            assert_eq!(report.mode.as_str(), mode);
             if switched {
-                assert!(report["postcopy_faults"].is_u64(), "{name}: {report}");
+                assert!(report.postcopy_faults.is_some(), "{name}: {report}");
             }
             check_arrived(&src, &dst, &report, *pattern != "idle");
             assert!(
-                dst.status()["incoming_postcopy"]["phase"] == "completed"
-                    || report["postcopy_faults"].is_null(),
+                dst.vm_status()
+                    .incoming_postcopy
+                    .as_ref()
+                    .is_some_and(|p| p.phase == PostcopyPhase::Completed)
+                    || report.postcopy_faults.is_none(),
                 "{}",
                 dst.status()
             );
@@ -173,12 +180,12 @@ fn a_broken_postcopy_link_recovers_and_the_migration_completes() {
         &["--mode", "postcopy", "--bandwidth-mbit", "100"],
     );
     for _ in 0..2 {
-        wait_phase(src.ctl(), "postcopy", Duration::from_secs(30));
+        wait_phase(src.ctl(), Phase::Postcopy, Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(300));
         kill_connections_to(&port);
         // Wait until the source has reconnected before breaking it again.
         let t0 = Instant::now();
-        while progress(src.ctl())["recoveries"].as_u64().unwrap_or(0) == 0
+        while progress(src.ctl()).map_or(0, |p| p.recoveries) == 0
             && t0.elapsed() < Duration::from_secs(30)
         {
             std::thread::sleep(Duration::from_millis(10));
@@ -186,7 +193,7 @@ fn a_broken_postcopy_link_recovers_and_the_migration_completes() {
     }
     let (ok, report) = run.join().unwrap();
     assert!(ok, "{report}");
-    assert!(u64_of(&report, "recoveries") >= 1, "{report}");
+    assert!(report.recoveries >= 1, "{report}");
     check_arrived(&src, &dst, &report, true);
     src.quit();
     dst.quit();
@@ -212,26 +219,28 @@ fn killing_the_source_in_postcopy_stops_the_guest_instead_of_running_on_missing_
             "2",
         ],
     );
-    wait_phase(src.ctl(), "postcopy", Duration::from_secs(30));
+    wait_phase(src.ctl(), Phase::Postcopy, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(200));
     src.kill();
     let s = dst.wait_for("the loss reported", Duration::from_secs(30), |s| {
-        s["incoming_postcopy"]["phase"] == "lost"
+        s.incoming_postcopy
+            .as_ref()
+            .is_some_and(|p| p.phase == PostcopyPhase::Lost)
     });
-    let pc = &s["incoming_postcopy"];
-    assert!(u64_of(pc, "missing_pages") > 0, "{s}");
+    let pc = s.incoming_postcopy.as_ref().expect("post-copy's status");
+    assert!(pc.missing_pages > 0, "{s}");
     assert!(
-        pc["error"]
-            .as_str()
+        pc.error
+            .as_deref()
             .unwrap_or("")
             .contains("did not come back"),
         "{s}"
     );
-    assert_eq!(s["state"], "paused", "{s}");
+    assert_eq!(s.machine.state, RunState::Paused, "{s}");
     // Stopped means stopped: no heartbeat moves any more.
-    let h0 = u64_of(&dst.status(), "heartbeats");
+    let h0 = dst.vm_status().machine.heartbeats;
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(u64_of(&dst.status(), "heartbeats"), h0);
+    assert_eq!(dst.vm_status().machine.heartbeats, h0);
     // Nothing may resume it behind post-copy's back.
     let out = ferry(&["resume", "--control", dst.ctl()]);
     assert!(!out.status.success());
@@ -263,23 +272,25 @@ fn a_guest_outrunning_a_capped_link_finishes_in_postcopy_but_not_in_precopy() {
     let (dst, addr) = incoming(dir.path(), "o-dst1");
     let mut args = vec!["--mode", "precopy"];
     args.extend_from_slice(&limits);
-    let before = src.status();
+    let before = src.vm_status();
     let (ok, report) = migrate(&src, &addr, &args);
     assert_outruns(
         "the guest dirtied memory",
         "during the pre-copy migration",
-        guest_write_rate(&before, &src.status()) * 4096.0,
+        guest_write_rate(&before, &src.vm_status()) * 4096.0,
         100.0,
     );
     assert!(!ok, "{report}");
     assert!(
-        report["error"]
-            .as_str()
+        report
+            .core
+            .error
+            .as_deref()
             .unwrap_or("")
             .contains("did not converge"),
         "{report}"
     );
-    assert_eq!(src.status()["state"], "running");
+    assert_eq!(src.vm_status().machine.state, RunState::Running);
     drop(dst);
 
     let (dst, addr) = incoming(dir.path(), "o-dst2");
@@ -287,7 +298,7 @@ fn a_guest_outrunning_a_capped_link_finishes_in_postcopy_but_not_in_precopy() {
     args.extend_from_slice(&limits);
     let (ok, report) = migrate(&src, &addr, &args);
     assert!(ok, "{report}");
-    assert!(u64_of(&report, "postcopy_faults") > 0, "{report}");
+    assert!(report.postcopy_faults.is_some_and(|f| f > 0), "{report}");
     check_arrived(&src, &dst, &report, true);
     src.quit();
     dst.quit();
@@ -310,7 +321,7 @@ fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
         &["--config", cfg.to_str().unwrap()],
     );
     src.wait_for("the guest running", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
     let addr = format!("{DEST_ADDR}:{}", free_port());
     let dst = Vmm::spawn_in(&link.dest_ns, dir.path(), "l-dst", &["--incoming", &addr]);
@@ -326,12 +337,17 @@ fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
             "1",
         ],
     );
-    wait_phase(src.ctl(), "postcopy", Duration::from_secs(30));
+    wait_phase(src.ctl(), Phase::Postcopy, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(200));
     link.set_up(false).unwrap();
     // Well past the 1 s timeout: both sides notice and wait for the link.
     let t0 = Instant::now();
-    while dst.status()["incoming_postcopy"]["phase"] != "recovering" {
+    while dst
+        .vm_status()
+        .incoming_postcopy
+        .as_ref()
+        .is_none_or(|p| p.phase != PostcopyPhase::Recovering)
+    {
         assert!(t0.elapsed() < Duration::from_secs(30), "{}", dst.status());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -339,7 +355,7 @@ fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
     link.set_up(true).unwrap();
     let (ok, report) = run.join().unwrap();
     assert!(ok, "{report}");
-    assert!(u64_of(&report, "recoveries") >= 1, "{report}");
+    assert!(report.recoveries >= 1, "{report}");
     check_arrived(&src, &dst, &report, true);
     src.quit();
     dst.quit();
@@ -357,7 +373,7 @@ fn after_postcopy_with_a_first_pass_the_vm_moves_on_again() {
     let (mid, addr) = incoming(dir.path(), "c-mid");
     let (ok, report) = migrate(&src, &addr, &["--mode", "postcopy", "--precopy-pass"]);
     assert!(ok, "{report}");
-    assert!(report["postcopy_faults"].is_u64(), "{report}");
+    assert!(report.postcopy_faults.is_some(), "{report}");
     check_arrived(&src, &mid, &report, true);
     let (dst, addr) = incoming(dir.path(), "c-dst");
     let (ok, report) = migrate(&mid, &addr, &["--timeout-secs", "5"]);

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use ferry_tests::{TempDir, Vmm, ferry, missing, require_kvm, require_root, u64_of, write_config};
+use ferry_api::{Outcome, RunState, StorageMode, StorageReport};
+use ferry_tests::{
+    Printed, TempDir, Vmm, ferry, missing, require_kvm, require_root, u64_of, write_config,
+};
 use serde_json::Value;
 
 fn config(name: &str, disk_writes: u64) -> String {
@@ -30,7 +33,11 @@ size_mib = 16
     )
 }
 
-fn storage_migrate(vm: &Vmm, to: &std::path::Path, extra: &[&str]) -> (bool, Value) {
+fn storage_migrate(
+    vm: &Vmm,
+    to: &std::path::Path,
+    extra: &[&str],
+) -> (bool, Printed<StorageReport>) {
     let mut args = vec![
         "storage-migrate",
         "--control",
@@ -72,16 +79,16 @@ fn starts_again_intact(dir: &TempDir, name: &str, cfg: &std::path::Path) {
 }
 
 fn still_running_and_intact(vm: &Vmm) {
-    let s0 = vm.status();
+    let s0 = vm.vm_status();
     let s1 = vm.wait_for("the guest running on", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 200
-            && u64_of(s, "disk_writes") > u64_of(&s0, "disk_writes")
+        s.machine.heartbeats > s0.machine.heartbeats + 200
+            && s.machine.disk_writes > s0.machine.disk_writes
     });
-    assert_eq!(u64_of(&s1, "disk_integrity_errors"), 0, "{s1}");
+    assert_eq!(s1.machine.disk_integrity_errors, 0, "{s1}");
     let v = vm.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
-    assert!(u64_of(&v, "blocks_checked") > 0, "{v}");
+    assert_eq!(v.memory_errors, 0, "{v}");
+    assert_eq!(v.disk_errors, 0, "{v}");
+    assert!(v.blocks_checked > 0, "{v}");
 }
 
 #[test]
@@ -99,7 +106,7 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         let cfg = write_config(dir.path(), &name, &config(&name, writes));
         let vm = Vmm::spawn(dir.path(), &name, &["--config", cfg.to_str().unwrap()]);
         vm.wait_for("disk writes", Duration::from_secs(30), |s| {
-            u64_of(s, "disk_writes") > 300
+            s.machine.disk_writes > 300
         });
         let ds2 = dir.join(format!("ds2-{name}"));
         std::fs::create_dir_all(&ds2).unwrap();
@@ -115,12 +122,12 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         }
         let (ok, report) = storage_migrate(&vm, &ds2, &extra);
         assert!(ok, "{mode}: {report}");
-        assert_eq!(report["disk_verified"], true, "{report}");
-        assert_eq!(u64_of(&report, "disk_integrity_errors"), 0, "{report}");
-        assert!(u64_of(&report, "disk_bytes_copied") > 0, "{report}");
+        assert_eq!(report.disk_verified, Some(true), "{report}");
+        assert_eq!(report.disk_integrity_errors, 0, "{report}");
+        assert!(report.disk_bytes_copied > 0, "{report}");
         if mode == "active" {
             assert!(
-                report["guest_write_latency_added_us_p99"].is_u64(),
+                report.guest_write_latency_added_us_p99.is_some(),
                 "{report}"
             );
         }
@@ -129,26 +136,25 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
         // empty, and each of the two vCPUs may overdraw one by a 4 KiB write).
         // Unheld it asks for 8 MB/s; whether a copy this short sees many of those
         // writes is up to the host's scheduler, so no lower bound.
-        let delayed = report["guest_writes_delayed_ms"].as_f64().unwrap_or(0.0);
+        let delayed = report.guest_writes_delayed_ms;
         if !throttled {
             assert_eq!(delayed, 0.0, "{report}");
         } else {
-            let secs = report["total_ms"].as_f64().unwrap() / 1e3;
-            let wrote = u64_of(&report, "guest_bytes_written") as f64;
+            let secs = report.core.total_ms / 1e3;
+            let wrote = report.guest_bytes_written as f64;
             assert!(wrote <= 1e6 * secs + 4.0 * 4096.0, "{report}");
         }
         if mode == "auto" {
             // Held to 1 MB/s, the guest writes far slower than the copy: auto
             // measures that, stays in background mode and says why.
-            assert_eq!(report["disk_mode"], "background", "{report}");
-            let disks = report["disks"].as_array().unwrap();
-            assert_eq!(disks.len(), 2, "{report}");
-            for d in disks {
-                let why = d["mode_reason"].as_str().unwrap_or("");
+            assert_eq!(report.disk_mode, StorageMode::Background, "{report}");
+            assert_eq!(report.disks.len(), 2, "{report}");
+            for d in &report.disks {
+                let why = d.mode_reason.as_deref().unwrap_or("");
                 assert!(why.contains("MB/s") && why.contains("converge"), "{report}");
             }
         } else {
-            assert_eq!(report["disk_mode"], mode, "{report}");
+            assert_eq!(report.disk_mode.as_str(), mode, "{report}");
         }
         // The config names the new images, by absolute path.
         let paths = config_paths(&cfg);
@@ -234,7 +240,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
             &[("FERRY_TEST_FAULT", point)],
         );
         vm.wait_for("disk writes", Duration::from_secs(30), |s| {
-            u64_of(s, "disk_writes") > 300
+            s.machine.disk_writes > 300
         });
         let ds2 = dir.join(format!("ds2-{name}"));
         std::fs::create_dir_all(&ds2).unwrap();
@@ -312,15 +318,17 @@ fn a_full_datastore_is_a_clear_error_and_leaves_nothing_behind() {
     let cfg = write_config(dir.path(), "f", &config("f", 2000));
     let vm = Vmm::spawn(dir.path(), "f", &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("disk writes", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > 2000
+        s.machine.disk_writes > 2000
     });
     let before = std::fs::read_to_string(&cfg).unwrap();
     let (ok, report) = storage_migrate(&vm, &full, &[]);
     assert!(!ok, "{report}");
-    assert_eq!(report["outcome"], "failed", "{report}");
+    assert_eq!(report.core.outcome, Outcome::Failed, "{report}");
     assert!(
-        report["error"]
-            .as_str()
+        report
+            .core
+            .error
+            .as_deref()
             .unwrap_or("")
             .contains("No space left"),
         "{report}"
@@ -341,21 +349,23 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
     let cfg = write_config(dir.path(), "cs", &config("cs", 1000));
     let src = Vmm::spawn(dir.path(), "cs", &["--config", cfg.to_str().unwrap()]);
     src.wait_for("disk writes", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > 500
+        s.machine.disk_writes > 500
     });
     // A destination without a datastore cannot take disks: refused, nothing moves.
     let (plain, addr) = ferry_tests::incoming(dir.path(), "cs-plain");
     let (ok, report) = ferry_tests::migrate(&src, &addr, &["--copy-storage"]);
     assert!(!ok, "{report}");
     assert!(
-        report["error"]
-            .as_str()
+        report
+            .core
+            .error
+            .as_deref()
             .unwrap_or("")
             .contains("--datastore"),
         "{report}"
     );
     drop(plain);
-    assert_eq!(src.status()["state"], "running");
+    assert_eq!(src.vm_status().machine.state, RunState::Running);
 
     let store = dir.join("dsB");
     std::fs::create_dir_all(&store).unwrap();
@@ -369,7 +379,7 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
     let (ok, report) =
         ferry_tests::migrate(&src, &addr, &["--copy-storage", "--compression", "zstd:1"]);
     assert!(ok, "{report}");
-    assert!(u64_of(&report, "disk_bytes_copied") > 0, "{report}");
+    assert!(report.disk_bytes_copied.is_some_and(|b| b > 0), "{report}");
     // Memory verified, the guest runs there and finds every page and block it wrote
     // (its disks are the copies now).
     ferry_tests::check_arrived(&src, &dst, &report, true);
@@ -413,7 +423,7 @@ fn disk_check_finds_a_lost_write_and_a_torn_block() {
     let cfg = write_config(dir.path(), "k", &config("k", 1000));
     let vm = Vmm::spawn(dir.path(), "k", &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("disk writes", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > 500
+        s.machine.disk_writes > 500
     });
     vm.quit();
     disk_check_passes(&cfg);
@@ -472,14 +482,13 @@ fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disk
         &["--config", cfg.to_str().unwrap()],
     );
     src.wait_for("disk writes", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > 1000
+        s.machine.disk_writes > 1000
     });
-    let before = src.status();
+    let before = src.vm_status().typed.machine;
     std::thread::sleep(Duration::from_secs(2));
-    let after = src.status();
-    let writes_per_sec = (u64_of(&after, "disk_writes") - u64_of(&before, "disk_writes")) as f64
-        * 1e3
-        / (u64_of(&after, "uptime_ms") - u64_of(&before, "uptime_ms")) as f64;
+    let after = src.vm_status().typed.machine;
+    let writes_per_sec = (after.disk_writes - before.disk_writes) as f64 * 1e3
+        / (after.uptime_ms - before.uptime_ms) as f64;
     let store = dir.join("dsB");
     std::fs::create_dir_all(&store).unwrap();
     let addr = format!(
@@ -513,7 +522,8 @@ fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disk
         link_mbit as f64,
     );
     assert!(ok, "{report}");
-    let mirror: Vec<&Value> = report["decisions"]
+    // The decision list is read as JSON: its format is changing.
+    let mirror: Vec<&Value> = report.raw["decisions"]
         .as_array()
         .unwrap()
         .iter()
@@ -523,11 +533,13 @@ fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disk
         mirror.len() == 1 && mirror[0]["value"] == "active",
         "the mirror was not on from the start: {report}"
     );
-    let mirrored = u64_of(&report, "disk_bytes_mirrored");
+    let mirrored = report
+        .disk_bytes_mirrored
+        .unwrap_or_else(|| panic!("no disk_bytes_mirrored: {report}"));
     assert!(mirrored > 0, "no guest write was mirrored: {report}");
     // The link paced the guest: what it wrote while its disks travelled is what the
     // link carried (the socket buffers' worth beyond it), not the 16x it wanted.
-    let secs = ferry_tests::f64_of(&report, "total_ms") / 1e3;
+    let secs = report.core.total_ms / 1e3;
     let link_bytes = f64::from(link_mbit) * 1e6 / 8.0;
     assert!(
         (mirrored as f64) < link_bytes * secs + (8 << 20) as f64,
@@ -539,7 +551,9 @@ fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disk
         mirrored as f64 / 1e6,
         mirrored as f64 / 1e6 / secs,
         link_bytes / 1e6,
-        ferry_tests::f64_of(&report, "downtime_ms")
+        report
+            .downtime_ms
+            .unwrap_or_else(|| panic!("no downtime_ms: {report}"))
     );
     // Every block the guest acknowledged is on the destination's copy, whichever of the
     // first copy and a mirrored write reached it last.

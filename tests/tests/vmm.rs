@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use ferry_tests::{TempDir, Vmm, crc32, f64_of, ferry, require_kvm, u64_of, write_config};
+use ferry_api::{DirtySample, RunState, SnapshotReport};
+use ferry_tests::{Printed, TempDir, Vmm, crc32, ferry, require_kvm, write_config};
 
 const PATTERNS: [&str; 4] = ["sequential", "random", "hotcold", "idle"];
 const CONTENTS: [&str; 4] = ["zero", "text", "random", "mixed"];
@@ -27,21 +28,21 @@ fn check_runs_and_verifies(dir: &TempDir, name: &str, body: &str) {
     let cfg = write_config(dir.path(), name, body);
     let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
     let first = vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 200
+        s.machine.heartbeats > 200
     });
     let later = vm.wait_for("more heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&first, "heartbeats") + 200
+        s.machine.heartbeats > first.machine.heartbeats + 200
     });
-    assert_eq!(later["state"], "running", "{later}");
-    assert_eq!(u64_of(&later, "guest_integrity_errors"), 0, "{later}");
+    assert_eq!(later.machine.state, RunState::Running, "{later}");
+    assert_eq!(later.machine.guest_integrity_errors, 0, "{later}");
     // 16 MiB of fill is 4096 pages.
-    assert!(u64_of(&later, "guest_pages_written") >= 4096, "{later}");
+    assert!(later.machine.guest_pages_written >= 4096, "{later}");
     let report = vm.verify();
-    assert_eq!(u64_of(&report, "memory_errors"), 0, "{name}: {report}");
-    assert_eq!(u64_of(&report, "pages_checked"), 4096, "{name}: {report}");
-    let after = vm.status();
-    assert!(u64_of(&after, "heartbeats") > u64_of(&later, "heartbeats"));
-    assert!(f64_of(&after, "max_heartbeat_gap_ms") > 0.0);
+    assert_eq!(report.memory_errors, 0, "{name}: {report}");
+    assert_eq!(report.pages_checked, 4096, "{name}: {report}");
+    let after = vm.vm_status();
+    assert!(after.machine.heartbeats > later.machine.heartbeats);
+    assert!(after.machine.max_heartbeat_gap_ms > 0.0);
     vm.quit();
 }
 
@@ -90,7 +91,7 @@ fill = false
     );
     let vm = Vmm::spawn(dir.path(), "d", &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("pages written", Duration::from_secs(30), |s| {
-        u64_of(s, "guest_pages_written") > 2000
+        s.machine.guest_pages_written > 2000
     });
     for _ in 0..2 {
         let out = ferry(&[
@@ -106,9 +107,12 @@ fill = false
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let harvested = u64_of(&r, "dirty_pages_in_working_set") as f64;
-        let written = u64_of(&r, "guest_pages_written") as f64;
+        let r = Printed::<DirtySample>::new(
+            "the dirty sample",
+            serde_json::from_slice(&out.stdout).unwrap(),
+        );
+        let harvested = r.dirty_pages_in_working_set as f64;
+        let written = r.guest_pages_written as f64;
         assert!(written > 4000.0, "{r}");
         let err = (harvested - written).abs() / written;
         assert!(
@@ -157,7 +161,7 @@ cache = "none"
     );
     let vm = Vmm::spawn(dir.path(), "s", &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("disk writes", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > 200 && u64_of(s, "disk_reads") > 20
+        s.machine.disk_writes > 200 && s.machine.disk_reads > 20
     });
     let snap = dir.join("snap1");
     let out = ferry(&[
@@ -173,37 +177,34 @@ cache = "none"
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let snap_hb = u64_of(&report, "heartbeats");
-    let snap_pages = u64_of(&report, "guest_pages_written");
-    let snap_disk = u64_of(&report, "disk_writes");
+    let report: SnapshotReport = serde_json::from_slice(&out.stdout).unwrap();
+    let snap_hb = report.heartbeats;
+    let snap_pages = report.guest_pages_written;
+    let snap_disk = report.disk_writes;
     // The VM keeps running and writing after the snapshot...
     let moved_on = vm.wait_for("progress after snapshot", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > snap_disk + 200 && u64_of(s, "heartbeats") > snap_hb + 500
+        s.machine.disk_writes > snap_disk + 200 && s.machine.heartbeats > snap_hb + 500
     });
-    assert_eq!(u64_of(&moved_on, "disk_integrity_errors"), 0);
+    assert_eq!(moved_on.machine.disk_integrity_errors, 0);
     // ...then dies without warning.
     vm.kill();
 
     let restored = Vmm::spawn(dir.path(), "r", &["--restore", snap.to_str().unwrap()]);
-    let s0 = restored.status();
+    let s0 = restored.vm_status();
     // Counters continue from the snapshot's values, not from the later ones.
-    assert!(u64_of(&s0, "heartbeats") >= snap_hb, "{s0}");
-    assert!(
-        u64_of(&s0, "heartbeats") < u64_of(&moved_on, "heartbeats"),
-        "{s0}"
-    );
-    assert!(u64_of(&s0, "guest_pages_written") >= snap_pages, "{s0}");
+    assert!(s0.machine.heartbeats >= snap_hb, "{s0}");
+    assert!(s0.machine.heartbeats < moved_on.machine.heartbeats, "{s0}");
+    assert!(s0.machine.guest_pages_written >= snap_pages, "{s0}");
     let s1 = restored.wait_for("guest continuing", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > u64_of(&s0, "heartbeats") + 500
-            && u64_of(s, "disk_writes") > u64_of(&s0, "disk_writes") + 100
+        s.machine.heartbeats > s0.machine.heartbeats + 500
+            && s.machine.disk_writes > s0.machine.disk_writes + 100
     });
-    assert!(u64_of(&s1, "guest_pages_written") > u64_of(&s0, "guest_pages_written"));
+    assert!(s1.machine.guest_pages_written > s0.machine.guest_pages_written);
     let v = restored.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "disk_errors"), 0, "{v}");
-    assert!(u64_of(&v, "blocks_checked") > 100, "{v}");
-    assert_eq!(u64_of(&restored.status(), "disk_integrity_errors"), 0);
+    assert_eq!(v.memory_errors, 0, "{v}");
+    assert_eq!(v.disk_errors, 0, "{v}");
+    assert!(v.blocks_checked > 100, "{v}");
+    assert_eq!(restored.vm_status().machine.disk_integrity_errors, 0);
 
     // The restored VM holds its images: restoring the same snapshot over them again is
     // refused; into another folder it works, and the snapshot is unchanged by both.
@@ -221,16 +222,16 @@ cache = "none"
         ],
     );
     assert!(elsewhere.join("root.img").exists());
-    let s2 = second.status();
+    let s2 = second.vm_status();
     assert!(
-        u64_of(&s2, "heartbeats") >= snap_hb && u64_of(&s2, "heartbeats") < snap_hb + 500,
+        s2.machine.heartbeats >= snap_hb && s2.machine.heartbeats < snap_hb + 500,
         "{s2}"
     );
     second.wait_for("second copy running", Duration::from_secs(30), |s| {
-        u64_of(s, "disk_writes") > snap_disk + 100
+        s.machine.disk_writes > snap_disk + 100
     });
     let v2 = second.verify();
-    assert_eq!(u64_of(&v2, "disk_errors"), 0, "{v2}");
+    assert_eq!(v2.disk_errors, 0, "{v2}");
     second.quit();
     restored.quit();
 }
@@ -244,7 +245,7 @@ fn small_vm_with_snapshot(dir: &TempDir, name: &str) -> (Vmm, std::path::PathBuf
     );
     let vm = Vmm::spawn(dir.path(), name, &["--config", cfg.to_str().unwrap()]);
     vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 50
+        s.machine.heartbeats > 50
     });
     let snap = dir.join("snap");
     let out = ferry(&[
@@ -400,9 +401,9 @@ fn guest_crash_is_reported_not_hung() {
     std::fs::write(&manifest, m.to_string()).unwrap();
     let vm = Vmm::spawn(dir.path(), "k2", &["--restore", snap.to_str().unwrap()]);
     let s = vm.wait_for("crash", Duration::from_secs(30), |s| {
-        s["state"] == "crashed"
+        s.machine.state == RunState::Crashed
     });
-    let why = s["crash"].as_str().unwrap_or_default();
+    let why = s.machine.crash.as_deref().unwrap_or_default();
     assert!(why.contains("triple fault"), "{s}");
     let out = ferry(&["verify", "--control", vm.ctl()]);
     assert!(!out.status.success());
@@ -423,12 +424,12 @@ fn guest_enters_long_mode_by_itself_through_its_32_bit_stub() {
     );
     let vm = Vmm::spawn(dir.path(), "stub", &["--config", cfg.to_str().unwrap()]);
     let s = vm.wait_for("heartbeats", Duration::from_secs(30), |s| {
-        u64_of(s, "heartbeats") > 300 && u64_of(s, "guest_pages_written") > 4096
+        s.machine.heartbeats > 300 && s.machine.guest_pages_written > 4096
     });
-    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s.machine.state, RunState::Running, "{s}");
     let v = vm.verify();
-    assert_eq!(u64_of(&v, "memory_errors"), 0, "{v}");
-    assert_eq!(u64_of(&v, "pages_checked"), 4096, "{v}");
+    assert_eq!(v.memory_errors, 0, "{v}");
+    assert_eq!(v.pages_checked, 4096, "{v}");
     vm.quit();
 
     // The stub starts only the bootstrap processor.
@@ -460,7 +461,7 @@ fn a_stopping_vmm_never_removes_a_newer_vmms_control_socket() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let mut old = old;
     old.child.wait().unwrap();
-    let s = new.status();
-    assert_eq!(s["name"], "b", "{s}");
+    let s = new.vm_status();
+    assert_eq!(s.machine.name, "b", "{s}");
     new.quit();
 }

@@ -5,10 +5,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use ferry_api::{DirtySample, MigrationReport, Outcome, StorageReport, VmStatus};
 use serde_json::{Value, json};
 
 use crate::util::{
-    Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, num, snapshot, status, step, work_dir,
+    Vmm, build_ferry, cpu_seconds, ctl, median, monotonic_ns, or_dash, snapshot, step, vm_of,
+    vm_status, work_dir,
 };
 
 /// The storage migration's copy step in bytes: `RUN_BLOCKS * COPY_BLOCK` (8 blocks of
@@ -51,16 +53,16 @@ fn wait_for(
     ferry: &Path,
     vm: &Vmm,
     timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Result<Value> {
+    pred: impl Fn(&VmStatus) -> bool,
+) -> Result<VmStatus> {
     let t0 = Instant::now();
     loop {
-        let s = status(ferry, &vm.control)?;
+        let s = vm_status(ferry, &vm.control)?;
         if pred(&s) {
             return Ok(s);
         }
         if t0.elapsed() > timeout {
-            bail!("timed out; last status {s}");
+            bail!("timed out; last status {s:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -91,10 +93,10 @@ fn vmm() -> Result<()> {
         )?;
         vm.wait_ready(&ferry)?;
         let s = wait_for(&ferry, &vm, Duration::from_secs(30), |s| {
-            s.get("first_heartbeat_monotonic_ns")
-                .is_some_and(|v| !v.is_null())
+            s.machine.first_heartbeat_monotonic_ns.is_some()
         })?;
-        let ms = (num(&s, "first_heartbeat_monotonic_ns") - t0 as f64) / 1e6;
+        let first = s.machine.first_heartbeat_monotonic_ns.unwrap_or_default();
+        let ms = (first as f64 - t0 as f64) / 1e6;
         println!("  run {i}: {ms:.1} ms");
         boots.push(ms);
         vm.quit(&ferry)?;
@@ -119,18 +121,18 @@ fn vmm() -> Result<()> {
     vm.wait_ready(&ferry)?;
     let mut per_gib = Vec::new();
     for i in 0..3 {
-        let r: Value = serde_json::from_str(&ctl(
+        let r: DirtySample = serde_json::from_str(&ctl(
             &ferry,
             &["dirty-rate", "--duration-ms", "3000", "--json"],
             &vm.control,
         )?)?;
-        let gib = num(&r, "dirty_pages") * 4096.0 / (1u64 << 30) as f64;
-        let total = num(&r, "fetch_ms") + num(&r, "clear_ms");
+        let gib = r.dirty_pages as f64 * 4096.0 / (1u64 << 30) as f64;
+        let total = r.fetch_ms + r.clear_ms;
         println!(
-            "  run {i}: {:.0} dirty pages ({gib:.2} GiB): fetch {:.2} ms + clear {:.2} ms = {:.2} ms per GiB",
-            num(&r, "dirty_pages"),
-            num(&r, "fetch_ms"),
-            num(&r, "clear_ms"),
+            "  run {i}: {} dirty pages ({gib:.2} GiB): fetch {:.2} ms + clear {:.2} ms = {:.2} ms per GiB",
+            r.dirty_pages,
+            r.fetch_ms,
+            r.clear_ms,
             total / gib
         );
         per_gib.push(total / gib);
@@ -155,7 +157,7 @@ fn vmm() -> Result<()> {
         let mut vm = start(&ferry, &dir, "state", &body)?;
         vm.wait_ready(&ferry)?;
         wait_for(&ferry, &vm, Duration::from_secs(30), |s| {
-            num(s, "heartbeats") > 100.0
+            s.machine.heartbeats > 100
         })?;
         let snap = dir.join(format!("state-snap{i}"));
         let r = snapshot(&ferry, &vm.control, &snap)?;
@@ -166,19 +168,21 @@ fn vmm() -> Result<()> {
             &dir.join("restored.sock"),
             &dir.join("restored.log"),
         )?;
-        let s = restored.wait_ready(&ferry)?;
-        let rt = s.get("restore").cloned().unwrap_or(Value::Null);
-        let save = num(&r, "state_save_ms");
-        let restore = num(&rt, "vm_create_ms") + num(&rt, "state_restore_ms");
+        let s = vm_of(restored.wait_ready(&ferry)?)?;
+        let Some(rt) = s.machine.restore else {
+            bail!("the restored VM's status has no restore timings: {s:?}");
+        };
+        let save = r.state_save_ms;
+        let restore = rt.vm_create_ms + rt.state_restore_ms;
         println!(
             "  run {i}: save {save:.2} ms + restore {restore:.2} ms (create VM {:.2} + state {:.2}) = {:.2} ms; \
-             {:.0} bytes of state; snapshot pause {:.0} ms; memory load {:.0} ms",
-            num(&rt, "vm_create_ms"),
-            num(&rt, "state_restore_ms"),
+             {} bytes of state; snapshot pause {:.0} ms; memory load {:.0} ms",
+            rt.vm_create_ms,
+            rt.state_restore_ms,
             save + restore,
-            num(&r, "state_bytes"),
-            num(&r, "pause_ms"),
-            num(&rt, "memory_load_ms"),
+            r.state_bytes,
+            r.pause_ms,
+            rt.memory_load_ms,
         );
         sums.push(save + restore);
         restored.quit(&ferry)?;
@@ -203,13 +207,16 @@ fn vmm() -> Result<()> {
         vm.wait_ready(&ferry)?;
         // Past the fill (131072 pages) so only steady-state writes count.
         wait_for(&ferry, &vm, Duration::from_secs(60), |s| {
-            num(s, "guest_pages_written") > 140_000.0
+            s.machine.guest_pages_written > 140_000
         })?;
-        let a = status(&ferry, &vm.control)?;
+        let a = vm_status(&ferry, &vm.control)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(3));
-        let b = status(&ferry, &vm.control)?;
-        let rate = (num(&b, "guest_pages_written") - num(&a, "guest_pages_written"))
+        let b = vm_status(&ferry, &vm.control)?;
+        let rate = b
+            .machine
+            .guest_pages_written
+            .saturating_sub(a.machine.guest_pages_written) as f64
             / t0.elapsed().as_secs_f64();
         println!(
             "  {vcpus} vCPU: {rate:.0} pages/s ({:.2} GB/s)",
@@ -230,7 +237,7 @@ fn vmm() -> Result<()> {
         let mut vm = start(&ferry, &dir, "idle", &body)?;
         vm.wait_ready(&ferry)?;
         wait_for(&ferry, &vm, Duration::from_secs(60), |s| {
-            num(s, "guest_pages_written") >= 131_072.0
+            s.machine.guest_pages_written >= 131_072
         })?;
         std::thread::sleep(Duration::from_millis(500));
         let pid = vm.child.id();
@@ -238,10 +245,10 @@ fn vmm() -> Result<()> {
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(5));
         let pct = (cpu_seconds(pid)? - c0) / t0.elapsed().as_secs_f64() * 100.0;
-        let s = status(&ferry, &vm.control)?;
+        let s = vm_status(&ferry, &vm.control)?;
         println!(
             "  {vcpus} vCPU: {pct:.1}% of a core (goal < 5%); max heartbeat gap {:.2} ms",
-            num(&s, "max_heartbeat_gap_ms")
+            s.machine.max_heartbeat_gap_ms
         );
         results.insert(format!("idle_cpu_pct_{vcpus}vcpu"), json!(pct));
         vm.quit(&ferry)?;
@@ -292,7 +299,7 @@ fn migrate_once(
     vm: &Vmm,
     name: &str,
     args: &[&str],
-) -> Result<(Value, Vmm)> {
+) -> Result<(Report<MigrationReport>, Vmm)> {
     let (dst, addr) = crate::util::incoming(ferry, dir, name, &[])?;
     let mut full = vec!["migrate", "--to", &addr, "--json"];
     full.extend_from_slice(args);
@@ -301,13 +308,29 @@ fn migrate_once(
         .arg("--control")
         .arg(&vm.control)
         .output()?;
-    let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
-    })?;
-    if report["outcome"] != "completed" {
-        bail!("migration failed: {report}");
+    let report = Report::<MigrationReport>::parse(&out)?;
+    if report.typed.core.outcome != Outcome::Completed {
+        bail!("migration failed: {}", report.raw);
     }
     Ok((report, dst))
+}
+
+/// A report `ferry` printed: read through its ferry-api type, and as printed (what
+/// the bench saves, with what the driver adds beyond the type).
+struct Report<T> {
+    typed: T,
+    raw: Value,
+}
+
+impl<T: serde::de::DeserializeOwned> Report<T> {
+    fn parse(out: &std::process::Output) -> Result<Self> {
+        let raw: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        let typed = serde_json::from_value(raw.clone())
+            .map_err(|e| anyhow::anyhow!("the report does not read as ferry-api's ({e}): {raw}"))?;
+        Ok(Self { typed, raw })
+    }
 }
 
 fn precopy() -> Result<()> {
@@ -335,10 +358,10 @@ fn precopy() -> Result<()> {
         let mut vm = start(&ferry, &dir, &format!("idle-{codec}"), &body)?;
         vm.wait_ready(&ferry)?;
         wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
-            num(s, "guest_pages_written") >= 196_608.0
+            s.machine.guest_pages_written >= 196_608
         })?;
         let cpu0 = cpu_seconds(vm.child.id())?;
-        let (r, dst) = migrate_once(
+        let (report, dst) = migrate_once(
             &ferry,
             &dir,
             &vm,
@@ -346,22 +369,23 @@ fn precopy() -> Result<()> {
             &["--compression", codec],
         )?;
         let cpu = cpu_seconds(vm.child.id())? - cpu0;
-        let total_s = num(&r, "total_ms") / 1e3;
-        let logical = (num(&r, "pages_sent") + num(&r, "zero_pages")) * 4096.0;
-        let wire_rate = num(&r, "bytes_on_wire") / total_s;
+        let r = &report.typed;
+        let total_s = r.core.total_ms / 1e3;
+        let logical = (r.pages_sent + r.zero_pages) as f64 * 4096.0;
+        let wire_rate = r.bytes_on_wire as f64 / total_s;
         println!(
             "  {codec:<5} total {:.0} ms (goal <= 1000), downtime {:.1} ms, {:.2} GB/s on the wire ({:.0}% of loopback), \
              {:.2} GB/s of guest memory, ratio {:.2}, source CPU {:.2} cores, verified {}",
-            num(&r, "total_ms"),
-            num(&r, "downtime_ms"),
+            r.core.total_ms,
+            r.downtime_ms.unwrap_or(f64::NAN),
             wire_rate / 1e9,
             wire_rate / raw * 100.0,
             logical / total_s / 1e9,
-            num(&r, "compression_ratio"),
+            r.compression_ratio,
             cpu / total_s,
-            r["memory_verified"],
+            or_dash(r.memory_verified),
         );
-        results.insert(format!("idle_{codec}"), r);
+        results.insert(format!("idle_{codec}"), report.raw);
         vm.quit(&ferry)?;
         dst.quit(&ferry)?;
     }
@@ -378,26 +402,27 @@ fn precopy() -> Result<()> {
     let mut vm = start(&ferry, &dir, "busy", &body)?;
     vm.wait_ready(&ferry)?;
     wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
-        num(s, "guest_pages_written") >= 140_000.0
+        s.machine.guest_pages_written >= 140_000
     })?;
     let mut downtimes = Vec::new();
     for i in 0..10 {
-        let (r, dst) = migrate_once(
+        let (report, dst) = migrate_once(
             &ferry,
             &dir,
             &vm,
             &format!("busy{i}"),
             &["--max-downtime-ms", "50"],
         )?;
+        let r = &report.typed;
+        let downtime = r.downtime_ms.unwrap_or(f64::NAN);
         println!(
-            "  run {i}: downtime {:.2} ms, switchover {:.2} ms, total {:.0} ms, {} rounds, verified {}",
-            num(&r, "downtime_ms"),
-            num(&r, "switchover_ms"),
-            num(&r, "total_ms"),
-            num(&r, "rounds"),
-            r["memory_verified"],
+            "  run {i}: downtime {downtime:.2} ms, switchover {:.2} ms, total {:.0} ms, {} rounds, verified {}",
+            r.core.switchover_ms.unwrap_or(f64::NAN),
+            r.core.total_ms,
+            r.rounds,
+            or_dash(r.memory_verified),
         );
-        downtimes.push(num(&r, "downtime_ms"));
+        downtimes.push(downtime);
         vm.quit(&ferry)?;
         vm = dst;
     }
@@ -419,13 +444,14 @@ fn precopy() -> Result<()> {
     let mut vm = start(&ferry, &dir, "text", &body)?;
     vm.wait_ready(&ferry)?;
     wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
-        num(s, "guest_pages_written") >= 131_072.0
+        s.machine.guest_pages_written >= 131_072
     })?;
-    let (r, dst) = migrate_once(&ferry, &dir, &vm, "text-dst", &["--compression", "zstd:1"])?;
-    let share = num(&r, "bytes_on_wire") / (num(&r, "pages_sent") * 4096.0) * 100.0;
+    let (report, dst) = migrate_once(&ferry, &dir, &vm, "text-dst", &["--compression", "zstd:1"])?;
+    let r = &report.typed;
+    let share = r.bytes_on_wire as f64 / (r.pages_sent as f64 * 4096.0) * 100.0;
     println!(
         "  {share:.1}% of the uncompressed pages (goal <= 45%), ratio {:.2}",
-        num(&r, "compression_ratio")
+        r.compression_ratio
     );
     results.insert("zstd1_text_wire_percent".into(), json!(share));
     vm.quit(&ferry)?;
@@ -493,7 +519,7 @@ fn postcopy() -> Result<()> {
     )?;
     vm.wait_ready(&ferry)?;
     wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
-        num(s, "guest_pages_written") >= 196_608.0
+        s.machine.guest_pages_written >= 196_608
     })?;
     let addr = format!("{}:47999", ferry_tests::netns::DEST_ADDR);
     let mut dst = Vmm::spawn_cmd(
@@ -515,26 +541,25 @@ fn postcopy() -> Result<()> {
         ])
         .arg(&vm.control)
         .output()?;
-    let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
-    })?;
-    if r["outcome"] != "completed" {
-        bail!("post-copy over the shaped link failed: {r}");
+    let report = Report::<MigrationReport>::parse(&out)?;
+    let r = &report.typed;
+    if r.core.outcome != Outcome::Completed {
+        bail!("post-copy over the shaped link failed: {}", report.raw);
     }
     let link_bytes = 200e6 / 8.0;
-    let total_s = num(&r, "total_ms") / 1e3;
+    let total_s = r.core.total_ms / 1e3;
     let memory_s = (1u64 << 30) as f64 / link_bytes;
     println!(
         "  total {total_s:.1} s = {:.2} x (memory / link) (goal <= 1.2); {:.0} MB on the wire, \
          {} faults (p99 {} us), downtime {:.1} ms, verified {}",
         total_s / memory_s,
-        num(&r, "bytes_on_wire") / 1e6,
-        num(&r, "postcopy_faults"),
-        num(&r, "fault_latency_p99_us"),
-        num(&r, "downtime_ms"),
-        r["memory_verified"],
+        r.bytes_on_wire as f64 / 1e6,
+        or_dash(r.postcopy_faults),
+        or_dash(r.fault_latency_p99_us),
+        r.downtime_ms.unwrap_or(f64::NAN),
+        or_dash(r.memory_verified),
     );
-    results.insert("shaped_200mbit_100k".into(), r);
+    results.insert("shaped_200mbit_100k".into(), report.raw);
     vm.quit(&ferry)?;
     dst.quit(&ferry)?;
     drop(link);
@@ -561,7 +586,7 @@ fn postcopy_series(ferry: &Path, dir: &Path, vcpus: u32, rate: u64, pass: bool) 
     let mut vm = start(ferry, dir, &tag, &body)?;
     vm.wait_ready(ferry)?;
     wait_for(ferry, &vm, Duration::from_secs(120), |s| {
-        num(s, "guest_pages_written") >= 140_000.0
+        s.machine.guest_pages_written >= 140_000
     })?;
     let mut args = vec!["--mode", "postcopy"];
     if pass {
@@ -569,25 +594,27 @@ fn postcopy_series(ferry: &Path, dir: &Path, vcpus: u32, rate: u64, pass: bool) 
     }
     let (mut downtimes, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..5 {
-        let (r, dst) = migrate_once(ferry, dir, &vm, &format!("{tag}-{i}"), &args)?;
+        let (report, dst) = migrate_once(ferry, dir, &vm, &format!("{tag}-{i}"), &args)?;
+        let r = &report.typed;
+        let downtime = r.downtime_ms.unwrap_or(f64::NAN);
         println!(
-            "  run {i}: downtime {:.2} ms, switchover {:.2} ms, total {:.0} ms, {} faults \
+            "  run {i}: downtime {downtime:.2} ms, switchover {:.2} ms, total {:.0} ms, {} faults \
              (p50 {} us, p99 {} us), vCPUs blocked {:.1} ms, verified {}",
-            num(&r, "downtime_ms"),
-            num(&r, "switchover_ms"),
-            num(&r, "total_ms"),
-            num(&r, "postcopy_faults"),
-            num(&r, "fault_latency_p50_us"),
-            num(&r, "fault_latency_p99_us"),
-            num(&r, "vcpu_blocked_ms"),
-            r["memory_verified"],
+            r.core.switchover_ms.unwrap_or(f64::NAN),
+            r.core.total_ms,
+            or_dash(r.postcopy_faults),
+            or_dash(r.fault_latency_p50_us),
+            or_dash(r.fault_latency_p99_us),
+            r.vcpu_blocked_ms.unwrap_or(f64::NAN),
+            or_dash(r.memory_verified),
         );
-        if r["memory_verified"] != true {
-            bail!("memory digests differ after post-copy: {r}");
+        if r.memory_verified != Some(true) {
+            bail!("memory digests differ after post-copy: {}", report.raw);
         }
-        downtimes.push(num(&r, "downtime_ms"));
-        p50s.push(num(&r, "fault_latency_p50_us"));
-        p99s.push(num(&r, "fault_latency_p99_us"));
+        let us = |v: Option<u64>| v.map_or(f64::NAN, |v| v as f64);
+        downtimes.push(downtime);
+        p50s.push(us(r.fault_latency_p50_us));
+        p99s.push(us(r.fault_latency_p99_us));
         vm.quit(ferry)?;
         vm = dst;
     }
@@ -602,15 +629,19 @@ fn postcopy_series(ferry: &Path, dir: &Path, vcpus: u32, rate: u64, pass: bool) 
 }
 
 /// `ferry storage-migrate --json` of a VM's disks into `to`; its report.
-fn storage_migrate(ferry: &Path, control: &Path, to: &Path, mode: &str) -> Result<Value> {
+fn storage_migrate(
+    ferry: &Path,
+    control: &Path,
+    to: &Path,
+    mode: &str,
+) -> Result<Report<StorageReport>> {
     let out = std::process::Command::new(ferry)
         .args(["storage-migrate", "--json", "--mode", mode, "--to"])
         .arg(to)
         .arg("--control")
         .arg(control)
         .output()?;
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    Report::parse(&out)
 }
 
 /// Storage migration: the bulk copy against `dd` of the same image on the same file
@@ -677,21 +708,22 @@ fn storage() -> Result<()> {
     let mut vm = start(&ferry, &dir, "st", body)?;
     vm.wait_ready(&ferry)?;
     step("storage migration of the same image (guest not writing to disk), background mode");
-    let r = storage_migrate(&ferry, &vm.control, &dir.join("ds2"), "background")?;
-    if r["outcome"] != "completed" {
-        bail!("storage migration failed: {r}");
+    let report = storage_migrate(&ferry, &vm.control, &dir.join("ds2"), "background")?;
+    let r = &report.typed;
+    if r.core.outcome != Outcome::Completed {
+        bail!("storage migration failed: {}", report.raw);
     }
-    let rate = num(&r, "disk_bytes_copied") / (num(&r, "copy_ms") / 1e3);
+    let rate = r.disk_bytes_copied as f64 / (r.copy_ms / 1e3);
     println!(
         "  copy {:.0} MB/s = {:.0}% of dd (goal >= 80%); then the block-by-block check \
          took {:.0} ms more; switchover {:.1} ms, verified {}",
         rate / 1e6,
         rate / dd * 100.0,
-        num(&r, "total_ms") - num(&r, "copy_ms"),
-        num(&r, "switchover_ms"),
-        r["disk_verified"]
+        r.core.total_ms - r.copy_ms,
+        r.core.switchover_ms.unwrap_or(f64::NAN),
+        or_dash(r.disk_verified)
     );
-    results.insert("bulk_background".into(), r);
+    results.insert("bulk_background".into(), report.raw);
     vm.quit(&ferry)?;
     let copy_rate = rate;
 
@@ -719,31 +751,36 @@ fn storage() -> Result<()> {
         let mut vm = start(&ferry, &dir, &name, &body)?;
         vm.wait_ready(&ferry)?;
         std::thread::sleep(Duration::from_secs(2));
-        let w0 = num(&status(&ferry, &vm.control)?, "disk_writes");
+        let w0 = vm_status(&ferry, &vm.control)?.machine.disk_writes;
         std::thread::sleep(Duration::from_secs(1));
-        let w1 = num(&status(&ferry, &vm.control)?, "disk_writes");
-        let guest_rate = (w1 - w0) * 65536.0;
-        let r = storage_migrate(&ferry, &vm.control, &dir.join(ds), mode)?;
+        let w1 = vm_status(&ferry, &vm.control)?.machine.disk_writes;
+        let guest_rate = w1.saturating_sub(w0) as f64 * 65536.0;
+        let report = storage_migrate(&ferry, &vm.control, &dir.join(ds), mode)?;
+        let r = &report.typed;
         println!(
             "  guest wrote {:.0} MB/s ({:.0}% of the copy speed): {} in {} rounds, switchover {:.1} ms, \
              copy {:.0} ms, verified {}, added write latency p99 {} us",
             guest_rate / 1e6,
             guest_rate / copy_rate * 100.0,
-            r["outcome"],
-            r["disk_rounds"],
-            num(&r, "switchover_ms"),
-            num(&r, "copy_ms"),
-            r["disk_verified"],
-            r["guest_write_latency_added_us_p99"],
+            r.core.outcome,
+            r.disk_rounds,
+            r.core.switchover_ms.unwrap_or(f64::NAN),
+            r.copy_ms,
+            or_dash(r.disk_verified),
+            or_dash(r.guest_write_latency_added_us_p99),
         );
         if mode == "auto" {
-            for d in r["disks"].as_array().into_iter().flatten() {
-                println!("  auto chose {}: {}", d["mode"], d["mode_reason"]);
+            for d in &r.disks {
+                println!(
+                    "  auto chose {}: {}",
+                    d.mode,
+                    or_dash(d.mode_reason.as_ref())
+                );
             }
         }
         results.insert(
             format!("converge_{mode}"),
-            json!({"guest_bytes_per_sec": guest_rate, "report": r}),
+            json!({"guest_bytes_per_sec": guest_rate, "report": report.raw}),
         );
         vm.quit(&ferry)?;
     }

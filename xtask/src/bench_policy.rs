@@ -8,10 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ferry_api::{MigrationReport, Outcome, RunState};
 use serde_json::{Value, json};
 
 use crate::util::{
-    Vmm, build_ferry, cpu_seconds, median, num, root, stat_cpu_seconds, status, step, vcpu_tasks,
+    Vmm, build_ferry, cpu_seconds, median, num, root, stat_cpu_seconds, step, vcpu_tasks, vm_status,
 };
 
 /// The peer presets of `agent/src/policy/presets.rs` (xtask does not link the agent:
@@ -359,12 +360,12 @@ impl Lab {
         let ws_pages = int("working_set_mib").unwrap_or(0) as f64 * 256.0;
         let t0 = Instant::now();
         loop {
-            let st = status(&self.ferry, &self.vm.control)?;
-            if !fill || num(&st, "guest_pages_written") >= ws_pages {
+            let st = vm_status(&self.ferry, &self.vm.control)?;
+            if !fill || st.machine.guest_pages_written as f64 >= ws_pages {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(180) {
-                bail!("the guest did not write its working set within 180 s: {st}");
+                bail!("the guest did not write its working set within 180 s: {st:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -416,9 +417,12 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-        let completed = report["outcome"] == "completed";
+        let typed: MigrationReport = serde_json::from_value(report.clone()).map_err(|e| {
+            anyhow::anyhow!("{policy}: the report does not read as ferry-api's ({e}): {report}")
+        })?;
+        let completed = typed.core.outcome == Outcome::Completed;
         if completed {
-            if report["memory_verified"] != true || num(&report, "guest_integrity_errors") != 0.0 {
+            if typed.memory_verified != Some(true) || typed.guest_integrity_errors != 0 {
                 bail!("{policy}: the guest did not arrive intact: {report}");
             }
             let old = std::mem::replace(&mut self.vm, dst);
@@ -438,9 +442,9 @@ impl Lab {
                 let _ = std::fs::remove_dir_all(ds);
             }
             // The guest stays on the source, running.
-            let st = status(&self.ferry, &self.vm.control)?;
-            if st["state"] != "running" {
-                bail!("{policy}: after a failed migration the source is not running: {st}");
+            let st = vm_status(&self.ferry, &self.vm.control)?;
+            if st.machine.state != RunState::Running {
+                bail!("{policy}: after a failed migration the source is not running: {st:?}");
             }
         }
         // The next run starts on a quiet host: this one's deleted datastore and
@@ -448,7 +452,7 @@ impl Lab {
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
         std::thread::sleep(Duration::from_millis(300));
-        Ok(Run::judge(s, report, cpu * 1e3))
+        Ok(Run::judge(s, typed, report, cpu * 1e3))
     }
 }
 
@@ -769,20 +773,23 @@ fn mark_identical(rows: &mut [Value], runs: &[Vec<Run>], running: &[&str]) {
 /// One migration's figures and whether it kept the scenario's limits.
 struct Run {
     outcome: String,
+    /// The report through ferry-api's type,
+    typed: MigrationReport,
+    /// and as printed: the driver's additions (decisions' reasons, predictions) too.
     report: Value,
     cpu_ms: f64,
 }
 
 impl Run {
-    fn judge(s: &Scenario, report: Value, cpu_ms: f64) -> Self {
-        let total = num(&report, "total_ms");
-        let down = num(&report, "downtime_ms");
-        let postcopy = !report["postcopy_faults"].is_null();
-        let outcome = if report["outcome"] != "completed" {
+    fn judge(s: &Scenario, typed: MigrationReport, report: Value, cpu_ms: f64) -> Self {
+        let total = typed.core.total_ms;
+        let down = typed.downtime_ms.unwrap_or(f64::NAN);
+        let postcopy = typed.postcopy_faults.is_some();
+        let outcome = if typed.core.outcome != Outcome::Completed {
             format!(
                 "{}: {}",
-                report["outcome"].as_str().unwrap_or("failed"),
-                report["error"].as_str().unwrap_or("")
+                typed.core.outcome,
+                typed.core.error.as_deref().unwrap_or("")
             )
         } else if total > s.max_total_secs * 1e3 {
             format!(
@@ -802,6 +809,7 @@ impl Run {
         };
         Self {
             outcome,
+            typed,
             report,
             cpu_ms,
         }
@@ -832,17 +840,17 @@ fn row(s: &Scenario, policy: &str, runs: &[Run]) -> Value {
         "policy": policy,
         "runs": runs.len(),
         "outcome": outcome,
-        "total_ms": med(runs, |r| num(&r.report, "total_ms")),
-        "downtime_ms": med(runs, |r| num(&r.report, "downtime_ms")),
-        "bytes_on_wire": med(runs, |r| num(&r.report, "bytes_on_wire")),
+        "total_ms": med(runs, |r| r.typed.core.total_ms),
+        "downtime_ms": med(runs, |r| r.typed.downtime_ms.unwrap_or(f64::NAN)),
+        "bytes_on_wire": med(runs, |r| r.typed.bytes_on_wire as f64),
         "cpu_ms": med(runs, |r| r.cpu_ms),
         "predicted_total_ms": med(runs, |r| num(&r.report, "predicted_total_ms")),
         "predicted_downtime_ms": med(runs, |r| num(&r.report, "predicted_downtime_ms")),
         "max_downtime_ms": s.max_downtime_ms,
         "max_total_secs": s.max_total_secs,
-        "throttle_max_pct": med(runs, |r| num(&r.report, "throttle_max_pct")),
-        "postcopy": runs.iter().any(|r| !r.report["postcopy_faults"].is_null()),
-        "codec": runs.last().map(|r| r.report["codec"].clone()),
+        "throttle_max_pct": med(runs, |r| f64::from(r.typed.throttle_max_pct)),
+        "postcopy": runs.iter().any(|r| r.typed.postcopy_faults.is_some()),
+        "codec": runs.last().map(|r| r.typed.codec.to_string()),
     })
 }
 
@@ -916,8 +924,7 @@ pub fn run(args: &[&str]) -> Result<()> {
                 println!(
                     "  warm-up hop {i}/{WARM_UP_HOPS} under {policy} (not measured): {}, total \
                      {:.0} ms",
-                    r.outcome,
-                    num(&r.report, "total_ms")
+                    r.outcome, r.typed.core.total_ms
                 );
             }
         }
@@ -943,9 +950,9 @@ pub fn run(args: &[&str]) -> Result<()> {
                     i + 1,
                     s.repeats,
                     if r.ok() { "ok" } else { "NOT OK" },
-                    num(&r.report, "total_ms"),
-                    num(&r.report, "downtime_ms"),
-                    num(&r.report, "bytes_on_wire") / 1e6,
+                    r.typed.core.total_ms,
+                    r.typed.downtime_ms.unwrap_or(f64::NAN),
+                    r.typed.bytes_on_wire as f64 / 1e6,
                     r.cpu_ms,
                     num(&r.report, "predicted_total_ms"),
                     num(&r.report, "predicted_downtime_ms"),

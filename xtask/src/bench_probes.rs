@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::util::{Vmm, build_ferry, ctl, median, num, status, step, work_dir};
+use crate::util::{Vmm, build_ferry, ctl, median, step, vm_status, work_dir};
 
 /// `ferry signals`' default: logging for the whole 1000 ms tick.
 const DEFAULT_SAMPLE_MS: u64 = 1000;
@@ -42,15 +42,15 @@ fn start(ferry: &Path, dir: &Path, name: &str, rate: u64, memory_mib: u64) -> Re
     // Past the fill: writing at its pace.
     let t0 = Instant::now();
     loop {
-        let s = status(ferry, &vm.control)?;
-        let r = num(&s, "pages_written_per_sec");
+        let s = vm_status(ferry, &vm.control)?;
+        let r = s.machine.pages_written_per_sec;
         if (rate > 0 && (r - rate as f64).abs() < rate as f64 * 0.05)
             || (rate == 0 && t0.elapsed() > Duration::from_secs(3))
         {
             break;
         }
         if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the guest never reached {rate} pages/s: {s}");
+            bail!("the guest never reached {rate} pages/s: {s:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -85,7 +85,7 @@ impl Mark {
         Ok(Self {
             at: Instant::now(),
             vcpu_secs: vcpu_seconds(vm.child.id())?,
-            pages: num(&status(ferry, &vm.control)?, "guest_pages_written"),
+            pages: vm_status(ferry, &vm.control)?.machine.guest_pages_written as f64,
         })
     }
 

@@ -10,9 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use ferry_api::{MigrationReport, VmStatus};
 use serde_json::Value;
 
-use crate::util::{Vmm, build_ferry, ctl, num, snapshot, status, step, work_dir};
+use crate::util::{Vmm, build_ferry, ctl, num, snapshot, step, vm_of, vm_status, work_dir};
 
 const LAB_CONFIG: &str = r#"name = "lab1"
 memory_mib = 256
@@ -39,27 +40,28 @@ size_mib = 64
 cache = "none"
 "#;
 
-fn show(label: &str, s: &Value) {
+fn show(label: &str, s: &VmStatus) {
+    let m = &s.machine;
     println!(
         "  {label:<10} state={:<8} heartbeats={:>8} pages={:>9} pages/s={:>7.0} disk w/r={:>5}/{:<5} integrity errors={}/{} max gap={:.2} ms",
-        s.get("state").and_then(Value::as_str).unwrap_or("?"),
-        num(s, "heartbeats"),
-        num(s, "guest_pages_written"),
-        num(s, "pages_written_per_sec"),
-        num(s, "disk_writes"),
-        num(s, "disk_reads"),
-        num(s, "guest_integrity_errors"),
-        num(s, "disk_integrity_errors"),
-        num(s, "max_heartbeat_gap_ms"),
+        m.state.as_str(),
+        m.heartbeats,
+        m.guest_pages_written,
+        m.pages_written_per_sec,
+        m.disk_writes,
+        m.disk_reads,
+        m.guest_integrity_errors,
+        m.disk_integrity_errors,
+        m.max_heartbeat_gap_ms,
     );
 }
 
-fn watch(ferry: &std::path::Path, vm: &Vmm, label: &str, secs: f64) -> Result<Value> {
+fn watch(ferry: &std::path::Path, vm: &Vmm, label: &str, secs: f64) -> Result<VmStatus> {
     let t0 = Instant::now();
-    let mut last = status(ferry, &vm.control)?;
+    let mut last = vm_status(ferry, &vm.control)?;
     while t0.elapsed().as_secs_f64() < secs {
         std::thread::sleep(Duration::from_millis(500));
-        last = status(ferry, &vm.control)?;
+        last = vm_status(ferry, &vm.control)?;
         show(
             &format!("{label} {:.1}s", t0.elapsed().as_secs_f64()),
             &last,
@@ -90,8 +92,11 @@ fn migrate_to(
     if !migrated.success() {
         anyhow::bail!("the migration failed; see {}", report.display());
     }
-    show("source", &status(ferry, &src.control)?);
+    show("source", &vm_status(ferry, &src.control)?);
+    // The driver's report: the migration's, and beside it the policy, its steps, its
+    // prediction and the probes' signals, which no ferry-api type describes.
     let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let migration: MigrationReport = serde_json::from_value(r.clone())?;
     // What the policy decided, and why; then what it predicted against what happened.
     println!(
         "  decisions ({} policy):",
@@ -119,13 +124,13 @@ fn migrate_to(
         .flatten()
         .filter(|d| matches!(d["setting"].as_str(), Some("postcopy" | "abort")))
         .for_each(step);
-    if let (Some(p), Some(t)) = (r["predicted_total_ms"].as_f64(), r["total_ms"].as_f64()) {
+    if let Some(p) = r["predicted_total_ms"].as_f64() {
         println!(
             "  predicted total {:.1} s, measured {:.1} s; predicted downtime {:.0} ms, measured {:.1} ms",
             p / 1e3,
-            t / 1e3,
+            migration.core.total_ms / 1e3,
             num(&r, "predicted_downtime_ms"),
-            num(&r, "downtime_ms")
+            migration.downtime_ms.unwrap_or(f64::NAN)
         );
     }
     // What the probes saw of the guest while it moved (logging was on throughout).
@@ -182,16 +187,14 @@ pub fn run() -> Result<()> {
     println!(
         "  written to {}: VM paused {:.1} ms (state saved in {:.2} ms), {:.0} MiB memory written sparse, {:.0} KiB disk data",
         snap.display(),
-        num(&report, "pause_ms"),
-        num(&report, "state_save_ms"),
-        num(&report, "memory_bytes_written") / 1048576.0,
-        num(&report, "disk_bytes_copied") / 1024.0
+        report.pause_ms,
+        report.state_save_ms,
+        report.memory_bytes_written as f64 / 1048576.0,
+        report.disk_bytes_copied as f64 / 1024.0
     );
     println!(
         "  guest counters at the snapshot: heartbeats={} pages={} disk writes={}",
-        num(&report, "heartbeats"),
-        num(&report, "guest_pages_written"),
-        num(&report, "disk_writes")
+        report.heartbeats, report.guest_pages_written, report.disk_writes
     );
     watch(&ferry, &vm, "lab1", 1.5)?;
 
@@ -203,7 +206,7 @@ pub fn run() -> Result<()> {
         &dir.join("lab1-restored.sock"),
         &dir.join("lab1-restored.log"),
     )?;
-    let first = restored.wait_ready(&ferry)?;
+    let first = vm_of(restored.wait_ready(&ferry)?)?;
     show("restored", &first);
     watch(&ferry, &restored, "restored", 3.0)?;
 
@@ -219,7 +222,7 @@ pub fn run() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    show("restored", &status(&ferry, &restored.control)?);
+    show("restored", &vm_status(&ferry, &restored.control)?);
 
     step("live migration (pre-copy, lz4) to a third ferry vmm over loopback TCP");
     // Shared storage: the destination finds the disk by name in the folder it is given.

@@ -5,6 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ferry_api::{SnapshotReport, Status, VmStatus};
 use serde_json::Value;
 
 pub fn step(what: &str) {
@@ -158,7 +159,7 @@ impl Vmm {
         })
     }
 
-    pub fn wait_ready(&mut self, ferry: &Path) -> Result<Value> {
+    pub fn wait_ready(&mut self, ferry: &Path) -> Result<Status> {
         let t0 = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -231,7 +232,7 @@ pub fn ctl(ferry: &Path, args: &[&str], control: &Path) -> Result<String> {
 }
 
 /// `ferry snapshot --out DIR --json` on a VM; returns the snapshot report.
-pub fn snapshot(ferry: &Path, control: &Path, out: &Path) -> Result<Value> {
+pub fn snapshot(ferry: &Path, control: &Path, out: &Path) -> Result<SnapshotReport> {
     let out = out.to_str().unwrap_or_default();
     Ok(serde_json::from_str(&ctl(
         ferry,
@@ -240,7 +241,8 @@ pub fn snapshot(ferry: &Path, control: &Path, out: &Path) -> Result<Value> {
     )?)?)
 }
 
-pub fn status(ferry: &Path, control: &Path) -> Result<Value> {
+/// `ferry status --json`: a VM, or a destination still waiting for one.
+pub fn status(ferry: &Path, control: &Path) -> Result<Status> {
     Ok(serde_json::from_str(&ctl(
         ferry,
         &["status", "--json"],
@@ -248,6 +250,25 @@ pub fn status(ferry: &Path, control: &Path) -> Result<Value> {
     )?)?)
 }
 
+/// `status` of a VM; a destination still waiting for one is an error.
+pub fn vm_status(ferry: &Path, control: &Path) -> Result<VmStatus> {
+    vm_of(status(ferry, control)?)
+}
+
+/// A VM's status; a destination still waiting for one is an error.
+pub fn vm_of(s: Status) -> Result<VmStatus> {
+    match s {
+        Status::Vm(vm) => Ok(*vm),
+        Status::Incoming(i) => bail!("no VM here yet: {i:?}"),
+    }
+}
+
+/// An optional figure as the bench and lab print it: its value, or `-`.
+pub fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// A number read from JSON that no ferry-api type describes (NaN when absent).
 pub fn num(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
