@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::migration::codec::Codec;
 use crate::migration::destination::Slot;
 use crate::migration::disk_stream::DiskMirror;
 use crate::migration::door::Door;
 use crate::migration::migratable::Migratable;
 use crate::migration::{source, storage};
 use crate::sync::lock;
-use crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS;
+use crate::vmm::block::MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC;
 use crate::vmm::machine::{
     DIRTY_SAMPLE_MS, DirtySampleError, MailboxError, PauseError, ResumeError, RunState,
     VerifyError, WorkloadError,
@@ -33,21 +32,7 @@ use ferry_api::{
     Answer, Cancelling, CodecSamples, ErrorKind, PostcopyRequested, Resuming, Started, StateNow,
     WorkloadSet,
 };
-pub use ferry_api::{Migrate, Request, SettingsChange};
-
-/// `disk_write_limit_mbps` as the VMM holds it: bytes/s, None for none; checked.
-fn disk_write_limit(s: &SettingsChange) -> Result<Option<Option<u64>>, String> {
-    match s.disk_write_limit_mbps {
-        Some(m) if !(m == 0.0 || (m >= MIN_DISK_WRITE_LIMIT_MBPS && m.is_finite())) => {
-            Err(format!(
-                "disk_write_limit_mbps = {m}: must be 0 (none) or at least \
-                 {MIN_DISK_WRITE_LIMIT_MBPS} (MB/s; a guest write waits its share of it)"
-            ))
-        }
-        Some(m) => Ok(Some((m > 0.0).then(|| (m * 1e6).round().max(1.0) as u64))),
-        None => Ok(None),
-    }
-}
+pub use ferry_api::{Migrate, Request, Settings, SettingsChange};
 
 /// Why a request was not done: the one line the client shows, and which kind of no
 /// (a front end maps the kind, never the words).
@@ -186,12 +171,6 @@ impl Kinded for source::ResolveError {
             E::Protocol(_) | E::Unexpected(_) | E::Inconsistent { .. } => ErrorKind::Failed,
         }
     }
-}
-
-/// `bandwidth_mbit` as the VMM holds it: bytes/s, None for unlimited.
-fn bandwidth(s: &SettingsChange) -> Option<Option<u64>> {
-    s.bandwidth_mbit
-        .map(|m| (m > 0).then_some(m.saturating_mul(1_000_000) / 8))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -545,13 +524,13 @@ fn dispatch_to(
             disk,
             mode,
             remove_source,
-            throttle_writes_mbps,
+            throttle_writes_bytes_per_sec,
             report,
         } => start_storage_migration(
             vm,
             (to, disk),
             mode.unwrap_or_default(),
-            (remove_source, throttle_writes_mbps),
+            (remove_source, throttle_writes_bytes_per_sec),
             report,
         )
         .map_err(Refusal::from),
@@ -574,32 +553,9 @@ fn dispatch_to(
                 "no post-copy is waiting for its link to come back",
             )),
         },
-        Request::SetParams { settings, reasons } => disk_write_limit(&settings)
-            .map_err(invalid)
-            .and_then(|limit| {
-                source::set_params(
-                    vm,
-                    source::SettingsChange {
-                        codec: settings.compression,
-                        bandwidth: bandwidth(&settings),
-                        throttle_pct: settings.throttle_pct,
-                        max_downtime_ms: settings.max_downtime_ms,
-                        disk_write_limit: limit,
-                        switchover: settings.switchover,
-                        disk_mirror: settings.disk_mirror,
-                    },
-                    &reasons,
-                )
-                .map(|s| {
-                    json!(ferry_api::SettingsNow {
-                        codec: s.codec,
-                        bandwidth_bytes_per_sec: s.bandwidth,
-                        throttle_pct: s.throttle_pct,
-                        max_downtime_ms: s.max_downtime_ms,
-                    })
-                })
-                .map_err(Refusal::from)
-            }),
+        Request::SetParams { settings, reasons } => source::set_params(vm, &settings, &reasons)
+            .map(|s| json!(s))
+            .map_err(Refusal::from),
         Request::Cancel {} => {
             if matches!(
                 phase,
@@ -667,7 +623,7 @@ fn quit(
 /// Why `storage-migrate` did not start one.
 #[derive(Debug, thiserror::Error)]
 enum StorageStartError {
-    #[error("throttle_writes_mbps must be at least 1")]
+    #[error("throttle_writes_bytes_per_sec must be at least {MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC}")]
     ZeroThrottle,
     #[error("the destination {} is not a folder", .0.display())]
     NotAFolder(PathBuf),
@@ -706,11 +662,11 @@ fn start_storage_migration(
     vm: &Arc<Migratable>,
     (to, disk): (PathBuf, Option<String>),
     mode: storage::StorageMode,
-    (remove_source, throttle_writes_mbps): (bool, Option<u64>),
+    (remove_source, throttle_writes_bytes_per_sec): (bool, Option<u64>),
     report: Option<PathBuf>,
 ) -> Result<Value, StorageStartError> {
     let m = &vm.machine;
-    if throttle_writes_mbps == Some(0) {
+    if throttle_writes_bytes_per_sec.is_some_and(|b| b < MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC) {
         return Err(StorageStartError::ZeroThrottle);
     }
     if !to.is_dir() {
@@ -754,7 +710,7 @@ fn start_storage_migration(
         disk,
         mode,
         remove_source,
-        throttle_writes: throttle_writes_mbps.map(|m| m.saturating_mul(1_000_000)),
+        throttle_writes: throttle_writes_bytes_per_sec,
         report,
         config_path: m
             .config_path
@@ -779,7 +735,7 @@ enum StartError {
     PrecopyPassNeedsPostcopy,
     #[error("copy_storage works with mode precopy")]
     CopyStorageNeedsPrecopy,
-    #[error("disk_write_limit_mbps applies to disks that travel (copy_storage)")]
+    #[error("disk_write_limit_bytes_per_sec applies to disks that travel (copy_storage)")]
     DiskLimitNeedsCopyStorage,
     #[error("disk_mirror = \"active\" applies to disks that travel (copy_storage)")]
     ActiveMirrorNeedsCopyStorage,
@@ -838,22 +794,15 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
     if copy_storage && mode != source::Mode::Precopy {
         return Err(StartError::CopyStorageNeedsPrecopy);
     }
-    let limit = disk_write_limit(&req).map_err(StartError::DiskWriteLimit)?;
-    if !copy_storage && limit.flatten().is_some() {
+    source::check_disk_write_limit(req.disk_write_limit_bytes_per_sec)
+        .map_err(StartError::DiskWriteLimit)?;
+    let settings = Settings::default().with(&req);
+    if !copy_storage && settings.disk_write_limit_bytes_per_sec.is_some() {
         return Err(StartError::DiskLimitNeedsCopyStorage);
     }
     if !copy_storage && req.disk_mirror == Some(DiskMirror::Active) {
         return Err(StartError::ActiveMirrorNeedsCopyStorage);
     }
-    let settings = source::Settings {
-        codec: req.compression.unwrap_or(Codec::None),
-        bandwidth: bandwidth(&req).flatten(),
-        throttle_pct: req.throttle_pct.unwrap_or(0),
-        max_downtime_ms: req.max_downtime_ms.unwrap_or(300),
-        disk_write_limit: limit.flatten(),
-        switchover: req.switchover.unwrap_or_default(),
-        disk_mirror: req.disk_mirror.unwrap_or_default(),
-    };
     if settings.max_downtime_ms == 0 {
         return Err(StartError::ZeroDowntime);
     }
@@ -1049,12 +998,15 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot"}"#).is_err());
-        let r: Request =
-            serde_json::from_str(r#"{"cmd":"migrate","to":"h:1","bandwidth_mbit":800}"#).unwrap();
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"migrate","to":"h:1","bandwidth_bytes_per_sec":100000000}"#,
+        )
+        .unwrap();
         match r {
             Request::Migrate(m) => {
                 assert_eq!(m.to, "h:1");
-                assert_eq!(bandwidth(&m.settings), Some(Some(100_000_000)));
+                let s = Settings::default().with(&m.settings);
+                assert_eq!(s.bandwidth_bytes_per_sec, Some(100_000_000));
             }
             other => panic!("{other:?}"),
         }
@@ -1065,23 +1017,31 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_write_limit_is_megabytes_per_second_and_zero_lifts_it() {
+    fn a_disk_write_limit_is_bytes_per_second_and_zero_lifts_it() {
         let limit = |json: &str| match serde_json::from_str::<Request>(json).unwrap() {
-            Request::SetParams { settings, .. } => disk_write_limit(&settings),
+            Request::SetParams { settings, .. } => {
+                source::check_disk_write_limit(settings.disk_write_limit_bytes_per_sec)
+                    .map(|()| settings.disk_write_limit_bytes_per_sec)
+            }
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            limit(r#"{"cmd":"set-params","disk_write_limit_mbps":6.5}"#),
-            Ok(Some(Some(6_500_000)))
+            limit(r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":6500000}"#),
+            Ok(Some(6_500_000))
         );
         assert_eq!(
-            limit(r#"{"cmd":"set-params","disk_write_limit_mbps":0}"#),
-            Ok(Some(None))
+            limit(r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":0}"#),
+            Ok(Some(0))
         );
         assert_eq!(limit(r#"{"cmd":"set-params"}"#), Ok(None));
-        let e = limit(r#"{"cmd":"set-params","disk_write_limit_mbps":-1}"#).unwrap_err();
-        assert!(e.contains("disk_write_limit_mbps"), "{e}");
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":-1}"#
+            )
+            .is_err()
+        );
         // Below the floor a guest write would stall its vCPU.
-        assert!(limit(r#"{"cmd":"set-params","disk_write_limit_mbps":0.001}"#).is_err());
+        let e = limit(r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":1000}"#).unwrap_err();
+        assert!(e.contains("disk_write_limit_bytes_per_sec"), "{e}");
     }
 }

@@ -100,12 +100,7 @@ impl PolicyArgs {
                 c => Some(c.parse::<ferry_api::Codec>()?),
             },
             throttle_pct: self.throttle_pct,
-            disk_write_limit_mbps: match self.disk_write_limit_mbps {
-                Some(m) if !(m >= 0.0 && m.is_finite()) => {
-                    anyhow::bail!("--disk-write-limit-mbps {m}: must be 0 (none) or more")
-                }
-                m => m,
-            },
+            disk_write_limit_bytes_per_sec: disk_write_limit(self.disk_write_limit_mbps)?,
             disk_mirror: self.disk_mirror()?,
         })
     }
@@ -429,7 +424,8 @@ fn main() -> ExitCode {
                 disk,
                 mode: Some(mode),
                 remove_source,
-                throttle_writes_mbps,
+                throttle_writes_bytes_per_sec: throttle_writes_mbps
+                    .map(|m| m.saturating_mul(1_000_000)),
                 report,
             },
             json,
@@ -468,7 +464,7 @@ fn main() -> ExitCode {
         } => (|| {
             let limits = policy.limits()?;
             let pins = policy.pins()?;
-            let codec = pins.codec;
+            let (codec, disk_write_limit) = (pins.codec, pins.disk_write_limit_bytes_per_sec);
             let chosen = ferry::policy::by_name(&policy.policy, pins, &limits)
                 .map_err(anyhow::Error::msg)?;
             // Post-copy allowed: hybrid, so the policy can switch when it decides.
@@ -480,11 +476,11 @@ fn main() -> ExitCode {
             let req = ferry_api::Migrate {
                 to: to.unwrap_or_default(),
                 settings: ferry_api::SettingsChange {
-                    compression: Some(codec.unwrap_or_default()),
+                    codec: Some(codec.unwrap_or_default()),
                     max_downtime_ms: Some(limits.max_downtime_ms.round() as u64),
-                    bandwidth_mbit: Some(limits.bandwidth_mbit.map_or(0, |m| m.round() as u64)),
+                    bandwidth_bytes_per_sec: Some(limits.bandwidth_bytes_per_sec().unwrap_or(0)),
                     throttle_pct: Some(policy.throttle_pct.unwrap_or(0)),
-                    disk_write_limit_mbps: policy.disk_write_limit_mbps,
+                    disk_write_limit_bytes_per_sec: disk_write_limit,
                     disk_mirror: policy.disk_mirror()?,
                     switchover: None,
                 },
@@ -537,21 +533,24 @@ fn main() -> ExitCode {
             max_downtime_ms,
             disk_write_limit_mbps,
             disk_mirror,
-        } => cli::client::print_answer::<ferry_api::SettingsNow>(
-            &control,
-            &Request::SetParams {
-                settings: ferry_api::SettingsChange {
-                    compression,
-                    bandwidth_mbit,
-                    throttle_pct,
-                    max_downtime_ms,
-                    disk_write_limit_mbps,
-                    disk_mirror,
-                    switchover: None,
+        } => (|| {
+            cli::client::print_answer::<ferry_api::Settings>(
+                &control,
+                &Request::SetParams {
+                    settings: ferry_api::SettingsChange {
+                        codec: compression,
+                        bandwidth_bytes_per_sec: bandwidth_mbit
+                            .map(|m| m.saturating_mul(1_000_000) / 8),
+                        throttle_pct,
+                        max_downtime_ms,
+                        disk_write_limit_bytes_per_sec: disk_write_limit(disk_write_limit_mbps)?,
+                        disk_mirror,
+                        switchover: None,
+                    },
+                    reasons: Default::default(),
                 },
-                reasons: Default::default(),
-            },
-        ),
+            )
+        })(),
         Command::Verify {
             control,
             json,
@@ -623,4 +622,15 @@ fn disk_check(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::from(3)
     })
+}
+
+/// `--disk-write-limit-mbps` (the operator's MB/s) in the settings' bytes per second;
+/// 0 is none.
+fn disk_write_limit(mbps: Option<f64>) -> anyhow::Result<Option<u64>> {
+    match mbps {
+        Some(m) if !(m == 0.0 || (m >= 1.0 && m.is_finite())) => {
+            anyhow::bail!("--disk-write-limit-mbps {m}: must be 0 (none) or at least 1")
+        }
+        m => Ok(m.map(|m| (m * 1e6).round() as u64)),
+    }
 }

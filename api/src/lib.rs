@@ -78,8 +78,10 @@ pub use report::{
     Decision, DriverReport, MigrationReport, MovedDisk, Outcome, PredictionRecord, ProbeSample,
     ReportCore, StorageReport,
 };
-pub use request::{Migrate, Reasons, Request, Resolution, SettingsChange, SettingsNow};
-pub use settings::{DiskMirror, Mode, ParseError, StorageMode, Switchover};
+pub use request::{Migrate, Reasons, Request, Resolution};
+pub use settings::{
+    DiskMirror, Mode, ParseError, Settings, SettingsChange, StorageMode, Switchover,
+};
 pub use status::{
     CodecSamples, DirtySample, IncomingStatus, MachineStatus, PortCounters, RestoreTimings,
     RunState, SnapshotReport, Status, VcpuStatus, VerifyReport, VmStatus,

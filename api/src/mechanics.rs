@@ -23,8 +23,8 @@ pub struct Mechanics {
     /// Bytes per block of a travelling disk's dirty log (a guest write marks whole
     /// blocks, and rounds send them whole).
     pub disk_block_bytes: u64,
-    /// The smallest cap on the guest's disk writes the backend enforces, MB/s.
-    pub min_disk_write_limit_mbps: f64,
+    /// The smallest cap on the guest's disk writes the backend enforces.
+    pub min_disk_write_limit_bytes_per_sec: u64,
     /// Post-copy: link time the pause spends on the hottest pages, seconds,
     pub postcopy_pause_send_secs: f64,
     /// and bounds on how many it sends then, whatever the link's rate.
@@ -66,7 +66,7 @@ mod tests {
             min_batch_pages: 32,
             max_rounds: 30,
             disk_block_bytes: 64 << 10,
-            min_disk_write_limit_mbps: 1.0,
+            min_disk_write_limit_bytes_per_sec: 1_000_000,
             postcopy_pause_send_secs: 0.5e-3,
             postcopy_pause_pages_min: 32,
             postcopy_pause_pages_max: 1024,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::StorageMode;
-use crate::{Codec, DiskMirror, Mode, Switchover};
+use crate::{Mode, SettingsChange};
 
 /// Setting name → why it has its value (a policy's reasons, for the report).
 pub type Reasons = BTreeMap<String, String>;
@@ -51,9 +51,9 @@ pub enum Request {
         mode: Option<StorageMode>,
         #[serde(default)]
         remove_source: bool,
-        /// Cap on the guest's disk writes while its disks move, MB/s.
+        /// Cap on the guest's disk writes while its disks move, bytes per second.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        throttle_writes_mbps: Option<u64>,
+        throttle_writes_bytes_per_sec: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         report: Option<PathBuf>,
     },
@@ -138,45 +138,6 @@ pub struct Migrate {
     pub reasons: Reasons,
 }
 
-/// Migration settings as a request names them; absent means "unchanged" (or the
-/// default, when starting).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SettingsChange {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compression: Option<Codec>,
-    /// Megabits per second; 0 = unlimited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth_mbit: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttle_pct: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_downtime_ms: Option<u64>,
-    /// Disks that travel: a cap on the guest's disk writes, MB/s; 0 = none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_write_limit_mbps: Option<f64>,
-    /// When pre-copy switches over once the pause fits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub switchover: Option<Switchover>,
-    /// Disks that travel: rounds only, or each guest write mirrored as well.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_mirror: Option<DiskMirror>,
-}
-
-impl SettingsChange {
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
-
-/// `set-params`' answer: the settings now in force.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SettingsNow {
-    pub codec: Codec,
-    pub bandwidth_bytes_per_sec: Option<u64>,
-    pub throttle_pct: u32,
-    pub max_downtime_ms: u64,
-}
-
 /// `resolve`'s answer: what the destination did with a handover in doubt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resolution {
@@ -190,23 +151,24 @@ pub struct Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Codec, Switchover};
 
     #[test]
     fn requests_read_as_the_socket_spells_them() {
         let r: Request = serde_json::from_str(
-            r#"{"cmd":"migrate","to":"h:1","compression":"zstd:3","mode":"hybrid",
+            r#"{"cmd":"migrate","to":"h:1","codec":"zstd:3","mode":"hybrid",
                 "switchover":"when-fits","reasons":{"codec":"it pays"}}"#,
         )
         .unwrap();
         let Request::Migrate(m) = &r else {
             panic!("{r:?}")
         };
-        assert_eq!(m.settings.compression, Some(Codec::Zstd(3)));
+        assert_eq!(m.settings.codec, Some(Codec::Zstd(3)));
         assert_eq!(m.mode, Some(Mode::Hybrid));
         assert_eq!(m.settings.switchover, Some(Switchover::WhenFits));
         let back: Request = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
         assert_eq!(back, r);
-        let e = serde_json::from_str::<Request>(r#"{"cmd":"set-params","compression":"gzip"}"#)
+        let e = serde_json::from_str::<Request>(r#"{"cmd":"set-params","codec":"gzip"}"#)
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown codec"), "{e}");

@@ -1,4 +1,9 @@
-//! How a migration moves: its mode, its switchover rule, how travelling disks keep up.
+//! How a migration moves: its mode, its switchover rule, how travelling disks keep up,
+//! and the settings it runs with.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Codec;
 
 /// A value that does not name one of a setting's choices; the message lists them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,9 +80,172 @@ named!(
     [Auto = "auto", Background = "background", Active = "active"]
 );
 
+/// What a live migration runs with, in one set of units (bytes per second, whole
+/// milliseconds): a policy chooses it, the driver sends it, the VMM holds it and
+/// `set-params` answers with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub codec: Codec,
+    /// A cap on the memory stream, bytes per second (None: none).
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Share of each vCPU's time taken away (0–99), as QEMU's auto-converge does.
+    pub throttle_pct: u32,
+    /// Pre-copy switches over once the estimated pause fits this.
+    pub max_downtime_ms: u64,
+    /// Disks that travel: a cap on the guest's disk writes, bytes per second (None:
+    /// none), so that the disks' rounds shrink when its writes would outrun the link.
+    pub disk_write_limit_bytes_per_sec: Option<u64>,
+    /// How the switchover moment is judged once the pause fits `max_downtime_ms`.
+    pub switchover: Switchover,
+    /// Disks that travel: rounds only, or each guest write mirrored as well.
+    pub disk_mirror: DiskMirror,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            codec: Codec::None,
+            bandwidth_bytes_per_sec: None,
+            throttle_pct: 0,
+            max_downtime_ms: 300,
+            disk_write_limit_bytes_per_sec: None,
+            switchover: Switchover::Halving,
+            disk_mirror: DiskMirror::Background,
+        }
+    }
+}
+
+impl Settings {
+    /// These settings with `change` applied (unchecked: the VMM bounds each value).
+    pub fn with(mut self, change: &SettingsChange) -> Self {
+        let none_if_zero = |v: u64| (v > 0).then_some(v);
+        if let Some(c) = change.codec {
+            self.codec = c;
+        }
+        if let Some(b) = change.bandwidth_bytes_per_sec {
+            self.bandwidth_bytes_per_sec = none_if_zero(b);
+        }
+        if let Some(t) = change.throttle_pct {
+            self.throttle_pct = t;
+        }
+        if let Some(d) = change.max_downtime_ms {
+            self.max_downtime_ms = d;
+        }
+        if let Some(l) = change.disk_write_limit_bytes_per_sec {
+            self.disk_write_limit_bytes_per_sec = none_if_zero(l);
+        }
+        if let Some(rule) = change.switchover {
+            self.switchover = rule;
+        }
+        if let Some(m) = change.disk_mirror {
+            self.disk_mirror = m;
+        }
+        self
+    }
+
+    /// What changes these settings into `new`, each setting with its name and its
+    /// value as a decision records it; nothing if they are the same.
+    pub fn changes_to(&self, new: &Settings) -> (SettingsChange, Vec<(&'static str, String)>) {
+        let mut change = SettingsChange::default();
+        let mut named = Vec::new();
+        let rate = |v: Option<u64>| v.map_or_else(|| "unlimited".into(), |b| b.to_string());
+        if new.codec != self.codec {
+            change.codec = Some(new.codec);
+            named.push(("codec", new.codec.to_string()));
+        }
+        if new.bandwidth_bytes_per_sec != self.bandwidth_bytes_per_sec {
+            change.bandwidth_bytes_per_sec = Some(new.bandwidth_bytes_per_sec.unwrap_or(0));
+            named.push(("bandwidth_bytes_per_sec", rate(new.bandwidth_bytes_per_sec)));
+        }
+        if new.throttle_pct != self.throttle_pct {
+            change.throttle_pct = Some(new.throttle_pct);
+            named.push(("throttle_pct", new.throttle_pct.to_string()));
+        }
+        if new.max_downtime_ms != self.max_downtime_ms {
+            change.max_downtime_ms = Some(new.max_downtime_ms);
+            named.push(("max_downtime_ms", new.max_downtime_ms.to_string()));
+        }
+        if new.disk_write_limit_bytes_per_sec != self.disk_write_limit_bytes_per_sec {
+            change.disk_write_limit_bytes_per_sec =
+                Some(new.disk_write_limit_bytes_per_sec.unwrap_or(0));
+            named.push((
+                "disk_write_limit_bytes_per_sec",
+                rate(new.disk_write_limit_bytes_per_sec),
+            ));
+        }
+        if new.switchover != self.switchover {
+            change.switchover = Some(new.switchover);
+            named.push(("switchover", new.switchover.to_string()));
+        }
+        if new.disk_mirror != self.disk_mirror {
+            change.disk_mirror = Some(new.disk_mirror);
+            named.push(("disk_mirror", new.disk_mirror.to_string()));
+        }
+        (change, named)
+    }
+}
+
+/// Migration settings as a request names them, in the units of [`Settings`]; absent
+/// means "unchanged" (or the default, when starting).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<Codec>,
+    /// 0 = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_pct: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Disks that travel; 0 = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_write_limit_bytes_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<Switchover>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mirror: Option<DiskMirror>,
+}
+
+impl SettingsChange {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_applies_and_two_settings_name_what_changes_between_them() {
+        let s = Settings::default();
+        let change = SettingsChange {
+            codec: Some(Codec::Lz4),
+            bandwidth_bytes_per_sec: Some(25_000_000),
+            disk_write_limit_bytes_per_sec: Some(0),
+            ..SettingsChange::default()
+        };
+        let t = s.with(&change);
+        assert_eq!(t.codec, Codec::Lz4);
+        assert_eq!(t.bandwidth_bytes_per_sec, Some(25_000_000));
+        assert_eq!(t.disk_write_limit_bytes_per_sec, None);
+        let (back, named) = s.changes_to(&t);
+        assert_eq!(s.with(&back), t);
+        assert_eq!(
+            named,
+            vec![
+                ("codec", "lz4".to_string()),
+                ("bandwidth_bytes_per_sec", "25000000".to_string())
+            ]
+        );
+        assert!(t.changes_to(&t).0.is_empty());
+        let lifted = t.with(&SettingsChange {
+            bandwidth_bytes_per_sec: Some(0),
+            ..SettingsChange::default()
+        });
+        assert_eq!(lifted.bandwidth_bytes_per_sec, None);
+    }
 
     #[test]
     fn text_and_serde_agree_for_every_choice() {

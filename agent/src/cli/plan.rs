@@ -57,6 +57,7 @@ pub fn run(
         limits,
         observation: &obs,
         settings: &d.settings,
+        postcopy: d.postcopy,
         predicted_total_ms: finite(d.prediction.total_ms),
         predicted_downtime_ms: finite(d.prediction.downtime_ms),
         converges: d.prediction.converges,
@@ -77,6 +78,8 @@ struct Plan<'a> {
     limits: &'a Limits,
     observation: &'a Observation,
     settings: &'a Settings,
+    /// Post-copy from the start (or once the first pass is done).
+    postcopy: bool,
     /// None: no prediction (the policy does not converge within the limits).
     predicted_total_ms: Option<f64>,
     predicted_downtime_ms: Option<f64>,
@@ -97,7 +100,7 @@ fn print_plan(p: &Plan) {
     let s = p.settings;
     println!(
         "plan ({}): codec {}, throttle {}%, post-copy {}",
-        p.policy, s.codec, s.throttle_pct, s.postcopy,
+        p.policy, s.codec, s.throttle_pct, p.postcopy,
     );
     match (p.predicted_total_ms, p.predicted_downtime_ms) {
         (Some(t), Some(d)) => println!("predicted: total {:.1} s, downtime {d:.0} ms", t / 1e3),

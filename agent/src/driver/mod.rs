@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 pub use ferry_api::DriverReport;
 use ferry_api::{
     Decision, ErrorKind, Migrate, MigrationProgress, Phase, PredictionRecord, ProbeSample, Reasons,
-    SettingsChange,
 };
 
 pub use backend::{Backend, BackendError, VmFacts};
@@ -67,6 +66,9 @@ struct Steer {
     policy: Box<dyn Policy>,
     observer: Observer,
     applied: Settings,
+    /// Post-copy was asked for; the policy gave up (each happens once).
+    postcopy: bool,
+    aborted: bool,
     first_prediction: Option<(f64, Prediction, Observation)>,
     last_prediction: Option<(f64, Prediction)>,
     last_basis: Option<Observation>,
@@ -149,6 +151,8 @@ impl<'a> Driver<'a> {
             policy,
             observer,
             applied: Settings::default(),
+            postcopy: false,
+            aborted: false,
             first_prediction: None,
             last_prediction: None,
             last_basis: None,
@@ -314,13 +318,13 @@ impl<'a> Driver<'a> {
     /// reasons go with the request.
     fn initial(&mut self, s: &mut Steer, req: &mut Migrate) {
         let d = s.policy.decide(&s.observer.before_start(), &self.limits);
-        s.applied = d.settings.clone();
+        s.applied = d.settings;
         let set = &mut req.settings;
-        set.compression = Some(d.settings.codec);
+        set.codec = Some(d.settings.codec);
         set.throttle_pct = Some(d.settings.throttle_pct);
-        set.bandwidth_mbit = Some(d.settings.bandwidth_mbit.map_or(0, |m| m.round() as u64));
-        set.max_downtime_ms = Some(d.settings.max_downtime_ms.round() as u64);
-        set.switchover = Some(s.policy.switchover_rule());
+        set.bandwidth_bytes_per_sec = Some(d.settings.bandwidth_bytes_per_sec.unwrap_or(0));
+        set.max_downtime_ms = Some(d.settings.max_downtime_ms);
+        set.switchover = Some(d.settings.switchover);
         // Only disks that travel have a mirror to set.
         if req.copy_storage {
             set.disk_mirror = Some(d.settings.disk_mirror);
@@ -371,43 +375,13 @@ impl<'a> Driver<'a> {
                 .find(|r| r.setting == setting || r.setting == "preset")
                 .map_or(String::new(), |r| r.reason.clone())
         };
-        let new = &d.settings;
-        let old = &s.applied;
-        let mut change = SettingsChange::default();
-        // (setting, its value as the record shows it)
-        let mut changed: Vec<(&'static str, String)> = Vec::new();
-        if new.bandwidth_mbit != old.bandwidth_mbit {
-            let mbit = new.bandwidth_mbit.map_or(0, |m| m.round() as u64);
-            change.bandwidth_mbit = Some(mbit);
-            changed.push(("bandwidth_mbit", mbit.to_string()));
-        }
-        if new.codec != old.codec {
-            change.compression = Some(new.codec);
-            changed.push(("codec", format!("\"{}\"", new.codec)));
-        }
-        if new.throttle_pct != old.throttle_pct {
-            change.throttle_pct = Some(new.throttle_pct);
-            changed.push(("throttle_pct", new.throttle_pct.to_string()));
-        }
-        let target = |s: &Settings| s.max_downtime_ms.floor().max(1.0) as u64;
-        if target(new) != target(old) {
-            change.max_downtime_ms = Some(target(new));
-            changed.push(("max_downtime_ms", target(new).to_string()));
-        }
-        if new.disk_write_limit_mbps != old.disk_write_limit_mbps {
-            let limit = new.disk_write_limit_mbps.unwrap_or(0.0);
-            change.disk_write_limit_mbps = Some(limit);
-            // The record keeps a value as its JSON text.
-            changed.push((
-                "disk_write_limit_mbps",
-                serde_json::Value::from(limit).to_string(),
-            ));
-        }
-        if new.disk_mirror != old.disk_mirror {
-            change.disk_mirror = Some(new.disk_mirror);
-            changed.push(("disk_mirror", format!("\"{}\"", new.disk_mirror)));
-        }
-        if !changed.is_empty() {
+        // The switchover rule is the policy's from the start; the VMM keeps it.
+        let new = Settings {
+            switchover: s.applied.switchover,
+            ..d.settings
+        };
+        let (change, changed) = s.applied.changes_to(&new);
+        if !change.is_empty() {
             let mut reasons = Reasons::new();
             for (setting, value) in changed {
                 let reason = why(setting);
@@ -423,17 +397,11 @@ impl<'a> Driver<'a> {
             }
             // A migration that just ended refuses: nothing to do then.
             if backend.apply(&change, &reasons).is_ok() {
-                let a = &mut s.applied;
-                a.codec = new.codec;
-                a.throttle_pct = new.throttle_pct;
-                a.bandwidth_mbit = new.bandwidth_mbit;
-                a.disk_write_limit_mbps = new.disk_write_limit_mbps;
-                a.disk_mirror = new.disk_mirror;
-                a.max_downtime_ms = new.max_downtime_ms;
+                s.applied = new;
             }
         }
-        if new.postcopy && !s.applied.postcopy {
-            s.applied.postcopy = true;
+        if d.postcopy && !s.postcopy {
+            s.postcopy = true;
             let step = Decision {
                 t_ms: obs.t_ms,
                 setting: "postcopy".into(),
@@ -444,10 +412,10 @@ impl<'a> Driver<'a> {
             s.steps.push(step);
             let _ = backend.start_postcopy();
         }
-        if let Some(abort) = &new.abort
-            && s.applied.abort.is_none()
+        if let Some(abort) = &d.abort
+            && !s.aborted
         {
-            s.applied.abort = Some(abort.clone());
+            s.aborted = true;
             let step = Decision {
                 t_ms: obs.t_ms,
                 setting: "abort".into(),
@@ -489,10 +457,8 @@ impl Steer {
 fn adopt(applied: &mut Settings, p: &MigrationProgress) {
     applied.codec = p.codec;
     applied.throttle_pct = p.throttle_pct.min(99);
-    applied.bandwidth_mbit = p
-        .bandwidth_limit_bytes_per_sec
-        .map(|b| b as f64 * 8.0 / 1e6);
-    applied.max_downtime_ms = p.max_downtime_ms as f64;
+    applied.bandwidth_bytes_per_sec = p.bandwidth_limit_bytes_per_sec;
+    applied.max_downtime_ms = p.max_downtime_ms;
 }
 
 #[cfg(test)]

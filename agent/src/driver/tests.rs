@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use ferry_api::{Codec, MigrationReport, Outcome, ReportCore};
+use ferry_api::{Codec, MigrationReport, Outcome, ReportCore, SettingsChange};
 
 use super::*;
 use crate::policy::{Choice, Decision, Stage};
@@ -81,7 +81,7 @@ impl Backend for Fake {
     fn start(&mut self, req: &Migrate) -> Result<(), BackendError> {
         let mut p = observe::tests::progress();
         p.phase = Phase::Setup;
-        p.codec = req.settings.compression.unwrap_or_default();
+        p.codec = req.settings.codec.unwrap_or_default();
         self.progress = Some(p);
         self.log.borrow_mut().started = Some(req.clone());
         Ok(())
@@ -122,7 +122,7 @@ impl Backend for Fake {
     }
 
     fn apply(&mut self, change: &SettingsChange, reasons: &Reasons) -> Result<(), BackendError> {
-        if let (Some(p), Some(c)) = (self.progress.as_mut(), change.compression) {
+        if let (Some(p), Some(c)) = (self.progress.as_mut(), change.codec) {
             p.codec = c;
         }
         self.log
@@ -157,7 +157,7 @@ impl Policy for Scripted {
     }
 
     fn decide(&mut self, obs: &Observation, _: &Limits) -> Choice {
-        let mut settings = Settings {
+        let settings = Settings {
             codec: if obs.round >= 2 {
                 Codec::Zstd(1)
             } else {
@@ -165,10 +165,12 @@ impl Policy for Scripted {
             },
             ..Settings::default()
         };
-        settings.postcopy = obs.round >= 3 && obs.stage == Stage::Rounds;
-        let (codec, postcopy) = (settings.codec, settings.postcopy);
+        let postcopy = obs.round >= 3 && obs.stage == Stage::Rounds;
+        let codec = settings.codec;
         Choice {
             settings,
+            postcopy,
+            abort: None,
             prediction: Prediction {
                 total_ms: 1500.0,
                 downtime_ms: 20.0,
@@ -247,7 +249,7 @@ fn the_policy_starts_the_migration_changes_it_with_reasons_and_switches_to_postc
     let log = log.borrow();
     // The first decision went with the request, its reasons named after the policy.
     let started = log.started.as_ref().unwrap();
-    assert_eq!(started.settings.compression, Some(Codec::Lz4));
+    assert_eq!(started.settings.codec, Some(Codec::Lz4));
     assert_eq!(
         started.settings.switchover,
         Some(ferry_api::Switchover::Halving)
@@ -255,7 +257,7 @@ fn the_policy_starts_the_migration_changes_it_with_reasons_and_switches_to_postc
     assert_eq!(started.reasons["codec"], "scripted: round 0");
     // Round 2 changed the codec, with its reason.
     let (change, reasons) = &log.applied[0];
-    assert_eq!(change.compression, Some(Codec::Zstd(1)));
+    assert_eq!(change.codec, Some(Codec::Zstd(1)));
     assert_eq!(reasons["codec"], "round 2");
     assert!(log.postcopy, "the policy's post-copy was not started");
     assert_eq!(r.migration.core.outcome, Outcome::Completed);

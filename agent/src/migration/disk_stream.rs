@@ -127,7 +127,9 @@ impl Sender<'_> {
                 dirty: Bitmap::new(blocks),
                 active: settings.disk_mirror == DiskMirror::Active,
                 added_us: Vec::new(),
-                throttle: settings.disk_write_limit.map(WriteThrottle::new),
+                throttle: settings
+                    .disk_write_limit_bytes_per_sec
+                    .map(WriteThrottle::new),
                 mirror: Some(Arc::new(NetMirror {
                     disk: i as u32,
                     wire: self.w.clone(),

@@ -28,7 +28,7 @@ pub const MECHANICS: ferry_api::Mechanics = ferry_api::Mechanics {
     min_batch_pages: source::MIN_BATCH as u32,
     max_rounds: source::MAX_SHRINKING_ROUNDS,
     disk_block_bytes: crate::vmm::block::COPY_BLOCK,
-    min_disk_write_limit_mbps: crate::vmm::block::MIN_DISK_WRITE_LIMIT_MBPS,
+    min_disk_write_limit_bytes_per_sec: crate::vmm::block::MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC,
     postcopy_pause_send_secs: hot_pages::PAUSE_SEND_SECS,
     postcopy_pause_pages_min: hot_pages::PAUSE_PAGES_MIN,
     postcopy_pause_pages_max: hot_pages::PAUSE_PAGES_MAX,

@@ -373,14 +373,14 @@ impl Sender<'_> {
             .collect();
         if !send.is_empty() {
             // Uncapped in the pause (it is downtime), capped again after it.
-            let cap = self.settings.bandwidth.take();
+            let cap = self.settings.bandwidth_bytes_per_sec.take();
             // Flushed a few at a time: the destination lands them while the rest are
             // encoded, instead of all of them afterwards.
             for chunk in send.chunks(PAUSE_FLUSH_PAGES) {
                 self.send_pages(chunk.iter().copied())?;
                 self.w.flush().map_err(ProtocolError::from)?;
             }
-            self.settings.bandwidth = cap;
+            self.settings.bandwidth_bytes_per_sec = cap;
             lap.mark(&format!(
                 "{} pages queued ({} held, {} dirtied since the last round, budget {budget})",
                 send.len(),
@@ -566,7 +566,7 @@ impl Sender<'_> {
             // Under a cap, a batch stays well under the peer's timeout.
             let size = self
                 .settings
-                .bandwidth
+                .bandwidth_bytes_per_sec
                 .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
             batch.clear();
             while batch.len() < size {

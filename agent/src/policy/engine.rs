@@ -11,7 +11,7 @@ use super::model::{
 };
 use super::{
     Choice, Codec, CodecPerf, Decision, DiskMirror, Limits, Observation, PAGE, Pins, Policy,
-    Prediction, Settings, Stage,
+    Prediction, Settings, Stage, Switchover, whole_ms,
 };
 
 /// No setting changes again sooner than this after it changed.
@@ -45,6 +45,8 @@ const MIRROR_SAVING_MS: f64 = 100.0;
 pub struct Adaptive {
     pins: Pins,
     current: Settings,
+    /// Switched to post-copy (once, for good).
+    postcopy: bool,
     changed_at: BTreeMap<&'static str, f64>,
     /// Since when a lower throttle than the current one would do.
     lower_since: Option<f64>,
@@ -96,14 +98,16 @@ impl Adaptive {
         Self {
             current: Settings {
                 codec: pins.codec.unwrap_or(Codec::None),
-                bandwidth_mbit: limits.bandwidth_mbit,
+                bandwidth_bytes_per_sec: limits.bandwidth_bytes_per_sec(),
                 throttle_pct: pins.throttle_pct.unwrap_or(0),
-                max_downtime_ms: limits.max_downtime_ms,
-                postcopy: false,
-                disk_write_limit_mbps: pins.disk_write_limit_mbps.filter(|&m| m > 0.0),
+                max_downtime_ms: whole_ms(limits.max_downtime_ms),
+                disk_write_limit_bytes_per_sec: pins
+                    .disk_write_limit_bytes_per_sec
+                    .filter(|&b| b > 0),
                 disk_mirror: pins.disk_mirror.unwrap_or_default(),
-                abort: None,
+                switchover: Switchover::Halving,
             },
+            postcopy: false,
             pins,
             changed_at: BTreeMap::new(),
             lower_since: None,
@@ -244,7 +248,7 @@ impl Policy for Adaptive {
             (Some(l), Some(c)) => Some(l.min(c)),
             (l, c) => l.or(c),
         };
-        self.current.bandwidth_mbit = limits.bandwidth_mbit;
+        self.current.bandwidth_bytes_per_sec = limits.bandwidth_bytes_per_sec();
 
         // The codec: whichever moves the most page bytes over this link within the
         // CPU budget, measured on this VM's pages.
@@ -403,7 +407,9 @@ impl Policy for Adaptive {
 
         let Some(tput) = pages_per_sec else {
             return Choice {
-                settings: self.current.clone(),
+                settings: self.current,
+                postcopy: self.postcopy,
+                abort: None,
                 prediction: Prediction {
                     total_ms: f64::INFINITY,
                     downtime_ms: f64::INFINITY,
@@ -414,7 +420,9 @@ impl Policy for Adaptive {
         };
         if obs.stage == Stage::Postcopy {
             return Choice {
-                settings: self.current.clone(),
+                settings: self.current,
+                postcopy: self.postcopy,
+                abort: None,
                 prediction: shift(postcopy(remaining, tput, &obs.pause_basis), t),
                 reasons,
             };
@@ -438,7 +446,7 @@ impl Policy for Adaptive {
         };
         // Disks that travel: what the guest would dirty of them uncapped.
         let disk_demand = obs.disk_dirty_bytes_per_sec.map(|r| {
-            if self.current.disk_write_limit_mbps.is_none() {
+            if self.current.disk_write_limit_bytes_per_sec.is_none() {
                 self.disk_demand = self.disk_demand.max(r);
             }
             self.disk_demand.max(r)
@@ -446,7 +454,7 @@ impl Policy for Adaptive {
         // What the guest would write unhindered: a cap or the mirror itself holds the
         // measured rate down, so the most seen without either, and never less than
         // the distinct bytes it dirties (every one of them is a write).
-        let free = self.current.disk_write_limit_mbps.is_none()
+        let free = self.current.disk_write_limit_bytes_per_sec.is_none()
             && self.current.disk_mirror == DiskMirror::Background;
         let writes = obs.disk_write_bytes_per_sec.map(|w| {
             if free {
@@ -567,10 +575,13 @@ impl Policy for Adaptive {
         // mildest that lets it (a held-back disk write costs the guest less than a
         // throttled vCPU), else the mildest that needs only a comfortable throttle;
         // never looser than one in force.
-        let held = self.current.disk_write_limit_mbps.map(|m| m * 1e6);
-        let pinned_disk = self.pins.disk_write_limit_mbps;
+        let held = self
+            .current
+            .disk_write_limit_bytes_per_sec
+            .map(|b| b as f64);
+        let pinned_disk = self.pins.disk_write_limit_bytes_per_sec;
         let disk_cap = match (disk_demand, pinned_disk) {
-            (_, Some(m)) => (m > 0.0).then_some(m * 1e6),
+            (_, Some(b)) => (b > 0).then_some(b as f64),
             (None, None) => None,
             (Some(_), None) if mirroring => None,
             (Some(demand), None) => {
@@ -584,7 +595,7 @@ impl Policy for Adaptive {
                 let share = now * disk_scale / tput;
                 // The backend's tightest cap: below it a guest write would stall its
                 // vCPU for long.
-                let floor = mechanics.min_disk_write_limit_mbps * 1e6;
+                let floor = mechanics.min_disk_write_limit_bytes_per_sec as f64;
                 let candidates: Vec<Option<f64>> = std::iter::once(held)
                     .filter(|h| h.is_some() || share <= super::disk::BACKGROUND_SHARE)
                     .chain(
@@ -610,10 +621,11 @@ impl Policy for Adaptive {
                     .flatten()
             }
         };
-        let disk_cap = if disk_cap.map(|c| c / 1e6) != self.current.disk_write_limit_mbps
+        let whole = |c: f64| c.round().max(1.0) as u64;
+        let disk_cap = if disk_cap.map(whole) != self.current.disk_write_limit_bytes_per_sec
             && self.may_change("disk_write_limit", t)
         {
-            self.current.disk_write_limit_mbps = disk_cap.map(|c| c / 1e6);
+            self.current.disk_write_limit_bytes_per_sec = disk_cap.map(whole);
             self.changed("disk_write_limit", t);
             disk_cap
         } else {
@@ -627,7 +639,7 @@ impl Policy for Adaptive {
         let target_ms = (switchover_target_s(limit_s, &chosen) * 1e3)
             .floor()
             .max(1.0);
-        self.current.max_downtime_ms = target_ms;
+        self.current.max_downtime_ms = whole_ms(target_ms);
         let costs = PauseCosts::of(limit_s, &chosen);
         let how = |measured: bool| if measured { "measured" } else { "prior" };
         let mut besides = vec![format!(
@@ -775,11 +787,11 @@ impl Policy for Adaptive {
             ),
         });
         if let Some(demand) = disk_demand {
-            let (value, why) = match self.current.disk_write_limit_mbps {
+            let (value, why) = match self.current.disk_write_limit_bytes_per_sec {
                 _ if pinned_disk.is_some() => (
                     self.current
-                        .disk_write_limit_mbps
-                        .map_or("unlimited".into(), |c| format!("{c:.1}")),
+                        .disk_write_limit_bytes_per_sec
+                        .map_or("unlimited".into(), |c| c.to_string()),
                     "pinned on the command line".to_string(),
                 ),
                 None => (
@@ -791,11 +803,12 @@ impl Policy for Adaptive {
                         mb(tput)
                     ),
                 ),
-                Some(cap) => {
+                Some(bytes) => {
                     let share = demand * disk_scale / tput;
-                    let held_share = cap * 1e6 * disk_scale / tput * 100.0;
+                    let held_share = bytes as f64 * disk_scale / tput * 100.0;
+                    let cap = bytes as f64 / 1e6;
                     (
-                        format!("{cap:.1}"),
+                        bytes.to_string(),
                         if share > super::disk::BACKGROUND_SHARE {
                             format!(
                                 "the guest dirties {} of its disks, which would take {:.0}% of \
@@ -820,7 +833,7 @@ impl Policy for Adaptive {
             };
             reasons.push(Decision {
                 t_ms: obs.t_ms,
-                setting: "disk_write_limit_mbps".into(),
+                setting: "disk_write_limit_bytes_per_sec".into(),
                 value,
                 reason: why,
             });
@@ -871,15 +884,15 @@ impl Policy for Adaptive {
                 reason: why,
             });
         }
-        if use_postcopy && obs.stage == Stage::Rounds && !self.current.postcopy {
-            self.current.postcopy = true;
+        if use_postcopy && obs.stage == Stage::Rounds && !self.postcopy {
+            self.postcopy = true;
             self.changed("postcopy", t);
         }
         reasons.push(Decision {
             t_ms: obs.t_ms,
             setting: "postcopy".into(),
-            value: self.current.postcopy.to_string(),
-            reason: if self.current.postcopy {
+            value: self.postcopy.to_string(),
+            reason: if self.postcopy {
                 format!("switched: {why}")
             } else if use_postcopy {
                 format!("planned once the first pass is done: {why}")
@@ -890,7 +903,9 @@ impl Policy for Adaptive {
             },
         });
         Choice {
-            settings: self.current.clone(),
+            settings: self.current,
+            postcopy: self.postcopy,
+            abort: None,
             prediction: shift(prediction, t),
             reasons,
         }
@@ -967,7 +982,7 @@ mod tests {
     fn disk_reason(d: &Choice) -> Option<&Decision> {
         d.reasons
             .iter()
-            .find(|r| r.setting == "disk_write_limit_mbps")
+            .find(|r| r.setting == "disk_write_limit_bytes_per_sec")
     }
 
     #[test]
@@ -1052,7 +1067,7 @@ mod tests {
         let limits = rounds_limits();
         let mut e = Adaptive::new(Pins::default(), &limits);
         let d = e.decide(&rounds(Some(10e6)), &limits);
-        assert_eq!(d.settings.disk_write_limit_mbps, None);
+        assert_eq!(d.settings.disk_write_limit_bytes_per_sec, None);
         assert!(d.prediction.converges, "{d:?}");
         let r = disk_reason(&d).expect("a reason for the disks");
         assert!(r.reason.contains("carry"), "{r:?}");
@@ -1071,18 +1086,18 @@ mod tests {
         let d = e.decide(&rounds(Some(150e6)), &limits);
         let cap = d
             .settings
-            .disk_write_limit_mbps
+            .disk_write_limit_bytes_per_sec
             .expect("a cap on disk writes");
-        assert!(cap < 100.0, "{cap} MB/s against a 100 MB/s link");
+        assert!(cap < 100_000_000, "{cap} B/s against a 100 MB/s link");
         assert!(d.prediction.converges, "{d:?}");
         let r = disk_reason(&d).unwrap();
         assert!(r.reason.contains("holding"), "{r:?}");
         // Under the cap the measured rate is the cap: the engine does not take that as
         // the guest slowing down and keeps it.
-        let mut later = rounds(Some(cap * 1e6));
+        let mut later = rounds(Some(cap as f64));
         later.t_ms += 2_000.0;
         let d = e.decide(&later, &limits);
-        assert_eq!(d.settings.disk_write_limit_mbps, Some(cap));
+        assert_eq!(d.settings.disk_write_limit_bytes_per_sec, Some(cap));
     }
 
     #[test]
@@ -1095,7 +1110,7 @@ mod tests {
         // Memory only: the handover comes off the 100 ms.
         let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(None), &limits);
         let (ms, why) = target(&d);
-        assert_eq!(ms, 100.0 - SWITCH_MS, "{why:?}");
+        assert_eq!(ms as f64, 100.0 - SWITCH_MS, "{why:?}");
         assert!(
             why.as_deref().is_some_and(|w| w.contains("handover")),
             "{why:?}"
@@ -1110,8 +1125,8 @@ mod tests {
         );
         let d = Adaptive::new(Pins::default(), &limits).decide(&rounds(Some(150e6)), &limits);
         let (held, why) = target(&d);
-        assert!(d.settings.disk_write_limit_mbps.is_some(), "{d:?}");
-        assert!(held < carried && held >= 50.0, "{held} {why:?}");
+        assert!(d.settings.disk_write_limit_bytes_per_sec.is_some(), "{d:?}");
+        assert!(held < carried && held >= 50, "{held} {why:?}");
         assert!(
             why.as_deref()
                 .is_some_and(|w| w.contains("holds the guest")),
@@ -1129,7 +1144,7 @@ mod tests {
             ..Pins::default()
         };
         let d = Adaptive::new(pins, &limits).decide(&rounds(Some(150e6)), &limits);
-        assert!(d.settings.disk_write_limit_mbps.is_some(), "{d:?}");
+        assert!(d.settings.disk_write_limit_bytes_per_sec.is_some(), "{d:?}");
         assert_eq!(d.settings.throttle_pct, 0, "{d:?}");
         assert!(d.prediction.converges, "{d:?}");
     }
@@ -1137,14 +1152,14 @@ mod tests {
     #[test]
     fn a_pinned_disk_write_limit_is_kept_and_said_so() {
         let limits = rounds_limits();
-        for (pin, expect) in [(0.0, None), (40.0, Some(40.0))] {
+        for (pin, expect) in [(0, None), (40_000_000, Some(40_000_000))] {
             let pins = Pins {
-                disk_write_limit_mbps: Some(pin),
+                disk_write_limit_bytes_per_sec: Some(pin),
                 ..Pins::default()
             };
             let mut e = Adaptive::new(pins, &limits);
             let d = e.decide(&rounds(Some(150e6)), &limits);
-            assert_eq!(d.settings.disk_write_limit_mbps, expect, "{d:?}");
+            assert_eq!(d.settings.disk_write_limit_bytes_per_sec, expect, "{d:?}");
             assert!(disk_reason(&d).unwrap().reason.contains("pinned"), "{d:?}");
         }
     }
@@ -1183,7 +1198,7 @@ mod tests {
         assert_eq!(m, DiskMirror::Background, "{why:?}");
         says(&why, "20.0 MB/s");
         says(&why, "rounds carry its writes, done in");
-        assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
+        assert_eq!(d.settings.disk_write_limit_bytes_per_sec, None, "{d:?}");
         // 45 MB/s of distinct writes under a 20 ms downtime limit, 210 ms before the
         // migration must end: rounds would take 230 ms (more of them, the last one's
         // disk blocks in the pause), the mirror 200.
@@ -1238,14 +1253,17 @@ mod tests {
         // half the stream.
         let o = rounds(Some(70e6));
         let d = Adaptive::new(pins.clone(), &limits).decide(&o, &limits);
-        let cap = d.settings.disk_write_limit_mbps;
-        assert!(cap.is_some_and(|c| (49.0..51.0).contains(&c)), "{d:?}");
+        let cap = d.settings.disk_write_limit_bytes_per_sec;
+        assert!(
+            cap.is_some_and(|c| (49_000_000..51_000_000).contains(&c)),
+            "{d:?}"
+        );
         let why = &disk_reason(&d).unwrap().reason;
         assert!(why.contains("70% of the stream"), "{why}");
         // 40 MB/s fit within the half: no cap.
         let o = rounds(Some(40e6));
         let d = Adaptive::new(pins, &limits).decide(&o, &limits);
-        assert_eq!(d.settings.disk_write_limit_mbps, None, "{d:?}");
+        assert_eq!(d.settings.disk_write_limit_bytes_per_sec, None, "{d:?}");
     }
 
     #[test]
@@ -1253,7 +1271,7 @@ mod tests {
         let limits = rounds_limits();
         let pins = Pins {
             disk_mirror: Some(DiskMirror::Background),
-            disk_write_limit_mbps: Some(0.0),
+            disk_write_limit_bytes_per_sec: Some(0),
             ..Pins::default()
         };
         let mut o = rounds(Some(10e6));

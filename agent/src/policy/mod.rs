@@ -15,7 +15,7 @@ pub mod sim;
 
 use serde::Serialize;
 
-pub use ferry_api::{Codec, Decision, DiskMirror, Mechanics, Switchover};
+pub use ferry_api::{Codec, Decision, DiskMirror, Mechanics, Settings, Switchover};
 
 pub const PAGE: f64 = 4096.0;
 
@@ -40,6 +40,13 @@ pub struct Limits {
     pub bandwidth_mbit: Option<f64>,
     /// Cores compression may use.
     pub cpu_budget_cores: f64,
+}
+
+impl Limits {
+    /// The stream's cap in the settings' unit.
+    pub fn bandwidth_bytes_per_sec(&self) -> Option<u64> {
+        self.bandwidth_mbit.map(|m| (m * 1e6 / 8.0).round() as u64)
+    }
 }
 
 impl Default for Limits {
@@ -146,8 +153,8 @@ impl LimitsTable {
 pub struct Pins {
     pub codec: Option<Codec>,
     pub throttle_pct: Option<u32>,
-    /// A cap on the guest's disk writes, MB/s; Some(0.0): none, ever.
-    pub disk_write_limit_mbps: Option<f64>,
+    /// A cap on the guest's disk writes, bytes per second; Some(0): none, ever.
+    pub disk_write_limit_bytes_per_sec: Option<u64>,
     /// How disks that travel keep up with the guest's writes.
     pub disk_mirror: Option<DiskMirror>,
 }
@@ -247,38 +254,6 @@ impl Observation {
     }
 }
 
-/// What the settings in force are.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Settings {
-    pub codec: Codec,
-    pub bandwidth_mbit: Option<f64>,
-    pub throttle_pct: u32,
-    pub max_downtime_ms: f64,
-    /// Switch to post-copy now.
-    pub postcopy: bool,
-    /// Disks that travel: a cap on the guest's disk writes, MB/s (None: none).
-    pub disk_write_limit_mbps: Option<f64>,
-    /// Disks that travel: rounds only, or each guest write mirrored as it happens.
-    pub disk_mirror: DiskMirror,
-    /// Give up (a preset's timeout): the VM stays on the source.
-    pub abort: Option<String>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            codec: Codec::None,
-            bandwidth_mbit: None,
-            throttle_pct: 0,
-            max_downtime_ms: 300.0,
-            postcopy: false,
-            disk_write_limit_mbps: None,
-            disk_mirror: DiskMirror::Background,
-            abort: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Prediction {
     /// From the migration's start to the guest running on the destination.
@@ -288,11 +263,16 @@ pub struct Prediction {
     pub converges: bool,
 }
 
-/// What a policy chose on one tick: the settings, what it predicts of them, and a
-/// record per setting of its value and why.
+/// What a policy chose on one tick: the settings (in the API's units), whether to
+/// switch to post-copy or give up, what it predicts, and a record per setting of its
+/// value and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Choice {
     pub settings: Settings,
+    /// Switch to post-copy now.
+    pub postcopy: bool,
+    /// Give up (a preset's timeout): the VM stays on the source.
+    pub abort: Option<String>,
     pub prediction: Prediction,
     pub reasons: Vec<Decision>,
 }
@@ -301,10 +281,11 @@ pub struct Choice {
 pub trait Policy {
     fn name(&self) -> &str;
     fn decide(&mut self, obs: &Observation, limits: &Limits) -> Choice;
-    /// How the VMM is to judge the switchover moment for this policy.
-    fn switchover_rule(&self) -> Switchover {
-        Switchover::Halving
-    }
+}
+
+/// A downtime target as the settings hold it: whole milliseconds, at least one.
+pub fn whole_ms(ms: f64) -> u64 {
+    ms.floor().max(1.0) as u64
 }
 
 /// The policy `name` names: `adaptive`, a peer preset, or `static` (None: the
@@ -335,7 +316,7 @@ pub(crate) mod fixture {
             min_batch_pages: 32,
             max_rounds: 30,
             disk_block_bytes: 64 << 10,
-            min_disk_write_limit_mbps: 1.0,
+            min_disk_write_limit_bytes_per_sec: 1_000_000,
             postcopy_pause_send_secs: 0.5e-3,
             postcopy_pause_pages_min: 32,
             postcopy_pause_pages_max: 1024,

@@ -58,11 +58,11 @@
 
 use super::{
     Choice, Decision, DiskMirror, Limits, Observation, PAGE, Policy, Prediction, Settings, Stage,
-    Switchover,
+    Switchover, whole_ms,
 };
 
 /// QEMU's `MAX_THROTTLE` (128 MiB/s), in Mbit/s.
-const QEMU_MAX_BANDWIDTH_MBIT: f64 = (128u64 << 20) as f64 * 8.0 / 1e6;
+const QEMU_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 /// QEMU's auto-converge: `throttle-trigger-threshold`, `cpu-throttle-initial`,
 /// `cpu-throttle-increment`, `max-cpu-throttle`.
 const QEMU_THROTTLE_TRIGGER: f64 = 0.5;
@@ -82,13 +82,13 @@ const KUBEVIRT_TUNING_COOLDOWN_MS: f64 = 10_000.0;
 /// Cloud Hypervisor's `timeout_s` as a share of the operator's give-up time.
 const CLOUD_HYPERVISOR_TIMEOUT_SHARE: f64 = 0.9;
 /// A downtime limit that any pause fits: what `timeout_strategy=force` amounts to.
-pub const FORCE_DOWNTIME_MS: f64 = 3_600_000.0;
+pub const FORCE_DOWNTIME_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     /// Fixed settings: the bandwidth cap (None: the operator's, else unlimited).
     Fixed {
-        bandwidth_mbit: Option<f64>,
+        bandwidth_bytes_per_sec: Option<u64>,
     },
     AutoConverge,
     PostcopyAfterPrecopy,
@@ -137,13 +137,13 @@ impl Preset {
             "qemu-default" => (
                 "qemu-default",
                 Kind::Fixed {
-                    bandwidth_mbit: Some(QEMU_MAX_BANDWIDTH_MBIT),
+                    bandwidth_bytes_per_sec: Some(QEMU_MAX_BANDWIDTH_BYTES_PER_SEC),
                 },
             ),
             "libvirt-default" => (
                 "libvirt-default",
                 Kind::Fixed {
-                    bandwidth_mbit: None,
+                    bandwidth_bytes_per_sec: None,
                 },
             ),
             "qemu-autoconverge" => ("qemu-autoconverge", Kind::AutoConverge),
@@ -296,18 +296,16 @@ impl Policy for Preset {
         self.name
     }
 
-    fn switchover_rule(&self) -> Switchover {
-        Switchover::WhenFits
-    }
-
     /// A preset takes from the operator what its peer has a knob for (the downtime
     /// limit, a bandwidth cap, the time given) and decides the rest as its peer does.
     fn decide(&mut self, obs: &Observation, limits: &Limits) -> Choice {
         let mut settings = Settings {
-            max_downtime_ms: limits.max_downtime_ms,
-            bandwidth_mbit: limits.bandwidth_mbit,
+            max_downtime_ms: whole_ms(limits.max_downtime_ms),
+            bandwidth_bytes_per_sec: limits.bandwidth_bytes_per_sec(),
+            switchover: Switchover::WhenFits,
             ..Settings::default()
         };
+        let (mut postcopy, mut abort) = (false, None);
         let mut reasons = vec![Decision {
             t_ms: obs.t_ms,
             setting: "preset".into(),
@@ -326,9 +324,11 @@ impl Policy for Preset {
             })
         };
         match self.kind {
-            Kind::Fixed { bandwidth_mbit } => {
-                if settings.bandwidth_mbit.is_none() {
-                    settings.bandwidth_mbit = bandwidth_mbit;
+            Kind::Fixed {
+                bandwidth_bytes_per_sec,
+            } => {
+                if settings.bandwidth_bytes_per_sec.is_none() {
+                    settings.bandwidth_bytes_per_sec = bandwidth_bytes_per_sec;
                 }
             }
             Kind::CopyStorageSync => {
@@ -344,8 +344,8 @@ impl Policy for Preset {
                 }
             }
             Kind::AutoConverge => {
-                if settings.bandwidth_mbit.is_none() {
-                    settings.bandwidth_mbit = Some(QEMU_MAX_BANDWIDTH_MBIT);
+                if settings.bandwidth_bytes_per_sec.is_none() {
+                    settings.bandwidth_bytes_per_sec = Some(QEMU_MAX_BANDWIDTH_BYTES_PER_SEC);
                 }
                 if let Some(reason) = self.auto_converge(obs) {
                     why("throttle_pct", self.throttle_pct.to_string(), reason);
@@ -354,7 +354,7 @@ impl Policy for Preset {
             }
             Kind::PostcopyAfterPrecopy => {
                 if obs.stage == Stage::Rounds {
-                    settings.postcopy = true;
+                    postcopy = true;
                     why(
                         "postcopy",
                         "true".into(),
@@ -365,12 +365,12 @@ impl Policy for Preset {
             Kind::Kubevirt { dynamic_downtime } => {
                 if dynamic_downtime {
                     let (target, moved) = self.downtime_ramp(obs, limits.max_downtime_ms);
-                    settings.max_downtime_ms = target;
+                    settings.max_downtime_ms = whole_ms(target);
                     if let Some(reason) = moved {
                         why("max_downtime_ms", format!("{target:.0}"), reason);
                     }
                 }
-                settings.abort = self.kubevirt_timeouts(obs);
+                abort = self.kubevirt_timeouts(obs);
             }
             Kind::CloudHypervisor => {
                 if let Some(total) = limits.max_total_secs
@@ -392,6 +392,8 @@ impl Policy for Preset {
         self.last_round = obs.round;
         Choice {
             settings,
+            postcopy,
+            abort,
             prediction: Prediction {
                 total_ms: f64::NAN,
                 downtime_ms: f64::NAN,
@@ -451,8 +453,8 @@ mod tests {
     fn every_preset_takes_the_operators_downtime_limit_and_switches_as_its_peer() {
         for mut p in Preset::all() {
             let d = p.decide(&obs(0.0, 0, 0.0, 1e8), &limits(50.0, 60.0));
-            assert_eq!(d.settings.max_downtime_ms, 50.0, "{}", p.name);
-            assert_eq!(p.switchover_rule(), Switchover::WhenFits, "{}", p.name);
+            assert_eq!(d.settings.max_downtime_ms, 50, "{}", p.name);
+            assert_eq!(d.settings.switchover, Switchover::WhenFits, "{}", p.name);
         }
         // An operator's bandwidth cap is kept by every preset; QEMU's own default
         // applies only without one.
@@ -462,14 +464,20 @@ mod tests {
         };
         for mut p in Preset::all() {
             let d = p.decide(&obs(0.0, 0, 0.0, 1e8), &capped);
-            assert_eq!(d.settings.bandwidth_mbit, Some(400.0), "{}", p.name);
+            assert_eq!(
+                d.settings.bandwidth_bytes_per_sec,
+                Some(50_000_000),
+                "{}",
+                p.name
+            );
         }
         let mut q = Preset::by_name("qemu-default").unwrap();
         let d = q.decide(&obs(0.0, 0, 0.0, 1e8), &limits(300.0, 60.0));
-        assert!((d.settings.bandwidth_mbit.unwrap() - 1073.741824).abs() < 1e-6);
+        // QEMU's max-bandwidth default: 128 MiB/s.
+        assert_eq!(d.settings.bandwidth_bytes_per_sec, Some(134_217_728));
         let mut l = Preset::by_name("libvirt-default").unwrap();
         let d = l.decide(&obs(0.0, 0, 0.0, 1e8), &limits(300.0, 60.0));
-        assert_eq!(d.settings.bandwidth_mbit, None);
+        assert_eq!(d.settings.bandwidth_bytes_per_sec, None);
     }
 
     #[test]
@@ -523,15 +531,16 @@ mod tests {
                 .settings
                 .max_downtime_ms
         };
-        assert_eq!(at(&mut p, 0.0, 0), 150.0);
+        assert_eq!(at(&mut p, 0.0, 0), 150);
         // Iteration 3 (round 2) starts the cooldown; nothing moves for 10 s.
-        assert_eq!(at(&mut p, 5_000.0, 2), 150.0);
-        assert_eq!(at(&mut p, 14_000.0, 9), 150.0);
-        // 10 s on and the iteration advanced: one step of (1050 - 150) / 7.
-        assert!((at(&mut p, 15_000.0, 10) - 278.571).abs() < 0.01);
+        assert_eq!(at(&mut p, 5_000.0, 2), 150);
+        assert_eq!(at(&mut p, 14_000.0, 9), 150);
+        // 10 s on and the iteration advanced: one step of (1050 - 150) / 7, 128.57 ms
+        // (the settings hold whole milliseconds).
+        assert_eq!(at(&mut p, 15_000.0, 10), 278);
         // The same iteration 10 s later: no step (it must advance).
-        assert!((at(&mut p, 26_000.0, 10) - 278.571).abs() < 0.01);
-        assert!((at(&mut p, 26_250.0, 11) - 407.143).abs() < 0.01);
+        assert_eq!(at(&mut p, 26_000.0, 10), 278);
+        assert_eq!(at(&mut p, 26_250.0, 11), 407);
         // It stops at the ceiling.
         let mut t = 26_250.0;
         let mut round = 11;
@@ -540,7 +549,7 @@ mod tests {
             round += 1;
             at(&mut p, t, round);
         }
-        assert_eq!(at(&mut p, t + 10_000.0, round + 1), 1050.0);
+        assert_eq!(at(&mut p, t + 10_000.0, round + 1), 1050);
         // A limit below the ramp's start: the limit itself, always, as kubevirt-default.
         let mut p = Preset::by_name("kubevirt-dynamic-downtime").unwrap();
         let mut q = Preset::by_name("kubevirt-default").unwrap();
@@ -549,7 +558,7 @@ mod tests {
             let a = p.decide(&obs(t, round, 0.0, 1e8), &low).settings;
             let b = q.decide(&obs(t, round, 0.0, 1e8), &low).settings;
             assert_eq!(a, b);
-            assert_eq!(a.max_downtime_ms, 100.0);
+            assert_eq!(a.max_downtime_ms, 100);
         }
         assert_eq!(
             Preset::same_as("kubevirt-dynamic-downtime", &low, true),
@@ -566,9 +575,9 @@ mod tests {
         let mut p = Preset::by_name("cloud-hypervisor").unwrap();
         let lim = limits(100.0, 30.0);
         let d = p.decide(&obs(26_000.0, 5, 1e5, 1e8), &lim);
-        assert_eq!(d.settings.max_downtime_ms, 100.0);
+        assert_eq!(d.settings.max_downtime_ms, 100);
         assert_eq!(d.settings.throttle_pct, 0);
-        assert_eq!(d.settings.bandwidth_mbit, None);
+        assert_eq!(d.settings.bandwidth_bytes_per_sec, None);
         let d = p.decide(&obs(27_000.0, 6, 1e5, 1e8), &lim);
         assert_eq!(d.settings.max_downtime_ms, FORCE_DOWNTIME_MS);
         assert!(d.reasons.iter().any(|r| r.reason.contains("force")));
@@ -588,7 +597,7 @@ mod tests {
         // Everything else is libvirt's.
         let same = Settings {
             disk_mirror: DiskMirror::Background,
-            ..a.settings.clone()
+            ..a.settings
         };
         assert_eq!(same, b.settings);
         assert_eq!(

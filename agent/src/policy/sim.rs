@@ -81,23 +81,6 @@ pub struct Outcome {
     pub changes: Vec<Decision>,
 }
 
-fn changes(old: &Settings, new: &Settings) -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    if old.codec != new.codec {
-        v.push(("codec", new.codec.to_string()));
-    }
-    if old.throttle_pct != new.throttle_pct {
-        v.push(("throttle_pct", new.throttle_pct.to_string()));
-    }
-    if old.postcopy != new.postcopy {
-        v.push(("postcopy", new.postcopy.to_string()));
-    }
-    if old.bandwidth_mbit != new.bandwidth_mbit {
-        v.push(("bandwidth_mbit", format!("{:?}", new.bandwidth_mbit)));
-    }
-    v
-}
-
 /// Runs one migration of `s` under `policy` and `limits`.
 pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
     let memory = s.memory_pages as f64 * PAGE;
@@ -131,8 +114,8 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
     let mut round_size = memory;
     loop {
         let cap = settings
-            .bandwidth_mbit
-            .map_or(f64::INFINITY, |m| m * 1e6 / 8.0);
+            .bandwidth_bytes_per_sec
+            .map_or(f64::INFINITY, |b| b as f64);
         let wire = s.link_bytes_per_sec.min(cap);
         let budget = limits.cpu_budget_cores;
         let perf = s.perf(settings.codec);
@@ -177,7 +160,11 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
                 out.predicted_downtime_ms = d.prediction.downtime_ms;
                 stage = Stage::FirstPass;
             }
-            for (setting, value) in changes(&settings, &d.settings) {
+            let (_, mut named) = settings.changes_to(&d.settings);
+            if d.postcopy {
+                named.push(("postcopy", "true".into()));
+            }
+            for (setting, value) in named {
                 let why = d
                     .reasons
                     .iter()
@@ -192,12 +179,12 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             }
             settings = d.settings;
             out.max_throttle_pct = out.max_throttle_pct.max(settings.throttle_pct);
-            if let Some(why) = &settings.abort {
+            if let Some(why) = &d.abort {
                 out.error = Some(format!("aborted: {why}"));
                 out.total_ms = t;
                 return out;
             }
-            if settings.postcopy {
+            if d.postcopy {
                 // The guest moves now; what is left follows at the stream's pace.
                 let down = postcopy_pause_ms(pages_per_sec, &PauseBasis::prior(s.mechanics));
                 let rest = left + dirty;
@@ -229,8 +216,8 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             let down = dirty / paused * 1e3 + SWITCH_MS;
             // The VMM's rule: one more round while the dirty set still halves.
             let halving =
-                dirty * 2.0 <= round_size && policy.switchover_rule() == super::Switchover::Halving;
-            let limit = settings.max_downtime_ms;
+                dirty * 2.0 <= round_size && settings.switchover == super::Switchover::Halving;
+            let limit = settings.max_downtime_ms as f64;
             if down <= limit + SWITCH_MS && (!halving || down - SWITCH_MS <= limit / 10.0) {
                 out.completed = true;
                 out.downtime_ms = down;

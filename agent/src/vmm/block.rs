@@ -110,8 +110,9 @@ pub trait Mirror: std::fmt::Debug + Send + Sync {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
-/// The lowest cap on a guest's disk writes, MB/s: a 64 KiB write waits 64 ms at it.
-pub const MIN_DISK_WRITE_LIMIT_MBPS: f64 = 1.0;
+/// The lowest cap on a guest's disk writes, bytes per second: a 64 KiB write waits
+/// 64 ms at it.
+pub const MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC: u64 = 1_000_000;
 
 /// A token bucket over guest write bytes: a write that overdraws it completes late,
 /// by the time the bucket needs to refill.

@@ -2,27 +2,9 @@
 //! (`set-params`, a policy's reasons).
 
 use super::*;
+use crate::vmm::block::MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC;
 
-/// Setting name → why it has its value.
-pub type Reasons = std::collections::BTreeMap<String, String>;
-
-/// What can change while a migration runs (`set-params`; later the policy engine).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    pub codec: Codec,
-    /// Bytes per second on the wire; None = unlimited.
-    pub bandwidth: Option<u64>,
-    /// Share of each vCPU's time taken away (0-99), as QEMU's auto-converge does.
-    pub throttle_pct: u32,
-    pub max_downtime_ms: u64,
-    /// Disks that travel: a cap on the guest's disk writes, bytes per second (None:
-    /// none), so the disks' rounds shrink when its writes would outrun the link.
-    pub disk_write_limit: Option<u64>,
-    /// How the switchover moment is judged once the pause fits `max_downtime_ms`.
-    pub switchover: Switchover,
-    /// Disks that travel: rounds only, or each guest write mirrored as well.
-    pub disk_mirror: DiskMirror,
-}
+pub use ferry_api::{Reasons, Settings, SettingsChange};
 
 /// The settings in force and every change to them, shared between the migration
 /// thread and `set-params`.
@@ -45,7 +27,8 @@ impl Live {
         for (setting, value) in live.describe(&settings) {
             // Most migrations have no disks travelling (no cap is no news there) and
             // switch over by the VMM's own rule.
-            if (setting == "disk_write_limit_mbps" && settings.disk_write_limit.is_none())
+            if (setting == "disk_write_limit_bytes_per_sec"
+                && settings.disk_write_limit_bytes_per_sec.is_none())
                 || (setting == "switchover" && settings.switchover == Switchover::Halving)
                 || (setting == "disk_mirror" && settings.disk_mirror == DiskMirror::Background)
             {
@@ -60,21 +43,15 @@ impl Live {
     }
 
     pub(super) fn describe(&self, s: &Settings) -> [(&'static str, String); 7] {
+        let rate = |v: Option<u64>| v.map_or_else(|| "unlimited".into(), |b| b.to_string());
         [
             ("codec", s.codec.to_string()),
-            (
-                "bandwidth_mbit",
-                s.bandwidth
-                    .map(|b| (b * 8 / 1_000_000).to_string())
-                    .unwrap_or_else(|| "unlimited".into()),
-            ),
+            ("bandwidth_bytes_per_sec", rate(s.bandwidth_bytes_per_sec)),
             ("throttle_pct", s.throttle_pct.to_string()),
             ("max_downtime_ms", s.max_downtime_ms.to_string()),
             (
-                "disk_write_limit_mbps",
-                s.disk_write_limit
-                    .map(|b| format!("{:.1}", b as f64 / 1e6))
-                    .unwrap_or_else(|| "unlimited".into()),
+                "disk_write_limit_bytes_per_sec",
+                rate(s.disk_write_limit_bytes_per_sec),
             ),
             ("switchover", s.switchover.to_string()),
             ("disk_mirror", s.disk_mirror.to_string()),
@@ -106,18 +83,6 @@ impl Live {
     }
 }
 
-/// What a `set-params` changes: each `Some` is a new value.
-#[derive(Debug, Default)]
-pub struct SettingsChange {
-    pub codec: Option<Codec>,
-    pub bandwidth: Option<Option<u64>>,
-    pub throttle_pct: Option<u32>,
-    pub max_downtime_ms: Option<u64>,
-    pub disk_write_limit: Option<Option<u64>>,
-    pub switchover: Option<Switchover>,
-    pub disk_mirror: Option<DiskMirror>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SetParamsError {
     #[error("no migration is running")]
@@ -129,57 +94,46 @@ pub enum SetParamsError {
 /// `set-params`: changes what is given, records each change.
 pub fn set_params(
     vm: &Migratable,
-    change: SettingsChange,
+    change: &SettingsChange,
     reasons: &Reasons,
 ) -> Result<Settings, SetParamsError> {
-    let SettingsChange {
-        codec,
-        bandwidth,
-        throttle_pct,
-        max_downtime_ms,
-        disk_write_limit,
-        switchover,
-        disk_mirror,
-    } = change;
     let m = &vm.machine;
     let mut live = lock(&vm.live);
     let live = live.as_mut().ok_or(SetParamsError::NotRunning)?;
-    let mut s = live.settings;
-    if let Some(c) = codec {
-        s.codec = c;
+    if let Some(t) = change.throttle_pct
+        && t > 99
+    {
+        return Err(SetParamsError::Invalid(format!(
+            "throttle_pct = {t} is outside 0..=99"
+        )));
     }
-    if let Some(b) = bandwidth {
-        s.bandwidth = b;
+    if change.max_downtime_ms == Some(0) {
+        return Err(SetParamsError::Invalid(
+            "max_downtime_ms must be at least 1".into(),
+        ));
     }
-    if let Some(t) = throttle_pct {
-        if t > 99 {
-            return Err(SetParamsError::Invalid(format!(
-                "throttle_pct = {t} is outside 0..=99"
-            )));
-        }
-        s.throttle_pct = t;
-    }
-    if let Some(d) = max_downtime_ms {
-        if d == 0 {
-            return Err(SetParamsError::Invalid(
-                "max_downtime_ms must be at least 1".into(),
-            ));
-        }
-        s.max_downtime_ms = d;
-    }
-    if let Some(rule) = switchover {
-        s.switchover = rule;
-    }
-    if let Some(l) = disk_write_limit {
-        s.disk_write_limit = l;
+    check_disk_write_limit(change.disk_write_limit_bytes_per_sec)
+        .map_err(SetParamsError::Invalid)?;
+    let s = live.settings.with(change);
+    if change.disk_write_limit_bytes_per_sec.is_some() {
         // Only disks being copied (`--copy-storage`) have a job to hold the cap.
-        m.disks.limit_writes(l);
+        m.disks.limit_writes(s.disk_write_limit_bytes_per_sec);
     }
-    if let Some(mirror) = disk_mirror {
-        s.disk_mirror = mirror;
-        m.disks.mirror_writes(mirror == DiskMirror::Active);
+    if change.disk_mirror.is_some() {
+        m.disks.mirror_writes(s.disk_mirror == DiskMirror::Active);
     }
     live.change(s, reasons, "set by the operator (set-params)");
     m.set_throttle(s.throttle_pct);
     Ok(s)
+}
+
+/// A cap on the guest's disk writes is none (0) or one a guest write can live with.
+pub fn check_disk_write_limit(limit: Option<u64>) -> Result<(), String> {
+    match limit {
+        Some(b) if b != 0 && b < MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC => Err(format!(
+            "disk_write_limit_bytes_per_sec = {b}: must be 0 (none) or at least \
+             {MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC} (a guest write waits its share of it)"
+        )),
+        _ => Ok(()),
+    }
 }

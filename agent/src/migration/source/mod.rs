@@ -38,7 +38,9 @@ mod transport;
 use self::{bucket::*, encode::*, stats::*, transport::*};
 pub use encode::sample_pages;
 pub(super) use encode::{Buffers, encode};
-pub use live::{Live, Reasons, SetParamsError, Settings, SettingsChange, set_params};
+pub use live::{
+    Live, Reasons, SetParamsError, Settings, SettingsChange, check_disk_write_limit, set_params,
+};
 pub(super) use precopy::MAX_SHRINKING_ROUNDS;
 pub use precopy::converged;
 pub use resolve::{ResolveError, resolve};
@@ -183,7 +185,7 @@ pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
     MigrationProgress {
         codec: settings.codec,
         throttle_pct: settings.throttle_pct,
-        bandwidth_limit_bytes_per_sec: settings.bandwidth,
+        bandwidth_limit_bytes_per_sec: settings.bandwidth_bytes_per_sec,
         max_downtime_ms: settings.max_downtime_ms,
         ..MigrationProgress::setup(to)
     }
@@ -222,7 +224,9 @@ pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationRep
                 "the destination did not answer within {:.1} s (the peer timeout, \
                  --timeout-secs{})",
                 e.silence(params.timeout).unwrap_or_default().as_secs_f64(),
-                if matches!(e, MigrateError::Silent(_)) && params.settings.bandwidth.is_some() {
+                if matches!(e, MigrateError::Silent(_))
+                    && params.settings.bandwidth_bytes_per_sec.is_some()
+                {
                     ", and the time a frame takes under the bandwidth cap"
                 } else {
                     ""

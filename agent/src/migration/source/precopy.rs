@@ -36,9 +36,12 @@ impl Sender<'_> {
         let precopy = lock(&self.vm.progress)
             .as_ref()
             .is_some_and(|p| p.phase == Phase::Precopy);
-        let frame_time = self.settings.bandwidth.map_or(Duration::ZERO, |b| {
-            Duration::from_secs_f64(f64::from(protocol::MAX_PAYLOAD) / b.max(1) as f64)
-        });
+        let frame_time = self
+            .settings
+            .bandwidth_bytes_per_sec
+            .map_or(Duration::ZERO, |b| {
+                Duration::from_secs_f64(f64::from(protocol::MAX_PAYLOAD) / b.max(1) as f64)
+            });
         self.watchdog.set(precopy, self.params.timeout + frame_time);
         if let Some(live) = lock(&self.vm.live).as_ref() {
             self.settings = live.settings;
@@ -114,7 +117,7 @@ impl Sender<'_> {
             // peer's timeout: at most ~100 ms of the cap per frame.
             let cap = self
                 .settings
-                .bandwidth
+                .bandwidth_bytes_per_sec
                 .map_or(BATCH, |b| (b as usize / 10 / PAGE).clamp(1, BATCH));
             let batch = batch_pages(pages.len() - from, cap);
             let end = (from + batch * GROUP_BATCHES).min(pages.len());

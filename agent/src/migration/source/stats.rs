@@ -153,7 +153,7 @@ pub(super) fn ratio(s: &Stats) -> f64 {
 pub(super) fn fill(p: &mut MigrationProgress, s: &Stats, settings: &Settings) {
     p.codec = settings.codec;
     p.throttle_pct = settings.throttle_pct;
-    p.bandwidth_limit_bytes_per_sec = settings.bandwidth;
+    p.bandwidth_limit_bytes_per_sec = settings.bandwidth_bytes_per_sec;
     p.max_downtime_ms = settings.max_downtime_ms;
     p.round = s.round;
     p.elapsed_ms = s.t0.elapsed().as_millis() as u64;

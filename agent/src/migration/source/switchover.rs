@@ -53,11 +53,11 @@ impl Sender<'_> {
         lap.mark("paused");
         // The guest is stopped now: the last pages go at full speed (as QEMU lifts
         // its rate limit for the completion stage), its disks are uncapped.
-        self.settings.bandwidth = None;
-        self.settings.disk_write_limit = None;
+        self.settings.bandwidth_bytes_per_sec = None;
+        self.settings.disk_write_limit_bytes_per_sec = None;
         if let Some(live) = lock(&self.vm.live).as_mut() {
-            live.settings.bandwidth = None;
-            live.settings.disk_write_limit = None;
+            live.settings.bandwidth_bytes_per_sec = None;
+            live.settings.disk_write_limit_bytes_per_sec = None;
         }
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything dirtied since the last fetch, including by devices.

@@ -174,7 +174,8 @@ impl Sender<'_> {
         // Time spent waiting for the cap counts: the measured bandwidth is what the
         // stream achieves, which is what predictions need.
         let t = Instant::now();
-        self.bucket.take(self.settings.bandwidth, frames.len());
+        self.bucket
+            .take(self.settings.bandwidth_bytes_per_sec, frames.len());
         self.w.write_all(frames).map_err(ProtocolError::from)?;
         self.stats.send_time += t.elapsed();
         // With the guest's disk writes mirrored, its vCPUs write on the stream too.
