@@ -485,7 +485,7 @@ fn dispatch_to(
             .map(|r| json!(r))
             .map_err(Refusal::from),
         Request::CodecSample {} => {
-            let (samples, zero_fraction) = source::sample_pages(m);
+            let (samples, zero_fraction) = source::sample_pages(vm.movable());
             Ok(json!(CodecSamples {
                 codec_samples: samples,
                 zero_fraction,
@@ -959,6 +959,18 @@ mod tests {
             Refusal::from(source::ResolveError::NoMigration).kind,
             ErrorKind::NotFound
         );
+        assert_eq!(
+            Refusal::from(source::ResolveError::Unreachable {
+                to: "h:1".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            })
+            .kind,
+            ErrorKind::Unavailable
+        );
+        assert_eq!(
+            Refusal::from(snapshot::SnapshotError::Exists("/s".into())).kind,
+            ErrorKind::Conflict
+        );
         assert_eq!(Refusal::from("x".to_string()).kind, ErrorKind::Failed);
         // Each operation's errors carry their kind with them.
         let r: Refusal = StartError::AlreadyRunning.into();
@@ -1018,10 +1030,17 @@ mod tests {
 
     #[test]
     fn a_disk_write_limit_is_bytes_per_second_and_zero_lifts_it() {
+        // What a set-params leaves in force over a cap of 2 MB/s, or why it refuses.
         let limit = |json: &str| match serde_json::from_str::<Request>(json).unwrap() {
             Request::SetParams { settings, .. } => {
-                source::check_disk_write_limit(settings.disk_write_limit_bytes_per_sec)
-                    .map(|()| settings.disk_write_limit_bytes_per_sec)
+                source::check_disk_write_limit(settings.disk_write_limit_bytes_per_sec).map(|()| {
+                    Settings {
+                        disk_write_limit_bytes_per_sec: Some(2_000_000),
+                        ..Settings::default()
+                    }
+                    .with(&settings)
+                    .disk_write_limit_bytes_per_sec
+                })
             }
             other => panic!("{other:?}"),
         };
@@ -1031,9 +1050,9 @@ mod tests {
         );
         assert_eq!(
             limit(r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":0}"#),
-            Ok(Some(0))
+            Ok(None)
         );
-        assert_eq!(limit(r#"{"cmd":"set-params"}"#), Ok(None));
+        assert_eq!(limit(r#"{"cmd":"set-params"}"#), Ok(Some(2_000_000)));
         assert!(
             serde_json::from_str::<Request>(
                 r#"{"cmd":"set-params","disk_write_limit_bytes_per_sec":-1}"#

@@ -50,8 +50,8 @@ pub(super) fn during<T, E: From<DirtyError>>(
 }
 
 fn sample(vm: &Migratable, stop: Receiver<()>) -> Result<(), DirtyError> {
-    let m = &vm.machine;
-    let pages = m.vm.layout.memory_bytes / crate::guest::abi::PAGE_SIZE;
+    let m = vm.movable();
+    let pages = m.memory_bytes() / crate::guest::abi::PAGE_SIZE;
     let mut window = Bitmap::new(pages);
     let mut all = Bitmap::new(pages);
     let start = Instant::now();
@@ -64,7 +64,7 @@ fn sample(vm: &Migratable, stop: Receiver<()>) -> Result<(), DirtyError> {
             _ => break,
         }
         let t = Instant::now();
-        let n = m.dirty.rearm(&mut window)?;
+        let n = m.rearm_dirty(&mut window)?;
         let now = Instant::now();
         rearm += now - t;
         w.windows += 1;

@@ -90,7 +90,7 @@ impl Sender<'_> {
     /// Announces the disks, starts noting guest writes, and sends every block that
     /// holds data.
     pub(super) fn disks_start(&mut self) -> Result<(), MigrateError> {
-        let disks = &self.m.disks.disks;
+        let disks = &self.m.disks().disks;
         self.send(&Message::Disks {
             disks: disks.iter().map(|d| (d.id.clone(), d.size)).collect(),
         })?;
@@ -198,7 +198,7 @@ impl Sender<'_> {
             self.stats.disk_dirty_rate = Some(self.disks_dirty_bytes() as f64 / secs);
             let written: u64 = self
                 .m
-                .disks
+                .disks()
                 .disks
                 .iter()
                 .map(|d| d.job().as_ref().map_or(0, |j| j.written))
@@ -210,7 +210,7 @@ impl Sender<'_> {
     /// Blocks written since they were last sent, summed over the disks.
     pub(super) fn disks_dirty_bytes(&self) -> u64 {
         self.m
-            .disks
+            .disks()
             .disks
             .iter()
             .map(|d| d.job().as_ref().map_or(0, |j| j.dirty.count()) * COPY_BLOCK)
@@ -223,7 +223,7 @@ impl Sender<'_> {
         // Before the dirty sets are taken: they are what was dirtied since the last.
         self.measure_disk_dirtying();
         let mut todo = Vec::new();
-        for d in &self.m.disks.disks {
+        for d in &self.m.disks().disks {
             let mut job = d.job();
             let set = match job.as_mut() {
                 Some(j) => {
@@ -255,7 +255,7 @@ impl Sender<'_> {
         self.stats.disk_pending = todo.iter().map(|s| s.count() * COPY_BLOCK).sum();
         let mut buf = Aligned::new();
         for (i, set) in todo.iter().enumerate() {
-            let d = &self.m.disks.disks[i];
+            let d = &self.m.disks().disks[i];
             let file = d
                 .reopen_read()
                 .map_err(|e| MigrateError::Vm(format!("disk {}: {e}", d.id)))?;
@@ -354,7 +354,7 @@ impl Sender<'_> {
         // each the first dirty block from an evenly spaced point on (a walk over the
         // words, not over every dirty block, with the guest's writes waiting on the
         // lock).
-        let dirty: Vec<u64> = (self.m.disks.disks.iter())
+        let dirty: Vec<u64> = (self.m.disks().disks.iter())
             .map(|d| d.job().as_ref().map_or(0, |j| j.dirty.count()))
             .collect();
         let all: u64 = dirty.iter().sum();
@@ -363,7 +363,7 @@ impl Sender<'_> {
         }
         let (mut raw, mut wire) = (0usize, 0usize);
         let mut buf = Aligned::new();
-        for (i, d) in self.m.disks.disks.iter().enumerate() {
+        for (i, d) in self.m.disks().disks.iter().enumerate() {
             let n = (WRITTEN_SAMPLE_BLOCKS * dirty[i]).div_ceil(all);
             let mut blocks: Vec<u64> = match d.job().as_ref() {
                 Some(j) if n > 0 => (0..n)
@@ -436,7 +436,7 @@ impl Sender<'_> {
     /// Paused: each disk's write log, compacted to the last acknowledged generation
     /// per block, so `ferry disk-check` works on the destination's copies too.
     pub(super) fn disks_logs(&mut self) -> Result<(), MigrateError> {
-        for (i, d) in self.m.disks.disks.iter().enumerate() {
+        for (i, d) in self.m.disks().disks.iter().enumerate() {
             if !d.logs_writes() {
                 continue;
             }
@@ -462,7 +462,7 @@ impl Sender<'_> {
 
     /// A failed or finished migration stops noting guest writes.
     pub(super) fn disks_stop(&self) {
-        for d in &self.m.disks.disks {
+        for d in &self.m.disks().disks {
             *d.job() = None;
         }
     }

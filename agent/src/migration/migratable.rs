@@ -11,6 +11,7 @@ use ferry_api::{MigrationProgress, PostcopyPhase, PostcopyStatus, StorageProgres
 use super::postcopy_dst::Tracker;
 use super::source;
 use crate::sync::lock;
+use crate::vmm::capabilities::Movable;
 use crate::vmm::machine::Machine;
 
 pub struct Migratable {
@@ -37,6 +38,12 @@ pub struct Migratable {
 }
 
 impl Migratable {
+    /// The VM as the send side of a migration may use it: its capabilities, not its
+    /// insides.
+    pub fn movable(&self) -> &dyn Movable {
+        &*self.machine
+    }
+
     pub fn new(machine: Arc<Machine>) -> Self {
         Self {
             machine,

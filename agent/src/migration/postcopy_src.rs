@@ -24,7 +24,6 @@ use super::source::{
 };
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
-use crate::vmm::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// After the resume the push waits for a pause this long in the guest's faults...
@@ -324,7 +323,7 @@ impl Sender<'_> {
         // since the last round, and the pages held back from it.
         let mut late = Bitmap::new(pages);
         if dirty_log_running {
-            self.m.dirty.fetch(&mut late)?;
+            self.m.fetch_dirty(&mut late)?;
             need.or_assign_words(late.words());
         } else {
             late.or_assign_words(need.words());
@@ -332,14 +331,14 @@ impl Sender<'_> {
         lap.mark("dirty log fetched");
         // The device state first: the destination restores it while the pages below
         // are still on their way, instead of after them.
-        self.m.disks.flush_all()?;
-        let saved = MachineState::save(self.m)?;
+        self.m.disks().flush_all()?;
+        let saved = self.m.save_state()?;
         // What each vCPU touches first when it runs again (its code, stack, page
         // tables...): if stale there, sent below ahead of everything else, else every
         // one of them is a fault in a row before the guest does anything.
         let m = self.m;
         // SAFETY: the VM is paused: nothing writes its memory.
-        let memory = unsafe { m.memory_slice() };
+        let memory = unsafe { m.memory() };
         let mut first = Vec::new();
         for v in &saved.vcpus {
             for p in super::vcpu_pages::pages(&v.regs, &v.sregs, memory) {
@@ -398,7 +397,7 @@ impl Sender<'_> {
             })?;
         }
         self.stats.remaining = need.count();
-        self.m.disks.set_locked(false)?;
+        self.m.disks().set_locked(false)?;
         self.send(&Message::Complete {
             pages_sent: self.stats.pages_sent,
         })?;
@@ -422,8 +421,8 @@ impl Sender<'_> {
     ) -> Result<u64, MigrateError> {
         let pages = need.pages();
         let mut dirty = Bitmap::new(pages);
-        self.m.dirty.fetch(&mut dirty)?;
-        self.m.dirty.clear(0, pages)?;
+        self.m.fetch_dirty(&mut dirty)?;
+        self.m.clear_dirty(0, pages)?;
         need.or_assign_words(dirty.words());
         self.drop_there(&pick(&dirty))?;
         Ok(dirty.count())
@@ -453,7 +452,7 @@ impl Sender<'_> {
         handover: (Instant, super::Lap, super::priority::Urgent),
     ) -> Result<PostcopyFigures, MigrateError> {
         // SAFETY: the VM is paused and handed over: nothing writes its memory again.
-        let memory = unsafe { self.m.memory_slice() };
+        let memory = unsafe { self.m.memory() };
         let shared = Served::new(need.pages());
         let mut fault = Some(fault);
         let mut handover = Some(handover);
@@ -621,7 +620,7 @@ impl Sender<'_> {
     /// Reconnects to the destination; returns the pages it still lacks and a new
     /// fault channel. Retries for the recovery window, then waits for `--resume`.
     fn recover(&mut self, why: &str) -> Result<(Bitmap, TcpStream), MigrateError> {
-        let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+        let pages = self.m.memory_bytes() / PAGE as u64;
         let _ = self.w.get_ref().shutdown(std::net::Shutdown::Both);
         let mut deadline = Instant::now() + self.params.recover;
         loop {

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use super::migratable::Migratable;
 use crate::bitmap::Bitmap;
 use crate::vmm::block::{COPY_BLOCK, CopyJob, Disk, WriteThrottle, log_path};
-use crate::vmm::machine::{Machine, RunState};
+use crate::vmm::capabilities::Movable;
+use crate::vmm::machine::RunState;
 
 /// Re-copy rounds at most before the pause (or before auto mode turns active).
 const MAX_ROUNDS: u32 = 30;
@@ -109,7 +110,7 @@ impl Aligned {
 
 struct Copier<'a> {
     vm: &'a Migratable,
-    m: &'a Machine,
+    m: &'a dyn Movable,
     params: &'a Params,
     mode: StorageMode,
     bytes: u64,
@@ -126,7 +127,7 @@ struct Copier<'a> {
 }
 
 pub fn run(vm: Arc<Migratable>, params: Params) -> StorageReport {
-    let m = &vm.machine;
+    let m = vm.movable();
     let t0 = Instant::now();
     let mut c = Copier {
         vm: &vm,
@@ -171,7 +172,7 @@ pub fn run(vm: Arc<Migratable>, params: Params) -> StorageReport {
         disk_bytes_copied: c.bytes,
         disk_rounds: c.rounds,
         disk_verified: verified,
-        disk_integrity_errors: m.status().disk_integrity_errors,
+        disk_integrity_errors: m.disk_integrity_errors(),
         guest_write_latency_added_us_p99: (!added.is_empty())
             .then(|| u64::from(added[((added.len() - 1) as f64 * 0.99) as usize])),
         copy_ms: c.copy_time.as_secs_f64() * 1e3,
@@ -222,7 +223,7 @@ impl Copier<'_> {
         moved: &mut Vec<MovedDisk>,
         verified: &mut Option<bool>,
     ) -> Result<(), StorageError> {
-        let disks = &self.m.disks.disks;
+        let disks = &self.m.disks().disks;
         if disks.is_empty() {
             return Err(StorageError::NoDisks);
         }
@@ -423,7 +424,7 @@ impl Copier<'_> {
             };
             crash_point("storage-before-config");
             if let Some(cfg_path) = &self.params.config_path {
-                let mut cfg = self.m.current_config();
+                let mut cfg = self.m.config();
                 if let Some(c) = cfg.disks.iter_mut().find(|c| c.id == d.id) {
                     c.path = target.to_owned();
                 }

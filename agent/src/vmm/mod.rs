@@ -3,6 +3,7 @@
 pub mod blob;
 pub mod block;
 pub mod boot;
+pub mod capabilities;
 pub mod config;
 pub mod dirty;
 pub mod disk_check;

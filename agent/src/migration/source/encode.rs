@@ -5,18 +5,18 @@ use super::*;
 
 /// Each codec's ratio and speed on a sample of the working set's non-zero pages, and
 /// the share of all guest pages that are zero (also sampled).
-pub fn sample_pages(m: &Machine) -> (Vec<crate::migration::codec::CodecSample>, f64) {
+pub fn sample_pages(m: &dyn Movable) -> (Vec<crate::migration::codec::CodecSample>, f64) {
     const SAMPLE: u64 = 256;
     // SAFETY: a racy read of guest pages only feeds a measurement.
-    let memory = unsafe { m.memory_slice() };
-    let layout = &m.vm.layout;
-    let first = layout.ws_base / PAGE as u64;
-    let step = (layout.ws_pages / SAMPLE).max(1);
+    let memory = unsafe { m.memory() };
+    let ws = m.working_set_pages();
+    let (first, ws_pages) = (ws.start, ws.end - ws.start);
+    let step = (ws_pages / SAMPLE).max(1);
     let page = |i: u64| {
         let at = (i * PAGE as u64) as usize;
         &memory[at..at + PAGE]
     };
-    let pages: Vec<&[u8]> = (0..layout.ws_pages)
+    let pages: Vec<&[u8]> = (0..ws_pages)
         .step_by(step as usize)
         .map(|i| page(first + i))
         .filter(|p| !is_zero(p))

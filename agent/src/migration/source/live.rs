@@ -97,7 +97,7 @@ pub fn set_params(
     change: &SettingsChange,
     reasons: &Reasons,
 ) -> Result<Settings, SetParamsError> {
-    let m = &vm.machine;
+    let m = vm.movable();
     let mut live = lock(&vm.live);
     let live = live.as_mut().ok_or(SetParamsError::NotRunning)?;
     if let Some(t) = change.throttle_pct
@@ -117,10 +117,10 @@ pub fn set_params(
     let s = live.settings.with(change);
     if change.disk_write_limit_bytes_per_sec.is_some() {
         // Only disks being copied (`--copy-storage`) have a job to hold the cap.
-        m.disks.limit_writes(s.disk_write_limit_bytes_per_sec);
+        m.disks().limit_writes(s.disk_write_limit_bytes_per_sec);
     }
     if change.disk_mirror.is_some() {
-        m.disks.mirror_writes(s.disk_mirror == DiskMirror::Active);
+        m.disks().mirror_writes(s.disk_mirror == DiskMirror::Active);
     }
     live.change(s, reasons, "set by the operator (set-params)");
     m.set_throttle(s.throttle_pct);

@@ -23,8 +23,9 @@ use super::protocol::{self, Hello, Message, PageBatchWriter, ProtocolError};
 use super::wire::Wire;
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
-use crate::vmm::machine::{Machine, RunState};
-use crate::vmm::snapshot::{MachineState, is_zero};
+use crate::vmm::capabilities::Movable;
+use crate::vmm::machine::RunState;
+use crate::vmm::snapshot::is_zero;
 
 mod bucket;
 mod encode;
@@ -151,7 +152,8 @@ impl MigrateError {
 pub(super) struct Sender<'a> {
     /// The VM moved, and the state of its migration.
     pub(super) vm: &'a Migratable,
-    pub(super) m: &'a Machine,
+    /// What the VM can do for its migration; nothing else of it.
+    pub(super) m: &'a dyn Movable,
     pub(super) params: &'a Params,
     pub(super) w: Wire,
     pub(super) r: TcpStream,
@@ -195,7 +197,7 @@ pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
 /// status, and written to `params.report` if given).
 /// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
 pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationReport {
-    let m = &vm.machine;
+    let m = vm.movable();
     let t0 = Instant::now();
     let mut progress = starting(&params.to, &params.settings);
     set_progress(&vm, &progress);
@@ -261,7 +263,7 @@ pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationRep
         compression_ratio: ratio(&s),
         throttle_max_pct: live.throttle_max_pct,
         memory_verified: switch.memory_verified,
-        guest_integrity_errors: m.status().guest_integrity_errors,
+        guest_integrity_errors: m.guest_integrity_errors(),
         decisions: live.decisions,
         postcopy_faults: switch.postcopy.map(|f| f.faults),
         fault_latency_p50_us: switch.postcopy.map(|f| f.latency_p50_us),
@@ -308,7 +310,7 @@ fn migrate(
     t0: Instant,
     switch: &mut Switch,
 ) -> (Stats, Result<(), MigrateError>) {
-    let m = &vm.machine;
+    let m = vm.movable();
     if m.state() != RunState::Running {
         let e = MigrateError::Vm(format!("is {:?}, not running", m.state()));
         return (new_stats(t0), Err(e));
@@ -324,7 +326,7 @@ fn migrate(
             tx.peer_reason(e)
         }
     });
-    let _ = tx.m.dirty.stop(&tx.m.vm);
+    let _ = tx.m.stop_dirty_log();
     tx.disks_stop();
     match result {
         Ok(()) => (tx.stats, Ok(())),
@@ -335,7 +337,7 @@ fn migrate(
                 });
                 let _ = tx.w.flush();
                 // Before the handover the VM is ours: take the disks back and run on.
-                let _ = tx.m.disks.set_locked(true);
+                let _ = tx.m.disks().set_locked(true);
                 if tx.m.state() == RunState::Paused {
                     let _ = tx.m.resume();
                 }

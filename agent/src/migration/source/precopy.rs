@@ -103,7 +103,7 @@ impl Sender<'_> {
         // SAFETY: pages are read while the guest may write them; every page sent here
         // had its dirty tracking re-armed before this copy, so a racing write is sent
         // again in a later round (or under the final pause).
-        let memory = unsafe { m.memory_slice() };
+        let memory = unsafe { m.memory() };
         let pages: Vec<u64> = pages.collect();
         self.round_pages.clone_from(&pages);
         self.sent_upto = 0;
@@ -242,7 +242,7 @@ impl Sender<'_> {
         match self.precopy(switch) {
             Err(MigrateError::StartPostcopy) => {
                 // What the round in flight had not sent yet comes on demand.
-                let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+                let pages = self.m.memory_bytes() / PAGE as u64;
                 let mut need = Bitmap::new(pages);
                 for &p in self.round_pages.get(self.sent_upto..).unwrap_or_default() {
                     need.set(p);
@@ -254,7 +254,7 @@ impl Sender<'_> {
     }
 
     pub(super) fn precopy(&mut self, switch: &mut Switch) -> Result<(), MigrateError> {
-        let pages = self.m.vm.layout.memory_bytes / PAGE as u64;
+        let pages = self.m.memory_bytes() / PAGE as u64;
         self.sample_codecs();
         // Measured at once, so the policy's first prediction has the handover's round
         // trip from these hosts (the first ping may wait for the destination to build
@@ -266,16 +266,7 @@ impl Sender<'_> {
             return self.switch_postcopy(need, false, switch);
         }
         let mut dirty = Bitmap::new(pages);
-        {
-            // A dirty-rate sample in progress ends first (it sees this migration and
-            // starts no other).
-            let _sample = self
-                .m
-                .dirty_sample_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.m.dirty.start(&self.m.vm)?;
-        }
+        self.m.start_dirty_log()?;
         self.publish(Phase::Precopy);
         let mut round_start = Instant::now();
         let mut round_bytes = self.stats.bytes_on_wire;
@@ -312,7 +303,7 @@ impl Sender<'_> {
                 )));
             }
             dirty.clear_all();
-            self.m.dirty.fetch(&mut dirty)?;
+            self.m.fetch_dirty(&mut dirty)?;
             let count = dirty.count();
             let took = round_start.elapsed().as_secs_f64().max(1e-6);
             let moving =
@@ -358,12 +349,12 @@ impl Sender<'_> {
                 // runs, not in the flush after the pause (disks that travel need none:
                 // see `switchover`).
                 if !self.params.copy_storage {
-                    self.m.disks.flush_all()?;
+                    self.m.disks().flush_all()?;
                 }
                 return self.switchover(dirty, switch);
             }
             previous = count;
-            self.m.dirty.clear(0, pages)?;
+            self.m.clear_dirty(0, pages)?;
             round_start = Instant::now();
             round_bytes = self.stats.bytes_on_wire;
             if self.params.copy_storage {

@@ -26,14 +26,13 @@ pub enum ResolveError {
 /// `ferry migrate --resolve`: settles a handover in doubt by asking the destination
 /// what it did, telling it whether this side committed. Updates the report.
 pub fn resolve(vm: &Migratable) -> Result<ferry_api::Resolution, ResolveError> {
-    let m = &vm.machine;
     let to = lock(&vm.progress)
         .as_ref()
         .map(|p| p.to.clone())
         .ok_or(ResolveError::NoMigration)?;
     // Without the destination's secret there is nothing it would answer to.
     let session = (*lock(&vm.session)).ok_or(ResolveError::NoSession)?;
-    let committed = m.handed_over.load(Ordering::Acquire);
+    let committed = vm.movable().handed_over();
     let addr = address(&to).map_err(ResolveError::Address)?;
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|source| ResolveError::Unreachable { to, source })?;

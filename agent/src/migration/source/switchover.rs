@@ -47,7 +47,7 @@ impl Sender<'_> {
             // pause would carry the burst). Whatever the cap in force: `set-params`
             // may have set one since this thread last looked.
             self.m.request_pause();
-            self.m.disks.limit_writes(None);
+            self.m.disks().limit_writes(None);
         }
         self.m.pause()?;
         lap.mark("paused");
@@ -61,7 +61,7 @@ impl Sender<'_> {
         }
         let last_heartbeats = self.m.last_heartbeats_ns();
         // Everything dirtied since the last fetch, including by devices.
-        self.m.dirty.fetch(&mut dirty)?;
+        self.m.fetch_dirty(&mut dirty)?;
         self.stats.remaining = dirty.count();
         self.send_pages(dirty.iter_set())?;
         lap.mark(&format!("{} pages sent", self.stats.remaining));
@@ -76,16 +76,18 @@ impl Sender<'_> {
         // syncs before it resumes) are the disks, and a failed migration runs on here
         // through the same page cache.
         if !self.params.copy_storage {
-            self.m.disks.flush_all()?;
+            self.m.disks().flush_all()?;
             lap.mark("disks flushed");
         }
-        let state = MachineState::save(self.m)?
+        let state = self
+            .m
+            .save_state()?
             .encode()
             .map_err(|e| MigrateError::Vm(format!("state could not be encoded: {e}")))?;
         self.send(&Message::DeviceState { blob: state })?;
         if !self.params.copy_storage {
             // Shared storage: the destination takes the images' locks from here on.
-            self.m.disks.set_locked(false)?;
+            self.m.disks().set_locked(false)?;
         }
         self.send(&Message::Complete {
             pages_sent: self.stats.pages_sent,
@@ -112,7 +114,7 @@ impl Sender<'_> {
         self.fault("drop-before-commit")?;
         // The handover is recorded before Commit leaves: from here on this copy must
         // never run again, whatever happens to the connection.
-        self.m.handed_over.store(true, Ordering::Release);
+        self.m.hand_over();
         switch.committed = true;
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
@@ -139,7 +141,7 @@ impl Sender<'_> {
             Ok(Message::MemoryDigest { digest }) if self.params.verify => {
                 // This copy is frozen for good now: hashing it costs the guest nothing.
                 // SAFETY: the VM is paused and handed over; nothing writes its memory.
-                let ours = protocol::digest(&protocol::page_crcs(unsafe { self.m.memory_slice() }));
+                let ours = protocol::digest(&protocol::page_crcs(unsafe { self.m.memory() }));
                 switch.memory_verified = Some(ours == digest);
                 if ours != digest {
                     tracing::error!(

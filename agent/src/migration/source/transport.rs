@@ -41,7 +41,7 @@ pub(super) fn connect<'a>(
     t0: Instant,
     conn: TcpStream,
 ) -> Result<Sender<'a>, MigrateError> {
-    let m: &Machine = &vm.machine;
+    let m = vm.movable();
     let _ = conn.set_nodelay(true);
     // A dead or silent peer shows as a read or write that times out.
     conn.set_read_timeout(Some(params.timeout))
@@ -77,11 +77,14 @@ pub(super) fn connect<'a>(
         dst_prepared: false,
         meter: Default::default(),
     };
+    // As it runs now: its disks where they are (a storage migration may have moved
+    // them).
+    let mut cfg = m.config();
     tx.send(&Message::Hello(Hello {
         version: protocol::VERSION,
-        name: m.cfg.name.clone(),
-        memory_bytes: m.vm.layout.memory_bytes,
-        vcpus: m.cfg.vcpus,
+        name: cfg.name.clone(),
+        memory_bytes: m.memory_bytes(),
+        vcpus: cfg.vcpus,
         page_size: PAGE as u32,
         timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         id: tx.session.id,
@@ -104,7 +107,6 @@ pub(super) fn connect<'a>(
         _ => return Err(MigrateError::Unexpected("something other than HelloAck")),
     }
     // Disks travel as names: where they live there is the destination's to say.
-    let mut cfg = m.current_config();
     for d in &mut cfg.disks {
         d.path = d.path.file_name().map(PathBuf::from).unwrap_or_default();
     }
