@@ -417,19 +417,23 @@ fn main() -> ExitCode {
             throttle_writes_mbps,
             report,
             json,
-        } => cli::client::storage_migrate(
-            &control,
-            Request::StorageMigrate {
-                to,
-                disk,
-                mode: Some(mode),
-                remove_source,
-                throttle_writes_bytes_per_sec: throttle_writes_mbps
-                    .map(|m| m.saturating_mul(1_000_000)),
-                report,
-            },
-            json,
-        ),
+        } => (|| {
+            cli::client::storage_migrate(
+                &control,
+                Request::StorageMigrate {
+                    to,
+                    disk,
+                    mode: Some(mode),
+                    remove_source,
+                    throttle_writes_bytes_per_sec: megabytes(
+                        throttle_writes_mbps,
+                        "--throttle-writes-mbps",
+                    )?,
+                    report,
+                },
+                json,
+            )
+        })(),
         Command::DiskCheck { config, json } => disk_check(&config, json),
         Command::StartPostcopy { control } => cli::client::print_answer::<
             ferry_api::PostcopyRequested,
@@ -477,7 +481,7 @@ fn main() -> ExitCode {
                 to: to.unwrap_or_default(),
                 settings: ferry_api::SettingsChange {
                     codec: Some(codec.unwrap_or_default()),
-                    max_downtime_ms: Some(limits.max_downtime_ms.round() as u64),
+                    max_downtime_ms: Some(ferry::policy::whole_ms(limits.max_downtime_ms)),
                     bandwidth_bytes_per_sec: Some(limits.bandwidth_bytes_per_sec().unwrap_or(0)),
                     throttle_pct: Some(policy.throttle_pct.unwrap_or(0)),
                     disk_write_limit_bytes_per_sec: disk_write_limit,
@@ -539,8 +543,7 @@ fn main() -> ExitCode {
                 &Request::SetParams {
                     settings: ferry_api::SettingsChange {
                         codec: compression,
-                        bandwidth_bytes_per_sec: bandwidth_mbit
-                            .map(|m| m.saturating_mul(1_000_000) / 8),
+                        bandwidth_bytes_per_sec: bandwidth_mbit.map(megabits),
                         throttle_pct,
                         max_downtime_ms,
                         disk_write_limit_bytes_per_sec: disk_write_limit(disk_write_limit_mbps)?,
@@ -632,5 +635,44 @@ fn disk_write_limit(mbps: Option<f64>) -> anyhow::Result<Option<u64>> {
             anyhow::bail!("--disk-write-limit-mbps {m}: must be 0 (none) or at least 1")
         }
         m => Ok(m.map(|m| (m * 1e6).round() as u64)),
+    }
+}
+
+/// `--bandwidth-mbit` (the operator's Mbit/s) in the settings' bytes per second.
+fn megabits(mbit: u64) -> u64 {
+    mbit.saturating_mul(1_000_000) / 8
+}
+
+/// A whole-MB/s flag in bytes per second; 0 is refused (the cap would stop every
+/// write).
+fn megabytes(mbps: Option<u64>, flag: &str) -> anyhow::Result<Option<u64>> {
+    match mbps {
+        Some(0) => anyhow::bail!("{flag} 0: must be at least 1 (MB/s)"),
+        m => Ok(m.map(|m| m.saturating_mul(1_000_000))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operators_units_become_bytes_per_second_once() {
+        assert_eq!(megabits(800), 100_000_000);
+        assert_eq!(megabits(0), 0);
+        assert_eq!(megabytes(Some(5), "--x").unwrap(), Some(5_000_000));
+        assert_eq!(megabytes(None, "--x").unwrap(), None);
+        assert!(
+            megabytes(Some(0), "--x")
+                .unwrap_err()
+                .to_string()
+                .contains("--x 0")
+        );
+        assert_eq!(disk_write_limit(Some(6.5)).unwrap(), Some(6_500_000));
+        assert_eq!(disk_write_limit(Some(0.0)).unwrap(), Some(0));
+        assert_eq!(disk_write_limit(None).unwrap(), None);
+        for bad in [0.5, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(disk_write_limit(Some(bad)).is_err(), "{bad}");
+        }
     }
 }

@@ -16,8 +16,20 @@ pub struct Answer<T> {
     pub result: Option<T>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A kind this side does not know yet reads as none: the refusal still stands.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_kind"
+    )]
     pub kind: Option<ErrorKind>,
+}
+
+fn known_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ErrorKind>, D::Error> {
+    let v = Option::<String>::deserialize(d)?;
+    Ok(v.and_then(|k| {
+        ErrorKind::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(&k)).ok()
+    }))
 }
 
 impl<T> Answer<T> {
@@ -111,5 +123,8 @@ mod tests {
             no.into_result(),
             Err(("busy".to_string(), Some(ErrorKind::Busy)))
         );
+        let later: Answer<Started> =
+            serde_json::from_str(r#"{"ok":false,"error":"no","kind":"quota-exceeded"}"#).unwrap();
+        assert_eq!(later.into_result(), Err(("no".to_string(), None)));
     }
 }

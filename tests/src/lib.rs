@@ -361,8 +361,8 @@ impl Vmm {
 
     /// `status`: a VM, or a destination still waiting for one.
     pub fn status(&self) -> Printed<Status> {
-        self.try_status()
-            .unwrap_or_else(|| panic!("status failed: {}", self.log_text()))
+        status_or_why(self.ctl())
+            .unwrap_or_else(|why| panic!("status failed: {why}\nVMM log: {}", self.log_text()))
     }
 
     /// `status` of a VM; a destination still waiting for one fails the test.
@@ -487,14 +487,35 @@ impl<T> fmt::Display for Printed<T> {
     }
 }
 
+impl Printed<MigrationReport> {
+    /// The whole report `ferry migrate` printed: the VMM's, and what the driver adds
+    /// (the policy, its steps and prediction, the probes' signals).
+    pub fn driven(&self) -> ferry_api::DriverReport {
+        typed("the driver's report", &self.raw)
+    }
+
+    /// The decisions recorded on `setting`, in order.
+    pub fn decisions_on(&self, setting: &str) -> Vec<&ferry_api::Decision> {
+        self.decisions
+            .iter()
+            .filter(|d| d.setting == setting)
+            .collect()
+    }
+}
+
 /// `ferry status --json` on the VMM at `control`, or None when it does not answer.
 pub fn status_at(control: &str) -> Option<Printed<Status>> {
+    status_or_why(control).ok()
+}
+
+/// `ferry status --json` on the VMM at `control`, or what `ferry` said instead.
+fn status_or_why(control: &str) -> Result<Printed<Status>, String> {
     let out = ferry(&["status", "--control", control, "--json"]);
     if !out.status.success() {
-        return None;
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(Printed::new("status", v))
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(Printed::new("status", v))
 }
 
 /// The state a status names: a VM's run state, or a waiting destination's (`incoming`).

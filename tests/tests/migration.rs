@@ -415,12 +415,10 @@ content = "random"
     );
     let report = follower.join().unwrap();
     assert_eq!(report.core.outcome, Outcome::Completed, "{report}");
-    // The decision list is read as JSON: its format is changing.
-    let raised = report.raw["decisions"].as_array().unwrap().iter().any(|d| {
-        d["setting"] == "throttle_pct"
-            && d["value"] == "99"
-            && d["reason"].as_str().unwrap().contains("set-params")
-    });
+    let raised = report
+        .decisions_on("throttle_pct")
+        .iter()
+        .any(|d| d.value == "99" && d.reason.contains("set-params"));
     assert!(raised, "{report}");
     let v = dst.verify();
     assert_eq!(v.memory_errors, 0, "{v}");

@@ -110,16 +110,6 @@ fn step_later(vm: &Vmm, after: Duration, rate: u64) -> std::thread::JoinHandle<S
     })
 }
 
-/// The report's decisions on `setting`, read as JSON: their format is changing.
-fn decisions<'a>(report: &'a Printed<MigrationReport>, setting: &str) -> Vec<&'a Value> {
-    report.raw["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["setting"] == setting)
-        .collect()
-}
-
 #[test]
 fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
     if !require_kvm() {
@@ -158,21 +148,22 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
         link_mbit,
     );
     assert!(ok, "{report}");
-    // The driver adds the policy to the report; no API type has it.
-    assert_eq!(report.raw["policy"], "adaptive", "{report}");
-    let raised: Vec<&Value> = decisions(&report, "throttle_pct")
+    let driven = report.driven();
+    assert_eq!(driven.policy, "adaptive", "{report}");
+    let raised: Vec<_> = report
+        .decisions_on("throttle_pct")
         .into_iter()
-        .filter(|d| d["value"].as_str().unwrap_or("0") != "0")
+        .filter(|d| d.value != "0")
         .collect();
     assert!(!raised.is_empty(), "no throttle decision: {report}");
-    let why = raised[0]["reason"].as_str().unwrap();
+    let why = &raised[0].reason;
     assert!(
         why.contains("dirties") && why.contains("predicted"),
         "{why}"
     );
     // Its first decision came after the jump, not before.
     assert!(
-        f64_of(raised[0], "t_ms") >= stepped.at_ms as f64,
+        raised[0].t_ms >= stepped.at_ms as f64,
         "throttled before the jump at {} ms: {report}",
         stepped.at_ms
     );
@@ -182,13 +173,15 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
         downtime > 0.0 && downtime <= max_downtime_ms,
         "downtime {downtime} ms against a {max_downtime_ms} ms limit: {report}"
     );
-    // The driver adds its predictions to the report; no API type has them.
-    let predicted_total = f64_of(&report.raw, "predicted_total_ms");
+    let prediction = driven
+        .prediction
+        .unwrap_or_else(|| panic!("no prediction: {report}"));
+    let predicted_total = prediction.predicted_total_ms.unwrap_or(f64::NAN);
     assert!(
         predicted_total.is_finite() && predicted_total > 0.0,
         "{report}"
     );
-    let predicted_downtime = f64_of(&report.raw, "predicted_downtime_ms");
+    let predicted_downtime = prediction.predicted_downtime_ms.unwrap_or(f64::NAN);
     assert!(
         predicted_downtime > 0.0 && predicted_downtime <= max_downtime_ms,
         "predicted downtime {predicted_downtime} ms against a {max_downtime_ms} ms limit: \
@@ -197,8 +190,8 @@ fn the_engine_throttles_when_the_guest_jumps_past_the_link_and_says_why() {
     eprintln!(
         "throttled to {}% at {} ms (jump at {} ms); downtime {downtime:.1} ms, predicted \
          {predicted_downtime:.1} ms; total {:.1} s, predicted {:.1} s",
-        raised[0]["value"].as_str().unwrap_or("?"),
-        f64_of(raised[0], "t_ms"),
+        raised[0].value,
+        raised[0].t_ms,
         stepped.at_ms,
         report.core.total_ms / 1e3,
         predicted_total / 1e3
@@ -266,18 +259,19 @@ fn disk_writes_the_link_cannot_carry_are_held_back_and_the_disks_arrive_whole() 
         link_mbit,
     );
     assert!(ok, "{report}");
-    let held: Vec<&Value> = decisions(&report, "disk_write_limit_bytes_per_sec")
+    let held: Vec<_> = report
+        .decisions_on("disk_write_limit_bytes_per_sec")
         .into_iter()
-        .filter(|d| d["value"] != "unlimited")
+        .filter(|d| d.value != "unlimited")
         .collect();
     assert!(
         !held.is_empty(),
         "the disk writes were never held back: {report}"
     );
-    let why = held[0]["reason"].as_str().unwrap();
+    let why = &held[0].reason;
     assert!(why.contains("holding"), "{why}");
     // Held to a share of the link, below what the guest wrote.
-    let cap: f64 = held[0]["value"].as_str().unwrap().parse().unwrap();
+    let cap: f64 = held[0].value.parse().unwrap();
     assert!(
         cap > 0.0 && cap < link_mbit * 1e6 / 8.0,
         "held to {cap} bytes/s on a {link_mbit} Mbit/s link: {report}"
@@ -324,12 +318,9 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
     assert!(ok, "{report}");
     assert_within_default_downtime(&report);
     assert_eq!(report.codec, Codec::Lz4, "{report}");
-    let codec = decisions(&report, "codec");
+    let codec = report.decisions_on("codec");
     assert_eq!(codec.len(), 1, "the codec changed: {report}");
-    assert!(
-        codec[0]["reason"].as_str().unwrap().contains("pinned"),
-        "{report}"
-    );
+    assert!(codec[0].reason.contains("pinned"), "{report}");
     // Unpinned on the same slow link, random pages: the engine leaves them raw and
     // says why.
     src.quit();
@@ -339,12 +330,10 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
     assert!(ok, "{report}");
     assert_within_default_downtime(&report);
     assert_eq!(report.codec, Codec::None, "{report}");
-    let codec = decisions(&report, "codec");
+    let codec = report.decisions_on("codec");
     assert!(!codec.is_empty(), "no codec decision: {report}");
     assert!(
-        codec
-            .iter()
-            .all(|d| d["reason"].as_str().unwrap().contains("adaptive")),
+        codec.iter().all(|d| d.reason.contains("adaptive")),
         "{report}"
     );
     src.quit();

@@ -350,13 +350,13 @@ fn a_migration_report_carries_the_guests_signals_as_they_changed() {
     stepper.join().unwrap();
     assert!(ok, "{report}");
     assert_eq!(report.memory_verified, Some(true), "{report}");
-    // The driver adds the probes' signals to the report; no API type has them.
-    assert!(report.raw["probe_signals_error"].is_null(), "{report}");
-    let samples = report.raw["probe_signals"].as_array().unwrap();
+    let driven = report.driven();
+    assert!(driven.probe_signals_error.is_none(), "{report}");
+    let samples = &driven.probe_signals;
     assert!(samples.len() >= 8, "{report}");
     let rates: Vec<f64> = samples
         .iter()
-        .filter_map(|s| s["dirty_pages_per_sec"].as_f64())
+        .filter_map(|s| s.dirty_pages_per_sec)
         .collect();
     // Before the step the rate is the guest's; during it, several times that.
     assert!(
@@ -366,7 +366,7 @@ fn a_migration_report_carries_the_guests_signals_as_they_changed() {
     assert!(rates.iter().any(|r| *r > 12_000.0), "{rates:?}");
     let gaps: Vec<f64> = samples
         .windows(2)
-        .map(|w| w[1]["at_ms"].as_f64().unwrap() - w[0]["at_ms"].as_f64().unwrap())
+        .map(|w| w[1].at_ms - w[0].at_ms)
         .collect();
     assert!(!gaps.is_empty(), "{report}");
     assert!(gaps.iter().all(|g| *g < 600.0), "{gaps:?}");

@@ -522,15 +522,9 @@ fn an_active_disk_mirror_paces_a_guest_the_link_cannot_keep_up_with_and_the_disk
         link_mbit as f64,
     );
     assert!(ok, "{report}");
-    // The decision list is read as JSON: its format is changing.
-    let mirror: Vec<&Value> = report.raw["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["setting"] == "disk_mirror")
-        .collect();
+    let mirror = report.decisions_on("disk_mirror");
     assert!(
-        mirror.len() == 1 && mirror[0]["value"] == "active",
+        mirror.len() == 1 && mirror[0].value == "active",
         "the mirror was not on from the start: {report}"
     );
     let mirrored = report

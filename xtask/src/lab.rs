@@ -10,10 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferry_api::{MigrationReport, VmStatus};
-use serde_json::Value;
+use ferry_api::{Decision, DriverReport, VmStatus};
 
-use crate::util::{Vmm, build_ferry, ctl, num, snapshot, step, vm_of, vm_status, work_dir};
+use crate::util::{Vmm, build_ferry, ctl, snapshot, step, vm_of, vm_status, work_dir};
 
 const LAB_CONFIG: &str = r#"name = "lab1"
 memory_mib = 256
@@ -94,71 +93,62 @@ fn migrate_to(
     }
     show("source", &vm_status(ferry, &src.control)?);
     // The driver's report: the migration's, and beside it the policy, its steps, its
-    // prediction and the probes' signals, which no ferry-api type describes.
-    let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
-    let migration: MigrationReport = serde_json::from_value(r.clone())?;
+    // prediction and the probes' signals.
+    let r: DriverReport = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let migration = &r.migration;
     // What the policy decided, and why; then what it predicted against what happened.
-    println!(
-        "  decisions ({} policy):",
-        r["policy"].as_str().unwrap_or("-")
-    );
-    let step = |d: &Value| {
+    println!("  decisions ({} policy):", r.policy);
+    let step = |d: &Decision| {
         println!(
             "    {:>6.2}s  {:<15} {:<10} {}",
-            num(d, "t_ms") / 1e3,
-            d["setting"].as_str().unwrap_or(""),
-            d["value"].as_str().unwrap_or(""),
-            d["reason"].as_str().unwrap_or("")
+            d.t_ms / 1e3,
+            d.setting,
+            d.value,
+            d.reason
         )
     };
-    r["decisions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .for_each(step);
+    migration.decisions.iter().for_each(step);
     // The switch to post-copy (or a preset's abort) is a step of the policy's, not a
     // parameter the VMM records.
-    r["policy_steps"]
-        .as_array()
-        .into_iter()
+    r.policy_steps
+        .iter()
         .flatten()
-        .filter(|d| matches!(d["setting"].as_str(), Some("postcopy" | "abort")))
+        .filter(|d| matches!(d.setting.as_str(), "postcopy" | "abort"))
         .for_each(step);
-    if let Some(p) = r["predicted_total_ms"].as_f64() {
+    if let Some(p) = &r.prediction
+        && let Some(total) = p.predicted_total_ms
+    {
         println!(
             "  predicted total {:.1} s, measured {:.1} s; predicted downtime {:.0} ms, measured {:.1} ms",
-            p / 1e3,
+            total / 1e3,
             migration.core.total_ms / 1e3,
-            num(&r, "predicted_downtime_ms"),
+            p.predicted_downtime_ms.unwrap_or(f64::NAN),
             migration.downtime_ms.unwrap_or(f64::NAN)
         );
     }
     // What the probes saw of the guest while it moved (logging was on throughout).
-    if let Some(e) = r["probe_signals_error"].as_str() {
+    if let Some(e) = &r.probe_signals_error {
         println!("  no eBPF signals during the migration: {e}");
     }
-    let samples = r["probe_signals"].as_array().cloned().unwrap_or_default();
-    if !samples.is_empty() {
+    if !r.probe_signals.is_empty() {
         println!("  the guest during the migration, from the eBPF probes (every 250 ms):");
     }
     // Once the guest runs on the destination (post-copy), the source sees nothing.
-    for s in samples
+    for s in r
+        .probe_signals
         .iter()
-        .take_while(|s| num(s, "exits_per_sec") > 0.0)
+        .take_while(|s| s.exits_per_sec > 0.0)
         .take(16)
     {
         println!(
             "    {:>6.2}s  dirty {:>7} pages/s [{}]  working set {:>6}  exits {:>5.0}/s  disk w {:>8.0} B/s",
-            num(s, "at_ms") / 1e3,
-            s["dirty_pages_per_sec"]
-                .as_f64()
+            s.at_ms / 1e3,
+            s.dirty_pages_per_sec
                 .map_or("-".into(), |d| format!("{d:.0}")),
-            s["dirty_source"].as_str().unwrap_or("-"),
-            s["working_set_pages"]
-                .as_u64()
-                .map_or("-".into(), |n| n.to_string()),
-            num(s, "exits_per_sec"),
-            num(s, "disk_write_bytes_per_sec"),
+            s.dirty_source.as_deref().unwrap_or("-"),
+            s.working_set_pages.map_or("-".into(), |n| n.to_string()),
+            s.exits_per_sec,
+            s.disk_write_bytes_per_sec,
         );
     }
     Ok(dst)

@@ -74,6 +74,7 @@ pub struct Tracker {
     recoveries: AtomicU32,
     phase: Mutex<(PostcopyPhase, Option<String>)>,
     stop: AtomicBool,
+    zero_crc: u32,
 }
 
 impl crate::vmm::machine::AbsentPages for Tracker {
@@ -108,6 +109,7 @@ impl Tracker {
             recoveries: AtomicU32::new(0),
             phase: Mutex::new((PostcopyPhase::Running, None)),
             stop: AtomicBool::new(false),
+            zero_crc: crc32fast::hash(&[0u8; PAGE]),
         })
     }
 
@@ -151,13 +153,13 @@ impl Tracker {
         Ok(filled == Filled::Now)
     }
 
-    fn fill_zero(&self, page: u64, zero_crc: u32) -> Result<(), PostcopyError> {
+    fn fill_zero(&self, page: u64) -> Result<(), PostcopyError> {
         let mut inner = lock(&self.inner);
         if !inner.missing.is_set(page) {
             return Ok(());
         }
         self.uffd.zero(self.base + page as usize * PAGE, PAGE)?;
-        inner.crcs[page as usize] = zero_crc;
+        inner.crcs[page as usize] = self.zero_crc;
         inner.missing.unset(page);
         inner.remaining -= 1;
         Ok(())
@@ -216,17 +218,12 @@ impl Tracker {
 struct Filling<'a> {
     tracker: &'a Tracker,
     covered: &'a mut Vec<u64>,
-    zero_crc: u32,
 }
 
 impl<'a> Filling<'a> {
     fn new(tracker: &'a Tracker, covered: &'a mut Vec<u64>) -> Self {
         covered.clear();
-        Self {
-            tracker,
-            covered,
-            zero_crc: crc32fast::hash(&[0u8; PAGE]),
-        }
+        Self { tracker, covered }
     }
 }
 
@@ -249,7 +246,7 @@ impl PageSink for Filling<'_> {
 
     fn zeros(&mut self, first: u64, count: u64) -> Result<(), PostcopyError> {
         for page in first..first + count {
-            self.tracker.fill_zero(page, self.zero_crc)?;
+            self.tracker.fill_zero(page)?;
             self.covered.push(page);
         }
         Ok(())

@@ -45,7 +45,9 @@ pub struct Limits {
 impl Limits {
     /// The stream's cap in the settings' unit.
     pub fn bandwidth_bytes_per_sec(&self) -> Option<u64> {
-        self.bandwidth_mbit.map(|m| (m * 1e6 / 8.0).round() as u64)
+        // At least a byte a second: 0 on the wire means no cap at all.
+        self.bandwidth_mbit
+            .map(|m| ((m * 1e6 / 8.0).round() as u64).max(1))
     }
 }
 

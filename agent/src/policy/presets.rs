@@ -61,7 +61,7 @@ use super::{
     Switchover, whole_ms,
 };
 
-/// QEMU's `MAX_THROTTLE` (128 MiB/s), in Mbit/s.
+/// QEMU's `MAX_THROTTLE`: 128 MiB/s.
 const QEMU_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 /// QEMU's auto-converge: `throttle-trigger-threshold`, `cpu-throttle-initial`,
 /// `cpu-throttle-increment`, `max-cpu-throttle`.
@@ -250,7 +250,12 @@ impl Preset {
             return (target, None);
         }
         let step = (ceiling - KUBEVIRT_TUNING_INITIAL_MS) / KUBEVIRT_TUNING_STEPS;
-        let next = (target + step).min(ceiling);
+        // Seven steps of a seventh land on the ceiling, not a rounding error short of it.
+        let next = if ceiling - (target + step) < 1e-6 * ceiling {
+            ceiling
+        } else {
+            target + step
+        };
         self.tuning_target_ms = Some(next);
         self.cooldown_from_ms = Some(obs.t_ms);
         self.tuned_at_iteration = iteration;
@@ -258,8 +263,9 @@ impl Preset {
             next,
             Some(format!(
                 "downtime tuning: iteration {iteration}, {:.0} s since the last step: \
-                 target raised to {next:.0} ms (ceiling {ceiling:.0} ms)",
-                KUBEVIRT_TUNING_COOLDOWN_MS / 1e3
+                 target raised to {} ms (ceiling {ceiling:.0} ms)",
+                KUBEVIRT_TUNING_COOLDOWN_MS / 1e3,
+                whole_ms(next)
             )),
         )
     }
@@ -367,7 +373,7 @@ impl Policy for Preset {
                     let (target, moved) = self.downtime_ramp(obs, limits.max_downtime_ms);
                     settings.max_downtime_ms = whole_ms(target);
                     if let Some(reason) = moved {
-                        why("max_downtime_ms", format!("{target:.0}"), reason);
+                        why("max_downtime_ms", whole_ms(target).to_string(), reason);
                     }
                 }
                 abort = self.kubevirt_timeouts(obs);
