@@ -10,11 +10,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferry_api::{MigrationReport, Outcome, Phase, PortCounters, RunState, Status};
+use ferry_api::{
+    Answer, Cancelling, DirtySample, MigrationReport, Outcome, Phase, PortCounters, RunState,
+    Status, WorkloadSet,
+};
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
     TempDir, Vmm, assert_running_and_intact, boot, check_arrived, exclusive, ferry, incoming,
-    migrate, require_kvm,
+    migrate, require_kvm, state_of,
 };
 use serde_json::{Value, json};
 
@@ -344,9 +347,24 @@ fn control(vm: &Vmm, req: Value) -> Value {
     control_raw(vm, text.as_bytes(), 1).remove(0)
 }
 
-fn error_of(answer: &Value) -> &str {
-    assert_eq!(answer["ok"], false, "{answer}");
-    answer["error"].as_str().unwrap_or("")
+/// An answer line read as the API's envelope around `T`.
+fn answer<T: serde::de::DeserializeOwned>(v: &Value) -> Answer<T> {
+    ferry_tests::typed("an answer", v)
+}
+
+/// The refusal an answer carries; an answer that is not one fails the test.
+fn error_of(v: &Value) -> String {
+    let a = answer::<Value>(v);
+    assert!(!a.ok, "{v}");
+    a.error.unwrap_or_default()
+}
+
+/// What an answer that should have succeeded carries.
+fn result_of<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+    match answer::<T>(v).into_result() {
+        Ok(Some(r)) => r,
+        other => panic!("{v}: {:?}", other.err()),
+    }
 }
 
 #[test]
@@ -366,11 +384,12 @@ fn the_control_socket_answers_each_line_once_and_bounds_every_number() {
         "{}",
         answers[0]
     );
-    assert_eq!(answers[1]["result"]["state"], "running", "{}", answers[1]);
+    let s: Status = result_of(&answers[1]);
+    assert_eq!(state_of(&s), "running", "{}", answers[1]);
     // Not UTF-8: an answer, and the connection serves on.
     let answers = control_raw(&vm, b"\xff\xfe{}\n{\"cmd\":\"status\"}\n", 2);
     assert!(error_of(&answers[0]).contains("UTF-8"), "{}", answers[0]);
-    assert_eq!(answers[1]["ok"], true, "{}", answers[1]);
+    result_of::<Status>(&answers[1]);
     // Numbers past what the guest can do are refused, named with their bound.
     let e = control(
         &vm,
@@ -405,7 +424,8 @@ fn the_guest_survives_the_highest_rate_it_can_be_given() {
         &vm,
         json!({"cmd": "set-workload", "dirty_pages_per_sec": 100_000_000u64}),
     );
-    assert_eq!(ok["ok"], true, "{ok}");
+    let set: WorkloadSet = result_of(&ok);
+    assert_eq!(set.dirty_pages_per_sec, 100_000_000, "{ok}");
     let s0 = vm.vm_status();
     // Long enough for the old pacing arithmetic to have faulted many times over.
     vm.wait_for("the guest writing", Duration::from_secs(30), |s| {
@@ -435,19 +455,18 @@ fn a_dirty_sample_ends_with_its_client_with_cancel_and_with_a_migration() {
     let answer_of = |c: UnixStream| {
         let mut line = String::new();
         BufReader::new(c).read_line(&mut line).unwrap();
-        serde_json::from_str::<Value>(&line).unwrap()
+        let v: Value = serde_json::from_str(&line).unwrap();
+        result_of::<DirtySample>(&v)
     };
     // Cancel ends it; its client gets what was measured and why it ended.
     let c = sample();
     let cancelled = control(&vm, json!({"cmd": "cancel"}));
-    assert_eq!(cancelled["result"]["what"], "dirty-sample", "{cancelled}");
+    let what = result_of::<Cancelling>(&cancelled).what;
+    assert_eq!(what.as_deref(), Some("dirty-sample"), "{cancelled}");
     let a = answer_of(c);
     assert!(
-        a["result"]["ended_early"]
-            .as_str()
-            .unwrap_or("")
-            .contains("cancelled"),
-        "{a}"
+        a.ended_early.as_deref().unwrap_or("").contains("cancelled"),
+        "{a:?}"
     );
     // A client that goes away ends it: well before its minute, nothing holds the log
     // (the wait below would otherwise outlast its limit).
@@ -463,11 +482,8 @@ fn a_dirty_sample_ends_with_its_client_with_cancel_and_with_a_migration() {
     assert!(ok, "{report}");
     let a = answer_of(c);
     assert!(
-        a["result"]["ended_early"]
-            .as_str()
-            .unwrap_or("")
-            .contains("migration"),
-        "{a}"
+        a.ended_early.as_deref().unwrap_or("").contains("migration"),
+        "{a:?}"
     );
     check_arrived(&vm, &dst, &report, true);
     vm.quit();
