@@ -100,7 +100,7 @@ fn migrate_to(
     println!("  decisions ({} policy):", r.policy);
     let step = |d: &Decision| {
         println!(
-            "    {:>6.2}s  {:<15} {:<10} {}",
+            "    {:>6.2}s  {:<23} {:<10} {}",
             d.t_ms / 1e3,
             d.setting,
             d.value,
