@@ -171,16 +171,26 @@ pub fn require_link(tag: &str, rate_mbit: Option<u32>) -> Option<netns::LinkPair
 /// it and the migration converges. Each such test holds this guard for its whole run.
 ///
 /// A lock inside the process is enough: cargo runs the test binaries one after another,
-/// so only tests of the same binary can overlap. Tests that do not take it still run
-/// beside a guarded one (and other work may share the host), which is why the tests
-/// resting on a guest out-running its link also measure that premise from the guest's
-/// own counters before looking at the outcome (see [`assert_outruns`]).
-pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    static HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// so only tests of the same binary can overlap. Every other test of a binary that has
+/// such tests takes [`alongside`], so a guarded test runs alone in its binary; other
+/// work may still share the host, which is why the tests resting on a guest out-running
+/// its link also measure that premise from the guest's own counters before looking at
+/// the outcome (see [`assert_outruns`]). (A guarded test that ran beside another test's
+/// migration once saw its guest dirty 4x its link instead of 30x.)
+pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
     // A test that failed while holding it poisons it; the next one still runs alone.
-    HOST.lock()
+    HOST.write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// For every other test that runs guests, in a binary with [`exclusive`] tests: they
+/// run beside one another, never beside a guarded one.
+pub fn alongside() -> std::sync::RwLockReadGuard<'static, ()> {
+    HOST.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// How many times faster than its link a guest must dirty memory (or disk) for a test
 /// whose premise is "the guest out-runs the link": far enough that a guest slowed by a

@@ -16,8 +16,8 @@ use ferry_api::{
 };
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
-    TempDir, Vmm, assert_running_and_intact, boot, check_arrived, exclusive, ferry, incoming,
-    migrate, require_kvm, state_of,
+    TempDir, Vmm, alongside, assert_running_and_intact, boot, check_arrived, exclusive, ferry,
+    incoming, migrate, require_kvm, state_of,
 };
 use serde_json::{Value, json};
 
@@ -81,6 +81,7 @@ fn wire_disk_paths_are_names_the_destination_places_and_nothing_else_is_opened()
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-disks");
     let (dst, addr) = incoming(dir.path(), "dst");
     // A host file of a whole number of MiB: before, the destination opened, locked
@@ -128,6 +129,7 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-port");
     let (dst, addr) = incoming(dir.path(), "dst");
     let pid = dst.child.id();
@@ -271,6 +273,7 @@ fn a_silent_stranger_does_not_hold_the_port() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-silent");
     let (dst, addr) = incoming(dir.path(), "dst");
     let mut idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
@@ -297,6 +300,7 @@ fn ten_thousand_rejected_connections_leave_memory_and_descriptors_as_they_were()
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-flood");
     let (dst, addr) = incoming(dir.path(), "dst");
     let pid = dst.child.id();
@@ -372,6 +376,7 @@ fn the_control_socket_answers_each_line_once_and_bounds_every_number() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-control");
     let vm = start(&dir, "c", false);
     // An oversized line padded so that, cut at 64 KiB, its last piece is a request.
@@ -441,6 +446,7 @@ fn a_dirty_sample_ends_with_its_client_with_cancel_and_with_a_migration() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-sample");
     let vm = start(&dir, "s", false);
     let sample = || {
@@ -495,6 +501,7 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-client");
     let src = start(&dir, "m", false);
     let (dst, addr) = incoming(dir.path(), "dst");
@@ -550,6 +557,7 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hostile-stall");
     let (dst, addr) = incoming(dir.path(), "dst");
     // `stall`: how long the destination stays stopped; None: until the source gives

@@ -8,9 +8,9 @@ use std::time::Duration;
 use ferry_api::{MigrationReport, Outcome, Phase, Resolution, RunState};
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
-    TempDir, Vmm, assert_outruns, assert_running_and_intact, boot, check_arrived, exclusive, ferry,
-    guest_write_rate, incoming, migrate, port_counters, report_of, require_kvm, state_of,
-    write_config,
+    TempDir, Vmm, alongside, assert_outruns, assert_running_and_intact, boot, check_arrived,
+    exclusive, ferry, guest_write_rate, incoming, migrate, port_counters, report_of, require_kvm,
+    state_of, write_config,
 };
 
 /// Bytes in a guest page.
@@ -41,6 +41,7 @@ fn migrates_every_pattern_content_codec_and_vcpu_count_with_nothing_lost() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("mig");
     // Every pattern with every content kind; codecs and vCPU counts rotate through
     // the sixteen so each codec meets each pattern, each content kind and both counts.
@@ -99,6 +100,7 @@ fn migrates_back_and_forth_five_times_without_drift() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("hops");
     let mut here = boot(dir.path(), "h0", &config("h0", 2, "random", "mixed", 8000));
     let mut last_pages = 0;
@@ -431,6 +433,7 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("corrupt");
     let src = boot(dir.path(), "c", &config("c", 1, "random", "text", 5000));
     let (dst, dst_addr) = incoming(dir.path(), "c-dst");
@@ -494,6 +497,7 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("doubt");
     for (fault, runs_on) in [
         ("drop-before-commit", "source"),

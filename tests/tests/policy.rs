@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use ferry_api::{Codec, MigrationReport, Phase, VmStatus};
 use ferry_tests::{
-    Printed, TempDir, Vmm, assert_outruns, exclusive, f64_of, ferry, guest_write_rate, incoming,
-    migrate, require_kvm, vm_of,
+    Printed, TempDir, Vmm, alongside, assert_outruns, exclusive, f64_of, ferry, guest_write_rate,
+    incoming, migrate, require_kvm, vm_of,
 };
 use serde_json::Value;
 
@@ -307,6 +307,7 @@ fn a_pinned_setting_is_kept_and_the_report_says_so() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("policy-pin");
     let src = start(&dir, "src", 2_000, 256);
     let (dst, addr) = incoming(dir.path(), "dst");
@@ -345,6 +346,7 @@ fn an_unknown_policy_is_refused_before_anything_moves() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("policy-bad");
     let src = start(&dir, "src", 1_000, 256);
     let out = ferry(&[
@@ -371,6 +373,7 @@ fn plan_predicts_and_explains_without_moving_anything() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("policy-plan");
     let plan = |vm: &Vmm, args: &[&str]| -> Value {
         let out = ferry(&[&["plan", "--json", "--control", vm.ctl()], args].concat());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ferry_api::{MigrationProgress, MigrationReport, Phase, PostcopyPhase, RunState};
 use ferry_tests::netns::DEST_ADDR;
 use ferry_tests::{
-    Printed, TempDir, Vmm, assert_outruns, check_arrived, exclusive, ferry, free_port,
+    Printed, TempDir, Vmm, alongside, assert_outruns, check_arrived, exclusive, ferry, free_port,
     guest_write_rate, incoming, kill_connections_to, migrate, report_of, require_kvm, require_link,
     status_at, write_config,
 };
@@ -77,6 +77,7 @@ fn postcopy_and_hybrid_move_every_pattern_and_content_with_nothing_lost() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("postcopy");
     const PATTERNS: [&str; 4] = ["sequential", "random", "hotcold", "idle"];
     const CONTENTS: [&str; 4] = ["zero", "text", "random", "mixed"];
@@ -169,6 +170,7 @@ fn a_broken_postcopy_link_recovers_and_the_migration_completes() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("pc-break");
     let src = start(&dir, "b", &config(2, "random", "mixed", 20_000, 48));
     let (dst, addr) = incoming(dir.path(), "b-dst");
@@ -204,6 +206,7 @@ fn killing_the_source_in_postcopy_stops_the_guest_instead_of_running_on_missing_
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("pc-kill");
     let src = start(&dir, "k", &config(2, "random", "mixed", 20_000, 48));
     let (dst, addr) = incoming(dir.path(), "k-dst");
@@ -309,6 +312,7 @@ fn a_link_down_past_the_timeout_pauses_postcopy_and_it_completes_when_back() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let Some(link) = require_link("pcl", None) else {
         return;
     };
@@ -366,6 +370,7 @@ fn after_postcopy_with_a_first_pass_the_vm_moves_on_again() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("pc-chain");
     // Mostly zero memory: pages announced as zero in the first pass stay untouched on
     // the destination, and the next migration reads every page.

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{TempDir, Vmm, exclusive, f64_of, ferry, ferry_bin, require_ebpf, require_kvm};
+use ferry_tests::{
+    TempDir, Vmm, alongside, exclusive, f64_of, ferry, ferry_bin, require_ebpf, require_kvm,
+};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -119,6 +121,7 @@ fn working_set_matches_the_distinct_pages_of_the_dirty_log() {
     if !ready() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("probes-ws");
     for tracking in ["bitmap", "ring"] {
         // A hot tenth of 128 MiB takes most writes: far fewer distinct pages than
@@ -164,6 +167,7 @@ fn disk_write_rate_matches_the_guests_writes() {
     if !ready() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("probes-disk");
     std::fs::create_dir_all(dir.join("ds")).unwrap();
     let body = "memory_mib = 64\nvcpus = 1\n[workload]\nworking_set_mib = 8\n\
@@ -272,6 +276,7 @@ fn what_is_missing_is_named_with_its_fix() {
     if !ready() {
         return;
     }
+    let _host = alongside();
     let err = |args: &[&str]| {
         let out = ferry(args);
         assert!(!out.status.success(), "{args:?} succeeded");

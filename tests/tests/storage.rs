@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use ferry_api::{Outcome, RunState, StorageMode, StorageReport};
 use ferry_tests::{
-    Printed, TempDir, Vmm, ferry, missing, require_kvm, require_root, u64_of, write_config,
+    Printed, TempDir, Vmm, alongside, ferry, missing, require_kvm, require_root, u64_of,
+    write_config,
 };
 use serde_json::Value;
 
@@ -96,6 +97,7 @@ fn disks_move_in_every_mode_while_the_guest_writes_and_the_config_follows() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("storage");
     // A slow writer in background mode, fast writers in active and auto mode.
     for (i, (mode, writes)) in [("background", 200), ("active", 2000), ("auto", 2000)]
@@ -180,6 +182,7 @@ fn bad_destinations_are_refused_and_change_nothing() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("storage-bad");
     let cfg = write_config(dir.path(), "b", &config("b", 200));
     let vm = Vmm::spawn(dir.path(), "b", &["--config", cfg.to_str().unwrap()]);
@@ -222,6 +225,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("storage-crash");
     for (i, point) in [
         "storage-copying",
@@ -286,6 +290,7 @@ fn a_full_datastore_is_a_clear_error_and_leaves_nothing_behind() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     if !require_root("mounting a small tmpfs as the full datastore needs it") {
         return;
     }
@@ -345,6 +350,7 @@ fn copy_storage_moves_memory_and_disks_to_a_host_without_shared_storage() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("copy-storage");
     let cfg = write_config(dir.path(), "cs", &config("cs", 1000));
     let src = Vmm::spawn(dir.path(), "cs", &["--config", cfg.to_str().unwrap()]);
@@ -419,6 +425,7 @@ fn disk_check_finds_a_lost_write_and_a_torn_block() {
     if !require_kvm() {
         return;
     }
+    let _host = alongside();
     let dir = TempDir::new("disk-check");
     let cfg = write_config(dir.path(), "k", &config("k", 1000));
     let vm = Vmm::spawn(dir.path(), "k", &["--config", cfg.to_str().unwrap()]);
