@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use ferry_api::{Answer, ErrorKind, Request};
+use ferry_api::{API_VERSION, Answer, ErrorKind, Request};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,12 @@ pub enum ClientError {
     },
     #[error("the VMM at {path} sent a malformed answer: {message}")]
     Malformed { path: PathBuf, message: String },
+    /// 0: from before answers carried a version.
+    #[error(
+        "the VMM at {path} speaks control API version {theirs}, this ferry {API_VERSION}: \
+         talk to it with the ferry that started it"
+    )]
+    Version { path: PathBuf, theirs: u32 },
     /// The VMM answered, and said no (and, where it says, which kind of no).
     #[error("{message}")]
     Refused {
@@ -55,6 +61,21 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, Client
     if line.is_empty() {
         return Err(malformed("connection closed".into()));
     }
+    // The version first: an answer of another version is refused, not misread.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(default)]
+        api_version: u32,
+    }
+    let theirs = serde_json::from_str::<Version>(&line)
+        .map_err(|e| malformed(format!("the answer to {} is not JSON: {e}", req.name())))?
+        .api_version;
+    if theirs != API_VERSION {
+        return Err(ClientError::Version {
+            path: path.to_owned(),
+            theirs,
+        });
+    }
     let answer: Answer<T> = serde_json::from_str(&line).map_err(|e| {
         malformed(format!(
             "the answer to {} is not what the API says: {e}",
@@ -68,5 +89,41 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, Client
             req.name()
         ))),
         Err((message, kind)) => Err(ClientError::Refused { message, kind }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A VMM that answers one request with `line`.
+    fn answering(line: &'static str) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path = std::env::temp_dir().join(format!(
+            "ferry-client-{}-{}.sock",
+            std::process::id(),
+            line.len()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&s).read_line(&mut request).unwrap();
+            (&s).write_all(line.as_bytes()).unwrap();
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn an_answer_of_another_api_version_is_refused_not_misread() {
+        let (path, server) = answering("{\"ok\":true,\"result\":{\"state\":\"running\"}}\n");
+        let e = call::<serde::de::IgnoredAny>(&path, &Request::Pause {}).unwrap_err();
+        server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(e, ClientError::Version { theirs: 0, .. }), "{e}");
+        assert!(e.to_string().contains("version 0, this ferry 2"), "{e}");
     }
 }

@@ -5,11 +5,14 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ErrorKind;
+use crate::{API_VERSION, ErrorKind};
 
 /// One answer line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Answer<T> {
+    /// The API version of the side that answered (absent: before version 2).
+    #[serde(default)]
+    pub api_version: u32,
     pub ok: bool,
     // No `default`: serde would ask `T: Default` of it; a missing Option is None anyway.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -35,6 +38,7 @@ fn known_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ErrorKind
 impl<T> Answer<T> {
     pub fn ok(result: T) -> Self {
         Self {
+            api_version: API_VERSION,
             ok: true,
             result: Some(result),
             error: None,
@@ -44,6 +48,7 @@ impl<T> Answer<T> {
 
     pub fn refused(error: impl Into<String>, kind: ErrorKind) -> Self {
         Self {
+            api_version: API_VERSION,
             ok: false,
             result: None,
             error: Some(error.into()),
@@ -114,7 +119,10 @@ mod tests {
     #[test]
     fn an_answer_reads_back_as_its_result_or_its_refusal() {
         let line = serde_json::to_string(&Answer::ok(Started { started: true })).unwrap();
-        assert_eq!(line, r#"{"ok":true,"result":{"started":true}}"#);
+        assert_eq!(
+            line,
+            format!(r#"{{"api_version":{API_VERSION},"ok":true,"result":{{"started":true}}}}"#)
+        );
         let a: Answer<Started> = serde_json::from_str(&line).unwrap();
         assert_eq!(a.into_result(), Ok(Some(Started { started: true })));
         let no: Answer<Started> =

@@ -87,5 +87,7 @@ pub use status::{
     RunState, SnapshotReport, Status, VcpuStatus, VerifyReport, VmStatus,
 };
 
-/// The control API's version; a request or answer from another version is refused.
-pub const API_VERSION: u32 = 1;
+/// The control API's version. Every answer carries it (`Answer::api_version`), and a
+/// client refuses an answer of another version rather than misread it. 2: settings in
+/// one set of units (`codec`, `*_bytes_per_sec`), typed acknowledgements.
+pub const API_VERSION: u32 = 2;

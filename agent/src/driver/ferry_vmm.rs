@@ -42,7 +42,7 @@ impl FerryVmm {
 fn backend_error(e: ClientError) -> BackendError {
     let kind = match &e {
         ClientError::Connect { .. } | ClientError::Io { .. } => ErrorKind::Unavailable,
-        ClientError::Malformed { .. } => ErrorKind::Failed,
+        ClientError::Malformed { .. } | ClientError::Version { .. } => ErrorKind::Failed,
         ClientError::Refused { kind, .. } => kind.unwrap_or(ErrorKind::Failed),
     };
     BackendError::new(kind, e.to_string())
