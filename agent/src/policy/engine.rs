@@ -946,27 +946,13 @@ mod tests {
         Observation {
             t_ms: 5_000.0,
             stage: Stage::Rounds,
-            memory_pages: 65_536,
             remaining_pages: 2_000,
             pass_elapsed_ms: 20.0,
             round: 3,
-            dirty_pages_per_sec: 2_000.0,
-            working_set_pages: None,
             link_bytes_per_sec: Some(100e6),
-            peer_limited: false,
-            zero_fraction: 0.0,
             round_overhead_ms: 2.0,
-            codecs: Vec::new(),
             disk_dirty_bytes_per_sec: disk,
-            disk_pending_bytes: 0.0,
-            disk_bytes: 0.0,
-            disk_compression_ratio: None,
-            disk_written_compression_ratio: None,
-            disk_copy_bytes_per_sec: None,
-            disk_write_bytes_per_sec: None,
-            pause_basis: crate::policy::model::PauseBasis::prior(
-                crate::policy::fixture::mechanics(),
-            ),
+            ..Observation::before_start(65_536, 2_000.0, crate::policy::fixture::mechanics())
         }
     }
 

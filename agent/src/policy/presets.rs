@@ -423,27 +423,14 @@ mod tests {
             } else {
                 Stage::Rounds
             },
-            memory_pages: 1 << 17,
             remaining_pages: 1000,
-            pass_elapsed_ms: 0.0,
             round,
-            dirty_pages_per_sec,
-            working_set_pages: None,
             link_bytes_per_sec: Some(link),
-            peer_limited: false,
-            zero_fraction: 0.0,
-            round_overhead_ms: 0.0,
-            codecs: Vec::new(),
-            disk_dirty_bytes_per_sec: None,
-            disk_pending_bytes: 0.0,
-            disk_bytes: 0.0,
-            disk_compression_ratio: None,
-            disk_written_compression_ratio: None,
-            disk_copy_bytes_per_sec: None,
-            disk_write_bytes_per_sec: None,
-            pause_basis: crate::policy::model::PauseBasis::prior(
+            ..Observation::before_start(
+                1 << 17,
+                dirty_pages_per_sec,
                 crate::policy::fixture::mechanics(),
-            ),
+            )
         }
     }
 

@@ -132,27 +132,16 @@ pub fn run(s: &Scenario, policy: &mut dyn Policy, limits: &Limits) -> Outcome {
             let obs = Observation {
                 t_ms: t,
                 stage,
-                memory_pages: s.memory_pages,
                 // The first pass counts zero pages too (they are scanned, not sent).
                 remaining_pages: (left.max(0.0) / PAGE / (1.0 - first_zero)) as u64,
                 pass_elapsed_ms: t - pass_start,
                 round,
-                dirty_pages_per_sec: rate / PAGE,
                 working_set_pages: Some((dirtied(rate, set, 1.0) / PAGE) as u64),
                 // What a migration measures: the stream's achieved rate.
                 link_bytes_per_sec: Some(wire),
-                peer_limited: false,
                 zero_fraction: first_zero,
-                round_overhead_ms: 0.0,
                 codecs: s.codecs.clone(),
-                disk_dirty_bytes_per_sec: None,
-                disk_pending_bytes: 0.0,
-                disk_bytes: 0.0,
-                disk_compression_ratio: None,
-                disk_written_compression_ratio: None,
-                disk_copy_bytes_per_sec: None,
-                disk_write_bytes_per_sec: None,
-                pause_basis: PauseBasis::prior(s.mechanics),
+                ..Observation::before_start(s.memory_pages, rate / PAGE, s.mechanics)
             };
             let d = policy.decide(&obs, limits);
             if stage == Stage::Starting {
