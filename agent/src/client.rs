@@ -61,27 +61,32 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, Client
     if line.is_empty() {
         return Err(malformed("connection closed".into()));
     }
-    // The version first: an answer of another version is refused, not misread.
+    // An answer of another version is refused, not misread: its version decides
+    // whether a line that does not read as `T` is malformed or just someone else's.
     #[derive(serde::Deserialize)]
     struct Version {
         #[serde(default)]
         api_version: u32,
     }
-    let theirs = serde_json::from_str::<Version>(&line)
-        .map_err(|e| malformed(format!("the answer to {} is not JSON: {e}", req.name())))?
-        .api_version;
-    if theirs != API_VERSION {
-        return Err(ClientError::Version {
-            path: path.to_owned(),
-            theirs,
-        });
+    let other_version = |theirs: u32| ClientError::Version {
+        path: path.to_owned(),
+        theirs,
+    };
+    let answer: Answer<T> = match serde_json::from_str(&line) {
+        Ok(a) => a,
+        Err(e) => {
+            return Err(match serde_json::from_str::<Version>(&line) {
+                Ok(v) if v.api_version != API_VERSION => other_version(v.api_version),
+                _ => malformed(format!(
+                    "the answer to {} is not what the API says: {e}",
+                    req.name()
+                )),
+            });
+        }
+    };
+    if answer.api_version != API_VERSION {
+        return Err(other_version(answer.api_version));
     }
-    let answer: Answer<T> = serde_json::from_str(&line).map_err(|e| {
-        malformed(format!(
-            "the answer to {} is not what the API says: {e}",
-            req.name()
-        ))
-    })?;
     match answer.into_result() {
         Ok(Some(result)) => Ok(result),
         Ok(None) => Err(malformed(format!(
