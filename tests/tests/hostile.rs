@@ -58,6 +58,35 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The process's descriptor count once it is `want` again, or after 10 s: a status
+/// request's server thread may close its end a moment after the answer arrives.
+fn fds_back_to(pid: u32, want: usize) -> usize {
+    (0..200)
+        .map(|_| open_fds(pid))
+        .find(|&n| {
+            n == want || {
+                std::thread::sleep(Duration::from_millis(50));
+                false
+            }
+        })
+        .unwrap_or_else(|| open_fds(pid))
+}
+
+/// Each descriptor and what it is, for a failure message.
+fn fd_list(pid: u32) -> String {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| {
+                    let t = std::fs::read_link(e.path()).unwrap_or_default();
+                    format!("{}={}", e.file_name().to_string_lossy(), t.display())
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -134,6 +163,7 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
     let (dst, addr) = incoming(dir.path(), "dst");
     let pid = dst.child.id();
     let fds0 = open_fds(pid);
+    let fds0_list = fd_list(pid);
     let ok_config = "name = \"hostile\"\nmemory_mib = 32\n";
     // Each attack, and the words its refusal must carry (None: the stranger is
     // closed on without an answer).
@@ -256,14 +286,13 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
         "{c:?}"
     );
     // Nothing is left of them: no descriptor, no VM.
-    let fds = (0..100)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            open_fds(pid)
-        })
-        .find(|&n| n == fds0)
-        .unwrap_or_else(|| open_fds(pid));
-    assert_eq!(fds, fds0, "descriptors before and after");
+    let fds = fds_back_to(pid, fds0);
+    assert_eq!(
+        fds,
+        fds0,
+        "descriptors before ({fds0_list}) and after ({})",
+        fd_list(pid)
+    );
     a_real_migration_succeeds(&dir, "real", false, &dst, &addr);
     dst.quit();
 }
@@ -304,6 +333,7 @@ fn ten_thousand_rejected_connections_leave_memory_and_descriptors_as_they_were()
     let dir = TempDir::new("hostile-flood");
     let (dst, addr) = incoming(dir.path(), "dst");
     let pid = dst.child.id();
+    let fds_at_start = open_fds(pid);
     let flood = |n: u64| {
         for i in 0..n {
             let mut c = TcpStream::connect(&addr).unwrap();
@@ -315,14 +345,21 @@ fn ten_thousand_rejected_connections_leave_memory_and_descriptors_as_they_were()
     // Warm: the allocator's per-thread arenas exist after the first few hundred.
     flood(500);
     wait_counted(&dst, 500, 0);
-    let (rss0, fds0) = (rss_kib(pid), open_fds(pid));
+    // The base: the process's own descriptors (listeners, log), as at its start.
+    let fds0 = fds_back_to(pid, fds_at_start);
+    let (rss0, fds0_list) = (rss_kib(pid), fd_list(pid));
     flood(10_000);
     wait_counted(&dst, 10_500, 0);
-    let (rss1, fds1) = (rss_kib(pid), open_fds(pid));
+    let (rss1, fds1) = (rss_kib(pid), fds_back_to(pid, fds0));
     eprintln!(
         "after 10,000 rejected connections: RSS {rss0} -> {rss1} KiB, descriptors {fds0} -> {fds1}"
     );
-    assert_eq!(fds1, fds0, "descriptors before and after");
+    assert_eq!(
+        fds1,
+        fds0,
+        "descriptors before ({fds0_list}) and after ({})",
+        fd_list(pid)
+    );
     // Bounded, not growing with the count: far less than a byte per connection
     // would add up to over ten thousand of them.
     assert!(rss1 < rss0 + 4096, "RSS grew from {rss0} to {rss1} KiB");

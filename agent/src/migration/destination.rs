@@ -88,8 +88,11 @@ pub fn receive(
     routed: &mpsc::Receiver<Routed>,
     slot: &Slot,
     place: &Placement,
-) -> Result<(), IncomingError> {
-    let w = conn.try_clone().map_err(ProtocolError::from)?;
+) -> Result<(), Failed> {
+    let w = conn.try_clone().map_err(|e| Failed {
+        error: ProtocolError::from(e).into(),
+        answer: None,
+    })?;
     let mut rx = Receiver {
         r: BufReader::with_capacity(1 << 20, conn),
         w,
@@ -97,8 +100,23 @@ pub fn receive(
         config_path: None,
         last_sent: Instant::now(),
         answer_every: Duration::from_millis(u64::from(hello.timeout_ms.max(100)) / 4),
+        refused: false,
     };
     rx.run(hello, session, routed, slot)
+        .map_err(|error| Failed {
+            error,
+            answer: rx.refused.then_some(rx.w),
+        })
+}
+
+/// A migration that failed here.
+pub struct Failed {
+    pub error: IncomingError,
+    /// Where the source is owed an `Abort` naming `error` (None: the connection broke,
+    /// or the source ended it). The connection stays open until this is dropped, so
+    /// the caller tells the source only after letting go of everything the migration
+    /// held: a source that retries at once must find the port free.
+    pub answer: Option<TcpStream>,
 }
 
 /// Where each disk of `cfg` lives on this host's shared storage: the image of the
@@ -225,6 +243,8 @@ struct Receiver<'a> {
     /// for a dead destination.
     last_sent: Instant,
     answer_every: Duration,
+    /// The source is owed an `Abort` with the reason it failed.
+    refused: bool,
 }
 
 impl Receiver<'_> {
@@ -243,11 +263,10 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    /// Tells the source why, then returns the error.
+    /// Marks the source as owed the reason, then returns the error. The reason is
+    /// sent by whoever receives the [`Failed`], once nothing of the migration is left.
     fn refuse(&mut self, e: IncomingError) -> IncomingError {
-        let _ = self.send(&Message::Abort {
-            reason: e.to_string(),
-        });
+        self.refused = true;
         e
     }
 

@@ -156,6 +156,8 @@ impl Door {
             Message::decode(&protocol::Frame { kind, payload }, None)
         })();
         drop(waiting);
+        // A connection is closed before it is counted: whoever reads the counters
+        // finds nothing of it left.
         let first = match first {
             Ok(m) => m,
             Err(ProtocolError::Io(e))
@@ -164,12 +166,16 @@ impl Door {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
+                drop(conn);
                 return self.reject(
                     peer,
                     &format!("it said nothing within {} s", HELLO_WAIT.as_secs()),
                 );
             }
-            Err(e) => return self.reject(peer, &e.to_string()),
+            Err(e) => {
+                drop(conn);
+                return self.reject(peer, &e.to_string());
+            }
         };
         let _ = conn.set_read_timeout(None);
         let _ = conn.set_nodelay(true);
@@ -186,14 +192,20 @@ impl Door {
                             self.reject(peer, "its migration has ended");
                         }
                     }
-                    None => self.reject(peer, "it names no migration under way here"),
+                    None => {
+                        drop(conn);
+                        self.reject(peer, "it names no migration under way here");
+                    }
                 }
             }
             Message::Resolve { session, committed } => self.resolve(conn, peer, session, committed),
-            other => self.reject(
-                peer,
-                &format!("it began with {:?}, not Hello", other.kind()),
-            ),
+            other => {
+                drop(conn);
+                self.reject(
+                    peer,
+                    &format!("it began with {:?}, not Hello", other.kind()),
+                );
+            }
         }
     }
 
@@ -205,6 +217,7 @@ impl Door {
                 reason: why.clone(),
             },
         );
+        drop(conn);
         self.reject(peer, &why);
     }
 
@@ -241,24 +254,41 @@ impl Door {
         tracing::info!("incoming migration of {:?} from {peer}", hello.name);
         let result = destination::receive(conn, hello, session, &rx, &self.slot, &self.place);
         *lock(&self.route) = None;
-        match result {
-            Ok(()) => *lock(&self.phase) = Phase::Arrived(session),
-            Err(e) => {
-                tracing::error!("incoming migration from {peer} failed: {e}; waiting for another");
-                self.discard();
-                let mut c = lock(&self.counters);
-                c.failed_migrations += 1;
-                c.last_rejection = Some(format!("{peer}: {e}"));
-            }
+        let failed = match result {
+            Ok(()) => return *lock(&self.phase) = Phase::Arrived(session),
+            Err(f) => f,
+        };
+        let e = failed.error;
+        tracing::error!("incoming migration from {peer} failed: {e}; waiting for another");
+        self.stop_served();
+        {
+            let mut c = lock(&self.counters);
+            c.failed_migrations += 1;
+            c.last_rejection = Some(format!("{peer}: {e}"));
+        }
+        *lock(&self.phase) = Phase::Waiting;
+        // Only now: the source may retry the moment it hears, and the port is free.
+        if let Some(mut conn) = failed.answer {
+            let _ = protocol::send(
+                &mut conn,
+                &Message::Abort {
+                    reason: e.to_string(),
+                },
+            );
         }
     }
 
-    /// Stops and drops whatever a failed or discarded migration left here.
-    fn discard(&self) {
+    /// Stops and drops the VM a failed or discarded migration left here, if any.
+    fn stop_served(&self) {
         let served = lock(&self.slot).take();
         if let Some(vm) = served {
             vm.machine.shutdown();
         }
+    }
+
+    /// Stops and drops whatever a discarded migration left here; the port waits again.
+    fn discard(&self) {
+        self.stop_served();
         *lock(&self.phase) = Phase::Waiting;
     }
 
