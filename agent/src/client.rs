@@ -39,6 +39,24 @@ pub enum ClientError {
 
 /// Sends `req` and reads its answer's `result` as `T`, or the VMM's refusal.
 pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
+    call_with(path, req, None)
+}
+
+/// As [`call`], giving up on a VMM that takes longer than `within` to read the
+/// request or to answer (a stopped or wedged process must not hold the caller).
+pub fn call_within<T: DeserializeOwned>(
+    path: &Path,
+    req: &Request,
+    within: std::time::Duration,
+) -> Result<T, ClientError> {
+    call_with(path, req, Some(within))
+}
+
+fn call_with<T: DeserializeOwned>(
+    path: &Path,
+    req: &Request,
+    within: Option<std::time::Duration>,
+) -> Result<T, ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_owned(),
         source,
@@ -54,6 +72,8 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, Client
         path: path.to_owned(),
         source,
     })?;
+    stream.set_read_timeout(within).map_err(io)?;
+    stream.set_write_timeout(within).map_err(io)?;
     let mut w = stream.try_clone().map_err(io)?;
     w.write_all(text.as_bytes()).map_err(io)?;
     let mut line = String::new();

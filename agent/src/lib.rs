@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod control;
+pub mod daemon;
 pub mod driver;
 pub mod guest;
 pub mod migration;

@@ -362,6 +362,28 @@ enum Command {
         #[arg(long)]
         control: PathBuf,
     },
+    /// Run the host agent: keep this host's VMs (one `ferry vmm` each, started from
+    /// the VM folder, or adopted if already running) and serve the HTTP API
+    /// (docs/API.md). Stops on SIGTERM or SIGINT; the VMs keep running.
+    Agent {
+        /// The agent's config (TOML; see docs/API.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log lines for people (text) or for collectors (json).
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        log_format: String,
+    },
+    /// List the VMs an agent holds, with their state and the guest's heartbeats.
+    Vms {
+        /// The agent's API.
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
+        agent: String,
+        /// A file holding the token to present (FERRY_TOKEN_FILE).
+        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the VM and its process.
     Quit {
         #[arg(long)]
@@ -399,6 +421,12 @@ fn main() -> ExitCode {
             &control,
             paused,
         ),
+        Command::Agent { config, log_format } => cli::agent::serve(&config, &log_format),
+        Command::Vms {
+            agent,
+            token_file,
+            json,
+        } => cli::agent::vms(&agent, token_file.as_deref(), json),
         Command::Status { control, json } => cli::client::status(&control, json),
         Command::Pause { control } => cli::client::change_state(&control, &Request::Pause {}),
         Command::Resume { control } => cli::client::change_state(&control, &Request::Resume {}),

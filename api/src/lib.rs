@@ -56,6 +56,7 @@ macro_rules! named {
     };
 }
 
+pub mod agent;
 pub mod answer;
 pub mod codec;
 pub mod error;

@@ -13,6 +13,7 @@ use ferry_api::{MigrationReport, Outcome, PortCounters, RunState, Status, Verify
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+pub mod agent;
 pub mod netns;
 pub mod wire;
 

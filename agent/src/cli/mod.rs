@@ -1,5 +1,6 @@
 //! The `ferry` command line: the VMM process and the client commands.
 
+pub mod agent;
 pub mod client;
 pub mod migrate;
 pub mod plan;

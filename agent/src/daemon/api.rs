@@ -1,0 +1,249 @@
+//! The HTTP API: routes, who may call them, and the one error shape every failure
+//! answers with (`{"kind": …, "message": …}`, the status fixed by the kind).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ferry_api::agent::{ApiError, ApiErrorKind, Health, VmInfo};
+
+use super::auth::{self, Denied, Need};
+use super::config::Tokens;
+use super::inventory::View;
+use super::metrics::Metrics;
+
+/// A request body's size at most (a migration request is well under a kilobyte).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the handlers share.
+pub struct Shared {
+    pub host: String,
+    pub tokens: Tokens,
+    pub vms: View,
+    pub metrics: Metrics,
+}
+
+/// Every route, as `(method, path template)`: what `docs/openapi.json` must describe.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+];
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{name}", get(get_vm))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(shared.clone(), measured))
+        .with_state(shared)
+}
+
+/// A failed request: its kind decides the status.
+#[derive(Debug)]
+pub struct Failure(pub ApiErrorKind, pub String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (
+            status,
+            Json(ApiError {
+                kind: self.0,
+                message: self.1,
+            }),
+        )
+            .into_response();
+        if self.0 == ApiErrorKind::Unauthenticated {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
+    }
+}
+
+fn authorize(shared: &Shared, headers: &HeaderMap, need: Need) -> Result<auth::Role, Failure> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""));
+    auth::check(&shared.tokens, value, need).map_err(|d| match d {
+        Denied::Unauthenticated(why) => Failure(ApiErrorKind::Unauthenticated, why.into()),
+        Denied::Forbidden(role) => Failure(
+            ApiErrorKind::Forbidden,
+            format!("a {} token may not do this", role.as_str()),
+        ),
+    })
+}
+
+/// Counts and times every request under its route's template.
+async fn measured(
+    State(shared): State<Arc<Shared>>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let t0 = Instant::now();
+    let method: &'static str = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::PUT => "PUT",
+        _ => "other",
+    };
+    // Only known templates become labels: an unknown path is one label, not many.
+    let route: &'static str = matched
+        .and_then(|m| {
+            ROUTES
+                .iter()
+                .find(|(_, p)| *p == m.as_str())
+                .map(|(_, p)| *p)
+        })
+        .unwrap_or("other");
+    let r = next.run(req).await;
+    shared.metrics.request(
+        route,
+        method,
+        r.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    r
+}
+
+async fn not_found() -> Failure {
+    Failure(
+        ApiErrorKind::NotFound,
+        "no such endpoint; see docs/API.md".into(),
+    )
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        name: s.host.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        vms: s.vms.all().len(),
+    })
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(&s.host, &s.vms.all()),
+    )
+}
+
+async fn list_vms(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<VmInfo>>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    Ok(Json(s.vms.all()))
+}
+
+async fn get_vm(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    s.vms.get(&name).map(Json).ok_or_else(|| {
+        Failure(
+            ApiErrorKind::NotFound,
+            format!("no VM {name:?} on this host"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use ferry_api::agent::VmPresence;
+
+    use super::*;
+
+    fn openapi() -> serde_json::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let text = std::fs::read_to_string(path).expect("docs/openapi.json");
+        serde_json::from_str(&text).expect("docs/openapi.json is JSON")
+    }
+
+    #[test]
+    fn the_openapi_file_describes_every_route_and_no_other() {
+        let doc = openapi();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut described = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                described.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        assert_eq!(described, served);
+        let md = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/API.md"))
+            .expect("docs/API.md");
+        for (m, p) in ROUTES {
+            assert!(
+                md.contains(&format!("{m} {p}")),
+                "docs/API.md says nothing of {m} {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_openapi_schemas_name_every_field_the_agent_sends() {
+        let doc = openapi();
+        let vm = VmInfo {
+            name: "a".into(),
+            presence: VmPresence::Running,
+            state: None,
+            pid: None,
+            config: "a.toml".into(),
+            adopted: false,
+            vcpus: None,
+            memory_mib: None,
+            uptime_ms: None,
+            heartbeats: None,
+            pages_written_per_sec: None,
+            max_heartbeat_gap_ms: None,
+            guest_integrity_errors: None,
+            disk_integrity_errors: None,
+            error: None,
+        };
+        let health = Health {
+            status: "ok".into(),
+            name: "h".into(),
+            version: "0".into(),
+            vms: 0,
+        };
+        let error = ApiError {
+            kind: ApiErrorKind::Busy,
+            message: String::new(),
+        };
+        for (name, value) in [
+            ("VmInfo", serde_json::to_value(&vm).unwrap()),
+            ("Health", serde_json::to_value(&health).unwrap()),
+            ("ApiError", serde_json::to_value(&error).unwrap()),
+        ] {
+            let sent: BTreeSet<&String> = value.as_object().unwrap().keys().collect();
+            let schema = &doc["components"]["schemas"][name]["properties"];
+            let described: BTreeSet<&String> = schema.as_object().expect(name).keys().collect();
+            assert_eq!(sent, described, "{name}");
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! `agent.toml`: what one host's agent serves, where its VMs live, who may ask it
+//! what. Read once at start; an unknown key or a bad value stops the agent, named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::{Limits, LimitsError, LimitsTable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("cannot read the agent config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("the agent config {path}: {key} = {value:?}: {why}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("the agent config {path}: [limits]: {source}")]
+    Limits { path: PathBuf, source: LimitsError },
+    #[error("the {role} token file {path}: {why}")]
+    Token {
+        role: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: String,
+    listen: String,
+    vm_dir: PathBuf,
+    token_file: PathBuf,
+    peer_token_file: Option<PathBuf>,
+    webhook_token_file: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    #[serde(default)]
+    datastores: Vec<PathBuf>,
+    max_outbound: Option<u32>,
+    max_inbound: Option<u32>,
+    #[serde(default)]
+    limits: LimitsTable,
+    #[serde(default)]
+    peers: Vec<PeerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFile {
+    name: String,
+    url: String,
+    /// The token this agent presents to that peer (its `peer_token_file`'s content).
+    token_file: Option<PathBuf>,
+}
+
+/// Another host's agent.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    /// `http://host:port`, no trailing slash.
+    pub url: String,
+    pub token: Option<String>,
+}
+
+/// Who may call what: each role's token (None: that role is not served).
+#[derive(Clone)]
+pub struct Tokens {
+    pub operator: String,
+    pub peer: Option<String>,
+    pub webhook: Option<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens { .. }")
+    }
+}
+
+/// Migrations at once, each way, unless the config says otherwise (KubeVirt's
+/// `parallelOutboundMigrationsPerNode` is 2 as well).
+pub const DEFAULT_CONCURRENCY: u32 = 2;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub vm_dir: PathBuf,
+    /// Control sockets and VMM logs.
+    pub run_dir: PathBuf,
+    pub datastores: Vec<PathBuf>,
+    pub max_outbound: u32,
+    pub max_inbound: u32,
+    pub limits: Limits,
+    pub peers: Vec<Peer>,
+    pub tokens: Tokens,
+}
+
+/// A token file's content, trimmed of whitespace; empty or unreadable is an error.
+pub fn read_token(role: &'static str, path: &Path) -> Result<String, AgentConfigError> {
+    let bad = |why: String| AgentConfigError::Token {
+        role,
+        path: path.to_owned(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if token.len() < 16 {
+        return Err(bad(format!(
+            "{} characters is too short to guess-proof; use 16 or more",
+            token.len()
+        )));
+    }
+    Ok(token.to_owned())
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, AgentConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// `origin` names the file in errors, and relative paths are taken from its folder.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, AgentConfigError> {
+        let f: File = toml::from_str(text).map_err(|e| AgentConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid =
+            |key: &str, value: &dyn std::fmt::Display, why: &str| AgentConfigError::Invalid {
+                path: origin.to_owned(),
+                key: key.to_owned(),
+                value: value.to_string(),
+                why: why.to_owned(),
+            };
+        let base = origin.parent().unwrap_or(Path::new("."));
+        let at = |p: &Path| base.join(p);
+        if f.name.is_empty()
+            || !f
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid(
+                "name",
+                &f.name,
+                "a host name: letters, digits, '-', '_' and '.'",
+            ));
+        }
+        let listen: SocketAddr = f.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                &f.listen,
+                "an address and port, as 127.0.0.1:7070",
+            )
+        })?;
+        let concurrency = |key: &str, v: Option<u32>| match v {
+            None => Ok(DEFAULT_CONCURRENCY),
+            Some(n @ 1..=64) => Ok(n),
+            Some(n) => Err(invalid(key, &n, "between 1 and 64")),
+        };
+        let max_outbound = concurrency("max_outbound", f.max_outbound)?;
+        let max_inbound = concurrency("max_inbound", f.max_inbound)?;
+        let limits =
+            f.limits
+                .over(Limits::default())
+                .map_err(|source| AgentConfigError::Limits {
+                    path: origin.to_owned(),
+                    source,
+                })?;
+        let mut peers: Vec<Peer> = Vec::new();
+        for p in f.peers {
+            let url = p.url.trim_end_matches('/').to_owned();
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(invalid(
+                    "peers.url",
+                    &p.url,
+                    "http://host:port (TLS between agents is not served yet)",
+                ));
+            }
+            if p.name.is_empty() || peers.iter().any(|q| q.name == p.name) || p.name == f.name {
+                return Err(invalid(
+                    "peers.name",
+                    &p.name,
+                    "a name of its own: not empty, not this host's, not another peer's",
+                ));
+            }
+            let token = p
+                .token_file
+                .map(|t| read_token("peer", &at(&t)))
+                .transpose()?;
+            peers.push(Peer {
+                name: p.name,
+                url,
+                token,
+            });
+        }
+        let tokens = Tokens {
+            operator: read_token("operator", &at(&f.token_file))?,
+            peer: f
+                .peer_token_file
+                .map(|t| read_token("peer", &at(&t)))
+                .transpose()?,
+            webhook: f
+                .webhook_token_file
+                .map(|t| read_token("webhook", &at(&t)))
+                .transpose()?,
+        };
+        let distinct = [
+            Some(&tokens.operator),
+            tokens.peer.as_ref(),
+            tokens.webhook.as_ref(),
+        ];
+        for (i, a) in distinct.iter().enumerate() {
+            for b in &distinct[i + 1..] {
+                if a.is_some() && a == b {
+                    return Err(invalid(
+                        "token_file",
+                        &"(two roles)",
+                        "each role needs a token of its own, or one role could act as another",
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            name: f.name,
+            listen,
+            vm_dir: at(&f.vm_dir),
+            run_dir: at(&f.run_dir.unwrap_or_else(|| PathBuf::from("/run/ferry"))),
+            datastores: f.datastores.iter().map(|d| at(d)).collect(),
+            max_outbound,
+            max_inbound,
+            limits,
+            peers,
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_tokens(body: &str) -> (tempdir::Dir, Result<AgentConfig, AgentConfigError>) {
+        let dir = tempdir::Dir::new();
+        std::fs::write(dir.0.join("token"), "operator-secret-0123456789\n").unwrap();
+        std::fs::write(dir.0.join("peer"), "  peer-secret-0123456789  ").unwrap();
+        std::fs::write(dir.0.join("short"), "abc").unwrap();
+        let path = dir.0.join("agent.toml");
+        let r = AgentConfig::parse(body, &path);
+        (dir, r)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "ferry-agent-config-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    const GOOD: &str = r#"
+name = "host-a"
+listen = "127.0.0.1:7070"
+vm_dir = "vms"
+token_file = "token"
+peer_token_file = "peer"
+datastores = ["/var/lib/ferry/disks"]
+[limits]
+max_downtime_ms = 300
+[[peers]]
+name = "host-b"
+url = "http://198.18.0.2:7070/"
+token_file = "peer"
+"#;
+
+    #[test]
+    fn a_good_config_reads_with_defaults_and_trimmed_tokens() {
+        let (dir, c) = with_tokens(GOOD);
+        let c = c.unwrap();
+        assert_eq!(c.name, "host-a");
+        assert_eq!(c.vm_dir, dir.0.join("vms"));
+        assert_eq!(c.run_dir, PathBuf::from("/run/ferry"));
+        assert_eq!((c.max_outbound, c.max_inbound), (2, 2));
+        assert_eq!(c.tokens.operator, "operator-secret-0123456789");
+        assert_eq!(c.tokens.peer.as_deref(), Some("peer-secret-0123456789"));
+        assert_eq!(c.peers[0].url, "http://198.18.0.2:7070");
+        assert_eq!(c.limits.max_downtime_ms, 300.0);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_by_name() {
+        for (change, words) in [
+            (("name = \"host-a\"", "name = \"host a\""), "name"),
+            (
+                ("listen = \"127.0.0.1:7070\"", "listen = \"nowhere\""),
+                "listen",
+            ),
+            (("vm_dir", "vm_folder"), "unknown field"),
+            (
+                ("max_downtime_ms = 300", "max_downtime_ms = -1"),
+                "max_downtime_ms",
+            ),
+            (
+                ("token_file = \"token\"", "token_file = \"short\""),
+                "too short",
+            ),
+            (
+                ("token_file = \"token\"", "token_file = \"absent\""),
+                "operator token",
+            ),
+            (("token_file = \"token\"", "token_file = \"peer\""), "role"),
+            (("url = \"http://", "url = \"ftp://"), "peers.url"),
+            (("name = \"host-b\"", "name = \"host-a\""), "peers.name"),
+            (("[limits]", "max_inbound = 0\n[limits]"), "max_inbound"),
+        ] {
+            let (_dir, r) = with_tokens(&GOOD.replacen(change.0, change.1, 1));
+            let e = r.expect_err(change.1).to_string();
+            assert!(e.contains(words), "{}: {e}", change.1);
+        }
+    }
+}

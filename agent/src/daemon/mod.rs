@@ -1,0 +1,116 @@
+//! `ferry agent`: the host daemon. It keeps the host's VMs (one `ferry vmm` each,
+//! started from the VM folder or adopted after a restart) and serves the HTTP API.
+//! This file only wires: the config, the inventory's thread, the server, the signals.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod inventory;
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use config::AgentConfig;
+use inventory::Inventory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::AgentConfigError),
+    #[error("cannot create the run folder {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the agent's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot find this program to start VMMs with: {0}")]
+    Exe(std::io::Error),
+    #[error("serving the API: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the agent until SIGTERM or SIGINT. VMs keep running after it exits.
+pub fn run(config_path: &Path) -> Result<(), AgentError> {
+    let cfg = AgentConfig::load(config_path)?;
+    std::fs::create_dir_all(&cfg.run_dir).map_err(|source| AgentError::RunDir {
+        path: cfg.run_dir.clone(),
+        source,
+    })?;
+    let exe = std::env::current_exe().map_err(AgentError::Exe)?;
+    let (mut inventory, view) = Inventory::new(cfg.vm_dir.clone(), cfg.run_dir.clone(), exe);
+    // The first look before the port opens: the API never answers with an inventory
+    // it has not read yet.
+    inventory.refresh();
+    let stop = Arc::new(AtomicBool::new(false));
+    let looker = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("inventory".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(inventory::REFRESH);
+                    inventory.refresh();
+                }
+                inventory.release();
+            })
+            .map_err(AgentError::Runtime)?
+    };
+    let shared = Arc::new(api::Shared {
+        host: cfg.name.clone(),
+        tokens: cfg.tokens.clone(),
+        vms: view,
+        metrics: metrics::Metrics::default(),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        tracing::info!(
+            host = cfg.name,
+            listen = %cfg.listen,
+            vm_dir = %cfg.vm_dir.display(),
+            "agent serving"
+        );
+        axum::serve(listener, api::router(shared))
+            .with_graceful_shutdown(terminated())
+            .await
+            .map_err(AgentError::Serve)
+    });
+    stop.store(true, Ordering::Release);
+    let _ = looker.join();
+    tracing::info!("agent stopped; the VMs keep running");
+    served
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot watch for SIGTERM; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

@@ -1,0 +1,110 @@
+//! The host agent's HTTP API (`ferry agent`): what its endpoints take and answer.
+//! `docs/API.md` describes them; `docs/openapi.json` is checked against the routes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorKind;
+use crate::status::RunState;
+
+/// The API's path prefix; a change that breaks clients gets a new one.
+pub const PREFIX: &str = "/v1";
+
+/// Every error answer's body: the kind (which fixes the HTTP status) and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    pub message: String,
+}
+
+/// An error's kind: the control API's kinds, and the two of HTTP's own that a
+/// caller must tell apart (no credentials; credentials for another role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorKind {
+    InvalidRequest,
+    NotFound,
+    Conflict,
+    Busy,
+    Unavailable,
+    Failed,
+    Unauthenticated,
+    Forbidden,
+    TooLarge,
+}
+
+impl ApiErrorKind {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ApiErrorKind::InvalidRequest => ErrorKind::InvalidRequest.http_status(),
+            ApiErrorKind::NotFound => ErrorKind::NotFound.http_status(),
+            ApiErrorKind::Conflict => ErrorKind::Conflict.http_status(),
+            ApiErrorKind::Busy => ErrorKind::Busy.http_status(),
+            ApiErrorKind::Unavailable => ErrorKind::Unavailable.http_status(),
+            ApiErrorKind::Failed => ErrorKind::Failed.http_status(),
+            ApiErrorKind::Unauthenticated => 401,
+            ApiErrorKind::Forbidden => 403,
+            ApiErrorKind::TooLarge => 413,
+        }
+    }
+}
+
+impl From<ErrorKind> for ApiErrorKind {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::InvalidRequest => ApiErrorKind::InvalidRequest,
+            ErrorKind::NotFound => ApiErrorKind::NotFound,
+            ErrorKind::Conflict => ApiErrorKind::Conflict,
+            ErrorKind::Busy => ApiErrorKind::Busy,
+            ErrorKind::Unavailable => ApiErrorKind::Unavailable,
+            ErrorKind::Failed => ApiErrorKind::Failed,
+        }
+    }
+}
+
+/// Where a VM of this host's inventory stands, as the agent knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPresence {
+    /// Its VMM answers on its control socket.
+    Running,
+    /// Its VMM is being started.
+    Starting,
+    /// Its VMM does not answer (it exited, or crashed); `error` says what is known.
+    Down,
+}
+
+/// `GET /v1/vms/{name}` and each item of `GET /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub presence: VmPresence,
+    /// The VM's own state (None while its VMM does not answer).
+    pub state: Option<RunState>,
+    /// The VMM's process id.
+    pub pid: Option<u32>,
+    /// The config file it was started from.
+    pub config: String,
+    /// Whether this agent started its VMM or found it running (after a restart).
+    pub adopted: bool,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub uptime_ms: Option<u64>,
+    /// The lab guest's heartbeats so far (the guest runs while they grow).
+    pub heartbeats: Option<u64>,
+    /// Live signal: pages the guest writes per second.
+    pub pages_written_per_sec: Option<f64>,
+    pub max_heartbeat_gap_ms: Option<f64>,
+    pub guest_integrity_errors: Option<u64>,
+    pub disk_integrity_errors: Option<u64>,
+    /// Why the VM is down, or the last error starting or reaching it.
+    pub error: Option<String>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub name: String,
+    pub version: String,
+    pub vms: usize,
+}

@@ -1,0 +1,244 @@
+//! A `ferry agent` process and plain HTTP/1.1 to it: requests written by hand, so a
+//! test can also send what no client library would (bad JSON, wrong headers).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{ferry_bin, free_port};
+
+/// An HTTP answer: status and body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("the answer is not JSON ({e}): {self:?}"))
+    }
+
+    /// An error answer's `kind`.
+    pub fn kind(&self) -> String {
+        self.json()["kind"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// One request on a fresh connection; None if the agent cannot be reached.
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<Answer> {
+    let mut c = TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    c.write_all(head.as_bytes()).ok()?;
+    if let Some(b) = body {
+        c.write_all(b.as_bytes()).ok()?;
+    }
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (headers, body) = text.split_once("\r\n\r\n")?;
+    let status = headers.split(' ').nth(1)?.parse().ok()?;
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some(Answer {
+        status,
+        headers: headers.to_owned(),
+        body,
+    })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A host's agent: its folder (config, tokens, VM folder, run folder) and process.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub addr: String,
+    pub token: String,
+    pub peer_token: String,
+    pub webhook_token: String,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes an agent's config under `dir` (VMs in `dir/vms`, sockets and VMM logs
+    /// in `dir/run`), on a free loopback port. Not started.
+    pub fn configure(dir: &Path, name: &str) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        std::fs::create_dir_all(dir.join("vms")).expect("create the VM folder");
+        let token = format!("operator-{name}-0123456789abcdef");
+        let peer_token = format!("peer-{name}-0123456789abcdef");
+        let webhook_token = format!("webhook-{name}-0123456789abcdef");
+        std::fs::write(dir.join("token"), format!("{token}\n")).expect("token");
+        std::fs::write(dir.join("peer-token"), &peer_token).expect("peer token");
+        std::fs::write(dir.join("webhook-token"), &webhook_token).expect("webhook token");
+        std::fs::write(
+            dir.join("agent.toml"),
+            format!(
+                "name = \"{name}\"\nlisten = \"{addr}\"\nvm_dir = \"vms\"\nrun_dir = \"run\"\n\
+                 token_file = \"token\"\npeer_token_file = \"peer-token\"\n\
+                 webhook_token_file = \"webhook-token\"\n"
+            ),
+        )
+        .expect("agent.toml");
+        Self {
+            dir: dir.to_owned(),
+            addr,
+            token,
+            peer_token,
+            webhook_token,
+            child: None,
+        }
+    }
+
+    /// Starts `ferry agent` and waits until `/healthz` answers.
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(ferry_bin())
+            .args(["agent", "--config"])
+            .arg(self.dir.join("agent.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start ferry agent");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            if let Some(a) = self.get("/healthz", None)
+                && a.status == 200
+            {
+                return;
+            }
+            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("ferry agent exited ({exit}): {}", self.log_text());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the agent did not answer /healthz: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Option<Answer> {
+        request(&self.addr, "GET", path, token, None)
+    }
+
+    /// A GET as the operator; unreachable is a test failure.
+    pub fn read(&self, path: &str) -> Answer {
+        self.get(path, Some(&self.token))
+            .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
+    }
+
+    /// `GET /v1/vms` until `pred` holds for the list, within `timeout`.
+    pub fn wait_for_vms(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let t0 = Instant::now();
+        loop {
+            let a = self.read("/v1/vms");
+            assert_eq!(a.status, 200, "{a:?}");
+            let list = a.json().as_array().cloned().unwrap_or_default();
+            if pred(&list) {
+                return list;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{what}: not within {timeout:?}: {list:?}\nagent log: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's process: SIGKILL (a crash) or SIGTERM (a stop); waits for it.
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the agent runs");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().expect("wait for the agent")
+    }
+
+    /// The control socket of the VM `name`, as the agent runs it.
+    pub fn control(&self, name: &str) -> String {
+        self.dir
+            .join("run")
+            .join(format!("{name}.sock"))
+            .display()
+            .to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The VMs it started outlive it by design; a test leaves none behind.
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("run")) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "sock") {
+                    let _ = Command::new(ferry_bin())
+                        .args(["quit", "--force", "--control"])
+                        .arg(&p)
+                        .stdin(Stdio::null())
+                        .output();
+                }
+            }
+        }
+    }
+}
