@@ -785,6 +785,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         precopy_pass,
         copy_storage,
         reasons,
+        ticket,
     } = req;
     let verify = !no_verify;
     let mode = mode.unwrap_or_default();
@@ -854,6 +855,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         precopy_pass,
         copy_storage,
         reasons,
+        ticket: ticket.unwrap_or_default(),
     };
     let vm = vm.clone();
     std::thread::Builder::new()

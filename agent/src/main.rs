@@ -144,6 +144,10 @@ enum Command {
         /// original paths.
         #[arg(long, requires = "restore")]
         disk_dir: Option<PathBuf>,
+        /// With --incoming: let in only a source that presents the ticket in FILE
+        /// (its content, trimmed), once.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        ticket_file: Option<PathBuf>,
         /// Control socket path.
         #[arg(long)]
         control: PathBuf,
@@ -264,6 +268,10 @@ enum Command {
         /// Skip comparing the memory digests of both sides after the handover.
         #[arg(long)]
         no_verify: bool,
+        /// Present the one-time ticket in FILE to a destination started with
+        /// --ticket-file.
+        #[arg(long, value_name = "FILE")]
+        ticket_file: Option<PathBuf>,
         /// Write the report (JSON) here; the source VMM writes it.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -395,6 +403,15 @@ enum Command {
     },
 }
 
+/// A ticket file's content, trimmed; empty is an error.
+fn read_ticket(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the ticket file {}", path.display()))?;
+    let t = text.trim();
+    anyhow::ensure!(!t.is_empty(), "the ticket file {} is empty", path.display());
+    Ok(t.to_owned())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -405,22 +422,27 @@ fn main() -> ExitCode {
             incoming,
             datastore,
             shared_dir,
+            ticket_file,
             control,
             paused,
-        } => cli::vmm::run(
-            cli::vmm::Source::new(
-                config,
-                restore,
-                disk_dir,
-                incoming,
-                migration::door::Placement {
-                    datastore,
-                    shared: shared_dir,
-                },
-            ),
-            &control,
-            paused,
-        ),
+        } => (|| {
+            let ticket = ticket_file.as_deref().map(read_ticket).transpose()?;
+            cli::vmm::run(
+                cli::vmm::Source::new(
+                    config,
+                    restore,
+                    disk_dir,
+                    incoming,
+                    migration::door::Placement {
+                        datastore,
+                        shared: shared_dir,
+                    },
+                    ticket,
+                ),
+                &control,
+                paused,
+            )
+        })(),
         Command::Agent { config, log_format } => cli::agent::serve(&config, &log_format),
         Command::Vms {
             agent,
@@ -491,6 +513,7 @@ fn main() -> ExitCode {
             policy,
             timeout_secs,
             no_verify,
+            ticket_file,
             report,
             json,
         } => (|| {
@@ -525,6 +548,7 @@ fn main() -> ExitCode {
                 precopy_pass,
                 copy_storage,
                 reasons: Default::default(),
+                ticket: ticket_file.as_deref().map(read_ticket).transpose()?,
             };
             cli::migrate::run(
                 &control,

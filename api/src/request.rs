@@ -136,6 +136,10 @@ pub struct Migrate {
     /// Why, per setting, for the report's decisions (absent: set by the operator).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reasons: Reasons,
+    /// The one-time ticket the destination was started with (`ferry vmm --incoming
+    /// --ticket-file`); a destination that has one refuses a source without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
 }
 
 /// `resolve`'s answer: what the destination did with a handover in doubt.

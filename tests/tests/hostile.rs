@@ -665,3 +665,88 @@ fn a_stalled_destination_is_given_up_after_the_keepalive_and_a_short_stall_is_ri
     src.quit();
     dst.quit();
 }
+
+#[test]
+fn a_destination_with_a_ticket_lets_in_only_its_source_and_only_once() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let dir = TempDir::new("hostile-ticket");
+    let ticket = dir.join("ticket");
+    std::fs::write(&ticket, "one-time-0123456789abcdef\n").unwrap();
+    let addr = format!("127.0.0.1:{}", ferry_tests::free_port());
+    std::fs::create_dir_all(dir.join("disks")).unwrap();
+    let dst = Vmm::spawn(
+        dir.path(),
+        "dst",
+        &[
+            "--incoming",
+            &addr,
+            "--shared-dir",
+            dir.join("disks").to_str().unwrap(),
+            "--ticket-file",
+            ticket.to_str().unwrap(),
+        ],
+    );
+    // No ticket, or the wrong one: refused at the hello, before the handshake is
+    // even answered (so before any page could move).
+    for (what, hello) in [
+        ("no ticket", wire::hello(wire::VERSION, 32 << 20, 1, "x")),
+        (
+            "a wrong ticket",
+            wire::hello_with_ticket(32 << 20, "x", "one-time-0123456789abcdeX"),
+        ),
+    ] {
+        let mut p = Peer::connect(&addr);
+        p.send(wire::HELLO, &hello);
+        let first = p.recv();
+        assert!(
+            matches!(&first, Some((kind, _)) if *kind == wire::ABORT),
+            "{what}: answered {first:?}"
+        );
+        let reason = String::from_utf8_lossy(&first.unwrap().1[4..]).into_owned();
+        assert!(reason.contains("ticket"), "{what}: {reason}");
+    }
+    wait_counted(&dst, 2, 0);
+    // The ticket is spent by the migration that presents it, even one that fails:
+    // on a second destination, a handshake that goes wrong, then the same ticket.
+    let addr2 = format!("127.0.0.1:{}", ferry_tests::free_port());
+    let dst2 = Vmm::spawn(
+        dir.path(),
+        "dst2",
+        &[
+            "--incoming",
+            &addr2,
+            "--ticket-file",
+            ticket.to_str().unwrap(),
+        ],
+    );
+    let mut p = Peer::connect(&addr2);
+    p.send(
+        wire::HELLO,
+        &wire::hello_with_ticket(64 << 20, "x", "one-time-0123456789abcdef"),
+    );
+    assert!(matches!(p.recv(), Some((wire::HELLO_ACK, _))));
+    p.send(
+        wire::CONFIG,
+        &wire::string("name = \"x\"\nmemory_mib = 32\n"),
+    );
+    assert!(p.abort_reason().unwrap_or_default().contains("memory"));
+    let mut p = Peer::connect(&addr2);
+    p.send(
+        wire::HELLO,
+        &wire::hello_with_ticket(32 << 20, "x", "one-time-0123456789abcdef"),
+    );
+    let reason = p.abort_reason().unwrap_or_default();
+    assert!(reason.contains("already used"), "{reason}");
+    wait_counted(&dst2, 1, 1);
+    dst2.quit();
+    // The source that holds it migrates.
+    let src = start(&dir, "real", false);
+    let (ok, report) = migrate(&src, &addr, &["--ticket-file", ticket.to_str().unwrap()]);
+    assert!(ok, "{report}");
+    check_arrived(&src, &dst, &report, true);
+    src.quit();
+    dst.quit();
+}

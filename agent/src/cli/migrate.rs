@@ -35,7 +35,7 @@ pub fn run(
     let start = match req {
         Some(mut req) => {
             req.report.clone_from(&report);
-            Start::New(req)
+            Start::New(Box::new(req))
         }
         None => Start::Attach,
     };

@@ -21,8 +21,9 @@ pub enum Source {
         dir: PathBuf,
         disk_dir: Option<PathBuf>,
     },
-    /// Wait for a migration on this TCP address; its disks go where `Placement` says.
-    Incoming(String, Placement),
+    /// Wait for a migration on this TCP address; its disks go where `Placement` says;
+    /// only a source presenting the ticket, if there is one, is let in.
+    Incoming(String, Placement, Option<String>),
 }
 
 impl Source {
@@ -32,9 +33,10 @@ impl Source {
         disk_dir: Option<PathBuf>,
         incoming: Option<String>,
         place: Placement,
+        ticket: Option<String>,
     ) -> Self {
         match (config, restore, incoming) {
-            (_, _, Some(addr)) => Source::Incoming(addr, place),
+            (_, _, Some(addr)) => Source::Incoming(addr, place, ticket),
             (_, Some(dir), None) => Source::Restore { dir, disk_dir },
             (Some(c), None, None) => Source::Config(c),
             // clap requires one of the three.
@@ -54,7 +56,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     let slot: Slot = Arc::new(Mutex::new(None));
     let mut door = None;
     let listener = match &source {
-        Source::Incoming(addr, place) => {
+        Source::Incoming(addr, place, ticket) => {
             for dir in place.shared.iter().chain(&place.datastore) {
                 if !dir.is_dir() {
                     anyhow::bail!("{} is not a folder", dir.display());
@@ -68,7 +70,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 control = %control_path.display(),
                 "waiting for an incoming migration on {addr}"
             );
-            let d = Door::new(slot.clone(), place.clone());
+            let d = Door::new(slot.clone(), place.clone(), ticket.clone());
             door = Some(d.clone());
             std::thread::Builder::new()
                 .name("incoming-port".into())

@@ -36,7 +36,7 @@ const OBSERVE_MISSES: u32 = 20;
 #[derive(Debug, Clone)]
 pub enum Start {
     /// A new migration; the policy (if any) overrides its settings before it starts.
-    New(Migrate),
+    New(Box<Migrate>),
     /// The migration already under way (its client went away): follow it again.
     Attach,
 }

@@ -208,7 +208,7 @@ fn a_static_migration_runs_to_its_report_and_says_each_phase() {
     let mut driver = Driver::new(None, Limits::default()).every(Duration::from_millis(1));
     driver.subscribe(|e| events.borrow_mut().push(e.clone()));
     let r = driver
-        .run(&mut Fake::new(log.clone()), Start::New(migrate()))
+        .run(&mut Fake::new(log.clone()), Start::New(Box::new(migrate())))
         .unwrap();
     assert_eq!(r.migration.core.outcome, Outcome::Completed);
     assert_eq!(r.policy, "static");
@@ -244,7 +244,7 @@ fn the_policy_starts_the_migration_changes_it_with_reasons_and_switches_to_postc
         }
     });
     let r = driver
-        .run(&mut Fake::new(log.clone()), Start::New(migrate()))
+        .run(&mut Fake::new(log.clone()), Start::New(Box::new(migrate())))
         .unwrap();
     let log = log.borrow();
     // The first decision went with the request, its reasons named after the policy.
@@ -279,7 +279,7 @@ fn a_cancel_reaches_the_backend_and_the_report_says_so() {
     let r = Driver::new(None, Limits::default())
         .every(Duration::from_millis(1))
         .cancel_on(&flag)
-        .run(&mut Fake::new(log.clone()), Start::New(migrate()))
+        .run(&mut Fake::new(log.clone()), Start::New(Box::new(migrate())))
         .unwrap();
     assert!(log.borrow().cancelled);
     assert_eq!(r.migration.core.outcome, Outcome::Cancelled);
@@ -296,7 +296,7 @@ fn attaching_needs_a_migration_and_one_that_ended_gives_its_report() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
     Driver::new(None, Limits::default())
         .every(Duration::from_millis(1))
-        .run(&mut fake, Start::New(migrate()))
+        .run(&mut fake, Start::New(Box::new(migrate())))
         .unwrap();
     let again = Driver::new(None, Limits::default())
         .every(Duration::from_millis(1))
@@ -311,7 +311,7 @@ fn a_backend_past_the_drivers_deadline_is_told_to_stop() {
     let r = Driver::new(None, Limits::default())
         .every(Duration::from_millis(1))
         .with_deadline(Duration::ZERO)
-        .run(&mut Fake::new(log.clone()), Start::New(migrate()))
+        .run(&mut Fake::new(log.clone()), Start::New(Box::new(migrate())))
         .unwrap();
     assert!(log.borrow().cancelled);
     assert_eq!(r.migration.core.outcome, Outcome::Cancelled);

@@ -57,6 +57,11 @@ enum Phase {
 pub struct Door {
     slot: Slot,
     place: Placement,
+    /// The one-time ticket a source must present (None: any source may migrate here).
+    /// Spent by the first `Hello` that presents it: a failed migration is not retried
+    /// on this port; whoever issued the ticket starts a fresh destination.
+    ticket: Option<String>,
+    ticket_spent: std::sync::atomic::AtomicBool,
     phase: Mutex<Phase>,
     /// The migration being received: its session, and where its later connections go.
     route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
@@ -91,10 +96,12 @@ impl Read for Until<'_> {
 }
 
 impl Door {
-    pub fn new(slot: Slot, place: Placement) -> Arc<Self> {
+    pub fn new(slot: Slot, place: Placement, ticket: Option<String>) -> Arc<Self> {
         Arc::new(Self {
             slot,
             place,
+            ticket,
+            ticket_spent: std::sync::atomic::AtomicBool::new(false),
             phase: Mutex::new(Phase::Waiting),
             route: Mutex::new(None),
             waiting: AtomicUsize::new(0),
@@ -222,6 +229,24 @@ impl Door {
     }
 
     fn receive(&self, conn: TcpStream, peer: SocketAddr, hello: protocol::Hello) {
+        if let Some(ticket) = &self.ticket {
+            if !protocol::same_secret(hello.ticket.as_bytes(), ticket.as_bytes()) {
+                return self.turn_away(
+                    conn,
+                    peer,
+                    "refused: the migration's ticket is not the one this destination was \
+                     started with"
+                        .into(),
+                );
+            }
+            if self.ticket_spent.swap(true, Ordering::AcqRel) {
+                return self.turn_away(
+                    conn,
+                    peer,
+                    "refused: this destination's one-time ticket was already used".into(),
+                );
+            }
+        }
         {
             let mut phase = lock(&self.phase);
             match *phase {

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -154,6 +154,18 @@ pub struct Hello {
     pub id: u64,
     /// How long both sides keep trying to restore a broken post-copy link.
     pub recover_ms: u32,
+    /// The one-time ticket the destination was given for this migration (empty:
+    /// none); a destination started with one refuses any other.
+    pub ticket: String,
+}
+
+/// Whether two secrets are equal, in a time that depends on their lengths only.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
 }
 
 /// Names one migration between its two ends: the source's `id` (in its `Hello`) and
@@ -405,6 +417,7 @@ impl Message {
                 out.extend_from_slice(&h.id.to_le_bytes());
                 out.extend_from_slice(&h.recover_ms.to_le_bytes());
                 put_str(out, &h.name);
+                put_str(out, &h.ticket);
             }
             Message::HelloAck { version, secret } => {
                 out.extend_from_slice(&version.to_le_bytes());
@@ -517,6 +530,7 @@ impl Message {
                         timeout_ms: 0,
                         id: 0,
                         recover_ms: 0,
+                        ticket: String::new(),
                     }),
                     _ => Message::HelloAck { version, secret: 0 },
                 });
@@ -533,6 +547,7 @@ impl Message {
                 id: r.u64()?,
                 recover_ms: r.u32()?,
                 name: r.string()?,
+                ticket: r.string()?,
             }),
             Kind::HelloAck => Message::HelloAck {
                 version: r.u16()?,
@@ -1085,6 +1100,7 @@ mod tests {
                 timeout_ms: 5000,
                 id: 42,
                 recover_ms: 60_000,
+                ticket: "one-time".into(),
             }),
             Message::HelloAck {
                 version: VERSION,
@@ -1250,6 +1266,7 @@ mod tests {
             timeout_ms: 5000,
             id: 1,
             recover_ms: 1000,
+            ticket: String::new(),
         };
         check_hello(&h).unwrap();
         h.version = VERSION + 1;

@@ -89,6 +89,8 @@ pub struct Params {
     /// Why each initial setting is what it is (a policy's reasons); absent ones were
     /// set by the operator.
     pub reasons: Reasons,
+    /// The destination's one-time ticket, sent in the `Hello` (empty: none).
+    pub ticket: String,
 }
 
 pub use ferry_api::{Mode, Switchover};

@@ -89,6 +89,7 @@ pub(super) fn connect<'a>(
         timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         id: tx.session.id,
         recover_ms: params.recover.as_millis().min(u128::from(u32::MAX)) as u32,
+        ticket: params.ticket.clone(),
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
     match protocol::recv(&mut tx.r, None)? {
