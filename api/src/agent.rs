@@ -98,6 +98,9 @@ pub struct VmInfo {
     pub disk_integrity_errors: Option<u64>,
     /// Why the VM is down, or the last error starting or reaching it.
     pub error: Option<String>,
+    /// Its VMM is sending it to another host now.
+    #[serde(default)]
+    pub migrating: bool,
 }
 
 /// `GET /healthz`.
@@ -107,4 +110,70 @@ pub struct Health {
     pub name: String,
     pub version: String,
     pub vms: usize,
+}
+
+/// `POST /v1/incoming` (a peer agent): receive the VM `vm`, whose config is `config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    pub vm: String,
+    /// The VM's config file as the source runs it (TOML).
+    pub config: String,
+    /// The asking host's name.
+    pub source: String,
+}
+
+/// The answer to an [`IncomingRequest`]: where to send the VM, and the one-time
+/// ticket to present there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingOffer {
+    pub address: String,
+    pub ticket: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Asking the destination's agent, starting the VMM's migration.
+    Starting,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+/// `GET /v1/migrations/{id}`: one migration this agent drives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub id: String,
+    pub vm: String,
+    /// This host.
+    pub source: String,
+    /// The peer's name.
+    pub destination: String,
+    /// Where the VM's stream goes (once the destination's agent said).
+    pub destination_address: Option<String>,
+    pub state: MigrationState,
+    pub policy: String,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// The latest progress the VMM reported.
+    pub progress: Option<crate::MigrationProgress>,
+    /// Every setting the policy chose or changed, when, and why.
+    pub decisions: Vec<crate::Decision>,
+    pub predicted_total_ms: Option<f64>,
+    pub predicted_downtime_ms: Option<f64>,
+    /// Once ended: how long it took, and the guest's pause.
+    pub total_ms: Option<f64>,
+    pub downtime_ms: Option<f64>,
+    pub error: Option<String>,
 }

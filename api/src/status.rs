@@ -99,6 +99,9 @@ pub struct PortCounters {
     pub failed_migrations: u64,
     /// Why the last of either was refused.
     pub last_rejection: Option<String>,
+    /// A migration is arriving now.
+    #[serde(default)]
+    pub receiving: bool,
 }
 
 /// `status` of a destination before its VM has arrived. (Strict, so that a VM's status

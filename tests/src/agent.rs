@@ -91,6 +91,7 @@ fn dechunk(mut s: &str) -> String {
 
 /// A host's agent: its folder (config, tokens, VM folder, run folder) and process.
 pub struct Agent {
+    pub name: String,
     pub dir: PathBuf,
     pub addr: String,
     pub token: String,
@@ -121,12 +122,64 @@ impl Agent {
         )
         .expect("agent.toml");
         Self {
+            name: name.to_owned(),
             dir: dir.to_owned(),
             addr,
             token,
             peer_token,
             webhook_token,
             child: None,
+        }
+    }
+
+    /// Makes `other` a peer of this agent (before it starts): its name, its API, and
+    /// the token it takes from peers.
+    pub fn peer_with(&self, other: &Agent) {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("agent.toml"))
+            .expect("agent.toml");
+        write!(
+            f,
+            "\n[[peers]]\nname = \"{}\"\nurl = \"http://{}\"\ntoken_file = \"{}\"\n",
+            other.name,
+            other.addr,
+            other.dir.join("peer-token").display()
+        )
+        .expect("add a peer");
+    }
+
+    /// A request as the operator; unreachable is a test failure.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        request(&self.addr, method, path, Some(&self.token), body)
+            .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
+    }
+
+    /// Starts a migration through the API; returns its id.
+    pub fn migrate(&self, body: &str) -> String {
+        let a = self.call("POST", "/v1/migrations", Some(body));
+        assert_eq!(a.status, 201, "{a:?}\n{}", self.log_text());
+        a.json()["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Polls the migration `id` until it has ended; returns its record.
+    pub fn wait_ended(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let a = self.call("GET", &format!("/v1/migrations/{id}"), None);
+            assert_eq!(a.status, 200, "{a:?}");
+            let m = a.json();
+            if ["completed", "failed", "cancelled"].contains(&m["state"].as_str().unwrap_or("")) {
+                return m;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "migration {id} still {} after {timeout:?}: {m}\n{}",
+                m["state"],
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

@@ -255,3 +255,336 @@ fn the_systemd_unit_verifies_and_never_kills_a_vm_with_the_agent() {
         .collect();
     assert!(about_it.is_empty(), "systemd-analyze: {about_it:?}");
 }
+
+/// Two agents on this host, each the other's peer, `web-1` on the first.
+fn two_hosts(tag: &str) -> (TempDir, Agent, Agent) {
+    two_hosts_with(tag, &vm_config("web-1"))
+}
+
+fn two_hosts_with(tag: &str, web1: &str) -> (TempDir, Agent, Agent) {
+    let dir = TempDir::new(tag);
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    let mut a = Agent::configure(&dir.join("a"), "host-a");
+    let mut b = Agent::configure(&dir.join("b"), "host-b");
+    a.peer_with(&b);
+    b.peer_with(&a);
+    std::fs::write(dir.join("a/vms/web-1.toml"), web1).unwrap();
+    a.start();
+    b.start();
+    a.wait_for_vms("web-1 running on host-a", Duration::from_secs(60), |l| {
+        running_with_heartbeats(l, &["web-1"])
+    });
+    (dir, a, b)
+}
+
+/// `web-1` runs on `to` (heartbeats growing, its config kept there) and not on `from`,
+/// which set its config aside; the guest finds no error in what it wrote.
+fn moved(from: &Agent, to: &Agent) {
+    let list = to.wait_for_vms(
+        "web-1 running at its destination",
+        Duration::from_secs(30),
+        |l| running_with_heartbeats(l, &["web-1"]),
+    );
+    let before = named(&list, "web-1").unwrap()["heartbeats"]
+        .as_u64()
+        .unwrap();
+    to.wait_for_vms("web-1's heartbeats growing", Duration::from_secs(30), |l| {
+        named(l, "web-1").is_some_and(|v| v["heartbeats"].as_u64().unwrap_or(0) > before)
+    });
+    assert!(
+        to.dir.join("vms/web-1.toml").exists(),
+        "no config kept at the destination"
+    );
+    from.wait_for_vms("web-1 gone from its source", Duration::from_secs(30), |l| {
+        named(l, "web-1").is_none()
+    });
+    assert!(from.dir.join("vms/web-1.toml.migrated").exists());
+    assert!(!from.dir.join("vms/web-1.toml").exists());
+    let out = ferry(&["verify", "--control", &to.control("web-1")]);
+    assert!(
+        out.status.success(),
+        "verify at the destination: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let (_dir, a, b) = two_hosts("agent-migrate");
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert!(!m["decisions"].as_array().unwrap().is_empty(), "{m}");
+    assert!(m["destination_address"].as_str().is_some(), "{m}");
+    moved(&a, &b);
+    // And back, driven by the other agent.
+    let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a", "policy": "static"}"#);
+    let m = b.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", b.log_text());
+    moved(&b, &a);
+    let list = a.call("GET", "/v1/migrations", None);
+    assert_eq!(list.json().as_array().unwrap().len(), 1, "{list:?}");
+}
+
+#[test]
+fn concurrent_requests_start_one_migration_bad_ones_change_nothing_and_a_cancel_keeps_the_vm() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let (_dir, a, b) = two_hosts("agent-conflict");
+    let post = |token: Option<&str>, body: &str| {
+        request(&a.addr, "POST", "/v1/migrations", token, Some(body)).unwrap()
+    };
+    let good = r#"{"vm": "web-1", "destination": "host-b"}"#;
+    for (token, body, status, words) in [
+        (None, good, 401, "Authorization"),
+        (Some(a.peer_token.as_str()), good, 403, "peer"),
+        (Some(a.token.as_str()), "{\"vm\": ", 400, "JSON"),
+        (
+            Some(a.token.as_str()),
+            r#"{"vm": "web-1", "destination": "host-b", "fast": true}"#,
+            400,
+            "fast",
+        ),
+        (
+            Some(a.token.as_str()),
+            r#"{"vm": "web-9", "destination": "host-b"}"#,
+            404,
+            "web-9",
+        ),
+        (
+            Some(a.token.as_str()),
+            r#"{"vm": "web-1", "destination": "host-z"}"#,
+            404,
+            "host-z",
+        ),
+        (
+            Some(a.token.as_str()),
+            r#"{"vm": "web-1", "destination": "host-b", "policy": "fastest"}"#,
+            400,
+            "fastest",
+        ),
+        (
+            Some(a.token.as_str()),
+            r#"{"vm": "web-1", "destination": "host-b", "limits": {"max_downtime_ms": -5}}"#,
+            400,
+            "max_downtime_ms",
+        ),
+    ] {
+        let r = post(token, body);
+        assert_eq!(r.status, status, "{body}: {r:?}");
+        assert!(
+            r.json()["message"].as_str().unwrap_or("").contains(words),
+            "{body}: {r:?}"
+        );
+    }
+    let big = format!("{{\"vm\": \"{}\"}}", "x".repeat(100_000));
+    assert_eq!(post(Some(&a.token), &big).status, 413);
+    assert_eq!(
+        a.call("GET", "/v1/migrations", None).json(),
+        serde_json::json!([])
+    );
+    assert!(b.read("/v1/vms").json().as_array().unwrap().is_empty());
+    // Twenty at once, paced so the one that starts is still running when cancelled.
+    let slow = r#"{"vm": "web-1", "destination": "host-b", "limits": {"bandwidth_mbit": 2}}"#;
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = post(Some(&a.token), slow);
+                    (r.status, r.body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let started: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s == 201).collect();
+    assert_eq!(started.len(), 1, "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 409).count(),
+        19,
+        "{answers:?}"
+    );
+    let id = serde_json::from_str::<Value>(&started[0].1).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The receiving VMM appears at the destination; then the cancel.
+    b.wait_for_vms("web-1 arriving", Duration::from_secs(30), |l| {
+        named(l, "web-1").is_some()
+    });
+    let c = a.call("DELETE", &format!("/v1/migrations/{id}"), None);
+    assert_eq!(c.status, 202, "{c:?}");
+    let m = a.wait_ended(&id, Duration::from_secs(60));
+    assert_eq!(m["state"], "cancelled", "{m}");
+    let again = a.call("DELETE", &format!("/v1/migrations/{id}"), None);
+    assert_eq!(again.status, 409, "{again:?}");
+    // The VM stays on the source, running; the destination keeps nothing of it.
+    a.wait_for_vms(
+        "web-1 still running on host-a",
+        Duration::from_secs(10),
+        |l| running_with_heartbeats(l, &["web-1"]),
+    );
+    b.wait_for_vms("nothing left at host-b", Duration::from_secs(30), |l| {
+        l.is_empty()
+    });
+    assert!(!b.dir.join("vms/web-1.toml").exists());
+    let out = ferry(&["verify", "--control", &a.control("web-1")]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_destination_refuses_a_receive_request_it_cannot_honour() {
+    let _host = alongside();
+    let dir = TempDir::new("agent-receive");
+    let mut b = Agent::configure(dir.path(), "host-b");
+    b.start();
+    let post = |token: Option<&str>, body: &str| {
+        request(&b.addr, "POST", "/v1/incoming", token, Some(body)).unwrap()
+    };
+    let body = |vm: &str, cfg: &str| {
+        serde_json::json!({"vm": vm, "config": cfg, "source": "host-a"}).to_string()
+    };
+    let ok = body("web-1", &vm_config("web-1"));
+    assert_eq!(post(None, &ok).status, 401);
+    assert_eq!(post(Some(&b.webhook_token), &ok).status, 403);
+    let r = post(Some(&b.peer_token), &body("web-2", &vm_config("web-1")));
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = post(Some(&b.peer_token), &body("web-1", "memory_mib = "));
+    assert_eq!(r.status, 400, "{r:?}");
+    // A VM of that name already here.
+    std::fs::write(
+        dir.join("vms/web-1.toml"),
+        "name = \"web-1\"\nmemory_mib = 32\n",
+    )
+    .unwrap();
+    let r = post(Some(&b.peer_token), &ok);
+    assert_eq!((r.status, r.kind().as_str()), (409, "conflict"), "{r:?}");
+}
+
+/// Where `web-1` ended: the one agent listing it running; fails if both or neither do.
+fn the_one_host<'a>(a: &'a Agent, b: &'a Agent) -> (&'a Agent, &'a Agent) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let on = |x: &Agent| {
+            let l = x
+                .read("/v1/vms")
+                .json()
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            running_with_heartbeats(&l, &["web-1"])
+        };
+        let gone = |x: &Agent| {
+            let l = x
+                .read("/v1/vms")
+                .json()
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            named(&l, "web-1").is_none()
+        };
+        if on(a) && gone(b) {
+            return (a, b);
+        }
+        if on(b) && gone(a) {
+            return (b, a);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "web-1 is not on exactly one host:\nhost-a {}\nhost-b {}\n{}\n{}",
+            a.read("/v1/vms").body,
+            b.read("/v1/vms").body,
+            a.log_text(),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn killing_either_agent_mid_migration_leaves_the_vm_intact_on_exactly_one_host() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    // Paced: it writes ~3 Mbit/s, its 16 Mbit/s link carries that five times over,
+    // so the migration ends on its own while an agent is away (taking seconds: the
+    // first pass alone is 32 MiB).
+    let paced = "name = \"web-1\"\nmemory_mib = 32\n[workload]\nworking_set_mib = 8\n\
+                 dirty_pages_per_sec = 100\n";
+    let (_dir, mut a, mut b) = two_hosts_with("agent-sigkill", paced);
+    let slow = |to: &str| {
+        format!(r#"{{"vm": "web-1", "destination": "{to}", "limits": {{"bandwidth_mbit": 16}}}}"#)
+    };
+    for victim in ["source", "destination"] {
+        // The host web-1 is on drives its migration to the other.
+        let (src, dst, to) = if a.dir.join("vms/web-1.toml").exists() {
+            (&mut a, &mut b, "host-b")
+        } else {
+            (&mut b, &mut a, "host-a")
+        };
+        let id = src.migrate(&slow(to));
+        let t0 = std::time::Instant::now();
+        loop {
+            let m = src
+                .call("GET", &format!("/v1/migrations/{id}"), None)
+                .json();
+            if m["state"] == "running" && m["progress"].is_object() {
+                break;
+            }
+            assert!(m["state"] == "starting" || m["state"] == "running", "{m}");
+            assert!(t0.elapsed() < Duration::from_secs(30), "{m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("killing the {victim}'s agent with the migration under way");
+        let killed = if victim == "source" {
+            &mut *src
+        } else {
+            &mut *dst
+        };
+        killed.signal(libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        killed.start();
+        let (on, off) = the_one_host(src, dst);
+        eprintln!("web-1 ended on {}", on.name);
+        // The restarted source tells what became of the migration it had started:
+        // followed to its end, or found handed over.
+        if victim == "source" {
+            let t0 = std::time::Instant::now();
+            loop {
+                let list = src.call("GET", "/v1/migrations", None).json();
+                let told = list
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["vm"] == "web-1")
+                    .cloned();
+                if let Some(m) =
+                    told.filter(|m| m["state"] != "starting" && m["state"] != "running")
+                {
+                    assert_eq!(m["state"], "completed", "{m}");
+                    assert_eq!(on.name, dst.name);
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "{list}\n{}",
+                    src.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        assert!(!off.dir.join("vms/web-1.toml").exists());
+        let out = ferry(&["verify", "--control", &on.control("web-1")]);
+        assert!(out.status.success(), "verify on {}: {out:?}", on.name);
+    }
+}

@@ -1,21 +1,28 @@
 //! The HTTP API: routes, who may call them, and the one error shape every failure
 //! answers with (`{"kind": …, "message": …}`, the status fixed by the kind).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_api::agent::{ApiError, ApiErrorKind, Health, VmInfo};
+use ferry_api::agent::{
+    ApiError, ApiErrorKind, Health, IncomingOffer, IncomingRequest, MigrationInfo, VmInfo,
+};
+use serde::de::DeserializeOwned;
 
 use super::auth::{self, Denied, Need};
 use super::config::Tokens;
-use super::inventory::View;
+use super::inventory::{Inventory, View};
 use super::metrics::Metrics;
+use super::migrations::{MigrationRequest, Migrations, Refusal};
+use crate::sync::lock;
 
 /// A request body's size at most (a migration request is well under a kilobyte).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -26,6 +33,9 @@ pub struct Shared {
     pub tokens: Tokens,
     pub vms: View,
     pub metrics: Metrics,
+    pub inventory: Arc<Mutex<Inventory>>,
+    pub migrations: Arc<Migrations>,
+    pub run_dir: std::path::PathBuf,
 }
 
 /// Every route, as `(method, path template)`: what `docs/openapi.json` must describe.
@@ -34,6 +44,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/v1/vms"),
     ("GET", "/v1/vms/{name}"),
+    ("POST", "/v1/migrations"),
+    ("GET", "/v1/migrations"),
+    ("GET", "/v1/migrations/{id}"),
+    ("DELETE", "/v1/migrations/{id}"),
+    ("POST", "/v1/incoming"),
 ];
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -42,6 +57,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{name}", get(get_vm))
+        .route("/v1/migrations", post(start_migration).get(list_migrations))
+        .route(
+            "/v1/migrations/{id}",
+            get(get_migration).delete(cancel_migration),
+        )
+        .route("/v1/incoming", post(receive))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(shared.clone(), measured))
@@ -166,6 +187,113 @@ async fn get_vm(
     })
 }
 
+/// A request body read as `T`: too large is 413, anything that does not read (bad
+/// JSON, an unknown field, a wrong type) is 400 with the parser's words.
+fn body<T: DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
+    let bytes = bytes.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure(
+                ApiErrorKind::TooLarge,
+                format!("the body is over {MAX_BODY} bytes"),
+            )
+        } else {
+            Failure(ApiErrorKind::InvalidRequest, e.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Failure(
+            ApiErrorKind::InvalidRequest,
+            format!("the body does not read as this endpoint's JSON: {e}"),
+        )
+    })
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure(r.0, r.1)
+    }
+}
+
+/// Runs blocking work (VMM sockets, files, processes) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Failure(
+            ApiErrorKind::Failed,
+            format!("the request's task failed: {e}"),
+        )
+    })?
+}
+
+async fn start_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    authorize(&s, &headers, Need::Operate)?;
+    let req: MigrationRequest = body(bytes)?;
+    let info = blocking(move || {
+        s.migrations
+            .start(req, &s.vms, &s.inventory, &s.run_dir)
+            .map_err(Failure::from)
+    })
+    .await?;
+    let location = format!("/v1/migrations/{}", info.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(info),
+    )
+        .into_response())
+}
+
+async fn list_migrations(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<MigrationInfo>>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    Ok(Json(s.migrations.list()))
+}
+
+async fn get_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationInfo>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    s.migrations
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| Failure(ApiErrorKind::NotFound, format!("no migration {id:?}")))
+}
+
+async fn cancel_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<MigrationInfo>), Failure> {
+    authorize(&s, &headers, Need::Operate)?;
+    let info = s.migrations.cancel(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
+async fn receive(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<IncomingOffer>), Failure> {
+    authorize(&s, &headers, Need::Receive)?;
+    let req: IncomingRequest = body(bytes)?;
+    let offer = blocking(move || {
+        lock(&s.inventory)
+            .receive(&req)
+            .map_err(|e| Failure(e.kind(), e.to_string()))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(offer)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -224,6 +352,7 @@ mod tests {
             guest_integrity_errors: None,
             disk_integrity_errors: None,
             error: None,
+            migrating: false,
         };
         let health = Health {
             status: "ok".into(),
@@ -235,7 +364,37 @@ mod tests {
             kind: ApiErrorKind::Busy,
             message: String::new(),
         };
+        let migration = MigrationInfo {
+            id: "m1".into(),
+            vm: "a".into(),
+            source: "h".into(),
+            destination: "p".into(),
+            destination_address: None,
+            state: ferry_api::agent::MigrationState::Running,
+            policy: "adaptive".into(),
+            started_unix_ms: 0,
+            ended_unix_ms: None,
+            progress: None,
+            decisions: Vec::new(),
+            predicted_total_ms: None,
+            predicted_downtime_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            error: None,
+        };
+        let offer = IncomingOffer {
+            address: "a".into(),
+            ticket: "t".into(),
+        };
+        let incoming = IncomingRequest {
+            vm: "a".into(),
+            config: String::new(),
+            source: "h".into(),
+        };
         for (name, value) in [
+            ("MigrationInfo", serde_json::to_value(&migration).unwrap()),
+            ("IncomingOffer", serde_json::to_value(&offer).unwrap()),
+            ("IncomingRequest", serde_json::to_value(&incoming).unwrap()),
             ("VmInfo", serde_json::to_value(&vm).unwrap()),
             ("Health", serde_json::to_value(&health).unwrap()),
             ("ApiError", serde_json::to_value(&error).unwrap()),

@@ -2,6 +2,7 @@
 //! in constant time, and what each role may do.
 
 use super::config::Tokens;
+use crate::migration::protocol::same_secret as same;
 
 /// A caller, by the token it presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,17 +42,6 @@ pub enum Denied {
     Unauthenticated(&'static str),
     /// A token of a role this endpoint does not serve: 403.
     Forbidden(Role),
-}
-
-/// Equal in a time that depends on the lengths only, never on where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
 }
 
 /// The role of `header` (an `Authorization` header's value, if any).

@@ -40,6 +40,7 @@ pub enum AgentConfigError {
 struct File {
     name: String,
     listen: String,
+    migration_ip: Option<String>,
     vm_dir: PathBuf,
     token_file: PathBuf,
     peer_token_file: Option<PathBuf>,
@@ -95,6 +96,8 @@ pub const DEFAULT_CONCURRENCY: u32 = 2;
 pub struct AgentConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// Where sources send the VMs this host receives (default: `listen`'s address).
+    pub migration_ip: std::net::IpAddr,
     pub vm_dir: PathBuf,
     /// Control sockets and VMM logs.
     pub run_dir: PathBuf,
@@ -170,6 +173,24 @@ impl AgentConfig {
                 "an address and port, as 127.0.0.1:7070",
             )
         })?;
+        let migration_ip = match &f.migration_ip {
+            Some(ip) => ip.parse().map_err(|_| {
+                invalid(
+                    "migration_ip",
+                    ip,
+                    "an IP address sources can reach this host at",
+                )
+            })?,
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "migration_ip",
+                    &"(absent)",
+                    "needed when listen is a wildcard address: the address sources reach \
+                     this host at",
+                ));
+            }
+            None => listen.ip(),
+        };
         let concurrency = |key: &str, v: Option<u32>| match v {
             None => Ok(DEFAULT_CONCURRENCY),
             Some(n @ 1..=64) => Ok(n),
@@ -241,6 +262,7 @@ impl AgentConfig {
         Ok(Self {
             name: f.name,
             listen,
+            migration_ip,
             vm_dir: at(&f.vm_dir),
             run_dir: at(&f.run_dir.unwrap_or_else(|| PathBuf::from("/run/ferry"))),
             datastores: f.datastores.iter().map(|d| at(d)).collect(),

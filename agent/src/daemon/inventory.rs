@@ -7,14 +7,15 @@
 //! the API reads without waiting on any VMM.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ferry_api::agent::{VmInfo, VmPresence};
-use ferry_api::{Request, Status};
+use ferry_api::agent::{ApiErrorKind, IncomingOffer, IncomingRequest, VmInfo, VmPresence};
+use ferry_api::{Request, RunState, Status};
 
 use crate::client;
 use crate::vmm::config::VmConfig;
@@ -23,6 +24,18 @@ use crate::vmm::config::VmConfig;
 pub const REFRESH: Duration = Duration::from_millis(500);
 /// A VMM that does not answer `status` within this is reported down, not waited for.
 const STATUS_WITHIN: Duration = Duration::from_secs(2);
+/// An incoming VMM whose migration has not begun by then is stopped: its source gave
+/// up, or never came.
+const ARRIVE_WITHIN: Duration = Duration::from_secs(60);
+
+/// A VM on its way here: the config to keep once it runs, and until when to wait.
+struct Arriving {
+    config_text: String,
+    source: String,
+    deadline: Instant,
+    /// Once its migration began, the deadline no longer applies (a long migration).
+    begun: bool,
+}
 
 struct Vm {
     config: PathBuf,
@@ -31,13 +44,53 @@ struct Vm {
     /// The VMM this agent started (None: adopted, or not started).
     child: Option<Child>,
     adopted: bool,
+    arriving: Option<Arriving>,
     info: VmInfo,
+}
+
+/// Where incoming VMs are received.
+#[derive(Debug, Clone)]
+pub struct Reception {
+    /// The address sources connect to.
+    pub ip: IpAddr,
+    /// Shared storage where the disks of an arriving VM are found by name.
+    pub datastores: Vec<PathBuf>,
+    /// VMs arriving at once at most.
+    pub max_inbound: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("a VM named {0:?} is already on this host")]
+    Exists(String),
+    #[error("{0} migrations are already arriving here (the agent's max_inbound)")]
+    Busy(u32),
+    #[error("the VM's config: {0}")]
+    Config(String),
+    #[error("the config names the VM {config:?}, the request {asked:?}")]
+    NameMismatch { config: String, asked: String },
+    #[error("cannot start the VMM that receives it: {0}")]
+    Start(String),
+}
+
+impl ReceiveError {
+    pub fn kind(&self) -> ApiErrorKind {
+        match self {
+            ReceiveError::Exists(_) => ApiErrorKind::Conflict,
+            ReceiveError::Busy(_) => ApiErrorKind::Busy,
+            ReceiveError::Config(_) | ReceiveError::NameMismatch { .. } => {
+                ApiErrorKind::InvalidRequest
+            }
+            ReceiveError::Start(_) => ApiErrorKind::Failed,
+        }
+    }
 }
 
 pub struct Inventory {
     vm_dir: PathBuf,
     run_dir: PathBuf,
     exe: PathBuf,
+    reception: Reception,
     vms: BTreeMap<String, Vm>,
     /// Config files that do not read, and why (logged once each).
     unreadable: BTreeMap<PathBuf, String>,
@@ -69,7 +122,12 @@ pub fn control_socket(run_dir: &Path, name: &str) -> PathBuf {
 }
 
 impl Inventory {
-    pub fn new(vm_dir: PathBuf, run_dir: PathBuf, exe: PathBuf) -> (Self, View) {
+    pub fn new(
+        vm_dir: PathBuf,
+        run_dir: PathBuf,
+        exe: PathBuf,
+        reception: Reception,
+    ) -> (Self, View) {
         let snapshot = Arc::new(RwLock::new(Vec::new()));
         let view = View(snapshot.clone());
         (
@@ -77,12 +135,65 @@ impl Inventory {
                 vm_dir,
                 run_dir,
                 exe,
+                reception,
                 vms: BTreeMap::new(),
                 unreadable: BTreeMap::new(),
                 snapshot,
             },
             view,
         )
+    }
+
+    /// The file that remembers a VM on its way here, so an agent restarted meanwhile
+    /// follows it on.
+    fn arriving_file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.arriving"))
+    }
+
+    /// After a restart: takes up the VMs that were on their way here, whose VMMs
+    /// still answer.
+    pub fn recover_arrivals(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
+            return;
+        };
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            if path.extension().is_none_or(|x| x != "arriving") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let control = control_socket(&self.run_dir, &name);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.is_empty() || status(&control).is_err() {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            tracing::info!(
+                vm = name,
+                "following on a VM that was arriving when the agent stopped"
+            );
+            let file = self.vm_dir.join(format!("{name}.toml"));
+            let mut info = blank_info(&name, &file);
+            info.adopted = true;
+            self.vms.insert(
+                name.clone(),
+                Vm {
+                    config: file,
+                    control,
+                    log: self.run_dir.join(format!("{name}.log")),
+                    child: None,
+                    adopted: true,
+                    arriving: Some(Arriving {
+                        config_text: text,
+                        source: "(before the agent restarted)".into(),
+                        deadline: Instant::now() + ARRIVE_WITHIN,
+                        begun: false,
+                    }),
+                    info,
+                },
+            );
+        }
     }
 
     /// Reads the folder, starts or adopts what is new, asks every VMM how it is.
@@ -94,7 +205,27 @@ impl Inventory {
             }
         }
         for vm in self.vms.values_mut() {
-            look(vm);
+            let was_arriving = vm.arriving.is_some();
+            look(vm, &self.vm_dir);
+            if was_arriving && vm.arriving.is_none() {
+                let _ =
+                    std::fs::remove_file(self.run_dir.join(format!("{}.arriving", vm.info.name)));
+            }
+        }
+        // A VM handed over to another host while no one here drove its migration
+        // (the agent was down, or `ferry migrate` ran by hand): its copy here is done.
+        let handed: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.info.state == Some(RunState::Migrated) && v.config.exists())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in handed {
+            tracing::warn!(
+                vm = name,
+                "found handed over to another host; its copy here is stopped"
+            );
+            self.moved_away(&name);
         }
         // A VM whose config is gone and whose VMM is gone is forgotten; one whose
         // VMM still runs stays listed (it is still on this host).
@@ -159,23 +290,8 @@ impl Inventory {
             log: log.clone(),
             child: None,
             adopted: false,
-            info: VmInfo {
-                name: name.to_owned(),
-                presence: VmPresence::Starting,
-                state: None,
-                pid: None,
-                config: config.display().to_string(),
-                adopted: false,
-                vcpus: None,
-                memory_mib: None,
-                uptime_ms: None,
-                heartbeats: None,
-                pages_written_per_sec: None,
-                max_heartbeat_gap_ms: None,
-                guest_integrity_errors: None,
-                disk_integrity_errors: None,
-                error: None,
-            },
+            arriving: None,
+            info: blank_info(name, &config),
         };
         if status(&control).is_ok() {
             tracing::info!(vm = name, "adopted the VMM already running");
@@ -199,17 +315,27 @@ impl Inventory {
     }
 
     fn start(&self, config: &Path, control: &Path, log: &Path) -> std::io::Result<Child> {
+        self.spawn(
+            &[
+                "vmm".into(),
+                "--config".into(),
+                config.into(),
+                "--control".into(),
+                control.into(),
+            ],
+            log,
+        )
+    }
+
+    /// Starts `ferry ARGS` in a session of its own, its output appended to `log`.
+    fn spawn(&self, args: &[std::ffi::OsString], log: &Path) -> std::io::Result<Child> {
         std::fs::create_dir_all(&self.run_dir)?;
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("vmm")
-            .arg("--config")
-            .arg(config)
-            .arg("--control")
-            .arg(control)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -227,6 +353,129 @@ impl Inventory {
         cmd.spawn()
     }
 
+    /// Starts a VMM to receive the VM `req` names, with a one-time ticket; returns
+    /// where its source sends it. Once the VM runs here its config is written into
+    /// the VM folder; if its migration fails, or does not begin within
+    /// [`ARRIVE_WITHIN`], the VMM is stopped and nothing is left.
+    pub fn receive(&mut self, req: &IncomingRequest) -> Result<IncomingOffer, ReceiveError> {
+        let cfg = VmConfig::parse_unresolved(&req.config, Path::new("the request's config"))
+            .map_err(|e| ReceiveError::Config(e.to_string()))?;
+        if cfg.name != req.vm {
+            return Err(ReceiveError::NameMismatch {
+                config: cfg.name,
+                asked: req.vm.clone(),
+            });
+        }
+        let name = &cfg.name;
+        let file = self.vm_dir.join(format!("{name}.toml"));
+        if self
+            .vms
+            .get(name)
+            .is_some_and(|v| v.info.presence != VmPresence::Down)
+            || file.exists()
+        {
+            return Err(ReceiveError::Exists(name.clone()));
+        }
+        let arriving = self.vms.values().filter(|v| v.arriving.is_some()).count();
+        if arriving >= self.reception.max_inbound as usize {
+            return Err(ReceiveError::Busy(self.reception.max_inbound));
+        }
+        let start = |e: std::io::Error| ReceiveError::Start(e.to_string());
+        std::fs::create_dir_all(&self.run_dir).map_err(start)?;
+        let ticket = random_hex(16).map_err(start)?;
+        let ticket_file = self.run_dir.join(format!("{name}.ticket"));
+        write_private(&ticket_file, &ticket).map_err(start)?;
+        // A free port now; the VMM binds it a moment later (nothing else here races
+        // for ports from this range but other VMMs this agent starts, one at a time).
+        let port = std::net::TcpListener::bind((self.reception.ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(start)?
+            .port();
+        let address = std::net::SocketAddr::new(self.reception.ip, port).to_string();
+        let control = control_socket(&self.run_dir, name);
+        let log = self.run_dir.join(format!("{name}.log"));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "vmm".into(),
+            "--incoming".into(),
+            address.clone().into(),
+            "--ticket-file".into(),
+            ticket_file.clone().into(),
+            "--control".into(),
+            control.clone().into(),
+        ];
+        for d in &self.reception.datastores {
+            args.push("--shared-dir".into());
+            args.push(d.into());
+        }
+        let mut child = self.spawn(&args, &log).map_err(start)?;
+        // Answering before the offer goes out: the source connects at once.
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Status::Incoming(_)) = status(&control) {
+                break;
+            }
+            if let Ok(Some(exit)) = child.try_wait() {
+                return Err(ReceiveError::Start(format!(
+                    "it exited ({exit}){}",
+                    last_line(&log).map_or(String::new(), |l| format!(": {l}"))
+                )));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ReceiveError::Start("it did not answer within 10 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = std::fs::write(self.arriving_file(name), &req.config) {
+            tracing::warn!(vm = name, "cannot note its arrival for a restart: {e}");
+        }
+        tracing::info!(vm = name, source = req.source, %address, "receiving a VM");
+        let mut info = blank_info(name, &file);
+        info.pid = Some(child.id());
+        self.vms.insert(
+            name.clone(),
+            Vm {
+                config: file,
+                control,
+                log,
+                child: Some(child),
+                adopted: false,
+                arriving: Some(Arriving {
+                    config_text: req.config.clone(),
+                    source: req.source.clone(),
+                    deadline: Instant::now() + ARRIVE_WITHIN,
+                    begun: false,
+                }),
+                info,
+            },
+        );
+        Ok(IncomingOffer { address, ticket })
+    }
+
+    /// The VM `name` now runs on another host: its VMM here (handed over, paused for
+    /// good) is stopped, and its config set aside as `<name>.toml.migrated` so it is
+    /// not started again.
+    pub fn moved_away(&mut self, name: &str) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let aside = vm.config.with_extension("toml.migrated");
+        if vm.config.exists()
+            && let Err(e) = std::fs::rename(&vm.config, &aside)
+        {
+            tracing::error!(vm = name, "cannot set its config aside: {e}");
+        }
+        if let Err(e) = client::call_within::<serde_json::Value>(
+            &vm.control,
+            &Request::Quit { force: false },
+            STATUS_WITHIN,
+        ) {
+            tracing::error!(vm = name, "its handed-over VMM would not quit: {e}");
+        }
+        reap(vm);
+    }
+
     /// Stops asking after the VMs; their VMMs keep running. Children are reaped by
     /// init once this process is gone.
     pub fn release(&mut self) {
@@ -240,12 +489,13 @@ fn status(control: &Path) -> Result<Status, client::ClientError> {
     client::call_within(control, &Request::Status {}, STATUS_WITHIN)
 }
 
-/// Asks one VMM how it is; notices one that exited.
-fn look(vm: &mut Vm) {
+/// Asks one VMM how it is; notices one that exited; keeps an arrived VM's config.
+fn look(vm: &mut Vm, vm_dir: &Path) {
     if let Some(child) = &mut vm.child
         && let Ok(Some(exit)) = child.try_wait()
     {
         vm.child = None;
+        vm.arriving = None;
         vm.info.presence = VmPresence::Down;
         vm.info.state = None;
         vm.info.error = Some(format!(
@@ -256,7 +506,11 @@ fn look(vm: &mut Vm) {
         tracing::warn!(vm = vm.info.name, "its VMM exited ({exit})");
         return;
     }
-    match status(&vm.control) {
+    let seen = status(&vm.control);
+    if vm.arriving.is_some() && arrival(vm, &seen, vm_dir) {
+        return;
+    }
+    match seen {
         Ok(Status::Vm(s)) => {
             let m = &s.machine;
             let i = &mut vm.info;
@@ -272,6 +526,7 @@ fn look(vm: &mut Vm) {
             i.guest_integrity_errors = Some(m.guest_integrity_errors);
             i.disk_integrity_errors = Some(m.disk_integrity_errors);
             i.error = m.crash.clone();
+            i.migrating = s.migration.as_ref().is_some_and(|p| p.report.is_none());
         }
         Ok(Status::Incoming(s)) => {
             vm.info.presence = VmPresence::Starting;
@@ -289,6 +544,125 @@ fn look(vm: &mut Vm) {
             }
         }
     }
+}
+
+/// Follows a VM on its way here; true when its VMM was stopped (the migration failed
+/// or never came).
+fn arrival(vm: &mut Vm, seen: &Result<Status, client::ClientError>, vm_dir: &Path) -> bool {
+    let Some(a) = &mut vm.arriving else {
+        return false;
+    };
+    let why = match seen {
+        Ok(Status::Vm(s)) if s.machine.state == RunState::Running => {
+            // It runs here: from now on it is one of the folder's VMs.
+            let tmp = vm_dir.join(format!(".{}.toml.tmp", vm.info.name));
+            let kept = std::fs::write(&tmp, &a.config_text)
+                .and_then(|()| std::fs::rename(&tmp, &vm.config));
+            match kept {
+                Ok(()) => tracing::info!(
+                    vm = vm.info.name,
+                    source = a.source,
+                    "arrived; its config is {}",
+                    vm.config.display()
+                ),
+                Err(e) => tracing::error!(
+                    vm = vm.info.name,
+                    "arrived, but its config could not be written to {}: {e}",
+                    vm.config.display()
+                ),
+            }
+            vm.arriving = None;
+            return false;
+        }
+        // Handed over but waiting for its source's word (in doubt), or receiving.
+        Ok(Status::Vm(_)) => {
+            a.begun = true;
+            return false;
+        }
+        Ok(Status::Incoming(i)) => {
+            let c = i.incoming.clone().unwrap_or_default();
+            if c.failed_migrations > 0 {
+                format!(
+                    "its migration failed: {}",
+                    c.last_rejection.unwrap_or_default()
+                )
+            } else if c.receiving {
+                a.begun = true;
+                return false;
+            } else if !a.begun && Instant::now() > a.deadline {
+                format!("no migration began within {} s", ARRIVE_WITHIN.as_secs())
+            } else {
+                return false;
+            }
+        }
+        Err(e) => format!("its VMM does not answer: {e}"),
+    };
+    tracing::warn!(vm = vm.info.name, source = a.source, "not received: {why}");
+    let _ = client::call_within::<serde_json::Value>(
+        &vm.control,
+        &Request::Quit { force: true },
+        STATUS_WITHIN,
+    );
+    reap(vm);
+    vm.arriving = None;
+    vm.info.presence = VmPresence::Down;
+    vm.info.state = None;
+    vm.info.error = Some(format!("not received: {why}"));
+    true
+}
+
+/// Waits a little for a VMM this agent started to exit, so it leaves no zombie.
+fn reap(vm: &mut Vm) {
+    if let Some(mut child) = vm.child.take() {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn blank_info(name: &str, config: &Path) -> VmInfo {
+    VmInfo {
+        name: name.to_owned(),
+        presence: VmPresence::Starting,
+        state: None,
+        pid: None,
+        config: config.display().to_string(),
+        adopted: false,
+        vcpus: None,
+        memory_mib: None,
+        uptime_ms: None,
+        heartbeats: None,
+        pages_written_per_sec: None,
+        max_heartbeat_gap_ms: None,
+        guest_integrity_errors: None,
+        disk_integrity_errors: None,
+        error: None,
+        migrating: false,
+    }
+}
+
+fn random_hex(bytes: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
 }
 
 fn last_line(path: &Path) -> Option<String> {

@@ -7,13 +7,16 @@ pub mod auth;
 pub mod config;
 pub mod inventory;
 pub mod metrics;
+pub mod migrations;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use config::AgentConfig;
-use inventory::Inventory;
+use inventory::{Inventory, Reception};
+
+use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -45,21 +48,40 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         source,
     })?;
     let exe = std::env::current_exe().map_err(AgentError::Exe)?;
-    let (mut inventory, view) = Inventory::new(cfg.vm_dir.clone(), cfg.run_dir.clone(), exe);
+    let (mut inventory, view) = Inventory::new(
+        cfg.vm_dir.clone(),
+        cfg.run_dir.clone(),
+        exe,
+        Reception {
+            ip: cfg.migration_ip,
+            datastores: cfg.datastores.clone(),
+            max_inbound: cfg.max_inbound,
+        },
+    );
     // The first look before the port opens: the API never answers with an inventory
     // it has not read yet.
+    inventory.recover_arrivals();
     inventory.refresh();
+    let inventory = Arc::new(Mutex::new(inventory));
+    let migrations = Arc::new(migrations::Migrations::new(&cfg));
     let stop = Arc::new(AtomicBool::new(false));
     let looker = {
         let stop = stop.clone();
+        let inventory = inventory.clone();
+        let migrations = migrations.clone();
+        let (view, run_dir) = (view.clone(), cfg.run_dir.clone());
         std::thread::Builder::new()
             .name("inventory".into())
             .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
+                loop {
+                    migrations.follow_unowned(&view, &inventory, &run_dir);
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
                     std::thread::sleep(inventory::REFRESH);
-                    inventory.refresh();
+                    lock(&inventory).refresh();
                 }
-                inventory.release();
+                lock(&inventory).release();
             })
             .map_err(AgentError::Runtime)?
     };
@@ -68,6 +90,9 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         tokens: cfg.tokens.clone(),
         vms: view,
         metrics: metrics::Metrics::default(),
+        inventory,
+        migrations,
+        run_dir: cfg.run_dir.clone(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -110,7 +110,9 @@ impl Door {
     }
 
     pub fn counters(&self) -> PortCounters {
-        lock(&self.counters).clone()
+        let mut c = lock(&self.counters).clone();
+        c.receiving = *lock(&self.phase) == Phase::Receiving;
+        c
     }
 
     /// Accepts connections for as long as the process lives.

@@ -1,0 +1,516 @@
+//! The migrations this agent drives: each asks the destination's agent to receive
+//! (which answers with an address and a one-time ticket), then runs the driver
+//! against the VM's VMM on a thread of its own, keeping a record the API reads.
+//!
+//! If the agent dies mid-way, the VMM carries its migration on to the end without
+//! it (as it does when `ferry migrate` goes away): the VM ends on exactly one host,
+//! never paused; only the policy's steering stops. The restarted agent finds the VM
+//! where it ended: still here (failed, cancelled), or handed over and then adopted by
+//! the destination's agent. Records do not outlive the agent.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_api::agent::{
+    ApiErrorKind, IncomingOffer, IncomingRequest, MigrationInfo, MigrationState, VmPresence,
+};
+use ferry_api::{Migrate, Mode, Outcome, SettingsChange};
+use serde::Deserialize;
+
+use super::config::{AgentConfig, Peer};
+use super::inventory::{self, Inventory, View};
+use crate::driver::ferry_vmm::FerryVmm;
+use crate::driver::observe::PROBE_WINDOW_MS;
+use crate::driver::{Driver, Event, Start};
+use crate::policy::{Limits, LimitsTable, Pins};
+use crate::sync::lock;
+
+/// `POST /v1/migrations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub vm: String,
+    /// A peer's name, as the agent's config names it.
+    pub destination: String,
+    /// `adaptive` (the default), `static`, or a peer preset.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Put over the agent's `[limits]`: the same keys.
+    #[serde(default)]
+    pub limits: Option<LimitsTable>,
+    /// Send the disks along. Not served through the agent yet: refused.
+    #[serde(default)]
+    pub copy_storage: bool,
+}
+
+/// Why a migration was not started: the kind fixes the HTTP status.
+#[derive(Debug)]
+pub struct Refusal(pub ApiErrorKind, pub String);
+
+struct Record {
+    info: Mutex<MigrationInfo>,
+    cancel: AtomicBool,
+}
+
+pub struct Migrations {
+    host: String,
+    peers: Vec<Peer>,
+    limits: Limits,
+    max_outbound: u32,
+    records: Mutex<BTreeMap<String, Arc<Record>>>,
+    next: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Migrations {
+    pub fn new(cfg: &AgentConfig) -> Self {
+        Self {
+            host: cfg.name.clone(),
+            peers: cfg.peers.clone(),
+            limits: cfg.limits.clone(),
+            max_outbound: cfg.max_outbound,
+            records: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        lock(&self.records)
+            .values()
+            .map(|r| lock(&r.info).clone())
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<MigrationInfo> {
+        lock(&self.records).get(id).map(|r| lock(&r.info).clone())
+    }
+
+    /// Asks the migration `id` to stop; the VM stays here.
+    pub fn cancel(&self, id: &str) -> Result<MigrationInfo, Refusal> {
+        let records = lock(&self.records);
+        let r = records
+            .get(id)
+            .ok_or_else(|| Refusal(ApiErrorKind::NotFound, format!("no migration {id:?}")))?;
+        let info = lock(&r.info).clone();
+        if info.state.ended() {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!("migration {id} has already ended ({:?})", info.state),
+            ));
+        }
+        r.cancel.store(true, Ordering::Release);
+        Ok(info)
+    }
+
+    /// Checks `req`, claims the VM (one migration per VM, `max_outbound` at once) and
+    /// starts the migration on a thread of its own; returns its first record.
+    pub fn start(
+        self: &Arc<Self>,
+        req: MigrationRequest,
+        vms: &View,
+        inventory: &Arc<Mutex<Inventory>>,
+        run_dir: &std::path::Path,
+    ) -> Result<MigrationInfo, Refusal> {
+        let bad = |m: String| Refusal(ApiErrorKind::InvalidRequest, m);
+        if req.copy_storage {
+            return Err(bad(
+                "copy_storage is not served through the agent yet; use shared storage, or \
+                 ferry migrate --copy-storage on the host"
+                    .into(),
+            ));
+        }
+        let peer = self
+            .peers
+            .iter()
+            .find(|p| p.name == req.destination)
+            .cloned()
+            .ok_or_else(|| {
+                Refusal(
+                    ApiErrorKind::NotFound,
+                    format!(
+                        "no peer named {:?} (this agent's peers: {})",
+                        req.destination,
+                        self.peers
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+        let vm = vms.get(&req.vm).ok_or_else(|| {
+            Refusal(
+                ApiErrorKind::NotFound,
+                format!("no VM {:?} on this host", req.vm),
+            )
+        })?;
+        if vm.migrating {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!(
+                    "VM {} is already being sent elsewhere by its VMM (a migration begun \
+                     before this agent started, or by hand)",
+                    req.vm
+                ),
+            ));
+        }
+        if vm.presence != VmPresence::Running || vm.state != Some(ferry_api::RunState::Running) {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!("VM {} is not running here ({:?})", req.vm, vm.state),
+            ));
+        }
+        let limits = match &req.limits {
+            Some(t) => t
+                .over(self.limits.clone())
+                .map_err(|e| bad(format!("limits: {e}")))?,
+            None => self.limits.clone(),
+        };
+        let policy_name = req.policy.clone().unwrap_or_else(|| "adaptive".into());
+        // Checked now, so a bad name is a 400 rather than a failed migration.
+        crate::policy::by_name(&policy_name, Pins::default(), &limits).map_err(bad)?;
+        let config_text = std::fs::read_to_string(&vm.config)
+            .map_err(|e| Refusal(ApiErrorKind::Failed, format!("reading {}: {e}", vm.config)))?;
+        let record = {
+            let mut records = lock(&self.records);
+            let live: Vec<MigrationInfo> = records
+                .values()
+                .map(|r| lock(&r.info).clone())
+                .filter(|i| !i.state.ended())
+                .collect();
+            if let Some(m) = live.iter().find(|m| m.vm == req.vm) {
+                return Err(Refusal(
+                    ApiErrorKind::Conflict,
+                    format!("VM {} is already moving (migration {})", req.vm, m.id),
+                ));
+            }
+            if live.len() >= self.max_outbound as usize {
+                return Err(Refusal(
+                    ApiErrorKind::Busy,
+                    format!(
+                        "{} migrations are already leaving this host (max_outbound); try again \
+                         when one ends",
+                        live.len()
+                    ),
+                ));
+            }
+            self.record(&mut records, &req.vm, &peer.name, &policy_name)
+        };
+        let first = lock(&record.info).clone();
+        let job = Job {
+            host: self.host.clone(),
+            peer: Some(peer),
+            vm: req.vm,
+            config_text,
+            control: inventory::control_socket(run_dir, &vm.name),
+            policy: policy_name,
+            limits,
+        };
+        run_job(job, record, inventory);
+        Ok(first)
+    }
+
+    fn record(
+        &self,
+        records: &mut BTreeMap<String, Arc<Record>>,
+        vm: &str,
+        destination: &str,
+        policy: &str,
+    ) -> Arc<Record> {
+        let id = format!(
+            "m{}-{}",
+            now_ms(),
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let record = Arc::new(Record {
+            info: Mutex::new(MigrationInfo {
+                id: id.clone(),
+                vm: vm.to_owned(),
+                source: self.host.clone(),
+                destination: destination.to_owned(),
+                destination_address: None,
+                state: MigrationState::Starting,
+                policy: policy.to_owned(),
+                started_unix_ms: now_ms(),
+                ended_unix_ms: None,
+                progress: None,
+                decisions: Vec::new(),
+                predicted_total_ms: None,
+                predicted_downtime_ms: None,
+                total_ms: None,
+                downtime_ms: None,
+                error: None,
+            }),
+            cancel: AtomicBool::new(false),
+        });
+        records.insert(id, record.clone());
+        record
+    }
+
+    /// Follows, and steers again, every migration a VMM here runs that no record of
+    /// this agent drives: one begun before the agent restarted (or by hand). Its
+    /// record is new; it ends as the migration does.
+    pub fn follow_unowned(
+        &self,
+        vms: &View,
+        inventory: &Arc<Mutex<Inventory>>,
+        run_dir: &std::path::Path,
+    ) {
+        let all = vms.all();
+        // Handed over while no agent here followed it: what happened is recorded.
+        for vm in all
+            .iter()
+            .filter(|v| v.state == Some(ferry_api::RunState::Migrated))
+        {
+            let mut records = lock(&self.records);
+            if records.values().any(|r| lock(&r.info).vm == vm.name) {
+                continue;
+            }
+            let r = self.record(
+                &mut records,
+                &vm.name,
+                "(handed over while this agent was away)",
+                "(none)",
+            );
+            end(&r, MigrationState::Completed, None);
+        }
+        for vm in all.into_iter().filter(|v| v.migrating) {
+            let record = {
+                let mut records = lock(&self.records);
+                // A record that ended a moment ago may have been seen migrating by a
+                // status taken just before it ended.
+                let recent = now_ms().saturating_sub(5_000);
+                let followed = records.values().any(|r| {
+                    let i = lock(&r.info);
+                    i.vm == vm.name && (!i.state.ended() || i.ended_unix_ms > Some(recent))
+                });
+                if followed {
+                    continue;
+                }
+                tracing::info!(
+                    vm = vm.name,
+                    "following a migration under way that this agent did not start"
+                );
+                self.record(
+                    &mut records,
+                    &vm.name,
+                    "(begun before this agent started)",
+                    "adaptive",
+                )
+            };
+            let job = Job {
+                host: self.host.clone(),
+                peer: None,
+                vm: vm.name.clone(),
+                config_text: String::new(),
+                control: inventory::control_socket(run_dir, &vm.name),
+                policy: "adaptive".into(),
+                limits: self.limits.clone(),
+            };
+            run_job(job, record, inventory);
+        }
+    }
+}
+
+fn run_job(job: Job, record: Arc<Record>, inventory: &Arc<Mutex<Inventory>>) {
+    let inventory = inventory.clone();
+    let spawned = std::thread::Builder::new().name("migration".into()).spawn({
+        let record = record.clone();
+        move || job.run(&record, &inventory)
+    });
+    if let Err(e) = spawned {
+        end(
+            &record,
+            MigrationState::Failed,
+            Some(format!("no thread for it: {e}")),
+        );
+    }
+}
+
+fn end(record: &Record, state: MigrationState, error: Option<String>) {
+    let mut i = lock(&record.info);
+    i.state = state;
+    i.ended_unix_ms = Some(now_ms());
+    if error.is_some() {
+        i.error = error;
+    }
+}
+
+struct Job {
+    host: String,
+    /// None: follow the migration the VMM already runs.
+    peer: Option<Peer>,
+    vm: String,
+    config_text: String,
+    control: std::path::PathBuf,
+    policy: String,
+    limits: Limits,
+}
+
+impl Job {
+    fn run(self, record: &Record, inventory: &Mutex<Inventory>) {
+        let start = match &self.peer {
+            Some(peer) => match self.ask_peer(peer) {
+                Ok(offer) => {
+                    lock(&record.info).destination_address = Some(offer.address.clone());
+                    Start::New(Box::new(self.request(offer)))
+                }
+                Err(why) => {
+                    tracing::error!(vm = self.vm, peer = peer.name, "not started: {why}");
+                    return end(record, MigrationState::Failed, Some(why));
+                }
+            },
+            None => Start::Attach,
+        };
+        let chosen = match crate::policy::by_name(&self.policy, Pins::default(), &self.limits) {
+            Ok(p) => p,
+            Err(e) => return end(record, MigrationState::Failed, Some(e)),
+        };
+        let mut driver = Driver::new(chosen, self.limits.clone())
+            .with_probes(Duration::from_millis(PROBE_WINDOW_MS as u64))
+            .cancel_on(&record.cancel);
+        driver.subscribe(|e| {
+            let mut i = lock(&record.info);
+            match e {
+                Event::Started { .. } => i.state = MigrationState::Running,
+                Event::Progress { progress, .. } => {
+                    if i.destination_address.is_none() {
+                        i.destination_address = Some(progress.to.clone());
+                    }
+                    i.progress = Some((**progress).clone());
+                }
+                Event::Decision(d) => i.decisions.push(d.clone()),
+                Event::Prediction { prediction, .. } => {
+                    i.predicted_total_ms = Some(prediction.total_ms);
+                    i.predicted_downtime_ms = Some(prediction.downtime_ms);
+                }
+                _ => {}
+            }
+        });
+        let result = driver.run(&mut FerryVmm::new(&self.control), start);
+        self.ended(result, record, inventory);
+    }
+
+    /// The VMM's `migrate` request for the destination's offer, within the limits.
+    fn request(&self, offer: IncomingOffer) -> Migrate {
+        let limits = &self.limits;
+        let mode = if limits.allow_postcopy {
+            Mode::Hybrid
+        } else {
+            Mode::Precopy
+        };
+        Migrate {
+            to: offer.address,
+            settings: SettingsChange {
+                codec: Some(Default::default()),
+                max_downtime_ms: Some(crate::policy::whole_ms(limits.max_downtime_ms)),
+                bandwidth_bytes_per_sec: Some(limits.bandwidth_bytes_per_sec().unwrap_or(0)),
+                throttle_pct: Some(0),
+                disk_write_limit_bytes_per_sec: None,
+                disk_mirror: None,
+                switchover: None,
+            },
+            max_total_secs: limits.max_total_secs.map(|s| s.ceil() as u64),
+            timeout_secs: None,
+            report: None,
+            no_verify: false,
+            mode: Some(mode),
+            recover_secs: None,
+            precopy_pass: false,
+            copy_storage: false,
+            reasons: Default::default(),
+            ticket: Some(offer.ticket),
+        }
+    }
+
+    fn ended(
+        &self,
+        result: Result<ferry_api::DriverReport, crate::driver::DriverError>,
+        record: &Record,
+        inventory: &Mutex<Inventory>,
+    ) {
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(vm = self.vm, "migration failed: {e}");
+                return end(record, MigrationState::Failed, Some(e.to_string()));
+            }
+        };
+        let core = &report.migration.core;
+        {
+            let mut i = lock(&record.info);
+            i.total_ms = Some(core.total_ms);
+            i.downtime_ms = core.switchover_ms;
+            if let Some(steps) = &report.policy_steps
+                && i.decisions.is_empty()
+            {
+                i.decisions.clone_from(steps);
+            }
+        }
+        match core.outcome {
+            Outcome::Completed => {
+                tracing::info!(
+                    vm = self.vm,
+                    to = lock(&record.info).destination.clone(),
+                    total_ms = core.total_ms,
+                    downtime_ms = core.switchover_ms,
+                    "migration completed"
+                );
+                lock(inventory).moved_away(&self.vm);
+                end(record, MigrationState::Completed, None);
+            }
+            Outcome::Cancelled => {
+                tracing::info!(vm = self.vm, "migration cancelled; the VM stays here");
+                end(record, MigrationState::Cancelled, core.error.clone());
+            }
+            Outcome::Failed => {
+                tracing::error!(vm = self.vm, "migration failed: {:?}", core.error);
+                end(record, MigrationState::Failed, core.error.clone());
+            }
+        }
+    }
+
+    /// `POST {peer}/v1/incoming`: the destination's agent starts a VMM to receive.
+    fn ask_peer(&self, peer: &Peer) -> Result<IncomingOffer, String> {
+        let body = serde_json::to_string(&IncomingRequest {
+            vm: self.vm.clone(),
+            config: self.config_text.clone(),
+            source: self.host.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        let url = format!("{}/v1/incoming", peer.url);
+        let mut req = agent.post(&url).header("Content-Type", "application/json");
+        if let Some(t) = &peer.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req
+            .send(body.as_bytes())
+            .map_err(|e| format!("cannot reach {}'s agent at {}: {e}", peer.name, url))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("reading {}'s answer: {e}", peer.name))?;
+        if !status.is_success() {
+            let why = serde_json::from_str::<ferry_api::agent::ApiError>(&text)
+                .map(|e| e.message)
+                .unwrap_or(text);
+            return Err(format!("{}'s agent refused ({status}): {why}", peer.name));
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}'s agent answered what is not an offer: {e}", peer.name))
+    }
+}
