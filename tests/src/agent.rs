@@ -29,6 +29,35 @@ impl Answer {
     }
 }
 
+/// As [`request`], from inside the network namespace `ns` (None: this one): a thread
+/// of its own enters it (setns changes only the calling thread's namespace).
+pub fn request_in(
+    ns: Option<&str>,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<Answer> {
+    let Some(ns) = ns else {
+        return request(addr, method, path, token, body);
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).ok()?;
+            // SAFETY: setns on a namespace file we hold open, for this thread only.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            if r != 0 {
+                return None;
+            }
+            request(addr, method, path, token, body)
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
 /// One request on a fresh connection; None if the agent cannot be reached.
 pub fn request(
     addr: &str,
@@ -92,6 +121,8 @@ fn dechunk(mut s: &str) -> String {
 /// A host's agent: its folder (config, tokens, VM folder, run folder) and process.
 pub struct Agent {
     pub name: String,
+    /// The network namespace it runs in (None: this one).
+    pub ns: Option<String>,
     pub dir: PathBuf,
     pub addr: String,
     pub token: String,
@@ -104,7 +135,19 @@ impl Agent {
     /// Writes an agent's config under `dir` (VMs in `dir/vms`, sockets and VMM logs
     /// in `dir/run`), on a free loopback port. Not started.
     pub fn configure(dir: &Path, name: &str) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
+        Self::configure_at(dir, name, None)
+    }
+
+    /// As [`Agent::configure`], in the network namespace `ns` at `ip` (port 7070).
+    pub fn configure_in(dir: &Path, name: &str, ns: &str, ip: &str) -> Self {
+        Self::configure_at(dir, name, Some((ns, ip)))
+    }
+
+    fn configure_at(dir: &Path, name: &str, at: Option<(&str, &str)>) -> Self {
+        let addr = match at {
+            Some((_, ip)) => format!("{ip}:7070"),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         std::fs::create_dir_all(dir.join("vms")).expect("create the VM folder");
         let token = format!("operator-{name}-0123456789abcdef");
         let peer_token = format!("peer-{name}-0123456789abcdef");
@@ -123,6 +166,7 @@ impl Agent {
         .expect("agent.toml");
         Self {
             name: name.to_owned(),
+            ns: at.map(|(ns, _)| ns.to_owned()),
             dir: dir.to_owned(),
             addr,
             token,
@@ -152,8 +196,15 @@ impl Agent {
 
     /// A request as the operator; unreachable is a test failure.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
-        request(&self.addr, method, path, Some(&self.token), body)
-            .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
+        request_in(
+            self.ns.as_deref(),
+            &self.addr,
+            method,
+            path,
+            Some(&self.token),
+            body,
+        )
+        .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
     }
 
     /// Starts a migration through the API; returns its id.
@@ -190,7 +241,11 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .expect("agent log");
-        let child = Command::new(ferry_bin())
+        let mut cmd = match &self.ns {
+            Some(ns) => crate::netns::LinkPair::command(ns, &ferry_bin()),
+            None => Command::new(ferry_bin()),
+        };
+        let child = cmd
             .args(["agent", "--config"])
             .arg(self.dir.join("agent.toml"))
             .stdin(Stdio::null())
@@ -223,7 +278,7 @@ impl Agent {
     }
 
     pub fn get(&self, path: &str, token: Option<&str>) -> Option<Answer> {
-        request(&self.addr, "GET", path, token, None)
+        request_in(self.ns.as_deref(), &self.addr, "GET", path, token, None)
     }
 
     /// A GET as the operator; unreachable is a test failure.

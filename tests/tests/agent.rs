@@ -588,3 +588,54 @@ fn killing_either_agent_mid_migration_leaves_the_vm_intact_on_exactly_one_host()
         assert!(out.status.success(), "verify on {}: {out:?}", on.name);
     }
 }
+
+#[test]
+fn agents_in_two_network_namespaces_move_a_vm_over_their_link_and_back() {
+    if !require_kvm() {
+        return;
+    }
+    let Some(link) = ferry_tests::require_link("agents", None) else {
+        return;
+    };
+    let _host = alongside();
+    let dir = TempDir::new("agent-netns");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    let mut a = Agent::configure_in(
+        &dir.join("a"),
+        "host-a",
+        &link.source_ns,
+        ferry_tests::netns::SOURCE_ADDR,
+    );
+    let mut b = Agent::configure_in(
+        &dir.join("b"),
+        "host-b",
+        &link.dest_ns,
+        ferry_tests::netns::DEST_ADDR,
+    );
+    a.peer_with(&b);
+    b.peer_with(&a);
+    std::fs::write(dir.join("a/vms/web-1.toml"), vm_config("web-1")).unwrap();
+    a.start();
+    b.start();
+    a.wait_for_vms("web-1 running on host-a", Duration::from_secs(60), |l| {
+        running_with_heartbeats(l, &["web-1"])
+    });
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
+    assert!(
+        m["destination_address"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(ferry_tests::netns::DEST_ADDR),
+        "{m}"
+    );
+    moved(&a, &b);
+    let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a"}"#);
+    let m = b.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", b.log_text());
+    moved(&b, &a);
+    // The agents went before the link does.
+    drop((a, b));
+}

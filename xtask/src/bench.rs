@@ -28,8 +28,12 @@ pub fn run(area: &str) -> Result<()> {
         "postcopy" => postcopy(),
         "storage" => storage(),
         "probes" => crate::bench_probes::run(),
+        "agent" => crate::bench_agent::run(),
         other => {
-            bail!("unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage, probes)")
+            bail!(
+                "unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage, probes, \
+                 agent)"
+            )
         }
     }
 }

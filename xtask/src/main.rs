@@ -1,6 +1,7 @@
 //! `cargo xtask`: Ferry's workflows — setup, test, lab, bench.
 
 mod bench;
+mod bench_agent;
 mod bench_policy;
 mod bench_policy_report;
 mod bench_probes;
@@ -19,7 +20,8 @@ commands:
   test [ARGS]    setup, then fmt/clippy checks and every test (unit, integration, end-to-end);
                  ARGS go to cargo test
   lab            setup, then run the lab: a live VM, its status, a snapshot, a restore
-  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage, probes)
+  bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage, probes,
+                 agent)
   bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
                  real migrations of a grid of guests and links under the adaptive
                  policy and every peer preset; writes DIR/bench.json and bench.md
@@ -68,6 +70,7 @@ areas:
   postcopy   post-copy downtime and fault latency, 1 and 2 vCPUs, over a shaped link
   storage    the disk copy of a storage migration against dd, and its convergence modes
   probes     what the eBPF signals cost the guest, and how fast they show a rate change
+  agent      the host agent's API latency during migrations, and its idle cost with 10 VMs
   policy     the adaptive policy against the peer presets over a grid of scenarios
 
 `cargo xtask bench <area> --help` shows what an area measures.";
@@ -108,6 +111,14 @@ the probes, whole-tick and sampled logging, at several dirty rates and unpaced),
 how long a step in the guest's dirty rate takes to show in the signals, idle and
 during a migration. Results: target/bench/probes.json.";
 
+const BENCH_AGENT_USAGE: &str = "usage: cargo xtask bench agent
+
+Two host agents on loopback, 10 paced VMs on the first. The agent's CPU and memory
+while it idles with them (20 s); then one VM migrated back and forth 4 times through
+the API, first without load, then while GET /v1/vms is asked 200 times a second (a
+new connection each): the API's latency (p50, p99, max) and the migrations' downtime
+in both runs. Results: target/bench/agent.json.";
+
 const BENCH_POLICY_USAGE: &str =
     "usage: cargo xtask bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
 
@@ -135,6 +146,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
             "postcopy" => BENCH_POSTCOPY_USAGE,
             "storage" => BENCH_STORAGE_USAGE,
             "probes" => BENCH_PROBES_USAGE,
+            "agent" => BENCH_AGENT_USAGE,
             "policy" => BENCH_POLICY_USAGE,
             other => return Err(format!("unknown bench area {other:?}\n\n{BENCH_USAGE}")),
         },

@@ -92,6 +92,8 @@ pub struct Inventory {
     exe: PathBuf,
     reception: Reception,
     vms: BTreeMap<String, Vm>,
+    /// VMs whose migration this agent drives now: their end is the driver's to handle.
+    driven: std::collections::BTreeSet<String>,
     /// Config files that do not read, and why (logged once each).
     unreadable: BTreeMap<PathBuf, String>,
     snapshot: Arc<RwLock<Vec<VmInfo>>>,
@@ -137,6 +139,7 @@ impl Inventory {
                 exe,
                 reception,
                 vms: BTreeMap::new(),
+                driven: Default::default(),
                 unreadable: BTreeMap::new(),
                 snapshot,
             },
@@ -217,7 +220,11 @@ impl Inventory {
         let handed: Vec<String> = self
             .vms
             .iter()
-            .filter(|(_, v)| v.info.state == Some(RunState::Migrated) && v.config.exists())
+            .filter(|(n, v)| {
+                v.info.state == Some(RunState::Migrated)
+                    && v.config.exists()
+                    && !self.driven.contains(*n)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in handed {
@@ -231,8 +238,7 @@ impl Inventory {
         // VMM still runs stays listed (it is still on this host).
         self.vms
             .retain(|_, vm| vm.config.exists() || vm.info.presence != VmPresence::Down);
-        let infos = self.vms.values().map(|v| v.info.clone()).collect();
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = infos;
+        self.publish();
     }
 
     fn configs(&mut self) -> Vec<(PathBuf, VmConfig)> {
@@ -453,6 +459,15 @@ impl Inventory {
         Ok(IncomingOffer { address, ticket })
     }
 
+    /// Marks the VM `name` as one whose migration this agent drives (or no longer).
+    pub fn set_driven(&mut self, name: &str, driven: bool) {
+        if driven {
+            self.driven.insert(name.to_owned());
+        } else {
+            self.driven.remove(name);
+        }
+    }
+
     /// The VM `name` now runs on another host: its VMM here (handed over, paused for
     /// good) is stopped, and its config set aside as `<name>.toml.migrated` so it is
     /// not started again.
@@ -474,6 +489,14 @@ impl Inventory {
             tracing::error!(vm = name, "its handed-over VMM would not quit: {e}");
         }
         reap(vm);
+        // Gone from this host now, not at the next look: it may be sent back at once.
+        self.vms.remove(name);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let infos = self.vms.values().map(|v| v.info.clone()).collect();
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = infos;
     }
 
     /// Stops asking after the VMs; their VMMs keep running. Children are reaped by

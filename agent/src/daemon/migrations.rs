@@ -82,6 +82,44 @@ impl Migrations {
         }
     }
 
+    fn live(&self) -> usize {
+        lock(&self.records)
+            .values()
+            .filter(|r| !lock(&r.info).state.ended())
+            .count()
+    }
+
+    /// For a stop: lets the migrations under way finish within `finish`, then cancels
+    /// what still runs (the VMs stay here) and waits up to `cancel` for that.
+    pub fn wind_down(&self, finish: Duration, cancel: Duration) {
+        let wait = |d: Duration| {
+            let t0 = std::time::Instant::now();
+            while self.live() > 0 && t0.elapsed() < d {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        if self.live() == 0 {
+            return;
+        }
+        tracing::info!(
+            migrations = self.live(),
+            "letting the migrations under way finish, for up to {} s",
+            finish.as_secs()
+        );
+        wait(finish);
+        if self.live() == 0 {
+            return;
+        }
+        tracing::warn!(
+            migrations = self.live(),
+            "cancelling the migrations still under way; their VMs stay here"
+        );
+        for r in lock(&self.records).values() {
+            r.cancel.store(true, Ordering::Release);
+        }
+        wait(cancel);
+    }
+
     pub fn list(&self) -> Vec<MigrationInfo> {
         lock(&self.records)
             .values()
@@ -321,12 +359,19 @@ impl Migrations {
 }
 
 fn run_job(job: Job, record: Arc<Record>, inventory: &Arc<Mutex<Inventory>>) {
-    let inventory = inventory.clone();
+    let vm = job.vm.clone();
+    lock(inventory).set_driven(&vm, true);
     let spawned = std::thread::Builder::new().name("migration".into()).spawn({
         let record = record.clone();
-        move || job.run(&record, &inventory)
+        let inventory = inventory.clone();
+        let vm = vm.clone();
+        move || {
+            job.run(&record, &inventory);
+            lock(&inventory).set_driven(&vm, false);
+        }
     });
     if let Err(e) = spawned {
+        lock(inventory).set_driven(&vm, false);
         end(
             &record,
             MigrationState::Failed,

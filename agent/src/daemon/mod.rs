@@ -40,6 +40,11 @@ pub enum AgentError {
     Serve(std::io::Error),
 }
 
+/// On a stop, how long migrations under way may take to finish, and then to cancel
+/// (the unit's TimeoutStopSec, 60 s, covers both).
+const WIND_DOWN_FINISH: std::time::Duration = std::time::Duration::from_secs(30);
+const WIND_DOWN_CANCEL: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs the agent until SIGTERM or SIGINT. VMs keep running after it exits.
 pub fn run(config_path: &Path) -> Result<(), AgentError> {
     let cfg = AgentConfig::load(config_path)?;
@@ -91,7 +96,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         vms: view,
         metrics: metrics::Metrics::default(),
         inventory,
-        migrations,
+        migrations: migrations.clone(),
         run_dir: cfg.run_dir.clone(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -118,6 +123,9 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             .await
             .map_err(AgentError::Serve)
     });
+    // No new work is taken from here on; what runs finishes, or is cancelled, within
+    // the unit's stop timeout.
+    migrations.wind_down(WIND_DOWN_FINISH, WIND_DOWN_CANCEL);
     stop.store(true, Ordering::Release);
     let _ = looker.join();
     tracing::info!("agent stopped; the VMs keep running");
