@@ -381,6 +381,7 @@ fn dispatch(
                     state: "incoming".into(),
                     pid: std::process::id(),
                     incoming: door.map(Door::counters),
+                    listening: door.map(|d| d.listening().to_string()),
                 })),
                 false,
             ),

@@ -93,6 +93,55 @@ impl PolicyArgs {
         Ok(flags.over(limits)?)
     }
 
+    /// What an agent takes of these flags: the limits file's table with the flags
+    /// over it (the agent puts them over its own). A pinned setting is refused: the
+    /// agent's policy decides those.
+    fn limits_table(&self) -> anyhow::Result<ferry::policy::LimitsTable> {
+        use ferry::policy::LimitsTable;
+        let pinned = [
+            (self.compression != "auto", "--compression"),
+            (self.throttle_pct.is_some(), "--throttle-pct"),
+            (
+                self.disk_write_limit_mbps.is_some(),
+                "--disk-write-limit-mbps",
+            ),
+            (self.disk_mirror.is_some(), "--disk-mirror"),
+        ];
+        if let Some((_, flag)) = pinned.iter().find(|(set, _)| *set) {
+            anyhow::bail!(
+                "{flag} pins a setting, which a migration through the agent leaves to its \
+                 policy; set limits instead, or use --control on the host"
+            );
+        }
+        let mut table = match &self.limits {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading limits file {}", path.display()))?;
+                LimitsTable::parse(&text)
+                    .with_context(|| format!("limits file {}", path.display()))?
+            }
+            None => LimitsTable::default(),
+        };
+        let flags = [
+            (&mut table.max_downtime_ms, self.max_downtime_ms),
+            (&mut table.max_total_secs, self.max_total_secs),
+            (&mut table.bandwidth_mbit, self.bandwidth_mbit),
+            (&mut table.cpu_budget_cores, self.cpu_budget_cores),
+        ];
+        for (slot, flag) in flags {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        }
+        if self.max_throttle_pct.is_some() {
+            table.max_throttle_pct = self.max_throttle_pct;
+        }
+        if self.allow_postcopy {
+            table.allow_postcopy = Some(true);
+        }
+        Ok(table)
+    }
+
     fn pins(&self) -> anyhow::Result<ferry::policy::Pins> {
         Ok(ferry::policy::Pins {
             codec: match self.compression.as_str() {
@@ -226,13 +275,23 @@ enum Command {
         json: bool,
     },
     /// Move the running VM to a `ferry vmm --incoming` (shared storage, or its disks
-    /// sent along with --copy-storage).
+    /// sent along with --copy-storage); or, given a VM's name, ask the host's agent to
+    /// move it to a peer (`ferry migrate web-1 --to host-b`).
     Migrate {
-        #[arg(long)]
-        control: PathBuf,
-        /// Destination HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["resolve", "resume", "attach"])]
+        /// A VM of the agent's host: the agent moves it (see --agent).
+        #[arg(value_name = "VM", conflicts_with_all = ["control", "attach", "resolve", "resume"])]
+        vm: Option<String>,
+        #[arg(long, required_unless_present = "vm")]
+        control: Option<PathBuf>,
+        /// Destination HOST:PORT (with --control) or a peer's name (with a VM).
+        #[arg(long, value_name = "HOST:PORT|PEER", required_unless_present_any = ["resolve", "resume", "attach"])]
         to: Option<String>,
+        /// With a VM: the agent's API.
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
+        agent: String,
+        /// With a VM: a file holding the operator's token.
+        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Follow (and steer, with --policy) the migration already under way, as a
         /// `ferry migrate` that went away did; if it has ended, show its report.
         #[arg(long, conflicts_with_all = ["to", "resolve", "resume"])]
@@ -367,8 +426,25 @@ enum Command {
     },
     /// Stop a running migration; the VM keeps running on the source.
     Cancel {
+        /// A migration of the agent's (see --agent), by its id.
+        #[arg(value_name = "ID", conflicts_with = "control")]
+        id: Option<String>,
+        /// The VMM whose migration to stop.
+        #[arg(long, required_unless_present = "id")]
+        control: Option<PathBuf>,
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
+        agent: String,
+        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// List the migrations an agent drives or drove since it started.
+    Migrations {
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
+        agent: String,
+        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         #[arg(long)]
-        control: PathBuf,
+        json: bool,
     },
     /// Run the host agent: keep this host's VMs (one `ferry vmm` each, started from
     /// the VM folder, or adopted if already running) and serve the HTTP API
@@ -455,9 +531,21 @@ fn main() -> ExitCode {
         Command::Quit { control, force } => {
             cli::client::change_state(&control, &Request::Quit { force })
         }
-        Command::Cancel { control } => {
-            cli::client::print_answer::<ferry_api::Cancelling>(&control, &Request::Cancel {})
-        }
+        Command::Cancel {
+            control: Some(control),
+            ..
+        } => cli::client::print_answer::<ferry_api::Cancelling>(&control, &Request::Cancel {}),
+        Command::Cancel {
+            id,
+            agent,
+            token_file,
+            ..
+        } => cli::agent::cancel(&agent, token_file.as_deref(), &id.unwrap_or_default()),
+        Command::Migrations {
+            agent,
+            token_file,
+            json,
+        } => cli::agent::migrations(&agent, token_file.as_deref(), json),
         Command::StorageMigrate {
             control,
             to,
@@ -489,19 +577,42 @@ fn main() -> ExitCode {
             ferry_api::PostcopyRequested,
         >(&control, &Request::StartPostcopy {}),
         Command::Migrate {
-            control,
+            vm: Some(vm),
+            to,
+            agent,
+            token_file,
+            policy,
+            json,
+            ..
+        } => (|| {
+            let limits = policy.limits_table()?;
+            let mut req = serde_json::json!({
+                "vm": vm,
+                "destination": to.unwrap_or_default(),
+                "policy": policy.policy,
+            });
+            if limits != ferry::policy::LimitsTable::default() {
+                req["limits"] = serde_json::to_value(&limits)?;
+            }
+            cli::agent::migrate(&agent, token_file.as_deref(), &req, json)
+        })(),
+        Command::Migrate { control: None, .. } => {
+            Err(anyhow::anyhow!("--control or a VM's name is needed"))
+        }
+        Command::Migrate {
+            control: Some(control),
             resolve: true,
             ..
         } => cli::client::print_answer::<ferry_api::Resolution>(&control, &Request::Resolve {}),
         Command::Migrate {
-            control,
+            control: Some(control),
             resume: true,
             ..
         } => {
             cli::client::print_answer::<ferry_api::Resuming>(&control, &Request::ResumeMigration {})
         }
         Command::Migrate {
-            control,
+            control: Some(control),
             mode,
             recover_secs,
             precopy_pass,
@@ -516,6 +627,8 @@ fn main() -> ExitCode {
             ticket_file,
             report,
             json,
+            vm: None,
+            ..
         } => (|| {
             let limits = policy.limits()?;
             let pins = policy.pins()?;

@@ -30,6 +30,7 @@ pub enum ApiErrorKind {
     Unauthenticated,
     Forbidden,
     TooLarge,
+    MethodNotAllowed,
 }
 
 impl ApiErrorKind {
@@ -44,6 +45,7 @@ impl ApiErrorKind {
             ApiErrorKind::Unauthenticated => 401,
             ApiErrorKind::Forbidden => 403,
             ApiErrorKind::TooLarge => 413,
+            ApiErrorKind::MethodNotAllowed => 405,
         }
     }
 }

@@ -113,6 +113,10 @@ pub struct IncomingStatus {
     pub state: String,
     pub pid: u32,
     pub incoming: Option<PortCounters>,
+    /// The address the port listens on (its port chosen by the system when it was
+    /// asked for port 0).
+    #[serde(default)]
+    pub listening: Option<String>,
 }
 
 /// `status`'s answer: a VM, or a destination still waiting for one.

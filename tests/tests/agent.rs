@@ -165,6 +165,12 @@ fn each_role_reaches_only_its_endpoints_and_bad_requests_are_told_why() {
     // Unknown endpoints are 404 with the error shape; health and metrics need no token.
     let a = get("/v2/everything", Some(&agent.token));
     assert_eq!((a.status, a.kind().as_str()), (404, "not_found"), "{a:?}");
+    let a = request(&addr, "PUT", "/v1/vms", Some(&agent.token), Some("{}")).unwrap();
+    assert_eq!(
+        (a.status, a.kind().as_str()),
+        (405, "method_not_allowed"),
+        "{a:?}"
+    );
     let h = get("/healthz", None);
     assert_eq!(h.status, 200, "{h:?}");
     assert_eq!(h.json()["name"], "host-a");
@@ -324,13 +330,44 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     assert!(!m["decisions"].as_array().unwrap().is_empty(), "{m}");
     assert!(m["destination_address"].as_str().is_some(), "{m}");
     moved(&a, &b);
-    // And back, driven by the other agent.
-    let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a", "policy": "static"}"#);
-    let m = b.wait_ended(&id, Duration::from_secs(120));
-    assert_eq!(m["state"], "completed", "{m}\n{}", b.log_text());
+    // And back, driven by the other agent, asked from the command line.
+    let out = Command::new(ferry_bin())
+        .args([
+            "migrate", "web-1", "--to", "host-a", "--policy", "static", "--json",
+        ])
+        .args(["--agent", &format!("http://{}", b.addr), "--token-file"])
+        .arg(b.dir.join("token"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_str(&said).expect("the migration's record");
+    assert_eq!(
+        (m["state"].as_str(), m["policy"].as_str()),
+        (Some("completed"), Some("static"))
+    );
     moved(&b, &a);
     let list = a.call("GET", "/v1/migrations", None);
     assert_eq!(list.json().as_array().unwrap().len(), 1, "{list:?}");
+    let out = Command::new(ferry_bin())
+        .args([
+            "migrations",
+            "--agent",
+            &format!("http://{}", b.addr),
+            "--token-file",
+        ])
+        .arg(b.dir.join("token"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("completed"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -427,6 +464,19 @@ fn concurrent_requests_start_one_migration_bad_ones_change_nothing_and_a_cancel_
     assert_eq!(m["state"], "cancelled", "{m}");
     let again = a.call("DELETE", &format!("/v1/migrations/{id}"), None);
     assert_eq!(again.status, 409, "{again:?}");
+    let out = Command::new(ferry_bin())
+        .args([
+            "cancel",
+            &id,
+            "--agent",
+            &format!("http://{}", a.addr),
+            "--token-file",
+        ])
+        .arg(a.dir.join("token"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("409"), "{err}");
     // The VM stays on the source, running; the destination keeps nothing of it.
     a.wait_for_vms(
         "web-1 still running on host-a",
@@ -541,7 +591,13 @@ fn killing_either_agent_mid_migration_leaves_the_vm_intact_on_exactly_one_host()
             if m["state"] == "running" && m["progress"].is_object() {
                 break;
             }
-            assert!(m["state"] == "starting" || m["state"] == "running", "{m}");
+            assert!(
+                m["state"] == "starting" || m["state"] == "running",
+                "{m}\nsource's agent: {}\ndestination's agent: {}\n{}",
+                src.log_text(),
+                dst.log_text(),
+                std::fs::read_to_string(dst.dir.join("run/web-1.log")).unwrap_or_default()
+            );
             assert!(t0.elapsed() < Duration::from_secs(30), "{m}");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -3,8 +3,10 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::Context;
-use ferry_api::agent::{ApiError, VmInfo};
+use ferry_api::agent::{ApiError, MigrationInfo, MigrationState, VmInfo};
 
 pub fn serve(config: &Path, log_format: &str) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
@@ -21,44 +23,80 @@ pub fn serve(config: &Path, log_format: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// GETs `path` of the agent at `base`, presenting the token in `token_file`.
-fn get(base: &str, path: &str, token_file: Option<&Path>) -> anyhow::Result<String> {
-    let token = token_file
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .map(|t| t.trim().to_owned())
-                .with_context(|| format!("reading the token file {}", f.display()))
+/// An agent's API at `base`, presenting the token in `token_file`.
+pub struct AgentClient {
+    base: String,
+    token: Option<String>,
+    http: ureq::Agent,
+}
+
+impl AgentClient {
+    pub fn new(base: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
+        let token = token_file
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map(|t| t.trim().to_owned())
+                    .with_context(|| format!("reading the token file {}", f.display()))
+            })
+            .transpose()?;
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
         })
-        .transpose()?;
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(10)))
-        .build()
-        .new_agent();
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let mut req = agent.get(&url);
-    if let Some(t) = &token {
-        req = req.header("Authorization", &format!("Bearer {t}"));
     }
-    let mut resp = req
-        .call()
-        .with_context(|| format!("cannot reach the agent at {base}"))?;
-    let status = resp.status();
-    let body = resp
-        .body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading the agent's answer to {url}"))?;
-    if !status.is_success() {
-        let why = serde_json::from_str::<ApiError>(&body)
-            .map(|e| e.message)
-            .unwrap_or(body);
-        anyhow::bail!("the agent at {base} answered {status}: {why}");
+
+    /// `method path` with an optional JSON body; the answer's body, or the agent's
+    /// refusal as an error naming the status and the reason.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let sent = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" {
+                    self.http.get(&url)
+                } else {
+                    self.http.delete(&url)
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = self
+                    .http
+                    .post(&url)
+                    .header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(body.unwrap_or("{}").as_bytes())
+            }
+        };
+        let mut resp = sent.with_context(|| format!("cannot reach the agent at {}", self.base))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the agent's answer to {url}"))?;
+        if !status.is_success() {
+            let why = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.message)
+                .unwrap_or(text);
+            anyhow::bail!("the agent at {} answered {status}: {why}", self.base);
+        }
+        Ok(text)
     }
-    Ok(body)
 }
 
 pub fn vms(agent: &str, token_file: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
-    let body = get(agent, "/v1/vms", token_file)?;
+    let body = AgentClient::new(agent, token_file)?.call("GET", "/v1/vms", None)?;
     if as_json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
@@ -88,4 +126,159 @@ pub fn vms(agent: &str, token_file: Option<&Path>, as_json: bool) -> anyhow::Res
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn migrations(
+    agent: &str,
+    token_file: Option<&Path>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let body = AgentClient::new(agent, token_file)?.call("GET", "/v1/migrations", None)?;
+    if as_json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list: Vec<MigrationInfo> =
+        serde_json::from_str(&body).context("the agent's list of migrations")?;
+    println!(
+        "{:<22} {:<14} {:<12} {:<10} {:>10} {:>12}",
+        "ID", "VM", "TO", "STATE", "TOTAL MS", "DOWNTIME MS"
+    );
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    for m in list {
+        println!(
+            "{:<22} {:<14} {:<12} {:<10} {:>10} {:>12}",
+            m.id,
+            m.vm,
+            m.destination,
+            state_name(m.state),
+            ms(m.total_ms),
+            ms(m.downtime_ms)
+        );
+        if let Some(e) = m.error {
+            println!("  {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn cancel(agent: &str, token_file: Option<&Path>, id: &str) -> anyhow::Result<ExitCode> {
+    AgentClient::new(agent, token_file)?.call("DELETE", &format!("/v1/migrations/{id}"), None)?;
+    eprintln!("cancelling migration {id}; the VM stays where it is");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_name(s: MigrationState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Release);
+}
+
+/// `ferry migrate VM --to PEER --agent URL`: asks the agent to move its VM, then
+/// follows the migration: a progress bar (phase, round, remaining, bandwidth, ETA),
+/// each decision as it is made, and the outcome. Ctrl-C cancels it.
+pub fn migrate(
+    agent: &str,
+    token_file: Option<&Path>,
+    request: &serde_json::Value,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let client = AgentClient::new(agent, token_file)?;
+    let started: MigrationInfo =
+        serde_json::from_str(&client.call("POST", "/v1/migrations", Some(&request.to_string()))?)
+            .context("the agent's answer to the migration request")?;
+    let id = started.id.clone();
+    eprintln!(
+        "migration {id}: {} to {} under the {} policy (Ctrl-C cancels; the VM stays)",
+        started.vm, started.destination, started.policy
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        )
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b
+    });
+    let say = |line: String| match &bar {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
+    let mut shown = 0;
+    let mut cancelled = false;
+    let last = loop {
+        if INTERRUPTED.load(Ordering::Acquire) && !cancelled {
+            cancelled = true;
+            match client.call("DELETE", &format!("/v1/migrations/{id}"), None) {
+                Ok(_) => say("cancelling; the VM keeps running on the source".into()),
+                Err(e) => say(format!("cannot cancel: {e}")),
+            }
+        }
+        let m: MigrationInfo =
+            serde_json::from_str(&client.call("GET", &format!("/v1/migrations/{id}"), None)?)
+                .context("the agent's record of the migration")?;
+        for d in &m.decisions[shown.min(m.decisions.len())..] {
+            say(format!(
+                "{:>8.0} ms  {} = {}: {}",
+                d.t_ms, d.setting, d.value, d.reason
+            ));
+        }
+        shown = m.decisions.len();
+        if let (Some(b), Some(p)) = (&bar, &m.progress) {
+            let bw = p.bandwidth_bytes_per_sec;
+            let remaining = p.postcopy_pages_left.unwrap_or(p.remaining_dirty_pages);
+            let eta = if bw > 0.0 {
+                format!("{:.1} s", remaining as f64 * 4096.0 / bw)
+            } else {
+                "-".into()
+            };
+            b.set_message(format!(
+                "{} round {} | remaining {remaining} pages | {:.1} MB/s | ETA {eta}",
+                p.phase,
+                p.round,
+                bw / 1e6
+            ));
+            b.tick();
+        }
+        if m.state.ended() {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if as_json {
+        println!("{}", serde_json::to_string(&last)?);
+    } else {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+        println!(
+            "{} {}: total {}, downtime {}{}",
+            last.vm,
+            state_name(last.state),
+            ms(last.total_ms),
+            ms(last.downtime_ms),
+            last.error.map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+    }
+    Ok(if last.state == MigrationState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

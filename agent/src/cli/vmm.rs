@@ -70,7 +70,10 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 control = %control_path.display(),
                 "waiting for an incoming migration on {addr}"
             );
-            let d = Door::new(slot.clone(), place.clone(), ticket.clone());
+            let listening = tcp
+                .local_addr()
+                .with_context(|| format!("the address of the port bound for {addr}"))?;
+            let d = Door::new(slot.clone(), place.clone(), ticket.clone(), listening);
             door = Some(d.clone());
             std::thread::Builder::new()
                 .name("incoming-port".into())

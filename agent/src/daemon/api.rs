@@ -64,6 +64,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/incoming", post(receive))
         .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(shared.clone(), measured))
         .with_state(shared)
@@ -146,6 +147,13 @@ async fn not_found() -> Failure {
     Failure(
         ApiErrorKind::NotFound,
         "no such endpoint; see docs/API.md".into(),
+    )
+}
+
+async fn not_allowed() -> Failure {
+    Failure(
+        ApiErrorKind::MethodNotAllowed,
+        "this endpoint does not take that method; see docs/API.md".into(),
     )
 }
 

@@ -93,7 +93,7 @@ pub struct Inventory {
     reception: Reception,
     vms: BTreeMap<String, Vm>,
     /// VMs whose migration this agent drives now: their end is the driver's to handle.
-    driven: std::collections::BTreeSet<String>,
+    driven: BTreeMap<String, u32>,
     /// Config files that do not read, and why (logged once each).
     unreadable: BTreeMap<PathBuf, String>,
     snapshot: Arc<RwLock<Vec<VmInfo>>>,
@@ -222,8 +222,9 @@ impl Inventory {
             .iter()
             .filter(|(n, v)| {
                 v.info.state == Some(RunState::Migrated)
+                    && !v.info.migrating
                     && v.config.exists()
-                    && !self.driven.contains(*n)
+                    && !self.driven.contains_key(*n)
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -236,8 +237,13 @@ impl Inventory {
         }
         // A VM whose config is gone and whose VMM is gone is forgotten; one whose
         // VMM still runs stays listed (it is still on this host).
-        self.vms
-            .retain(|_, vm| vm.config.exists() || vm.info.presence != VmPresence::Down);
+        self.vms.retain(|_, vm| {
+            let child_lives = vm
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            vm.config.exists() || vm.info.presence != VmPresence::Down || child_lives
+        });
         self.publish();
     }
 
@@ -299,11 +305,23 @@ impl Inventory {
             arriving: None,
             info: blank_info(name, &config),
         };
-        if status(&control).is_ok() {
-            tracing::info!(vm = name, "adopted the VMM already running");
-            vm.adopted = true;
-            vm.info.adopted = true;
-            return vm;
+        match status(&control) {
+            Ok(_) => {
+                tracing::info!(vm = name, "adopted the VMM already running");
+                vm.adopted = true;
+                vm.info.adopted = true;
+                return vm;
+            }
+            Err(client::ClientError::Connect { .. }) => {}
+            // Something answers on its socket, but not as a VMM of this version
+            // answers in time: starting another would only collide with it.
+            Err(e) => {
+                tracing::error!(vm = name, "its socket answers, but: {e}; not started");
+                vm.info.presence = VmPresence::Down;
+                vm.info.error = Some(format!("its control socket answers, but: {e}"));
+                vm.adopted = true;
+                return vm;
+            }
         }
         match self.start(&config, &control, &log) {
             Ok(child) => {
@@ -372,6 +390,13 @@ impl Inventory {
                 asked: req.vm.clone(),
             });
         }
+        if !cfg.disks.is_empty() {
+            return Err(ReceiveError::Config(
+                "VMs with disks are not received through the agent yet (their images' \
+                 places on this host are not settled); use ferry migrate on the hosts"
+                    .into(),
+            ));
+        }
         let name = &cfg.name;
         let file = self.vm_dir.join(format!("{name}.toml"));
         if self
@@ -391,19 +416,20 @@ impl Inventory {
         let ticket = random_hex(16).map_err(start)?;
         let ticket_file = self.run_dir.join(format!("{name}.ticket"));
         write_private(&ticket_file, &ticket).map_err(start)?;
-        // A free port now; the VMM binds it a moment later (nothing else here races
-        // for ports from this range but other VMMs this agent starts, one at a time).
-        let port = std::net::TcpListener::bind((self.reception.ip, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(start)?
-            .port();
-        let address = std::net::SocketAddr::new(self.reception.ip, port).to_string();
         let control = control_socket(&self.run_dir, name);
+        // A VMM of that name still answering here (one handed over and still
+        // stopping, say) holds the socket a new one needs.
+        if status(&control).is_ok() {
+            return Err(ReceiveError::Exists(name.clone()));
+        }
+        // Port 0: the VMM binds a port the system chooses and says which in its
+        // status, so no other process can take it in between.
+        let bind = std::net::SocketAddr::new(self.reception.ip, 0).to_string();
         let log = self.run_dir.join(format!("{name}.log"));
         let mut args: Vec<std::ffi::OsString> = vec![
             "vmm".into(),
             "--incoming".into(),
-            address.clone().into(),
+            bind.into(),
             "--ticket-file".into(),
             ticket_file.clone().into(),
             "--control".into(),
@@ -416,9 +442,11 @@ impl Inventory {
         let mut child = self.spawn(&args, &log).map_err(start)?;
         // Answering before the offer goes out: the source connects at once.
         let t0 = Instant::now();
-        loop {
-            if let Ok(Status::Incoming(_)) = status(&control) {
-                break;
+        let address = loop {
+            if let Ok(Status::Incoming(i)) = status(&control)
+                && let Some(a) = i.listening
+            {
+                break a;
             }
             if let Ok(Some(exit)) = child.try_wait() {
                 return Err(ReceiveError::Start(format!(
@@ -432,7 +460,7 @@ impl Inventory {
                 return Err(ReceiveError::Start("it did not answer within 10 s".into()));
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         if let Err(e) = std::fs::write(self.arriving_file(name), &req.config) {
             tracing::warn!(vm = name, "cannot note its arrival for a restart: {e}");
         }
@@ -461,10 +489,14 @@ impl Inventory {
 
     /// Marks the VM `name` as one whose migration this agent drives (or no longer).
     pub fn set_driven(&mut self, name: &str, driven: bool) {
+        let n = self.driven.entry(name.to_owned()).or_default();
         if driven {
-            self.driven.insert(name.to_owned());
+            *n += 1;
         } else {
-            self.driven.remove(name);
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.driven.remove(name);
+            }
         }
     }
 
@@ -475,18 +507,33 @@ impl Inventory {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
+        // Set aside first: a config left in the folder with no VMM behind it would be
+        // booted again. If that fails, the VMM stays as it is (paused for good) and
+        // the VM stays listed, rather than risk running twice.
         let aside = vm.config.with_extension("toml.migrated");
         if vm.config.exists()
             && let Err(e) = std::fs::rename(&vm.config, &aside)
         {
-            tracing::error!(vm = name, "cannot set its config aside: {e}");
+            tracing::error!(
+                vm = name,
+                "handed over, but its config cannot be set aside ({e}); its copy here is \
+                 left paused, not stopped, until it can"
+            );
+            vm.info.error = Some(format!("handed over; its config cannot be set aside: {e}"));
+            return;
         }
+        // Refused while a migration still needs it (post-copy pages, a handover in
+        // doubt): then it stays, and the config comes back.
         if let Err(e) = client::call_within::<serde_json::Value>(
             &vm.control,
             &Request::Quit { force: false },
             STATUS_WITHIN,
         ) {
-            tracing::error!(vm = name, "its handed-over VMM would not quit: {e}");
+            tracing::warn!(vm = name, "its handed-over VMM does not stop yet: {e}");
+            if let Err(e) = std::fs::rename(&aside, &vm.config) {
+                tracing::error!(vm = name, "cannot put its config back: {e}");
+            }
+            return;
         }
         reap(vm);
         // Gone from this host now, not at the next look: it may be sent back at once.
@@ -612,13 +659,23 @@ fn arrival(vm: &mut Vm, seen: &Result<Status, client::ClientError>, vm_dir: &Pat
             } else if c.receiving {
                 a.begun = true;
                 return false;
+            } else if a.begun {
+                // It began, and the port waits again with no VM: the handover was
+                // settled for the source (its ticket is spent; nothing more comes).
+                "its migration ended without the VM staying here".into()
             } else if !a.begun && Instant::now() > a.deadline {
                 format!("no migration began within {} s", ARRIVE_WITHIN.as_secs())
             } else {
                 return false;
             }
         }
-        Err(e) => format!("its VMM does not answer: {e}"),
+        // Gone for sure (no socket, nobody listening): a slow or odd answer is
+        // not evidence, and after the handover began a wrong guess loses the VM.
+        Err(e @ client::ClientError::Connect { .. }) => format!("its VMM is gone: {e}"),
+        Err(e) => {
+            tracing::warn!(vm = vm.info.name, "an arriving VM's VMM answers oddly: {e}");
+            return false;
+        }
     };
     tracing::warn!(vm = vm.info.name, source = a.source, "not received: {why}");
     let _ = client::call_within::<serde_json::Value>(
@@ -634,8 +691,20 @@ fn arrival(vm: &mut Vm, seen: &Result<Status, client::ClientError>, vm_dir: &Pat
     true
 }
 
-/// Waits a little for a VMM this agent started to exit, so it leaves no zombie.
+/// Waits a little for a VMM told to quit to be gone: one this agent started is
+/// waited for (no zombie), an adopted one until its socket stops answering.
 fn reap(vm: &mut Vm) {
+    if vm.child.is_none() {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5)
+            && !matches!(
+                status(&vm.control),
+                Err(client::ClientError::Connect { .. })
+            )
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     if let Some(mut child) = vm.child.take() {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(5) {

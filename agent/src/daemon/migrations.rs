@@ -217,6 +217,18 @@ impl Migrations {
         crate::policy::by_name(&policy_name, Pins::default(), &limits).map_err(bad)?;
         let config_text = std::fs::read_to_string(&vm.config)
             .map_err(|e| Refusal(ApiErrorKind::Failed, format!("reading {}: {e}", vm.config)))?;
+        if crate::vmm::config::VmConfig::parse_unresolved(
+            &config_text,
+            std::path::Path::new(&vm.config),
+        )
+        .is_ok_and(|c| !c.disks.is_empty())
+        {
+            return Err(bad(format!(
+                "VM {} has disks, which the agent does not move yet (their places on the \
+                 destination are not settled); use ferry migrate on the hosts",
+                req.vm
+            )));
+        }
         let record = {
             let mut records = lock(&self.records);
             let live: Vec<MigrationInfo> = records
@@ -240,6 +252,7 @@ impl Migrations {
                     ),
                 ));
             }
+            prune(&mut records);
             self.record(&mut records, &req.vm, &peer.name, &policy_name)
         };
         let first = lock(&record.info).clone();
@@ -306,7 +319,7 @@ impl Migrations {
         // Handed over while no agent here followed it: what happened is recorded.
         for vm in all
             .iter()
-            .filter(|v| v.state == Some(ferry_api::RunState::Migrated))
+            .filter(|v| v.state == Some(ferry_api::RunState::Migrated) && !v.migrating)
         {
             let mut records = lock(&self.records);
             if records.values().any(|r| lock(&r.info).vm == vm.name) {
@@ -377,6 +390,25 @@ fn run_job(job: Job, record: Arc<Record>, inventory: &Arc<Mutex<Inventory>>) {
             MigrationState::Failed,
             Some(format!("no thread for it: {e}")),
         );
+    }
+}
+
+/// Ended records kept at most (the oldest go first); live ones are always kept.
+const KEEP_ENDED: usize = 200;
+
+fn prune(records: &mut BTreeMap<String, Arc<Record>>) {
+    let mut ended: Vec<(u64, String)> = records
+        .iter()
+        .filter_map(|(id, r)| {
+            let i = lock(&r.info);
+            i.ended_unix_ms.map(|t| (t, id.clone()))
+        })
+        .collect();
+    if ended.len() > KEEP_ENDED {
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - KEEP_ENDED] {
+            records.remove(id);
+        }
     }
 }
 
@@ -485,6 +517,27 @@ impl Job {
         let report = match result {
             Ok(r) => r,
             Err(e) => {
+                // The driver lost track; the VMM knows where the VM is.
+                let handed = crate::client::call_within::<ferry_api::Status>(
+                    &self.control,
+                    &ferry_api::Request::Status {},
+                    Duration::from_secs(5),
+                )
+                .is_ok_and(|s| match s {
+                    ferry_api::Status::Vm(v) => v.machine.state == ferry_api::RunState::Migrated,
+                    ferry_api::Status::Incoming(_) => false,
+                });
+                if handed {
+                    tracing::warn!(
+                        vm = self.vm,
+                        "the driver failed ({e}), but the VM was handed over"
+                    );
+                    return end(
+                        record,
+                        MigrationState::Completed,
+                        Some(format!("followed to the handover, then: {e}")),
+                    );
+                }
                 tracing::error!(vm = self.vm, "migration failed: {e}");
                 return end(record, MigrationState::Failed, Some(e.to_string()));
             }
@@ -493,8 +546,14 @@ impl Job {
         {
             let mut i = lock(&record.info);
             i.total_ms = Some(core.total_ms);
-            i.downtime_ms = core.switchover_ms;
-            if let Some(steps) = &report.policy_steps
+            // The pause as the guest saw it (its heartbeats), else as the VMM timed it.
+            i.downtime_ms = report.migration.downtime_ms.or(core.switchover_ms);
+            // The VMM's record is the whole one: the initial settings with their
+            // reasons, and every change; a migration over before the policy's first
+            // tick has no events to show them.
+            if !report.migration.decisions.is_empty() {
+                i.decisions.clone_from(&report.migration.decisions);
+            } else if let Some(steps) = &report.policy_steps
                 && i.decisions.is_empty()
             {
                 i.decisions.clone_from(steps);

@@ -56,6 +56,7 @@ enum Phase {
 
 pub struct Door {
     slot: Slot,
+    listening: SocketAddr,
     place: Placement,
     /// The one-time ticket a source must present (None: any source may migrate here).
     /// Spent by the first `Hello` that presents it: a failed migration is not retried
@@ -96,9 +97,15 @@ impl Read for Until<'_> {
 }
 
 impl Door {
-    pub fn new(slot: Slot, place: Placement, ticket: Option<String>) -> Arc<Self> {
+    pub fn new(
+        slot: Slot,
+        place: Placement,
+        ticket: Option<String>,
+        listening: SocketAddr,
+    ) -> Arc<Self> {
         Arc::new(Self {
             slot,
+            listening,
             place,
             ticket,
             ticket_spent: std::sync::atomic::AtomicBool::new(false),
@@ -107,6 +114,10 @@ impl Door {
             waiting: AtomicUsize::new(0),
             counters: Mutex::new(PortCounters::default()),
         })
+    }
+
+    pub fn listening(&self) -> SocketAddr {
+        self.listening
     }
 
     pub fn counters(&self) -> PortCounters {

@@ -78,7 +78,7 @@ pub enum LimitsError {
 
 /// The `[limits]` table of a limits file (`ferry migrate --limits FILE`) or of a bench
 /// scenario: the same keys as the flags, each optional.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsTable {
     pub max_downtime_ms: Option<f64>,
