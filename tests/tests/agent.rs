@@ -324,7 +324,30 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     let _host = alongside();
     let (_dir, a, b) = two_hosts("agent-migrate");
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    // Watched as it goes: server-sent events until the end.
+    let watch = {
+        let (addr, token, path) = (
+            a.addr.clone(),
+            a.token.clone(),
+            format!("/v1/migrations/{id}?watch=true"),
+        );
+        std::thread::spawn(move || request(&addr, "GET", &path, Some(&token), None))
+    };
     let m = a.wait_ended(&id, Duration::from_secs(120));
+    let events = watch.join().unwrap().expect("the watch answered");
+    assert!(events.headers.contains("text/event-stream"), "{events:?}");
+    let last = events
+        .body
+        .rsplit("event: end\ndata: ")
+        .next()
+        .unwrap_or("");
+    let last: Value =
+        serde_json::from_str(last.lines().next().unwrap_or("")).expect("the end event's record");
+    assert_eq!(last["state"], "completed", "{events:?}");
+    assert!(
+        events.body.contains("event: migration\ndata: "),
+        "{events:?}"
+    );
     assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
     assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
     assert!(!m["decisions"].as_array().unwrap().is_empty(), "{m}");

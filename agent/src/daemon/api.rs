@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,6 +30,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 /// What the handlers share.
 pub struct Shared {
+    /// Set when the agent stops: watch streams end.
+    pub stopping: std::sync::atomic::AtomicBool,
     pub host: String,
     pub tokens: Tokens,
     pub vms: View,
@@ -264,16 +267,63 @@ async fn list_migrations(
     Ok(Json(s.migrations.list()))
 }
 
+/// How often a watch looks for a change in the migration's record.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 async fn get_migration(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<MigrationInfo>, Failure> {
+    Query(query): Query<std::collections::BTreeMap<String, String>>,
+) -> Result<Response, Failure> {
     authorize(&s, &headers, Need::Read)?;
-    s.migrations
+    let watch = match query.get("watch").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Failure(
+                ApiErrorKind::InvalidRequest,
+                format!("watch={other:?}: true or false"),
+            ));
+        }
+    };
+    let first = s
+        .migrations
         .get(&id)
-        .map(Json)
-        .ok_or_else(|| Failure(ApiErrorKind::NotFound, format!("no migration {id:?}")))
+        .ok_or_else(|| Failure(ApiErrorKind::NotFound, format!("no migration {id:?}")))?;
+    if !watch {
+        return Ok(Json(first).into_response());
+    }
+    // Server-sent events: the whole record as event `migration` whenever it changes
+    // (looked at every 250 ms), and a last `end` once it has ended.
+    let stream = futures_util::stream::unfold(
+        (s, id, None::<String>, false),
+        |(s, id, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let m = s.migrations.get(&id)?;
+                let text = serde_json::to_string(&m).unwrap_or_default();
+                let ended = m.state.ended();
+                if last.as_deref() != Some(text.as_str()) || ended {
+                    let kind = if ended { "end" } else { "migration" };
+                    let event = sse::Event::default().event(kind).data(text.clone());
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (s, id, Some(text), ended),
+                    ));
+                }
+                if s.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return None;
+                }
+                tokio::time::sleep(WATCH_EVERY).await;
+            }
+        },
+    );
+    Ok(sse::Sse::new(stream)
+        .keep_alive(sse::KeepAlive::default())
+        .into_response())
 }
 
 async fn cancel_migration(

@@ -91,6 +91,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             .map_err(AgentError::Runtime)?
     };
     let shared = Arc::new(api::Shared {
+        stopping: AtomicBool::new(false),
         host: cfg.name.clone(),
         tokens: cfg.tokens.clone(),
         vms: view,
@@ -118,8 +119,13 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             vm_dir = %cfg.vm_dir.display(),
             "agent serving"
         );
+        let on_stop = shared.clone();
         axum::serve(listener, api::router(shared))
-            .with_graceful_shutdown(terminated())
+            .with_graceful_shutdown(async move {
+                terminated().await;
+                // Watches end, so the server's graceful stop does not wait on them.
+                on_stop.stopping.store(true, Ordering::Release);
+            })
             .await
             .map_err(AgentError::Serve)
     });
