@@ -10,6 +10,11 @@ use ferry_api::{
 use super::backend::{Backend, BackendError, VmFacts};
 use crate::client::{self, ClientError};
 
+/// A VMM answers every request the driver sends well within this (the slowest,
+/// `migrate` and `resolve`, wait on the destination for a few seconds at most); one
+/// that does not is wedged or stopped, and the driver is told so rather than held.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct FerryVmm {
     control: PathBuf,
 }
@@ -23,7 +28,7 @@ impl FerryVmm {
     }
 
     fn call<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T, BackendError> {
-        client::call(&self.control, req).map_err(backend_error)
+        client::call_within(&self.control, req, ANSWER_WITHIN).map_err(backend_error)
     }
 
     fn vm_status(&self) -> Result<Box<ferry_api::VmStatus>, BackendError> {
