@@ -20,6 +20,17 @@ struct Cli {
 }
 
 /// The policy and the operator's limits, shared by `migrate` and `plan`.
+/// Which agent a command asks, and the token it presents.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent's API.
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
+    agent: String,
+    /// A file holding the token to present.
+    #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
 #[derive(clap::Args)]
 struct PolicyArgs {
     /// Who sets compression, throttling and post-copy while it runs: adaptive
@@ -286,12 +297,9 @@ enum Command {
         /// Destination HOST:PORT (with --control) or a peer's name (with a VM).
         #[arg(long, value_name = "HOST:PORT|PEER", required_unless_present_any = ["resolve", "resume", "attach"])]
         to: Option<String>,
-        /// With a VM: the agent's API.
-        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
-        agent: String,
-        /// With a VM: a file holding the operator's token.
-        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
+        /// With a VM: the agent to ask.
+        #[command(flatten)]
+        api: AgentArgs,
         /// Follow (and steer, with --policy) the migration already under way, as a
         /// `ferry migrate` that went away did; if it has ended, show its report.
         #[arg(long, conflicts_with_all = ["to", "resolve", "resume"])]
@@ -432,17 +440,13 @@ enum Command {
         /// The VMM whose migration to stop.
         #[arg(long, required_unless_present = "id")]
         control: Option<PathBuf>,
-        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
-        agent: String,
-        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: AgentArgs,
     },
     /// List the migrations an agent drives or drove since it started.
     Migrations {
-        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
-        agent: String,
-        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: AgentArgs,
         #[arg(long)]
         json: bool,
     },
@@ -459,12 +463,8 @@ enum Command {
     },
     /// List the VMs an agent holds, with their state and the guest's heartbeats.
     Vms {
-        /// The agent's API.
-        #[arg(long, default_value = "http://127.0.0.1:7070", env = "FERRY_AGENT")]
-        agent: String,
-        /// A file holding the token to present (FERRY_TOKEN_FILE).
-        #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: AgentArgs,
         #[arg(long)]
         json: bool,
     },
@@ -520,11 +520,7 @@ fn main() -> ExitCode {
             )
         })(),
         Command::Agent { config, log_format } => cli::agent::serve(&config, &log_format),
-        Command::Vms {
-            agent,
-            token_file,
-            json,
-        } => cli::agent::vms(&agent, token_file.as_deref(), json),
+        Command::Vms { api, json } => cli::agent::vms(&api.agent, api.token_file.as_deref(), json),
         Command::Status { control, json } => cli::client::status(&control, json),
         Command::Pause { control } => cli::client::change_state(&control, &Request::Pause {}),
         Command::Resume { control } => cli::client::change_state(&control, &Request::Resume {}),
@@ -535,17 +531,14 @@ fn main() -> ExitCode {
             control: Some(control),
             ..
         } => cli::client::print_answer::<ferry_api::Cancelling>(&control, &Request::Cancel {}),
-        Command::Cancel {
-            id,
-            agent,
-            token_file,
-            ..
-        } => cli::agent::cancel(&agent, token_file.as_deref(), &id.unwrap_or_default()),
-        Command::Migrations {
-            agent,
-            token_file,
-            json,
-        } => cli::agent::migrations(&agent, token_file.as_deref(), json),
+        Command::Cancel { id, api, .. } => cli::agent::cancel(
+            &api.agent,
+            api.token_file.as_deref(),
+            &id.unwrap_or_default(),
+        ),
+        Command::Migrations { api, json } => {
+            cli::agent::migrations(&api.agent, api.token_file.as_deref(), json)
+        }
         Command::StorageMigrate {
             control,
             to,
@@ -579,8 +572,7 @@ fn main() -> ExitCode {
         Command::Migrate {
             vm: Some(vm),
             to,
-            agent,
-            token_file,
+            api,
             policy,
             json,
             ..
@@ -594,7 +586,7 @@ fn main() -> ExitCode {
             if limits != ferry::policy::LimitsTable::default() {
                 req["limits"] = serde_json::to_value(&limits)?;
             }
-            cli::agent::migrate(&agent, token_file.as_deref(), &req, json)
+            cli::agent::migrate(&api.agent, api.token_file.as_deref(), &req, json)
         })(),
         Command::Migrate { control: None, .. } => {
             Err(anyhow::anyhow!("--control or a VM's name is needed"))

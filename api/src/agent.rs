@@ -64,8 +64,7 @@ impl From<ErrorKind> for ApiErrorKind {
 }
 
 /// Where a VM of this host's inventory stands, as the agent knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmPresence {
     /// Its VMM answers on its control socket.
     Running,
@@ -74,6 +73,11 @@ pub enum VmPresence {
     /// Its VMM does not answer (it exited, or crashed); `error` says what is known.
     Down,
 }
+named!(
+    VmPresence,
+    "presence",
+    [Running = "running", Starting = "starting", Down = "down"]
+);
 
 /// `GET /v1/vms/{name}` and each item of `GET /v1/vms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +109,30 @@ pub struct VmInfo {
     pub migrating: bool,
 }
 
+impl VmInfo {
+    /// A VM taken on from `config`, nothing known of it yet.
+    pub fn new(name: &str, config: String) -> Self {
+        Self {
+            name: name.to_owned(),
+            presence: VmPresence::Starting,
+            state: None,
+            pid: None,
+            config,
+            adopted: false,
+            vcpus: None,
+            memory_mib: None,
+            uptime_ms: None,
+            heartbeats: None,
+            pages_written_per_sec: None,
+            max_heartbeat_gap_ms: None,
+            guest_integrity_errors: None,
+            disk_integrity_errors: None,
+            error: None,
+            migrating: false,
+        }
+    }
+}
+
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
@@ -133,8 +161,7 @@ pub struct IncomingOffer {
     pub ticket: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationState {
     /// Asking the destination's agent, starting the VMM's migration.
     Starting,
@@ -143,6 +170,18 @@ pub enum MigrationState {
     Failed,
     Cancelled,
 }
+
+named!(
+    MigrationState,
+    "migration state",
+    [
+        Starting = "starting",
+        Running = "running",
+        Completed = "completed",
+        Failed = "failed",
+        Cancelled = "cancelled"
+    ]
+);
 
 impl MigrationState {
     pub fn ended(self) -> bool {
@@ -178,4 +217,35 @@ pub struct MigrationInfo {
     pub total_ms: Option<f64>,
     pub downtime_ms: Option<f64>,
     pub error: Option<String>,
+}
+
+impl MigrationInfo {
+    /// A migration just asked for: `starting`, nothing measured yet.
+    pub fn new(
+        id: String,
+        vm: &str,
+        source: &str,
+        destination: &str,
+        policy: &str,
+        started_unix_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            vm: vm.to_owned(),
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            destination_address: None,
+            state: MigrationState::Starting,
+            policy: policy.to_owned(),
+            started_unix_ms,
+            ended_unix_ms: None,
+            progress: None,
+            decisions: Vec::new(),
+            predicted_total_ms: None,
+            predicted_downtime_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            error: None,
+        }
+    }
 }

@@ -275,6 +275,16 @@ fn rand_u64() -> u64 {
     t.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n
 }
 
+/// A process's resident memory, KiB (0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs `ferry ARGS` to completion.
 pub fn ferry(args: &[&str]) -> Output {
     Command::new(ferry_bin())

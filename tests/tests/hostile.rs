@@ -17,7 +17,7 @@ use ferry_api::{
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
     TempDir, Vmm, alongside, assert_running_and_intact, boot, check_arrived, exclusive, ferry,
-    incoming, migrate, require_kvm, state_of,
+    incoming, migrate, require_kvm, rss_kib, state_of,
 };
 use serde_json::{Value, json};
 
@@ -85,15 +85,6 @@ fn fd_list(pid: u32) -> String {
                 .join(", ")
         })
         .unwrap_or_default()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A real migration to `addr` completes and the guest arrives whole.

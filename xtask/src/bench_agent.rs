@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use ferry_tests::agent::{Agent, request};
+use ferry_tests::rss_kib;
 use serde_json::{Value, json};
 
 use crate::util::{build_ferry, cpu_seconds, median, root, step, work_dir};
@@ -22,15 +23,6 @@ fn vm(name: &str) -> String {
 const VMS: usize = 10;
 const RATE_PER_SEC: u64 = 200;
 const ROUND_TRIPS: usize = 4;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -111,10 +111,7 @@ pub fn vms(agent: &str, token_file: Option<&Path>, as_json: bool) -> anyhow::Res
         println!(
             "{:<20} {:<9} {:<9} {:>8} {:>12} {:>14}",
             v.name,
-            serde_json::to_value(v.presence)
-                .ok()
-                .and_then(|p| p.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            v.presence.as_str(),
             v.state.map_or_else(dash, |s| s.to_string()),
             v.pid.map_or_else(dash, |p| p.to_string()),
             v.heartbeats.map_or_else(dash, |h| h.to_string()),
@@ -151,7 +148,7 @@ pub fn migrations(
             m.id,
             m.vm,
             m.destination,
-            state_name(m.state),
+            m.state.as_str(),
             ms(m.total_ms),
             ms(m.downtime_ms)
         );
@@ -166,13 +163,6 @@ pub fn cancel(agent: &str, token_file: Option<&Path>, id: &str) -> anyhow::Resul
     AgentClient::new(agent, token_file)?.call("DELETE", &format!("/v1/migrations/{id}"), None)?;
     eprintln!("cancelling migration {id}; the VM stays where it is");
     Ok(ExitCode::SUCCESS)
-}
-
-fn state_name(s: MigrationState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -270,7 +260,7 @@ pub fn migrate(
         println!(
             "{} {}: total {}, downtime {}{}",
             last.vm,
-            state_name(last.state),
+            last.state,
             ms(last.total_ms),
             ms(last.downtime_ms),
             last.error.map(|e| format!(" ({e})")).unwrap_or_default()

@@ -356,8 +356,6 @@ async fn receive(
 mod tests {
     use std::collections::BTreeSet;
 
-    use ferry_api::agent::VmPresence;
-
     use super::*;
 
     fn openapi() -> serde_json::Value {
@@ -394,24 +392,7 @@ mod tests {
     #[test]
     fn the_openapi_schemas_name_every_field_the_agent_sends() {
         let doc = openapi();
-        let vm = VmInfo {
-            name: "a".into(),
-            presence: VmPresence::Running,
-            state: None,
-            pid: None,
-            config: "a.toml".into(),
-            adopted: false,
-            vcpus: None,
-            memory_mib: None,
-            uptime_ms: None,
-            heartbeats: None,
-            pages_written_per_sec: None,
-            max_heartbeat_gap_ms: None,
-            guest_integrity_errors: None,
-            disk_integrity_errors: None,
-            error: None,
-            migrating: false,
-        };
+        let vm = VmInfo::new("a", "a.toml".into());
         let health = Health {
             status: "ok".into(),
             name: "h".into(),
@@ -422,24 +403,7 @@ mod tests {
             kind: ApiErrorKind::Busy,
             message: String::new(),
         };
-        let migration = MigrationInfo {
-            id: "m1".into(),
-            vm: "a".into(),
-            source: "h".into(),
-            destination: "p".into(),
-            destination_address: None,
-            state: ferry_api::agent::MigrationState::Running,
-            policy: "adaptive".into(),
-            started_unix_ms: 0,
-            ended_unix_ms: None,
-            progress: None,
-            decisions: Vec::new(),
-            predicted_total_ms: None,
-            predicted_downtime_ms: None,
-            total_ms: None,
-            downtime_ms: None,
-            error: None,
-        };
+        let migration = MigrationInfo::new("m1".into(), "a", "h", "p", "adaptive", 0);
         let offer = IncomingOffer {
             address: "a".into(),
             ticket: "t".into(),

@@ -719,24 +719,7 @@ fn reap(vm: &mut Vm) {
 }
 
 fn blank_info(name: &str, config: &Path) -> VmInfo {
-    VmInfo {
-        name: name.to_owned(),
-        presence: VmPresence::Starting,
-        state: None,
-        pid: None,
-        config: config.display().to_string(),
-        adopted: false,
-        vcpus: None,
-        memory_mib: None,
-        uptime_ms: None,
-        heartbeats: None,
-        pages_written_per_sec: None,
-        max_heartbeat_gap_ms: None,
-        guest_integrity_errors: None,
-        disk_integrity_errors: None,
-        error: None,
-        migrating: false,
-    }
+    VmInfo::new(name, config.display().to_string())
 }
 
 fn random_hex(bytes: usize) -> std::io::Result<String> {

@@ -61,13 +61,9 @@ impl Metrics {
             "# HELP ferry_agent_vms VMs of this host's inventory, by presence.\n\
              # TYPE ferry_agent_vms gauge"
         );
-        for p in [VmPresence::Running, VmPresence::Starting, VmPresence::Down] {
+        for &p in VmPresence::ALL {
             let n = vms.iter().filter(|v| v.presence == p).count();
-            let name = serde_json::to_value(p)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            let _ = writeln!(out, "ferry_agent_vms{{presence=\"{name}\"}} {n}");
+            let _ = writeln!(out, "ferry_agent_vms{{presence=\"{p}\"}} {n}");
         }
         let _ = writeln!(
             out,

@@ -282,24 +282,14 @@ impl Migrations {
             self.next.fetch_add(1, Ordering::Relaxed)
         );
         let record = Arc::new(Record {
-            info: Mutex::new(MigrationInfo {
-                id: id.clone(),
-                vm: vm.to_owned(),
-                source: self.host.clone(),
-                destination: destination.to_owned(),
-                destination_address: None,
-                state: MigrationState::Starting,
-                policy: policy.to_owned(),
-                started_unix_ms: now_ms(),
-                ended_unix_ms: None,
-                progress: None,
-                decisions: Vec::new(),
-                predicted_total_ms: None,
-                predicted_downtime_ms: None,
-                total_ms: None,
-                downtime_ms: None,
-                error: None,
-            }),
+            info: Mutex::new(MigrationInfo::new(
+                id.clone(),
+                vm,
+                &self.host,
+                destination,
+                policy,
+                now_ms(),
+            )),
             cancel: AtomicBool::new(false),
         });
         records.insert(id, record.clone());
