@@ -371,6 +371,24 @@ impl Vmm {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the log holds `needle` `count` times (it may hold more) and
+    /// returns it. The VMM writes some lines only after acting (a connection is
+    /// closed, then logged), so whoever saw the act may be ahead of the line.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log_text();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {count} lines saying {needle:?}\nlog: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn ctl(&self) -> &str {
         self.control.to_str().expect("utf-8 path")
     }
