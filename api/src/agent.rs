@@ -107,6 +107,13 @@ pub struct VmInfo {
     /// Its VMM is sending it to another host now.
     #[serde(default)]
     pub migrating: bool,
+    /// Its VMM handed it over, and the destination's word that it runs there was
+    /// lost: both copies stay paused until the two sides settle it.
+    #[serde(default)]
+    pub in_doubt: bool,
+    /// Its VMM is moving its disks to another datastore now.
+    #[serde(default)]
+    pub moving_disks: bool,
 }
 
 impl VmInfo {
@@ -129,6 +136,8 @@ impl VmInfo {
             disk_integrity_errors: None,
             error: None,
             migrating: false,
+            in_doubt: false,
+            moving_disks: false,
         }
     }
 }
@@ -151,6 +160,11 @@ pub struct IncomingRequest {
     pub config: String,
     /// The asking host's name.
     pub source: String,
+    /// The disks travel with the VM: copies go into this host's first datastore.
+    /// Otherwise this host finds each image by its file name in its datastores
+    /// (shared storage).
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 /// The answer to an [`IncomingRequest`]: where to send the VM, and the one-time
@@ -166,6 +180,9 @@ pub enum MigrationState {
     /// Asking the destination's agent, starting the VMM's migration.
     Starting,
     Running,
+    /// Handed over, and the destination's word lost: settling with the destination
+    /// where the VM runs (both copies paused until then).
+    Resolving,
     Completed,
     Failed,
     Cancelled,
@@ -177,6 +194,7 @@ named!(
     [
         Starting = "starting",
         Running = "running",
+        Resolving = "resolving",
         Completed = "completed",
         Failed = "failed",
         Cancelled = "cancelled"
@@ -217,6 +235,9 @@ pub struct MigrationInfo {
     pub total_ms: Option<f64>,
     pub downtime_ms: Option<f64>,
     pub error: Option<String>,
+    /// A handover in doubt, settled with the destination: where the VM runs.
+    #[serde(default)]
+    pub resolution: Option<crate::Resolution>,
 }
 
 impl MigrationInfo {
@@ -245,6 +266,70 @@ impl MigrationInfo {
             predicted_downtime_ms: None,
             total_ms: None,
             downtime_ms: None,
+            error: None,
+            resolution: None,
+        }
+    }
+}
+
+/// `POST /v1/storage-migrations`: move a running VM's disk images (or one) into
+/// another of this host's datastores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageMigrationRequest {
+    pub vm: String,
+    /// One of the agent's `datastores`, as its config names it; the images go into
+    /// the VM's folder there.
+    pub datastore: String,
+    /// One disk by its id (None: every disk).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// `auto` (the default), `background` or `active`.
+    #[serde(default)]
+    pub mode: Option<crate::StorageMode>,
+    /// Delete the old images once the VM runs on the new ones.
+    #[serde(default)]
+    pub remove_source: bool,
+    /// Cap on the guest's disk writes while its disks move, bytes per second.
+    #[serde(default)]
+    pub throttle_writes_bytes_per_sec: Option<u64>,
+}
+
+/// `GET /v1/storage-migrations/{id}`: one storage migration this agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageMigrationInfo {
+    pub id: String,
+    pub vm: String,
+    /// The datastore, as the request named it.
+    pub datastore: String,
+    /// The folder the images go into.
+    pub folder: String,
+    pub state: MigrationState,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// The latest progress the VMM reported.
+    pub progress: Option<crate::StorageProgress>,
+    /// Once ended: the VMM's report (each disk's old and new place, the check).
+    pub report: Option<crate::StorageReport>,
+    /// The VM's config in the agent's VM folder, once it names the new images.
+    pub config_rewritten: Option<String>,
+    pub error: Option<String>,
+}
+
+impl StorageMigrationInfo {
+    /// A storage migration just asked for: `starting`, nothing measured yet.
+    pub fn new(id: String, vm: &str, datastore: &str, folder: String, started: u64) -> Self {
+        Self {
+            id,
+            vm: vm.to_owned(),
+            datastore: datastore.to_owned(),
+            folder,
+            state: MigrationState::Starting,
+            started_unix_ms: started,
+            ended_unix_ms: None,
+            progress: None,
+            report: None,
+            config_rewritten: None,
             error: None,
         }
     }

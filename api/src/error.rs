@@ -21,6 +21,15 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Asking again later may succeed: something was busy, unreachable, or failed on
+    /// the way. The rest are answers that a retry only repeats.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Failed
+        )
+    }
+
     /// The HTTP status an API answers with for this kind.
     pub fn http_status(self) -> u16 {
         match self {

@@ -128,6 +128,8 @@ pub struct Agent {
     pub token: String,
     pub peer_token: String,
     pub webhook_token: String,
+    /// Set in the agent's environment (and so its VMMs'): a test's fault injection.
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
 }
 
@@ -172,7 +174,37 @@ impl Agent {
             token,
             peer_token,
             webhook_token,
+            env: Vec::new(),
             child: None,
+        }
+    }
+
+    /// Adds a top-level `key = value` line to the agent's config (before it starts).
+    pub fn set(&self, line: &str) {
+        let path = self.dir.join("agent.toml");
+        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        // Top-level keys go before any table.
+        std::fs::write(&path, format!("{line}\n{text}")).expect("agent.toml");
+    }
+
+    /// Polls `path` (a migration or storage migration) until its record has ended;
+    /// returns it.
+    pub fn wait_record_ended(&self, path: &str, timeout: Duration) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let a = self.call("GET", path, None);
+            assert_eq!(a.status, 200, "{a:?}");
+            let m = a.json();
+            if ["completed", "failed", "cancelled"].contains(&m["state"].as_str().unwrap_or("")) {
+                return m;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{path} still {} after {timeout:?}: {m}\n{}",
+                m["state"],
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -216,22 +248,7 @@ impl Agent {
 
     /// Polls the migration `id` until it has ended; returns its record.
     pub fn wait_ended(&self, id: &str, timeout: Duration) -> serde_json::Value {
-        let t0 = Instant::now();
-        loop {
-            let a = self.call("GET", &format!("/v1/migrations/{id}"), None);
-            assert_eq!(a.status, 200, "{a:?}");
-            let m = a.json();
-            if ["completed", "failed", "cancelled"].contains(&m["state"].as_str().unwrap_or("")) {
-                return m;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "migration {id} still {} after {timeout:?}: {m}\n{}",
-                m["state"],
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_record_ended(&format!("/v1/migrations/{id}"), timeout)
     }
 
     /// Starts `ferry agent` and waits until `/healthz` answers.
@@ -246,6 +263,7 @@ impl Agent {
             None => Command::new(ferry_bin()),
         };
         let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["agent", "--config"])
             .arg(self.dir.join("agent.toml"))
             .stdin(Stdio::null())

@@ -11,6 +11,39 @@ fn vm_config(name: &str) -> String {
     format!("name = \"{name}\"\nmemory_mib = 32\n")
 }
 
+/// A VM whose guest writes to a disk image at `image` while it runs.
+fn disk_vm_config(name: &str, image: &std::path::Path) -> String {
+    format!(
+        "name = \"{name}\"\nmemory_mib = 32\n[workload]\nworking_set_mib = 8\n\
+         dirty_pages_per_sec = 500\n[workload.disk]\nwrite_ops_per_sec = 500\n\
+         [[disks]]\nid = \"data\"\npath = \"{}\"\nsize_mib = 16\n",
+        image.display()
+    )
+}
+
+/// The guest of `name` at `control` has written to its disk.
+fn wait_disk_writes(control: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = status_at(control)
+            && vm_of(s).machine.disk_writes > 50
+        {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no disk writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The disk paths a VM config names.
+fn config_disks(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("path = "))
+        .map(|p| p.trim_matches('"').to_owned())
+        .collect()
+}
+
 fn named<'a>(list: &'a [Value], name: &str) -> Option<&'a Value> {
     list.iter().find(|v| v["name"] == name)
 }
@@ -268,6 +301,16 @@ fn two_hosts(tag: &str) -> (TempDir, Agent, Agent) {
 }
 
 fn two_hosts_with(tag: &str, web1: &str) -> (TempDir, Agent, Agent) {
+    two_hosts_set(tag, web1, |_, _| {})
+}
+
+/// Two agents, peers of each other, `web-1` running on the first; `set` adjusts both
+/// before they start.
+fn two_hosts_set(
+    tag: &str,
+    web1: &str,
+    set: impl FnOnce(&mut Agent, &mut Agent),
+) -> (TempDir, Agent, Agent) {
     let dir = TempDir::new(tag);
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::create_dir_all(dir.join("b")).unwrap();
@@ -275,6 +318,7 @@ fn two_hosts_with(tag: &str, web1: &str) -> (TempDir, Agent, Agent) {
     let mut b = Agent::configure(&dir.join("b"), "host-b");
     a.peer_with(&b);
     b.peer_with(&a);
+    set(&mut a, &mut b);
     std::fs::write(dir.join("a/vms/web-1.toml"), web1).unwrap();
     a.start();
     b.start();
@@ -391,6 +435,32 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
         out.status.success() && table.contains("completed"),
         "{table}"
     );
+}
+
+#[test]
+fn a_handover_in_doubt_is_settled_between_the_agents_without_an_operator() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    // The source's VMM loses its connection right after it told the destination to
+    // run the VM: the handover is in doubt, both copies paused.
+    let (_dir, a, b) = two_hosts_set("agent-doubt", &vm_config("web-1"), |a, _| {
+        a.env
+            .push(("FERRY_TEST_FAULT".into(), "drop-after-commit".into()));
+    });
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
+    assert_eq!(m["resolution"]["vm_runs_on"], "destination", "{m}");
+    assert_eq!(m["resolution"]["committed"], true, "{m}");
+    assert!(m["error"].is_null(), "{m}");
+    assert!(
+        a.log_text().contains("handover in doubt settled"),
+        "{}",
+        a.log_text()
+    );
+    moved(&a, &b);
 }
 
 #[test]
@@ -717,4 +787,165 @@ fn agents_in_two_network_namespaces_move_a_vm_over_their_link_and_back() {
     moved(&b, &a);
     // The agents went before the link does.
     drop((a, b));
+}
+
+#[test]
+fn a_storage_migration_through_the_api_moves_the_disks_under_a_writing_guest_and_the_config_follows()
+ {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let dir = TempDir::new("agent-storage");
+    let mut agent = Agent::configure(dir.path(), "host-a");
+    agent.set(r#"datastores = ["ds1", "ds2"]"#);
+    for ds in ["ds1", "ds2"] {
+        std::fs::create_dir_all(dir.join(ds)).unwrap();
+    }
+    let image = dir.join("ds1/web-1-data.img");
+    std::fs::write(dir.join("vms/web-1.toml"), disk_vm_config("web-1", &image)).unwrap();
+    agent.start();
+    agent.wait_for_vms("web-1 running", Duration::from_secs(60), |l| {
+        running_with_heartbeats(l, &["web-1"])
+    });
+    wait_disk_writes(&agent.control("web-1"));
+    // What cannot be done is refused, and nothing moves.
+    for (body, status, says) in [
+        (
+            r#"{"vm": "web-1", "datastore": "/elsewhere"}"#,
+            400,
+            "not one of this agent's datastores",
+        ),
+        (r#"{"vm": "web-9", "datastore": "ds2"}"#, 404, "no VM"),
+        (
+            r#"{"vm": "web-1", "datastore": "ds2", "disk": "root"}"#,
+            404,
+            "root",
+        ),
+        (
+            r#"{"vm": "web-1", "datastore": "ds2", "speed": 1}"#,
+            400,
+            "speed",
+        ),
+    ] {
+        let a = agent.call("POST", "/v1/storage-migrations", Some(body));
+        assert_eq!(a.status, status, "{body}: {a:?}");
+        assert!(a.body.contains(says), "{body}: {a:?}");
+    }
+    assert_eq!(
+        agent.call("GET", "/v1/storage-migrations", None).json(),
+        serde_json::json!([])
+    );
+    assert!(image.exists() && !dir.join("ds2/web-1").exists());
+    let a = agent.call(
+        "POST",
+        "/v1/storage-migrations",
+        Some(r#"{"vm": "web-1", "datastore": "ds2"}"#),
+    );
+    assert_eq!(a.status, 201, "{a:?}\n{}", agent.log_text());
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    let m = agent.wait_record_ended(
+        &format!("/v1/storage-migrations/{id}"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(m["state"], "completed", "{m}\n{}", agent.log_text());
+    assert_eq!(m["report"]["outcome"], "completed", "{m}");
+    assert_eq!(m["report"]["disk_integrity_errors"], 0, "{m}");
+    assert!(
+        m["report"]["guest_bytes_written"].as_u64().unwrap_or(0) > 0,
+        "{m}"
+    );
+    // The VM runs on the new image, and will start from it: its config names it.
+    let moved = dir.join("ds2/web-1/web-1-data.img");
+    assert!(moved.exists(), "{m}");
+    let kept = dir.join("vms/web-1.toml");
+    assert_eq!(
+        m["config_rewritten"].as_str().map(std::path::PathBuf::from),
+        Some(std::path::absolute(&kept).unwrap()),
+        "{m}"
+    );
+    let names = config_disks(&kept);
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with("ds2/web-1/web-1-data.img"), "{names:?}");
+    wait_disk_writes(&agent.control("web-1"));
+    let out = ferry(&["verify", "--control", &agent.control("web-1")]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Ended: a cancel is refused, the list shows it.
+    let a = agent.call("DELETE", &format!("/v1/storage-migrations/{id}"), None);
+    assert_eq!(a.status, 409, "{a:?}");
+    let list = agent.call("GET", "/v1/storage-migrations", None).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+}
+
+#[test]
+fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    // Host-a's own disk folder, not one of its datastores.
+    let local = TempDir::new("agent-disks");
+    let image = local.join("web-1-data.img");
+    let (_dir, a, b) = two_hosts_set(
+        "agent-disks-hosts",
+        &disk_vm_config("web-1", &image),
+        |a, b| {
+            for agent in [a, b] {
+                agent.set(r#"datastores = ["ds"]"#);
+                std::fs::create_dir_all(agent.dir.join("ds")).unwrap();
+            }
+        },
+    );
+    wait_disk_writes(&a.control("web-1"));
+    // Not on storage host-b shares, and not sent along: refused before anything moves.
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(60));
+    assert_eq!(m["state"], "failed", "{m}");
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("web-1-data.img"),
+        "{m}"
+    );
+    a.wait_for_vms(
+        "web-1 still running on host-a",
+        Duration::from_secs(30),
+        |l| running_with_heartbeats(l, &["web-1"]),
+    );
+    // Sent along: the copy lands in host-b's datastore, and host-b's config names it.
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b", "copy_storage": true}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
+    moved(&a, &b);
+    let there = b.dir.join("ds/web-1/web-1-data.img");
+    assert!(there.exists());
+    let names = config_disks(&b.dir.join("vms/web-1.toml"));
+    assert_eq!(
+        names
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect::<Vec<_>>(),
+        vec![std::path::absolute(&there).unwrap()]
+    );
+    wait_disk_writes(&b.control("web-1"));
+    // And back, into host-a's datastore this time.
+    let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a", "copy_storage": true}"#);
+    let m = b.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", b.log_text());
+    moved(&b, &a);
+    assert!(a.dir.join("ds/web-1/web-1-data.img").exists());
+    // host-b still holds the copy it received: a third trip is refused, not written
+    // over it, and the VM runs on where it is.
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b", "copy_storage": true}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(60));
+    assert_eq!(m["state"], "failed", "{m}");
+    assert!(m["error"].as_str().unwrap_or("").contains("409"), "{m}");
+    a.wait_for_vms(
+        "web-1 still running on host-a",
+        Duration::from_secs(30),
+        |l| running_with_heartbeats(l, &["web-1"]),
+    );
 }

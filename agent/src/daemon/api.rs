@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api::agent::{
-    ApiError, ApiErrorKind, Health, IncomingOffer, IncomingRequest, MigrationInfo, VmInfo,
+    ApiError, ApiErrorKind, Health, IncomingOffer, IncomingRequest, MigrationInfo,
+    StorageMigrationInfo, StorageMigrationRequest, VmInfo,
 };
 use serde::de::DeserializeOwned;
 
@@ -23,6 +24,7 @@ use super::config::Tokens;
 use super::inventory::{Inventory, View};
 use super::metrics::Metrics;
 use super::migrations::{MigrationRequest, Migrations, Refusal};
+use super::storage::StorageMigrations;
 use crate::sync::lock;
 
 /// A request body's size at most (a migration request is well under a kilobyte).
@@ -38,6 +40,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub inventory: Arc<Mutex<Inventory>>,
     pub migrations: Arc<Migrations>,
+    pub storage: Arc<StorageMigrations>,
     pub run_dir: std::path::PathBuf,
 }
 
@@ -51,6 +54,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/migrations"),
     ("GET", "/v1/migrations/{id}"),
     ("DELETE", "/v1/migrations/{id}"),
+    ("POST", "/v1/storage-migrations"),
+    ("GET", "/v1/storage-migrations"),
+    ("GET", "/v1/storage-migrations/{id}"),
+    ("DELETE", "/v1/storage-migrations/{id}"),
     ("POST", "/v1/incoming"),
 ];
 
@@ -64,6 +71,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/migrations/{id}",
             get(get_migration).delete(cancel_migration),
+        )
+        .route(
+            "/v1/storage-migrations",
+            post(start_storage_migration).get(list_storage_migrations),
+        )
+        .route(
+            "/v1/storage-migrations/{id}",
+            get(get_storage_migration).delete(cancel_storage_migration),
         )
         .route("/v1/incoming", post(receive))
         .fallback(not_found)
@@ -244,6 +259,15 @@ async fn start_migration(
 ) -> Result<Response, Failure> {
     authorize(&s, &headers, Need::Operate)?;
     let req: MigrationRequest = body(bytes)?;
+    if let Some(id) = s.storage.moving(&req.vm) {
+        return Err(Failure(
+            ApiErrorKind::Conflict,
+            format!(
+                "VM {} is moving its disks to another datastore (storage migration {id})",
+                req.vm
+            ),
+        ));
+    }
     let info = blocking(move || {
         s.migrations
             .start(req, &s.vms, &s.inventory, &s.run_dir)
@@ -336,6 +360,60 @@ async fn cancel_migration(
     Ok((StatusCode::ACCEPTED, Json(info)))
 }
 
+async fn start_storage_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, Failure> {
+    authorize(&s, &headers, Need::Operate)?;
+    let req: StorageMigrationRequest = body(bytes)?;
+    let info = blocking(move || {
+        let live = s.migrations.moving(&req.vm);
+        s.storage.start(req, &s.vms, live).map_err(Failure::from)
+    })
+    .await?;
+    let location = format!("/v1/storage-migrations/{}", info.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(info),
+    )
+        .into_response())
+}
+
+async fn list_storage_migrations(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<StorageMigrationInfo>>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    Ok(Json(s.storage.list()))
+}
+
+async fn get_storage_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<StorageMigrationInfo>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    s.storage.get(&id).map(Json).ok_or_else(|| {
+        Failure(
+            ApiErrorKind::NotFound,
+            format!("no storage migration {id:?}"),
+        )
+    })
+}
+
+/// Cancel: the VM stays on its old images.
+async fn cancel_storage_migration(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<StorageMigrationInfo>), Failure> {
+    authorize(&s, &headers, Need::Operate)?;
+    let info = blocking(move || s.storage.cancel(&id).map_err(Failure::from)).await?;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
 async fn receive(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -355,6 +433,8 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    use ferry_api::agent::MigrationState;
 
     use super::*;
 
@@ -412,8 +492,14 @@ mod tests {
             vm: "a".into(),
             config: String::new(),
             source: "h".into(),
+            copy_storage: false,
         };
+        let storage = StorageMigrationInfo::new("s1".into(), "a", "d", "d/a".into(), 0);
         for (name, value) in [
+            (
+                "StorageMigrationInfo",
+                serde_json::to_value(&storage).unwrap(),
+            ),
             ("MigrationInfo", serde_json::to_value(&migration).unwrap()),
             ("IncomingOffer", serde_json::to_value(&offer).unwrap()),
             ("IncomingRequest", serde_json::to_value(&incoming).unwrap()),
@@ -426,5 +512,14 @@ mod tests {
             let described: BTreeSet<&String> = schema.as_object().expect(name).keys().collect();
             assert_eq!(sent, described, "{name}");
         }
+        let states: Vec<&str> = MigrationState::ALL.iter().map(|s| s.as_str()).collect();
+        let described: Vec<&str> =
+            doc["components"]["schemas"]["MigrationInfo"]["properties"]["state"]["enum"]
+                .as_array()
+                .expect("the states")
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+        assert_eq!(states, described);
     }
 }

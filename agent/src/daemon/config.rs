@@ -102,6 +102,8 @@ pub struct AgentConfig {
     /// Control sockets and VMM logs.
     pub run_dir: PathBuf,
     pub datastores: Vec<PathBuf>,
+    /// The config file's folder: relative paths, in it and in requests, start here.
+    pub base: PathBuf,
     pub max_outbound: u32,
     pub max_inbound: u32,
     pub limits: Limits,
@@ -232,6 +234,17 @@ impl AgentConfig {
                 token,
             });
         }
+        // A datastore that is not there is a typo or a storage not mounted: disks
+        // copied into a folder made in its place would land on the wrong disk.
+        for d in &f.datastores {
+            if !at(d).is_dir() {
+                return Err(invalid(
+                    "datastores",
+                    &d.display(),
+                    "is not a folder (create it, mount its storage, or leave it out)",
+                ));
+            }
+        }
         let tokens = Tokens {
             operator: read_token("operator", &at(&f.token_file))?,
             peer: f
@@ -266,6 +279,7 @@ impl AgentConfig {
             vm_dir: at(&f.vm_dir),
             run_dir: at(&f.run_dir.unwrap_or_else(|| PathBuf::from("/run/ferry"))),
             datastores: f.datastores.iter().map(|d| at(d)).collect(),
+            base: std::path::absolute(base).unwrap_or_else(|_| base.to_owned()),
             max_outbound,
             max_inbound,
             limits,
@@ -284,6 +298,7 @@ mod tests {
         std::fs::write(dir.0.join("token"), "operator-secret-0123456789\n").unwrap();
         std::fs::write(dir.0.join("peer"), "  peer-secret-0123456789  ").unwrap();
         std::fs::write(dir.0.join("short"), "abc").unwrap();
+        std::fs::create_dir_all(dir.0.join("disks")).unwrap();
         let path = dir.0.join("agent.toml");
         let r = AgentConfig::parse(body, &path);
         (dir, r)
@@ -315,7 +330,7 @@ listen = "127.0.0.1:7070"
 vm_dir = "vms"
 token_file = "token"
 peer_token_file = "peer"
-datastores = ["/var/lib/ferry/disks"]
+datastores = ["disks"]
 [limits]
 max_downtime_ms = 300
 [[peers]]
@@ -363,6 +378,7 @@ token_file = "peer"
             (("url = \"http://", "url = \"ftp://"), "peers.url"),
             (("name = \"host-b\"", "name = \"host-a\""), "peers.name"),
             (("[limits]", "max_inbound = 0\n[limits]"), "max_inbound"),
+            (("\"disks\"", "\"disks\", \"nowhere\""), "datastores"),
         ] {
             let (_dir, r) = with_tokens(&GOOD.replacen(change.0, change.1, 1));
             let e = r.expect_err(change.1).to_string();

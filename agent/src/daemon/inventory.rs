@@ -18,6 +18,7 @@ use ferry_api::agent::{ApiErrorKind, IncomingOffer, IncomingRequest, VmInfo, VmP
 use ferry_api::{Request, RunState, Status};
 
 use crate::client;
+use crate::migration::{destination, disk_stream};
 use crate::vmm::config::VmConfig;
 
 /// How often the folder is read and every VMM asked for its status.
@@ -71,12 +72,14 @@ pub enum ReceiveError {
     NameMismatch { config: String, asked: String },
     #[error("cannot start the VMM that receives it: {0}")]
     Start(String),
+    #[error("{} already exists: the disks of a VM of that name were copied here before", .0.display())]
+    Placed(PathBuf),
 }
 
 impl ReceiveError {
     pub fn kind(&self) -> ApiErrorKind {
         match self {
-            ReceiveError::Exists(_) => ApiErrorKind::Conflict,
+            ReceiveError::Exists(_) | ReceiveError::Placed(_) => ApiErrorKind::Conflict,
             ReceiveError::Busy(_) => ApiErrorKind::Busy,
             ReceiveError::Config(_) | ReceiveError::NameMismatch { .. } => {
                 ApiErrorKind::InvalidRequest
@@ -223,6 +226,7 @@ impl Inventory {
             .filter(|(n, v)| {
                 v.info.state == Some(RunState::Migrated)
                     && !v.info.migrating
+                    && !v.info.in_doubt
                     && v.config.exists()
                     && !self.driven.contains_key(*n)
             })
@@ -390,13 +394,7 @@ impl Inventory {
                 asked: req.vm.clone(),
             });
         }
-        if !cfg.disks.is_empty() {
-            return Err(ReceiveError::Config(
-                "VMs with disks are not received through the agent yet (their images' \
-                 places on this host are not settled); use ferry migrate on the hosts"
-                    .into(),
-            ));
-        }
+        let kept = self.placed(&cfg, req)?;
         let name = &cfg.name;
         let file = self.vm_dir.join(format!("{name}.toml"));
         if self
@@ -435,9 +433,17 @@ impl Inventory {
             "--control".into(),
             control.clone().into(),
         ];
-        for d in &self.reception.datastores {
-            args.push("--shared-dir".into());
-            args.push(d.into());
+        match (req.copy_storage, self.reception.datastores.first()) {
+            (true, Some(d)) => {
+                args.push("--datastore".into());
+                args.push(d.into());
+            }
+            _ => {
+                for d in &self.reception.datastores {
+                    args.push("--shared-dir".into());
+                    args.push(d.into());
+                }
+            }
         }
         let mut child = self.spawn(&args, &log).map_err(start)?;
         // Answering before the offer goes out: the source connects at once.
@@ -461,7 +467,7 @@ impl Inventory {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        if let Err(e) = std::fs::write(self.arriving_file(name), &req.config) {
+        if let Err(e) = std::fs::write(self.arriving_file(name), &kept) {
             tracing::warn!(vm = name, "cannot note its arrival for a restart: {e}");
         }
         tracing::info!(vm = name, source = req.source, %address, "receiving a VM");
@@ -476,7 +482,7 @@ impl Inventory {
                 child: Some(child),
                 adopted: false,
                 arriving: Some(Arriving {
-                    config_text: req.config.clone(),
+                    config_text: kept,
                     source: req.source.clone(),
                     deadline: Instant::now() + ARRIVE_WITHIN,
                     begun: false,
@@ -485,6 +491,53 @@ impl Inventory {
             },
         );
         Ok(IncomingOffer { address, ticket })
+    }
+
+    /// The config this host keeps for the VM `cfg` once it runs here: the source's,
+    /// with each disk where it will be on this host. Disks that travel land in the
+    /// first datastore, in a folder of the VM's name that must not exist yet; disks
+    /// on shared storage must be found now, by file name, in a datastore (so a
+    /// request this host cannot honour is refused before any page moves).
+    fn placed(&self, cfg: &VmConfig, req: &IncomingRequest) -> Result<String, ReceiveError> {
+        if cfg.disks.is_empty() {
+            return Ok(req.config.clone());
+        }
+        let bad = |e: String| ReceiveError::Config(e);
+        let mut kept = cfg.clone();
+        // As the source's VMM sends them: plain file names, which this side places.
+        for d in &mut kept.disks {
+            d.path = d.path.file_name().map(PathBuf::from).unwrap_or_default();
+        }
+        destination::check_wire_names(&kept).map_err(|e| bad(e.to_string()))?;
+        let stores = &self.reception.datastores;
+        if req.copy_storage {
+            let Some(store) = stores.first() else {
+                return Err(bad(format!(
+                    "VM {} brings its disks, and this host has no datastore to put them in \
+                     (`datastores` in the agent's config)",
+                    cfg.name
+                )));
+            };
+            let store = std::path::absolute(store).unwrap_or_else(|_| store.clone());
+            let folder = disk_stream::vm_folder(&store, &cfg.name);
+            if folder.exists() {
+                return Err(ReceiveError::Placed(folder));
+            }
+            for d in &mut kept.disks {
+                d.path = disk_stream::image_path(&store, &cfg.name, &d.id);
+            }
+        } else {
+            let found = destination::shared_disks(&kept, stores).map_err(|e| {
+                bad(format!(
+                    "{e} (a VM whose disks are not on storage both hosts share migrates with \
+                     copy_storage)"
+                ))
+            })?;
+            for (d, path) in kept.disks.iter_mut().zip(found) {
+                d.path = path;
+            }
+        }
+        Ok(kept.to_toml())
     }
 
     /// Marks the VM `name` as one whose migration this agent drives (or no longer).
@@ -597,6 +650,14 @@ fn look(vm: &mut Vm, vm_dir: &Path) {
             i.disk_integrity_errors = Some(m.disk_integrity_errors);
             i.error = m.crash.clone();
             i.migrating = s.migration.as_ref().is_some_and(|p| p.report.is_none());
+            i.in_doubt = s
+                .migration
+                .as_ref()
+                .is_some_and(|p| p.phase == ferry_api::Phase::InDoubt);
+            i.moving_disks = s
+                .storage_migration
+                .as_ref()
+                .is_some_and(|p| p.report.is_none());
         }
         Ok(Status::Incoming(s)) => {
             vm.info.presence = VmPresence::Starting;

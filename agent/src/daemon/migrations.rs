@@ -27,6 +27,9 @@ use crate::driver::{Driver, Event, Start};
 use crate::policy::{Limits, LimitsTable, Pins};
 use crate::sync::lock;
 
+/// A handover in doubt is first asked about again after this (then less often).
+const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+
 /// `POST /v1/migrations`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,7 +43,8 @@ pub struct MigrationRequest {
     /// Put over the agent's `[limits]`: the same keys.
     #[serde(default)]
     pub limits: Option<LimitsTable>,
-    /// Send the disks along. Not served through the agent yet: refused.
+    /// Send the disks along (into the destination's first datastore); otherwise the
+    /// destination finds them by name on storage both hosts share.
     #[serde(default)]
     pub copy_storage: bool,
 }
@@ -127,6 +131,14 @@ impl Migrations {
             .collect()
     }
 
+    /// The migration under way for `vm`, if any.
+    pub fn moving(&self, vm: &str) -> Option<String> {
+        lock(&self.records).values().find_map(|r| {
+            let i = lock(&r.info);
+            (i.vm == vm && !i.state.ended()).then(|| i.id.clone())
+        })
+    }
+
     pub fn get(&self, id: &str) -> Option<MigrationInfo> {
         lock(&self.records).get(id).map(|r| lock(&r.info).clone())
     }
@@ -158,13 +170,6 @@ impl Migrations {
         run_dir: &std::path::Path,
     ) -> Result<MigrationInfo, Refusal> {
         let bad = |m: String| Refusal(ApiErrorKind::InvalidRequest, m);
-        if req.copy_storage {
-            return Err(bad(
-                "copy_storage is not served through the agent yet; use shared storage, or \
-                 ferry migrate --copy-storage on the host"
-                    .into(),
-            ));
-        }
         let peer = self
             .peers
             .iter()
@@ -200,6 +205,12 @@ impl Migrations {
                 ),
             ));
         }
+        if vm.moving_disks {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!("VM {} is moving its disks to another datastore", req.vm),
+            ));
+        }
         if vm.presence != VmPresence::Running || vm.state != Some(ferry_api::RunState::Running) {
             return Err(Refusal(
                 ApiErrorKind::Conflict,
@@ -217,18 +228,6 @@ impl Migrations {
         crate::policy::by_name(&policy_name, Pins::default(), &limits).map_err(bad)?;
         let config_text = std::fs::read_to_string(&vm.config)
             .map_err(|e| Refusal(ApiErrorKind::Failed, format!("reading {}: {e}", vm.config)))?;
-        if crate::vmm::config::VmConfig::parse_unresolved(
-            &config_text,
-            std::path::Path::new(&vm.config),
-        )
-        .is_ok_and(|c| !c.disks.is_empty())
-        {
-            return Err(bad(format!(
-                "VM {} has disks, which the agent does not move yet (their places on the \
-                 destination are not settled); use ferry migrate on the hosts",
-                req.vm
-            )));
-        }
         let record = {
             let mut records = lock(&self.records);
             let live: Vec<MigrationInfo> = records
@@ -261,6 +260,7 @@ impl Migrations {
             peer: Some(peer),
             vm: req.vm,
             config_text,
+            copy_storage: req.copy_storage,
             control: inventory::control_socket(run_dir, &vm.name),
             policy: policy_name,
             limits,
@@ -307,10 +307,9 @@ impl Migrations {
     ) {
         let all = vms.all();
         // Handed over while no agent here followed it: what happened is recorded.
-        for vm in all
-            .iter()
-            .filter(|v| v.state == Some(ferry_api::RunState::Migrated) && !v.migrating)
-        {
+        for vm in all.iter().filter(|v| {
+            v.state == Some(ferry_api::RunState::Migrated) && !v.migrating && !v.in_doubt
+        }) {
             let mut records = lock(&self.records);
             if records.values().any(|r| lock(&r.info).vm == vm.name) {
                 continue;
@@ -323,7 +322,8 @@ impl Migrations {
             );
             end(&r, MigrationState::Completed, None);
         }
-        for vm in all.into_iter().filter(|v| v.migrating) {
+        // Under way, or handed over in doubt (settled by the driver that follows it).
+        for vm in all.into_iter().filter(|v| v.migrating || v.in_doubt) {
             let record = {
                 let mut records = lock(&self.records);
                 // A record that ended a moment ago may have been seen migrating by a
@@ -352,6 +352,7 @@ impl Migrations {
                 peer: None,
                 vm: vm.name.clone(),
                 config_text: String::new(),
+                copy_storage: false,
                 control: inventory::control_socket(run_dir, &vm.name),
                 policy: "adaptive".into(),
                 limits: self.limits.clone(),
@@ -406,9 +407,8 @@ fn end(record: &Record, state: MigrationState, error: Option<String>) {
     let mut i = lock(&record.info);
     i.state = state;
     i.ended_unix_ms = Some(now_ms());
-    if error.is_some() {
-        i.error = error;
-    }
+    // The end's word replaces what was said on the way (a handover in doubt, settled).
+    i.error = error;
 }
 
 struct Job {
@@ -417,6 +417,7 @@ struct Job {
     peer: Option<Peer>,
     vm: String,
     config_text: String,
+    copy_storage: bool,
     control: std::path::PathBuf,
     policy: String,
     limits: Limits,
@@ -443,7 +444,8 @@ impl Job {
         };
         let mut driver = Driver::new(chosen, self.limits.clone())
             .with_probes(Duration::from_millis(PROBE_WINDOW_MS as u64))
-            .cancel_on(&record.cancel);
+            .cancel_on(&record.cancel)
+            .resolve_in_doubt(RESOLVE_RETRY);
         driver.subscribe(|e| {
             let mut i = lock(&record.info);
             match e {
@@ -455,6 +457,34 @@ impl Job {
                     i.progress = Some((**progress).clone());
                 }
                 Event::Decision(d) => i.decisions.push(d.clone()),
+                Event::Resolving {
+                    attempt,
+                    error,
+                    retry_ms,
+                } => {
+                    tracing::warn!(
+                        vm = i.vm,
+                        attempt,
+                        "handover in doubt; the destination has not settled it yet: {error}"
+                    );
+                    i.state = MigrationState::Resolving;
+                    i.error = Some(match retry_ms {
+                        Some(ms) => format!(
+                            "handover in doubt, both copies paused; asking the destination \
+                             (try {attempt}: {error}; next in {:.1} s)",
+                            *ms as f64 / 1000.0
+                        ),
+                        None => format!("handover in doubt, and it cannot be settled: {error}"),
+                    });
+                }
+                Event::Resolved(r) => {
+                    tracing::info!(
+                        vm = i.vm,
+                        runs_on = r.vm_runs_on,
+                        "handover in doubt settled with the destination"
+                    );
+                    i.resolution = Some(r.clone());
+                }
                 Event::Prediction { prediction, .. } => {
                     i.predicted_total_ms = Some(prediction.total_ms);
                     i.predicted_downtime_ms = Some(prediction.downtime_ms);
@@ -492,7 +522,7 @@ impl Job {
             mode: Some(mode),
             recover_secs: None,
             precopy_pass: false,
-            copy_storage: false,
+            copy_storage: self.copy_storage,
             reasons: Default::default(),
             ticket: Some(offer.ticket),
         }
@@ -578,6 +608,7 @@ impl Job {
             vm: self.vm.clone(),
             config: self.config_text.clone(),
             source: self.host.clone(),
+            copy_storage: self.copy_storage,
         })
         .map_err(|e| e.to_string())?;
         let agent = ureq::Agent::config_builder()

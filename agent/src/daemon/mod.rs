@@ -8,6 +8,7 @@ pub mod config;
 pub mod inventory;
 pub mod metrics;
 pub mod migrations;
+pub mod storage;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,17 +70,24 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     inventory.refresh();
     let inventory = Arc::new(Mutex::new(inventory));
     let migrations = Arc::new(migrations::Migrations::new(&cfg));
+    let storage = Arc::new(storage::StorageMigrations::new(
+        &cfg.datastores,
+        &cfg.base,
+        &cfg.run_dir,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let looker = {
         let stop = stop.clone();
         let inventory = inventory.clone();
         let migrations = migrations.clone();
+        let storage = storage.clone();
         let (view, run_dir) = (view.clone(), cfg.run_dir.clone());
         std::thread::Builder::new()
             .name("inventory".into())
             .spawn(move || {
                 loop {
                     migrations.follow_unowned(&view, &inventory, &run_dir);
+                    storage.follow_unowned(&view);
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
@@ -98,6 +106,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         metrics: metrics::Metrics::default(),
         inventory,
         migrations: migrations.clone(),
+        storage,
         run_dir: cfg.run_dir.clone(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

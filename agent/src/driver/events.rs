@@ -1,6 +1,6 @@
 //! What a running migration tells its subscribers: a progress bar, metrics, traces.
 
-use ferry_api::{Decision, DriverReport, MigrationProgress, Phase, ProbeSample};
+use ferry_api::{Decision, DriverReport, MigrationProgress, Phase, ProbeSample, Resolution};
 
 use crate::policy::Prediction;
 
@@ -42,6 +42,15 @@ pub enum Event {
     Cancelling {
         why: String,
     },
+    /// A try to settle a handover in doubt failed; the next comes after `retry_ms`
+    /// (None: it cannot be settled from here, and stays in doubt).
+    Resolving {
+        attempt: u32,
+        error: String,
+        retry_ms: Option<u64>,
+    },
+    /// The handover in doubt is settled: where the VM runs.
+    Resolved(Resolution),
     /// The migration ended; its report.
     Outcome(Box<DriverReport>),
 }

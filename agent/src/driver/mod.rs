@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 pub use ferry_api::DriverReport;
 use ferry_api::{
-    Decision, ErrorKind, Migrate, MigrationProgress, Phase, PredictionRecord, ProbeSample, Reasons,
+    Decision, ErrorKind, Migrate, MigrationProgress, MigrationReport, Phase, PredictionRecord,
+    ProbeSample, Reasons,
 };
 
 pub use backend::{Backend, BackendError, VmFacts};
@@ -31,6 +32,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// Looks at a backend that fail in a row before the driver gives up on it (a VMM
 /// busy in a pause may answer late once or twice).
 const OBSERVE_MISSES: u32 = 20;
+/// The longest wait between two tries to settle a handover in doubt.
+const RESOLVE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -84,6 +87,8 @@ pub struct Driver<'a> {
     probes: Option<Duration>,
     cancel: Option<&'a AtomicBool>,
     deadline: Option<Duration>,
+    /// Settle a handover in doubt with the destination, first retry after this.
+    resolve: Option<Duration>,
     tick: Duration,
     subscribers: Vec<Subscriber<'a>>,
 }
@@ -98,6 +103,7 @@ impl<'a> Driver<'a> {
             probes: None,
             cancel: None,
             deadline: None,
+            resolve: None,
             tick: TICK,
             subscribers: Vec::new(),
         }
@@ -119,6 +125,16 @@ impl<'a> Driver<'a> {
     /// without a deadline of its own (Ferry's VMM keeps `max_total_secs` itself).
     pub fn with_deadline(mut self, after: Duration) -> Self {
         self.deadline = Some(after);
+        self
+    }
+
+    /// Settle a handover that ends in doubt (the source committed, the destination's
+    /// word was lost) by asking the destination what it did, as `ferry migrate
+    /// --resolve` does by hand: first again after `retry`, then less and less often,
+    /// for as long as the destination cannot be reached. Both copies stay paused
+    /// meanwhile; running either one on a guess could run the VM twice.
+    pub fn resolve_in_doubt(mut self, retry: Duration) -> Self {
+        self.resolve = Some(retry);
         self
     }
 
@@ -185,9 +201,11 @@ impl<'a> Driver<'a> {
             Start::Attach => {
                 let p = backend.observe()?.ok_or(DriverError::NothingToAttach)?;
                 if let Some(report) = p.report {
-                    // Over already: its report is all there is to give.
+                    // Over already: its report is all there is to give, once a
+                    // handover left in doubt is settled.
+                    let migration = self.settle(backend, p.phase, report);
                     return Ok(DriverReport {
-                        migration: report,
+                        migration,
                         policy: policy_name,
                         policy_steps: None,
                         prediction: None,
@@ -257,8 +275,8 @@ impl<'a> Driver<'a> {
                     t_ms: p.elapsed_ms,
                 });
             }
-            if let Some(report) = &p.report {
-                break report.clone();
+            if let Some(report) = p.report {
+                break self.settle(backend, p.phase, report);
             }
             if p.round != round {
                 round = p.round;
@@ -312,6 +330,53 @@ impl<'a> Driver<'a> {
         };
         self.emit(&Event::Outcome(Box::new(report.clone())));
         Ok(report)
+    }
+
+    /// The report of a migration that ended in `phase`: as it is, or, for a handover
+    /// in doubt the driver is to settle, as it reads once the destination answered.
+    fn settle(
+        &mut self,
+        backend: &mut dyn Backend,
+        phase: Phase,
+        report: MigrationReport,
+    ) -> MigrationReport {
+        let Some(mut wait) = self.resolve.filter(|_| phase == Phase::InDoubt) else {
+            return report;
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match backend.resolve() {
+                Ok(resolution) => {
+                    self.emit(&Event::Resolved(resolution));
+                    break;
+                }
+                // Nothing to settle, or a request the backend cannot take: asking
+                // again changes nothing.
+                Err(e) if !e.kind.is_transient() => {
+                    self.emit(&Event::Resolving {
+                        attempt,
+                        error: e.message,
+                        retry_ms: None,
+                    });
+                    return report;
+                }
+                Err(e) => {
+                    self.emit(&Event::Resolving {
+                        attempt,
+                        error: e.message,
+                        retry_ms: Some(wait.as_millis() as u64),
+                    });
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RESOLVE_BACKOFF_MAX);
+                }
+            }
+        }
+        // The backend rewrote its report with the outcome.
+        match backend.observe() {
+            Ok(Some(p)) => p.report.unwrap_or(report),
+            _ => report,
+        }
     }
 
     /// The settings to start with, from what is known before anything moves; the

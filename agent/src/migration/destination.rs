@@ -122,7 +122,7 @@ pub struct Failed {
 /// Where each disk of `cfg` lives on this host's shared storage: the image of the
 /// name the source sent in one of the `shared` folders, a regular file inside it
 /// (a symlink may point elsewhere in the folder, never out of it).
-fn shared_disks(cfg: &VmConfig, shared: &[PathBuf]) -> Result<Vec<PathBuf>, IncomingError> {
+pub fn shared_disks(cfg: &VmConfig, shared: &[PathBuf]) -> Result<Vec<PathBuf>, IncomingError> {
     cfg.disks
         .iter()
         .map(|d| {
@@ -180,7 +180,7 @@ fn shared_disks(cfg: &VmConfig, shared: &[PathBuf]) -> Result<Vec<PathBuf>, Inco
 
 /// Disk paths from the wire are names: one plain file name each, which this side
 /// places itself.
-fn check_wire_names(cfg: &VmConfig) -> Result<(), IncomingError> {
+pub fn check_wire_names(cfg: &VmConfig) -> Result<(), IncomingError> {
     for d in &cfg.disks {
         let mut parts = d.path.components();
         let plain = matches!(

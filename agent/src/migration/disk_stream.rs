@@ -585,6 +585,17 @@ const DISK_RATIO_SPAN: f64 = 8.0 * 1024.0 * 1024.0;
 /// own blocks, even when the pause follows the disks' first copy at once.
 const WRITEBACK_EVERY: u64 = 4 << 20;
 
+/// The folder a migration copies the VM `vm`'s disks into, in `datastore`, beside the
+/// config it writes there.
+pub fn vm_folder(datastore: &Path, vm: &str) -> PathBuf {
+    datastore.join(vm)
+}
+
+/// Where the copy of the VM `vm`'s disk `disk` lands in `datastore`.
+pub fn image_path(datastore: &Path, vm: &str, disk: &str) -> PathBuf {
+    vm_folder(datastore, vm).join(format!("{vm}-{disk}.img"))
+}
+
 impl DiskStore {
     /// Creates the VM's folder and one sparse image per disk of the config.
     pub fn create(
@@ -607,7 +618,7 @@ impl DiskStore {
         }
         // Absolute: the config written beside the images must name them from anywhere.
         let datastore = std::path::absolute(datastore).map_err(io("resolving", datastore))?;
-        let folder = datastore.join(&cfg.name);
+        let folder = vm_folder(&datastore, &cfg.name);
         if folder.exists() {
             return Err(DiskStoreError::Exists { path: folder });
         }
@@ -624,7 +635,7 @@ impl DiskStore {
             timing: DatastoreTiming::default(),
         };
         for c in &cfg.disks {
-            let path = store.folder.join(format!("{}-{}.img", cfg.name, c.id));
+            let path = image_path(&datastore, &cfg.name, &c.id);
             let mut opts = OpenOptions::new();
             opts.read(true).write(true).create_new(true);
             if c.cache == crate::vmm::config::DiskCache::None {

@@ -1,0 +1,450 @@
+//! Storage migrations on this host: a running VM's disk images move into another of
+//! the agent's datastores. The VM's VMM copies them (`storage-migrate`) while the
+//! guest runs; the agent checks the request, starts it, follows it on a thread of
+//! its own and, once the VM runs on the new images, makes the VM's config in the VM
+//! folder name them (so the VM starts from them next time).
+//!
+//! If the agent dies mid-way the VMM finishes on its own, and it rewrites the config
+//! it was started from; the restarted agent follows what still runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_api::agent::{
+    ApiErrorKind, MigrationState, StorageMigrationInfo, StorageMigrationRequest, VmPresence,
+};
+use ferry_api::{Outcome, Request, Status, StorageReport};
+
+use super::inventory::{self, View};
+use super::migrations::Refusal;
+use crate::client::{self, ClientError};
+use crate::migration::disk_stream;
+use crate::sync::lock;
+use crate::vmm::config::VmConfig;
+
+/// How often a storage migration's progress is read from its VMM.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+/// Looks in a row that find no answer before the VMM is given up on.
+const MISSES: u32 = 25;
+/// A VMM's answer within this, or it counts as a miss.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Ended records kept at most (the oldest go first).
+const KEEP_ENDED: usize = 200;
+
+pub struct StorageMigrations {
+    datastores: Vec<PathBuf>,
+    base: PathBuf,
+    run_dir: PathBuf,
+    records: Mutex<BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>>,
+    next: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+impl StorageMigrations {
+    /// `base`: where a relative datastore in a request starts (the agent config's
+    /// folder, as for the config's own paths).
+    pub fn new(datastores: &[PathBuf], base: &Path, run_dir: &Path) -> Self {
+        Self {
+            datastores: datastores.iter().map(|d| absolute(d)).collect(),
+            base: base.to_owned(),
+            run_dir: run_dir.to_owned(),
+            records: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn list(&self) -> Vec<StorageMigrationInfo> {
+        lock(&self.records)
+            .values()
+            .map(|r| lock(r).clone())
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<StorageMigrationInfo> {
+        lock(&self.records).get(id).map(|r| lock(r).clone())
+    }
+
+    /// Asks the VMM to stop the storage migration `id`: the VM stays on its old
+    /// images, and the copies are dropped.
+    pub fn cancel(&self, id: &str) -> Result<StorageMigrationInfo, Refusal> {
+        let info = self.get(id).ok_or_else(|| {
+            Refusal(
+                ApiErrorKind::NotFound,
+                format!("no storage migration {id:?}"),
+            )
+        })?;
+        if info.state.ended() {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!(
+                    "storage migration {id} has already ended ({})",
+                    info.state.as_str()
+                ),
+            ));
+        }
+        client::call_within::<serde_json::Value>(
+            &inventory::control_socket(&self.run_dir, &info.vm),
+            &Request::Cancel {},
+            ANSWER_WITHIN,
+        )
+        .map_err(refused)?;
+        Ok(info)
+    }
+
+    /// The storage migration under way for `vm`, if any.
+    pub fn moving(&self, vm: &str) -> Option<String> {
+        lock(&self.records)
+            .values()
+            .map(|r| lock(r).clone())
+            .find(|i| i.vm == vm && !i.state.ended())
+            .map(|i| i.id)
+    }
+
+    /// The datastore `named` names, as configured: compared as absolute paths, a
+    /// relative one taken from the config's folder as the config's own are (so
+    /// `disks` and `./disks` are the same one).
+    fn datastore(&self, named: &str) -> Result<PathBuf, Refusal> {
+        let asked = absolute(&self.base.join(named));
+        self.datastores
+            .iter()
+            .find(|d| **d == asked)
+            .cloned()
+            .ok_or_else(|| {
+                Refusal(
+                    ApiErrorKind::InvalidRequest,
+                    if self.datastores.is_empty() {
+                        "this agent has no datastores (`datastores` in its config)".into()
+                    } else {
+                        format!(
+                            "{named:?} is not one of this agent's datastores ({})",
+                            self.datastores
+                                .iter()
+                                .map(|d| d.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                )
+            })
+    }
+
+    /// Checks `req`, asks the VM's VMM to start moving its disks and follows it on a
+    /// thread of its own; returns the first record. `live_migration` is the VM's
+    /// migration to another host under way, if any.
+    pub fn start(
+        self: &Arc<Self>,
+        req: StorageMigrationRequest,
+        vms: &View,
+        live_migration: Option<String>,
+    ) -> Result<StorageMigrationInfo, Refusal> {
+        let store = self.datastore(&req.datastore)?;
+        let vm = vms.get(&req.vm).ok_or_else(|| {
+            Refusal(
+                ApiErrorKind::NotFound,
+                format!("no VM {:?} on this host", req.vm),
+            )
+        })?;
+        if let Some(id) = live_migration {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!(
+                    "VM {} is migrating to another host (migration {id})",
+                    req.vm
+                ),
+            ));
+        }
+        if vm.migrating || vm.moving_disks {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!(
+                    "VM {} is already moving (its VMM runs a {} migration)",
+                    req.vm,
+                    if vm.migrating { "live" } else { "storage" }
+                ),
+            ));
+        }
+        if vm.presence != VmPresence::Running {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!("VM {} is not running here ({:?})", req.vm, vm.state),
+            ));
+        }
+        let folder = disk_stream::vm_folder(&store, &req.vm);
+        let record = {
+            let mut records = lock(&self.records);
+            if let Some(id) = records.values().find_map(|r| {
+                let i = lock(r);
+                (i.vm == req.vm && !i.state.ended()).then(|| i.id.clone())
+            }) {
+                return Err(Refusal(
+                    ApiErrorKind::Conflict,
+                    format!("VM {} is already moving (storage migration {id})", req.vm),
+                ));
+            }
+            prune(&mut records);
+            let id = format!(
+                "s{}-{}",
+                now_ms(),
+                self.next.fetch_add(1, Ordering::Relaxed)
+            );
+            let r = Arc::new(Mutex::new(StorageMigrationInfo::new(
+                id.clone(),
+                &req.vm,
+                &req.datastore,
+                folder.display().to_string(),
+                now_ms(),
+            )));
+            records.insert(id, r.clone());
+            r
+        };
+        let control = inventory::control_socket(&self.run_dir, &req.vm);
+        let created = !folder.exists();
+        let started = std::fs::create_dir_all(&folder)
+            .map_err(|e| {
+                Refusal(
+                    ApiErrorKind::Failed,
+                    format!("creating {}: {e}", folder.display()),
+                )
+            })
+            .and_then(|()| {
+                client::call_within::<serde_json::Value>(
+                    &control,
+                    &Request::StorageMigrate {
+                        to: folder.clone(),
+                        disk: req.disk.clone(),
+                        mode: req.mode,
+                        remove_source: req.remove_source,
+                        throttle_writes_bytes_per_sec: req.throttle_writes_bytes_per_sec,
+                        report: None,
+                    },
+                    ANSWER_WITHIN * 5,
+                )
+                .map_err(refused)
+            });
+        if let Err(r) = started {
+            if created {
+                // Only if still empty: nothing of the VM's is ever removed here.
+                let _ = std::fs::remove_dir(&folder);
+            }
+            lock(&self.records).remove(&lock(&record).id);
+            return Err(r);
+        }
+        {
+            let mut i = lock(&record);
+            i.state = MigrationState::Running;
+            tracing::info!(
+                vm = i.vm,
+                id = i.id,
+                to = %folder.display(),
+                "storage migration started"
+            );
+        }
+        self.follow(record.clone(), control, PathBuf::from(&vm.config));
+        Ok(lock(&record).clone())
+    }
+
+    /// Follows, with a record of its own, every storage migration a VMM here runs
+    /// that no record follows: one begun before this agent restarted (or by hand).
+    pub fn follow_unowned(&self, vms: &View) {
+        for vm in vms.all().into_iter().filter(|v| v.moving_disks) {
+            let record = {
+                let mut records = lock(&self.records);
+                let recent = now_ms().saturating_sub(5_000);
+                if records.values().any(|r| {
+                    let i = lock(r);
+                    i.vm == vm.name && (!i.state.ended() || i.ended_unix_ms > Some(recent))
+                }) {
+                    continue;
+                }
+                let id = format!(
+                    "s{}-{}",
+                    now_ms(),
+                    self.next.fetch_add(1, Ordering::Relaxed)
+                );
+                let mut info = StorageMigrationInfo::new(
+                    id.clone(),
+                    &vm.name,
+                    "(begun before this agent started)",
+                    String::new(),
+                    now_ms(),
+                );
+                info.state = MigrationState::Running;
+                let r = Arc::new(Mutex::new(info));
+                records.insert(id, r.clone());
+                r
+            };
+            tracing::info!(
+                vm = vm.name,
+                "following a storage migration under way that this agent did not start"
+            );
+            self.follow(
+                record,
+                inventory::control_socket(&self.run_dir, &vm.name),
+                PathBuf::from(&vm.config),
+            );
+        }
+    }
+
+    fn follow(&self, record: Arc<Mutex<StorageMigrationInfo>>, control: PathBuf, config: PathBuf) {
+        let spawned = std::thread::Builder::new()
+            .name("storage-migration".into())
+            .spawn({
+                let record = record.clone();
+                move || follow(&record, &control, &config)
+            });
+        if let Err(e) = spawned {
+            end(
+                &record,
+                MigrationState::Failed,
+                Some(format!("no thread to follow it: {e}")),
+            );
+        }
+    }
+}
+
+/// What the VMM said no with, as the API says it.
+fn refused(e: ClientError) -> Refusal {
+    let kind = match &e {
+        ClientError::Refused {
+            kind: Some(kind), ..
+        } => ApiErrorKind::from(*kind),
+        ClientError::Refused { kind: None, .. } => ApiErrorKind::Failed,
+        ClientError::Connect { .. } => ApiErrorKind::Unavailable,
+        _ => ApiErrorKind::Failed,
+    };
+    Refusal(kind, format!("the VM's VMM: {e}"))
+}
+
+fn end(record: &Mutex<StorageMigrationInfo>, state: MigrationState, error: Option<String>) {
+    let mut i = lock(record);
+    i.state = state;
+    i.ended_unix_ms = Some(now_ms());
+    i.error = error;
+}
+
+fn prune(records: &mut BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>) {
+    let mut ended: Vec<(u64, String)> = records
+        .iter()
+        .filter_map(|(id, r)| lock(r).ended_unix_ms.map(|t| (t, id.clone())))
+        .collect();
+    if ended.len() > KEEP_ENDED {
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - KEEP_ENDED] {
+            records.remove(id);
+        }
+    }
+}
+
+/// Reads the VMM's progress until its report comes, then settles the record (and
+/// the VM's config).
+fn follow(record: &Mutex<StorageMigrationInfo>, control: &Path, config: &Path) {
+    let mut misses = 0;
+    let report = loop {
+        std::thread::sleep(FOLLOW_EVERY);
+        let seen = client::call_within::<Status>(control, &Request::Status {}, ANSWER_WITHIN);
+        let progress = match seen {
+            Ok(Status::Vm(s)) => s.storage_migration,
+            Ok(Status::Incoming(_)) => None,
+            Err(e) if misses < MISSES => {
+                misses += 1;
+                tracing::debug!("a storage migration's VMM did not answer: {e}");
+                continue;
+            }
+            Err(e) => {
+                let vm = lock(record).vm.clone();
+                tracing::error!(vm, "lost the VMM moving the VM's disks: {e}");
+                return end(
+                    record,
+                    MigrationState::Failed,
+                    Some(format!("its VMM stopped answering: {e}")),
+                );
+            }
+        };
+        misses = 0;
+        let Some(p) = progress else {
+            return end(
+                record,
+                MigrationState::Failed,
+                Some("the VMM no longer shows a storage migration".into()),
+            );
+        };
+        let report = p.report.clone();
+        lock(record).progress = Some(p);
+        if let Some(r) = report {
+            break r;
+        }
+    };
+    let vm = lock(record).vm.clone();
+    let (state, error) = match report.core.outcome {
+        Outcome::Completed => match keep_config(config, &report) {
+            Ok(()) => {
+                tracing::info!(
+                    vm,
+                    copy_ms = report.copy_ms,
+                    bytes = report.disk_bytes_copied,
+                    "storage migration completed"
+                );
+                lock(record).config_rewritten = Some(config.display().to_string());
+                (MigrationState::Completed, None)
+            }
+            Err(e) => {
+                // The VM runs on the new images; only its next start would not.
+                tracing::error!(
+                    vm,
+                    "storage migration completed, but the VM's config still names the old \
+                     images: {e}"
+                );
+                (
+                    MigrationState::Completed,
+                    Some(format!(
+                        "the VM runs on the new images, but its config {} could not be \
+                         rewritten to name them: {e}",
+                        config.display()
+                    )),
+                )
+            }
+        },
+        Outcome::Cancelled => {
+            tracing::info!(
+                vm,
+                "storage migration cancelled; the disks stay where they were"
+            );
+            (MigrationState::Cancelled, report.core.error.clone())
+        }
+        Outcome::Failed => {
+            tracing::error!(vm, "storage migration failed: {:?}", report.core.error);
+            (MigrationState::Failed, report.core.error.clone())
+        }
+    };
+    lock(record).report = Some(report);
+    end(record, state, error);
+}
+
+/// Makes the VM's config name each moved disk's new image. The VMM rewrites the
+/// config it was started from itself; a VM that arrived by migration (whose VMM
+/// knows no config file) has it rewritten here.
+fn keep_config(config: &Path, report: &StorageReport) -> std::io::Result<()> {
+    if report.config_rewritten.as_deref().map(absolute) == Some(absolute(config)) {
+        return Ok(());
+    }
+    let mut cfg = VmConfig::load(config).map_err(std::io::Error::other)?;
+    for moved in &report.disks {
+        if let Some(d) = cfg.disks.iter_mut().find(|d| d.id == moved.id) {
+            d.path.clone_from(&moved.to);
+        }
+    }
+    cfg.write_atomic(config)
+}
