@@ -705,32 +705,26 @@ fn killing_either_agent_mid_migration_leaves_the_vm_intact_on_exactly_one_host()
         killed.start();
         let (on, off) = the_one_host(src, dst);
         eprintln!("web-1 ended on {}", on.name);
-        // The restarted source tells what became of the migration it had started:
-        // followed to its end, or found handed over.
+        // The restarted source tells, under the id it gave, what became of the
+        // migration it had started: followed again to its end.
         if victim == "source" {
-            let t0 = std::time::Instant::now();
-            loop {
-                let list = src.call("GET", "/v1/migrations", None).json();
-                let told = list
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|m| m["vm"] == "web-1")
-                    .cloned();
-                if let Some(m) =
-                    told.filter(|m| m["state"] != "starting" && m["state"] != "running")
-                {
-                    assert_eq!(m["state"], "completed", "{m}");
-                    assert_eq!(on.name, dst.name);
-                    break;
-                }
-                assert!(
-                    t0.elapsed() < Duration::from_secs(60),
-                    "{list}\n{}",
-                    src.log_text()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let m = src.wait_ended(&id, Duration::from_secs(60));
+            assert_eq!(m["state"], "completed", "{m}\n{}", src.log_text());
+            assert_eq!(on.name, dst.name);
+            let list = src.call("GET", "/v1/migrations", None).json();
+            let of_web1 = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["vm"] == "web-1")
+                .count();
+            assert_eq!(of_web1, 1, "one record of the one migration: {list}");
+            assert!(
+                src.log_text()
+                    .contains("following again a migration begun before a restart"),
+                "{}",
+                src.log_text()
+            );
         }
         assert!(!off.dir.join("vms/web-1.toml").exists());
         let out = ferry(&["verify", "--control", &on.control("web-1")]);

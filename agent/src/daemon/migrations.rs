@@ -6,9 +6,12 @@
 //! it (as it does when `ferry migrate` goes away): the VM ends on exactly one host,
 //! never paused; only the policy's steering stops. The restarted agent finds the VM
 //! where it ended: still here (failed, cancelled), or handed over and then adopted by
-//! the destination's agent. Records do not outlive the agent.
+//! the destination's agent. Records are kept in `run_dir/migrations/` at each change
+//! of state: the restarted agent reads them back, follows again what still runs and
+//! tells under the same id how what ended meanwhile ended.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,10 +59,34 @@ pub struct Refusal(pub ApiErrorKind, pub String);
 struct Record {
     info: Mutex<MigrationInfo>,
     cancel: AtomicBool,
+    /// Where the record is kept across agent restarts.
+    file: PathBuf,
+}
+
+impl Record {
+    /// Keeps the record as it is now (at each change of state, not of progress): a
+    /// restarted agent reads it back, follows what still runs, and tells how what
+    /// ended meanwhile ended. A record that cannot be kept is still served.
+    fn save(&self) {
+        let text = match serde_json::to_vec_pretty(&*lock(&self.info)) {
+            Ok(t) => t,
+            Err(e) => return tracing::warn!("cannot encode a migration record: {e}"),
+        };
+        let tmp = self.file.with_extension("json.tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.file))
+        {
+            tracing::warn!(
+                "cannot keep the migration record {}: {e}",
+                self.file.display()
+            );
+        }
+    }
 }
 
 pub struct Migrations {
     host: String,
+    /// The records' files: `run_dir/migrations/<id>.json`.
+    dir: PathBuf,
     peers: Vec<Peer>,
     limits: Limits,
     max_outbound: u32,
@@ -78,6 +105,7 @@ impl Migrations {
     pub fn new(cfg: &AgentConfig) -> Self {
         Self {
             host: cfg.name.clone(),
+            dir: cfg.run_dir.join("migrations"),
             peers: cfg.peers.clone(),
             limits: cfg.limits.clone(),
             max_outbound: cfg.max_outbound,
@@ -291,9 +319,125 @@ impl Migrations {
                 now_ms(),
             )),
             cancel: AtomicBool::new(false),
+            file: self.dir.join(format!("{id}.json")),
         });
+        record.save();
         records.insert(id, record.clone());
         record
+    }
+
+    /// Reads back the records an earlier run of this agent kept, and settles each one
+    /// that had not ended: its VMM carried the migration on, and either still runs
+    /// it (followed again, under the same id) or tells how it ended. Call once at
+    /// start, before anything else follows a VM's migration.
+    pub fn recover(&self, inventory: &Arc<Mutex<Inventory>>, run_dir: &Path) {
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            return tracing::error!(
+                "cannot keep migration records in {}: {e}",
+                self.dir.display()
+            );
+        }
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                return tracing::error!("cannot read {}: {e}", self.dir.display());
+            }
+        };
+        let mut unfinished = Vec::new();
+        {
+            let mut records = lock(&self.records);
+            for path in entries.flatten().map(|e| e.path()) {
+                if path.extension().is_none_or(|x| x != "json") {
+                    continue;
+                }
+                let read = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<MigrationInfo>(&b).map_err(|e| e.to_string())
+                    });
+                let info = match read {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::warn!(
+                            "the migration record {} does not read ({e}); set aside",
+                            path.display()
+                        );
+                        let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                        continue;
+                    }
+                };
+                let id = info.id.clone();
+                let ended = info.state.ended();
+                let r = Arc::new(Record {
+                    info: Mutex::new(info),
+                    cancel: AtomicBool::new(false),
+                    file: path,
+                });
+                if !ended {
+                    unfinished.push(r.clone());
+                }
+                records.insert(id, r);
+            }
+            prune(&mut records);
+        }
+        for r in unfinished {
+            let (id, vm, policy, address) = {
+                let i = lock(&r.info);
+                (
+                    i.id.clone(),
+                    i.vm.clone(),
+                    i.policy.clone(),
+                    i.destination_address.clone(),
+                )
+            };
+            let control = inventory::control_socket(run_dir, &vm);
+            let seen = crate::client::call_within::<ferry_api::Status>(
+                &control,
+                &ferry_api::Request::Status {},
+                Duration::from_secs(5),
+            );
+            // The VMM's last migration is this record's only if it went where the
+            // record says it was sent (else the agent stopped before it began).
+            let to = seen
+                .as_ref()
+                .ok()
+                .and_then(|s| s.vm())
+                .and_then(|v| v.migration.as_ref())
+                .map(|m| m.to.clone());
+            match (seen, address) {
+                (Err(e), _) => end(
+                    &r,
+                    MigrationState::Failed,
+                    Some(format!(
+                        "the agent restarted, and the VM's VMM does not answer ({e}): how \
+                         the migration ended is not known"
+                    )),
+                ),
+                (Ok(_), Some(a)) if to.as_deref() == Some(a.as_str()) => {
+                    tracing::info!(vm, id, "following again a migration begun before a restart");
+                    let job = Job {
+                        host: self.host.clone(),
+                        peer: None,
+                        vm,
+                        config_text: String::new(),
+                        copy_storage: false,
+                        control,
+                        policy,
+                        limits: self.limits.clone(),
+                    };
+                    run_job(job, r, inventory);
+                }
+                (Ok(_), _) => end(
+                    &r,
+                    MigrationState::Failed,
+                    Some(
+                        "the agent stopped before the VM's VMM began this migration; the VM \
+                         stays here"
+                            .into(),
+                    ),
+                ),
+            }
+        }
     }
 
     /// Follows, and steers again, every migration a VMM here runs that no record of
@@ -398,17 +542,23 @@ fn prune(records: &mut BTreeMap<String, Arc<Record>>) {
     if ended.len() > KEEP_ENDED {
         ended.sort();
         for (_, id) in &ended[..ended.len() - KEEP_ENDED] {
-            records.remove(id);
+            if let Some(r) = records.remove(id) {
+                let _ = std::fs::remove_file(&r.file);
+            }
         }
     }
 }
 
 fn end(record: &Record, state: MigrationState, error: Option<String>) {
-    let mut i = lock(&record.info);
-    i.state = state;
-    i.ended_unix_ms = Some(now_ms());
-    // The end's word replaces what was said on the way (a handover in doubt, settled).
-    i.error = error;
+    {
+        let mut i = lock(&record.info);
+        i.state = state;
+        i.ended_unix_ms = Some(now_ms());
+        // The end's word replaces what was said on the way (a handover in doubt,
+        // settled).
+        i.error = error;
+    }
+    record.save();
 }
 
 struct Job {
@@ -448,6 +598,7 @@ impl Job {
             .resolve_in_doubt(RESOLVE_RETRY);
         driver.subscribe(|e| {
             let mut i = lock(&record.info);
+            let before = i.state;
             match e {
                 Event::Started { .. } => i.state = MigrationState::Running,
                 Event::Progress { progress, .. } => {
@@ -490,6 +641,11 @@ impl Job {
                     i.predicted_downtime_ms = Some(prediction.downtime_ms);
                 }
                 _ => {}
+            }
+            let changed = i.state != before;
+            drop(i);
+            if changed {
+                record.save();
             }
         });
         let result = driver.run(&mut FerryVmm::new(&self.control), start);

@@ -67,9 +67,12 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     // The first look before the port opens: the API never answers with an inventory
     // it has not read yet.
     inventory.recover_arrivals();
-    inventory.refresh();
     let inventory = Arc::new(Mutex::new(inventory));
     let migrations = Arc::new(migrations::Migrations::new(&cfg));
+    // Before the first look: a VM whose migration a record follows is not the
+    // looker's to settle.
+    migrations.recover(&inventory, &cfg.run_dir);
+    lock(&inventory).refresh();
     let storage = Arc::new(storage::StorageMigrations::new(
         &cfg.datastores,
         &cfg.base,
