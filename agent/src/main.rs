@@ -29,6 +29,20 @@ struct AgentArgs {
     /// A file holding the token to present.
     #[arg(long, value_name = "FILE", env = "FERRY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The CA certificates (PEM) an https:// agent's certificate is checked against
+    /// (default: the public web's roots).
+    #[arg(long, value_name = "FILE", env = "FERRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn endpoint(&self) -> cli::agent::Endpoint<'_> {
+        cli::agent::Endpoint {
+            url: &self.agent,
+            token_file: self.token_file.as_deref(),
+            ca_file: self.ca_file.as_deref(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -520,7 +534,7 @@ fn main() -> ExitCode {
             )
         })(),
         Command::Agent { config, log_format } => cli::agent::serve(&config, &log_format),
-        Command::Vms { api, json } => cli::agent::vms(&api.agent, api.token_file.as_deref(), json),
+        Command::Vms { api, json } => cli::agent::vms(&api.endpoint(), json),
         Command::Status { control, json } => cli::client::status(&control, json),
         Command::Pause { control } => cli::client::change_state(&control, &Request::Pause {}),
         Command::Resume { control } => cli::client::change_state(&control, &Request::Resume {}),
@@ -531,14 +545,10 @@ fn main() -> ExitCode {
             control: Some(control),
             ..
         } => cli::client::print_answer::<ferry_api::Cancelling>(&control, &Request::Cancel {}),
-        Command::Cancel { id, api, .. } => cli::agent::cancel(
-            &api.agent,
-            api.token_file.as_deref(),
-            &id.unwrap_or_default(),
-        ),
-        Command::Migrations { api, json } => {
-            cli::agent::migrations(&api.agent, api.token_file.as_deref(), json)
+        Command::Cancel { id, api, .. } => {
+            cli::agent::cancel(&api.endpoint(), &id.unwrap_or_default())
         }
+        Command::Migrations { api, json } => cli::agent::migrations(&api.endpoint(), json),
         Command::StorageMigrate {
             control,
             to,
@@ -574,6 +584,7 @@ fn main() -> ExitCode {
             to,
             api,
             policy,
+            copy_storage,
             json,
             ..
         } => (|| {
@@ -586,7 +597,10 @@ fn main() -> ExitCode {
             if limits != ferry::policy::LimitsTable::default() {
                 req["limits"] = serde_json::to_value(&limits)?;
             }
-            cli::agent::migrate(&api.agent, api.token_file.as_deref(), &req, json)
+            if copy_storage {
+                req["copy_storage"] = true.into();
+            }
+            cli::agent::migrate(&api.endpoint(), &req, json)
         })(),
         Command::Migrate { control: None, .. } => {
             Err(anyhow::anyhow!("--control or a VM's name is needed"))

@@ -118,6 +118,93 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// One request over HTTPS, the agent's certificate checked against `ca`; None if
+/// the agent cannot be reached or the handshake fails.
+pub fn request_tls(
+    addr: &str,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<Answer, String> {
+    let pem = std::fs::read(ca).map_err(|e| e.to_string())?;
+    let roots: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|i| match i {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let http = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                .build(),
+        )
+        .build()
+        .new_agent();
+    let url = format!("https://{addr}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let sent = match (method, body) {
+        ("GET", _) => {
+            let mut r = http.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        ("DELETE", _) => {
+            let mut r = http.delete(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        (_, b) => {
+            let mut r = http.post(&url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send(b.unwrap_or("").as_bytes())
+        }
+    };
+    let mut resp = sent.map_err(|e| e.to_string())?;
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\r\n", v.to_str().unwrap_or("")))
+        .collect();
+    Ok(Answer {
+        status: resp.status().as_u16(),
+        headers,
+        body: resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?,
+    })
+}
+
+/// A test CA and a certificate it signed for `localhost` and 127.0.0.1, written to
+/// `dir` as `ca.pem`, `cert.pem` and `key.pem`.
+pub fn write_test_pki(dir: &Path) {
+    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry test CA");
+    let ca = ca.self_signed(&ca_key).expect("the CA");
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("a certificate");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
+}
+
 /// A host's agent: its folder (config, tokens, VM folder, run folder) and process.
 pub struct Agent {
     pub name: String,
@@ -130,6 +217,8 @@ pub struct Agent {
     pub webhook_token: String,
     /// Set in the agent's environment (and so its VMMs'): a test's fault injection.
     pub env: Vec<(String, String)>,
+    /// The API serves HTTPS, its certificate signed by this CA (None: plain HTTP).
+    pub tls_ca: Option<PathBuf>,
     pub child: Option<Child>,
 }
 
@@ -175,6 +264,7 @@ impl Agent {
             peer_token,
             webhook_token,
             env: Vec::new(),
+            tls_ca: None,
             child: None,
         }
     }
@@ -208,6 +298,17 @@ impl Agent {
         }
     }
 
+    /// Serves the API over HTTPS with the certificate and key in `pki` (from
+    /// [`write_test_pki`]), before it starts.
+    pub fn serve_tls(&mut self, pki: &Path) {
+        self.set(&format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            pki.join("cert.pem").display(),
+            pki.join("key.pem").display()
+        ));
+        self.tls_ca = Some(pki.join("ca.pem"));
+    }
+
     /// Makes `other` a peer of this agent (before it starts): its name, its API, and
     /// the token it takes from peers.
     pub fn peer_with(&self, other: &Agent) {
@@ -216,9 +317,13 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.toml"))
             .expect("agent.toml");
+        let (scheme, ca) = match &other.tls_ca {
+            Some(ca) => ("https", format!("ca_file = \"{}\"\n", ca.display())),
+            None => ("http", String::new()),
+        };
         write!(
             f,
-            "\n[[peers]]\nname = \"{}\"\nurl = \"http://{}\"\ntoken_file = \"{}\"\n",
+            "\n[[peers]]\nname = \"{}\"\nurl = \"{scheme}://{}\"\ntoken_file = \"{}\"\n{ca}",
             other.name,
             other.addr,
             other.dir.join("peer-token").display()
@@ -226,17 +331,24 @@ impl Agent {
         .expect("add a peer");
     }
 
+    /// One request to this agent, over HTTPS if it serves it; None if unreachable.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Option<Answer> {
+        match &self.tls_ca {
+            Some(ca) => request_tls(&self.addr, ca, method, path, token, body).ok(),
+            None => request_in(self.ns.as_deref(), &self.addr, method, path, token, body),
+        }
+    }
+
     /// A request as the operator; unreachable is a test failure.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
-        request_in(
-            self.ns.as_deref(),
-            &self.addr,
-            method,
-            path,
-            Some(&self.token),
-            body,
-        )
-        .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
+        self.send(method, path, Some(&self.token), body)
+            .unwrap_or_else(|| panic!("the agent did not answer {path}: {}", self.log_text()))
     }
 
     /// Starts a migration through the API; returns its id.
@@ -296,7 +408,7 @@ impl Agent {
     }
 
     pub fn get(&self, path: &str, token: Option<&str>) -> Option<Answer> {
-        request_in(self.ns.as_deref(), &self.addr, "GET", path, token, None)
+        self.send("GET", path, token, None)
     }
 
     /// A GET as the operator; unreachable is a test failure.

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::agent::{Agent, request};
+use ferry_tests::agent::{Agent, request, request_tls, write_test_pki};
 use ferry_tests::{TempDir, alongside, ferry, ferry_bin, require_kvm, status_at, vm_of};
 use serde_json::Value;
 
@@ -942,4 +942,69 @@ fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
         Duration::from_secs(30),
         |l| running_with_heartbeats(l, &["web-1"]),
     );
+}
+
+#[test]
+fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let dir = TempDir::new("agent-tls");
+    for d in ["a", "b", "pki"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    write_test_pki(&dir.join("pki"));
+    let mut a = Agent::configure(&dir.join("a"), "host-a");
+    let mut b = Agent::configure(&dir.join("b"), "host-b");
+    a.serve_tls(&dir.join("pki"));
+    b.serve_tls(&dir.join("pki"));
+    a.peer_with(&b);
+    b.peer_with(&a);
+    std::fs::write(dir.join("a/vms/web-1.toml"), vm_config("web-1")).unwrap();
+    a.start();
+    b.start();
+    a.wait_for_vms("web-1 running on host-a", Duration::from_secs(60), |l| {
+        running_with_heartbeats(l, &["web-1"])
+    });
+    // Plain HTTP gets no answer; a client that does not trust the CA gets no answer.
+    let plain = request(&a.addr, "GET", "/healthz", None, None);
+    assert!(plain.as_ref().is_none_or(|p| p.status != 200), "{plain:?}");
+    let other = dir.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    write_test_pki(&other);
+    let untrusted = request_tls(
+        &a.addr,
+        &other.join("ca.pem"),
+        "GET",
+        "/healthz",
+        None,
+        None,
+    );
+    assert!(untrusted.is_err(), "{untrusted:?}");
+    // The CLI, given the CA.
+    let ca = dir.join("pki/ca.pem");
+    let out = Command::new(ferry_bin())
+        .args([
+            "vms",
+            "--agent",
+            &format!("https://{}", a.addr),
+            "--token-file",
+        ])
+        .arg(a.dir.join("token"))
+        .arg("--ca-file")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("web-1"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agents reach each other over TLS (each trusts the other's CA).
+    let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
+    let m = a.wait_ended(&id, Duration::from_secs(120));
+    assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
+    moved(&a, &b);
 }

@@ -23,6 +23,15 @@ pub fn serve(config: &Path, log_format: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where an agent's API is and how to speak to it.
+pub struct Endpoint<'a> {
+    pub url: &'a str,
+    /// The token to present.
+    pub token_file: Option<&'a Path>,
+    /// The CA an `https://` agent's certificate is checked against.
+    pub ca_file: Option<&'a Path>,
+}
+
 /// An agent's API at `base`, presenting the token in `token_file`.
 pub struct AgentClient {
     base: String,
@@ -31,21 +40,18 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub fn new(base: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
-        let token = token_file
+    pub fn new(at: &Endpoint) -> anyhow::Result<Self> {
+        let token = at
+            .token_file
             .map(|f| {
                 std::fs::read_to_string(f)
                     .map(|t| t.trim().to_owned())
                     .with_context(|| format!("reading the token file {}", f.display()))
             })
             .transpose()?;
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(30)))
-            .build()
-            .new_agent();
+        let http = crate::daemon::tls::client(at.ca_file, std::time::Duration::from_secs(30))?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
+            base: at.url.trim_end_matches('/').to_owned(),
             token,
             http,
         })
@@ -95,8 +101,8 @@ impl AgentClient {
     }
 }
 
-pub fn vms(agent: &str, token_file: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
-    let body = AgentClient::new(agent, token_file)?.call("GET", "/v1/vms", None)?;
+pub fn vms(at: &Endpoint, as_json: bool) -> anyhow::Result<ExitCode> {
+    let body = AgentClient::new(at)?.call("GET", "/v1/vms", None)?;
     if as_json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
@@ -125,12 +131,8 @@ pub fn vms(agent: &str, token_file: Option<&Path>, as_json: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn migrations(
-    agent: &str,
-    token_file: Option<&Path>,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    let body = AgentClient::new(agent, token_file)?.call("GET", "/v1/migrations", None)?;
+pub fn migrations(at: &Endpoint, as_json: bool) -> anyhow::Result<ExitCode> {
+    let body = AgentClient::new(at)?.call("GET", "/v1/migrations", None)?;
     if as_json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
@@ -159,8 +161,8 @@ pub fn migrations(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn cancel(agent: &str, token_file: Option<&Path>, id: &str) -> anyhow::Result<ExitCode> {
-    AgentClient::new(agent, token_file)?.call("DELETE", &format!("/v1/migrations/{id}"), None)?;
+pub fn cancel(at: &Endpoint, id: &str) -> anyhow::Result<ExitCode> {
+    AgentClient::new(at)?.call("DELETE", &format!("/v1/migrations/{id}"), None)?;
     eprintln!("cancelling migration {id}; the VM stays where it is");
     Ok(ExitCode::SUCCESS)
 }
@@ -175,13 +177,12 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// follows the migration: a progress bar (phase, round, remaining, bandwidth, ETA),
 /// each decision as it is made, and the outcome. Ctrl-C cancels it.
 pub fn migrate(
-    agent: &str,
-    token_file: Option<&Path>,
+    at: &Endpoint,
     request: &serde_json::Value,
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let client = AgentClient::new(agent, token_file)?;
+    let client = AgentClient::new(at)?;
     let started: MigrationInfo =
         serde_json::from_str(&client.call("POST", "/v1/migrations", Some(&request.to_string()))?)
             .context("the agent's answer to the migration request")?;

@@ -54,6 +54,9 @@ struct File {
     limits: LimitsTable,
     #[serde(default)]
     peers: Vec<PeerFile>,
+    /// Serve the API over TLS: the certificate chain and its key (PEM), both or none.
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,16 +66,24 @@ struct PeerFile {
     url: String,
     /// The token this agent presents to that peer (its `peer_token_file`'s content).
     token_file: Option<PathBuf>,
+    /// The CA certificates (PEM) an `https://` peer's certificate is checked against
+    /// (default: the public web's roots).
+    ca_file: Option<PathBuf>,
 }
 
 /// Another host's agent.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub name: String,
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` or `https://host:port`, no trailing slash.
     pub url: String,
     pub token: Option<String>,
+    /// The client to reach it with (its CA, if it has one of its own).
+    pub http: ureq::Agent,
 }
+
+/// A peer's answer within this, or it is unreachable.
+const PEER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Who may call what: each role's token (None: that role is not served).
 #[derive(Clone)]
@@ -109,6 +120,8 @@ pub struct AgentConfig {
     pub limits: Limits,
     pub peers: Vec<Peer>,
     pub tokens: Tokens,
+    /// The API's TLS (None: plain HTTP).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// A token file's content, trimmed of whitespace; empty or unreadable is an error.
@@ -210,11 +223,14 @@ impl AgentConfig {
         let mut peers: Vec<Peer> = Vec::new();
         for p in f.peers {
             let url = p.url.trim_end_matches('/').to_owned();
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
+            let host = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if host.is_none_or(str::is_empty) {
                 return Err(invalid(
                     "peers.url",
                     &p.url,
-                    "http://host:port (TLS between agents is not served yet)",
+                    "http://host:port or https://host:port",
                 ));
             }
             if p.name.is_empty() || peers.iter().any(|q| q.name == p.name) || p.name == f.name {
@@ -228,12 +244,36 @@ impl AgentConfig {
                 .token_file
                 .map(|t| read_token("peer", &at(&t)))
                 .transpose()?;
+            let http = super::tls::client(p.ca_file.map(|c| at(&c)).as_deref(), PEER_WITHIN)
+                .map_err(|e| invalid("peers.ca_file", &p.name, &e.to_string()))?;
             peers.push(Peer {
                 name: p.name,
                 url,
                 token,
+                http,
             });
         }
+        let tls = match (&f.tls_cert_file, &f.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                super::tls::server_config(&at(cert), &at(key))
+                    .map_err(|e| invalid("tls_cert_file", &cert.display(), &e.to_string()))?,
+            ),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key_file",
+                    &"(missing)",
+                    "tls_cert_file needs the key that goes with it",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert_file",
+                    &"(missing)",
+                    "tls_key_file needs the certificate that goes with it",
+                ));
+            }
+        };
         // A datastore that is not there is a typo or a storage not mounted: disks
         // copied into a folder made in its place would land on the wrong disk.
         for d in &f.datastores {
@@ -284,6 +324,7 @@ impl AgentConfig {
             max_inbound,
             limits,
             peers,
+            tls,
             tokens,
         })
     }
@@ -379,6 +420,24 @@ token_file = "peer"
             (("name = \"host-b\"", "name = \"host-a\""), "peers.name"),
             (("[limits]", "max_inbound = 0\n[limits]"), "max_inbound"),
             (("\"disks\"", "\"disks\", \"nowhere\""), "datastores"),
+            (
+                ("[limits]", "tls_cert_file = \"token\"\n[limits]"),
+                "tls_key_file",
+            ),
+            (
+                (
+                    "[limits]",
+                    "tls_cert_file = \"token\"\ntls_key_file = \"token\"\n[limits]",
+                ),
+                "no certificate",
+            ),
+            (
+                (
+                    "url = \"http://198.18.0.2:7070/\"",
+                    "url = \"https://198.18.0.2:7070/\"\nca_file = \"absent\"",
+                ),
+                "peers.ca_file",
+            ),
         ] {
             let (_dir, r) = with_tokens(&GOOD.replacen(change.0, change.1, 1));
             let e = r.expect_err(change.1).to_string();

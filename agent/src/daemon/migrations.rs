@@ -767,13 +767,11 @@ impl Job {
             copy_storage: self.copy_storage,
         })
         .map_err(|e| e.to_string())?;
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .new_agent();
         let url = format!("{}/v1/incoming", peer.url);
-        let mut req = agent.post(&url).header("Content-Type", "application/json");
+        let mut req = peer
+            .http
+            .post(&url)
+            .header("Content-Type", "application/json");
         if let Some(t) = &peer.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }

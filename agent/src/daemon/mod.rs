@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod migrations;
 pub mod storage;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,18 +129,31 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         tracing::info!(
             host = cfg.name,
             listen = %cfg.listen,
+            tls = cfg.tls.is_some(),
             vm_dir = %cfg.vm_dir.display(),
             "agent serving"
         );
         let on_stop = shared.clone();
-        axum::serve(listener, api::router(shared))
-            .with_graceful_shutdown(async move {
-                terminated().await;
-                // Watches end, so the server's graceful stop does not wait on them.
-                on_stop.stopping.store(true, Ordering::Release);
-            })
-            .await
-            .map_err(AgentError::Serve)
+        let stopped = async move {
+            terminated().await;
+            // Watches end, so the server's graceful stop does not wait on them.
+            on_stop.stopping.store(true, Ordering::Release);
+        };
+        let app = api::router(shared);
+        match cfg.tls.clone() {
+            Some(config) => {
+                let listener =
+                    tls::TlsListener::new(listener, config).map_err(AgentError::Serve)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .map_err(AgentError::Serve)
+            }
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .map_err(AgentError::Serve),
+        }
     });
     // No new work is taken from here on; what runs finishes, or is cancelled, within
     // the unit's stop timeout.

@@ -1,0 +1,164 @@
+//! TLS for the agent's API: the server's certificate and key, a listener that hands
+//! the HTTP server only connections whose handshake completed, and the HTTP client
+//! (peers, the CLI) that trusts a given CA.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// A client that has not finished its handshake by then is dropped.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+/// Handshakes done and not yet taken by the server, at most.
+const READY_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the TLS certificate {}: {why}", .path.display())]
+    Cert { path: PathBuf, why: String },
+    #[error("the TLS key {}: {why}", .path.display())]
+    Key { path: PathBuf, why: String },
+    #[error("the TLS certificate and key: {0}")]
+    Pair(String),
+    #[error("the CA file {}: {why}", .path.display())]
+    Ca { path: PathBuf, why: String },
+}
+
+/// The server's side: the certificate chain in `cert` (PEM, the server's first) and
+/// its private key in `key` (PEM). Read once, at start.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: cert.to_owned(),
+            why: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: cert.to_owned(),
+            why: "it holds no certificate".into(),
+        });
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_owned(),
+        why: e.to_string(),
+    })?;
+    // ring, as the HTTP client (ureq) uses: it builds with the C compiler alone.
+    // aws-lc-rs would add the post-quantum key exchange ring lacks, at the price of
+    // a CMake build on every host.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and shakes hands with each on a task of its own (a slow
+/// or silent client holds only its own task, never the port); the server takes the
+/// connections whose handshake completed.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Call within the runtime.
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = mpsc::channel(READY_MAX);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (conn, peer) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        tracing::warn!("the API port cannot accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    break;
+                }
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(conn)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, "API connection closed: TLS handshake failed: {e}");
+                        }
+                        Err(_) => tracing::warn!(
+                            %peer,
+                            "API connection closed: no TLS handshake within {} s",
+                            HANDSHAKE_WITHIN.as_secs()
+                        ),
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task ended (it never does while the port is open).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// An HTTP client for an agent's API: `https://` URLs are checked against the CA
+/// certificates in `ca` (PEM) if given, else against the public web's roots.
+pub fn client(ca: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, TlsError> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some(path) = ca {
+        let bad = |why: String| TlsError::Ca {
+            path: path.to_owned(),
+            why,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("it holds no certificate".into()));
+        }
+        tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .tls_config(tls.build())
+        .build()
+        .new_agent())
+}
