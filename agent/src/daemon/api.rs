@@ -422,9 +422,14 @@ async fn receive(
     authorize(&s, &headers, Need::Receive)?;
     let req: IncomingRequest = body(bytes)?;
     let offer = blocking(move || {
+        let failed = |e: super::inventory::ReceiveError| Failure(e.kind(), e.to_string());
+        let reserved = lock(&s.inventory).reserve(&req).map_err(failed)?;
+        // The VMM starts without the inventory's lock: a slow start holds up neither
+        // the look at the other VMs nor other requests.
+        let started = reserved.start();
         lock(&s.inventory)
-            .receive(&req)
-            .map_err(|e| Failure(e.kind(), e.to_string()))
+            .received(reserved, started)
+            .map_err(failed)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(offer)))

@@ -244,6 +244,13 @@ impl AgentConfig {
                 .token_file
                 .map(|t| read_token("peer", &at(&t)))
                 .transpose()?;
+            if p.ca_file.is_some() && !url.starts_with("https://") {
+                return Err(invalid(
+                    "peers.ca_file",
+                    &p.name,
+                    "a CA is for a peer served over https://; its url is http://",
+                ));
+            }
             let http = super::tls::client(p.ca_file.map(|c| at(&c)).as_deref(), PEER_WITHIN)
                 .map_err(|e| invalid("peers.ca_file", &p.name, &e.to_string()))?;
             peers.push(Peer {
@@ -255,10 +262,16 @@ impl AgentConfig {
         }
         let tls = match (&f.tls_cert_file, &f.tls_key_file) {
             (None, None) => None,
-            (Some(cert), Some(key)) => Some(
-                super::tls::server_config(&at(cert), &at(key))
-                    .map_err(|e| invalid("tls_cert_file", &cert.display(), &e.to_string()))?,
-            ),
+            (Some(cert), Some(key)) => {
+                Some(super::tls::server_config(&at(cert), &at(key)).map_err(|e| {
+                    let file = if e.key() == "tls_cert_file" {
+                        cert
+                    } else {
+                        key
+                    };
+                    invalid(e.key(), &file.display(), &e.to_string())
+                })?)
+            }
             (Some(_), None) => {
                 return Err(invalid(
                     "tls_key_file",

@@ -36,6 +36,9 @@ struct Arriving {
     deadline: Instant,
     /// Once its migration began, the deadline no longer applies (a long migration).
     begun: bool,
+    /// Reserved, its VMM being started (by the request, without the inventory's
+    /// lock): nothing to look at yet.
+    starting: bool,
 }
 
 struct Vm {
@@ -85,6 +88,47 @@ impl ReceiveError {
                 ApiErrorKind::InvalidRequest
             }
             ReceiveError::Start(_) => ApiErrorKind::Failed,
+        }
+    }
+}
+
+/// A VM reserved to arrive here, its VMM yet to be started.
+pub struct Reserved {
+    name: String,
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    control: PathBuf,
+    log: PathBuf,
+    ticket: String,
+    ticket_file: PathBuf,
+}
+
+impl Reserved {
+    /// Starts the receiving VMM and waits until it says where it listens (the
+    /// source connects as soon as it has the offer). Takes no lock: a slow start
+    /// holds neither the inventory's look at the other VMs nor other requests.
+    pub fn start(&self) -> Result<(Child, String), ReceiveError> {
+        let mut child = spawn(&self.exe, &self.args, &self.log)
+            .map_err(|e| ReceiveError::Start(e.to_string()))?;
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Status::Incoming(i)) = status(&self.control)
+                && let Some(a) = i.listening
+            {
+                return Ok((child, a));
+            }
+            if let Ok(Some(exit)) = child.try_wait() {
+                return Err(ReceiveError::Start(format!(
+                    "it exited ({exit}){}",
+                    last_line(&self.log).map_or(String::new(), |l| format!(": {l}"))
+                )));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ReceiveError::Start("it did not answer within 10 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -150,12 +194,6 @@ impl Inventory {
         )
     }
 
-    /// The file that remembers a VM on its way here, so an agent restarted meanwhile
-    /// follows it on.
-    fn arriving_file(&self, name: &str) -> PathBuf {
-        self.run_dir.join(format!("{name}.arriving"))
-    }
-
     /// After a restart: takes up the VMs that were on their way here, whose VMMs
     /// still answer.
     pub fn recover_arrivals(&mut self) {
@@ -195,6 +233,7 @@ impl Inventory {
                         source: "(before the agent restarted)".into(),
                         deadline: Instant::now() + ARRIVE_WITHIN,
                         begun: false,
+                        starting: false,
                     }),
                     info,
                 },
@@ -211,6 +250,9 @@ impl Inventory {
             }
         }
         for vm in self.vms.values_mut() {
+            if vm.arriving.as_ref().is_some_and(|a| a.starting) {
+                continue;
+            }
             let was_arriving = vm.arriving.is_some();
             look(vm, &self.vm_dir);
             if was_arriving && vm.arriving.is_none() {
@@ -358,34 +400,16 @@ impl Inventory {
     /// Starts `ferry ARGS` in a session of its own, its output appended to `log`.
     fn spawn(&self, args: &[std::ffi::OsString], log: &Path) -> std::io::Result<Child> {
         std::fs::create_dir_all(&self.run_dir)?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: setsid is async-signal-safe and touches no memory of this process.
-        // A session of its own: a signal to the agent's process group (a terminal's
-        // Ctrl-C, a stop) never reaches the VM.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn()
+        spawn(&self.exe, args, log)
     }
 
-    /// Starts a VMM to receive the VM `req` names, with a one-time ticket; returns
-    /// where its source sends it. Once the VM runs here its config is written into
-    /// the VM folder; if its migration fails, or does not begin within
-    /// [`ARRIVE_WITHIN`], the VMM is stopped and nothing is left.
-    pub fn receive(&mut self, req: &IncomingRequest) -> Result<IncomingOffer, ReceiveError> {
+    /// Reserves the VM `req` names to arrive here (its name, a place among
+    /// `max_inbound`, a one-time ticket); [`Reserved::start`] then starts its VMM
+    /// without the inventory's lock, and [`Inventory::received`] settles it. Once the
+    /// VM runs here its config is written into the VM folder; if its migration
+    /// fails, or does not begin within [`ARRIVE_WITHIN`], the VMM is stopped and
+    /// nothing is left.
+    pub fn reserve(&mut self, req: &IncomingRequest) -> Result<Reserved, ReceiveError> {
         let cfg = VmConfig::parse_unresolved(&req.config, Path::new("the request's config"))
             .map_err(|e| ReceiveError::Config(e.to_string()))?;
         if cfg.name != req.vm {
@@ -394,7 +418,6 @@ impl Inventory {
                 asked: req.vm.clone(),
             });
         }
-        let kept = self.placed(&cfg, req)?;
         let name = &cfg.name;
         let file = self.vm_dir.join(format!("{name}.toml"));
         if self
@@ -409,17 +432,18 @@ impl Inventory {
         if arriving >= self.reception.max_inbound as usize {
             return Err(ReceiveError::Busy(self.reception.max_inbound));
         }
-        let start = |e: std::io::Error| ReceiveError::Start(e.to_string());
-        std::fs::create_dir_all(&self.run_dir).map_err(start)?;
-        let ticket = random_hex(16).map_err(start)?;
-        let ticket_file = self.run_dir.join(format!("{name}.ticket"));
-        write_private(&ticket_file, &ticket).map_err(start)?;
+        let kept = self.placed(&cfg, req)?;
         let control = control_socket(&self.run_dir, name);
         // A VMM of that name still answering here (one handed over and still
         // stopping, say) holds the socket a new one needs.
         if status(&control).is_ok() {
             return Err(ReceiveError::Exists(name.clone()));
         }
+        let start = |e: std::io::Error| ReceiveError::Start(e.to_string());
+        std::fs::create_dir_all(&self.run_dir).map_err(start)?;
+        let ticket = random_hex(16).map_err(start)?;
+        let ticket_file = self.run_dir.join(format!("{name}.ticket"));
+        write_private(&ticket_file, &ticket).map_err(start)?;
         // Port 0: the VMM binds a port the system chooses and says which in its
         // status, so no other process can take it in between.
         let bind = std::net::SocketAddr::new(self.reception.ip, 0).to_string();
@@ -445,52 +469,84 @@ impl Inventory {
                 }
             }
         }
-        let mut child = self.spawn(&args, &log).map_err(start)?;
-        // Answering before the offer goes out: the source connects at once.
-        let t0 = Instant::now();
-        let address = loop {
-            if let Ok(Status::Incoming(i)) = status(&control)
-                && let Some(a) = i.listening
-            {
-                break a;
-            }
-            if let Ok(Some(exit)) = child.try_wait() {
-                return Err(ReceiveError::Start(format!(
-                    "it exited ({exit}){}",
-                    last_line(&log).map_or(String::new(), |l| format!(": {l}"))
-                )));
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(ReceiveError::Start("it did not answer within 10 s".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Err(e) = std::fs::write(self.arriving_file(name), &kept) {
-            tracing::warn!(vm = name, "cannot note its arrival for a restart: {e}");
-        }
-        tracing::info!(vm = name, source = req.source, %address, "receiving a VM");
-        let mut info = blank_info(name, &file);
-        info.pid = Some(child.id());
         self.vms.insert(
             name.clone(),
             Vm {
-                config: file,
-                control,
-                log,
-                child: Some(child),
+                config: file.clone(),
+                control: control.clone(),
+                log: log.clone(),
+                child: None,
                 adopted: false,
                 arriving: Some(Arriving {
                     config_text: kept,
                     source: req.source.clone(),
                     deadline: Instant::now() + ARRIVE_WITHIN,
                     begun: false,
+                    starting: true,
                 }),
-                info,
+                info: blank_info(name, &file),
             },
         );
-        Ok(IncomingOffer { address, ticket })
+        Ok(Reserved {
+            name: name.clone(),
+            exe: self.exe.clone(),
+            args,
+            control,
+            log,
+            ticket,
+            ticket_file,
+        })
+    }
+
+    /// Settles what [`Reserved::start`] did: the VM arriving here, or its place given
+    /// back.
+    pub fn received(
+        &mut self,
+        reserved: Reserved,
+        started: Result<(Child, String), ReceiveError>,
+    ) -> Result<IncomingOffer, ReceiveError> {
+        let name = &reserved.name;
+        let vm = self
+            .vms
+            .get_mut(name)
+            .filter(|v| v.arriving.as_ref().is_some_and(|a| a.starting));
+        let (vm, (child, address)) = match (vm, started) {
+            (Some(vm), Ok(started)) => (vm, started),
+            (vm, result) => {
+                if vm.is_some() {
+                    self.vms.remove(name);
+                }
+                let _ = std::fs::remove_file(&reserved.ticket_file);
+                return Err(match result {
+                    Err(e) => e,
+                    Ok((mut child, _)) => {
+                        // Cannot happen: only this request takes its reservation.
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        ReceiveError::Start("its reservation was lost".into())
+                    }
+                });
+            }
+        };
+        let Some(a) = vm.arriving.as_mut() else {
+            unreachable!("filtered on arriving above");
+        };
+        a.starting = false;
+        a.deadline = Instant::now() + ARRIVE_WITHIN;
+        // Remembered, so that an agent restarted meanwhile follows it on.
+        if let Err(e) = std::fs::write(
+            self.run_dir.join(format!("{name}.arriving")),
+            &a.config_text,
+        ) {
+            tracing::warn!(vm = name, "cannot note its arrival for a restart: {e}");
+        }
+        tracing::info!(vm = name, source = a.source, %address, "receiving a VM");
+        vm.info.pid = Some(child.id());
+        vm.child = Some(child);
+        Ok(IncomingOffer {
+            address,
+            ticket: reserved.ticket,
+        })
     }
 
     /// The config this host keeps for the VM `cfg` once it runs here: the source's,
@@ -777,6 +833,31 @@ fn reap(vm: &mut Vm) {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Starts `exe ARGS` in a session of its own, its output appended to `log`.
+fn spawn(exe: &Path, args: &[std::ffi::OsString], log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    // A session of its own: a signal to the agent's process group (a terminal's
+    // Ctrl-C, a stop) never reaches the VM.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 fn blank_info(name: &str, config: &Path) -> VmInfo {

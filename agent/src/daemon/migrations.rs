@@ -114,10 +114,15 @@ impl Migrations {
         }
     }
 
+    /// Migrations a stop waits for: not those settling a handover in doubt, which
+    /// neither a cancel nor waiting ends (the restarted agent takes them up again).
     fn live(&self) -> usize {
         lock(&self.records)
             .values()
-            .filter(|r| !lock(&r.info).state.ended())
+            .filter(|r| {
+                let state = lock(&r.info).state;
+                !state.ended() && state != MigrationState::Resolving
+            })
             .count()
     }
 
@@ -181,7 +186,16 @@ impl Migrations {
         if info.state.ended() {
             return Err(Refusal(
                 ApiErrorKind::Conflict,
-                format!("migration {id} has already ended ({:?})", info.state),
+                format!("migration {id} has already ended ({})", info.state.as_str()),
+            ));
+        }
+        if info.state == MigrationState::Resolving {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!(
+                    "migration {id} handed the VM over and is settling with the destination \
+                     where it runs; past the handover there is nothing to cancel"
+                ),
             ));
         }
         r.cancel.store(true, Ordering::Release);
@@ -396,16 +410,28 @@ impl Migrations {
                 &ferry_api::Request::Status {},
                 Duration::from_secs(5),
             );
-            // The VMM's last migration is this record's only if it went where the
-            // record says it was sent (else the agent stopped before it began).
-            let to = seen
+            // The VMM's last migration is this record's if it went where the record
+            // says it was sent; a record that never heard where (one that followed
+            // a migration it did not start) owns the migration the VMM still runs
+            // or holds in doubt, not one that ended before.
+            let theirs = seen
                 .as_ref()
                 .ok()
                 .and_then(|s| s.vm())
                 .and_then(|v| v.migration.as_ref())
-                .map(|m| m.to.clone());
-            match (seen, address) {
-                (Err(e), _) => end(
+                .map(|m| {
+                    (
+                        m.to.clone(),
+                        m.report.is_none() || m.phase == ferry_api::Phase::InDoubt,
+                    )
+                });
+            let ours = match (&address, &theirs) {
+                (Some(a), Some((to, _))) => a == to,
+                (None, Some((_, unsettled))) => *unsettled,
+                (_, None) => false,
+            };
+            match seen {
+                Err(e) => end(
                     &r,
                     MigrationState::Failed,
                     Some(format!(
@@ -413,7 +439,7 @@ impl Migrations {
                          the migration ended is not known"
                     )),
                 ),
-                (Ok(_), Some(a)) if to.as_deref() == Some(a.as_str()) => {
+                Ok(_) if ours => {
                     tracing::info!(vm, id, "following again a migration begun before a restart");
                     let job = Job {
                         host: self.host.clone(),
@@ -427,7 +453,7 @@ impl Migrations {
                     };
                     run_job(job, r, inventory);
                 }
-                (Ok(_), _) => end(
+                Ok(_) => end(
                     &r,
                     MigrationState::Failed,
                     Some(
@@ -579,6 +605,9 @@ impl Job {
             Some(peer) => match self.ask_peer(peer) {
                 Ok(offer) => {
                     lock(&record.info).destination_address = Some(offer.address.clone());
+                    // Kept now: a restart before the VMM starts sending tells, by
+                    // this address, whether the VMM's migration is this record's.
+                    record.save();
                     Start::New(Box::new(self.request(offer)))
                 }
                 Err(why) => {
@@ -598,7 +627,7 @@ impl Job {
             .resolve_in_doubt(RESOLVE_RETRY);
         driver.subscribe(|e| {
             let mut i = lock(&record.info);
-            let before = i.state;
+            let before = (i.state, i.destination_address.is_some());
             match e {
                 Event::Started { .. } => i.state = MigrationState::Running,
                 Event::Progress { progress, .. } => {
@@ -642,7 +671,7 @@ impl Job {
                 }
                 _ => {}
             }
-            let changed = i.state != before;
+            let changed = (i.state, i.destination_address.is_some()) != before;
             drop(i);
             if changed {
                 record.save();
@@ -744,8 +773,10 @@ impl Job {
                     downtime_ms = core.switchover_ms,
                     "migration completed"
                 );
-                lock(inventory).moved_away(&self.vm);
+                // Kept first: an agent that dies while stopping the copy here
+                // still knows, restarted, that the VM moved.
                 end(record, MigrationState::Completed, None);
+                lock(inventory).moved_away(&self.vm);
             }
             Outcome::Cancelled => {
                 tracing::info!(vm = self.vm, "migration cancelled; the VM stays here");

@@ -95,12 +95,22 @@ impl StorageMigrations {
                 ),
             ));
         }
-        client::call_within::<serde_json::Value>(
-            &inventory::control_socket(&self.run_dir, &info.vm),
-            &Request::Cancel {},
-            ANSWER_WITHIN,
-        )
-        .map_err(refused)?;
+        let control = inventory::control_socket(&self.run_dir, &info.vm);
+        // The VMM's `cancel` stops whatever it runs: ask it only while what it runs
+        // is this storage migration (it may have ended since the last look).
+        let moving = client::call_within::<Status>(&control, &Request::Status {}, ANSWER_WITHIN)
+            .map_err(refused)?
+            .vm()
+            .and_then(|v| v.storage_migration.as_ref())
+            .is_some_and(|p| p.report.is_none());
+        if !moving {
+            return Err(Refusal(
+                ApiErrorKind::Conflict,
+                format!("storage migration {id} is ending; nothing is left to cancel"),
+            ));
+        }
+        client::call_within::<serde_json::Value>(&control, &Request::Cancel {}, ANSWER_WITHIN)
+            .map_err(refused)?;
         Ok(info)
     }
 
@@ -252,7 +262,12 @@ impl StorageMigrations {
                 "storage migration started"
             );
         }
-        self.follow(record.clone(), control, PathBuf::from(&vm.config));
+        self.follow(
+            record.clone(),
+            control,
+            PathBuf::from(&vm.config),
+            created.then(|| folder.clone()),
+        );
         Ok(lock(&record).clone())
     }
 
@@ -294,16 +309,34 @@ impl StorageMigrations {
                 record,
                 inventory::control_socket(&self.run_dir, &vm.name),
                 PathBuf::from(&vm.config),
+                None,
             );
         }
     }
 
-    fn follow(&self, record: Arc<Mutex<StorageMigrationInfo>>, control: PathBuf, config: PathBuf) {
+    /// `made`: the folder the agent made for the images, removed again if the
+    /// storage migration leaves it empty.
+    fn follow(
+        &self,
+        record: Arc<Mutex<StorageMigrationInfo>>,
+        control: PathBuf,
+        config: PathBuf,
+        made: Option<PathBuf>,
+    ) {
         let spawned = std::thread::Builder::new()
             .name("storage-migration".into())
             .spawn({
                 let record = record.clone();
-                move || follow(&record, &control, &config)
+                move || {
+                    follow(&record, &control, &config);
+                    if let Some(folder) = made
+                        && lock(&record).state != MigrationState::Completed
+                    {
+                        // Only if empty: nothing of the VM's is ever removed here. An
+                        // empty folder left would refuse the VM's disks arriving later.
+                        let _ = std::fs::remove_dir(&folder);
+                    }
+                }
             });
         if let Err(e) = spawned {
             end(

@@ -18,6 +18,20 @@ use tokio_rustls::server::TlsStream;
 const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 /// Handshakes done and not yet taken by the server, at most.
 const READY_MAX: usize = 64;
+/// Handshakes under way at most; a connection over it is closed at once (each one
+/// holds a task and a descriptor for up to [`HANDSHAKE_WITHIN`]).
+const HANDSHAKES_MAX: usize = 256;
+
+impl TlsError {
+    /// The config key whose file is at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            TlsError::Cert { .. } => "tls_cert_file",
+            TlsError::Key { .. } | TlsError::Pair(_) => "tls_key_file",
+            TlsError::Ca { .. } => "ca_file",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -25,7 +39,7 @@ pub enum TlsError {
     Cert { path: PathBuf, why: String },
     #[error("the TLS key {}: {why}", .path.display())]
     Key { path: PathBuf, why: String },
-    #[error("the TLS certificate and key: {0}")]
+    #[error("the TLS certificate and key do not go together: {0}")]
     Pair(String),
     #[error("the CA file {}: {why}", .path.display())]
     Ca { path: PathBuf, why: String },
@@ -79,6 +93,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_MAX);
         let acceptor = TlsAcceptor::from(config);
+        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = match tcp.accept().await {
@@ -93,8 +108,16 @@ impl TlsListener {
                 if tx.is_closed() {
                     break;
                 }
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        %peer,
+                        "API connection closed: {HANDSHAKES_MAX} TLS handshakes under way already"
+                    );
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(conn)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
