@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferry_api::agent::{
     ApiErrorKind, IncomingOffer, IncomingRequest, MigrationInfo, MigrationState, VmPresence,
@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use super::config::{AgentConfig, Peer};
 use super::inventory::{self, Inventory, View};
+use super::records;
 use crate::driver::ferry_vmm::FerryVmm;
 use crate::driver::observe::PROBE_WINDOW_MS;
 use crate::driver::{Driver, Event, Start};
@@ -92,13 +93,6 @@ pub struct Migrations {
     max_outbound: u32,
     records: Mutex<BTreeMap<String, Arc<Record>>>,
     next: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Migrations {
@@ -318,11 +312,7 @@ impl Migrations {
         destination: &str,
         policy: &str,
     ) -> Arc<Record> {
-        let id = format!(
-            "m{}-{}",
-            now_ms(),
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = records::new_id('m', &self.next);
         let record = Arc::new(Record {
             info: Mutex::new(MigrationInfo::new(
                 id.clone(),
@@ -330,7 +320,7 @@ impl Migrations {
                 &self.host,
                 destination,
                 policy,
-                now_ms(),
+                records::unix_ms(),
             )),
             cancel: AtomicBool::new(false),
             file: self.dir.join(format!("{id}.json")),
@@ -498,7 +488,7 @@ impl Migrations {
                 let mut records = lock(&self.records);
                 // A record that ended a moment ago may have been seen migrating by a
                 // status taken just before it ended.
-                let recent = now_ms().saturating_sub(5_000);
+                let recent = records::unix_ms().saturating_sub(5_000);
                 let followed = records.values().any(|r| {
                     let i = lock(&r.info);
                     i.vm == vm.name && (!i.state.ended() || i.ended_unix_ms > Some(recent))
@@ -554,23 +544,17 @@ fn run_job(job: Job, record: Arc<Record>, inventory: &Arc<Mutex<Inventory>>) {
     }
 }
 
-/// Ended records kept at most (the oldest go first); live ones are always kept.
-const KEEP_ENDED: usize = 200;
-
 fn prune(records: &mut BTreeMap<String, Arc<Record>>) {
-    let mut ended: Vec<(u64, String)> = records
+    let ended = records
         .iter()
         .filter_map(|(id, r)| {
             let i = lock(&r.info);
             i.ended_unix_ms.map(|t| (t, id.clone()))
         })
         .collect();
-    if ended.len() > KEEP_ENDED {
-        ended.sort();
-        for (_, id) in &ended[..ended.len() - KEEP_ENDED] {
-            if let Some(r) = records.remove(id) {
-                let _ = std::fs::remove_file(&r.file);
-            }
+    for id in records::beyond_keep(ended) {
+        if let Some(r) = records.remove(&id) {
+            let _ = std::fs::remove_file(&r.file);
         }
     }
 }
@@ -579,7 +563,7 @@ fn end(record: &Record, state: MigrationState, error: Option<String>) {
     {
         let mut i = lock(&record.info);
         i.state = state;
-        i.ended_unix_ms = Some(now_ms());
+        i.ended_unix_ms = Some(records::unix_ms());
         // The end's word replaces what was said on the way (a handover in doubt,
         // settled).
         i.error = error;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod inventory;
 pub mod metrics;
 pub mod migrations;
+pub mod records;
 pub mod storage;
 pub mod tls;
 

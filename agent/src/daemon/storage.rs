@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferry_api::agent::{
     ApiErrorKind, MigrationState, StorageMigrationInfo, StorageMigrationRequest, VmPresence,
@@ -20,6 +20,7 @@ use ferry_api::{Outcome, Request, Status, StorageReport};
 
 use super::inventory::{self, View};
 use super::migrations::Refusal;
+use super::records;
 use crate::client::{self, ClientError};
 use crate::migration::disk_stream;
 use crate::sync::lock;
@@ -31,8 +32,6 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 const MISSES: u32 = 25;
 /// A VMM's answer within this, or it counts as a miss.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
-/// Ended records kept at most (the oldest go first).
-const KEEP_ENDED: usize = 200;
 
 pub struct StorageMigrations {
     datastores: Vec<PathBuf>,
@@ -40,13 +39,6 @@ pub struct StorageMigrations {
     run_dir: PathBuf,
     records: Mutex<BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>>,
     next: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -205,17 +197,13 @@ impl StorageMigrations {
                 ));
             }
             prune(&mut records);
-            let id = format!(
-                "s{}-{}",
-                now_ms(),
-                self.next.fetch_add(1, Ordering::Relaxed)
-            );
+            let id = records::new_id('s', &self.next);
             let r = Arc::new(Mutex::new(StorageMigrationInfo::new(
                 id.clone(),
                 &req.vm,
                 &req.datastore,
                 folder.display().to_string(),
-                now_ms(),
+                records::unix_ms(),
             )));
             records.insert(id, r.clone());
             r
@@ -277,24 +265,20 @@ impl StorageMigrations {
         for vm in vms.all().into_iter().filter(|v| v.moving_disks) {
             let record = {
                 let mut records = lock(&self.records);
-                let recent = now_ms().saturating_sub(5_000);
+                let recent = records::unix_ms().saturating_sub(5_000);
                 if records.values().any(|r| {
                     let i = lock(r);
                     i.vm == vm.name && (!i.state.ended() || i.ended_unix_ms > Some(recent))
                 }) {
                     continue;
                 }
-                let id = format!(
-                    "s{}-{}",
-                    now_ms(),
-                    self.next.fetch_add(1, Ordering::Relaxed)
-                );
+                let id = records::new_id('s', &self.next);
                 let mut info = StorageMigrationInfo::new(
                     id.clone(),
                     &vm.name,
                     "(begun before this agent started)",
                     String::new(),
-                    now_ms(),
+                    records::unix_ms(),
                 );
                 info.state = MigrationState::Running;
                 let r = Arc::new(Mutex::new(info));
@@ -364,20 +348,17 @@ fn refused(e: ClientError) -> Refusal {
 fn end(record: &Mutex<StorageMigrationInfo>, state: MigrationState, error: Option<String>) {
     let mut i = lock(record);
     i.state = state;
-    i.ended_unix_ms = Some(now_ms());
+    i.ended_unix_ms = Some(records::unix_ms());
     i.error = error;
 }
 
 fn prune(records: &mut BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>) {
-    let mut ended: Vec<(u64, String)> = records
+    let ended = records
         .iter()
         .filter_map(|(id, r)| lock(r).ended_unix_ms.map(|t| (t, id.clone())))
         .collect();
-    if ended.len() > KEEP_ENDED {
-        ended.sort();
-        for (_, id) in &ended[..ended.len() - KEEP_ENDED] {
-            records.remove(id);
-        }
+    for id in records::beyond_keep(ended) {
+        records.remove(&id);
     }
 }
 
