@@ -114,6 +114,9 @@ pub struct VmInfo {
     /// Its VMM is moving its disks to another datastore now.
     #[serde(default)]
     pub moving_disks: bool,
+    /// On its way here from a peer: its VMM receives it.
+    #[serde(default)]
+    pub arriving: bool,
 }
 
 impl VmInfo {
@@ -138,6 +141,7 @@ impl VmInfo {
             migrating: false,
             in_doubt: false,
             moving_disks: false,
+            arriving: false,
         }
     }
 }

@@ -4,7 +4,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_tests::agent::{Agent, request, request_tls, write_test_pki};
-use ferry_tests::{TempDir, alongside, ferry, ferry_bin, require_kvm, status_at, vm_of};
+use ferry_tests::{
+    TempDir, alongside, ferry, ferry_bin, require_command, require_kvm, status_at, vm_of,
+};
 use serde_json::Value;
 
 fn vm_config(name: &str) -> String {
@@ -33,6 +35,42 @@ fn wait_disk_writes(control: &str) {
         assert!(t0.elapsed() < Duration::from_secs(60), "no disk writes");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `promtool check metrics` on an agent's `/metrics`: the text format, and the
+/// naming conventions (base units, `_total` counters); returns the text.
+fn metrics_checked(agent: &Agent) -> String {
+    use std::io::Write as _;
+    let a = agent.get("/metrics", None).expect("/metrics answers");
+    assert_eq!(a.status, 200, "{a:?}");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(a.body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        a.body
+    );
+    a.body
+}
+
+/// The value of the series `series` (name and labels, as printed) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The disk paths a VM config names.
@@ -365,8 +403,19 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     if !require_kvm() {
         return;
     }
+    if !require_command(
+        "promtool",
+        "cargo xtask setup installs it (Debian package prometheus)",
+    ) {
+        return;
+    }
     let _host = alongside();
     let (_dir, a, b) = two_hosts("agent-migrate");
+    let text = metrics_checked(&a);
+    assert!(
+        text.contains(r#"ferry_vm_heartbeat_gap_seconds{vm="web-1"}"#),
+        "{text}"
+    );
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     // Watched as it goes: server-sent events until the end.
     let watch = {
@@ -397,6 +446,41 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     assert!(!m["decisions"].as_array().unwrap().is_empty(), "{m}");
     assert!(m["destination_address"].as_str().is_some(), "{m}");
     moved(&a, &b);
+    // Counted once as it ended, its downtime in the histogram; the VM's own series
+    // left with it; the peer seen up (looked at every 10 s).
+    let text = metrics_checked(&a);
+    assert_eq!(
+        sample(
+            &text,
+            r#"ferry_migrations_total{mode="precopy",outcome="completed",policy="adaptive"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ferry_migration_downtime_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"ferry_migrations_in_progress{direction="outbound"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(text.contains("ferry_build_info{"), "{text}");
+    assert!(!text.contains(r#"vm="web-1""#), "{text}");
+    let t0 = std::time::Instant::now();
+    while sample(&metrics_checked(&a), r#"ferry_peer_up{peer="host-b"}"#) != Some(1.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            metrics_checked(&a)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // And back, driven by the other agent, asked from the command line.
     let out = Command::new(ferry_bin())
         .args([
@@ -830,6 +914,19 @@ fn a_storage_migration_through_the_api_moves_the_disks_under_a_writing_guest_and
         agent.call("GET", "/v1/storage-migrations", None).json(),
         serde_json::json!([])
     );
+    // Each datastore's space, for the rules that move VMs off a filling host.
+    let text = agent.get("/metrics", None).unwrap().body;
+    for ds in ["ds1", "ds2"] {
+        let at = std::path::absolute(dir.join(ds)).unwrap();
+        let free = sample(
+            &text,
+            &format!(
+                "ferry_datastore_free_bytes{{datastore=\"{}\"}}",
+                at.display()
+            ),
+        );
+        assert!(free.is_some_and(|f| f > 0.0), "{ds}: {text}");
+    }
     assert!(image.exists() && !dir.join("ds2/web-1").exists());
     let a = agent.call(
         "POST",

@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("clang-19", "clang-19"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
     ("bpftool", "bpftool"),
+    // `promtool` checks the agent's /metrics.
+    ("prometheus", "promtool"),
 ];
 
 fn present(check: &str) -> bool {

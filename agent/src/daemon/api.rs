@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use super::auth::{self, Denied, Need};
 use super::config::Tokens;
 use super::inventory::{Inventory, View};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Scrape};
 use super::migrations::{MigrationRequest, Migrations, Refusal};
 use super::storage::StorageMigrations;
 use crate::sync::lock;
@@ -37,7 +37,9 @@ pub struct Shared {
     pub host: String,
     pub tokens: Tokens,
     pub vms: View,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// The agent's datastores, for their space.
+    pub datastores: Vec<std::path::PathBuf>,
     pub inventory: Arc<Mutex<Inventory>>,
     pub migrations: Arc<Migrations>,
     pub storage: Arc<StorageMigrations>,
@@ -185,10 +187,21 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.host, &s.vms.all()),
-    )
+    let vms = s.vms.all();
+    let live: Vec<MigrationInfo> = s
+        .migrations
+        .list()
+        .into_iter()
+        .filter(|m| !m.state.ended())
+        .collect();
+    let text = s.metrics.render(&Scrape {
+        host: &s.host,
+        vms: &vms,
+        live: &live,
+        arriving: vms.iter().filter(|v| v.arriving).count(),
+        datastores: &s.datastores,
+    });
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn list_vms(

@@ -651,7 +651,14 @@ impl Inventory {
     }
 
     fn publish(&self) {
-        let infos = self.vms.values().map(|v| v.info.clone()).collect();
+        let infos = self
+            .vms
+            .values()
+            .map(|v| VmInfo {
+                arriving: v.arriving.is_some(),
+                ..v.info.clone()
+            })
+            .collect();
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = infos;
     }
 

@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use super::config::{AgentConfig, Peer};
 use super::inventory::{self, Inventory, View};
+use super::metrics::Metrics;
 use super::records;
 use crate::driver::ferry_vmm::FerryVmm;
 use crate::driver::observe::PROBE_WINDOW_MS;
@@ -60,6 +61,10 @@ pub struct Refusal(pub ApiErrorKind, pub String);
 struct Record {
     info: Mutex<MigrationInfo>,
     cancel: AtomicBool,
+    /// The mode it runs in, once known (asked for, or read from the VMM's report).
+    mode: Mutex<Option<Mode>>,
+    /// Where its end is counted.
+    metrics: Arc<Metrics>,
     /// Where the record is kept across agent restarts.
     file: PathBuf,
 }
@@ -86,6 +91,7 @@ impl Record {
 
 pub struct Migrations {
     host: String,
+    metrics: Arc<Metrics>,
     /// The records' files: `run_dir/migrations/<id>.json`.
     dir: PathBuf,
     peers: Vec<Peer>,
@@ -96,9 +102,10 @@ pub struct Migrations {
 }
 
 impl Migrations {
-    pub fn new(cfg: &AgentConfig) -> Self {
+    pub fn new(cfg: &AgentConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             host: cfg.name.clone(),
+            metrics,
             dir: cfg.run_dir.join("migrations"),
             peers: cfg.peers.clone(),
             limits: cfg.limits.clone(),
@@ -323,6 +330,8 @@ impl Migrations {
                 records::unix_ms(),
             )),
             cancel: AtomicBool::new(false),
+            mode: Mutex::new(None),
+            metrics: self.metrics.clone(),
             file: self.dir.join(format!("{id}.json")),
         });
         record.save();
@@ -375,6 +384,8 @@ impl Migrations {
                 let r = Arc::new(Record {
                     info: Mutex::new(info),
                     cancel: AtomicBool::new(false),
+                    mode: Mutex::new(None),
+                    metrics: self.metrics.clone(),
                     file: path,
                 });
                 if !ended {
@@ -560,15 +571,18 @@ fn prune(records: &mut BTreeMap<String, Arc<Record>>) {
 }
 
 fn end(record: &Record, state: MigrationState, error: Option<String>) {
-    {
+    let ended = {
         let mut i = lock(&record.info);
         i.state = state;
         i.ended_unix_ms = Some(records::unix_ms());
         // The end's word replaces what was said on the way (a handover in doubt,
         // settled).
         i.error = error;
-    }
+        i.clone()
+    };
     record.save();
+    let mode = lock(&record.mode).map_or("unknown", Mode::as_str);
+    record.metrics.migration_ended(&ended, mode);
 }
 
 struct Job {
@@ -592,7 +606,9 @@ impl Job {
                     // Kept now: a restart before the VMM starts sending tells, by
                     // this address, whether the VMM's migration is this record's.
                     record.save();
-                    Start::New(Box::new(self.request(offer)))
+                    let request = self.request(offer);
+                    *lock(&record.mode) = request.mode;
+                    Start::New(Box::new(request))
                 }
                 Err(why) => {
                     tracing::error!(vm = self.vm, peer = peer.name, "not started: {why}");
@@ -732,6 +748,7 @@ impl Job {
             }
         };
         let core = &report.migration.core;
+        *lock(&record.mode) = Some(report.migration.mode);
         {
             let mut i = lock(&record.info);
             i.total_ms = Some(core.total_ms);

@@ -48,6 +48,20 @@ pub enum AgentError {
 const WIND_DOWN_FINISH: std::time::Duration = std::time::Duration::from_secs(30);
 const WIND_DOWN_CANCEL: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// How often each peer's `/healthz` is asked.
+const PEER_LOOK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the peer's agent answers its `/healthz` within 5 s.
+fn answers(peer: &config::Peer) -> bool {
+    peer.http
+        .get(&format!("{}/healthz", peer.url))
+        .config()
+        .timeout_global(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .call()
+        .is_ok_and(|r| r.status().is_success())
+}
+
 /// Runs the agent until SIGTERM or SIGINT. VMs keep running after it exits.
 pub fn run(config_path: &Path) -> Result<(), AgentError> {
     let cfg = AgentConfig::load(config_path)?;
@@ -70,7 +84,8 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     // it has not read yet.
     inventory.recover_arrivals();
     let inventory = Arc::new(Mutex::new(inventory));
-    let migrations = Arc::new(migrations::Migrations::new(&cfg));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let migrations = Arc::new(migrations::Migrations::new(&cfg, metrics.clone()));
     // Before the first look: a VM whose migration a record follows is not the
     // looker's to settle.
     migrations.recover(&inventory, &cfg.run_dir);
@@ -103,12 +118,32 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             })
             .map_err(AgentError::Runtime)?
     };
+    // The peers' health (ferry_peer_up): a look at each one's /healthz every
+    // PEER_LOOK. Not joined: it ends with the stop, or with the process.
+    {
+        let (stop, peers, metrics) = (stop.clone(), cfg.peers.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name("peers".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    for p in &peers {
+                        metrics.peer_seen(&p.name, answers(p));
+                    }
+                    let t0 = std::time::Instant::now();
+                    while t0.elapsed() < PEER_LOOK && !stop.load(Ordering::Acquire) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(AgentError::Runtime)?;
+    }
     let shared = Arc::new(api::Shared {
         stopping: AtomicBool::new(false),
         host: cfg.name.clone(),
         tokens: cfg.tokens.clone(),
         vms: view,
-        metrics: metrics::Metrics::default(),
+        metrics: metrics.clone(),
+        datastores: cfg.datastores.clone(),
         inventory,
         migrations: migrations.clone(),
         storage,
