@@ -242,6 +242,10 @@ pub struct MigrationInfo {
     /// A handover in doubt, settled with the destination: where the VM runs.
     #[serde(default)]
     pub resolution: Option<crate::Resolution>,
+    /// The operator's downtime limit for it (None: not known, as for a migration
+    /// this agent did not start).
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
 }
 
 impl MigrationInfo {
@@ -272,6 +276,7 @@ impl MigrationInfo {
             downtime_ms: None,
             error: None,
             resolution: None,
+            max_downtime_ms: None,
         }
     }
 }

@@ -248,9 +248,9 @@ fn each_role_reaches_only_its_endpoints_and_bad_requests_are_told_why() {
     let m = get("/metrics", None);
     assert_eq!(m.status, 200);
     for line in [
-        r#"ferry_agent_http_requests_total{route="/v1/vms",method="GET",code="401"} 2"#,
-        r#"ferry_agent_http_requests_total{route="/v1/vms",method="GET",code="403"} 1"#,
-        r#"ferry_agent_http_requests_total{route="other",method="GET",code="404"} 1"#,
+        r#"ferry_agent_http_requests_total{code="401",method="GET",route="/v1/vms"} 2"#,
+        r#"ferry_agent_http_requests_total{code="403",method="GET",route="/v1/vms"} 1"#,
+        r#"ferry_agent_http_requests_total{code="404",method="GET",route="other"} 1"#,
         r#"ferry_agent_info{host="host-a""#,
     ] {
         assert!(m.body.contains(line), "{line} not in:\n{}", m.body);

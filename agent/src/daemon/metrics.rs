@@ -10,8 +10,8 @@ use std::sync::Mutex;
 
 use ferry_api::agent::{MigrationInfo, MigrationState, VmInfo, VmPresence};
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::sync::lock;
@@ -44,6 +44,7 @@ pub struct Metrics {
     duration: Histogram,
     downtime: Histogram,
     decisions: IntCounterVec,
+    over_limit: IntCounter,
     prediction_error: HistogramVec,
     remaining: GaugeVec,
     bandwidth: GaugeVec,
@@ -171,6 +172,14 @@ impl Default for Metrics {
                 "Settings the policy set or changed in ended migrations, by setting and policy.",
                 &["setting", "policy"],
             ),
+            over_limit: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "ferry_migration_downtime_over_limit_total",
+                    "Completed migrations whose downtime exceeded the operator's max_downtime_ms.",
+                ))
+                .expect("a valid counter"),
+            ),
             prediction_error: histogram(
                 "ferry_policy_prediction_error_ratio",
                 "Completed migrations: |predicted - measured| / measured, of the total time and of the downtime.",
@@ -254,6 +263,11 @@ impl Metrics {
         }
         if let Some(d) = m.downtime_ms {
             self.downtime.observe(d / 1e3);
+        }
+        if let (Some(d), Some(limit)) = (m.downtime_ms, m.max_downtime_ms)
+            && d > limit
+        {
+            self.over_limit.inc();
         }
         for (what, predicted, measured) in [
             ("total", m.predicted_total_ms, m.total_ms),
@@ -417,6 +431,7 @@ mod tests {
         info.total_ms = Some(2000.0);
         info.downtime_ms = Some(4.0);
         info.predicted_total_ms = Some(2200.0);
+        info.max_downtime_ms = Some(3.0);
         info.decisions.push(ferry_api::Decision {
             t_ms: 0.0,
             setting: "codec".into(),
@@ -434,6 +449,7 @@ mod tests {
             r#"ferry_policy_decisions_total{policy="adaptive",setting="codec"} 1"#,
             r#"ferry_policy_prediction_error_ratio_bucket{what="total",le="0.1"} 1"#,
             r#"ferry_vm_heartbeat_gap_seconds{vm="web-1"} 0.012"#,
+            "ferry_migration_downtime_over_limit_total 1",
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }

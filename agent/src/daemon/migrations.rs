@@ -295,7 +295,13 @@ impl Migrations {
                 ));
             }
             prune(&mut records);
-            self.record(&mut records, &req.vm, &peer.name, &policy_name)
+            self.record(
+                &mut records,
+                &req.vm,
+                &peer.name,
+                &policy_name,
+                Some(&limits),
+            )
         };
         let first = lock(&record.info).clone();
         let job = Job {
@@ -318,17 +324,20 @@ impl Migrations {
         vm: &str,
         destination: &str,
         policy: &str,
+        limits: Option<&Limits>,
     ) -> Arc<Record> {
         let id = records::new_id('m', &self.next);
+        let mut info = MigrationInfo::new(
+            id.clone(),
+            vm,
+            &self.host,
+            destination,
+            policy,
+            records::unix_ms(),
+        );
+        info.max_downtime_ms = limits.map(|l| l.max_downtime_ms);
         let record = Arc::new(Record {
-            info: Mutex::new(MigrationInfo::new(
-                id.clone(),
-                vm,
-                &self.host,
-                destination,
-                policy,
-                records::unix_ms(),
-            )),
+            info: Mutex::new(info),
             cancel: AtomicBool::new(false),
             mode: Mutex::new(None),
             metrics: self.metrics.clone(),
@@ -490,6 +499,7 @@ impl Migrations {
                 &vm.name,
                 "(handed over while this agent was away)",
                 "(none)",
+                None,
             );
             end(&r, MigrationState::Completed, None);
         }
@@ -516,6 +526,7 @@ impl Migrations {
                     &vm.name,
                     "(begun before this agent started)",
                     "adaptive",
+                    Some(&self.limits),
                 )
             };
             let job = Job {
