@@ -33,7 +33,7 @@ commands:
 const SETUP_USAGE: &str = "usage: cargo xtask setup
 
 Checks that /dev/kvm is there, installs the Debian packages Ferry's build, tests and
-lab use that are missing (iproute2, clang-19, libbpf-dev, bpftool; apt-get, as root)
+lab use that are missing (iproute2, clang-19, libbpf-dev, bpftool, prometheus; apt-get, as root)
 and mounts tracefs at /sys/kernel/tracing if it is not mounted. Says what it does.
 test, lab and bench run it first.";
 

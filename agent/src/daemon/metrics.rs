@@ -57,6 +57,9 @@ pub struct Metrics {
     peer_up: IntGaugeVec,
     /// Each peer's last answer to `/healthz`.
     peers: Mutex<BTreeMap<String, bool>>,
+    /// One scrape at a time: each sets the per-VM gauges afresh, and two at once
+    /// could each encode the other's half-set state.
+    rendering: Mutex<()>,
 }
 
 /// What the agent is: its name and version, and what is measured at each scrape.
@@ -232,6 +235,7 @@ impl Default for Metrics {
                 &["peer"],
             ),
             peers: Mutex::new(BTreeMap::new()),
+            rendering: Mutex::new(()),
             registry: r,
         }
     }
@@ -289,6 +293,7 @@ impl Metrics {
     }
 
     pub fn render(&self, s: &Scrape) -> String {
+        let _one = lock(&self.rendering);
         self.agent_info.reset();
         self.agent_info
             .with_label_values(&[s.host, env!("CARGO_PKG_VERSION")])
