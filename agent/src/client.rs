@@ -37,6 +37,19 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// What a failed call was, for whoever answers for it: a VMM that cannot be
+    /// reached (or did not answer in time) is unavailable; one that says no says
+    /// which kind of no, when it says.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Connect { .. } | ClientError::Io { .. } => ErrorKind::Unavailable,
+            ClientError::Malformed { .. } | ClientError::Version { .. } => ErrorKind::Failed,
+            ClientError::Refused { kind, .. } => kind.unwrap_or(ErrorKind::Failed),
+        }
+    }
+}
+
 /// Sends `req` and reads its answer's `result` as `T`, or the VMM's refusal.
 pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
     call_with(path, req, None)

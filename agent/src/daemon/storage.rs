@@ -334,15 +334,7 @@ impl StorageMigrations {
 
 /// What the VMM said no with, as the API says it.
 fn refused(e: ClientError) -> Refusal {
-    let kind = match &e {
-        ClientError::Refused {
-            kind: Some(kind), ..
-        } => ApiErrorKind::from(*kind),
-        ClientError::Refused { kind: None, .. } => ApiErrorKind::Failed,
-        ClientError::Connect { .. } => ApiErrorKind::Unavailable,
-        _ => ApiErrorKind::Failed,
-    };
-    Refusal(kind, format!("the VM's VMM: {e}"))
+    Refusal(e.kind().into(), format!("the VM's VMM: {e}"))
 }
 
 fn end(record: &Mutex<StorageMigrationInfo>, state: MigrationState, error: Option<String>) {

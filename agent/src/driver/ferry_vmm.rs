@@ -42,15 +42,8 @@ impl FerryVmm {
     }
 }
 
-/// What a failed call was, for a front end: a VMM that cannot be reached is
-/// unavailable; one that says no says which kind of no, when it says.
 fn backend_error(e: ClientError) -> BackendError {
-    let kind = match &e {
-        ClientError::Connect { .. } | ClientError::Io { .. } => ErrorKind::Unavailable,
-        ClientError::Malformed { .. } | ClientError::Version { .. } => ErrorKind::Failed,
-        ClientError::Refused { kind, .. } => kind.unwrap_or(ErrorKind::Failed),
-    };
-    BackendError::new(kind, e.to_string())
+    BackendError::new(e.kind(), e.to_string())
 }
 
 impl Backend for FerryVmm {
