@@ -451,17 +451,7 @@ impl Migrations {
                 ),
                 Ok(_) if ours => {
                     tracing::info!(vm, id, "following again a migration begun before a restart");
-                    let job = Job {
-                        host: self.host.clone(),
-                        peer: None,
-                        vm,
-                        config_text: String::new(),
-                        copy_storage: false,
-                        control,
-                        policy,
-                        limits: self.limits.clone(),
-                    };
-                    run_job(job, r, inventory);
+                    run_job(self.following(vm, control, policy), r, inventory);
                 }
                 Ok(_) => end(
                     &r,
@@ -473,6 +463,20 @@ impl Migrations {
                     ),
                 ),
             }
+        }
+    }
+
+    /// A job that follows (and steers again) the migration the VM's VMM already runs.
+    fn following(&self, vm: String, control: std::path::PathBuf, policy: String) -> Job {
+        Job {
+            host: self.host.clone(),
+            peer: None,
+            vm,
+            config_text: String::new(),
+            copy_storage: false,
+            control,
+            policy,
+            limits: self.limits.clone(),
         }
     }
 
@@ -529,16 +533,8 @@ impl Migrations {
                     Some(&self.limits),
                 )
             };
-            let job = Job {
-                host: self.host.clone(),
-                peer: None,
-                vm: vm.name.clone(),
-                config_text: String::new(),
-                copy_storage: false,
-                control: inventory::control_socket(run_dir, &vm.name),
-                policy: "adaptive".into(),
-                limits: self.limits.clone(),
-            };
+            let control = inventory::control_socket(run_dir, &vm.name);
+            let job = self.following(vm.name.clone(), control, "adaptive".into());
             run_job(job, record, inventory);
         }
     }
