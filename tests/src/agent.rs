@@ -449,6 +449,26 @@ impl Agent {
         child.wait().expect("wait for the agent")
     }
 
+    /// `ferry ARGS` aimed at this agent as its operator: `--agent` (https:// when it
+    /// serves TLS, with `--ca-file`) and `--token-file` added.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut cmd = Command::new(ferry_bin());
+        cmd.args(args)
+            .arg("--agent")
+            .arg(format!("{scheme}://{}", self.addr))
+            .arg("--token-file")
+            .arg(self.dir.join("token"));
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.output().expect("run ferry")
+    }
+
     /// The control socket of the VM `name`, as the agent runs it.
     pub fn control(&self, name: &str) -> String {
         self.dir

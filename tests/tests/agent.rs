@@ -482,14 +482,9 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // And back, driven by the other agent, asked from the command line.
-    let out = Command::new(ferry_bin())
-        .args([
-            "migrate", "web-1", "--to", "host-a", "--policy", "static", "--json",
-        ])
-        .args(["--agent", &format!("http://{}", b.addr), "--token-file"])
-        .arg(b.dir.join("token"))
-        .output()
-        .unwrap();
+    let out = b.cli(&[
+        "migrate", "web-1", "--to", "host-a", "--policy", "static", "--json",
+    ]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -504,16 +499,7 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     moved(&b, &a);
     let list = a.call("GET", "/v1/migrations", None);
     assert_eq!(list.json().as_array().unwrap().len(), 1, "{list:?}");
-    let out = Command::new(ferry_bin())
-        .args([
-            "migrations",
-            "--agent",
-            &format!("http://{}", b.addr),
-            "--token-file",
-        ])
-        .arg(b.dir.join("token"))
-        .output()
-        .unwrap();
+    let out = b.cli(&["migrations"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && table.contains("completed"),
@@ -641,17 +627,7 @@ fn concurrent_requests_start_one_migration_bad_ones_change_nothing_and_a_cancel_
     assert_eq!(m["state"], "cancelled", "{m}");
     let again = a.call("DELETE", &format!("/v1/migrations/{id}"), None);
     assert_eq!(again.status, 409, "{again:?}");
-    let out = Command::new(ferry_bin())
-        .args([
-            "cancel",
-            &id,
-            "--agent",
-            &format!("http://{}", a.addr),
-            "--token-file",
-        ])
-        .arg(a.dir.join("token"))
-        .output()
-        .unwrap();
+    let out = a.cli(&["cancel", &id]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("409"), "{err}");
     // The VM stays on the source, running; the destination keeps nothing of it.
@@ -1080,19 +1056,7 @@ fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
     );
     assert!(untrusted.is_err(), "{untrusted:?}");
     // The CLI, given the CA.
-    let ca = dir.join("pki/ca.pem");
-    let out = Command::new(ferry_bin())
-        .args([
-            "vms",
-            "--agent",
-            &format!("https://{}", a.addr),
-            "--token-file",
-        ])
-        .arg(a.dir.join("token"))
-        .arg("--ca-file")
-        .arg(&ca)
-        .output()
-        .unwrap();
+    let out = a.cli(&["vms"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && said.contains("web-1"),
