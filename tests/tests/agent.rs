@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use ferry_tests::agent::{Agent, request, request_tls, write_test_pki};
 use ferry_tests::{
-    TempDir, alongside, ferry, ferry_bin, require_command, require_kvm, status_at, vm_of,
+    TempDir, alongside, ferry, ferry_bin, require_command, require_ebpf, require_kvm, status_at,
+    vm_of,
 };
 use serde_json::Value;
 
@@ -171,6 +172,114 @@ fn the_agent_starts_its_folders_vms_and_a_restarted_agent_adopts_them_unpaused()
     let s = vm_of(status_at(&agent.control("db-1")).expect("db-1 answers"));
     assert_eq!(s.machine.state.to_string(), "running");
     assert_eq!(s.machine.guest_integrity_errors, 0);
+}
+
+/// The series of `name` in `text` (any labels) that carry `label`: (labels, value).
+fn series<'a>(text: &'a str, name: &str, label: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.split_once("} ")?;
+            labels
+                .contains(label)
+                .then(|| Some((labels, value.parse().ok()?)))?
+        })
+        .collect()
+}
+
+#[test]
+fn a_running_vms_signals_reach_metrics_from_its_vmm_and_the_probes() {
+    if !require_kvm() || !require_ebpf() {
+        return;
+    }
+    if !require_command(
+        "promtool",
+        "cargo xtask setup installs it (Debian package prometheus)",
+    ) {
+        return;
+    }
+    let _host = alongside();
+    let dir = TempDir::new("agent-signals");
+    let mut agent = Agent::configure(dir.path(), "host-a");
+    let image = dir.join("db-1.img");
+    std::fs::write(dir.join("vms/db-1.toml"), disk_vm_config("db-1", &image)).unwrap();
+    agent.start();
+    let t0 = std::time::Instant::now();
+    agent.wait_for_vms("db-1 running", Duration::from_secs(60), |l| {
+        running_with_heartbeats(l, &["db-1"])
+    });
+    wait_disk_writes(&agent.control("db-1"));
+    // The first sample is taken as soon as the VM runs; the probes count its exits
+    // and disk I/O from then on.
+    let vm = r#"vm="db-1""#;
+    let text = loop {
+        let text = metrics_checked(&agent);
+        let probe_rate = series(&text, "ferry_vm_dirty_pages_per_second", vm)
+            .iter()
+            .any(|(l, _)| !l.contains("kvm_dirty_log"));
+        if probe_rate && !series(&text, "ferry_vm_disk_latency_seconds_count", vm).is_empty() {
+            break text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no dirty rate from the probes:\n{text}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "db-1's dirty rate and disk latency on /metrics {:.1} s after the agent started",
+        t0.elapsed().as_secs_f64()
+    );
+    // The VMM's own log against the rate the guest is paced to (500 pages/s in an
+    // 8 MiB working set: distinct pages a little under that), and the probes' view of
+    // the same sample against the VMM's.
+    let vmm = sample(
+        &text,
+        r#"ferry_vm_dirty_pages_per_second{source="kvm_dirty_log",vm="db-1"}"#,
+    )
+    .expect("the VMM's dirty rate");
+    assert!(vmm > 150.0 && vmm < 600.0, "VMM log {vmm} pages/s\n{text}");
+    let probes = series(&text, "ferry_vm_dirty_pages_per_second", vm)
+        .into_iter()
+        .find(|(l, _)| !l.contains("kvm_dirty_log"))
+        .map(|(_, r)| r)
+        .unwrap();
+    assert!(
+        (probes - vmm).abs() < 0.3 * vmm,
+        "probes {probes} pages/s, VMM log {vmm} pages/s\n{text}"
+    );
+    assert!(
+        sample(&text, r#"ferry_vm_working_set_pages{vm="db-1"}"#).is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    let written = series(
+        &text,
+        "ferry_vm_disk_bytes_total",
+        r#"op="write",vm="db-1""#,
+    );
+    assert!(written.first().is_some_and(|(_, b)| *b > 0.0), "{text}");
+    assert!(
+        series(&text, "ferry_vm_exits_total", vm)
+            .iter()
+            .any(|(_, n)| *n > 0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "ferry_probe_sources_attached").is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "ferry_probe_load_errors_total"), Some(0.0));
+    // The VM gone (its config removed, then its VMM stopped), its series go too.
+    let pid = agent.read("/v1/vms/db-1").json()["pid"].as_u64().unwrap();
+    std::fs::remove_file(dir.join("vms/db-1.toml")).unwrap();
+    // SAFETY: kill(2) on a pid this test's agent started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    agent.wait_for_vms("db-1 gone", Duration::from_secs(60), |l| {
+        named(l, "db-1").is_none()
+    });
+    let text = metrics_checked(&agent);
+    assert!(!text.contains(vm), "{text}");
 }
 
 #[test]

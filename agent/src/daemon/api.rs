@@ -38,6 +38,8 @@ pub struct Shared {
     pub tokens: Tokens,
     pub vms: View,
     pub metrics: Arc<Metrics>,
+    /// The VMs' signals between migrations (the sampler's).
+    pub observed: super::sampler::Shared,
     /// The agent's datastores, for their space.
     pub datastores: Vec<std::path::PathBuf>,
     pub inventory: Arc<Mutex<Inventory>>,
@@ -200,6 +202,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         live: &live,
         arriving: vms.iter().filter(|v| v.arriving).count(),
         datastores: &s.datastores,
+        observed: &lock(&s.observed),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -57,6 +57,18 @@ struct File {
     /// Serve the API over TLS: the certificate chain and its key (PEM), both or none.
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    #[serde(default)]
+    sampling: SamplingFile,
+}
+
+/// `[sampling]`: how often each running VM's dirty rate is measured between
+/// migrations, and for how long.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplingFile {
+    /// Seconds between two samples of a VM; 0 turns sampling off.
+    every_secs: Option<u64>,
+    sample_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +134,7 @@ pub struct AgentConfig {
     pub tokens: Tokens,
     /// The API's TLS (None: plain HTTP).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    pub sampling: super::sampler::Schedule,
 }
 
 /// A token file's content, trimmed of whitespace; empty or unreadable is an error.
@@ -298,6 +311,35 @@ impl AgentConfig {
                 ));
             }
         }
+        let sampling = {
+            let default = super::sampler::Schedule::default();
+            let sample = match f.sampling.sample_ms {
+                None => default.sample,
+                Some(ms @ 100..=10_000) => std::time::Duration::from_millis(ms),
+                Some(ms) => {
+                    return Err(invalid(
+                        "sampling.sample_ms",
+                        &ms,
+                        "between 100 and 10000 milliseconds",
+                    ));
+                }
+            };
+            let every = match f.sampling.every_secs {
+                None => default.every,
+                Some(0) => None,
+                Some(s @ 1..=3600) if std::time::Duration::from_secs(s) > sample => {
+                    Some(std::time::Duration::from_secs(s))
+                }
+                Some(s) => {
+                    return Err(invalid(
+                        "sampling.every_secs",
+                        &s,
+                        "0 (off), or up to 3600 seconds and longer than sample_ms",
+                    ));
+                }
+            };
+            super::sampler::Schedule { every, sample }
+        };
         let tokens = Tokens {
             operator: read_token("operator", &at(&f.token_file))?,
             peer: f
@@ -339,6 +381,7 @@ impl AgentConfig {
             peers,
             tls,
             tokens,
+            sampling,
         })
     }
 }
@@ -405,6 +448,10 @@ token_file = "peer"
         assert_eq!(c.tokens.peer.as_deref(), Some("peer-secret-0123456789"));
         assert_eq!(c.peers[0].url, "http://198.18.0.2:7070");
         assert_eq!(c.limits.max_downtime_ms, 300.0);
+        assert_eq!(c.sampling, crate::daemon::sampler::Schedule::default());
+        let (_dir, c) =
+            with_tokens(&GOOD.replacen("[limits]", "[sampling]\nevery_secs = 0\n[limits]", 1));
+        assert_eq!(c.unwrap().sampling.every, None);
     }
 
     #[test]
@@ -450,6 +497,17 @@ token_file = "peer"
                     "url = \"https://198.18.0.2:7070/\"\nca_file = \"absent\"",
                 ),
                 "peers.ca_file",
+            ),
+            (
+                ("[limits]", "[sampling]\nsample_ms = 20\n[limits]"),
+                "sampling.sample_ms",
+            ),
+            (
+                (
+                    "[limits]",
+                    "[sampling]\nevery_secs = 1\nsample_ms = 2000\n[limits]",
+                ),
+                "sampling.every_secs",
             ),
         ] {
             let (_dir, r) = with_tokens(&GOOD.replacen(change.0, change.1, 1));

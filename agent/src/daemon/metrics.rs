@@ -71,6 +71,8 @@ pub struct Scrape<'a> {
     /// VMs arriving here.
     pub arriving: usize,
     pub datastores: &'a [PathBuf],
+    /// The VMs' signals and the probes' counters.
+    pub observed: &'a super::sampler::Observed,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -365,9 +367,12 @@ impl Metrics {
         for (peer, up) in lock(&self.peers).iter() {
             self.peer_up.with_label_values(&[peer]).set(i64::from(*up));
         }
+        let mut families = self.registry.gather();
+        families.extend(super::families::observed(s.observed, s.vms));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
-        // Encoding gathered families into a buffer cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        // Encoding gathered families (none empty) into a buffer cannot fail.
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 }
@@ -389,6 +394,17 @@ fn space(path: &std::path::Path) -> Option<(f64, f64)> {
 mod tests {
     use super::*;
 
+    static OBSERVED: crate::daemon::sampler::Observed = crate::daemon::sampler::Observed {
+        vms: BTreeMap::new(),
+        devices: BTreeMap::new(),
+        probes: crate::daemon::sampler::ProbeHealth {
+            loaded: false,
+            attached: 0,
+            live: 0,
+            load_errors: 0,
+        },
+    };
+
     fn scrape<'a>(vms: &'a [VmInfo], live: &'a [MigrationInfo]) -> Scrape<'a> {
         Scrape {
             host: "host \"a\"",
@@ -396,6 +412,7 @@ mod tests {
             live,
             arriving: 0,
             datastores: &[],
+            observed: &OBSERVED,
         }
     }
 

@@ -5,10 +5,12 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+mod families;
 pub mod inventory;
 pub mod metrics;
 pub mod migrations;
 pub mod records;
+pub mod sampler;
 pub mod storage;
 pub mod tls;
 
@@ -137,12 +139,28 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             })
             .map_err(AgentError::Runtime)?;
     }
+    // The VMs' signals between migrations. Not joined: it ends with the stop.
+    let observed = sampler::Shared::default();
+    {
+        let sampler = sampler::Sampler::new(
+            cfg.sampling,
+            view.clone(),
+            cfg.run_dir.clone(),
+            observed.clone(),
+        );
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || sampler.run(&stop))
+            .map_err(AgentError::Runtime)?;
+    }
     let shared = Arc::new(api::Shared {
         stopping: AtomicBool::new(false),
         host: cfg.name.clone(),
         tokens: cfg.tokens.clone(),
         vms: view,
         metrics: metrics.clone(),
+        observed,
         datastores: cfg.datastores.clone(),
         inventory,
         migrations: migrations.clone(),

@@ -76,7 +76,7 @@ fn diff_stats(a: &IoStats, b: &IoStats) -> IoStats {
 }
 
 /// Adds `v` into `into`: counts, bytes, latency and every histogram bucket.
-pub(super) fn add(into: &mut IoStats, v: &IoStats) {
+pub fn add(into: &mut IoStats, v: &IoStats) {
     into.calls += v.calls;
     into.bytes += v.bytes;
     into.errors += v.errors;
@@ -128,6 +128,16 @@ fn userspace_reason(r: u32) -> String {
         17 => "internal_error".into(),
         other => other.to_string(),
     }
+}
+
+/// An exit's kind and reason as one label: `kvm_exit:48`, `userspace:io`, `pio:0`.
+pub fn exit_label(kind: u32, reason: u32) -> String {
+    let reason = if kind == ExitKind::Userspace as u32 {
+        userspace_reason(reason)
+    } else {
+        reason.to_string()
+    };
+    format!("{}:{reason}", exit_kind(kind))
 }
 
 /// What the caller knows of the VMM's dirty logging over a window.
@@ -193,12 +203,7 @@ pub fn window(a: &Reading, b: &Reading, known: Logging) -> Signals {
             k if k == ExitKind::Userspace as u32 => user_exits += n,
             _ => {}
         }
-        let label = if kind == ExitKind::Userspace as u32 {
-            userspace_reason(reason)
-        } else {
-            reason.to_string()
-        };
-        exits_by_reason.insert(format!("{}:{label}", exit_kind(kind)), n as f64 / secs);
+        exits_by_reason.insert(exit_label(kind, reason), n as f64 / secs);
     }
     for (live, name) in
         kinds_live
