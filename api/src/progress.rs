@@ -100,6 +100,9 @@ pub struct MigrationProgress {
     pub pages_sent: u64,
     pub zero_pages: u64,
     pub bytes_on_wire: u64,
+    /// Of `bytes_on_wire`, those that carried disk blocks (the rest carried memory).
+    #[serde(default)]
+    pub disk_bytes_on_wire: u64,
     pub bandwidth_bytes_per_sec: f64,
     pub codec: Codec,
     pub compression_ratio: f64,
@@ -159,6 +162,7 @@ impl MigrationProgress {
             pages_sent: 0,
             zero_pages: 0,
             bytes_on_wire: 0,
+            disk_bytes_on_wire: 0,
             bandwidth_bytes_per_sec: 0.0,
             codec: Codec::None,
             compression_ratio: 1.0,

@@ -55,6 +55,9 @@ pub struct MigrationReport {
     pub max_heartbeat_gap_ms: f64,
     pub rounds: u32,
     pub bytes_on_wire: u64,
+    /// Of `bytes_on_wire`, those that carried disk blocks.
+    #[serde(default)]
+    pub disk_bytes_on_wire: u64,
     pub pages_sent: u64,
     pub zero_pages: u64,
     pub codec: Codec,

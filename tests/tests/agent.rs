@@ -581,6 +581,16 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     );
     assert!(text.contains("ferry_build_info{"), "{text}");
     assert!(!text.contains(r#"vm="web-1""#), "{text}");
+    // Its bytes on the wire, by codec: memory only (no disk travelled).
+    let memory: f64 = series(&text, "ferry_migration_bytes_total", r#"stream="memory""#)
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert!(memory > 0.0, "{text}");
+    assert!(
+        series(&text, "ferry_migration_bytes_total", r#"stream="disk""#).is_empty(),
+        "{text}"
+    );
     let t0 = std::time::Instant::now();
     while sample(&metrics_checked(&a), r#"ferry_peer_up{peer="host-b"}"#) != Some(1.0) {
         assert!(
@@ -1098,6 +1108,13 @@ fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
     moved(&a, &b);
     let there = b.dir.join("ds/web-1/web-1-data.img");
     assert!(there.exists());
+    // The disk's bytes counted apart from the memory's.
+    let text = a.get("/metrics", None).expect("/metrics answers").body;
+    let disk: f64 = series(&text, "ferry_migration_bytes_total", r#"stream="disk""#)
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert!(disk >= 16.0 * 1024.0 * 1024.0 / 100.0, "{text}");
     let names = config_disks(&b.dir.join("vms/web-1.toml"));
     assert_eq!(
         names

@@ -44,6 +44,7 @@ pub struct Metrics {
     duration: Histogram,
     downtime: Histogram,
     decisions: IntCounterVec,
+    bytes: IntCounterVec,
     over_limit: IntCounter,
     prediction_error: HistogramVec,
     remaining: GaugeVec,
@@ -177,6 +178,11 @@ impl Default for Metrics {
                 "Settings the policy set or changed in ended migrations, by setting and policy.",
                 &["setting", "policy"],
             ),
+            bytes: counter(
+                "ferry_migration_bytes_total",
+                "Bytes this agent's migrations sent on the wire, by stream (memory or disk) and the codec they were encoded with.",
+                &["stream", "codec"],
+            ),
             over_limit: register(
                 &r,
                 IntCounter::with_opts(opts(
@@ -285,6 +291,18 @@ impl Metrics {
                 self.prediction_error
                     .with_label_values(&[what])
                     .observe((p - x).abs() / x);
+            }
+        }
+    }
+
+    /// A migration sent `memory` and `disk` more bytes on the wire, under `codec`.
+    pub fn bytes_sent(&self, codec: ferry_api::Codec, memory: u64, disk: u64) {
+        let codec = codec.to_string();
+        for (stream, n) in [("memory", memory), ("disk", disk)] {
+            // A stream that has sent nothing yet has no series: a migration without
+            // disks adds no disk series.
+            if n > 0 {
+                self.bytes.with_label_values(&[stream, &codec]).inc_by(n);
             }
         }
     }

@@ -632,7 +632,35 @@ impl Job {
             .with_probes(Duration::from_millis(PROBE_WINDOW_MS as u64))
             .cancel_on(&record.cancel)
             .resolve_in_doubt(RESOLVE_RETRY);
+        // Wire bytes counted so far, memory and disk: each progress adds what it
+        // sent since the last under the codec in force now (a codec changed between
+        // two progress reports is a few hundred milliseconds of bytes off).
+        let mut counted = (0u64, 0u64);
         driver.subscribe(|e| {
+            // The last progress comes with the report: its totals, under the codec
+            // of the end.
+            let sent = match e {
+                Event::Progress { progress, .. } => Some((
+                    progress.codec,
+                    progress.bytes_on_wire,
+                    progress.disk_bytes_on_wire,
+                )),
+                Event::Outcome(r) => Some((
+                    r.migration.codec,
+                    r.migration.bytes_on_wire,
+                    r.migration.disk_bytes_on_wire,
+                )),
+                _ => None,
+            };
+            if let Some((codec, total, disk)) = sent {
+                let memory = total.saturating_sub(disk);
+                record.metrics.bytes_sent(
+                    codec,
+                    memory.saturating_sub(counted.0),
+                    disk.saturating_sub(counted.1),
+                );
+                counted = (counted.0.max(memory), counted.1.max(disk));
+            }
             let mut i = lock(&record.info);
             let before = (i.state, i.destination_address.is_some());
             match e {

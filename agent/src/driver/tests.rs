@@ -47,6 +47,7 @@ fn report(outcome: Outcome, codec: Codec) -> MigrationReport {
         max_heartbeat_gap_ms: 6.0,
         rounds: 3,
         bytes_on_wire: 4096 * 1000,
+        disk_bytes_on_wire: 0,
         pages_sent: 1000,
         zero_pages: 0,
         codec,

@@ -259,6 +259,7 @@ pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationRep
         max_heartbeat_gap_ms: ms(m.max_heartbeat_gap()),
         rounds: s.round,
         bytes_on_wire: s.bytes_on_wire,
+        disk_bytes_on_wire: s.disk_wire_bytes,
         pages_sent: s.pages_sent,
         zero_pages: s.zero_pages,
         codec: live.settings.codec,

@@ -189,6 +189,7 @@ pub(super) fn fill(p: &mut MigrationProgress, s: &Stats, settings: &Settings) {
     p.pages_sent = s.pages_sent;
     p.zero_pages = s.zero_pages;
     p.bytes_on_wire = s.bytes_on_wire;
+    p.disk_bytes_on_wire = s.disk_wire_bytes;
     p.bandwidth_bytes_per_sec = bandwidth(s);
     p.compression_ratio = ratio(s);
 }
