@@ -53,6 +53,8 @@ pub struct Metrics {
     throttle: GaugeVec,
     compression: GaugeVec,
     max_downtime: GaugeVec,
+    dirty_rate: GaugeVec,
+    decided: GaugeVec,
     datastore_free: GaugeVec,
     datastore_size: GaugeVec,
     peer_up: IntGaugeVec,
@@ -175,7 +177,7 @@ impl Default for Metrics {
             ),
             decisions: counter(
                 "ferry_policy_decisions_total",
-                "Settings the policy set or changed in ended migrations, by setting and policy.",
+                "Settings the policy set or changed in this agent's migrations, by setting and policy.",
                 &["setting", "policy"],
             ),
             bytes: counter(
@@ -227,6 +229,16 @@ impl Default for Metrics {
                 "A migration under way: the downtime limit in force.",
                 &["vm"],
             ),
+            dirty_rate: gauge(
+                "ferry_migration_dirty_pages_per_second",
+                "A migration under way: pages the guest dirties per second, as the VMM's dirty log measures it.",
+                &["vm"],
+            ),
+            decided: gauge(
+                "ferry_migration_decisions",
+                "A migration under way: settings the policy set or changed so far (a change marks a decision).",
+                &["vm"],
+            ),
             datastore_free: gauge(
                 "ferry_datastore_free_bytes",
                 "A datastore's space free for this agent's disks.",
@@ -262,11 +274,6 @@ impl Metrics {
         self.migrations
             .with_label_values(&[m.state.as_str(), mode, &m.policy])
             .inc();
-        for d in &m.decisions {
-            self.decisions
-                .with_label_values(&[&d.setting, &m.policy])
-                .inc();
-        }
         if m.state != MigrationState::Completed {
             return;
         }
@@ -293,6 +300,11 @@ impl Metrics {
                     .observe((p - x).abs() / x);
             }
         }
+    }
+
+    /// The policy set or changed a setting of a migration under way.
+    pub fn decision(&self, setting: &str, policy: &str) {
+        self.decisions.with_label_values(&[setting, policy]).inc();
     }
 
     /// A migration sent `memory` and `disk` more bytes on the wire, under `codec`.
@@ -349,6 +361,8 @@ impl Metrics {
             &self.throttle,
             &self.compression,
             &self.max_downtime,
+            &self.dirty_rate,
+            &self.decided,
         ] {
             g.reset();
         }
@@ -372,6 +386,12 @@ impl Metrics {
             self.compression
                 .with_label_values(&vm)
                 .set(p.compression_ratio);
+            self.dirty_rate
+                .with_label_values(&vm)
+                .set(p.dirty_pages_per_sec);
+            self.decided
+                .with_label_values(&vm)
+                .set(m.decisions.len() as f64);
         }
         self.datastore_free.reset();
         self.datastore_size.reset();
@@ -478,6 +498,7 @@ mod tests {
             value: "lz4".into(),
             reason: "r".into(),
         });
+        m.decision("codec", "adaptive");
         m.migration_ended(&info, "precopy");
         let mut vm = VmInfo::new("web-1", "web-1.toml".into());
         vm.max_heartbeat_gap_ms = Some(12.0);

@@ -671,7 +671,10 @@ impl Job {
                     }
                     i.progress = Some((**progress).clone());
                 }
-                Event::Decision(d) => i.decisions.push(d.clone()),
+                Event::Decision(d) => {
+                    record.metrics.decision(&d.setting, &i.policy);
+                    i.decisions.push(d.clone());
+                }
                 Event::Resolving {
                     attempt,
                     error,
