@@ -85,14 +85,14 @@ fn test_id() -> String {
     format!("{binary}::{test}")
 }
 
-/// True when KVM is usable here; otherwise see [`missing`].
 /// The command `cmd` is on the PATH, or the test fails naming it (see [`missing`]).
 pub fn require_command(cmd: &str, fix: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(cmd).is_file()));
-    found || !missing(cmd, fix)
+    found || missing(cmd, fix)
 }
 
+/// True when KVM is usable here; otherwise see [`missing`].
 pub fn require_kvm() -> bool {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)

@@ -59,3 +59,84 @@ fn every_metric_an_alert_rule_reads_is_one_the_agent_serves() {
         );
     }
 }
+
+/// `node dashboards/schema/validate.mjs FILE...`: (passed, what it printed).
+fn validate(files: &[&std::path::Path]) -> (bool, String) {
+    let out = Command::new("node")
+        .arg(dashboards().join("schema/validate.mjs"))
+        .args(files)
+        .output()
+        .expect("node runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The schema check's npm packages are installed, or the test fails naming them.
+fn require_schema_tools() -> bool {
+    if !require_command(
+        "node",
+        "cargo xtask setup installs it (Debian package nodejs)",
+    ) {
+        return false;
+    }
+    dashboards()
+        .join("schema/node_modules/@grafana/schema")
+        .is_dir()
+        || ferry_tests::missing(
+            "the dashboard schema tools (dashboards/schema/node_modules)",
+            "cargo xtask setup installs them (npm ci in dashboards/schema)",
+        )
+}
+
+#[test]
+fn both_dashboards_validate_against_grafanas_own_dashboard_type_and_a_misspelt_key_fails() {
+    if !require_schema_tools() {
+        return;
+    }
+    let fleet = dashboards().join("ferry-fleet.json");
+    let migration = dashboards().join("ferry-migration.json");
+    let (ok, said) = validate(&[&fleet, &migration]);
+    assert!(ok, "{said}");
+    assert_eq!(
+        said.matches(": ok against @grafana/schema").count(),
+        2,
+        "{said}"
+    );
+    // Strict where the types are: an unknown key at the dashboard's level and at a
+    // panel's each fail, named.
+    let dir = ferry_tests::TempDir::new("dashboard-schema");
+    let mut d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&fleet).unwrap()).unwrap();
+    d["refresh_rate"] = "5s".into();
+    let panel = d["panels"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["type"] == "timeseries")
+        .unwrap();
+    panel["titel"] = "typo".into();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, d.to_string()).unwrap();
+    let (ok, said) = validate(&[&bad]);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("(refresh_rate)") && said.contains("(titel)"),
+        "{said}"
+    );
+    // A target without its query fails too (the types leave targets open).
+    let mut d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&migration).unwrap()).unwrap();
+    d["panels"][0]["targets"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("expr");
+    std::fs::write(&bad, d.to_string()).unwrap();
+    let (ok, said) = validate(&[&bad]);
+    assert!(!ok && said.contains("no PromQL expr"), "{said}");
+}

@@ -16,9 +16,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("clang-19", "clang-19"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
     ("bpftool", "bpftool"),
-    // `promtool` checks the agent's /metrics.
+    // `promtool` checks the agent's /metrics and the alert rules; the tests scrape a
+    // real agent with Prometheus, and the lab runs Prometheus and Alertmanager.
     ("prometheus", "promtool"),
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
+    // The dashboards are checked against Grafana's own types (an npm package).
+    ("nodejs", "node"),
+    ("npm", "npm"),
 ];
+
+/// The dashboards' schema check: its npm packages, pinned by the lock file.
+const SCHEMA_DIR: &str = "dashboards/schema";
 
 fn present(check: &str) -> bool {
     if check.starts_with('/') {
@@ -33,6 +41,38 @@ pub fn run() -> Result<()> {
     check_kvm()?;
     install_packages()?;
     mount_tracefs();
+    install_schema_tools()?;
+    Ok(())
+}
+
+/// `npm ci` in dashboards/schema when its packages are missing or older than its
+/// lock file: @grafana/schema (Grafana's dashboard types), ts-json-schema-generator
+/// 2.4.0 and ajv.
+fn install_schema_tools() -> Result<()> {
+    let dir = crate::util::root().join(SCHEMA_DIR);
+    let installed = dir.join("node_modules/.package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let current = match (
+        modified(&installed),
+        modified(&dir.join("package-lock.json")),
+    ) {
+        (Some(have), Some(want)) => have >= want,
+        _ => false,
+    };
+    if current {
+        println!("  dashboard schema tools present ({SCHEMA_DIR}/node_modules)");
+        return Ok(());
+    }
+    println!("  installing the dashboard schema tools: npm ci in {SCHEMA_DIR}");
+    let ok = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .context("running npm ci")?
+        .success();
+    if !ok {
+        bail!("npm ci in {SCHEMA_DIR} failed");
+    }
     Ok(())
 }
 
