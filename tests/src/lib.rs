@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod agent;
 pub mod netns;
+pub mod prometheus;
 pub mod wire;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the workspace's release or debug build.

@@ -1,0 +1,147 @@
+//! A real Prometheus (the Debian package's binary) on a free loopback port, scraping
+//! the targets it is given every second; stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agent::request;
+use crate::free_port;
+
+pub struct Prometheus {
+    pub addr: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// `s` as a URL query value.
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Prometheus {
+    /// Starts Prometheus in `dir` with the job `ferry` scraping `targets` (host:port)
+    /// every second and the rule files `rules` loaded; waits until it answers.
+    pub fn start(dir: &Path, targets: &[&str], rules: &[&Path]) -> Self {
+        std::fs::create_dir_all(dir).expect("the Prometheus folder");
+        let quoted = |v: Vec<String>| v.join(", ");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [{}]\n\
+             scrape_configs:\n  - job_name: ferry\n    static_configs:\n      - targets: [{}]\n",
+            quoted(
+                rules
+                    .iter()
+                    .map(|r| format!("\"{}\"", r.display()))
+                    .collect()
+            ),
+            quoted(targets.iter().map(|t| format!("\"{t}\"")).collect()),
+        );
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config).expect("prometheus.yml");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("prometheus.log");
+        let out = std::fs::File::create(&log).expect("the Prometheus log");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("prometheus starts");
+        let p = Self { addr, child, log };
+        let t0 = Instant::now();
+        while request(&p.addr, "GET", "/-/ready", None, None).is_none_or(|a| a.status != 200) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "Prometheus is not ready after 60 s:\n{}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` of the HTTP API; its `data`, or why not.
+    pub fn api(&self, path: &str) -> Result<Value, String> {
+        let a = request(&self.addr, "GET", path, None, None)
+            .ok_or_else(|| format!("no answer to {path}"))?;
+        let v: Value =
+            serde_json::from_str(&a.body).map_err(|e| format!("{path}: {e}: {}", a.body))?;
+        if v["status"] != "success" {
+            return Err(format!("{path}: {} {}", a.status, a.body));
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// An instant query's result vector.
+    pub fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
+        let data = self.api(&format!("/api/v1/query?query={}", encode(expr)))?;
+        Ok(data["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// A range query's series, `start` and `end` in Unix seconds, a step of `step_secs`.
+    pub fn query_range(
+        &self,
+        expr: &str,
+        start: f64,
+        end: f64,
+        step_secs: f64,
+    ) -> Result<Vec<Value>, String> {
+        let data = self.api(&format!(
+            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step_secs}",
+            encode(expr)
+        ))?;
+        Ok(data["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `expr` returns at least one series (bounded at `timeout`).
+    pub fn wait_for(&self, what: &str, expr: &str, timeout: Duration) -> Vec<Value> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(r) = self.query(expr)
+                && !r.is_empty()
+            {
+                return r;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{what}: `{expr}` returned nothing for {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
