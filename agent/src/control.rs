@@ -787,6 +787,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         copy_storage,
         reasons,
         ticket,
+        traceparent,
     } = req;
     let verify = !no_verify;
     let mode = mode.unwrap_or_default();
@@ -857,6 +858,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         copy_storage,
         reasons,
         ticket: ticket.unwrap_or_default(),
+        traceparent: traceparent.unwrap_or_default(),
     };
     let vm = vm.clone();
     std::thread::Builder::new()

@@ -12,4 +12,5 @@ pub mod migration;
 pub mod policy;
 pub mod probes;
 pub mod sync;
+pub mod telemetry;
 pub mod vmm;

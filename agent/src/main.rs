@@ -668,6 +668,11 @@ fn main() -> ExitCode {
                 copy_storage,
                 reasons: Default::default(),
                 ticket: ticket_file.as_deref().map(read_ticket).transpose()?,
+                // A caller's trace (OpenTelemetry's TRACEPARENT variable) reaches both
+                // VMMs' logs.
+                traceparent: std::env::var("TRACEPARENT")
+                    .ok()
+                    .filter(|t| ferry_api::trace::trace_ids(t).is_some()),
             };
             cli::migrate::run(
                 &control,

@@ -66,6 +66,7 @@ pub mod report;
 pub mod request;
 pub mod settings;
 pub mod status;
+pub mod trace;
 
 pub use answer::{Answer, Cancelling, PostcopyRequested, Resuming, Started, StateNow, WorkloadSet};
 pub use codec::{Codec, CodecParseError, ZSTD_MAX_LEVEL};

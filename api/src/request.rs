@@ -140,6 +140,10 @@ pub struct Migrate {
     /// --ticket-file`); a destination that has one refuses a source without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket: Option<String>,
+    /// The W3C trace context of the migration's trace: sent on in the handshake, so
+    /// both VMMs' log lines name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `resolve`'s answer: what the destination did with a handover in doubt.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::crc32;
 
 /// The protocol version the handshake must name.
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
 
 pub const HELLO: u8 = 1;
 pub const HELLO_ACK: u8 = 2;
@@ -51,6 +51,8 @@ pub fn hello(version: u16, memory_bytes: u64, id: u64, name: &str) -> Vec<u8> {
     p.extend_from_slice(&id.to_le_bytes());
     p.extend_from_slice(&60_000u32.to_le_bytes());
     p.extend_from_slice(&string(name));
+    // No ticket, no trace context.
+    p.extend_from_slice(&string(""));
     p.extend_from_slice(&string(""));
     p
 }
@@ -58,8 +60,9 @@ pub fn hello(version: u16, memory_bytes: u64, id: u64, name: &str) -> Vec<u8> {
 /// A `Hello` presenting a one-time `ticket`.
 pub fn hello_with_ticket(memory_bytes: u64, name: &str, ticket: &str) -> Vec<u8> {
     let mut p = hello(VERSION, memory_bytes, 7, name);
-    p.truncate(p.len() - 4);
+    p.truncate(p.len() - 8);
     p.extend_from_slice(&string(ticket));
+    p.extend_from_slice(&string(""));
     p
 }
 

@@ -38,6 +38,8 @@ pub struct Shared {
     pub tokens: Tokens,
     pub vms: View,
     pub metrics: Arc<Metrics>,
+    /// Traces: the destination's spans of each arrival.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The VMs' signals between migrations (the sampler's).
     pub observed: super::sampler::Shared,
     /// The agent's datastores, for their space.
@@ -203,6 +205,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         arriving: vms.iter().filter(|v| v.arriving).count(),
         datastores: &s.datastores,
         observed: &lock(&s.observed),
+        spans: s.telemetry.spans.get(),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
@@ -437,15 +440,39 @@ async fn receive(
 ) -> Result<(StatusCode, Json<IncomingOffer>), Failure> {
     authorize(&s, &headers, Need::Receive)?;
     let req: IncomingRequest = body(bytes)?;
+    // The source's trace, joined: a malformed traceparent starts a trace of its own.
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let offer = blocking(move || {
+        let mut trace = crate::telemetry::ReceiveTrace::start(
+            &s.telemetry,
+            traceparent.as_deref(),
+            &req.vm,
+            &req.source,
+        );
         let failed = |e: super::inventory::ReceiveError| Failure(e.kind(), e.to_string());
-        let reserved = lock(&s.inventory).reserve(&req).map_err(failed)?;
-        // The VMM starts without the inventory's lock: a slow start holds up neither
-        // the look at the other VMs nor other requests.
-        let started = reserved.start();
-        lock(&s.inventory)
-            .received(reserved, started)
-            .map_err(failed)
+        let reserved = lock(&s.inventory).reserve(&req);
+        let offer = reserved
+            .and_then(|reserved| {
+                // The VMM starts without the inventory's lock (the guard above is
+                // gone): a slow start holds up neither the look at the other VMs nor
+                // other requests.
+                let started = reserved.start();
+                lock(&s.inventory).received(reserved, started)
+            })
+            .map_err(failed);
+        if let Some(mut t) = trace.take() {
+            match &offer {
+                Ok(_) => {
+                    t.answered(201, None);
+                    lock(&s.inventory).trace_arrival(&req.vm, t);
+                }
+                Err(Failure(kind, why)) => t.answered(kind.http_status(), Some(why)),
+            }
+        }
+        offer
     })
     .await?;
     Ok((StatusCode::CREATED, Json(offer)))

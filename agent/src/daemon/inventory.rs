@@ -144,6 +144,8 @@ pub struct Inventory {
     /// Config files that do not read, and why (logged once each).
     unreadable: BTreeMap<PathBuf, String>,
     snapshot: Arc<RwLock<Vec<VmInfo>>>,
+    /// Arrivals' traces, ended as each arrival does.
+    arrival_traces: BTreeMap<String, crate::telemetry::ReceiveTrace>,
 }
 
 /// What the API reads: the VMs as last seen.
@@ -189,6 +191,7 @@ impl Inventory {
                 driven: Default::default(),
                 unreadable: BTreeMap::new(),
                 snapshot,
+                arrival_traces: BTreeMap::new(),
             },
             view,
         )
@@ -258,6 +261,13 @@ impl Inventory {
             if was_arriving && vm.arriving.is_none() {
                 let _ =
                     std::fs::remove_file(self.run_dir.join(format!("{}.arriving", vm.info.name)));
+                if let Some(mut t) = self.arrival_traces.remove(&vm.info.name) {
+                    t.finish(match (vm.info.presence, &vm.info.error) {
+                        (VmPresence::Running, _) => Ok(()),
+                        (_, Some(e)) => Err(e),
+                        (_, None) => Err("not received"),
+                    });
+                }
             }
         }
         // A VM handed over to another host while no one here drove its migration
@@ -496,6 +506,13 @@ impl Inventory {
             ticket,
             ticket_file,
         })
+    }
+
+    /// Follows the arrival of `name` (just received) in `trace`, ended as it ends.
+    pub fn trace_arrival(&mut self, name: &str, trace: crate::telemetry::ReceiveTrace) {
+        if self.vms.get(name).is_some_and(|v| v.arriving.is_some()) {
+            self.arrival_traces.insert(name.to_owned(), trace);
+        }
     }
 
     /// Settles what [`Reserved::start`] did: the VM arriving here, or its place given

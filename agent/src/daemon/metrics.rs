@@ -58,6 +58,7 @@ pub struct Metrics {
     datastore_free: GaugeVec,
     datastore_size: GaugeVec,
     peer_up: IntGaugeVec,
+    spans: IntCounterVec,
     /// Each peer's last answer to `/healthz`.
     peers: Mutex<BTreeMap<String, bool>>,
     /// One scrape at a time: each sets the per-VM gauges afresh, and two at once
@@ -76,6 +77,8 @@ pub struct Scrape<'a> {
     pub datastores: &'a [PathBuf],
     /// The VMs' signals and the probes' counters.
     pub observed: &'a super::sampler::Observed,
+    /// Spans exported and dropped (traces).
+    pub spans: (u64, u64),
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -254,6 +257,11 @@ impl Default for Metrics {
                 "Whether a peer agent answered /healthz at the last look (1) or not (0).",
                 &["peer"],
             ),
+            spans: counter(
+                "ferry_otel_spans_total",
+                "Trace spans this agent ended, by what became of them: exported, or dropped (the export queue was full, or the collector failed or did not answer in time).",
+                &["outcome"],
+            ),
             peers: Mutex::new(BTreeMap::new()),
             rendering: Mutex::new(()),
             registry: r,
@@ -402,6 +410,11 @@ impl Metrics {
                 self.datastore_size.with_label_values(&label).set(size);
             }
         }
+        // Counters kept by the exporter: brought up to its totals.
+        for (outcome, total) in [("exported", s.spans.0), ("dropped", s.spans.1)] {
+            let c = self.spans.with_label_values(&[outcome]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
         for (peer, up) in lock(&self.peers).iter() {
             self.peer_up.with_label_values(&[peer]).set(i64::from(*up));
         }
@@ -451,6 +464,7 @@ mod tests {
             arriving: 0,
             datastores: &[],
             observed: &OBSERVED,
+            spans: (0, 0),
         }
     }
 

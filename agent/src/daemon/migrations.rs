@@ -31,6 +31,8 @@ use crate::driver::observe::PROBE_WINDOW_MS;
 use crate::driver::{Driver, Event, Start};
 use crate::policy::{Limits, LimitsTable, Pins};
 use crate::sync::lock;
+use crate::telemetry::migration::Subject;
+use crate::telemetry::{MigrationTrace, Telemetry};
 
 /// A handover in doubt is first asked about again after this (then less often).
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
@@ -92,6 +94,7 @@ impl Record {
 pub struct Migrations {
     host: String,
     metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
     /// The records' files: `run_dir/migrations/<id>.json`.
     dir: PathBuf,
     peers: Vec<Peer>,
@@ -102,10 +105,11 @@ pub struct Migrations {
 }
 
 impl Migrations {
-    pub fn new(cfg: &AgentConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: &AgentConfig, metrics: Arc<Metrics>, telemetry: Arc<Telemetry>) -> Self {
         Self {
             host: cfg.name.clone(),
             metrics,
+            telemetry,
             dir: cfg.run_dir.join("migrations"),
             peers: cfg.peers.clone(),
             limits: cfg.limits.clone(),
@@ -306,6 +310,7 @@ impl Migrations {
         let first = lock(&record.info).clone();
         let job = Job {
             host: self.host.clone(),
+            telemetry: self.telemetry.clone(),
             peer: Some(peer),
             vm: req.vm,
             config_text,
@@ -470,6 +475,7 @@ impl Migrations {
     fn following(&self, vm: String, control: std::path::PathBuf, policy: String) -> Job {
         Job {
             host: self.host.clone(),
+            telemetry: self.telemetry.clone(),
             peer: None,
             vm,
             config_text: String::new(),
@@ -594,6 +600,7 @@ fn end(record: &Record, state: MigrationState, error: Option<String>) {
 
 struct Job {
     host: String,
+    telemetry: Arc<Telemetry>,
     /// None: follow the migration the VMM already runs.
     peer: Option<Peer>,
     vm: String,
@@ -605,15 +612,59 @@ struct Job {
 }
 
 impl Job {
+    /// Drives the migration to its end under its trace; every log line on the way
+    /// names the migration and, with traces on, the trace and root span.
     fn run(self, record: &Record, inventory: &Mutex<Inventory>) {
+        let (id, destination) = {
+            let i = lock(&record.info);
+            (i.id.clone(), i.destination.clone())
+        };
+        let trace = MigrationTrace::start(
+            &self.telemetry,
+            &Subject {
+                id: &id,
+                vm: &self.vm,
+                source: &self.host,
+                destination: &destination,
+                policy: &self.policy,
+            },
+        );
+        let log = tracing::info_span!(
+            "migration",
+            id,
+            vm = self.vm,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty
+        );
+        if let Some(t) = &trace {
+            let (trace_id, span_id) = t.ids();
+            log.record("trace_id", trace_id);
+            log.record("span_id", span_id);
+        }
+        let _in = log.enter();
+        let trace = Mutex::new(trace);
+        self.drive(record, inventory, &trace);
+        if let Some(t) = trace.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            let i = lock(&record.info);
+            t.end(i.state, i.error.as_deref());
+        }
+    }
+
+    fn drive(
+        &self,
+        record: &Record,
+        inventory: &Mutex<Inventory>,
+        trace: &Mutex<Option<MigrationTrace>>,
+    ) {
         let start = match &self.peer {
-            Some(peer) => match self.ask_peer(peer) {
+            Some(peer) => match self.ask_peer(peer, trace) {
                 Ok(offer) => {
                     lock(&record.info).destination_address = Some(offer.address.clone());
                     // Kept now: a restart before the VMM starts sending tells, by
                     // this address, whether the VMM's migration is this record's.
                     record.save();
-                    let request = self.request(offer);
+                    let traceparent = lock(trace).as_ref().and_then(MigrationTrace::traceparent);
+                    let request = self.request(offer, traceparent);
                     *lock(&record.mode) = request.mode;
                     Start::New(Box::new(request))
                 }
@@ -637,6 +688,9 @@ impl Job {
         // two progress reports is a few hundred milliseconds of bytes off).
         let mut counted = (0u64, 0u64);
         driver.subscribe(|e| {
+            if let Some(t) = lock(trace).as_mut() {
+                t.on_event(e);
+            }
             // The last progress comes with the report: its totals, under the codec
             // of the end.
             let sent = match e {
@@ -720,7 +774,7 @@ impl Job {
     }
 
     /// The VMM's `migrate` request for the destination's offer, within the limits.
-    fn request(&self, offer: IncomingOffer) -> Migrate {
+    fn request(&self, offer: IncomingOffer, traceparent: Option<String>) -> Migrate {
         let limits = &self.limits;
         let mode = if limits.allow_postcopy {
             Mode::Hybrid
@@ -748,6 +802,7 @@ impl Job {
             copy_storage: self.copy_storage,
             reasons: Default::default(),
             ticket: Some(offer.ticket),
+            traceparent,
         }
     }
 
@@ -829,37 +884,84 @@ impl Job {
     }
 
     /// `POST {peer}/v1/incoming`: the destination's agent starts a VMM to receive.
-    fn ask_peer(&self, peer: &Peer) -> Result<IncomingOffer, String> {
+    /// Asks the destination's agent to receive the VM: its offer (where to send,
+    /// and the one-time ticket), or why not. The call is a client span of the
+    /// migration's trace, whose context it carries (`traceparent`).
+    fn ask_peer(
+        &self,
+        peer: &Peer,
+        trace: &Mutex<Option<MigrationTrace>>,
+    ) -> Result<IncomingOffer, String> {
+        let url = format!("{}/v1/incoming", peer.url);
+        let call = lock(trace)
+            .as_ref()
+            .map(|t| t.call("POST", "/v1/incoming", &url));
+        let answer = self.call_peer(
+            peer,
+            &url,
+            call.as_ref().and_then(crate::telemetry::traceparent),
+        );
+        if let Some(c) = &call {
+            MigrationTrace::call_ended(
+                c,
+                answer.as_ref().map_or_else(|(s, _)| *s, |_| Some(201)),
+                answer.as_ref().err().map(|(_, e)| e.as_str()),
+            );
+        }
+        answer.map_err(|(_, e)| e)
+    }
+
+    /// `POST /v1/incoming`: the offer, or (the answer's status, if any; why not).
+    fn call_peer(
+        &self,
+        peer: &Peer,
+        url: &str,
+        traceparent: Option<String>,
+    ) -> Result<IncomingOffer, (Option<u16>, String)> {
         let body = serde_json::to_string(&IncomingRequest {
             vm: self.vm.clone(),
             config: self.config_text.clone(),
             source: self.host.clone(),
             copy_storage: self.copy_storage,
         })
-        .map_err(|e| e.to_string())?;
-        let url = format!("{}/v1/incoming", peer.url);
+        .map_err(|e| (None, e.to_string()))?;
         let mut req = peer
             .http
-            .post(&url)
+            .post(url)
             .header("Content-Type", "application/json");
+        if let Some(t) = &traceparent {
+            req = req.header("traceparent", t);
+        }
         if let Some(t) = &peer.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req
-            .send(body.as_bytes())
-            .map_err(|e| format!("cannot reach {}'s agent at {}: {e}", peer.name, url))?;
+        let mut resp = req.send(body.as_bytes()).map_err(|e| {
+            (
+                None,
+                format!("cannot reach {}'s agent at {}: {e}", peer.name, url),
+            )
+        })?;
         let status = resp.status();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| format!("reading {}'s answer: {e}", peer.name))?;
+        let text = resp.body_mut().read_to_string().map_err(|e| {
+            (
+                Some(status.as_u16()),
+                format!("reading {}'s answer: {e}", peer.name),
+            )
+        })?;
         if !status.is_success() {
             let why = serde_json::from_str::<ferry_api::agent::ApiError>(&text)
                 .map(|e| e.message)
                 .unwrap_or(text);
-            return Err(format!("{}'s agent refused ({status}): {why}", peer.name));
+            return Err((
+                Some(status.as_u16()),
+                format!("{}'s agent refused ({status}): {why}", peer.name),
+            ));
         }
-        serde_json::from_str(&text)
-            .map_err(|e| format!("{}'s agent answered what is not an offer: {e}", peer.name))
+        serde_json::from_str(&text).map_err(|e| {
+            (
+                Some(status.as_u16()),
+                format!("{}'s agent answered what is not an offer: {e}", peer.name),
+            )
+        })
     }
 }

@@ -43,6 +43,8 @@ pub enum AgentError {
     Exe(std::io::Error),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// On a stop, how long migrations under way may take to finish, and then to cancel
@@ -86,8 +88,20 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     // it has not read yet.
     inventory.recover_arrivals();
     let inventory = Arc::new(Mutex::new(inventory));
+    let telemetry = Arc::new(crate::telemetry::Telemetry::from_env(
+        "ferry-agent",
+        &cfg.name,
+    )?);
+    match &telemetry.endpoint {
+        Some(e) => tracing::info!(endpoint = e, "exporting traces over OTLP"),
+        None => tracing::info!("no OTEL_EXPORTER_OTLP_ENDPOINT: no traces exported"),
+    }
     let metrics = Arc::new(metrics::Metrics::default());
-    let migrations = Arc::new(migrations::Migrations::new(&cfg, metrics.clone()));
+    let migrations = Arc::new(migrations::Migrations::new(
+        &cfg,
+        metrics.clone(),
+        telemetry.clone(),
+    ));
     // Before the first look: a VM whose migration a record follows is not the
     // looker's to settle.
     migrations.recover(&inventory, &cfg.run_dir);
@@ -160,6 +174,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         tokens: cfg.tokens.clone(),
         vms: view,
         metrics: metrics.clone(),
+        telemetry: telemetry.clone(),
         observed,
         datastores: cfg.datastores.clone(),
         inventory,
@@ -214,6 +229,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     migrations.wind_down(WIND_DOWN_FINISH, WIND_DOWN_CANCEL);
     stop.store(true, Ordering::Release);
     let _ = looker.join();
+    telemetry.shutdown();
     tracing::info!("agent stopped; the VMs keep running");
     served
 }

@@ -289,6 +289,7 @@ impl Door {
         };
         let (tx, rx) = mpsc::channel();
         *lock(&self.route) = Some((session, tx));
+        let _log = crate::migration::log_span(&hello.traceparent).entered();
         tracing::info!("incoming migration of {:?} from {peer}", hello.name);
         let result = destination::receive(conn, hello, session, &rx, &self.slot, &self.place);
         *lock(&self.route) = None;

@@ -50,3 +50,12 @@ impl Lap {
         self.0 = std::time::Instant::now();
     }
 }
+
+/// The span a migration's log lines are written in: it names the migration's trace
+/// and span (W3C ids) when the handshake carried a trace context.
+pub fn log_span(traceparent: &str) -> tracing::Span {
+    match ferry_api::trace::trace_ids(traceparent) {
+        Some((trace_id, span_id)) => tracing::info_span!("migration", trace_id, span_id),
+        None => tracing::Span::none(),
+    }
+}

@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -157,6 +157,8 @@ pub struct Hello {
     /// The one-time ticket the destination was given for this migration (empty:
     /// none); a destination started with one refuses any other.
     pub ticket: String,
+    /// The migration's W3C trace context (empty: none), for the destination's log.
+    pub traceparent: String,
 }
 
 /// Whether two secrets are equal, in a time that depends on their lengths only.
@@ -418,6 +420,7 @@ impl Message {
                 out.extend_from_slice(&h.recover_ms.to_le_bytes());
                 put_str(out, &h.name);
                 put_str(out, &h.ticket);
+                put_str(out, &h.traceparent);
             }
             Message::HelloAck { version, secret } => {
                 out.extend_from_slice(&version.to_le_bytes());
@@ -531,6 +534,7 @@ impl Message {
                         id: 0,
                         recover_ms: 0,
                         ticket: String::new(),
+                        traceparent: String::new(),
                     }),
                     _ => Message::HelloAck { version, secret: 0 },
                 });
@@ -548,6 +552,7 @@ impl Message {
                 recover_ms: r.u32()?,
                 name: r.string()?,
                 ticket: r.string()?,
+                traceparent: r.string()?,
             }),
             Kind::HelloAck => Message::HelloAck {
                 version: r.u16()?,
@@ -1101,6 +1106,7 @@ mod tests {
                 id: 42,
                 recover_ms: 60_000,
                 ticket: "one-time".into(),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             }),
             Message::HelloAck {
                 version: VERSION,
@@ -1267,6 +1273,7 @@ mod tests {
             id: 1,
             recover_ms: 1000,
             ticket: String::new(),
+            traceparent: String::new(),
         };
         check_hello(&h).unwrap();
         h.version = VERSION + 1;

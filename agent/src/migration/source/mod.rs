@@ -91,6 +91,8 @@ pub struct Params {
     pub reasons: Reasons,
     /// The destination's one-time ticket, sent in the `Hello` (empty: none).
     pub ticket: String,
+    /// The migration's W3C trace context, sent in the `Hello` (empty: none).
+    pub traceparent: String,
 }
 
 pub use ferry_api::{Mode, Switchover};
@@ -199,6 +201,7 @@ pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
 /// status, and written to `params.report` if given).
 /// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
 pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationReport {
+    let _log = crate::migration::log_span(&params.traceparent).entered();
     let m = vm.movable();
     let t0 = Instant::now();
     let mut progress = starting(&params.to, &params.settings);

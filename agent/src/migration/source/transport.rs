@@ -90,6 +90,7 @@ pub(super) fn connect<'a>(
         id: tx.session.id,
         recover_ms: params.recover.as_millis().min(u128::from(u32::MAX)) as u32,
         ticket: params.ticket.clone(),
+        traceparent: params.traceparent.clone(),
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
     match protocol::recv(&mut tx.r, None)? {
