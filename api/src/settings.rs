@@ -116,6 +116,51 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The settings a migration starts with, as its first decisions: (setting,
+    /// value, why), the why from `reasons` (a policy's) or else the operator's. Those
+    /// at a default that is no news are left out: no disk cap (most migrations have no
+    /// disks travelling), the VMM's own switchover rule, a background disk mirror.
+    pub fn starting_decisions(
+        &self,
+        reasons: &crate::Reasons,
+    ) -> Vec<(&'static str, String, String)> {
+        self.named()
+            .into_iter()
+            .filter(|(setting, _)| match *setting {
+                "disk_write_limit_bytes_per_sec" => self.disk_write_limit_bytes_per_sec.is_some(),
+                "switchover" => self.switchover != Switchover::Halving,
+                "disk_mirror" => self.disk_mirror != DiskMirror::Background,
+                _ => true,
+            })
+            .map(|(setting, value)| {
+                let why = reasons
+                    .get(setting)
+                    .map_or("set by the operator (migrate)", String::as_str);
+                (setting, value, why.to_owned())
+            })
+            .collect()
+    }
+
+    /// Every setting by name, with its value as a decision records it.
+    pub fn named(&self) -> [(&'static str, String); 7] {
+        let rate = |v: Option<u64>| v.map_or_else(|| "unlimited".into(), |b| b.to_string());
+        [
+            ("codec", self.codec.to_string()),
+            (
+                "bandwidth_bytes_per_sec",
+                rate(self.bandwidth_bytes_per_sec),
+            ),
+            ("throttle_pct", self.throttle_pct.to_string()),
+            ("max_downtime_ms", self.max_downtime_ms.to_string()),
+            (
+                "disk_write_limit_bytes_per_sec",
+                rate(self.disk_write_limit_bytes_per_sec),
+            ),
+            ("switchover", self.switchover.to_string()),
+            ("disk_mirror", self.disk_mirror.to_string()),
+        ]
+    }
+
     /// These settings with `change` applied (unchecked: the VMM bounds each value).
     pub fn with(mut self, change: &SettingsChange) -> Self {
         let none_if_zero = |v: u64| (v > 0).then_some(v);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod agent;
 pub mod netns;
+pub mod otlp;
 pub mod prometheus;
 pub mod wire;
 

@@ -11,8 +11,10 @@ use ferry_api::agent::{ApiError, MigrationInfo, MigrationState, VmInfo};
 pub fn serve(config: &Path, log_format: &str) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: journald and log files get plain text.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if log_format == "json" {
         fmt.json().flatten_event(true).try_init()

@@ -638,8 +638,8 @@ impl Job {
         );
         if let Some(t) = &trace {
             let (trace_id, span_id) = t.ids();
-            log.record("trace_id", trace_id);
-            log.record("span_id", span_id);
+            log.record("trace_id", tracing::field::display(trace_id));
+            log.record("span_id", tracing::field::display(span_id));
         }
         let _in = log.enter();
         let trace = Mutex::new(trace);

@@ -404,6 +404,17 @@ impl<'a> Driver<'a> {
                 )
             })
             .collect();
+        // The starting settings are the migration's first decisions, told as later
+        // changes are, and as the VMM records them.
+        let start = Settings::default().with(&req.settings);
+        for (setting, value, reason) in start.starting_decisions(&req.reasons) {
+            self.emit(&Event::Decision(Decision {
+                t_ms: 0.0,
+                setting: setting.into(),
+                value,
+                reason,
+            }));
+        }
     }
 
     /// One tick of the policy: observe, decide, apply what changed.

@@ -55,7 +55,9 @@ impl Lap {
 /// and span (W3C ids) when the handshake carried a trace context.
 pub fn log_span(traceparent: &str) -> tracing::Span {
     match ferry_api::trace::trace_ids(traceparent) {
-        Some((trace_id, span_id)) => tracing::info_span!("migration", trace_id, span_id),
+        Some((trace_id, span_id)) => {
+            tracing::info_span!("migration", trace_id = %trace_id, span_id = %span_id)
+        }
         None => tracing::Span::none(),
     }
 }

@@ -175,7 +175,9 @@ fn export_batch(
     }
     let n = batch.len() as u64;
     let spans = std::mem::take(batch);
-    let result = runtime.block_on(tokio::time::timeout(EXPORT_WITHIN, exporter.export(spans)));
+    // The timer is made inside the runtime, which it needs.
+    let result = runtime
+        .block_on(async { tokio::time::timeout(EXPORT_WITHIN, exporter.export(spans)).await });
     let why = match result {
         Ok(Ok(())) => {
             counts.exported.fetch_add(n, Ordering::Relaxed);

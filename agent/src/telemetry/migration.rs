@@ -1,7 +1,7 @@
 //! One migration's spans on its source, from the driver's events: a root span for
 //! the whole migration, and under it `setup` (with the call to the destination's
 //! agent), each phase (`precopy`, `switchover`, `postcopy`), each pre-copy round
-//! (`first pass`, then `round`) and, under `switchover`, the guest's `pause` and the
+//! (`first pass`, begun with pre-copy, then `round`) and, under `switchover`, the guest's `pause` and the
 //! `verification` that follows it. Every policy decision and the prediction are
 //! events on the root; the measured outcome is on it when it ends.
 //!
@@ -209,8 +209,16 @@ impl MigrationTrace {
                 let at = self.at(*t_ms as f64);
                 if let Some(name) = phase_name(*phase) {
                     let cx = self.child(name, &self.root, at);
-                    if *phase == Phase::Switchover {
-                        self.switchover = Some((cx.clone(), at, None));
+                    match phase {
+                        Phase::Switchover => self.switchover = Some((cx.clone(), at, None)),
+                        // Pre-copy begins with its first pass, whether or not a tick
+                        // sees round 1 before round 2.
+                        Phase::Precopy => {
+                            let first = self.child("first pass", &cx, at);
+                            first.span().set_attribute(kv("ferry.round", 1));
+                            self.round = Some(first);
+                        }
+                        _ => {}
                     }
                     self.phase = Some((*phase, cx));
                 }
@@ -235,14 +243,25 @@ impl MigrationTrace {
                 remaining_pages,
                 t_ms,
             } => {
-                let at = self.at(*t_ms as f64);
-                self.end_round(at);
-                let parent = match &self.phase {
-                    Some((Phase::Precopy, cx)) => cx.clone(),
-                    _ => self.root.clone(),
+                // Round 1 is the first pass, begun with the phase; a round seen only
+                // once pre-copy is over (a tick that saw both) has no span of its own
+                // (the root's `ferry.rounds` counts it).
+                let Some((Phase::Precopy, precopy)) = &self.phase else {
+                    return;
                 };
-                let name = if *round <= 1 { "first pass" } else { "round" };
-                let cx = self.child(name, &parent, at);
+                let at = self.at(*t_ms as f64);
+                if *round <= 1 {
+                    if let Some(r) = &self.round {
+                        r.span().set_attribute(kv(
+                            "ferry.round.remaining_pages",
+                            *remaining_pages as i64,
+                        ));
+                    }
+                    return;
+                }
+                let precopy = precopy.clone();
+                self.end_round(at);
+                let cx = self.child("round", &precopy, at);
                 cx.span().set_attributes([
                     kv("ferry.round", i64::from(*round)),
                     kv("ferry.round.remaining_pages", *remaining_pages as i64),
@@ -344,6 +363,15 @@ impl MigrationTrace {
         }
         if let Some(v) = m.memory_verified {
             attrs.push(kv("ferry.memory_verified", v));
+        }
+        // The prediction the migration is held to (a short one's last).
+        if let Some(p) = &report.prediction {
+            if let Some(t) = p.predicted_total_ms {
+                attrs.push(kv("ferry.predicted.total_ms", t));
+            }
+            if let Some(d) = p.predicted_downtime_ms {
+                attrs.push(kv("ferry.predicted.downtime_ms", d));
+            }
         }
         self.root.span().set_attributes(attrs);
     }

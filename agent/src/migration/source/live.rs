@@ -24,38 +24,10 @@ impl Live {
             throttle_max_pct: settings.throttle_pct,
             t0: Instant::now(),
         };
-        for (setting, value) in live.describe(&settings) {
-            // Most migrations have no disks travelling (no cap is no news there) and
-            // switch over by the VMM's own rule.
-            if (setting == "disk_write_limit_bytes_per_sec"
-                && settings.disk_write_limit_bytes_per_sec.is_none())
-                || (setting == "switchover" && settings.switchover == Switchover::Halving)
-                || (setting == "disk_mirror" && settings.disk_mirror == DiskMirror::Background)
-            {
-                continue;
-            }
-            let why = reasons
-                .get(setting)
-                .map_or("set by the operator (migrate)", String::as_str);
-            live.record(setting, value, why);
+        for (setting, value, why) in settings.starting_decisions(reasons) {
+            live.record(setting, value, &why);
         }
         live
-    }
-
-    pub(super) fn describe(&self, s: &Settings) -> [(&'static str, String); 7] {
-        let rate = |v: Option<u64>| v.map_or_else(|| "unlimited".into(), |b| b.to_string());
-        [
-            ("codec", s.codec.to_string()),
-            ("bandwidth_bytes_per_sec", rate(s.bandwidth_bytes_per_sec)),
-            ("throttle_pct", s.throttle_pct.to_string()),
-            ("max_downtime_ms", s.max_downtime_ms.to_string()),
-            (
-                "disk_write_limit_bytes_per_sec",
-                rate(s.disk_write_limit_bytes_per_sec),
-            ),
-            ("switchover", s.switchover.to_string()),
-            ("disk_mirror", s.disk_mirror.to_string()),
-        ]
     }
 
     pub(super) fn record(&mut self, setting: &str, value: String, reason: &str) {
@@ -70,8 +42,8 @@ impl Live {
     /// Applies new settings, recording each one that changed with its reason (or
     /// `default`).
     pub fn change(&mut self, new: Settings, reasons: &Reasons, default: &str) {
-        let before = self.describe(&self.settings);
-        let after = self.describe(&new);
+        let before = self.settings.named();
+        let after = new.named();
         for ((setting, old), (_, value)) in before.into_iter().zip(after) {
             if old != value {
                 let why = reasons.get(setting).map_or(default, String::as_str);

@@ -202,6 +202,7 @@ pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
 /// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
 pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationReport {
     let _log = crate::migration::log_span(&params.traceparent).entered();
+    tracing::info!("migration to {} started", params.to);
     let m = vm.movable();
     let t0 = Instant::now();
     let mut progress = starting(&params.to, &params.settings);
@@ -242,8 +243,9 @@ pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationRep
         ),
         Err(e) => (Outcome::Failed, Phase::Failed, Some(e.to_string())),
     };
-    if let Some(e) = &error {
-        tracing::warn!("migration to {} {outcome}: {e}", params.to);
+    match &error {
+        Some(e) => tracing::warn!("migration to {} {outcome}: {e}", params.to),
+        None => tracing::info!("migration to {} {outcome}", params.to),
     }
     m.set_throttle(0);
     let live = lock(&vm.live)
