@@ -19,8 +19,6 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
 
-use crate::free_port;
-
 /// One span as received.
 #[derive(Debug, Clone)]
 pub struct Span {
@@ -150,7 +148,10 @@ pub struct Receiver {
 impl Receiver {
     pub fn start() -> Self {
         let store = Arc::new(Store::default());
-        let grpc_port = free_port();
+        // Bound here, before the thread: its port is ours, and a failure is said now.
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").expect("a port for the gRPC receiver");
+        grpc_listener.set_nonblocking(true).unwrap();
+        let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
         let grpc_store = store.clone();
         std::thread::Builder::new()
             .name("otlp-grpc".into())
@@ -161,11 +162,13 @@ impl Receiver {
                     .build()
                     .expect("a runtime for the gRPC receiver");
                 rt.block_on(async move {
-                    let addr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
-                    let _ = tonic::transport::Server::builder()
+                    let listener = tokio::net::TcpListener::from_std(grpc_listener)
+                        .expect("the gRPC receiver's listener");
+                    tonic::transport::Server::builder()
                         .add_service(TraceServiceServer::new(Grpc(grpc_store)))
-                        .serve(addr)
-                        .await;
+                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                        .await
+                        .expect("the gRPC receiver serves");
                 });
             })
             .expect("the gRPC receiver's thread");
@@ -181,16 +184,6 @@ impl Receiver {
                 }
             })
             .expect("the HTTP receiver's thread");
-        let grpc = format!("http://127.0.0.1:{grpc_port}");
-        // Up when it accepts a connection.
-        let t0 = Instant::now();
-        while TcpStream::connect(grpc.trim_start_matches("http://")).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "the gRPC receiver did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Self { grpc, http, store }
     }
 

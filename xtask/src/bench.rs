@@ -29,10 +29,11 @@ pub fn run(area: &str) -> Result<()> {
         "storage" => storage(),
         "probes" => crate::bench_probes::run(),
         "agent" => crate::bench_agent::run(),
+        "telemetry" => crate::bench_telemetry::run(),
         other => {
             bail!(
                 "unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage, probes, \
-                 agent)"
+                 agent, telemetry)"
             )
         }
     }

@@ -5,6 +5,7 @@ mod bench_agent;
 mod bench_policy;
 mod bench_policy_report;
 mod bench_probes;
+mod bench_telemetry;
 mod lab;
 mod setup;
 mod util;
@@ -71,6 +72,7 @@ areas:
   storage    the disk copy of a storage migration against dd, and its convergence modes
   probes     what the eBPF signals cost the guest, and how fast they show a rate change
   agent      the host agent's API latency during migrations, and its idle cost with 10 VMs
+  telemetry  migrations with full telemetry against none; /metrics for 1000 VMs; sampling's cost
   policy     the adaptive policy against the peer presets over a grid of scenarios
 
 `cargo xtask bench <area> --help` shows what an area measures.";
@@ -119,6 +121,17 @@ the API, first without load, then while GET /v1/vms is asked 200 times a second 
 new connection each): the API's latency (p50, p99, max) and the migrations' downtime
 in both runs. Results: target/bench/agent.json.";
 
+const BENCH_TELEMETRY_USAGE: &str = "usage: cargo xtask bench telemetry
+
+What Ferry's telemetry costs. Migrations of a busy 256 MiB guest between two agents
+with full telemetry (a real Prometheus scraping both every second, every span
+exported over OTLP gRPC to a receiver, dirty rates sampled) and with none, 4 runs
+there and back each, interleaved: total time and downtime, medians and spread.
+/metrics for 1000 VMs: render time and the memory their series take. The guest's
+cost of the default dirty-rate sampling (1 s of logging every 10 s): an unpaced
+guest's write rate in 20 s windows with and without it, interleaved.
+Results: target/bench/telemetry.json.";
+
 const BENCH_POLICY_USAGE: &str =
     "usage: cargo xtask bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
 
@@ -147,6 +160,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
             "storage" => BENCH_STORAGE_USAGE,
             "probes" => BENCH_PROBES_USAGE,
             "agent" => BENCH_AGENT_USAGE,
+            "telemetry" => BENCH_TELEMETRY_USAGE,
             "policy" => BENCH_POLICY_USAGE,
             other => return Err(format!("unknown bench area {other:?}\n\n{BENCH_USAGE}")),
         },

@@ -198,13 +198,15 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         .into_iter()
         .filter(|m| !m.state.ended())
         .collect();
+    // A copy: a datastore slow to answer statvfs holds the scrape, not the sampler.
+    let observed = lock(&s.observed).clone();
     let text = s.metrics.render(&Scrape {
         host: &s.host,
         vms: &vms,
         live: &live,
         arriving: vms.iter().filter(|v| v.arriving).count(),
         datastores: &s.datastores,
-        observed: &lock(&s.observed),
+        observed: &observed,
         spans: s.telemetry.spans.get(),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
@@ -454,20 +456,28 @@ async fn receive(
         );
         let failed = |e: super::inventory::ReceiveError| Failure(e.kind(), e.to_string());
         let reserved = lock(&s.inventory).reserve(&req);
-        let offer = reserved
-            .and_then(|reserved| {
-                // The VMM starts without the inventory's lock (the guard above is
-                // gone): a slow start holds up neither the look at the other VMs nor
-                // other requests.
-                let started = reserved.start();
-                lock(&s.inventory).received(reserved, started)
-            })
-            .map_err(failed);
+        let reserved = match reserved {
+            Ok(r) => r,
+            Err(e) => {
+                let f = failed(e);
+                if let Some(t) = trace.as_mut() {
+                    t.answered(f.0.http_status(), Some(&f.1));
+                }
+                return Err(f);
+            }
+        };
+        // The VMM starts without the inventory's lock (the guard above is gone): a
+        // slow start holds up neither the look at the other VMs nor other requests.
+        let started = reserved.start();
+        // The arrival's trace is handed over under the lock that makes it an
+        // arrival, so its end cannot come first.
+        let mut inventory = lock(&s.inventory);
+        let offer = inventory.received(reserved, started).map_err(failed);
         if let Some(mut t) = trace.take() {
             match &offer {
                 Ok(_) => {
                     t.answered(201, None);
-                    lock(&s.inventory).trace_arrival(&req.vm, t);
+                    inventory.trace_arrival(&req.vm, t);
                 }
                 Err(Failure(kind, why)) => t.answered(kind.http_status(), Some(why)),
             }

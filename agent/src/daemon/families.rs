@@ -135,7 +135,7 @@ pub fn observed(o: &Observed, present: &[VmInfo]) -> Vec<MetricFamily> {
         ),
         family(
             "ferry_vm_exits_total",
-            "The VM's vCPU exits seen by the eBPF probes, by kind and reason (kvm_exit:N, userspace:io, pio:0).",
+            "The VM's vCPU exits seen by the eBPF probes, by kind and reason (kvm_exit:REASON, userspace:io, pio:PORT: a VMM's few device ports).",
             MetricType::COUNTER,
             exits,
         ),

@@ -531,4 +531,59 @@ mod tests {
         let text = m.render(&scrape(&[], &[]));
         assert!(!text.contains(r#"vm="web-1""#), "{text}");
     }
+
+    #[test]
+    fn every_metric_served_is_listed_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        let m = Metrics::default();
+        m.request("/v1/vms", "GET", 200, 0.001);
+        let mut done = MigrationInfo::new("m1".into(), "web-1", "a", "b", "adaptive", 0);
+        done.state = MigrationState::Completed;
+        (done.total_ms, done.downtime_ms) = (Some(1000.0), Some(3.0));
+        (done.predicted_total_ms, done.predicted_downtime_ms) = (Some(900.0), Some(2.0));
+        m.migration_ended(&done, "precopy");
+        m.decision("codec", "adaptive");
+        m.bytes_sent(ferry_api::Codec::Lz4, 4096, 4096);
+        m.peer_seen("host-b", true);
+        let mut live = MigrationInfo::new("m2".into(), "web-2", "a", "b", "adaptive", 0);
+        live.progress = Some(ferry_api::MigrationProgress::setup("b:1"));
+        let mut vm = VmInfo::new("web-2", "web-2.toml".into());
+        vm.presence = VmPresence::Running;
+        vm.max_heartbeat_gap_ms = Some(3.0);
+        let mut observed = crate::daemon::sampler::Observed::default();
+        let mut reading = crate::probes::signals::Reading::default();
+        reading.exits.insert((1, 2), 1);
+        observed.vms.insert(
+            "web-2".into(),
+            crate::daemon::sampler::VmSignals {
+                dirty_pages_per_sec: vec![("kvm_dirty_log".into(), 1.0)],
+                working_set_pages: Some(1),
+                sources_live: vec![],
+                reading: Some(reading),
+            },
+        );
+        observed
+            .devices
+            .insert(8 << 20, ferry_ebpf::IoStats::default());
+        let text = m.render(&Scrape {
+            host: "a",
+            vms: std::slice::from_ref(&vm),
+            live: std::slice::from_ref(&live),
+            arriving: 0,
+            datastores: &[PathBuf::from("/")],
+            observed: &observed,
+            spans: (1, 0),
+        });
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        assert!(names.len() > 30, "{text}");
+        for name in names {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} is served but not in the README's metrics table"
+            );
+        }
+    }
 }

@@ -192,6 +192,9 @@ impl<'a> Driver<'a> {
                     self.initial(s, &mut req);
                 }
                 backend.start(&req)?;
+                if steer.is_some() {
+                    self.starting(&req);
+                }
                 self.emit(&Event::Started {
                     policy: policy_name.clone(),
                     memory_pages: vm.memory_pages,
@@ -404,8 +407,11 @@ impl<'a> Driver<'a> {
                 )
             })
             .collect();
-        // The starting settings are the migration's first decisions, told as later
-        // changes are, and as the VMM records them.
+    }
+
+    /// The settings `req` starts a migration with, as its first decisions: told once
+    /// it started, as later changes are, and as the VMM records them.
+    fn starting(&mut self, req: &Migrate) {
         let start = Settings::default().with(&req.settings);
         for (setting, value, reason) in start.starting_decisions(&req.reasons) {
             self.emit(&Event::Decision(Decision {

@@ -266,7 +266,18 @@ fn the_policy_starts_the_migration_changes_it_with_reasons_and_switches_to_postc
     let steps = r.policy_steps.unwrap();
     let settings: Vec<&str> = steps.iter().map(|d| d.setting.as_str()).collect();
     assert_eq!(settings, ["codec", "postcopy"]);
-    assert_eq!(*decisions.borrow(), steps);
+    // Subscribers are told the starting settings first (as the VMM records them),
+    // then each change.
+    let told = decisions.borrow();
+    let (first, changes) = told.split_at(told.len() - steps.len());
+    assert_eq!(changes, &steps[..]);
+    assert!(
+        first
+            .iter()
+            .any(|d| d.setting == "codec" && d.value == "lz4" && d.reason == "scripted: round 0"),
+        "{first:?}"
+    );
+    assert!(first.iter().all(|d| d.t_ms == 0.0), "{first:?}");
     let p = r
         .prediction
         .expect("a prediction once the link was measured");

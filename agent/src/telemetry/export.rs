@@ -4,7 +4,7 @@
 //! `EXPORT_WITHIN` drops its batch, and both are counted.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,9 @@ pub enum StartError {
 pub struct Queue {
     tx: SyncSender<Msg>,
     spans: Arc<SpanCounts>,
+    /// Set by a shutdown that found the queue full: the thread stops after the
+    /// export it is in, its queue unsent.
+    stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -55,6 +58,8 @@ impl Queue {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let counts = spans.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::Builder::new()
             .name("otlp".into())
             .spawn(move || {
@@ -72,25 +77,28 @@ impl Queue {
                 match built {
                     Ok(exporter) => {
                         let _ = ready_tx.send(Ok(()));
-                        run(&runtime, exporter, &rx, &counts);
+                        run(&runtime, exporter, &rx, &counts, &stopped);
                     }
                     Err(e) => drop(ready_tx.send(Err(e.to_string()))),
                 }
             })
             .map_err(StartError::Thread)?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { tx, spans }),
+            Ok(Ok(())) => Ok(Self { tx, spans, stop }),
             Ok(Err(e)) => Err(StartError::Exporter(e)),
             Err(_) => Err(StartError::Exporter("its thread ended".into())),
         }
     }
 
-    /// Sends `msg` and waits (up to `within`) for the thread's answer.
+    /// Sends `msg` and waits (up to `within`) for the thread's answer; a full queue
+    /// is not waited on (a collector that is away keeps it full).
     fn ask(&self, msg: impl FnOnce(SyncSender<()>) -> Msg, within: Duration) -> OTelSdkResult {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .send(msg(ack))
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        match self.tx.try_send(msg(ack)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(OTelSdkError::Timeout(Duration::ZERO)),
+            Err(TrySendError::Disconnected(_)) => return Err(OTelSdkError::AlreadyShutdown),
+        }
         done.recv_timeout(within)
             .map_err(|_| OTelSdkError::Timeout(within))
     }
@@ -113,7 +121,11 @@ impl SpanProcessor for Queue {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.ask(Msg::Stop, timeout)
+        let asked = self.ask(Msg::Stop, timeout);
+        if asked.is_err() {
+            self.stop.store(true, Ordering::Release);
+        }
+        asked
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -127,11 +139,12 @@ fn run(
     mut exporter: opentelemetry_otlp::SpanExporter,
     rx: &Receiver<Msg>,
     counts: &SpanCounts,
+    stop: &AtomicBool,
 ) {
     let mut batch: Vec<SpanData> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut warned: Option<Instant> = None;
-    loop {
+    while !stop.load(Ordering::Acquire) {
         let wait = oldest.map_or(LINGER, |t| LINGER.saturating_sub(t.elapsed()));
         let msg = rx.recv_timeout(wait);
         let (now, ack, stop) = match msg {

@@ -47,8 +47,9 @@ fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
     KeyValue::new(key, value)
 }
 
+/// Milliseconds as a duration; nonsense (negative, not finite, huge) as none.
 fn ms(t: f64) -> Duration {
-    Duration::from_secs_f64(t.max(0.0) / 1e3)
+    Duration::try_from_secs_f64(t / 1e3).unwrap_or_default()
 }
 
 fn phase_name(p: Phase) -> Option<&'static str> {
@@ -136,7 +137,9 @@ impl MigrationTrace {
     }
 
     fn at(&self, t_ms: f64) -> SystemTime {
-        self.base.map_or_else(SystemTime::now, |b| b + ms(t_ms))
+        self.base
+            .and_then(|b| b.checked_add(ms(t_ms)))
+            .unwrap_or_else(SystemTime::now)
     }
 
     fn child(
@@ -202,6 +205,8 @@ impl MigrationTrace {
             Event::Progress { progress, .. } => {
                 if self.base.is_none() {
                     self.base = SystemTime::now().checked_sub(ms(progress.elapsed_ms as f64));
+                    // (None when the VMM's clock says nonsense: events are then timed
+                    // as they arrive.)
                 }
                 self.last = Some(progress.clone());
             }
@@ -318,10 +323,20 @@ impl MigrationTrace {
         if let Some((_, cx)) = self.phase.take() {
             cx.span().end_with_timestamp(now);
         }
+        // A switchover quicker than the driver's tick was never seen as a phase: its
+        // span comes from the report, ending now.
+        if self.switchover.is_none()
+            && let Some(pause) = m.core.switchover_ms
+        {
+            let start = now.checked_sub(ms(pause)).unwrap_or(now);
+            let cx = self.child("switchover", &self.root, start);
+            cx.span().end_with_timestamp(now);
+            self.switchover = Some((cx, start, Some(now)));
+        }
         if let Some((cx, start, end)) = self.switchover.take() {
             let end = end.unwrap_or(now);
             if let Some(pause) = m.core.switchover_ms {
-                let resumed = (start + ms(pause)).min(end);
+                let resumed = start.checked_add(ms(pause)).unwrap_or(end).min(end);
                 let p = self.child("pause", &cx, start);
                 p.span().set_attributes([
                     kv("ferry.switchover_ms", pause),
