@@ -9,9 +9,14 @@ use ferry_tests::agent::Agent;
 use ferry_tests::otlp::{Receiver, Span};
 use ferry_tests::{TempDir, alongside, require_kvm};
 
-/// Two agents, web-1 (a guest that writes memory) on host-a; each agent's OTLP
-/// variables as given.
-fn two_hosts(tag: &str, env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> (TempDir, Agent, Agent) {
+/// Two agents, web-1 (a guest that writes memory, and with `disk` a disk image in
+/// host-a's datastore) on host-a; each agent's OTLP variables as given.
+fn two_hosts(
+    tag: &str,
+    env_a: &[(&str, &str)],
+    env_b: &[(&str, &str)],
+    disk: bool,
+) -> (TempDir, Agent, Agent) {
     let dir = TempDir::new(tag);
     let mut a = Agent::configure(&dir.join("a"), "host-a");
     let mut b = Agent::configure(&dir.join("b"), "host-b");
@@ -23,12 +28,21 @@ fn two_hosts(tag: &str, env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> (Temp
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
     }
-    std::fs::write(
-        dir.join("a/vms/web-1.toml"),
-        "name = \"web-1\"\nmemory_mib = 64\n[workload]\nworking_set_mib = 16\n\
-         dirty_pages_per_sec = 300\n",
-    )
-    .unwrap();
+    let mut config = "name = \"web-1\"\nmemory_mib = 64\n[workload]\nworking_set_mib = 16\n\
+                      dirty_pages_per_sec = 300\n"
+        .to_owned();
+    if disk {
+        for agent in [&a, &b] {
+            agent.set(r#"datastores = ["ds"]"#);
+            std::fs::create_dir_all(agent.dir.join("ds")).unwrap();
+        }
+        config.push_str(&format!(
+            "[workload.disk]\nwrite_ops_per_sec = 200\n[[disks]]\nid = \"data\"\n\
+             path = \"{}\"\nsize_mib = 16\n",
+            a.dir.join("ds/web-1-data.img").display()
+        ));
+    }
+    std::fs::write(dir.join("a/vms/web-1.toml"), config).unwrap();
     a.start();
     b.start();
     a.wait_for_vms("web-1 running on host-a", Duration::from_secs(60), |l| {
@@ -63,10 +77,14 @@ fn one_migration_is_one_trace_across_both_hosts_over_grpc_and_http() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_SERVICE_NAME", "ferry-agent-b"),
         ],
+        true,
     );
-    // Capped, so the migration has rounds to show.
-    let id =
-        a.migrate(r#"{"vm": "web-1", "destination": "host-b", "limits": {"bandwidth_mbit": 200}}"#);
+    // Capped, so the migration lasts seconds and has rounds to show; its disk
+    // travels too.
+    let id = a.migrate(
+        r#"{"vm": "web-1", "destination": "host-b", "copy_storage": true,
+            "limits": {"bandwidth_mbit": 32}}"#,
+    );
     let m = a.wait_ended(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
     let spans = receiver.wait_for("both hosts' spans", Duration::from_secs(60), |s| {
@@ -122,6 +140,9 @@ fn one_migration_is_one_trace_across_both_hosts_over_grpc_and_http() {
     }
     let first = one(&spans, "host-a", "first pass");
     assert_eq!(first.parent_span_id, precopy.span_id);
+    let disk = one(&spans, "host-a", "disk copy");
+    assert_eq!(disk.parent_span_id, precopy.span_id);
+    assert!(disk.attr("ferry.disk.bytes").is_some(), "{disk:#?}");
     let rounds: Vec<_> = spans.iter().filter(|s| s.name == "round").collect();
     assert!(
         rounds.iter().all(|r| r.parent_span_id == precopy.span_id),
@@ -220,6 +241,7 @@ fn a_collector_that_never_answers_or_is_not_there_holds_no_migration_back() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &nowhere),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ],
+        false,
     );
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     let m = a.wait_ended(&id, Duration::from_secs(120));

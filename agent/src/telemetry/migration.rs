@@ -1,7 +1,8 @@
 //! One migration's spans on its source, from the driver's events: a root span for
 //! the whole migration, and under it `setup` (with the call to the destination's
 //! agent), each phase (`precopy`, `switchover`, `postcopy`), each pre-copy round
-//! (`first pass`, begun with pre-copy, then `round`) and, under `switchover`, the guest's `pause` and the
+//! (`first pass`, begun with pre-copy, then `round`), the first copy of disks that
+//! travel (`disk copy`; later rounds carry the blocks written since) and, under `switchover`, the guest's `pause` and the
 //! `verification` that follows it. Every policy decision and the prediction are
 //! events on the root; the measured outcome is on it when it ends.
 //!
@@ -32,6 +33,10 @@ pub struct MigrationTrace {
     /// The switchover span and where it began; its end, once it ended.
     switchover: Option<(Context, SystemTime, Option<SystemTime>)>,
     last: Option<Box<MigrationProgress>>,
+    /// Disks that travel: their first copy, from when the VMM reports their size
+    /// until it reports the copy's rate (done); None once ended, or without disks.
+    disk_copy: Option<Context>,
+    disk_copied: bool,
 }
 
 /// Who and what: the root span's attributes.
@@ -93,6 +98,8 @@ impl MigrationTrace {
             round: None,
             switchover: None,
             last: None,
+            disk_copy: None,
+            disk_copied: false,
         })
     }
 
@@ -177,6 +184,32 @@ impl MigrationTrace {
         }
     }
 
+    /// The disks' first copy, under pre-copy: the rounds after it re-send the
+    /// blocks the guest wrote meanwhile (each round's `ferry.disk.bytes_pending`).
+    fn disk(&mut self, p: &MigrationProgress) {
+        let at = self.at(p.elapsed_ms as f64);
+        if self.disk_copy.is_none() && !self.disk_copied && p.disk_bytes_total.is_some() {
+            let parent = match &self.phase {
+                Some((Phase::Precopy, cx)) => cx.clone(),
+                _ => self.root.clone(),
+            };
+            let cx = self.child("disk copy", &parent, at);
+            if let Some(total) = p.disk_bytes_total {
+                cx.span()
+                    .set_attribute(kv("ferry.disk.bytes", total as i64));
+            }
+            self.disk_copy = Some(cx);
+        }
+        if let Some(rate) = p.disk_copy_bytes_per_sec
+            && let Some(cx) = self.disk_copy.take()
+        {
+            cx.span()
+                .set_attribute(kv("ferry.disk.copy_bytes_per_second", rate));
+            cx.span().end_with_timestamp(at);
+            self.disk_copied = true;
+        }
+    }
+
     fn end_round(&mut self, at: SystemTime) {
         if let Some(r) = self.round.take() {
             self.progress_attributes(&r);
@@ -208,6 +241,7 @@ impl MigrationTrace {
                     // (None when the VMM's clock says nonsense: events are then timed
                     // as they arrive.)
                 }
+                self.disk(progress);
                 self.last = Some(progress.clone());
             }
             Event::PhaseStarted { phase, t_ms } => {
@@ -320,6 +354,9 @@ impl MigrationTrace {
         let m = &report.migration;
         let now = SystemTime::now();
         self.end_round(now);
+        if let Some(cx) = self.disk_copy.take() {
+            cx.span().end_with_timestamp(now);
+        }
         if let Some((_, cx)) = self.phase.take() {
             cx.span().end_with_timestamp(now);
         }
@@ -396,6 +433,9 @@ impl MigrationTrace {
         let now = SystemTime::now();
         if let Some(s) = self.setup.take() {
             s.span().end_with_timestamp(now);
+        }
+        if let Some(cx) = self.disk_copy.take() {
+            cx.span().end_with_timestamp(now);
         }
         self.end_round(now);
         if let Some((_, cx)) = self.phase.take() {
