@@ -215,11 +215,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// Serves requests until `quit` (or `interrupted()` says so), one thread per connection.
 /// `door`: the incoming port of a destination, whose counters `status` shows while no
 /// VM is here.
+/// Serves until told to stop; then `release` runs while the socket is still bound,
+/// so that removing its path there can never remove a newer VMM's: [`bind`] refuses
+/// a path whose socket still answers.
 pub fn serve(
     listener: UnixListener,
     slot: Slot,
     door: Option<Arc<Door>>,
     interrupted: impl Fn() -> bool,
+    release: impl FnOnce(),
 ) {
     let stop = Arc::new(AtomicBool::new(false));
     while !stop.load(Ordering::Acquire) && !interrupted() {
@@ -249,6 +253,8 @@ pub fn serve(
             }
         }
     }
+    release();
+    drop(listener);
 }
 
 /// One request line as read off the socket.

@@ -7,8 +7,8 @@
 //! * `/metrics` for 1,000 VMs: render time and the memory their series take (the
 //!   `metrics_render` bench of the agent crate).
 //! * The guest's cost of the idle-period dirty-rate sampling at its default schedule
-//!   (1 s of dirty logging every 10 s): an unpaced guest's write rate in 20 s windows
-//!   with and without samples, interleaved.
+//!   (1 s of dirty logging every 60 s): an unpaced guest's write rate in 60 s windows
+//!   with and without a sample, interleaved.
 
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,9 @@ use crate::util::{build_ferry, cargo, ctl, median, root, step, vm_status, work_d
 
 /// Runs per arm (each a migration there and back).
 const RUNS: usize = 4;
-/// Sampling-cost windows per arm.
-const WINDOWS: usize = 3;
-const WINDOW: Duration = Duration::from_secs(20);
+/// Sampling-cost windows per arm, each one period of the default schedule.
+const WINDOWS: usize = 2;
+const WINDOW: Duration = Duration::from_secs(60);
 
 fn spread(v: &[f64]) -> (f64, f64) {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -99,7 +99,7 @@ fn render() -> Result<Value> {
 }
 
 /// An unpaced guest's pages written per second over `WINDOW`, with the agent's
-/// default sampling (1 s of logging every 10 s) or none.
+/// default sampling (1 s of logging at its start) or none.
 fn window(ferry: &std::path::Path, control: &std::path::Path, sampled: bool) -> Result<f64> {
     let a = vm_status(ferry, control)?.machine.guest_pages_written;
     let t0 = Instant::now();
@@ -112,7 +112,7 @@ fn window(ferry: &std::path::Path, control: &std::path::Path, sampled: bool) -> 
                 control,
             )?)?;
         }
-        let left = Duration::from_secs(10).saturating_sub(tick.elapsed());
+        let left = WINDOW.saturating_sub(tick.elapsed());
         std::thread::sleep(left.min(WINDOW.saturating_sub(t0.elapsed())));
     }
     let b = vm_status(ferry, control)?.machine.guest_pages_written;
@@ -121,8 +121,8 @@ fn window(ferry: &std::path::Path, control: &std::path::Path, sampled: bool) -> 
 
 fn sampling_cost(ferry: &std::path::Path, dir: &std::path::Path) -> Result<Value> {
     step(&format!(
-        "the guest's cost of sampling: an unpaced guest's write rate, {WINDOWS} x 20 s with \
-         the default schedule (1 s every 10 s) and {WINDOWS} x 20 s without, interleaved"
+        "the guest's cost of sampling: an unpaced guest's write rate, {WINDOWS} x 60 s with \
+         the default schedule (1 s every 60 s) and {WINDOWS} x 60 s without, interleaved"
     ));
     let body = config(
         "sampled",
@@ -164,7 +164,7 @@ fn sampling_cost(ferry: &std::path::Path, dir: &std::path::Path) -> Result<Value
         cost * 100.0
     );
     Ok(json!({
-        "schedule": "1 s of dirty logging every 10 s",
+        "schedule": "1 s of dirty logging every 60 s",
         "sampled_pages_per_sec": summary(&with),
         "quiet_pages_per_sec": summary(&without),
         "cost_ratio": cost,
@@ -191,8 +191,10 @@ fn sampling(agent: &Agent, on: bool) -> Result<()> {
 
 /// Moves web-0 from `from` to `to`: (total ms, downtime ms).
 fn migrate(from: &Agent, to: &Agent) -> Result<(f64, f64)> {
+    // Capped, so each migration lasts seconds: scrapes, samples and exports
+    // happen while it runs.
     let id = from.migrate(&format!(
-        r#"{{"vm": "web-0", "destination": "{}"}}"#,
+        r#"{{"vm": "web-0", "destination": "{}", "limits": {{"bandwidth_mbit": 400}}}}"#,
         to.name
     ));
     let m = from.wait_ended(&id, Duration::from_secs(180));

@@ -123,13 +123,13 @@ in both runs. Results: target/bench/agent.json.";
 
 const BENCH_TELEMETRY_USAGE: &str = "usage: cargo xtask bench telemetry
 
-What Ferry's telemetry costs. Migrations of a busy 256 MiB guest between two agents
+What Ferry's telemetry costs. Migrations (capped at 400 Mbit/s) of a busy 256 MiB guest between two agents
 with full telemetry (a real Prometheus scraping both every second, every span
 exported over OTLP gRPC to a receiver, dirty rates sampled) and with none, 4 runs
 there and back each, interleaved: total time and downtime, medians and spread.
 /metrics for 1000 VMs: render time and the memory their series take. The guest's
-cost of the default dirty-rate sampling (1 s of logging every 10 s): an unpaced
-guest's write rate in 20 s windows with and without it, interleaved.
+cost of the default dirty-rate sampling (1 s of logging every 60 s): an unpaced
+guest's write rate in 60 s windows with and without it, interleaved.
 Results: target/bench/telemetry.json.";
 
 const BENCH_POLICY_USAGE: &str =

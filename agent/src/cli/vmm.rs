@@ -117,9 +117,20 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
     }
-    control::serve(listener, slot.clone(), door, || {
-        STOP.load(Ordering::Acquire)
-    });
+    // The socket's path goes before the listener closes: once an agent finds it
+    // silent it may start a new VMM on the same path, which this one's exit must
+    // never then remove.
+    control::serve(
+        listener,
+        slot.clone(),
+        door,
+        || STOP.load(Ordering::Acquire),
+        || {
+            if ours.is_some() && control::socket_identity(control_path) == ours {
+                let _ = std::fs::remove_file(control_path);
+            }
+        },
+    );
     let served = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(vm) = served {
         let m = &vm.machine;
@@ -131,9 +142,6 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
             m.shutdown();
         }
         tracing::info!("VM {} stopped", m.cfg.name);
-    }
-    if ours.is_some() && control::socket_identity(control_path) == ours {
-        let _ = std::fs::remove_file(control_path);
     }
     Ok(ExitCode::SUCCESS)
 }
