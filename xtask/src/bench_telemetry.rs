@@ -262,14 +262,8 @@ fn on_off(dir: &std::path::Path) -> Result<Value> {
                     Duration::from_secs(60),
                 );
             }
-            let (from, to) = if a
-                .get("/v1/vms", Some(&a.token))
-                .is_some_and(|r| r.body.contains("web-0"))
-            {
-                (&a, &b)
-            } else {
-                (&b, &a)
-            };
+            // Each run goes there and back: web-0 starts every run on host-a.
+            let (from, to) = (&a, &b);
             from.wait_for_vms("web-0 running", Duration::from_secs(60), |l| {
                 l.iter()
                     .any(|v| v["name"] == "web-0" && v["state"] == "running")
