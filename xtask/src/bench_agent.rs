@@ -32,13 +32,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// Moves web-0 from `from` to `to`; its downtime (ms).
-fn migrate(from: &Agent, to: &Agent) -> Result<f64> {
+/// Moves web-0 from `from` to `to` through the API, `limits` (a JSON object, or
+/// empty) put over the agent's, waiting up to `within` for it to end; its record
+/// once it runs at the other end.
+pub(crate) fn move_web0(from: &Agent, to: &Agent, limits: &str, within: Duration) -> Result<Value> {
+    let limits = if limits.is_empty() {
+        String::new()
+    } else {
+        format!(r#", "limits": {limits}"#)
+    };
     let id = from.migrate(&format!(
-        r#"{{"vm": "web-0", "destination": "{}"}}"#,
+        r#"{{"vm": "web-0", "destination": "{}"{limits}}}"#,
         to.name
     ));
-    let m = from.wait_ended(&id, Duration::from_secs(120));
+    let m = from.wait_ended(&id, within);
     if m["state"] != "completed" {
         bail!("a migration did not complete: {m}");
     }
@@ -47,7 +54,16 @@ fn migrate(from: &Agent, to: &Agent) -> Result<f64> {
         l.iter()
             .any(|v| v["name"] == "web-0" && v["state"] == "running")
     });
-    Ok(m["downtime_ms"].as_f64().unwrap_or(f64::NAN))
+    Ok(m)
+}
+
+/// Moves web-0 from `from` to `to`; its downtime (ms).
+fn migrate(from: &Agent, to: &Agent) -> Result<f64> {
+    Ok(
+        move_web0(from, to, "", Duration::from_secs(120))?["downtime_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+    )
 }
 
 fn there_and_back(a: &Agent, b: &Agent) -> Result<Vec<f64>> {

@@ -189,22 +189,15 @@ fn sampling(agent: &Agent, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Moves web-0 from `from` to `to`: (total ms, downtime ms).
+/// Moves web-0 from `from` to `to`: (total ms, downtime ms). Capped, so each
+/// migration lasts seconds: scrapes, samples and exports happen while it runs.
 fn migrate(from: &Agent, to: &Agent) -> Result<(f64, f64)> {
-    // Capped, so each migration lasts seconds: scrapes, samples and exports
-    // happen while it runs.
-    let id = from.migrate(&format!(
-        r#"{{"vm": "web-0", "destination": "{}", "limits": {{"bandwidth_mbit": 400}}}}"#,
-        to.name
-    ));
-    let m = from.wait_ended(&id, Duration::from_secs(180));
-    if m["state"] != "completed" {
-        bail!("a migration did not complete: {m}");
-    }
-    to.wait_for_vms("web-0 running", Duration::from_secs(60), |l| {
-        l.iter()
-            .any(|v| v["name"] == "web-0" && v["state"] == "running")
-    });
+    let m = crate::bench_agent::move_web0(
+        from,
+        to,
+        r#"{"bandwidth_mbit": 400}"#,
+        Duration::from_secs(180),
+    )?;
     Ok((
         m["total_ms"].as_f64().unwrap_or(f64::NAN),
         m["downtime_ms"].as_f64().unwrap_or(f64::NAN),
