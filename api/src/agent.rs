@@ -153,6 +153,71 @@ pub struct Health {
     pub name: String,
     pub version: String,
     pub vms: usize,
+    /// The host is being evacuated (an alert said so): it takes no VM in.
+    #[serde(default)]
+    pub evacuating: bool,
+    /// What the host has room for: what a peer choosing a destination weighs.
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
+}
+
+/// A host's room for VMs, as its agent counts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Memory VMs may have here (the config's `capacity_memory_mib`, else the host's).
+    pub memory_mib: u64,
+    /// What its VMs have, arriving ones included.
+    pub vms_memory_mib: u64,
+    /// Migrations it takes at once, and how many arrive now.
+    pub max_inbound: u32,
+    pub inbound: u32,
+}
+
+impl Capacity {
+    pub fn free_memory_mib(&self) -> u64 {
+        self.memory_mib.saturating_sub(self.vms_memory_mib)
+    }
+}
+
+/// `GET /v1/alerts`: an alert this agent was sent and acts on (or acted on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    pub fingerprint: String,
+    pub alertname: String,
+    /// `firing`, or `resolved` for the last ones that ended (kept for a while).
+    pub status: String,
+    /// The host or VM it names.
+    pub host: Option<String>,
+    pub vm: Option<String>,
+    /// What this agent did: `evacuate`, `migrate`, or `none` (about another host).
+    pub action: String,
+    /// The rule of the agent's config that matched (its index in `alert_rules`).
+    pub rule: usize,
+    pub received_unix_ms: u64,
+    /// Times Alertmanager sent it again (repeats start nothing).
+    pub repeats: u64,
+    /// VMs still waiting for a free outbound slot or a destination.
+    pub queued: Vec<String>,
+    /// The migrations it started.
+    pub migrations: Vec<String>,
+    /// Why it is waiting, or what went wrong, most recent first.
+    pub note: Option<String>,
+}
+
+/// `POST /v1/alerts`'s answer: what each alert of the post did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertsReceived {
+    pub alerts: Vec<AlertOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertOutcome {
+    pub fingerprint: String,
+    pub alertname: String,
+    /// `evacuate`, `migrate`, `repeat` (already acted on), `cancel` (resolved: its
+    /// queued VMs dropped), `ignored`.
+    pub action: String,
+    pub reason: String,
 }
 
 /// `POST /v1/incoming` (a peer agent): receive the VM `vm`, whose config is `config`.
@@ -246,6 +311,10 @@ pub struct MigrationInfo {
     /// this agent did not start).
     #[serde(default)]
     pub max_downtime_ms: Option<f64>,
+    /// What started it: `api` (an operator), `alert:<alertname>` (Alertmanager).
+    /// None for a migration this agent did not start.
+    #[serde(default)]
+    pub trigger: Option<String>,
 }
 
 impl MigrationInfo {
@@ -277,6 +346,7 @@ impl MigrationInfo {
             error: None,
             resolution: None,
             max_downtime_ms: None,
+            trigger: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod agent;
+pub mod alertmanager;
 pub mod netns;
 pub mod otlp;
 pub mod prometheus;

@@ -29,26 +29,104 @@ fn encode(s: &str) -> String {
     out
 }
 
+/// A scrape target and the labels its series get.
+pub struct Target {
+    pub addr: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Target {
+    pub fn new(addr: &str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// An agent's target, labelled with its `host` name: what alerts about a host
+    /// carry for the agents to act on (`instance` alone is `host:port`).
+    pub fn host(addr: &str, host: &str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            labels: vec![("host".into(), host.to_owned())],
+        }
+    }
+}
+
+/// `prometheus.yml`: scrapes and rule evaluation every second, the job `ferry`.
+pub fn config(targets: &[Target], rules: &[&Path], alertmanager: Option<&str>) -> String {
+    let mut out = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n",
+        rules
+            .iter()
+            .map(|r| format!("\"{}\"", r.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(am) = alertmanager {
+        out.push_str(&format!(
+            "alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{am}\"]\n"
+        ));
+    }
+    out.push_str("scrape_configs:\n  - job_name: ferry\n    static_configs:\n");
+    for t in targets {
+        out.push_str(&format!("      - targets: [\"{}\"]\n", t.addr));
+        if !t.labels.is_empty() {
+            out.push_str("        labels:\n");
+            for (k, v) in &t.labels {
+                out.push_str(&format!("          {k}: \"{v}\"\n"));
+            }
+        }
+    }
+    out
+}
+
+/// `src` (Prometheus rule groups, as dashboards/alerts.yml) with every rule's `for:`
+/// set to `for_` (e.g. "2s"): the real expressions and labels, firing within seconds
+/// rather than the minutes a fleet waits. Written to `out`; returns what changed
+/// (`"FerryDatastoreFilling: for 5m -> 2s"`).
+pub fn rules_firing_after(src: &Path, out: &Path, for_: &str) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let mut changed = Vec::new();
+    let mut alert = String::new();
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if let Some(name) = trimmed.strip_prefix("- alert:") {
+            alert = name.trim().to_owned();
+        }
+        match trimmed.strip_prefix("for:") {
+            Some(was) => {
+                let indent = &line[..line.len() - trimmed.len()];
+                changed.push(format!("{alert}: for {} -> {for_}", was.trim()));
+                lines.push(format!("{indent}for: {for_}"));
+            }
+            None => lines.push(line.to_owned()),
+        }
+    }
+    std::fs::write(out, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(changed)
+}
+
 impl Prometheus {
     /// Starts Prometheus in `dir` with the job `ferry` scraping `targets` (host:port)
     /// every second and the rule files `rules` loaded; waits until it answers.
     pub fn start(dir: &Path, targets: &[&str], rules: &[&Path]) -> Self {
+        let targets: Vec<Target> = targets.iter().map(|t| Target::new(t)).collect();
+        Self::start_with(dir, &targets, rules, None)
+    }
+
+    /// As [`Prometheus::start`], each target with its own labels (a `host` label per
+    /// agent, as alerts need), alerts sent to `alertmanager` (host:port) if given.
+    pub fn start_with(
+        dir: &Path,
+        targets: &[Target],
+        rules: &[&Path],
+        alertmanager: Option<&str>,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("the Prometheus folder");
-        let quoted = |v: Vec<String>| v.join(", ");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files: [{}]\n\
-             scrape_configs:\n  - job_name: ferry\n    static_configs:\n      - targets: [{}]\n",
-            quoted(
-                rules
-                    .iter()
-                    .map(|r| format!("\"{}\"", r.display()))
-                    .collect()
-            ),
-            quoted(targets.iter().map(|t| format!("\"{t}\"")).collect()),
-        );
         let file = dir.join("prometheus.yml");
-        std::fs::write(&file, config).expect("prometheus.yml");
+        std::fs::write(&file, config(targets, rules, alertmanager)).expect("prometheus.yml");
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.join("prometheus.log");
         let out = std::fs::File::create(&log).expect("the Prometheus log");

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_api::agent::{
-    ApiError, ApiErrorKind, Health, IncomingOffer, IncomingRequest, MigrationInfo,
-    StorageMigrationInfo, StorageMigrationRequest, VmInfo,
+    AlertInfo, AlertsReceived, ApiError, ApiErrorKind, Health, IncomingOffer, IncomingRequest,
+    MigrationInfo, StorageMigrationInfo, StorageMigrationRequest, VmInfo,
 };
 use serde::de::DeserializeOwned;
 
@@ -48,6 +48,11 @@ pub struct Shared {
     pub migrations: Arc<Migrations>,
     pub storage: Arc<StorageMigrations>,
     pub run_dir: std::path::PathBuf,
+    /// Alerts and the VMs they move away.
+    pub evacuation: Arc<super::evacuate::Evacuation>,
+    /// What `/healthz` tells peers of this host's room.
+    pub capacity_memory_mib: u64,
+    pub max_inbound: u32,
 }
 
 /// Every route, as `(method, path template)`: what `docs/openapi.json` must describe.
@@ -65,6 +70,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/storage-migrations/{id}"),
     ("DELETE", "/v1/storage-migrations/{id}"),
     ("POST", "/v1/incoming"),
+    ("POST", "/v1/alerts"),
+    ("GET", "/v1/alerts"),
 ];
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -87,6 +94,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(get_storage_migration).delete(cancel_storage_migration),
         )
         .route("/v1/incoming", post(receive))
+        .route("/v1/alerts", post(post_alerts).get(list_alerts))
         .fallback(not_found)
         .method_not_allowed_fallback(not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -187,6 +195,12 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
         name: s.host.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         vms: s.vms.all().len(),
+        evacuating: s.evacuation.evacuating().is_some(),
+        capacity: Some(super::evacuate::capacity(
+            &s.vms,
+            s.capacity_memory_mib,
+            s.max_inbound,
+        )),
     })
 }
 
@@ -234,10 +248,9 @@ async fn get_vm(
     })
 }
 
-/// A request body read as `T`: too large is 413, anything that does not read (bad
-/// JSON, an unknown field, a wrong type) is 400 with the parser's words.
-fn body<T: DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
-    let bytes = bytes.map_err(|e| {
+/// A request's body: too large is 413, one that does not arrive whole 400.
+fn read(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
+    bytes.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Failure(
                 ApiErrorKind::TooLarge,
@@ -246,7 +259,13 @@ fn body<T: DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, 
         } else {
             Failure(ApiErrorKind::InvalidRequest, e.body_text())
         }
-    })?;
+    })
+}
+
+/// A request body read as `T`: too large is 413, anything that does not read (bad
+/// JSON, an unknown field, a wrong type) is 400 with the parser's words.
+fn body<T: DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
+    let bytes = read(bytes)?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Failure(
             ApiErrorKind::InvalidRequest,
@@ -442,6 +461,12 @@ async fn receive(
 ) -> Result<(StatusCode, Json<IncomingOffer>), Failure> {
     authorize(&s, &headers, Need::Receive)?;
     let req: IncomingRequest = body(bytes)?;
+    if let Some(why) = s.evacuation.evacuating() {
+        return Err(Failure(
+            ApiErrorKind::Conflict,
+            format!("{why}: it takes no VM in"),
+        ));
+    }
     // The source's trace, joined: a malformed traceparent starts a trace of its own.
     let traceparent = headers
         .get("traceparent")
@@ -486,6 +511,37 @@ async fn receive(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(offer)))
+}
+
+/// Alertmanager's webhook: booked at once (the moves happen on the evacuation's
+/// thread), answered with what each alert led to.
+async fn post_alerts(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Json<AlertsReceived>, Failure> {
+    authorize(&s, &headers, Need::Alert)?;
+    // Not `body`: Alertmanager's payload carries fields Ferry does not read.
+    let bytes = read(bytes)?;
+    let payload: super::alerts::Payload = serde_json::from_slice(&bytes).map_err(|e| {
+        Failure(
+            ApiErrorKind::InvalidRequest,
+            format!("not Alertmanager's webhook payload: {e}"),
+        )
+    })?;
+    let alerts = s
+        .evacuation
+        .receive(&payload)
+        .map_err(|e| Failure(ApiErrorKind::InvalidRequest, e.0))?;
+    Ok(Json(AlertsReceived { alerts }))
+}
+
+async fn list_alerts(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AlertInfo>>, Failure> {
+    authorize(&s, &headers, Need::Read)?;
+    Ok(Json(s.evacuation.alerts()))
 }
 
 #[cfg(test)]
@@ -536,6 +592,35 @@ mod tests {
             name: "h".into(),
             version: "0".into(),
             vms: 0,
+            evacuating: false,
+            capacity: Some(ferry_api::agent::Capacity {
+                memory_mib: 1,
+                vms_memory_mib: 0,
+                max_inbound: 2,
+                inbound: 0,
+            }),
+        };
+        let alert = AlertInfo {
+            fingerprint: "f".into(),
+            alertname: "A".into(),
+            status: "firing".into(),
+            host: None,
+            vm: None,
+            action: "none".into(),
+            rule: 0,
+            received_unix_ms: 0,
+            repeats: 0,
+            queued: Vec::new(),
+            migrations: Vec::new(),
+            note: None,
+        };
+        let received = AlertsReceived {
+            alerts: vec![ferry_api::agent::AlertOutcome {
+                fingerprint: "f".into(),
+                alertname: "A".into(),
+                action: "ignored".into(),
+                reason: String::new(),
+            }],
         };
         let error = ApiError {
             kind: ApiErrorKind::Busy,
@@ -563,6 +648,16 @@ mod tests {
             ("IncomingRequest", serde_json::to_value(&incoming).unwrap()),
             ("VmInfo", serde_json::to_value(&vm).unwrap()),
             ("Health", serde_json::to_value(&health).unwrap()),
+            (
+                "Capacity",
+                serde_json::to_value(health.capacity.as_ref().unwrap()).unwrap(),
+            ),
+            ("AlertInfo", serde_json::to_value(&alert).unwrap()),
+            ("AlertsReceived", serde_json::to_value(&received).unwrap()),
+            (
+                "AlertOutcome",
+                serde_json::to_value(&received.alerts[0]).unwrap(),
+            ),
             ("ApiError", serde_json::to_value(&error).unwrap()),
         ] {
             let sent: BTreeSet<&String> = value.as_object().unwrap().keys().collect();

@@ -34,6 +34,8 @@ pub enum Need {
     Operate,
     /// Asking this host to receive a VM: a peer (or an operator, by hand).
     Receive,
+    /// Posting alerts: Alertmanager (or an operator, by hand).
+    Alert,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -80,7 +82,9 @@ pub fn role_of(tokens: &Tokens, header: Option<&str>) -> Result<Role, Denied> {
 pub fn allows(role: Role, need: Need) -> bool {
     matches!(
         (role, need),
-        (Role::Operator, _) | (Role::Peer, Need::Read | Need::Receive)
+        (Role::Operator, _)
+            | (Role::Peer, Need::Read | Need::Receive)
+            | (Role::Webhook, Need::Alert)
     )
 }
 

@@ -59,6 +59,21 @@ struct File {
     tls_key_file: Option<PathBuf>,
     #[serde(default)]
     sampling: SamplingFile,
+    /// Memory VMs may take here, MiB (default: the host's).
+    capacity_memory_mib: Option<u64>,
+    /// Which alerts move VMs, and how (default: `ferry_action="migrate-away"`).
+    alert_rules: Option<Vec<AlertRuleFile>>,
+}
+
+/// `[[alert_rules]]`: the alerts (by Alertmanager's label matchers) that move VMs off
+/// this host, and how they go.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertRuleFile {
+    matchers: Vec<String>,
+    policy: Option<String>,
+    #[serde(default)]
+    copy_storage: bool,
 }
 
 /// `[sampling]`: how often each running VM's dirty rate is measured between
@@ -135,6 +150,9 @@ pub struct AgentConfig {
     /// The API's TLS (None: plain HTTP).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     pub sampling: super::sampler::Schedule,
+    /// Memory VMs may take here, MiB: what peers choosing a destination weigh.
+    pub capacity_memory_mib: u64,
+    pub alert_rules: Vec<super::alerts::Rule>,
 }
 
 /// A token file's content, trimmed of whitespace; empty or unreadable is an error.
@@ -367,6 +385,51 @@ impl AgentConfig {
                 }
             }
         }
+        let alert_rules = match f.alert_rules {
+            None => super::alerts::Rule::default_rules(),
+            Some(rules) => {
+                let mut out = Vec::new();
+                for (i, r) in rules.into_iter().enumerate() {
+                    let key = format!("alert_rules[{i}]");
+                    if r.matchers.is_empty() {
+                        return Err(invalid(
+                            &format!("{key}.matchers"),
+                            &"[]",
+                            "needs at least one matcher, or every alert would move VMs",
+                        ));
+                    }
+                    let matchers = r
+                        .matchers
+                        .iter()
+                        .map(|m| super::alerts::Matcher::parse(m))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| {
+                            invalid(&format!("{key}.matchers"), &r.matchers.join(", "), &e)
+                        })?;
+                    if let Some(p) = &r.policy {
+                        crate::policy::by_name(p, crate::policy::Pins::default(), &limits)
+                            .map_err(|e| invalid(&format!("{key}.policy"), p, &e))?;
+                    }
+                    out.push(super::alerts::Rule {
+                        matchers,
+                        policy: r.policy,
+                        copy_storage: r.copy_storage,
+                    });
+                }
+                out
+            }
+        };
+        let capacity_memory_mib = match f.capacity_memory_mib {
+            Some(0) => {
+                return Err(invalid(
+                    "capacity_memory_mib",
+                    &0,
+                    "must be more than 0 (leave it out for the host's memory)",
+                ));
+            }
+            Some(m) => m,
+            None => super::evacuate::host_memory_mib().unwrap_or(0),
+        };
         Ok(Self {
             name: f.name,
             listen,
@@ -382,6 +445,8 @@ impl AgentConfig {
             tls,
             tokens,
             sampling,
+            capacity_memory_mib,
+            alert_rules,
         })
     }
 }

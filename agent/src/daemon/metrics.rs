@@ -59,6 +59,9 @@ pub struct Metrics {
     datastore_size: GaugeVec,
     peer_up: IntGaugeVec,
     spans: IntCounterVec,
+    alerts: IntCounterVec,
+    evacuating: IntGaugeVec,
+    evacuation_queued: IntGaugeVec,
     /// Each peer's last answer to `/healthz`.
     peers: Mutex<BTreeMap<String, bool>>,
     /// One scrape at a time: each sets the per-VM gauges afresh, and two at once
@@ -262,6 +265,21 @@ impl Default for Metrics {
                 "Trace spans this agent ended, by what became of them: exported, or dropped (the export queue was full, or the collector failed or did not answer in time).",
                 &["outcome"],
             ),
+            alerts: counter(
+                "ferry_alerts_total",
+                "Alerts Alertmanager posted to this agent, by what it did with each: evacuate (this host), migrate (a VM here), repeat (already acted on), cancel (resolved: its queued VMs stay), ignored (no rule, or another host's).",
+                &["action"],
+            ),
+            evacuating: int_gauge(
+                "ferry_host_evacuating",
+                "Whether a firing alert has this host evacuated (1): it takes no VM in.",
+                &[],
+            ),
+            evacuation_queued: int_gauge(
+                "ferry_evacuation_queued_vms",
+                "VMs alerts asked to move that wait for an outbound slot or a destination.",
+                &[],
+            ),
             peers: Mutex::new(BTreeMap::new()),
             rendering: Mutex::new(()),
             registry: r,
@@ -325,6 +343,21 @@ impl Metrics {
                 self.bytes.with_label_values(&[stream, &codec]).inc_by(n);
             }
         }
+    }
+
+    /// An alert was booked, and what it led to.
+    pub fn alert(&self, action: &str) {
+        self.alerts.with_label_values(&[action]).inc();
+    }
+
+    /// The evacuation's state, after each change.
+    pub fn evacuation(&self, evacuating: bool, queued: usize) {
+        self.evacuating
+            .with_label_values(&[] as &[&str])
+            .set(evacuating.into());
+        self.evacuation_queued
+            .with_label_values(&[] as &[&str])
+            .set(queued as i64);
     }
 
     /// A peer answered (or not) its `/healthz`.

@@ -54,6 +54,12 @@ pub struct MigrationRequest {
     /// destination finds them by name on storage both hosts share.
     #[serde(default)]
     pub copy_storage: bool,
+    /// What asks for it (None: an operator through the API).
+    #[serde(skip)]
+    pub trigger: Option<String>,
+    /// Why this destination, when the agent chose it.
+    #[serde(skip)]
+    pub placement: Option<ferry_api::Decision>,
 }
 
 /// Why a migration was not started: the kind fixes the HTTP status.
@@ -160,6 +166,35 @@ impl Migrations {
             r.cancel.store(true, Ordering::Release);
         }
         wait(cancel);
+    }
+
+    /// Migrations leaving now: what `max_outbound` counts.
+    pub fn leaving(&self) -> usize {
+        lock(&self.records)
+            .values()
+            .filter(|r| !lock(&r.info).state.ended())
+            .count()
+    }
+
+    /// Per peer, the wire rate the latest completed migration to it moved its bytes
+    /// at (bytes per second): what an evacuation predicts with, no new measurement.
+    pub fn links(&self) -> Vec<(String, f64)> {
+        let mut latest: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        for r in lock(&self.records).values() {
+            let i = lock(&r.info);
+            let Some(p) = i.progress.as_ref() else {
+                continue;
+            };
+            if i.state != MigrationState::Completed || p.elapsed_ms == 0 {
+                continue;
+            }
+            let rate = p.bytes_on_wire as f64 / (p.elapsed_ms as f64 / 1e3);
+            let e = latest.entry(i.destination.clone()).or_insert((0, rate));
+            if i.started_unix_ms >= e.0 {
+                *e = (i.started_unix_ms, rate);
+            }
+        }
+        latest.into_iter().map(|(n, (_, r))| (n, r)).collect()
     }
 
     pub fn list(&self) -> Vec<MigrationInfo> {
@@ -299,13 +334,20 @@ impl Migrations {
                 ));
             }
             prune(&mut records);
-            self.record(
+            let record = self.record(
                 &mut records,
                 &req.vm,
                 &peer.name,
                 &policy_name,
                 Some(&limits),
-            )
+            );
+            {
+                let mut i = lock(&record.info);
+                i.trigger = Some(req.trigger.clone().unwrap_or_else(|| "api".into()));
+                i.decisions.extend(req.placement.clone());
+            }
+            record.save();
+            record
         };
         let first = lock(&record.info).clone();
         let job = Job {
@@ -318,6 +360,8 @@ impl Migrations {
             control: inventory::control_socket(run_dir, &vm.name),
             policy: policy_name,
             limits,
+            trigger: Some(req.trigger.unwrap_or_else(|| "api".into())),
+            placement: req.placement,
         };
         run_job(job, record, inventory);
         Ok(first)
@@ -483,6 +527,8 @@ impl Migrations {
             control,
             policy,
             limits: self.limits.clone(),
+            trigger: None,
+            placement: None,
         }
     }
 
@@ -609,6 +655,9 @@ struct Job {
     control: std::path::PathBuf,
     policy: String,
     limits: Limits,
+    /// What asked for it, and why its destination (for the trace).
+    trigger: Option<String>,
+    placement: Option<ferry_api::Decision>,
 }
 
 impl Job {
@@ -642,6 +691,9 @@ impl Job {
             log.record("span_id", tracing::field::display(span_id));
         }
         let _in = log.enter();
+        if let (Some(t), Some(trigger)) = (&trace, &self.trigger) {
+            t.triggered(trigger, self.placement.as_ref());
+        }
         let trace = Mutex::new(trace);
         self.drive(record, inventory, &trace);
         if let Some(t) = trace.into_inner().unwrap_or_else(|e| e.into_inner()) {

@@ -2,13 +2,16 @@
 //! started from the VM folder or adopted after a restart) and serves the HTTP API.
 //! This file only wires: the config, the inventory's thread, the server, the signals.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod evacuate;
 mod families;
 pub mod inventory;
 pub mod metrics;
 pub mod migrations;
+pub mod placement;
 pub mod records;
 pub mod sampler;
 pub mod storage;
@@ -168,6 +171,26 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             .spawn(move || sampler.run(&stop))
             .map_err(AgentError::Runtime)?;
     }
+    // Alerts' moves, on a thread of their own. Not joined: it ends with the stop.
+    let evacuation = Arc::new(evacuate::Evacuation::new(
+        &cfg.name,
+        cfg.alert_rules.clone(),
+        migrations.clone(),
+        metrics.clone(),
+        view.clone(),
+        observed.clone(),
+        cfg.peers.clone(),
+        cfg.limits.clone(),
+        cfg.max_outbound,
+    ));
+    {
+        let (stop, evacuation, inventory) = (stop.clone(), evacuation.clone(), inventory.clone());
+        let run_dir = cfg.run_dir.clone();
+        std::thread::Builder::new()
+            .name("evacuation".into())
+            .spawn(move || evacuation.run(&stop, &inventory, &run_dir))
+            .map_err(AgentError::Runtime)?;
+    }
     let shared = Arc::new(api::Shared {
         stopping: AtomicBool::new(false),
         host: cfg.name.clone(),
@@ -181,6 +204,9 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         migrations: migrations.clone(),
         storage,
         run_dir: cfg.run_dir.clone(),
+        evacuation,
+        capacity_memory_mib: cfg.capacity_memory_mib,
+        max_inbound: cfg.max_inbound,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -4,7 +4,9 @@
 //! (`first pass`, begun with pre-copy, then `round`), the first copy of disks that
 //! travel (`disk copy`; later rounds carry the blocks written since) and, under `switchover`, the guest's `pause` and the
 //! `verification` that follows it. Every policy decision and the prediction are
-//! events on the root; the measured outcome is on it when it ends.
+//! events on the root; the measured outcome is on it when it ends. What started it is
+//! the root's `ferry.migration.trigger`; a destination the agent chose (an alert's
+//! evacuation) is a `placement.decision` event with its reason.
 //!
 //! Times come from the VMM's own clock (each event's `t_ms` since the migration
 //! began), mapped once onto the wall clock, so a span's edges are as exact as the
@@ -101,6 +103,23 @@ impl MigrationTrace {
             disk_copy: None,
             disk_copied: false,
         })
+    }
+
+    /// What started it (`api`, `alert:<name>`) and, when the agent chose the
+    /// destination, that choice as a `placement.decision` event with its reason.
+    pub fn triggered(&self, trigger: &str, placement: Option<&ferry_api::Decision>) {
+        let span = self.root.span();
+        span.set_attribute(kv("ferry.migration.trigger", trigger.to_owned()));
+        if let Some(d) = placement {
+            span.add_event(
+                "placement.decision",
+                vec![
+                    kv("ferry.setting", d.setting.clone()),
+                    kv("ferry.value", d.value.clone()),
+                    kv("ferry.reason", d.reason.clone()),
+                ],
+            );
+        }
     }
 
     /// The root's W3C `traceparent`: what the destination's agent and the VMMs are

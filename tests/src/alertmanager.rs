@@ -1,0 +1,97 @@
+//! A real Alertmanager (the Debian package's binary, `prometheus-alertmanager`) on a
+//! free loopback port, sending every alert to webhooks; stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::agent::request;
+use crate::free_port;
+
+pub struct Alertmanager {
+    pub addr: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// Where a webhook goes, and the file holding the bearer token it is sent with.
+pub struct Webhook {
+    pub url: String,
+    pub token_file: PathBuf,
+}
+
+/// How Alertmanager groups and repeats: the route's timers.
+pub struct Timers {
+    pub group_wait: Duration,
+    pub group_interval: Duration,
+    pub repeat_interval: Duration,
+}
+
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// `alertmanager.yml`: one route, grouped by alert, host and VM, to one receiver with
+/// a webhook per agent (each with its token), resolved alerts sent too.
+pub fn config(webhooks: &[Webhook], t: &Timers) -> String {
+    let mut out = format!(
+        "route:\n  receiver: ferry-agents\n  group_by: ['alertname', 'host', 'vm']\n  \
+         group_wait: {}\n  group_interval: {}\n  repeat_interval: {}\n\
+         receivers:\n  - name: ferry-agents\n    webhook_configs:\n",
+        go_duration(t.group_wait),
+        go_duration(t.group_interval),
+        go_duration(t.repeat_interval)
+    );
+    for w in webhooks {
+        out.push_str(&format!(
+            "      - url: \"{}\"\n        send_resolved: true\n        http_config:\n          \
+             authorization:\n            type: Bearer\n            credentials_file: \"{}\"\n",
+            w.url,
+            w.token_file.display()
+        ));
+    }
+    out
+}
+
+impl Alertmanager {
+    /// Starts Alertmanager in `dir` (clustering off) and waits until it answers.
+    pub fn start(dir: &Path, webhooks: &[Webhook], timers: &Timers) -> Self {
+        std::fs::create_dir_all(dir).expect("the Alertmanager folder");
+        let file = dir.join("alertmanager.yml");
+        std::fs::write(&file, config(webhooks, timers)).expect("alertmanager.yml");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("alertmanager.log");
+        let out = std::fs::File::create(&log).expect("the Alertmanager log");
+        let child = Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!("--storage.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("prometheus-alertmanager starts");
+        let am = Self { addr, child, log };
+        let t0 = Instant::now();
+        while request(&am.addr, "GET", "/-/ready", None, None).is_none_or(|a| a.status != 200) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "Alertmanager is not ready after 60 s:\n{}",
+                am.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        am
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
