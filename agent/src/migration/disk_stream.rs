@@ -136,6 +136,7 @@ impl Sender<'_> {
                     bytes: self.stats.disk_mirrored.clone(),
                 })),
                 written: 0,
+                activations: 0,
             });
             let file = d
                 .reopen_read()
@@ -267,10 +268,12 @@ impl Sender<'_> {
                 let mut job = d.job();
                 file.read_exact_at(buf.get(len), at)
                     .map_err(|e| MigrateError::Vm(format!("reading disk {}: {e}", d.id)))?;
+                let mut activations = 0;
                 if let Some(j) = job.as_mut() {
                     for b in first..first + count {
                         j.dirty.unset(b);
                     }
+                    activations = j.activations;
                 }
                 // A mirrored write after this read must reach the stream after these
                 // bytes, not before (it would be overwritten by older data): with the
@@ -278,6 +281,17 @@ impl Sender<'_> {
                 if !job.as_ref().is_some_and(|j| j.active) {
                     drop(job);
                     self.disk_chunk(i as u32, at, buf.get(len), written)?;
+                    // The mirror may have been turned on (set-params, from another
+                    // thread) between the read and the send: a guest write mirrored
+                    // then went ahead of these older bytes and is not noted. The
+                    // blocks go again next round, after it.
+                    if let Some(j) = d.job().as_mut()
+                        && j.activations != activations
+                    {
+                        for b in first..first + count {
+                            j.dirty.set(b);
+                        }
+                    }
                 } else {
                     self.disk_chunk(i as u32, at, buf.get(len), written)?;
                     drop(job);

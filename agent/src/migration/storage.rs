@@ -349,6 +349,7 @@ impl Copier<'_> {
             throttle: self.params.throttle_writes.map(WriteThrottle::new),
             mirror: None,
             written: 0,
+            activations: 0,
         });
         let mut todo = Bitmap::new(blocks);
         // Holes need no copy: the new image is sparse and reads as zero there too.
@@ -448,6 +449,7 @@ impl Copier<'_> {
                 throttle: None,
                 mirror: None,
                 written: 0,
+                activations: 0,
             });
             Ok(())
         })();

@@ -101,6 +101,9 @@ pub struct CopyJob {
     /// Bytes the guest wrote while the job ran, every write counted (rewrites of a
     /// block too, unlike `dirty`): what an active mirror would carry.
     pub written: u64,
+    /// Times the mirror was turned on: a copier that read blocks before a turn and
+    /// sends them after it knows a mirrored write may have overtaken them.
+    pub activations: u64,
 }
 
 /// A disk's copy elsewhere that takes a guest write as it happens (an active mirror
@@ -228,6 +231,9 @@ impl DiskSet {
             if let Some(job) = d.job().as_mut()
                 && job.mirror.is_some()
             {
+                if active && !job.active {
+                    job.activations += 1;
+                }
                 job.active = active;
             }
         }
@@ -451,8 +457,15 @@ impl Disk {
             let first = offset / COPY_BLOCK;
             let last = (offset + len as u64 - 1) / COPY_BLOCK;
             let mut fresh = 0u64;
+            // Copy blocks already noted before this write: written earlier, not yet
+            // copied, perhaps elsewhere in the block than this write.
+            let mut noted = Vec::new();
             for block in first..=last {
-                fresh += u64::from(job.dirty.set(block));
+                if job.dirty.set(block) {
+                    fresh += 1;
+                } else {
+                    noted.push(block);
+                }
             }
             if job.active {
                 let t = std::time::Instant::now();
@@ -482,9 +495,15 @@ impl Disk {
                     false
                 };
                 if mirrored {
-                    // Written to both: nothing left to copy for these blocks.
+                    // Written to both: nothing of this write is left to copy. A block
+                    // it covers only in part stays noted if it was already: the
+                    // earlier write's bytes there reached neither copy nor mirror.
+                    let end = offset + len as u64;
                     for block in first..=last {
-                        job.dirty.unset(block);
+                        let whole = offset <= block * COPY_BLOCK && (block + 1) * COPY_BLOCK <= end;
+                        if whole || !noted.contains(&block) {
+                            job.dirty.unset(block);
+                        }
                     }
                     job.added_us
                         .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
@@ -616,6 +635,7 @@ mod tests {
             throttle: Some(WriteThrottle::new(1)),
             mirror: None,
             written: 0,
+            activations: 0,
         });
         let data = vec![7u8; 4096];
         std::thread::scope(|scope| {
@@ -671,6 +691,7 @@ mod tests {
             throttle: None,
             mirror: Some(mirror),
             written: 0,
+            activations: 0,
         };
         let data = vec![7u8; 4096];
         let ok = std::sync::Arc::new(Recorder::default());
@@ -686,6 +707,20 @@ mod tests {
         assert_eq!(*ok.got.lock().unwrap(), vec![(COPY_BLOCK, data.clone())]);
         // The mirrored block needs no copy; the earlier one still does.
         assert_eq!(d.job().as_ref().unwrap().dirty.count(), 1);
+        // A mirrored write to another part of that earlier block leaves it noted:
+        // the first write's bytes reached neither the copy nor the mirror.
+        // SAFETY: as above.
+        unsafe { d.write_from(8192, data.as_ptr(), 4096) }.unwrap();
+        assert_eq!(ok.got.lock().unwrap().len(), 2);
+        assert!(
+            d.job().as_ref().unwrap().dirty.is_set(0),
+            "block 0 still noted"
+        );
+        // A write covering a noted block whole carries all of it.
+        let whole = vec![9u8; COPY_BLOCK as usize];
+        // SAFETY: `whole` is a live buffer of one copy block.
+        unsafe { d.write_from(0, whole.as_ptr(), whole.len()) }.unwrap();
+        assert_eq!(d.job().as_ref().unwrap().dirty.count(), 0);
 
         let broken = std::sync::Arc::new(Recorder {
             fail: true,
