@@ -159,6 +159,17 @@ pub struct Health {
     /// What the host has room for: what a peer choosing a destination weighs.
     #[serde(default)]
     pub capacity: Option<Capacity>,
+    /// The wire rate of the latest completed migration from this host to each peer:
+    /// a peer that never sent here predicts its migrations to this host from it.
+    #[serde(default)]
+    pub links: Vec<PeerLink>,
+}
+
+/// A link to a peer, as a completed migration over it measured it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerLink {
+    pub peer: String,
+    pub bytes_per_sec: f64,
 }
 
 /// A host's room for VMs, as its agent counts it.

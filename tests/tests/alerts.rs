@@ -222,6 +222,10 @@ fn a_real_alert_moves_the_vm_off_its_host_once_and_the_host_takes_none_in() {
     let id = m["id"].as_str().unwrap();
     let ended = f.a.wait_ended(id, Duration::from_secs(120));
     assert_eq!(ended["state"], "completed", "{ended:#}");
+    assert_eq!(
+        ended["decisions"][0]["setting"], "destination",
+        "the choice stays the record's first decision: {ended:#}"
+    );
     f.b.wait_for_vms("web-1 running on host-b", Duration::from_secs(30), |l| {
         l.iter()
             .any(|v| v["name"] == "web-1" && v["state"] == "running")

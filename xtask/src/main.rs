@@ -7,6 +7,8 @@ mod bench_policy_report;
 mod bench_probes;
 mod bench_telemetry;
 mod lab;
+mod lab_net;
+mod lab_report;
 mod setup;
 mod util;
 
@@ -20,7 +22,9 @@ commands:
   setup          install what Ferry needs that is missing (Debian packages, tracefs)
   test [ARGS]    setup, then fmt/clippy checks and every test (unit, integration, end-to-end);
                  ARGS go to cargo test
-  lab            setup, then run the lab: a live VM, its status, a snapshot, a restore
+  lab [ARGS]     setup, then the whole system on this machine: three hosts, agents,
+                 Prometheus, Alertmanager, a live VM migrated through the API and
+                 evacuated by an alert; a summary and target/lab/report.html
   bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage, probes,
                  agent)
   bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
@@ -34,7 +38,8 @@ commands:
 const SETUP_USAGE: &str = "usage: cargo xtask setup
 
 Checks that /dev/kvm is there, installs the Debian packages Ferry's build, tests and
-lab use that are missing (iproute2, clang-19, libbpf-dev, bpftool, prometheus; apt-get, as root)
+lab use that are missing (iproute2, clang-19, libbpf-dev, bpftool, prometheus,
+prometheus-alertmanager, nodejs, npm, chromium; apt-get, as root)
 and mounts tracefs at /sys/kernel/tracing if it is not mounted. Says what it does.
 test, lab and bench run it first.";
 
@@ -49,15 +54,6 @@ ARGS go to cargo test as they are, e.g.
   cargo xtask test --test probes
   cargo xtask test -- --nocapture
 --help and -h before a `--` show this text; after it they go to cargo test too.";
-
-const LAB_USAGE: &str = "usage: cargo xtask lab
-
-Setup, then the lab, run locally: starts a lab VM with a visible workload, shows its
-live status, snapshots it, restores the snapshot in a second `ferry vmm` process,
-live-migrates it to a third over TCP and prints the report, moves its disk to a
-second datastore while it runs, migrates it with its disks to a third, moves it once
-more in post-copy over a link slower than the guest dirties memory, and checks every
-disk block it was told was written. Needs root and KVM; files under target/lab.";
 
 const BENCH_USAGE: &str = "usage: cargo xtask bench <area>
        cargo xtask bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
@@ -151,7 +147,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
         [] | ["help"] => USAGE,
         ["setup", ..] => SETUP_USAGE,
         ["test", ..] => TEST_USAGE,
-        ["lab", ..] => LAB_USAGE,
+        ["lab", ..] => lab::USAGE,
         ["bench"] => BENCH_USAGE,
         ["bench", area, ..] => match *area {
             "vmm" => BENCH_VMM_USAGE,
@@ -173,7 +169,7 @@ enum Request<'a> {
     Help(&'static str),
     Setup,
     Test(&'a [&'a str]),
-    Lab,
+    Lab(&'a [&'a str]),
     Bench(&'a str),
     BenchPolicy(&'a [&'a str]),
 }
@@ -199,7 +195,7 @@ fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
         ["help", command @ ..] => Request::Help(usage(command)?),
         ["setup"] => Request::Setup,
         ["test", rest @ ..] => Request::Test(rest),
-        ["lab"] => Request::Lab,
+        ["lab", rest @ ..] => Request::Lab(rest),
         ["bench", "policy", rest @ ..] => Request::BenchPolicy(rest),
         ["bench", area] => {
             usage(&["bench", area])?;
@@ -210,7 +206,7 @@ fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
             let text = usage(&["bench", area])?;
             return Err(format!("unexpected argument {extra:?}\n\n{text}"));
         }
-        [command @ ("setup" | "lab"), extra, ..] => {
+        [command @ "setup", extra, ..] => {
             let text = usage(&[command])?;
             return Err(format!("unexpected argument {extra:?}\n\n{text}"));
         }
@@ -229,9 +225,13 @@ fn run(request: Request) -> Result<()> {
             setup::run()?;
             util::test(rest)
         }
-        Request::Lab => {
-            setup::run()?;
-            lab::run()
+        Request::Lab(rest) => {
+            let args: Vec<String> = rest.iter().map(|a| (*a).to_owned()).collect();
+            // --stop only removes what a kept lab left: nothing to install for that.
+            if !rest.contains(&"--stop") {
+                setup::run()?;
+            }
+            lab::run(&args)
         }
         Request::Bench(area) => {
             setup::run()?;

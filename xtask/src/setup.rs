@@ -23,6 +23,13 @@ const PACKAGES: &[(&str, &str)] = &[
     // The dashboards are checked against Grafana's own types (an npm package).
     ("nodejs", "node"),
     ("npm", "npm"),
+    // The lab's report.html is checked in a real headless browser, and its picture
+    // in the README is that browser's screenshot.
+    ("chromium", "chromium"),
+    (
+        "fonts-dejavu-core",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ),
 ];
 
 /// The dashboards' schema check: its npm packages, pinned by the lock file.

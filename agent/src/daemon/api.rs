@@ -196,6 +196,15 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
         version: env!("CARGO_PKG_VERSION").into(),
         vms: s.vms.all().len(),
         evacuating: s.evacuation.evacuating().is_some(),
+        links: s
+            .migrations
+            .links()
+            .into_iter()
+            .map(|(peer, bytes_per_sec)| ferry_api::agent::PeerLink {
+                peer,
+                bytes_per_sec,
+            })
+            .collect(),
         capacity: Some(super::evacuate::capacity(
             &s.vms,
             s.capacity_memory_mib,
@@ -593,6 +602,10 @@ mod tests {
             version: "0".into(),
             vms: 0,
             evacuating: false,
+            links: vec![ferry_api::agent::PeerLink {
+                peer: "p".into(),
+                bytes_per_sec: 1.0,
+            }],
             capacity: Some(ferry_api::agent::Capacity {
                 memory_mib: 1,
                 vms_memory_mib: 0,
@@ -653,6 +666,7 @@ mod tests {
                 serde_json::to_value(health.capacity.as_ref().unwrap()).unwrap(),
             ),
             ("AlertInfo", serde_json::to_value(&alert).unwrap()),
+            ("PeerLink", serde_json::to_value(&health.links[0]).unwrap()),
             ("AlertsReceived", serde_json::to_value(&received).unwrap()),
             (
                 "AlertOutcome",

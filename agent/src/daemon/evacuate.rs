@@ -107,6 +107,28 @@ pub fn ask_health(peer: &Peer, within: Duration) -> Result<Health, String> {
     serde_json::from_str(&text).map_err(|e| format!("its /healthz does not read: {e}"))
 }
 
+/// The link to `peer`: as this agent's last migration to it measured it, else as
+/// the peer's last migration here did (links are as fast both ways, near enough).
+fn link_to(
+    host: &str,
+    peer: &str,
+    ours: &[(String, f64)],
+    health: &Result<Health, String>,
+) -> Option<f64> {
+    ours.iter()
+        .find(|(n, _)| n == peer)
+        .map(|(_, l)| *l)
+        .or_else(|| {
+            health
+                .as_ref()
+                .ok()?
+                .links
+                .iter()
+                .find(|l| l.peer == host)
+                .map(|l| l.bytes_per_sec)
+        })
+}
+
 impl Evacuation {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -294,7 +316,7 @@ impl Evacuation {
                         predicted_total_ms: self.predict(
                             &p,
                             memory_mib,
-                            links.iter().find(|(n, _)| n == name).map(|(_, l)| *l),
+                            link_to(&self.host, name, &links, health),
                         ),
                     })
                     .collect();

@@ -129,7 +129,7 @@ impl Default for Metrics {
                 HistogramVec::new(hist(name, help, buckets), labels).expect("a valid histogram"),
             )
         };
-        Self {
+        let m = Self {
             requests: counter(
                 "ferry_agent_http_requests_total",
                 "API requests answered, by route template, method and status.",
@@ -283,7 +283,13 @@ impl Default for Metrics {
             peers: Mutex::new(BTreeMap::new()),
             rendering: Mutex::new(()),
             registry: r,
+        };
+        // Present at zero from the start: a series born with its first observation
+        // shows Prometheus no increase, and rate() over it stays empty.
+        for what in ["total", "downtime"] {
+            m.prediction_error.with_label_values(&[what]);
         }
+        m
     }
 }
 

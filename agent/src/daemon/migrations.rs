@@ -902,12 +902,24 @@ impl Job {
             // The VMM's record is the whole one: the initial settings with their
             // reasons, and every change; a migration over before the policy's first
             // tick has no events to show them.
+            // The agent's own choice of destination is not the VMM's to know: it stays
+            // first.
+            let placed = i
+                .decisions
+                .iter()
+                .find(|d| d.setting == "destination")
+                .cloned();
             if !report.migration.decisions.is_empty() {
                 i.decisions.clone_from(&report.migration.decisions);
             } else if let Some(steps) = &report.policy_steps
-                && i.decisions.is_empty()
+                && i.decisions.iter().all(|d| d.setting == "destination")
             {
                 i.decisions.clone_from(steps);
+            }
+            if let Some(d) = placed
+                && i.decisions.first() != Some(&d)
+            {
+                i.decisions.insert(0, d);
             }
         }
         match core.outcome {

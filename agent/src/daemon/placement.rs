@@ -153,6 +153,7 @@ mod tests {
                 version: "0".into(),
                 vms: 1,
                 evacuating: false,
+                links: Vec::new(),
                 capacity: Some(Capacity {
                     memory_mib: 8192,
                     vms_memory_mib: 8192 - free,
