@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ferry_tests::agent::{Agent, request};
 use ferry_tests::alertmanager::{Alertmanager, Timers, Webhook};
+use ferry_tests::otlp::Receiver;
 use ferry_tests::prometheus::{Prometheus, Target, rules_firing_after, unix_now};
 use ferry_tests::{TempDir, alongside, ferry, require_command, require_kvm, require_root};
 use serde_json::Value;
@@ -90,7 +91,14 @@ struct Fleet {
 }
 
 /// `a_tables`: TOML tables appended to host-a's config (`[limits]` …).
-fn fleet(tag: &str, vms: &[(&str, String)], a_lines: &[&str], a_tables: &str) -> Fleet {
+/// `a_env`: set in host-a's agent's environment.
+fn fleet(
+    tag: &str,
+    vms: &[(&str, String)],
+    a_lines: &[&str],
+    a_tables: &str,
+    a_env: &[(&str, &str)],
+) -> Fleet {
     let dir = TempDir::new(tag);
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::create_dir_all(dir.join("b")).unwrap();
@@ -98,6 +106,10 @@ fn fleet(tag: &str, vms: &[(&str, String)], a_lines: &[&str], a_tables: &str) ->
     let mut a = Agent::configure(&dir.join("a"), "host-a");
     let mut b = Agent::configure(&dir.join("b"), "host-b");
     a.set("datastores = [\"ds\"]");
+    a.env = a_env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     for l in a_lines {
         a.set(l);
     }
@@ -195,7 +207,17 @@ fn a_real_alert_moves_the_vm_off_its_host_once_and_the_host_takes_none_in() {
         return;
     }
     let _shared = alongside();
-    let f = fleet("alert-move", &[("web-1", paced("web-1", 4))], &[], "");
+    let receiver = Receiver::start();
+    let f = fleet(
+        "alert-move",
+        &[("web-1", paced("web-1", 4))],
+        &[],
+        "",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.grpc),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    );
     let filler = f.ds.fill(0.10);
     f.prom
         .wait_for("the alert firing", FIRING, Duration::from_secs(60));
@@ -230,6 +252,37 @@ fn a_real_alert_moves_the_vm_off_its_host_once_and_the_host_takes_none_in() {
         l.iter()
             .any(|v| v["name"] == "web-1" && v["state"] == "running")
     });
+    // The trace says what started it and why there: the choice is an event on its root.
+    let spans = receiver.wait_for("the migration's root span", Duration::from_secs(60), |s| {
+        s.iter()
+            .any(|s| s.name == "migration" && s.host == "host-a")
+    });
+    let root = spans
+        .iter()
+        .find(|s| s.name == "migration" && s.host == "host-a")
+        .unwrap();
+    assert_eq!(
+        root.attr("ferry.migration.trigger"),
+        Some("alert:FerryDatastoreFilling"),
+        "{root:#?}"
+    );
+    let placed = root
+        .events
+        .iter()
+        .find(|(name, _)| name == "placement.decision")
+        .unwrap_or_else(|| panic!("no placement.decision event: {root:#?}"));
+    let attr = |k: &str| {
+        placed
+            .1
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(attr("ferry.value"), Some("host-b"), "{placed:?}");
+    assert!(
+        attr("ferry.reason").is_some_and(|r| r.contains("free")),
+        "{placed:?}"
+    );
     let out = ferry(&["verify", "--control", &f.b.control("web-1")]);
     assert!(
         out.status.success(),
@@ -305,6 +358,7 @@ fn a_resolved_alert_drops_the_vms_still_queued_and_moves_no_more() {
         &vms,
         &["max_outbound = 1"],
         "[limits]\nbandwidth_mbit = 8",
+        &[],
     );
     let filler = f.ds.fill(0.10);
     f.prom

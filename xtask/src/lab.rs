@@ -172,11 +172,29 @@ impl Lab {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
-        request(&self.addr(), method, path, Some(&self.token), body).with_context(|| {
-            format!(
+        match request(&self.addr(), method, path, Some(&self.token), body) {
+            Some(a) => Ok(a),
+            None if self.exited() => bail!(
+                "the agent on {} exited; its log: {}",
+                self.host.name,
+                self.dir.join("agent.log").display()
+            ),
+            None => bail!(
                 "the agent on {} did not answer {method} {path}",
                 self.host.name
-            )
+            ),
+        }
+    }
+
+    /// The agent's process is gone, or a zombie not yet reaped.
+    fn exited(&self) -> bool {
+        self.agent.as_ref().is_some_and(|c| {
+            std::fs::read_to_string(format!("/proc/{}/stat", c.id())).map_or(true, |stat| {
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    == Some("Z")
+            })
         })
     }
 
@@ -398,6 +416,15 @@ fn follow(labs: &mut [Lab], i: usize, id: &str) -> Result<Value> {
                 }
             }
             let state = m["state"].as_str().unwrap_or("");
+            if state == "failed" {
+                // A peer's agent that died is why, more than what the migration met
+                // (given a moment: its end may reach the record before its exit is
+                // seen).
+                for _ in 0..20 {
+                    labs_alive(labs)?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
             Ok(["completed", "failed", "cancelled"]
                 .contains(&state)
                 .then_some(m))
