@@ -17,7 +17,7 @@ pub struct Prometheus {
 }
 
 /// `s` as a URL query value.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

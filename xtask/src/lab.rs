@@ -1107,16 +1107,7 @@ fn fill(dir: &Path, file: &Path, free_share: f64) -> Result<()> {
 
 /// An instant query's result vector.
 fn query(prometheus: &str, expr: &str) -> Result<Vec<Value>> {
-    let encoded: String = expr
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let encoded = ferry_tests::prometheus::encode(expr);
     let a = request(
         prometheus,
         "GET",

@@ -397,7 +397,7 @@ fn query_panel(prometheus: &str, panel: &Value, vars: &Vars, range: &Range) -> C
 fn query_range(prometheus: &str, expr: &str, range: &Range) -> Result<Vec<Value>, String> {
     let path = format!(
         "/api/v1/query_range?query={}&start={:.3}&end={:.3}&step={}",
-        encode(expr),
+        ferry_tests::prometheus::encode(expr),
         range.start,
         range.end,
         range.step
@@ -877,19 +877,6 @@ fn clip(s: &str, chars: usize) -> String {
     }
 }
 
-/// `s` as a URL query value or path segment.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 /// Runs headless `chromium` with `args` on the page; its stdout and stderr.
 fn chromium(args: &[&str], html: &Path) -> Result<(String, String)> {
     if !crate::util::have_command("chromium") {
@@ -903,7 +890,10 @@ fn chromium(args: &[&str], html: &Path) -> Result<(String, String)> {
         .with_context(|| format!("{} is not UTF-8", abs.display()))?;
     let url = format!(
         "file://{}",
-        path.split('/').map(encode).collect::<Vec<_>>().join("/")
+        path.split('/')
+            .map(ferry_tests::prometheus::encode)
+            .collect::<Vec<_>>()
+            .join("/")
     );
     // coreutils' timeout, as a hung browser must not hang the lab.
     let out = Command::new("timeout")
