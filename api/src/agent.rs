@@ -159,8 +159,9 @@ pub struct Health {
     /// What the host has room for: what a peer choosing a destination weighs.
     #[serde(default)]
     pub capacity: Option<Capacity>,
-    /// The wire rate of the latest completed migration from this host to each peer:
-    /// a peer that never sent here predicts its migrations to this host from it.
+    /// The rate the latest completed migration from this host to each peer moved
+    /// guest memory at: a peer that never sent here predicts its migrations to this
+    /// host from it.
     #[serde(default)]
     pub links: Vec<PeerLink>,
 }

@@ -262,7 +262,10 @@ impl Book {
             let vm = a.labels.get("vm").cloned();
             if a.status == "resolved" {
                 let known = self.alerts.get_mut(&a.fingerprint);
-                let was_firing = known.as_ref().is_some_and(|k| k.status == "firing");
+                // Only an alert that asked for moves has anything to cancel.
+                let was_firing = known
+                    .as_ref()
+                    .is_some_and(|k| k.status == "firing" && k.action != "none");
                 if let Some(k) = known {
                     k.status = "resolved".into();
                     k.queued.clear();
@@ -380,12 +383,54 @@ impl Book {
             .find(|a| a.status == "firing" && a.action == "evacuate")
     }
 
-    /// Hosts other than this one that a firing alert the rules match names: not
-    /// a destination while it fires.
+    /// The firing alerts that ask for moves here, oldest first.
+    pub fn firing_orders(&self) -> Vec<Order> {
+        let mut firing: Vec<&AlertInfo> = self
+            .alerts
+            .values()
+            .filter(|a| a.status == "firing")
+            .collect();
+        firing.sort_by(|a, b| {
+            a.received_unix_ms
+                .cmp(&b.received_unix_ms)
+                .then(a.fingerprint.cmp(&b.fingerprint))
+        });
+        firing
+            .into_iter()
+            .filter_map(|a| {
+                let act = match (a.action.as_str(), &a.vm) {
+                    ("evacuate", _) => Act::Evacuate,
+                    ("migrate", Some(vm)) => Act::Migrate(vm.clone()),
+                    _ => return None,
+                };
+                Some(Order {
+                    fingerprint: a.fingerprint.clone(),
+                    alertname: a.alertname.clone(),
+                    act,
+                    rule: a.rule,
+                })
+            })
+            .collect()
+    }
+
+    /// Sets each alert's `queued` to what `of(fingerprint)` says waits for it.
+    pub fn set_queued(&mut self, of: impl Fn(&str) -> Vec<String>) {
+        for a in self.alerts.values_mut() {
+            a.queued = if a.status == "firing" {
+                of(&a.fingerprint)
+            } else {
+                Vec::new()
+            };
+        }
+    }
+
+    /// Hosts other than this one that a firing host alert the rules match names:
+    /// not a destination while it fires. (An alert about a VM names its host too,
+    /// as every series does; it says nothing of the host.)
     pub fn alerting_hosts(&self) -> Vec<(String, String)> {
         self.alerts
             .values()
-            .filter(|a| a.status == "firing")
+            .filter(|a| a.status == "firing" && a.vm.is_none())
             .filter_map(|a| a.host.clone().map(|h| (h, a.alertname.clone())))
             .filter(|(h, _)| *h != self.host)
             .collect()
@@ -472,16 +517,27 @@ mod tests {
             b.alerting_hosts(),
             vec![("host-c".into(), "FerryDatastoreFilling".into())]
         );
+        assert!(b.firing_orders().is_empty());
+        // Resolved, it had nothing to cancel.
+        let resolved = b
+            .receive(&post(&[alert("resolved", "f2", &other)]), |_| false, 2)
+            .unwrap();
+        assert_eq!(resolved.outcomes[0].action, "ignored");
+        assert!(resolved.resolved.is_empty());
+        assert!(b.alerting_hosts().is_empty());
     }
 
     #[test]
     fn a_vm_alert_moves_that_vm_if_it_is_here() {
         let mut b = book();
-        let vm = r#"{"alertname":"GuestSlow","ferry_action":"migrate-away","vm":"web-1"}"#;
+        let vm = r#"{"alertname":"GuestSlow","ferry_action":"migrate-away","vm":"web-1","host":"host-c"}"#;
         let v = b
             .receive(&post(&[alert("firing", "f3", vm)]), |n| n == "web-1", 1)
             .unwrap();
         assert_eq!(v.orders[0].act, Act::Migrate("web-1".into()));
+        assert_eq!(b.firing_orders(), v.orders);
+        // A VM's alert says nothing of its host as a destination.
+        assert!(b.alerting_hosts().is_empty());
         let elsewhere = b
             .receive(
                 &post(&[alert("firing", "f4", &vm.replace("web-1", "web-2"))]),

@@ -428,7 +428,13 @@ impl AgentConfig {
                 ));
             }
             Some(m) => m,
-            None => super::evacuate::host_memory_mib().unwrap_or(0),
+            None => super::evacuate::host_memory_mib().ok_or_else(|| {
+                invalid(
+                    "capacity_memory_mib",
+                    &"(missing)",
+                    "the host's memory cannot be read from /proc/meminfo: set it",
+                )
+            })?,
         };
         Ok(Self {
             name: f.name,

@@ -2,6 +2,12 @@
 //! thread of its own so the webhook only books and answers (Alertmanager waits on
 //! it, and a burst of posts must not wait on peers or VMMs).
 //!
+//! The queue is not kept: each look derives it from the alerts that fire now (every
+//! VM here for an evacuation, the one VM for a VM's alert), less the VMs leaving and
+//! those whose last try is under [`RETRY`] old. So a VM that arrived meanwhile, one
+//! whose migration failed, or one a second alert also wants goes when its turn comes,
+//! and a resolved alert's VMs simply stop being wanted.
+//!
 //! Order: the VM whose migration the policy predicts shortest leaves first. Each
 //! finished migration frees a slot sooner, so the most VMs are off the host soonest
 //! (shortest job first minimises the mean time a VM stays on a failing host); VMs
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use ferry_api::Decision;
 use ferry_api::agent::{AlertInfo, ApiErrorKind, Capacity, Health, MigrationInfo};
 
-use super::alerts::{Act, BadPayload, Book, Order, Payload, Rule};
+use super::alerts::{Act, BadPayload, Book, Payload, Rule};
 use super::config::Peer;
 use super::inventory::{Inventory, View};
 use super::metrics::Metrics;
@@ -30,8 +36,11 @@ use crate::sync::lock;
 const PEER_ANSWER: Duration = Duration::from_secs(2);
 /// Peers' answers are reused for this long within one evacuation.
 const PEER_FRESH: Duration = Duration::from_secs(1);
-/// The queue is looked at this often (and at once when an alert adds to it).
+/// The queue is looked at this often (and at once when an alert comes).
 const PACE: Duration = Duration::from_millis(200);
+/// A VM whose migration was started (or refused) is not tried again before this:
+/// a failed one waits, so a destination that keeps failing is not hammered.
+const RETRY: Duration = Duration::from_secs(10);
 
 /// A peer's name and its `/healthz`, or why it did not answer.
 type PeerAnswer = (String, Result<Health, String>);
@@ -48,7 +57,12 @@ struct Pending {
 pub struct Evacuation {
     host: String,
     book: Mutex<Book>,
+    /// What waits, as the last look derived it (for the gauges and the book).
     queue: Mutex<Vec<Pending>>,
+    /// When each VM was last tried.
+    tried: Mutex<std::collections::HashMap<String, Instant>>,
+    /// The agent stops: no new migration starts.
+    halted: AtomicBool,
     wake: Condvar,
     migrations: Arc<Migrations>,
     metrics: Arc<Metrics>,
@@ -147,6 +161,8 @@ impl Evacuation {
             host: host.to_owned(),
             book: Mutex::new(Book::new(host, rules)),
             queue: Mutex::new(Vec::new()),
+            tried: Mutex::new(std::collections::HashMap::new()),
+            halted: AtomicBool::new(false),
             wake: Condvar::new(),
             migrations,
             metrics,
@@ -172,68 +188,78 @@ impl Evacuation {
         for o in &verdict.outcomes {
             self.metrics.alert(&o.action);
         }
-        if !verdict.resolved.is_empty() {
-            let mut queue = lock(&self.queue);
-            let before = queue.len();
-            queue.retain(|p| !verdict.resolved.contains(&p.fingerprint));
-            if queue.len() < before {
-                tracing::info!(
-                    dropped = before - queue.len(),
-                    "an alert resolved: the VMs it queued stay here"
-                );
-            }
+        for order in &verdict.orders {
+            tracing::warn!(
+                alert = order.alertname,
+                fingerprint = order.fingerprint,
+                "{}",
+                match &order.act {
+                    Act::Evacuate => format!("evacuating {}", self.host),
+                    Act::Migrate(vm) => format!("moving {vm} away"),
+                }
+            );
         }
-        for order in verdict.orders {
-            self.enqueue(order);
+        if !verdict.resolved.is_empty() {
+            tracing::info!(
+                alerts = verdict.resolved.len(),
+                "resolved: the VMs they wanted moved and that have not left stay here"
+            );
         }
         self.publish();
         self.wake.notify_all();
         Ok(verdict.outcomes)
     }
 
-    fn enqueue(&self, order: Order) {
-        let Some(rule) = lock(&self.book).rule(order.rule).cloned() else {
-            return;
-        };
-        let names: Vec<String> = match &order.act {
-            Act::Migrate(vm) => vec![vm.clone()],
-            Act::Evacuate => self
-                .vms
-                .all()
-                .into_iter()
-                .filter(|v| !v.arriving && v.presence != ferry_api::agent::VmPresence::Down)
-                .map(|v| v.name)
-                .collect(),
-        };
-        tracing::warn!(
-            alert = order.alertname,
-            fingerprint = order.fingerprint,
-            vms = names.len(),
-            "{}",
-            match &order.act {
-                Act::Evacuate => format!("evacuating {}", self.host),
-                Act::Migrate(vm) => format!("moving {vm} away"),
-            }
-        );
-        let mut queue = lock(&self.queue);
-        let mut queued = Vec::new();
-        for vm in names {
-            // A VM already queued, or leaving, goes once.
-            if queue.iter().any(|p| p.vm == vm) || self.migrations.moving(&vm).is_some() {
+    /// The agent stops: what runs finishes or is cancelled, nothing new starts.
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::Release);
+    }
+
+    /// The VMs the alerts firing now want moved, less those leaving or tried lately;
+    /// the book's `queued` lists follow.
+    fn wanted(&self) -> Vec<Pending> {
+        let mut book = lock(&self.book);
+        let orders = book.firing_orders();
+        let tried = lock(&self.tried);
+        let all = self.vms.all();
+        let mut out: Vec<Pending> = Vec::new();
+        for order in &orders {
+            let Some(rule) = book.rule(order.rule).cloned() else {
                 continue;
-            }
-            queued.push(vm.clone());
-            queue.push(Pending {
-                vm,
-                fingerprint: order.fingerprint.clone(),
-                alertname: order.alertname.clone(),
-                rule: rule.clone(),
+            };
+            let here = all.iter().filter(|v| {
+                !v.arriving
+                    && !v.migrating
+                    && v.presence == ferry_api::agent::VmPresence::Running
+                    && v.state == Some(ferry_api::RunState::Running)
+                    && match &order.act {
+                        Act::Evacuate => true,
+                        Act::Migrate(vm) => v.name == *vm,
+                    }
             });
+            for v in here {
+                let recent = tried.get(&v.name).is_some_and(|t| t.elapsed() < RETRY);
+                if recent
+                    || out.iter().any(|p| p.vm == v.name)
+                    || self.migrations.moving(&v.name).is_some()
+                {
+                    continue;
+                }
+                out.push(Pending {
+                    vm: v.name.clone(),
+                    fingerprint: order.fingerprint.clone(),
+                    alertname: order.alertname.clone(),
+                    rule: rule.clone(),
+                });
+            }
         }
-        drop(queue);
-        if let Some(a) = lock(&self.book).get_mut(&order.fingerprint) {
-            a.queued = queued;
-        }
+        book.set_queued(|fingerprint| {
+            out.iter()
+                .filter(|p| p.fingerprint == fingerprint)
+                .map(|p| p.vm.clone())
+                .collect()
+        });
+        out
     }
 
     /// The gauges, after each change.
@@ -279,24 +305,18 @@ impl Evacuation {
 
     /// Starts what the free outbound slots allow.
     fn step(&self, inventory: &Arc<Mutex<Inventory>>, run_dir: &std::path::Path) {
-        // What left, or is gone, is no longer waiting.
-        {
-            let mut queue = lock(&self.queue);
-            if queue.is_empty() {
-                return;
-            }
-            queue.retain(|p| self.vms.get(&p.vm).is_some_and(|v| !v.arriving));
+        let pending = self.wanted();
+        *lock(&self.queue) = pending.clone();
+        self.publish();
+        if pending.is_empty() || self.halted.load(Ordering::Acquire) {
+            return;
         }
         let leaving = self.migrations.leaving();
         let free = (self.max_outbound as usize).saturating_sub(leaving);
         if free == 0 {
             return;
         }
-        let pending: Vec<Pending> = lock(&self.queue).clone();
-        if pending.is_empty() {
-            return self.publish();
-        }
-        let peers = self.peer_health();
+        let mut peers = self.peer_health();
         let alerting = lock(&self.book).alerting_hosts();
         let links = self.migrations.links();
         // Each waiting VM's candidates, with the policy's prediction to each.
@@ -332,9 +352,20 @@ impl Evacuation {
             t(a.2).total_cmp(&t(b.2)).then(a.3.cmp(&b.3))
         });
         let mut started = 0;
-        for (p, candidates, _, memory_mib) in ranked {
-            if started == free {
+        for (p, mut candidates, _, memory_mib) in ranked {
+            if started == free || self.halted.load(Ordering::Acquire) {
                 break;
+            }
+            // The peers as this step left them: a VM sent to one counts against its
+            // room and its inbound slots for the next.
+            for c in candidates.iter_mut() {
+                if let Some((_, h)) = peers.iter().find(|(n, _)| *n == c.name) {
+                    c.health = h.clone();
+                }
+            }
+            // Asking the peers took a while: an alert resolved meanwhile moves nothing.
+            if !lock(&self.book).is_firing(&p.fingerprint) {
+                continue;
             }
             let placed = match placement::choose(memory_mib, &candidates) {
                 Ok(placed) => placed,
@@ -362,17 +393,42 @@ impl Evacuation {
             match self.migrations.start(req, &self.vms, inventory, run_dir) {
                 Ok(info) => {
                     started += 1;
+                    lock(&self.tried).insert(p.vm.clone(), Instant::now());
+                    if let Some((
+                        _,
+                        Ok(Health {
+                            capacity: Some(cap),
+                            ..
+                        }),
+                    )) = peers.iter_mut().find(|(n, _)| *n == placed.peer)
+                    {
+                        cap.vms_memory_mib += memory_mib;
+                        cap.inbound += 1;
+                    }
                     self.started(&p, &info);
                 }
                 // Full after all (a migration begun by hand meanwhile): next time.
                 Err(Refusal(ApiErrorKind::Busy, _)) => break,
                 Err(Refusal(_, why)) => {
-                    tracing::warn!(vm = p.vm, alert = p.alertname, "not moved: {why}");
-                    self.note(&p.fingerprint, &format!("{} not moved: {why}", p.vm));
-                    lock(&self.queue).retain(|q| q.vm != p.vm);
+                    tracing::warn!(vm = p.vm, alert = p.alertname, "not moved now: {why}");
+                    lock(&self.tried).insert(p.vm.clone(), Instant::now());
+                    self.note(
+                        &p.fingerprint,
+                        &format!(
+                            "{} not moved now (tried again in {} s): {why}",
+                            p.vm,
+                            RETRY.as_secs()
+                        ),
+                    );
                 }
             }
         }
+        // The seen answers are stale now that VMs are on their way to some peers.
+        if started > 0 {
+            *lock(&self.seen) = None;
+        }
+        let left: Vec<Pending> = self.wanted();
+        *lock(&self.queue) = left;
         self.publish();
     }
 
@@ -384,9 +440,7 @@ impl Evacuation {
             migration = info.id,
             "moving the VM away"
         );
-        lock(&self.queue).retain(|q| q.vm != p.vm);
         if let Some(a) = lock(&self.book).get_mut(&p.fingerprint) {
-            a.queued.retain(|v| *v != p.vm);
             a.migrations.push(info.id.clone());
         }
     }

@@ -176,8 +176,11 @@ impl Migrations {
             .count()
     }
 
-    /// Per peer, the wire rate the latest completed migration to it moved its bytes
-    /// at (bytes per second): what an evacuation predicts with, no new measurement.
+    /// Per peer, the rate the latest completed migration to it moved guest memory at
+    /// (bytes of pages per second, zero pages and compression included, setup and
+    /// rounds too): what an evacuation predicts with, no new measurement. Not the
+    /// link's raw rate, which compression and zero pages make look slower than a
+    /// migration goes.
     pub fn links(&self) -> Vec<(String, f64)> {
         let mut latest: BTreeMap<String, (u64, f64)> = BTreeMap::new();
         for r in lock(&self.records).values() {
@@ -188,7 +191,8 @@ impl Migrations {
             if i.state != MigrationState::Completed || p.elapsed_ms == 0 {
                 continue;
             }
-            let rate = p.bytes_on_wire as f64 / (p.elapsed_ms as f64 / 1e3);
+            let moved = (p.pages_sent + p.zero_pages) * crate::migration::MECHANICS.page_bytes;
+            let rate = moved as f64 / (p.elapsed_ms as f64 / 1e3);
             let e = latest.entry(i.destination.clone()).or_insert((0, rate));
             if i.started_unix_ms >= e.0 {
                 *e = (i.started_unix_ms, rate);

@@ -204,7 +204,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         migrations: migrations.clone(),
         storage,
         run_dir: cfg.run_dir.clone(),
-        evacuation,
+        evacuation: evacuation.clone(),
         capacity_memory_mib: cfg.capacity_memory_mib,
         max_inbound: cfg.max_inbound,
     });
@@ -252,6 +252,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
     });
     // No new work is taken from here on; what runs finishes, or is cancelled, within
     // the unit's stop timeout.
+    evacuation.halt();
     migrations.wind_down(WIND_DOWN_FINISH, WIND_DOWN_CANCEL);
     stop.store(true, Ordering::Release);
     let _ = looker.join();
