@@ -15,7 +15,7 @@
 //! once, each to the peer placement.rs chooses, peers asked afresh when a slot is
 //! free (their `/healthz`: health, evacuation, capacity).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,8 +57,10 @@ struct Pending {
 pub struct Evacuation {
     host: String,
     book: Mutex<Book>,
-    /// What waits, as the last look derived it (for the gauges and the book).
-    queue: Mutex<Vec<Pending>>,
+    /// How many wait, as the last look derived it (for the gauge).
+    queued: AtomicUsize,
+    /// What the loop sleeps on between looks; an alert wakes it.
+    sleep: Mutex<()>,
     /// When each VM was last tried.
     tried: Mutex<std::collections::HashMap<String, Instant>>,
     /// The agent stops: no new migration starts.
@@ -160,7 +162,8 @@ impl Evacuation {
         Self {
             host: host.to_owned(),
             book: Mutex::new(Book::new(host, rules)),
-            queue: Mutex::new(Vec::new()),
+            queued: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
             tried: Mutex::new(std::collections::HashMap::new()),
             halted: AtomicBool::new(false),
             wake: Condvar::new(),
@@ -264,7 +267,7 @@ impl Evacuation {
 
     /// The gauges, after each change.
     fn publish(&self) {
-        let queued = lock(&self.queue).len();
+        let queued = self.queued.load(Ordering::Relaxed);
         let evacuating = self.evacuating().is_some();
         self.metrics.evacuation(evacuating, queued);
     }
@@ -293,8 +296,8 @@ impl Evacuation {
     ) {
         while !stop.load(Ordering::Acquire) {
             {
-                let queue = lock(&self.queue);
-                let _ = self.wake.wait_timeout(queue, PACE);
+                let asleep = lock(&self.sleep);
+                let _ = self.wake.wait_timeout(asleep, PACE);
             }
             if stop.load(Ordering::Acquire) {
                 break;
@@ -306,7 +309,7 @@ impl Evacuation {
     /// Starts what the free outbound slots allow.
     fn step(&self, inventory: &Arc<Mutex<Inventory>>, run_dir: &std::path::Path) {
         let pending = self.wanted();
-        *lock(&self.queue) = pending.clone();
+        self.queued.store(pending.len(), Ordering::Relaxed);
         self.publish();
         if pending.is_empty() || self.halted.load(Ordering::Acquire) {
             return;
@@ -427,8 +430,7 @@ impl Evacuation {
         if started > 0 {
             *lock(&self.seen) = None;
         }
-        let left: Vec<Pending> = self.wanted();
-        *lock(&self.queue) = left;
+        self.queued.store(self.wanted().len(), Ordering::Relaxed);
         self.publish();
     }
 

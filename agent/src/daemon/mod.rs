@@ -60,13 +60,7 @@ const PEER_LOOK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the peer's agent answers its `/healthz` within 5 s.
 fn answers(peer: &config::Peer) -> bool {
-    peer.http
-        .get(&format!("{}/healthz", peer.url))
-        .config()
-        .timeout_global(Some(std::time::Duration::from_secs(5)))
-        .build()
-        .call()
-        .is_ok_and(|r| r.status().is_success())
+    evacuate::ask_health(peer, std::time::Duration::from_secs(5)).is_ok()
 }
 
 /// Runs the agent until SIGTERM or SIGINT. VMs keep running after it exits.
