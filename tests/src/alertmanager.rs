@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use crate::agent::request;
 use crate::free_port;
 
@@ -27,30 +29,42 @@ pub struct Timers {
     pub repeat_interval: Duration,
 }
 
-fn go_duration(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
+/// A duration as Alertmanager and Prometheus read one ("5s", "1500ms").
+pub fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
-/// `alertmanager.yml`: one route, grouped by alert, host and VM, to one receiver with
-/// a webhook per agent (each with its token), resolved alerts sent too.
-pub fn config(webhooks: &[Webhook], t: &Timers) -> String {
-    let mut out = format!(
-        "route:\n  receiver: ferry-agents\n  group_by: ['alertname', 'host', 'vm']\n  \
-         group_wait: {}\n  group_interval: {}\n  repeat_interval: {}\n\
-         receivers:\n  - name: ferry-agents\n    webhook_configs:\n",
-        go_duration(t.group_wait),
-        go_duration(t.group_interval),
-        go_duration(t.repeat_interval)
-    );
-    for w in webhooks {
-        out.push_str(&format!(
-            "      - url: \"{}\"\n        send_resolved: true\n        http_config:\n          \
-             authorization:\n            type: Bearer\n            credentials_file: \"{}\"\n",
-            w.url,
-            w.token_file.display()
-        ));
-    }
-    out
+/// `alertmanager.yml` (YAML in its JSON form, which keeps any path quoted): one
+/// route, grouped by alert, host and VM, to one receiver with a webhook per agent
+/// (each with its token), resolved alerts sent too.
+pub fn config(webhooks: &[Webhook], t: &Timers) -> Value {
+    let hooks: Vec<Value> = webhooks
+        .iter()
+        .map(|w| {
+            json!({
+                "url": w.url,
+                "send_resolved": true,
+                "http_config": {
+                    "authorization": {"type": "Bearer", "credentials_file": w.token_file},
+                },
+            })
+        })
+        .collect();
+    json!({
+        "route": {
+            "receiver": "ferry-agents",
+            "group_by": ["alertname", "host", "vm"],
+            "group_wait": duration(t.group_wait),
+            "group_interval": duration(t.group_interval),
+            "repeat_interval": duration(t.repeat_interval),
+        },
+        "receivers": [{"name": "ferry-agents", "webhook_configs": hooks}],
+    })
 }
 
 impl Alertmanager {
@@ -58,7 +72,7 @@ impl Alertmanager {
     pub fn start(dir: &Path, webhooks: &[Webhook], timers: &Timers) -> Self {
         std::fs::create_dir_all(dir).expect("the Alertmanager folder");
         let file = dir.join("alertmanager.yml");
-        std::fs::write(&file, config(webhooks, timers)).expect("alertmanager.yml");
+        std::fs::write(&file, config(webhooks, timers).to_string()).expect("alertmanager.yml");
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.join("alertmanager.log");
         let out = std::fs::File::create(&log).expect("the Alertmanager log");

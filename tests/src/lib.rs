@@ -753,3 +753,17 @@ pub fn check_arrived(src: &Vmm, dst: &Vmm, report: &Printed<MigrationReport>, wr
         "the source resumed after the handover"
     );
 }
+
+/// The size of the file system holding `path` and what is free of it to an
+/// unprivileged writer, bytes (statvfs(3)).
+pub fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: an all-zero statvfs is a valid value for statvfs(3) to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs to fill, both live for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
+}

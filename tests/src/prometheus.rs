@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::agent::request;
 use crate::free_port;
@@ -53,32 +53,32 @@ impl Target {
     }
 }
 
-/// `prometheus.yml`: scrapes and rule evaluation every second, the job `ferry`.
-pub fn config(targets: &[Target], rules: &[&Path], alertmanager: Option<&str>) -> String {
-    let mut out = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n",
-        rules
-            .iter()
-            .map(|r| format!("\"{}\"", r.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    if let Some(am) = alertmanager {
-        out.push_str(&format!(
-            "alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{am}\"]\n"
-        ));
-    }
-    out.push_str("scrape_configs:\n  - job_name: ferry\n    static_configs:\n");
-    for t in targets {
-        out.push_str(&format!("      - targets: [\"{}\"]\n", t.addr));
-        if !t.labels.is_empty() {
-            out.push_str("        labels:\n");
-            for (k, v) in &t.labels {
-                out.push_str(&format!("          {k}: \"{v}\"\n"));
+/// `prometheus.yml` (YAML in its JSON form): scrapes and rule evaluation every
+/// second, the job `ferry`, alerts sent to `alertmanager` if given.
+pub fn config(targets: &[Target], rules: &[&Path], alertmanager: Option<&str>) -> Value {
+    let targets: Vec<Value> = targets
+        .iter()
+        .map(|t| {
+            let mut v = json!({"targets": [t.addr]});
+            if !t.labels.is_empty() {
+                v["labels"] = t
+                    .labels
+                    .iter()
+                    .map(|(k, l)| (k.clone(), json!(l)))
+                    .collect();
             }
-        }
+            v
+        })
+        .collect();
+    let mut c = json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": rules.iter().map(|r| r.display().to_string()).collect::<Vec<_>>(),
+        "scrape_configs": [{"job_name": "ferry", "static_configs": targets}],
+    });
+    if let Some(am) = alertmanager {
+        c["alerting"] = json!({"alertmanagers": [{"static_configs": [{"targets": [am]}]}]});
     }
-    out
+    c
 }
 
 /// `src` (Prometheus rule groups, as dashboards/alerts.yml) with every rule's `for:`
@@ -126,7 +126,8 @@ impl Prometheus {
     ) -> Self {
         std::fs::create_dir_all(dir).expect("the Prometheus folder");
         let file = dir.join("prometheus.yml");
-        std::fs::write(&file, config(targets, rules, alertmanager)).expect("prometheus.yml");
+        std::fs::write(&file, config(targets, rules, alertmanager).to_string())
+            .expect("prometheus.yml");
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.join("prometheus.log");
         let out = std::fs::File::create(&log).expect("the Prometheus log");
@@ -160,20 +161,12 @@ impl Prometheus {
 
     /// GET `path` of the HTTP API; its `data`, or why not.
     pub fn api(&self, path: &str) -> Result<Value, String> {
-        let a = request(&self.addr, "GET", path, None, None)
-            .ok_or_else(|| format!("no answer to {path}"))?;
-        let v: Value =
-            serde_json::from_str(&a.body).map_err(|e| format!("{path}: {e}: {}", a.body))?;
-        if v["status"] != "success" {
-            return Err(format!("{path}: {} {}", a.status, a.body));
-        }
-        Ok(v["data"].clone())
+        api_at(&self.addr, path)
     }
 
     /// An instant query's result vector.
     pub fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let data = self.api(&format!("/api/v1/query?query={}", encode(expr)))?;
-        Ok(data["result"].as_array().cloned().unwrap_or_default())
+        query_at(&self.addr, expr)
     }
 
     /// A range query's series, `start` and `end` in Unix seconds, a step of `step_secs`.
@@ -215,6 +208,23 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GET `path` of the HTTP API of the Prometheus at `addr` (host:port); its `data`, or
+/// why not.
+pub fn api_at(addr: &str, path: &str) -> Result<Value, String> {
+    let a = request(addr, "GET", path, None, None).ok_or_else(|| format!("no answer to {path}"))?;
+    let v: Value = serde_json::from_str(&a.body).map_err(|e| format!("{path}: {e}: {}", a.body))?;
+    if v["status"] != "success" {
+        return Err(format!("{path}: {} {}", a.status, a.body));
+    }
+    Ok(v["data"].clone())
+}
+
+/// An instant query's result vector, of the Prometheus at `addr`.
+pub fn query_at(addr: &str, expr: &str) -> Result<Vec<Value>, String> {
+    let data = api_at(addr, &format!("/api/v1/query?query={}", encode(expr)))?;
+    Ok(data["result"].as_array().cloned().unwrap_or_default())
 }
 
 /// Now, in Unix seconds.

@@ -53,13 +53,7 @@ impl Tmpfs {
 
     /// Writes a file until less than `free_share` of the file system is free.
     fn fill(&self, free_share: f64) -> PathBuf {
-        // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct.
-        let (size, free) = unsafe {
-            let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-            let mut st: libc::statvfs = std::mem::zeroed();
-            assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0);
-            (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
-        };
+        let (size, free) = ferry_tests::fs_space(&self.0).expect("statvfs the datastore");
         let want = (free as f64 - size as f64 * free_share * 0.5) as usize;
         let file = self.0.join("filler");
         std::fs::write(&file, vec![0xa5u8; want]).expect("fill the datastore");

@@ -174,15 +174,13 @@ impl Lab {
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
         match request(&self.addr(), method, path, Some(&self.token), body) {
             Some(a) => Ok(a),
-            None if self.exited() => bail!(
-                "the agent on {} exited; its log: {}",
-                self.host.name,
-                self.dir.join("agent.log").display()
-            ),
-            None => bail!(
-                "the agent on {} did not answer {method} {path}",
-                self.host.name
-            ),
+            None => {
+                self.alive()?;
+                bail!(
+                    "the agent on {} did not answer {method} {path}",
+                    self.host.name
+                )
+            }
         }
     }
 
@@ -207,14 +205,12 @@ impl Lab {
     }
 
     /// Fails if the agent has exited: the lab reports it and cleans up.
-    fn alive(&mut self) -> Result<()> {
-        if let Some(c) = self.agent.as_mut()
-            && let Some(status) = c.try_wait()?
-        {
+    fn alive(&self) -> Result<()> {
+        if self.exited() {
             let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             bail!(
-                "the agent on {} exited ({status}); the last lines of {}:\n  {}",
+                "the agent on {} exited; the last lines of {}:\n  {}",
                 self.host.name,
                 self.dir.join("agent.log").display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
@@ -228,11 +224,11 @@ impl Lab {
     }
 }
 
-fn labs_alive(labs: &mut [Lab]) -> Result<()> {
+fn labs_alive(labs: &[Lab]) -> Result<()> {
     if lab_net::interrupted() {
         bail!("interrupted");
     }
-    labs.iter_mut().try_for_each(Lab::alive)
+    labs.iter().try_for_each(Lab::alive)
 }
 
 /// Polls until `f` gives Some, checking the agents and Ctrl-C between looks.
@@ -256,10 +252,7 @@ fn wait_until<T>(
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    (ferry_tests::prometheus::unix_now() * 1e3) as u64
 }
 
 fn write_agent_config(
@@ -932,7 +925,7 @@ fn story(
     step(
         "disk-check: every block the guest was told was written is in the images its config names",
     );
-    labs_alive(&mut labs)?;
+    labs_alive(&labs)?;
     // Stopped first (its agent does not start it again while the lab ends): the
     // images are checked at rest.
     ctl(ferry, &["quit"], &labs[dest].control(vm)).ok();
@@ -1077,21 +1070,8 @@ fn story(
 
 /// Writes `file` into the file system of `dir` until `free_share` of it is free.
 fn fill(dir: &Path, file: &Path, free_share: f64) -> Result<()> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct it fills.
-    let st = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            bail!(
-                "statvfs {}: {}",
-                dir.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        st
-    };
-    let size = st.f_blocks * st.f_frsize;
-    let free = st.f_bavail * st.f_frsize;
+    let (size, free) =
+        ferry_tests::fs_space(dir).with_context(|| format!("statvfs {}", dir.display()))?;
     let want = (free as f64 - size as f64 * free_share).max(0.0) as usize;
     println!(
         "  {} is {} MiB with {} MiB free; writing {} MiB to {} (leaves {:.0} %)",
@@ -1107,15 +1087,6 @@ fn fill(dir: &Path, file: &Path, free_share: f64) -> Result<()> {
 
 /// An instant query's result vector.
 fn query(prometheus: &str, expr: &str) -> Result<Vec<Value>> {
-    let encoded = ferry_tests::prometheus::encode(expr);
-    let a = request(
-        prometheus,
-        "GET",
-        &format!("/api/v1/query?query={encoded}"),
-        None,
-        None,
-    )
-    .with_context(|| format!("Prometheus at {prometheus} did not answer"))?;
-    let v: Value = serde_json::from_str(&a.body)?;
-    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    ferry_tests::prometheus::query_at(prometheus, expr)
+        .map_err(|e| anyhow::anyhow!("Prometheus at {prometheus}: {e}"))
 }

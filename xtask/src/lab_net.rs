@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferry_tests::agent::request;
+use ferry_tests::alertmanager::{Timers, Webhook, duration};
 use ferry_tests::free_port;
-use serde_json::{Value, json};
+use ferry_tests::prometheus::Target;
+use serde_json::Value;
 
 use crate::util::{have_command, step};
 
@@ -929,7 +931,7 @@ pub(crate) fn start_monitoring(
             .collect::<Vec<_>>()
             .join(", "),
         token.display(),
-        prom_duration(group_wait)
+        duration(group_wait)
     );
 
     let prometheus_log = dir.join("prometheus.log");
@@ -968,41 +970,29 @@ fn write_config(path: &Path, config: &Value) -> Result<()> {
 }
 
 fn alertmanager_config(hosts: &[Host], token_file: &str, group_wait: Duration) -> Value {
-    let webhooks: Vec<Value> = hosts
+    let webhooks: Vec<Webhook> = hosts
         .iter()
-        .map(|h| {
-            json!({
-                "url": format!("http://{}/v1/alerts", h.agent_addr()),
-                "send_resolved": true,
-                "http_config": {
-                    "authorization": {"type": "Bearer", "credentials_file": token_file},
-                },
-            })
+        .map(|h| Webhook {
+            url: format!("http://{}/v1/alerts", h.agent_addr()),
+            token_file: PathBuf::from(token_file),
         })
         .collect();
-    json!({
-        "route": {
-            "receiver": "ferry-agents",
-            "group_by": ["alertname", "host", "vm"],
-            "group_wait": prom_duration(group_wait),
-            "group_interval": "5s",
-            "repeat_interval": "1m",
+    ferry_tests::alertmanager::config(
+        &webhooks,
+        &Timers {
+            group_wait,
+            group_interval: Duration::from_secs(5),
+            repeat_interval: Duration::from_secs(60),
         },
-        "receivers": [{"name": "ferry-agents", "webhook_configs": webhooks}],
-    })
+    )
 }
 
 fn prometheus_config(hosts: &[Host], rules: &str, alertmanager: &str) -> Value {
-    let targets: Vec<Value> = hosts
+    let targets: Vec<Target> = hosts
         .iter()
-        .map(|h| json!({"targets": [h.agent_addr()], "labels": {"host": h.name}}))
+        .map(|h| Target::host(&h.agent_addr(), &h.name))
         .collect();
-    json!({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [rules],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
-        "scrape_configs": [{"job_name": "ferry", "static_configs": targets}],
-    })
+    ferry_tests::prometheus::config(&targets, &[Path::new(rules)], Some(alertmanager))
 }
 
 /// Starts a daemon in a process group of its own (a Ctrl-C at the terminal leaves it to
@@ -1057,16 +1047,6 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// A duration as Prometheus and Alertmanager read one ("5s", "1500ms").
-fn prom_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1087,9 +1067,9 @@ mod tests {
 
     #[test]
     fn durations_are_written_as_prometheus_reads_them() {
-        assert_eq!(prom_duration(Duration::from_secs(5)), "5s");
-        assert_eq!(prom_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(prom_duration(Duration::ZERO), "0s");
+        assert_eq!(duration(Duration::from_secs(5)), "5s");
+        assert_eq!(duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration(Duration::ZERO), "0s");
     }
 
     #[test]
