@@ -16,7 +16,9 @@ use crate::migration::destination::Slot;
 use crate::migration::disk_stream::DiskMirror;
 use crate::migration::door::Door;
 use crate::migration::migratable::Migratable;
+use crate::migration::secure::Transport;
 use crate::migration::{source, storage};
+use crate::pki::MigrationTls;
 use crate::sync::lock;
 use crate::vmm::block::MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC;
 use crate::vmm::machine::{
@@ -167,7 +169,7 @@ impl Kinded for source::ResolveError {
         use source::ResolveError as E;
         match self {
             E::NoMigration | E::NoSession => ErrorKind::NotFound,
-            E::Address(_) | E::Unreachable { .. } => ErrorKind::Unavailable,
+            E::Address(_) => ErrorKind::Unavailable,
             E::Protocol(_) | E::Unexpected(_) | E::Inconsistent { .. } => ErrorKind::Failed,
         }
     }
@@ -525,7 +527,7 @@ fn dispatch_to(
                 )))
             }
         }
-        Request::Migrate(req) => start_migration(vm, req).map_err(Refusal::from),
+        Request::Migrate(req) => start_migration(vm, *req).map_err(Refusal::from),
         Request::StorageMigrate {
             to,
             disk,
@@ -762,6 +764,17 @@ enum StartError {
     Unreachable(source::MigrateError),
     #[error("a migration is already running")]
     AlreadyRunning,
+    #[error(
+        "no TLS for the migration stream: give this host's certificate, key and CA \
+         (--tls-cert, --tls-key, --tls-ca), or --insecure for plain TCP"
+    )]
+    NoTls,
+    #[error("tls and insecure exclude each other")]
+    TlsAndInsecure,
+    #[error("{0}")]
+    Tls(crate::pki::PkiError),
+    #[error("{0}")]
+    Handshake(source::MigrateError),
     #[error("cannot start the migration thread: {0}")]
     Thread(std::io::Error),
 }
@@ -771,6 +784,7 @@ impl Kinded for StartError {
         match self {
             StartError::NotRunning(_) => ErrorKind::Conflict,
             StartError::Unreachable(_) => ErrorKind::Unavailable,
+            StartError::Handshake(_) => ErrorKind::Failed,
             StartError::AlreadyRunning => ErrorKind::Busy,
             StartError::Thread(_) => ErrorKind::Failed,
             _ => ErrorKind::InvalidRequest,
@@ -794,6 +808,8 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         reasons,
         ticket,
         traceparent,
+        tls,
+        insecure,
     } = req;
     let verify = !no_verify;
     let mode = mode.unwrap_or_default();
@@ -824,13 +840,22 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
     {
         return Err(StartError::ZeroTime);
     }
+    let transport = match (tls, insecure) {
+        (Some(_), true) => return Err(StartError::TlsAndInsecure),
+        (None, false) => return Err(StartError::NoTls),
+        (None, true) => Transport::Insecure,
+        (Some(f), false) => Transport::Tls(Arc::new(
+            MigrationTls::load(&f.cert, &f.key, &f.ca).map_err(StartError::Tls)?,
+        )),
+    };
     if m.state() != RunState::Running {
         return Err(StartError::NotRunning(m.state()));
     }
-    // Reached before "started" is said: a destination that cannot be reached is an
-    // answer now, not a failed report later.
-    let conn = source::dial(&to).map_err(|e| match e {
+    // Reached before "started" is said: a destination that cannot be reached or
+    // proved is an answer now, not a failed report later.
+    let conn = source::dial(&transport, &to, Duration::from_secs(5)).map_err(|e| match e {
         source::MigrateError::Resolve(_) => StartError::Unresolvable(e),
+        source::MigrateError::Handshake(_) => StartError::Handshake(e),
         _ => StartError::Unreachable(e),
     })?;
     {
@@ -848,6 +873,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         vm.resume.store(false, Ordering::Release);
         // A new migration's handshake names it; the last one's names go.
         *lock(&vm.session) = None;
+        *lock(&vm.transport) = Some(transport.clone());
         // A dirty-rate sample holding the log ends now rather than delay this.
         m.dirty_sample_end.store(true, Ordering::Release);
     }
@@ -865,6 +891,7 @@ fn start_migration(vm: &Arc<Migratable>, req: Migrate) -> Result<Value, StartErr
         reasons,
         ticket: ticket.unwrap_or_default(),
         traceparent: traceparent.unwrap_or_default(),
+        transport,
     };
     let vm = vm.clone();
     std::thread::Builder::new()
@@ -971,10 +998,12 @@ mod tests {
             ErrorKind::NotFound
         );
         assert_eq!(
-            Refusal::from(source::ResolveError::Unreachable {
-                to: "h:1".into(),
-                source: std::io::ErrorKind::ConnectionRefused.into(),
-            })
+            Refusal::from(source::ResolveError::Address(
+                source::MigrateError::Connect {
+                    to: "h:1".into(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                }
+            ))
             .kind,
             ErrorKind::Unavailable
         );

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod driver;
 pub mod guest;
 pub mod migration;
+pub mod pki;
 pub mod policy;
 pub mod probes;
 pub mod sync;

@@ -35,6 +35,59 @@ struct AgentArgs {
     ca_file: Option<PathBuf>,
 }
 
+/// How the migration stream is secured: TLS 1.3 with this host's certificate, both
+/// ends authenticated against the CA, or plain TCP on the operator's word.
+#[derive(clap::Args, Default)]
+struct TlsArgs {
+    /// This host's certificate chain (PEM), presented to the other end.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with = "insecure")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) the other end's certificate must chain to.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Plain TCP: the stream unencrypted and the other end unauthenticated. Both ends
+    /// must say so.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn given(&self) -> bool {
+        self.tls_cert.is_some() || self.insecure
+    }
+
+    /// The files, as absolute paths (the VMM that reads them may run elsewhere).
+    fn files(&self) -> anyhow::Result<Option<ferry_api::TlsFiles>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ferry_api::TlsFiles {
+            cert: std::path::absolute(cert)?,
+            key: std::path::absolute(key)?,
+            ca: std::path::absolute(ca)?,
+        }))
+    }
+
+    /// How an incoming port takes migrations.
+    fn transport(&self) -> anyhow::Result<migration::secure::Transport> {
+        use migration::secure::Transport;
+        match self.files()? {
+            Some(f) => Ok(Transport::Tls(std::sync::Arc::new(
+                ferry::pki::MigrationTls::load(&f.cert, &f.key, &f.ca)?,
+            ))),
+            None if self.insecure => Ok(Transport::Insecure),
+            None => anyhow::bail!(
+                "an incoming migration needs TLS: give this host's --tls-cert, --tls-key and \
+                 --tls-ca, or --insecure for plain TCP (and the source must say --insecure too)"
+            ),
+        }
+    }
+}
+
 impl AgentArgs {
     fn endpoint(&self) -> cli::agent::Endpoint<'_> {
         cli::agent::Endpoint {
@@ -184,6 +237,8 @@ impl PolicyArgs {
     }
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run one VM in this process (boot it from a config, or restore a snapshot).
@@ -222,6 +277,9 @@ enum Command {
         /// (its content, trimmed), once.
         #[arg(long, value_name = "FILE", requires = "incoming")]
         ticket_file: Option<PathBuf>,
+        /// With --incoming: how sources are let in (TLS by default).
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Control socket path.
         #[arg(long)]
         control: PathBuf,
@@ -353,6 +411,9 @@ enum Command {
         /// --ticket-file.
         #[arg(long, value_name = "FILE")]
         ticket_file: Option<PathBuf>,
+        /// With --control: how the stream reaches the destination (TLS by default).
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Write the report (JSON) here; the source VMM writes it.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -513,10 +574,20 @@ fn main() -> ExitCode {
             datastore,
             shared_dir,
             ticket_file,
+            tls,
             control,
             paused,
         } => (|| {
             let ticket = ticket_file.as_deref().map(read_ticket).transpose()?;
+            anyhow::ensure!(
+                incoming.is_some() || !tls.given(),
+                "--tls-cert, --tls-key, --tls-ca and --insecure apply to --incoming (a \
+                 source is given them with each `ferry migrate`)"
+            );
+            let incoming = match incoming {
+                Some(addr) => Some((addr, tls.transport()?)),
+                None => None,
+            };
             cli::vmm::run(
                 cli::vmm::Source::new(
                     config,
@@ -631,6 +702,7 @@ fn main() -> ExitCode {
             timeout_secs,
             no_verify,
             ticket_file,
+            tls,
             report,
             json,
             vm: None,
@@ -673,6 +745,8 @@ fn main() -> ExitCode {
                 traceparent: std::env::var("TRACEPARENT")
                     .ok()
                     .filter(|t| ferry_api::trace::trace_ids(t).is_some()),
+                tls: tls.files()?,
+                insecure: tls.insecure,
             };
             cli::migrate::run(
                 &control,

@@ -327,6 +327,10 @@ pub struct MigrationInfo {
     /// None for a migration this agent did not start.
     #[serde(default)]
     pub trigger: Option<String>,
+    /// The stream is TLS (true) or plain TCP (false): as configured, then as the
+    /// VMM reported. None for a migration this agent did not start, until it ends.
+    #[serde(default)]
+    pub tls: Option<bool>,
 }
 
 impl MigrationInfo {
@@ -359,6 +363,7 @@ impl MigrationInfo {
             resolution: None,
             max_downtime_ms: None,
             trigger: None,
+            tls: None,
         }
     }
 }

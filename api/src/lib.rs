@@ -80,7 +80,7 @@ pub use report::{
     Decision, DriverReport, MigrationReport, MovedDisk, Outcome, PredictionRecord, ProbeSample,
     ReportCore, StorageReport,
 };
-pub use request::{Migrate, Reasons, Request, Resolution};
+pub use request::{Migrate, Reasons, Request, Resolution, TlsFiles};
 pub use settings::{
     DiskMirror, Mode, ParseError, Settings, SettingsChange, StorageMode, Switchover,
 };

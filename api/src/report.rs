@@ -50,6 +50,9 @@ pub struct MigrationReport {
     pub core: ReportCore,
     pub mode: Mode,
     pub to: String,
+    /// The stream was TLS (both ends authenticated); false: plain TCP (`--insecure`).
+    #[serde(default)]
+    pub tls: bool,
     /// Per vCPU, last heartbeat on the source to first on the destination; the largest.
     pub downtime_ms: Option<f64>,
     pub max_heartbeat_gap_ms: f64,

@@ -41,7 +41,7 @@ pub enum Request {
         dirty_pages_per_sec: u64,
     },
     /// Start a migration to a `ferry vmm --incoming` at `to` (HOST:PORT).
-    Migrate(Migrate),
+    Migrate(Box<Migrate>),
     /// Move the VM's disk images (or one) into folder `to` while it runs.
     StorageMigrate {
         to: PathBuf,
@@ -144,6 +144,22 @@ pub struct Migrate {
     /// both VMMs' log lines name it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The stream's TLS: this host's certificate and key, and the CA the
+    /// destination's certificate must chain to. One of `tls` and `insecure` is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Plain TCP, unencrypted and unauthenticated: the operator's explicit choice.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// A host's TLS files (PEM), read by the process that uses them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// `resolve`'s answer: what the destination did with a handover in doubt.

@@ -189,20 +189,12 @@ pub fn request_tls(
 /// A test CA and a certificate it signed for `localhost` and 127.0.0.1, written to
 /// `dir` as `ca.pem`, `cert.pem` and `key.pem`.
 pub fn write_test_pki(dir: &Path) {
-    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "ferry test CA");
-    let ca = ca.self_signed(&ca_key).expect("the CA");
-    let key = rcgen::KeyPair::generate().expect("a key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("params")
-        .signed_by(&key, &ca, &ca_key)
+    let ca = crate::pki::Ca::new(dir, "ferry test CA").expect("a test CA");
+    let host = ca
+        .issue("host", &["localhost", "127.0.0.1"])
         .expect("a certificate");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
-    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
+    std::fs::rename(&host.cert, dir.join("cert.pem")).expect("cert.pem");
+    std::fs::rename(&host.key, dir.join("key.pem")).expect("key.pem");
 }
 
 /// A host's agent: its folder (config, tokens, VM folder, run folder) and process.
@@ -251,7 +243,7 @@ impl Agent {
             format!(
                 "name = \"{name}\"\nlisten = \"{addr}\"\nvm_dir = \"vms\"\nrun_dir = \"run\"\n\
                  token_file = \"token\"\npeer_token_file = \"peer-token\"\n\
-                 webhook_token_file = \"webhook-token\"\n"
+                 webhook_token_file = \"webhook-token\"\ninsecure_migrations = true\n"
             ),
         )
         .expect("agent.toml");
@@ -301,10 +293,16 @@ impl Agent {
     /// Serves the API over HTTPS with the certificate and key in `pki` (from
     /// [`write_test_pki`]), before it starts.
     pub fn serve_tls(&mut self, pki: &Path) {
+        // The same certificate secures its migrations, both ways.
+        let path = self.dir.join("agent.toml");
+        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        std::fs::write(&path, text.replacen("insecure_migrations = true\n", "", 1))
+            .expect("agent.toml");
         self.set(&format!(
-            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nca_file = \"{}\"",
             pki.join("cert.pem").display(),
-            pki.join("key.pem").display()
+            pki.join("key.pem").display(),
+            pki.join("ca.pem").display()
         ));
         self.tls_ca = Some(pki.join("ca.pem"));
     }

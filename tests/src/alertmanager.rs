@@ -20,6 +20,8 @@ pub struct Alertmanager {
 pub struct Webhook {
     pub url: String,
     pub token_file: PathBuf,
+    /// An `https://` agent's certificate is checked against this CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How Alertmanager groups and repeats: the route's timers.
@@ -46,13 +48,17 @@ pub fn config(webhooks: &[Webhook], t: &Timers) -> Value {
     let hooks: Vec<Value> = webhooks
         .iter()
         .map(|w| {
-            json!({
+            let mut hook = json!({
                 "url": w.url,
                 "send_resolved": true,
                 "http_config": {
                     "authorization": {"type": "Bearer", "credentials_file": w.token_file},
                 },
-            })
+            });
+            if let Some(ca) = &w.ca_file {
+                hook["http_config"]["tls_config"] = json!({"ca_file": ca});
+            }
+            hook
         })
         .collect();
     json!({

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod alertmanager;
 pub mod netns;
 pub mod otlp;
+pub mod pki;
 pub mod prometheus;
 pub mod wire;
 
@@ -298,7 +299,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Runs `ferry ARGS` to completion.
 pub fn ferry(args: &[&str]) -> Output {
     Command::new(ferry_bin())
-        .args(args)
+        .args(pki::secured(args))
         .stdin(Stdio::null())
         .output()
         .expect("run ferry")
@@ -343,9 +344,10 @@ impl Vmm {
         let control = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
+        let mut vmm_args = vec!["vmm"];
+        vmm_args.extend_from_slice(args);
         let child = cmd
-            .arg("vmm")
-            .args(args)
+            .args(pki::secured(&vmm_args))
             .arg("--control")
             .arg(&control)
             .envs(env.iter().copied())
@@ -635,6 +637,26 @@ pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
             &addr,
             "--shared-dir",
             shared.to_str().unwrap(),
+        ],
+    );
+    (vmm, addr)
+}
+
+/// As [`incoming`], over plain TCP (`--insecure`): for tests that speak the wire
+/// protocol themselves, and so test Ferry's own frame checks rather than TLS's.
+pub fn incoming_insecure(dir: &Path, name: &str) -> (Vmm, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let shared = dir.join("disks");
+    std::fs::create_dir_all(&shared).expect("create the shared disk folder");
+    let vmm = Vmm::spawn(
+        dir,
+        name,
+        &[
+            "--incoming",
+            &addr,
+            "--shared-dir",
+            shared.to_str().unwrap(),
+            "--insecure",
         ],
     );
     (vmm, addr)

@@ -81,6 +81,17 @@ pub fn config(targets: &[Target], rules: &[&Path], alertmanager: Option<&str>) -
     c
 }
 
+/// `config` scraping its targets over HTTPS, their certificates checked against `ca`.
+pub fn over_tls(mut config: Value, ca: &Path) -> Value {
+    if let Some(jobs) = config["scrape_configs"].as_array_mut() {
+        for job in jobs {
+            job["scheme"] = json!("https");
+            job["tls_config"] = json!({"ca_file": ca});
+        }
+    }
+    config
+}
+
 /// `src` (Prometheus rule groups, as dashboards/alerts.yml) with every rule's `for:`
 /// set to `for_` (e.g. "2s"): the real expressions and labels, firing within seconds
 /// rather than the minutes a fleet waits. Written to `out`; returns what changed

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::crc32;
 
 /// The protocol version the handshake must name.
-pub const VERSION: u16 = 9;
+pub const VERSION: u16 = 10;
 
 pub const HELLO: u8 = 1;
 pub const HELLO_ACK: u8 = 2;
@@ -85,15 +85,71 @@ pub fn one_page(page: u64) -> Vec<u8> {
     p
 }
 
+/// What a peer speaks over: plain TCP, or TLS.
+pub trait Stream: Read + Write + Send {
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+}
+
+impl Stream for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.sock.shutdown(how)
+    }
+}
+
 /// A connection to a destination, speaking frames.
-pub struct Peer(pub TcpStream);
+pub struct Peer(pub Box<dyn Stream>);
 
 impl Peer {
+    /// Over plain TCP (a destination started with `--insecure`, or one that is to
+    /// refuse it).
     pub fn connect(addr: &str) -> Self {
         let c = TcpStream::connect(addr).expect("connect to the destination");
         c.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("read timeout");
-        Self(c)
+        Self(Box::new(c))
+    }
+
+    /// Over TLS with the certificate in `id`, which the destination's CA signed: a
+    /// stranger who passes the handshake, to test what comes after it. Panics if
+    /// the destination does not let it in.
+    pub fn connect_tls(addr: &str, id: &crate::pki::Issued) -> Self {
+        use rustls_pki_types::pem::PemObject as _;
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&id.cert)
+            .expect("the certificate")
+            .collect::<Result<_, _>>()
+            .expect("the certificate");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&id.key).expect("the key");
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pki_types::CertificateDer::pem_file_iter(&id.ca).expect("the CA") {
+            roots.add(ca.expect("the CA")).expect("the CA");
+        }
+        #[allow(deprecated)] // ring, as Ferry uses
+        let provider = rustls::crypto::ring::default_provider();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .expect("a client certificate");
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
+        let name = rustls_pki_types::ServerName::try_from(host).expect("a server name");
+        let conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("a TLS client");
+        let tcp = TcpStream::connect(addr).expect("connect to the destination");
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        // The destination's first byte: it let us in.
+        let mut accepted = [0u8; 1];
+        s.read_exact(&mut accepted).expect("let in over TLS");
+        assert_eq!(accepted[0], 1);
+        Self(Box::new(s))
     }
 
     pub fn send(&mut self, kind: u8, payload: &[u8]) {

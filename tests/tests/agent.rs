@@ -561,7 +561,7 @@ fn an_api_migration_moves_a_vm_there_and_back_and_it_arrives_intact() {
     assert_eq!(
         sample(
             &text,
-            r#"ferry_migrations_total{mode="precopy",outcome="completed",policy="adaptive"}"#
+            r#"ferry_migrations_total{mode="precopy",outcome="completed",policy="adaptive",transport="tcp"}"#
         ),
         Some(1.0),
         "{text}"

@@ -133,6 +133,7 @@ fn fleet(
         "{changed:?}"
     );
     let webhook = |agent: &Agent| Webhook {
+        ca_file: None,
         url: format!("http://{}/v1/alerts", agent.addr),
         token_file: agent.dir.join("webhook-token"),
     };

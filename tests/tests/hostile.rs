@@ -17,7 +17,7 @@ use ferry_api::{
 use ferry_tests::wire::{self, Peer};
 use ferry_tests::{
     TempDir, Vmm, alongside, assert_running_and_intact, boot, check_arrived, exclusive, ferry,
-    incoming, migrate, require_kvm, rss_kib, state_of,
+    incoming, incoming_insecure, migrate, require_kvm, rss_kib, state_of,
 };
 use serde_json::{Value, json};
 
@@ -90,8 +90,9 @@ fn fd_list(pid: u32) -> String {
 /// A real migration to `addr` completes and the guest arrives whole.
 fn a_real_migration_succeeds(dir: &TempDir, name: &str, disk: bool, dst: &Vmm, addr: &str) {
     let src = start(dir, name, disk);
-    let (ok, report) = migrate(&src, addr, &[]);
+    let (ok, report) = migrate(&src, addr, &["--insecure"]);
     assert!(ok, "{report}");
+    assert!(!report.tls, "{report}");
     check_arrived(&src, dst, &report, true);
     src.quit();
 }
@@ -103,7 +104,7 @@ fn wire_disk_paths_are_names_the_destination_places_and_nothing_else_is_opened()
     }
     let _host = alongside();
     let dir = TempDir::new("hostile-disks");
-    let (dst, addr) = incoming(dir.path(), "dst");
+    let (dst, addr) = incoming_insecure(dir.path(), "dst");
     // A host file of a whole number of MiB: before, the destination opened, locked
     // and wrote it as root.
     let victim = dir.join("victim.img");
@@ -151,7 +152,7 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
     }
     let _host = alongside();
     let dir = TempDir::new("hostile-port");
-    let (dst, addr) = incoming(dir.path(), "dst");
+    let (dst, addr) = incoming_insecure(dir.path(), "dst");
     let pid = dst.child.id();
     let fds0 = open_fds(pid);
     let fds0_list = fd_list(pid);
@@ -295,7 +296,7 @@ fn a_silent_stranger_does_not_hold_the_port() {
     }
     let _host = alongside();
     let dir = TempDir::new("hostile-silent");
-    let (dst, addr) = incoming(dir.path(), "dst");
+    let (dst, addr) = incoming_insecure(dir.path(), "dst");
     let mut idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
     // Connected before it and saying nothing, they do not delay the real source.
     a_real_migration_succeeds(&dir, "real", false, &dst, &addr);
@@ -323,7 +324,7 @@ fn ten_thousand_rejected_connections_leave_memory_and_descriptors_as_they_were()
     }
     let _host = alongside();
     let dir = TempDir::new("hostile-flood");
-    let (dst, addr) = incoming(dir.path(), "dst");
+    let (dst, addr) = incoming_insecure(dir.path(), "dst");
     let pid = dst.child.id();
     let fds_at_start = open_fds(pid);
     let flood = |n: u64| {
@@ -438,8 +439,29 @@ fn the_control_socket_answers_each_line_once_and_bounds_every_number() {
     let e = control(&vm, json!({"cmd": "snapshot", "out": ""}));
     assert!(error_of(&e).contains("empty"), "{e}");
     // A destination that cannot be reached is an answer, not a migration started.
-    let e = control(&vm, json!({"cmd": "migrate", "to": "nonsense"}));
+    let e = control(
+        &vm,
+        json!({"cmd": "migrate", "to": "nonsense", "insecure": true}),
+    );
     assert!(error_of(&e).contains("cannot resolve nonsense"), "{e}");
+    // Nor is one without TLS that did not say --insecure.
+    let e = control(&vm, json!({"cmd": "migrate", "to": "127.0.0.1:9"}));
+    assert!(
+        error_of(&e).contains("no TLS for the migration stream"),
+        "{e}"
+    );
+    let e = control(
+        &vm,
+        json!({"cmd": "migrate", "to": "127.0.0.1:9", "insecure": true,
+               "tls": {"cert": "/nonexistent/c.pem", "key": "/k", "ca": "/a"}}),
+    );
+    assert!(error_of(&e).contains("exclude each other"), "{e}");
+    let e = control(
+        &vm,
+        json!({"cmd": "migrate", "to": "127.0.0.1:9",
+               "tls": {"cert": "/nonexistent/c.pem", "key": "/k", "ca": "/a"}}),
+    );
+    assert!(error_of(&e).contains("/nonexistent/c.pem"), "{e}");
     assert!(vm.vm_status().migration.is_none(), "{}", vm.status());
     assert_running_and_intact(&vm);
     vm.quit();
@@ -537,6 +559,7 @@ fn a_migration_outlives_its_client_can_be_attached_to_and_is_never_quit_away() {
     let mut client = Command::new(ferry_tests::ferry_bin())
         .args(["migrate", "--control", src.ctl(), "--to", &addr, "--json"])
         .args(["--policy", "static", "--bandwidth-mbit", "50"])
+        .args(ferry_tests::pki::test_pki().args())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -679,6 +702,7 @@ fn a_destination_with_a_ticket_lets_in_only_its_source_and_only_once() {
             dir.join("disks").to_str().unwrap(),
             "--ticket-file",
             ticket.to_str().unwrap(),
+            "--insecure",
         ],
     );
     // No ticket, or the wrong one: refused at the hello, before the handshake is
@@ -712,6 +736,7 @@ fn a_destination_with_a_ticket_lets_in_only_its_source_and_only_once() {
             &addr2,
             "--ticket-file",
             ticket.to_str().unwrap(),
+            "--insecure",
         ],
     );
     let mut p = Peer::connect(&addr2);
@@ -736,7 +761,11 @@ fn a_destination_with_a_ticket_lets_in_only_its_source_and_only_once() {
     dst2.quit();
     // The source that holds it migrates.
     let src = start(&dir, "real", false);
-    let (ok, report) = migrate(&src, &addr, &["--ticket-file", ticket.to_str().unwrap()]);
+    let (ok, report) = migrate(
+        &src,
+        &addr,
+        &["--ticket-file", ticket.to_str().unwrap(), "--insecure"],
+    );
     assert!(ok, "{report}");
     check_arrived(&src, &dst, &report, true);
     src.quit();

@@ -139,7 +139,8 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
     assert!(err.contains("cannot connect"), "{err}");
     assert!(src.vm_status().migration.is_none(), "{}", src.status());
 
-    // A peer that speaks another protocol version.
+    // A peer that speaks another protocol version (in the clear: Ferry's own check,
+    // not TLS's).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let fake = std::thread::spawn(move || {
@@ -154,7 +155,7 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
         let mut rest = Vec::new();
         let _ = conn.read_to_end(&mut rest);
     });
-    let (ok, report) = migrate(&src, &addr, &[]);
+    let (ok, report) = migrate(&src, &addr, &["--insecure"]);
     assert!(!ok);
     assert!(
         report
@@ -428,21 +429,14 @@ content = "random"
     dst.quit();
 }
 
-#[test]
-fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
-    if !require_kvm() {
-        return;
-    }
-    let _host = alongside();
-    let dir = TempDir::new("corrupt");
-    let src = boot(dir.path(), "c", &config("c", 1, "random", "text", 5000));
-    let (dst, dst_addr) = incoming(dir.path(), "c-dst");
-    // A proxy between the two that flips one bit in the middle of the page stream.
+/// A proxy from a fresh port to `to` that flips one bit 3 MiB into the source's
+/// stream; returns its address and the thread relaying.
+fn flipping_proxy(to: String) -> (String, std::thread::JoinHandle<()>) {
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    let addr = proxy.local_addr().unwrap().to_string();
     let relay = std::thread::spawn(move || {
         let (from_src, _) = proxy.accept().unwrap();
-        let to_dst = std::net::TcpStream::connect(&dst_addr).unwrap();
+        let to_dst = std::net::TcpStream::connect(&to).unwrap();
         let (mut src_r, mut dst_w) = (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
         let back = std::thread::spawn(move || {
             let (mut dst_r, mut src_w) = (to_dst, from_src);
@@ -468,28 +462,60 @@ fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
         let _ = dst_w.shutdown(std::net::Shutdown::Both);
         let _ = back.join();
     });
-    let (ok, report) = migrate(&src, &proxy_addr, &[]);
-    assert!(!ok);
-    assert_eq!(report.core.outcome, Outcome::Failed, "{report}");
-    assert!(
-        report
-            .core
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("checksum"),
-        "{report}"
-    );
-    // The destination gives that migration up, drops what it built and waits on.
-    let s = dst.wait_for_status("the failure noted", Duration::from_secs(30), |s| {
-        port_counters(s).is_some_and(|c| c.failed_migrations == 1)
-    });
-    assert_eq!(state_of(&s), "incoming", "{s}");
-    assert!(dst.log_text().contains("checksum"), "{}", dst.log_text());
-    relay.join().unwrap();
-    assert_running_and_intact(&src);
+    (addr, relay)
+}
+
+#[test]
+fn a_corrupted_frame_aborts_the_migration_and_the_vm_stays() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let dir = TempDir::new("corrupt");
+    let src = boot(dir.path(), "c", &config("c", 1, "random", "text", 5000));
+    // In the clear, Ferry's own frame checksums catch the flipped bit; over TLS, the
+    // record's authentication does, before any frame is read.
+    for (transport, found) in [("plain", "checksum"), ("tls", "BadRecordMac")] {
+        let name = format!("c-dst-{transport}");
+        let (dst, dst_addr) = if transport == "plain" {
+            ferry_tests::incoming_insecure(dir.path(), &name)
+        } else {
+            incoming(dir.path(), &name)
+        };
+        let (proxy_addr, relay) = flipping_proxy(dst_addr);
+        let insecure: &[&str] = if transport == "plain" {
+            &["--insecure"]
+        } else {
+            &[]
+        };
+        let (ok, report) = migrate(&src, &proxy_addr, insecure);
+        assert!(!ok);
+        assert_eq!(report.core.outcome, Outcome::Failed, "{report}");
+        assert_eq!(report.tls, transport == "tls", "{report}");
+        assert!(
+            report.core.error.as_deref().unwrap_or("").contains(found),
+            "{transport}: {report}"
+        );
+        // The destination gives that migration up, drops what it built and waits on.
+        let s = dst.wait_for_status("the failure noted", Duration::from_secs(30), |s| {
+            port_counters(s).is_some_and(|c| c.failed_migrations == 1)
+        });
+        assert_eq!(state_of(&s), "incoming", "{s}");
+        let said = if transport == "plain" {
+            "checksum"
+        } else {
+            "decrypt"
+        };
+        assert!(
+            dst.log_text().contains(said),
+            "{transport}: {}",
+            dst.log_text()
+        );
+        relay.join().unwrap();
+        assert_running_and_intact(&src);
+        dst.quit();
+    }
     src.quit();
-    dst.quit();
 }
 
 #[test]
@@ -550,7 +576,9 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
         // "committed" resumed a second copy, its "not committed" threw the only one
         // away).
         for committed in [true, false] {
-            let mut stranger = Peer::connect(&addr);
+            // It holds a certificate of the fleet's CA: TLS lets it in, the session
+            // does not.
+            let mut stranger = Peer::connect_tls(&addr, ferry_tests::pki::test_pki());
             stranger.send(wire::RESOLVE, &wire::resolve(1, 0, committed));
             let reason = stranger.abort_reason().unwrap_or_default();
             assert!(reason.contains("no handover of that migration"), "{reason}");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::agent::Agent;
+use ferry_tests::agent::{Agent, write_test_pki};
 use ferry_tests::otlp::{Receiver, Span};
 use ferry_tests::{TempDir, alongside, require_kvm};
 
@@ -20,6 +20,11 @@ fn two_hosts(
     let dir = TempDir::new(tag);
     let mut a = Agent::configure(&dir.join("a"), "host-a");
     let mut b = Agent::configure(&dir.join("b"), "host-b");
+    // As a fleet runs: the API over HTTPS, migrations over TLS, one CA.
+    std::fs::create_dir_all(dir.join("pki")).unwrap();
+    write_test_pki(&dir.join("pki"));
+    a.serve_tls(&dir.join("pki"));
+    b.serve_tls(&dir.join("pki"));
     a.peer_with(&b);
     b.peer_with(&a);
     for (agent, env) in [(&mut a, env_a), (&mut b, env_b)] {
@@ -66,7 +71,7 @@ fn one_migration_is_one_trace_across_both_hosts_over_grpc_and_http() {
     }
     let _host = alongside();
     let receiver = Receiver::start();
-    let (_dir, a, b) = two_hosts(
+    let (dir, a, b) = two_hosts(
         "traces-one",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.grpc),
@@ -220,6 +225,63 @@ fn one_migration_is_one_trace_across_both_hosts_over_grpc_and_http() {
         ),
         "{text}"
     );
+    assert_eq!(m["tls"], true, "{m}");
+    assert!(
+        text.contains(r#"outcome="completed",policy="adaptive",transport="tls"} 1"#),
+        "{text}"
+    );
+    nothing_secret(&dir, &[&a, &b], &spans);
+}
+
+/// No token, one-time ticket or key material in anything the agents and their VMMs
+/// wrote or exported: their logs, the VMMs' logs, the metrics, the spans.
+fn nothing_secret(dir: &TempDir, agents: &[&Agent], spans: &[Span]) {
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for a in agents {
+        for (what, t) in [
+            ("operator token", &a.token),
+            ("peer token", &a.peer_token),
+            ("webhook token", &a.webhook_token),
+        ] {
+            secrets.push((format!("{}'s {what}", a.name), t.clone()));
+        }
+    }
+    let key = std::fs::read_to_string(dir.join("pki/key.pem")).unwrap();
+    secrets.push(("a key's PEM label".into(), "PRIVATE KEY".into()));
+    for line in key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+    {
+        secrets.push(("a line of the private key".into(), line.to_owned()));
+    }
+    let mut texts: Vec<(String, String)> = vec![("the spans".into(), format!("{spans:?}"))];
+    for a in agents {
+        texts.push((format!("{}'s log", a.name), a.log_text()));
+        texts.push((
+            format!("{}'s metrics", a.name),
+            a.get("/metrics", None).expect("/metrics").body,
+        ));
+        for entry in std::fs::read_dir(a.dir.join("run")).unwrap().flatten() {
+            let path = entry.path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if path.extension().is_some_and(|e| e == "ticket") {
+                secrets.push((format!("the ticket {}", path.display()), text.trim().into()));
+            } else if path.extension().is_some_and(|e| e == "log") {
+                texts.push((path.display().to_string(), text));
+            }
+        }
+    }
+    assert!(
+        texts.len() >= 6,
+        "{:?}",
+        texts.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    for (what, secret) in &secrets {
+        assert!(!secret.is_empty());
+        for (name, text) in &texts {
+            assert!(!text.contains(secret.as_str()), "{what} is in {name}");
+        }
+    }
 }
 
 #[test]

@@ -30,10 +30,11 @@ pub fn run(area: &str) -> Result<()> {
         "probes" => crate::bench_probes::run(),
         "agent" => crate::bench_agent::run(),
         "telemetry" => crate::bench_telemetry::run(),
+        "tls" => crate::bench_tls::run(),
         other => {
             bail!(
                 "unknown bench area {other:?} (areas: vmm, precopy, postcopy, storage, probes, \
-                 agent, telemetry)"
+                 agent, telemetry, tls)"
             )
         }
     }
@@ -54,7 +55,7 @@ pub(crate) fn start(ferry: &Path, dir: &Path, name: &str, body: &str) -> Result<
     )
 }
 
-fn wait_for(
+pub(crate) fn wait_for(
     ferry: &Path,
     vm: &Vmm,
     timeout: Duration,
@@ -308,10 +309,9 @@ fn migrate_once(
     let (dst, addr) = crate::util::incoming(ferry, dir, name, &[])?;
     let mut full = vec!["migrate", "--to", &addr, "--json"];
     full.extend_from_slice(args);
+    full.extend(["--control", vm.control.to_str().unwrap_or_default()]);
     let out = std::process::Command::new(ferry)
-        .args(&full)
-        .arg("--control")
-        .arg(&vm.control)
+        .args(ferry_tests::pki::secured(&full))
         .output()?;
     let report = Report::<MigrationReport>::parse(&out)?;
     if report.typed.core.outcome != Outcome::Completed {
@@ -322,13 +322,13 @@ fn migrate_once(
 
 /// A report `ferry` printed: read through its ferry-api type, and as printed (what
 /// the bench saves, with what the driver adds beyond the type).
-struct Report<T> {
-    typed: T,
+pub(crate) struct Report<T> {
+    pub(crate) typed: T,
     raw: Value,
 }
 
 impl<T: serde::de::DeserializeOwned> Report<T> {
-    fn parse(out: &std::process::Output) -> Result<Self> {
+    pub(crate) fn parse(out: &std::process::Output) -> Result<Self> {
         let raw: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
             anyhow::anyhow!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
         })?;
@@ -545,6 +545,7 @@ fn postcopy() -> Result<()> {
             "--control",
         ])
         .arg(&vm.control)
+        .args(ferry_tests::pki::test_pki().args())
         .output()?;
     let report = Report::<MigrationReport>::parse(&out)?;
     let r = &report.typed;

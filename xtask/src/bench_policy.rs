@@ -401,6 +401,7 @@ impl Lab {
         let client0 = children_cpu();
         let mut cmd = Command::new(&self.ferry);
         cmd.args(["migrate", "--json", "--to", &addr, "--policy", policy])
+            .args(ferry_tests::pki::test_pki().args())
             .arg("--limits")
             .arg(limits_file)
             .arg("--control")

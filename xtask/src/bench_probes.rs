@@ -336,6 +336,7 @@ pub fn run() -> Result<()> {
             "--bandwidth-mbit",
             "400",
         ])
+        .args(ferry_tests::pki::test_pki().args())
         .arg("--control")
         .arg(&vm.control)
         .stdout(Stdio::piped())

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_tests::agent::{Answer, request};
+use ferry_tests::agent::{Answer, request_tls};
 use serde_json::{Value, json};
 
 use crate::lab_net::{self, Host, LabNet, Link};
@@ -163,6 +163,9 @@ struct Lab {
     host: Host,
     dir: PathBuf,
     token: String,
+    /// Its certificate, its key and the lab's CA: its API is HTTPS and its
+    /// migrations TLS, both ways.
+    pki: ferry_tests::pki::Issued,
     agent: Option<Child>,
 }
 
@@ -172,9 +175,16 @@ impl Lab {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
-        match request(&self.addr(), method, path, Some(&self.token), body) {
-            Some(a) => Ok(a),
-            None => {
+        match request_tls(
+            &self.addr(),
+            &self.pki.ca,
+            method,
+            path,
+            Some(&self.token),
+            body,
+        ) {
+            Ok(a) => Ok(a),
+            Err(_) => {
                 self.alive()?;
                 bail!(
                     "the agent on {} did not answer {method} {path}",
@@ -266,7 +276,8 @@ fn write_agent_config(
         "name = \"{}\"\nlisten = \"{}\"\nvm_dir = \"vms\"\nrun_dir = \"run\"\n\
          token_file = \"token\"\npeer_token_file = \"peer-token\"\n\
          webhook_token_file = \"../webhook-token\"\ndatastores = [{}]\n\
-         capacity_memory_mib = {HOST_MEMORY_MIB}\nmax_outbound = 2\nmax_inbound = 2\n\n\
+         capacity_memory_mib = {HOST_MEMORY_MIB}\nmax_outbound = 2\nmax_inbound = 2\n\
+         tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nca_file = \"{}\"\n\n\
          # The lab samples each VM's dirty rate every 5 s so its charts fill in within the\n\
          # story's minute (the default, once a minute, costs the guest less).\n\
          [sampling]\nevery_secs = 5\n\n\
@@ -280,13 +291,16 @@ fn write_agent_config(
             .map(|p| format!("\"{}\"", p.display()))
             .collect::<Vec<_>>()
             .join(", "),
+        lab.pki.cert.display(),
+        lab.pki.key.display(),
+        lab.pki.ca.display(),
     );
     if let Some(l) = limits {
         text.push_str(&format!("\n[limits]\n{}", toml::to_string(l)?));
     }
     for peer in all.iter().filter(|h| h.name != lab.host.name) {
         text.push_str(&format!(
-            "\n[[peers]]\nname = \"{}\"\nurl = \"http://{}:{PORT}\"\ntoken_file = \"../{}/peer-token\"\n",
+            "\n[[peers]]\nname = \"{}\"\nurl = \"https://{}:{PORT}\"\ntoken_file = \"../{}/peer-token\"\n",
             peer.name, peer.ip, peer.name
         ));
     }
@@ -552,6 +566,14 @@ fn story(
     let hosts = net.hosts.clone();
     let webhook_token = "lab-webhook-token-0123456789abcdef";
     std::fs::write(lab_dir.join("webhook-token"), webhook_token)?;
+    // The lab's CA, and a certificate for each host naming it and its address.
+    let ca = ferry_tests::pki::Ca::new(&lab_dir.join("pki"), "ferry lab CA")
+        .context("creating the lab's CA")?;
+    println!(
+        "  lab CA {}: each host's API is HTTPS and its migrations TLS 1.3, both ends \
+         authenticated",
+        lab_dir.join("pki/ca.pem").display()
+    );
     let mut labs: Vec<Lab> = Vec::new();
     for h in &hosts {
         let dir = lab_dir.join(&h.name);
@@ -564,10 +586,14 @@ fn story(
             dir.join("peer-token"),
             format!("lab-peer-{}-0123456789abcdef", h.name),
         )?;
+        let pki = ca
+            .issue(&h.name, &[&h.name, &h.ip])
+            .with_context(|| format!("a certificate for {}", h.name))?;
         labs.push(Lab {
             host: h.clone(),
             dir,
             token,
+            pki,
             agent: None,
         });
     }
@@ -601,8 +627,8 @@ fn story(
             Ok(labs
                 .iter()
                 .all(|l| {
-                    request(&l.addr(), "GET", "/healthz", None, None)
-                        .is_some_and(|a| a.status == 200)
+                    request_tls(&l.addr(), &l.pki.ca, "GET", "/healthz", None, None)
+                        .is_ok_and(|a| a.status == 200)
                 })
                 .then_some(()))
         },
@@ -629,6 +655,7 @@ fn story(
         &lab_dir.join("monitoring"),
         &rules,
         &lab_dir.join("webhook-token"),
+        &lab_dir.join("pki/ca.pem"),
         GROUP_WAIT,
     )?;
     println!(
@@ -1009,10 +1036,11 @@ fn story(
     step("where to look");
     for l in &labs {
         println!(
-            "  {}  http://{}/metrics  (API: token in {})",
+            "  {}  https://{}/metrics  (API: token in {}, CA {})",
             l.host.name,
             l.addr(),
-            l.dir.join("token").display()
+            l.dir.join("token").display(),
+            l.pki.ca.display()
         );
     }
     println!(

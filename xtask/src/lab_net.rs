@@ -829,6 +829,7 @@ pub(crate) fn start_monitoring(
     dir: &Path,
     rules: &Path,
     webhook_token_file: &Path,
+    ca: &Path,
     group_wait: Duration,
 ) -> Result<Monitoring> {
     for (cmd, package) in [
@@ -866,6 +867,9 @@ pub(crate) fn start_monitoring(
             .with_context(|| format!("{} is not UTF-8, which a config cannot name", p.display()))
     };
     let (rules_text, token_text) = (utf8(&rules)?, utf8(&token)?);
+    let ca = &ca
+        .canonicalize()
+        .with_context(|| format!("the lab CA {}", ca.display()))?;
     // Data of an earlier run in the same folder would carry its silences, its
     // notification log (Alertmanager would not notify again what it notified then) and
     // its series.
@@ -896,14 +900,14 @@ pub(crate) fn start_monitoring(
     let am_config = dir.join(ALERTMANAGER_CONFIG);
     write_config(
         &am_config,
-        &alertmanager_config(&net.hosts, &token_text, group_wait),
+        &alertmanager_config(&net.hosts, &token_text, ca, group_wait),
     )?;
     output_of(Command::new("amtool").arg("check-config").arg(&am_config))
         .context("the lab's Alertmanager config does not check")?;
     let prom_config = dir.join(PROMETHEUS_CONFIG);
     write_config(
         &prom_config,
-        &prometheus_config(&net.hosts, &rules_text, &am_addr),
+        &prometheus_config(&net.hosts, &rules_text, ca, &am_addr),
     )?;
     output_of(
         Command::new("promtool")
@@ -924,7 +928,7 @@ pub(crate) fn start_monitoring(
         .arg("--cluster.listen-address=");
     spawn_daemon(net, am, &alertmanager_log, &am_addr, "Alertmanager")?;
     println!(
-        "  Alertmanager http://{am_addr}: every alert to {} (Bearer token from {}), group_wait {}",
+        "  Alertmanager http://{am_addr}: every alert to {} (HTTPS, Bearer token from {}), group_wait {}",
         net.hosts
             .iter()
             .map(|h| format!("{}'s agent", h.name))
@@ -944,7 +948,7 @@ pub(crate) fn start_monitoring(
         .arg(format!("--web.listen-address={prom_addr}"));
     spawn_daemon(net, prom, &prometheus_log, &prom_addr, "Prometheus")?;
     println!(
-        "  Prometheus http://{prom_addr}: job ferry scrapes {} every 1 s; rules {}",
+        "  Prometheus http://{prom_addr}: job ferry scrapes {} over HTTPS every 1 s; rules {}",
         net.hosts
             .iter()
             .map(|h| format!("{} {}", h.name, h.agent_addr()))
@@ -969,12 +973,13 @@ fn write_config(path: &Path, config: &Value) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn alertmanager_config(hosts: &[Host], token_file: &str, group_wait: Duration) -> Value {
+fn alertmanager_config(hosts: &[Host], token_file: &str, ca: &Path, group_wait: Duration) -> Value {
     let webhooks: Vec<Webhook> = hosts
         .iter()
         .map(|h| Webhook {
-            url: format!("http://{}/v1/alerts", h.agent_addr()),
+            url: format!("https://{}/v1/alerts", h.agent_addr()),
             token_file: PathBuf::from(token_file),
+            ca_file: Some(ca.to_owned()),
         })
         .collect();
     ferry_tests::alertmanager::config(
@@ -987,12 +992,15 @@ fn alertmanager_config(hosts: &[Host], token_file: &str, group_wait: Duration) -
     )
 }
 
-fn prometheus_config(hosts: &[Host], rules: &str, alertmanager: &str) -> Value {
+fn prometheus_config(hosts: &[Host], rules: &str, ca: &Path, alertmanager: &str) -> Value {
     let targets: Vec<Target> = hosts
         .iter()
         .map(|h| Target::host(&h.agent_addr(), &h.name))
         .collect();
-    ferry_tests::prometheus::config(&targets, &[Path::new(rules)], Some(alertmanager))
+    ferry_tests::prometheus::over_tls(
+        ferry_tests::prometheus::config(&targets, &[Path::new(rules)], Some(alertmanager)),
+        ca,
+    )
 }
 
 /// Starts a daemon in a process group of its own (a Ctrl-C at the terminal leaves it to
@@ -1118,7 +1126,12 @@ mod tests {
 
     #[test]
     fn every_agent_gets_every_alert_with_the_webhook_token() {
-        let c = alertmanager_config(&hosts(), "/t/hook", Duration::from_secs(2));
+        let c = alertmanager_config(
+            &hosts(),
+            "/t/hook",
+            Path::new("/t/ca.pem"),
+            Duration::from_secs(2),
+        );
         assert_eq!(c["route"]["group_wait"], "2s");
         assert_eq!(c["route"]["receiver"], "ferry-agents");
         let hooks = c["receivers"][0]["webhook_configs"].as_array().unwrap();
@@ -1126,14 +1139,15 @@ mod tests {
         assert_eq!(
             urls,
             [
-                "http://198.18.0.1:7070/v1/alerts",
-                "http://198.18.0.2:7070/v1/alerts",
-                "http://198.18.0.3:7070/v1/alerts"
+                "https://198.18.0.1:7070/v1/alerts",
+                "https://198.18.0.2:7070/v1/alerts",
+                "https://198.18.0.3:7070/v1/alerts"
             ]
         );
         for h in hooks {
             assert_eq!(h["send_resolved"], true);
             assert_eq!(h["http_config"]["authorization"]["type"], "Bearer");
+            assert_eq!(h["http_config"]["tls_config"]["ca_file"], "/t/ca.pem");
             assert_eq!(
                 h["http_config"]["authorization"]["credentials_file"],
                 "/t/hook"
@@ -1143,7 +1157,9 @@ mod tests {
 
     #[test]
     fn every_target_carries_its_hosts_name() {
-        let c = prometheus_config(&hosts(), "/r.yml", "127.0.0.1:9");
+        let c = prometheus_config(&hosts(), "/r.yml", Path::new("/t/ca.pem"), "127.0.0.1:9");
+        assert_eq!(c["scrape_configs"][0]["scheme"], "https");
+        assert_eq!(c["scrape_configs"][0]["tls_config"]["ca_file"], "/t/ca.pem");
         let sc = c["scrape_configs"][0]["static_configs"].as_array().unwrap();
         assert_eq!(sc.len(), 3);
         assert_eq!(sc[1]["targets"][0], "198.18.0.2:7070");

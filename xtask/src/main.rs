@@ -6,6 +6,7 @@ mod bench_policy;
 mod bench_policy_report;
 mod bench_probes;
 mod bench_telemetry;
+mod bench_tls;
 mod lab;
 mod lab_net;
 mod lab_report;
@@ -26,7 +27,7 @@ commands:
                  Prometheus, Alertmanager, a live VM migrated through the API and
                  evacuated by an alert; a summary and target/lab/report.html
   bench <area>   measure an area's figures (areas: vmm, precopy, postcopy, storage, probes,
-                 agent)
+                 agent, telemetry, tls)
   bench policy [--scenarios FILE] [--policies LIST] [--out DIR]
                  real migrations of a grid of guests and links under the adaptive
                  policy and every peer preset; writes DIR/bench.json and bench.md
@@ -69,6 +70,7 @@ areas:
   probes     what the eBPF signals cost the guest, and how fast they show a rate change
   agent      the host agent's API latency during migrations, and its idle cost with 10 VMs
   telemetry  migrations with full telemetry against none; /metrics for 1000 VMs; sampling's cost
+  tls        the migration stream over TLS against plain TCP: throughput and downtime
   policy     the adaptive policy against the peer presets over a grid of scenarios
 
 `cargo xtask bench <area> --help` shows what an area measures.";
@@ -79,6 +81,13 @@ A 1 GiB guest's process start to first heartbeat (5 runs), the harvest of a dirt
 that is the whole guest, state save and restore into a fresh process, pages the guest
 writes per second unpaced, and the host CPU an idle guest uses.
 Results: target/bench/vmm.json.";
+
+const BENCH_TLS_USAGE: &str = "usage: cargo xtask bench tls
+
+What TLS costs the migration stream on loopback: an idle 1 GiB guest of incompressible
+pages migrated without a codec, and a guest writing 20k pages/s with --max-downtime-ms
+50, each 5 times over TLS and 5 times over plain TCP (--insecure), in turns; median
+throughput and downtime of each. Results: target/bench/tls.json.";
 
 const BENCH_PRECOPY_USAGE: &str = "usage: cargo xtask bench precopy
 
@@ -157,6 +166,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
             "probes" => BENCH_PROBES_USAGE,
             "agent" => BENCH_AGENT_USAGE,
             "telemetry" => BENCH_TELEMETRY_USAGE,
+            "tls" => BENCH_TLS_USAGE,
             "policy" => BENCH_POLICY_USAGE,
             other => return Err(format!("unknown bench area {other:?}\n\n{BENCH_USAGE}")),
         },

@@ -149,9 +149,12 @@ impl Vmm {
     pub fn spawn_cmd(mut cmd: Command, args: &[&str], control: &Path, log: &Path) -> Result<Self> {
         let logf =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // The migration stream is TLS unless a caller says --insecure: benchmarks
+        // measure what the product does by default.
+        let mut vmm_args = vec!["vmm"];
+        vmm_args.extend_from_slice(args);
         let child = cmd
-            .arg("vmm")
-            .args(args)
+            .args(ferry_tests::pki::secured(&vmm_args))
             .arg("--control")
             .arg(control)
             .stdin(Stdio::null())

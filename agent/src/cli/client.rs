@@ -234,6 +234,7 @@ impl Table for MigrationReport {
             ("error", cell(&c.error)),
             ("mode", cell(&self.mode)),
             ("to", cell(&self.to)),
+            ("tls", cell(&self.tls)),
             ("total_ms", cell(&c.total_ms)),
             ("downtime_ms", cell(&self.downtime_ms)),
             ("switchover_ms", cell(&c.switchover_ms)),

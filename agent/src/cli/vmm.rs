@@ -12,6 +12,7 @@ use crate::control;
 use crate::migration::destination::Slot;
 use crate::migration::door::{Door, Placement};
 use crate::migration::migratable::Migratable;
+use crate::migration::secure::Transport;
 use crate::vmm::config::VmConfig;
 use crate::vmm::launch;
 
@@ -22,8 +23,9 @@ pub enum Source {
         disk_dir: Option<PathBuf>,
     },
     /// Wait for a migration on this TCP address; its disks go where `Placement` says;
-    /// only a source presenting the ticket, if there is one, is let in.
-    Incoming(String, Placement, Option<String>),
+    /// only a source presenting the ticket, if there is one, is let in, over the
+    /// transport given (TLS unless the operator said `--insecure`).
+    Incoming(String, Placement, Option<String>, Transport),
 }
 
 impl Source {
@@ -31,12 +33,12 @@ impl Source {
         config: Option<PathBuf>,
         restore: Option<PathBuf>,
         disk_dir: Option<PathBuf>,
-        incoming: Option<String>,
+        incoming: Option<(String, Transport)>,
         place: Placement,
         ticket: Option<String>,
     ) -> Self {
         match (config, restore, incoming) {
-            (_, _, Some(addr)) => Source::Incoming(addr, place, ticket),
+            (_, _, Some((addr, transport))) => Source::Incoming(addr, place, ticket, transport),
             (_, Some(dir), None) => Source::Restore { dir, disk_dir },
             (Some(c), None, None) => Source::Config(c),
             // clap requires one of the three.
@@ -56,7 +58,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     let slot: Slot = Arc::new(Mutex::new(None));
     let mut door = None;
     let listener = match &source {
-        Source::Incoming(addr, place, ticket) => {
+        Source::Incoming(addr, place, ticket, transport) => {
             for dir in place.shared.iter().chain(&place.datastore) {
                 if !dir.is_dir() {
                     anyhow::bail!("{} is not a folder", dir.display());
@@ -73,7 +75,13 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
             let listening = tcp
                 .local_addr()
                 .with_context(|| format!("the address of the port bound for {addr}"))?;
-            let d = Door::new(slot.clone(), place.clone(), ticket.clone(), listening);
+            let d = Door::new(
+                slot.clone(),
+                place.clone(),
+                ticket.clone(),
+                listening,
+                transport.clone(),
+            );
             door = Some(d.clone());
             std::thread::Builder::new()
                 .name("incoming-port".into())

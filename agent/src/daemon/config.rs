@@ -57,6 +57,13 @@ struct File {
     /// Serve the API over TLS: the certificate chain and its key (PEM), both or none.
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    /// The CA this host's peers' certificates chain to: with the certificate and key
+    /// above, every migration stream (either way) is TLS 1.3, both ends
+    /// authenticated; and it is the default CA of `https://` peers.
+    ca_file: Option<PathBuf>,
+    /// Migrate over plain TCP (no certificates): the operator's explicit choice.
+    #[serde(default)]
+    insecure_migrations: bool,
     #[serde(default)]
     sampling: SamplingFile,
     /// Memory VMs may take here, MiB (default: the host's).
@@ -149,6 +156,9 @@ pub struct AgentConfig {
     pub tokens: Tokens,
     /// The API's TLS (None: plain HTTP).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The migration stream's TLS files, which this host's VMMs read (None: plain
+    /// TCP, `insecure_migrations = true`).
+    pub migration_tls: Option<ferry_api::TlsFiles>,
     pub sampling: super::sampler::Schedule,
     /// Memory VMs may take here, MiB: what peers choosing a destination weigh.
     pub capacity_memory_mib: u64,
@@ -282,7 +292,11 @@ impl AgentConfig {
                     "a CA is for a peer served over https://; its url is http://",
                 ));
             }
-            let http = super::tls::client(p.ca_file.map(|c| at(&c)).as_deref(), PEER_WITHIN)
+            let ca = p
+                .ca_file
+                .as_ref()
+                .or(f.ca_file.as_ref().filter(|_| url.starts_with("https://")));
+            let http = super::tls::client(ca.map(|c| at(c)).as_deref(), PEER_WITHIN)
                 .map_err(|e| invalid("peers.ca_file", &p.name, &e.to_string()))?;
             peers.push(Peer {
                 name: p.name,
@@ -315,6 +329,39 @@ impl AgentConfig {
                     "tls_cert_file",
                     &"(missing)",
                     "tls_key_file needs the certificate that goes with it",
+                ));
+            }
+        };
+        let migration_tls = match (&f.tls_cert_file, &f.tls_key_file, &f.ca_file) {
+            (Some(_), Some(_), _) | (_, _, Some(_)) if f.insecure_migrations => {
+                return Err(invalid(
+                    "insecure_migrations",
+                    &true,
+                    "plain TCP excludes the certificates given for TLS: leave one out",
+                ));
+            }
+            (_, _, _) if f.insecure_migrations => None,
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = ferry_api::TlsFiles {
+                    cert: at(cert),
+                    key: at(key),
+                    ca: at(ca),
+                };
+                // Checked now: a VMM told of files it cannot use fails one
+                // migration at a time, each later.
+                crate::pki::MigrationTls::load(&files.cert, &files.key, &files.ca)
+                    .map_err(|e| invalid("ca_file", &files.ca.display(), &e.to_string()))?;
+                Some(files)
+            }
+            _ => {
+                return Err(invalid(
+                    "ca_file",
+                    &f.ca_file
+                        .as_ref()
+                        .map_or("(missing)".into(), |c| c.display().to_string()),
+                    "migrations are TLS with both ends authenticated: give tls_cert_file, \
+                     tls_key_file and the CA of the peers' certificates (ca_file), or say \
+                     insecure_migrations = true for plain TCP",
                 ));
             }
         };
@@ -449,6 +496,7 @@ impl AgentConfig {
             limits,
             peers,
             tls,
+            migration_tls,
             tokens,
             sampling,
             capacity_memory_mib,
@@ -499,6 +547,7 @@ vm_dir = "vms"
 token_file = "token"
 peer_token_file = "peer"
 datastores = ["disks"]
+insecure_migrations = true
 [limits]
 max_downtime_ms = 300
 [[peers]]
@@ -579,6 +628,25 @@ token_file = "peer"
                     "[sampling]\nevery_secs = 1\nsample_ms = 2000\n[limits]",
                 ),
                 "sampling.every_secs",
+            ),
+            // Migrations need TLS, or the operator's word for plain TCP; not both.
+            (
+                ("insecure_migrations = true\n", ""),
+                "insecure_migrations = true for plain TCP",
+            ),
+            (
+                (
+                    "insecure_migrations = true\n",
+                    "insecure_migrations = true\nca_file = \"token\"\n",
+                ),
+                "plain TCP excludes",
+            ),
+            (
+                (
+                    "insecure_migrations = true\n",
+                    "tls_cert_file = \"token\"\ntls_key_file = \"token\"\nca_file = \"token\"\n",
+                ),
+                "tls_cert_file",
             ),
         ] {
             let (_dir, r) = with_tokens(&GOOD.replacen(change.0, change.1, 1));

@@ -61,6 +61,8 @@ pub struct Reception {
     pub datastores: Vec<PathBuf>,
     /// VMs arriving at once at most.
     pub max_inbound: u32,
+    /// The TLS files arriving VMs are let in with (None: plain TCP).
+    pub tls: Option<ferry_api::TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -467,6 +469,19 @@ impl Inventory {
             "--control".into(),
             control.clone().into(),
         ];
+        match &self.reception.tls {
+            Some(f) => {
+                for (flag, path) in [
+                    ("--tls-cert", &f.cert),
+                    ("--tls-key", &f.key),
+                    ("--tls-ca", &f.ca),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.into());
+                }
+            }
+            None => args.push("--insecure".into()),
+        }
         match (req.copy_storage, self.reception.datastores.first()) {
             (true, Some(d)) => {
                 args.push("--datastore".into());

@@ -163,8 +163,8 @@ impl Default for Metrics {
             ),
             migrations: counter(
                 "ferry_migrations_total",
-                "Migrations this agent drove that ended, by outcome, mode and policy.",
-                &["outcome", "mode", "policy"],
+                "Migrations this agent drove that ended, by outcome, mode, policy and transport (tls, or tcp: plain, --insecure).",
+                &["outcome", "mode", "policy", "transport"],
             ),
             in_progress: int_gauge(
                 "ferry_migrations_in_progress",
@@ -304,7 +304,7 @@ impl Metrics {
     /// A migration this agent drove ended: counted once, as its record says.
     pub fn migration_ended(&self, m: &MigrationInfo, mode: &str) {
         self.migrations
-            .with_label_values(&[m.state.as_str(), mode, &m.policy])
+            .with_label_values(&[m.state.as_str(), mode, &m.policy, transport(m.tls)])
             .inc();
         if m.state != MigrationState::Completed {
             return;
@@ -480,6 +480,16 @@ fn space(path: &std::path::Path) -> Option<(f64, f64)> {
     Some((st.f_bavail as f64 * block, st.f_blocks as f64 * block))
 }
 
+/// The `transport` label: what the stream was, or `unknown` (a migration followed,
+/// not started, that ended before its VMM said).
+fn transport(tls: Option<bool>) -> &'static str {
+    match tls {
+        Some(true) => "tls",
+        Some(false) => "tcp",
+        None => "unknown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +555,7 @@ mod tests {
         info.downtime_ms = Some(4.0);
         info.predicted_total_ms = Some(2200.0);
         info.max_downtime_ms = Some(3.0);
+        info.tls = Some(true);
         info.decisions.push(ferry_api::Decision {
             t_ms: 0.0,
             setting: "codec".into(),
@@ -557,7 +568,7 @@ mod tests {
         vm.max_heartbeat_gap_ms = Some(12.0);
         let text = m.render(&scrape(std::slice::from_ref(&vm), &[]));
         for line in [
-            r#"ferry_migrations_total{mode="precopy",outcome="completed",policy="adaptive"} 1"#,
+            r#"ferry_migrations_total{mode="precopy",outcome="completed",policy="adaptive",transport="tls"} 1"#,
             r#"ferry_migration_downtime_seconds_bucket{le="0.005"} 1"#,
             r#"ferry_migration_downtime_seconds_bucket{le="0.002"} 0"#,
             r#"ferry_policy_decisions_total{policy="adaptive",setting="codec"} 1"#,

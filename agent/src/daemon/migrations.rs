@@ -105,6 +105,8 @@ pub struct Migrations {
     dir: PathBuf,
     peers: Vec<Peer>,
     limits: Limits,
+    /// The migration stream's TLS (None: plain TCP).
+    tls: Option<ferry_api::TlsFiles>,
     max_outbound: u32,
     records: Mutex<BTreeMap<String, Arc<Record>>>,
     next: AtomicU64,
@@ -119,6 +121,7 @@ impl Migrations {
             dir: cfg.run_dir.join("migrations"),
             peers: cfg.peers.clone(),
             limits: cfg.limits.clone(),
+            tls: cfg.migration_tls.clone(),
             max_outbound: cfg.max_outbound,
             records: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
@@ -364,6 +367,7 @@ impl Migrations {
             control: inventory::control_socket(run_dir, &vm.name),
             policy: policy_name,
             limits,
+            tls: self.tls.clone(),
             trigger: Some(req.trigger.unwrap_or_else(|| "api".into())),
             placement: req.placement,
         };
@@ -389,6 +393,7 @@ impl Migrations {
             records::unix_ms(),
         );
         info.max_downtime_ms = limits.map(|l| l.max_downtime_ms);
+        info.tls = limits.map(|_| self.tls.is_some());
         let record = Arc::new(Record {
             info: Mutex::new(info),
             cancel: AtomicBool::new(false),
@@ -531,6 +536,7 @@ impl Migrations {
             control,
             policy,
             limits: self.limits.clone(),
+            tls: self.tls.clone(),
             trigger: None,
             placement: None,
         }
@@ -659,6 +665,7 @@ struct Job {
     control: std::path::PathBuf,
     policy: String,
     limits: Limits,
+    tls: Option<ferry_api::TlsFiles>,
     /// What asked for it, and why its destination (for the trace).
     trigger: Option<String>,
     placement: Option<ferry_api::Decision>,
@@ -859,6 +866,8 @@ impl Job {
             reasons: Default::default(),
             ticket: Some(offer.ticket),
             traceparent,
+            tls: self.tls.clone(),
+            insecure: self.tls.is_none(),
         }
     }
 
@@ -901,6 +910,7 @@ impl Job {
         {
             let mut i = lock(&record.info);
             i.total_ms = Some(core.total_ms);
+            i.tls = Some(report.migration.tls);
             // The pause as the guest saw it (its heartbeats), else as the VMM timed it.
             i.downtime_ms = report.migration.downtime_ms.or(core.switchover_ms);
             // The VMM's record is the whole one: the initial settings with their

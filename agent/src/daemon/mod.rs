@@ -79,6 +79,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             ip: cfg.migration_ip,
             datastores: cfg.datastores.clone(),
             max_inbound: cfg.max_inbound,
+            tls: cfg.migration_tls.clone(),
         },
     );
     // The first look before the port opens: the API never answers with an inventory

@@ -3,12 +3,10 @@
 //! (peers, the CLI) that trusts a given CA.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -22,58 +20,17 @@ const READY_MAX: usize = 64;
 /// holds a task and a descriptor for up to [`HANDSHAKE_WITHIN`]).
 const HANDSHAKES_MAX: usize = 256;
 
-impl TlsError {
-    /// The config key whose file is at fault.
-    pub fn key(&self) -> &'static str {
-        match self {
-            TlsError::Cert { .. } => "tls_cert_file",
-            TlsError::Key { .. } | TlsError::Pair(_) => "tls_key_file",
-            TlsError::Ca { .. } => "ca_file",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("the TLS certificate {}: {why}", .path.display())]
-    Cert { path: PathBuf, why: String },
-    #[error("the TLS key {}: {why}", .path.display())]
-    Key { path: PathBuf, why: String },
-    #[error("the TLS certificate and key do not go together: {0}")]
-    Pair(String),
-    #[error("the CA file {}: {why}", .path.display())]
-    Ca { path: PathBuf, why: String },
-}
+pub use crate::pki::PkiError as TlsError;
 
 /// The server's side: the certificate chain in `cert` (PEM, the server's first) and
 /// its private key in `key` (PEM). Read once, at start.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.to_owned(),
-            why: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.to_owned(),
-            why: "it holds no certificate".into(),
-        });
-    }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_owned(),
-        why: e.to_string(),
-    })?;
-    // ring, as the HTTP client (ureq) uses: it builds with the C compiler alone.
-    // aws-lc-rs would add the post-quantum key exchange ring lacks, at the price of
-    // a CMake build on every host.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let id = crate::pki::Identity::load(cert, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::pki::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Pair(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, private)
+        .with_single_cert(id.certs, id.key)
         .map_err(|e| TlsError::Pair(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -61,7 +61,7 @@ impl Backend for FerryVmm {
     }
 
     fn start(&mut self, req: &Migrate) -> Result<(), BackendError> {
-        self.call::<serde::de::IgnoredAny>(&Request::Migrate(req.clone()))
+        self.call::<serde::de::IgnoredAny>(&Request::Migrate(Box::new(req.clone())))
             .map(|_| ())
     }
 

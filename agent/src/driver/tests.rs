@@ -43,6 +43,7 @@ fn report(outcome: Outcome, codec: Codec) -> MigrationReport {
         },
         mode: ferry_api::Mode::Precopy,
         to: "dst:1".into(),
+        tls: true,
         downtime_ms: Some(5.0),
         max_heartbeat_gap_ms: 6.0,
         rounds: 3,

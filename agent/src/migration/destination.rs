@@ -4,8 +4,8 @@
 //! as soon as it arrives, opens the disks on `Complete` and answers `Ready`, and runs
 //! the guest only on `Commit`.
 
+use crate::migration::secure::Conn;
 use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -82,7 +82,7 @@ pub enum IncomingError {
 /// handover in doubt), or with the reason it never will; on an error nothing of
 /// the migration is left but what is in `slot`, which the caller discards.
 pub fn receive(
-    conn: TcpStream,
+    conn: Conn,
     hello: Hello,
     session: Session,
     routed: &mpsc::Receiver<Routed>,
@@ -116,7 +116,7 @@ pub struct Failed {
     /// or the source ended it). The connection stays open until this is dropped, so
     /// the caller tells the source only after letting go of everything the migration
     /// held: a source that retries at once must find the port free.
-    pub answer: Option<TcpStream>,
+    pub answer: Option<Conn>,
 }
 
 /// Where each disk of `cfg` lives on this host's shared storage: the image of the
@@ -236,8 +236,8 @@ struct Receiver<'a> {
     place: &'a Placement,
     /// The config written beside them, once the disks are complete.
     config_path: Option<std::path::PathBuf>,
-    r: BufReader<TcpStream>,
-    w: TcpStream,
+    r: BufReader<Conn>,
+    w: Conn,
     /// When this side last sent anything, and how often it must while the stream
     /// flows (a quarter of the source's timeout): the source takes a longer silence
     /// for a dead destination.

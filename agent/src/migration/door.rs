@@ -12,6 +12,8 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use super::secure::{self, Conn, Transport};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -41,7 +43,7 @@ pub struct Placement {
 /// A later connection of the migration being received, with its first message.
 pub struct Routed {
     pub first: Message,
-    pub conn: TcpStream,
+    pub conn: Conn,
 }
 
 pub use ferry_api::PortCounters;
@@ -63,6 +65,9 @@ pub struct Door {
     /// on this port; whoever issued the ticket starts a fresh destination.
     ticket: Option<String>,
     ticket_spent: std::sync::atomic::AtomicBool,
+    /// TLS (sources must prove themselves with a certificate the CA signed) or plain
+    /// TCP (`--insecure`).
+    transport: Transport,
     phase: Mutex<Phase>,
     /// The migration being received: its session, and where its later connections go.
     route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
@@ -81,7 +86,7 @@ impl Drop for Waiting<'_> {
 
 /// Reads from a connection until a deadline, however the bytes trickle in.
 struct Until<'a> {
-    conn: &'a TcpStream,
+    conn: &'a Conn,
     deadline: Instant,
 }
 
@@ -102,6 +107,7 @@ impl Door {
         place: Placement,
         ticket: Option<String>,
         listening: SocketAddr,
+        transport: Transport,
     ) -> Arc<Self> {
         Arc::new(Self {
             slot,
@@ -109,6 +115,7 @@ impl Door {
             place,
             ticket,
             ticket_spent: std::sync::atomic::AtomicBool::new(false),
+            transport,
             phase: Mutex::new(Phase::Waiting),
             route: Mutex::new(None),
             waiting: AtomicUsize::new(0),
@@ -164,12 +171,64 @@ impl Door {
         c.last_rejection = Some(format!("{peer}: {why}"));
     }
 
-    fn handle(self: Arc<Self>, conn: TcpStream, peer: SocketAddr) {
+    /// Whether the transport is TLS, and if so the handshake: a source that is not
+    /// who the CA says it may be is refused here, before it can say anything.
+    fn secure(&self, tcp: TcpStream) -> Result<Conn, String> {
+        let silent = || format!("it said nothing within {} s", HELLO_WAIT.as_secs());
+        tcp.set_read_timeout(Some(HELLO_WAIT))
+            .map_err(|e| e.to_string())?;
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first) {
+            Ok(0) => return Err("it closed without a word".into()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(silent());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let tls_hello = first[0] == secure::TLS_HANDSHAKE;
+        match &self.transport {
+            Transport::Tls(tls) if tls_hello => {
+                Conn::server(tcp, tls, HELLO_WAIT).map_err(|e| e.to_string())
+            }
+            Transport::Tls(_) => {
+                let why = "refused: this destination takes migrations over TLS only, and the \
+                           source connected without it (--insecure)";
+                // In the clear, so that a source without TLS can read why.
+                let _ = protocol::send(
+                    &mut Conn::plain(tcp),
+                    &Message::Abort { reason: why.into() },
+                );
+                Err(why.into())
+            }
+            Transport::Insecure if tls_hello => Err(
+                "it began a TLS handshake, and this destination was started with --insecure \
+                 (plain TCP)"
+                    .into(),
+            ),
+            Transport::Insecure => Ok(Conn::plain(tcp)),
+        }
+    }
+
+    fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let waiting = Waiting(&self.waiting);
+        let deadline = Instant::now() + HELLO_WAIT;
+        let conn = match self.secure(tcp) {
+            Ok(c) => c,
+            Err(why) => {
+                drop(waiting);
+                return self.reject(peer, &why);
+            }
+        };
         let first = (|| -> Result<Message, ProtocolError> {
             let mut r = Until {
                 conn: &conn,
-                deadline: Instant::now() + HELLO_WAIT,
+                deadline,
             };
             let mut payload = Vec::new();
             let kind = protocol::read_frame_within(&mut r, &mut payload, FIRST_FRAME_MAX)?;
@@ -230,7 +289,7 @@ impl Door {
     }
 
     /// Tells a source why it is turned away, then counts it.
-    fn turn_away(&self, mut conn: TcpStream, peer: SocketAddr, why: String) {
+    fn turn_away(&self, mut conn: Conn, peer: SocketAddr, why: String) {
         let _ = protocol::send(
             &mut conn,
             &Message::Abort {
@@ -241,9 +300,15 @@ impl Door {
         self.reject(peer, &why);
     }
 
-    fn receive(&self, conn: TcpStream, peer: SocketAddr, hello: protocol::Hello) {
+    fn receive(&self, conn: Conn, peer: SocketAddr, hello: protocol::Hello) {
         if let Some(ticket) = &self.ticket {
-            if !protocol::same_secret(hello.ticket.as_bytes(), ticket.as_bytes()) {
+            // Over TLS the source proves it knows the ticket with keying material
+            // of this very session: a proof replayed on another connection fails.
+            let expected = match conn.ticket_proof(ticket) {
+                Ok(p) => p,
+                Err(e) => return self.turn_away(conn, peer, format!("no ticket proof: {e}")),
+            };
+            if !protocol::same_secret(hello.ticket.as_bytes(), expected.as_bytes()) {
                 return self.turn_away(
                     conn,
                     peer,
@@ -333,7 +398,7 @@ impl Door {
 
     /// A source settles a handover in doubt: did it commit? Only the migration's own
     /// source can say (it names the session).
-    fn resolve(&self, mut conn: TcpStream, peer: SocketAddr, session: Session, committed: bool) {
+    fn resolve(&self, mut conn: Conn, peer: SocketAddr, session: Session, committed: bool) {
         if *lock(&self.phase) != Phase::Arrived(session) {
             return self.turn_away(
                 conn,

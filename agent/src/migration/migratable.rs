@@ -35,6 +35,9 @@ pub struct Migratable {
     /// The last outgoing migration's names on the wire: its id, and the destination's
     /// secret once its handshake completed (a `Resolve` needs both).
     pub session: Mutex<Option<super::protocol::Session>>,
+    /// How the last outgoing migration reached its destination: a `Resolve` goes
+    /// the same way.
+    pub transport: Mutex<Option<super::secure::Transport>>,
 }
 
 impl Migratable {
@@ -55,6 +58,7 @@ impl Migratable {
             incoming: Mutex::new(None),
             storage: Mutex::new(None),
             session: Mutex::new(None),
+            transport: Mutex::new(None),
         }
     }
 

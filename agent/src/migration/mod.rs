@@ -13,6 +13,7 @@ pub mod postcopy_dst;
 pub mod postcopy_src;
 mod priority;
 pub mod protocol;
+pub mod secure;
 pub mod source;
 pub mod storage;
 mod vcpu_pages;

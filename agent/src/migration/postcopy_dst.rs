@@ -11,9 +11,9 @@
 //! recovery window, the vCPUs are stopped and the loss is reported: the guest never
 //! runs on memory it does not have.
 
+use crate::migration::secure::Conn;
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -253,7 +253,7 @@ impl PageSink for Filling<'_> {
     }
 }
 
-type Channel = (BufReader<TcpStream>, TcpStream);
+type Channel = (BufReader<Conn>, Conn);
 
 /// Drops the pages set in `pages` from guest memory at `base`: the next touch finds
 /// them absent. Adjacent pages go as one range, and ranges go to the kernel a thousand
@@ -341,12 +341,15 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
                 revents: 0,
             },
             libc::pollfd {
-                fd: chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()),
+                fd: chan.as_ref().map_or(-1, |c| c.1.tcp().as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
-        let buffered = chan.as_ref().is_some_and(|c| !c.0.buffer().is_empty());
+        // Over TLS, answers may wait decrypted where a poll of the socket cannot see them.
+        let buffered = chan
+            .as_ref()
+            .is_some_and(|c| !c.0.buffer().is_empty() || c.1.buffered());
         if !buffered {
             // SAFETY: two valid pollfd entries (a negative fd is ignored by poll).
             unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
@@ -419,7 +422,7 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
                     t.record_fault(t0.elapsed());
                 }
             }
-            if c.0.buffer().is_empty() {
+            if c.0.buffer().is_empty() && !c.1.buffered() {
                 break;
             }
         }
@@ -499,10 +502,10 @@ impl Incoming<'_> {
     /// main connection (for the closing messages).
     pub fn run(
         &self,
-        mut r: BufReader<TcpStream>,
-        mut w: TcpStream,
+        mut r: BufReader<Conn>,
+        mut w: Conn,
         faults: FaultThread,
-    ) -> (BufReader<TcpStream>, TcpStream) {
+    ) -> (BufReader<Conn>, Conn) {
         let chan_tx = faults.channels.clone();
         {
             let _background = priority::Background::enter();
@@ -566,11 +569,7 @@ impl Incoming<'_> {
 
     /// Waits for the source to come back; stops the vCPUs if the recovery window
     /// passes, and keeps waiting (`ferry migrate --resume` on the source).
-    fn recover(
-        &self,
-        why: &str,
-        channels: &mpsc::Sender<Channel>,
-    ) -> (BufReader<TcpStream>, TcpStream) {
+    fn recover(&self, why: &str, channels: &mpsc::Sender<Channel>) -> (BufReader<Conn>, Conn) {
         let t = &self.tracker;
         t.set_phase(PostcopyPhase::Recovering, Some(why.to_owned()));
         let lost_at = Instant::now() + self.recover;
@@ -617,10 +616,7 @@ impl Incoming<'_> {
         }
     }
 
-    fn reconnect(
-        &self,
-        conn: TcpStream,
-    ) -> Result<(BufReader<TcpStream>, TcpStream, Channel), PostcopyError> {
+    fn reconnect(&self, conn: Conn) -> Result<(BufReader<Conn>, Conn, Channel), PostcopyError> {
         conn.set_read_timeout(Some(self.timeout))
             .map_err(ProtocolError::from)?;
         let mut w = conn.try_clone().map_err(ProtocolError::from)?;

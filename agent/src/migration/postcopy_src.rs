@@ -11,16 +11,16 @@
 //! waits for `ferry migrate --resume`.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::codec::{Codec, Compressor};
 use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
+use super::secure::{Conn, Transport};
+use super::source::dial;
 use super::source::{
-    BATCH, Buffers, MigrateError, Phase, Sender, Switch, address, bandwidth, encode, link_rate,
-    lock,
+    BATCH, Buffers, MigrateError, Phase, Sender, Switch, bandwidth, encode, link_rate, lock,
 };
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
@@ -51,7 +51,7 @@ const TIGHT_ROUNDS: u32 = 2;
 const LATE_PAGES_MAX: u64 = 128;
 
 /// Answers page requests on the fault channel until it breaks or `stop` is set.
-fn serve_requests(memory: &[u8], conn: TcpStream, shared: &Served, stop: &AtomicBool) {
+fn serve_requests(memory: &[u8], conn: Conn, shared: &Served, stop: &AtomicBool) {
     super::priority::raise_priority();
     let pages = (memory.len() / PAGE) as u64;
     let Ok(w) = conn.try_clone() else { return };
@@ -176,11 +176,11 @@ impl Served {
 /// scale), the queue stays near empty.
 struct Paced {
     /// The same socket (a duplicate descriptor).
-    conn: TcpStream,
+    conn: Conn,
 }
 
 impl Paced {
-    fn below(conn: &TcpStream, link_bytes_per_sec: f64) -> Option<Self> {
+    fn below(conn: &Conn, link_bytes_per_sec: f64) -> Option<Self> {
         if !(link_bytes_per_sec.is_finite() && link_bytes_per_sec > 0.0) {
             return None;
         }
@@ -196,12 +196,12 @@ impl Drop for Paced {
     }
 }
 
-fn set_pacing(conn: &TcpStream, bytes_per_sec: u64) -> bool {
+fn set_pacing(conn: &Conn, bytes_per_sec: u64) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: a socket option on our own socket, with a u64 value of the size given.
     let rc = unsafe {
         libc::setsockopt(
-            conn.as_raw_fd(),
+            conn.tcp().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_MAX_PACING_RATE,
             (&bytes_per_sec as *const u64).cast(),
@@ -219,18 +219,12 @@ fn set_pacing(conn: &TcpStream, bytes_per_sec: u64) -> bool {
 
 /// Opens the fault channel of migration `session`.
 fn open_fault_channel(
+    transport: &Transport,
     to: &str,
     session: protocol::Session,
     timeout: Duration,
-) -> Result<TcpStream, MigrateError> {
-    let addr = address(to)?;
-    let mut conn = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(5))).map_err(
-        |source| MigrateError::Connect {
-            to: to.to_owned(),
-            source,
-        },
-    )?;
-    let _ = conn.set_nodelay(true);
+) -> Result<Conn, MigrateError> {
+    let mut conn = dial(transport, to, timeout.min(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(timeout))
         .map_err(ProtocolError::from)?;
     protocol::send(&mut conn, &Message::FaultChannel { session })?;
@@ -288,7 +282,12 @@ impl Sender<'_> {
         }
         // Connecting costs a round trip or two: not in the pause. The destination
         // takes the connection once the handover reaches it.
-        let fault = open_fault_channel(&self.params.to, self.session, self.params.timeout)?;
+        let fault = open_fault_channel(
+            &self.params.transport,
+            &self.params.to,
+            self.session,
+            self.params.timeout,
+        )?;
         if dirty_log_running {
             // What the guest dirtied during the last round is stale too, hundreds of
             // pages at a high rate, and dropping them in the pause would cost it. Short
@@ -447,7 +446,7 @@ impl Sender<'_> {
     fn postcopy(
         &mut self,
         mut need: Bitmap,
-        fault: TcpStream,
+        fault: Conn,
         switch: &mut Switch,
         handover: (Instant, super::Lap, super::priority::Urgent),
     ) -> Result<PostcopyFigures, MigrateError> {
@@ -619,7 +618,7 @@ impl Sender<'_> {
 
     /// Reconnects to the destination; returns the pages it still lacks and a new
     /// fault channel. Retries for the recovery window, then waits for `--resume`.
-    fn recover(&mut self, why: &str) -> Result<(Bitmap, TcpStream), MigrateError> {
+    fn recover(&mut self, why: &str) -> Result<(Bitmap, Conn), MigrateError> {
         let pages = self.m.memory_bytes() / PAGE as u64;
         let _ = self.w.get_ref().shutdown(std::net::Shutdown::Both);
         let mut deadline = Instant::now() + self.params.recover;
@@ -648,15 +647,12 @@ impl Sender<'_> {
         }
     }
 
-    fn reconnect(&mut self, pages: u64) -> Result<(Bitmap, TcpStream), MigrateError> {
-        let addr = address(&self.params.to)?;
-        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|source| {
-            MigrateError::Connect {
-                to: self.params.to.clone(),
-                source,
-            }
-        })?;
-        let _ = conn.set_nodelay(true);
+    fn reconnect(&mut self, pages: u64) -> Result<(Bitmap, Conn), MigrateError> {
+        let conn = dial(
+            &self.params.transport,
+            &self.params.to,
+            Duration::from_secs(2),
+        )?;
         conn.set_read_timeout(Some(self.params.timeout))
             .map_err(ProtocolError::from)?;
         conn.set_write_timeout(Some(self.params.timeout))
@@ -674,7 +670,12 @@ impl Sender<'_> {
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Missing")),
         };
-        let fault = open_fault_channel(&self.params.to, self.session, self.params.timeout)?;
+        let fault = open_fault_channel(
+            &self.params.transport,
+            &self.params.to,
+            self.session,
+            self.params.timeout,
+        )?;
         self.w = super::wire::Wire::new(w).map_err(ProtocolError::from)?;
         self.r = r;
         Ok((missing, fault))

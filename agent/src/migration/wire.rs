@@ -2,8 +2,8 @@
 //! control frames through it, and with an active disk mirror the guest's vCPU threads
 //! write their disk writes through it too, each frame whole and in order.
 
+use crate::migration::secure::Conn;
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,15 +17,15 @@ pub struct Wire {
 
 #[derive(Debug)]
 struct Shared {
-    w: Mutex<BufWriter<TcpStream>>,
+    w: Mutex<BufWriter<Conn>>,
     /// The same socket, for its options and counters (no lock needed to read them).
-    sock: TcpStream,
+    sock: Conn,
     /// Bytes written by writers other than the migration thread, not yet counted by it.
     others: AtomicU64,
 }
 
 impl Wire {
-    pub fn new(conn: TcpStream) -> std::io::Result<Self> {
+    pub fn new(conn: Conn) -> std::io::Result<Self> {
         let sock = conn.try_clone()?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -36,11 +36,11 @@ impl Wire {
         })
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
+    pub fn get_ref(&self) -> &Conn {
         &self.shared.sock
     }
 
-    fn lock(&self) -> MutexGuard<'_, BufWriter<TcpStream>> {
+    fn lock(&self) -> MutexGuard<'_, BufWriter<Conn>> {
         // A writer that panicked mid-frame would have left the stream torn; the
         // receiver's checks then abort the migration, which is what must happen.
         self.shared.w.lock().unwrap_or_else(|e| e.into_inner())
@@ -90,7 +90,7 @@ mod tests {
             c.read_to_end(&mut all).unwrap();
             all
         });
-        let mut wire = Wire::new(TcpStream::connect(addr).unwrap()).unwrap();
+        let mut wire = Wire::new(Conn::plain(std::net::TcpStream::connect(addr).unwrap())).unwrap();
         let other = wire.clone();
         // Frames larger than the buffer, so a split would show.
         let a = vec![b'a'; 3 << 20];

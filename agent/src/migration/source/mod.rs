@@ -10,7 +10,9 @@
 //! copies stay paused.
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
+
+use crate::migration::secure::{Conn, Transport};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -47,7 +49,7 @@ pub use precopy::converged;
 pub use resolve::{ResolveError, resolve};
 pub(super) use stats::{Stats, bandwidth, link_rate};
 pub(super) use switchover::Switch;
-pub(super) use transport::address;
+
 pub use transport::dial;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -89,8 +91,11 @@ pub struct Params {
     /// Why each initial setting is what it is (a policy's reasons); absent ones were
     /// set by the operator.
     pub reasons: Reasons,
-    /// The destination's one-time ticket, sent in the `Hello` (empty: none).
+    /// The destination's one-time ticket, proved in the `Hello` (empty: none).
     pub ticket: String,
+    /// TLS (the host's certificate, the CA) or plain TCP; every connection of the
+    /// migration (the stream, the fault channel, recoveries, a resolve) uses it.
+    pub transport: Transport,
     /// The migration's W3C trace context, sent in the `Hello` (empty: none).
     pub traceparent: String,
 }
@@ -105,6 +110,12 @@ pub enum MigrateError {
     Resolve(String),
     #[error("cannot connect to {to}: {source}")]
     Connect { to: String, source: std::io::Error },
+    #[error("{0}; nothing was sent")]
+    Handshake(#[from] crate::migration::secure::HandshakeError),
+    #[error(
+        "the stream's TLS failed ({0}): a record was altered on the way, or the peer broke the session"
+    )]
+    Tls(String),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("the destination refused: {0}")]
@@ -160,7 +171,7 @@ pub(super) struct Sender<'a> {
     pub(super) m: &'a dyn Movable,
     pub(super) params: &'a Params,
     pub(super) w: Wire,
-    pub(super) r: TcpStream,
+    pub(super) r: Conn,
     pub(super) stats: Stats,
     pub(super) compressor: Compressor,
     pub(super) bufs: Buffers,
@@ -200,7 +211,7 @@ pub fn starting(to: &str, settings: &Settings) -> MigrationProgress {
 /// Runs a migration to its end and returns its report (also kept in the machine's
 /// status, and written to `params.report` if given).
 /// Runs a migration over `conn` (from [`dial`]) to its end; returns the report.
-pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationReport {
+pub fn run(vm: Arc<Migratable>, params: Params, conn: Conn) -> MigrationReport {
     let _log = crate::migration::log_span(&params.traceparent).entered();
     tracing::info!("migration to {} started", params.to);
     let m = vm.movable();
@@ -260,6 +271,7 @@ pub fn run(vm: Arc<Migratable>, params: Params, conn: TcpStream) -> MigrationRep
         },
         mode: params.mode,
         to: params.to.clone(),
+        tls: params.transport.is_tls(),
         downtime_ms: switch.downtime_ms,
         max_heartbeat_gap_ms: ms(m.max_heartbeat_gap()),
         rounds: s.round,
@@ -314,7 +326,7 @@ fn set_progress(vm: &Migratable, p: &MigrationProgress) {
 /// Runs the migration; returns its counters and how it ended.
 fn migrate(
     vm: &Migratable,
-    (params, conn): (&Params, TcpStream),
+    (params, conn): (&Params, Conn),
     t0: Instant,
     switch: &mut Switch,
 ) -> (Stats, Result<(), MigrateError>) {

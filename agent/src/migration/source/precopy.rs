@@ -58,7 +58,7 @@ impl Sender<'_> {
 
     pub(in crate::migration) fn publish(&mut self, phase: Phase) {
         self.last_publish = Instant::now();
-        if let Some(m) = self.meter.read(self.w.get_ref()) {
+        if let Some(m) = self.meter.read(self.w.get_ref().tcp()) {
             self.stats.tcp = Some(m);
         }
         self.measure_disk_dirtying();

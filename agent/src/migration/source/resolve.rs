@@ -11,8 +11,6 @@ pub enum ResolveError {
     NoSession,
     #[error("{0}")]
     Address(MigrateError),
-    #[error("cannot reach the destination {to}: {source}; the VM stays as it is")]
-    Unreachable { to: String, source: std::io::Error },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("the destination answered {0:?}")]
@@ -33,9 +31,8 @@ pub fn resolve(vm: &Migratable) -> Result<ferry_api::Resolution, ResolveError> {
     // Without the destination's secret there is nothing it would answer to.
     let session = (*lock(&vm.session)).ok_or(ResolveError::NoSession)?;
     let committed = vm.movable().handed_over();
-    let addr = address(&to).map_err(ResolveError::Address)?;
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|source| ResolveError::Unreachable { to, source })?;
+    let transport = lock(&vm.transport).clone().ok_or(ResolveError::NoSession)?;
+    let mut conn = dial(&transport, &to, Duration::from_secs(5)).map_err(ResolveError::Address)?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     protocol::send(&mut conn, &Message::Resolve { session, committed })?;
     let running = match protocol::recv(&mut conn, None)? {

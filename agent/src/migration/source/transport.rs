@@ -2,6 +2,7 @@
 //! connection's send and receive paths the rest of the source uses.
 
 use super::*;
+use crate::migration::secure::DialError;
 
 /// A name for one migration, unique enough to tell two apart on one destination.
 pub(super) fn migration_id() -> u64 {
@@ -23,15 +24,17 @@ pub(in crate::migration) fn address(to: &str) -> Result<std::net::SocketAddr, Mi
         .ok_or_else(|| MigrateError::Resolve(to.to_owned()))
 }
 
-/// Resolves `to` and connects to it: done before a migration is said to start, so a
-/// destination that cannot be reached is an answer, not a report later.
-pub fn dial(to: &str) -> Result<TcpStream, MigrateError> {
+/// Resolves `to`, connects to it and (over TLS) checks who answers: done before a
+/// migration is said to start, so a destination that cannot be reached or proved is
+/// an answer, not a report later.
+pub fn dial(transport: &Transport, to: &str, within: Duration) -> Result<Conn, MigrateError> {
     let addr = address(to)?;
-    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
-        MigrateError::Connect {
+    transport.dial(addr, to, within).map_err(|e| match e {
+        DialError::Connect(source) => MigrateError::Connect {
             to: to.to_owned(),
             source,
-        }
+        },
+        DialError::Handshake(h) => MigrateError::Handshake(h),
     })
 }
 
@@ -39,7 +42,7 @@ pub(super) fn connect<'a>(
     vm: &'a Migratable,
     params: &'a Params,
     t0: Instant,
-    conn: TcpStream,
+    conn: Conn,
 ) -> Result<Sender<'a>, MigrateError> {
     let m = vm.movable();
     let _ = conn.set_nodelay(true);
@@ -48,9 +51,13 @@ pub(super) fn connect<'a>(
         .map_err(ProtocolError::from)?;
     conn.set_write_timeout(Some(params.timeout))
         .map_err(ProtocolError::from)?;
+    let conn_proof = conn
+        .ticket_proof(&params.ticket)
+        .map_err(|e| MigrateError::Vm(format!("cannot prove the ticket: {e}")))?;
     let r = conn.try_clone().map_err(ProtocolError::from)?;
-    let watchdog =
-        crate::migration::watchdog::Watchdog::start(conn.try_clone().map_err(ProtocolError::from)?);
+    let watchdog = crate::migration::watchdog::Watchdog::start(
+        conn.tcp().try_clone().map_err(ProtocolError::from)?,
+    );
     let mut tx = Sender {
         vm,
         m,
@@ -89,7 +96,11 @@ pub(super) fn connect<'a>(
         timeout_ms: params.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         id: tx.session.id,
         recover_ms: params.recover.as_millis().min(u128::from(u32::MAX)) as u32,
-        ticket: params.ticket.clone(),
+        ticket: if params.ticket.is_empty() {
+            String::new()
+        } else {
+            conn_proof
+        },
         traceparent: params.traceparent.clone(),
     }))?;
     tx.w.flush().map_err(ProtocolError::from)?;
@@ -198,6 +209,14 @@ impl Sender<'_> {
             match self.recv() {
                 Ok(Message::Abort { reason }) => return MigrateError::Refused(reason),
                 Ok(_) => continue,
+                // The destination's TLS found a record it could not authenticate and
+                // said so with an alert.
+                Err(ProtocolError::Io(io)) => {
+                    return match crate::migration::secure::tls_error(&io) {
+                        Some(tls) => MigrateError::Tls(tls.to_string()),
+                        None => e,
+                    };
+                }
                 Err(_) => return e,
             }
         }

@@ -1,0 +1,166 @@
+//! `cargo xtask bench tls`: what TLS costs the migration stream on loopback, the same
+//! migrations run in turns over TLS and over plain TCP (`--insecure`), so that the
+//! machine's drift hits both alike.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use ferry_api::{MigrationReport, Outcome};
+use serde_json::{Value, json};
+
+use crate::bench::{Report, config, start, wait_for};
+use crate::util::{Vmm, build_ferry, median, step, work_dir};
+
+/// Runs of each kind.
+const RUNS: usize = 5;
+
+/// Migrates `vm` to a fresh incoming VMM over TLS or plain TCP; returns the report
+/// and the new VMM.
+fn migrate(
+    ferry: &Path,
+    dir: &Path,
+    vm: &Vmm,
+    name: &str,
+    tls: bool,
+    args: &[&str],
+) -> Result<(MigrationReport, Vmm)> {
+    let insecure: &[&str] = if tls { &[] } else { &["--insecure"] };
+    let (dst, addr) = crate::util::incoming(ferry, dir, name, insecure)?;
+    let mut full = vec!["migrate", "--to", &addr, "--json"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(insecure);
+    full.extend(["--control", vm.control.to_str().unwrap_or_default()]);
+    let out = std::process::Command::new(ferry)
+        .args(ferry_tests::pki::secured(&full))
+        .output()?;
+    let report = Report::<MigrationReport>::parse(&out)?.typed;
+    if report.core.outcome != Outcome::Completed || report.memory_verified != Some(true) {
+        bail!("migration failed or unverified: {report:?}");
+    }
+    if report.tls != tls {
+        bail!("asked for tls = {tls}, the report says {}", report.tls);
+    }
+    Ok((report, dst))
+}
+
+fn kind(tls: bool) -> &'static str {
+    if tls { "tls" } else { "tcp" }
+}
+
+pub fn run() -> Result<()> {
+    let ferry = build_ferry()?;
+    let dir = work_dir("bench-tls")?;
+    let mut results = serde_json::Map::new();
+
+    step(&format!(
+        "throughput: an idle 1 GiB guest, 768 MiB of random (incompressible) pages, no \
+         codec; {RUNS} migrations each way, TLS and plain TCP in turns"
+    ));
+    let body = config(
+        "bulk",
+        1024,
+        1,
+        "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "bulk", &body)?;
+    vm.wait_ready(&ferry)?;
+    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+        s.machine.guest_pages_written >= 196_608
+    })?;
+    let mut rate: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..2 * RUNS {
+        let tls = i % 2 == 0;
+        let (r, dst) = migrate(
+            &ferry,
+            &dir,
+            &vm,
+            &format!("bulk{i}"),
+            tls,
+            &["--compression", "none", "--policy", "static"],
+        )?;
+        let bytes_per_sec = r.bytes_on_wire as f64 / (r.core.total_ms / 1e3);
+        println!(
+            "  {:<3} total {:.0} ms, {:.2} GB/s on the wire, downtime {:.2} ms",
+            kind(tls),
+            r.core.total_ms,
+            bytes_per_sec / 1e9,
+            r.downtime_ms.unwrap_or(f64::NAN)
+        );
+        rate[usize::from(tls)].push(bytes_per_sec);
+        vm.quit(&ferry)?;
+        vm = dst;
+    }
+    vm.quit(&ferry)?;
+    let (tcp, tls) = (median(rate[0].clone()), median(rate[1].clone()));
+    let cost = (1.0 - tls / tcp) * 100.0;
+    println!(
+        "  median: plain TCP {:.2} GB/s, TLS {:.2} GB/s: TLS costs {cost:.1}% of throughput \
+         (goal <= 15%)",
+        tcp / 1e9,
+        tls / 1e9
+    );
+    results.insert(
+        "throughput".into(),
+        json!({"tcp_bytes_per_sec": rate[0], "tls_bytes_per_sec": rate[1],
+               "tcp_median": tcp, "tls_median": tls, "cost_percent": cost}),
+    );
+
+    step(&format!(
+        "downtime: 20k pages/s at random over 512 MiB of a 1 GiB guest, --max-downtime-ms \
+         50; {RUNS} migrations each way, in turns"
+    ));
+    let body = config(
+        "busy",
+        1024,
+        2,
+        "working_set_mib = 512\ndirty_pages_per_sec = 20000\npattern = \"random\"\n\
+         content = \"text\"\n",
+    );
+    let mut vm = start(&ferry, &dir, "busy", &body)?;
+    vm.wait_ready(&ferry)?;
+    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
+        s.machine.guest_pages_written >= 140_000
+    })?;
+    let mut down: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..2 * RUNS {
+        let tls = i % 2 == 0;
+        let (r, dst) = migrate(
+            &ferry,
+            &dir,
+            &vm,
+            &format!("busy{i}"),
+            tls,
+            &["--max-downtime-ms", "50"],
+        )?;
+        let d = r.downtime_ms.unwrap_or(f64::NAN);
+        println!(
+            "  {:<3} downtime {d:.2} ms, switchover {:.2} ms, total {:.0} ms, {} rounds",
+            kind(tls),
+            r.core.switchover_ms.unwrap_or(f64::NAN),
+            r.core.total_ms,
+            r.rounds
+        );
+        down[usize::from(tls)].push(d);
+        vm.quit(&ferry)?;
+        vm = dst;
+    }
+    vm.quit(&ferry)?;
+    let (tcp, tls) = (median(down[0].clone()), median(down[1].clone()));
+    println!(
+        "  median downtime: plain TCP {tcp:.2} ms, TLS {tls:.2} ms: TLS adds {:.2} ms \
+         (goal <= 1 ms)",
+        tls - tcp
+    );
+    results.insert(
+        "downtime_ms".into(),
+        json!({"tcp": down[0], "tls": down[1], "tcp_median": tcp, "tls_median": tls,
+               "added_ms": tls - tcp}),
+    );
+
+    let out = crate::util::root().join("target/bench/tls.json");
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    step(&format!("results saved to {}", out.display()));
+    Ok(())
+}
