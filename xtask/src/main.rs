@@ -7,6 +7,7 @@ mod bench_policy_report;
 mod bench_probes;
 mod bench_telemetry;
 mod bench_tls;
+mod fuzz;
 mod lab;
 mod lab_net;
 mod lab_report;
@@ -32,6 +33,8 @@ commands:
                  real migrations of a grid of guests and links under the adaptive
                  policy and every peer preset; writes DIR/bench.json and bench.md
                  (default grid xtask/scenarios/grid.toml, DIR target/bench/policy)
+  fuzz [--secs N] [TARGET...]
+                 every cargo-fuzz target (nightly) for N seconds each
   help [command] this text, or a command's usage
 
 `cargo xtask <command> --help` (or -h) shows a command's usage.";
@@ -157,6 +160,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
         ["setup", ..] => SETUP_USAGE,
         ["test", ..] => TEST_USAGE,
         ["lab", ..] => lab::USAGE,
+        ["fuzz", ..] => fuzz::USAGE,
         ["bench"] => BENCH_USAGE,
         ["bench", area, ..] => match *area {
             "vmm" => BENCH_VMM_USAGE,
@@ -182,6 +186,7 @@ enum Request<'a> {
     Lab(&'a [&'a str]),
     Bench(&'a str),
     BenchPolicy(&'a [&'a str]),
+    Fuzz(&'a [&'a str]),
 }
 
 fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
@@ -206,6 +211,7 @@ fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
         ["setup"] => Request::Setup,
         ["test", rest @ ..] => Request::Test(rest),
         ["lab", rest @ ..] => Request::Lab(rest),
+        ["fuzz", rest @ ..] => Request::Fuzz(rest),
         ["bench", "policy", rest @ ..] => Request::BenchPolicy(rest),
         ["bench", area] => {
             usage(&["bench", area])?;
@@ -251,6 +257,7 @@ fn run(request: Request) -> Result<()> {
             setup::run()?;
             bench_policy::run(rest)
         }
+        Request::Fuzz(rest) => fuzz::run_fuzz(rest),
     }
 }
 

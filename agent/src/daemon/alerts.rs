@@ -610,4 +610,54 @@ mod tests {
         assert!(Matcher::parse("no operator").is_err());
         assert!(Matcher::parse(r#"="x""#).is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            // The webhook reads whatever is posted: arbitrary bytes are refused (or
+            // booked) without a panic.
+            #[test]
+            fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+                if let Ok(p) = serde_json::from_slice::<Payload>(&data) {
+                    let mut book = Book::new("host-a", Rule::default_rules());
+                    let _ = book.receive(&p, |_| true, 0);
+                }
+            }
+
+            // Payloads of the right shape with arbitrary statuses, labels and
+            // fingerprints, posted twice: booked or refused whole, never a panic, and
+            // the book stays bounded.
+            #[test]
+            fn arbitrary_alerts_never_panic(
+                alerts in proptest::collection::vec(
+                    (
+                        "(firing|resolved|[a-z]{0,6})",
+                        proptest::collection::hash_map(
+                            "(alertname|host|vm|ferry_action|[a-z]{1,4})",
+                            "(host-a|web-1|migrate-away|[a-z0-9-]{0,6})",
+                            0..5,
+                        ),
+                        "[0-9a-f]{0,8}",
+                    ),
+                    0..8,
+                ),
+                version in "(4|3|[0-9]{0,2})",
+            ) {
+                let p = Payload {
+                    version,
+                    alerts: alerts
+                        .into_iter()
+                        .map(|(status, labels, fingerprint)| Alert { status, labels, fingerprint })
+                        .collect(),
+                };
+                let mut book = Book::new("host-a", Rule::default_rules());
+                for _ in 0..2 {
+                    let _ = book.receive(&p, |vm| vm == "web-1", 0);
+                }
+                prop_assert!(book.list().len() <= p.alerts.len());
+            }
+        }
+    }
 }

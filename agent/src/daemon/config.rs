@@ -654,4 +654,34 @@ token_file = "peer"
             assert!(e.contains(words), "{}: {e}", change.1);
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            // Paths are taken from a folder that does not exist: nothing on the host
+            // is read, whatever the text names.
+            #[test]
+            fn random_text_never_panics(text in "\\PC{0,400}") {
+                let _ = AgentConfig::parse(&text, Path::new("/nonexistent-ferry/agent.toml"));
+            }
+
+            #[test]
+            fn the_good_config_with_any_line_changed_never_panics(
+                line in 0usize..20,
+                value in "(-?[0-9]{1,20}|\"[ -~]{0,12}\"|\\[\\]|true|1e999)",
+            ) {
+                let text: String = GOOD
+                    .lines()
+                    .enumerate()
+                    .map(|(i, l)| match (i == line, l.split_once(" = ")) {
+                        (true, Some((k, _))) => format!("{k} = {value}\n"),
+                        _ => format!("{l}\n"),
+                    })
+                    .collect();
+                let _ = AgentConfig::parse(&text, Path::new("/nonexistent-ferry/agent.toml"));
+            }
+        }
+    }
 }

@@ -491,4 +491,80 @@ cache = "none"
             assert!(e.contains(needle), "{text:?} gave {e}");
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_config() -> impl Strategy<Value = VmConfig> {
+            (
+                "[a-z][a-z0-9-]{0,12}",
+                16u64..=MAX_MEMORY_MIB,
+                1u32..4,
+                0u64..2048,
+                0u64..1_000_000,
+                prop_oneof![
+                    Just(Pattern::Sequential),
+                    Just(Pattern::Random),
+                    Just(Pattern::Hotcold),
+                    Just(Pattern::Idle)
+                ],
+                proptest::collection::vec(("[a-z]{1,6}", 1u64..64, any::<bool>()), 0..3),
+            )
+                .prop_map(|(name, memory_mib, vcpus, ws, rate, pattern, disks)| {
+                    VmConfig {
+                        name,
+                        memory_mib,
+                        vcpus,
+                        dirty_tracking: Default::default(),
+                        entry: Default::default(),
+                        workload: Workload {
+                            // The lab guest keeps 4 MiB for itself.
+                            working_set_mib: ws % (memory_mib - 4),
+                            dirty_pages_per_sec: rate,
+                            pattern,
+                            ..Workload::default()
+                        },
+                        disks: disks
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (id, size_mib, write_log))| DiskConfig {
+                                path: PathBuf::from(format!("/srv/vms/{id}.img")),
+                                id: format!("{id}{i}"),
+                                size_mib,
+                                cache: Default::default(),
+                                write_log,
+                            })
+                            .collect(),
+                        generation: 0,
+                    }
+                })
+        }
+
+        proptest! {
+            // What a source sends (`to_toml`) reads back the same at the destination.
+            #[test]
+            fn a_config_round_trips_through_its_text(cfg in arb_config()) {
+                let back = VmConfig::parse_unresolved(&cfg.to_toml(), Path::new("t.toml"));
+                prop_assert_eq!(back.map_err(|e| e.to_string()), Ok(cfg));
+            }
+
+            #[test]
+            fn random_text_never_panics(text in "\\PC{0,400}") {
+                let _ = VmConfig::parse_unresolved(&text, Path::new("t.toml"));
+            }
+
+            #[test]
+            fn random_tomlish_text_never_panics(
+                lines in proptest::collection::vec(
+                    ("(name|memory_mib|vcpus|working_set_mib|dirty_pages_per_sec|pattern|size_mib|\\[workload\\]|\\[\\[disks\\]\\])",
+                     "( = )?(-?[0-9]{1,20}|\"[a-z]{0,8}\"|true|1e308)?"),
+                    0..12,
+                ),
+            ) {
+                let text: String = lines.iter().map(|(k, v)| format!("{k}{v}\n")).collect();
+                let _ = VmConfig::parse_unresolved(&text, Path::new("t.toml"));
+            }
+        }
+    }
 }
