@@ -7,6 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = AgentConfig::parse(text, std::path::Path::new("/nonexistent-ferry-fuzz/agent.toml"));
+        let _ = AgentConfig::parse(
+            text,
+            std::path::Path::new("/nonexistent-ferry-fuzz/agent.toml"),
+        );
     }
 });

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use ferry_tests::agent::{Agent, request, request_tls, write_test_pki};
 use ferry_tests::{
-    TempDir, alongside, ferry, ferry_bin, require_command, require_ebpf, require_kvm, status_at,
-    vm_of,
+    TempDir, alongside, exclusive, ferry, ferry_bin, require_command, require_ebpf, require_kvm,
+    status_at, vm_of,
 };
 use serde_json::Value;
 
@@ -1194,4 +1194,79 @@ fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
     let m = a.wait_ended(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
     moved(&a, &b);
+}
+
+#[test]
+fn eight_migrations_at_once_between_two_agents_all_complete_and_verify() {
+    if !require_kvm() {
+        return;
+    }
+    // Eight guests and sixteen VMMs at once: nothing else alongside.
+    let _host = exclusive();
+    let names: Vec<String> = (1..=8).map(|i| format!("vm-{i}")).collect();
+    // Over TLS, as a fleet runs; eight slots each way.
+    let dir = TempDir::new("agent-eight");
+    for d in ["a", "b", "pki"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    write_test_pki(&dir.join("pki"));
+    let mut a = Agent::configure(&dir.join("a"), "host-a");
+    let mut b = Agent::configure(&dir.join("b"), "host-b");
+    for agent in [&mut a, &mut b] {
+        agent.serve_tls(&dir.join("pki"));
+        agent.set("max_outbound = 8\nmax_inbound = 8");
+    }
+    a.peer_with(&b);
+    b.peer_with(&a);
+    for n in &names {
+        std::fs::write(
+            dir.join(format!("a/vms/{n}.toml")),
+            format!(
+                "name = \"{n}\"\nmemory_mib = 32\n[workload]\nworking_set_mib = 8\n\
+                 dirty_pages_per_sec = 200\n"
+            ),
+        )
+        .unwrap();
+    }
+    a.start();
+    b.start();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    a.wait_for_vms(
+        "the eight running on host-a",
+        Duration::from_secs(120),
+        |l| running_with_heartbeats(l, &all),
+    );
+    // Asked for all at once, as eight operators (or an evacuation) would.
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let asks: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let a = &a;
+                s.spawn(move || a.migrate(&format!(r#"{{"vm": "{n}", "destination": "host-b"}}"#)))
+            })
+            .collect();
+        asks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, id) in names.iter().zip(&ids) {
+        let m = a.wait_ended(id, Duration::from_secs(240));
+        assert_eq!(m["state"], "completed", "{n}: {m}\n{}", a.log_text());
+        assert_eq!(m["tls"], true, "{n}: {m}");
+    }
+    b.wait_for_vms(
+        "the eight running on host-b",
+        Duration::from_secs(60),
+        |l| running_with_heartbeats(l, &all),
+    );
+    for n in &names {
+        let out = ferry(&["verify", "--control", &b.control(n)]);
+        assert!(
+            out.status.success(),
+            "{n} at its destination: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    a.wait_for_vms("none left on host-a", Duration::from_secs(30), |l| {
+        l.is_empty()
+    });
 }

@@ -38,11 +38,9 @@ pub fn run_fuzz(args: &[&str]) -> Result<()> {
         match a {
             "--secs" => {
                 let v = it.next().context("--secs needs a number of seconds")?;
-                secs = v
-                    .parse()
-                    .ok()
-                    .filter(|&s| s > 0)
-                    .with_context(|| format!("--secs {v:?}: a whole number of seconds, at least 1"))?;
+                secs = v.parse().ok().filter(|&s| s > 0).with_context(|| {
+                    format!("--secs {v:?}: a whole number of seconds, at least 1")
+                })?;
             }
             flag if flag.starts_with('-') => bail!("unknown flag {flag:?}\n\n{USAGE}"),
             target => wanted.push(target.to_owned()),
@@ -146,7 +144,8 @@ fn fuzz_one(dir: &Path, target: &str, secs: u64) -> Result<Outcome> {
     }
     let seeds: PathBuf = dir.join("seeds").join(target);
     let log = work.join(format!("{target}.log"));
-    let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let logf =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     // New inputs go to the working corpus under target/; the committed seeds are only
     // read.
     let status = Command::new("cargo")
@@ -177,7 +176,8 @@ fn fuzz_one(dir: &Path, target: &str, secs: u64) -> Result<Outcome> {
         let why = text
             .lines()
             .find(|l| {
-                l.contains("ERROR: libFuzzer") || l.contains("ERROR: AddressSanitizer")
+                l.contains("ERROR: libFuzzer")
+                    || l.contains("ERROR: AddressSanitizer")
                     || l.contains("panicked at")
             })
             .unwrap_or("cargo fuzz run failed")

@@ -12,6 +12,7 @@ mod lab;
 mod lab_net;
 mod lab_report;
 mod setup;
+mod soak;
 mod util;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ commands:
                  (default grid xtask/scenarios/grid.toml, DIR target/bench/policy)
   fuzz [--secs N] [TARGET...]
                  every cargo-fuzz target (nightly) for N seconds each
+  soak [--minutes N] [--insecure]
+                 one VM migrated back and forth for N minutes, every hop checked
   help [command] this text, or a command's usage
 
 `cargo xtask <command> --help` (or -h) shows a command's usage.";
@@ -50,9 +53,10 @@ test, lab and bench run it first.";
 const TEST_USAGE: &str = "usage: cargo xtask test [ARGS]
 
 Setup, then cargo fmt --all --check, cargo clippy --workspace --all-targets --release
--- -D warnings, a release build of ferry, and cargo test --workspace --release with
-FERRY_BIN pointing at it: unit, integration and end-to-end tests (real KVM, eBPF,
-sockets and network namespaces: run as root).
+-- -D warnings, one release build of the tests and the ferry binary (cargo test
+--workspace --release --no-run), and cargo test --workspace --release with FERRY_BIN
+pointing at that binary (unless FERRY_BIN is set): unit, integration and end-to-end
+tests (real KVM, eBPF, sockets and network namespaces: run as root).
 
 ARGS go to cargo test as they are, e.g.
   cargo xtask test --test probes
@@ -161,6 +165,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
         ["test", ..] => TEST_USAGE,
         ["lab", ..] => lab::USAGE,
         ["fuzz", ..] => fuzz::USAGE,
+        ["soak", ..] => soak::USAGE,
         ["bench"] => BENCH_USAGE,
         ["bench", area, ..] => match *area {
             "vmm" => BENCH_VMM_USAGE,
@@ -187,6 +192,7 @@ enum Request<'a> {
     Bench(&'a str),
     BenchPolicy(&'a [&'a str]),
     Fuzz(&'a [&'a str]),
+    Soak(&'a [&'a str]),
 }
 
 fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
@@ -212,6 +218,7 @@ fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
         ["test", rest @ ..] => Request::Test(rest),
         ["lab", rest @ ..] => Request::Lab(rest),
         ["fuzz", rest @ ..] => Request::Fuzz(rest),
+        ["soak", rest @ ..] => Request::Soak(rest),
         ["bench", "policy", rest @ ..] => Request::BenchPolicy(rest),
         ["bench", area] => {
             usage(&["bench", area])?;
@@ -258,6 +265,10 @@ fn run(request: Request) -> Result<()> {
             bench_policy::run(rest)
         }
         Request::Fuzz(rest) => fuzz::run_fuzz(rest),
+        Request::Soak(rest) => {
+            setup::run()?;
+            soak::run(rest)
+        }
     }
 }
 

@@ -80,7 +80,31 @@ pub fn test(extra: &[&str]) -> Result<()> {
         "warnings",
     ]);
     run(c, "cargo clippy")?;
-    let ferry = build_ferry()?;
+    // One build of everything the tests run, the `ferry` binary among them (its
+    // package's integration tests want it): built with the features the whole
+    // workspace's tests unify, so the test run compiles nothing again. (`cargo build
+    // -p ferry` would resolve fewer features and make cargo build ferry and half its
+    // dependencies twice.)
+    let ferry = match std::env::var_os("FERRY_BIN") {
+        Some(bin) => {
+            let bin = root().join(bin);
+            step(&format!("using ferry at {} (FERRY_BIN)", bin.display()));
+            bin
+        }
+        None => {
+            step("building the tests and ferry (release)");
+            let mut c = cargo();
+            // Whole, whatever ARGS select: a filtered build might leave the binary
+            // out (it is built for the ferry package's own integration tests).
+            c.args(["test", "--workspace", "--release", "--no-run"]);
+            run(c, "cargo test --no-run")?;
+            let bin = target_dir().join("release/ferry");
+            if !bin.is_file() {
+                bail!("cargo test --no-run built no {}", bin.display());
+            }
+            bin
+        }
+    };
     step("cargo test (unit, integration, end-to-end)");
     let skip_log = fresh_skip_log()?;
     let mut c = cargo();
