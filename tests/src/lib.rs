@@ -626,40 +626,27 @@ pub fn free_port() -> u16 {
 /// A `ferry vmm --incoming` on a free loopback port; returns it and its address.
 /// Shared disks are found in `dir/disks`, where the tests' configs keep them.
 pub fn incoming(dir: &Path, name: &str) -> (Vmm, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let shared = dir.join("disks");
-    std::fs::create_dir_all(&shared).expect("create the shared disk folder");
-    let vmm = Vmm::spawn(
-        dir,
-        name,
-        &[
-            "--incoming",
-            &addr,
-            "--shared-dir",
-            shared.to_str().unwrap(),
-        ],
-    );
-    (vmm, addr)
+    incoming_with(dir, name, &[])
 }
 
 /// As [`incoming`], over plain TCP (`--insecure`): for tests that speak the wire
 /// protocol themselves, and so test Ferry's own frame checks rather than TLS's.
 pub fn incoming_insecure(dir: &Path, name: &str) -> (Vmm, String) {
+    incoming_with(dir, name, &["--insecure"])
+}
+
+fn incoming_with(dir: &Path, name: &str, extra: &[&str]) -> (Vmm, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let shared = dir.join("disks");
     std::fs::create_dir_all(&shared).expect("create the shared disk folder");
-    let vmm = Vmm::spawn(
-        dir,
-        name,
-        &[
-            "--incoming",
-            &addr,
-            "--shared-dir",
-            shared.to_str().unwrap(),
-            "--insecure",
-        ],
-    );
-    (vmm, addr)
+    let mut args = vec![
+        "--incoming",
+        &addr,
+        "--shared-dir",
+        shared.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (Vmm::spawn(dir, name, &args), addr)
 }
 
 /// Runs `ferry migrate --json` from `src` to `to`; returns its exit success and report.
