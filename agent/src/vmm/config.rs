@@ -519,8 +519,9 @@ cache = "none"
                         dirty_tracking: Default::default(),
                         entry: Default::default(),
                         workload: Workload {
-                            // The lab guest keeps 4 MiB for itself.
-                            working_set_mib: ws % (memory_mib - 4),
+                            // Up to half the memory (the lab guest keeps some for
+                            // itself); 0 would mean "half" and read back as that.
+                            working_set_mib: 1 + ws % (memory_mib / 2),
                             dirty_pages_per_sec: rate,
                             pattern,
                             ..Workload::default()
