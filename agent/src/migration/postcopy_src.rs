@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use super::codec::{Codec, Compressor};
 use super::hot_pages::{HotPages, pause_budget, pause_split};
 use super::protocol::{self, Message, PostcopyFigures, ProtocolError};
-use super::secure::{Conn, Transport};
+use super::secure::Conn;
 use super::source::dial;
 use super::source::{
-    BATCH, Buffers, MigrateError, Phase, Sender, Switch, bandwidth, encode, link_rate, lock,
+    BATCH, Buffers, MigrateError, Params, Phase, Sender, Switch, bandwidth, encode, link_rate, lock,
 };
 use crate::bitmap::Bitmap;
 use crate::guest::abi::PAGE_SIZE;
@@ -218,13 +218,13 @@ fn set_pacing(conn: &Conn, bytes_per_sec: u64) -> bool {
 }
 
 /// Opens the fault channel of migration `session`.
-fn open_fault_channel(
-    transport: &Transport,
-    to: &str,
-    session: protocol::Session,
-    timeout: Duration,
-) -> Result<Conn, MigrateError> {
-    let mut conn = dial(transport, to, timeout.min(Duration::from_secs(5)))?;
+fn open_fault_channel(params: &Params, session: protocol::Session) -> Result<Conn, MigrateError> {
+    let timeout = params.timeout;
+    let mut conn = dial(
+        &params.transport,
+        &params.to,
+        timeout.min(Duration::from_secs(5)),
+    )?;
     conn.set_write_timeout(Some(timeout))
         .map_err(ProtocolError::from)?;
     protocol::send(&mut conn, &Message::FaultChannel { session })?;
@@ -282,12 +282,7 @@ impl Sender<'_> {
         }
         // Connecting costs a round trip or two: not in the pause. The destination
         // takes the connection once the handover reaches it.
-        let fault = open_fault_channel(
-            &self.params.transport,
-            &self.params.to,
-            self.session,
-            self.params.timeout,
-        )?;
+        let fault = open_fault_channel(self.params, self.session)?;
         if dirty_log_running {
             // What the guest dirtied during the last round is stale too, hundreds of
             // pages at a high rate, and dropping them in the pause would cost it. Short
@@ -670,12 +665,7 @@ impl Sender<'_> {
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Missing")),
         };
-        let fault = open_fault_channel(
-            &self.params.transport,
-            &self.params.to,
-            self.session,
-            self.params.timeout,
-        )?;
+        let fault = open_fault_channel(self.params, self.session)?;
         self.w = super::wire::Wire::new(w).map_err(ProtocolError::from)?;
         self.r = r;
         Ok((missing, fault))

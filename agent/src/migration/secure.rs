@@ -236,10 +236,6 @@ impl Conn {
         })
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// The socket under the stream: its options and kernel counters.
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
