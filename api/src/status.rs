@@ -73,6 +73,10 @@ pub struct MachineStatus {
     /// A `dirty-sample` holds the dirty log now.
     pub dirty_sample_running: bool,
     pub crash: Option<String>,
+    /// Why the vCPUs stopped on their own with a guest write held (a disk's file
+    /// system full): `resume` retries it once there is room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     pub per_vcpu: Vec<VcpuStatus>,
 }
 

@@ -150,6 +150,10 @@ struct Control {
     parked: u32,
     exited: u32,
     crash: Option<String>,
+    /// Why the vCPUs stopped on their own, a guest write waiting to be retried: a
+    /// disk whose file system is full (QEMU's `werror=enospc`). Cleared once the
+    /// write succeeds after a resume.
+    stopped: Option<String>,
 }
 
 pub struct Shared {
@@ -293,6 +297,7 @@ impl Machine {
                 memory: self.vm.memory.clone(),
                 dirty: self.dirty.clone(),
                 disks: self.disks.clone(),
+                held_write: std::cell::Cell::new(None),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -413,6 +418,11 @@ impl Machine {
             })
             .collect();
         let sum = |f: fn(&Mailbox) -> u64| per_vcpu.iter().map(|(_, m)| f(m)).sum::<u64>();
+        // One lock: a guard in the struct literal below would live to its end.
+        let (crash, stopped) = {
+            let ctl = lock(&self.shared.control);
+            (ctl.crash.clone(), ctl.stopped.clone())
+        };
         MachineStatus {
             name: self.cfg.name.clone(),
             state: self.state(),
@@ -442,7 +452,8 @@ impl Machine {
             },
             restore: self.restore,
             dirty_sample_running: self.dirty_sample_lock.try_lock().is_err(),
-            crash: lock(&self.shared.control).crash.clone(),
+            crash,
+            stopped,
             per_vcpu: per_vcpu.into_iter().map(|(v, _)| v).collect(),
         }
     }
@@ -694,6 +705,9 @@ struct VcpuThread {
     memory: GuestMemoryMmap,
     dirty: Arc<DirtyLog>,
     disks: Arc<DiskSet>,
+    /// A guest write the disk's full file system refused: the VM stopped, and the
+    /// write is retried before this vCPU runs again (its status not yet given).
+    held_write: std::cell::Cell<Option<Mailbox>>,
 }
 
 impl VcpuThread {
@@ -716,6 +730,18 @@ impl VcpuThread {
                 }
                 fd = lock(&self.fd);
                 KVM_RUN.with(|c| c.set(fd.get_kvm_run()));
+                continue;
+            }
+            if let Some(mb) = self.held_write.take() {
+                // Resumed: the write the guest is still waiting for, again.
+                match self.finish_block(&mb) {
+                    Err(reason) => self.crash(format!("vCPU {}: {reason}", self.index)),
+                    Ok(()) if self.held_write.get().is_none() => {
+                        tracing::info!(target: "ferry::vmm", "vCPU {}: the held write went through", self.index);
+                        lock(&self.shared.control).stopped = None;
+                    }
+                    Ok(()) => {}
+                }
                 continue;
             }
             let entered = Instant::now();
@@ -776,12 +802,27 @@ impl VcpuThread {
         }
     }
 
+    /// Stops every vCPU, saying why (this one parks at its next turn of the loop).
+    fn stop_for_space(&self, reason: String) {
+        tracing::error!(target: "ferry::vmm", "{reason}");
+        let mut ctl = lock(&self.shared.control);
+        ctl.stopped = Some(reason);
+        self.halt(ctl);
+    }
+
     fn crash(&self, reason: String) {
         tracing::error!(target: "ferry::vmm", "guest crashed: {reason}");
         let mut ctl = lock(&self.shared.control);
         if ctl.crash.is_none() {
             ctl.crash = Some(reason);
         }
+        self.halt(ctl);
+    }
+
+    /// Stops every vCPU of a running VM (a quitting one quits) once the caller has
+    /// noted why under `ctl`: parked waiters learn it, and every thread is kicked
+    /// out of KVM_RUN.
+    fn halt(&self, ctl: std::sync::MutexGuard<'_, Control>) {
         if self.shared.target() == Target::Run {
             self.shared
                 .target
@@ -934,7 +975,38 @@ impl VcpuThread {
 
     fn block_request(&self) -> Result<(), String> {
         let mb = self.mailbox()?;
-        let status = self.do_block(&mb);
+        self.finish_block(&mb)
+    }
+
+    /// Carries out a block request and gives the guest its status, unless the disk's
+    /// file system is full: then the VM stops (every vCPU, as QEMU's `werror=enospc`
+    /// does) and the write waits, status untold, until an operator made room and
+    /// resumed it. A guest told ENOSPC would lose the write; one that waits loses
+    /// nothing.
+    fn finish_block(&self, mb: &Mailbox) -> Result<(), String> {
+        let status = self.do_block(mb);
+        if mb.block_op == BlockOp::Write as u64
+            && (status == libc::ENOSPC as u64 || status == libc::EDQUOT as u64)
+        {
+            let disk = self
+                .disks
+                .disks
+                .get(mb.block_disk as usize)
+                .map_or_else(String::new, |d| {
+                    format!("{} ({})", d.id, d.path().display())
+                });
+            self.stop_for_space(format!(
+                "disk {disk}: its file system is full (a guest write got {}); the VM \
+                 stopped with the write held: make room, then resume",
+                if status == libc::ENOSPC as u64 {
+                    "ENOSPC"
+                } else {
+                    "EDQUOT"
+                }
+            ));
+            self.held_write.set(Some(*mb));
+            return Ok(());
+        }
         let addr = Layout::mailbox(self.index) + std::mem::offset_of!(Mailbox, block_status) as u64;
         self.memory
             .write_obj(status, GuestAddress(addr))
