@@ -5,7 +5,10 @@
 //! folder name them (so the VM starts from them next time).
 //!
 //! If the agent dies mid-way the VMM finishes on its own, and it rewrites the config
-//! it was started from; the restarted agent follows what still runs.
+//! it was started from; the restarted agent reads its records back
+//! (`run_dir/storage-migrations/<id>.json`, kept at each change of state), follows
+//! again under the same id what it had started, and settles from the VMM's report
+//! what ended while it was away.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,7 +40,11 @@ pub struct StorageMigrations {
     datastores: Vec<PathBuf>,
     base: PathBuf,
     run_dir: PathBuf,
+    /// Where the records are kept across restarts.
+    dir: PathBuf,
     records: Mutex<BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>>,
+    /// Records read back unended: followed again once the inventory has the VM.
+    unfollowed: Mutex<Vec<String>>,
     next: AtomicU64,
 }
 
@@ -49,13 +56,57 @@ impl StorageMigrations {
     /// `base`: where a relative datastore in a request starts (the agent config's
     /// folder, as for the config's own paths).
     pub fn new(datastores: &[PathBuf], base: &Path, run_dir: &Path) -> Self {
-        Self {
+        let this = Self {
             datastores: datastores.iter().map(|d| absolute(d)).collect(),
             base: base.to_owned(),
             run_dir: run_dir.to_owned(),
+            dir: run_dir.join("storage-migrations"),
             records: Mutex::new(BTreeMap::new()),
+            unfollowed: Mutex::new(Vec::new()),
             next: AtomicU64::new(1),
+        };
+        this.read_back();
+        this
+    }
+
+    /// The records a previous run of the agent kept.
+    fn read_back(&self) {
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            return tracing::error!(
+                "cannot keep storage migration records in {}: {e}",
+                self.dir.display()
+            );
         }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut records = lock(&self.records);
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let read = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<StorageMigrationInfo>(&b).map_err(|e| e.to_string())
+                });
+            match read {
+                Ok(info) => {
+                    if !info.state.ended() {
+                        lock(&self.unfollowed).push(info.id.clone());
+                    }
+                    records.insert(info.id.clone(), Arc::new(Mutex::new(info)));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the storage migration record {} does not read ({e}); set aside",
+                        path.display()
+                    );
+                    let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                }
+            }
+        }
+        prune(&mut records, &self.dir);
     }
 
     pub fn list(&self) -> Vec<StorageMigrationInfo> {
@@ -196,7 +247,7 @@ impl StorageMigrations {
                     format!("VM {} is already moving (storage migration {id})", req.vm),
                 ));
             }
-            prune(&mut records);
+            prune(&mut records, &self.dir);
             let id = records::new_id('s', &self.next);
             let r = Arc::new(Mutex::new(StorageMigrationInfo::new(
                 id.clone(),
@@ -249,6 +300,7 @@ impl StorageMigrations {
                 to = %folder.display(),
                 "storage migration started"
             );
+            keep(&self.dir, &i);
         }
         self.follow(
             record.clone(),
@@ -262,6 +314,30 @@ impl StorageMigrations {
     /// Follows, with a record of its own, every storage migration a VMM here runs
     /// that no record follows: one begun before this agent restarted (or by hand).
     pub fn follow_unowned(&self, vms: &View) {
+        // First what this agent started before it restarted, under the same id: still
+        // running, or ended meanwhile (the VMM's report says how).
+        let pending = std::mem::take(&mut *lock(&self.unfollowed));
+        for id in pending {
+            let record = lock(&self.records).get(&id).cloned();
+            let Some(record) = record else { continue };
+            let name = lock(&record).vm.clone();
+            match vms.get(&name) {
+                Some(vm) => {
+                    tracing::info!(
+                        vm = name,
+                        id,
+                        "following again a storage migration begun before a restart"
+                    );
+                    self.follow(
+                        record,
+                        inventory::control_socket(&self.run_dir, &name),
+                        PathBuf::from(&vm.config),
+                        None,
+                    );
+                }
+                None => lock(&self.unfollowed).push(id),
+            }
+        }
         for vm in vms.all().into_iter().filter(|v| v.moving_disks) {
             let record = {
                 let mut records = lock(&self.records);
@@ -311,8 +387,10 @@ impl StorageMigrations {
             .name("storage-migration".into())
             .spawn({
                 let record = record.clone();
+                let dir = self.dir.clone();
                 move || {
                     follow(&record, &control, &config);
+                    keep(&dir, &lock(&record));
                     if let Some(folder) = made
                         && lock(&record).state != MigrationState::Completed
                     {
@@ -344,13 +422,31 @@ fn end(record: &Mutex<StorageMigrationInfo>, state: MigrationState, error: Optio
     i.error = error;
 }
 
-fn prune(records: &mut BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>) {
+fn prune(records: &mut BTreeMap<String, Arc<Mutex<StorageMigrationInfo>>>, dir: &Path) {
     let ended = records
         .iter()
         .filter_map(|(id, r)| lock(r).ended_unix_ms.map(|t| (t, id.clone())))
         .collect();
     for id in records::beyond_keep(ended) {
         records.remove(&id);
+        let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+    }
+}
+
+/// Keeps a record as it is now, for a restarted agent; one that cannot be kept is
+/// still served.
+fn keep(dir: &Path, info: &StorageMigrationInfo) {
+    let file = dir.join(format!("{}.json", info.id));
+    let tmp = file.with_extension("json.tmp");
+    let written = serde_json::to_vec_pretty(info)
+        .map_err(std::io::Error::other)
+        .and_then(|t| std::fs::write(&tmp, t))
+        .and_then(|()| std::fs::rename(&tmp, &file));
+    if let Err(e) = written {
+        tracing::warn!(
+            "cannot keep the storage migration record {}: {e}",
+            file.display()
+        );
     }
 }
 
