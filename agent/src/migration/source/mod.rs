@@ -140,6 +140,11 @@ pub enum MigrateError {
     /// timeout while the stream flows, said nothing for longer than the timeout.
     #[error("the destination said nothing for over {:.1} s", .0.as_secs_f64())]
     Silent(Duration),
+    #[error(
+        "the destination went away without a word ({0}): its VMM stopped, or its host or \
+         the path to it failed"
+    )]
+    Gone(std::io::Error),
     /// Not a failure: `start-postcopy` arrived; the pre-copy loop switches.
     #[error("switching to post-copy")]
     StartPostcopy,

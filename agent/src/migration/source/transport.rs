@@ -214,10 +214,10 @@ impl Sender<'_> {
                 Err(ProtocolError::Io(io)) => {
                     return match crate::migration::secure::tls_error(&io) {
                         Some(tls) => MigrateError::Tls(tls.to_string()),
-                        None => e,
+                        None => gone(e),
                     };
                 }
-                Err(_) => return e,
+                Err(_) => return gone(e),
             }
         }
     }
@@ -254,5 +254,22 @@ impl Sender<'_> {
             self.stats.idle_rtt = Some(self.stats.idle_rtt.map_or(rtt, |r| r.min(rtt)));
         }
         Ok(())
+    }
+}
+
+/// A connection the destination reset or closed without an Abort, said as such (an
+/// operator reads "broken pipe" as a bug of Ferry's, not as a stopped peer).
+fn gone(e: MigrateError) -> MigrateError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e {
+        MigrateError::Protocol(ProtocolError::Io(io))
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+            ) =>
+        {
+            MigrateError::Gone(io)
+        }
+        other => other,
     }
 }
