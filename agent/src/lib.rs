@@ -7,6 +7,7 @@ pub mod clock;
 pub mod control;
 pub mod daemon;
 pub mod driver;
+pub mod failpoint;
 pub mod guest;
 pub mod migration;
 pub mod pki;

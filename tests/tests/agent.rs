@@ -636,7 +636,7 @@ fn a_handover_in_doubt_is_settled_between_the_agents_without_an_operator() {
     // run the VM: the handover is in doubt, both copies paused.
     let (_dir, a, b) = two_hosts_set("agent-doubt", &vm_config("web-1"), |a, _| {
         a.env
-            .push(("FERRY_TEST_FAULT".into(), "drop-after-commit".into()));
+            .push(("FERRY_FAILPOINTS".into(), "source.after-commit=drop".into()));
     });
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     let m = a.wait_ended(&id, Duration::from_secs(120));

@@ -526,10 +526,10 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
     let _host = alongside();
     let dir = TempDir::new("doubt");
     for (fault, runs_on) in [
-        ("drop-before-commit", "source"),
-        ("drop-after-commit", "destination"),
+        ("source.after-ready", "source"),
+        ("source.after-commit", "destination"),
     ] {
-        let name = fault.replace('-', "");
+        let name = fault.replace(['-', '.'], "");
         let cfg = write_config(
             dir.path(),
             &name,
@@ -539,7 +539,7 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
             dir.path(),
             &name,
             &["--config", cfg.to_str().unwrap()],
-            &[("FERRY_TEST_FAULT", fault)],
+            &[("FERRY_FAILPOINTS", &format!("{fault}=drop"))],
         );
         src.wait_for("running", Duration::from_secs(30), |s| {
             s.machine.heartbeats > 200
@@ -550,7 +550,7 @@ fn a_handover_in_doubt_never_runs_two_copies_and_resolves() {
         let (s, d) = (src.status(), dst.status());
         let running = [&s, &d].iter().filter(|v| state_of(v) == "running").count();
         assert!(running <= 1, "two running copies: {s} {d}");
-        if fault == "drop-before-commit" {
+        if fault == "source.after-ready" {
             // Not committed: the source took the VM back; the destination holds its
             // copy paused and refuses to run it.
             assert_eq!(state_of(&s), "running", "{s}");

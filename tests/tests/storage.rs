@@ -228,9 +228,9 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
     let _host = alongside();
     let dir = TempDir::new("storage-crash");
     for (i, point) in [
-        "storage-copying",
-        "storage-before-config",
-        "storage-after-config",
+        "storage.copying",
+        "storage.config-rewrite",
+        "storage.after-config",
     ]
     .into_iter()
     .enumerate()
@@ -241,7 +241,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
             dir.path(),
             &name,
             &["--config", cfg.to_str().unwrap()],
-            &[("FERRY_TEST_FAULT", point)],
+            &[("FERRY_FAILPOINTS", &format!("{point}=crash"))],
         );
         vm.wait_for("disk writes", Duration::from_secs(30), |s| {
             s.machine.disk_writes > 300
@@ -264,7 +264,7 @@ fn a_crash_at_any_step_leaves_a_config_naming_complete_images() {
         let paths = config_paths(&cfg);
         assert_eq!(paths.len(), 2, "{point}: {paths:?}");
         let moved = paths.iter().any(|p| p.contains("ds2-"));
-        assert_eq!(moved, point == "storage-after-config", "{point}: {paths:?}");
+        assert_eq!(moved, point == "storage.after-config", "{point}: {paths:?}");
         for p in &paths {
             // Relative paths are taken from the config's folder.
             let len = std::fs::metadata(dir.join(p)).unwrap().len();

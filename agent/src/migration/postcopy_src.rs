@@ -586,6 +586,7 @@ impl Sender<'_> {
             self.write_wire(&e.frames)?;
             self.count_pages(&e);
             self.bufs.spare_frames.push(e.frames);
+            self.fault("source.postcopy")?;
             if last_publish.elapsed() >= Duration::from_millis(100) {
                 last_publish = Instant::now();
                 self.publish_postcopy(Phase::Postcopy, left);

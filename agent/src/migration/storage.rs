@@ -365,7 +365,7 @@ impl Copier<'_> {
                 self.copy_blocks(d, &source, &file, first, count, self.rounds > 0)?;
             }
             self.rounds += 1;
-            crash_point("storage-copying");
+            crash_point("storage.copying");
             // What the guest wrote meanwhile (and was not mirrored).
             todo.clear_all();
             if let Some(job) = d.job().as_mut() {
@@ -423,7 +423,7 @@ impl Copier<'_> {
             } else {
                 None
             };
-            crash_point("storage-before-config");
+            crash_point("storage.config-rewrite");
             if let Some(cfg_path) = &self.params.config_path {
                 let mut cfg = self.m.config();
                 if let Some(c) = cfg.disks.iter_mut().find(|c| c.id == d.id) {
@@ -433,7 +433,7 @@ impl Copier<'_> {
                 cfg.write_atomic(cfg_path)
                     .map_err(io("rewriting the config", cfg_path))?;
             }
-            crash_point("storage-after-config");
+            crash_point("storage.after-config");
             d.switch_to(
                 target.to_owned(),
                 file.try_clone().map_err(io("opening", target))?,
@@ -552,16 +552,10 @@ impl Copier<'_> {
     }
 }
 
-/// Test-only crash injection (`FERRY_TEST_FAULT=<point>` in the VMM's environment):
-/// the process dies on the spot, as in a power cut, so tests can show that the config
-/// always names complete images.
+/// A failpoint (test builds, see [`crate::failpoint`]): tests crash the VMM here, as
+/// a power cut would, to show the config always names complete images, or hold it.
 fn crash_point(point: &str) {
-    if std::env::var("FERRY_TEST_FAULT").is_ok_and(|v| v == point) {
-        tracing::error!("test fault: crashing at {point}");
-        // SAFETY: ends the process at once, skipping every destructor, as a crash does
-        // (without leaving a core file behind).
-        unsafe { libc::_exit(137) };
-    }
+    crate::failpoint::reach(point);
 }
 
 /// Splits disk bytes into alternating runs of 4 KiB pieces that are all zero and

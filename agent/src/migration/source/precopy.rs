@@ -3,12 +3,10 @@
 use super::*;
 
 impl Sender<'_> {
-    /// Test-only fault injection (`FERRY_TEST_FAULT=<point>` in the source VMM's
-    /// environment): drops the connection at that point of the switchover, as a
-    /// network failure would, so tests can show the handover stays safe.
+    /// A failpoint (test builds, see [`crate::failpoint`]): holds here, or drops the
+    /// connection as a network failure would, so tests reach this exact point.
     pub(in crate::migration) fn fault(&mut self, point: &str) -> Result<(), MigrateError> {
-        if std::env::var("FERRY_TEST_FAULT").is_ok_and(|v| v == point) {
-            tracing::warn!("test fault: dropping the connection at {point}");
+        if crate::failpoint::reach(point) == Some(crate::failpoint::Action::Drop) {
             let _ = self.r.shutdown(std::net::Shutdown::Both);
             return Err(MigrateError::Vm(format!(
                 "lost the connection at {point} (injected fault)"
@@ -201,6 +199,9 @@ impl Sender<'_> {
         self.write_wire(&e.frames)?;
         self.sent_upto += (e.pages_sent + e.zero_pages) as usize;
         self.count_pages(e);
+        if self.stats.round == 0 && self.m.state() == RunState::Running {
+            self.fault("source.first-pass")?;
+        }
         self.check_cancel()
     }
 
@@ -260,6 +261,7 @@ impl Sender<'_> {
         // trip from these hosts (the first ping may wait for the destination to build
         // the VM: the least of them counts).
         self.measure_idle_rtt()?;
+        self.fault("source.setup")?;
         if self.params.mode == Mode::Postcopy && !self.params.precopy_pass {
             let mut need = Bitmap::new(pages);
             need.set_all();
@@ -367,6 +369,7 @@ impl Sender<'_> {
                 return Err(MigrateError::StartPostcopy);
             }
             result?;
+            self.fault("source.later-round")?;
             self.end_round(self.stats.round, round_start)?;
         }
     }

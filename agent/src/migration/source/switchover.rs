@@ -111,7 +111,7 @@ impl Sender<'_> {
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             _ => return Err(MigrateError::Unexpected("something other than Ready")),
         }
-        self.fault("drop-before-commit")?;
+        self.fault("source.after-ready")?;
         // The handover is recorded before Commit leaves: from here on this copy must
         // never run again, whatever happens to the connection.
         self.m.hand_over();
@@ -119,7 +119,7 @@ impl Sender<'_> {
         self.send(&Message::Commit)?;
         self.w.flush().map_err(ProtocolError::from)?;
         lap.mark("ready received, commit sent");
-        self.fault("drop-after-commit")?;
+        self.fault("source.after-commit")?;
         match self.recv()? {
             Message::Resumed => {}
             _ => return Err(MigrateError::Unexpected("something other than Resumed")),
