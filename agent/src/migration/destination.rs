@@ -366,11 +366,14 @@ impl Receiver<'_> {
         tracing::info!("memory received in {:?}; opening disks", t0.elapsed());
         let mut lap = Lap::new();
         let mut cfg = cfg;
+        let mut arrival = None;
         let opened = (|| -> Result<DiskSet, IncomingError> {
             if let Some(store) = store {
                 // The copies are complete (the source sent the last blocks paused):
                 // sync them and write the config that names them.
-                cfg = store.finish(&cfg)?;
+                let (named, copies) = store.finish(&cfg)?;
+                cfg = named;
+                arrival = Some(copies);
                 self.config_path = cfg
                     .disks
                     .first()
@@ -425,6 +428,8 @@ impl Receiver<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = self.config_path.clone();
         let served = Arc::new(Migratable::new(machine.clone()));
+        // Held with the VM: dropped with it if this arrival is discarded.
+        *lock(&served.arrival) = arrival.take();
         if let Some((tracker, _)) = &postcopy {
             *lock(&served.incoming) = Some(tracker.clone());
             *lock(&machine.absent) = Some(tracker.clone());
@@ -432,8 +437,9 @@ impl Receiver<'_> {
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) =
             Some("a migration is handing this VM over; waiting for the source's commit".into());
         machine.start(false)?;
-        *lock(slot) = Some(served);
+        *lock(slot) = Some(served.clone());
         lap.mark("vCPU threads started");
+        crate::failpoint::reach("destination.after-complete");
         self.send(&Message::Ready)?;
         lap.mark("ready sent");
         match protocol::recv(&mut self.r, None) {
@@ -453,6 +459,10 @@ impl Receiver<'_> {
         }
         *machine.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
         lap.mark("commit received");
+        if let Some(copies) = lock(&served.arrival).take() {
+            copies.settle();
+        }
+        crate::failpoint::reach("destination.after-commit");
         machine.resume()?;
         lap.mark("resumed");
         drop(urgent);

@@ -433,6 +433,7 @@ impl Sender<'_> {
             })?;
         }
         self.stats.disk_bytes += bytes.len() as u64;
+        self.fault("source.disk-mirror")?;
         let wire = self.stats.bytes_on_wire - wire_before;
         self.stats.disk_wire_bytes += wire;
         let keep = (-(bytes.len() as f64) / DISK_RATIO_SPAN).exp();
@@ -634,9 +635,20 @@ impl DiskStore {
         let datastore = std::path::absolute(datastore).map_err(io("resolving", datastore))?;
         let folder = vm_folder(&datastore, &cfg.name);
         if folder.exists() {
-            return Err(DiskStoreError::Exists { path: folder });
+            match abandoned(&folder) {
+                Some(owner) => {
+                    tracing::warn!(
+                        "removing {}: the copies of an arrival that never finished (its \
+                         VMM, pid {owner}, is gone)",
+                        folder.display()
+                    );
+                    std::fs::remove_dir_all(&folder).map_err(io("removing", &folder))?;
+                }
+                None => return Err(DiskStoreError::Exists { path: folder }),
+            }
         }
         std::fs::create_dir_all(&folder).map_err(io("creating", &folder))?;
+        // From here on an error drops the store, and with it the folder.
         let mut store = Self {
             folder,
             disks: Vec::new(),
@@ -648,6 +660,9 @@ impl DiskStore {
             sync: RoundSync::default(),
             timing: DatastoreTiming::default(),
         };
+        let marker = store.folder.join(ARRIVING);
+        std::fs::write(&marker, owner_tag(std::process::id()).unwrap_or_default())
+            .map_err(io("creating", &marker))?;
         for c in &cfg.disks {
             let path = image_path(&datastore, &cfg.name, &c.id);
             let mut opts = OpenOptions::new();
@@ -821,7 +836,7 @@ impl DiskStore {
 
     /// Syncs the images and writes `DATASTORE/<name>/<name>.toml` naming them; returns
     /// the config the VM now runs with.
-    pub fn finish(mut self, cfg: &VmConfig) -> Result<VmConfig, DiskStoreError> {
+    pub fn finish(mut self, cfg: &VmConfig) -> Result<(VmConfig, Arrival), DiskStoreError> {
         for (path, file, _) in &self.disks {
             file.sync_all().map_err(|source| DiskStoreError::Io {
                 what: "syncing",
@@ -846,9 +861,73 @@ impl DiskStore {
             }
             _ => cfg.write_atomic(&config).map_err(io)?,
         }
+        // Complete, not yet committed: the arrival owns the folder from here.
         self.kept = true;
-        Ok(cfg)
+        Ok((
+            cfg,
+            Arrival {
+                folder: self.folder.clone(),
+                settled: false,
+            },
+        ))
     }
+}
+
+/// Complete disk copies whose handover is not yet committed. Dropped unsettled (the
+/// migration failed, or its handover was resolved for the source), it removes them;
+/// [`Arrival::settle`] makes them the VM's own.
+pub struct Arrival {
+    folder: PathBuf,
+    settled: bool,
+}
+
+impl Arrival {
+    /// The source committed: from now on the guest may write these disks, so a VMM
+    /// that dies later leaves a VM folder, never leftovers for the next arrival to
+    /// clear.
+    pub fn settle(mut self) {
+        let marker = self.folder.join(ARRIVING);
+        if let Err(e) = std::fs::remove_file(&marker) {
+            tracing::warn!("removing {}: {e}", marker.display());
+        }
+        let _ = File::open(&self.folder).and_then(|d| d.sync_all());
+        self.settled = true;
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        if !self.settled {
+            tracing::info!(
+                "removing {}: the disk copies of a migration that did not hand over",
+                self.folder.display()
+            );
+            let _ = std::fs::remove_dir_all(&self.folder);
+        }
+    }
+}
+
+/// In a VM folder while its copies arrive: the VMM receiving them (`pid start-time`).
+/// A VMM killed mid-way cannot remove its copies; the next arrival of the same VM
+/// finds this file naming a process that is gone and clears the folder, instead of
+/// refusing every later migration of that VM to this datastore.
+const ARRIVING: &str = ".arriving";
+
+/// `pid start-time` of a process (its start in clock ticks since boot, from
+/// `/proc/PID/stat`): a pid the kernel reused names another start time.
+fn owner_tag(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields count from
+    // the last ')'. The start time is field 22, the 20th after it.
+    let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// The pid of the VMM that left `folder` half-received, if that VMM is gone.
+fn abandoned(folder: &Path) -> Option<u32> {
+    let tag = std::fs::read_to_string(folder.join(ARRIVING)).ok()?;
+    let pid: u32 = tag.split_whitespace().next()?.parse().ok()?;
+    (owner_tag(pid).as_deref() != Some(tag.trim())).then_some(pid)
 }
 
 impl Drop for DiskStore {
@@ -863,6 +942,24 @@ impl Drop for DiskStore {
 mod tests {
     use super::*;
     use crate::migration::codec::Compressor;
+
+    #[test]
+    fn only_a_folder_whose_receiver_is_gone_counts_as_abandoned() {
+        let dir = std::env::temp_dir().join(format!("ferry-arriving-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = owner_tag(std::process::id()).unwrap();
+        std::fs::write(dir.join(ARRIVING), &me).unwrap();
+        assert_eq!(abandoned(&dir), None, "a live receiver's folder");
+        // This pid, another start time: the pid was reused.
+        let pid = std::process::id();
+        std::fs::write(dir.join(ARRIVING), format!("{pid} 1")).unwrap();
+        assert_eq!(abandoned(&dir), Some(pid));
+        std::fs::write(dir.join(ARRIVING), "").unwrap();
+        assert_eq!(abandoned(&dir), None, "an unreadable marker proves nothing");
+        std::fs::remove_file(dir.join(ARRIVING)).unwrap();
+        assert_eq!(abandoned(&dir), None, "no marker: a VM's folder");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn every_encoding_lands_as_the_bytes_it_stands_for() {

@@ -415,6 +415,9 @@ impl Door {
             true
         } else if committed {
             *lock(&m.hold) = None;
+            if let Some(copies) = lock(&vm.arrival).take() {
+                copies.settle();
+            }
             match m.resume() {
                 Ok(()) => {
                     tracing::info!(

@@ -38,6 +38,10 @@ pub struct Migratable {
     /// How the last outgoing migration reached its destination: a `Resolve` goes
     /// the same way.
     pub transport: Mutex<Option<super::secure::Transport>>,
+    /// The disk copies of an arrival not yet committed: removed with this VM if it is
+    /// discarded, kept once the source's Commit (or a Resolve saying it committed)
+    /// makes them the VM's disks.
+    pub arrival: Mutex<Option<super::disk_stream::Arrival>>,
 }
 
 impl Migratable {
@@ -58,6 +62,7 @@ impl Migratable {
             incoming: Mutex::new(None),
             storage: Mutex::new(None),
             session: Mutex::new(None),
+            arrival: Mutex::new(None),
             transport: Mutex::new(None),
         }
     }
