@@ -79,7 +79,10 @@ fn dirty_rate_matches_the_guest_and_the_vmm_dirty_log() {
     let dir = TempDir::new("probes-rate");
     for tracking in ["bitmap", "ring"] {
         for fill in [true, false] {
-            for rate in [1_000u64, 10_000, 50_000] {
+            // The ends of the range (`cargo xtask bench probes` measures the steps
+            // between): each case boots a VM and measures for 3 s, with the host to
+            // itself.
+            for rate in [1_000u64, 50_000] {
                 // The guest's pages/s equal distinct pages/s only while a pass over
                 // the working set outlasts a tick (1 s); without fill its first pass
                 // maps each page as it writes it and must outlast boot and the
