@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod agent;
 pub mod alertmanager;
+pub mod faults;
 pub mod netns;
 pub mod otlp;
 pub mod pki;
@@ -325,12 +326,23 @@ impl Vmm {
 
     /// As [`Vmm::spawn`], inside network namespace `ns`.
     pub fn spawn_in(ns: &str, dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_in_with_env(ns, dir, name, args, &[])
+    }
+
+    /// As [`Vmm::spawn_in`], with extra environment variables (failpoints).
+    pub fn spawn_in_with_env(
+        ns: &str,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         Self::spawn_cmd(
             netns::LinkPair::command(ns, &ferry_bin()),
             dir,
             name,
             args,
-            &[],
+            env,
         )
     }
 

@@ -7,6 +7,7 @@ mod bench_policy_report;
 mod bench_probes;
 mod bench_telemetry;
 mod bench_tls;
+mod faults;
 mod fuzz;
 mod lab;
 mod lab_net;
@@ -34,6 +35,9 @@ commands:
                  real migrations of a grid of guests and links under the adaptive
                  policy and every peer preset; writes DIR/bench.json and bench.md
                  (default grid xtask/scenarios/grid.toml, DIR target/bench/policy)
+  faults [--cells LIST]
+                 the fault-injection matrix (every fault at every point of a
+                 migration, real processes); writes docs/RELIABILITY.md
   fuzz [--secs N] [TARGET...]
                  every cargo-fuzz target (nightly) for N seconds each
   soak [--minutes N] [--insecure]
@@ -165,6 +169,7 @@ fn usage(words: &[&str]) -> Result<&'static str, String> {
         ["test", ..] => TEST_USAGE,
         ["lab", ..] => lab::USAGE,
         ["fuzz", ..] => fuzz::USAGE,
+        ["faults", ..] => faults::USAGE,
         ["soak", ..] => soak::USAGE,
         ["bench"] => BENCH_USAGE,
         ["bench", area, ..] => match *area {
@@ -192,6 +197,7 @@ enum Request<'a> {
     Bench(&'a str),
     BenchPolicy(&'a [&'a str]),
     Fuzz(&'a [&'a str]),
+    Faults(&'a [&'a str]),
     Soak(&'a [&'a str]),
 }
 
@@ -218,6 +224,7 @@ fn parse<'a>(args: &'a [&'a str]) -> Result<Request<'a>, String> {
         ["test", rest @ ..] => Request::Test(rest),
         ["lab", rest @ ..] => Request::Lab(rest),
         ["fuzz", rest @ ..] => Request::Fuzz(rest),
+        ["faults", rest @ ..] => Request::Faults(rest),
         ["soak", rest @ ..] => Request::Soak(rest),
         ["bench", "policy", rest @ ..] => Request::BenchPolicy(rest),
         ["bench", area] => {
@@ -265,6 +272,10 @@ fn run(request: Request) -> Result<()> {
             bench_policy::run(rest)
         }
         Request::Fuzz(rest) => fuzz::run_fuzz(rest),
+        Request::Faults(rest) => {
+            setup::run()?;
+            faults::run_faults(rest)
+        }
         Request::Soak(rest) => {
             setup::run()?;
             soak::run(rest)
