@@ -1181,6 +1181,24 @@ fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
         None,
     );
     assert!(untrusted.is_err(), "{untrusted:?}");
+    // A peer's token without the peer's certificate is no peer; an operator's token
+    // needs none.
+    let ca = dir.join("pki/ca.pem");
+    let bare = request_tls(&a.addr, &ca, "GET", "/v1/vms", Some(&a.peer_token), None).unwrap();
+    assert_eq!(bare.status, 401, "{bare:?}");
+    assert!(bare.body.contains("certificate"), "{bare:?}");
+    let bare = request_tls(
+        &a.addr,
+        &ca,
+        "POST",
+        "/v1/incoming",
+        Some(&a.peer_token),
+        Some(r#"{"vm": "x", "config": "", "source": "host-b"}"#),
+    )
+    .unwrap();
+    assert_eq!(bare.status, 401, "{bare:?}");
+    let operator = request_tls(&a.addr, &ca, "GET", "/v1/vms", Some(&a.token), None).unwrap();
+    assert_eq!(operator.status, 200, "{operator:?}");
     // The CLI, given the CA.
     let out = a.cli(&["vms"]);
     let said = String::from_utf8_lossy(&out.stdout);
@@ -1189,7 +1207,8 @@ fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The agents reach each other over TLS (each trusts the other's CA).
+    // The agents reach each other over TLS (each trusts the other's CA and presents
+    // its own certificate).
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     let m = a.wait_ended(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());

@@ -53,6 +53,8 @@ pub struct Shared {
     /// What `/healthz` tells peers of this host's room.
     pub capacity_memory_mib: u64,
     pub max_inbound: u32,
+    /// See [`super::config::AgentConfig::peers_certified`].
+    pub peers_certified: bool,
 }
 
 /// Every route, as `(method, path template)`: what `docs/openapi.json` must describe.
@@ -98,6 +100,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            certified_peers,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), measured))
         .with_state(shared)
 }
@@ -139,6 +145,32 @@ fn authorize(shared: &Shared, headers: &HeaderMap, need: Need) -> Result<auth::R
             format!("a {} token may not do this", role.as_str()),
         ),
     })
+}
+
+/// A peer's token alone does not make a peer where peers carry certificates: a
+/// request with it on a connection that presented none is refused before any
+/// handler (a token read off a host is not enough to push VMs at another).
+async fn certified_peers(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if shared.peers_certified {
+        let certified = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<super::tls::Caller>>()
+            .is_some_and(|c| c.0.certified);
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or(""));
+        if !certified && auth::role_of(&shared.tokens, header) == Ok(auth::Role::Peer) {
+            return Failure(
+                ApiErrorKind::Unauthenticated,
+                "a peer's token counts only with the peer's certificate: present the \
+                 certificate the fleet's CA signed (the agent's tls_cert_file)"
+                    .into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Counts and times every request under its route's template.

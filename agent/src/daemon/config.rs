@@ -156,6 +156,9 @@ pub struct AgentConfig {
     pub tokens: Tokens,
     /// The API's TLS (None: plain HTTP).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// A peer's token counts only on a connection that presented a certificate of
+    /// the fleet's CA: the API is TLS and `ca_file` names the CA.
+    pub peers_certified: bool,
     /// The migration stream's TLS files, which this host's VMMs read (None: plain
     /// TCP, `insecure_migrations = true`).
     pub migration_tls: Option<ferry_api::TlsFiles>,
@@ -296,8 +299,18 @@ impl AgentConfig {
                 .ca_file
                 .as_ref()
                 .or(f.ca_file.as_ref().filter(|_| url.starts_with("https://")));
-            let http = super::tls::client(ca.map(|c| at(c)).as_deref(), PEER_WITHIN)
-                .map_err(|e| invalid("peers.ca_file", &p.name, &e.to_string()))?;
+            // Over https://, this agent presents its own certificate: the peer's API
+            // takes a peer's token only with one its CA vouches for.
+            let identity = match (&f.tls_cert_file, &f.tls_key_file) {
+                (Some(c), Some(k)) if url.starts_with("https://") => Some((at(c), at(k))),
+                _ => None,
+            };
+            let http = super::tls::client_as(
+                ca.map(|c| at(c)).as_deref(),
+                identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                PEER_WITHIN,
+            )
+            .map_err(|e| invalid("peers.ca_file", &p.name, &e.to_string()))?;
             peers.push(Peer {
                 name: p.name,
                 url,
@@ -308,14 +321,19 @@ impl AgentConfig {
         let tls = match (&f.tls_cert_file, &f.tls_key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
-                Some(super::tls::server_config(&at(cert), &at(key)).map_err(|e| {
-                    let file = if e.key() == "tls_cert_file" {
-                        cert
-                    } else {
-                        key
-                    };
-                    invalid(e.key(), &file.display(), &e.to_string())
-                })?)
+                let clients = f.ca_file.as_ref().map(|c| at(c));
+                Some(
+                    super::tls::server_config(&at(cert), &at(key), clients.as_deref()).map_err(
+                        |e| {
+                            let file = if e.key() == "tls_cert_file" {
+                                cert
+                            } else {
+                                key
+                            };
+                            invalid(e.key(), &file.display(), &e.to_string())
+                        },
+                    )?,
+                )
             }
             (Some(_), None) => {
                 return Err(invalid(
@@ -483,6 +501,7 @@ impl AgentConfig {
                 )
             })?,
         };
+        let peers_certified = tls.is_some() && f.ca_file.is_some();
         Ok(Self {
             name: f.name,
             listen,
@@ -496,6 +515,7 @@ impl AgentConfig {
             limits,
             peers,
             tls,
+            peers_certified,
             migration_tls,
             tokens,
             sampling,

@@ -202,6 +202,7 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
         evacuation: evacuation.clone(),
         capacity_memory_mib: cfg.capacity_memory_mib,
         max_inbound: cfg.max_inbound,
+        peers_certified: cfg.peers_certified,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -229,7 +230,8 @@ pub fn run(config_path: &Path) -> Result<(), AgentError> {
             // Watches end, so the server's graceful stop does not wait on them.
             on_stop.stopping.store(true, Ordering::Release);
         };
-        let app = api::router(shared);
+        // Each request learns whether its connection presented a certificate.
+        let app = api::router(shared).into_make_service_with_connect_info::<tls::Caller>();
         match cfg.tls.clone() {
             Some(config) => {
                 let listener =

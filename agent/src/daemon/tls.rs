@@ -7,6 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -23,13 +25,36 @@ const HANDSHAKES_MAX: usize = 256;
 pub use crate::pki::PkiError as TlsError;
 
 /// The server's side: the certificate chain in `cert` (PEM, the server's first) and
-/// its private key in `key` (PEM). Read once, at start.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// its private key in `key` (PEM). With `clients` (the fleet's CA, PEM), a client may
+/// present a certificate, which must then chain to it (the handshake fails
+/// otherwise); one without is let in too (operators and Alertmanager carry tokens
+/// only), and [`Caller`] says which it was. Read once, at start.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    clients: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let id = crate::pki::Identity::load(cert, key)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::pki::provider())
+    let builder = rustls::ServerConfig::builder_with_provider(crate::pki::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Pair(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(crate::pki::roots(ca)?),
+                crate::pki::provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Ca {
+                path: ca.to_owned(),
+                why: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(id.certs, id.key)
         .map_err(|e| TlsError::Pair(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -95,6 +120,28 @@ impl TlsListener {
     }
 }
 
+/// What the connection says of its client: whether it presented a certificate the
+/// CA vouches for (the handshake refused any other).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub certified: bool,
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        let (_, session) = stream.io().get_ref();
+        Self {
+            certified: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Caller {
+    fn connect_info(_: IncomingStream<'_, TcpListener>) -> Self {
+        Self { certified: false }
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
@@ -115,7 +162,39 @@ impl axum::serve::Listener for TlsListener {
 /// An HTTP client for an agent's API: `https://` URLs are checked against the CA
 /// certificates in `ca` (PEM) if given, else against the public web's roots.
 pub fn client(ca: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, TlsError> {
+    client_as(ca, None, timeout)
+}
+
+/// As [`client`], presenting the certificate and key (PEM files) in `identity`: an
+/// agent calling its peers.
+pub fn client_as(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+    timeout: Duration,
+) -> Result<ureq::Agent, TlsError> {
     let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some((cert, key)) = identity {
+        // Checked as the server's side is (a pair that does not match is refused by
+        // name), then read into ureq's own types.
+        crate::pki::Identity::load(cert, key)?;
+        let pem = |path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::Pair(format!("{}: {e}", path.display())))
+        };
+        let (cert_pem, key_pem) = (pem(cert)?, pem(key)?);
+        let certs: Vec<_> = ureq::tls::parse_pem(&cert_pem)
+            .filter_map(|i| match i {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let key = ureq::tls::parse_pem(&key_pem)
+            .find_map(|i| match i {
+                Ok(ureq::tls::PemItem::PrivateKey(k)) => Some(k),
+                _ => None,
+            })
+            .ok_or_else(|| TlsError::Pair(format!("{}: no private key", key.display())))?;
+        tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&certs, key)));
+    }
     if let Some(path) = ca {
         let bad = |why: String| TlsError::Ca {
             path: path.to_owned(),
