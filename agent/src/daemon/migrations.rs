@@ -411,41 +411,10 @@ impl Migrations {
     /// it (followed again, under the same id) or tells how it ended. Call once at
     /// start, before anything else follows a VM's migration.
     pub fn recover(&self, inventory: &Arc<Mutex<Inventory>>, run_dir: &Path) {
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            return tracing::error!(
-                "cannot keep migration records in {}: {e}",
-                self.dir.display()
-            );
-        }
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) => {
-                return tracing::error!("cannot read {}: {e}", self.dir.display());
-            }
-        };
         let mut unfinished = Vec::new();
         {
             let mut records = lock(&self.records);
-            for path in entries.flatten().map(|e| e.path()) {
-                if path.extension().is_none_or(|x| x != "json") {
-                    continue;
-                }
-                let read = std::fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| {
-                        serde_json::from_slice::<MigrationInfo>(&b).map_err(|e| e.to_string())
-                    });
-                let info = match read {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::warn!(
-                            "the migration record {} does not read ({e}); set aside",
-                            path.display()
-                        );
-                        let _ = std::fs::rename(&path, path.with_extension("json.bad"));
-                        continue;
-                    }
-                };
+            for (path, info) in records::read_back::<MigrationInfo>(&self.dir, "migration") {
                 let id = info.id.clone();
                 let ended = info.state.ended();
                 let r = Arc::new(Record {

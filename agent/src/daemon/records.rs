@@ -36,6 +36,46 @@ pub fn beyond_keep(mut ended: Vec<(u64, String)>) -> Vec<String> {
     ended.into_iter().take(drop).map(|(_, id)| id).collect()
 }
 
+/// The records an earlier run kept in `dir` (`<id>.json`), read as `T`, with the file
+/// each came from. One that does not read is set aside (`.json.bad`) and named in
+/// the log; a folder that cannot be made or read is logged and gives none.
+pub fn read_back<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    what: &str,
+) -> Vec<(std::path::PathBuf, T)> {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::error!("cannot keep {what} records in {}: {e}", dir.display());
+        return Vec::new();
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}", dir.display());
+            return Vec::new();
+        }
+    };
+    let mut read = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let record = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()));
+        match record {
+            Ok(r) => read.push((path, r)),
+            Err(e) => {
+                tracing::warn!(
+                    "the {what} record {} does not read ({e}); set aside",
+                    path.display()
+                );
+                let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+            }
+        }
+    }
+    read
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

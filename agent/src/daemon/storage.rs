@@ -71,40 +71,13 @@ impl StorageMigrations {
 
     /// The records a previous run of the agent kept.
     fn read_back(&self) {
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            return tracing::error!(
-                "cannot keep storage migration records in {}: {e}",
-                self.dir.display()
-            );
-        }
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
+        let kept = records::read_back::<StorageMigrationInfo>(&self.dir, "storage migration");
         let mut records = lock(&self.records);
-        for path in entries.flatten().map(|e| e.path()) {
-            if path.extension().is_none_or(|x| x != "json") {
-                continue;
+        for (_, info) in kept {
+            if !info.state.ended() {
+                lock(&self.unfollowed).push(info.id.clone());
             }
-            let read = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<StorageMigrationInfo>(&b).map_err(|e| e.to_string())
-                });
-            match read {
-                Ok(info) => {
-                    if !info.state.ended() {
-                        lock(&self.unfollowed).push(info.id.clone());
-                    }
-                    records.insert(info.id.clone(), Arc::new(Mutex::new(info)));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "the storage migration record {} does not read ({e}); set aside",
-                        path.display()
-                    );
-                    let _ = std::fs::rename(&path, path.with_extension("json.bad"));
-                }
-            }
+            records.insert(info.id.clone(), Arc::new(Mutex::new(info)));
         }
         prune(&mut records, &self.dir);
     }
