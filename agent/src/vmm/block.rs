@@ -471,11 +471,27 @@ impl Disk {
                 let t = std::time::Instant::now();
                 let mirrored = if let Some(target) = job.target.as_ref() {
                     let tfd = target.as_raw_fd();
-                    transfer(offset, len, |at, done| {
+                    let copied = transfer(offset, len, |at, done| {
                         // SAFETY: as above, on the copy.
                         unsafe { libc::pwrite(tfd, buf.add(done).cast(), len - done, at) }
-                    })?;
-                    true
+                    });
+                    match copied {
+                        Ok(()) => true,
+                        Err(errno) => {
+                            // The guest's write stands on its own image; only the copy
+                            // missed it (its datastore full, say). The blocks stay
+                            // noted: the copy steps carry them, or fail the storage
+                            // migration on the same error while the VM runs on.
+                            tracing::warn!(
+                                "disk {}: writing a guest write to the copy failed ({}); \
+                                 mirroring stops",
+                                self.id,
+                                std::io::Error::from_raw_os_error(errno)
+                            );
+                            job.active = false;
+                            false
+                        }
+                    }
                 } else if let Some(mirror) = job.mirror.clone() {
                     // SAFETY: the caller guarantees buf..buf+len is readable.
                     let data = unsafe { std::slice::from_raw_parts(buf, len) };
@@ -736,6 +752,42 @@ mod tests {
             let j = j.as_ref().unwrap();
             assert_eq!(j.dirty.count(), 1, "the block must still be sent");
             assert!(!j.active && j.mirror.is_none(), "mirroring stops");
+        }
+        drop(set);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_copy_that_refuses_a_mirrored_write_fails_the_copy_not_the_guest() {
+        let dir = std::env::temp_dir().join(format!("ferry-block-target-{}", std::process::id()));
+        let c = cfg(&dir, "a");
+        let set = DiskSet::open(std::slice::from_ref(&c)).unwrap();
+        let d = &set.disks[0];
+        // A copy that takes no write (opened read-only), as a full datastore would.
+        let copy = dir.join("copy.img");
+        std::fs::write(&copy, vec![0u8; 4096]).unwrap();
+        *d.job() = Some(CopyJob {
+            target: Some(std::fs::File::open(&copy).unwrap()),
+            dirty: crate::bitmap::Bitmap::new(16),
+            active: true,
+            added_us: Vec::new(),
+            throttle: None,
+            mirror: None,
+            written: 0,
+            activations: 0,
+        });
+        let data = vec![5u8; 4096];
+        // SAFETY: `data` is a live 4 KiB buffer.
+        unsafe { d.write_from(COPY_BLOCK, data.as_ptr(), 4096) }.unwrap();
+        let mut back = vec![0u8; 4096];
+        // SAFETY: `back` is a live 4 KiB buffer.
+        unsafe { d.read_into(COPY_BLOCK, back.as_mut_ptr(), 4096) }.unwrap();
+        assert_eq!(back, data, "the guest's write stands on its image");
+        {
+            let j = d.job();
+            let j = j.as_ref().unwrap();
+            assert!(j.dirty.is_set(1), "the block is left for the copy steps");
+            assert!(!j.active, "mirroring stops");
         }
         drop(set);
         let _ = std::fs::remove_dir_all(&dir);

@@ -141,8 +141,8 @@ pub enum MigrateError {
     #[error("the destination said nothing for over {:.1} s", .0.as_secs_f64())]
     Silent(Duration),
     #[error(
-        "the destination went away without a word ({0}): its VMM stopped, or its host or \
-         the path to it failed"
+        "the destination went away without a word (connection: {0}): its VMM stopped, or \
+         its host or the path to it failed"
     )]
     Gone(std::io::Error),
     /// Not a failure: `start-postcopy` arrived; the pre-copy loop switches.
