@@ -34,10 +34,13 @@ pub const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120
 #[cfg(feature = "failpoints")]
 pub fn reach(point: &str) -> Option<Action> {
     use std::collections::BTreeSet;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, OnceLock};
     static FIRED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    // Read once: points sit on per-batch paths, and the environment does not change.
+    static SPEC: OnceLock<Option<String>> = OnceLock::new();
 
-    let action = armed(&std::env::var("FERRY_FAILPOINTS").ok()?, point)?;
+    let spec = SPEC.get_or_init(|| std::env::var("FERRY_FAILPOINTS").ok());
+    let action = armed(spec.as_deref()?, point)?;
     if !crate::sync::lock(&FIRED).insert(point.to_owned()) {
         return None;
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result, bail};
+use ferry_tests::faults::{Fault, Phase};
 use serde_json::Value;
 
 use crate::util::{cargo, root, run, step, target_dir};
@@ -80,63 +81,6 @@ pub fn run_faults(args: &[&str]) -> Result<()> {
     ran
 }
 
-const PHASES: [(&str, &str); 9] = [
-    (
-        "setup",
-        "handshake done, VM built on the destination, no page sent",
-    ),
-    ("first-pass", "the first batch of the first pass sent"),
-    (
-        "later-round",
-        "a later round's pages sent, its RoundEnd not",
-    ),
-    (
-        "after-complete",
-        "destination has Complete and the device state; Ready not sent",
-    ),
-    ("after-ready", "source has Ready; Commit not sent"),
-    (
-        "after-commit",
-        "destination has Commit; its guest not resumed",
-    ),
-    (
-        "postcopy",
-        "the guest runs on the destination; the first pushed pages sent",
-    ),
-    ("disk-mirror", "the disks' first copy under way"),
-    (
-        "config-rewrite",
-        "storage migration on one host: copies synced, VM paused, config not renamed",
-    ),
-];
-
-const FAULTS: [(&str, &str); 9] = [
-    ("kill-source-vmm", "SIGKILL to the source VMM"),
-    ("kill-destination-vmm", "SIGKILL to the destination VMM"),
-    (
-        "kill-source-agent",
-        "SIGKILL to the source's agent, restarted",
-    ),
-    (
-        "kill-destination-agent",
-        "SIGKILL to the destination's agent, restarted",
-    ),
-    ("cut-link", "the veth between the hosts down 2 s, then up"),
-    (
-        "fill-datastore",
-        "the destination's datastore (tmpfs) filled to the last byte",
-    ),
-    (
-        "stall-destination",
-        "SIGSTOP to the destination VMM for 3 s, then SIGCONT",
-    ),
-    ("corrupt-frame-tls", "one byte flipped in flight, over TLS"),
-    (
-        "corrupt-frame-plain",
-        "one byte flipped in flight, plain TCP: Ferry's own frame checks",
-    ),
-];
-
 /// The matrix as Markdown: a table of verdicts, then what each cell saw.
 fn document(cells: &[Value]) -> String {
     let key = |c: &Value| {
@@ -165,25 +109,25 @@ fn document(cells: &[Value]) -> String {
          missing or stale memory and that the survivor says why.\n\n",
     );
     d.push_str("## Phases\n\n| phase | where the fault lands |\n|---|---|\n");
-    for (p, what) in PHASES {
-        let _ = writeln!(d, "| `{p}` | {what} |");
+    for p in Phase::ALL {
+        let _ = writeln!(d, "| `{}` | {} |", p.name(), p.point().1);
     }
     d.push_str("\n## Faults\n\n| fault | what it does |\n|---|---|\n");
-    for (f, what) in FAULTS {
-        let _ = writeln!(d, "| `{f}` | {what} |");
+    for f in Fault::ALL {
+        let _ = writeln!(d, "| `{}` | {} |", f.name(), f.describe());
     }
     d.push_str("\n## Matrix\n\n| phase |");
-    for (f, _) in FAULTS {
-        let _ = write!(d, " {f} |");
+    for f in Fault::ALL {
+        let _ = write!(d, " {} |", f.name());
     }
     d.push_str("\n|---|");
-    for _ in FAULTS {
+    for _ in Fault::ALL {
         d.push_str("---|");
     }
     d.push('\n');
-    for (p, _) in PHASES {
+    for p in Phase::ALL.map(Phase::name) {
         let _ = write!(d, "| `{p}` |");
-        for (f, _) in FAULTS {
+        for f in Fault::ALL.map(Fault::name) {
             let cell = by
                 .get(&(p.to_owned(), f.to_owned()))
                 .map_or("–", |c| c["result"].as_str().unwrap_or("?"));
@@ -192,8 +136,8 @@ fn document(cells: &[Value]) -> String {
         d.push('\n');
     }
     d.push_str("\n## What each cell saw\n\n");
-    for (p, _) in PHASES {
-        for (f, _) in FAULTS {
+    for p in Phase::ALL.map(Phase::name) {
+        for f in Fault::ALL.map(Fault::name) {
             if let Some(c) = by.get(&(p.to_owned(), f.to_owned())) {
                 let _ = writeln!(
                     d,
