@@ -72,20 +72,19 @@ impl Fault {
         }
     }
 
+    /// What the fault does (docs/RELIABILITY.md's table).
     pub fn describe(self) -> &'static str {
         match self {
             Fault::KillSourceVmm => "SIGKILL to the source VMM",
             Fault::KillDestinationVmm => "SIGKILL to the destination VMM",
-            Fault::KillSourceAgent => "SIGKILL to the source's agent, restarted 0.3 s later",
-            Fault::KillDestinationAgent => {
-                "SIGKILL to the destination's agent, restarted 0.3 s later"
-            }
-            Fault::CutLink => "the veth between the hosts down for 2 s, then up",
-            Fault::FillDatastore => "the destination's datastore (a tmpfs) filled to the last byte",
+            Fault::KillSourceAgent => "SIGKILL to the source's agent, restarted",
+            Fault::KillDestinationAgent => "SIGKILL to the destination's agent, restarted",
+            Fault::CutLink => "the veth between the hosts down 2 s, then up",
+            Fault::FillDatastore => "the destination's datastore (tmpfs) filled to the last byte",
             Fault::StallDestination => "SIGSTOP to the destination VMM for 3 s, then SIGCONT",
-            Fault::CorruptTls => "one byte flipped in flight by a proxy, stream over TLS",
+            Fault::CorruptTls => "one byte flipped in flight, over TLS",
             Fault::CorruptPlain => {
-                "one byte flipped in flight by a proxy, plain TCP (--insecure): Ferry's own frame checks"
+                "one byte flipped in flight, plain TCP: Ferry's own frame checks"
             }
         }
     }
@@ -143,7 +142,8 @@ impl Phase {
         Self::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    /// The failpoint the fault lands at, and what it is.
+    /// The failpoint the fault lands at, and where that is (docs/RELIABILITY.md's
+    /// table).
     pub fn point(self) -> (&'static str, &'static str) {
         match self {
             Phase::Setup => (
@@ -156,31 +156,25 @@ impl Phase {
             ),
             Phase::LaterRound => (
                 "source.later-round",
-                "a later pre-copy round's pages sent, its RoundEnd not",
+                "a later round's pages sent, its RoundEnd not",
             ),
             Phase::AfterComplete => (
                 "destination.after-complete",
-                "the destination has Complete and the device state, Ready not sent",
+                "destination has Complete and the device state; Ready not sent",
             ),
-            Phase::AfterReady => (
-                "source.after-ready",
-                "the source has Ready, Commit not sent",
-            ),
+            Phase::AfterReady => ("source.after-ready", "source has Ready; Commit not sent"),
             Phase::AfterCommit => (
                 "destination.after-commit",
-                "the destination has Commit, its guest not resumed",
+                "destination has Commit; its guest not resumed",
             ),
             Phase::Postcopy => (
                 "source.postcopy",
-                "post-copy: the guest runs on the destination, the first pushed pages sent",
+                "the guest runs on the destination; the first pushed pages sent",
             ),
-            Phase::DiskMirror => (
-                "source.disk-mirror",
-                "the disks' first copy under way (--copy-storage)",
-            ),
+            Phase::DiskMirror => ("source.disk-mirror", "the disks' first copy under way"),
             Phase::ConfigRewrite => (
                 "storage.config-rewrite",
-                "storage migration on one host: copies complete and synced, VM paused, config not yet renamed",
+                "storage migration on one host: copies synced, VM paused, config not renamed",
             ),
         }
     }
@@ -442,29 +436,29 @@ impl Bench {
             )
         });
         let to = proxy.as_ref().map_or(listen.clone(), |p| p.addr.clone());
-        let mut args = vec![
-            "migrate".to_string(),
-            "--control".into(),
-            src.ctl().into(),
-            "--to".into(),
-            to.clone(),
-            "--json".into(),
-            "--max-downtime-ms".into(),
-            "50".into(),
-            "--bandwidth-mbit".into(),
-            "400".into(),
-        ];
-        if postcopy {
-            args.extend(["--mode", "postcopy", "--recover-secs", "5"].map(String::from));
+        let how: &[&str] = if postcopy {
+            &[
+                "--max-downtime-ms",
+                "50",
+                "--bandwidth-mbit",
+                "400",
+                "--mode",
+                "postcopy",
+                "--recover-secs",
+                "5",
+            ]
         } else {
-            args.push("--copy-storage".into());
-        }
-        if insecure {
-            args.push("--insecure".into());
-        }
-        let mut migrate = spawn_ferry(&args, &dir.join("migrate.json"));
+            &[
+                "--max-downtime-ms",
+                "50",
+                "--bandwidth-mbit",
+                "400",
+                "--copy-storage",
+            ]
+        };
+        let mut migrate = spawn_migrate(&src, &to, insecure, how, &dir.join("migrate.json"));
         let mark = marks.join(point);
-        wait_mark(&mark, &mut migrate, || {
+        wait_mark(&mark, Some(&mut migrate), || {
             format!(
                 "source: {}\ndestination: {}",
                 src.log_text(),
@@ -614,19 +608,13 @@ impl Bench {
         seen: &mut Vec<String>,
     ) -> Result<(), String> {
         let again = self.incoming(dir, "dst-again", listen, datastore, insecure, &[]);
-        let mut args = vec![
-            "migrate".to_string(),
-            "--control".into(),
-            src.ctl().into(),
-            "--to".into(),
-            listen.into(),
-            "--json".into(),
-            "--copy-storage".into(),
-        ];
-        if insecure {
-            args.push("--insecure".into());
-        }
-        let mut m = spawn_ferry(&args, &dir.join("retry.json"));
+        let mut m = spawn_migrate(
+            src,
+            listen,
+            insecure,
+            &["--copy-storage"],
+            &dir.join("retry.json"),
+        );
         let report = finish(&mut m, &dir.join("retry.json"), Duration::from_secs(120));
         let report = report.ok_or("the retry printed no report")?;
         if report["outcome"] != "completed" {
@@ -725,7 +713,7 @@ impl Bench {
             .expect("vm.toml");
             agent.start();
             agent.wait_for_vms("vm running", Duration::from_secs(60), |l| running(l, "vm"));
-            wait_disk_writes(&agent.control("vm"));
+            crate::wait_disk_writes(&agent.control("vm"), 20);
             let a = agent.call(
                 "POST",
                 "/v1/storage-migrations",
@@ -738,7 +726,7 @@ impl Bench {
                 return Err(format!("the storage migration was refused: {a:?}"));
             }
             let id = a.json()["id"].as_str().unwrap_or_default().to_owned();
-            wait_mark_for(&marks.join(point), || agent.log_text())?;
+            wait_mark(&marks.join(point), None, || agent.log_text())?;
             agent.signal(libc::SIGKILL);
             let _ = std::fs::remove_file(marks.join(point));
             std::thread::sleep(Duration::from_millis(300));
@@ -795,7 +783,7 @@ impl Bench {
         .map(String::from)
         .to_vec();
         let mut child = spawn_ferry(&args, &dir.join("storage.json"));
-        wait_mark(&marks.join(point), &mut child, || src.log_text())?;
+        wait_mark(&marks.join(point), Some(&mut child), || src.log_text())?;
         let mut src = Some(src);
         match fault {
             Fault::KillSourceVmm => src.take().unwrap().kill(),
@@ -865,7 +853,7 @@ impl Bench {
             running(l, "web-1")
         });
         if !postcopy {
-            wait_disk_writes(&a.control("web-1"));
+            crate::wait_disk_writes(&a.control("web-1"), 20);
         }
         // Post-copy through the API: libvirt's preset switches after the first pass
         // when pre-copy would not converge, which this guest (24 MB/s of writes over
@@ -876,7 +864,7 @@ impl Bench {
             r#"{"vm": "web-1", "destination": "host-b", "copy_storage": true, "limits": {"bandwidth_mbit": 400, "max_downtime_ms": 50}}"#
         };
         let id = a.migrate(body);
-        wait_mark_for(&marks.join(point), || {
+        wait_mark(&marks.join(point), None, || {
             format!("{}\n{}", a.log_text(), b.log_text())
         })?;
         let victim = if fault == Fault::KillSourceAgent {
@@ -989,20 +977,6 @@ fn vms(agent: &Agent) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn wait_disk_writes(control: &str) {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(60) {
-        if let Some(s) = crate::status_at(control)
-            && let Status::Vm(vm) = &s.typed
-            && vm.machine.disk_writes > 20
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no disk writes at {control}");
-}
-
 fn heartbeats(s: &Printed<Status>) -> u64 {
     match &s.typed {
         Status::Vm(vm) => vm.machine.heartbeats,
@@ -1027,6 +1001,19 @@ fn signal(pid: i32, sig: i32) {
     unsafe { libc::kill(pid, sig) };
 }
 
+/// `ferry migrate --json` of `src`'s VM to `to` in the background (`--insecure` if
+/// asked, then `how`), its report into `out`.
+fn spawn_migrate(src: &Vmm, to: &str, insecure: bool, how: &[&str], out: &Path) -> Child {
+    let mut args: Vec<String> = ["migrate", "--control", src.ctl(), "--to", to, "--json"]
+        .map(String::from)
+        .to_vec();
+    if insecure {
+        args.push("--insecure".into());
+    }
+    args.extend(how.iter().map(|a| a.to_string()));
+    spawn_ferry(&args, out)
+}
+
 /// `ferry ARGS` in the background, its stdout into `out`.
 fn spawn_ferry(args: &[String], out: &Path) -> Child {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1039,11 +1026,16 @@ fn spawn_ferry(args: &[String], out: &Path) -> Child {
         .expect("spawn ferry")
 }
 
-/// Waits until the failpoint's file appears; the command ending first fails the cell.
-fn wait_mark(mark: &Path, cmd: &mut Child, context: impl Fn() -> String) -> Result<(), String> {
+/// Waits until the failpoint's file appears; the command driving the migration, if
+/// the cell runs one, ending first fails the cell.
+fn wait_mark(
+    mark: &Path,
+    mut cmd: Option<&mut Child>,
+    context: impl Fn() -> String,
+) -> Result<(), String> {
     let t0 = Instant::now();
     while !mark.exists() {
-        if let Ok(Some(exit)) = cmd.try_wait() {
+        if let Some(Ok(Some(exit))) = cmd.as_mut().map(|c| c.try_wait()) {
             return Err(format!(
                 "the migration ended ({exit}) before reaching {}:\n{}",
                 mark.display(),
@@ -1051,18 +1043,9 @@ fn wait_mark(mark: &Path, cmd: &mut Child, context: impl Fn() -> String) -> Resu
             ));
         }
         if t0.elapsed() > Duration::from_secs(90) {
-            let _ = cmd.kill();
-            return Err(format!("never reached {}:\n{}", mark.display(), context()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-fn wait_mark_for(mark: &Path, context: impl Fn() -> String) -> Result<(), String> {
-    let t0 = Instant::now();
-    while !mark.exists() {
-        if t0.elapsed() > Duration::from_secs(90) {
+            if let Some(c) = cmd {
+                let _ = c.kill();
+            }
             return Err(format!("never reached {}:\n{}", mark.display(), context()));
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -716,6 +716,25 @@ pub fn boot(dir: &Path, name: &str, body: &str) -> Vmm {
     vm
 }
 
+/// Waits (up to a minute) until the guest of the VMM at `control` has made more than
+/// `at_least` disk writes.
+pub fn wait_disk_writes(control: &str, at_least: u64) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = status_at(control)
+            && let Status::Vm(vm) = &s.typed
+            && vm.machine.disk_writes > at_least
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no disk writes at {control}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The VM still runs (its heartbeats go on) and its guest finds nothing wrong.
 pub fn assert_running_and_intact(vm: &Vmm) {
     let s0 = vm.vm_status();

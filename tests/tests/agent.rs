@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_tests::agent::{Agent, request, request_tls, write_test_pki};
 use ferry_tests::{
     TempDir, alongside, exclusive, ferry, ferry_bin, require_command, require_ebpf, require_kvm,
-    status_at, vm_of,
+    status_at, vm_of, wait_disk_writes,
 };
 use serde_json::Value;
 
@@ -22,20 +22,6 @@ fn disk_vm_config(name: &str, image: &std::path::Path) -> String {
          [[disks]]\nid = \"data\"\npath = \"{}\"\nsize_mib = 16\n",
         image.display()
     )
-}
-
-/// The guest of `name` at `control` has written to its disk.
-fn wait_disk_writes(control: &str) {
-    let t0 = std::time::Instant::now();
-    loop {
-        if let Some(s) = status_at(control)
-            && vm_of(s).machine.disk_writes > 50
-        {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no disk writes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `promtool check metrics` on an agent's `/metrics`: the text format, and the
@@ -208,7 +194,7 @@ fn a_running_vms_signals_reach_metrics_from_its_vmm_and_the_probes() {
     agent.wait_for_vms("db-1 running", Duration::from_secs(60), |l| {
         running_with_heartbeats(l, &["db-1"])
     });
-    wait_disk_writes(&agent.control("db-1"));
+    wait_disk_writes(&agent.control("db-1"), 50);
     // The first sample is taken as soon as the VM runs; the probes count its exits
     // and disk I/O from then on.
     let vm = r#"vm="db-1""#;
@@ -981,7 +967,7 @@ fn a_storage_migration_through_the_api_moves_the_disks_under_a_writing_guest_and
     agent.wait_for_vms("web-1 running", Duration::from_secs(60), |l| {
         running_with_heartbeats(l, &["web-1"])
     });
-    wait_disk_writes(&agent.control("web-1"));
+    wait_disk_writes(&agent.control("web-1"), 50);
     // What cannot be done is refused, and nothing moves.
     for (body, status, says) in [
         (
@@ -1053,7 +1039,7 @@ fn a_storage_migration_through_the_api_moves_the_disks_under_a_writing_guest_and
     let names = config_disks(&kept);
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(names[0].ends_with("ds2/web-1/web-1-data.img"), "{names:?}");
-    wait_disk_writes(&agent.control("web-1"));
+    wait_disk_writes(&agent.control("web-1"), 50);
     let out = ferry(&["verify", "--control", &agent.control("web-1")]);
     assert!(
         out.status.success(),
@@ -1087,7 +1073,7 @@ fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
             }
         },
     );
-    wait_disk_writes(&a.control("web-1"));
+    wait_disk_writes(&a.control("web-1"), 50);
     // Not on storage host-b shares, and not sent along: refused before anything moves.
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     let m = a.wait_ended(&id, Duration::from_secs(60));
@@ -1123,7 +1109,7 @@ fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
             .collect::<Vec<_>>(),
         vec![std::path::absolute(&there).unwrap()]
     );
-    wait_disk_writes(&b.control("web-1"));
+    wait_disk_writes(&b.control("web-1"), 50);
     // And back, into host-a's datastore this time.
     let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a", "copy_storage": true}"#);
     let m = b.wait_ended(&id, Duration::from_secs(120));
@@ -1143,13 +1129,10 @@ fn a_vm_with_a_disk_migrates_through_the_agents_with_its_disk_there_and_back() {
     );
 }
 
-#[test]
-fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
-    if !require_kvm() {
-        return;
-    }
-    let _host = alongside();
-    let dir = TempDir::new("agent-tls");
+/// Two agents' folders (`a`, `b`) and a test CA and certificate (`pki`), each agent
+/// serving HTTPS and migrating over TLS with them; not peered, not started.
+fn tls_hosts(tag: &str) -> (TempDir, Agent, Agent) {
+    let dir = TempDir::new(tag);
     for d in ["a", "b", "pki"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
@@ -1158,6 +1141,16 @@ fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
     let mut b = Agent::configure(&dir.join("b"), "host-b");
     a.serve_tls(&dir.join("pki"));
     b.serve_tls(&dir.join("pki"));
+    (dir, a, b)
+}
+
+#[test]
+fn with_a_certificate_the_api_speaks_only_tls_and_agents_migrate_over_it() {
+    if !require_kvm() {
+        return;
+    }
+    let _host = alongside();
+    let (dir, mut a, mut b) = tls_hosts("agent-tls");
     a.peer_with(&b);
     b.peer_with(&a);
     std::fs::write(dir.join("a/vms/web-1.toml"), vm_config("web-1")).unwrap();
@@ -1224,15 +1217,8 @@ fn eight_migrations_at_once_between_two_agents_all_complete_and_verify() {
     let _host = exclusive();
     let names: Vec<String> = (1..=8).map(|i| format!("vm-{i}")).collect();
     // Over TLS, as a fleet runs; eight slots each way.
-    let dir = TempDir::new("agent-eight");
-    for d in ["a", "b", "pki"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    write_test_pki(&dir.join("pki"));
-    let mut a = Agent::configure(&dir.join("a"), "host-a");
-    let mut b = Agent::configure(&dir.join("b"), "host-b");
+    let (dir, mut a, mut b) = tls_hosts("agent-eight");
     for agent in [&mut a, &mut b] {
-        agent.serve_tls(&dir.join("pki"));
         agent.set("max_outbound = 8\nmax_inbound = 8");
     }
     a.peer_with(&b);
