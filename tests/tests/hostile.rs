@@ -72,6 +72,21 @@ fn fds_back_to(pid: u32, want: usize) -> usize {
         .unwrap_or_else(|| open_fds(pid))
 }
 
+/// The process's own descriptors and what they are, without the connection of a
+/// status request just answered (its server thread may close it a moment later):
+/// the fewest over half a second, as connections only add to them.
+fn settled_fds(pid: u32) -> (usize, String) {
+    let mut least = (open_fds(pid), fd_list(pid));
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = open_fds(pid);
+        if n < least.0 {
+            least = (n, fd_list(pid));
+        }
+    }
+    least
+}
+
 /// Each descriptor and what it is, for a failure message.
 fn fd_list(pid: u32) -> String {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -154,8 +169,7 @@ fn bad_connections_never_end_the_destination_and_leave_nothing_behind() {
     let dir = TempDir::new("hostile-port");
     let (dst, addr) = incoming_insecure(dir.path(), "dst");
     let pid = dst.child.id();
-    let fds0 = open_fds(pid);
-    let fds0_list = fd_list(pid);
+    let (fds0, fds0_list) = settled_fds(pid);
     let ok_config = "name = \"hostile\"\nmemory_mib = 32\n";
     // Each attack, and the words its refusal must carry (None: the stranger is
     // closed on without an answer).
