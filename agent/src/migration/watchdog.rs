@@ -8,11 +8,11 @@
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
 use std::time::Duration;
 
 #[derive(Default)]
 struct Shared {
-    stop: AtomicBool,
     /// Watching at all (pre-copy only: later phases have their own rules).
     armed: AtomicBool,
     /// The longest silence allowed, milliseconds.
@@ -23,6 +23,8 @@ struct Shared {
 
 pub struct Watchdog {
     shared: Arc<Shared>,
+    /// Dropped to stop the watch at once: the migration's end never waits for it.
+    stop: Option<Sender<()>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -32,11 +34,13 @@ impl Watchdog {
     pub fn start(sock: TcpStream) -> Self {
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
+        let (stop, stopped) = channel::<()>();
         let handle = std::thread::Builder::new()
             .name("migration-watch".into())
             .spawn(move || {
-                while !s.stop.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(100));
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Duration::from_millis(100))
+                {
                     let limit = Duration::from_millis(s.limit_ms.load(Ordering::Acquire));
                     if s.armed.load(Ordering::Acquire)
                         && super::link::silent_for(&sock).is_some_and(|d| d > limit)
@@ -56,7 +60,11 @@ impl Watchdog {
         if handle.is_none() {
             tracing::warn!("no watch thread: a stopped destination is found out by timeouts");
         }
-        Self { shared, handle }
+        Self {
+            shared,
+            stop: Some(stop),
+            handle,
+        }
     }
 
     /// Arms (or disarms) the watch with the longest silence to allow.
@@ -77,7 +85,7 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.stop.take();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
