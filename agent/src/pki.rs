@@ -149,6 +149,9 @@ impl MigrationTls {
             .with_single_cert(id.certs.clone(), id.key.clone_key())
             .map_err(pair)?;
         server.send_tls13_tickets = 0;
+        // The stream seals its own records once the handshake is over
+        // (`migration::tls_record`): rustls hands the keys over.
+        server.enable_secret_extraction = true;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -157,6 +160,7 @@ impl MigrationTls {
             .with_client_auth_cert(id.certs, id.key)
             .map_err(pair)?;
         client.resumption = rustls::client::Resumption::disabled();
+        client.enable_secret_extraction = true;
         Ok(Self {
             client: Arc::new(client),
             server: Arc::new(server),

@@ -94,7 +94,7 @@ pub fn receive(
         answer: None,
     })?;
     let mut rx = Receiver {
-        r: BufReader::with_capacity(1 << 20, conn),
+        r: conn.reader(1 << 20),
         w,
         place,
         config_path: None,
@@ -489,7 +489,7 @@ impl Receiver<'_> {
                     recover: Duration::from_millis(u64::from(hello.recover_ms)),
                 };
                 let conn = self.r.get_ref().try_clone().map_err(ProtocolError::from)?;
-                let r = std::mem::replace(&mut self.r, BufReader::new(conn));
+                let r = std::mem::replace(&mut self.r, conn.reader(8 << 10));
                 let (r, w) =
                     incoming.run(r, self.w.try_clone().map_err(ProtocolError::from)?, faults);
                 self.r = r;
@@ -540,7 +540,8 @@ impl Receiver<'_> {
         };
         loop {
             self.keep_alive()?;
-            frame.kind = protocol::read_frame_into(&mut self.r, &mut frame.payload)?;
+            let integrity = self.r.get_ref().integrity();
+            frame.kind = protocol::read_frame_as(&mut self.r, &mut frame.payload, integrity)?;
             if receiver.apply(&frame, &mut land)? {
                 continue;
             }

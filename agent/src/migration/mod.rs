@@ -16,6 +16,7 @@ pub mod protocol;
 pub mod secure;
 pub mod source;
 pub mod storage;
+mod tls_record;
 mod vcpu_pages;
 mod watchdog;
 pub mod wire;

@@ -396,7 +396,8 @@ fn serve_faults(t: &Tracker, first: Channel, channels: mpsc::Receiver<Channel>) 
         let Some(c) = chan.as_mut() else { continue };
         // Answers come whole and fast; read what is there.
         loop {
-            match protocol::read_frame_into(&mut c.0, &mut frame.payload) {
+            let integrity = c.1.integrity();
+            match protocol::read_frame_as(&mut c.0, &mut frame.payload, integrity) {
                 Ok(kind) => frame.kind = kind,
                 Err(_) => {
                     // The main connection notices too and runs the recovery.
@@ -448,7 +449,7 @@ pub fn wait_fault_channel(
                 let Ok(w) = conn.try_clone() else { continue };
                 // Only read when poll says an answer is there; the timeout only bounds
                 // a frame that stops half-way.
-                return Ok((BufReader::with_capacity(1 << 16, conn), w));
+                return Ok((conn.reader(1 << 16), w));
             }
             _ => tracing::warn!("ignoring a connection that is not this migration's fault channel"),
         }
@@ -518,7 +519,8 @@ impl Incoming<'_> {
             };
             loop {
                 let step = (|| -> Result<bool, PostcopyError> {
-                    frame.kind = protocol::read_frame_into(&mut r, &mut frame.payload)?;
+                    let integrity = r.get_ref().integrity();
+                    frame.kind = protocol::read_frame_as(&mut r, &mut frame.payload, integrity)?;
                     if receiver.apply(&frame, &mut Filling::new(t, &mut covered))? {
                         return Ok(false);
                     }
@@ -620,7 +622,7 @@ impl Incoming<'_> {
         conn.set_read_timeout(Some(self.timeout))
             .map_err(ProtocolError::from)?;
         let mut w = conn.try_clone().map_err(ProtocolError::from)?;
-        let r = BufReader::with_capacity(1 << 20, conn);
+        let r = conn.reader(1 << 20);
         protocol::send(
             &mut w,
             &Message::Missing {

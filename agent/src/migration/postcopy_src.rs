@@ -10,7 +10,7 @@
 //! every page in, so nothing is lost however often the link breaks. Past the window it
 //! waits for `ferry migrate --resume`.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,8 @@ fn serve_requests(memory: &[u8], conn: Conn, shared: &Served, stop: &AtomicBool)
     let mut w = BufWriter::with_capacity(64 << 10, w);
     // Short reads so `stop` is seen; requests are tiny and arrive whole.
     let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
-    let mut r = BufReader::with_capacity(64 << 10, conn);
+    let integrity = conn.integrity();
+    let mut r = conn.reader(64 << 10);
     let mut compressor = Compressor::new();
     let mut bufs = Buffers::default();
     while !stop.load(Ordering::Relaxed) {
@@ -67,7 +68,14 @@ fn serve_requests(memory: &[u8], conn: Conn, shared: &Served, stop: &AtomicBool)
                 shared.requested();
                 shared.hint.store(page, Ordering::Relaxed);
                 // Latency matters more than bytes here: no compression.
-                let Ok(e) = encode(memory, &[page], Codec::None, &mut compressor, &mut bufs) else {
+                let Ok(e) = encode(
+                    memory,
+                    &[page],
+                    Codec::None,
+                    &mut compressor,
+                    &mut bufs,
+                    integrity,
+                ) else {
                     return;
                 };
                 if w.write_all(&e.frames).and_then(|()| w.flush()).is_err() {
@@ -580,7 +588,15 @@ impl Sender<'_> {
             }
             let codec = self.settings.codec;
             let mut bufs = std::mem::take(&mut self.bufs);
-            let encoded = encode(memory, &batch, codec, &mut self.compressor, &mut bufs);
+            let integrity = self.w.get_ref().integrity();
+            let encoded = encode(
+                memory,
+                &batch,
+                codec,
+                &mut self.compressor,
+                &mut bufs,
+                integrity,
+            );
             self.bufs = bufs;
             let e = encoded?;
             self.write_wire(&e.frames)?;

@@ -942,6 +942,18 @@ impl<'a> PageBatch<'a> {
     }
 }
 
+/// What guards a frame's bytes in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// The frame's own CRC-32 (plain TCP).
+    Checksum,
+    /// The transport's: every TLS record is authenticated, which checks the same
+    /// bytes as a frame's CRC would, and more strongly. Bulk frames go with a zero
+    /// CRC and no frame's CRC is checked. Each end knows this of its own connection,
+    /// never from the wire.
+    Transport,
+}
+
 /// A frame whose header and checksum have been verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -958,11 +970,24 @@ fn crc(header: &[u8], payload: &[u8]) -> u32 {
 
 /// Writes one frame around `payload`.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    write_frame_as(w, kind, payload, Integrity::Checksum)
+}
+
+/// As [`write_frame`], leaving the CRC out where the transport authenticates.
+pub fn write_frame_as(
+    w: &mut impl Write,
+    kind: Kind,
+    payload: &[u8],
+    integrity: Integrity,
+) -> Result<(), ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(&MAGIC);
     header[4] = kind as u8;
     header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let sum = crc(&header, payload);
+    let sum = match integrity {
+        Integrity::Checksum => crc(&header, payload),
+        Integrity::Transport => 0,
+    };
     header[12..16].copy_from_slice(&sum.to_le_bytes());
     w.write_all(&header)?;
     w.write_all(payload)?;
@@ -989,6 +1014,16 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
     read_frame_within(r, payload, MAX_PAYLOAD)
 }
 
+/// As [`read_frame_into`], on a connection whose transport may check the frame's
+/// bytes already (see [`Integrity`]).
+pub fn read_frame_as(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+    integrity: Integrity,
+) -> Result<Kind, ProtocolError> {
+    read_frame_checked(r, payload, MAX_PAYLOAD, integrity)
+}
+
 /// As [`read_frame_into`], refusing a payload over `max` bytes before reading it. A
 /// connection's first frame is small; a stranger must not make the destination
 /// allocate a full frame for it.
@@ -996,6 +1031,15 @@ pub fn read_frame_within(
     r: &mut impl Read,
     payload: &mut Vec<u8>,
     max: u32,
+) -> Result<Kind, ProtocolError> {
+    read_frame_checked(r, payload, max, Integrity::Checksum)
+}
+
+fn read_frame_checked(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+    max: u32,
+    integrity: Integrity,
 ) -> Result<Kind, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -1021,6 +1065,9 @@ pub fn read_frame_within(
     }
     payload.resize(len as usize, 0);
     r.read_exact(payload)?;
+    if integrity == Integrity::Transport {
+        return Ok(kind);
+    }
     let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     let computed = crc(&header, payload);
     if expected != computed {

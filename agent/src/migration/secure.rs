@@ -4,27 +4,44 @@
 //! A [`Conn`] is used the way a `TcpStream` is: cloned handles, one reading while
 //! others write (the migration thread, the vCPUs mirroring disk writes, the
 //! keepalive), shut down from a watchdog, its kernel counters read for the link's
-//! rate. So the TLS state is shared between the handles. Its lock is held only to
-//! decrypt what was read or to encrypt what is to be sent, never across a blocking
-//! socket call: two ends that both write while neither reads could otherwise each
-//! hold their lock in a full socket and wait forever for the other's reader.
+//! rate.
+//!
+//! rustls shakes hands (its unbuffered API) and then hands the traffic keys over;
+//! records are sealed and opened by [`super::tls_record`], in place, in the buffers
+//! that go to and come from the socket. The two directions share no lock: readers
+//! take turns on the receiving key and buffer, writers on the sending ones, and
+//! neither holds its lock for longer than one socket call's worth of records.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, UnbufferedConnectionCommon, UnbufferedStatus,
+};
+use rustls::{AlertDescription, ExtractedSecrets};
 use rustls_pki_types::ServerName;
 
+use super::protocol::Integrity;
+use super::tls_record::{self as record, Key};
 use crate::pki::MigrationTls;
 use crate::sync::lock;
 
-/// A TLS record's header and tag, at most: what sealing adds to each 16 KiB.
-const RECORD_OVERHEAD: usize = 5 + 16 + 1;
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 64 << 10;
-/// The label of the keying material a ticket is bound to the session with.
-const TICKET_LABEL: &[u8] = b"EXPORTER-ferry-migration-ticket";
+/// Bytes of records sealed before they go to the socket in one write (sixteen
+/// records: small enough to stay in cache between sealing and sending).
+const SEAL_CHUNK: usize = 16 * record::MAX_PLAINTEXT;
+/// The receive buffer: many records per read from the socket.
+const READ_BUF: usize = 256 << 10;
+/// The label a ticket's proof is bound to the session with.
+const TICKET_LABEL: &[u8] = b"ferry migration ticket";
+/// A KeyUpdate handshake message that does not ask the peer to update its own.
+const KEY_UPDATE: [u8; 5] = [24, 0, 0, 1, 0];
 
 /// How this process speaks on the migration stream.
 #[derive(Debug, Clone)]
@@ -78,19 +95,73 @@ pub struct Conn {
 }
 
 struct Tls {
-    state: Mutex<rustls::Connection>,
-    /// Readers take turns here; it holds bytes read from the socket that the TLS
-    /// state could not take yet.
+    /// rustls after the handshake: it derives each direction's next key.
+    keys: Mutex<Keys>,
+    /// Readers take turns here.
     rx: Mutex<Rx>,
     /// Writers take turns here, so records reach the socket in the order they were
-    /// sealed; it holds the sealed bytes of one write.
-    tx: Mutex<Vec<u8>>,
+    /// sealed.
+    tx: Mutex<Tx>,
+    /// The peer asked for a key update of ours; the next write makes it.
+    update_tx: AtomicBool,
+    /// A key only this session's two ends hold, for binding tickets to it.
+    binder: ring::hmac::Key,
+}
+
+enum Keys {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Keys {
+    fn next_tx(&mut self) -> Result<Key, rustls::Error> {
+        let (seq, secrets) = match self {
+            Keys::Client(k) => k.update_tx_secret()?,
+            Keys::Server(k) => k.update_tx_secret()?,
+        };
+        Key::new(seq, &secrets)
+    }
+
+    fn next_rx(&mut self) -> Result<Key, rustls::Error> {
+        let (seq, secrets) = match self {
+            Keys::Client(k) => k.update_rx_secret()?,
+            Keys::Server(k) => k.update_rx_secret()?,
+        };
+        Key::new(seq, &secrets)
+    }
+
+    /// Records one key may seal before it must be replaced: half the suite's
+    /// confidentiality limit (AES-GCM's is 2^23 or 2^24 records, 128 GiB or more).
+    fn rekey_after(&self) -> u64 {
+        let suite = match self {
+            Keys::Client(k) => k.negotiated_cipher_suite(),
+            Keys::Server(k) => k.negotiated_cipher_suite(),
+        };
+        suite
+            .tls13()
+            .map_or(1 << 23, |s| s.common.confidentiality_limit)
+            / 2
+    }
+}
+
+struct Tx {
+    key: Key,
+    rekey_after: u64,
+    /// The sealed records of one socket write.
+    buf: Vec<u8>,
 }
 
 struct Rx {
+    key: Key,
+    /// What the socket gave: records, opened in place once whole.
     buf: Box<[u8]>,
+    /// The unopened bytes in `buf`.
     start: usize,
     end: usize,
+    /// An opened record's plaintext in `buf` not yet taken.
+    plain: Range<usize>,
+    /// The peer said close_notify: what it sent has all been read.
+    closed: bool,
 }
 
 impl std::fmt::Debug for Conn {
@@ -131,14 +202,22 @@ impl Conn {
         within: Duration,
     ) -> Result<Self, HandshakeError> {
         let name = server_name(to)?;
-        let conn = rustls::ClientConnection::new(tls.client.clone(), name)
+        let mut state = UnbufferedClientConnection::new(tls.client.clone(), name)
             .map_err(|e| failed(&tcp, e.to_string()))?;
-        let deadline = std::time::Instant::now() + within;
-        let conn = Self::handshake(tcp, conn.into(), within)?;
+        let deadline = Instant::now() + within;
+        let mut hs = Handshake::new(tcp, within);
+        hs.drive(
+            &mut state,
+            UnbufferedConnectionCommon::<ClientConnectionData>::process_tls_records,
+        )?;
+        let conn = match state.dangerous_into_kernel_connection() {
+            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Client(kernel), true)?,
+            Err(e) => return Err(failed(&hs.tcp, e.to_string())),
+        };
         // TLS 1.3 lets a client finish its handshake before the server has judged its
         // certificate: the destination's first byte says it did and let us in, so
         // that a refusal is this call's answer, not a broken migration later.
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         let mut word = [0u8; 1];
         let heard = (&conn).read_exact(&mut word);
@@ -169,71 +248,38 @@ impl Conn {
         tls: &MigrationTls,
         within: Duration,
     ) -> Result<Self, HandshakeError> {
-        let conn = rustls::ServerConnection::new(tls.server.clone())
+        let mut state = UnbufferedServerConnection::new(tls.server.clone())
             .map_err(|e| failed(&tcp, e.to_string()))?;
-        let conn = Self::handshake(tcp, conn.into(), within)?;
+        let mut hs = Handshake::new(tcp, within);
+        hs.drive(
+            &mut state,
+            UnbufferedConnectionCommon::<ServerConnectionData>::process_tls_records,
+        )?;
+        let conn = match state.dangerous_into_kernel_connection() {
+            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Server(kernel), false)?,
+            Err(e) => return Err(failed(&hs.tcp, e.to_string())),
+        };
         conn.set_write_timeout(Some(within))?;
         (&conn).write_all(&[ACCEPTED])?;
         conn.set_write_timeout(None)?;
         Ok(conn)
     }
 
-    fn handshake(
-        mut tcp: TcpStream,
-        mut state: rustls::Connection,
-        within: Duration,
-    ) -> Result<Self, HandshakeError> {
-        let deadline = std::time::Instant::now() + within;
-        // Named now: a peer that resets the connection has no address after.
-        let peer = tcp
-            .peer_addr()
-            .map_or_else(|_| "the peer".into(), |a| a.to_string());
-        let failed = |_: &TcpStream, why: String| HandshakeError::Failed {
-            peer: peer.clone(),
-            why,
-        };
-        state.set_buffer_limit(None);
-        while state.is_handshaking() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(failed(
-                    &tcp,
-                    format!("not done within {} s", within.as_secs()),
-                ));
-            }
-            tcp.set_read_timeout(Some(left))?;
-            tcp.set_write_timeout(Some(left))?;
-            if let Err(e) = state.complete_io(&mut tcp) {
-                // Tell the peer why, if rustls has an alert for it.
-                let _ = state.write_tls(&mut tcp);
-                let why = match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                        format!("not done within {} s", within.as_secs())
-                    }
-                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-                        "the peer closed the connection (it may not speak TLS: started with \
-                         --insecure?)"
-                            .into()
-                    }
-                    _ => e.to_string(),
-                };
-                return Err(failed(&tcp, why));
-            }
+    /// A buffered reader on this connection, of `capacity` bytes over plain TCP. Over
+    /// TLS the connection holds what it read and opened already: a second buffer
+    /// would only copy every byte once more.
+    pub fn reader(self, capacity: usize) -> std::io::BufReader<Conn> {
+        let capacity = if self.tls.is_some() { 0 } else { capacity };
+        std::io::BufReader::with_capacity(capacity, self)
+    }
+
+    /// What guards a frame's bytes in flight on this connection.
+    pub fn integrity(&self) -> Integrity {
+        if self.tls.is_some() {
+            Integrity::Transport
+        } else {
+            Integrity::Checksum
         }
-        tcp.set_read_timeout(None)?;
-        tcp.set_write_timeout(None)?;
-        Ok(Self {
-            tcp: Arc::new(tcp),
-            tls: Some(Arc::new(Tls {
-                state: Mutex::new(state),
-                rx: Mutex::new(Rx {
-                    buf: vec![0; READ_CHUNK].into_boxed_slice(),
-                    start: 0,
-                    end: 0,
-                }),
-                tx: Mutex::new(Vec::new()),
-            })),
-        })
     }
 
     /// The socket under the stream: its options and kernel counters.
@@ -249,12 +295,7 @@ impl Conn {
         let Ok(rx) = tls.rx.try_lock() else {
             return false;
         };
-        if rx.start < rx.end {
-            return true;
-        }
-        let mut st = lock(&tls.state);
-        st.process_new_packets()
-            .is_ok_and(|io| io.plaintext_bytes_to_read() > 0)
+        !rx.plain.is_empty() || rx.start < rx.end
     }
 
     pub fn try_clone(&self) -> io::Result<Self> {
@@ -283,22 +324,20 @@ impl Conn {
         if let (Some(tls), Shutdown::Write | Shutdown::Both) = (&self.tls, how) {
             // Never wait for a writer stuck on a full socket: that is what a
             // watchdog shuts a connection down to end.
-            if let Ok(mut out) = tls.tx.try_lock() {
-                out.clear();
-                {
-                    let mut st = lock(&tls.state);
-                    st.send_close_notify();
-                    while st.wants_write() {
-                        if st.write_tls(&mut *out).is_err() {
-                            break;
-                        }
-                    }
-                }
-                let _ = self.tcp.set_write_timeout(Some(Duration::from_millis(100)));
-                let _ = (&*self.tcp).write_all(&out);
+            if let Ok(mut tx) = tls.tx.try_lock() {
+                self.alert(&mut tx, 1, AlertDescription::CloseNotify);
             }
         }
         self.tcp.shutdown(how)
+    }
+
+    /// Replaces the sending key every `records` records from now on (tests: key
+    /// updates otherwise come after billions of bytes).
+    #[cfg(test)]
+    fn rekey_every(&self, records: u64) {
+        if let Some(tls) = &self.tls {
+            lock(&tls.tx).rekey_after = records;
+        }
     }
 
     /// What proves this side knows `ticket`, bound to this connection: over TLS,
@@ -306,13 +345,248 @@ impl Conn {
     /// proof seen on the wire, which it is not, would be useless on any other
     /// connection, and the ticket itself never crosses it); over plain TCP, the
     /// ticket.
-    pub fn ticket_proof(&self, ticket: &str) -> Result<String, rustls::Error> {
+    pub fn ticket_proof(&self, ticket: &str) -> String {
         let Some(tls) = &self.tls else {
-            return Ok(ticket.to_owned());
+            return ticket.to_owned();
         };
-        let st = lock(&tls.state);
-        let out = st.export_keying_material([0u8; 32], TICKET_LABEL, Some(ticket.as_bytes()))?;
-        Ok(out.iter().map(|b| format!("{b:02x}")).collect())
+        let out = ring::hmac::sign(&tls.binder, ticket.as_bytes());
+        out.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// One step of rustls's unbuffered handshake, client's or server's.
+type Step<D> = for<'c, 'i> fn(
+    &'c mut UnbufferedConnectionCommon<D>,
+    &'i mut [u8],
+) -> UnbufferedStatus<'c, 'i, D>;
+
+/// A handshake under way: its socket, what was read from it, the time left.
+struct Handshake {
+    tcp: TcpStream,
+    within: Duration,
+    deadline: Instant,
+    /// Named now: a peer that resets the connection has no address after.
+    peer: String,
+    incoming: Vec<u8>,
+    used: usize,
+    outgoing: Vec<u8>,
+}
+
+/// Most a peer may send during the handshake (its certificate chain, mostly).
+const MAX_HANDSHAKE: usize = 1 << 20;
+
+enum Next {
+    More,
+    Send,
+    Receive,
+    Done,
+    Failed(rustls::Error),
+}
+
+fn encode<D>(data: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.resize(at + 4096, 0);
+    loop {
+        match data.encode(&mut out[at..]) {
+            Ok(n) => return out.truncate(at + n),
+            Err(EncodeError::InsufficientSize(e)) => out.resize(at + e.required_size, 0),
+            Err(_) => return out.truncate(at),
+        }
+    }
+}
+
+impl Handshake {
+    fn new(tcp: TcpStream, within: Duration) -> Self {
+        let peer = tcp
+            .peer_addr()
+            .map_or_else(|_| "the peer".into(), |a| a.to_string());
+        Self {
+            tcp,
+            within,
+            deadline: Instant::now() + within,
+            peer,
+            incoming: vec![0; 16 << 10],
+            used: 0,
+            outgoing: Vec::new(),
+        }
+    }
+
+    fn failed(&self, why: String) -> HandshakeError {
+        HandshakeError::Failed {
+            peer: self.peer.clone(),
+            why,
+        }
+    }
+
+    fn io_failed(&self, e: io::Error) -> HandshakeError {
+        self.failed(match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("not done within {} s", self.within.as_secs())
+            }
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
+                "the peer closed the connection (it may not speak TLS: started with \
+                 --insecure?)"
+                    .into()
+            }
+            _ => e.to_string(),
+        })
+    }
+
+    fn left(&self) -> Result<Duration, HandshakeError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.io_failed(io::ErrorKind::TimedOut.into()));
+        }
+        Ok(left)
+    }
+
+    fn send(&mut self) -> Result<(), HandshakeError> {
+        self.tcp.set_write_timeout(Some(self.left()?))?;
+        let sent = self.tcp.write_all(&self.outgoing);
+        self.outgoing.clear();
+        sent.map_err(|e| self.io_failed(e))
+    }
+
+    fn receive(&mut self) -> Result<(), HandshakeError> {
+        self.tcp.set_read_timeout(Some(self.left()?))?;
+        if self.used == self.incoming.len() {
+            if self.used >= MAX_HANDSHAKE {
+                return Err(self.failed("the peer's handshake is too large".into()));
+            }
+            self.incoming.resize(self.used * 2, 0);
+        }
+        match self.tcp.read(&mut self.incoming[self.used..]) {
+            Ok(0) => Err(self.io_failed(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                self.used += n;
+                Ok(())
+            }
+            Err(e) => Err(self.io_failed(e)),
+        }
+    }
+
+    /// Runs the handshake until both ends are authenticated and the keys are set.
+    fn drive<D>(
+        &mut self,
+        conn: &mut UnbufferedConnectionCommon<D>,
+        step: Step<D>,
+    ) -> Result<(), HandshakeError> {
+        loop {
+            let status = step(conn, &mut self.incoming[..self.used]);
+            let discard = status.discard;
+            let next = match status.state {
+                Err(e) => Next::Failed(e),
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    encode(&mut data, &mut self.outgoing);
+                    Next::More
+                }
+                Ok(ConnectionState::TransmitTlsData(data)) => {
+                    data.done();
+                    Next::Send
+                }
+                Ok(ConnectionState::BlockedHandshake) => Next::Receive,
+                Ok(ConnectionState::WriteTraffic(_)) => Next::Done,
+                Ok(_) => Next::Failed(rustls::Error::General(
+                    "the peer sent data before the handshake was over".into(),
+                )),
+            };
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+            match next {
+                Next::More => {}
+                Next::Send => self.send()?,
+                Next::Receive => self.receive()?,
+                // A server may send once its own Finished is out, before the client's
+                // certificate has been checked: not done yet.
+                Next::Done if conn.is_handshaking() => self.receive()?,
+                Next::Done => return Ok(()),
+                Next::Failed(e) => {
+                    self.alert(conn, step);
+                    return Err(self.failed(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Sends the alert rustls queued on failing, so the peer can say why too.
+    fn alert<D>(&mut self, conn: &mut UnbufferedConnectionCommon<D>, step: Step<D>) {
+        self.outgoing.clear();
+        for _ in 0..4 {
+            // The same buffer as before: rustls's handshake state points into it.
+            let status = step(conn, &mut self.incoming[..self.used]);
+            let discard = status.discard;
+            let more = match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    encode(&mut data, &mut self.outgoing);
+                    true
+                }
+                Ok(ConnectionState::TransmitTlsData(data)) => {
+                    data.done();
+                    false
+                }
+                _ => false,
+            };
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+            if !more {
+                break;
+            }
+        }
+        let _ = self.tcp.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ = self.tcp.write_all(&self.outgoing);
+    }
+
+    /// The stream, from the keys rustls handed over.
+    fn finish(
+        self,
+        secrets: ExtractedSecrets,
+        keys: Keys,
+        client: bool,
+    ) -> Result<Conn, HandshakeError> {
+        let bad = |e: rustls::Error| self.failed(e.to_string());
+        let ((tx_seq, tx), (rx_seq, rx)) = (secrets.tx, secrets.rx);
+        // Both ends bind tickets with the same key: the client's direction first.
+        let (first, second) = if client { (&tx, &rx) } else { (&rx, &tx) };
+        let material = [
+            record::material(first).map_err(bad)?,
+            record::material(second).map_err(bad)?,
+        ]
+        .concat();
+        let extract = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, TICKET_LABEL);
+        let binder = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            ring::hmac::sign(&extract, &material).as_ref(),
+        );
+        // What came after the handshake's last record is the stream's first.
+        let mut buf = vec![0u8; READ_BUF.max(self.used)].into_boxed_slice();
+        buf[..self.used].copy_from_slice(&self.incoming[..self.used]);
+        let rx = Rx {
+            key: Key::new(rx_seq, &rx).map_err(bad)?,
+            buf,
+            start: 0,
+            end: self.used,
+            plain: 0..0,
+            closed: false,
+        };
+        let tx = Tx {
+            key: Key::new(tx_seq, &tx).map_err(bad)?,
+            rekey_after: keys.rekey_after(),
+            buf: Vec::with_capacity(
+                SEAL_CHUNK + SEAL_CHUNK / record::MAX_PLAINTEXT * record::OVERHEAD,
+            ),
+        };
+        self.tcp.set_read_timeout(None)?;
+        self.tcp.set_write_timeout(None)?;
+        Ok(Conn {
+            tcp: Arc::new(self.tcp),
+            tls: Some(Arc::new(Tls {
+                keys: Mutex::new(keys),
+                rx: Mutex::new(rx),
+                tx: Mutex::new(tx),
+                update_tx: AtomicBool::new(false),
+                binder,
+            })),
+        })
     }
 }
 
@@ -344,14 +618,132 @@ pub fn server_name(to: &str) -> Result<ServerName<'static>, HandshakeError> {
 }
 
 impl Conn {
+    /// Seals an alert and sends it at once, never waiting long on a full socket (the
+    /// peer may have stopped reading).
+    fn alert(&self, tx: &mut Tx, level: u8, what: AlertDescription) {
+        tx.buf.clear();
+        if tx
+            .key
+            .seal(record::ALERT, &[level, u8::from(what)], &mut tx.buf)
+            .is_ok()
+        {
+            let _ = self.tcp.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = (&*self.tcp).write_all(&tx.buf);
+        }
+    }
+
     /// A record that did not authenticate (or any TLS error reading): tell the peer
-    /// with the alert rustls queued for it, so its side can say why too.
-    fn fail(&self, st: &mut rustls::Connection, e: rustls::Error) -> io::Error {
-        let mut alert = Vec::new();
-        while st.wants_write() && st.write_tls(&mut alert).is_ok_and(|n| n > 0) {}
-        let _ = self.tcp.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = (&*self.tcp).write_all(&alert);
+    /// with an alert, so its side can say why too.
+    fn fail(&self, tls: &Tls, e: rustls::Error) -> io::Error {
+        let what = match e {
+            rustls::Error::DecryptError => AlertDescription::BadRecordMac,
+            rustls::Error::InvalidMessage(_) => AlertDescription::DecodeError,
+            _ => AlertDescription::UnexpectedMessage,
+        };
+        if let Ok(mut tx) = tls.tx.try_lock() {
+            self.alert(&mut tx, 2, what);
+        }
         invalid(e)
+    }
+
+    /// Post-handshake messages in an opened record: key updates (ours are sent when a
+    /// key has sealed its share of records; the peer's are followed). Ferry's peers
+    /// send nothing else here: session tickets are off on both ends.
+    fn post_handshake(
+        &self,
+        tls: &Tls,
+        rx: &mut Rx,
+        msgs: Range<usize>,
+    ) -> Result<(), rustls::Error> {
+        let mut at = msgs.start;
+        while at < msgs.end {
+            let m = &rx.buf[at..msgs.end];
+            if m.len() < 4 {
+                return Err(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::MessageTooShort,
+                ));
+            }
+            let len = usize::from(m[1]) << 16 | usize::from(m[2]) << 8 | usize::from(m[3]);
+            if m.len() < 4 + len {
+                return Err(rustls::Error::General(
+                    "a post-handshake message split across records".into(),
+                ));
+            }
+            match (m[0], len, m.get(4)) {
+                (24, 1, Some(&requested @ (0 | 1))) => {
+                    rx.key = lock(&tls.keys).next_rx()?;
+                    if requested == 1 {
+                        tls.update_tx.store(true, Ordering::Release);
+                    }
+                }
+                (kind, ..) => {
+                    return Err(rustls::Error::General(format!(
+                        "an unexpected post-handshake message (type {kind})"
+                    )));
+                }
+            }
+            at += 4 + len;
+        }
+        Ok(())
+    }
+
+    /// Opens the next whole record in `rx`, if there is one; false if more bytes must
+    /// be read first.
+    fn open_next(&self, tls: &Tls, rx: &mut Rx) -> Result<bool, rustls::Error> {
+        let have = &rx.buf[rx.start..rx.end];
+        let Some(header) = have.first_chunk::<{ record::HEADER }>().copied() else {
+            return Ok(false);
+        };
+        let len = record::body_len(&header)?;
+        if have.len() < record::HEADER + len {
+            return Ok(false);
+        }
+        let body = rx.start + record::HEADER..rx.start + record::HEADER + len;
+        rx.start = body.end;
+        let (kind, n) = rx.key.open(header, &mut rx.buf[body.clone()])?;
+        let content = body.start..body.start + n;
+        match kind {
+            record::APPLICATION_DATA => rx.plain = content,
+            record::ALERT => match <[u8; 2]>::try_from(&rx.buf[content]) {
+                Ok([_, 0u8]) => rx.closed = true,
+                Ok([_, what]) => return Err(rustls::Error::AlertReceived(what.into())),
+                Err(_) => {
+                    return Err(rustls::Error::InvalidMessage(
+                        rustls::InvalidMessage::MessageTooShort,
+                    ));
+                }
+            },
+            record::HANDSHAKE => self.post_handshake(tls, rx, content)?,
+            _ => {
+                return Err(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Seals `buf` into records and sends them, a few at a time.
+    fn seal_and_send(&self, tls: &Tls, buf: &[u8]) -> io::Result<()> {
+        let mut tx = lock(&tls.tx);
+        let tx = &mut *tx;
+        for piece in buf.chunks(SEAL_CHUNK) {
+            tx.buf.clear();
+            for data in piece.chunks(record::MAX_PLAINTEXT) {
+                if tx.key.seq() >= tx.rekey_after || tls.update_tx.swap(false, Ordering::AcqRel) {
+                    // The update goes under the old key; what follows, under the new.
+                    tx.key
+                        .seal(record::HANDSHAKE, &KEY_UPDATE, &mut tx.buf)
+                        .map_err(invalid)?;
+                    tx.key = lock(&tls.keys).next_tx().map_err(invalid)?;
+                }
+                tx.key
+                    .seal(record::APPLICATION_DATA, data, &mut tx.buf)
+                    .map_err(invalid)?;
+            }
+            (&*self.tcp).write_all(&tx.buf)?;
+        }
+        Ok(())
     }
 }
 
@@ -361,38 +753,36 @@ impl Read for &Conn {
             return (&*self.tcp).read(buf);
         };
         let mut rx = lock(&tls.rx);
+        let rx = &mut *rx;
         loop {
-            {
-                let mut st = lock(&tls.state);
-                // What the state could not take last time (its plaintext was full).
-                while rx.start < rx.end {
-                    let Rx { buf, start, end } = &mut *rx;
-                    let mut pending = &buf[*start..*end];
-                    match st.read_tls(&mut pending) {
-                        Ok(n) => *start += n,
-                        Err(_) => break,
-                    }
-                    if let Err(e) = st.process_new_packets() {
-                        return Err(self.fail(&mut st, e));
-                    }
-                }
-                match st.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
+            if !rx.plain.is_empty() {
+                let n = buf.len().min(rx.plain.len());
+                buf[..n].copy_from_slice(&rx.buf[rx.plain.start..rx.plain.start + n]);
+                rx.plain.start += n;
+                return Ok(n);
             }
-            if rx.start < rx.end {
-                return Err(io::Error::other("the TLS state takes no more input"));
+            if rx.closed {
+                return Ok(0);
             }
-            let n = (&*self.tcp).read(&mut rx.buf)?;
+            match self.open_next(tls, rx) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(tls, e)),
+            }
+            // Room for a whole record after what is left of a torn one.
+            if rx.start == rx.end {
+                (rx.start, rx.end) = (0, 0);
+            } else if rx.buf.len() - rx.end < record::HEADER + record::MAX_BODY {
+                rx.buf.copy_within(rx.start..rx.end, 0);
+                (rx.start, rx.end) = (0, rx.end - rx.start);
+            }
+            let n = (&*self.tcp).read(&mut rx.buf[rx.end..])?;
             if n == 0 {
                 // Cut without a close_notify: a frame in flight shows torn to the
                 // framing above, which checks every length and checksum.
                 return Ok(0);
             }
-            rx.start = 0;
-            rx.end = n;
+            rx.end += n;
         }
     }
 }
@@ -402,17 +792,7 @@ impl Write for &Conn {
         let Some(tls) = &self.tls else {
             return (&*self.tcp).write(buf);
         };
-        let mut out = lock(&tls.tx);
-        out.clear();
-        out.reserve(buf.len() + buf.len().div_ceil(16 << 10) * RECORD_OVERHEAD);
-        {
-            let mut st = lock(&tls.state);
-            st.writer().write_all(buf)?;
-            while st.wants_write() {
-                st.write_tls(&mut *out)?;
-            }
-        }
-        (&*self.tcp).write_all(&out)?;
+        self.seal_and_send(tls, buf)?;
         Ok(buf.len())
     }
 
@@ -521,6 +901,9 @@ mod tests {
         // A writer on one clone, a reader on another, both ways at once, far more
         // than the sockets buffer.
         let big: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        // Keys updated every 50 records (800 KiB) each way, mid-stream.
+        c.rekey_every(50);
+        s.rekey_every(50);
         let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
         let (b1, b2) = (big.clone(), big.clone());
         let w1 = std::thread::spawn(move || (&c2).write_all(&b1).unwrap());
@@ -539,15 +922,9 @@ mod tests {
         w1.join().unwrap();
         w2.join().unwrap();
         assert!(got_s == big && got_c == big);
-        assert_eq!(
-            c.ticket_proof("t-1").unwrap(),
-            s.ticket_proof("t-1").unwrap()
-        );
-        assert_ne!(
-            c.ticket_proof("t-1").unwrap(),
-            s.ticket_proof("t-2").unwrap()
-        );
-        assert!(!c.ticket_proof("t-1").unwrap().contains("t-1"));
+        assert_eq!(c.ticket_proof("t-1"), s.ticket_proof("t-1"));
+        assert_ne!(c.ticket_proof("t-1"), s.ticket_proof("t-2"));
+        assert!(!c.ticket_proof("t-1").contains("t-1"));
         // An end said is an end read, not a cut.
         c.shutdown(Shutdown::Write).unwrap();
         let mut rest = Vec::new();

@@ -57,6 +57,7 @@ pub(in crate::migration) fn encode(
     codec: Codec,
     compressor: &mut Compressor,
     bufs: &mut Buffers,
+    integrity: protocol::Integrity,
 ) -> Result<Encoded, MigrateError> {
     let mut frames = bufs.spare_frames.pop().unwrap_or_default();
     frames.clear();
@@ -100,7 +101,7 @@ pub(in crate::migration) fn encode(
     let has_pages = !writer.is_empty();
     writer.finish();
     if has_pages {
-        protocol::write_frame(&mut out.frames, protocol::Kind::Pages, payload)?;
+        protocol::write_frame_as(&mut out.frames, protocol::Kind::Pages, payload, integrity)?;
     }
     out.frames.extend_from_slice(&zero_frames);
     Ok(out)

@@ -132,6 +132,7 @@ impl Sender<'_> {
         batch: usize,
     ) -> Result<(), MigrateError> {
         let codec = self.settings.codec;
+        let integrity = self.w.get_ref().integrity();
         let chunks: Vec<&[u64]> = pages.chunks(batch).collect();
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -139,7 +140,14 @@ impl Sender<'_> {
         if codec == Codec::None || workers < 2 || chunks.len() < 2 {
             let mut bufs = std::mem::take(&mut self.bufs);
             let result = chunks.iter().try_for_each(|chunk| {
-                let encoded = encode(memory, chunk, codec, &mut self.compressor, &mut bufs)?;
+                let encoded = encode(
+                    memory,
+                    chunk,
+                    codec,
+                    &mut self.compressor,
+                    &mut bufs,
+                    integrity,
+                )?;
                 self.write_encoded(&encoded)?;
                 bufs.spare_frames.push(encoded.frames);
                 Ok(())
@@ -166,7 +174,8 @@ impl Sender<'_> {
                         if let Some(f) = lock(pool).pop() {
                             bufs.spare_frames.push(f);
                         }
-                        let encoded = encode(memory, chunk, codec, &mut compressor, &mut bufs);
+                        let encoded =
+                            encode(memory, chunk, codec, &mut compressor, &mut bufs, integrity);
                         if tx.send((i, encoded)).is_err() {
                             break;
                         }

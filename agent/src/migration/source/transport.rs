@@ -51,9 +51,7 @@ pub(super) fn connect<'a>(
         .map_err(ProtocolError::from)?;
     conn.set_write_timeout(Some(params.timeout))
         .map_err(ProtocolError::from)?;
-    let conn_proof = conn
-        .ticket_proof(&params.ticket)
-        .map_err(|e| MigrateError::Vm(format!("cannot prove the ticket: {e}")))?;
+    let conn_proof = conn.ticket_proof(&params.ticket);
     let r = conn.try_clone().map_err(ProtocolError::from)?;
     let watchdog = crate::migration::watchdog::Watchdog::start(
         conn.tcp().try_clone().map_err(ProtocolError::from)?,
