@@ -13,7 +13,7 @@ use crate::bench::{Report, config, start, wait_for};
 use crate::util::{Vmm, build_ferry, median, step, work_dir};
 
 /// Runs of each kind.
-const RUNS: usize = 5;
+const RUNS: usize = 7;
 
 /// Migrates `vm` to a fresh incoming VMM over TLS or plain TCP; returns the report
 /// and the new VMM.
