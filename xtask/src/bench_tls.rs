@@ -10,13 +10,20 @@ use ferry_api::{MigrationReport, Outcome};
 use serde_json::{Value, json};
 
 use crate::bench::{Report, config, start, wait_for};
-use crate::util::{Vmm, build_ferry, median, step, work_dir};
+use crate::util::{Vmm, build_ferry, cpu_seconds, median, step, work_dir};
 
 /// Runs of each kind.
 const RUNS: usize = 7;
 
-/// Migrates `vm` to a fresh incoming VMM over TLS or plain TCP; returns the report
-/// and the new VMM.
+/// CPU seconds each end's VMM spent on one migration.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    source: f64,
+    destination: f64,
+}
+
+/// Migrates `vm` to a fresh incoming VMM over TLS or plain TCP; returns the report,
+/// the new VMM, and the CPU time each end spent on it.
 fn migrate(
     ferry: &Path,
     dir: &Path,
@@ -24,9 +31,16 @@ fn migrate(
     name: &str,
     tls: bool,
     args: &[&str],
-) -> Result<(MigrationReport, Vmm)> {
+) -> Result<(MigrationReport, Vmm, Cpu)> {
     let insecure: &[&str] = if tls { &[] } else { &["--insecure"] };
     let (dst, addr) = crate::util::incoming(ferry, dir, name, insecure)?;
+    let cpu = || -> Result<Cpu> {
+        Ok(Cpu {
+            source: cpu_seconds(vm.child.id())?,
+            destination: cpu_seconds(dst.child.id())?,
+        })
+    };
+    let before = cpu()?;
     let mut full = vec!["migrate", "--to", &addr, "--json"];
     full.extend_from_slice(args);
     full.extend_from_slice(insecure);
@@ -34,6 +48,7 @@ fn migrate(
     let out = std::process::Command::new(ferry)
         .args(ferry_tests::pki::secured(&full))
         .output()?;
+    let after = cpu()?;
     let report = Report::<MigrationReport>::parse(&out)?.typed;
     if report.core.outcome != Outcome::Completed || report.memory_verified != Some(true) {
         bail!("migration failed or unverified: {report:?}");
@@ -41,7 +56,11 @@ fn migrate(
     if report.tls != tls {
         bail!("asked for tls = {tls}, the report says {}", report.tls);
     }
-    Ok((report, dst))
+    let spent = Cpu {
+        source: after.source - before.source,
+        destination: after.destination - before.destination,
+    };
+    Ok((report, dst, spent))
 }
 
 fn kind(tls: bool) -> &'static str {
@@ -69,9 +88,13 @@ pub fn run() -> Result<()> {
         s.machine.guest_pages_written >= 196_608
     })?;
     let mut rate: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // CPU seconds per GB on the wire, each end: what TLS costs where the two ends
+    // do not share two cores, as they do here.
+    let mut src_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut dst_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for i in 0..2 * RUNS {
         let tls = i % 2 == 0;
-        let (r, dst) = migrate(
+        let (r, dst, cpu) = migrate(
             &ferry,
             &dir,
             &vm,
@@ -80,14 +103,20 @@ pub fn run() -> Result<()> {
             &["--compression", "none", "--policy", "static"],
         )?;
         let bytes_per_sec = r.bytes_on_wire as f64 / (r.core.total_ms / 1e3);
+        let gb = r.bytes_on_wire as f64 / 1e9;
         println!(
-            "  {:<3} total {:.0} ms, {:.2} GB/s on the wire, downtime {:.2} ms",
+            "  {:<3} total {:.0} ms, {:.2} GB/s on the wire, downtime {:.2} ms, CPU per GB: \
+             source {:.2} s, destination {:.2} s",
             kind(tls),
             r.core.total_ms,
             bytes_per_sec / 1e9,
-            r.downtime_ms.unwrap_or(f64::NAN)
+            r.downtime_ms.unwrap_or(f64::NAN),
+            cpu.source / gb,
+            cpu.destination / gb
         );
         rate[usize::from(tls)].push(bytes_per_sec);
+        src_cpu[usize::from(tls)].push(cpu.source / gb);
+        dst_cpu[usize::from(tls)].push(cpu.destination / gb);
         vm.quit(&ferry)?;
         vm = dst;
     }
@@ -100,10 +129,19 @@ pub fn run() -> Result<()> {
         tcp / 1e9,
         tls / 1e9
     );
+    let med = |v: &[Vec<f64>; 2]| (median(v[0].clone()), median(v[1].clone()));
+    let (src, dst) = (med(&src_cpu), med(&dst_cpu));
+    println!(
+        "  median CPU per GB: source {:.2} s plain, {:.2} s TLS; destination {:.2} s plain, \
+         {:.2} s TLS (both ends share this host's cores)",
+        src.0, src.1, dst.0, dst.1
+    );
     results.insert(
         "throughput".into(),
         json!({"tcp_bytes_per_sec": rate[0], "tls_bytes_per_sec": rate[1],
-               "tcp_median": tcp, "tls_median": tls, "cost_percent": cost}),
+               "tcp_median": tcp, "tls_median": tls, "cost_percent": cost,
+               "source_cpu_secs_per_gb": {"tcp": src_cpu[0], "tls": src_cpu[1]},
+               "destination_cpu_secs_per_gb": {"tcp": dst_cpu[0], "tls": dst_cpu[1]}}),
     );
 
     step(&format!(
@@ -125,7 +163,7 @@ pub fn run() -> Result<()> {
     let mut down: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for i in 0..2 * RUNS {
         let tls = i % 2 == 0;
-        let (r, dst) = migrate(
+        let (r, dst, _) = migrate(
             &ferry,
             &dir,
             &vm,
