@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::crc32;
 
 /// The protocol version the handshake must name.
-pub const VERSION: u16 = 10;
+pub const VERSION: u16 = 11;
 
 pub const HELLO: u8 = 1;
 pub const HELLO_ACK: u8 = 2;

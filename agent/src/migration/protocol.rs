@@ -13,7 +13,7 @@ use crate::guest::abi::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version this build speaks; the handshake refuses any other.
-pub const VERSION: u16 = 10;
+pub const VERSION: u16 = 11;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a frame may announce (a batch of raw pages plus its index fits).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -428,7 +428,7 @@ impl Message {
             }
             Message::Config { toml } => put_str(out, toml),
             Message::Pages { codec, pages } => {
-                let mut batch = PageBatchWriter::new(out, *codec);
+                let mut batch = PageBatchWriter::new(out, *codec, pages.len());
                 for (page, raw, data) in pages {
                     batch.push(*page, *raw, data);
                 }
@@ -820,51 +820,97 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Builds a page batch payload in place: the index is written first with room for every
-/// entry, data appended after it (no second copy of the pages).
+/// Builds a page batch payload in place at the end of `out`: room for the index of
+/// the `count` pages the caller will push is made first, and each page's data is
+/// appended after it as it comes, so the pages are copied once.
 pub struct PageBatchWriter<'a> {
     out: &'a mut Vec<u8>,
     start: usize,
-    entries: Vec<(u64, u32)>,
+    reserved: usize,
+    pushed: usize,
 }
 
 impl<'a> PageBatchWriter<'a> {
-    pub fn new(out: &'a mut Vec<u8>, codec: u8) -> Self {
+    pub fn new(out: &'a mut Vec<u8>, codec: u8, count: usize) -> Self {
         let start = out.len();
         out.extend_from_slice(&[codec, 0, 0, 0, 0, 0, 0, 0]);
+        out.resize(start + 8 + count * ENTRY_LEN, 0);
         Self {
             out,
             start,
-            entries: Vec::new(),
+            reserved: count,
+            pushed: 0,
         }
     }
 
     pub fn push(&mut self, page: u64, raw: bool, data: &[u8]) {
         let len = data.len() as u32 | if raw { RAW_FLAG } else { 0 };
-        self.entries.push((page, len));
+        if self.pushed == self.reserved {
+            // More than announced: make room (a copy of the data so far; callers
+            // announce the count they push).
+            let at = self.start + 8 + self.reserved * ENTRY_LEN;
+            self.out.splice(at..at, [0u8; ENTRY_LEN]);
+            self.reserved += 1;
+        }
+        let at = self.start + 8 + self.pushed * ENTRY_LEN;
+        self.out[at..at + 8].copy_from_slice(&page.to_le_bytes());
+        self.out[at + 8..at + ENTRY_LEN].copy_from_slice(&len.to_le_bytes());
+        self.pushed += 1;
         self.out.extend_from_slice(data);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.pushed
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.pushed == 0
     }
 
-    /// Writes the count and index in front of the data.
+    /// Writes the count in front of the index (and drops index room left unused).
     pub fn finish(self) {
-        let index_at = self.start + 8;
-        let count = self.entries.len();
-        self.out[self.start + 4..index_at].copy_from_slice(&(count as u32).to_le_bytes());
-        let index: Vec<u8> = self
-            .entries
-            .iter()
-            .flat_map(|(page, len)| page.to_le_bytes().into_iter().chain(len.to_le_bytes()))
-            .collect();
-        self.out.splice(index_at..index_at, index);
+        let used = self.start + 8 + self.pushed * ENTRY_LEN;
+        let reserved = self.start + 8 + self.reserved * ENTRY_LEN;
+        if used < reserved {
+            self.out.drain(used..reserved);
+        }
+        self.out[self.start + 4..self.start + 8]
+            .copy_from_slice(&(self.pushed as u32).to_le_bytes());
     }
+}
+
+/// Starts a frame in place at the end of `out`: its header is filled in by
+/// [`end_frame`] once the payload after it is complete (no copy of the payload).
+pub fn begin_frame(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    at
+}
+
+/// Completes the frame [`begin_frame`] started at `at`: everything after its header
+/// is its payload.
+pub fn end_frame(
+    out: &mut [u8],
+    at: usize,
+    kind: Kind,
+    integrity: Integrity,
+) -> Result<(), ProtocolError> {
+    let len = out.len() - at - HEADER_LEN;
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or(ProtocolError::TooLarge(u32::MAX, MAX_PAYLOAD))?;
+    let (header, payload) = out[at..].split_at_mut(HEADER_LEN);
+    header[..4].copy_from_slice(&MAGIC);
+    header[4] = kind as u8;
+    header[5..8].fill(0);
+    header[8..12].copy_from_slice(&len.to_le_bytes());
+    let sum = match integrity {
+        Integrity::Checksum => crc(header, payload),
+        Integrity::Transport => 0,
+    };
+    header[12..16].copy_from_slice(&sum.to_le_bytes());
+    Ok(())
 }
 
 /// A checked view of a page batch payload.
@@ -1295,10 +1341,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_built_in_place_reads_back_whatever_count_was_announced() {
+        let page = |i: u8| vec![i; PAGE_SIZE as usize];
+        for (announced, pushed) in [(3usize, 3usize), (5, 3), (1, 3)] {
+            for integrity in [Integrity::Checksum, Integrity::Transport] {
+                let mut wire = b"before".to_vec();
+                let at = begin_frame(&mut wire);
+                let mut b = PageBatchWriter::new(&mut wire, 0, announced);
+                for i in 0..pushed {
+                    b.push(i as u64 * 7, true, &page(i as u8));
+                }
+                b.finish();
+                end_frame(&mut wire, at, Kind::Pages, integrity).unwrap();
+                let mut r = &wire[6..];
+                let mut payload = Vec::new();
+                let kind = read_frame_as(&mut r, &mut payload, integrity).unwrap();
+                assert!(r.is_empty());
+                let batch = PageBatch::parse(&payload, Some(100)).unwrap();
+                assert_eq!((kind, batch.len()), (Kind::Pages, pushed));
+                for (i, p) in batch.pages().enumerate() {
+                    assert_eq!(p.page, i as u64 * 7);
+                    assert_eq!(p.data, &page(i as u8)[..]);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn batch_lengths_must_add_up() {
         // A good CRC over a lying index: the index claims more bytes than are there.
         let mut payload = Vec::new();
-        let mut b = PageBatchWriter::new(&mut payload, 1);
+        let mut b = PageBatchWriter::new(&mut payload, 1, 1);
         b.push(0, false, &[1, 2, 3]);
         b.finish();
         payload.truncate(payload.len() - 1);

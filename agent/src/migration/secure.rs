@@ -162,6 +162,19 @@ struct Rx {
     plain: Range<usize>,
     /// The peer said close_notify: what it sent has all been read.
     closed: bool,
+    /// The first record that failed: every later read fails the same way (the
+    /// records after it cannot be opened in sequence anyway).
+    failed: Option<rustls::Error>,
+}
+
+impl Rx {
+    /// A whole record waits in the buffer (its header may be bad: opening says so).
+    fn whole_record(&self) -> bool {
+        let have = &self.buf[self.start..self.end];
+        have.first_chunk::<{ record::HEADER }>().is_some_and(|h| {
+            record::body_len(h).map_or(true, |len| have.len() >= record::HEADER + len)
+        })
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -295,7 +308,8 @@ impl Conn {
         let Ok(rx) = tls.rx.try_lock() else {
             return false;
         };
-        !rx.plain.is_empty() || rx.start < rx.end
+        // A torn record is not: the rest of it is what a poll would wait for.
+        !rx.plain.is_empty() || rx.whole_record()
     }
 
     pub fn try_clone(&self) -> io::Result<Self> {
@@ -567,6 +581,7 @@ impl Handshake {
             end: self.used,
             plain: 0..0,
             closed: false,
+            failed: None,
         };
         let tx = Tx {
             key: Key::new(tx_seq, &tx).map_err(bad)?,
@@ -627,8 +642,11 @@ impl Conn {
             .seal(record::ALERT, &[level, u8::from(what)], &mut tx.buf)
             .is_ok()
         {
+            // Other handles write on this socket too: their timeout comes back after.
+            let before = self.tcp.write_timeout().ok().flatten();
             let _ = self.tcp.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = (&*self.tcp).write_all(&tx.buf);
+            let _ = self.tcp.set_write_timeout(before);
         }
     }
 
@@ -636,11 +654,18 @@ impl Conn {
     /// with an alert, so its side can say why too.
     fn fail(&self, tls: &Tls, e: rustls::Error) -> io::Error {
         let what = match e {
-            rustls::Error::DecryptError => AlertDescription::BadRecordMac,
-            rustls::Error::InvalidMessage(_) => AlertDescription::DecodeError,
-            _ => AlertDescription::UnexpectedMessage,
+            // The peer's own alert ended it: no answer.
+            rustls::Error::AlertReceived(_) => None,
+            rustls::Error::DecryptError => Some(AlertDescription::BadRecordMac),
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge) => {
+                Some(AlertDescription::RecordOverflow)
+            }
+            rustls::Error::InvalidMessage(_) => Some(AlertDescription::DecodeError),
+            _ => Some(AlertDescription::UnexpectedMessage),
         };
-        if let Ok(mut tx) = tls.tx.try_lock() {
+        if let Some(what) = what
+            && let Ok(mut tx) = tls.tx.try_lock()
+        {
             self.alert(&mut tx, 2, what);
         }
         invalid(e)
@@ -655,6 +680,11 @@ impl Conn {
         rx: &mut Rx,
         msgs: Range<usize>,
     ) -> Result<(), rustls::Error> {
+        if msgs.is_empty() {
+            return Err(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::MessageTooShort,
+            ));
+        }
         let mut at = msgs.start;
         while at < msgs.end {
             let m = &rx.buf[at..msgs.end];
@@ -671,6 +701,12 @@ impl Conn {
             }
             match (m[0], len, m.get(4)) {
                 (24, 1, Some(&requested @ (0 | 1))) => {
+                    // The old key's last record (RFC 8446 §5.1).
+                    if at + 4 + len != msgs.end {
+                        return Err(rustls::Error::General(
+                            "a KeyUpdate that does not end its record".into(),
+                        ));
+                    }
                     rx.key = lock(&tls.keys).next_rx()?;
                     if requested == 1 {
                         tls.update_tx.store(true, Ordering::Release);
@@ -730,7 +766,8 @@ impl Conn {
         for piece in buf.chunks(SEAL_CHUNK) {
             tx.buf.clear();
             for data in piece.chunks(record::MAX_PLAINTEXT) {
-                if tx.key.seq() >= tx.rekey_after || tls.update_tx.swap(false, Ordering::AcqRel) {
+                let asked = tls.update_tx.swap(false, Ordering::AcqRel);
+                if asked || tx.key.seq() >= tx.rekey_after {
                     // The update goes under the old key; what follows, under the new.
                     tx.key
                         .seal(record::HANDSHAKE, &KEY_UPDATE, &mut tx.buf)
@@ -764,10 +801,16 @@ impl Read for &Conn {
             if rx.closed {
                 return Ok(0);
             }
+            if let Some(e) = &rx.failed {
+                return Err(invalid(e.clone()));
+            }
             match self.open_next(tls, rx) {
                 Ok(true) => continue,
                 Ok(false) => {}
-                Err(e) => return Err(self.fail(tls, e)),
+                Err(e) => {
+                    rx.failed = Some(e.clone());
+                    return Err(self.fail(tls, e));
+                }
             }
             // Room for a whole record after what is left of a torn one.
             if rx.start == rx.end {
@@ -778,8 +821,11 @@ impl Read for &Conn {
             }
             let n = (&*self.tcp).read(&mut rx.buf[rx.end..])?;
             if n == 0 {
-                // Cut without a close_notify: a frame in flight shows torn to the
-                // framing above, which checks every length and checksum.
+                if rx.start < rx.end {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                // Cut between records without a close_notify: a frame in flight
+                // shows torn to the framing above, which checks every length.
                 return Ok(0);
             }
             rx.end += n;

@@ -127,6 +127,11 @@ impl Key {
             .ok_or(Error::PeerMisbehaved(
                 PeerMisbehaved::IllegalTlsInnerPlaintext,
             ))?;
+        if at > MAX_PLAINTEXT {
+            return Err(Error::InvalidMessage(
+                rustls::InvalidMessage::MessageTooLarge,
+            ));
+        }
         Ok((plain[at], at))
     }
 }

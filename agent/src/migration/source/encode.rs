@@ -46,7 +46,8 @@ pub(in crate::migration) struct Encoded {
 /// cost a host page fault per 4 KiB, which is slow on this kind of host.
 #[derive(Default)]
 pub(in crate::migration) struct Buffers {
-    pub(super) payload: Vec<u8>,
+    /// The batch's non-zero pages.
+    pub(super) nonzero: Vec<u64>,
     pub(in crate::migration) spare_frames: Vec<Vec<u8>>,
 }
 
@@ -66,42 +67,58 @@ pub(in crate::migration) fn encode(
         pages_sent: 0,
         zero_pages: 0,
     };
-    let payload = &mut bufs.payload;
-    payload.clear();
-    let mut writer = PageBatchWriter::new(payload, crate::migration::codec::wire_id(codec));
-    let mut scratch = Vec::with_capacity(PAGE + 64);
+    // Zero pages first: they go as runs, and the batch's index has room for exactly
+    // the others, so their data is copied once, from guest memory into the frame.
+    let nonzero = &mut bufs.nonzero;
+    nonzero.clear();
     let mut zero_run: Option<(u64, u64)> = None;
     let mut zero_frames = Vec::new();
     for &page in pages {
         let at = page as usize * PAGE;
-        let bytes = &memory[at..at + PAGE];
-        if is_zero(bytes) {
-            out.zero_pages += 1;
-            zero_run = match zero_run {
-                Some((first, n)) if first + n == page => Some((first, n + 1)),
-                other => {
-                    if let Some((first, count)) = other {
-                        protocol::send(&mut zero_frames, &Message::ZeroPages { first, count })?;
-                    }
-                    Some((page, 1))
-                }
-            };
+        if !is_zero(&memory[at..at + PAGE]) {
+            nonzero.push(page);
             continue;
         }
-        scratch.clear();
-        let stored = compressor
-            .compress(codec, bytes, &mut scratch)
-            .map_err(|e| MigrateError::Vm(e.to_string()))?;
-        writer.push(page, stored == Stored::Raw, &scratch);
-        out.pages_sent += 1;
+        out.zero_pages += 1;
+        zero_run = match zero_run {
+            Some((first, n)) if first + n == page => Some((first, n + 1)),
+            other => {
+                if let Some((first, count)) = other {
+                    protocol::send(&mut zero_frames, &Message::ZeroPages { first, count })?;
+                }
+                Some((page, 1))
+            }
+        };
     }
     if let Some((first, count)) = zero_run {
         protocol::send(&mut zero_frames, &Message::ZeroPages { first, count })?;
     }
-    let has_pages = !writer.is_empty();
-    writer.finish();
-    if has_pages {
-        protocol::write_frame_as(&mut out.frames, protocol::Kind::Pages, payload, integrity)?;
+    if !nonzero.is_empty() {
+        let frame = protocol::begin_frame(&mut out.frames);
+        let mut writer = PageBatchWriter::new(
+            &mut out.frames,
+            crate::migration::codec::wire_id(codec),
+            nonzero.len(),
+        );
+        let mut scratch = Vec::with_capacity(PAGE + 64);
+        for &page in nonzero.iter() {
+            let at = page as usize * PAGE;
+            // The guest may have written the page since the scan: whatever it holds
+            // now is what goes (a write after this copy is in the dirty log).
+            let bytes = &memory[at..at + PAGE];
+            if codec == Codec::None {
+                writer.push(page, true, bytes);
+            } else {
+                scratch.clear();
+                let stored = compressor
+                    .compress(codec, bytes, &mut scratch)
+                    .map_err(|e| MigrateError::Vm(e.to_string()))?;
+                writer.push(page, stored == Stored::Raw, &scratch);
+            }
+            out.pages_sent += 1;
+        }
+        writer.finish();
+        protocol::end_frame(&mut out.frames, frame, protocol::Kind::Pages, integrity)?;
     }
     out.frames.extend_from_slice(&zero_frames);
     Ok(out)
