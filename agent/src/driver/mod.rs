@@ -317,10 +317,7 @@ impl<'a> Driver<'a> {
             });
         };
         let (probe_signals, probe_signals_error) = match probes.as_mut() {
-            Some(f) => (
-                std::mem::take(&mut f.timeline),
-                f.error().map(str::to_owned),
-            ),
+            Some(f) => (std::mem::take(&mut f.timeline), f.ended()),
             None => (Vec::new(), None),
         };
         let report = DriverReport {

@@ -62,6 +62,18 @@ impl Follower {
         self.probes.as_ref().err().map(String::as_str)
     }
 
+    /// Why there are no (more) signals, once what they watched has ended: a loader
+    /// still at work is left to finish on its own (it takes a second or two on this
+    /// kind of host), so a short migration's report is not held up for samples it
+    /// would not get.
+    pub fn ended(&mut self) -> Option<String> {
+        if self.loading.as_ref().is_some_and(|h| !h.is_finished()) {
+            self.loading = None;
+            self.probes = Err("the probes were still loading when the migration ended".into());
+        }
+        self.error().map(str::to_owned)
+    }
+
     /// A new sample once `period` has passed since the last one.
     pub fn poll(&mut self, logging: Logging) -> Option<&ProbeSample> {
         if self.loading.as_ref().is_some_and(|h| h.is_finished()) {
