@@ -320,6 +320,13 @@ impl<'a> Driver<'a> {
             Some(f) => (std::mem::take(&mut f.timeline), f.ended()),
             None => (Vec::new(), None),
         };
+        // Detaching the probes waits on the kernel (an RCU grace period per
+        // tracepoint, seconds in all on this kind of host): not the report's business.
+        if let Some(f) = probes.take() {
+            let _ = std::thread::Builder::new()
+                .name("probes-detach".into())
+                .spawn(move || drop(f));
+        }
         let report = DriverReport {
             migration: report,
             policy: policy_name,
