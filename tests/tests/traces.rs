@@ -308,7 +308,13 @@ fn a_collector_that_never_answers_or_is_not_there_holds_no_migration_back() {
     let id = a.migrate(r#"{"vm": "web-1", "destination": "host-b"}"#);
     let m = a.wait_ended(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "completed", "{m}\n{}", a.log_text());
-    // And back: the second migration is not held by the first's spans either.
+    // And back, once host-b's agent has seen it run there (its record on host-a may
+    // say completed first): the second migration is not held by the first's spans
+    // either.
+    b.wait_for_vms("web-1 running on host-b", Duration::from_secs(30), |l| {
+        l.iter()
+            .any(|v| v["name"] == "web-1" && v["state"] == "running")
+    });
     let id = b.migrate(r#"{"vm": "web-1", "destination": "host-a"}"#);
     let m = b.wait_ended(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "completed", "{m}\n{}", b.log_text());
