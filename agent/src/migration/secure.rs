@@ -224,8 +224,8 @@ impl Conn {
             UnbufferedConnectionCommon::<ClientConnectionData>::process_tls_records,
         )?;
         let conn = match state.dangerous_into_kernel_connection() {
-            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Client(kernel), true)?,
-            Err(e) => return Err(failed(&hs.tcp, e.to_string())),
+            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Client(kernel))?,
+            Err(e) => return Err(hs.failed(e.to_string())),
         };
         // TLS 1.3 lets a client finish its handshake before the server has judged its
         // certificate: the destination's first byte says it did and let us in, so
@@ -269,8 +269,8 @@ impl Conn {
             UnbufferedConnectionCommon::<ServerConnectionData>::process_tls_records,
         )?;
         let conn = match state.dangerous_into_kernel_connection() {
-            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Server(kernel), false)?,
-            Err(e) => return Err(failed(&hs.tcp, e.to_string())),
+            Ok((secrets, kernel)) => hs.finish(secrets, Keys::Server(kernel))?,
+            Err(e) => return Err(hs.failed(e.to_string())),
         };
         conn.set_write_timeout(Some(within))?;
         (&conn).write_all(&[ACCEPTED])?;
@@ -551,16 +551,14 @@ impl Handshake {
     }
 
     /// The stream, from the keys rustls handed over.
-    fn finish(
-        self,
-        secrets: ExtractedSecrets,
-        keys: Keys,
-        client: bool,
-    ) -> Result<Conn, HandshakeError> {
+    fn finish(self, secrets: ExtractedSecrets, keys: Keys) -> Result<Conn, HandshakeError> {
         let bad = |e: rustls::Error| self.failed(e.to_string());
         let ((tx_seq, tx), (rx_seq, rx)) = (secrets.tx, secrets.rx);
         // Both ends bind tickets with the same key: the client's direction first.
-        let (first, second) = if client { (&tx, &rx) } else { (&rx, &tx) };
+        let (first, second) = match keys {
+            Keys::Client(_) => (&tx, &rx),
+            Keys::Server(_) => (&rx, &tx),
+        };
         let material = [
             record::material(first).map_err(bad)?,
             record::material(second).map_err(bad)?,
