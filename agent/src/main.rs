@@ -277,6 +277,13 @@ enum Command {
         /// (its content, trimmed), once.
         #[arg(long, value_name = "FILE", requires = "incoming")]
         ticket_file: Option<PathBuf>,
+        /// With --incoming: the memory of the VM expected, in MiB. It is allocated
+        /// and faulted in while the port waits (as QEMU's -mem-prealloc does), so
+        /// the migration's pages land in memory that is already there; a VM of
+        /// another size gets fresh memory. Without it, memory faults in as pages
+        /// land. An agent passes its incoming VM's size.
+        #[arg(long, value_name = "MIB", requires = "incoming", value_parser = clap::value_parser!(u64).range(1..))]
+        memory_mib: Option<u64>,
         /// With --incoming: how sources are let in (TLS by default).
         #[command(flatten)]
         tls: TlsArgs,
@@ -574,6 +581,7 @@ fn main() -> ExitCode {
             datastore,
             shared_dir,
             ticket_file,
+            memory_mib,
             tls,
             control,
             paused,
@@ -585,21 +593,20 @@ fn main() -> ExitCode {
                  source is given them with each `ferry migrate`)"
             );
             let incoming = match incoming {
-                Some(addr) => Some((addr, tls.transport()?)),
-                None => None,
-            };
-            cli::vmm::run(
-                cli::vmm::Source::new(
-                    config,
-                    restore,
-                    disk_dir,
-                    incoming,
-                    migration::door::Placement {
+                Some(addr) => Some(cli::vmm::Incoming {
+                    addr,
+                    place: migration::door::Placement {
                         datastore,
                         shared: shared_dir,
                     },
                     ticket,
-                ),
+                    transport: tls.transport()?,
+                    memory_mib,
+                }),
+                None => None,
+            };
+            cli::vmm::run(
+                cli::vmm::Source::new(config, restore, disk_dir, incoming),
                 &control,
                 paused,
             )

@@ -22,10 +22,20 @@ pub enum Source {
         dir: PathBuf,
         disk_dir: Option<PathBuf>,
     },
-    /// Wait for a migration on this TCP address; its disks go where `Placement` says;
-    /// only a source presenting the ticket, if there is one, is let in, over the
-    /// transport given (TLS unless the operator said `--insecure`).
-    Incoming(String, Placement, Option<String>, Transport),
+    Incoming(Incoming),
+}
+
+/// Wait for a migration on `addr`.
+pub struct Incoming {
+    pub addr: String,
+    /// Where the disks go.
+    pub place: Placement,
+    /// Only a source presenting it, if there is one, is let in.
+    pub ticket: Option<String>,
+    /// TLS unless the operator said `--insecure`.
+    pub transport: Transport,
+    /// The guest memory of the VM expected, in MiB: faulted in while the port waits.
+    pub memory_mib: Option<u64>,
 }
 
 impl Source {
@@ -33,12 +43,10 @@ impl Source {
         config: Option<PathBuf>,
         restore: Option<PathBuf>,
         disk_dir: Option<PathBuf>,
-        incoming: Option<(String, Transport)>,
-        place: Placement,
-        ticket: Option<String>,
+        incoming: Option<Incoming>,
     ) -> Self {
         match (config, restore, incoming) {
-            (_, _, Some((addr, transport))) => Source::Incoming(addr, place, ticket, transport),
+            (_, _, Some(incoming)) => Source::Incoming(incoming),
             (_, Some(dir), None) => Source::Restore { dir, disk_dir },
             (Some(c), None, None) => Source::Config(c),
             // clap requires one of the three.
@@ -58,7 +66,13 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
     let slot: Slot = Arc::new(Mutex::new(None));
     let mut door = None;
     let listener = match &source {
-        Source::Incoming(addr, place, ticket, transport) => {
+        Source::Incoming(Incoming {
+            addr,
+            place,
+            ticket,
+            transport,
+            memory_mib,
+        }) => {
             for dir in place.shared.iter().chain(&place.datastore) {
                 if !dir.is_dir() {
                     anyhow::bail!("{} is not a folder", dir.display());
@@ -81,6 +95,7 @@ pub fn run(source: Source, control_path: &Path, paused: bool) -> anyhow::Result<
                 ticket.clone(),
                 listening,
                 transport.clone(),
+                memory_mib.map(|m| m << 20),
             );
             door = Some(d.clone());
             std::thread::Builder::new()

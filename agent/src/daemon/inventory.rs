@@ -466,6 +466,9 @@ impl Inventory {
             bind.into(),
             "--ticket-file".into(),
             ticket_file.clone().into(),
+            // Faulted in while the VMM waits for the source, off the stream's path.
+            "--memory-mib".into(),
+            cfg.memory_mib.to_string().into(),
             "--control".into(),
             control.clone().into(),
         ];

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use super::destination::{self, Slot};
 use super::protocol::{self, Message, ProtocolError, Session};
 use crate::sync::lock;
+use crate::vmm::prealloc::Prealloc;
 
 /// How long a new connection may take to send its first frame: the source's default
 /// keepalive (`--timeout-secs`). A silent stranger holds a thread this long, never
@@ -73,6 +74,10 @@ pub struct Door {
     route: Mutex<Option<(Session, mpsc::Sender<Routed>)>>,
     waiting: AtomicUsize,
     counters: Mutex<PortCounters>,
+    /// The guest memory size the VM expected here has (`--memory-mib`), and that
+    /// memory, faulted in while the port waits; taken by the next migration.
+    prealloc: Option<u64>,
+    memory: Mutex<Option<Prealloc>>,
 }
 
 /// Counts a connection as waiting for its first frame while it lives.
@@ -108,8 +113,9 @@ impl Door {
         ticket: Option<String>,
         listening: SocketAddr,
         transport: Transport,
+        prealloc: Option<u64>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let door = Arc::new(Self {
             slot,
             listening,
             place,
@@ -120,7 +126,29 @@ impl Door {
             route: Mutex::new(None),
             waiting: AtomicUsize::new(0),
             counters: Mutex::new(PortCounters::default()),
-        })
+            prealloc,
+            memory: Mutex::new(None),
+        });
+        door.preallocate();
+        door
+    }
+
+    /// Starts faulting in the memory of the VM expected here, if its size is known
+    /// and nothing holds it yet.
+    fn preallocate(&self) {
+        let Some(bytes) = self.prealloc else { return };
+        let mut memory = lock(&self.memory);
+        if memory.is_some() {
+            return;
+        }
+        match Prealloc::start(bytes) {
+            Ok(p) => *memory = Some(p),
+            Err(e) => tracing::warn!(
+                "cannot preallocate {} MiB of guest memory ({e}); pages will fault in as \
+                 they land",
+                bytes >> 20
+            ),
+        }
     }
 
     pub fn listening(&self) -> SocketAddr {
@@ -353,7 +381,9 @@ impl Door {
         *lock(&self.route) = Some((session, tx));
         let _log = crate::migration::log_span(&hello.traceparent).entered();
         tracing::info!("incoming migration of {:?} from {peer}", hello.name);
-        let result = destination::receive(conn, hello, session, &rx, &self.slot, &self.place);
+        let memory = lock(&self.memory).take();
+        let result =
+            destination::receive(conn, hello, session, &rx, &self.slot, (&self.place, memory));
         *lock(&self.route) = None;
         let failed = match result {
             Ok(()) => return *lock(&self.phase) = Phase::Arrived(session),
@@ -368,6 +398,7 @@ impl Door {
             c.last_rejection = Some(format!("{peer}: {e}"));
         }
         *lock(&self.phase) = Phase::Waiting;
+        self.preallocate();
         // Only now: the source may retry the moment it hears, and the port is free.
         if let Some(mut conn) = failed.answer {
             let _ = protocol::send(
@@ -391,6 +422,7 @@ impl Door {
     fn discard(&self) {
         self.stop_served();
         *lock(&self.phase) = Phase::Waiting;
+        self.preallocate();
     }
 
     /// A source settles a handover in doubt: did it commit? Only the migration's own

@@ -3,7 +3,9 @@
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
 
 use super::config::{Content, Entry, Pattern, VmConfig};
 use crate::guest::abi::{
@@ -33,6 +35,8 @@ pub enum BootError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("the preallocated guest memory could not be used as the VM's")]
+    Prealloc,
     #[error("{what} failed: {source}")]
     Ioctl {
         what: &'static str,
@@ -64,23 +68,40 @@ pub struct Vm {
 
 impl Vm {
     pub fn create(cfg: &VmConfig) -> Result<Self, BootError> {
+        Self::create_in(cfg, None)
+    }
+
+    /// As [`Vm::create`], on `memory` when given: a mapping of exactly the config's
+    /// memory size that reads as zero (memory preallocated for an incoming VM).
+    pub fn create_in(cfg: &VmConfig, memory: Option<MmapRegion>) -> Result<Self, BootError> {
         let layout = cfg.layout().map_err(BootError::Layout)?;
-        if let Some(available) = host_available_mib()
-            && cfg.memory_mib > available
-        {
-            return Err(BootError::NoMemory {
-                wanted: cfg.memory_mib,
-                available,
-            });
-        }
-        let kvm = Kvm::new().map_err(BootError::Kvm)?;
-        let fd = kvm.create_vm().map_err(BootError::CreateVm)?;
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.memory_bytes as usize)])
+        let memory = match memory {
+            Some(region) if region.size() as u64 == layout.memory_bytes => {
+                GuestRegionMmap::new(region, GuestAddress(0))
+                    .and_then(|r| GuestMemoryMmap::from_regions(vec![r]).ok())
+                    .ok_or(BootError::Prealloc)?
+            }
+            _ => {
+                if let Some(available) = host_available_mib()
+                    && cfg.memory_mib > available
+                {
+                    return Err(BootError::NoMemory {
+                        wanted: cfg.memory_mib,
+                        available,
+                    });
+                }
+                GuestMemoryMmap::<()>::from_ranges(&[(
+                    GuestAddress(0),
+                    layout.memory_bytes as usize,
+                )])
                 .map_err(|source| BootError::Mmap {
                     mib: cfg.memory_mib,
                     source,
-                })?;
+                })?
+            }
+        };
+        let kvm = Kvm::new().map_err(BootError::Kvm)?;
+        let fd = kvm.create_vm().map_err(BootError::CreateVm)?;
         // The TSS area only matters on VMX hosts; harmless elsewhere.
         let _ = fd.set_tss_address(0xfffb_d000);
         fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -194,7 +215,7 @@ impl Vm {
 }
 
 /// What the host can give right now, from /proc/meminfo (None if unreadable).
-fn host_available_mib() -> Option<u64> {
+pub(crate) fn host_available_mib() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -47,7 +47,15 @@ fn create_vcpus(vm: &Vm, dirty: &DirtyLog, n: u32) -> Result<Vec<kvm_ioctls::Vcp
 /// A VM with its vCPUs created and CPUID set, waiting for state (restore, incoming
 /// migration).
 pub fn prepare(cfg: &VmConfig) -> Result<(Vm, DirtyLog, Vec<kvm_ioctls::VcpuFd>), LaunchError> {
-    let vm = Vm::create(cfg)?;
+    prepare_in(cfg, None)
+}
+
+/// As [`prepare`], on preallocated guest memory when given (see [`Vm::create_in`]).
+pub fn prepare_in(
+    cfg: &VmConfig,
+    memory: Option<vm_memory::MmapRegion>,
+) -> Result<(Vm, DirtyLog, Vec<kvm_ioctls::VcpuFd>), LaunchError> {
+    let vm = Vm::create_in(cfg, memory)?;
     let dirty = DirtyLog::new(cfg.dirty_tracking, &vm, cfg.vcpus)?;
     let vcpus = create_vcpus(&vm, &dirty, cfg.vcpus)?;
     for (i, fd) in vcpus.iter().enumerate() {

@@ -9,6 +9,7 @@ pub mod dirty;
 pub mod disk_check;
 pub mod launch;
 pub mod machine;
+pub mod prealloc;
 pub mod prefault;
 pub mod snapshot;
 pub mod state;
