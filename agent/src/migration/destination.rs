@@ -30,6 +30,7 @@ use crate::vmm::boot::Vm;
 use crate::vmm::config::VmConfig;
 use crate::vmm::launch;
 use crate::vmm::machine::Machine;
+use crate::vmm::prealloc::Prealloc;
 use crate::vmm::prefault;
 use crate::vmm::snapshot::MachineState;
 
@@ -87,16 +88,19 @@ pub fn receive(
     session: Session,
     routed: &mpsc::Receiver<Routed>,
     slot: &Slot,
-    place: &Placement,
+    (place, memory): (&Placement, Option<Prealloc>),
 ) -> Result<(), Failed> {
     let w = conn.try_clone().map_err(|e| Failed {
         error: ProtocolError::from(e).into(),
         answer: None,
     })?;
     let mut rx = Receiver {
-        r: conn.reader(1 << 20),
+        // Unbuffered: pages are read straight into guest memory, and a buffer would
+        // take them in first.
+        r: conn.reader(0),
         w,
         place,
+        memory,
         config_path: None,
         last_sent: Instant::now(),
         answer_every: Duration::from_millis(u64::from(hello.timeout_ms.max(100)) / 4),
@@ -234,6 +238,8 @@ struct Received {
 struct Receiver<'a> {
     /// Where the disks go.
     place: &'a Placement,
+    /// Guest memory faulted in while the port waited, if it was told the size.
+    memory: Option<Prealloc>,
     /// The config written beside them, once the disks are complete.
     config_path: Option<std::path::PathBuf>,
     r: BufReader<Conn>,
@@ -316,7 +322,31 @@ impl Receiver<'_> {
                 hello: hello.memory_bytes,
             }));
         }
-        let (vm, dirty, vcpus) = match launch::prepare(&cfg) {
+        let mut populated = false;
+        let memory = self.memory.take().and_then(|p| {
+            let (have, done) = (p.bytes(), p.pages_done());
+            match p.take(hello.memory_bytes) {
+                Ok(region) => {
+                    populated = done * PAGE as u64 == have;
+                    tracing::info!(
+                        "guest memory preallocated: {} of {} MiB faulted in",
+                        (done * PAGE as u64) >> 20,
+                        have >> 20
+                    );
+                    Some(region)
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "{} MiB were preallocated for a VM of {} MiB: let go, fresh memory \
+                         is mapped",
+                        have >> 20,
+                        hello.memory_bytes >> 20
+                    );
+                    None
+                }
+            }
+        });
+        let (vm, dirty, vcpus) = match launch::prepare_in(&cfg, memory) {
             Ok(v) => v,
             Err(e) => return Err(self.refuse(e.into())),
         };
@@ -339,13 +369,22 @@ impl Receiver<'_> {
         };
         let ahead = prefault::Ahead::default();
         let received = std::thread::scope(|s| {
-            let helper = std::thread::Builder::new()
-                .name("prefault".into())
-                .spawn_scoped(s, || {
-                    let n = prefault::run(region, &ahead);
-                    ahead.finish();
-                    n
-                });
+            // Memory preallocated whole needs no helper: it would only walk page
+            // tables, on the core the sender needs.
+            let helper = match populated {
+                true => Ok(None),
+                false => std::thread::Builder::new()
+                    .name("prefault".into())
+                    .spawn_scoped(s, || {
+                        let n = prefault::run(region, &ahead);
+                        ahead.finish();
+                        n
+                    })
+                    .map(Some),
+            };
+            if let Ok(None) = helper {
+                ahead.finish();
+            }
             if let Err(e) = helper {
                 ahead.finish();
                 tracing::debug!("no prefault helper ({e}); pages fault in as they land");
@@ -541,7 +580,13 @@ impl Receiver<'_> {
         loop {
             self.keep_alive()?;
             let integrity = self.r.get_ref().integrity();
-            frame.kind = protocol::read_frame_as(&mut self.r, &mut frame.payload, integrity)?;
+            let header = protocol::read_header(&mut self.r, protocol::MAX_PAYLOAD)?;
+            if header.kind == Kind::Pages {
+                receiver.read_in_place(&mut self.r, &header, integrity, &mut land)?;
+                continue;
+            }
+            protocol::read_payload(&mut self.r, &header, &mut frame.payload, integrity)?;
+            frame.kind = header.kind;
             if receiver.apply(&frame, &mut land)? {
                 continue;
             }
@@ -681,14 +726,12 @@ impl Landing<'_> {
 impl PageSink for Landing<'_> {
     type Error = IncomingError;
 
-    fn direct(&mut self, page: u64) -> Option<&mut [u8; PAGE]> {
-        let at = page as usize * PAGE;
-        self.memory.get_mut(at..at + PAGE)?.try_into().ok()
+    fn memory(&mut self) -> Option<&mut [u8]> {
+        Some(self.memory)
     }
 
-    fn wrote(&mut self, page: u64) -> Result<(), IncomingError> {
-        let at = page as usize * PAGE;
-        self.crcs[page as usize] = crc32fast::hash(&self.memory[at..at + PAGE]);
+    fn wrote(&mut self, page: u64, crc: u32) -> Result<(), IncomingError> {
+        self.crcs[page as usize] = crc;
         self.landed.set(page);
         self.absent.unset(page);
         self.ahead.landed(page);
@@ -696,7 +739,7 @@ impl PageSink for Landing<'_> {
         Ok(())
     }
 
-    /// Only reached if `direct` found no such page, which the frame parser rules out.
+    /// Never reached: this sink's memory is always there.
     fn fill(&mut self, _page: u64, _data: &[u8]) -> Result<(), IncomingError> {
         Err(IncomingError::Unexpected(Kind::Pages))
     }

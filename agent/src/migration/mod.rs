@@ -5,6 +5,7 @@ pub mod destination;
 pub mod dirty_windows;
 pub mod disk_stream;
 pub mod door;
+mod frame_crc;
 mod hot_pages;
 mod link;
 pub mod migratable;

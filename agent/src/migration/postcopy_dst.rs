@@ -230,11 +230,11 @@ impl<'a> Filling<'a> {
 impl PageSink for Filling<'_> {
     type Error = PostcopyError;
 
-    fn direct(&mut self, _page: u64) -> Option<&mut [u8; PAGE]> {
+    fn memory(&mut self) -> Option<&mut [u8]> {
         None
     }
 
-    fn wrote(&mut self, _page: u64) -> Result<(), PostcopyError> {
+    fn wrote(&mut self, _page: u64, _crc: u32) -> Result<(), PostcopyError> {
         Err(PostcopyError::Unexpected(Kind::Pages))
     }
 

@@ -913,6 +913,69 @@ pub fn end_frame(
     Ok(())
 }
 
+/// A page batch's first 8 bytes, checked: its codec and page count.
+pub fn batch_head(head: [u8; 8]) -> Result<(Codec, u32), ProtocolError> {
+    let codec = codec::from_wire_id(head[0])?;
+    let count = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if count == 0 || count > MAX_BATCH_PAGES {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Pages,
+            reason: format!("{count} pages (1..={MAX_BATCH_PAGES} allowed)"),
+        });
+    }
+    Ok((codec, count))
+}
+
+/// The bytes of a batch's index for `count` pages.
+pub fn index_len(count: u32) -> usize {
+    count as usize * ENTRY_LEN
+}
+
+/// One page of a batch's index: its number, its stored length and whether it is
+/// stored raw. Only for an index [`check_index`] passed.
+pub fn index_entries(index: &[u8]) -> impl Iterator<Item = (u64, usize, bool)> + '_ {
+    index.chunks_exact(ENTRY_LEN).map(|e| {
+        let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+        let len_raw = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
+        (
+            page,
+            (len_raw & !RAW_FLAG) as usize,
+            len_raw & RAW_FLAG != 0,
+        )
+    })
+}
+
+/// Checks a batch's index against the `data` bytes that follow it and guest memory:
+/// every page inside it, every length possible, the lengths adding up.
+pub fn check_index(
+    index: &[u8],
+    data: usize,
+    guest_pages: Option<u64>,
+) -> Result<(), ProtocolError> {
+    let mut total = 0usize;
+    for (page, len, raw) in index_entries(index) {
+        if let Some(pages) = guest_pages
+            && page >= pages
+        {
+            return Err(ProtocolError::PageOutOfRange { page, pages });
+        }
+        if len == 0 || len > PAGE_SIZE as usize || (raw && len != PAGE_SIZE as usize) {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::Pages,
+                reason: format!("page {page} has {len} bytes"),
+            });
+        }
+        total += len;
+    }
+    if total != data {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Pages,
+            reason: format!("index names {total} bytes of pages, frame carries {data}"),
+        });
+    }
+    Ok(())
+}
+
 /// A checked view of a page batch payload.
 pub struct PageBatch<'a> {
     pub codec: Codec,
@@ -922,42 +985,11 @@ pub struct PageBatch<'a> {
 
 impl<'a> PageBatch<'a> {
     pub fn parse(payload: &'a [u8], guest_pages: Option<u64>) -> Result<Self, ProtocolError> {
-        let bad = |reason: String| ProtocolError::Malformed {
-            kind: Kind::Pages,
-            reason,
-        };
         let mut r = Cursor::new(Kind::Pages, payload);
-        let head = r.array::<8>()?;
-        let codec = codec::from_wire_id(head[0])?;
-        let count = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if count == 0 || count > MAX_BATCH_PAGES {
-            return Err(bad(format!(
-                "{count} pages (1..={MAX_BATCH_PAGES} allowed)"
-            )));
-        }
+        let (codec, count) = batch_head(r.array::<8>()?)?;
         let index = r.take(count as usize * ENTRY_LEN)?;
         let data = r.buf;
-        let mut total = 0usize;
-        for e in index.chunks_exact(ENTRY_LEN) {
-            let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
-            let len_raw = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
-            let (len, raw) = ((len_raw & !RAW_FLAG) as usize, len_raw & RAW_FLAG != 0);
-            if let Some(pages) = guest_pages
-                && page >= pages
-            {
-                return Err(ProtocolError::PageOutOfRange { page, pages });
-            }
-            if len == 0 || len > PAGE_SIZE as usize || (raw && len != PAGE_SIZE as usize) {
-                return Err(bad(format!("page {page} has {len} bytes")));
-            }
-            total += len;
-        }
-        if total != data.len() {
-            return Err(bad(format!(
-                "index names {total} bytes of pages, frame carries {}",
-                data.len()
-            )));
-        }
+        check_index(index, data.len(), guest_pages)?;
         Ok(Self { codec, index, data })
     }
 
@@ -972,16 +1004,13 @@ impl<'a> PageBatch<'a> {
     pub fn pages(&self) -> impl Iterator<Item = BatchPage<'a>> + '_ {
         let mut at = 0usize;
         let data = self.data;
-        self.index.chunks_exact(ENTRY_LEN).map(move |e| {
+        index_entries(self.index).map(move |(page, len, raw)| {
             // Lengths were checked in `parse`, so these slices are in bounds.
-            let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
-            let len_raw = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
-            let len = (len_raw & !RAW_FLAG) as usize;
             let bytes = &data[at..at + len];
             at += len;
             BatchPage {
                 page,
-                raw: len_raw & RAW_FLAG != 0,
+                raw,
                 data: bytes,
             }
         })
@@ -1087,6 +1116,30 @@ fn read_frame_checked(
     max: u32,
     integrity: Integrity,
 ) -> Result<Kind, ProtocolError> {
+    let header = read_header(r, max)?;
+    read_payload(r, &header, payload, integrity)?;
+    Ok(header.kind)
+}
+
+/// A frame's header, read and checked (magic, kind, length) before its payload.
+pub struct FrameHeader {
+    pub kind: Kind,
+    pub len: u32,
+    /// The CRC the sender put in.
+    pub crc: u32,
+    bytes: [u8; HEADER_LEN],
+}
+
+impl FrameHeader {
+    /// The header bytes the frame's CRC covers, in front of the payload.
+    pub fn covered(&self) -> &[u8] {
+        &self.bytes[..12]
+    }
+}
+
+/// Reads and checks a frame's header, refusing a payload over `max` bytes. A clean
+/// end of stream before it is `Closed`.
+pub fn read_header(r: &mut impl Read, max: u32) -> Result<FrameHeader, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -1109,21 +1162,36 @@ fn read_frame_checked(
     if len > max {
         return Err(ProtocolError::TooLarge(len, max));
     }
-    payload.resize(len as usize, 0);
+    Ok(FrameHeader {
+        kind,
+        len,
+        crc: u32::from_le_bytes([header[12], header[13], header[14], header[15]]),
+        bytes: header,
+    })
+}
+
+/// Reads the payload of the frame whose header is `header` into `payload`, and checks
+/// it against the header's CRC where the transport does not check it already.
+pub fn read_payload(
+    r: &mut impl Read,
+    header: &FrameHeader,
+    payload: &mut Vec<u8>,
+    integrity: Integrity,
+) -> Result<(), ProtocolError> {
+    payload.resize(header.len as usize, 0);
     r.read_exact(payload)?;
     if integrity == Integrity::Transport {
-        return Ok(kind);
+        return Ok(());
     }
-    let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-    let computed = crc(&header, payload);
-    if expected != computed {
+    let computed = crc(&header.bytes, payload);
+    if header.crc != computed {
         return Err(ProtocolError::Checksum {
-            kind,
-            expected,
+            kind: header.kind,
+            expected: header.crc,
             computed,
         });
     }
-    Ok(kind)
+    Ok(())
 }
 
 /// Reads, checks and parses one message.

@@ -829,6 +829,18 @@ impl Read for &Conn {
             rx.end += n;
         }
     }
+
+    /// Over plain TCP one `readv` straight into every buffer (pages land in guest
+    /// memory this way); over TLS what the next record holds, into the first.
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        if self.tls.is_none() {
+            return (&*self.tcp).read_vectored(bufs);
+        }
+        match bufs.iter_mut().find(|b| !b.is_empty()) {
+            Some(b) => self.read(b),
+            None => Ok(0),
+        }
+    }
 }
 
 impl Write for &Conn {
@@ -848,6 +860,10 @@ impl Write for &Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         (&*self).read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        (&*self).read_vectored(bufs)
     }
 }
 
