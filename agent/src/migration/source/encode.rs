@@ -100,6 +100,9 @@ pub(in crate::migration) fn encode(
             crate::migration::codec::wire_id(codec),
             nonzero.len(),
         );
+        if integrity == protocol::Integrity::Checksum {
+            writer = writer.hashing();
+        }
         let mut scratch = Vec::with_capacity(PAGE + 64);
         for &page in nonzero.iter() {
             let at = page as usize * PAGE;
@@ -117,8 +120,12 @@ pub(in crate::migration) fn encode(
             }
             out.pages_sent += 1;
         }
-        writer.finish();
-        protocol::end_frame(&mut out.frames, frame, protocol::Kind::Pages, integrity)?;
+        match writer.finish() {
+            Some(crc) => {
+                protocol::end_frame_hashed(&mut out.frames, frame, protocol::Kind::Pages, crc)?
+            }
+            None => protocol::end_frame(&mut out.frames, frame, protocol::Kind::Pages, integrity)?,
+        }
     }
     out.frames.extend_from_slice(&zero_frames);
     Ok(out)
