@@ -267,37 +267,6 @@ fn vmm() -> Result<()> {
     Ok(())
 }
 
-/// Raw loopback TCP throughput in bytes/s: one writer, one reader, 1 MiB writes.
-fn loopback_bytes_per_sec(total: usize) -> Result<f64> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let (mut conn, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        loop {
-            match conn.read(&mut buf)? {
-                0 => return Ok(got),
-                n => got += n,
-            }
-        }
-    });
-    let mut conn = std::net::TcpStream::connect(addr)?;
-    let chunk = vec![0x5au8; 1 << 20];
-    let t0 = Instant::now();
-    let mut sent = 0;
-    while sent < total {
-        conn.write_all(&chunk)?;
-        sent += chunk.len();
-    }
-    drop(conn);
-    let got = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
-    Ok(got as f64 / t0.elapsed().as_secs_f64())
-}
-
 /// Migrates `vm` to a fresh incoming VMM; returns the report and the new VMM.
 fn migrate_once(
     ferry: &Path,
@@ -346,7 +315,7 @@ fn precopy() -> Result<()> {
     step("raw loopback TCP stream (1 GiB, 1 MiB writes)");
     let raw = median(
         (0..3)
-            .map(|_| loopback_bytes_per_sec(1 << 30))
+            .map(|_| crate::bench_line::loopback_bytes_per_sec(1 << 30))
             .collect::<Result<Vec<_>>>()?,
     );
     println!("  {:.2} GB/s", raw / 1e9);
@@ -394,6 +363,11 @@ fn precopy() -> Result<()> {
         vm.quit(&ferry)?;
         dst.quit(&ferry)?;
     }
+
+    results.insert(
+        "line_rate".into(),
+        crate::bench_line::line_rate(&ferry, &dir)?,
+    );
 
     step(
         "20k pages/s at random over 512 MiB of a 1 GiB guest, --max-downtime-ms 50, 10 migrations",

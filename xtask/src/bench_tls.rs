@@ -5,63 +5,15 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
-use ferry_api::{MigrationReport, Outcome};
+use anyhow::Result;
 use serde_json::{Value, json};
 
-use crate::bench::{Report, config, start, wait_for};
-use crate::util::{Vmm, build_ferry, cpu_seconds, median, step, work_dir};
+use crate::bench::{config, start, wait_for};
+use crate::bench_line::{Destination, migrate};
+use crate::util::{build_ferry, median, step, work_dir};
 
 /// Runs of each kind.
 const RUNS: usize = 7;
-
-/// CPU seconds each end's VMM spent on one migration.
-#[derive(Debug, Clone, Copy)]
-struct Cpu {
-    source: f64,
-    destination: f64,
-}
-
-/// Migrates `vm` to a fresh incoming VMM over TLS or plain TCP; returns the report,
-/// the new VMM, and the CPU time each end spent on it.
-fn migrate(
-    ferry: &Path,
-    dir: &Path,
-    vm: &Vmm,
-    name: &str,
-    tls: bool,
-    args: &[&str],
-) -> Result<(MigrationReport, Vmm, Cpu)> {
-    let insecure: &[&str] = if tls { &[] } else { &["--insecure"] };
-    let (dst, addr) = crate::util::incoming(ferry, dir, name, insecure)?;
-    let cpu = || -> Result<Cpu> {
-        Ok(Cpu {
-            source: cpu_seconds(vm.child.id())?,
-            destination: cpu_seconds(dst.child.id())?,
-        })
-    };
-    let before = cpu()?;
-    let mut full = vec!["migrate", "--to", &addr, "--json"];
-    full.extend_from_slice(args);
-    full.extend_from_slice(insecure);
-    full.extend(["--control", vm.control.to_str().unwrap_or_default()]);
-    let out = std::process::Command::new(ferry)
-        .args(ferry_tests::pki::secured(&full))
-        .output()?;
-    let after = cpu()?;
-    let report = Report::<MigrationReport>::parse(&out)?.typed;
-    if report.core.outcome != Outcome::Completed || report.memory_verified != Some(true) {
-        bail!("migration failed or unverified: {report:?}");
-    }
-    if report.tls != tls {
-        bail!("asked for tls = {tls}, the report says {}", report.tls);
-    }
-    let spent = Cpu {
-        source: after.source - before.source,
-        destination: after.destination - before.destination,
-    };
-    Ok((report, dst, spent))
-}
 
 fn kind(tls: bool) -> &'static str {
     if tls { "tls" } else { "tcp" }
@@ -99,8 +51,11 @@ pub fn run() -> Result<()> {
             &dir,
             &vm,
             &format!("bulk{i}"),
-            tls,
-            &["--compression", "none", "--policy", "static"],
+            &Destination {
+                tls,
+                prealloc_mib: Some(1024),
+                args: &["--compression", "none", "--policy", "static"],
+            },
         )?;
         let bytes_per_sec = r.bytes_on_wire as f64 / (r.core.total_ms / 1e3);
         let gb = r.bytes_on_wire as f64 / 1e9;
@@ -168,8 +123,11 @@ pub fn run() -> Result<()> {
             &dir,
             &vm,
             &format!("busy{i}"),
-            tls,
-            &["--max-downtime-ms", "50"],
+            &Destination {
+                tls,
+                prealloc_mib: Some(1024),
+                args: &["--max-downtime-ms", "50"],
+            },
         )?;
         let d = r.downtime_ms.unwrap_or(f64::NAN);
         println!(

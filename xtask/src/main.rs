@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_line;
 mod bench_policy;
 mod bench_policy_report;
 mod bench_probes;

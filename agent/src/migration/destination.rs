@@ -95,9 +95,10 @@ pub fn receive(
         answer: None,
     })?;
     let mut rx = Receiver {
-        // Unbuffered: pages are read straight into guest memory, and a buffer would
-        // take them in first.
-        r: conn.reader(0),
+        // Small: pages are read past it straight into guest memory (a bigger buffer
+        // would take more of them in first, to copy them again), and it holds runs of
+        // small frames (zero runs, keepalives) for one read.
+        r: conn.reader(16 << 10),
         w,
         place,
         memory,

@@ -12,7 +12,7 @@
 //! failed migration's memory is discarded whole: nothing a vCPU could run on was
 //! ever written unchecked.
 
-use std::io::{IoSliceMut, Read};
+use std::io::{BufRead, BufReader, IoSliceMut, Read};
 
 use super::codec::{CodecError, Decompressor};
 use super::frame_crc::FrameCrc;
@@ -70,9 +70,9 @@ impl PageReceiver {
     /// Reads the payload of the page frame whose header is `header` from `r` straight
     /// into `sink`'s memory, and then checks it. Only for a `Pages` frame and a sink
     /// with [`PageSink::memory`]; anything else goes through [`Self::apply`].
-    pub fn read_in_place<S: PageSink>(
+    pub fn read_in_place<S: PageSink, R: Read>(
         &mut self,
-        r: &mut impl Read,
+        r: &mut BufReader<R>,
         header: &FrameHeader,
         integrity: Integrity,
         sink: &mut S,
@@ -149,11 +149,13 @@ impl PageReceiver {
         Ok(())
     }
 
-    /// Reads the pending runs of raw pages into place with one `readv` (or as many
-    /// as the socket needs), then hashes each page there.
-    fn land_runs<S: PageSink>(
+    /// Reads the pending runs of raw pages into place: what the reader's buffer holds
+    /// of them first, then the rest with one `readv` (or as many as the socket needs)
+    /// past the buffer, so that it never takes in page data it would then copy. Then
+    /// hashes each page there.
+    fn land_runs<S: PageSink, R: Read>(
         &mut self,
-        r: &mut impl Read,
+        r: &mut BufReader<R>,
         sum: &mut FrameCrc,
         sink: &mut S,
     ) -> Result<(), S::Error> {
@@ -183,7 +185,17 @@ impl PageReceiver {
                 rest = tail;
                 base = (first + count) as usize * PAGE;
             }
-            read_exact_vectored(r, &mut bufs).map_err(ProtocolError::from)?;
+            let mut bufs = &mut bufs[..];
+            let buffered = r.buffer();
+            let mut took = 0;
+            while took < buffered.len() && !bufs.is_empty() {
+                let n = bufs[0].len().min(buffered.len() - took);
+                bufs[0][..n].copy_from_slice(&buffered[took..took + n]);
+                took += n;
+                IoSliceMut::advance_slices(&mut bufs, n);
+            }
+            r.consume(took);
+            read_exact_vectored(r.get_mut(), bufs).map_err(ProtocolError::from)?;
         }
         let mut crcs = Vec::with_capacity(self.runs.iter().map(|r| r.1 as usize).sum());
         for &(first, count) in &self.runs {
@@ -345,7 +357,8 @@ mod tests {
     }
 
     fn receive(bytes: &[u8], memory: &mut Memory) -> Result<(), ProtocolError> {
-        let mut r = bytes;
+        // A small buffer: pages land partly from it, partly past it.
+        let mut r = BufReader::with_capacity(5000, bytes);
         let header = protocol::read_header(&mut r, protocol::MAX_PAYLOAD)?;
         let pages = (memory.bytes.len() / PAGE) as u64;
         PageReceiver::new(pages).read_in_place(&mut r, &header, Integrity::Checksum, memory)

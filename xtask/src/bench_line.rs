@@ -1,0 +1,227 @@
+//! The migration stream against the raw TCP stream it runs on (`cargo xtask bench
+//! precopy`, its line-rate step), and the measured migration both that and `bench tls`
+//! run: a fresh destination started before the migration as an orchestrator starts
+//! it, each end's CPU time taken around the migration.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use ferry_api::{MigrationReport, Outcome};
+use serde_json::{Value, json};
+
+use crate::bench::{Report, config, start, wait_for};
+use crate::util::{Vmm, cpu_seconds, median, step};
+
+/// CPU seconds each end's VMM spent on one migration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cpu {
+    pub(crate) source: f64,
+    pub(crate) destination: f64,
+}
+
+/// How the destination of a measured migration is started.
+pub(crate) struct Destination<'a> {
+    /// Plain TCP (`--insecure` on both ends) or TLS.
+    pub(crate) tls: bool,
+    /// Guest memory to preallocate (`--memory-mib`), waited for before the
+    /// migration starts, as an agent's destination has it by then.
+    pub(crate) prealloc_mib: Option<u64>,
+    /// Arguments to `ferry migrate` beyond the destination and the transport.
+    pub(crate) args: &'a [&'a str],
+}
+
+/// Migrates `vm` to a fresh incoming VMM; returns the report, the new VMM, and the
+/// CPU time each end spent on it. A migration that fails or is not verified fails
+/// the bench.
+pub(crate) fn migrate(
+    ferry: &Path,
+    dir: &Path,
+    vm: &Vmm,
+    name: &str,
+    d: &Destination,
+) -> Result<(MigrationReport, Vmm, Cpu)> {
+    let insecure: &[&str] = if d.tls { &[] } else { &["--insecure"] };
+    let mib = d.prealloc_mib.map(|m| m.to_string());
+    let mut extra = insecure.to_vec();
+    if let Some(m) = &mib {
+        extra.extend(["--memory-mib", m.as_str()]);
+    }
+    let (dst, addr) = crate::util::incoming(ferry, dir, name, &extra)?;
+    if mib.is_some() {
+        wait_preallocated(&dst)?;
+    }
+    let cpu = || -> Result<Cpu> {
+        Ok(Cpu {
+            source: cpu_seconds(vm.child.id())?,
+            destination: cpu_seconds(dst.child.id())?,
+        })
+    };
+    let before = cpu()?;
+    let mut full = vec!["migrate", "--to", &addr, "--json"];
+    full.extend_from_slice(d.args);
+    full.extend_from_slice(insecure);
+    full.extend(["--control", vm.control.to_str().unwrap_or_default()]);
+    let out = std::process::Command::new(ferry)
+        .args(ferry_tests::pki::secured(&full))
+        .output()?;
+    let after = cpu()?;
+    let report = Report::<MigrationReport>::parse(&out)?.typed;
+    if report.core.outcome != Outcome::Completed || report.memory_verified != Some(true) {
+        bail!("migration failed or unverified: {report:?}");
+    }
+    if report.tls != d.tls {
+        bail!("asked for tls = {}, the report says {}", d.tls, report.tls);
+    }
+    let spent = Cpu {
+        source: after.source - before.source,
+        destination: after.destination - before.destination,
+    };
+    Ok((report, dst, spent))
+}
+
+/// Waits until an incoming VMM says its memory is faulted in.
+fn wait_preallocated(dst: &Vmm) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(&dst.log).unwrap_or_default();
+        if log.contains("preallocated ") {
+            return Ok(());
+        }
+        if log.contains("cannot preallocate") || log.contains("preallocating guest memory stopped")
+        {
+            bail!(
+                "the destination could not preallocate: see {}",
+                dst.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "the destination did not finish preallocating in 30 s: see {}",
+        dst.log.display()
+    )
+}
+
+/// Raw loopback TCP throughput in bytes/s: one writer, one reader, 1 MiB writes.
+pub(crate) fn loopback_bytes_per_sec(total: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n,
+            }
+        }
+    });
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        conn.write_all(&chunk)?;
+        sent += chunk.len();
+    }
+    drop(conn);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok(got as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Migrations of each kind.
+const RUNS: usize = 5;
+
+/// The line-rate step of `bench precopy`: a filled, idle 1 GiB guest whose 768 MiB
+/// working set is random (incompressible, non-zero) pages, codec none, plain TCP,
+/// loopback; the destination preallocated and not, in turns, each migration next to
+/// a raw TCP stream of 1 GiB measured just before it.
+pub(crate) fn line_rate(ferry: &Path, dir: &Path) -> Result<Value> {
+    step(&format!(
+        "line rate: an idle 1 GiB guest, 768 MiB of random pages, codec none, plain TCP; \
+         {RUNS} migrations each with the destination's memory preallocated and without, \
+         in turns, each next to a raw TCP stream"
+    ));
+    let body = config(
+        "line",
+        1024,
+        1,
+        "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
+    );
+    let mut vm = start(ferry, dir, "line", &body)?;
+    vm.wait_ready(ferry)?;
+    wait_for(ferry, &vm, Duration::from_secs(120), |s| {
+        s.machine.guest_pages_written >= 196_608
+    })?;
+    // [without, with] preallocation.
+    let mut share: [Vec<f64>; 2] = Default::default();
+    let mut rate: [Vec<f64>; 2] = Default::default();
+    let mut raw_all = Vec::new();
+    let mut src_cpu: [Vec<f64>; 2] = Default::default();
+    let mut dst_cpu: [Vec<f64>; 2] = Default::default();
+    for i in 0..2 * RUNS {
+        let pre = i % 2 == 0;
+        let raw = loopback_bytes_per_sec(1 << 30)?;
+        let (r, dst, cpu) = migrate(
+            ferry,
+            dir,
+            &vm,
+            &format!("line{i}"),
+            &Destination {
+                tls: false,
+                prealloc_mib: pre.then_some(1024),
+                args: &["--compression", "none", "--policy", "static"],
+            },
+        )?;
+        let bytes_per_sec = r.bytes_on_wire as f64 / (r.core.total_ms / 1e3);
+        let gb = r.bytes_on_wire as f64 / 1e9;
+        let k = usize::from(pre);
+        println!(
+            "  {:<13} raw TCP {:.2} GB/s; migration total {:.0} ms, {:.2} GB/s ({:.0}% of raw), \
+             downtime {:.2} ms, CPU per GB: source {:.2} s, destination {:.2} s",
+            if pre { "preallocated" } else { "fresh memory" },
+            raw / 1e9,
+            r.core.total_ms,
+            bytes_per_sec / 1e9,
+            bytes_per_sec / raw * 100.0,
+            r.downtime_ms.unwrap_or(f64::NAN),
+            cpu.source / gb,
+            cpu.destination / gb
+        );
+        raw_all.push(raw);
+        share[k].push(bytes_per_sec / raw * 100.0);
+        rate[k].push(bytes_per_sec);
+        src_cpu[k].push(cpu.source / gb);
+        dst_cpu[k].push(cpu.destination / gb);
+        vm.quit(ferry)?;
+        vm = dst;
+    }
+    vm.quit(ferry)?;
+    let mut out = serde_json::Map::new();
+    out.insert("raw_tcp_bytes_per_sec".into(), json!(raw_all));
+    for (k, name) in [(1, "preallocated"), (0, "fresh_memory")] {
+        let m = |v: &Vec<f64>| median(v.clone());
+        println!(
+            "  median, {}: {:.2} GB/s, {:.0}% of raw TCP (goal >= 80%); CPU per GB: source \
+             {:.2} s, destination {:.2} s (both ends share this host's cores)",
+            name.replace('_', " "),
+            m(&rate[k]) / 1e9,
+            m(&share[k]),
+            m(&src_cpu[k]),
+            m(&dst_cpu[k])
+        );
+        out.insert(
+            name.into(),
+            json!({"bytes_per_sec": rate[k], "percent_of_raw": share[k],
+                   "median_percent_of_raw": m(&share[k]),
+                   "source_cpu_secs_per_gb": src_cpu[k],
+                   "destination_cpu_secs_per_gb": dst_cpu[k]}),
+        );
+    }
+    Ok(Value::Object(out))
+}
