@@ -368,6 +368,10 @@ fn precopy() -> Result<()> {
         "line_rate".into(),
         crate::bench_line::line_rate(&ferry, &dir)?,
     );
+    results.insert(
+        "line_rate_shaped_link".into(),
+        crate::bench_line::shaped_link(&ferry, &dir)?,
+    );
 
     step(
         "20k pages/s at random over 512 MiB of a 1 GiB guest, --max-downtime-ms 50, 10 migrations",

@@ -225,3 +225,94 @@ pub(crate) fn line_rate(ferry: &Path, dir: &Path) -> Result<Value> {
     }
     Ok(Value::Object(out))
 }
+
+/// Migrations over the shaped link.
+const LINK_RUNS: usize = 3;
+/// The shaped link's rate.
+const LINK_MBIT: u32 = 1000;
+
+/// The line-rate step's second half: the same guest over a veth shaped to 1 Gbit/s
+/// (`tc tbf`, both directions) between two network namespaces, back and forth; the
+/// share of the link's rate the migration's bytes on the wire take.
+pub(crate) fn shaped_link(ferry: &Path, dir: &Path) -> Result<Value> {
+    use ferry_tests::netns::{DEST_ADDR, LinkPair, SOURCE_ADDR};
+    step(&format!(
+        "line rate over a {LINK_MBIT} Mbit/s shaped veth: the same guest, codec none, plain \
+         TCP, the destination preallocated; {LINK_RUNS} migrations back and forth"
+    ));
+    let link = LinkPair::new("lr", Some(LINK_MBIT))
+        .map_err(|e| anyhow::anyhow!("a shaped link needs network namespaces: {e}"))?;
+    let sides = [
+        (link.source_ns.clone(), SOURCE_ADDR),
+        (link.dest_ns.clone(), DEST_ADDR),
+    ];
+    let spawn = |side: usize, args: &[&str], name: &str| -> Result<Vmm> {
+        let mut vm = Vmm::spawn_cmd(
+            LinkPair::command(&sides[side].0, ferry),
+            args,
+            &dir.join(format!("{name}.sock")),
+            &dir.join(format!("{name}.log")),
+        )?;
+        vm.wait_ready(ferry)?;
+        Ok(vm)
+    };
+    let cfg = dir.join("link.toml");
+    std::fs::write(
+        &cfg,
+        config(
+            "link",
+            1024,
+            1,
+            "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
+        ),
+    )?;
+    let mut vm = spawn(0, &["--config", cfg.to_str().unwrap_or_default()], "link-0")?;
+    wait_for(ferry, &vm, Duration::from_secs(120), |s| {
+        s.machine.guest_pages_written >= 196_608
+    })?;
+    let mut shares = Vec::new();
+    for i in 0..LINK_RUNS {
+        let to = (i + 1) % 2;
+        let addr = format!("{}:{}", sides[to].1, 47300 + i);
+        let dst = spawn(
+            to,
+            &["--incoming", &addr, "--insecure", "--memory-mib", "1024"],
+            &format!("link-{}", i + 1),
+        )?;
+        wait_preallocated(&dst)?;
+        let out = std::process::Command::new(ferry)
+            .args([
+                "migrate",
+                "--to",
+                &addr,
+                "--json",
+                "--insecure",
+                "--compression",
+                "none",
+                "--policy",
+                "static",
+                "--control",
+                vm.control.to_str().unwrap_or_default(),
+            ])
+            .output()?;
+        let r = Report::<MigrationReport>::parse(&out)?.typed;
+        if r.core.outcome != Outcome::Completed || r.memory_verified != Some(true) {
+            bail!("migration failed or unverified: {r:?}");
+        }
+        let bits_per_sec = r.bytes_on_wire as f64 * 8.0 / (r.core.total_ms / 1e3);
+        let share = bits_per_sec / (f64::from(LINK_MBIT) * 1e6) * 100.0;
+        println!(
+            "  total {:.0} ms, {:.0} Mbit/s on the wire: {share:.1}% of the link, downtime {:.2} ms",
+            r.core.total_ms,
+            bits_per_sec / 1e6,
+            r.downtime_ms.unwrap_or(f64::NAN)
+        );
+        shares.push(share);
+        vm.quit(ferry)?;
+        vm = dst;
+    }
+    vm.quit(ferry)?;
+    let m = median(shares.clone());
+    println!("  median {m:.1}% of the {LINK_MBIT} Mbit/s link (goal >= 95%)");
+    Ok(json!({"link_mbit": LINK_MBIT, "percent_of_link": shares, "median_percent": m}))
+}

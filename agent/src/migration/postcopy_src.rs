@@ -598,8 +598,8 @@ impl Sender<'_> {
                 integrity,
             );
             self.bufs = bufs;
-            let e = encoded?;
-            self.write_wire(&e.frames)?;
+            let mut e = encoded?;
+            self.write_wire_owned(&mut e.frames)?;
             self.count_pages(&e);
             self.bufs.spare_frames.push(e.frames);
             self.fault("source.postcopy")?;

@@ -149,6 +149,17 @@ struct Tx {
     rekey_after: u64,
     /// The sealed records of one socket write.
     buf: Vec<u8>,
+    /// Records sealed where their data lies: each one's header and tail.
+    heads: Vec<[u8; record::HEADER]>,
+    tails: Vec<[u8; 1 + record::TAG]>,
+}
+
+/// A piece of one vectored socket write of records sealed in place.
+enum Part {
+    /// Bytes in `Tx::buf` (a KeyUpdate, or a record sealed by copy).
+    Sealed(Range<usize>),
+    /// Record `i` of `Tx::heads` and `Tx::tails`, its body this range of the data.
+    InPlace(usize, Range<usize>),
 }
 
 struct Rx {
@@ -587,6 +598,8 @@ impl Handshake {
             buf: Vec::with_capacity(
                 SEAL_CHUNK + SEAL_CHUNK / record::MAX_PLAINTEXT * record::OVERHEAD,
             ),
+            heads: Vec::new(),
+            tails: Vec::new(),
         };
         self.tcp.set_read_timeout(None)?;
         self.tcp.set_write_timeout(None)?;
@@ -757,6 +770,79 @@ impl Conn {
         Ok(true)
     }
 
+    /// Sends `buf`, which the caller gives up: over TLS its records are sealed where
+    /// the data lies (it is left as ciphertext), so the data is not copied to be
+    /// sealed; over plain TCP it is written as it is.
+    pub fn write_sealing(&self, buf: &mut [u8]) -> io::Result<()> {
+        match &self.tls {
+            None => (&*self.tcp).write_all(buf),
+            Some(tls) => self.seal_in_place_and_send(tls, buf),
+        }
+    }
+
+    /// Seals `buf` into records in place, a few at a time, and sends each group with
+    /// one vectored write: every record's header, its body where it lies in `buf`,
+    /// and its tail (the sealed content type and the tag). A record's content type
+    /// is sealed right after its data, so each record borrows the first byte of the
+    /// next and gives it back; the last record of `buf`, with no byte after it, is
+    /// sealed by copy.
+    fn seal_in_place_and_send(&self, tls: &Tls, buf: &mut [u8]) -> io::Result<()> {
+        let mut tx = lock(&tls.tx);
+        let tx = &mut *tx;
+        let mut parts = Vec::with_capacity(2 * SEAL_CHUNK / record::MAX_PLAINTEXT);
+        let mut start = 0;
+        while start < buf.len() {
+            let group_end = (start + SEAL_CHUNK).min(buf.len());
+            tx.buf.clear();
+            tx.heads.clear();
+            tx.tails.clear();
+            parts.clear();
+            while start < group_end {
+                let asked = tls.update_tx.swap(false, Ordering::AcqRel);
+                if asked || tx.key.seq() >= tx.rekey_after {
+                    let at = tx.buf.len();
+                    tx.key
+                        .seal(record::HANDSHAKE, &KEY_UPDATE, &mut tx.buf)
+                        .map_err(invalid)?;
+                    parts.push(Part::Sealed(at..tx.buf.len()));
+                    tx.key = lock(&tls.keys).next_tx().map_err(invalid)?;
+                }
+                let end = (start + record::MAX_PLAINTEXT).min(group_end);
+                if end < buf.len() {
+                    let borrowed = buf[end];
+                    let sealed = tx
+                        .key
+                        .seal_in_place(record::APPLICATION_DATA, &mut buf[start..=end]);
+                    buf[end] = borrowed;
+                    let (head, tail) = sealed.map_err(invalid)?;
+                    parts.push(Part::InPlace(tx.heads.len(), start..end));
+                    tx.heads.push(head);
+                    tx.tails.push(tail);
+                } else {
+                    let at = tx.buf.len();
+                    tx.key
+                        .seal(record::APPLICATION_DATA, &buf[start..end], &mut tx.buf)
+                        .map_err(invalid)?;
+                    parts.push(Part::Sealed(at..tx.buf.len()));
+                }
+                start = end;
+            }
+            let mut slices = Vec::with_capacity(3 * parts.len());
+            for p in &parts {
+                match p {
+                    Part::Sealed(r) => slices.push(io::IoSlice::new(&tx.buf[r.clone()])),
+                    Part::InPlace(i, body) => {
+                        slices.push(io::IoSlice::new(&tx.heads[*i]));
+                        slices.push(io::IoSlice::new(&buf[body.clone()]));
+                        slices.push(io::IoSlice::new(&tx.tails[*i]));
+                    }
+                }
+            }
+            write_all_vectored(&self.tcp, &mut slices)?;
+        }
+        Ok(())
+    }
+
     /// Seals `buf` into records and sends them, a few at a time.
     fn seal_and_send(&self, tls: &Tls, buf: &[u8]) -> io::Result<()> {
         let mut tx = lock(&tls.tx);
@@ -780,6 +866,19 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Writes `slices` whole, however the socket splits them.
+fn write_all_vectored(tcp: &TcpStream, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match (&*tcp).write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Read for &Conn {

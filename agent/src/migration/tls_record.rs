@@ -111,6 +111,32 @@ impl Key {
         Ok(())
     }
 
+    /// Seals one record of content type `kind` where its data lies: `body` is the
+    /// data and one byte more, which this overwrites (the caller keeps and restores
+    /// it). Returns the record's header and its tail, the sealed content type and the
+    /// tag, which follow the data on the wire: the data is never copied.
+    pub fn seal_in_place(
+        &mut self,
+        kind: u8,
+        body: &mut [u8],
+    ) -> Result<([u8; HEADER], [u8; 1 + TAG]), Error> {
+        let Some(n) = body.len().checked_sub(1).filter(|&n| n <= MAX_PLAINTEXT) else {
+            return Err(Error::General("a record of an impossible size".into()));
+        };
+        let len = n + 1 + TAG;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        body[n] = kind;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(self.nonce(), Aad::from(header), body)
+            .map_err(|_| Error::EncryptError)?;
+        let mut tail = [0u8; 1 + TAG];
+        tail[0] = body[n];
+        tail[1..].copy_from_slice(tag.as_ref());
+        self.seq += 1;
+        Ok((header, tail))
+    }
+
     /// Opens the record under `header` whose body (ciphertext and tag) is `body`, in
     /// place; returns its content type and how many bytes at the start of `body` are
     /// its plaintext.
@@ -162,6 +188,26 @@ mod tests {
             iv: rustls::crypto::cipher::Iv::from([9u8; 12]),
         };
         Key::new(0, &secrets).unwrap()
+    }
+
+    #[test]
+    fn a_record_sealed_in_place_is_the_record_sealed_by_copy() {
+        let (mut a, mut b) = (key(), key());
+        let data: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| (i % 253) as u8).collect();
+        for n in [1, 100, MAX_PLAINTEXT] {
+            let mut copied = Vec::new();
+            a.seal(APPLICATION_DATA, &data[..n], &mut copied).unwrap();
+            let mut body = data[..n].to_vec();
+            body.push(0xee);
+            let (header, tail) = b.seal_in_place(APPLICATION_DATA, &mut body).unwrap();
+            let in_place = [&header[..], &body[..n], &tail[..]].concat();
+            assert_eq!(in_place, copied, "{n} bytes");
+        }
+        assert!(b.seal_in_place(APPLICATION_DATA, &mut []).is_err());
+        assert!(
+            b.seal_in_place(APPLICATION_DATA, &mut vec![0; MAX_PLAINTEXT + 2])
+                .is_err()
+        );
     }
 
     #[test]

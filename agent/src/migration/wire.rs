@@ -58,6 +58,15 @@ impl Wire {
         Ok(())
     }
 
+    /// Writes whole frames the caller gives up (see [`Conn::write_sealing`]): over TLS
+    /// they are sealed where they lie, not copied first.
+    pub fn write_sealing(&self, frames: &mut [u8]) -> std::io::Result<()> {
+        let mut w = self.lock();
+        // What is buffered goes first: frames keep their order.
+        w.flush()?;
+        w.get_ref().write_sealing(frames)
+    }
+
     /// Bytes other threads sent since the last call.
     pub fn take_others(&self) -> u64 {
         self.shared.others.swap(0, Ordering::Relaxed)

@@ -140,7 +140,7 @@ impl Sender<'_> {
         if codec == Codec::None || workers < 2 || chunks.len() < 2 {
             let mut bufs = std::mem::take(&mut self.bufs);
             let result = chunks.iter().try_for_each(|chunk| {
-                let encoded = encode(
+                let mut encoded = encode(
                     memory,
                     chunk,
                     codec,
@@ -148,7 +148,7 @@ impl Sender<'_> {
                     &mut bufs,
                     integrity,
                 )?;
-                self.write_encoded(&encoded)?;
+                self.write_encoded(&mut encoded)?;
                 bufs.spare_frames.push(encoded.frames);
                 Ok(())
             });
@@ -190,8 +190,8 @@ impl Sender<'_> {
                 for (i, encoded) in rx.iter() {
                     pending.insert(i, encoded);
                     while let Some(encoded) = pending.remove(&due) {
-                        let encoded = encoded?;
-                        self.write_encoded(&encoded)?;
+                        let mut encoded = encoded?;
+                        self.write_encoded(&mut encoded)?;
                         lock(&pool).push(encoded.frames);
                         due += 1;
                     }
@@ -204,8 +204,8 @@ impl Sender<'_> {
     }
 
     /// Writes a batch's frames, under the bandwidth cap, and counts them.
-    pub(super) fn write_encoded(&mut self, e: &Encoded) -> Result<(), MigrateError> {
-        self.write_wire(&e.frames)?;
+    pub(super) fn write_encoded(&mut self, e: &mut Encoded) -> Result<(), MigrateError> {
+        self.write_wire_owned(&mut e.frames)?;
         self.sent_upto += (e.pages_sent + e.zero_pages) as usize;
         self.count_pages(e);
         // The state's lock only where failpoints exist: this runs for every batch.
