@@ -868,9 +868,12 @@ impl<'a> PageBatchWriter<'a> {
         self.out[at..at + 8].copy_from_slice(&page.to_le_bytes());
         self.out[at + 8..at + ENTRY_LEN].copy_from_slice(&len.to_le_bytes());
         self.pushed += 1;
+        let at = self.out.len();
         self.out.extend_from_slice(data);
+        // The copy, never `data` again: that may be guest memory a running guest
+        // writes to between the two reads.
         if let Some(h) = &mut self.data {
-            h.update(data);
+            h.update(&self.out[at..]);
         }
     }
 
