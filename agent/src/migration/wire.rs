@@ -7,6 +7,9 @@ use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Frames from this size on are sealed in place rather than buffered.
+const SEAL_IN_PLACE_FROM: usize = 256 << 10;
+
 /// A buffered writer on the connection, behind a lock. Every `write` call writes all
 /// of what it is given under the lock, so a frame written in one call is never split
 /// by another writer's frame.
@@ -59,9 +62,14 @@ impl Wire {
     }
 
     /// Writes whole frames the caller gives up (see [`Conn::write_sealing`]): over TLS
-    /// they are sealed where they lie, not copied first.
+    /// large ones are sealed where they lie, not copied first. Small ones are buffered
+    /// as any write is: in the pause the last pages, the device state and `Complete`
+    /// then leave in one write, and the destination wakes once for them.
     pub fn write_sealing(&self, frames: &mut [u8]) -> std::io::Result<()> {
         let mut w = self.lock();
+        if frames.len() < SEAL_IN_PLACE_FROM {
+            return w.write_all(frames);
+        }
         // What is buffered goes first: frames keep their order.
         w.flush()?;
         w.get_ref().write_sealing(frames)
