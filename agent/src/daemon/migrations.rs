@@ -278,6 +278,14 @@ impl Migrations {
                     ),
                 )
             })?;
+        let running = |v: &ferry_api::agent::VmInfo| {
+            v.presence == VmPresence::Running && v.state == Some(ferry_api::RunState::Running)
+        };
+        // The view is as of the last look at the VMMs: a VM that has just arrived
+        // runs before a look says so. One fresh look before turning it away.
+        if !vms.get(&req.vm).is_some_and(|v| running(&v)) {
+            lock(inventory).refresh();
+        }
         let vm = vms.get(&req.vm).ok_or_else(|| {
             Refusal(
                 ApiErrorKind::NotFound,
@@ -300,10 +308,16 @@ impl Migrations {
                 format!("VM {} is moving its disks to another datastore", req.vm),
             ));
         }
-        if vm.presence != VmPresence::Running || vm.state != Some(ferry_api::RunState::Running) {
+        if !running(&vm) {
             return Err(Refusal(
                 ApiErrorKind::Conflict,
-                format!("VM {} is not running here ({:?})", req.vm, vm.state),
+                match vm.state {
+                    Some(s) => format!("VM {} is not running here ({s:?})", req.vm),
+                    None => format!(
+                        "VM {} is not running here (its VMM has not said how it is yet)",
+                        req.vm
+                    ),
+                },
             ));
         }
         let limits = match &req.limits {
