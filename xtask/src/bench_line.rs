@@ -292,15 +292,8 @@ pub(crate) fn shaped_link(ferry: &Path, dir: &Path) -> Result<Value> {
         (link.source_ns.clone(), SOURCE_ADDR),
         (link.dest_ns.clone(), DEST_ADDR),
     ];
-    let spawn = |side: usize, args: &[&str], name: &str| -> Result<Vmm> {
-        let mut vm = Vmm::spawn_cmd(
-            LinkPair::command(&sides[side].0, ferry),
-            args,
-            &dir.join(format!("{name}.sock")),
-            &dir.join(format!("{name}.log")),
-        )?;
-        vm.wait_ready(ferry)?;
-        Ok(vm)
+    let spawn = |side: usize, args: &[&str], name: &str| {
+        crate::util::vmm_in(Some(&sides[side].0), ferry, dir, args, name)
     };
     let cfg = dir.join("link.toml");
     std::fs::write(

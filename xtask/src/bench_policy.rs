@@ -271,18 +271,7 @@ struct Lab {
 }
 
 fn spawn_on(ferry: &Path, dir: &Path, side: &Side, args: &[&str], name: &str) -> Result<Vmm> {
-    let cmd = match &side.ns {
-        Some(ns) => ferry_tests::netns::LinkPair::command(ns, ferry),
-        None => Command::new(ferry),
-    };
-    let mut vm = Vmm::spawn_cmd(
-        cmd,
-        args,
-        &dir.join(format!("{name}.sock")),
-        &dir.join(format!("{name}.log")),
-    )?;
-    vm.wait_ready(ferry)?;
-    Ok(vm)
+    crate::util::vmm_in(side.ns.as_deref(), ferry, dir, args, name)
 }
 
 impl Lab {

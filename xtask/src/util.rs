@@ -228,6 +228,29 @@ impl Drop for Vmm {
     }
 }
 
+/// `ferry vmm ARGS`, called `name` in `dir` (its control socket and log there), in
+/// network namespace `ns` if given; ready.
+pub fn vmm_in(
+    ns: Option<&str>,
+    ferry: &Path,
+    dir: &Path,
+    args: &[&str],
+    name: &str,
+) -> Result<Vmm> {
+    let cmd = match ns {
+        Some(ns) => ferry_tests::netns::LinkPair::command(ns, ferry),
+        None => Command::new(ferry),
+    };
+    let mut vm = Vmm::spawn_cmd(
+        cmd,
+        args,
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.log")),
+    )?;
+    vm.wait_ready(ferry)?;
+    Ok(vm)
+}
+
 /// A `ferry vmm --incoming` on a free loopback port, called `name` in `dir` (with
 /// `extra` arguments), ready; and the address it listens on.
 pub fn incoming(ferry: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<(Vmm, String)> {
