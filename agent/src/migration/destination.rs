@@ -372,23 +372,20 @@ impl Receiver<'_> {
         let received = std::thread::scope(|s| {
             // Memory preallocated whole needs no helper: it would only walk page
             // tables, on the core the sender needs.
-            let helper = match populated {
-                true => Ok(None),
-                false => std::thread::Builder::new()
+            let helper = (!populated).then(|| {
+                std::thread::Builder::new()
                     .name("prefault".into())
                     .spawn_scoped(s, || {
                         let n = prefault::run(region, &ahead);
                         ahead.finish();
                         n
                     })
-                    .map(Some),
-            };
-            if let Ok(None) = helper {
+                    .inspect_err(|e| {
+                        tracing::debug!("no prefault helper ({e}); pages fault in as they land")
+                    })
+            });
+            if !matches!(helper, Some(Ok(_))) {
                 ahead.finish();
-            }
-            if let Err(e) = helper {
-                ahead.finish();
-                tracing::debug!("no prefault helper ({e}); pages fault in as they land");
             }
             let r = self.receive_memory(memory, (pages, &cfg), &mut crcs, &ahead, (&vm, &vcpus));
             ahead.stop();
