@@ -22,8 +22,9 @@ use super::protocol::{
 use crate::guest::abi::PAGE_SIZE;
 
 const PAGE: usize = PAGE_SIZE as usize;
-/// Raw pages read by one `readv` at most (and runs of them, each one buffer).
+/// Pages in one run of raw pages at most: one buffer of a `readv`.
 const READ_PAGES: u64 = 256;
+/// Runs one `readv` fills at most.
 const READ_RUNS: usize = 64;
 
 /// Where received pages go.
@@ -48,10 +49,11 @@ pub struct PageReceiver {
     dec: Decompressor,
     scratch: Box<[u8; PAGE]>,
     /// Buffers kept from frame to frame: a batch's index, a compressed page's bytes,
-    /// and the runs of raw pages one `readv` fills.
+    /// the runs of raw pages one `readv` fills, and those pages' CRCs.
     index: Vec<u8>,
     stored: Vec<u8>,
     runs: Vec<(u64, u64)>,
+    crcs: Vec<(u64, u32)>,
 }
 
 impl PageReceiver {
@@ -64,6 +66,7 @@ impl PageReceiver {
             index: Vec::new(),
             stored: Vec::new(),
             runs: Vec::new(),
+            crcs: Vec::new(),
         }
     }
 
@@ -197,16 +200,16 @@ impl PageReceiver {
             r.consume(took);
             read_exact_vectored(r.get_mut(), bufs).map_err(ProtocolError::from)?;
         }
-        let mut crcs = Vec::with_capacity(self.runs.iter().map(|r| r.1 as usize).sum());
+        self.crcs.clear();
         for &(first, count) in &self.runs {
             for page in first..first + count {
                 let crc = crc32fast::hash(page_of(memory, page)?);
                 sum.page(crc);
-                crcs.push((page, crc));
+                self.crcs.push((page, crc));
             }
         }
         self.runs.clear();
-        for (page, crc) in crcs {
+        for &(page, crc) in &self.crcs {
             sink.wrote(page, crc)?;
         }
         Ok(())
