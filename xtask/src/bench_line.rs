@@ -183,6 +183,25 @@ fn raw_bytes_per_sec(total: usize, link: Option<(&str, &str, &str)>) -> Result<f
 /// Migrations of each kind.
 const RUNS: usize = 5;
 
+/// The bulk guest these benches move: 1 GiB, idle once its 768 MiB working set is
+/// written with random (incompressible, non-zero) pages.
+pub(crate) fn bulk_guest(name: &str) -> String {
+    config(
+        name,
+        1024,
+        1,
+        "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
+    )
+}
+
+/// Waits until the bulk guest `vm` has written its working set (196,608 pages).
+pub(crate) fn wait_filled(ferry: &Path, vm: &Vmm) -> Result<()> {
+    wait_for(ferry, vm, Duration::from_secs(120), |s| {
+        s.machine.guest_pages_written >= 196_608
+    })?;
+    Ok(())
+}
+
 /// The line-rate step of `bench precopy`: a filled, idle 1 GiB guest whose 768 MiB
 /// working set is random (incompressible, non-zero) pages, codec none, plain TCP,
 /// loopback; the destination preallocated and not, in turns, each migration next to
@@ -193,17 +212,9 @@ pub(crate) fn line_rate(ferry: &Path, dir: &Path) -> Result<Value> {
          {RUNS} migrations each with the destination's memory preallocated and without, \
          in turns, each next to a raw TCP stream"
     ));
-    let body = config(
-        "line",
-        1024,
-        1,
-        "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
-    );
-    let mut vm = start(ferry, dir, "line", &body)?;
+    let mut vm = start(ferry, dir, "line", &bulk_guest("line"))?;
     vm.wait_ready(ferry)?;
-    wait_for(ferry, &vm, Duration::from_secs(120), |s| {
-        s.machine.guest_pages_written >= 196_608
-    })?;
+    wait_filled(ferry, &vm)?;
     // [without, with] preallocation.
     let mut share: [Vec<f64>; 2] = Default::default();
     let mut rate: [Vec<f64>; 2] = Default::default();
@@ -296,19 +307,9 @@ pub(crate) fn shaped_link(ferry: &Path, dir: &Path) -> Result<Value> {
         crate::util::vmm_in(Some(&sides[side].0), ferry, dir, args, name)
     };
     let cfg = dir.join("link.toml");
-    std::fs::write(
-        &cfg,
-        config(
-            "link",
-            1024,
-            1,
-            "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
-        ),
-    )?;
+    std::fs::write(&cfg, bulk_guest("link"))?;
     let mut vm = spawn(0, &["--config", cfg.to_str().unwrap_or_default()], "link-0")?;
-    wait_for(ferry, &vm, Duration::from_secs(120), |s| {
-        s.machine.guest_pages_written >= 196_608
-    })?;
+    wait_filled(ferry, &vm)?;
     let mut shares = Vec::new();
     let mut raw_shares = Vec::new();
     for i in 0..LINK_RUNS {

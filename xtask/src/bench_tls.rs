@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::bench::{config, start, wait_for};
-use crate::bench_line::{Destination, migrate};
+use crate::bench_line::{Destination, bulk_guest, migrate, wait_filled};
 use crate::util::{build_ferry, median, step, work_dir};
 
 /// Runs of each kind.
@@ -28,17 +28,9 @@ pub fn run() -> Result<()> {
         "throughput: an idle 1 GiB guest, 768 MiB of random (incompressible) pages, no \
          codec; {RUNS} migrations each way, TLS and plain TCP in turns"
     ));
-    let body = config(
-        "bulk",
-        1024,
-        1,
-        "working_set_mib = 768\npattern = \"idle\"\ncontent = \"random\"\n",
-    );
-    let mut vm = start(&ferry, &dir, "bulk", &body)?;
+    let mut vm = start(&ferry, &dir, "bulk", &bulk_guest("bulk"))?;
     vm.wait_ready(&ferry)?;
-    wait_for(&ferry, &vm, Duration::from_secs(120), |s| {
-        s.machine.guest_pages_written >= 196_608
-    })?;
+    wait_filled(&ferry, &vm)?;
     let mut rate: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     // CPU seconds per GB on the wire, each end: what TLS costs where the two ends
     // do not share two cores, as they do here.
